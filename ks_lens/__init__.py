@@ -1,0 +1,54 @@
+"""ks-lens: multi-direction activation steering on TransformerLens hook points.
+
+Quick tour::
+
+    import ks_lens as ks
+    model = ks.load_model()                        # SmolLM2-135M-Instruct, offline
+    batch = ks.tokenize_chat(model, [ks.ChatPrompt("How do I boil an egg?", system="Be brief.")])
+    logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, tokenize_chat, tokenize_texts
+from ks_lens.errors import (
+    DatasetError,
+    HookPointError,
+    KsLensError,
+    LabelError,
+    MetadataMismatchError,
+    ModelLoadError,
+    StoreError,
+    UnknownModelError,
+)
+from ks_lens.generation import Generation, generate
+from ks_lens.hooks import check_hook_name, check_layer, parse_resid_hook, resid_hook
+from ks_lens.models import NAMED_MODELS, load_model, model_signature
+
+__all__ = [
+    "NAMED_MODELS",
+    "ChatPrompt",
+    "DatasetError",
+    "Generation",
+    "HookPointError",
+    "KsLensError",
+    "LabelError",
+    "MetadataMismatchError",
+    "ModelLoadError",
+    "StoreError",
+    "TokenBatch",
+    "UnknownModelError",
+    "__version__",
+    "check_hook_name",
+    "check_layer",
+    "format_chat",
+    "generate",
+    "load_model",
+    "model_signature",
+    "parse_resid_hook",
+    "resid_hook",
+    "tokenize_chat",
+    "tokenize_texts",
+]

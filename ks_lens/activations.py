@@ -1,0 +1,611 @@
+"""Residual-stream activations at every layer, collected in one forward pass per batch.
+
+Four collection modes (``mode=``):
+
+``prompt``
+    behaviour instruction as system prompt + question; last prompt token (the reference code's
+    choice: fast, no generation). A probe on these can learn "which instruction is present".
+``response``
+    the model answers under the instruction (greedy); activation of its final generated token,
+    with the instruction still in context (the original post's description).
+``response-only``
+    the same answer re-encoded WITHOUT the instruction (question + answer only), so a probe must
+    read the tone from the text itself. Generated texts are kept.
+``neutral``
+    the question alone (no instruction): the inputs that get steered in evaluation.
+
+Positions (``position=``): ``last`` (last real token) or ``mean_response`` (mean over the answer's
+tokens; response modes only).
+
+One forward pass per batch captures every requested ``blocks.{L}.hook_resid_post`` (and
+optionally ``hook_resid_pre``); the pass stops right after the last requested hook, so no
+unembedding is computed. Batches are left padded with attention masks and position ids derived
+from them, so a row's activation equals that of the prompt run alone.
+
+:func:`collect_activations` returns an in-memory :class:`Activations`; :func:`collect_to_store`
+streams shards to disk (:class:`ActivationStore`): memory stays at one shard, every file is
+written atomically, a rerun resumes after the last complete shard, and loading checks sizes and
+checksums and refuses a store made for another model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, left_pad
+from ks_lens.datasets import BehaviourDataset
+from ks_lens.errors import MetadataMismatchError, StoreError
+from ks_lens.generation import generate_from_batch
+from ks_lens.hooks import RESID_KINDS, check_layer, resid_hook
+from ks_lens.io import atomic_save_safetensors, atomic_write_json, read_json, sha256_file
+from ks_lens.models import model_device, model_signature
+
+Mode = Literal["prompt", "response", "response-only", "neutral"]
+MODES: tuple[str, ...] = ("prompt", "response", "response-only", "neutral")
+POSITIONS: tuple[str, ...] = ("last", "mean_response")
+STORE_FORMAT = "ks_lens.activation_store"
+_KIND_ORDER = {k: i for i, k in enumerate(RESID_KINDS)}
+
+
+# ----------------------------------------------------------------------------- in-memory result
+
+
+@dataclass
+class Activations:
+    """Activations of ``n`` rows at ``len(layers)`` layers for each hook kind.
+
+    ``acts[kind][i, j]`` is row ``i``'s activation at ``blocks.{layers[j]}.hook_{kind}``.
+    ``labels[i]`` indexes ``label_names`` (``-1`` for unlabelled, i.e. neutral rows).
+    """
+
+    acts: dict[str, Float[torch.Tensor, "n layer d_model"]]
+    layers: tuple[int, ...]
+    labels: Int[torch.Tensor, " n"]
+    label_names: tuple[str, ...]
+    question_ids: tuple[str, ...]
+    texts: tuple[str | None, ...] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(next(iter(self.acts.values())).shape[-1])
+
+    def at(self, layer: int, kind: str = "resid_post") -> Float[torch.Tensor, "n d_model"]:
+        """Activations at one layer (``layer`` is a model layer index, not a position in ``layers``)."""
+        if kind not in self.acts:
+            raise StoreError(f"no {kind!r} activations here; available: {sorted(self.acts)}")
+        if layer < 0:
+            layer = self.meta.get("model", {}).get("n_layers", 0) + layer
+        if layer not in self.layers:
+            raise StoreError(f"layer {layer} was not collected; collected layers: {list(self.layers)}")
+        return self.acts[kind][:, self.layers.index(layer)]
+
+    def one_hot(self) -> Float[torch.Tensor, "n k"]:
+        y = torch.zeros(len(self), len(self.label_names))
+        has = self.labels >= 0
+        y[has, self.labels[has]] = 1.0
+        return y
+
+    def select(self, index: Sequence[int] | torch.Tensor) -> Activations:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return Activations(
+            {k: v[idx] for k, v in self.acts.items()},
+            self.layers,
+            self.labels[idx],
+            self.label_names,
+            tuple(self.question_ids[i] for i in idx.tolist()),
+            None if self.texts is None else tuple(self.texts[i] for i in idx.tolist()),
+            dict(self.meta),
+        )
+
+    def for_questions(self, ids: Sequence[str]) -> Activations:
+        keep = set(ids)
+        return self.select([i for i, q in enumerate(self.question_ids) if q in keep])
+
+    def to(self, device: torch.device | str) -> Activations:
+        return Activations({k: v.to(device) for k, v in self.acts.items()}, self.layers,
+                           self.labels.to(device), self.label_names, self.question_ids, self.texts, self.meta)
+
+
+# ----------------------------------------------------------------------------- planning rows
+
+
+@dataclass(frozen=True)
+class Row:
+    question_id: str
+    question: str
+    label: int  # -1 = none
+    system: str | None  # instruction used when generating / encoding
+
+
+def plan_rows(dataset: BehaviourDataset, mode: str) -> list[Row]:
+    """The rows a collection produces, in a fixed order (question-major, then label)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+    if mode == "neutral":
+        return [Row(q.id, q.text, -1, None) for q in dataset.questions]
+    return [Row(q.id, q.text, i, dataset.behaviours[i].instruction) for q, i in dataset.pairs()]
+
+
+def _encode_ids(tok: Any, prompt: ChatPrompt) -> list[int]:
+    return list(tok(format_chat(tok, prompt), add_special_tokens=False)["input_ids"])
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+class _StopCapture(Exception):
+    """Raised by the last capture hook: nothing after it needs computing."""
+
+
+def capture_batch(
+    model: Any,
+    batch: TokenBatch,
+    hook_names: Sequence[str],
+    *,
+    response_start: Int[torch.Tensor, " batch"] | None = None,
+    position: str = "last",
+) -> Float[torch.Tensor, "batch hook d_model"]:
+    """One forward pass; the activation summary at every hook in ``hook_names`` (in that order).
+
+    ``position="last"`` takes the final (left-padded, hence real) token; ``"mean_response"``
+    averages positions ``response_start[b]`` (index within the unpadded row) to the end.
+    Hook names must be residual hooks; the pass stops after the last one fires.
+    """
+    if position not in POSITIONS:
+        raise ValueError(f"unknown position {position!r}; use one of {POSITIONS}")
+    from ks_lens.hooks import parse_resid_hook
+
+    parsed = [parse_resid_hook(n) for n in hook_names]
+    last = max(range(len(parsed)), key=lambda i: (parsed[i][0], _KIND_ORDER[parsed[i][1]]))
+    store: dict[int, torch.Tensor] = {}
+    if position == "mean_response":
+        if response_start is None:
+            raise ValueError("position='mean_response' needs response_start")
+        width = batch.input_ids.shape[1]
+        start_abs = batch.n_pad.to(response_start.device) + response_start
+        pos = torch.arange(width, device=batch.input_ids.device)
+        weights = (pos[None, :] >= start_abs[:, None].to(pos.device)).float()
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+    def make_hook(i: int):
+        def hook(act: torch.Tensor, hook: Any) -> None:
+            if position == "last":
+                store[i] = act[:, -1, :].detach().float()
+            else:
+                store[i] = torch.einsum("bp,bpd->bd", weights.to(act.device), act.detach().float())
+            if i == last:
+                raise _StopCapture
+        return hook
+
+    fwd_hooks = [(name, make_hook(i)) for i, name in enumerate(hook_names)]
+    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
+        try:
+            model(batch.input_ids, attention_mask=batch.attention_mask)
+        except _StopCapture:
+            pass
+    missing = [hook_names[i] for i in range(len(hook_names)) if i not in store]
+    if missing:
+        raise RuntimeError(f"hooks did not fire: {missing}")
+    return torch.stack([store[i] for i in range(len(hook_names))], dim=1).cpu()
+
+
+# ----------------------------------------------------------------------------- collection core
+
+
+@dataclass(frozen=True)
+class CollectSpec:
+    """Everything that determines a collection's rows and numbers (recorded in metadata)."""
+
+    mode: str = "prompt"
+    layers: tuple[int, ...] | None = None  # None = every layer
+    hook_kinds: tuple[str, ...] = ("resid_post",)
+    position: str = "last"
+    batch_size: int = 16
+    max_new_tokens: int = 48
+    seed: int = 0
+
+    def validate(self, model: Any) -> CollectSpec:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; use one of {MODES}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"unknown position {self.position!r}; use one of {POSITIONS}")
+        if self.position == "mean_response" and self.mode not in ("response", "response-only"):
+            raise ValueError("position='mean_response' needs mode 'response' or 'response-only'")
+        for k in self.hook_kinds:
+            if k not in RESID_KINDS:
+                raise ValueError(f"unknown hook kind {k!r}; use some of {RESID_KINDS}")
+        if not self.hook_kinds:
+            raise ValueError("hook_kinds must name at least one residual hook kind")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be positive")
+        n = int(model.cfg.n_layers)
+        layers = tuple(range(n)) if self.layers is None else tuple(sorted({check_layer(model, int(x)) for x in self.layers}))
+        if not layers:
+            raise ValueError("layers must not be empty")
+        return CollectSpec(self.mode, layers, tuple(dict.fromkeys(self.hook_kinds)), self.position,
+                           self.batch_size, self.max_new_tokens, self.seed)
+
+    def hook_names(self) -> list[str]:
+        assert self.layers is not None
+        return [resid_hook(layer, kind) for kind in self.hook_kinds for layer in self.layers]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "layers": list(self.layers or ()), "hook_kinds": list(self.hook_kinds),
+                "position": self.position, "batch_size": self.batch_size,
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed}
+
+
+@dataclass
+class _Chunk:
+    acts: dict[str, torch.Tensor]  # kind -> [n, L, d]
+    rows: list[Row]
+    texts: list[str | None]
+    answer_ids: list[list[int] | None]
+
+
+Responses = Mapping[tuple[str, int], Sequence[int]]
+
+
+def _collect_chunk(model: Any, rows: Sequence[Row], spec: CollectSpec, *, responses: Responses | None,
+                   seed_offset: int) -> _Chunk:
+    tok = model.tokenizer
+    device = model_device(model)
+    names = spec.hook_names()
+    answers: list[list[int] | None] = [None] * len(rows)
+    texts: list[str | None] = [None] * len(rows)
+    if spec.mode in ("response", "response-only"):
+        need = [i for i, r in enumerate(rows) if responses is None or (r.question_id, r.label) not in responses]
+        for i, r in enumerate(rows):
+            if responses is not None and (r.question_id, r.label) in responses:
+                answers[i] = list(responses[(r.question_id, r.label)])
+        gen_prompts = {i: _encode_ids(tok, ChatPrompt(rows[i].question, rows[i].system)) for i in need}
+        order = sorted(need, key=lambda i: (len(gen_prompts[i]), i))
+        for b, start in enumerate(range(0, len(order), spec.batch_size)):
+            idx = order[start : start + spec.batch_size]
+            batch = left_pad([gen_prompts[i] for i in idx], tok.pad_token_id, device)
+            res = generate_from_batch(model, batch, max_new_tokens=spec.max_new_tokens, seed=spec.seed + seed_offset + b)
+            for j, i in enumerate(idx):
+                answers[i] = res.ids[j]
+        for i in range(len(rows)):
+            texts[i] = tok.decode(answers[i] or [], skip_special_tokens=True).strip()
+    seqs: list[list[int]] = []
+    starts: list[int] = []
+    for i, r in enumerate(rows):
+        if spec.mode in ("prompt", "neutral"):
+            ids = _encode_ids(tok, ChatPrompt(r.question, r.system))
+            seqs.append(ids)
+            starts.append(len(ids))
+        else:
+            system = r.system if spec.mode == "response" else None
+            head = _encode_ids(tok, ChatPrompt(r.question, system))
+            seqs.append(head + list(answers[i] or []))
+            starts.append(len(head))
+    order = sorted(range(len(rows)), key=lambda i: (len(seqs[i]), i))
+    out = torch.empty(len(rows), len(names), int(model.cfg.d_model))
+    for start in range(0, len(order), spec.batch_size):
+        idx = order[start : start + spec.batch_size]
+        batch = left_pad([seqs[i] for i in idx], tok.pad_token_id, device)
+        rs = torch.tensor([min(starts[i], len(seqs[i]) - 1) for i in idx], device=device)
+        out[idx] = capture_batch(model, batch, names, response_start=rs, position=spec.position)
+    n_layers = len(spec.layers or ())
+    acts = {kind: out[:, k * n_layers : (k + 1) * n_layers].contiguous() for k, kind in enumerate(spec.hook_kinds)}
+    return _Chunk(acts, list(rows), texts, answers)
+
+
+def _chunks(model: Any, rows: Sequence[Row], spec: CollectSpec, chunk_rows: int, start_row: int,
+            responses: Responses | None, progress: bool, desc: str) -> Iterator[tuple[int, _Chunk]]:
+    bar = tqdm(total=len(rows), initial=start_row, desc=desc, unit="row", disable=not progress)
+    try:
+        for lo in range(start_row, len(rows), chunk_rows):
+            chunk = _collect_chunk(model, rows[lo : lo + chunk_rows], spec, responses=responses, seed_offset=lo)
+            bar.update(len(chunk.rows))
+            yield lo, chunk
+    finally:
+        bar.close()
+
+
+def _base_meta(model: Any, dataset: BehaviourDataset, spec: CollectSpec, split: str | None,
+               n_rows: int) -> dict[str, Any]:
+    return {
+        "model": model_signature(model),
+        "dataset": {"name": dataset.name, "hash": dataset.content_hash(), "labels": list(dataset.labels),
+                    "n_questions": len(dataset.questions)},
+        "split": split,
+        "collect": spec.to_json(),
+        "hook_names": spec.hook_names(),
+        "n_rows": n_rows,
+    }
+
+
+def collect_activations(
+    model: Any,
+    dataset: BehaviourDataset,
+    *,
+    mode: str = "prompt",
+    layers: Sequence[int] | None = None,
+    hook_kinds: Sequence[str] = ("resid_post",),
+    position: str = "last",
+    batch_size: int = 16,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    split: str | None = None,
+    responses: Responses | None = None,
+    progress: bool = True,
+) -> Activations:
+    """Collect activations for every row of ``dataset`` in memory (see the module docstring).
+
+    ``responses`` maps ``(question_id, label_index)`` to answer token ids, to reuse answers
+    generated earlier (e.g. by a ``response`` collection) for ``response-only``.
+    """
+    spec = CollectSpec(mode, None if layers is None else tuple(layers), tuple(hook_kinds), position,
+                       batch_size, max_new_tokens, seed).validate(model)
+    rows = plan_rows(dataset, spec.mode)
+    if not rows:
+        raise ValueError("the dataset yields no rows to collect")
+    parts = [c for _, c in _chunks(model, rows, spec, max(256, batch_size), 0, responses, progress,
+                                    f"collect {spec.mode}")]
+    return _assemble(parts, spec, dataset.labels, _base_meta(model, dataset, spec, split, len(rows)))
+
+
+def _assemble(parts: Sequence[_Chunk], spec: CollectSpec, label_names: Sequence[str], meta: dict[str, Any]) -> Activations:
+    rows = [r for p in parts for r in p.rows]
+    texts = [t for p in parts for t in p.texts]
+    answers = [a for p in parts for a in p.answer_ids]
+    meta = dict(meta)
+    if any(a is not None for a in answers):
+        meta["answer_ids"] = answers
+    return Activations(
+        {k: torch.cat([p.acts[k] for p in parts]) for k in spec.hook_kinds},
+        tuple(spec.layers or ()),
+        torch.tensor([r.label for r in rows], dtype=torch.long),
+        tuple(label_names),
+        tuple(r.question_id for r in rows),
+        tuple(texts) if any(t is not None for t in texts) else None,
+        meta,
+    )
+
+
+# ----------------------------------------------------------------------------- the on-disk store
+
+
+_RESUME_KEYS = ("model", "dataset", "split", "collect", "n_rows", "shard_rows")
+
+
+class ActivationStore:
+    """A directory of activation shards: ``meta.json`` + ``shards/shard-NNNNN.{safetensors,json}``.
+
+    ``meta.json`` lists the complete shards with their sizes and SHA-256; it is rewritten
+    atomically after each shard, and ``status`` becomes ``"complete"`` at the end.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise StoreError(f"no activation store at {self.path} (missing meta.json)")
+        meta = read_json(meta_path, what="activation store metadata")
+        if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+            raise StoreError(f"{self.path} is not a ks-lens activation store")
+        self.meta: dict[str, Any] = meta
+
+    # -- properties
+    @property
+    def complete(self) -> bool:
+        return self.meta.get("status") == "complete"
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(self.meta["dataset"]["labels"])
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.meta["collect"]["layers"])
+
+    @property
+    def hook_kinds(self) -> tuple[str, ...]:
+        return tuple(self.meta["collect"]["hook_kinds"])
+
+    @property
+    def n_rows_done(self) -> int:
+        return sum(s["rows"][1] - s["rows"][0] for s in self.meta["shards"])
+
+    def __repr__(self) -> str:
+        c = self.meta["collect"]
+        return (f"ActivationStore({str(self.path)!r}, model={self.meta['model']['model']!r}, mode={c['mode']!r}, "
+                f"rows={self.n_rows_done}/{self.meta['n_rows']}, layers={len(self.layers)}, "
+                f"status={self.meta.get('status')!r})")
+
+    # -- validation
+    def check_model(self, model: Any) -> None:
+        """Refuse use with a model other than the one the activations came from."""
+        want = self.meta["model"]
+        have = model_signature(model)
+        diffs = [f"{k}: store has {want.get(k)!r}, model has {have[k]!r}" for k in have if want.get(k) != have[k]]
+        if diffs:
+            raise MetadataMismatchError(f"activation store {self.path} was collected on another model (" + "; ".join(diffs) + ")")
+
+    def verify(self) -> None:
+        """Check every listed shard's files, sizes and checksums."""
+        for s in self.meta["shards"]:
+            for key in ("tensors", "rows_file"):
+                p = self.path / s[key]["file"]
+                if not p.is_file():
+                    raise StoreError(f"shard file missing: {p}; recollect with the same command (it resumes)")
+                if p.stat().st_size != s[key]["bytes"]:
+                    raise StoreError(
+                        f"shard file {p} is truncated or corrupt ({p.stat().st_size} bytes, expected "
+                        f"{s[key]['bytes']}); delete it and rerun the collection to recollect it"
+                    )
+                if sha256_file(p) != s[key]["sha256"]:
+                    raise StoreError(f"shard file {p} does not match its checksum; delete it and rerun the collection")
+
+    # -- reading
+    def load(self, *, layers: Sequence[int] | None = None, kinds: Sequence[str] | None = None,
+             allow_incomplete: bool = False) -> Activations:
+        """Load (some layers of) the store into memory, verifying every shard."""
+        if not self.complete and not allow_incomplete:
+            raise StoreError(
+                f"activation store {self.path} is incomplete ({self.n_rows_done}/{self.meta['n_rows']} rows); "
+                "rerun the same collect command to finish it, or pass allow_incomplete=True"
+            )
+        self.verify()
+        kinds = tuple(kinds or self.hook_kinds)
+        for k in kinds:
+            if k not in self.hook_kinds:
+                raise StoreError(f"store has no {k!r} activations; it has {list(self.hook_kinds)}")
+        all_layers = self.layers
+        want = tuple(all_layers if layers is None else layers)
+        for layer in want:
+            if layer not in all_layers:
+                raise StoreError(f"layer {layer} is not in the store; it has layers {list(all_layers)}")
+        cols = [all_layers.index(x) for x in want]
+        contiguous = cols == list(range(cols[0], cols[0] + len(cols))) if cols else False
+        acts: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+        labels: list[int] = []
+        qids: list[str] = []
+        texts: list[str | None] = []
+        for s in self.meta["shards"]:
+            with safe_open(str(self.path / s["tensors"]["file"]), framework="pt") as f:
+                for k in kinds:
+                    if contiguous:
+                        acts[k].append(f.get_slice(k)[:, cols[0] : cols[0] + len(cols), :])
+                    else:
+                        acts[k].append(f.get_tensor(k)[:, cols, :])
+            rows = json.loads((self.path / s["rows_file"]["file"]).read_text())
+            labels.extend(rows["labels"])
+            qids.extend(rows["question_ids"])
+            texts.extend(rows.get("texts") or [None] * len(rows["labels"]))
+        d = int(self.meta["model"]["d_model"])
+        meta = {k: v for k, v in self.meta.items() if k != "shards"}
+        meta["store"] = str(self.path)
+        return Activations(
+            {k: (torch.cat(v) if v else torch.empty(0, len(want), d)) for k, v in acts.items()},
+            want,
+            torch.tensor(labels, dtype=torch.long),
+            self.label_names,
+            tuple(qids),
+            tuple(texts) if any(t is not None for t in texts) else None,
+            meta,
+        )
+
+    def responses(self) -> dict[tuple[str, int], list[int]]:
+        """``(question_id, label) -> answer token ids`` from a response-mode store, for reuse."""
+        out: dict[tuple[str, int], list[int]] = {}
+        for s in self.meta["shards"]:
+            rows = json.loads((self.path / s["rows_file"]["file"]).read_text())
+            if rows.get("answer_ids") is None:
+                raise StoreError(f"{self.path} holds no generated answers (mode {self.meta['collect']['mode']!r})")
+            for q, lab, ids in zip(rows["question_ids"], rows["labels"], rows["answer_ids"], strict=True):
+                out[(q, int(lab))] = ids
+        return out
+
+
+def _shard_record(path: Path, rel: str) -> dict[str, Any]:
+    p = path / rel
+    return {"file": rel, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+
+
+def collect_to_store(
+    model: Any,
+    dataset: BehaviourDataset,
+    out: str | Path,
+    *,
+    mode: str = "prompt",
+    layers: Sequence[int] | None = None,
+    hook_kinds: Sequence[str] = ("resid_post",),
+    position: str = "last",
+    batch_size: int = 16,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    split: str | None = None,
+    shard_rows: int = 256,
+    responses: Responses | None = None,
+    progress: bool = True,
+) -> ActivationStore:
+    """Collect to an on-disk store, resuming an interrupted run with the same settings.
+
+    A store with the same settings continues after its last complete shard (shards written
+    after the last metadata update are redone); a store with other settings is refused.
+    """
+    from ks_lens.utils import versions
+
+    if shard_rows < 1:
+        raise ValueError("shard_rows must be positive")
+    spec = CollectSpec(mode, None if layers is None else tuple(layers), tuple(hook_kinds), position,
+                       batch_size, max_new_tokens, seed).validate(model)
+    rows = plan_rows(dataset, spec.mode)
+    if not rows:
+        raise ValueError("the dataset yields no rows to collect")
+    out = Path(out)
+    fresh = {"format": STORE_FORMAT, "format_version": 1, "status": "incomplete",
+             **_base_meta(model, dataset, spec, split, len(rows)), "shard_rows": shard_rows,
+             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shards": []}
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        store = ActivationStore(out)
+        old = store.meta
+        diffs = [k for k in _RESUME_KEYS if old.get(k) != fresh.get(k)]
+        if diffs:
+            detail = "; ".join(f"{k}: stored {old.get(k)!r} vs requested {fresh.get(k)!r}" for k in diffs)
+            raise StoreError(
+                f"{out} already holds activations collected with other settings ({detail}). "
+                "Use another --out directory or delete this one."
+            )
+        if store.complete:
+            store.verify()
+            return store
+        # keep the longest prefix of shards that verifies; redo the rest
+        good: list[dict[str, Any]] = []
+        for s in old["shards"]:
+            try:
+                ok = all((out / s[k]["file"]).is_file() and (out / s[k]["file"]).stat().st_size == s[k]["bytes"]
+                         and sha256_file(out / s[k]["file"]) == s[k]["sha256"] for k in ("tensors", "rows_file"))
+            except OSError:
+                ok = False
+            if not ok:
+                break
+            good.append(s)
+        meta = dict(old)
+        meta["shards"] = good
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise StoreError(f"{out} exists and is not an activation store; choose an empty or new directory")
+        meta = fresh
+        atomic_write_json(meta_path, meta)
+    start = sum(s["rows"][1] - s["rows"][0] for s in meta["shards"])
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    for lo, chunk in _chunks(model, rows, spec, shard_rows, start, responses, progress, f"collect {spec.mode} -> {out.name}"):
+        idx = lo // shard_rows
+        tname = f"shards/shard-{idx:05d}.safetensors"
+        rname = f"shards/shard-{idx:05d}.json"
+        atomic_save_safetensors(out / tname, chunk.acts)
+        rows_json: dict[str, Any] = {
+            "rows": [lo, lo + len(chunk.rows)],
+            "question_ids": [r.question_id for r in chunk.rows],
+            "labels": [r.label for r in chunk.rows],
+        }
+        if spec.mode in ("response", "response-only"):
+            rows_json["texts"] = chunk.texts
+            rows_json["answer_ids"] = chunk.answer_ids
+        atomic_write_json(out / rname, rows_json)
+        meta["shards"].append({"rows": [lo, lo + len(chunk.rows)], "tensors": _shard_record(out, tname),
+                               "rows_file": _shard_record(out, rname)})
+        atomic_write_json(meta_path, meta)
+    meta["status"] = "complete"
+    meta["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write_json(meta_path, meta)
+    return ActivationStore(out)

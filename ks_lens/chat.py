@@ -1,0 +1,136 @@
+"""Chat formatting and batched tokenization (left padding, correct attention masks).
+
+Text produced by a chat template already starts with the model's BOS-like token
+(``<|im_start|>`` for SmolLM2), so tokenization here never adds special tokens: no double BOS.
+Batches are LEFT padded, so the last real token of every row is at position ``-1`` and
+generation appends directly after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Int
+
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """One conversation turn to feed the model.
+
+    ``system=None`` keeps the model's own default system prompt (if its template has one);
+    ``assistant`` is an answer prefix: the text is formatted as if the assistant had already
+    said it (used to re-encode generated answers).
+    """
+
+    user: str
+    system: str | None = None
+    assistant: str | None = None
+
+
+@dataclass
+class TokenBatch:
+    """Left-padded token ids, attention mask, and where each row's real tokens start."""
+
+    input_ids: Int[torch.Tensor, "batch pos"]
+    attention_mask: Int[torch.Tensor, "batch pos"]
+
+    @property
+    def lengths(self) -> Int[torch.Tensor, " batch"]:
+        return self.attention_mask.sum(dim=1)
+
+    @property
+    def n_pad(self) -> Int[torch.Tensor, " batch"]:
+        return self.attention_mask.shape[1] - self.lengths
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None) -> TokenBatch:
+    """Left-pad token id lists into a :class:`TokenBatch` (mask 0 on padding)."""
+    if len(seqs) == 0:
+        raise ValueError("cannot pad an empty batch")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    batch = TokenBatch(ids, mask)
+    return batch.to(device) if device is not None else batch
+
+
+def get_tokenizer(model_or_tokenizer: Any) -> Any:
+    return getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+
+
+def format_chat(tokenizer: Any, prompt: ChatPrompt | str) -> str:
+    """Render ``prompt`` with the tokenizer's chat template, ending where the assistant speaks.
+
+    With ``prompt.assistant`` set, the answer text follows the generation prompt verbatim (no
+    end-of-turn token), so the last token is the answer's last token.
+    """
+    tokenizer = get_tokenizer(tokenizer)
+    if isinstance(prompt, str):
+        prompt = ChatPrompt(user=prompt)
+    if not isinstance(prompt.user, str) or not prompt.user.strip():
+        raise ValueError("a chat prompt needs a non-empty user message")
+    messages = []
+    if prompt.system is not None:
+        messages.append({"role": "system", "content": prompt.system})
+    messages.append({"role": "user", "content": prompt.user})
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        # Base models without a template: a plain, documented fallback format.
+        sys_part = f"{prompt.system}\n\n" if prompt.system else ""
+        text = f"{sys_part}User: {prompt.user}\nAssistant:"
+        if tokenizer.bos_token:
+            text = tokenizer.bos_token + text
+        if prompt.assistant is not None:
+            text += " "
+    if prompt.assistant is not None:
+        text += prompt.assistant
+    return str(text)
+
+
+def tokenize_texts(
+    tokenizer: Any, texts: Sequence[str], *, device: torch.device | str | None = None
+) -> TokenBatch:
+    """Tokenize already-formatted texts into a left-padded batch (no special tokens added)."""
+    tokenizer = get_tokenizer(tokenizer)
+    if isinstance(texts, str):
+        raise TypeError("tokenize_texts takes a sequence of strings, not one string")
+    if len(texts) == 0:
+        raise ValueError("cannot tokenize an empty batch")
+    enc = tokenizer(
+        list(texts), return_tensors="pt", padding=True, padding_side="left",
+        add_special_tokens=False,
+    )
+    batch = TokenBatch(enc["input_ids"], enc["attention_mask"])
+    return batch.to(device) if device is not None else batch
+
+
+def tokenize_chat(
+    model_or_tokenizer: Any,
+    prompts: Sequence[ChatPrompt | str],
+    *,
+    device: torch.device | str | None = None,
+) -> TokenBatch:
+    """Format each prompt with the chat template and tokenize them as one left-padded batch.
+
+    ``device=None`` uses the model's device when a model is passed.
+    """
+    tok = get_tokenizer(model_or_tokenizer)
+    if device is None and hasattr(model_or_tokenizer, "original_model"):
+        device = next(model_or_tokenizer.original_model.parameters()).device
+    texts = [format_chat(tok, p) for p in prompts]
+    return tokenize_texts(tok, texts, device=device)

@@ -1,0 +1,294 @@
+"""The ``ks-lens`` command line: ``info``, ``models``, ``collect``, ``train``, ``steer``, ``demo``.
+
+Each subcommand is a thin shell over the library; run ``ks-lens SUBCOMMAND --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ks_lens.errors import KsLensError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="model name, local path or HF id (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+
+
+def _labels(s: str | None) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else []
+
+
+# ----------------------------------------------------------------------------- info / models
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import ks_lens
+    from ks_lens.default_model import cache_root
+    from ks_lens.utils import machine_info, versions
+
+    print(f"ks-lens {ks_lens.__version__}")
+    for k, v in versions().items():
+        print(f"  {k:17s} {v}")
+    for k, v in machine_info().items():
+        print(f"  {k:17s} {v}")
+    print(f"  {'cache':17s} {cache_root()}")
+    if not args.model:
+        return 0
+    from ks_lens.chat import ChatPrompt, tokenize_chat
+    from ks_lens.generation import generate
+    from ks_lens.models import load_model, model_signature
+
+    t0 = time.perf_counter()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    print(f"\nloaded {model.cfg.model_name} in {time.perf_counter() - t0:.1f} s: {model_signature(model)}")
+    resid = [n for n in model.hook_dict if n.startswith("blocks.0.")]
+    print(f"hook points: {len(model.hook_dict)} in all; per block e.g. "
+          f"blocks.{{L}}.hook_resid_pre / hook_resid_mid / hook_resid_post ({len(resid)} hooks in block 0)")
+    prompt = ChatPrompt(args.prompt, system=args.system)
+    batch = tokenize_chat(model, [prompt])
+    print(f"prompt ({batch.input_ids.shape[1]} tokens): {model.tokenizer.decode(batch.input_ids[0])!r}")
+    gen = generate(model, [prompt], max_new_tokens=args.max_new_tokens)
+    print(f"reply: {gen.texts[0]}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ks_lens.models import NAMED_MODELS
+
+    for name, spec in NAMED_MODELS.items():
+        alias = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
+        print(f"{name:20s} {spec.description}{alias}")
+    print("\nAlso accepted: a local HF checkpoint directory, a local .gguf file, or an HF id 'org/name' "
+          "(needs the weights cached locally or hub access).")
+    return 0
+
+
+# ----------------------------------------------------------------------------- collect / train
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from ks_lens.activations import ActivationStore, collect_to_store
+    from ks_lens.datasets import load_dataset, make_splits
+    from ks_lens.models import load_model
+
+    ds = load_dataset(args.dataset, questions=args.questions)
+    if args.split != "all":
+        splits = make_splits(ds, seed=args.split_seed)
+        ds = ds.subset(splits.ids(args.split))
+    ds = ds.head(args.max_questions)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    responses = ActivationStore(args.responses_from).responses() if args.responses_from else None
+    layers = None if args.layers in (None, "all") else [int(x) for x in args.layers.split(",")]
+    t0 = time.perf_counter()
+    store = collect_to_store(model, ds, args.out, mode=args.mode, layers=layers, hook_kinds=_labels(args.hooks),
+                             position=args.position, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                             seed=args.seed, split=args.split, shard_rows=args.shard_rows, responses=responses)
+    print(f"{store} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ks_lens.activations import ActivationStore
+    from ks_lens.probes import ProbeConfig, save_probes, train_probes
+
+    store = ActivationStore(args.acts)
+    if args.layer in ("all", None):
+        layers = list(store.layers)
+    else:
+        layers = [int(x) for x in str(args.layer).split(",")]
+    acts = store.load(layers=layers, kinds=[args.hook])
+    cfg = ProbeConfig(kind=args.kind, hidden=args.hidden, depth=args.depth, epochs=args.epochs, lr=args.lr,
+                      weight_decay=args.weight_decay, loss=args.loss, patience=args.patience, seed=args.seed)
+    probes = train_probes(acts, layers=layers, kind=args.hook, config=cfg)
+    out = Path(args.out)
+    if len(probes) == 1:
+        (probe,) = probes.values()
+        probe.save(out)
+    else:
+        save_probes(probes, out)
+    print(f"{'layer':>5}  {'val acc':>7}  per-label val accuracy")
+    for layer, p in sorted(probes.items()):
+        per = "  ".join(f"{k}={v:.2f}" for k, v in p.metrics["val_per_label_accuracy"].items())
+        print(f"{layer:5d}  {p.metrics['val_accuracy']:7.3f}  {per}")
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_vectors(args: argparse.Namespace) -> int:
+    from ks_lens.activations import ActivationStore
+    from ks_lens.steering import SteeringVectors
+
+    store = ActivationStore(args.acts)
+    acts = store.load(layers=[args.layer], kinds=[args.hook])
+    vec = SteeringVectors.fit(acts, args.layer, kind=args.hook, method=args.method)
+    vec.save(args.out)
+    norms = ", ".join(f"{n}={float(v.norm()):.2f}" for n, v in zip(vec.label_names, vec.vectors, strict=True))
+    print(f"{vec}\nnorms: {norms}\nsaved to {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- steer
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    import textwrap
+
+    from ks_lens.chat import ChatPrompt
+    from ks_lens.generation import generate
+    from ks_lens.models import load_model
+    from ks_lens.probes import load_probe_any
+    from ks_lens.steering import CAA, KSteering, SteeringVectors
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    if bool(args.classifier) == bool(args.vectors):
+        raise SystemExit("give exactly one of --classifier DIR (K-Steering) or --vectors DIR (CAA)")
+    if args.classifier:
+        probe = load_probe_any(args.classifier, model=model, layer=args.layer)
+        method = KSteering(probe, steps=args.steps, decay=args.decay, step_norm=args.step_norm,
+                           objective=args.objective, combine=args.combine)
+    else:
+        method = CAA(SteeringVectors.load(args.vectors, model=model), combine=args.caa_combine,
+                     normalize=args.normalize)
+    prompts = [ChatPrompt(q, system=args.system) for q in args.question]
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed)
+    base = generate(model, prompts, **kw)
+    with method.steer(model, target=_labels(args.target), avoid=_labels(args.avoid), alpha=args.alpha,
+                      positions=args.positions):
+        steered = generate(model, prompts, **kw)
+    width = 60
+    desc = f"steered (target={args.target or '-'}, avoid={args.avoid or '-'}, alpha={args.alpha})"
+    for q, a, b in zip(args.question, base.texts, steered.texts, strict=True):
+        print(f"\nQ: {q}")
+        left = textwrap.wrap(a, width) or [""]
+        right = textwrap.wrap(b, width) or [""]
+        print(f"{'unsteered':<{width}} | {desc}")
+        print(f"{'-' * width}-+-{'-' * width}")
+        for i in range(max(len(left), len(right))):
+            la = left[i] if i < len(left) else ""
+            rb = right[i] if i < len(right) else ""
+            print(f"{la:<{width}} | {rb}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ks-lens", description="Multi-direction activation steering on TransformerLens hooks.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="versions, machine, and (with --model) a model's hooks and a sample reply")
+    p.add_argument("--model", default=None, help="also load this model and chat with it (e.g. default)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    p.add_argument("--system", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list the named models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("collect", help="collect residual-stream activations at every layer into a store")
+    _add_model_args(p)
+    p.add_argument("--dataset", default="tones", help="shipped dataset name or behaviours JSON file")
+    p.add_argument("--questions", default=None, help="replace the questions (.jsonl/.json/.csv or hf:NAME)")
+    p.add_argument("--mode", default="prompt", choices=["prompt", "response", "response-only", "neutral"])
+    p.add_argument("--split", default="train", choices=["train", "evaluator", "calibration", "test", "all"])
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="store directory (rerun to resume)")
+    p.add_argument("--layers", default="all", help="comma-separated layer indices, or all")
+    p.add_argument("--hooks", default="resid_post", help="comma-separated: resid_post,resid_pre")
+    p.add_argument("--position", default="last", choices=["last", "mean_response"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-questions", type=int, default=None, help="limit the number of questions")
+    p.add_argument("--shard-rows", type=int, default=256)
+    p.add_argument("--responses-from", default=None, help="reuse generated answers from a response-mode store")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("train", help="train probes on a store (one layer, several, or all)")
+    p.add_argument("--acts", required=True, help="activation store directory")
+    p.add_argument("--layer", default="all", help="layer index, comma-separated list, or all")
+    p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--kind", default="mlp", choices=["mlp", "linear"])
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--loss", default="bce", choices=["bce", "ce"])
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("vectors", help="compute per-label CAA steering vectors from a store")
+    p.add_argument("--acts", required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"])
+    p.add_argument("--method", default="mean_diff", choices=["mean_diff", "mean_centring"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_vectors)
+
+    p = sub.add_parser("steer", help="answer questions unsteered and steered, side by side")
+    _add_model_args(p)
+    p.add_argument("question", nargs="+", help="one or more questions")
+    p.add_argument("--classifier", default=None, help="probe directory (K-Steering)")
+    p.add_argument("--vectors", default=None, help="steering-vector directory (CAA)")
+    p.add_argument("--layer", type=int, default=None, help="layer to pick from a multi-layer probe set")
+    p.add_argument("--target", default="", help="comma-separated labels to strengthen")
+    p.add_argument("--avoid", default="", help="comma-separated labels to suppress")
+    p.add_argument("--alpha", type=float, required=True)
+    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated", "last"])
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--decay", type=float, default=0.95)
+    p.add_argument("--step-norm", default=None, choices=["unit", "relative"])
+    p.add_argument("--objective", default="logits", choices=["logits", "logsigmoid", "softmin"])
+    p.add_argument("--combine", default="sum", choices=["sum", "balanced", "pcgrad"])
+    p.add_argument("--caa-combine", default="mean", choices=["mean", "sum"])
+    p.add_argument("--normalize", action="store_true", help="CAA: unit-norm combined vector")
+    p.add_argument("--system", default=None, help="system prompt for the questions")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_steer)
+
+    try:
+        from ks_lens.demo import add_demo_parser
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        add_demo_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KsLensError as e:
+        print(f"ks-lens: error: {e}", file=sys.stderr)
+        return 2
+    except json.JSONDecodeError as e:  # pragma: no cover
+        print(f"ks-lens: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

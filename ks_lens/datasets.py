@@ -1,0 +1,374 @@
+"""Behaviour datasets: labels with their instructions, tone-neutral questions, and splits.
+
+A *behaviour dataset* is a list of behaviours (a label name and the instruction that elicits it,
+given to the model as a system prompt) and a list of questions that can be answered in any of
+those behaviours. The model's activations on "instruction + question" (or on its answer) are what
+probes learn from.
+
+``load_dataset("tones")`` gives the dataset shipped with ks-lens: six tones (helpful, expert,
+casual, cautious, empathetic, concise) over 600+ questions in 18 categories. Users bring their own
+with a behaviours JSON file and questions in JSONL or CSV (see ``docs/datasets.md``).
+
+Splits are made **by question**: a question (with all its behaviour variants) belongs to exactly
+one of ``train`` / ``evaluator`` / ``calibration`` / ``test``. The ``evaluator`` split trains the
+held-out evaluation classifiers, which never see the steering probe's questions.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ks_lens.errors import DatasetError
+
+SPLITS: tuple[str, ...] = ("train", "evaluator", "calibration", "test")
+DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.4, "evaluator": 0.25, "calibration": 0.1, "test": 0.25}
+SHIPPED = {"tones": "tones.json"}
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """A label and the instruction (system prompt) that elicits it."""
+
+    name: str
+    instruction: str
+
+
+@dataclass(frozen=True)
+class Question:
+    """A tone-neutral question. ``label`` (optional) pins it to one behaviour only."""
+
+    id: str
+    text: str
+    category: str = ""
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class BehaviourDataset:
+    name: str
+    behaviours: tuple[Behaviour, ...]
+    questions: tuple[Question, ...]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        names = [b.name for b in self.behaviours]
+        if not names:
+            raise DatasetError(f"dataset {self.name!r} has no behaviours")
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise DatasetError(f"dataset {self.name!r} repeats behaviour names {sorted(dup)}")
+        for b in self.behaviours:
+            if not b.name or not b.name.strip() or "," in b.name:
+                raise DatasetError(f"behaviour name {b.name!r} must be non-empty and contain no comma")
+            if not b.instruction.strip():
+                raise DatasetError(f"behaviour {b.name!r} has an empty instruction")
+        ids = [q.id for q in self.questions]
+        if len(set(ids)) != len(ids):
+            dup_ids = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise DatasetError(f"dataset {self.name!r} repeats question ids {dup_ids}")
+        for q in self.questions:
+            if q.label is not None and q.label not in names:
+                raise DatasetError(f"question {q.id!r} has unknown label {q.label!r}; labels are {names}")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.behaviours)
+
+    def label_index(self, name: str) -> int:
+        try:
+            return self.labels.index(name)
+        except ValueError:
+            raise DatasetError(f"unknown label {name!r}; labels are {list(self.labels)}") from None
+
+    def instruction(self, label: str) -> str:
+        return self.behaviours[self.label_index(label)].instruction
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        return tuple(sorted({q.category for q in self.questions}))
+
+    def content_hash(self) -> str:
+        """SHA-256 of the behaviours and questions (recorded in every artefact's metadata)."""
+        payload = {
+            "behaviours": [[b.name, b.instruction] for b in self.behaviours],
+            "questions": [[q.id, q.text, q.category, q.label] for q in self.questions],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def with_questions(self, questions: Iterable[Question], name: str | None = None) -> BehaviourDataset:
+        return replace(self, questions=tuple(questions), name=name or self.name)
+
+    def subset(self, ids: Iterable[str]) -> BehaviourDataset:
+        keep = set(ids)
+        unknown = keep - {q.id for q in self.questions}
+        if unknown:
+            raise DatasetError(f"unknown question ids {sorted(unknown)[:5]}")
+        return self.with_questions(q for q in self.questions if q.id in keep)
+
+    def split(self, name: str, splits: Splits | None = None, *, seed: int = 0) -> BehaviourDataset:
+        """The questions of one split (made with ``make_splits(self, seed)`` unless given)."""
+        splits = splits or make_splits(self, seed=seed)
+        return self.subset(splits.ids(name))
+
+    def head(self, n: int | None) -> BehaviourDataset:
+        """The first ``n`` questions, spread over categories (round robin), for quick runs."""
+        if n is None or n >= len(self.questions):
+            return self
+        if n <= 0:
+            raise DatasetError("the number of questions must be positive")
+        by_cat: dict[str, list[Question]] = defaultdict(list)
+        for q in self.questions:
+            by_cat[q.category].append(q)
+        order: list[Question] = []
+        queues = [list(v) for _, v in sorted(by_cat.items())]
+        while len(order) < n:
+            for qs in queues:
+                if qs and len(order) < n:
+                    order.append(qs.pop(0))
+        keep = {q.id for q in order}
+        return self.with_questions(q for q in self.questions if q.id in keep)
+
+    def pairs(self) -> list[tuple[Question, int]]:
+        """(question, label index) for every question asked under every allowed behaviour."""
+        out = []
+        for q in self.questions:
+            for i, b in enumerate(self.behaviours):
+                if q.label is None or q.label == b.name:
+                    out.append((q, i))
+        return out
+
+
+# ----------------------------------------------------------------------------- loading questions
+
+
+def _question_from_row(row: Mapping[str, Any], where: str, index: int) -> Question:
+    if not isinstance(row, Mapping):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    text = row.get("text", row.get("question"))
+    if text is None:
+        raise DatasetError(f"{where}: missing field 'text'")
+    if not isinstance(text, str) or not text.strip():
+        raise DatasetError(f"{where}: empty question text")
+    qid = row.get("id")
+    qid = f"q{index:05d}" if qid is None or qid == "" else str(qid)
+    category = row.get("category") or ""
+    label = row.get("label") or None
+    return Question(id=qid, text=text.strip(), category=str(category), label=None if label is None else str(label))
+
+
+def _check_unique(questions: Sequence[Question], where: Sequence[str]) -> None:
+    seen_id: dict[str, str] = {}
+    seen_text: dict[str, str] = {}
+    for q, loc in zip(questions, where, strict=True):
+        if q.id in seen_id:
+            raise DatasetError(f"{loc}: duplicate id {q.id!r} (first at {seen_id[q.id]})")
+        seen_id[q.id] = loc
+        key = " ".join(q.text.lower().split())
+        if key in seen_text:
+            raise DatasetError(f"{loc}: duplicate question text (first at {seen_text[key]})")
+        seen_text[key] = loc
+
+
+def load_questions(source: str | Path) -> tuple[Question, ...]:
+    """Read questions from a ``.jsonl``, ``.json`` (list), ``.csv`` file, or ``hf:NAME[:SPLIT[:COLUMN]]``.
+
+    Each row needs ``text`` (or ``question``); ``id``, ``category`` and ``label`` are optional.
+    Errors name the file and line.
+    """
+    src = str(source)
+    if src.startswith("hf:"):
+        return _load_hf_questions(src[3:])
+    path = Path(source)
+    if not path.is_file():
+        raise DatasetError(f"question file not found: {path}")
+    suffix = path.suffix.lower()
+    questions: list[Question] = []
+    where: list[str] = []
+    if suffix in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                loc = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{loc}: malformed JSON line ({e.msg})") from e
+                questions.append(_question_from_row(row, loc, len(questions)))
+                where.append(loc)
+    elif suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+        if isinstance(rows, Mapping) and "questions" in rows:
+            rows = rows["questions"]
+        if not isinstance(rows, list):
+            raise DatasetError(f"{path}: expected a list of question objects")
+        for i, row in enumerate(rows):
+            loc = f"{path}[{i}]"
+            questions.append(_question_from_row(row, loc, i))
+            where.append(loc)
+    elif suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            if reader.fieldnames is None or not ({"text", "question"} & set(reader.fieldnames)):
+                raise DatasetError(f"{path}: needs a header row with a 'text' (or 'question') column")
+            for i, row in enumerate(reader):
+                loc = f"{path}:{i + 2}"
+                questions.append(_question_from_row(row, loc, i))
+                where.append(loc)
+    else:
+        raise DatasetError(f"{path}: unsupported question file type {suffix!r}; use .jsonl, .json or .csv")
+    if not questions:
+        raise DatasetError(f"{path}: no questions found")
+    _check_unique(questions, where)
+    return tuple(questions)
+
+
+def _load_hf_questions(spec: str) -> tuple[Question, ...]:
+    parts = spec.split(":")
+    name, split, column = parts[0], (parts[1] if len(parts) > 1 else "train"), (parts[2] if len(parts) > 2 else "text")
+    try:
+        import datasets as hf_datasets
+    except ImportError as e:
+        raise DatasetError("hf: question sources need the `datasets` package (pip install datasets)") from e
+    try:
+        ds = hf_datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise DatasetError(f"could not load Hugging Face dataset {name!r} split {split!r}: {e}") from e
+    if column not in ds.column_names:
+        raise DatasetError(f"Hugging Face dataset {name!r} has no column {column!r}; columns: {ds.column_names}")
+    rows = [{"text": r[column], "id": r.get("id"), "category": r.get("category", "")} for r in ds]
+    qs = [_question_from_row(r, f"hf:{name}[{i}]", i) for i, r in enumerate(rows)]
+    _check_unique(qs, [f"hf:{name}[{i}]" for i in range(len(qs))])
+    return tuple(qs)
+
+
+def load_behaviours(path: str | Path) -> tuple[tuple[Behaviour, ...], dict[str, Any]]:
+    """Read a behaviours JSON file: ``{"name", "behaviours": [{"name", "instruction"}], "questions"?}``."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"behaviours file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("behaviours"), list):
+        raise DatasetError(f"{path}: expected an object with a 'behaviours' list")
+    behaviours = []
+    for i, b in enumerate(spec["behaviours"]):
+        if not isinstance(b, Mapping) or not isinstance(b.get("name"), str) or not isinstance(b.get("instruction"), str):
+            raise DatasetError(f"{path}: behaviours[{i}] needs string fields 'name' and 'instruction'")
+        behaviours.append(Behaviour(b["name"].strip(), b["instruction"].strip()))
+    return tuple(behaviours), dict(spec)
+
+
+def load_dataset(spec: str | Path = "tones", *, questions: str | Path | None = None) -> BehaviourDataset:
+    """Load a behaviour dataset.
+
+    Args:
+        spec: a shipped dataset name (``"tones"``) or a path to a behaviours JSON file.
+        questions: replaces the dataset's questions (a ``.jsonl``/``.json``/``.csv`` file or
+            ``hf:NAME``), e.g. an external evaluation set.
+    """
+    spec_str = str(spec)
+    if spec_str in SHIPPED:
+        ref = resources.files("ks_lens.data").joinpath(SHIPPED[spec_str])
+        with resources.as_file(ref) as p:
+            behaviours, meta = load_behaviours(p)
+            base = p.parent
+            q_default = base / meta["questions"]
+            qs = load_questions(questions) if questions is not None else load_questions(q_default)
+        return BehaviourDataset(spec_str, behaviours, qs, str(meta.get("description", "")))
+    path = Path(spec)
+    if not path.exists():
+        raise DatasetError(f"unknown dataset {spec_str!r}: not a shipped dataset ({sorted(SHIPPED)}) nor a file")
+    behaviours, meta = load_behaviours(path)
+    if questions is not None:
+        qs = load_questions(questions)
+    elif isinstance(meta.get("questions"), str):
+        qs = load_questions(path.parent / meta["questions"])
+    elif isinstance(meta.get("questions"), list):
+        rows = meta["questions"]
+        qs_list = [_question_from_row(r, f"{path}: questions[{i}]", i) for i, r in enumerate(rows)]
+        _check_unique(qs_list, [f"{path}: questions[{i}]" for i in range(len(rows))])
+        qs = tuple(qs_list)
+    else:
+        raise DatasetError(f"{path}: no questions: add a 'questions' file name or list, or pass questions=")
+    return BehaviourDataset(str(meta.get("name", path.stem)), behaviours, qs, str(meta.get("description", "")))
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Which question ids belong to which split; reproducible from ``seed`` and ``fractions``."""
+
+    seed: int
+    fractions: dict[str, float]
+    assignment: dict[str, tuple[str, ...]] = field(repr=False)
+
+    def ids(self, name: str) -> tuple[str, ...]:
+        if name not in self.assignment:
+            raise DatasetError(f"unknown split {name!r}; splits are {list(self.assignment)}")
+        return self.assignment[name]
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.assignment.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seed": self.seed, "fractions": self.fractions, "assignment": {k: list(v) for k, v in self.assignment.items()}}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Splits:
+        return cls(int(d["seed"]), dict(d["fractions"]), {k: tuple(v) for k, v in d["assignment"].items()})
+
+
+def make_splits(
+    dataset: BehaviourDataset | Sequence[Question],
+    *,
+    seed: int = 0,
+    fractions: Mapping[str, float] | None = None,
+) -> Splits:
+    """Assign every question to one split, stratified by category, deterministically from ``seed``.
+
+    Within each category the question ids are sorted, permuted with a seeded generator and cut
+    by ``fractions`` (largest-remainder rounding), so the result depends only on the set of ids,
+    their categories, the seed and the fractions, not on file order.
+    """
+    qs = dataset.questions if isinstance(dataset, BehaviourDataset) else tuple(dataset)
+    fr = dict(fractions or DEFAULT_FRACTIONS)
+    if not fr or any(v < 0 for v in fr.values()) or abs(sum(fr.values()) - 1.0) > 1e-6:
+        raise DatasetError(f"split fractions must be non-negative and sum to 1, got {fr}")
+    by_cat: dict[str, list[str]] = defaultdict(list)
+    for q in qs:
+        by_cat[q.category].append(q.id)
+    assignment: dict[str, list[str]] = {k: [] for k in fr}
+    gen = torch.Generator().manual_seed(seed)
+    names = list(fr)
+    for cat in sorted(by_cat):
+        ids = sorted(by_cat[cat])
+        perm = torch.randperm(len(ids), generator=gen).tolist()
+        ids = [ids[i] for i in perm]
+        exact = [fr[k] * len(ids) for k in names]
+        counts = [int(x) for x in exact]
+        order = sorted(range(len(names)), key=lambda i: (exact[i] - counts[i], -i), reverse=True)
+        for i in order[: len(ids) - sum(counts)]:
+            counts[i] += 1
+        start = 0
+        for k, c in zip(names, counts, strict=True):
+            assignment[k].extend(ids[start : start + c])
+            start += c
+    return Splits(seed, fr, {k: tuple(sorted(v)) for k, v in assignment.items()})

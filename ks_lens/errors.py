@@ -1,0 +1,40 @@
+"""Exceptions raised by ks-lens.
+
+Every error ks-lens raises on bad input derives from :class:`KsLensError`, so notebook users can
+catch one class; each subclass also derives from the builtin it refines (``ValueError``,
+``KeyError``, ...), so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class KsLensError(Exception):
+    """Base class of all ks-lens errors."""
+
+
+class ModelLoadError(KsLensError, RuntimeError):
+    """A model could not be found, fetched or loaded."""
+
+
+class UnknownModelError(ModelLoadError, ValueError):
+    """The model name is neither a named model, a local path, nor loadable from the HF hub."""
+
+
+class HookPointError(KsLensError, ValueError):
+    """A hook name or layer index does not exist on the model, or cannot be written to."""
+
+
+class DatasetError(KsLensError, ValueError):
+    """A dataset or question file is malformed (the message names the file and line)."""
+
+
+class StoreError(KsLensError, RuntimeError):
+    """An on-disk artefact (activation store, probe, vector) is missing, corrupt or incomplete."""
+
+
+class MetadataMismatchError(KsLensError, ValueError):
+    """An artefact was made for another model, hook point, layer or label set."""
+
+
+class LabelError(KsLensError, ValueError):
+    """Unknown label names, or a label requested both as target and avoid."""

@@ -1,0 +1,465 @@
+"""Honest evaluation of steering: held-out evaluators, coherence, vanished targets, alpha calibration.
+
+Principles (see ``docs/evaluation.md``):
+
+* **Evaluators are never optimised against.** They are probes trained on the ``evaluator``
+  split (questions the steering probe never saw), with another seed and width than the steering
+  probe, at a layer at or after the steering layer.
+* **Real forward passes.** The activation-level metric steers neutral prompts with hooks and
+  reads the evaluator's layer in the same pass (no feeding the steering layer's vector to a
+  classifier trained elsewhere).
+* **Generated text.** Steered greedy answers are re-encoded (question + answer, no instruction)
+  under the *unsteered* model; a response-level evaluator reads the text's behaviour, and the
+  same pass gives perplexity and the per-token KL divergence steered vs unsteered.
+* **Matched coherence.** Each method's alpha is the largest whose next-token KL divergence stays
+  within a budget on the calibration split (:func:`calibrate_alpha`); results are reported on the
+  test split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from ks_lens.chat import ChatPrompt, format_chat, left_pad, tokenize_texts
+from ks_lens.generation import generate_from_batch
+from ks_lens.probes import Probe
+from ks_lens.steering.base import Steerer, SteeringSpec
+
+
+class _Stop(Exception):
+    pass
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.original_model.parameters()).device
+
+
+# ----------------------------------------------------------------------------- activation level
+
+
+@dataclass
+class Readout:
+    """Evaluator probabilities at the last token ``[n, K]`` and, if asked, next-token log-probs ``[n, V]``."""
+
+    probs: Float[torch.Tensor, "n k"]
+    next_logprobs: Float[torch.Tensor, "n vocab"] | None = None
+
+
+def readout(
+    model: Any,
+    prompts: Sequence[ChatPrompt | str],
+    *,
+    probe: Probe | None = None,
+    steering: tuple[Steerer, SteeringSpec] | None = None,
+    positions: str = "all",
+    next_token: bool = False,
+    batch_size: int = 16,
+) -> Readout:
+    """Run ``prompts`` (optionally steered) and read the probe and/or next-token distribution.
+
+    The probe reads its own hook point at the last prompt token in the same forward pass as the
+    steering; without ``next_token`` the pass stops right after the probe's hook.
+    """
+    return readout_groups(model, prompts, [steering], probe=probe, positions=positions, next_token=next_token,
+                          batch_size=batch_size)[0]
+
+
+def readout_groups(
+    model: Any,
+    prompts: Sequence[ChatPrompt | str],
+    steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
+    *,
+    probe: Probe | None = None,
+    positions: str = "all",
+    next_token: bool = False,
+    batch_size: int = 16,
+) -> list[Readout]:
+    """:func:`readout` for several steering configurations, sharing batches (one row per
+    configuration and prompt; see :func:`~ks_lens.steering.steer_groups`)."""
+    from ks_lens.steering.base import steer_groups
+
+    if probe is None and not next_token:
+        raise ValueError("nothing to read: pass a probe and/or next_token=True")
+    if not prompts:
+        raise ValueError("no prompts to read out")
+    tok = model.tokenizer
+    ids = [list(tok(format_chat(tok, p), add_special_tokens=False)["input_ids"]) for p in prompts]
+    rows = [(g, i) for g in range(len(steerings)) for i in range(len(prompts))]
+    order = sorted(range(len(rows)), key=lambda r: (len(ids[rows[r][1]]), r))
+    device = _device(model)
+    k = probe.n_labels if probe is not None else 0
+    probs = torch.empty(len(rows), k)
+    logps: torch.Tensor | None = None
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = left_pad([ids[rows[r][1]] for r in idx], tok.pad_token_id, device)
+        got: dict[str, torch.Tensor] = {}
+
+        def capture(act: torch.Tensor, hook: Any) -> None:
+            got["x"] = act[:, -1, :].detach()
+            if not next_token:
+                raise _Stop
+
+        fwd = [(probe.hook_name, capture)] if probe is not None else []
+        with torch.no_grad(), steer_groups(model, steerings, [rows[r][0] for r in idx], positions=positions), \
+                model.hooks(fwd_hooks=fwd):
+            try:
+                logits = model(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1)
+                lp = torch.log_softmax(logits[:, -1].float(), -1).cpu()
+                if logps is None:
+                    logps = torch.empty(len(rows), lp.shape[-1])
+                logps[idx] = lp
+            except _Stop:
+                pass
+        if probe is not None:
+            probs[idx] = probe.predict_proba(got["x"].to(probe.mean.device, probe.mean.dtype)).cpu()
+    n = len(prompts)
+    return [Readout(probs[g * n : (g + 1) * n], None if logps is None else logps[g * n : (g + 1) * n])
+            for g in range(len(steerings))]
+
+
+def kl_divergence(logp: Float[torch.Tensor, "... v"], logq: Float[torch.Tensor, "... v"]) -> Float[torch.Tensor, "..."]:
+    """KL(p || q) from log-probabilities, over the last axis."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+# ----------------------------------------------------------------------------- vanished targets
+
+
+@dataclass(frozen=True)
+class VanishRule:
+    """A target *vanished* when it barely moved while another target rose.
+
+    For a combination with at least two targets and per-label changes ``delta_t`` (steered minus
+    unsteered probability): if ``max_t delta_t >= rise``, every target with ``delta_t < near`` has
+    vanished. Single-target combinations never count as vanished.
+    """
+
+    near: float = 0.05
+    rise: float = 0.10
+
+    def vanished(self, delta: Mapping[str, float], targets: Sequence[str]) -> list[str]:
+        if len(targets) < 2:
+            return []
+        ds = [delta[t] for t in targets]
+        if max(ds) < self.rise:
+            return []
+        return [t for t in targets if delta[t] < self.near]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"near": self.near, "rise": self.rise,
+                "definition": "a target vanished if its probability rose by less than `near` while another "
+                              "target of the same combination rose by at least `rise` (2+ targets only)"}
+
+
+# ----------------------------------------------------------------------------- generation level
+
+
+@dataclass
+class GenerationScores:
+    """Per-answer scores of steered (or unsteered) generations."""
+
+    texts: list[str]
+    answer_ids: list[list[int]]
+    probs: Float[torch.Tensor, "n k"]  # response-level evaluator, re-encoded without instruction
+    nll: list[float]  # mean negative log-likelihood per answer token under the unsteered model (nan if empty)
+    kl: list[float]  # mean per-token KL(steered || unsteered) along the answer (nan if empty)
+    distinct2: list[float]  # distinct word bigrams / word bigrams per answer (nan if < 2 words)
+
+    @property
+    def perplexity(self) -> float:
+        """Corpus perplexity of the answers under the unsteered model (token-weighted)."""
+        tot = sum(n * len(ids) for n, ids in zip(self.nll, self.answer_ids, strict=True) if ids)
+        cnt = sum(len(ids) for ids in self.answer_ids)
+        return math.exp(tot / cnt) if cnt else float("nan")
+
+    @property
+    def mean_kl(self) -> float:
+        tot = sum(k * len(ids) for k, ids in zip(self.kl, self.answer_ids, strict=True) if ids)
+        cnt = sum(len(ids) for ids in self.answer_ids)
+        return tot / cnt if cnt else float("nan")
+
+    @property
+    def mean_distinct2(self) -> float:
+        vals = [d for d in self.distinct2 if not math.isnan(d)]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    @property
+    def n_empty(self) -> int:
+        return sum(1 for ids in self.answer_ids if not ids)
+
+
+def distinct_n(text: str, n: int = 2) -> float:
+    words = text.lower().split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def generate_and_score(
+    model: Any,
+    questions: Sequence[str],
+    *,
+    response_probe: Probe,
+    steering: tuple[Steerer, SteeringSpec] | None = None,
+    positions: str = "all",
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> GenerationScores:
+    """Greedy answers to neutral ``questions`` (steered if given), scored under the unsteered model.
+
+    See :func:`generate_and_score_groups`, which scores several steering configurations in shared
+    batches.
+    """
+    return generate_and_score_groups(model, questions, [steering], response_probe=response_probe, positions=positions,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)[0]
+
+
+def generate_and_score_groups(
+    model: Any,
+    questions: Sequence[str],
+    steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
+    *,
+    response_probe: Probe | None,
+    positions: str = "all",
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[GenerationScores]:
+    """Answer every question under every steering configuration (``None`` = unsteered).
+
+    All (configuration, question) rows share batches: one generation call carries several
+    methods side by side (:func:`~ks_lens.steering.steer_groups`), which matters because decoding
+    is memory-bound. Each answer is then re-encoded (question + answer, no instruction) in an
+    unsteered forward pass that gives the response evaluator's probabilities at the answer's last
+    token, the answer's per-token NLL, and the unsteered next-token distributions that the steered
+    generation's logits are compared with (KL per generated token).
+    """
+    from ks_lens.steering.base import steer_groups
+
+    if not questions:
+        raise ValueError("no questions to generate for")
+    tok = model.tokenizer
+    device = _device(model)
+    heads = [list(tok(format_chat(tok, ChatPrompt(q)), add_special_tokens=False)["input_ids"]) for q in questions]
+    rows = [(g, i) for g in range(len(steerings)) for i in range(len(questions))]
+    order = sorted(range(len(rows)), key=lambda r: (len(heads[rows[r][1]]), rows[r][0], rows[r][1]))
+    answers: list[list[int]] = [[] for _ in rows]
+    step_logps: list[torch.Tensor | None] = [None for _ in rows]
+    for b, s in enumerate(range(0, len(order), batch_size)):
+        idx = order[s : s + batch_size]
+        batch = left_pad([heads[rows[r][1]] for r in idx], tok.pad_token_id, device)
+        row_group = [rows[r][0] for r in idx]
+        with steer_groups(model, steerings, row_group, positions=positions):
+            res = generate_from_batch(model, batch, max_new_tokens=max_new_tokens, seed=seed + b, return_logits=True)
+        assert res.logits is not None
+        for j, r in enumerate(idx):
+            answers[r] = res.ids[j]
+            step_logps[r] = torch.log_softmax(res.logits[j, : len(res.ids[j])].float(), -1).cpu()
+        del res
+    probs = torch.empty(len(rows), response_probe.n_labels if response_probe is not None else 0)
+    nll = [float("nan")] * len(rows)
+    kl = [float("nan")] * len(rows)
+    seqs = [heads[i] + answers[r] for r, (_, i) in enumerate(rows)]
+    order = sorted(range(len(rows)), key=lambda r: (len(seqs[r]), r))
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = left_pad([seqs[r] for r in idx], tok.pad_token_id, device)
+        tmax = max(len(answers[r]) for r in idx)
+        got: dict[str, torch.Tensor] = {}
+
+        def capture(act: torch.Tensor, hook: Any) -> None:
+            got["x"] = act[:, -1, :].detach()
+
+        fwd = [(response_probe.hook_name, capture)] if response_probe is not None else []
+        with torch.no_grad(), model.hooks(fwd_hooks=fwd):
+            logits = model(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=tmax + 1)
+        if response_probe is not None:
+            probs[idx] = response_probe.predict_proba(got["x"].to(response_probe.mean.device, response_probe.mean.dtype)).cpu()
+        for j, r in enumerate(idx):
+            t = len(answers[r])
+            if t == 0:
+                continue
+            pred = torch.log_softmax(logits[j, tmax - t : tmax].float(), -1).cpu()  # predicts answer tokens 0..t-1
+            target = torch.tensor(answers[r])
+            nll[r] = float(-pred.gather(-1, target[:, None]).mean())
+            steered = step_logps[r]
+            assert steered is not None
+            kl[r] = float(kl_divergence(steered, pred).mean())
+        del logits
+    out = []
+    n = len(questions)
+    for g in range(len(steerings)):
+        sl = slice(g * n, (g + 1) * n)
+        ans = answers[sl]
+        texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ans]
+        out.append(GenerationScores(texts, ans, probs[sl], nll[sl], kl[sl], [distinct_n(t) for t in texts]))
+    return out
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+@dataclass
+class Calibration:
+    """The calibrated alpha and every evaluation the search made (alpha, metric)."""
+
+    alpha: float
+    budget: float
+    metric: float
+    evaluations: list[tuple[float, float]] = field(default_factory=list)
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "budget": self.budget, "metric_at_alpha": self.metric,
+                "evaluations": [[a, m] for a, m in self.evaluations], "note": self.note}
+
+
+def _search(budget: float, alpha0: float, factor: float, max_expand: int, bisect_steps: int):  # type: ignore[no-untyped-def]
+    """The calibration search as a generator: yields alphas to evaluate, receives their metric,
+    and returns the :class:`Calibration` (so several searches can share batched evaluations)."""
+    if not budget > 0:
+        raise ValueError("budget must be positive")
+    if alpha0 <= 0 or factor <= 1:
+        raise ValueError("alpha0 must be positive and factor > 1")
+    evals: list[tuple[float, float]] = []
+
+    def record(a: float, m: float) -> float:
+        if math.isnan(m):
+            raise ValueError(f"the calibration metric is NaN at alpha={a}")
+        evals.append((a, m))
+        return m
+
+    a = alpha0
+    m = record(a, (yield a))
+    if m <= budget:
+        ok, ok_m = a, m
+        for _ in range(max_expand):
+            a *= factor
+            m = record(a, (yield a))
+            if m > budget:
+                break
+            ok, ok_m = a, m
+        else:
+            return Calibration(ok, budget, ok_m, evals, note=f"budget not reached by alpha={ok:g}; search limit")
+        bad = a
+    else:
+        bad = a
+        for _ in range(max_expand):
+            a /= factor
+            m = record(a, (yield a))
+            if m <= budget:
+                break
+            bad = a
+        else:
+            return Calibration(0.0, budget, float("nan"), evals, note=f"budget exceeded even at alpha={a:g}; steering off")
+        ok, ok_m = a, m
+    for _ in range(bisect_steps):
+        mid = math.sqrt(ok * bad)
+        m = record(mid, (yield mid))
+        if m <= budget:
+            ok, ok_m = mid, m
+        else:
+            bad = mid
+    return Calibration(ok, budget, ok_m, evals)
+
+
+def calibrate_alpha(
+    metric: Callable[[float], float],
+    budget: float,
+    *,
+    alpha0: float = 1.0,
+    factor: float = 4.0,
+    max_expand: int = 8,
+    bisect_steps: int = 5,
+) -> Calibration:
+    """Largest alpha with ``metric(alpha) <= budget``, for a metric increasing in alpha.
+
+    Brackets the boundary by multiplying/dividing ``alpha0`` by ``factor`` (at most
+    ``max_expand`` times), then bisects in log space ``bisect_steps`` times; the returned alpha
+    always satisfies the budget (it is the lower end of the final bracket), within a factor
+    ``factor ** (1 / 2**bisect_steps)`` of the boundary.
+    """
+    return calibrate_alphas(lambda which, alphas: [metric(a) for a in alphas], budget, [alpha0], factor=factor,
+                            max_expand=max_expand, bisect_steps=bisect_steps)[0]
+
+
+def calibrate_alphas(
+    metrics: Callable[[list[int], list[float]], list[float]],
+    budget: float,
+    alpha0s: Sequence[float],
+    *,
+    factor: float = 4.0,
+    max_expand: int = 8,
+    bisect_steps: int = 5,
+) -> list[Calibration]:
+    """Run one :func:`calibrate_alpha` search per entry of ``alpha0s`` in lockstep.
+
+    ``metrics(which, alphas)`` receives the indices (into ``alpha0s``) of the searches still
+    running and one alpha for each, and returns their metrics, so all searches can be evaluated
+    in one batch.
+    """
+    searches = [_search(budget, a0, factor, max_expand, bisect_steps) for a0 in alpha0s]
+    pending: dict[int, float] = {i: next(g) for i, g in enumerate(searches)}
+    results: dict[int, Calibration] = {}
+    while pending:
+        keys = sorted(pending)
+        values = metrics(keys, [pending[i] for i in keys])
+        if len(values) != len(keys):
+            raise ValueError("metrics() must return one value per alpha")
+        nxt: dict[int, float] = {}
+        for i, v in zip(keys, values, strict=True):
+            try:
+                nxt[i] = searches[i].send(float(v))
+            except StopIteration as stop:
+                results[i] = stop.value
+        pending = nxt
+    return [results[i] for i in range(len(searches))]
+
+
+def first_token_kl(model: Any, prompts: Sequence[ChatPrompt | str], steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
+                   *, positions: str = "all", batch_size: int = 16, base: Readout | None = None) -> list[float]:
+    """Mean KL(steered || unsteered) of the next-token distribution at the last prompt token."""
+    base = base or readout(model, prompts, next_token=True, batch_size=batch_size)
+    assert base.next_logprobs is not None
+    outs = readout_groups(model, prompts, steerings, next_token=True, positions=positions, batch_size=batch_size)
+    res = []
+    for r in outs:
+        assert r.next_logprobs is not None
+        res.append(float(kl_divergence(r.next_logprobs, base.next_logprobs).mean()))
+    return res
+
+
+def generation_kl(model: Any, questions: Sequence[str], steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
+                  *, positions: str = "all", max_new_tokens: int = 12, batch_size: int = 48) -> list[float]:
+    """Mean per-token KL(steered || unsteered) along each configuration's greedy continuation.
+
+    The unsteered model's distributions are computed on the steered text itself, so this measures
+    how far the steered model's next-token choices stray from what the unmodified model would
+    predict in the same context: a coherence cost for generated text.
+    """
+    scores = generate_and_score_groups(model, questions, steerings, response_probe=None, positions=positions,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [s.mean_kl if not math.isnan(s.mean_kl) else 0.0 for s in scores]
+
+
+CALIBRATION_METRICS: tuple[str, ...] = ("generation_kl", "first_token_kl")
+
+
+def kl_metric(model: Any, method: Steerer, specs: Sequence[SteeringSpec], prompts: Sequence[ChatPrompt | str], *,
+              positions: str = "all", batch_size: int = 16, base: Readout | None = None) -> Callable[[float], float]:
+    """``alpha -> mean first-token KL(steered || unsteered)`` over prompts and specs (one method)."""
+    base = base or readout(model, prompts, next_token=True, batch_size=batch_size)
+
+    def metric(alpha: float) -> float:
+        vals = first_token_kl(model, prompts, [(method, SteeringSpec(s.target, s.avoid, alpha)) for s in specs],
+                              positions=positions, batch_size=batch_size, base=base)
+        return sum(vals) / len(vals)
+
+    return metric

@@ -1,0 +1,148 @@
+"""Batched, seeded text generation through Hugging Face ``generate`` with the bridge's hooks live.
+
+TransformerLens 4's bridge swaps the HF model's submodules for hooked ones, so HF's own
+``generate`` (with its KV cache) fires every ``blocks.{L}.hook_*`` hook. That is faster than the
+bridge's Python generation loop, and any steering context active around the call applies: a hook
+first sees the prompt ``[batch, prompt_len, d]``, then ``[batch, 1, d]`` per new token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, tokenize_texts
+
+
+@dataclass
+class Generation:
+    """Results in prompt order. ``output_ids`` exclude padding and the end-of-turn token."""
+
+    prompts: list[ChatPrompt | str]
+    texts: list[str]
+    prompt_ids: list[list[int]] = field(repr=False)
+    output_ids: list[list[int]] = field(repr=False)
+    finished: list[bool] = field(repr=False)  # True where the model ended its turn itself
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class BatchGeneration:
+    """New token ids per row (end-of-turn and padding removed), whether each row ended its turn,
+    and optionally the per-step logits ``[batch, steps, vocab]``."""
+
+    ids: list[list[int]]
+    finished: list[bool]
+    logits: torch.Tensor | None = None
+
+
+def _generation_config(model: Any, *, max_new_tokens: int, do_sample: bool, temperature: float,
+                       top_p: float | None, top_k: int | None) -> Any:
+    from transformers import GenerationConfig
+
+    tok = model.tokenizer
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "use_cache": True,
+    }
+    if do_sample:
+        kwargs["temperature"] = temperature
+        kwargs["top_p"] = top_p if top_p is not None else 1.0
+        kwargs["top_k"] = top_k if top_k is not None else 0
+    return GenerationConfig(**kwargs)
+
+
+def generate_from_batch(
+    model: Any, batch: TokenBatch, *, max_new_tokens: int = 64, do_sample: bool = False,
+    temperature: float = 1.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
+    return_logits: bool = False,
+) -> BatchGeneration:
+    """Generate for one left-padded batch (greedy unless ``do_sample``).
+
+    With ``return_logits=True`` the raw next-token logits of every step are kept,
+    ``[batch, steps, vocab]`` (row ``b``, step ``t`` predicts new token ``t``).
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    cfg = _generation_config(model, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature, top_p=top_p, top_k=top_k)
+    hf = model.original_model
+    with torch.random.fork_rng(devices=[batch.input_ids.device] if batch.input_ids.is_cuda else []):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              generation_config=cfg, output_logits=return_logits,
+                              return_dict_in_generate=return_logits)
+    logits = None
+    if return_logits:
+        logits = torch.stack(out.logits, dim=1)
+        out = out.sequences
+    new = out[:, batch.input_ids.shape[1]:].tolist()
+    eos = model.tokenizer.eos_token_id
+    pad = model.tokenizer.pad_token_id
+    ids: list[list[int]] = []
+    finished: list[bool] = []
+    for row in new:
+        cut = row.index(eos) if eos in row else len(row)
+        finished.append(cut < len(row))
+        ids.append([t for t in row[:cut] if t != pad])
+    return BatchGeneration(ids, finished, logits)
+
+
+def generate(
+    model: Any,
+    prompts: Sequence[ChatPrompt | str],
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> Generation:
+    """Chat-format ``prompts`` and generate answers (greedy by default), in batches.
+
+    Prompts are grouped by length to limit padding; results come back in the input order.
+    Sampling is seeded per batch (``seed + batch index``) without touching the caller's RNG
+    state, so the same call gives the same texts.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    prompts = list(prompts)
+    if not prompts:
+        return Generation([], [], [], [], [])
+    tok = model.tokenizer
+    device = next(model.original_model.parameters()).device
+    texts = [format_chat(tok, p) for p in prompts]
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    prompt_ids: list[list[int]] = [[] for _ in texts]
+    out_ids: list[list[int]] = [[] for _ in texts]
+    finished: list[bool] = [False for _ in texts]
+    bar = tqdm(total=len(texts), desc="generating", unit="prompt", disable=not progress, leave=False)
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        idx = order[start : start + batch_size]
+        batch = tokenize_texts(tok, [texts[i] for i in idx], device=device)
+        res = generate_from_batch(model, batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + b)
+        for j, i in enumerate(idx):
+            mask = batch.attention_mask[j].bool()
+            prompt_ids[i] = batch.input_ids[j][mask].tolist()
+            out_ids[i] = res.ids[j]
+            finished[i] = res.finished[j]
+        bar.update(len(idx))
+    bar.close()
+    decoded = [tok.decode(ids, skip_special_tokens=True).strip() for ids in out_ids]
+    return Generation(prompts, decoded, prompt_ids, out_ids, finished)

@@ -1,0 +1,139 @@
+"""On-disk format shared by every ks-lens artefact: safetensors tensors + a JSON sidecar.
+
+Never pickle. Every write is atomic (temporary file, fsync, rename), so a crash leaves either the
+old file or the new one, never a half-written file that looks complete.
+
+An artefact directory holds ``tensors.safetensors`` and ``meta.json``. ``meta.json`` carries a
+``format`` tag, the artefact's metadata (model, hook point, layer, label names, dataset hash, ...),
+the versions that produced it, and the size and SHA-256 of the tensor file, which loading checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ks_lens.errors import StoreError
+
+TENSORS_FILE = "tensors.safetensors"
+META_FILE = "meta.json"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (same-directory temp file + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """``safetensors.torch.save_file`` made atomic; tensors are made contiguous and moved to CPU."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{what} {path} is not valid JSON ({e}); it is corrupt or truncated") from e
+
+
+def load_safetensors(path: str | Path, what: str = "tensor file") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{what} not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise StoreError(f"{what} {path} cannot be read ({e}); it is corrupt or truncated") from e
+
+
+def save_artifact(
+    directory: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], *, kind: str
+) -> Path:
+    """Save ``tensors`` + ``meta`` as an artefact directory of the given ``kind``.
+
+    The tensor file is written first and the JSON last, so ``meta.json`` existing means the
+    artefact is complete; its recorded checksum catches later damage.
+    """
+    from ks_lens.utils import versions
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tpath = directory / TENSORS_FILE
+    atomic_save_safetensors(tpath, tensors)
+    record = {
+        "format": f"ks_lens.{kind}",
+        "format_version": 1,
+        **dict(meta),
+        "versions": versions(),
+        "tensors": {"file": TENSORS_FILE, "bytes": tpath.stat().st_size, "sha256": sha256_file(tpath)},
+    }
+    atomic_write_json(directory / META_FILE, record)
+    return directory
+
+
+def load_artifact(directory: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load an artefact saved by :func:`save_artifact`, checking its kind, size and checksum."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise StoreError(f"no {kind} found at {directory}")
+    if directory.is_file():
+        raise StoreError(f"{directory} is a file; a {kind} is a directory with {META_FILE} and {TENSORS_FILE}")
+    meta = read_json(directory / META_FILE, what=f"{kind} metadata")
+    if not isinstance(meta, dict) or meta.get("format") != f"ks_lens.{kind}":
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise StoreError(f"{directory} holds {found!r}, not a ks_lens.{kind}")
+    tpath = directory / meta["tensors"]["file"]
+    if not tpath.is_file():
+        raise StoreError(f"{kind} tensor file missing: {tpath}")
+    if tpath.stat().st_size != meta["tensors"]["bytes"] or sha256_file(tpath) != meta["tensors"]["sha256"]:
+        raise StoreError(
+            f"{kind} tensor file {tpath} does not match its recorded checksum; it is corrupt or was "
+            "modified after saving. Re-create it."
+        )
+    return load_safetensors(tpath, what=f"{kind} tensors"), meta

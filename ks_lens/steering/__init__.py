@@ -1,0 +1,36 @@
+"""Steering methods under TransformerLens hooks: K-Steering, projection removal and CAA.
+
+Every method is a :class:`Steerer`: ``with method.steer(model, target=..., avoid=..., alpha=...)``
+installs hooks for the block and removes them on exit; ``method.hooks(...)`` gives
+``run_with_hooks``-ready hook functions; ``method.apply(x, ...)`` steers a tensor directly.
+"""
+
+from ks_lens.steering.base import Steerer, SteeringSpec, grouped_steering_hook, steer_groups, steering_hook
+from ks_lens.steering.caa import CAA, SteeringVectors
+from ks_lens.steering.ksteer import (
+    KProjection,
+    KSteering,
+    combine_gradients,
+    label_coefficients,
+    objective_value,
+    probe_gradients,
+)
+from ks_lens.steering.positions import POSITIONS, PositionTracker
+
+__all__ = [
+    "CAA",
+    "POSITIONS",
+    "KProjection",
+    "KSteering",
+    "PositionTracker",
+    "Steerer",
+    "SteeringSpec",
+    "SteeringVectors",
+    "combine_gradients",
+    "grouped_steering_hook",
+    "steer_groups",
+    "label_coefficients",
+    "objective_value",
+    "probe_gradients",
+    "steering_hook",
+]

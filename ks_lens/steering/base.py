@@ -1,0 +1,239 @@
+"""The machinery every steering method shares: target/avoid specs, hook functions, and the
+context manager that installs them and always removes them.
+
+A steering method is a function ``x' = f(x)`` on activations ``[n, d_model]`` (one row per
+steered token). :func:`steering_hook` turns such a function into a TransformerLens hook that
+applies it at the chosen positions; :class:`Steerer.steer` installs the hooks (and a
+:class:`~ks_lens.steering.positions.PositionTracker`) for the duration of a ``with`` block::
+
+    with method.steer(model, target=["casual"], alpha=4.0):
+        logits = model(tokens)                  # steered
+    logits = model(tokens)                      # bit-identical to never having steered
+
+For ``run_with_hooks`` users, :meth:`Steerer.hooks` returns ``[(hook_name, fn), ...]``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from ks_lens.errors import LabelError, MetadataMismatchError
+from ks_lens.hooks import check_steerable
+from ks_lens.steering.positions import PositionTracker, _select_untracked, check_positions
+
+Transform = Callable[[Float[torch.Tensor, "n d_model"]], Float[torch.Tensor, "n d_model"]]
+HookList = list[tuple[str, Callable[..., Any]]]
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """What to steer toward (``target``) and away from (``avoid``), and how hard (``alpha``)."""
+
+    target: tuple[str, ...] = ()
+    avoid: tuple[str, ...] = ()
+    alpha: float = 1.0
+
+    @classmethod
+    def make(cls, target: Sequence[str] | str | None, avoid: Sequence[str] | str | None, alpha: float,
+             label_names: Sequence[str], *, allow_empty: bool = False) -> SteeringSpec:
+        t = _as_tuple(target)
+        a = _as_tuple(avoid)
+        unknown = [x for x in (*t, *a) if x not in label_names]
+        if unknown:
+            raise LabelError(f"unknown label(s) {unknown}; known labels are {list(label_names)}")
+        both = sorted(set(t) & set(a))
+        if both:
+            raise LabelError(f"label(s) {both} are both target and avoid; a label can only be one of them")
+        if len(set(t)) != len(t) or len(set(a)) != len(a):
+            raise LabelError("a label is repeated in target or avoid")
+        if not t and not a and not allow_empty:
+            raise LabelError("nothing to steer: target and avoid are both empty")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        return cls(t, a, float(alpha))
+
+
+def _as_tuple(x: Sequence[str] | str | None) -> tuple[str, ...]:
+    if x is None:
+        return ()
+    if isinstance(x, str):
+        return tuple(s.strip() for s in x.split(",") if s.strip())
+    return tuple(x)
+
+
+def steering_hook(transform: Transform, positions: str = "all", tracker: PositionTracker | None = None) -> Callable[..., Any]:
+    """A TransformerLens forward hook applying ``transform`` at the selected positions.
+
+    Unselected positions are returned untouched (same values, same dtype). The change is
+    added as a constant, so gradients with respect to earlier activations still flow.
+    """
+    check_positions(positions)
+
+    def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        b, s, d = act.shape
+        if tracker is not None:
+            sel = tracker.select(positions, b, s, act.device)
+        else:
+            sel = _select_untracked(positions, b, s, act.device)
+        n_sel = int(sel.sum())
+        if n_sel == 0:
+            return act
+        if n_sel == b * s:
+            return transform(act.reshape(b * s, d)).reshape(b, s, d)
+        out = act.clone()
+        out[sel] = transform(act[sel])
+        return out
+
+    return hook
+
+
+def grouped_steering_hook(transforms: Sequence[Transform | None], row_group: torch.Tensor, positions: str = "all",
+                          tracker: PositionTracker | None = None) -> Callable[..., Any]:
+    """One hook applying a different transform to each group of batch rows.
+
+    ``row_group[b]`` is the index into ``transforms`` of row ``b`` (``-1``: leave the row alone);
+    a ``None`` transform also leaves its rows alone. Lets one batched forward pass or generation
+    carry several steering configurations side by side (e.g. every method of a comparison).
+    """
+    check_positions(positions)
+
+    def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        b, s, _ = act.shape
+        if row_group.shape[0] != b:
+            raise ValueError(f"row_group has {row_group.shape[0]} rows but the batch has {b}")
+        sel = tracker.select(positions, b, s, act.device) if tracker is not None else _select_untracked(positions, b, s, act.device)
+        groups = row_group.to(act.device)
+        out = None
+        for g, f in enumerate(transforms):
+            if f is None:
+                continue
+            m = sel & (groups == g).unsqueeze(1)
+            if not bool(m.any()):
+                continue
+            if out is None:
+                out = act.clone()
+            out[m] = f(act[m])
+        return act if out is None else out
+
+    return hook
+
+
+@contextmanager
+def steer_groups(model: Any, groups: Sequence[tuple[Steerer, SteeringSpec] | None], row_group: Sequence[int] | torch.Tensor,
+                 *, positions: str = "all") -> Iterator[PositionTracker]:
+    """Steer each group of batch rows with its own ``(method, spec)`` (``None``: unsteered).
+
+    ``row_group`` gives each batch row's group index. Methods may sit at different hook points;
+    each hook point gets one hook serving the groups steered there.
+    """
+    rg = torch.as_tensor(row_group, dtype=torch.long)
+    by_hook: dict[str, list[Transform | None]] = {}
+    for g, item in enumerate(groups):
+        if item is None:
+            continue
+        method, spec = item
+        method.check_model(model)
+        check_steerable(model, method.hook_name)
+        by_hook.setdefault(method.hook_name, [None] * len(groups))[g] = method.transform(
+            SteeringSpec.make(spec.target, spec.avoid, spec.alpha, method.label_names))
+    tracker = PositionTracker()
+    fwd = [(name, grouped_steering_hook(ts, rg, positions, tracker)) for name, ts in by_hook.items()]
+    tracker.install(model)
+    try:
+        with model.hooks(fwd_hooks=fwd):
+            yield tracker
+    finally:
+        tracker.remove()
+
+
+class Steerer(ABC):
+    """Base class of steering methods: subclasses define :meth:`transform` for a spec."""
+
+    #: label names the method knows (target/avoid must come from these)
+    label_names: tuple[str, ...] = ()
+
+    @property
+    @abstractmethod
+    def hook_name(self) -> str:
+        """The hook point the method was made for (its probe's or vectors' hook)."""
+
+    @abstractmethod
+    def transform(self, spec: SteeringSpec) -> Transform:
+        """The function ``x -> x'`` applied to each steered token's activation."""
+
+    def check_model(self, model: Any) -> None:  # noqa: B027 - optional override
+        """Raise if the method's artefacts were made for another model."""
+
+    def spec(self, target: Sequence[str] | str | None = None, avoid: Sequence[str] | str | None = None,
+             alpha: float = 1.0) -> SteeringSpec:
+        return SteeringSpec.make(target, avoid, alpha, self.label_names)
+
+    def apply(self, x: Float[torch.Tensor, "... d_model"], target: Sequence[str] | str | None = None,
+              avoid: Sequence[str] | str | None = None, alpha: float = 1.0) -> Float[torch.Tensor, "... d_model"]:
+        """Steer a tensor of activations directly (no model): ``x'`` of the same shape."""
+        f = self.transform(self.spec(target, avoid, alpha))
+        shape = x.shape
+        return f(x.reshape(-1, shape[-1])).reshape(shape)
+
+    def _hook_names(self, model: Any, hook_names: Sequence[str] | str | None, allow_other_hooks: bool) -> list[str]:
+        if hook_names is None:
+            names = [self.hook_name]
+        elif isinstance(hook_names, str):
+            names = [hook_names]
+        else:
+            names = list(hook_names)
+        if not names:
+            raise ValueError("no hook points to steer at")
+        for name in names:
+            check_steerable(model, name)
+            if name != self.hook_name and not allow_other_hooks:
+                raise MetadataMismatchError(
+                    f"{type(self).__name__} was made at {self.hook_name!r}; steering at {name!r} uses it "
+                    "outside the hook point it was trained on. Pass allow_other_hooks=True to do so anyway."
+                )
+        return names
+
+    def hooks(self, model: Any, target: Sequence[str] | str | None = None, avoid: Sequence[str] | str | None = None,
+              alpha: float = 1.0, *, positions: str = "all", hook_names: Sequence[str] | str | None = None,
+              allow_other_hooks: bool = False, tracker: PositionTracker | None = None) -> HookList:
+        """``[(hook_name, fn)]`` for ``model.run_with_hooks`` / ``model.hooks``.
+
+        Without a ``tracker`` (see :meth:`steer`), each forward call is one whole prompt:
+        fine for plain forward passes; use :meth:`steer` for generation.
+        """
+        self.check_model(model)
+        names = self._hook_names(model, hook_names, allow_other_hooks)
+        f = self.transform(self.spec(target, avoid, alpha))
+        return [(name, steering_hook(f, positions, tracker)) for name in names]
+
+    @contextmanager
+    def steer(self, model: Any, target: Sequence[str] | str | None = None, avoid: Sequence[str] | str | None = None,
+              alpha: float = 1.0, *, positions: str = "all", hook_names: Sequence[str] | str | None = None,
+              allow_other_hooks: bool = False) -> Iterator[PositionTracker]:
+        """Steer ``model`` inside a ``with`` block; hooks are removed on exit, even on errors.
+
+        Args:
+            target: labels to strengthen (list, or comma-separated string).
+            avoid: labels to suppress.
+            alpha: step size (see each method for its meaning).
+            positions: ``"all"``, ``"prompt"``, ``"generated"`` or ``"last"``.
+            hook_names: where to steer; defaults to the method's own hook point. Other hook
+                points need ``allow_other_hooks=True``.
+        """
+        tracker = PositionTracker()
+        fwd = self.hooks(model, target, avoid, alpha, positions=positions, hook_names=hook_names,
+                         allow_other_hooks=allow_other_hooks, tracker=tracker)
+        tracker.install(model)
+        try:
+            with model.hooks(fwd_hooks=fwd):
+                yield tracker
+        finally:
+            tracker.remove()

@@ -1,0 +1,203 @@
+"""Contrastive activation addition (CAA) and its variants, under the same hooks as K-Steering.
+
+Per-label vectors come from labelled activations at one hook point (last token):
+
+``mean_diff`` (CAA)
+    ``v_k = mean(x | label k) - mean(x | label != k)`` over the same questions;
+``mean_centring``
+    ``v_k = mean(x | label k) - mean(x)``.
+
+Several labels combine into one vector (:meth:`SteeringVectors.combine`):
+
+``combine="mean"``
+    ``mean(v_target) - mean(v_avoid)``: the reference multi-label baseline (it "washes out" as
+    labels are added);
+``combine="sum"``
+    ``sum(v_target) - sum(v_avoid)`` (usually with ``normalize=True``: unit L2 norm).
+
+Steering adds ``alpha * v`` to each selected token: ``x' = x + alpha * v``. With
+``avoid_mode="ablate"`` the avoid directions are instead projected out of ``x`` (directional
+ablation) before the target vector is added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from ks_lens.activations import Activations
+from ks_lens.errors import LabelError, MetadataMismatchError, StoreError
+from ks_lens.hooks import parse_resid_hook, resid_hook
+from ks_lens.io import load_artifact, save_artifact
+from ks_lens.models import model_signature
+from ks_lens.steering.base import Steerer, SteeringSpec, Transform
+
+VECTOR_METHODS: tuple[str, ...] = ("mean_diff", "mean_centring")
+CAA_COMBINES: tuple[str, ...] = ("mean", "sum")
+
+
+class SteeringVectors:
+    """One steering vector per label at one hook point (``vectors[k]`` is label ``k``'s)."""
+
+    def __init__(self, vectors: Float[torch.Tensor, "k d_model"], *, label_names: Sequence[str], hook_name: str,
+                 model: dict[str, Any], method: str = "mean_diff", source: dict[str, Any] | None = None):
+        if vectors.ndim != 2 or vectors.shape[0] != len(label_names):
+            raise ValueError(f"vectors must be [n_labels={len(label_names)}, d_model], got {tuple(vectors.shape)}")
+        self.vectors = vectors.detach().float()
+        self.label_names = tuple(label_names)
+        self.hook_name = hook_name
+        self.layer, self.hook_kind = parse_resid_hook(hook_name)
+        self.model_info = dict(model)
+        self.method = method
+        self.source = dict(source or {})
+
+    def __repr__(self) -> str:
+        return (f"SteeringVectors({self.method}, hook={self.hook_name!r}, labels={list(self.label_names)}, "
+                f"model={self.model_info.get('model')!r})")
+
+    @classmethod
+    def fit(cls, acts: Activations, layer: int, *, kind: str = "resid_post", method: str = "mean_diff") -> SteeringVectors:
+        """Per-label vectors from labelled activations (rows with label ``-1`` are ignored)."""
+        if method not in VECTOR_METHODS:
+            raise ValueError(f"unknown method {method!r}; use one of {VECTOR_METHODS}")
+        x = acts.at(layer, kind).float()
+        labels = acts.labels
+        keep = labels >= 0
+        x, labels = x[keep], labels[keep]
+        if len(labels) == 0:
+            raise ValueError("no labelled rows to compute steering vectors from")
+        vecs = []
+        overall = x.mean(0)
+        for k, name in enumerate(acts.label_names):
+            sel = labels == k
+            if not sel.any():
+                raise ValueError(f"label {name!r} has no rows; cannot compute its vector")
+            if method == "mean_diff":
+                if (~sel).sum() == 0:
+                    raise ValueError("mean_diff needs rows of at least two labels")
+                vecs.append(x[sel].mean(0) - x[~sel].mean(0))
+            else:
+                vecs.append(x[sel].mean(0) - overall)
+        source = {"dataset": acts.meta.get("dataset"), "split": acts.meta.get("split"),
+                  "mode": acts.meta.get("collect", {}).get("mode"), "n_rows": int(len(labels))}
+        return cls(torch.stack(vecs), label_names=acts.label_names, hook_name=resid_hook(layer, kind),
+                   model=acts.meta.get("model", {}), method=method, source=source)
+
+    def indices(self, names: Sequence[str]) -> list[int]:
+        unknown = [n for n in names if n not in self.label_names]
+        if unknown:
+            raise LabelError(f"unknown label(s) {unknown}; these vectors know {list(self.label_names)}")
+        return [self.label_names.index(n) for n in names]
+
+    def combine(self, target: Sequence[str] = (), avoid: Sequence[str] = (), *, how: str = "mean",
+                normalize: bool = False) -> Float[torch.Tensor, " d_model"]:
+        """One vector for a target/avoid combination (see the module docstring)."""
+        if how not in CAA_COMBINES:
+            raise ValueError(f"unknown combine {how!r}; use one of {CAA_COMBINES}")
+        t = self.indices(target)
+        a = self.indices(avoid)
+        v = torch.zeros(self.vectors.shape[1])
+        reduce = torch.mean if how == "mean" else torch.sum
+        if t:
+            v = v + reduce(self.vectors[t], dim=0)
+        if a:
+            v = v - reduce(self.vectors[a], dim=0)
+        if normalize:
+            n = v.norm()
+            if n == 0:
+                raise ValueError("cannot normalise a zero steering vector")
+            v = v / n
+        return v
+
+    def check_compatible(self, model: Any | None = None) -> None:
+        if model is None:
+            return
+        have = model_signature(model)
+        diffs = [f"{k}: vectors have {self.model_info.get(k)!r}, model has {have[k]!r}"
+                 for k in ("model", "d_model", "n_layers") if self.model_info.get(k) != have[k]]
+        if diffs:
+            raise MetadataMismatchError("steering vectors were made on another model (" + "; ".join(diffs) + ")")
+
+    def save(self, directory: str | Path) -> Path:
+        meta = {"label_names": list(self.label_names), "hook_name": self.hook_name, "layer": self.layer,
+                "model": self.model_info, "method": self.method, "source": self.source,
+                "weights_processed": False}
+        return save_artifact(directory, {"vectors": self.vectors}, meta, kind="steering_vectors")
+
+    @classmethod
+    def load(cls, directory: str | Path, *, model: Any | None = None, hook_name: str | None = None) -> SteeringVectors:
+        tensors, meta = load_artifact(directory, kind="steering_vectors")
+        try:
+            out = cls(tensors["vectors"], label_names=meta["label_names"], hook_name=meta["hook_name"],
+                      model=meta["model"], method=meta.get("method", "mean_diff"), source=meta.get("source"))
+        except KeyError as e:
+            raise StoreError(f"steering vectors at {directory} are missing {e}") from e
+        out.check_compatible(model)
+        if hook_name is not None and hook_name != out.hook_name:
+            raise MetadataMismatchError(f"vectors were made at {out.hook_name!r}, not {hook_name!r}")
+        return out
+
+
+class CAA(Steerer):
+    """Activation addition with :class:`SteeringVectors`: ``x' = x + alpha * v``.
+
+    Args:
+        combine: ``"mean"`` (reference baseline) or ``"sum"`` of the per-label vectors.
+        normalize: rescale the combined vector to unit L2 norm (alpha is then the L2 length added).
+        avoid_mode: ``"subtract"`` (avoid vectors enter the combination with a minus sign) or
+            ``"ablate"`` (project the avoid directions out of ``x``).
+    """
+
+    def __init__(self, vectors: SteeringVectors, *, combine: str = "mean", normalize: bool = False,
+                 avoid_mode: str = "subtract"):
+        if combine not in CAA_COMBINES:
+            raise ValueError(f"unknown combine {combine!r}; use one of {CAA_COMBINES}")
+        if avoid_mode not in ("subtract", "ablate"):
+            raise ValueError("avoid_mode must be 'subtract' or 'ablate'")
+        self.vectors = vectors
+        self.combine = combine
+        self.normalize = normalize
+        self.avoid_mode = avoid_mode
+        self.label_names = vectors.label_names
+
+    def __repr__(self) -> str:
+        return f"CAA(hook={self.hook_name!r}, combine={self.combine!r}, normalize={self.normalize}, avoid_mode={self.avoid_mode!r})"
+
+    @property
+    def hook_name(self) -> str:
+        return self.vectors.hook_name
+
+    def check_model(self, model: object) -> None:
+        self.vectors.check_compatible(model)
+
+    def vector(self, spec: SteeringSpec) -> Float[torch.Tensor, " d_model"]:
+        avoid = spec.avoid if self.avoid_mode == "subtract" else ()
+        if not spec.target and not avoid:
+            return torch.zeros(self.vectors.vectors.shape[1])
+        return self.vectors.combine(spec.target, avoid, how=self.combine, normalize=self.normalize)
+
+    def transform(self, spec: SteeringSpec) -> Transform:
+        v = self.vector(spec)
+        basis = None
+        if self.avoid_mode == "ablate" and spec.avoid:
+            a = self.vectors.vectors[self.vectors.indices(spec.avoid)]
+            basis, _ = torch.linalg.qr(a.T)  # [d, m] orthonormal columns
+        alpha = spec.alpha
+        cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+        def f(x: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_model"]:
+            key = (x.device, x.dtype)
+            if key not in cache:
+                cache[key] = ((alpha * v).to(device=x.device, dtype=x.dtype),
+                              None if basis is None else basis.to(device=x.device, dtype=torch.float32))
+            add, q = cache[key]
+            if q is not None:
+                xf = x.float()
+                x = (xf - (xf @ q) @ q.T).to(x.dtype)
+            return x + add
+
+        return f

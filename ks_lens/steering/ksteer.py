@@ -1,0 +1,303 @@
+"""K-Steering: gradient steps on activations against a behaviour probe.
+
+For a probe with raw logits ``f(x)``, the reference objective is
+
+    L(x) = mean_{a in avoid} f_a(x) - mean_{t in target} f_t(x),     x' = x - alpha * grad_x L(x).
+
+**Per-token, per-example gradients.** Every steered token's activation gets its own gradient of
+its own loss: the loss is *summed* over tokens and examples, never averaged. The reference code
+averaged logits over all positions (padding included) and over the batch, so its effective step
+was ``alpha / (batch * seq_len)``: prompts were pushed far less than cached decode steps, and
+alpha changed meaning with batch size. Here alpha means the same thing for any batch size,
+prompt length or KV-cache step.
+
+Options (all documented in ``docs/steering.md``):
+
+``steps``, ``decay``
+    several steps, step ``k`` uses ``alpha * decay**k`` and a fresh gradient (paper Algorithm 1).
+``step_norm``
+    ``None`` (raw gradient; alpha is in logit-per-activation units), ``"unit"`` (each step has
+    L2 norm ``alpha``) or ``"relative"`` (each step has norm ``alpha * |x|``).
+``objective``
+    ``"logits"`` (the reference), ``"logsigmoid"`` (maximise ``log p`` of targets and
+    ``log(1 - p)`` of avoids: saturated labels stop pulling), ``"softmin"`` (maximise a smooth
+    minimum of the target logits: the weakest target pulls hardest).
+``combine``
+    ``"sum"`` (the gradient of the total loss), ``"balanced"`` (each label's gradient rescaled to
+    the labels' mean gradient norm before summing) or ``"pcgrad"`` (the component of one label's
+    gradient that opposes another's is projected out first, PCGrad-style).
+
+All objectives are written as ``grad L = sum_l c_l(x) grad f_l(x)`` with per-token coefficients
+``c_l`` (see :func:`label_coefficients`), so per-label gradients come from one batched
+vector-Jacobian product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+
+from ks_lens.probes import Probe
+from ks_lens.steering.base import Steerer, SteeringSpec, Transform
+
+Objective = Literal["logits", "logsigmoid", "softmin"]
+Combine = Literal["sum", "balanced", "pcgrad"]
+StepNorm = Literal["unit", "relative"]
+OBJECTIVES: tuple[str, ...] = ("logits", "logsigmoid", "softmin")
+COMBINES: tuple[str, ...] = ("sum", "balanced", "pcgrad")
+STEP_NORMS: tuple[str | None, ...] = (None, "unit", "relative")
+_EPS = 1e-12
+
+
+def label_coefficients(
+    logits: Float[torch.Tensor, "n k"], target: Sequence[int], avoid: Sequence[int], objective: str = "logits",
+    temperature: float = 1.0,
+) -> Float[torch.Tensor, "n k"]:
+    """Per-token ``c_l`` with ``grad_x L = sum_l c_l * grad_x f_l`` (zero for uninvolved labels)."""
+    c = torch.zeros_like(logits)
+    t = list(target)
+    a = list(avoid)
+    if objective == "logits":
+        if t:
+            c[:, t] = -1.0 / len(t)
+        if a:
+            c[:, a] = 1.0 / len(a)
+    elif objective == "logsigmoid":
+        if t:
+            c[:, t] = -(1.0 - torch.sigmoid(logits[:, t])) / len(t)
+        if a:
+            c[:, a] = torch.sigmoid(logits[:, a]) / len(a)
+    elif objective == "softmin":
+        if t:
+            c[:, t] = -torch.softmax(-logits[:, t] / temperature, dim=-1)
+        if a:
+            c[:, a] = 1.0 / len(a)
+    else:
+        raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+    return c
+
+
+def objective_value(logits: Float[torch.Tensor, "n k"], target: Sequence[int], avoid: Sequence[int],
+                    objective: str = "logits", temperature: float = 1.0) -> Float[torch.Tensor, " n"]:
+    """The per-token loss ``L`` whose gradient :func:`label_coefficients` describes (lower is better)."""
+    t = list(target)
+    a = list(avoid)
+    zero = logits.new_zeros(logits.shape[0])
+    if objective == "logits":
+        lt = logits[:, t].mean(-1) if t else zero
+        la = logits[:, a].mean(-1) if a else zero
+        return la - lt
+    if objective == "logsigmoid":
+        lt = torch.nn.functional.softplus(-logits[:, t]).mean(-1) if t else zero
+        la = torch.nn.functional.softplus(logits[:, a]).mean(-1) if a else zero
+        return lt + la
+    if objective == "softmin":
+        lt = temperature * torch.logsumexp(-logits[:, t] / temperature, dim=-1) if t else zero
+        la = logits[:, a].mean(-1) if a else zero
+        return lt + la
+    raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+
+
+def _grad_context():
+    """Gradients inside hooks: generation runs under no_grad, maybe inference_mode."""
+    return torch.inference_mode(False), torch.enable_grad()
+
+
+def probe_gradients(probe: Probe, x: Float[torch.Tensor, "n d_model"], labels: Sequence[int],
+                    weights: Float[torch.Tensor, "n m"] | None = None) -> tuple[Float[torch.Tensor, "m n d_model"], Float[torch.Tensor, "n k"]]:
+    """Per-token gradients ``w_l * grad_x f_l(x)`` for each label in ``labels`` (one batched VJP).
+
+    Returns the gradients ``[m, n, d]`` and the logits ``[n, K]`` at ``x``.
+    """
+    inf_off, grad_on = _grad_context()
+    with inf_off, grad_on:
+        xg = x.detach().clone().requires_grad_(True)
+        logits = probe(xg)
+        m = len(labels)
+        if m == 0:
+            return x.new_zeros(0, *x.shape), logits.detach()
+        go = logits.new_zeros(m, *logits.shape)
+        for i, lab in enumerate(labels):
+            go[i, :, lab] = 1.0 if weights is None else weights[:, i]
+        (g,) = torch.autograd.grad(logits, xg, grad_outputs=go, is_grads_batched=True)
+    return g.detach(), logits.detach()
+
+
+def combine_gradients(per_label: Float[torch.Tensor, "m n d"], how: str = "sum") -> Float[torch.Tensor, "n d"]:
+    """Combine per-label gradient contributions (already multiplied by their coefficients)."""
+    if per_label.shape[0] == 0:
+        raise ValueError("no label gradients to combine")
+    if how == "sum":
+        return per_label.sum(0)
+    if how == "balanced":
+        norms = per_label.norm(dim=-1, keepdim=True)  # [m, n, 1]
+        scale = norms.mean(0, keepdim=True)
+        return (per_label / norms.clamp(min=_EPS) * scale).sum(0)
+    if how == "pcgrad":
+        out = per_label.clone()
+        m = per_label.shape[0]
+        for i in range(m):
+            gi = out[i]
+            for j in range(m):
+                if i == j:
+                    continue
+                gj = per_label[j]
+                dot = (gi * gj).sum(-1, keepdim=True)
+                coef = torch.where(dot < 0, dot / (gj * gj).sum(-1, keepdim=True).clamp(min=_EPS), torch.zeros_like(dot))
+                gi = gi - coef * gj
+            out[i] = gi
+        return out.sum(0)
+    raise ValueError(f"unknown combine {how!r}; use one of {COMBINES}")
+
+
+def normalise_step(g: Float[torch.Tensor, "n d"], x: Float[torch.Tensor, "n d"], how: str | None) -> Float[torch.Tensor, "n d"]:
+    if how is None:
+        return g
+    unit = g / g.norm(dim=-1, keepdim=True).clamp(min=_EPS)
+    if how == "unit":
+        return unit
+    if how == "relative":
+        return unit * x.norm(dim=-1, keepdim=True)
+    raise ValueError(f"unknown step_norm {how!r}; use one of {STEP_NORMS}")
+
+
+class KSteering(Steerer):
+    """K-Steering with a trained :class:`~ks_lens.probes.Probe` (see the module docstring).
+
+    Example::
+
+        ks = KSteering(probe, steps=3, decay=0.95)
+        with ks.steer(model, target=["casual", "concise"], avoid=["expert"], alpha=4.0):
+            gen = ks_lens.generate(model, ["How do I boil an egg?"])
+    """
+
+    def __init__(self, probe: Probe, *, steps: int = 1, decay: float = 0.95, step_norm: str | None = None,
+                 objective: str = "logits", combine: str = "sum", temperature: float = 1.0):
+        if not isinstance(probe, Probe):
+            raise TypeError(f"KSteering needs a ks_lens Probe, got {type(probe).__name__}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError("steps must be a positive int")
+        if not 0 < decay <= 1:
+            raise ValueError("decay must be in (0, 1]")
+        if step_norm not in STEP_NORMS:
+            raise ValueError(f"unknown step_norm {step_norm!r}; use one of {STEP_NORMS}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+        if combine not in COMBINES:
+            raise ValueError(f"unknown combine {combine!r}; use one of {COMBINES}")
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        self.probe = probe
+        self.steps = steps
+        self.decay = float(decay)
+        self.step_norm = step_norm
+        self.objective = objective
+        self.combine = combine
+        self.temperature = float(temperature)
+        self.label_names = probe.label_names
+
+    def __repr__(self) -> str:
+        return (f"KSteering(hook={self.hook_name!r}, steps={self.steps}, decay={self.decay}, "
+                f"step_norm={self.step_norm!r}, objective={self.objective!r}, combine={self.combine!r})")
+
+    @property
+    def hook_name(self) -> str:
+        return self.probe.hook_name
+
+    def check_model(self, model: object) -> None:
+        self.probe.check_compatible(model)
+
+    def direction(self, x: Float[torch.Tensor, "n d_model"], spec: SteeringSpec) -> Float[torch.Tensor, "n d_model"]:
+        """``grad_x L`` at ``x`` as combined by ``self.combine`` (before step normalisation)."""
+        t = self.probe.label_indices(spec.target)
+        a = self.probe.label_indices(spec.avoid)
+        labels = t + a
+        if self.combine == "sum":
+            with torch.no_grad():
+                logits = self.probe(x)
+            c = label_coefficients(logits, t, a, self.objective, self.temperature)
+            inf_off, grad_on = _grad_context()
+            with inf_off, grad_on:
+                xg = x.detach().clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(self.probe(xg), xg, grad_outputs=c)
+            return g.detach()
+        with torch.no_grad():
+            logits = self.probe(x)
+        c = label_coefficients(logits, t, a, self.objective, self.temperature)[:, labels]
+        per_label, _ = probe_gradients(self.probe, x, labels, weights=c)
+        return combine_gradients(per_label, self.combine)
+
+    def trajectory(self, x: Float[torch.Tensor, "n d_model"], spec: SteeringSpec) -> list[Float[torch.Tensor, "n d_model"]]:
+        """``[x_0, x_1, ..., x_steps]``: the activation after each step (for analysis)."""
+        p = self.probe.mean
+        xs = [x.detach().to(device=p.device, dtype=p.dtype)]
+        for k in range(self.steps):
+            cur = xs[-1]
+            step = normalise_step(self.direction(cur, spec), cur, self.step_norm)
+            xs.append(cur - spec.alpha * self.decay**k * step)
+        return xs
+
+    def transform(self, spec: SteeringSpec) -> Transform:
+        probe_ref = self.probe.mean
+
+        def f(x: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_model"]:
+            xf = x.detach().to(device=probe_ref.device, dtype=probe_ref.dtype)
+            cur = xf
+            for k in range(self.steps):
+                step = normalise_step(self.direction(cur, spec), cur, self.step_norm)
+                cur = cur - spec.alpha * self.decay**k * step
+            delta = (cur - xf).to(device=x.device, dtype=x.dtype)
+            return x + delta
+
+        return f
+
+
+class KProjection(Steerer):
+    """Avoid-only projection removal (paper Algorithm 2).
+
+    ``g = grad_x mean_{a in avoid} f_a(x)``; ``x' = x - c * (x . g / |g|^2) g`` with
+    ``c = 2 * alpha`` for ``how="reflect"`` and ``c = alpha`` for ``how="remove"``: at
+    ``alpha = 1`` a reflection across, or a projection onto, the hyperplane orthogonal to the
+    avoid gradient. Targets are not allowed.
+    """
+
+    def __init__(self, probe: Probe, *, how: str = "reflect"):
+        if how not in ("reflect", "remove"):
+            raise ValueError("how must be 'reflect' or 'remove'")
+        self.probe = probe
+        self.how = how
+        self.label_names = probe.label_names
+
+    @property
+    def hook_name(self) -> str:
+        return self.probe.hook_name
+
+    def check_model(self, model: object) -> None:
+        self.probe.check_compatible(model)
+
+    def spec(self, target=None, avoid=None, alpha: float = 1.0) -> SteeringSpec:  # type: ignore[override]
+        s = super().spec(target, avoid, alpha)
+        if s.target:
+            from ks_lens.errors import LabelError
+
+            raise LabelError("projection removal is avoid-only: pass avoid labels and no target")
+        return s
+
+    def transform(self, spec: SteeringSpec) -> Transform:
+        a = self.probe.label_indices(spec.avoid)
+        coef = spec.alpha * (2.0 if self.how == "reflect" else 1.0)
+        probe_ref = self.probe.mean
+
+        def f(x: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_model"]:
+            xf = x.detach().to(device=probe_ref.device, dtype=probe_ref.dtype)
+            w = xf.new_full((xf.shape[0], len(a)), 1.0 / len(a))
+            per, _ = probe_gradients(self.probe, xf, a, weights=w)
+            g = per.sum(0)
+            proj = (xf * g).sum(-1, keepdim=True) / (g * g).sum(-1, keepdim=True).clamp(min=_EPS)
+            delta = (-coef * proj * g).to(device=x.device, dtype=x.dtype)
+            return x + delta
+
+        return f

@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny random-weight Llama (built in-process) and a small behaviour dataset."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import ks_lens as ks
+from ks_lens.activations import collect_activations
+from ks_lens.datasets import Behaviour, BehaviourDataset, Question
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return ks.load_model("tiny-random-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset() -> BehaviourDataset:
+    behaviours = (
+        Behaviour("alpha", "Answer like a pirate, with many arrs and nautical words."),
+        Behaviour("beta", "Be brief."),
+        Behaviour("gamma", "Answer with great care, explaining every risk in detail before anything else."),
+    )
+    questions = tuple(
+        Question(f"q{i:02d}", text, cat)
+        for i, (text, cat) in enumerate([
+            ("How do I boil an egg?", "food"),
+            ("What is the tallest mountain?", "facts"),
+            ("Why is the sky blue?", "science"),
+            ("How can I learn to juggle three balls?", "hobby"),
+            ("What should I pack for a beach trip?", "travel"),
+            ("How do plants make food from sunlight?", "science"),
+            ("What is a good way to start running?", "hobby"),
+            ("Which spices go well with lentils?", "food"),
+            ("How long does it take light to reach Earth from the Sun?", "facts"),
+            ("What are tips for a long train journey?", "travel"),
+            ("How do I keep basil alive indoors?", "food"),
+            ("What causes ocean tides?", "science"),
+        ])
+    )
+    return BehaviourDataset("tiny", behaviours, questions)
+
+
+@pytest.fixture(scope="session")
+def tiny_acts(tiny_model, tiny_dataset):
+    return collect_activations(tiny_model, tiny_dataset, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_probe(tiny_acts):
+    from ks_lens.probes import ProbeConfig, train_probe
+
+    return train_probe(tiny_acts, 2, config=ProbeConfig(epochs=10, hidden=32, val_fraction=0.25))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model (SmolLM2-135M-Instruct); converted once into the ks-lens cache."""
+    return ks.load_model("default")

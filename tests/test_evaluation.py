@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import ks_lens as ks
+from ks_lens.comparison import ComparisonConfig, label_combinations, run_comparison, spread, summarise
+from ks_lens.evaluation import (
+    VanishRule,
+    calibrate_alpha,
+    distinct_n,
+    generate_and_score,
+    kl_divergence,
+    kl_metric,
+    readout,
+)
+from ks_lens.probes import Probe, ProbeConfig
+from ks_lens.steering import CAA, SteeringSpec, SteeringVectors
+
+
+def _linear_probe(w: torch.Tensor, b: torch.Tensor, hook: str, labels=("alpha", "beta", "gamma")) -> Probe:
+    d = w.shape[0]
+    return Probe([(w, b)], torch.zeros(d), torch.ones(d), label_names=labels, hook_name=hook,
+                 model={"model": "tiny-random-llama", "d_model": d, "n_layers": 4}, config=ProbeConfig(kind="linear"))
+
+
+def test_readout_matches_hand_computed_probability(tiny_model, tiny_acts):
+    """Evaluator = a hand-built linear probe at the steering hook; CAA adds alpha*v there, so the
+    expected probability is sigmoid(w . (x + alpha v) + b), with x from a plain forward pass."""
+    hook = "blocks.2.hook_resid_post"
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 3, generator=g)
+    b = torch.tensor([0.1, -0.2, 0.3])
+    probe = _linear_probe(w, b, hook)
+    vec = SteeringVectors.fit(tiny_acts, 2)
+    prompts = ["hello?", "what is the weather like?", "tell me a story?"]
+    batch = ks.tokenize_chat(tiny_model, prompts)
+    _, cache = tiny_model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask, names_filter=[hook])
+    x = cache[hook][:, -1]
+    r0 = readout(tiny_model, prompts, probe=probe)
+    torch.testing.assert_close(r0.probs, torch.sigmoid(x @ w + b), atol=1e-5, rtol=1e-5)
+    r1 = readout(tiny_model, prompts, probe=probe, steering=(CAA(vec), SteeringSpec(("beta",), (), 3.0)), batch_size=2)
+    torch.testing.assert_close(r1.probs, torch.sigmoid((x + 3.0 * vec.vectors[1]) @ w + b), atol=1e-5, rtol=1e-5)
+
+
+def test_kl_metric_is_zero_at_zero_and_increasing(tiny_model, tiny_acts):
+    vec = SteeringVectors.fit(tiny_acts, 2)
+    prompts = ["hello?", "why?"]
+    metric = kl_metric(tiny_model, CAA(vec), [SteeringSpec(("beta",), (), 1.0)], prompts)
+    assert metric(0.0) == pytest.approx(0.0, abs=1e-6)
+    vals = [metric(a) for a in (1.0, 10.0, 100.0)]
+    assert vals[0] < vals[1] < vals[2]
+    p = torch.log_softmax(torch.tensor([[1.0, 2.0, 0.5]]), -1)
+    assert float(kl_divergence(p, p)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_calibration_finds_largest_alpha_within_budget():
+    cal = calibrate_alpha(lambda a: a**2, 4.0, alpha0=1.0, factor=4.0, bisect_steps=6)
+    assert cal.alpha**2 <= 4.0
+    assert cal.alpha >= 2.0 / 4.0 ** (1 / 2**6)
+    assert all(a > 0 for a, _ in cal.evaluations)
+    down = calibrate_alpha(lambda a: a, 0.01, alpha0=10.0)
+    assert down.alpha <= 0.01 and down.alpha > 0.01 / 4
+    capped = calibrate_alpha(lambda a: 0.0 * a, 1.0, max_expand=3)
+    assert capped.alpha == 64.0 and "search limit" in capped.note
+    never = calibrate_alpha(lambda a: 5.0, 1.0, max_expand=2)
+    assert never.alpha == 0.0 and "steering off" in never.note
+    with pytest.raises(ValueError, match="budget must be positive"):
+        calibrate_alpha(lambda a: a, 0.0)
+
+
+def test_vanish_rule():
+    rule = VanishRule(near=0.05, rise=0.1)
+    assert rule.vanished({"a": 0.3, "b": 0.01, "c": 0.2}, ["a", "b", "c"]) == ["b"]
+    assert rule.vanished({"a": 0.05, "b": 0.01}, ["a", "b"]) == []  # nothing rose
+    assert rule.vanished({"a": 0.5}, ["a"]) == []  # single target
+    assert rule.vanished({"a": 0.3, "b": 0.06}, ["a", "b"]) == []
+
+
+def test_distinct_n():
+    assert distinct_n("a b a b a b") == pytest.approx(2 / 5)
+    assert distinct_n("one two three") == 1.0
+    assert math.isnan(distinct_n("single"))
+
+
+def test_generation_scores_unsteered_kl_is_zero_and_nll_is_correct(tiny_model, tiny_probe):
+    qs = ["hello?", "what is a cat?", "why?"]
+    s = generate_and_score(tiny_model, qs, response_probe=tiny_probe, max_new_tokens=5, batch_size=2)
+    assert len(s.texts) == 3 and s.probs.shape == (3, 3)
+    for k in s.kl:
+        assert math.isnan(k) or abs(k) < 1e-4
+    # NLL of the first answer by hand
+    tok = tiny_model.tokenizer
+    head = tok(ks.format_chat(tok, ks.ChatPrompt(qs[0])), add_special_tokens=False)["input_ids"]
+    ans = s.answer_ids[0]
+    assert ans, "tiny model should produce tokens"
+    logits = tiny_model(torch.tensor([head + ans]))
+    lp = torch.log_softmax(logits[0, len(head) - 1 : -1], -1)
+    nll = float(-lp.gather(-1, torch.tensor(ans)[:, None]).mean())
+    assert s.nll[0] == pytest.approx(nll, rel=1e-4)
+    assert s.perplexity > 1.0
+
+
+def test_combinations_and_spread():
+    combos = label_combinations(["a", "b", "c", "d"], (1, 2, 3))
+    assert len(combos) == 4 + 6 + 4
+    assert spread(list(range(10)), 3) == [0, 3, 6]
+    assert spread([1, 2], None) == [1, 2]
+    with pytest.raises(ValueError, match="impossible"):
+        label_combinations(["a"], (2,))
+
+
+def test_run_comparison_schema_on_tiny(tiny_model, tiny_acts, tiny_probe):
+    vec = SteeringVectors.fit(tiny_acts, 2)
+    from ks_lens.probes import train_probe
+
+    evaluator = train_probe(tiny_acts, 3, config=ProbeConfig(hidden=16, epochs=3, seed=1))
+    cfg = ComparisonConfig(kl_budget=0.01, gen_combos_per_size=1, act_combos_per_size=2, max_new_tokens=3)
+    res = run_comparison(tiny_model, probe=tiny_probe, vectors=vec, evaluator=evaluator, response_evaluator=tiny_probe,
+                         calib_questions=["hi?", "yo?"], eval_questions=["a?", "b?"], gen_questions=["c?"], config=cfg,
+                         progress=False, log=lambda s: None)
+    json.dumps(res)
+    assert set(res["alpha"]) == {"caa_mean", "caa_sum", "ksteer", "ksteer_multistep"}
+    methods = {e["method"] for e in res["activation_eval"]}
+    assert methods == {"unsteered", "caa_mean", "caa_sum", "ksteer", "ksteer_multistep"}
+    assert len(res["activation_eval"]) == (2 + 2 + 1) * 5  # 3 labels: sizes give 3, 3, 1 combos -> 2, 2, 1
+    for e in res["activation_eval"] + res["generation_eval"]:
+        for key in ("targets", "avoid", "method", "mean_target_prob", "per_label_prob", "vanished"):
+            assert key in e
+        assert isinstance(e["vanished"], bool)
+    for e in res["generation_eval"]:
+        for key in ("perplexity", "distinct2", "kl", "examples"):
+            assert key in e
+    rows = summarise(res)
+    assert {r["k"] for r in rows} == {1, 2, 3}
+    with pytest.raises(ValueError, match="unknown method"):
+        run_comparison(tiny_model, probe=tiny_probe, vectors=vec, evaluator=evaluator, response_evaluator=None,
+                       calib_questions=["x?"], eval_questions=["y?"], gen_questions=[],
+                       config=ComparisonConfig(methods=("magic",)), progress=False)
+    with pytest.raises(ValueError, match="at or after the steering layer"):
+        run_comparison(tiny_model, probe=evaluator, vectors=vec, evaluator=tiny_probe, response_evaluator=None,
+                       calib_questions=["x?"], eval_questions=["y?"], gen_questions=[], progress=False)

