@@ -90,7 +90,9 @@ class Activations:
         if layer < 0:
             layer = self.meta.get("model", {}).get("n_layers", 0) + layer
         if layer not in self.layers:
-            raise StoreError(f"layer {layer} was not collected; collected layers: {list(self.layers)}")
+            raise StoreError(
+                f"layer {layer} was not collected; collected layers: {list(self.layers)}"
+            )
         return self.acts[kind][:, self.layers.index(layer)]
 
     def one_hot(self) -> Float[torch.Tensor, "n k"]:
@@ -116,8 +118,15 @@ class Activations:
         return self.select([i for i, q in enumerate(self.question_ids) if q in keep])
 
     def to(self, device: torch.device | str) -> Activations:
-        return Activations({k: v.to(device) for k, v in self.acts.items()}, self.layers,
-                           self.labels.to(device), self.label_names, self.question_ids, self.texts, self.meta)
+        return Activations(
+            {k: v.to(device) for k, v in self.acts.items()},
+            self.layers,
+            self.labels.to(device),
+            self.label_names,
+            self.question_ids,
+            self.texts,
+            self.meta,
+        )
 
 
 # ----------------------------------------------------------------------------- planning rows
@@ -189,6 +198,7 @@ def capture_batch(
                 store[i] = torch.einsum("bp,bpd->bd", weights.to(act.device), act.detach().float())
             if i == last:
                 raise _StopCapture
+
         return hook
 
     fwd_hooks = [(name, make_hook(i)) for i, name in enumerate(hook_names)]
@@ -233,20 +243,37 @@ class CollectSpec:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be positive")
         n = int(model.cfg.n_layers)
-        layers = tuple(range(n)) if self.layers is None else tuple(sorted({check_layer(model, int(x)) for x in self.layers}))
+        layers = (
+            tuple(range(n))
+            if self.layers is None
+            else tuple(sorted({check_layer(model, int(x)) for x in self.layers}))
+        )
         if not layers:
             raise ValueError("layers must not be empty")
-        return CollectSpec(self.mode, layers, tuple(dict.fromkeys(self.hook_kinds)), self.position,
-                           self.batch_size, self.max_new_tokens, self.seed)
+        return CollectSpec(
+            self.mode,
+            layers,
+            tuple(dict.fromkeys(self.hook_kinds)),
+            self.position,
+            self.batch_size,
+            self.max_new_tokens,
+            self.seed,
+        )
 
     def hook_names(self) -> list[str]:
         assert self.layers is not None
         return [resid_hook(layer, kind) for kind in self.hook_kinds for layer in self.layers]
 
     def to_json(self) -> dict[str, Any]:
-        return {"mode": self.mode, "layers": list(self.layers or ()), "hook_kinds": list(self.hook_kinds),
-                "position": self.position, "batch_size": self.batch_size,
-                "max_new_tokens": self.max_new_tokens, "seed": self.seed}
+        return {
+            "mode": self.mode,
+            "layers": list(self.layers or ()),
+            "hook_kinds": list(self.hook_kinds),
+            "position": self.position,
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+        }
 
 
 @dataclass
@@ -260,24 +287,38 @@ class _Chunk:
 Responses = Mapping[tuple[str, int], Sequence[int]]
 
 
-def _collect_chunk(model: Any, rows: Sequence[Row], spec: CollectSpec, *, responses: Responses | None,
-                   seed_offset: int) -> _Chunk:
+def _collect_chunk(
+    model: Any,
+    rows: Sequence[Row],
+    spec: CollectSpec,
+    *,
+    responses: Responses | None,
+    seed_offset: int,
+) -> _Chunk:
     tok = model.tokenizer
     device = model_device(model)
     names = spec.hook_names()
     answers: list[list[int] | None] = [None] * len(rows)
     texts: list[str | None] = [None] * len(rows)
     if spec.mode in ("response", "response-only"):
-        need = [i for i, r in enumerate(rows) if responses is None or (r.question_id, r.label) not in responses]
+        need = [
+            i
+            for i, r in enumerate(rows)
+            if responses is None or (r.question_id, r.label) not in responses
+        ]
         for i, r in enumerate(rows):
             if responses is not None and (r.question_id, r.label) in responses:
                 answers[i] = list(responses[(r.question_id, r.label)])
-        gen_prompts = {i: _encode_ids(tok, ChatPrompt(rows[i].question, rows[i].system)) for i in need}
+        gen_prompts = {
+            i: _encode_ids(tok, ChatPrompt(rows[i].question, rows[i].system)) for i in need
+        }
         order = sorted(need, key=lambda i: (len(gen_prompts[i]), i))
         for b, start in enumerate(range(0, len(order), spec.batch_size)):
             idx = order[start : start + spec.batch_size]
             batch = left_pad([gen_prompts[i] for i in idx], tok.pad_token_id, device)
-            res = generate_from_batch(model, batch, max_new_tokens=spec.max_new_tokens, seed=spec.seed + seed_offset + b)
+            res = generate_from_batch(
+                model, batch, max_new_tokens=spec.max_new_tokens, seed=spec.seed + seed_offset + b
+            )
             for j, i in enumerate(idx):
                 answers[i] = res.ids[j]
         for i in range(len(rows)):
@@ -302,28 +343,46 @@ def _collect_chunk(model: Any, rows: Sequence[Row], spec: CollectSpec, *, respon
         rs = torch.tensor([min(starts[i], len(seqs[i]) - 1) for i in idx], device=device)
         out[idx] = capture_batch(model, batch, names, response_start=rs, position=spec.position)
     n_layers = len(spec.layers or ())
-    acts = {kind: out[:, k * n_layers : (k + 1) * n_layers].contiguous() for k, kind in enumerate(spec.hook_kinds)}
+    acts = {
+        kind: out[:, k * n_layers : (k + 1) * n_layers].contiguous()
+        for k, kind in enumerate(spec.hook_kinds)
+    }
     return _Chunk(acts, list(rows), texts, answers)
 
 
-def _chunks(model: Any, rows: Sequence[Row], spec: CollectSpec, chunk_rows: int, start_row: int,
-            responses: Responses | None, progress: bool, desc: str) -> Iterator[tuple[int, _Chunk]]:
+def _chunks(
+    model: Any,
+    rows: Sequence[Row],
+    spec: CollectSpec,
+    chunk_rows: int,
+    start_row: int,
+    responses: Responses | None,
+    progress: bool,
+    desc: str,
+) -> Iterator[tuple[int, _Chunk]]:
     bar = tqdm(total=len(rows), initial=start_row, desc=desc, unit="row", disable=not progress)
     try:
         for lo in range(start_row, len(rows), chunk_rows):
-            chunk = _collect_chunk(model, rows[lo : lo + chunk_rows], spec, responses=responses, seed_offset=lo)
+            chunk = _collect_chunk(
+                model, rows[lo : lo + chunk_rows], spec, responses=responses, seed_offset=lo
+            )
             bar.update(len(chunk.rows))
             yield lo, chunk
     finally:
         bar.close()
 
 
-def _base_meta(model: Any, dataset: BehaviourDataset, spec: CollectSpec, split: str | None,
-               n_rows: int) -> dict[str, Any]:
+def _base_meta(
+    model: Any, dataset: BehaviourDataset, spec: CollectSpec, split: str | None, n_rows: int
+) -> dict[str, Any]:
     return {
         "model": model_signature(model),
-        "dataset": {"name": dataset.name, "hash": dataset.content_hash(), "labels": list(dataset.labels),
-                    "n_questions": len(dataset.questions)},
+        "dataset": {
+            "name": dataset.name,
+            "hash": dataset.content_hash(),
+            "labels": list(dataset.labels),
+            "n_questions": len(dataset.questions),
+        },
         "split": split,
         "collect": spec.to_json(),
         "hook_names": spec.hook_names(),
@@ -351,17 +410,32 @@ def collect_activations(
     ``responses`` maps ``(question_id, label_index)`` to answer token ids, to reuse answers
     generated earlier (e.g. by a ``response`` collection) for ``response-only``.
     """
-    spec = CollectSpec(mode, None if layers is None else tuple(layers), tuple(hook_kinds), position,
-                       batch_size, max_new_tokens, seed).validate(model)
+    spec = CollectSpec(
+        mode,
+        None if layers is None else tuple(layers),
+        tuple(hook_kinds),
+        position,
+        batch_size,
+        max_new_tokens,
+        seed,
+    ).validate(model)
     rows = plan_rows(dataset, spec.mode)
     if not rows:
         raise ValueError("the dataset yields no rows to collect")
-    parts = [c for _, c in _chunks(model, rows, spec, max(256, batch_size), 0, responses, progress,
-                                    f"collect {spec.mode}")]
-    return _assemble(parts, spec, dataset.labels, _base_meta(model, dataset, spec, split, len(rows)))
+    parts = [
+        c
+        for _, c in _chunks(
+            model, rows, spec, max(256, batch_size), 0, responses, progress, f"collect {spec.mode}"
+        )
+    ]
+    return _assemble(
+        parts, spec, dataset.labels, _base_meta(model, dataset, spec, split, len(rows))
+    )
 
 
-def _assemble(parts: Sequence[_Chunk], spec: CollectSpec, label_names: Sequence[str], meta: dict[str, Any]) -> Activations:
+def _assemble(
+    parts: Sequence[_Chunk], spec: CollectSpec, label_names: Sequence[str], meta: dict[str, Any]
+) -> Activations:
     rows = [r for p in parts for r in p.rows]
     texts = [t for p in parts for t in p.texts]
     answers = [a for p in parts for a in p.answer_ids]
@@ -425,18 +499,28 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         c = self.meta["collect"]
-        return (f"ActivationStore({str(self.path)!r}, model={self.meta['model']['model']!r}, mode={c['mode']!r}, "
-                f"rows={self.n_rows_done}/{self.meta['n_rows']}, layers={len(self.layers)}, "
-                f"status={self.meta.get('status')!r})")
+        return (
+            f"ActivationStore({str(self.path)!r}, model={self.meta['model']['model']!r}, mode={c['mode']!r}, "
+            f"rows={self.n_rows_done}/{self.meta['n_rows']}, layers={len(self.layers)}, "
+            f"status={self.meta.get('status')!r})"
+        )
 
     # -- validation
     def check_model(self, model: Any) -> None:
         """Refuse use with a model other than the one the activations came from."""
         want = self.meta["model"]
         have = model_signature(model)
-        diffs = [f"{k}: store has {want.get(k)!r}, model has {have[k]!r}" for k in have if want.get(k) != have[k]]
+        diffs = [
+            f"{k}: store has {want.get(k)!r}, model has {have[k]!r}"
+            for k in have
+            if want.get(k) != have[k]
+        ]
         if diffs:
-            raise MetadataMismatchError(f"activation store {self.path} was collected on another model (" + "; ".join(diffs) + ")")
+            raise MetadataMismatchError(
+                f"activation store {self.path} was collected on another model ("
+                + "; ".join(diffs)
+                + ")"
+            )
 
     def verify(self) -> None:
         """Check every listed shard's files, sizes and checksums."""
@@ -444,18 +528,27 @@ class ActivationStore:
             for key in ("tensors", "rows_file"):
                 p = self.path / s[key]["file"]
                 if not p.is_file():
-                    raise StoreError(f"shard file missing: {p}; recollect with the same command (it resumes)")
+                    raise StoreError(
+                        f"shard file missing: {p}; recollect with the same command (it resumes)"
+                    )
                 if p.stat().st_size != s[key]["bytes"]:
                     raise StoreError(
                         f"shard file {p} is truncated or corrupt ({p.stat().st_size} bytes, expected "
                         f"{s[key]['bytes']}); delete it and rerun the collection to recollect it"
                     )
                 if sha256_file(p) != s[key]["sha256"]:
-                    raise StoreError(f"shard file {p} does not match its checksum; delete it and rerun the collection")
+                    raise StoreError(
+                        f"shard file {p} does not match its checksum; delete it and rerun the collection"
+                    )
 
     # -- reading
-    def load(self, *, layers: Sequence[int] | None = None, kinds: Sequence[str] | None = None,
-             allow_incomplete: bool = False) -> Activations:
+    def load(
+        self,
+        *,
+        layers: Sequence[int] | None = None,
+        kinds: Sequence[str] | None = None,
+        allow_incomplete: bool = False,
+    ) -> Activations:
         """Load (some layers of) the store into memory, verifying every shard."""
         if not self.complete and not allow_incomplete:
             raise StoreError(
@@ -471,7 +564,9 @@ class ActivationStore:
         want = tuple(all_layers if layers is None else layers)
         for layer in want:
             if layer not in all_layers:
-                raise StoreError(f"layer {layer} is not in the store; it has layers {list(all_layers)}")
+                raise StoreError(
+                    f"layer {layer} is not in the store; it has layers {list(all_layers)}"
+                )
         cols = [all_layers.index(x) for x in want]
         contiguous = cols == list(range(cols[0], cols[0] + len(cols))) if cols else False
         acts: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
@@ -508,8 +603,12 @@ class ActivationStore:
         for s in self.meta["shards"]:
             rows = json.loads((self.path / s["rows_file"]["file"]).read_text())
             if rows.get("answer_ids") is None:
-                raise StoreError(f"{self.path} holds no generated answers (mode {self.meta['collect']['mode']!r})")
-            for q, lab, ids in zip(rows["question_ids"], rows["labels"], rows["answer_ids"], strict=True):
+                raise StoreError(
+                    f"{self.path} holds no generated answers (mode {self.meta['collect']['mode']!r})"
+                )
+            for q, lab, ids in zip(
+                rows["question_ids"], rows["labels"], rows["answer_ids"], strict=True
+            ):
                 out[(q, int(lab))] = ids
         return out
 
@@ -545,22 +644,38 @@ def collect_to_store(
 
     if shard_rows < 1:
         raise ValueError("shard_rows must be positive")
-    spec = CollectSpec(mode, None if layers is None else tuple(layers), tuple(hook_kinds), position,
-                       batch_size, max_new_tokens, seed).validate(model)
+    spec = CollectSpec(
+        mode,
+        None if layers is None else tuple(layers),
+        tuple(hook_kinds),
+        position,
+        batch_size,
+        max_new_tokens,
+        seed,
+    ).validate(model)
     rows = plan_rows(dataset, spec.mode)
     if not rows:
         raise ValueError("the dataset yields no rows to collect")
     out = Path(out)
-    fresh = {"format": STORE_FORMAT, "format_version": 1, "status": "incomplete",
-             **_base_meta(model, dataset, spec, split, len(rows)), "shard_rows": shard_rows,
-             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shards": []}
+    fresh = {
+        "format": STORE_FORMAT,
+        "format_version": 1,
+        "status": "incomplete",
+        **_base_meta(model, dataset, spec, split, len(rows)),
+        "shard_rows": shard_rows,
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "shards": [],
+    }
     meta_path = out / "meta.json"
     if meta_path.exists():
         store = ActivationStore(out)
         old = store.meta
         diffs = [k for k in _RESUME_KEYS if old.get(k) != fresh.get(k)]
         if diffs:
-            detail = "; ".join(f"{k}: stored {old.get(k)!r} vs requested {fresh.get(k)!r}" for k in diffs)
+            detail = "; ".join(
+                f"{k}: stored {old.get(k)!r} vs requested {fresh.get(k)!r}" for k in diffs
+            )
             raise StoreError(
                 f"{out} already holds activations collected with other settings ({detail}). "
                 "Use another --out directory or delete this one."
@@ -572,8 +687,12 @@ def collect_to_store(
         good: list[dict[str, Any]] = []
         for s in old["shards"]:
             try:
-                ok = all((out / s[k]["file"]).is_file() and (out / s[k]["file"]).stat().st_size == s[k]["bytes"]
-                         and sha256_file(out / s[k]["file"]) == s[k]["sha256"] for k in ("tensors", "rows_file"))
+                ok = all(
+                    (out / s[k]["file"]).is_file()
+                    and (out / s[k]["file"]).stat().st_size == s[k]["bytes"]
+                    and sha256_file(out / s[k]["file"]) == s[k]["sha256"]
+                    for k in ("tensors", "rows_file")
+                )
             except OSError:
                 ok = False
             if not ok:
@@ -583,12 +702,23 @@ def collect_to_store(
         meta["shards"] = good
     else:
         if out.exists() and any(out.iterdir()):
-            raise StoreError(f"{out} exists and is not an activation store; choose an empty or new directory")
+            raise StoreError(
+                f"{out} exists and is not an activation store; choose an empty or new directory"
+            )
         meta = fresh
         atomic_write_json(meta_path, meta)
     start = sum(s["rows"][1] - s["rows"][0] for s in meta["shards"])
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    for lo, chunk in _chunks(model, rows, spec, shard_rows, start, responses, progress, f"collect {spec.mode} -> {out.name}"):
+    for lo, chunk in _chunks(
+        model,
+        rows,
+        spec,
+        shard_rows,
+        start,
+        responses,
+        progress,
+        f"collect {spec.mode} -> {out.name}",
+    ):
         idx = lo // shard_rows
         tname = f"shards/shard-{idx:05d}.safetensors"
         rname = f"shards/shard-{idx:05d}.json"
@@ -602,8 +732,13 @@ def collect_to_store(
             rows_json["texts"] = chunk.texts
             rows_json["answer_ids"] = chunk.answer_ids
         atomic_write_json(out / rname, rows_json)
-        meta["shards"].append({"rows": [lo, lo + len(chunk.rows)], "tensors": _shard_record(out, tname),
-                               "rows_file": _shard_record(out, rname)})
+        meta["shards"].append(
+            {
+                "rows": [lo, lo + len(chunk.rows)],
+                "tensors": _shard_record(out, tname),
+                "rows_file": _shard_record(out, rname),
+            }
+        )
         atomic_write_json(meta_path, meta)
     meta["status"] = "complete"
     meta["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

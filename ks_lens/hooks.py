@@ -41,7 +41,9 @@ def check_layer(model: Any, layer: int) -> int:
         raise HookPointError(f"layer must be an int, got {layer!r}")
     n = n_layers(model)
     if not -n <= layer < n:
-        raise HookPointError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
+        raise HookPointError(
+            f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})"
+        )
     return layer % n
 
 

@@ -79,7 +79,9 @@ def read_json(path: str | Path, what: str = "file") -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{what} {path} is not valid JSON ({e}); it is corrupt or truncated") from e
+        raise StoreError(
+            f"{what} {path} is not valid JSON ({e}); it is corrupt or truncated"
+        ) from e
 
 
 def load_safetensors(path: str | Path, what: str = "tensor file") -> dict[str, torch.Tensor]:
@@ -93,7 +95,11 @@ def load_safetensors(path: str | Path, what: str = "tensor file") -> dict[str, t
 
 
 def save_artifact(
-    directory: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], *, kind: str
+    directory: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    *,
+    kind: str,
 ) -> Path:
     """Save ``tensors`` + ``meta`` as an artefact directory of the given ``kind``.
 
@@ -111,19 +117,27 @@ def save_artifact(
         "format_version": 1,
         **dict(meta),
         "versions": versions(),
-        "tensors": {"file": TENSORS_FILE, "bytes": tpath.stat().st_size, "sha256": sha256_file(tpath)},
+        "tensors": {
+            "file": TENSORS_FILE,
+            "bytes": tpath.stat().st_size,
+            "sha256": sha256_file(tpath),
+        },
     }
     atomic_write_json(directory / META_FILE, record)
     return directory
 
 
-def load_artifact(directory: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_artifact(
+    directory: str | Path, *, kind: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load an artefact saved by :func:`save_artifact`, checking its kind, size and checksum."""
     directory = Path(directory)
     if not directory.exists():
         raise StoreError(f"no {kind} found at {directory}")
     if directory.is_file():
-        raise StoreError(f"{directory} is a file; a {kind} is a directory with {META_FILE} and {TENSORS_FILE}")
+        raise StoreError(
+            f"{directory} is a file; a {kind} is a directory with {META_FILE} and {TENSORS_FILE}"
+        )
     meta = read_json(directory / META_FILE, what=f"{kind} metadata")
     if not isinstance(meta, dict) or meta.get("format") != f"ks_lens.{kind}":
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -131,7 +145,10 @@ def load_artifact(directory: str | Path, *, kind: str) -> tuple[dict[str, torch.
     tpath = directory / meta["tensors"]["file"]
     if not tpath.is_file():
         raise StoreError(f"{kind} tensor file missing: {tpath}")
-    if tpath.stat().st_size != meta["tensors"]["bytes"] or sha256_file(tpath) != meta["tensors"]["sha256"]:
+    if (
+        tpath.stat().st_size != meta["tensors"]["bytes"]
+        or sha256_file(tpath) != meta["tensors"]["sha256"]
+    ):
         raise StoreError(
             f"{kind} tensor file {tpath} does not match its recorded checksum; it is corrupt or was "
             "modified after saving. Re-create it."

@@ -60,7 +60,9 @@ def _canonical_name(name: str) -> str | None:
     return None
 
 
-def boot_bridge(hf_model: Any, tokenizer: Any, name: str, *, device: torch.device, dtype: torch.dtype) -> Any:
+def boot_bridge(
+    hf_model: Any, tokenizer: Any, name: str, *, device: torch.device, dtype: torch.dtype
+) -> Any:
     """Wrap an already-loaded HF causal LM in a ``TransformerBridge`` (no hub access).
 
     The HF model is modified in place by TransformerLens (its submodules become hooked
@@ -77,14 +79,17 @@ def boot_bridge(hf_model: Any, tokenizer: Any, name: str, *, device: torch.devic
     bridge.eval()
     bridge.cfg.default_prepend_bos = False
     bridge.tokenizer.padding_side = "left"
-    if getattr(bridge.original_model.generation_config, "pad_token_id", None) is None:
-        bridge.original_model.generation_config.pad_token_id = bridge.tokenizer.pad_token_id
+    gen_cfg: Any = bridge.original_model.generation_config
+    if getattr(gen_cfg, "pad_token_id", None) is None:
+        gen_cfg.pad_token_id = bridge.tokenizer.pad_token_id
     for p in bridge.original_model.parameters():
         p.requires_grad_(False)
     return bridge
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype, gguf_file: str | None = None, local_only: bool = True) -> tuple[Any, Any]:
+def _load_hf_dir(
+    path: Path, dtype: torch.dtype, gguf_file: str | None = None, local_only: bool = True
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"local_files_only": local_only}
@@ -138,7 +143,9 @@ def load_model(
             label = path.stem
         elif path.is_dir():
             if not (path / "config.json").is_file():
-                raise UnknownModelError(f"{path} is a directory but has no config.json; not a HF checkpoint")
+                raise UnknownModelError(
+                    f"{path} is a directory but has no config.json; not a HF checkpoint"
+                )
             hf, tok = _load_hf_dir(path, dt)
             label = path.name
         elif path.exists():
@@ -161,7 +168,9 @@ def load_model(
             )
     try:
         bridge = boot_bridge(hf, tok, label, device=dev, dtype=dt)
-    except Exception as e:  # TransformerLens raises plain ValueError/KeyError for unsupported models
+    except (
+        Exception
+    ) as e:  # TransformerLens raises plain ValueError/KeyError for unsupported models
         raise ModelLoadError(f"TransformerLens could not wrap {name!r}: {e}") from e
     log.info("loaded %s in %.2f s", label, time.perf_counter() - t0)
     return bridge

@@ -53,20 +53,35 @@ class PipelineConfig:
     @classmethod
     def fast(cls, **kw: Any) -> PipelineConfig:
         """A smoke run for CI: every stage on a handful of questions (about a minute)."""
-        base = cls(n_train=16, n_evaluator=12, n_response=6, response_tokens=8, n_calib=4, n_eval=6, n_gen=4,
-                   act_combos_per_size=2, gen_combos_per_size=1, max_new_tokens=8, calib_tokens=6,
-                   calib_bisect_steps=2)
+        base = cls(
+            n_train=16,
+            n_evaluator=12,
+            n_response=6,
+            response_tokens=8,
+            n_calib=4,
+            n_eval=6,
+            n_gen=4,
+            act_combos_per_size=2,
+            gen_combos_per_size=1,
+            max_new_tokens=8,
+            calib_tokens=6,
+            calib_bisect_steps=2,
+        )
         return replace(base, **kw)
 
 
-def default_layers(n_layers: int, layer: int | None = None, eval_layer: int | None = None) -> tuple[int, int]:
+def default_layers(
+    n_layers: int, layer: int | None = None, eval_layer: int | None = None
+) -> tuple[int, int]:
     """Steering layer (default 60 % depth) and evaluator layer (default 4 layers later, capped)."""
     ls = round(0.6 * n_layers) if layer is None else layer
     if not 0 <= ls < n_layers:
         raise ValueError(f"layer {ls} is out of range for a model with {n_layers} layers")
     le = min(n_layers - 1, ls + 4) if eval_layer is None else eval_layer
     if not ls <= le < n_layers:
-        raise ValueError(f"the evaluator layer must be between the steering layer {ls} and {n_layers - 1}")
+        raise ValueError(
+            f"the evaluator layer must be between the steering layer {ls} and {n_layers - 1}"
+        )
     return ls, le
 
 
@@ -102,12 +117,16 @@ class Setup:
         return self.questions("test", n), "test split"
 
 
-def prepare(cfg: PipelineConfig, work_dir: str | Path, *, log: Any = print, progress: bool = True) -> Setup:
+def prepare(
+    cfg: PipelineConfig, work_dir: str | Path, *, log: Any = print, progress: bool = True
+) -> Setup:
     """Collect activations (resumable) and train the probe, vectors and evaluators."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    external = [q.text for q in load_questions(cfg.questions)] if cfg.questions else None  # fail early
+    external = (
+        [q.text for q in load_questions(cfg.questions)] if cfg.questions else None
+    )  # fail early
     t0 = time.perf_counter()
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     timings["load_model_s"] = time.perf_counter() - t0
@@ -115,7 +134,9 @@ def prepare(cfg: PipelineConfig, work_dir: str | Path, *, log: Any = print, prog
     splits = make_splits(ds, seed=cfg.seed)
     n_layers = int(model.cfg.n_layers)
     ls, le = default_layers(n_layers, cfg.layer, cfg.eval_layer)
-    log(f"[ks-lens] model {model.cfg.model_name} ({n_layers} layers); steering layer {ls}, evaluator layer {le}")
+    log(
+        f"[ks-lens] model {model.cfg.model_name} ({n_layers} layers); steering layer {ls}, evaluator layer {le}"
+    )
 
     def part(split: str, n: int) -> BehaviourDataset:
         return ds.subset(splits.ids(split)).head(n)
@@ -123,14 +144,31 @@ def prepare(cfg: PipelineConfig, work_dir: str | Path, *, log: Any = print, prog
     kw: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
     t0 = time.perf_counter()
     train_ds = part("train", cfg.n_train)
-    st_train = collect_to_store(model, train_ds, work / "acts" / f"train-prompt-{len(train_ds.questions)}q",
-                                split="train", **kw)
+    st_train = collect_to_store(
+        model,
+        train_ds,
+        work / "acts" / f"train-prompt-{len(train_ds.questions)}q",
+        split="train",
+        **kw,
+    )
     eval_ds = part("evaluator", cfg.n_evaluator)
-    st_eval = collect_to_store(model, eval_ds, work / "acts" / f"evaluator-prompt-{len(eval_ds.questions)}q",
-                               split="evaluator", **kw)
+    st_eval = collect_to_store(
+        model,
+        eval_ds,
+        work / "acts" / f"evaluator-prompt-{len(eval_ds.questions)}q",
+        split="evaluator",
+        **kw,
+    )
     resp_ds = part("evaluator", cfg.n_response)
-    st_resp = collect_to_store(model, resp_ds, work / "acts" / f"evaluator-response-only-{len(resp_ds.questions)}q",
-                               mode="response-only", max_new_tokens=cfg.response_tokens, split="evaluator", **kw)
+    st_resp = collect_to_store(
+        model,
+        resp_ds,
+        work / "acts" / f"evaluator-response-only-{len(resp_ds.questions)}q",
+        mode="response-only",
+        max_new_tokens=cfg.response_tokens,
+        split="evaluator",
+        **kw,
+    )
     timings["collect_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -139,15 +177,40 @@ def prepare(cfg: PipelineConfig, work_dir: str | Path, *, log: Any = print, prog
     probe.save(work / "probes" / "steering")
     vectors = SteeringVectors.fit(acts, ls)
     vectors.save(work / "vectors")
-    evaluator = train_probe(st_eval.load(layers=[le]), le, config=ProbeConfig(hidden=256, seed=cfg.seed + 1))
+    evaluator = train_probe(
+        st_eval.load(layers=[le]), le, config=ProbeConfig(hidden=256, seed=cfg.seed + 1)
+    )
     evaluator.save(work / "probes" / "evaluator")
-    resp_probes = train_probes(st_resp.load(), config=ProbeConfig(hidden=256, seed=cfg.seed + 1), progress=False)
-    best = max(resp_probes, key=lambda L: (resp_probes[L].metrics["val_accuracy"], -resp_probes[L].metrics["val_loss"]))
+    resp_probes = train_probes(
+        st_resp.load(), config=ProbeConfig(hidden=256, seed=cfg.seed + 1), progress=False
+    )
+    best = max(
+        resp_probes,
+        key=lambda L: (resp_probes[L].metrics["val_accuracy"], -resp_probes[L].metrics["val_loss"]),
+    )
     response_evaluator = resp_probes[best]
     response_evaluator.save(work / "probes" / "response-evaluator")
     timings["train_s"] = time.perf_counter() - t0
-    log(f"  steering probe val acc {probe.metrics['val_accuracy']:.3f}; evaluator (layer {le}) "
+    log(
+        f"  steering probe val acc {probe.metrics['val_accuracy']:.3f}; evaluator (layer {le}) "
         f"{evaluator.metrics['val_accuracy']:.3f}; response evaluator (layer {best}) "
-        f"{response_evaluator.metrics['val_accuracy']:.3f} (chance {1 / len(ds.labels):.3f})")
-    return Setup(cfg, model, ds, splits, ls, le, st_train, st_eval, st_resp, probe, vectors, evaluator,
-                 response_evaluator, resp_probes, external, timings)
+        f"{response_evaluator.metrics['val_accuracy']:.3f} (chance {1 / len(ds.labels):.3f})"
+    )
+    return Setup(
+        cfg,
+        model,
+        ds,
+        splits,
+        ls,
+        le,
+        st_train,
+        st_eval,
+        st_resp,
+        probe,
+        vectors,
+        evaluator,
+        response_evaluator,
+        resp_probes,
+        external,
+        timings,
+    )

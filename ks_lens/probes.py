@@ -18,6 +18,7 @@ another model or hook point.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -75,6 +76,9 @@ class ProbeConfig:
 
 class Probe(nn.Module):
     """A trained probe for one hook point. ``probe(x)`` returns raw logits ``[..., K]``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(
         self,
@@ -137,24 +141,33 @@ class Probe(nn.Module):
             names = [names]
         unknown = [n for n in names if n not in self.label_names]
         if unknown:
-            raise LabelError(f"unknown label(s) {unknown}; this probe knows {list(self.label_names)}")
+            raise LabelError(
+                f"unknown label(s) {unknown}; this probe knows {list(self.label_names)}"
+            )
         return [self.label_names.index(n) for n in names]
 
     def __repr__(self) -> str:
         acc = self.metrics.get("val_accuracy")
         acc_s = f", val_acc={acc:.3f}" if isinstance(acc, float) else ""
-        return (f"Probe({self.config.kind}, hook={self.hook_name!r}, labels={list(self.label_names)}, "
-                f"model={self.model_info.get('model')!r}{acc_s})")
+        return (
+            f"Probe({self.config.kind}, hook={self.hook_name!r}, labels={list(self.label_names)}, "
+            f"model={self.model_info.get('model')!r}{acc_s})"
+        )
 
     # -- compatibility -----------------------------------------------------------------------
     def check_compatible(self, model: Any | None = None, hook_name: str | None = None) -> None:
         """Raise :class:`MetadataMismatchError` unless ``model``/``hook_name`` match the probe's."""
         if model is not None:
             have = model_signature(model)
-            diffs = [f"{k}: probe has {self.model_info.get(k)!r}, model has {have[k]!r}"
-                     for k in ("model", "d_model", "n_layers") if self.model_info.get(k) != have[k]]
+            diffs = [
+                f"{k}: probe has {self.model_info.get(k)!r}, model has {have[k]!r}"
+                for k in ("model", "d_model", "n_layers")
+                if self.model_info.get(k) != have[k]
+            ]
             if diffs:
-                raise MetadataMismatchError("probe was trained on another model (" + "; ".join(diffs) + ")")
+                raise MetadataMismatchError(
+                    "probe was trained on another model (" + "; ".join(diffs) + ")"
+                )
         if hook_name is not None and hook_name != self.hook_name:
             raise MetadataMismatchError(
                 f"probe was trained at {self.hook_name!r}, not {hook_name!r}; a probe is only valid at "
@@ -163,8 +176,9 @@ class Probe(nn.Module):
 
     # -- persistence -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        t = {"mean": self.mean, "std": self.std}
+        t: dict[str, torch.Tensor] = {"mean": self.mean, "std": self.std}
         for i, lin in enumerate(self.linears):
+            assert isinstance(lin, nn.Linear)
             t[f"linears.{i}.weight"] = lin.weight
             t[f"linears.{i}.bias"] = lin.bias
         return t
@@ -183,16 +197,35 @@ class Probe(nn.Module):
         return save_artifact(directory, self.state_tensors(), meta, kind="probe")
 
     @classmethod
-    def load(cls, directory: str | Path, *, model: Any | None = None, hook_name: str | None = None,
-             device: torch.device | str | None = None) -> Probe:
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        model: Any | None = None,
+        hook_name: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> Probe:
         tensors, meta = load_artifact(directory, kind="probe")
         try:
-            weights = [(tensors[f"linears.{i}.weight"].T, tensors[f"linears.{i}.bias"]) for i in range(meta["n_linears"])]
-            probe = cls(weights, tensors["mean"], tensors["std"], label_names=meta["label_names"],
-                        hook_name=meta["hook_name"], model=meta["model"], config=ProbeConfig(**meta["config"]),
-                        metrics=meta.get("metrics"), source=meta.get("source"))
+            weights = [
+                (tensors[f"linears.{i}.weight"].T, tensors[f"linears.{i}.bias"])
+                for i in range(meta["n_linears"])
+            ]
+            probe = cls(
+                weights,
+                tensors["mean"],
+                tensors["std"],
+                label_names=meta["label_names"],
+                hook_name=meta["hook_name"],
+                model=meta["model"],
+                config=ProbeConfig(**meta["config"]),
+                metrics=meta.get("metrics"),
+                source=meta.get("source"),
+            )
         except (KeyError, TypeError) as e:
-            raise StoreError(f"probe at {directory} is missing field {e}; it is corrupt or from another version") from e
+            raise StoreError(
+                f"probe at {directory} is missing field {e}; it is corrupt or from another version"
+            ) from e
         probe.check_compatible(model, hook_name)
         if device is not None:
             probe = probe.to(device)
@@ -204,7 +237,9 @@ class Probe(nn.Module):
 # ----------------------------------------------------------------------------- batched training
 
 
-def _init_stack(dims: Sequence[int], seeds: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _init_stack(
+    dims: Sequence[int], seeds: Sequence[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) init, each stacked probe from its own seed.
 
     Per-probe seeds make a probe's initial weights independent of which other probes are
@@ -214,17 +249,21 @@ def _init_stack(dims: Sequence[int], seeds: Sequence[int]) -> list[tuple[torch.T
     for seed in seeds:
         gen = torch.Generator().manual_seed(int(seed))
         layers = []
-        for fan_in, fan_out in zip(dims[:-1], dims[1:], strict=True):
+        for fan_in, fan_out in itertools.pairwise(dims):
             bound = 1.0 / math.sqrt(fan_in)
             w = (torch.rand(fan_in, fan_out, generator=gen) * 2 - 1) * bound
             b = (torch.rand(fan_out, generator=gen) * 2 - 1) * bound
             layers.append((w, b))
         per_probe.append(layers)
-    return [(torch.stack([p[i][0] for p in per_probe]), torch.stack([p[i][1] for p in per_probe]))
-            for i in range(len(dims) - 1)]
+    return [
+        (torch.stack([p[i][0] for p in per_probe]), torch.stack([p[i][1] for p in per_probe]))
+        for i in range(len(dims) - 1)
+    ]
 
 
-def _stack_forward(x: torch.Tensor, params: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def _stack_forward(
+    x: torch.Tensor, params: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
     """``x``: [P, n, d] -> [P, n, K]."""
     h = x
     for i, (w, b) in enumerate(params):
@@ -238,16 +277,24 @@ def _loss_per_stack(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.T
     """Mean loss per stacked probe: [P]."""
     if kind == "ce":
         P, n, K = logits.shape
-        return F.cross_entropy(logits.reshape(P * n, K), y.argmax(-1).repeat(P), reduction="none").view(P, n).mean(1)
-    return F.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="none").mean(dim=(1, 2))
+        return (
+            F.cross_entropy(logits.reshape(P * n, K), y.argmax(-1).repeat(P), reduction="none")
+            .view(P, n)
+            .mean(1)
+        )
+    return F.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="none").mean(
+        dim=(1, 2)
+    )
 
 
-def split_by_group(groups: Sequence[str], val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_by_group(
+    groups: Sequence[str], val_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices of a train/validation split that never splits a group (question)."""
     uniq = sorted(set(groups))
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(uniq), generator=gen).tolist()
-    n_val = int(round(val_fraction * len(uniq)))
+    n_val = round(val_fraction * len(uniq))
     if val_fraction > 0 and len(uniq) >= 2:
         n_val = max(1, min(n_val, len(uniq) - 1))
     val_groups = {uniq[i] for i in perm[:n_val]}
@@ -267,7 +314,9 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor, label_names: Sequence[str])
     """Top-1 accuracy against the argmax label, and per-label accuracy (recall)."""
     pred = logits.argmax(-1)
     true = y.argmax(-1)
-    out: dict[str, Any] = {"accuracy": float((pred == true).float().mean()) if len(true) else float("nan")}
+    out: dict[str, Any] = {
+        "accuracy": float((pred == true).float().mean()) if len(true) else float("nan")
+    }
     per = {}
     for k, name in enumerate(label_names):
         sel = true == k
@@ -307,7 +356,10 @@ def fit_probes(
     gen = torch.Generator().manual_seed(config.seed)
     tr, va = split_by_group(groups, config.val_fraction, config.seed)
     if len(va) == 0:
-        warnings.warn("no validation rows (too few questions); early stopping and metrics use training rows", stacklevel=2)
+        warnings.warn(
+            "no validation rows (too few questions); early stopping and metrics use training rows",
+            stacklevel=2,
+        )
         va = tr
     xs = x.transpose(0, 1).float()  # [P, n, d]
     if config.normalize:
@@ -321,8 +373,12 @@ def fit_probes(
     keys = list(range(P)) if init_keys is None else list(init_keys)
     if len(keys) != P:
         raise ValueError("init_keys must have one entry per stacked probe")
-    params = [(w.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
-              for w, b in _init_stack(config.dims(d, len(label_names)), [config.seed * 1_000_003 + k for k in keys])]
+    params = [
+        (w.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
+        for w, b in _init_stack(
+            config.dims(d, len(label_names)), [config.seed * 1_000_003 + k for k in keys]
+        )
+    ]
     flat = [t for pair in params for t in pair]
     opt = torch.optim.AdamW(flat, lr=config.lr, weight_decay=config.weight_decay)
     best_loss = torch.full((P,), float("inf"), device=device)
@@ -340,7 +396,9 @@ def fit_probes(
             loss.backward()
             opt.step()
         with torch.no_grad():
-            vloss = _loss_per_stack(_stack_forward(xn[:, va.to(device)], params), yf[va.to(device)], config.loss)
+            vloss = _loss_per_stack(
+                _stack_forward(xn[:, va.to(device)], params), yf[va.to(device)], config.loss
+            )
             improved = (vloss < best_loss - 1e-6) & active
             for j, (w, b) in enumerate(params):
                 best[j][0][improved] = w[improved]
@@ -359,16 +417,18 @@ def fit_probes(
     for p in range(P):
         m_val = _accuracy(logits[p, va.to(device)].cpu(), y[va].cpu(), label_names)
         m_tr = _accuracy(logits[p, tr.to(device)].cpu(), y[tr].cpu(), label_names)
-        metrics.append({
-            "val_accuracy": m_val["accuracy"],
-            "val_per_label_accuracy": m_val["per_label_accuracy"],
-            "train_accuracy": m_tr["accuracy"],
-            "val_loss": float(best_loss[p]),
-            "best_epoch": int(best_epoch[p]),
-            "epochs_run": epoch + 1,
-            "n_train": len(tr),
-            "n_val": len(va),
-        })
+        metrics.append(
+            {
+                "val_accuracy": m_val["accuracy"],
+                "val_per_label_accuracy": m_val["per_label_accuracy"],
+                "train_accuracy": m_tr["accuracy"],
+                "val_loss": float(best_loss[p]),
+                "best_epoch": int(best_epoch[p]),
+                "epochs_run": epoch + 1,
+                "n_train": len(tr),
+                "n_val": len(va),
+            }
+        )
     per_probe = [[(w[p].detach().cpu(), b[p].detach().cpu()) for w, b in best] for p in range(P)]
     return FitResult(per_probe, mean.cpu(), std.cpu(), metrics)
 
@@ -376,7 +436,9 @@ def fit_probes(
 def _labelled(acts: Activations) -> Activations:
     keep = (acts.labels >= 0).nonzero().squeeze(1)
     if len(keep) == 0:
-        raise ValueError("these activations have no labels (neutral mode?); probes need labelled rows")
+        raise ValueError(
+            "these activations have no labels (neutral mode?); probes need labelled rows"
+        )
     return acts.select(keep) if len(keep) != len(acts) else acts
 
 
@@ -397,8 +459,16 @@ def train_probes(
     x = torch.stack([acts.at(layer, kind) for layer in layers], dim=1)
     if device is not None:
         x = x.to(device)
-    res = fit_probes(x, acts.one_hot(), acts.question_ids, acts.label_names, config, init_keys=layers, progress=progress,
-                     desc=f"training {len(layers)} {config.kind} probe(s)")
+    res = fit_probes(
+        x,
+        acts.one_hot(),
+        acts.question_ids,
+        acts.label_names,
+        config,
+        init_keys=layers,
+        progress=progress,
+        desc=f"training {len(layers)} {config.kind} probe(s)",
+    )
     model_info = acts.meta.get("model", {})
     source = {
         "dataset": acts.meta.get("dataset"),
@@ -409,16 +479,33 @@ def train_probes(
     }
     out = {}
     for j, layer in enumerate(layers):
-        out[layer] = Probe(res.params[j], res.mean[j], res.std[j], label_names=acts.label_names,
-                           hook_name=resid_hook(layer, kind), model=model_info, config=config,
-                           metrics=res.metrics[j], source=source)
+        out[layer] = Probe(
+            res.params[j],
+            res.mean[j],
+            res.std[j],
+            label_names=acts.label_names,
+            hook_name=resid_hook(layer, kind),
+            model=model_info,
+            config=config,
+            metrics=res.metrics[j],
+            source=source,
+        )
     return out
 
 
-def train_probe(acts: Activations, layer: int, *, kind: str = "resid_post", config: ProbeConfig = ProbeConfig(),
-                device: torch.device | str | None = None, progress: bool = False) -> Probe:
+def train_probe(
+    acts: Activations,
+    layer: int,
+    *,
+    kind: str = "resid_post",
+    config: ProbeConfig = ProbeConfig(),
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Probe:
     """Train a single probe at ``layer`` (see :func:`train_probes`)."""
-    return train_probes(acts, layers=[layer], kind=kind, config=config, device=device, progress=progress)[layer]
+    return train_probes(
+        acts, layers=[layer], kind=kind, config=config, device=device, progress=progress
+    )[layer]
 
 
 def save_probes(probes: Mapping[int, Probe], directory: str | Path) -> Path:
@@ -430,8 +517,14 @@ def save_probes(probes: Mapping[int, Probe], directory: str | Path) -> Path:
     for layer, probe in sorted(probes.items()):
         sub = f"layer-{layer:02d}"
         probe.save(directory / sub)
-        index[str(layer)] = {"path": sub, "hook_name": probe.hook_name, "metrics": {
-            k: probe.metrics.get(k) for k in ("val_accuracy", "train_accuracy", "val_loss", "best_epoch")}}
+        index[str(layer)] = {
+            "path": sub,
+            "hook_name": probe.hook_name,
+            "metrics": {
+                k: probe.metrics.get(k)
+                for k in ("val_accuracy", "train_accuracy", "val_loss", "best_epoch")
+            },
+        }
     atomic_write_json(directory / "probes.json", {"format": "ks_lens.probe_set", "probes": index})
     return directory
 
@@ -441,10 +534,14 @@ def load_probes(directory: str | Path, *, model: Any | None = None) -> dict[int,
     index = read_json(directory / "probes.json", what="probe set index")
     if index.get("format") != "ks_lens.probe_set":
         raise StoreError(f"{directory} is not a ks-lens probe set")
-    return {int(k): Probe.load(directory / v["path"], model=model) for k, v in index["probes"].items()}
+    return {
+        int(k): Probe.load(directory / v["path"], model=model) for k, v in index["probes"].items()
+    }
 
 
-def load_probe_any(path: str | Path, *, model: Any | None = None, layer: int | None = None) -> Probe:
+def load_probe_any(
+    path: str | Path, *, model: Any | None = None, layer: int | None = None
+) -> Probe:
     """Load a single probe directory, or one layer of a probe set (``layer`` required if several)."""
     path = Path(path)
     if (path / "probes.json").is_file():

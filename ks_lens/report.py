@@ -54,12 +54,17 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     return "\n".join([head, sep, *body])
 
 
-def per_combination_table(entries: Sequence[dict[str, Any]], methods: Sequence[str], key: str = "mean_target_prob") -> str:
+def per_combination_table(
+    entries: Sequence[dict[str, Any]], methods: Sequence[str], key: str = "mean_target_prob"
+) -> str:
     combos: dict[str, dict[str, dict[str, Any]]] = {}
     for e in entries:
         combos.setdefault(_combo(e), {})[e["method"]] = e
     cols = ["unsteered", *methods]
-    lines = ["| targets | " + " | ".join(_label(m) for m in cols) + " |", "|---|" + "---|" * len(cols)]
+    lines = [
+        "| targets | " + " | ".join(_label(m) for m in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for combo, by in combos.items():
         cells = []
         for m in cols:
@@ -87,9 +92,11 @@ def verdict(result: dict[str, Any], section: str) -> list[str]:
         best_caa = max(caa_rows, key=lambda r: r["mean_target_prob"])
         diff = best_ks["mean_target_prob"] - best_caa["mean_target_prob"]
         word = "beats" if diff > 0.01 else ("trails" if diff < -0.01 else "ties with")
-        out.append(f"k={k}: best K-Steering ({_label(best_ks['method'])}, {best_ks['mean_target_prob']:.3f}) {word} "
-                   f"best CAA ({_label(best_caa['method'])}, {best_caa['mean_target_prob']:.3f}); "
-                   f"difference {diff:+.3f}; vanish rates {best_ks['vanish_rate']:.2f} vs {best_caa['vanish_rate']:.2f}.")
+        out.append(
+            f"k={k}: best K-Steering ({_label(best_ks['method'])}, {best_ks['mean_target_prob']:.3f}) {word} "
+            f"best CAA ({_label(best_caa['method'])}, {best_caa['mean_target_prob']:.3f}); "
+            f"difference {diff:+.3f}; vanish rates {best_ks['vanish_rate']:.2f} vs {best_caa['vanish_rate']:.2f}."
+        )
     return out
 
 
@@ -113,53 +120,117 @@ def render_markdown(report: dict[str, Any]) -> str:
         *[f"- {s}" for s in verdict(report, "activation_eval")],
     ]
     if report.get("generation_eval"):
-        lines += ["", "Generated text (response-level evaluator on answers re-encoded without instruction):", "",
-                  *[f"- {s}" for s in verdict(report, "generation_eval")]]
-    lines += ["", "## Summary (mean over combinations)", "", "### Activation level", "",
-              markdown_table([{**r, "method": _label(r["method"])} for r in summarise(report, "activation_eval")],
-                             [("method", "method"), ("k", "targets"), ("n_combos", "combos"),
-                              ("mean_target_prob", "mean target p"), ("min_target_prob", "min target p"),
-                              ("mean_target_delta", "change vs unsteered"), ("vanish_rate", "vanish rate")])]
+        lines += [
+            "",
+            "Generated text (response-level evaluator on answers re-encoded without instruction):",
+            "",
+            *[f"- {s}" for s in verdict(report, "generation_eval")],
+        ]
+    lines += [
+        "",
+        "## Summary (mean over combinations)",
+        "",
+        "### Activation level",
+        "",
+        markdown_table(
+            [{**r, "method": _label(r["method"])} for r in summarise(report, "activation_eval")],
+            [
+                ("method", "method"),
+                ("k", "targets"),
+                ("n_combos", "combos"),
+                ("mean_target_prob", "mean target p"),
+                ("min_target_prob", "min target p"),
+                ("mean_target_delta", "change vs unsteered"),
+                ("vanish_rate", "vanish rate"),
+            ],
+        ),
+    ]
     if report.get("generation_eval"):
-        lines += ["", "### Generated text", "",
-                  markdown_table([{**r, "method": _label(r["method"])} for r in summarise(report, "generation_eval")],
-                                 [("method", "method"), ("k", "targets"), ("n_combos", "combos"),
-                                  ("mean_target_prob", "mean target p"), ("min_target_prob", "min target p"),
-                                  ("vanish_rate", "vanish rate"), ("perplexity", "perplexity"),
-                                  ("distinct2", "distinct-2"), ("kl", "KL/token")])]
-    lines += ["", "## Alpha per method", "", "| method | " + " | ".join(f"k={k}" for k in cfg["sizes"]) + " |",
-              "|---|" + "---|" * len(cfg["sizes"])]
+        lines += [
+            "",
+            "### Generated text",
+            "",
+            markdown_table(
+                [
+                    {**r, "method": _label(r["method"])}
+                    for r in summarise(report, "generation_eval")
+                ],
+                [
+                    ("method", "method"),
+                    ("k", "targets"),
+                    ("n_combos", "combos"),
+                    ("mean_target_prob", "mean target p"),
+                    ("min_target_prob", "min target p"),
+                    ("vanish_rate", "vanish rate"),
+                    ("perplexity", "perplexity"),
+                    ("distinct2", "distinct-2"),
+                    ("kl", "KL/token"),
+                ],
+            ),
+        ]
+    lines += [
+        "",
+        "## Alpha per method",
+        "",
+        "| method | " + " | ".join(f"k={k}" for k in cfg["sizes"]) + " |",
+        "|---|" + "---|" * len(cfg["sizes"]),
+    ]
     for m in methods:
-        lines.append(f"| {_label(m)} | " + " | ".join(f"{report['alpha'][m][str(k)]:.4g}" for k in cfg["sizes"]) + " |")
-    lines += ["", "## Per combination: activation level (mean target probability)", "",
-              per_combination_table(report["activation_eval"], methods)]
+        lines.append(
+            f"| {_label(m)} | "
+            + " | ".join(f"{report['alpha'][m][str(k)]:.4g}" for k in cfg["sizes"])
+            + " |"
+        )
+    lines += [
+        "",
+        "## Per combination: activation level (mean target probability)",
+        "",
+        per_combination_table(report["activation_eval"], methods),
+    ]
     if report.get("generation_eval"):
-        lines += ["", "## Per combination: generated text (mean target probability)", "",
-                  per_combination_table(report["generation_eval"], methods)]
+        lines += [
+            "",
+            "## Per combination: generated text (mean target probability)",
+            "",
+            per_combination_table(report["generation_eval"], methods),
+        ]
         lines += ["", "## Example answers", ""]
         shown = 0
         for e in report["generation_eval"]:
             if len(e["targets"]) >= 2 and shown < 8:
                 ex = e["examples"][0]
-                lines.append(f"- **{_label(e['method'])}**, targets {'+'.join(e['targets'])}: "
-                             f"_{ex['question']}_ → {ex['answer'][:300]!r}")
+                lines.append(
+                    f"- **{_label(e['method'])}**, targets {'+'.join(e['targets'])}: "
+                    f"_{ex['question']}_ → {ex['answer'][:300]!r}"
+                )
                 shown += 1
     ev = report["evaluator"]
-    lines += ["", "## Evaluators (never optimised against)", "",
-              f"- activation-level: `{ev['hook_name']}`, {ev['kind']} probe, validation accuracy "
-              f"{_fmt(ev['val_accuracy'])} on evaluator-split questions",
-              ]
+    lines += [
+        "",
+        "## Evaluators (never optimised against)",
+        "",
+        f"- activation-level: `{ev['hook_name']}`, {ev['kind']} probe, validation accuracy "
+        f"{_fmt(ev['val_accuracy'])} on evaluator-split questions",
+    ]
     if report.get("response_evaluator"):
         rv = report["response_evaluator"]
-        lines.append(f"- response-level: `{rv['hook_name']}`, trained on answers re-encoded without instruction, "
-                     f"validation accuracy {_fmt(rv['val_accuracy'])} (chance {1 / len(report['labels']):.3f})")
+        lines.append(
+            f"- response-level: `{rv['hook_name']}`, trained on answers re-encoded without instruction, "
+            f"validation accuracy {_fmt(rv['val_accuracy'])} (chance {1 / len(report['labels']):.3f})"
+        )
     sp = report.get("steering_probe", {})
-    lines += [f"- steering probe: `{report['steering_hook']}`, validation accuracy {_fmt(sp.get('val_accuracy', float('nan')))}",
-              "", "## Definitions", "",
-              f"- vanished: {cfg['vanish']['definition']} (near={cfg['vanish']['near']}, rise={cfg['vanish']['rise']}).",
-              "- perplexity: of the answer tokens under the unsteered model; KL/token: KL(steered || unsteered) "
-              "next-token distributions along the steered answer; distinct-2: distinct word bigrams / bigrams.",
-              "", "## Timings", ""]
+    lines += [
+        f"- steering probe: `{report['steering_hook']}`, validation accuracy {_fmt(sp.get('val_accuracy', float('nan')))}",
+        "",
+        "## Definitions",
+        "",
+        f"- vanished: {cfg['vanish']['definition']} (near={cfg['vanish']['near']}, rise={cfg['vanish']['rise']}).",
+        "- perplexity: of the answer tokens under the unsteered model; KL/token: KL(steered || unsteered) "
+        "next-token distributions along the steered answer; distinct-2: distinct word bigrams / bigrams.",
+        "",
+        "## Timings",
+        "",
+    ]
     for k, v in report.get("timings", {}).items():
         lines.append(f"- {k}: {v:.1f} s")
     return "\n".join(lines) + "\n"
@@ -174,28 +245,54 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = ["unsteered", *report["methods"]]
-    colors = {m: c for m, c in zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3, strict=False)}
+    colors = {
+        m: c
+        for m, c in zip(
+            methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3, strict=False
+        )
+    }
     paths = []
     for section in ("activation_eval", "generation_eval"):
         entries = report.get(section) or []
         if not entries:
             continue
         sizes = sorted({len(e["targets"]) for e in entries})
-        fig, axes = plt.subplots(len(sizes), 1, figsize=(max(8, 0.5 * 20 * len(methods) / 3), 3.2 * len(sizes)), squeeze=False)
+        fig, axes = plt.subplots(
+            len(sizes),
+            1,
+            figsize=(max(8, 0.5 * 20 * len(methods) / 3), 3.2 * len(sizes)),
+            squeeze=False,
+        )
         for ax, k in zip(axes[:, 0], sizes, strict=True):
             es = [e for e in entries if len(e["targets"]) == k]
             combos = list(dict.fromkeys(_combo(e) for e in es))
             width = 0.8 / len(methods)
             for j, m in enumerate(methods):
-                vals = [next((e["mean_target_prob"] for e in es if _combo(e) == c and e["method"] == m), float("nan")) for c in combos]
-                ax.bar([i + j * width for i in range(len(combos))], vals, width, label=_label(m), color=colors[m])
+                vals = [
+                    next(
+                        (e["mean_target_prob"] for e in es if _combo(e) == c and e["method"] == m),
+                        float("nan"),
+                    )
+                    for c in combos
+                ]
+                ax.bar(
+                    [i + j * width for i in range(len(combos))],
+                    vals,
+                    width,
+                    label=_label(m),
+                    color=colors[m],
+                )
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(combos))])
             ax.set_xticklabels(combos, rotation=45, ha="right", fontsize=7)
             ax.set_ylabel("mean target prob.")
             ax.set_ylim(0, 1)
             ax.set_title(f"{k} target{'s' if k > 1 else ''}")
         axes[0, 0].legend(fontsize=7, ncol=len(methods))
-        where = "held-out activation evaluator" if section == "activation_eval" else "response evaluator on generated text"
+        where = (
+            "held-out activation evaluator"
+            if section == "activation_eval"
+            else "response evaluator on generated text"
+        )
         fig.suptitle(f"Target probability per combination ({where})")
         fig.tight_layout()
         p = out_dir / f"{section}_combinations.png"
@@ -208,18 +305,25 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
             combos = list(dict.fromkeys(_combo(e) for e in triples))
             ncol = min(5, len(combos))
             nrow = math.ceil(len(combos) / ncol)
-            fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False, sharey=True)
+            fig, axes = plt.subplots(
+                nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False, sharey=True
+            )
             for ax in axes.flat:
                 ax.set_visible(False)
             for ax, c in zip(axes.flat, combos, strict=False):
                 ax.set_visible(True)
-                es = {e["method"]: e for e in triples if _combo(e) == c}
-                targets = next(iter(es.values()))["targets"]
+                by_method = {e["method"]: e for e in triples if _combo(e) == c}
+                targets = next(iter(by_method.values()))["targets"]
                 width = 0.8 / len(methods)
                 for j, m in enumerate(methods):
-                    if m in es:
-                        ax.bar([i + j * width for i in range(3)], [es[m]["per_label_prob"][t] for t in targets], width,
-                               color=colors[m], label=_label(m))
+                    if m in by_method:
+                        ax.bar(
+                            [i + j * width for i in range(3)],
+                            [by_method[m]["per_label_prob"][t] for t in targets],
+                            width,
+                            color=colors[m],
+                            label=_label(m),
+                        )
                 ax.set_xticks([i + 0.4 - width / 2 for i in range(3)])
                 ax.set_xticklabels(targets, fontsize=7)
                 ax.set_ylim(0, 1)
@@ -236,8 +340,15 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     for m, by_k in report["calibration"].items():
         for k, cal in by_k.items():
             ev = sorted(cal["evaluations"])
-            ax.plot([a for a, _ in ev], [v for _, v in ev], marker="o", ms=3, color=colors.get(m), alpha=0.4 + 0.2 * int(k),
-                    label=f"{_label(m)} k={k}")
+            ax.plot(
+                [a for a, _ in ev],
+                [v for _, v in ev],
+                marker="o",
+                ms=3,
+                color=colors.get(m),
+                alpha=0.4 + 0.2 * int(k),
+                label=f"{_label(m)} k={k}",
+            )
     ax.axhline(report["comparison_config"]["kl_budget"], color="k", ls="--", lw=1, label="budget")
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=0.01)

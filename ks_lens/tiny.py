@@ -51,24 +51,38 @@ def build_tiny_tokenizer() -> Any:
 
 
 def build_tiny_llama(
-    *, n_layers: int = 4, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
-    d_mlp: int = 128, seed: int = 0, dtype: torch.dtype = torch.float32,
+    *,
+    n_layers: int = 4,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    d_mlp: int = 128,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Any, Any]:
     """Return ``(hf_model, tokenizer)`` for a random-weight Llama; the global RNG is untouched."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tiny_tokenizer()
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp,
-        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-        max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     cfg._name_or_path = TINY_NAME
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
-    model = model.to(dtype).eval()
+        model: Any = LlamaForCausalLM(cfg)
+    model = model.to(dtype=dtype).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok

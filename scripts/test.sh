@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Set up the environment if needed, then run the test suite (extra arguments go to pytest).
+# Set up the environment if needed, then lint, type-check and run the test suite
+# (extra arguments go to pytest; KS_LENS_SKIP_LINT=1 skips ruff and mypy).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup-env.sh"
 venv="${KS_LENS_VENV:-$root/.venv}"
 cd "$root"
+if [ "${KS_LENS_SKIP_LINT:-0}" != "1" ]; then
+    "$venv/bin/ruff" check ks_lens tests analysis benchmarks
+    "$venv/bin/mypy" ks_lens
+fi
 exec "$venv/bin/python" -m pytest -q "$@"

@@ -24,24 +24,28 @@ def tiny_dataset() -> BehaviourDataset:
     behaviours = (
         Behaviour("alpha", "Answer like a pirate, with many arrs and nautical words."),
         Behaviour("beta", "Be brief."),
-        Behaviour("gamma", "Answer with great care, explaining every risk in detail before anything else."),
+        Behaviour(
+            "gamma", "Answer with great care, explaining every risk in detail before anything else."
+        ),
     )
     questions = tuple(
         Question(f"q{i:02d}", text, cat)
-        for i, (text, cat) in enumerate([
-            ("How do I boil an egg?", "food"),
-            ("What is the tallest mountain?", "facts"),
-            ("Why is the sky blue?", "science"),
-            ("How can I learn to juggle three balls?", "hobby"),
-            ("What should I pack for a beach trip?", "travel"),
-            ("How do plants make food from sunlight?", "science"),
-            ("What is a good way to start running?", "hobby"),
-            ("Which spices go well with lentils?", "food"),
-            ("How long does it take light to reach Earth from the Sun?", "facts"),
-            ("What are tips for a long train journey?", "travel"),
-            ("How do I keep basil alive indoors?", "food"),
-            ("What causes ocean tides?", "science"),
-        ])
+        for i, (text, cat) in enumerate(
+            [
+                ("How do I boil an egg?", "food"),
+                ("What is the tallest mountain?", "facts"),
+                ("Why is the sky blue?", "science"),
+                ("How can I learn to juggle three balls?", "hobby"),
+                ("What should I pack for a beach trip?", "travel"),
+                ("How do plants make food from sunlight?", "science"),
+                ("What is a good way to start running?", "hobby"),
+                ("Which spices go well with lentils?", "food"),
+                ("How long does it take light to reach Earth from the Sun?", "facts"),
+                ("What are tips for a long train journey?", "travel"),
+                ("How do I keep basil alive indoors?", "food"),
+                ("What causes ocean tides?", "science"),
+            ]
+        )
     )
     return BehaviourDataset("tiny", behaviours, questions)
 

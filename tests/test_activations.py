@@ -31,7 +31,9 @@ def test_last_token_matches_prompt_run_alone(tiny_model, tiny_dataset, tiny_acts
 
 def test_resid_pre_and_layer_subset(tiny_model, tiny_dataset):
     ds = tiny_dataset.head(3)
-    acts = collect_activations(tiny_model, ds, layers=[1, 3], hook_kinds=("resid_pre", "resid_post"), progress=False)
+    acts = collect_activations(
+        tiny_model, ds, layers=[1, 3], hook_kinds=("resid_pre", "resid_post"), progress=False
+    )
     assert acts.layers == (1, 3)
     q = ds.questions[0]
     ref = _alone(tiny_model, ChatPrompt(q.text, ds.behaviours[0].instruction), 3, "resid_pre")
@@ -44,44 +46,85 @@ def test_neutral_and_response_only_modes(tiny_model, tiny_dataset):
     ds = tiny_dataset.head(2)
     neutral = collect_activations(tiny_model, ds, mode="neutral", layers=[2], progress=False)
     assert neutral.labels.tolist() == [-1, -1]
-    torch.testing.assert_close(neutral.at(2)[1], _alone(tiny_model, ChatPrompt(ds.questions[1].text), 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        neutral.at(2)[1],
+        _alone(tiny_model, ChatPrompt(ds.questions[1].text), 2),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
-    resp = collect_activations(tiny_model, ds, mode="response", layers=[2], max_new_tokens=5, progress=False)
-    only = collect_activations(tiny_model, ds, mode="response-only", layers=[2], max_new_tokens=5, progress=False,
-                               responses={(q, int(lab)): ids for q, lab, ids in
-                                          zip(resp.question_ids, resp.labels, resp.meta["answer_ids"], strict=True)})
+    resp = collect_activations(
+        tiny_model, ds, mode="response", layers=[2], max_new_tokens=5, progress=False
+    )
+    only = collect_activations(
+        tiny_model,
+        ds,
+        mode="response-only",
+        layers=[2],
+        max_new_tokens=5,
+        progress=False,
+        responses={
+            (q, int(lab)): ids
+            for q, lab, ids in zip(
+                resp.question_ids, resp.labels, resp.meta["answer_ids"], strict=True
+            )
+        },
+    )
     assert resp.texts is not None and only.texts == resp.texts
     # response-only = question + the same answer ids, without the instruction
     tok = tiny_model.tokenizer
     row = 1
-    head = tok(ks.format_chat(tok, ChatPrompt(ds.questions[0].text)), add_special_tokens=False)["input_ids"]
+    head = tok(ks.format_chat(tok, ChatPrompt(ds.questions[0].text)), add_special_tokens=False)[
+        "input_ids"
+    ]
     ids = torch.tensor([head + resp.meta["answer_ids"][row]])
     _, cache = tiny_model.run_with_cache(ids, names_filter=["blocks.2.hook_resid_post"])
-    torch.testing.assert_close(only.at(2)[row], cache["blocks.2.hook_resid_post"][0, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        only.at(2)[row], cache["blocks.2.hook_resid_post"][0, -1], atol=1e-5, rtol=1e-5
+    )
     # with the instruction it differs
     assert not torch.allclose(only.at(2)[row], resp.at(2)[row])
 
 
 def test_mean_response_position(tiny_model, tiny_dataset):
     ds = tiny_dataset.head(1)
-    acts = collect_activations(tiny_model, ds, mode="response-only", layers=[1], max_new_tokens=4,
-                               position="mean_response", progress=False)
+    acts = collect_activations(
+        tiny_model,
+        ds,
+        mode="response-only",
+        layers=[1],
+        max_new_tokens=4,
+        position="mean_response",
+        progress=False,
+    )
     tok = tiny_model.tokenizer
-    head = tok(ks.format_chat(tok, ChatPrompt(ds.questions[0].text)), add_special_tokens=False)["input_ids"]
+    head = tok(ks.format_chat(tok, ChatPrompt(ds.questions[0].text)), add_special_tokens=False)[
+        "input_ids"
+    ]
     answer = acts.meta["answer_ids"][0]
-    _, cache = tiny_model.run_with_cache(torch.tensor([head + answer]), names_filter=["blocks.1.hook_resid_post"])
-    ref = cache["blocks.1.hook_resid_post"][0, len(head):].mean(0) if answer else cache["blocks.1.hook_resid_post"][0, -1]
+    _, cache = tiny_model.run_with_cache(
+        torch.tensor([head + answer]), names_filter=["blocks.1.hook_resid_post"]
+    )
+    ref = (
+        cache["blocks.1.hook_resid_post"][0, len(head) :].mean(0)
+        if answer
+        else cache["blocks.1.hook_resid_post"][0, -1]
+    )
     torch.testing.assert_close(acts.at(1)[0], ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="mean_response"):
         collect_activations(tiny_model, ds, mode="prompt", position="mean_response", progress=False)
 
 
 def test_store_round_trip_is_identical(tiny_model, tiny_dataset, tiny_acts, tmp_path):
-    store = collect_to_store(tiny_model, tiny_dataset, tmp_path / "s", shard_rows=10, progress=False)
+    store = collect_to_store(
+        tiny_model, tiny_dataset, tmp_path / "s", shard_rows=10, progress=False
+    )
     assert store.complete and len(store.meta["shards"]) == 4
     back = store.load()
     assert torch.equal(back.acts["resid_post"], tiny_acts.acts["resid_post"])
-    assert back.question_ids == tiny_acts.question_ids and torch.equal(back.labels, tiny_acts.labels)
+    assert back.question_ids == tiny_acts.question_ids and torch.equal(
+        back.labels, tiny_acts.labels
+    )
     assert back.label_names == tiny_dataset.labels
     sub = store.load(layers=[3, 1])
     assert torch.equal(sub.at(3), tiny_acts.at(3)) and torch.equal(sub.at(1), tiny_acts.at(1))
@@ -90,11 +133,15 @@ def test_store_round_trip_is_identical(tiny_model, tiny_dataset, tiny_acts, tmp_
         assert key in meta
     assert meta["dataset"]["hash"] == tiny_dataset.content_hash()
     # rerunning a complete store is a no-op returning it
-    again = collect_to_store(tiny_model, tiny_dataset, tmp_path / "s", shard_rows=10, progress=False)
+    again = collect_to_store(
+        tiny_model, tiny_dataset, tmp_path / "s", shard_rows=10, progress=False
+    )
     assert again.meta["shards"] == store.meta["shards"]
 
 
-def test_interrupted_collection_resumes_without_duplicates(tiny_model, tiny_dataset, tmp_path, monkeypatch):
+def test_interrupted_collection_resumes_without_duplicates(
+    tiny_model, tiny_dataset, tmp_path, monkeypatch
+):
     real = A._collect_chunk
     calls = {"n": 0}
 
@@ -112,15 +159,21 @@ def test_interrupted_collection_resumes_without_duplicates(tiny_model, tiny_data
     with pytest.raises(StoreError, match="incomplete"):
         partial.load()
     monkeypatch.setattr(A, "_collect_chunk", real)
-    done = collect_to_store(tiny_model, tiny_dataset, tmp_path / "s", shard_rows=8, progress=False).load()
-    full = collect_to_store(tiny_model, tiny_dataset, tmp_path / "ref", shard_rows=8, progress=False).load()
+    done = collect_to_store(
+        tiny_model, tiny_dataset, tmp_path / "s", shard_rows=8, progress=False
+    ).load()
+    full = collect_to_store(
+        tiny_model, tiny_dataset, tmp_path / "ref", shard_rows=8, progress=False
+    ).load()
     assert done.question_ids == full.question_ids
     assert len(done) == len(tiny_dataset.questions) * 3
     assert torch.equal(done.acts["resid_post"], full.acts["resid_post"])
 
 
 def test_truncated_shard_is_detected(tiny_model, tiny_dataset, tmp_path):
-    store = collect_to_store(tiny_model, tiny_dataset, tmp_path / "s", shard_rows=12, progress=False)
+    store = collect_to_store(
+        tiny_model, tiny_dataset, tmp_path / "s", shard_rows=12, progress=False
+    )
     shard = tmp_path / "s" / store.meta["shards"][1]["tensors"]["file"]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
@@ -139,7 +192,9 @@ def test_store_validation(tiny_model, tiny_dataset, tmp_path):
         store.check_model(other)
     store.check_model(tiny_model)
     with pytest.raises(StoreError, match="other settings.*collect"):
-        collect_to_store(tiny_model, tiny_dataset.head(2), tmp_path / "s", layers=[0], progress=False)
+        collect_to_store(
+            tiny_model, tiny_dataset.head(2), tmp_path / "s", layers=[0], progress=False
+        )
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("x")
     with pytest.raises(StoreError, match="not an activation store"):

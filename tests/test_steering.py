@@ -31,7 +31,9 @@ def _loss(probe, x, target, avoid):
     return (la - lt).sum()
 
 
-@pytest.mark.parametrize(("target", "avoid"), [(["alpha"], []), (["alpha", "gamma"], ["beta"]), ([], ["beta"])])
+@pytest.mark.parametrize(
+    ("target", "avoid"), [(["alpha"], []), (["alpha", "gamma"], ["beta"]), ([], ["beta"])]
+)
 def test_step_is_minus_alpha_autograd_gradient(tiny_probe, tiny_acts, target, avoid):
     x = tiny_acts.at(2)[:7].clone()
     xg = x.clone().requires_grad_(True)
@@ -53,7 +55,9 @@ def test_gradient_matches_finite_differences(tiny_probe, tiny_acts):
             xp, xm = x.clone(), x.clone()
             xp[i, j] += eps
             xm[i, j] -= eps
-            fd = (_loss(probe, xp, ["alpha"], ["beta"]) - _loss(probe, xm, ["alpha"], ["beta"])) / (2 * eps)
+            fd = (_loss(probe, xp, ["alpha"], ["beta"]) - _loss(probe, xm, ["alpha"], ["beta"])) / (
+                2 * eps
+            )
             assert abs(float(fd) - float(g[i, j])) < 1e-6 * max(1.0, abs(float(fd)))
     finally:
         tiny_probe.float()
@@ -74,8 +78,12 @@ def test_multistep_with_decay_and_step_norms(tiny_probe, tiny_acts):
     cur = x.clone()
     for k in range(3):
         cur = cur - 2.0 * 0.5**k * single.direction(cur, spec)
-    torch.testing.assert_close(KSteering(tiny_probe, steps=3, decay=0.5).apply(x, target=["beta"], alpha=2.0), cur,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        KSteering(tiny_probe, steps=3, decay=0.5).apply(x, target=["beta"], alpha=2.0),
+        cur,
+        atol=1e-5,
+        rtol=1e-5,
+    )
     unit = KSteering(tiny_probe, step_norm="unit").apply(x, target=["beta"], alpha=0.7)
     torch.testing.assert_close((unit - x).norm(dim=-1), torch.full((4,), 0.7), atol=1e-4, rtol=1e-4)
     rel = KSteering(tiny_probe, step_norm="relative").apply(x, target=["beta"], alpha=0.1)
@@ -93,7 +101,9 @@ def test_objective_coefficients_match_autograd(tiny_probe, tiny_acts, objective)
     c = label_coefficients(logits.detach(), t, a, objective, 0.5)
     (g,) = torch.autograd.grad(tiny_probe(x), x, grad_outputs=c)
     torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
-    d = KSteering(tiny_probe, objective=objective, temperature=0.5).direction(x.detach(), SteeringSpec(("alpha", "gamma"), ("beta",), 1.0))
+    d = KSteering(tiny_probe, objective=objective, temperature=0.5).direction(
+        x.detach(), SteeringSpec(("alpha", "gamma"), ("beta",), 1.0)
+    )
     torch.testing.assert_close(d, g_ref, atol=1e-5, rtol=1e-5)
 
 
@@ -104,7 +114,9 @@ def test_combine_rules_on_planted_gradients():
     torch.testing.assert_close(combine_gradients(both, "sum"), torch.tensor([[-2.0, 1.0]]))
     bal = combine_gradients(both, "balanced")
     mean_norm = (1.0 + 10**0.5) / 2
-    torch.testing.assert_close(bal, mean_norm * (torch.tensor([[1.0, 0.0]]) + torch.tensor([[-3.0, 1.0]]) / 10**0.5))
+    torch.testing.assert_close(
+        bal, mean_norm * (torch.tensor([[1.0, 0.0]]) + torch.tensor([[-3.0, 1.0]]) / 10**0.5)
+    )
     pc = combine_gradients(both, "pcgrad")
     # g1 loses its component along g2; g2 loses its component along g1
     g1p = torch.tensor([1.0, 0.0]) - (-3.0 / 10.0) * torch.tensor([-3.0, 1.0])
@@ -167,16 +179,24 @@ def test_exactly_the_chosen_positions_change_in_forward(tiny_model, tiny_probe, 
     hook = tiny_probe.hook_name
     batch = ks.tokenize_chat(tiny_model, ["hi?", "a longer prompt?"])
     plain = _capture(tiny_model, batch, hook)
-    steered = _capture(tiny_model, batch, hook, ks_, positions=positions, target=["gamma"], alpha=5.0)
+    steered = _capture(
+        tiny_model, batch, hook, ks_, positions=positions, target=["gamma"], alpha=5.0
+    )
     changed = (steered != plain).any(-1)
     real = batch.attention_mask.bool()
-    expected = {"all": real, "prompt": real, "generated": torch.zeros_like(real),
-                "last": torch.zeros_like(real).index_fill_(1, torch.tensor([real.shape[1] - 1]), True)}[positions]
+    expected = {
+        "all": real,
+        "prompt": real,
+        "generated": torch.zeros_like(real),
+        "last": torch.zeros_like(real).index_fill_(1, torch.tensor([real.shape[1] - 1]), True),
+    }[positions]
     assert torch.equal(changed, expected)
 
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "generated", "last"])
-def test_exactly_the_chosen_positions_change_during_cached_generation(tiny_model, tiny_probe, positions):
+def test_exactly_the_chosen_positions_change_during_cached_generation(
+    tiny_model, tiny_probe, positions
+):
     """Hooks before and after the steering hook on the same hook point see each call's activation
     unsteered and steered: exactly the chosen positions differ, by exactly the K-Steering step."""
     ks_ = KSteering(tiny_probe)
@@ -194,7 +214,11 @@ def test_exactly_the_chosen_positions_change_during_cached_generation(tiny_model
         with ks_.steer(tiny_model, target=["gamma"], alpha=5.0, positions=positions):
             with tiny_model.hooks(fwd_hooks=[(hook, after)]):
                 generate(tiny_model, prompts, max_new_tokens=4)
-    assert [p.shape[1] for p in pre][1:] == [1, 1, 1]  # the prompt, then one token per step (KV cache)
+    assert [p.shape[1] for p in pre][1:] == [
+        1,
+        1,
+        1,
+    ]  # the prompt, then one token per step (KV cache)
     real = ks.tokenize_chat(tiny_model, prompts).attention_mask.bool()
     last = torch.zeros_like(real)
     last[:, -1] = True
@@ -218,7 +242,10 @@ def test_hooks_removed_after_context_even_on_error(tiny_model, tiny_probe):
     with KSteering(tiny_probe).steer(tiny_model, target=["alpha"], alpha=50.0):
         steered = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
     assert not torch.equal(steered, before)
-    with pytest.raises(RuntimeError, match="boom"), KSteering(tiny_probe).steer(tiny_model, target=["alpha"], alpha=50.0):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        KSteering(tiny_probe).steer(tiny_model, target=["alpha"], alpha=50.0),
+    ):
         raise RuntimeError("boom")
     after = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
     assert torch.equal(after, before)
@@ -232,7 +259,12 @@ def test_works_under_inference_mode_and_no_grad(tiny_model, tiny_probe):
         ref = tiny_model(batch.input_ids)
     with torch.no_grad(), KSteering(tiny_probe).steer(tiny_model, target=["beta"], alpha=20.0):
         a = tiny_model(batch.input_ids)
-    with torch.inference_mode(), KSteering(tiny_probe, steps=2, combine="pcgrad").steer(tiny_model, target=["beta", "gamma"], alpha=20.0):
+    with (
+        torch.inference_mode(),
+        KSteering(tiny_probe, steps=2, combine="pcgrad").steer(
+            tiny_model, target=["beta", "gamma"], alpha=20.0
+        ),
+    ):
         b = tiny_model(batch.input_ids)
     assert not torch.equal(a, ref)
     assert b.shape == ref.shape
@@ -263,32 +295,71 @@ def test_steering_errors(tiny_model, tiny_probe):
         ks_.spec([], [])
     with pytest.raises(ValueError, match="finite"):
         ks_.spec(["alpha"], alpha=float("nan"))
-    with pytest.raises(HookPointError, match="out of range"), ks_.steer(tiny_model, target=["alpha"], hook_names="blocks.9.hook_resid_post", allow_other_hooks=True):
+    with (
+        pytest.raises(HookPointError, match="out of range"),
+        ks_.steer(
+            tiny_model,
+            target=["alpha"],
+            hook_names="blocks.9.hook_resid_post",
+            allow_other_hooks=True,
+        ),
+    ):
         pass
-    with pytest.raises(MetadataMismatchError, match="outside the hook point it was trained on"), ks_.steer(tiny_model, target=["alpha"], hook_names="blocks.1.hook_resid_post"):
+    with (
+        pytest.raises(MetadataMismatchError, match="outside the hook point it was trained on"),
+        ks_.steer(tiny_model, target=["alpha"], hook_names="blocks.1.hook_resid_post"),
+    ):
         pass
-    with pytest.raises(HookPointError, match="resid_mid"), ks_.steer(tiny_model, target=["alpha"], hook_names="blocks.2.hook_resid_mid", allow_other_hooks=True):
+    with (
+        pytest.raises(HookPointError, match="resid_mid"),
+        ks_.steer(
+            tiny_model,
+            target=["alpha"],
+            hook_names="blocks.2.hook_resid_mid",
+            allow_other_hooks=True,
+        ),
+    ):
         pass
     other = ks.load_model("tiny-random-llama", seed=1)
-    with pytest.raises(MetadataMismatchError, match="another model"), ks_.steer(other, target=["alpha"]):
+    with (
+        pytest.raises(MetadataMismatchError, match="another model"),
+        ks_.steer(other, target=["alpha"]),
+    ):
         pass
     # a probe for a different d_model
-    wrong = Probe([(torch.zeros(32, 3), torch.zeros(3))], torch.zeros(32), torch.ones(32), label_names=LABELS,
-                  hook_name="blocks.2.hook_resid_post", model={"model": "tiny-random-llama", "d_model": 32, "n_layers": 4},
-                  config=ProbeConfig(kind="linear"))
-    with pytest.raises(MetadataMismatchError, match="d_model"), KSteering(wrong).steer(tiny_model, target=["alpha"]):
+    wrong = Probe(
+        [(torch.zeros(32, 3), torch.zeros(3))],
+        torch.zeros(32),
+        torch.ones(32),
+        label_names=LABELS,
+        hook_name="blocks.2.hook_resid_post",
+        model={"model": "tiny-random-llama", "d_model": 32, "n_layers": 4},
+        config=ProbeConfig(kind="linear"),
+    )
+    with (
+        pytest.raises(MetadataMismatchError, match="d_model"),
+        KSteering(wrong).steer(tiny_model, target=["alpha"]),
+    ):
         pass
     with pytest.raises(ValueError, match="steps"):
         KSteering(tiny_probe, steps=0)
-    with pytest.raises(ValueError, match="unknown positions"), ks_.steer(tiny_model, target=["alpha"], positions="middle"):
+    with (
+        pytest.raises(ValueError, match="unknown positions"),
+        ks_.steer(tiny_model, target=["alpha"], positions="middle"),
+    ):
         pass
 
 
 def test_other_hooks_when_explicitly_allowed(tiny_model, tiny_probe):
     batch = ks.tokenize_chat(tiny_model, ["hello?"])
     plain = _capture(tiny_model, batch, "blocks.1.hook_resid_post")
-    with KSteering(tiny_probe).steer(tiny_model, target=["alpha"], alpha=5.0,
-                                     hook_names=["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"], allow_other_hooks=True):
+    with KSteering(tiny_probe).steer(
+        tiny_model,
+        target=["alpha"],
+        alpha=5.0,
+        hook_names=["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"],
+        allow_other_hooks=True,
+    ):
         steered = _capture(tiny_model, batch, "blocks.1.hook_resid_post")
     assert not torch.equal(plain, steered)
 
@@ -349,7 +420,11 @@ def test_vectors_save_load_round_trip(tiny_acts, tiny_model, tmp_path):
     vec.save(tmp_path / "v")
     back = SteeringVectors.load(tmp_path / "v", model=tiny_model)
     assert torch.equal(back.vectors, vec.vectors)
-    assert back.label_names == vec.label_names and back.hook_name == vec.hook_name and back.method == vec.method
+    assert (
+        back.label_names == vec.label_names
+        and back.hook_name == vec.hook_name
+        and back.method == vec.method
+    )
     with pytest.raises(MetadataMismatchError, match="not 'blocks.1.hook_resid_post'"):
         SteeringVectors.load(tmp_path / "v", hook_name="blocks.1.hook_resid_post")
     with pytest.raises(MetadataMismatchError, match="another model"):

@@ -35,11 +35,15 @@ def unit(v: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "... d"]:
     return v / v.norm(dim=-1, keepdim=True).clamp(min=_EPS)
 
 
-def cosine(a: Float[torch.Tensor, "... d"], b: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "..."]:
+def cosine(
+    a: Float[torch.Tensor, "... d"], b: Float[torch.Tensor, "... d"]
+) -> Float[torch.Tensor, "..."]:
     return (unit(a) * unit(b)).sum(-1)
 
 
-def step_directions(method: KSteering, x: Float[torch.Tensor, "n d"], spec: SteeringSpec) -> Float[torch.Tensor, "n d"]:
+def step_directions(
+    method: KSteering, x: Float[torch.Tensor, "n d"], spec: SteeringSpec
+) -> Float[torch.Tensor, "n d"]:
     """Unit direction of each input's first K-Steering step (``-grad``, after combination)."""
     return unit(-method.direction(x, spec))
 
@@ -50,17 +54,31 @@ class DirectionStats:
     mean_cos: float
     std_cos: float
     mean_resultant_length: float
-    pca_explained: Float[torch.Tensor, " k"]  # fraction of variance of the unit directions per component
+    pca_explained: Float[
+        torch.Tensor, " k"
+    ]  # fraction of variance of the unit directions per component
 
     def to_json(self) -> dict[str, object]:
-        return {"mean_cos": self.mean_cos, "std_cos": self.std_cos,
-                "mean_resultant_length": self.mean_resultant_length,
-                "pca_explained": [float(v) for v in self.pca_explained[:10]],
-                "cos_quantiles": [float(q) for q in torch.quantile(self.cos_to_reference,
-                                                                    torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95]))]}
+        return {
+            "mean_cos": self.mean_cos,
+            "std_cos": self.std_cos,
+            "mean_resultant_length": self.mean_resultant_length,
+            "pca_explained": [float(v) for v in self.pca_explained[:10]],
+            "cos_quantiles": [
+                float(q)
+                for q in torch.quantile(
+                    self.cos_to_reference, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
+                )
+            ],
+        }
 
 
-def direction_stats(directions: Float[torch.Tensor, "n d"], reference: Float[torch.Tensor, " d"], *, n_components: int = 10) -> DirectionStats:
+def direction_stats(
+    directions: Float[torch.Tensor, "n d"],
+    reference: Float[torch.Tensor, " d"],
+    *,
+    n_components: int = 10,
+) -> DirectionStats:
     u = unit(directions.float())
     cos = cosine(u, reference.float().expand_as(u))
     mrl = float(u.mean(0).norm())
@@ -69,10 +87,14 @@ def direction_stats(directions: Float[torch.Tensor, "n d"], reference: Float[tor
         s = torch.linalg.svdvals(centred)
         var = s**2
         tot = float(var.sum())
-        explained = var[:n_components] / tot if tot > 1e-12 else torch.zeros(min(n_components, len(var)))
+        explained = (
+            var[:n_components] / tot if tot > 1e-12 else torch.zeros(min(n_components, len(var)))
+        )
     else:
         explained = torch.zeros(0)
-    return DirectionStats(cos, float(cos.mean()), float(cos.std()) if len(cos) > 1 else 0.0, mrl, explained)
+    return DirectionStats(
+        cos, float(cos.mean()), float(cos.std()) if len(cos) > 1 else 0.0, mrl, explained
+    )
 
 
 @dataclass
@@ -94,7 +116,9 @@ class LabelGeometry:
         return sorted(out, key=lambda t: t[2])
 
 
-def label_gradient_geometry(probe: Probe, x: Float[torch.Tensor, "n d"], labels: Sequence[str] | None = None) -> LabelGeometry:
+def label_gradient_geometry(
+    probe: Probe, x: Float[torch.Tensor, "n d"], labels: Sequence[str] | None = None
+) -> LabelGeometry:
     """Gradients of each label's raw logit: mean norms and pairwise cosines."""
     names = tuple(labels or probe.label_names)
     idx = probe.label_indices(names)
@@ -113,12 +137,19 @@ class Rotation:
     step_norms: Float[torch.Tensor, "n steps"]
 
 
-def multistep_rotation(method: KSteering, x: Float[torch.Tensor, "n d"], spec: SteeringSpec) -> Rotation:
+def multistep_rotation(
+    method: KSteering, x: Float[torch.Tensor, "n d"], spec: SteeringSpec
+) -> Rotation:
     """Directions of each step along a multi-step K-Steering trajectory."""
     traj = method.trajectory(x, spec)
     steps = [traj[k + 1] - traj[k] for k in range(len(traj) - 1)]
     first = steps[0]
     to_first = torch.stack([cosine(s, first) for s in steps], dim=1)
-    prev = [torch.ones(x.shape[0], device=first.device)] + [cosine(steps[k], steps[k - 1]) for k in range(1, len(steps))]
-    return Rotation(to_first.cpu(), torch.stack(prev, dim=1).cpu(), torch.stack([s.norm(dim=-1) for s in steps], 1).cpu())
-
+    prev = [torch.ones(x.shape[0], device=first.device)] + [
+        cosine(steps[k], steps[k - 1]) for k in range(1, len(steps))
+    ]
+    return Rotation(
+        to_first.cpu(),
+        torch.stack(prev, dim=1).cpu(),
+        torch.stack([s.norm(dim=-1) for s in steps], 1).cpu(),
+    )

@@ -20,15 +20,27 @@ from ks_lens.probes import Probe, ProbeConfig, train_probes
 from ks_lens.steering import SteeringVectors
 
 
-def probe_accuracy_by_layer(acts: Activations, *, mlp: ProbeConfig = ProbeConfig(), linear: ProbeConfig | None = None,
-                            progress: bool = False) -> tuple[dict[int, Probe], dict[int, Probe], list[dict[str, Any]]]:
+def probe_accuracy_by_layer(
+    acts: Activations,
+    *,
+    mlp: ProbeConfig | None = None,
+    linear: ProbeConfig | None = None,
+    progress: bool = False,
+) -> tuple[dict[int, Probe], dict[int, Probe], list[dict[str, Any]]]:
     """MLP and linear probes at every layer of ``acts``, and a record per layer of their accuracy."""
+    mlp = mlp or ProbeConfig()
     linear = linear or replace(mlp, kind="linear")
     mlps = train_probes(acts, config=mlp, progress=progress)
     lins = train_probes(acts, config=linear, progress=progress)
-    rows = [{"layer": layer, "mlp_val_accuracy": mlps[layer].metrics["val_accuracy"],
-             "linear_val_accuracy": lins[layer].metrics["val_accuracy"],
-             "mlp_val_per_label": mlps[layer].metrics["val_per_label_accuracy"]} for layer in sorted(mlps)]
+    rows = [
+        {
+            "layer": layer,
+            "mlp_val_accuracy": mlps[layer].metrics["val_accuracy"],
+            "linear_val_accuracy": lins[layer].metrics["val_accuracy"],
+            "mlp_val_per_label": mlps[layer].metrics["val_per_label_accuracy"],
+        }
+        for layer in sorted(mlps)
+    ]
     return mlps, lins, rows
 
 
@@ -50,27 +62,52 @@ def layer_sweep(
     """Steering effect per layer; each record holds the comparison summaries for that layer."""
     bad = [layer for layer in layers if layer > evaluator.layer]
     if bad:
-        raise ValueError(f"the evaluator (layer {evaluator.layer}) must read at or after every swept layer; {bad} are later")
+        raise ValueError(
+            f"the evaluator (layer {evaluator.layer}) must read at or after every swept layer; {bad} are later"
+        )
     if probes is None:
         probes = train_probes(train_acts, layers=list(layers), progress=False)
     out = []
     for layer in tqdm(list(layers), desc="layer sweep", disable=not progress):
         vectors = SteeringVectors.fit(train_acts, layer)
-        res = run_comparison(model, probe=probes[layer], vectors=vectors, evaluator=evaluator,
-                             response_evaluator=response_evaluator, calib_questions=calib_questions,
-                             eval_questions=eval_questions, gen_questions=gen_questions, config=config,
-                             progress=False, log=lambda s: None)
-        rec = {"layer": layer, "alpha": res["alpha"], "activation": summarise(res, "activation_eval"),
-               "generation": summarise(res, "generation_eval") if res["generation_eval"] else [],
-               "timings": res["timings"]}
+        res = run_comparison(
+            model,
+            probe=probes[layer],
+            vectors=vectors,
+            evaluator=evaluator,
+            response_evaluator=response_evaluator,
+            calib_questions=calib_questions,
+            eval_questions=eval_questions,
+            gen_questions=gen_questions,
+            config=config,
+            progress=False,
+            log=lambda s: None,
+        )
+        rec = {
+            "layer": layer,
+            "alpha": res["alpha"],
+            "activation": summarise(res, "activation_eval"),
+            "generation": summarise(res, "generation_eval") if res["generation_eval"] else [],
+            "timings": res["timings"],
+        }
         out.append(rec)
-        best = max((r for r in rec["activation"] if r["method"] != "unsteered"), key=lambda r: r["mean_target_prob"])
-        log(f"  layer {layer:2d}: best {best['method']} k={best['k']} p={best['mean_target_prob']:.3f}")
+        best = max(
+            (r for r in rec["activation"] if r["method"] != "unsteered"),
+            key=lambda r: r["mean_target_prob"],
+        )
+        log(
+            f"  layer {layer:2d}: best {best['method']} k={best['k']} p={best['mean_target_prob']:.3f}"
+        )
     return out
 
 
-def recommend_layer(accuracy: list[dict[str, Any]], sweep: list[dict[str, Any]], *, method: str = "ksteer",
-                    min_accuracy: float = 0.9) -> tuple[int, str]:
+def recommend_layer(
+    accuracy: list[dict[str, Any]],
+    sweep: list[dict[str, Any]],
+    *,
+    method: str = "ksteer",
+    min_accuracy: float = 0.9,
+) -> tuple[int, str]:
     """The swept layer where ``method`` raises the held-out target probability most (mean over
     numbers of targets), among layers whose MLP probe reaches ``min_accuracy``; with the reason."""
     acc = {r["layer"]: r["mlp_val_accuracy"] for r in accuracy}
@@ -81,11 +118,15 @@ def recommend_layer(accuracy: list[dict[str, Any]], sweep: list[dict[str, Any]],
             continue
         scored.append((sum(r["mean_target_delta"] for r in rows) / len(rows), rec["layer"]))
     if not scored:
-        raise ValueError(f"no swept layer has {method} results with probe accuracy >= {min_accuracy}")
+        raise ValueError(
+            f"no swept layer has {method} results with probe accuracy >= {min_accuracy}"
+        )
     gain, layer = max(scored)
     runner = sorted(scored, reverse=True)[1] if len(scored) > 1 else None
-    reason = (f"layer {layer}: {method} raises the held-out evaluator's target probability by {gain:+.3f} on average "
-              f"at matched coherence (probe accuracy {acc[layer]:.2f})")
+    reason = (
+        f"layer {layer}: {method} raises the held-out evaluator's target probability by {gain:+.3f} on average "
+        f"at matched coherence (probe accuracy {acc[layer]:.2f})"
+    )
     if runner:
         reason += f"; next best layer {runner[1]} ({runner[0]:+.3f})"
     return layer, reason

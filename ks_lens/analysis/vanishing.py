@@ -57,12 +57,22 @@ class Diagnosis:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"targets": list(self.targets), "cos_matrix": self.cos_matrix, "notes": self.notes,
-                "per_target": {k: vars(v) for k, v in self.per_target.items()}}
+        return {
+            "targets": list(self.targets),
+            "cos_matrix": self.cos_matrix,
+            "notes": self.notes,
+            "per_target": {k: vars(v) for k, v in self.per_target.items()},
+        }
 
 
-def classify_cause(t: TargetDiagnosis, *, weak_accuracy: float = 0.9, conflict_cos: float = -0.1,
-                   dominated_ratio: float = 0.5, probe_rise: float = 0.2) -> str:
+def classify_cause(
+    t: TargetDiagnosis,
+    *,
+    weak_accuracy: float = 0.9,
+    conflict_cos: float = -0.1,
+    dominated_ratio: float = 0.5,
+    probe_rise: float = 0.2,
+) -> str:
     """The most likely reason a target vanished, checked in this order:
 
     ``weak label``: the steering probe itself recognises it poorly (accuracy < ``weak_accuracy``);
@@ -102,7 +112,9 @@ def diagnose(
     idx = probe.label_indices(targets)
     with torch.no_grad():
         base_logits = probe(x)[:, idx]
-    traj = KSteering(probe, steps=steps, decay=decay).trajectory(x, SteeringSpec(targets, (), alpha))
+    traj = KSteering(probe, steps=steps, decay=decay).trajectory(
+        x, SteeringSpec(targets, (), alpha)
+    )
     with torch.no_grad():
         probs = [torch.sigmoid(probe(t)[:, idx]).mean(0) for t in traj]  # [steps+1][k]
     accs = probe.metrics.get("val_per_label_accuracy", {})
@@ -128,6 +140,8 @@ def diagnose(
     notes = []
     for lab, td in per.items():
         if td.vanished:
-            notes.append(f"{lab}: {td.cause} (grad norm ratio {td.grad_norm_ratio:.2f}, min cos {td.min_cos_to_other_targets:+.2f}, "
-                         f"probe p {td.prob_trajectory[0]:.2f}->{td.prob_trajectory[-1]:.2f})")
+            notes.append(
+                f"{lab}: {td.cause} (grad norm ratio {td.grad_norm_ratio:.2f}, min cos {td.min_cos_to_other_targets:+.2f}, "
+                f"probe p {td.prob_trajectory[0]:.2f}->{td.prob_trajectory[-1]:.2f})"
+            )
     return Diagnosis(targets, per, geo.cos_matrix.tolist(), notes)

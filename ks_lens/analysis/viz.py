@@ -22,7 +22,9 @@ from ks_lens.io import atomic_write_bytes
 from ks_lens.probes import Probe
 
 
-def token_probabilities(model: Any, question: str, answer: str, probe: Probe) -> tuple[list[str], Float[torch.Tensor, "t k"]]:
+def token_probabilities(
+    model: Any, question: str, answer: str, probe: Probe
+) -> tuple[list[str], Float[torch.Tensor, "t k"]]:
     """Answer tokens and the probe's per-label probabilities at each of them."""
     tok = model.tokenizer
     head = tok(format_chat(tok, ChatPrompt(question)), add_special_tokens=False)["input_ids"]
@@ -33,7 +35,7 @@ def token_probabilities(model: Any, question: str, answer: str, probe: Probe) ->
     got: dict[str, torch.Tensor] = {}
 
     def capture(act: torch.Tensor, hook: Any) -> None:
-        got["x"] = act[0, len(head):].detach()
+        got["x"] = act[0, len(head) :].detach()
 
     with torch.no_grad(), model.hooks(fwd_hooks=[(probe.hook_name, capture)]):
         model(ids, logits_to_keep=1)
@@ -41,16 +43,20 @@ def token_probabilities(model: Any, question: str, answer: str, probe: Probe) ->
     return [tok.decode([t]) for t in ans], probs
 
 
-def token_view_html(model: Any, question: str, answers: Mapping[str, str], probe: Probe, *, title: str = "") -> str:
+def token_view_html(
+    model: Any, question: str, answers: Mapping[str, str], probe: Probe, *, title: str = ""
+) -> str:
     """One HTML page: for each named answer, its tokens coloured by the probe's label probabilities."""
     from circuitsvis.tokens import colored_tokens_multi
 
-    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title or 'ks-lens token view')}</title></head><body>",
-             f"<h2>{html.escape(title)}</h2>" if title else "",
-             f"<p><b>Question:</b> {html.escape(question)}</p>",
-             f"<p>Colour: probability of each label under <code>{html.escape(probe.hook_name)}</code> probe, read at "
-             "every answer token of question + answer re-encoded without any instruction (unsteered model). "
-             "Choose the label in each view.</p>"]
+    parts = [
+        f"<html><head><meta charset='utf-8'><title>{html.escape(title or 'ks-lens token view')}</title></head><body>",
+        f"<h2>{html.escape(title)}</h2>" if title else "",
+        f"<p><b>Question:</b> {html.escape(question)}</p>",
+        f"<p>Colour: probability of each label under <code>{html.escape(probe.hook_name)}</code> probe, read at "
+        "every answer token of question + answer re-encoded without any instruction (unsteered model). "
+        "Choose the label in each view.</p>",
+    ]
     for name, answer in answers.items():
         tokens, probs = token_probabilities(model, question, answer, probe)
         parts.append(f"<h3>{html.escape(name)}</h3><p>{html.escape(answer)}</p>")

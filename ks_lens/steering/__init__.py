@@ -5,7 +5,13 @@ installs hooks for the block and removes them on exit; ``method.hooks(...)`` giv
 ``run_with_hooks``-ready hook functions; ``method.apply(x, ...)`` steers a tensor directly.
 """
 
-from ks_lens.steering.base import Steerer, SteeringSpec, grouped_steering_hook, steer_groups, steering_hook
+from ks_lens.steering.base import (
+    Steerer,
+    SteeringSpec,
+    grouped_steering_hook,
+    steer_groups,
+    steering_hook,
+)
 from ks_lens.steering.caa import CAA, SteeringVectors
 from ks_lens.steering.ksteer import (
     KProjection,
@@ -28,9 +34,9 @@ __all__ = [
     "SteeringVectors",
     "combine_gradients",
     "grouped_steering_hook",
-    "steer_groups",
     "label_coefficients",
     "objective_value",
     "probe_gradients",
+    "steer_groups",
     "steering_hook",
 ]

@@ -42,8 +42,15 @@ class SteeringSpec:
     alpha: float = 1.0
 
     @classmethod
-    def make(cls, target: Sequence[str] | str | None, avoid: Sequence[str] | str | None, alpha: float,
-             label_names: Sequence[str], *, allow_empty: bool = False) -> SteeringSpec:
+    def make(
+        cls,
+        target: Sequence[str] | str | None,
+        avoid: Sequence[str] | str | None,
+        alpha: float,
+        label_names: Sequence[str],
+        *,
+        allow_empty: bool = False,
+    ) -> SteeringSpec:
         t = _as_tuple(target)
         a = _as_tuple(avoid)
         unknown = [x for x in (*t, *a) if x not in label_names]
@@ -51,12 +58,18 @@ class SteeringSpec:
             raise LabelError(f"unknown label(s) {unknown}; known labels are {list(label_names)}")
         both = sorted(set(t) & set(a))
         if both:
-            raise LabelError(f"label(s) {both} are both target and avoid; a label can only be one of them")
+            raise LabelError(
+                f"label(s) {both} are both target and avoid; a label can only be one of them"
+            )
         if len(set(t)) != len(t) or len(set(a)) != len(a):
             raise LabelError("a label is repeated in target or avoid")
         if not t and not a and not allow_empty:
             raise LabelError("nothing to steer: target and avoid are both empty")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        if (
+            not isinstance(alpha, (int, float))
+            or isinstance(alpha, bool)
+            or not math.isfinite(alpha)
+        ):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         return cls(t, a, float(alpha))
 
@@ -69,7 +82,9 @@ def _as_tuple(x: Sequence[str] | str | None) -> tuple[str, ...]:
     return tuple(x)
 
 
-def steering_hook(transform: Transform, positions: str = "all", tracker: PositionTracker | None = None) -> Callable[..., Any]:
+def steering_hook(
+    transform: Transform, positions: str = "all", tracker: PositionTracker | None = None
+) -> Callable[..., Any]:
     """A TransformerLens forward hook applying ``transform`` at the selected positions.
 
     Unselected positions are returned untouched (same values, same dtype). The change is
@@ -95,8 +110,12 @@ def steering_hook(transform: Transform, positions: str = "all", tracker: Positio
     return hook
 
 
-def grouped_steering_hook(transforms: Sequence[Transform | None], row_group: torch.Tensor, positions: str = "all",
-                          tracker: PositionTracker | None = None) -> Callable[..., Any]:
+def grouped_steering_hook(
+    transforms: Sequence[Transform | None],
+    row_group: torch.Tensor,
+    positions: str = "all",
+    tracker: PositionTracker | None = None,
+) -> Callable[..., Any]:
     """One hook applying a different transform to each group of batch rows.
 
     ``row_group[b]`` is the index into ``transforms`` of row ``b`` (``-1``: leave the row alone);
@@ -109,7 +128,11 @@ def grouped_steering_hook(transforms: Sequence[Transform | None], row_group: tor
         b, s, _ = act.shape
         if row_group.shape[0] != b:
             raise ValueError(f"row_group has {row_group.shape[0]} rows but the batch has {b}")
-        sel = tracker.select(positions, b, s, act.device) if tracker is not None else _select_untracked(positions, b, s, act.device)
+        sel = (
+            tracker.select(positions, b, s, act.device)
+            if tracker is not None
+            else _select_untracked(positions, b, s, act.device)
+        )
         groups = row_group.to(act.device)
         out = None
         for g, f in enumerate(transforms):
@@ -127,8 +150,13 @@ def grouped_steering_hook(transforms: Sequence[Transform | None], row_group: tor
 
 
 @contextmanager
-def steer_groups(model: Any, groups: Sequence[tuple[Steerer, SteeringSpec] | None], row_group: Sequence[int] | torch.Tensor,
-                 *, positions: str = "all") -> Iterator[PositionTracker]:
+def steer_groups(
+    model: Any,
+    groups: Sequence[tuple[Steerer, SteeringSpec] | None],
+    row_group: Sequence[int] | torch.Tensor,
+    *,
+    positions: str = "all",
+) -> Iterator[PositionTracker]:
     """Steer each group of batch rows with its own ``(method, spec)`` (``None``: unsteered).
 
     ``row_group`` gives each batch row's group index. Methods may sit at different hook points;
@@ -143,9 +171,12 @@ def steer_groups(model: Any, groups: Sequence[tuple[Steerer, SteeringSpec] | Non
         method.check_model(model)
         check_steerable(model, method.hook_name)
         by_hook.setdefault(method.hook_name, [None] * len(groups))[g] = method.transform(
-            SteeringSpec.make(spec.target, spec.avoid, spec.alpha, method.label_names))
+            SteeringSpec.make(spec.target, spec.avoid, spec.alpha, method.label_names)
+        )
     tracker = PositionTracker()
-    fwd = [(name, grouped_steering_hook(ts, rg, positions, tracker)) for name, ts in by_hook.items()]
+    fwd = [
+        (name, grouped_steering_hook(ts, rg, positions, tracker)) for name, ts in by_hook.items()
+    ]
     tracker.install(model)
     try:
         with model.hooks(fwd_hooks=fwd):
@@ -172,18 +203,29 @@ class Steerer(ABC):
     def check_model(self, model: Any) -> None:  # noqa: B027 - optional override
         """Raise if the method's artefacts were made for another model."""
 
-    def spec(self, target: Sequence[str] | str | None = None, avoid: Sequence[str] | str | None = None,
-             alpha: float = 1.0) -> SteeringSpec:
+    def spec(
+        self,
+        target: Sequence[str] | str | None = None,
+        avoid: Sequence[str] | str | None = None,
+        alpha: float = 1.0,
+    ) -> SteeringSpec:
         return SteeringSpec.make(target, avoid, alpha, self.label_names)
 
-    def apply(self, x: Float[torch.Tensor, "... d_model"], target: Sequence[str] | str | None = None,
-              avoid: Sequence[str] | str | None = None, alpha: float = 1.0) -> Float[torch.Tensor, "... d_model"]:
+    def apply(
+        self,
+        x: Float[torch.Tensor, "... d_model"],
+        target: Sequence[str] | str | None = None,
+        avoid: Sequence[str] | str | None = None,
+        alpha: float = 1.0,
+    ) -> Float[torch.Tensor, "... d_model"]:
         """Steer a tensor of activations directly (no model): ``x'`` of the same shape."""
         f = self.transform(self.spec(target, avoid, alpha))
         shape = x.shape
         return f(x.reshape(-1, shape[-1])).reshape(shape)
 
-    def _hook_names(self, model: Any, hook_names: Sequence[str] | str | None, allow_other_hooks: bool) -> list[str]:
+    def _hook_names(
+        self, model: Any, hook_names: Sequence[str] | str | None, allow_other_hooks: bool
+    ) -> list[str]:
         if hook_names is None:
             names = [self.hook_name]
         elif isinstance(hook_names, str):
@@ -201,9 +243,18 @@ class Steerer(ABC):
                 )
         return names
 
-    def hooks(self, model: Any, target: Sequence[str] | str | None = None, avoid: Sequence[str] | str | None = None,
-              alpha: float = 1.0, *, positions: str = "all", hook_names: Sequence[str] | str | None = None,
-              allow_other_hooks: bool = False, tracker: PositionTracker | None = None) -> HookList:
+    def hooks(
+        self,
+        model: Any,
+        target: Sequence[str] | str | None = None,
+        avoid: Sequence[str] | str | None = None,
+        alpha: float = 1.0,
+        *,
+        positions: str = "all",
+        hook_names: Sequence[str] | str | None = None,
+        allow_other_hooks: bool = False,
+        tracker: PositionTracker | None = None,
+    ) -> HookList:
         """``[(hook_name, fn)]`` for ``model.run_with_hooks`` / ``model.hooks``.
 
         Without a ``tracker`` (see :meth:`steer`), each forward call is one whole prompt:
@@ -215,9 +266,17 @@ class Steerer(ABC):
         return [(name, steering_hook(f, positions, tracker)) for name in names]
 
     @contextmanager
-    def steer(self, model: Any, target: Sequence[str] | str | None = None, avoid: Sequence[str] | str | None = None,
-              alpha: float = 1.0, *, positions: str = "all", hook_names: Sequence[str] | str | None = None,
-              allow_other_hooks: bool = False) -> Iterator[PositionTracker]:
+    def steer(
+        self,
+        model: Any,
+        target: Sequence[str] | str | None = None,
+        avoid: Sequence[str] | str | None = None,
+        alpha: float = 1.0,
+        *,
+        positions: str = "all",
+        hook_names: Sequence[str] | str | None = None,
+        allow_other_hooks: bool = False,
+    ) -> Iterator[PositionTracker]:
         """Steer ``model`` inside a ``with`` block; hooks are removed on exit, even on errors.
 
         Args:
@@ -229,8 +288,16 @@ class Steerer(ABC):
                 points need ``allow_other_hooks=True``.
         """
         tracker = PositionTracker()
-        fwd = self.hooks(model, target, avoid, alpha, positions=positions, hook_names=hook_names,
-                         allow_other_hooks=allow_other_hooks, tracker=tracker)
+        fwd = self.hooks(
+            model,
+            target,
+            avoid,
+            alpha,
+            positions=positions,
+            hook_names=hook_names,
+            allow_other_hooks=allow_other_hooks,
+            tracker=tracker,
+        )
         tracker.install(model)
         try:
             with model.hooks(fwd_hooks=fwd):

@@ -43,10 +43,20 @@ CAA_COMBINES: tuple[str, ...] = ("mean", "sum")
 class SteeringVectors:
     """One steering vector per label at one hook point (``vectors[k]`` is label ``k``'s)."""
 
-    def __init__(self, vectors: Float[torch.Tensor, "k d_model"], *, label_names: Sequence[str], hook_name: str,
-                 model: dict[str, Any], method: str = "mean_diff", source: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        vectors: Float[torch.Tensor, "k d_model"],
+        *,
+        label_names: Sequence[str],
+        hook_name: str,
+        model: dict[str, Any],
+        method: str = "mean_diff",
+        source: dict[str, Any] | None = None,
+    ):
         if vectors.ndim != 2 or vectors.shape[0] != len(label_names):
-            raise ValueError(f"vectors must be [n_labels={len(label_names)}, d_model], got {tuple(vectors.shape)}")
+            raise ValueError(
+                f"vectors must be [n_labels={len(label_names)}, d_model], got {tuple(vectors.shape)}"
+            )
         self.vectors = vectors.detach().float()
         self.label_names = tuple(label_names)
         self.hook_name = hook_name
@@ -56,11 +66,15 @@ class SteeringVectors:
         self.source = dict(source or {})
 
     def __repr__(self) -> str:
-        return (f"SteeringVectors({self.method}, hook={self.hook_name!r}, labels={list(self.label_names)}, "
-                f"model={self.model_info.get('model')!r})")
+        return (
+            f"SteeringVectors({self.method}, hook={self.hook_name!r}, labels={list(self.label_names)}, "
+            f"model={self.model_info.get('model')!r})"
+        )
 
     @classmethod
-    def fit(cls, acts: Activations, layer: int, *, kind: str = "resid_post", method: str = "mean_diff") -> SteeringVectors:
+    def fit(
+        cls, acts: Activations, layer: int, *, kind: str = "resid_post", method: str = "mean_diff"
+    ) -> SteeringVectors:
         """Per-label vectors from labelled activations (rows with label ``-1`` are ignored)."""
         if method not in VECTOR_METHODS:
             raise ValueError(f"unknown method {method!r}; use one of {VECTOR_METHODS}")
@@ -82,19 +96,37 @@ class SteeringVectors:
                 vecs.append(x[sel].mean(0) - x[~sel].mean(0))
             else:
                 vecs.append(x[sel].mean(0) - overall)
-        source = {"dataset": acts.meta.get("dataset"), "split": acts.meta.get("split"),
-                  "mode": acts.meta.get("collect", {}).get("mode"), "n_rows": int(len(labels))}
-        return cls(torch.stack(vecs), label_names=acts.label_names, hook_name=resid_hook(layer, kind),
-                   model=acts.meta.get("model", {}), method=method, source=source)
+        source = {
+            "dataset": acts.meta.get("dataset"),
+            "split": acts.meta.get("split"),
+            "mode": acts.meta.get("collect", {}).get("mode"),
+            "n_rows": len(labels),
+        }
+        return cls(
+            torch.stack(vecs),
+            label_names=acts.label_names,
+            hook_name=resid_hook(layer, kind),
+            model=acts.meta.get("model", {}),
+            method=method,
+            source=source,
+        )
 
     def indices(self, names: Sequence[str]) -> list[int]:
         unknown = [n for n in names if n not in self.label_names]
         if unknown:
-            raise LabelError(f"unknown label(s) {unknown}; these vectors know {list(self.label_names)}")
+            raise LabelError(
+                f"unknown label(s) {unknown}; these vectors know {list(self.label_names)}"
+            )
         return [self.label_names.index(n) for n in names]
 
-    def combine(self, target: Sequence[str] = (), avoid: Sequence[str] = (), *, how: str = "mean",
-                normalize: bool = False) -> Float[torch.Tensor, " d_model"]:
+    def combine(
+        self,
+        target: Sequence[str] = (),
+        avoid: Sequence[str] = (),
+        *,
+        how: str = "mean",
+        normalize: bool = False,
+    ) -> Float[torch.Tensor, " d_model"]:
         """One vector for a target/avoid combination (see the module docstring)."""
         if how not in CAA_COMBINES:
             raise ValueError(f"unknown combine {how!r}; use one of {CAA_COMBINES}")
@@ -117,28 +149,49 @@ class SteeringVectors:
         if model is None:
             return
         have = model_signature(model)
-        diffs = [f"{k}: vectors have {self.model_info.get(k)!r}, model has {have[k]!r}"
-                 for k in ("model", "d_model", "n_layers") if self.model_info.get(k) != have[k]]
+        diffs = [
+            f"{k}: vectors have {self.model_info.get(k)!r}, model has {have[k]!r}"
+            for k in ("model", "d_model", "n_layers")
+            if self.model_info.get(k) != have[k]
+        ]
         if diffs:
-            raise MetadataMismatchError("steering vectors were made on another model (" + "; ".join(diffs) + ")")
+            raise MetadataMismatchError(
+                "steering vectors were made on another model (" + "; ".join(diffs) + ")"
+            )
 
     def save(self, directory: str | Path) -> Path:
-        meta = {"label_names": list(self.label_names), "hook_name": self.hook_name, "layer": self.layer,
-                "model": self.model_info, "method": self.method, "source": self.source,
-                "weights_processed": False}
+        meta = {
+            "label_names": list(self.label_names),
+            "hook_name": self.hook_name,
+            "layer": self.layer,
+            "model": self.model_info,
+            "method": self.method,
+            "source": self.source,
+            "weights_processed": False,
+        }
         return save_artifact(directory, {"vectors": self.vectors}, meta, kind="steering_vectors")
 
     @classmethod
-    def load(cls, directory: str | Path, *, model: Any | None = None, hook_name: str | None = None) -> SteeringVectors:
+    def load(
+        cls, directory: str | Path, *, model: Any | None = None, hook_name: str | None = None
+    ) -> SteeringVectors:
         tensors, meta = load_artifact(directory, kind="steering_vectors")
         try:
-            out = cls(tensors["vectors"], label_names=meta["label_names"], hook_name=meta["hook_name"],
-                      model=meta["model"], method=meta.get("method", "mean_diff"), source=meta.get("source"))
+            out = cls(
+                tensors["vectors"],
+                label_names=meta["label_names"],
+                hook_name=meta["hook_name"],
+                model=meta["model"],
+                method=meta.get("method", "mean_diff"),
+                source=meta.get("source"),
+            )
         except KeyError as e:
             raise StoreError(f"steering vectors at {directory} are missing {e}") from e
         out.check_compatible(model)
         if hook_name is not None and hook_name != out.hook_name:
-            raise MetadataMismatchError(f"vectors were made at {out.hook_name!r}, not {hook_name!r}")
+            raise MetadataMismatchError(
+                f"vectors were made at {out.hook_name!r}, not {hook_name!r}"
+            )
         return out
 
 
@@ -152,8 +205,14 @@ class CAA(Steerer):
             ``"ablate"`` (project the avoid directions out of ``x``).
     """
 
-    def __init__(self, vectors: SteeringVectors, *, combine: str = "mean", normalize: bool = False,
-                 avoid_mode: str = "subtract"):
+    def __init__(
+        self,
+        vectors: SteeringVectors,
+        *,
+        combine: str = "mean",
+        normalize: bool = False,
+        avoid_mode: str = "subtract",
+    ):
         if combine not in CAA_COMBINES:
             raise ValueError(f"unknown combine {combine!r}; use one of {CAA_COMBINES}")
         if avoid_mode not in ("subtract", "ablate"):
@@ -192,8 +251,10 @@ class CAA(Steerer):
         def f(x: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_model"]:
             key = (x.device, x.dtype)
             if key not in cache:
-                cache[key] = ((alpha * v).to(device=x.device, dtype=x.dtype),
-                              None if basis is None else basis.to(device=x.device, dtype=torch.float32))
+                cache[key] = (
+                    (alpha * v).to(device=x.device, dtype=x.dtype),
+                    None if basis is None else basis.to(device=x.device, dtype=torch.float32),
+                )
             add, q = cache[key]
             if q is not None:
                 xf = x.float()

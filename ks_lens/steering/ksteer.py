@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 
+from ks_lens.errors import LabelError
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
 
@@ -53,7 +54,10 @@ _EPS = 1e-12
 
 
 def label_coefficients(
-    logits: Float[torch.Tensor, "n k"], target: Sequence[int], avoid: Sequence[int], objective: str = "logits",
+    logits: Float[torch.Tensor, "n k"],
+    target: Sequence[int],
+    avoid: Sequence[int],
+    objective: str = "logits",
     temperature: float = 1.0,
 ) -> Float[torch.Tensor, "n k"]:
     """Per-token ``c_l`` with ``grad_x L = sum_l c_l * grad_x f_l`` (zero for uninvolved labels)."""
@@ -80,8 +84,13 @@ def label_coefficients(
     return c
 
 
-def objective_value(logits: Float[torch.Tensor, "n k"], target: Sequence[int], avoid: Sequence[int],
-                    objective: str = "logits", temperature: float = 1.0) -> Float[torch.Tensor, " n"]:
+def objective_value(
+    logits: Float[torch.Tensor, "n k"],
+    target: Sequence[int],
+    avoid: Sequence[int],
+    objective: str = "logits",
+    temperature: float = 1.0,
+) -> Float[torch.Tensor, " n"]:
     """The per-token loss ``L`` whose gradient :func:`label_coefficients` describes (lower is better)."""
     t = list(target)
     a = list(avoid)
@@ -106,8 +115,12 @@ def _grad_context():
     return torch.inference_mode(False), torch.enable_grad()
 
 
-def probe_gradients(probe: Probe, x: Float[torch.Tensor, "n d_model"], labels: Sequence[int],
-                    weights: Float[torch.Tensor, "n m"] | None = None) -> tuple[Float[torch.Tensor, "m n d_model"], Float[torch.Tensor, "n k"]]:
+def probe_gradients(
+    probe: Probe,
+    x: Float[torch.Tensor, "n d_model"],
+    labels: Sequence[int],
+    weights: Float[torch.Tensor, "n m"] | None = None,
+) -> tuple[Float[torch.Tensor, "m n d_model"], Float[torch.Tensor, "n k"]]:
     """Per-token gradients ``w_l * grad_x f_l(x)`` for each label in ``labels`` (one batched VJP).
 
     Returns the gradients ``[m, n, d]`` and the logits ``[n, K]`` at ``x``.
@@ -126,7 +139,9 @@ def probe_gradients(probe: Probe, x: Float[torch.Tensor, "n d_model"], labels: S
     return g.detach(), logits.detach()
 
 
-def combine_gradients(per_label: Float[torch.Tensor, "m n d"], how: str = "sum") -> Float[torch.Tensor, "n d"]:
+def combine_gradients(
+    per_label: Float[torch.Tensor, "m n d"], how: str = "sum"
+) -> Float[torch.Tensor, "n d"]:
     """Combine per-label gradient contributions (already multiplied by their coefficients)."""
     if per_label.shape[0] == 0:
         raise ValueError("no label gradients to combine")
@@ -146,14 +161,20 @@ def combine_gradients(per_label: Float[torch.Tensor, "m n d"], how: str = "sum")
                     continue
                 gj = per_label[j]
                 dot = (gi * gj).sum(-1, keepdim=True)
-                coef = torch.where(dot < 0, dot / (gj * gj).sum(-1, keepdim=True).clamp(min=_EPS), torch.zeros_like(dot))
+                coef = torch.where(
+                    dot < 0,
+                    dot / (gj * gj).sum(-1, keepdim=True).clamp(min=_EPS),
+                    torch.zeros_like(dot),
+                )
                 gi = gi - coef * gj
             out[i] = gi
         return out.sum(0)
     raise ValueError(f"unknown combine {how!r}; use one of {COMBINES}")
 
 
-def normalise_step(g: Float[torch.Tensor, "n d"], x: Float[torch.Tensor, "n d"], how: str | None) -> Float[torch.Tensor, "n d"]:
+def normalise_step(
+    g: Float[torch.Tensor, "n d"], x: Float[torch.Tensor, "n d"], how: str | None
+) -> Float[torch.Tensor, "n d"]:
     if how is None:
         return g
     unit = g / g.norm(dim=-1, keepdim=True).clamp(min=_EPS)
@@ -174,8 +195,17 @@ class KSteering(Steerer):
             gen = ks_lens.generate(model, ["How do I boil an egg?"])
     """
 
-    def __init__(self, probe: Probe, *, steps: int = 1, decay: float = 0.95, step_norm: str | None = None,
-                 objective: str = "logits", combine: str = "sum", temperature: float = 1.0):
+    def __init__(
+        self,
+        probe: Probe,
+        *,
+        steps: int = 1,
+        decay: float = 0.95,
+        step_norm: str | None = None,
+        objective: str = "logits",
+        combine: str = "sum",
+        temperature: float = 1.0,
+    ):
         if not isinstance(probe, Probe):
             raise TypeError(f"KSteering needs a ks_lens Probe, got {type(probe).__name__}")
         if not isinstance(steps, int) or steps < 1:
@@ -200,8 +230,10 @@ class KSteering(Steerer):
         self.label_names = probe.label_names
 
     def __repr__(self) -> str:
-        return (f"KSteering(hook={self.hook_name!r}, steps={self.steps}, decay={self.decay}, "
-                f"step_norm={self.step_norm!r}, objective={self.objective!r}, combine={self.combine!r})")
+        return (
+            f"KSteering(hook={self.hook_name!r}, steps={self.steps}, decay={self.decay}, "
+            f"step_norm={self.step_norm!r}, objective={self.objective!r}, combine={self.combine!r})"
+        )
 
     @property
     def hook_name(self) -> str:
@@ -210,7 +242,9 @@ class KSteering(Steerer):
     def check_model(self, model: object) -> None:
         self.probe.check_compatible(model)
 
-    def direction(self, x: Float[torch.Tensor, "n d_model"], spec: SteeringSpec) -> Float[torch.Tensor, "n d_model"]:
+    def direction(
+        self, x: Float[torch.Tensor, "n d_model"], spec: SteeringSpec
+    ) -> Float[torch.Tensor, "n d_model"]:
         """``grad_x L`` at ``x`` as combined by ``self.combine`` (before step normalisation)."""
         t = self.probe.label_indices(spec.target)
         a = self.probe.label_indices(spec.avoid)
@@ -230,7 +264,9 @@ class KSteering(Steerer):
         per_label, _ = probe_gradients(self.probe, x, labels, weights=c)
         return combine_gradients(per_label, self.combine)
 
-    def trajectory(self, x: Float[torch.Tensor, "n d_model"], spec: SteeringSpec) -> list[Float[torch.Tensor, "n d_model"]]:
+    def trajectory(
+        self, x: Float[torch.Tensor, "n d_model"], spec: SteeringSpec
+    ) -> list[Float[torch.Tensor, "n d_model"]]:
         """``[x_0, x_1, ..., x_steps]``: the activation after each step (for analysis)."""
         p = self.probe.mean
         xs = [x.detach().to(device=p.device, dtype=p.dtype)]
@@ -278,11 +314,14 @@ class KProjection(Steerer):
     def check_model(self, model: object) -> None:
         self.probe.check_compatible(model)
 
-    def spec(self, target=None, avoid=None, alpha: float = 1.0) -> SteeringSpec:  # type: ignore[override]
+    def spec(
+        self,
+        target: Sequence[str] | str | None = None,
+        avoid: Sequence[str] | str | None = None,
+        alpha: float = 1.0,
+    ) -> SteeringSpec:
         s = super().spec(target, avoid, alpha)
         if s.target:
-            from ks_lens.errors import LabelError
-
             raise LabelError("projection removal is avoid-only: pass avoid labels and no target")
         return s
 

@@ -96,12 +96,16 @@ class PositionTracker:
             if self.mask is not None and self.prompt_len is not None:
                 m = self.mask[:, : self.prompt_len].long()
                 idx = torch.arange(m.shape[1], device=m.device).expand_as(m)
-                self.last_index = torch.where(m > 0, idx, torch.full_like(idx, -1)).max(dim=1).values
+                self.last_index = (
+                    torch.where(m > 0, idx, torch.full_like(idx, -1)).max(dim=1).values
+                )
             else:
                 self.last_index = None
 
     # -- selection --------------------------------------------------------------------------------
-    def select(self, positions: str, batch: int, seq: int, device: torch.device) -> Bool[torch.Tensor, "batch seq"]:
+    def select(
+        self, positions: str, batch: int, seq: int, device: torch.device
+    ) -> Bool[torch.Tensor, "batch seq"]:
         """Boolean mask ``[batch, seq]`` of the positions of this call to steer."""
         if self.seq_len is not None and self.seq_len != seq:
             # The hook saw a different length than the model input (should not happen); be safe.
@@ -109,7 +113,11 @@ class PositionTracker:
         past = self.past_len
         prompt_len = self.prompt_len if self.prompt_len is not None else seq
         pos = torch.arange(past, past + seq, device=device).unsqueeze(0).expand(batch, seq)
-        if self.mask is not None and self.mask.shape[0] == batch and self.mask.shape[1] >= past + seq:
+        if (
+            self.mask is not None
+            and self.mask.shape[0] == batch
+            and self.mask.shape[1] >= past + seq
+        ):
             valid = self.mask[:, past : past + seq].to(device).bool()
         else:
             valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
@@ -126,7 +134,9 @@ class PositionTracker:
         raise ValueError(f"unknown positions {positions!r}")
 
 
-def _select_untracked(positions: str, batch: int, seq: int, device: torch.device) -> Bool[torch.Tensor, "batch seq"]:
+def _select_untracked(
+    positions: str, batch: int, seq: int, device: torch.device
+) -> Bool[torch.Tensor, "batch seq"]:
     """Selection for a call treated as one whole prompt (no tracker)."""
     sel = torch.zeros(batch, seq, dtype=torch.bool, device=device)
     if positions in ("all", "prompt"):

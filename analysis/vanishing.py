@@ -1,0 +1,251 @@
+"""Vanishing tones: which targets get lost in 2- and 3-target steering, why, and which remedy helps.
+
+Over all 2- and 3-target combinations, at alphas calibrated to the same coherence budget:
+vanish rate, mean and minimum target probability for CAA, K-Steering and the remedies built into
+``KSteering`` (multi-step with decay, per-label gradient balancing, PCGrad conflict projection,
+log-sigmoid and soft-min objectives), at the activation level (held-out evaluator) and on
+generated text. Every vanished case of CAA and K-Steering is diagnosed (gradient norms and
+cosines, probe margins and per-step trajectories, probe accuracy) and given a cause. Writes
+vanishing.json, PNG figures and a circuitsvis token view (HTML, works offline).
+
+    python analysis/vanishing.py [--fast] [--out DIR] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from common import parser, setup_from_args, write_json
+
+from ks_lens.activations import collect_activations
+from ks_lens.analysis.vanishing import diagnose
+from ks_lens.analysis.viz import save_token_view, token_view_html
+from ks_lens.comparison import ComparisonConfig, run_comparison, summarise
+from ks_lens.generation import generate
+from ks_lens.report import _label
+from ks_lens.steering import SteeringSpec
+
+METHODS = (
+    "caa_mean",
+    "caa_sum",
+    "ksteer",
+    "ksteer_multistep",
+    "ksteer_balanced",
+    "ksteer_pcgrad",
+    "ksteer_logsigmoid",
+    "ksteer_softmin",
+)
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0], "runs/analysis/vanishing")
+    args = p.parse_args()
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = setup_from_args(args)
+    cfg = setup.config
+    config = ComparisonConfig(
+        methods=METHODS,
+        sizes=(2, 3),
+        act_combos_per_size=3 if args.fast else None,
+        gen_combos_per_size=1 if args.fast else 2,
+        max_new_tokens=8 if args.fast else 32,
+        calib_tokens=cfg.calib_tokens,
+        calib_bisect_steps=cfg.calib_bisect_steps,
+    )
+    eval_q = setup.questions("test", cfg.n_eval)
+    res = run_comparison(
+        setup.model,
+        probe=setup.probe,
+        vectors=setup.vectors,
+        evaluator=setup.evaluator,
+        response_evaluator=setup.response_evaluator,
+        calib_questions=setup.questions("calibration", cfg.n_calib),
+        eval_questions=eval_q,
+        gen_questions=setup.questions("test", cfg.n_gen),
+        config=config,
+    )
+    # diagnostics at the steering layer, on the same neutral questions
+    x = collect_activations(
+        setup.model,
+        setup.part("test", cfg.n_eval),
+        mode="neutral",
+        layers=[setup.layer],
+        progress=False,
+    ).at(setup.layer)
+    diagnoses = []
+    causes: dict[str, Counter[str]] = {}
+    for e in res["activation_eval"]:
+        if e["method"] not in ("caa_mean", "ksteer", "ksteer_multistep") or not e["vanished"]:
+            continue
+        alpha = res["alpha"]["ksteer"][str(len(e["targets"]))]
+        d = diagnose(
+            setup.probe,
+            x,
+            e["targets"],
+            alpha=alpha,
+            steps=3,
+            evaluator_delta=e["per_label_delta"],
+            vanished=e["vanished_labels"],
+        )
+        diagnoses.append({"method": e["method"], **d.to_json()})
+        for lab in e["vanished_labels"]:
+            causes.setdefault(e["method"], Counter())[d.per_target[lab].cause or "other"] += 1
+    vanished_labels: dict[str, Counter[str]] = {}
+    for e in res["activation_eval"]:
+        for lab in e["vanished_labels"]:
+            vanished_labels.setdefault(e["method"], Counter())[lab] += 1
+    summary = {
+        "activation": summarise(res, "activation_eval"),
+        "generation": summarise(res, "generation_eval") if res["generation_eval"] else [],
+    }
+    figs = plot(out, res, summary, diagnoses, vanished_labels, list(setup.dataset.labels))
+    html = token_views(out, setup, res)
+    for row in summary["activation"]:
+        print(
+            f"{_label(row['method']):22s} k={row['k']}: mean p {row['mean_target_prob']:.3f}  min p "
+            f"{row['min_target_prob']:.3f}  vanish {row['vanish_rate']:.2f}"
+        )
+    path = write_json(
+        out,
+        "vanishing.json",
+        {
+            "model": setup.model.cfg.model_name,
+            "layer": setup.layer,
+            "summary": summary,
+            "alpha": res["alpha"],
+            "calibration": res["calibration"],
+            "vanish_rule": config.vanish.to_json(),
+            "causes": {m: dict(c) for m, c in causes.items()},
+            "vanished_labels": {m: dict(c) for m, c in vanished_labels.items()},
+            "diagnoses": diagnoses,
+            "activation_eval": res["activation_eval"],
+            "generation_eval": res["generation_eval"],
+            "figures": [f.name for f in figs],
+            "token_view": html.name,
+            "probe_per_label_accuracy": setup.probe.metrics.get("val_per_label_accuracy"),
+        },
+        started,
+    )
+    print(f"wrote {path}, {len(figs)} figures and {html}")
+
+
+def plot(
+    out: Path,
+    res: dict[str, Any],
+    summary: dict[str, Any],
+    diagnoses: list[dict[str, Any]],
+    vanished: dict[str, Counter[str]],
+    labels: list[str],
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    methods = list(res["methods"])
+    for ax, key, title in (
+        (axes[0], "vanish_rate", "vanish rate"),
+        (axes[1], "mean_target_prob", "mean target prob."),
+        (axes[2], "min_target_prob", "min target prob."),
+    ):
+        for j, k in enumerate((2, 3)):
+            vals = [
+                next(
+                    (r[key] for r in summary["activation"] if r["method"] == m and r["k"] == k),
+                    float("nan"),
+                )
+                for m in methods
+            ]
+            ax.bar([i + 0.4 * j for i in range(len(methods))], vals, 0.4, label=f"{k} targets")
+        base = [r[key] for r in summary["activation"] if r["method"] == "unsteered"]
+        if key != "vanish_rate" and base:
+            ax.axhline(sum(base) / len(base), color="k", ls=":", lw=1, label="unsteered")
+        ax.set_xticks([i + 0.2 for i in range(len(methods))])
+        ax.set_xticklabels([_label(m) for m in methods], rotation=40, ha="right", fontsize=8)
+        ax.set_title(f"{title} (held-out evaluator)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Remedies for vanishing targets at matched coherence")
+    fig.tight_layout()
+    paths.append(_save(fig, out / "remedies.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    mat = [[vanished.get(m, Counter()).get(lab, 0) for lab in labels] for m in methods]
+    im = ax.imshow(mat, cmap="Reds")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30)
+    ax.set_yticks(range(len(methods)))
+    ax.set_yticklabels([_label(m) for m in methods], fontsize=8)
+    for i in range(len(methods)):
+        for j in range(len(labels)):
+            ax.text(j, i, str(mat[i][j]), ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="combinations where the label vanished")
+    ax.set_title("Which targets vanish")
+    fig.tight_layout()
+    paths.append(_save(fig, out / "vanished_labels.png"))
+
+    cases = [d for d in diagnoses if d["method"] == "ksteer"][:6] or diagnoses[:6]
+    if cases:
+        fig, axes = plt.subplots(1, len(cases), figsize=(3.3 * len(cases), 3.2), squeeze=False)
+        for ax, d in zip(axes[0], cases, strict=True):
+            for lab, t in d["per_target"].items():
+                ax.plot(
+                    t["prob_trajectory"],
+                    "o-" if t["vanished"] else "s--",
+                    ms=3,
+                    label=f"{lab}{' (vanished: ' + str(t['cause']) + ')' if t['vanished'] else ''}",
+                )
+            ax.set(
+                title="+".join(d["targets"]),
+                xlabel="K-Steering step",
+                ylabel="steering-probe p",
+                ylim=(0, 1.02),
+            )
+            ax.legend(fontsize=6)
+        fig.suptitle("Per-step target probabilities at the steering probe, vanished cases")
+        fig.tight_layout()
+        paths.append(_save(fig, out / "trajectories.png"))
+    return paths
+
+
+def token_views(out: Path, setup: Any, res: dict[str, Any]) -> Path:
+    from ks_lens.comparison import METHODS as REGISTRY
+
+    combo = next(
+        (tuple(e["targets"]) for e in res["activation_eval"] if len(e["targets"]) == 3), None
+    ) or tuple(res["activation_eval"][0]["targets"])
+    question = setup.questions("test", 1)[0]
+    answers = {"unsteered": generate(setup.model, [question], max_new_tokens=40).texts[0]}
+    for m in ("caa_mean", "ksteer", "ksteer_multistep"):
+        method = REGISTRY[m].build(setup.probe, setup.vectors)
+        spec = SteeringSpec(combo, (), res["alpha"][m][str(len(combo))])
+        with method.steer(setup.model, spec.target, spec.avoid, spec.alpha):
+            answers[f"{_label(m)} (alpha {spec.alpha:.3g})"] = generate(
+                setup.model, [question], max_new_tokens=40
+            ).texts[0]
+    page = token_view_html(
+        setup.model,
+        question,
+        answers,
+        setup.response_evaluator,
+        title=f"targets {'+'.join(combo)}: response-evaluator probabilities per token",
+    )
+    return save_token_view(out / "token_view.html", page)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""ks-lens benchmarks: speed and memory as ratios taken side by side in one run.
+
+    .venv/bin/python benchmarks/run.py [--out benchmarks/results.json] [--quick] [--device cuda]
+
+1. activation collection (all layers, last token) vs a plain Hugging Face forward over the same
+   batches (target <= 1.10x);
+2. steered greedy generation vs unsteered (batch 8, 64 new tokens, KV cache): CAA <= 1.05x,
+   K-Steering 1 step <= 1.15x, 3 steps <= 1.40x; ks-lens's unsteered generation vs HF `generate`
+   on a plain HF copy of the same weights;
+3. per-example K-Steering gradients for 32 sequences in one backward pass vs 32 separate passes
+   (>= 10x faster, identical results);
+4. default model load: cached vs first conversion;
+5. peak RSS while collecting 2,000 prompts at 30 layers vs 250 prompts (streaming shards);
+6. probe training for all layers at once vs one layer at a time.
+
+Timings are medians of repeated runs, interleaved so that drifts in machine speed hit every
+variant alike. Writes JSON (with the machine, torch version and threads) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ks_lens as ks
+from ks_lens.activations import capture_batch, collect_activations
+from ks_lens.datasets import load_dataset, make_splits
+from ks_lens.hooks import resid_hook
+from ks_lens.probes import ProbeConfig, train_probe, train_probes
+from ks_lens.steering import CAA, KSteering, SteeringVectors
+from ks_lens.utils import machine_info, versions
+
+HERE = Path(__file__).resolve().parent
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function, running them round-robin ``repeats`` times."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def plain_hf(device: torch.device) -> Any:
+    """A second copy of the default model's weights as a plain HF model (no bridge, no hooks)."""
+    from transformers import AutoModelForCausalLM
+
+    from ks_lens.default_model import ensure_default_model
+
+    return (
+        AutoModelForCausalLM.from_pretrained(str(ensure_default_model()), dtype=torch.float32)
+        .to(device)
+        .eval()
+    )
+
+
+def bench_collection(model: Any, hf: Any, prompts: list[str], repeats: int) -> dict[str, Any]:
+    tok = model.tokenizer
+    batches = [ks.tokenize_chat(model, prompts[i : i + 16]) for i in range(0, len(prompts), 16)]
+    names = [resid_hook(layer) for layer in range(model.cfg.n_layers)]
+
+    def ks_collect() -> None:
+        for b in batches:
+            capture_batch(model, b, names)
+
+    def hf_forward() -> None:
+        with torch.no_grad():
+            for b in batches:
+                hf(input_ids=b.input_ids, attention_mask=b.attention_mask)
+
+    t = interleaved({"ks_lens_all_layers": ks_collect, "hf_forward": hf_forward}, repeats)
+    del tok
+    return {
+        "seconds": t,
+        "ratio": t["ks_lens_all_layers"] / t["hf_forward"],
+        "target": 1.10,
+        "n_prompts": len(prompts),
+        "batch_size": 16,
+        "layers": len(names),
+    }
+
+
+def bench_generation(
+    model: Any, hf: Any, probe: Any, vectors: Any, prompts: list[str], repeats: int, new_tokens: int
+) -> dict[str, Any]:
+    k1 = KSteering(probe)
+    k3 = KSteering(probe, steps=3)
+    caa = CAA(vectors)
+    batch = ks.tokenize_chat(model, prompts)
+    from ks_lens.generation import generate_from_batch
+
+    def run(method: Any = None) -> Callable[[], None]:
+        def f() -> None:
+            if method is None:
+                generate_from_batch(model, batch, max_new_tokens=new_tokens)
+            else:
+                with method.steer(model, target=["casual", "concise"], alpha=1e-3):
+                    generate_from_batch(model, batch, max_new_tokens=new_tokens)
+
+        return f
+
+    from transformers import GenerationConfig
+
+    gcfg = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=model.tokenizer.pad_token_id,
+        eos_token_id=None,
+    )
+
+    def hf_generate() -> None:
+        with torch.no_grad():
+            hf.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                generation_config=gcfg,
+            )
+
+    # fixed-length generation for every variant: no early stop, so all decode the same tokens
+    def fixed(fn_method: Any = None) -> Callable[[], None]:
+        def f() -> None:
+            ctx = (
+                fn_method.steer(model, target=["casual", "concise"], alpha=1e-3)
+                if fn_method is not None
+                else _Null()
+            )
+            with ctx, torch.no_grad():
+                model.original_model.generate(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    generation_config=gcfg,
+                )
+
+        return f
+
+    t = interleaved(
+        {
+            "unsteered": fixed(),
+            "caa": fixed(caa),
+            "ksteer_1": fixed(k1),
+            "ksteer_3": fixed(k3),
+            "hf_generate_plain": hf_generate,
+        },
+        repeats,
+    )
+    del run
+    return {
+        "seconds": t,
+        "batch": len(prompts),
+        "new_tokens": new_tokens,
+        "ratios": {
+            "caa": t["caa"] / t["unsteered"],
+            "ksteer_1": t["ksteer_1"] / t["unsteered"],
+            "ksteer_3": t["ksteer_3"] / t["unsteered"],
+            "ks_lens_unsteered_vs_hf_plain": t["unsteered"] / t["hf_generate_plain"],
+        },
+        "targets": {"caa": 1.05, "ksteer_1": 1.15, "ksteer_3": 1.40},
+    }
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> bool:
+        return False
+
+
+def bench_gradients(model: Any, probe: Any, prompts: list[str], repeats: int) -> dict[str, Any]:
+    batch = ks.tokenize_chat(model, prompts)
+    names = [probe.hook_name]
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook: Any) -> None:
+        got["x"] = act.detach()
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(names[0], grab)]):
+        model(batch.input_ids, attention_mask=batch.attention_mask)
+    mask = batch.attention_mask.bool()
+    x = got["x"][mask]  # every real token of 32 sequences
+    rows = [got["x"][i][mask[i]] for i in range(len(prompts))]
+    ks_ = KSteering(probe)
+    spec = ks_.spec(["casual", "concise"], ["expert"], 1.0)
+
+    def batched() -> torch.Tensor:
+        return ks_.direction(x, spec)
+
+    def separate() -> torch.Tensor:
+        return torch.cat([ks_.direction(r, spec) for r in rows])
+
+    t = interleaved({"one_backward": batched, "per_sequence": separate}, repeats)
+    diff = float((batched() - separate()).abs().max())
+    return {
+        "seconds": t,
+        "speedup": t["per_sequence"] / t["one_backward"],
+        "target_speedup": 10.0,
+        "max_abs_diff": diff,
+        "n_sequences": len(prompts),
+        "n_tokens": int(mask.sum()),
+    }
+
+
+def bench_load(cache_root: Path) -> dict[str, Any]:
+    """Cached load vs first conversion, each in a fresh subprocess (imports included)."""
+    from ks_lens.default_model import WHEEL_FILENAME
+
+    wheel = cache_root / "wheels" / WHEEL_FILENAME
+    code = "import time,ks_lens;t=time.perf_counter();ks_lens.load_model();print(time.perf_counter()-t)"
+    env = dict(os.environ)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if wheel.is_file():
+            (Path(tmp) / "wheels").mkdir()
+            shutil.copy(wheel, Path(tmp) / "wheels" / WHEEL_FILENAME)
+        env["KS_LENS_CACHE"] = tmp
+        out["first_conversion_s"] = _time_subprocess(code, env)
+        out["cached_load_s"] = _time_subprocess(code, env)
+    out["ratio"] = out["cached_load_s"] / out["first_conversion_s"]
+    out["note"] = (
+        "times inside the process (after imports); the first conversion includes extracting the GGUF"
+    )
+    return out
+
+
+def _time_subprocess(code: str, env: dict[str, str]) -> float:
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(n_small: int, n_large: int) -> dict[str, Any]:
+    """Peak RSS of collect_to_store for n_small vs n_large prompts (neutral mode), in subprocesses."""
+    code = """
+import resource, sys, tempfile, ks_lens
+from ks_lens.activations import collect_to_store
+from ks_lens.datasets import load_dataset, Question
+n = int(sys.argv[1])
+ds = load_dataset("tones")
+qs = list(ds.questions)
+rows = [Question(f"{q.id}-{i}", q.text + (" " + str(i) if i else ""), q.category) for i in range((n + len(qs) - 1) // len(qs)) for q in qs][:n]
+ds = ds.with_questions(rows)
+m = ks_lens.load_model()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with tempfile.TemporaryDirectory() as d:
+    collect_to_store(m, ds, d + "/s", mode="neutral", batch_size=32, shard_rows=256, progress=False)
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    out: dict[str, Any] = {}
+    for n in (n_small, n_large):
+        t0 = time.perf_counter()
+        res = subprocess.run(
+            [sys.executable, "-c", code, str(n)], capture_output=True, text=True, check=True
+        )
+        base, peak = (int(v) for v in res.stdout.strip().splitlines()[-1].split())
+        out[str(n)] = {
+            "rss_after_load_mb": base / 1024,
+            "peak_rss_mb": peak / 1024,
+            "collection_growth_mb": (peak - base) / 1024,
+            "seconds": time.perf_counter() - t0,
+        }
+    small, large = out[str(n_small)], out[str(n_large)]
+    per_shard_mb = 256 * 30 * 576 * 4 / 2**20
+    out["growth_ratio_large_vs_small"] = large["collection_growth_mb"] / max(
+        small["collection_growth_mb"], 1e-9
+    )
+    out["prompt_ratio"] = n_large / n_small
+    out["one_shard_mb"] = per_shard_mb
+    out["all_activations_mb_if_kept"] = n_large * 30 * 576 * 4 / 2**20
+    return out
+
+
+def bench_probe_training(acts: Any, repeats: int) -> dict[str, Any]:
+    cfg = ProbeConfig(epochs=10, patience=0)
+
+    def all_at_once() -> dict[int, Any]:
+        return train_probes(acts, config=cfg, progress=False)
+
+    def one_by_one() -> dict[int, Any]:
+        return {layer: train_probe(acts, layer, config=cfg) for layer in acts.layers}
+
+    t = interleaved({"all_layers_batched": all_at_once, "one_layer_at_a_time": one_by_one}, repeats)
+    a, b = all_at_once(), one_by_one()
+    diff = max(
+        float((a[layer].linears[0].weight - b[layer].linears[0].weight).abs().max())
+        for layer in acts.layers
+    )
+    return {
+        "seconds": t,
+        "speedup": t["one_layer_at_a_time"] / t["all_layers_batched"],
+        "layers": len(acts.layers),
+        "rows": len(acts),
+        "epochs": cfg.epochs,
+        "max_abs_weight_diff": diff,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument("--quick", action="store_true", help="fewer repeats and a smaller memory test")
+    p.add_argument("--device", default=None)
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated benchmarks to skip (collection,generation,gradients,load,memory,probes)",
+    )
+    args = p.parse_args()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    reps = 2 if args.quick else 3
+    t_all = time.perf_counter()
+    model = ks.load_model(device=args.device)
+    device = next(model.original_model.parameters()).device
+    hf = plain_hf(device)
+    ds = load_dataset("tones")
+    splits = make_splits(ds)
+    train = ds.subset(splits.ids("train")).head(24)
+    acts = collect_activations(model, train, progress=False)
+    probe = train_probe(acts, 18, config=ProbeConfig(epochs=10))
+    vectors = SteeringVectors.fit(acts, 18)
+    test_q = [q.text for q in ds.subset(splits.ids("test")).questions]
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "versions": versions(),
+        "device": str(device),
+        "model": model.cfg.model_name,
+    }
+    if "collection" not in skip:
+        results["collection"] = bench_collection(model, hf, test_q[:64], reps)
+    if "generation" not in skip:
+        results["generation"] = bench_generation(model, hf, probe, vectors, test_q[:8], reps, 64)
+    if "gradients" not in skip:
+        results["gradients"] = bench_gradients(model, probe, test_q[:32], reps * 2)
+    if "probes" not in skip:
+        results["probe_training"] = bench_probe_training(acts, reps)
+    if "load" not in skip:
+        from ks_lens.default_model import cache_root
+
+        results["load"] = bench_load(cache_root())
+    if "memory" not in skip:
+        results["memory"] = bench_memory(250, 500 if args.quick else 2000)
+    results["total_s"] = time.perf_counter() - t_all
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"\nwrote {args.out}")
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(
+        f"machine: {r['machine']['cpu_count']} CPUs, {r['machine']['torch_threads']} torch threads, "
+        f"torch {r['versions']['torch']}, device {r['device']}"
+    )
+    rows = []
+    if "collection" in r:
+        c = r["collection"]
+        rows.append(("collection all layers / HF forward", f"{c['ratio']:.2f}x", "<= 1.10x"))
+    if "generation" in r:
+        g = r["generation"]["ratios"]
+        rows += [
+            ("generation CAA / unsteered", f"{g['caa']:.3f}x", "<= 1.05x"),
+            ("generation K-Steering 1 step / unsteered", f"{g['ksteer_1']:.3f}x", "<= 1.15x"),
+            ("generation K-Steering 3 steps / unsteered", f"{g['ksteer_3']:.3f}x", "<= 1.40x"),
+            (
+                "ks-lens unsteered / plain HF generate",
+                f"{g['ks_lens_unsteered_vs_hf_plain']:.3f}x",
+                "~1.0x",
+            ),
+        ]
+    if "gradients" in r:
+        gr = r["gradients"]
+        rows.append(
+            (
+                "per-example grads: 32 passes / one pass",
+                f"{gr['speedup']:.1f}x faster (max diff {gr['max_abs_diff']:.1e})",
+                ">= 10x",
+            )
+        )
+    if "probe_training" in r:
+        pt = r["probe_training"]
+        rows.append(
+            (
+                f"probe training: {pt['layers']} layers one by one / batched",
+                f"{pt['speedup']:.1f}x faster",
+                "-",
+            )
+        )
+    if "load" in r:
+        lo = r["load"]
+        rows.append(
+            (
+                "default model load: cached / first conversion",
+                f"{lo['cached_load_s']:.1f} s / {lo['first_conversion_s']:.1f} s",
+                "a few s",
+            )
+        )
+    if "memory" in r:
+        m = r["memory"]
+        ks_ = [k for k in m if k.isdigit()]
+        rows.append(
+            (
+                f"peak RSS growth collecting {ks_[1]} vs {ks_[0]} prompts",
+                f"{m[ks_[1]]['collection_growth_mb']:.0f} MB vs {m[ks_[0]]['collection_growth_mb']:.0f} MB",
+                "bounded",
+            )
+        )
+    w = max(len(a) for a, _, _ in rows)
+    for a, b, c in rows:
+        print(f"{a:<{w}}  {b:>28}  target {c}")
+
+
+if __name__ == "__main__":
+    main()
