@@ -203,8 +203,10 @@ def plot(
     # 3. by depth: mean cosine to CAA, mean resultant length, gradient norms
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     layers = [r["layer"] for r in per_layer]
-    for k in (1, 2, 3):
-        axes[0].plot(layers, [_mean(r, k) for r in per_layer], "o-", label=f"MLP, {k} target(s)")
+    for k, color in zip((1, 2, 3), ("C0", "C1", "C2"), strict=True):
+        axes[0].plot(
+            layers, [_mean(r, k) for r in per_layer], "o-", color=color, label=f"MLP, {k} target(s)"
+        )
         axes[0].plot(
             layers,
             [
@@ -213,6 +215,7 @@ def plot(
                 for r in per_layer
             ],
             "x--",
+            color=color,
             label=f"linear, {k}",
         )
         axes[1].plot(

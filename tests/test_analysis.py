@@ -155,6 +155,10 @@ def test_classify_cause_order():
     )
     assert classify_cause(TargetDiagnosis(**{**base, "grad_norm_ratio": 0.1})) == "dominated"
     assert classify_cause(TargetDiagnosis(**base)) == "not transferred"
+    assert (
+        classify_cause(TargetDiagnosis(**{**base, "prob_trajectory": [0.1, 0.9, 0.3]}))
+        == "overshoot"
+    )
     assert classify_cause(TargetDiagnosis(**{**base, "prob_trajectory": [0.1, 0.15]})) == "other"
 
 

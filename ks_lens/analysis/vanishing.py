@@ -31,7 +31,7 @@ from ks_lens.probes import Probe
 from ks_lens.steering.base import SteeringSpec
 from ks_lens.steering.ksteer import KSteering
 
-CAUSES = ("weak label", "conflict", "dominated", "not transferred", "other")
+CAUSES = ("weak label", "conflict", "dominated", "overshoot", "not transferred", "other")
 
 
 @dataclass
@@ -78,6 +78,8 @@ def classify_cause(
     ``weak label``: the steering probe itself recognises it poorly (accuracy < ``weak_accuracy``);
     ``conflict``: its gradient points against another target's (cosine < ``conflict_cos``);
     ``dominated``: its gradient norm is under ``dominated_ratio`` of the largest target's;
+    ``overshoot``: along the multi-step trajectory its probe probability rose and then fell back by
+    at least ``probe_rise`` (steps too large for the probe's locally linear regime);
     ``not transferred``: the probe's probability rose by at least ``probe_rise`` (the step
     worked on the probe) but the held-out evaluator did not follow: an off-distribution move;
     ``other`` otherwise.
@@ -88,6 +90,8 @@ def classify_cause(
         return "conflict"
     if t.grad_norm_ratio < dominated_ratio:
         return "dominated"
+    if t.prob_trajectory and max(t.prob_trajectory) - t.prob_trajectory[-1] >= probe_rise:
+        return "overshoot"
     if t.prob_trajectory and t.prob_trajectory[-1] - t.prob_trajectory[0] >= probe_rise:
         return "not transferred"
     return "other"
