@@ -48,6 +48,15 @@ def write_json(out: Path, name: str, payload: dict[str, Any], started: float) ->
     return path
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save a matplotlib figure as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()

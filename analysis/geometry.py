@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import parser, setup_from_args, write_json
+from common import parser, save_figure, setup_from_args, write_json
 
 from ks_lens.activations import collect_activations
 from ks_lens.analysis.geometry import (
@@ -179,7 +179,7 @@ def plot(
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(_save(fig, out / "cosine_violins.png"))
+    paths.append(save_figure(fig, out / "cosine_violins.png"))
 
     # 2. label cosine matrices by depth
     n = len(per_layer)
@@ -198,7 +198,7 @@ def plot(
         ax.set_title(f"layer {r['layer']}", fontsize=9)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7, label="mean cos(grad f_i, grad f_j)")
     fig.suptitle("Per-label probe-gradient cosines (negative: behaviours pull against each other)")
-    paths.append(_save(fig, out / "label_cosines.png"))
+    paths.append(save_figure(fig, out / "label_cosines.png"))
 
     # 3. by depth: mean cosine to CAA, mean resultant length, gradient norms
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
@@ -244,7 +244,7 @@ def plot(
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(_save(fig, out / "by_depth.png"))
+    paths.append(save_figure(fig, out / "by_depth.png"))
 
     # 4. PCA scatter of single-target step directions, coloured by label
     singles = [c for c in dirs if len(c) == 1]
@@ -262,7 +262,7 @@ def plot(
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(_save(fig, out / "pca_directions.png"))
+    paths.append(save_figure(fig, out / "pca_directions.png"))
 
     # 5. rotation over multi-step steering
     if rotation:
@@ -282,16 +282,8 @@ def plot(
         )
         ax.legend(fontsize=6)
         fig.tight_layout()
-        paths.append(_save(fig, out / "multistep_rotation.png"))
+        paths.append(save_figure(fig, out / "multistep_rotation.png"))
     return paths
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

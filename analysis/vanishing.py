@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from common import parser, setup_from_args, write_json
+from common import parser, save_figure, setup_from_args, write_json
 
 from ks_lens.activations import collect_activations
 from ks_lens.analysis.vanishing import diagnose
@@ -173,7 +173,7 @@ def plot(
         ax.legend(fontsize=7)
     fig.suptitle("Remedies for vanishing targets at matched coherence")
     fig.tight_layout()
-    paths.append(_save(fig, out / "remedies.png"))
+    paths.append(save_figure(fig, out / "remedies.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4))
     mat = [[vanished.get(m, Counter()).get(lab, 0) for lab in labels] for m in methods]
@@ -188,7 +188,7 @@ def plot(
     fig.colorbar(im, ax=ax, label="combinations where the label vanished")
     ax.set_title("Which targets vanish")
     fig.tight_layout()
-    paths.append(_save(fig, out / "vanished_labels.png"))
+    paths.append(save_figure(fig, out / "vanished_labels.png"))
 
     cases = [d for d in diagnoses if d["method"] == "ksteer"][:6] or diagnoses[:6]
     if cases:
@@ -210,7 +210,7 @@ def plot(
             ax.legend(fontsize=6)
         fig.suptitle("Per-step target probabilities at the steering probe, vanished cases")
         fig.tight_layout()
-        paths.append(_save(fig, out / "trajectories.png"))
+        paths.append(save_figure(fig, out / "trajectories.png"))
     return paths
 
 
@@ -237,14 +237,6 @@ def token_views(out: Path, setup: Any, res: dict[str, Any]) -> Path:
         title=f"targets {'+'.join(combo)}: response-evaluator probabilities per token",
     )
     return save_token_view(out / "token_view.html", page)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

@@ -44,11 +44,11 @@ from tqdm.auto import tqdm
 
 from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, left_pad
 from ks_lens.datasets import BehaviourDataset
-from ks_lens.errors import MetadataMismatchError, StoreError
+from ks_lens.errors import StoreError
 from ks_lens.generation import generate_from_batch
 from ks_lens.hooks import RESID_KINDS, check_layer, resid_hook
 from ks_lens.io import atomic_save_safetensors, atomic_write_json, read_json, sha256_file
-from ks_lens.models import model_device, model_signature
+from ks_lens.models import check_signature, model_device, model_signature
 
 Mode = Literal["prompt", "response", "response-only", "neutral"]
 MODES: tuple[str, ...] = ("prompt", "response", "response-only", "neutral")
@@ -508,38 +508,16 @@ class ActivationStore:
     # -- validation
     def check_model(self, model: Any) -> None:
         """Refuse use with a model other than the one the activations came from."""
-        want = self.meta["model"]
-        have = model_signature(model)
-        diffs = [
-            f"{k}: store has {want.get(k)!r}, model has {have[k]!r}"
-            for k in have
-            if want.get(k) != have[k]
-        ]
-        if diffs:
-            raise MetadataMismatchError(
-                f"activation store {self.path} was collected on another model ("
-                + "; ".join(diffs)
-                + ")"
-            )
+        check_signature(self.meta["model"], model, f"activation store {self.path}")
 
     def verify(self) -> None:
         """Check every listed shard's files, sizes and checksums."""
         for s in self.meta["shards"]:
-            for key in ("tensors", "rows_file"):
-                p = self.path / s[key]["file"]
-                if not p.is_file():
-                    raise StoreError(
-                        f"shard file missing: {p}; recollect with the same command (it resumes)"
-                    )
-                if p.stat().st_size != s[key]["bytes"]:
-                    raise StoreError(
-                        f"shard file {p} is truncated or corrupt ({p.stat().st_size} bytes, expected "
-                        f"{s[key]['bytes']}); delete it and rerun the collection to recollect it"
-                    )
-                if sha256_file(p) != s[key]["sha256"]:
-                    raise StoreError(
-                        f"shard file {p} does not match its checksum; delete it and rerun the collection"
-                    )
+            problem = _shard_problem(self.path, s)
+            if problem:
+                raise StoreError(
+                    f"{problem}; delete it and rerun the same collect command to recollect it"
+                )
 
     # -- reading
     def load(
@@ -611,6 +589,23 @@ class ActivationStore:
             ):
                 out[(q, int(lab))] = ids
         return out
+
+
+def _shard_problem(root: Path, shard: dict[str, Any]) -> str | None:
+    """What is wrong with a listed shard's files (missing, truncated, altered), or ``None``."""
+    for key in ("tensors", "rows_file"):
+        p = root / shard[key]["file"]
+        try:
+            if not p.is_file():
+                return f"shard file missing: {p}"
+            size = p.stat().st_size
+            if size != shard[key]["bytes"]:
+                return f"shard file {p} is truncated or corrupt ({size} bytes, expected {shard[key]['bytes']})"
+            if sha256_file(p) != shard[key]["sha256"]:
+                return f"shard file {p} does not match its checksum"
+        except OSError as e:
+            return f"shard file {p} cannot be read ({e})"
+    return None
 
 
 def _shard_record(path: Path, rel: str) -> dict[str, Any]:
@@ -686,16 +681,7 @@ def collect_to_store(
         # keep the longest prefix of shards that verifies; redo the rest
         good: list[dict[str, Any]] = []
         for s in old["shards"]:
-            try:
-                ok = all(
-                    (out / s[k]["file"]).is_file()
-                    and (out / s[k]["file"]).stat().st_size == s[k]["bytes"]
-                    and sha256_file(out / s[k]["file"]) == s[k]["sha256"]
-                    for k in ("tensors", "rows_file")
-                )
-            except OSError:
-                ok = False
-            if not ok:
+            if _shard_problem(out, s):
                 break
             good.append(s)
         meta = dict(old)

@@ -191,6 +191,21 @@ def model_signature(model: Any) -> dict[str, Any]:
     }
 
 
+def check_signature(recorded: dict[str, Any], model: Any, what: str) -> None:
+    """Raise :class:`MetadataMismatchError` unless ``model`` matches the signature an artefact
+    recorded (model name, ``d_model``, ``n_layers``); ``what`` names the artefact in the message."""
+    from ks_lens.errors import MetadataMismatchError
+
+    have = model_signature(model)
+    diffs = [
+        f"{k}: {what} has {recorded.get(k)!r}, model has {have[k]!r}"
+        for k in ("model", "d_model", "n_layers")
+        if recorded.get(k) != have[k]
+    ]
+    if diffs:
+        raise MetadataMismatchError(f"{what} was made for another model (" + "; ".join(diffs) + ")")
+
+
 def model_device(model: Any) -> torch.device:
     return next(model.original_model.parameters()).device
 

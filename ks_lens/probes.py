@@ -36,7 +36,7 @@ from ks_lens.activations import Activations
 from ks_lens.errors import LabelError, MetadataMismatchError, StoreError
 from ks_lens.hooks import resid_hook
 from ks_lens.io import load_artifact, read_json, save_artifact
-from ks_lens.models import model_signature
+from ks_lens.models import check_signature
 
 
 @dataclass(frozen=True)
@@ -158,16 +158,7 @@ class Probe(nn.Module):
     def check_compatible(self, model: Any | None = None, hook_name: str | None = None) -> None:
         """Raise :class:`MetadataMismatchError` unless ``model``/``hook_name`` match the probe's."""
         if model is not None:
-            have = model_signature(model)
-            diffs = [
-                f"{k}: probe has {self.model_info.get(k)!r}, model has {have[k]!r}"
-                for k in ("model", "d_model", "n_layers")
-                if self.model_info.get(k) != have[k]
-            ]
-            if diffs:
-                raise MetadataMismatchError(
-                    "probe was trained on another model (" + "; ".join(diffs) + ")"
-                )
+            check_signature(self.model_info, model, "probe")
         if hook_name is not None and hook_name != self.hook_name:
             raise MetadataMismatchError(
                 f"probe was trained at {self.hook_name!r}, not {hook_name!r}; a probe is only valid at "

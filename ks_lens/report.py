@@ -287,14 +287,22 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_ylabel("mean target prob.")
             ax.set_ylim(0, 1)
             ax.set_title(f"{k} target{'s' if k > 1 else ''}")
-        axes[0, 0].legend(fontsize=7, ncol=len(methods))
+        handles, names = axes[0, 0].get_legend_handles_labels()
+        fig.legend(
+            handles,
+            names,
+            fontsize=8,
+            ncol=len(methods),
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.965),
+        )
         where = (
             "held-out activation evaluator"
             if section == "activation_eval"
             else "response evaluator on generated text"
         )
-        fig.suptitle(f"Target probability per combination ({where})")
-        fig.tight_layout()
+        fig.suptitle(f"Target probability per combination ({where})", y=0.995)
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
         p = out_dir / f"{section}_combinations.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)

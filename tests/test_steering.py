@@ -429,3 +429,28 @@ def test_vectors_save_load_round_trip(tiny_acts, tiny_model, tmp_path):
         SteeringVectors.load(tmp_path / "v", hook_name="blocks.1.hook_resid_post")
     with pytest.raises(MetadataMismatchError, match="another model"):
         SteeringVectors.load(tmp_path / "v", model=ks.load_model("tiny-random-llama", seed=2))
+
+
+def test_last_position_follows_the_mask_with_right_padding(tiny_model, tiny_probe):
+    """Users may pass right-padded batches: 'last' is each row's last real token, and padding
+    is never written."""
+    tok = tiny_model.tokenizer
+    texts = [ks.format_chat(tok, p) for p in ("hi?", "a much longer prompt than that?")]
+    enc = tok(
+        texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
+    )
+    batch = ks.TokenBatch(enc["input_ids"], enc["attention_mask"])
+    hook = tiny_probe.hook_name
+    plain = _capture(tiny_model, batch, hook)
+    steered = _capture(
+        tiny_model, batch, hook, KSteering(tiny_probe), positions="last", target=["beta"], alpha=5.0
+    )
+    changed = (steered != plain).any(-1)
+    lengths = batch.attention_mask.sum(1)
+    expected = torch.zeros_like(changed)
+    expected[torch.arange(2), lengths - 1] = True
+    assert torch.equal(changed, expected)
+    steered_all = _capture(
+        tiny_model, batch, hook, KSteering(tiny_probe), positions="all", target=["beta"], alpha=5.0
+    )
+    assert torch.equal((steered_all != plain).any(-1), batch.attention_mask.bool())

@@ -27,7 +27,7 @@ from jaxtyping import Float
 
 from ks_lens.errors import LabelError, MetadataMismatchError
 from ks_lens.hooks import check_steerable
-from ks_lens.steering.positions import PositionTracker, _select_untracked, check_positions
+from ks_lens.steering.positions import PositionTracker, check_positions, select_whole_call
 
 Transform = Callable[[Float[torch.Tensor, "n d_model"]], Float[torch.Tensor, "n d_model"]]
 HookList = list[tuple[str, Callable[..., Any]]]
@@ -48,9 +48,8 @@ class SteeringSpec:
         avoid: Sequence[str] | str | None,
         alpha: float,
         label_names: Sequence[str],
-        *,
-        allow_empty: bool = False,
     ) -> SteeringSpec:
+        """Validate labels against ``label_names`` and alpha; lists or comma-separated strings."""
         t = _as_tuple(target)
         a = _as_tuple(avoid)
         unknown = [x for x in (*t, *a) if x not in label_names]
@@ -63,7 +62,7 @@ class SteeringSpec:
             )
         if len(set(t)) != len(t) or len(set(a)) != len(a):
             raise LabelError("a label is repeated in target or avoid")
-        if not t and not a and not allow_empty:
+        if not t and not a:
             raise LabelError("nothing to steer: target and avoid are both empty")
         if (
             not isinstance(alpha, (int, float))
@@ -97,7 +96,7 @@ def steering_hook(
         if tracker is not None:
             sel = tracker.select(positions, b, s, act.device)
         else:
-            sel = _select_untracked(positions, b, s, act.device)
+            sel = select_whole_call(positions, b, s, act.device)
         n_sel = int(sel.sum())
         if n_sel == 0:
             return act
@@ -131,7 +130,7 @@ def grouped_steering_hook(
         sel = (
             tracker.select(positions, b, s, act.device)
             if tracker is not None
-            else _select_untracked(positions, b, s, act.device)
+            else select_whole_call(positions, b, s, act.device)
         )
         groups = row_group.to(act.device)
         out = None
@@ -177,9 +176,18 @@ def steer_groups(
     fwd = [
         (name, grouped_steering_hook(ts, rg, positions, tracker)) for name, ts in by_hook.items()
     ]
+    with installed(model, fwd, tracker):
+        yield tracker
+
+
+@contextmanager
+def installed(
+    model: Any, fwd_hooks: HookList, tracker: PositionTracker
+) -> Iterator[PositionTracker]:
+    """Install ``fwd_hooks`` and the position tracker for a ``with`` block; remove both on exit."""
     tracker.install(model)
     try:
-        with model.hooks(fwd_hooks=fwd):
+        with model.hooks(fwd_hooks=fwd_hooks):
             yield tracker
     finally:
         tracker.remove()
@@ -298,9 +306,5 @@ class Steerer(ABC):
             allow_other_hooks=allow_other_hooks,
             tracker=tracker,
         )
-        tracker.install(model)
-        try:
-            with model.hooks(fwd_hooks=fwd):
-                yield tracker
-        finally:
-            tracker.remove()
+        with installed(model, fwd, tracker):
+            yield tracker

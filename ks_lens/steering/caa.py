@@ -33,7 +33,7 @@ from ks_lens.activations import Activations
 from ks_lens.errors import LabelError, MetadataMismatchError, StoreError
 from ks_lens.hooks import parse_resid_hook, resid_hook
 from ks_lens.io import load_artifact, save_artifact
-from ks_lens.models import model_signature
+from ks_lens.models import check_signature
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
 
 VECTOR_METHODS: tuple[str, ...] = ("mean_diff", "mean_centring")
@@ -146,18 +146,8 @@ class SteeringVectors:
         return v
 
     def check_compatible(self, model: Any | None = None) -> None:
-        if model is None:
-            return
-        have = model_signature(model)
-        diffs = [
-            f"{k}: vectors have {self.model_info.get(k)!r}, model has {have[k]!r}"
-            for k in ("model", "d_model", "n_layers")
-            if self.model_info.get(k) != have[k]
-        ]
-        if diffs:
-            raise MetadataMismatchError(
-                "steering vectors were made on another model (" + "; ".join(diffs) + ")"
-            )
+        if model is not None:
+            check_signature(self.model_info, model, "steering vectors")
 
     def save(self, directory: str | Path) -> Path:
         meta = {

@@ -185,7 +185,26 @@ def normalise_step(
     raise ValueError(f"unknown step_norm {how!r}; use one of {STEP_NORMS}")
 
 
-class KSteering(Steerer):
+class _ProbeSteerer(Steerer):
+    """A steering method driven by a probe: steers at the probe's hook point, knows its labels."""
+
+    def __init__(self, probe: Probe):
+        if not isinstance(probe, Probe):
+            raise TypeError(
+                f"{type(self).__name__} needs a ks_lens Probe, got {type(probe).__name__}"
+            )
+        self.probe = probe
+        self.label_names = probe.label_names
+
+    @property
+    def hook_name(self) -> str:
+        return self.probe.hook_name
+
+    def check_model(self, model: object) -> None:
+        self.probe.check_compatible(model)
+
+
+class KSteering(_ProbeSteerer):
     """K-Steering with a trained :class:`~ks_lens.probes.Probe` (see the module docstring).
 
     Example::
@@ -206,8 +225,7 @@ class KSteering(Steerer):
         combine: str = "sum",
         temperature: float = 1.0,
     ):
-        if not isinstance(probe, Probe):
-            raise TypeError(f"KSteering needs a ks_lens Probe, got {type(probe).__name__}")
+        super().__init__(probe)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError("steps must be a positive int")
         if not 0 < decay <= 1:
@@ -220,27 +238,18 @@ class KSteering(Steerer):
             raise ValueError(f"unknown combine {combine!r}; use one of {COMBINES}")
         if temperature <= 0:
             raise ValueError("temperature must be positive")
-        self.probe = probe
         self.steps = steps
         self.decay = float(decay)
         self.step_norm = step_norm
         self.objective = objective
         self.combine = combine
         self.temperature = float(temperature)
-        self.label_names = probe.label_names
 
     def __repr__(self) -> str:
         return (
             f"KSteering(hook={self.hook_name!r}, steps={self.steps}, decay={self.decay}, "
             f"step_norm={self.step_norm!r}, objective={self.objective!r}, combine={self.combine!r})"
         )
-
-    @property
-    def hook_name(self) -> str:
-        return self.probe.hook_name
-
-    def check_model(self, model: object) -> None:
-        self.probe.check_compatible(model)
 
     def direction(
         self, x: Float[torch.Tensor, "n d_model"], spec: SteeringSpec
@@ -291,7 +300,7 @@ class KSteering(Steerer):
         return f
 
 
-class KProjection(Steerer):
+class KProjection(_ProbeSteerer):
     """Avoid-only projection removal (paper Algorithm 2).
 
     ``g = grad_x mean_{a in avoid} f_a(x)``; ``x' = x - c * (x . g / |g|^2) g`` with
@@ -301,18 +310,10 @@ class KProjection(Steerer):
     """
 
     def __init__(self, probe: Probe, *, how: str = "reflect"):
+        super().__init__(probe)
         if how not in ("reflect", "remove"):
             raise ValueError("how must be 'reflect' or 'remove'")
-        self.probe = probe
         self.how = how
-        self.label_names = probe.label_names
-
-    @property
-    def hook_name(self) -> str:
-        return self.probe.hook_name
-
-    def check_model(self, model: object) -> None:
-        self.probe.check_compatible(model)
 
     def spec(
         self,

@@ -109,7 +109,7 @@ class PositionTracker:
         """Boolean mask ``[batch, seq]`` of the positions of this call to steer."""
         if self.seq_len is not None and self.seq_len != seq:
             # The hook saw a different length than the model input (should not happen); be safe.
-            return _select_untracked(positions, batch, seq, device)
+            return select_whole_call(positions, batch, seq, device)
         past = self.past_len
         prompt_len = self.prompt_len if self.prompt_len is not None else seq
         pos = torch.arange(past, past + seq, device=device).unsqueeze(0).expand(batch, seq)
@@ -134,7 +134,7 @@ class PositionTracker:
         raise ValueError(f"unknown positions {positions!r}")
 
 
-def _select_untracked(
+def select_whole_call(
     positions: str, batch: int, seq: int, device: torch.device
 ) -> Bool[torch.Tensor, "batch seq"]:
     """Selection for a call treated as one whole prompt (no tracker)."""
