@@ -36,6 +36,14 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     return prepare(cfg, work)
 
 
+def start(args: argparse.Namespace) -> tuple[Path, Setup, float]:
+    """The output folder (created), the standard setup, and the start time of a study."""
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, setup_from_args(args), started
+
+
 def write_json(out: Path, name: str, payload: dict[str, Any], started: float) -> Path:
     payload = {
         **payload,

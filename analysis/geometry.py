@@ -12,12 +12,11 @@ test-split questions (no instruction), last token.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import parser, save_figure, setup_from_args, write_json
+from common import parser, save_figure, start, write_json
 
 from ks_lens.activations import collect_activations
 from ks_lens.analysis.geometry import (
@@ -35,10 +34,7 @@ from ks_lens.steering import KSteering, SteeringSpec, SteeringVectors
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "runs/analysis/geometry")
     args = p.parse_args()
-    started = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    setup = setup_from_args(args)
+    out, setup, started = start(args)
     model, n = setup.model, int(setup.model.cfg.n_layers)
     layers = (
         sorted({max(0, setup.layer - 6), setup.layer, min(n - 1, setup.layer + 6)})

@@ -11,11 +11,10 @@ layer with the reason.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from common import parser, setup_from_args, write_json
+from common import parser, start, write_json
 
 from ks_lens.analysis.sweep import layer_sweep, probe_accuracy_by_layer, recommend_layer
 from ks_lens.comparison import ComparisonConfig
@@ -88,10 +87,7 @@ def main() -> None:
         "--layers", default=None, help="comma-separated layers (default: all; --fast: three)"
     )
     args = p.parse_args()
-    started = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    setup = setup_from_args(args)
+    out, setup, started = start(args)
     n = int(setup.model.cfg.n_layers)
     if args.layers:
         layers = [int(x) for x in args.layers.split(",")]

@@ -13,12 +13,11 @@ vanishing.json, PNG figures and a circuitsvis token view (HTML, works offline).
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from common import parser, save_figure, setup_from_args, write_json
+from common import parser, save_figure, start, write_json
 
 from ks_lens.activations import collect_activations
 from ks_lens.analysis.vanishing import diagnose
@@ -43,10 +42,7 @@ METHODS = (
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "runs/analysis/vanishing")
     args = p.parse_args()
-    started = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    setup = setup_from_args(args)
+    out, setup, started = start(args)
     cfg = setup.config
     config = ComparisonConfig(
         methods=METHODS,

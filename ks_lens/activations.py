@@ -390,6 +390,33 @@ def _base_meta(
     }
 
 
+def _plan(
+    model: Any,
+    dataset: BehaviourDataset,
+    mode: str,
+    layers: Sequence[int] | None,
+    hook_kinds: Sequence[str],
+    position: str,
+    batch_size: int,
+    max_new_tokens: int,
+    seed: int,
+) -> tuple[CollectSpec, list[Row]]:
+    """Validate the collection settings against the model and plan the rows."""
+    spec = CollectSpec(
+        mode,
+        None if layers is None else tuple(layers),
+        tuple(hook_kinds),
+        position,
+        batch_size,
+        max_new_tokens,
+        seed,
+    ).validate(model)
+    rows = plan_rows(dataset, spec.mode)
+    if not rows:
+        raise ValueError("the dataset yields no rows to collect")
+    return spec, rows
+
+
 def collect_activations(
     model: Any,
     dataset: BehaviourDataset,
@@ -410,18 +437,9 @@ def collect_activations(
     ``responses`` maps ``(question_id, label_index)`` to answer token ids, to reuse answers
     generated earlier (e.g. by a ``response`` collection) for ``response-only``.
     """
-    spec = CollectSpec(
-        mode,
-        None if layers is None else tuple(layers),
-        tuple(hook_kinds),
-        position,
-        batch_size,
-        max_new_tokens,
-        seed,
-    ).validate(model)
-    rows = plan_rows(dataset, spec.mode)
-    if not rows:
-        raise ValueError("the dataset yields no rows to collect")
+    spec, rows = _plan(
+        model, dataset, mode, layers, hook_kinds, position, batch_size, max_new_tokens, seed
+    )
     parts = [
         c
         for _, c in _chunks(
@@ -639,18 +657,9 @@ def collect_to_store(
 
     if shard_rows < 1:
         raise ValueError("shard_rows must be positive")
-    spec = CollectSpec(
-        mode,
-        None if layers is None else tuple(layers),
-        tuple(hook_kinds),
-        position,
-        batch_size,
-        max_new_tokens,
-        seed,
-    ).validate(model)
-    rows = plan_rows(dataset, spec.mode)
-    if not rows:
-        raise ValueError("the dataset yields no rows to collect")
+    spec, rows = _plan(
+        model, dataset, mode, layers, hook_kinds, position, batch_size, max_new_tokens, seed
+    )
     out = Path(out)
     fresh = {
         "format": STORE_FORMAT,
