@@ -6,7 +6,6 @@ Each subcommand is a thin shell over the library; run ``ks-lens SUBCOMMAND --hel
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -354,10 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except KsLensError as e:
-        print(f"ks-lens: error: {e}", file=sys.stderr)
-        return 2
-    except json.JSONDecodeError as e:  # pragma: no cover
+    except (KsLensError, ValueError, FileNotFoundError) as e:
+        # bad input: a clear one-line message, no traceback
         print(f"ks-lens: error: {e}", file=sys.stderr)
         return 2
 
