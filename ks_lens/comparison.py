@@ -400,7 +400,7 @@ def summarise(result: dict[str, Any], section: str = "activation_eval") -> list[
         }
         for key in ("perplexity", "distinct2", "kl"):
             if key in es[0]:
-                vals = [e[key] for e in es if e[key] == e[key]]
+                vals = [e[key] for e in es if isinstance(e[key], (int, float)) and e[key] == e[key]]
                 row[key] = sum(vals) / len(vals) if vals else float("nan")
         out.append(row)
     return out

@@ -234,3 +234,11 @@ def test_demo_with_external_questions(tmp_path):
 def test_demo_parser_defaults():
     args = build_parser().parse_args(["demo"])
     assert args.out == "runs/demo" and not args.fast
+
+
+def test_demo_is_deterministic_given_the_seed(tmp_path):
+    cfg = DemoConfig.fast(model="tiny-random-llama", methods=("caa_mean", "ksteer_multistep"))
+    a = run_demo(cfg, tmp_path / "a", log=lambda s: None, progress=False)
+    b = run_demo(cfg, tmp_path / "b", log=lambda s: None, progress=False)
+    for key in ("alpha", "calibration", "activation_eval", "generation_eval"):
+        assert json.dumps(a[key]) == json.dumps(b[key]), key  # JSON: NaN compares equal to NaN
