@@ -187,10 +187,12 @@ class GenerationScores:
     texts: list[str]
     answer_ids: list[list[int]]
     probs: Float[torch.Tensor, "n k"]  # response-level evaluator, re-encoded without instruction
-    nll: list[
-        float
-    ]  # mean negative log-likelihood per answer token under the unsteered model (nan if empty)
-    kl: list[float]  # mean per-token KL(steered || unsteered) along the answer (nan if empty)
+    #: mean negative log-likelihood per answer token under the unsteered model (nan if empty)
+    nll: list[float]
+    #: mean KL(steered || unsteered) over the answer's generation steps, including the step that
+    #: ended the turn: an answer cut short by steering still pays for that choice
+    kl: list[float]
+    kl_steps: list[int]  # how many steps each KL mean covers
     distinct2: list[float]  # distinct word bigrams / word bigrams per answer (nan if < 2 words)
 
     @property
@@ -202,8 +204,9 @@ class GenerationScores:
 
     @property
     def mean_kl(self) -> float:
-        tot = sum(k * len(ids) for k, ids in zip(self.kl, self.answer_ids, strict=True) if ids)
-        cnt = sum(len(ids) for ids in self.answer_ids)
+        """Step-weighted mean KL over all answers (nan if no step was generated)."""
+        tot = sum(k * n for k, n in zip(self.kl, self.kl_steps, strict=True) if n)
+        cnt = sum(self.kl_steps)
         return tot / cnt if cnt else float("nan")
 
     @property
@@ -295,11 +298,13 @@ def generate_and_score_groups(
         assert res.logits is not None
         for j, r in enumerate(idx):
             answers[r] = res.ids[j]
-            step_logps[r] = torch.log_softmax(res.logits[j, : len(res.ids[j])].float(), -1).cpu()
+            steps = len(res.ids[j]) + (1 if res.finished[j] else 0)  # + the end-of-turn step
+            step_logps[r] = torch.log_softmax(res.logits[j, :steps].float(), -1).cpu()
         del res
     probs = torch.empty(len(rows), response_probe.n_labels if response_probe is not None else 0)
     nll = [float("nan")] * len(rows)
     kl = [float("nan")] * len(rows)
+    kl_steps = [0] * len(rows)
     seqs = [heads[i] + answers[r] for r, (_, i) in enumerate(rows)]
     order = sorted(range(len(rows)), key=lambda r: (len(seqs[r]), r))
     for s in range(0, len(order), batch_size):
@@ -322,16 +327,16 @@ def generate_and_score_groups(
             ).cpu()
         for j, r in enumerate(idx):
             t = len(answers[r])
-            if t == 0:
-                continue
-            pred = torch.log_softmax(
-                logits[j, tmax - t : tmax].float(), -1
-            ).cpu()  # predicts answer tokens 0..t-1
-            target = torch.tensor(answers[r])
-            nll[r] = float(-pred.gather(-1, target[:, None]).mean())
+            # positions tmax-t .. tmax predict answer tokens 0..t-1, then the token after the answer
+            pred = torch.log_softmax(logits[j, tmax - t : tmax + 1].float(), -1).cpu()
+            if t:
+                target = torch.tensor(answers[r])
+                nll[r] = float(-pred[:t].gather(-1, target[:, None]).mean())
             steered = step_logps[r]
             assert steered is not None
-            kl[r] = float(kl_divergence(steered, pred).mean())
+            if len(steered):
+                kl[r] = float(kl_divergence(steered, pred[: len(steered)]).mean())
+                kl_steps[r] = len(steered)
         del logits
     out = []
     n = len(questions)
@@ -340,7 +345,9 @@ def generate_and_score_groups(
         ans = answers[sl]
         texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ans]
         out.append(
-            GenerationScores(texts, ans, probs[sl], nll[sl], kl[sl], [distinct_n(t) for t in texts])
+            GenerationScores(
+                texts, ans, probs[sl], nll[sl], kl[sl], kl_steps[sl], [distinct_n(t) for t in texts]
+            )
         )
     return out
 

@@ -39,7 +39,7 @@ def build_tiny_tokenizer() -> Any:
         tokenizer_object=backend,
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
         add_bos_token=True,

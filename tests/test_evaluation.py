@@ -202,3 +202,37 @@ def test_run_comparison_schema_on_tiny(tiny_model, tiny_acts, tiny_probe):
             gen_questions=[],
             progress=False,
         )
+
+
+def test_answers_cut_short_by_steering_still_pay_kl(tiny_model):
+    """Steering that makes the model end its turn at once produces empty answers; the step that
+    chose end-of-turn must still count as a (large) coherence cost, not as zero."""
+    from ks_lens.evaluation import generate_and_score_groups
+    from ks_lens.models import model_signature
+
+    emb = tiny_model.original_model.get_input_embeddings().weight.detach()
+    eos = tiny_model.tokenizer.eos_token_id
+    vecs = torch.zeros(3, 64)
+    vecs[0] = emb[eos]
+    push_eos = SteeringVectors(
+        vecs,
+        label_names=("alpha", "beta", "gamma"),
+        hook_name="blocks.3.hook_resid_post",
+        model=model_signature(tiny_model),
+    )
+    qs = ["hello?", "what is a cat?"]
+    base, steered = generate_and_score_groups(
+        tiny_model,
+        qs,
+        [None, (CAA(push_eos), SteeringSpec(("alpha",), (), 1e4))],
+        response_probe=None,
+        max_new_tokens=4,
+    )
+    assert steered.answer_ids == [[], []] and steered.n_empty == 2
+    assert steered.kl_steps == [1, 1]  # the end-of-turn step is scored
+    assert steered.mean_kl > 0.01 and steered.mean_kl > 100 * abs(base.mean_kl)
+    assert all(
+        n == len(ids) + (1 if len(ids) < 4 else 0) or n == len(ids)
+        for n, ids in zip(base.kl_steps, base.answer_ids, strict=True)
+    )
+    assert abs(base.mean_kl) < 1e-4
