@@ -22,9 +22,9 @@ from common import parser, save_figure, start, write_json
 from ks_lens.activations import collect_activations
 from ks_lens.analysis.vanishing import diagnose
 from ks_lens.analysis.viz import save_token_view, token_view_html
-from ks_lens.comparison import ComparisonConfig, run_comparison, summarise
+from ks_lens.comparison import ComparisonConfig, summarise
 from ks_lens.generation import generate
-from ks_lens.report import _label
+from ks_lens.report import method_label
 from ks_lens.steering import SteeringSpec
 
 METHODS = (
@@ -53,18 +53,7 @@ def main() -> None:
         calib_tokens=cfg.calib_tokens,
         calib_bisect_steps=cfg.calib_bisect_steps,
     )
-    eval_q = setup.questions("test", cfg.n_eval)
-    res = run_comparison(
-        setup.model,
-        probe=setup.probe,
-        vectors=setup.vectors,
-        evaluator=setup.evaluator,
-        response_evaluator=setup.response_evaluator,
-        calib_questions=setup.questions("calibration", cfg.n_calib),
-        eval_questions=eval_q,
-        gen_questions=setup.questions("test", cfg.n_gen),
-        config=config,
-    )
+    res = setup.compare(config)
     # diagnostics at the steering layer, on the same neutral questions
     x = collect_activations(
         setup.model,
@@ -103,7 +92,7 @@ def main() -> None:
     html = token_views(out, setup, res)
     for row in summary["activation"]:
         print(
-            f"{_label(row['method']):22s} k={row['k']}: mean p {row['mean_target_prob']:.3f}  min p "
+            f"{method_label(row['method']):22s} k={row['k']}: mean p {row['mean_target_prob']:.3f}  min p "
             f"{row['min_target_prob']:.3f}  vanish {row['vanish_rate']:.2f}"
         )
     path = write_json(
@@ -164,7 +153,7 @@ def plot(
         if key != "vanish_rate" and base:
             ax.axhline(sum(base) / len(base), color="k", ls=":", lw=1, label="unsteered")
         ax.set_xticks([i + 0.2 for i in range(len(methods))])
-        ax.set_xticklabels([_label(m) for m in methods], rotation=40, ha="right", fontsize=8)
+        ax.set_xticklabels([method_label(m) for m in methods], rotation=40, ha="right", fontsize=8)
         ax.set_title(f"{title} (held-out evaluator)")
         ax.legend(fontsize=7)
     fig.suptitle("Remedies for vanishing targets at matched coherence")
@@ -177,7 +166,7 @@ def plot(
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=30)
     ax.set_yticks(range(len(methods)))
-    ax.set_yticklabels([_label(m) for m in methods], fontsize=8)
+    ax.set_yticklabels([method_label(m) for m in methods], fontsize=8)
     for i in range(len(methods)):
         for j in range(len(labels)):
             ax.text(j, i, str(mat[i][j]), ha="center", va="center", fontsize=7)
@@ -222,7 +211,7 @@ def token_views(out: Path, setup: Any, res: dict[str, Any]) -> Path:
         method = REGISTRY[m].build(setup.probe, setup.vectors)
         spec = SteeringSpec(combo, (), res["alpha"][m][str(len(combo))])
         with method.steer(setup.model, spec.target, spec.avoid, spec.alpha):
-            answers[f"{_label(m)} (alpha {spec.alpha:.3g})"] = generate(
+            answers[f"{method_label(m)} (alpha {spec.alpha:.3g})"] = generate(
                 setup.model, [question], max_new_tokens=40
             ).texts[0]
     page = token_view_html(

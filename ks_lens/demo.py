@@ -18,10 +18,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ks_lens.comparison import ComparisonConfig, run_comparison, summarise
+from ks_lens.comparison import ComparisonConfig, summarise
 from ks_lens.models import model_signature
 from ks_lens.pipeline import PipelineConfig, prepare
-from ks_lens.report import _label, verdict, write_report
+from ks_lens.report import method_label, verdict, write_report
 
 DemoConfig = PipelineConfig
 
@@ -48,21 +48,8 @@ def run_demo(
     out = Path(out)
     t_start = time.perf_counter()
     setup = prepare(cfg, out, log=log, progress=progress)
-    eval_q, source = setup.eval_questions(cfg.n_eval)
-    gen_q, _ = setup.eval_questions(cfg.n_gen)
-    result = run_comparison(
-        setup.model,
-        probe=setup.probe,
-        vectors=setup.vectors,
-        evaluator=setup.evaluator,
-        response_evaluator=setup.response_evaluator,
-        calib_questions=setup.questions("calibration", cfg.n_calib),
-        eval_questions=eval_q,
-        gen_questions=gen_q,
-        config=comparison_config(cfg),
-        progress=progress,
-        log=log,
-    )
+    source = setup.eval_questions(cfg.n_eval)[1]
+    result = setup.compare(comparison_config(cfg), progress=progress, log=log)
     timings = {**setup.timings, **result.pop("timings")}
     timings["total_s"] = time.perf_counter() - t_start
     probe, evaluator, resp = setup.probe, setup.evaluator, setup.response_evaluator
@@ -138,7 +125,7 @@ def print_summary(report: dict[str, Any]) -> None:
                     if r
                     else ""
                 )
-            print(f"{_label(m):24s}" + "".join(f"{c:>22s}" for c in cells))
+            print(f"{method_label(m):24s}" + "".join(f"{c:>22s}" for c in cells))
         for s in verdict(report, section):
             print("  " + s)
 

@@ -208,7 +208,3 @@ def check_signature(recorded: dict[str, Any], model: Any, what: str) -> None:
 
 def model_device(model: Any) -> torch.device:
     return next(model.original_model.parameters()).device
-
-
-def model_dtype(model: Any) -> torch.dtype:
-    return next(model.original_model.parameters()).dtype

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ks_lens.activations import ActivationStore, collect_to_store
-from ks_lens.comparison import REFERENCE_METHODS
+from ks_lens.comparison import REFERENCE_METHODS, ComparisonConfig, run_comparison
 from ks_lens.datasets import BehaviourDataset, Splits, load_dataset, load_questions, make_splits
 from ks_lens.models import load_model
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes
@@ -115,6 +115,26 @@ class Setup:
         if self.external_questions is not None:
             return self.external_questions[:n], f"external file {self.config.questions}"
         return self.questions("test", n), "test split"
+
+    def compare(
+        self, config: ComparisonConfig, *, progress: bool = True, log: Any = print
+    ) -> dict[str, Any]:
+        """:func:`~ks_lens.comparison.run_comparison` with this setup's probe, vectors and evaluators,
+        calibrated on the calibration split and evaluated on :meth:`eval_questions`."""
+        cfg = self.config
+        return run_comparison(
+            self.model,
+            probe=self.probe,
+            vectors=self.vectors,
+            evaluator=self.evaluator,
+            response_evaluator=self.response_evaluator,
+            calib_questions=self.questions("calibration", cfg.n_calib),
+            eval_questions=self.eval_questions(cfg.n_eval)[0],
+            gen_questions=self.eval_questions(cfg.n_gen)[0],
+            config=config,
+            progress=progress,
+            log=log,
+        )
 
 
 def prepare(

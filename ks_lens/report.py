@@ -32,7 +32,7 @@ _METRIC_TEXT = {
 }
 
 
-def _label(m: str) -> str:
+def method_label(m: str) -> str:
     return METHOD_LABELS.get(m, m)
 
 
@@ -62,7 +62,7 @@ def per_combination_table(
         combos.setdefault(_combo(e), {})[e["method"]] = e
     cols = ["unsteered", *methods]
     lines = [
-        "| targets | " + " | ".join(_label(m) for m in cols) + " |",
+        "| targets | " + " | ".join(method_label(m) for m in cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
     for combo, by in combos.items():
@@ -93,8 +93,8 @@ def verdict(result: dict[str, Any], section: str) -> list[str]:
         diff = best_ks["mean_target_prob"] - best_caa["mean_target_prob"]
         word = "beats" if diff > 0.01 else ("trails" if diff < -0.01 else "ties with")
         out.append(
-            f"k={k}: best K-Steering ({_label(best_ks['method'])}, {best_ks['mean_target_prob']:.3f}) {word} "
-            f"best CAA ({_label(best_caa['method'])}, {best_caa['mean_target_prob']:.3f}); "
+            f"k={k}: best K-Steering ({method_label(best_ks['method'])}, {best_ks['mean_target_prob']:.3f}) {word} "
+            f"best CAA ({method_label(best_caa['method'])}, {best_caa['mean_target_prob']:.3f}); "
             f"difference {diff:+.3f}; vanish rates {best_ks['vanish_rate']:.2f} vs {best_caa['vanish_rate']:.2f}."
         )
     return out
@@ -133,7 +133,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "### Activation level",
         "",
         markdown_table(
-            [{**r, "method": _label(r["method"])} for r in summarise(report, "activation_eval")],
+            [
+                {**r, "method": method_label(r["method"])}
+                for r in summarise(report, "activation_eval")
+            ],
             [
                 ("method", "method"),
                 ("k", "targets"),
@@ -152,7 +155,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             markdown_table(
                 [
-                    {**r, "method": _label(r["method"])}
+                    {**r, "method": method_label(r["method"])}
                     for r in summarise(report, "generation_eval")
                 ],
                 [
@@ -177,7 +180,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     for m in methods:
         lines.append(
-            f"| {_label(m)} | "
+            f"| {method_label(m)} | "
             + " | ".join(f"{report['alpha'][m][str(k)]:.4g}" for k in cfg["sizes"])
             + " |"
         )
@@ -200,7 +203,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             if len(e["targets"]) >= 2 and shown < 8:
                 ex = e["examples"][0]
                 lines.append(
-                    f"- **{_label(e['method'])}**, targets {'+'.join(e['targets'])}: "
+                    f"- **{method_label(e['method'])}**, targets {'+'.join(e['targets'])}: "
                     f"_{ex['question']}_ → {ex['answer'][:300]!r}"
                 )
                 shown += 1
@@ -279,7 +282,7 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
                     [i + j * width for i in range(len(combos))],
                     vals,
                     width,
-                    label=_label(m),
+                    label=method_label(m),
                     color=colors[m],
                 )
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(combos))])
@@ -330,7 +333,7 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
                             [by_method[m]["per_label_prob"][t] for t in targets],
                             width,
                             color=colors[m],
-                            label=_label(m),
+                            label=method_label(m),
                         )
                 ax.set_xticks([i + 0.4 - width / 2 for i in range(3)])
                 ax.set_xticklabels(targets, fontsize=7)
@@ -355,7 +358,7 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
                 ms=3,
                 color=colors.get(m),
                 alpha=0.4 + 0.2 * int(k),
-                label=f"{_label(m)} k={k}",
+                label=f"{method_label(m)} k={k}",
             )
     ax.axhline(report["comparison_config"]["kl_budget"], color="k", ls="--", lw=1, label="budget")
     ax.set_xscale("log")
