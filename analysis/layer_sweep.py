@@ -52,12 +52,12 @@ def plot(
     ax.legend()
     for ax, section, title in (
         (axes[1], "activation", "Held-out evaluator (activation level)"),
-        (axes[2], "generation", "Response evaluator (generated text)"),
+        (axes[2], "text", "Text evaluator (generated text)"),
     ):
         for method, style in (("unsteered", ":"), ("caa_mean", "-"), ("ksteer", "-")):
             for k, marker in ((1, "o"), (2, "s")):
                 pts = [
-                    (rec["layer"], r["mean_target_prob"])
+                    (rec["layer"], r["target_prob"]["estimate"])
                     for rec in sweep
                     for r in rec[section]
                     if r["method"] == method and r["k"] == k
@@ -109,20 +109,21 @@ def main() -> None:
         calibration_metric="first_token_kl",
         kl_budget=0.5,
         act_combos_per_size=1 if args.fast else 3,
-        gen_combos_per_size=1,
+        curve_factors=(1.0,),
         max_new_tokens=8 if args.fast else 24,
         calib_bisect_steps=2 if args.fast else 3,
+        n_resamples=setup.config.comparison.n_resamples,
     )
     cfg = setup.config
     sweep = layer_sweep(
         setup.model,
         acts,
         evaluator=evaluator,
-        response_evaluator=setup.response_evaluator,
+        text_evaluator=setup.text_evaluator,
         layers=layers,
         calib_questions=setup.questions("calibration", cfg.n_calib),
-        eval_questions=setup.questions("test", 8 if args.fast else 24),
-        gen_questions=setup.questions("test", 4 if args.fast else 6),
+        test_questions=setup.questions("test", 8 if args.fast else 24),
+        text_questions=setup.questions("test", 4 if args.fast else 6),
         config=config,
         probes=mlps,
     )
@@ -138,7 +139,7 @@ def main() -> None:
                 "hook_name": evaluator.hook_name,
                 "val_accuracy": evaluator.metrics["val_accuracy"],
             },
-            "response_evaluator": setup.response_evaluator.hook_name,
+            "text_evaluator": repr(setup.text_evaluator),
             "comparison_config": config.to_json(),
             "probe_accuracy": accuracy,
             "sweep": sweep,

@@ -1,11 +1,13 @@
 """Vanishing tones: which targets get lost in 2- and 3-target steering, why, and which remedy helps.
 
 Over all 2- and 3-target combinations, at alphas calibrated to the same coherence budget:
-vanish rate, mean and minimum target probability for CAA, K-Steering and the remedies built into
+per-question vanish rate (a target below the floor while the best target reaches the bar), mean
+and minimum target probability, with bootstrap intervals, for CAA, K-Steering and the remedies built into
 ``KSteering`` (multi-step with decay, per-label gradient balancing, PCGrad conflict projection,
 log-sigmoid and soft-min objectives), at the activation level (held-out evaluator) and on
-generated text. Every vanished case of CAA and K-Steering is diagnosed (gradient norms and
-cosines, probe margins and per-step trajectories, probe accuracy) and given a cause. Writes
+generated text. Every combination where a target of CAA or K-Steering vanished on most questions is
+diagnosed (gradient norms and cosines, probe margins and per-step trajectories, probe accuracy)
+and given a cause. Writes
 vanishing.json, PNG figures and a circuitsvis token view (HTML, works offline).
 
     python analysis/vanishing.py [--fast] [--out DIR] [--work DIR]
@@ -17,14 +19,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from common import parser, save_figure, start, write_json
 
 from ks_lens.activations import collect_activations
 from ks_lens.analysis.vanishing import diagnose
 from ks_lens.analysis.viz import save_token_view, token_view_html
-from ks_lens.comparison import ComparisonConfig, summarise
+from ks_lens.comparison import (
+    ActivationEvaluation,
+    ComparisonConfig,
+    ComparisonResult,
+    method_label,
+)
 from ks_lens.generation import generate
-from ks_lens.report import method_label
 from ks_lens.steering import SteeringSpec
 
 METHODS = (
@@ -48,12 +55,13 @@ def main() -> None:
         methods=METHODS,
         sizes=(2, 3),
         act_combos_per_size=3 if args.fast else None,
-        gen_combos_per_size=1 if args.fast else 2,
         max_new_tokens=8 if args.fast else 32,
-        calib_tokens=cfg.calib_tokens,
-        calib_bisect_steps=cfg.calib_bisect_steps,
+        calib_tokens=cfg.comparison.calib_tokens,
+        calib_bisect_steps=cfg.comparison.calib_bisect_steps,
+        n_resamples=cfg.comparison.n_resamples,
     )
-    res = setup.compare(config)
+    res = setup.compare(config, text=False)
+    assert res.activation is not None
     # diagnostics at the steering layer, on the same neutral questions
     x = collect_activations(
         setup.model,
@@ -62,38 +70,37 @@ def main() -> None:
         layers=[setup.layer],
         progress=False,
     ).at(setup.layer)
+    cases = vanished_cases(res.activation, config)
     diagnoses = []
     causes: dict[str, Counter[str]] = {}
-    for e in res["activation_eval"]:
-        if e["method"] not in ("caa_mean", "ksteer", "ksteer_multistep") or not e["vanished"]:
+    for case in cases:
+        if case["method"] not in ("caa_mean", "ksteer", "ksteer_multistep"):
             continue
-        alpha = res["alpha"]["ksteer"][str(len(e["targets"]))]
+        alpha = res.alphas["ksteer"][len(case["targets"])]
         d = diagnose(
             setup.probe,
             x,
-            e["targets"],
+            case["targets"],
             alpha=alpha,
             steps=3,
-            evaluator_delta=e["per_label_delta"],
-            vanished=e["vanished_labels"],
+            evaluator_delta=case["delta"],
+            vanished=case["vanished"],
         )
-        diagnoses.append({"method": e["method"], **d.to_json()})
-        for lab in e["vanished_labels"]:
-            causes.setdefault(e["method"], Counter())[d.per_target[lab].cause or "other"] += 1
+        diagnoses.append({"method": case["method"], **d.to_json()})
+        for lab in case["vanished"]:
+            causes.setdefault(case["method"], Counter())[d.per_target[lab].cause or "other"] += 1
     vanished_labels: dict[str, Counter[str]] = {}
-    for e in res["activation_eval"]:
-        for lab in e["vanished_labels"]:
-            vanished_labels.setdefault(e["method"], Counter())[lab] += 1
-    summary = {
-        "activation": summarise(res, "activation_eval"),
-        "generation": summarise(res, "generation_eval") if res["generation_eval"] else [],
-    }
-    figs = plot(out, res, summary, diagnoses, vanished_labels, list(setup.dataset.labels))
+    for case in cases:
+        for lab in case["vanished"]:
+            vanished_labels.setdefault(case["method"], Counter())[lab] += 1
+    summary = [r.to_json() for r in res.summary("activation")]
+    figs = plot(out, res, diagnoses, vanished_labels, list(setup.dataset.labels))
     html = token_views(out, setup, res)
-    for row in summary["activation"]:
+    for r in res.summary("activation"):
+        v = "" if r.vanish_rate is None else f"  vanished {r.vanish_rate.fmt(2)}"
         print(
-            f"{method_label(row['method']):22s} k={row['k']}: mean p {row['mean_target_prob']:.3f}  min p "
-            f"{row['min_target_prob']:.3f}  vanish {row['vanish_rate']:.2f}"
+            f"{method_label(r.method):22s} k={r.k}: mean p {r.target_prob.fmt()}  min p "
+            f"{r.min_target_prob.fmt()}{v}"
         )
     path = write_json(
         out,
@@ -102,14 +109,13 @@ def main() -> None:
             "model": setup.model.cfg.model_name,
             "layer": setup.layer,
             "summary": summary,
-            "alpha": res["alpha"],
-            "calibration": res["calibration"],
+            "alpha": {m: {str(k): a for k, a in v.items()} for m, v in res.alphas.items()},
+            "calibration": res.to_json()["calibration"],
             "vanish_rule": config.vanish.to_json(),
             "causes": {m: dict(c) for m, c in causes.items()},
             "vanished_labels": {m: dict(c) for m, c in vanished_labels.items()},
             "diagnoses": diagnoses,
-            "activation_eval": res["activation_eval"],
-            "generation_eval": res["generation_eval"],
+            "activation_eval": res.activation.to_json(),
             "figures": [f.name for f in figs],
             "token_view": html.name,
             "probe_per_label_accuracy": setup.probe.metrics.get("val_per_label_accuracy"),
@@ -119,10 +125,27 @@ def main() -> None:
     print(f"wrote {path}, {len(figs)} figures and {html}")
 
 
+def vanished_cases(ev: ActivationEvaluation, config: ComparisonConfig) -> list[dict[str, Any]]:
+    """(method, combination) pairs where some target vanished on at least half the questions
+    (per-question rule of ``config.vanish``), with the per-label mean change vs unsteered."""
+    labels = list(ev.labels)
+    out = []
+    for m, per_combo in ev.probs.items():
+        for combo, p in zip(ev.combos, per_combo, strict=True):
+            idx = [labels.index(t) for t in combo]
+            flags = config.vanish.vanished(p[:, idx])
+            gone = [t for j, t in enumerate(combo) if flags[:, j].mean() >= 0.5]
+            if gone:
+                delta = {
+                    lab: float(np.mean(p[:, i] - ev.base[:, i])) for i, lab in enumerate(labels)
+                }
+                out.append({"method": m, "targets": combo, "vanished": gone, "delta": delta})
+    return out
+
+
 def plot(
     out: Path,
-    res: dict[str, Any],
-    summary: dict[str, Any],
+    res: ComparisonResult,
     diagnoses: list[dict[str, Any]],
     vanished: dict[str, Counter[str]],
     labels: list[str],
@@ -134,23 +157,37 @@ def plot(
 
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    methods = list(res["methods"])
+    methods = list(res.config.methods)
+    rows = res.summary("activation")
     for ax, key, title in (
-        (axes[0], "vanish_rate", "vanish rate"),
-        (axes[1], "mean_target_prob", "mean target prob."),
+        (axes[0], "vanish_rate", "vanish rate (question x combination)"),
+        (axes[1], "target_prob", "mean target prob."),
         (axes[2], "min_target_prob", "min target prob."),
     ):
         for j, k in enumerate((2, 3)):
-            vals = [
-                next(
-                    (r[key] for r in summary["activation"] if r["method"] == m and r["k"] == k),
-                    float("nan"),
-                )
+            ivs = [
+                next((getattr(r, key) for r in rows if r.method == m and r.k == k), None)
                 for m in methods
             ]
-            ax.bar([i + 0.4 * j for i in range(len(methods))], vals, 0.4, label=f"{k} targets")
-        base = [r[key] for r in summary["activation"] if r["method"] == "unsteered"]
-        if key != "vanish_rate" and base:
+            vals = [float("nan") if iv is None else iv.estimate for iv in ivs]
+            err = [
+                [0.0 if iv is None else iv.estimate - iv.low for iv in ivs],
+                [0.0 if iv is None else iv.high - iv.estimate for iv in ivs],
+            ]
+            ax.bar(
+                [i + 0.4 * j for i in range(len(methods))],
+                vals,
+                0.4,
+                yerr=err,
+                capsize=2,
+                label=f"{k} targets",
+            )
+        base = [
+            getattr(r, key).estimate
+            for r in rows
+            if r.method == "unsteered" and key != "vanish_rate"
+        ]
+        if base:
             ax.axhline(sum(base) / len(base), color="k", ls=":", lw=1, label="unsteered")
         ax.set_xticks([i + 0.2 for i in range(len(methods))])
         ax.set_xticklabels([method_label(m) for m in methods], rotation=40, ha="right", fontsize=8)
@@ -199,17 +236,15 @@ def plot(
     return paths
 
 
-def token_views(out: Path, setup: Any, res: dict[str, Any]) -> Path:
+def token_views(out: Path, setup: Any, res: ComparisonResult) -> Path:
     from ks_lens.comparison import METHODS as REGISTRY
 
-    combo = next(
-        (tuple(e["targets"]) for e in res["activation_eval"] if len(e["targets"]) == 3), None
-    ) or tuple(res["activation_eval"][0]["targets"])
+    combo = next((c for c in res.plan.act_combos if len(c) == 3), res.plan.act_combos[0])
     question = setup.questions("test", 1)[0]
     answers = {"unsteered": generate(setup.model, [question], max_new_tokens=40).texts[0]}
     for m in ("caa_mean", "ksteer", "ksteer_multistep"):
         method = REGISTRY[m].build(setup.probe, setup.vectors)
-        spec = SteeringSpec(combo, (), res["alpha"][m][str(len(combo))])
+        spec = SteeringSpec(combo, (), res.alphas[m][len(combo)])
         with method.steer(setup.model, spec.target, spec.avoid, spec.alpha):
             answers[f"{method_label(m)} (alpha {spec.alpha:.3g})"] = generate(
                 setup.model, [question], max_new_tokens=40

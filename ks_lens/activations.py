@@ -43,7 +43,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, left_pad
-from ks_lens.datasets import BehaviourDataset
+from ks_lens.datasets import BehaviourDataset, base_labels, multi_hot
 from ks_lens.errors import StoreError
 from ks_lens.generation import generate_from_batch
 from ks_lens.hooks import RESID_KINDS, check_layer, resid_hook
@@ -95,11 +95,16 @@ class Activations:
             )
         return self.acts[kind][:, self.layers.index(layer)]
 
+    @property
+    def base_labels(self) -> tuple[str, ...]:
+        """The label space of probes trained on these rows: the single labels, without the
+        combined behaviours (``"a+b"``) of :meth:`BehaviourDataset.with_combinations`."""
+        return base_labels(self.label_names)
+
     def one_hot(self) -> Float[torch.Tensor, "n k"]:
-        y = torch.zeros(len(self), len(self.label_names))
-        has = self.labels >= 0
-        y[has, self.labels[has]] = 1.0
-        return y
+        """Targets over :attr:`base_labels`: one-hot for single-behaviour rows, multi-hot for
+        combined ones (``"a+b"`` sets both), all zero for unlabelled rows."""
+        return multi_hot(self.labels, self.label_names)
 
     def select(self, index: Sequence[int] | torch.Tensor) -> Activations:
         idx = torch.as_tensor(index, dtype=torch.long)
@@ -138,6 +143,7 @@ class Row:
     question: str
     label: int  # -1 = none
     system: str | None  # instruction used when generating / encoding
+    answer: str | None = None  # a fixed answer to re-encode instead of generating one
 
 
 def plan_rows(dataset: BehaviourDataset, mode: str) -> list[Row]:
@@ -146,7 +152,10 @@ def plan_rows(dataset: BehaviourDataset, mode: str) -> list[Row]:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
     if mode == "neutral":
         return [Row(q.id, q.text, -1, None) for q in dataset.questions]
-    return [Row(q.id, q.text, i, dataset.behaviours[i].instruction) for q, i in dataset.pairs()]
+    return [
+        Row(q.id, q.text, i, dataset.behaviours[i].instruction, q.answer)
+        for q, i in dataset.pairs()
+    ]
 
 
 def _encode_ids(tok: Any, prompt: ChatPrompt) -> list[int]:
@@ -304,10 +313,12 @@ def _collect_chunk(
         need = [
             i
             for i, r in enumerate(rows)
-            if responses is None or (r.question_id, r.label) not in responses
+            if r.answer is None and (responses is None or (r.question_id, r.label) not in responses)
         ]
         for i, r in enumerate(rows):
-            if responses is not None and (r.question_id, r.label) in responses:
+            if r.answer is not None:
+                answers[i] = list(tok(r.answer, add_special_tokens=False)["input_ids"])
+            elif responses is not None and (r.question_id, r.label) in responses:
                 answers[i] = list(responses[(r.question_id, r.label)])
         gen_prompts = {
             i: _encode_ids(tok, ChatPrompt(rows[i].question, rows[i].system)) for i in need

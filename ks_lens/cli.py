@@ -1,4 +1,5 @@
-"""The ``ks-lens`` command line: ``info``, ``models``, ``collect``, ``train``, ``steer``, ``demo``.
+"""The ``ks-lens`` command line: ``info``, ``models``, ``collect``, ``train``, ``steer``, ``demo``,
+``evaluate-text``, ``train-text-evaluator``.
 
 Each subcommand is a thin shell over the library; run ``ks-lens SUBCOMMAND --help``.
 """
@@ -227,6 +228,66 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- text evaluator
+
+
+def cmd_evaluate_text(args: argparse.Namespace) -> int:
+    import json
+
+    from ks_lens.gold_texts import load_texts
+    from ks_lens.style import style_meters
+    from ks_lens.text_evaluator import TextEvaluator, default_text_evaluator
+
+    rows = load_texts(args.texts)
+    ev = TextEvaluator.load(args.evaluator) if args.evaluator else default_text_evaluator()
+    chunk = 256
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        probs = ev.predict_proba([text for _, text in part])
+        for (rid, text), p in zip(part, probs, strict=True):
+            out: dict[str, object] = {} if rid is None else {"id": rid}
+            out["probs"] = {n: round(float(v), 6) for n, v in zip(ev.label_names, p, strict=True)}
+            if args.style:
+                out["style"] = {k: round(v, 6) for k, v in style_meters(text).to_json().items()}
+            print(json.dumps(out, ensure_ascii=False))
+    return 0
+
+
+def cmd_train_text_evaluator(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ks_lens.datasets import load_dataset
+    from ks_lens.gold_texts import load_gold_texts, load_labelled_texts
+    from ks_lens.text_evaluator import TextEvaluator, TextEvaluatorConfig, validate_text_evaluator
+
+    tones = load_dataset("tones").labels
+    if args.texts:
+        labels = _labels(args.labels) or None
+        texts = load_labelled_texts(args.texts, labels)
+        if labels is None:
+            seen = list(dict.fromkeys(x for t in texts for x in t.labels))
+            labels = [x for x in tones if x in seen] if set(seen) <= set(tones) else seen
+    else:
+        texts = load_gold_texts()
+        labels = _labels(args.labels) or list(tones)
+        if list(labels) != list(tones):
+            raise ValueError(f"the shipped gold texts have the labels {list(tones)}")
+    cfg = TextEvaluatorConfig(use_style=not args.no_style, seed=args.seed)
+    if args.C is not None:
+        cfg = dataclasses.replace(cfg, C=args.C)
+    t0 = time.perf_counter()
+    ev = TextEvaluator.fit(texts, labels, cfg)
+    print(f"trained on {len(texts)} texts in {time.perf_counter() - t0:.1f} s: {ev}")
+    if args.folds > 0:
+        t0 = time.perf_counter()
+        ev.validity = validate_text_evaluator(texts, labels, cfg, n_folds=args.folds)
+        print(ev.validity.summary())
+        print(f"(validation took {time.perf_counter() - t0:.1f} s)")
+    ev.save(args.out)
+    print(f"saved to {args.out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -332,6 +393,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_steer)
+
+    p = sub.add_parser(
+        "evaluate-text",
+        help="score texts (JSONL with a 'text' field) for each tone with a text-level evaluator",
+    )
+    p.add_argument("--texts", required=True, help="JSONL file, one object with 'text' per line")
+    p.add_argument(
+        "--evaluator",
+        default=None,
+        help="evaluator directory (default: trained on the shipped gold texts, cached)",
+    )
+    p.add_argument("--style", action="store_true", help="also print each text's style meters")
+    p.set_defaults(func=cmd_evaluate_text)
+
+    p = sub.add_parser(
+        "train-text-evaluator",
+        help="train a text-level evaluator on labelled texts and print its held-out validity",
+    )
+    p.add_argument(
+        "--texts", default=None, help="labelled-text JSONL (default: the shipped gold texts)"
+    )
+    p.add_argument("--out", required=True, help="directory to save the evaluator in")
+    p.add_argument(
+        "--labels", default=None, help="comma-separated label names (default: those in the texts)"
+    )
+    p.add_argument(
+        "--folds", type=int, default=5, help="question-grouped CV folds; 0 skips validation"
+    )
+    p.add_argument(
+        "--C", type=float, default=None, help="inverse regularisation strength (default: 16)"
+    )
+    p.add_argument("--no-style", action="store_true", help="leave out the style meters")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_text_evaluator)
 
     try:
         from ks_lens.demo import add_demo_parser

@@ -1,45 +1,75 @@
 """The reference comparison: unsteered vs CAA vs K-Steering over 1-, 2- and 3-label combinations.
 
-:func:`run_comparison` calibrates each method's alpha to a coherence budget on calibration
-prompts (separately for each number of targets), then evaluates every target combination on
-held-out neutral prompts, at the activation level (held-out evaluator probe read in the same
-forward pass) and on generated text (response-level evaluator on the re-encoded answer, with
-perplexity, distinct-2 and per-token KL). It returns plain records, ready for JSON.
+Four stages, each a function, each returning typed records:
+
+1. :func:`plan_comparison` -> :class:`ComparisonPlan`: which combinations are evaluated at the
+   activation level, and which (question, combination) *cells* are calibrated on and answered
+   in text. Every question gets combinations of every size, rotating so that each combination
+   is used about equally often.
+2. :func:`calibrate` -> per method and number of targets, the largest alpha whose greedy answers
+   to the **calibration** questions stay within a KL budget (nats per token) with at most
+   ``max_degenerate_rate`` degenerate answers.
+3. :func:`evaluate_activations` -> :class:`ActivationEvaluation`: a held-out (multi-label)
+   evaluator probe reads the steered forward pass of the **test** questions, at the
+   calibrated alpha, for every combination.
+4. :func:`evaluate_text` -> :class:`TextEvaluation`: greedy answers to the test questions at
+   several alphas per method (the calibrated one times ``curve_factors``), scored by the text
+   evaluator (model-independent), by a response-activation evaluator (second lens), and by
+   KL / perplexity / degenerate rate measured on those same answers. Each method gets a
+   trade-off curve (target probability against measured KL), and the headline compares methods
+   at **equal measured KL** (interpolated along the curves).
+
+:func:`run_comparison` chains them into a :class:`ComparisonResult`. Every mean comes with a
+bootstrap interval over questions (:mod:`ks_lens.stats`), every method is compared with the
+baseline (``caa_mean``) by a paired interval, and vanishing rates by McNemar's test.
 
 Methods are looked up by name in :data:`METHODS`; the reference set is ``caa_mean``,
-``caa_sum``, ``ksteer`` and ``ksteer_multistep``. The vanishing-tone remedies
-(``ksteer_balanced``, ``ksteer_pcgrad``, ``ksteer_logsigmoid``, ``ksteer_softmin``) are there too.
+``caa_sum``, ``ksteer`` and ``ksteer_multistep``.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
-import torch
+import numpy as np
 from tqdm.auto import tqdm
 
 from ks_lens.evaluation import (
     CALIBRATION_METRICS,
     Calibration,
+    DegenerateRule,
     GenerationScores,
     VanishRule,
     calibrate_alphas,
     first_token_kl,
-    generate_and_score_groups,
-    generation_kl,
+    generate_and_score_rows,
     readout,
     readout_groups,
 )
 from ks_lens.probes import Probe
+from ks_lens.stats import (
+    Interval,
+    McNemar,
+    bootstrap_mean,
+    bootstrap_statistic,
+    interpolate_at,
+    mcnemar,
+    paired_difference,
+)
 from ks_lens.steering import CAA, KSteering, Steerer, SteeringSpec, SteeringVectors
+from ks_lens.style import style_meters
 
 
 @dataclass(frozen=True)
 class MethodDef:
+    label: str  # short name for tables and plots
     description: str
     build: Callable[[Probe, SteeringVectors], Steerer]
     alpha0: float  # starting point of the calibration search
@@ -47,41 +77,57 @@ class MethodDef:
 
 METHODS: dict[str, MethodDef] = {
     "caa_mean": MethodDef(
+        "CAA (mean)",
         "CAA, mean of per-label vectors (reference baseline)",
         lambda p, v: CAA(v, combine="mean"),
         1.0,
     ),
     "caa_sum": MethodDef(
+        "CAA (sum)",
         "CAA, sum of per-label vectors, unit norm",
         lambda p, v: CAA(v, combine="sum", normalize=True),
         20.0,
     ),
-    "ksteer": MethodDef("K-Steering, 1 gradient step", lambda p, v: KSteering(p, steps=1), 30.0),
+    "ksteer": MethodDef(
+        "K-Steering", "K-Steering, 1 gradient step", lambda p, v: KSteering(p, steps=1), 30.0
+    ),
     "ksteer_multistep": MethodDef(
-        "K-Steering, 3 steps with decay 0.95", lambda p, v: KSteering(p, steps=3, decay=0.95), 10.0
+        "K-Steering (3 steps)",
+        "K-Steering, 3 steps with decay 0.95",
+        lambda p, v: KSteering(p, steps=3, decay=0.95),
+        10.0,
     ),
     "ksteer_balanced": MethodDef(
+        "K-Steer balanced",
         "K-Steering, per-label gradients balanced to equal norm",
         lambda p, v: KSteering(p, combine="balanced"),
         30.0,
     ),
     "ksteer_pcgrad": MethodDef(
+        "K-Steer PCGrad",
         "K-Steering, conflicting label gradients projected out (PCGrad)",
         lambda p, v: KSteering(p, combine="pcgrad"),
         30.0,
     ),
     "ksteer_logsigmoid": MethodDef(
+        "K-Steer log-sigmoid",
         "K-Steering, log-sigmoid objective (saturated targets stop pulling)",
         lambda p, v: KSteering(p, objective="logsigmoid", steps=3, decay=0.95),
         30.0,
     ),
     "ksteer_softmin": MethodDef(
+        "K-Steer soft-min",
         "K-Steering, soft-min objective (weakest target pulls hardest)",
         lambda p, v: KSteering(p, objective="softmin", steps=3, decay=0.95),
         30.0,
     ),
 }
 REFERENCE_METHODS: tuple[str, ...] = ("caa_mean", "caa_sum", "ksteer", "ksteer_multistep")
+
+
+def method_label(name: str) -> str:
+    """The short display name of a method (``"unsteered"`` and unknown names as they are)."""
+    return METHODS[name].label if name in METHODS else name
 
 
 def label_combinations(
@@ -106,63 +152,902 @@ def spread(items: Sequence[Any], n: int | None) -> list[Any]:
     return [items[int(i * step)] for i in range(n)]
 
 
+class TextScorer(Protocol):
+    """What the comparison needs from a text evaluator (:class:`~ks_lens.text_evaluator.TextEvaluator`)."""
+
+    @property
+    def label_names(self) -> tuple[str, ...]: ...
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
 @dataclass
 class ComparisonConfig:
     methods: tuple[str, ...] = REFERENCE_METHODS
+    baseline: str = "caa_mean"  # every other method is compared with this one
     sizes: tuple[int, ...] = (1, 2, 3)
     avoid: tuple[str, ...] = ()  # labels to avoid in every combination (never also targets)
     calibration_metric: str = "generation_kl"  # or "first_token_kl"
-    kl_budget: float = 0.25  # nats per token
-    calib_tokens: int = 12  # continuation length for the generation_kl metric
+    kl_budget: float = 0.25  # nats per token; also the KL level of the equal-KL headline
+    max_degenerate_rate: float = 0.05  # calibration: alphas with more degenerate answers fail
+    calib_tokens: int = 16  # answer length for the generation_kl calibration metric
+    calib_combos_per_question: int = 1  # calibration cells per question and size
+    calib_bisect_steps: int = 3  # final bracket within a factor 4 ** (1/8) = 1.19
     positions: str = "all"
-    calib_combos_per_size: int = 1
-    calib_bisect_steps: int = 4  # final bracket within a factor 4 ** (1/16) = 1.09
     act_combos_per_size: int | None = None  # None = every combination
-    gen_combos_per_size: int | None = 6
+    gen_combos_per_question: int = 1  # text-level cells per test question and size
+    curve_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # x calibrated alpha
     max_new_tokens: int = 32
     batch_size: int = 16
     gen_batch_size: int = 48  # generation rows per batch (several methods share a batch)
     vanish: VanishRule = field(default_factory=VanishRule)
+    degenerate: DegenerateRule = field(default_factory=DegenerateRule)
+    n_resamples: int = 2000
     seed: int = 0
+
+    def validate(self, labels: Sequence[str] | None = None) -> ComparisonConfig:
+        """Check every setting (before any compute); returns ``self``."""
+        for m in self.methods:
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r}; known: {sorted(METHODS)}")
+        if not self.methods:
+            raise ValueError("no methods to compare")
+        if self.baseline not in self.methods:
+            raise ValueError(
+                f"the baseline {self.baseline!r} is not among the methods {list(self.methods)}"
+            )
+        if self.calibration_metric not in CALIBRATION_METRICS:
+            raise ValueError(
+                f"unknown calibration metric {self.calibration_metric!r}; use one of {CALIBRATION_METRICS}"
+            )
+        if not (self.kl_budget > 0 and math.isfinite(self.kl_budget)):
+            raise ValueError(f"kl_budget must be a positive number of nats, got {self.kl_budget}")
+        if not 0 <= self.max_degenerate_rate <= 1:
+            raise ValueError("max_degenerate_rate must be between 0 and 1")
+        if len(self.curve_factors) < 1 or any(
+            not (f > 0 and math.isfinite(f)) for f in self.curve_factors
+        ):
+            raise ValueError("curve_factors must be positive numbers")
+        if 1.0 not in self.curve_factors:
+            raise ValueError("curve_factors must include 1.0 (the calibrated alpha)")
+        if list(self.curve_factors) != sorted(self.curve_factors):
+            raise ValueError("curve_factors must be increasing")
+        for name in ("calib_tokens", "max_new_tokens", "batch_size", "gen_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.gen_combos_per_question < 1 or self.calib_combos_per_question < 1:
+            raise ValueError("combinations per question must be positive")
+        if labels is not None:
+            for a in self.avoid:
+                if a not in labels:
+                    raise ValueError(f"unknown avoid label {a!r}; labels are {list(labels)}")
+            pool = [lab for lab in labels if lab not in self.avoid]
+            label_combinations(pool, self.sizes)
+        return self
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["vanish"] = self.vanish.to_json()
+        d["degenerate"] = self.degenerate.to_json()
         return d
 
 
-def _entry(
-    targets: Sequence[str],
-    avoid: Sequence[str],
+# ----------------------------------------------------------------------------- 1. plan
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One question (index into the question list) steered toward one combination."""
+
+    question: int
+    targets: tuple[str, ...]
+
+
+@dataclass
+class ComparisonPlan:
+    labels: tuple[str, ...]
+    avoid: tuple[str, ...]
+    act_combos: list[tuple[str, ...]]
+    calib_cells: list[Cell]
+    gen_cells: list[Cell]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "labels": list(self.labels),
+            "avoid": list(self.avoid),
+            "act_combos": [list(c) for c in self.act_combos],
+            "calib_cells": [[c.question, list(c.targets)] for c in self.calib_cells],
+            "gen_cells": [[c.question, list(c.targets)] for c in self.gen_cells],
+        }
+
+
+def rotate_cells(
+    n_questions: int, combos: Sequence[tuple[str, ...]], per_question: int, seed: int
+) -> list[Cell]:
+    """``per_question`` combinations for each question, rotating through a seeded shuffle of
+    ``combos`` so that every combination is used about equally often."""
+    order = list(combos)
+    random.Random(seed).shuffle(order)
+    m = min(per_question, len(order))
+    return [Cell(i, order[(i * m + r) % len(order)]) for i in range(n_questions) for r in range(m)]
+
+
+def plan_comparison(
+    labels: Sequence[str], config: ComparisonConfig, *, n_calib: int, n_test: int
+) -> ComparisonPlan:
+    """Which combinations and cells each stage uses (see the module docstring)."""
+    config.validate(labels)
+    pool = [lab for lab in labels if lab not in config.avoid]
+    by_k = {k: label_combinations(pool, (k,)) for k in config.sizes}
+    act = [c for k in config.sizes for c in spread(by_k[k], config.act_combos_per_size)]
+    calib = [
+        c
+        for k in config.sizes
+        for c in rotate_cells(n_calib, by_k[k], config.calib_combos_per_question, config.seed + k)
+    ]
+    gen = [
+        c
+        for k in config.sizes
+        for c in rotate_cells(
+            n_test, by_k[k], config.gen_combos_per_question, config.seed + 100 + k
+        )
+    ]
+    return ComparisonPlan(tuple(labels), tuple(config.avoid), act, calib, gen)
+
+
+# ----------------------------------------------------------------------------- 2. calibrate
+
+
+def build_methods(
+    config: ComparisonConfig, probe: Probe, vectors: SteeringVectors
+) -> dict[str, Steerer]:
+    return {m: METHODS[m].build(probe, vectors) for m in config.methods}
+
+
+def _cell_rows(
+    cells: Sequence[Cell], n_configs: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Rows ``(configuration, question)`` for every (configuration, cell), and their keys."""
+    rows, keys = [], []
+    for g in range(n_configs):
+        for j, c in enumerate(cells):
+            rows.append((g, c.question))
+            keys.append((g, j))
+    return rows, keys
+
+
+def calibrate(
+    model: Any,
+    methods: dict[str, Steerer],
+    plan: ComparisonPlan,
+    questions: Sequence[str],
+    config: ComparisonConfig,
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[int, Calibration]]:
+    """Per method and number of targets, the largest alpha within the coherence budget on the
+    calibration ``questions`` (all methods searched in lockstep, sharing generation batches).
+
+    With ``generation_kl``, an alpha also fails if more than ``max_degenerate_rate`` of its
+    calibration answers are degenerate where the unsteered answer to the same question is not.
+    """
+    names = list(methods)
+    calib: dict[str, dict[int, Calibration]] = {n: {} for n in names}
+    base = (
+        readout(model, questions, next_token=True, batch_size=config.batch_size)
+        if config.calibration_metric == "first_token_kl"
+        else None
+    )
+    base_bad: list[bool] = []
+    if config.calibration_metric == "generation_kl":
+        unsteered = generate_and_score_rows(
+            model,
+            questions,
+            [None],
+            [(0, i) for i in range(len(questions))],
+            response_probe=None,
+            max_new_tokens=config.calib_tokens,
+            batch_size=config.gen_batch_size,
+            seed=config.seed,
+        )
+        base_bad = [config.degenerate.is_degenerate(t) for t in unsteered.texts]
+    for k in config.sizes:
+        cells = [c for c in plan.calib_cells if len(c.targets) == k]
+
+        def metrics(
+            which: list[int], alphas: list[float], cells: list[Cell] = cells
+        ) -> list[float]:
+            configs = [
+                (methods[names[i]], SteeringSpec(c.targets, plan.avoid, a))
+                for i, a in zip(which, alphas, strict=True)
+                for c in cells
+            ]
+            n = len(cells)
+            if config.calibration_metric == "first_token_kl":
+                # each combination of the cells, on every calibration question (forward only)
+                combos = list(dict.fromkeys(c.targets for c in cells))
+                out = []
+                for i, a in zip(which, alphas, strict=True):
+                    per = first_token_kl(
+                        model,
+                        questions,
+                        [(methods[names[i]], SteeringSpec(t, plan.avoid, a)) for t in combos],
+                        positions=config.positions,
+                        batch_size=config.batch_size,
+                        base=base,
+                    )
+                    out.append(sum(per) / len(per))
+                return out
+            rows = [(g, cells[g % n].question) for g in range(len(configs))]
+            scores = generate_and_score_rows(
+                model,
+                questions,
+                configs,
+                rows,
+                response_probe=None,
+                positions=config.positions,
+                max_new_tokens=config.calib_tokens,
+                batch_size=config.gen_batch_size,
+                seed=config.seed,
+            )
+            out = []
+            for j in range(len(which)):
+                sub = scores.select(range(j * n, (j + 1) * n))
+                kl = sub.mean_kl if not math.isnan(sub.mean_kl) else 0.0
+                # steering-induced degeneration: degenerate where the unsteered answer is not
+                new_bad = np.mean(
+                    [
+                        config.degenerate.is_degenerate(t) and not base_bad[c.question]
+                        for t, c in zip(sub.texts, cells, strict=True)
+                    ]
+                )
+                out.append(kl if new_bad <= config.max_degenerate_rate else math.inf)
+            return out
+
+        starts = [
+            calib[n][k - 1].alpha
+            if calib[n].get(k - 1) and calib[n][k - 1].alpha > 0
+            else METHODS[n].alpha0
+            for n in names
+        ]
+        results = calibrate_alphas(
+            metrics, config.kl_budget, starts, bisect_steps=config.calib_bisect_steps
+        )
+        for n, cal in zip(names, results, strict=True):
+            calib[n][k] = cal
+            log(
+                f"  calibrated {n:18s} k={k}: alpha={cal.alpha:.4g} ({config.calibration_metric} "
+                f"{cal.metric:.3f} <= {config.kl_budget}; {len(cal.evaluations)} evals)"
+                f"{' ' + cal.note if cal.note else ''}"
+            )
+    return calib
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass
+class SummaryRow:
+    """One method at one number of targets, under one evaluator (``lens``).
+
+    Means are over question x combination cells; intervals resample questions (with all their
+    cells). ``diff_vs_baseline`` is the paired difference of ``target_prob`` against the
+    baseline method, ``vanish_test`` McNemar's test of the vanished cells against it.
+    """
+
+    lens: str
+    method: str
+    k: int
+    alpha: float
+    n_questions: int
+    n_cells: int
+    target_prob: Interval
+    min_target_prob: Interval
+    gain: Interval  # normalised gain (p - p0) / (1 - p0), mean over targets
+    vanish_rate: Interval | None = None  # 2+ targets only
+    n_vanished: int | None = None
+    diff_vs_baseline: Interval | None = None
+    vanish_test: McNemar | None = None
+    kl: Interval | None = None  # text lenses: per-token KL of the answers themselves
+    perplexity: float | None = None
+    degenerate_rate: float | None = None
+    n_degenerate: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for k, v in self.__dict__.items():
+            d[k] = v.to_json() if hasattr(v, "to_json") else v
+        return d
+
+
+@dataclass
+class CurvePoint:
+    """One method at one alpha: target probability against the KL measured on the same answers."""
+
+    lens: str
+    method: str
+    k: int
+    factor: float
+    alpha: float
+    kl: Interval
+    target_prob: Interval
+    degenerate_rate: float
+    n_answers: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **{k: v for k, v in self.__dict__.items() if not isinstance(v, Interval)},
+            "kl": self.kl.to_json(),
+            "target_prob": self.target_prob.to_json(),
+        }
+
+
+@dataclass
+class EqualKL:
+    """A method's target probability read off its trade-off curve at the KL level ``kl``.
+
+    ``diff_vs_baseline`` is the paired difference with the baseline's curve at the same level
+    (both read from the same bootstrap resample of questions). NaN when the measured curve does
+    not reach the level (no extrapolation).
+    """
+
+    lens: str
+    method: str
+    k: int
+    kl: float
+    target_prob: Interval
+    degenerate_rate: float
+    diff_vs_baseline: Interval | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lens": self.lens,
+            "method": self.method,
+            "k": self.k,
+            "kl": self.kl,
+            "target_prob": self.target_prob.to_json(),
+            "degenerate_rate": self.degenerate_rate,
+            "diff_vs_baseline": None
+            if self.diff_vs_baseline is None
+            else self.diff_vs_baseline.to_json(),
+        }
+
+
+@dataclass
+class ActivationEvaluation:
+    """Held-out evaluator probabilities ``[n_questions, K]`` per (method, combination)."""
+
+    labels: tuple[str, ...]
+    combos: list[tuple[str, ...]]
+    alphas: dict[str, dict[int, float]]
+    base: np.ndarray  # unsteered [n, K]
+    probs: dict[str, list[np.ndarray]]  # method -> one [n, K] per combo (order of ``combos``)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "labels": list(self.labels),
+            "combos": [list(c) for c in self.combos],
+            "alphas": {m: {str(k): a for k, a in v.items()} for m, v in self.alphas.items()},
+            "base": self.base.round(5).tolist(),
+            "probs": {m: [p.round(5).tolist() for p in ps] for m, ps in self.probs.items()},
+        }
+
+
+@dataclass
+class Answer:
+    """One generated answer: a test question, steered (or not) toward a combination."""
+
+    method: str  # "unsteered" or a method name
+    question: int
+    targets: tuple[str, ...]  # () for unsteered answers
+    factor: float  # x calibrated alpha (0 for unsteered)
+    alpha: float
+    text: str
+    n_tokens: int
+    kl: float  # mean per-token KL(steered || unsteered) along the answer (nan if no step)
+    nll: float  # mean per-token NLL under the unsteered model (nan if empty)
+    degenerate: str | None  # the DegenerateRule reason, or None
+    text_probs: list[float]  # text evaluator, per label
+    act_probs: list[float] | None  # response-activation evaluator, per label
+    style: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["targets"] = list(self.targets)
+        return d
+
+
+@dataclass
+class TextEvaluation:
+    labels: tuple[str, ...]
+    questions: list[str]
+    cells: list[Cell]
+    alphas: dict[str, dict[int, float]]  # calibrated
+    factors: tuple[float, ...]
+    answers: list[Answer]
+    lenses: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "labels": list(self.labels),
+            "questions": list(self.questions),
+            "cells": [[c.question, list(c.targets)] for c in self.cells],
+            "alphas": {m: {str(k): a for k, a in v.items()} for m, v in self.alphas.items()},
+            "factors": list(self.factors),
+            "lenses": list(self.lenses),
+            "answers": [a.to_json() for a in self.answers],
+        }
+
+
+@dataclass
+class ComparisonResult:
+    config: ComparisonConfig
+    plan: ComparisonPlan
+    calibration: dict[str, dict[int, Calibration]]
+    activation: ActivationEvaluation | None
+    text: TextEvaluation | None
+    summaries: list[SummaryRow]
+    curves: list[CurvePoint]
+    equal_kl: list[EqualKL]
+    n_calib_questions: int
+    n_test_questions: int
+    n_text_questions: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def alphas(self) -> dict[str, dict[int, float]]:
+        return {m: {k: c.alpha for k, c in v.items()} for m, v in self.calibration.items()}
+
+    def summary(self, lens: str) -> list[SummaryRow]:
+        return [r for r in self.summaries if r.lens == lens]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "labels": list(self.plan.labels),
+            "methods": {m: METHODS[m].description for m in self.config.methods},
+            "method_labels": {m: method_label(m) for m in ("unsteered", *self.config.methods)},
+            "comparison_config": self.config.to_json(),
+            "plan": self.plan.to_json(),
+            "alpha": {m: {str(k): a for k, a in v.items()} for m, v in self.alphas.items()},
+            "calibration": {
+                m: {str(k): c.to_json() for k, c in v.items()} for m, v in self.calibration.items()
+            },
+            "n_calib_questions": self.n_calib_questions,
+            "n_test_questions": self.n_test_questions,
+            "n_text_questions": self.n_text_questions,
+            "summaries": [r.to_json() for r in self.summaries],
+            "curves": [c.to_json() for c in self.curves],
+            "equal_kl": [e.to_json() for e in self.equal_kl],
+            "activation_eval": None if self.activation is None else self.activation.to_json(),
+            "text_eval": None if self.text is None else self.text.to_json(),
+            "timings": self.timings,
+        }
+
+
+# ----------------------------------------------------------------------------- 3. activations
+
+
+def evaluate_activations(
+    model: Any,
+    methods: dict[str, Steerer],
+    alphas: dict[str, dict[int, float]],
+    plan: ComparisonPlan,
+    questions: Sequence[str],
+    evaluator: Probe,
+    config: ComparisonConfig,
+    *,
+    progress: bool = True,
+) -> ActivationEvaluation:
+    """Steer every test question toward every planned combination (each method at its
+    calibrated alpha) and read the held-out evaluator in the same forward pass."""
+    base = readout(model, questions, probe=evaluator, batch_size=config.batch_size).probs
+    probs: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    names = list(methods)
+    for c in tqdm(plan.act_combos, desc="activation eval", disable=not progress, leave=False):
+        groups = [(methods[m], SteeringSpec(c, plan.avoid, alphas[m][len(c)])) for m in names]
+        outs = readout_groups(
+            model,
+            questions,
+            groups,
+            probe=evaluator,
+            positions=config.positions,
+            batch_size=config.batch_size,
+        )
+        for m, r in zip(names, outs, strict=True):
+            probs[m].append(r.probs.double().numpy())
+    return ActivationEvaluation(
+        tuple(evaluator.label_names),
+        list(plan.act_combos),
+        {m: dict(v) for m, v in alphas.items()},
+        base.double().numpy(),
+        probs,
+    )
+
+
+# ----------------------------------------------------------------------------- 4. text
+
+
+def evaluate_text(
+    model: Any,
+    methods: dict[str, Steerer],
+    alphas: dict[str, dict[int, float]],
+    plan: ComparisonPlan,
+    questions: Sequence[str],
+    text_evaluator: TextScorer,
+    config: ComparisonConfig,
+    *,
+    response_evaluator: Probe | None = None,
+) -> TextEvaluation:
+    """Answer the test questions unsteered and, for every planned cell, with every method at
+    ``alpha * factor`` for each of ``curve_factors``; score every answer.
+
+    All rows share generation batches. Each answer is re-encoded without instruction under the
+    unsteered model (KL per token along the answer, perplexity, response-activation evaluator)
+    and scored by the text evaluator and the style meters.
+    """
+    labels = tuple(text_evaluator.label_names)
+    if list(labels) != list(plan.labels):
+        raise ValueError(
+            f"the text evaluator's labels {list(labels)} differ from the comparison's {list(plan.labels)}"
+        )
+    configs: list[tuple[Steerer, SteeringSpec] | None] = [None]
+    meta: list[tuple[str, float, float, tuple[str, ...]]] = [("unsteered", 0.0, 0.0, ())]
+    rows: list[tuple[int, int]] = [(0, i) for i in range(len(questions))]
+    for m, steerer in methods.items():
+        for f in config.curve_factors:
+            for c in plan.gen_cells:
+                a = alphas[m][len(c.targets)] * f
+                configs.append((steerer, SteeringSpec(c.targets, plan.avoid, a)))
+                meta.append((m, f, a, c.targets))
+                rows.append((len(configs) - 1, c.question))
+    scores: GenerationScores = generate_and_score_rows(
+        model,
+        questions,
+        configs,
+        rows,
+        response_probe=response_evaluator,
+        positions=config.positions,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.gen_batch_size,
+        seed=config.seed,
+    )
+    text_p = np.asarray(text_evaluator.predict_proba(scores.texts), dtype=float)
+    answers = []
+    for r, (g, q) in enumerate(rows):
+        m, f, a, targets = meta[g]
+        answers.append(
+            Answer(
+                m,
+                q,
+                targets,
+                f,
+                a,
+                scores.texts[r],
+                len(scores.answer_ids[r]),
+                scores.kl[r],
+                scores.nll[r],
+                config.degenerate.reason(scores.texts[r]),
+                text_p[r].tolist(),
+                scores.probs[r].tolist() if response_evaluator is not None else None,
+                style_meters(scores.texts[r]).to_json(),
+            )
+        )
+    lenses = ("text", "text_activation") if response_evaluator is not None else ("text",)
+    return TextEvaluation(
+        labels,
+        list(questions),
+        list(plan.gen_cells),
+        {m: dict(v) for m, v in alphas.items()},
+        tuple(config.curve_factors),
+        answers,
+        lenses,
+    )
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+@dataclass
+class _CellScores:
+    """Per-cell arrays for one method (or unsteered) under one lens, aligned with a cell list."""
+
+    question: np.ndarray  # [c] question index of each cell
+    target: np.ndarray  # [c, k] target probabilities
+    base: np.ndarray  # [c, k] unsteered target probabilities
+    kl: np.ndarray | None = None  # [c]
+    degenerate: np.ndarray | None = None  # [c] bool
+
+
+def _per_question(values: np.ndarray, question: np.ndarray, n: int) -> np.ndarray:
+    """Mean of ``values`` (one per cell) per question; NaN for questions without cells."""
+    out = np.full(n, np.nan)
+    for q in range(n):
+        sel = question == q
+        if sel.any():
+            v = values[sel]
+            v = v[np.isfinite(v)]
+            out[q] = v.mean() if len(v) else np.nan
+    return out
+
+
+def _summary_row(
+    lens: str,
     method: str,
+    k: int,
     alpha: float,
-    probs: torch.Tensor,
-    base: torch.Tensor,
-    labels: Sequence[str],
-    rule: VanishRule,
-) -> dict[str, Any]:
-    mean_p = probs.mean(0)
-    base_p = base.mean(0)
-    per = {lab: float(mean_p[i]) for i, lab in enumerate(labels)}
-    delta = {lab: float(mean_p[i] - base_p[i]) for i, lab in enumerate(labels)}
-    t_idx = [labels.index(t) for t in targets]
-    e: dict[str, Any] = {
-        "targets": list(targets),
-        "avoid": list(avoid),
-        "method": method,
-        "alpha": alpha,
-        "mean_target_prob": float(probs[:, t_idx].mean()),
-        "min_target_prob": min(per[t] for t in targets),
-        "mean_target_delta": sum(delta[t] for t in targets) / len(targets),
-        "per_label_prob": per,
-        "per_label_delta": delta,
-    }
-    if avoid:
-        e["mean_avoid_prob"] = sum(per[a] for a in avoid) / len(avoid)
-    gone = rule.vanished(delta, targets) if method != "unsteered" else []
-    e["vanished"] = bool(gone)
-    e["vanished_labels"] = gone
-    return e
+    cs: _CellScores,
+    n: int,
+    config: ComparisonConfig,
+    baseline: _CellScores | None,
+) -> SummaryRow:
+    seed = config.seed
+    nr = config.n_resamples
+    mean_t = cs.target.mean(1)
+    min_t = cs.target.min(1)
+    gain = ((cs.target - cs.base) / np.clip(1 - cs.base, 1e-6, None)).mean(1)
+    pq = _per_question(mean_t, cs.question, n)
+    row = SummaryRow(
+        lens,
+        method,
+        k,
+        alpha,
+        int(np.isfinite(pq).sum()),
+        len(mean_t),
+        bootstrap_mean(pq, seed=seed, n_resamples=nr),
+        bootstrap_mean(_per_question(min_t, cs.question, n), seed=seed, n_resamples=nr),
+        bootstrap_mean(_per_question(gain, cs.question, n), seed=seed, n_resamples=nr),
+    )
+    vanished: np.ndarray | None = (
+        np.asarray(config.vanish.vanished(cs.target).any(1), dtype=bool) if k >= 2 else None
+    )
+    if vanished is not None and method != "unsteered":
+        row.vanish_rate = bootstrap_mean(
+            _per_question(vanished.astype(float), cs.question, n), seed=seed, n_resamples=nr
+        )
+        row.n_vanished = int(vanished.sum())
+    if baseline is not None and method not in ("unsteered", config.baseline):
+        row.diff_vs_baseline = paired_difference(
+            pq,
+            _per_question(baseline.target.mean(1), baseline.question, n),
+            seed=seed,
+            n_resamples=nr,
+        )
+        if vanished is not None:
+            base_gone = np.asarray(config.vanish.vanished(baseline.target).any(1), dtype=bool)
+            row.vanish_test = mcnemar(vanished, base_gone)
+    if cs.kl is not None:
+        row.kl = bootstrap_mean(_per_question(cs.kl, cs.question, n), seed=seed, n_resamples=nr)
+    if cs.degenerate is not None:
+        row.n_degenerate = int(cs.degenerate.sum())
+        row.degenerate_rate = float(cs.degenerate.mean()) if len(cs.degenerate) else float("nan")
+    return row
+
+
+def _activation_cells(
+    ev: ActivationEvaluation, idx: Sequence[int], probs: Sequence[np.ndarray] | None
+) -> _CellScores:
+    """Cells (question x combination ``idx``) of one method (``None``: unsteered)."""
+    labels = list(ev.labels)
+    n = ev.base.shape[0]
+    q, t, b = [], [], []
+    for j in idx:
+        ti = [labels.index(x) for x in ev.combos[j]]
+        p = ev.base if probs is None else probs[j]
+        q.append(np.arange(n))
+        t.append(p[:, ti])
+        b.append(ev.base[:, ti])
+    return _CellScores(np.concatenate(q), np.concatenate(t), np.concatenate(b))
+
+
+def summarise_activations(ev: ActivationEvaluation, config: ComparisonConfig) -> list[SummaryRow]:
+    """Summary rows of the activation-level evaluation (lens ``"activation"``)."""
+    n = ev.base.shape[0]
+    out: list[SummaryRow] = []
+    for k in config.sizes:
+        idx = [j for j, c in enumerate(ev.combos) if len(c) == k]
+        if not idx:
+            continue
+
+        base_p = ev.probs.get(config.baseline)
+        base_cs = _activation_cells(ev, idx, base_p) if base_p is not None else None
+        out.append(
+            _summary_row(
+                "activation", "unsteered", k, 0.0, _activation_cells(ev, idx, None), n, config, None
+            )
+        )
+        for m in ev.probs:
+            out.append(
+                _summary_row(
+                    "activation",
+                    m,
+                    k,
+                    ev.alphas[m][k],
+                    _activation_cells(ev, idx, ev.probs[m]),
+                    n,
+                    config,
+                    base_cs,
+                )
+            )
+    return out
+
+
+def _text_cells(
+    te: TextEvaluation, lens: str, method: str, factor: float, k: int
+) -> _CellScores | None:
+    labels = list(te.labels)
+    key = "text_probs" if lens == "text" else "act_probs"
+    base_by_q = {a.question: getattr(a, key) for a in te.answers if a.method == "unsteered"}
+    if method == "unsteered":
+        sel = [
+            (c.question, c.targets, base_by_q[c.question], None)
+            for c in te.cells
+            if len(c.targets) == k
+        ]
+        rows = [(q, t, p, None) for q, t, p, _ in sel]
+        answers: list[Answer | None] = [None] * len(rows)
+    else:
+        picked = [
+            a
+            for a in te.answers
+            if a.method == method and a.factor == factor and len(a.targets) == k
+        ]
+        if not picked:
+            return None
+        rows = [(a.question, a.targets, getattr(a, key), None) for a in picked]
+        answers = list(picked)
+    q = np.array([r[0] for r in rows], dtype=int)
+    tgt = np.array([[r[2][labels.index(x)] for x in r[1]] for r in rows], dtype=float)
+    base = np.array([[base_by_q[r[0]][labels.index(x)] for x in r[1]] for r in rows], dtype=float)
+    if method == "unsteered":
+        unst = {a.question: a for a in te.answers if a.method == "unsteered"}
+        kl = np.array([unst[r[0]].kl for r in rows])
+        deg = np.array([unst[r[0]].degenerate is not None for r in rows])
+    else:
+        kl = np.array([a.kl for a in answers if a is not None])
+        deg = np.array([a.degenerate is not None for a in answers if a is not None])
+    return _CellScores(q, tgt, base, kl, deg)
+
+
+def summarise_text(te: TextEvaluation, config: ComparisonConfig) -> list[SummaryRow]:
+    """Summary rows at the calibrated alpha (factor 1) for each text lens."""
+    n = len(te.questions)
+    out: list[SummaryRow] = []
+    for lens in te.lenses:
+        for k in config.sizes:
+            base_cs = _text_cells(te, lens, config.baseline, 1.0, k)
+            un = _text_cells(te, lens, "unsteered", 1.0, k)
+            if un is None or base_cs is None:
+                continue
+            out.append(_summary_row(lens, "unsteered", k, 0.0, un, n, config, None))
+            for m in te.alphas:
+                cs = _text_cells(te, lens, m, 1.0, k)
+                if cs is None:
+                    continue
+                row = _summary_row(lens, m, k, te.alphas[m][k], cs, n, config, base_cs)
+                row.perplexity = _perplexity(
+                    [
+                        a
+                        for a in te.answers
+                        if a.method == m and a.factor == 1.0 and len(a.targets) == k
+                    ]
+                )
+                out.append(row)
+    return out
+
+
+def _perplexity(answers: Sequence[Answer]) -> float:
+    tot = sum(a.nll * a.n_tokens for a in answers if a.n_tokens)
+    cnt = sum(a.n_tokens for a in answers)
+    return math.exp(tot / cnt) if cnt else float("nan")
+
+
+def _at_level(
+    per_method: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    keep: np.ndarray,
+    method: str,
+    idx: np.ndarray,
+    level: float,
+    *,
+    degenerate: bool = False,
+) -> float:
+    """A method's curve, averaged over the questions ``keep[idx]``, read at KL ``level``."""
+    kq, pq, dq = per_method[method]
+    rows = keep[idx]
+    return interpolate_at(kq[rows].mean(0), (dq if degenerate else pq)[rows].mean(0), level)
+
+
+def _at_level_diff(
+    per_method: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    keep: np.ndarray,
+    method: str,
+    baseline: str,
+    idx: np.ndarray,
+    level: float,
+) -> float:
+    """Paired difference of two methods' curves at KL ``level`` on the same questions."""
+    return _at_level(per_method, keep, method, idx, level) - _at_level(
+        per_method, keep, baseline, idx, level
+    )
+
+
+def trade_off(
+    te: TextEvaluation, config: ComparisonConfig
+) -> tuple[list[CurvePoint], list[EqualKL]]:
+    """Each method's curve (target probability vs measured KL, one point per alpha factor) and
+    its value at the KL level ``config.kl_budget``, with paired differences to the baseline."""
+    n = len(te.questions)
+    curves: list[CurvePoint] = []
+    equal: list[EqualKL] = []
+    level = config.kl_budget
+    for lens in te.lenses:
+        for k in config.sizes:
+            per_method: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+            for m in te.alphas:
+                kls, ps, degs = [], [], []
+                for f in te.factors:
+                    cs = _text_cells(te, lens, m, f, k)
+                    if cs is None or cs.kl is None or cs.degenerate is None:
+                        break
+                    kq = _per_question(cs.kl, cs.question, n)
+                    pq = _per_question(cs.target.mean(1), cs.question, n)
+                    dq = _per_question(cs.degenerate.astype(float), cs.question, n)
+                    kls.append(kq)
+                    ps.append(pq)
+                    degs.append(dq)
+                    curves.append(
+                        CurvePoint(
+                            lens,
+                            m,
+                            k,
+                            f,
+                            te.alphas[m][k] * f,
+                            bootstrap_mean(kq, seed=config.seed, n_resamples=config.n_resamples),
+                            bootstrap_mean(pq, seed=config.seed, n_resamples=config.n_resamples),
+                            float(cs.degenerate.mean()),
+                            len(cs.kl),
+                        )
+                    )
+                if len(kls) == len(te.factors):
+                    per_method[m] = (np.stack(kls, 1), np.stack(ps, 1), np.stack(degs, 1))
+            keep = [
+                q
+                for q in range(n)
+                if all(
+                    np.all(np.isfinite(v[0][q])) and np.all(np.isfinite(v[1][q]))
+                    for v in per_method.values()
+                )
+            ]
+            keep_idx = np.array(keep, dtype=int)
+
+            for m in per_method:
+                est = bootstrap_statistic(
+                    len(keep_idx),
+                    partial(_at_level, per_method, keep_idx, m, level=level),
+                    seed=config.seed,
+                    n_resamples=config.n_resamples,
+                )
+                diff = None
+                if m != config.baseline and config.baseline in per_method:
+                    diff = bootstrap_statistic(
+                        len(keep_idx),
+                        partial(
+                            _at_level_diff, per_method, keep_idx, m, config.baseline, level=level
+                        ),
+                        seed=config.seed,
+                        n_resamples=config.n_resamples,
+                    )
+                deg = (
+                    _at_level(
+                        per_method, keep_idx, m, np.arange(len(keep_idx)), level, degenerate=True
+                    )
+                    if len(keep_idx)
+                    else math.nan
+                )
+                equal.append(EqualKL(lens, m, k, level, est, deg, diff))
+    return curves, equal
+
+
+# ----------------------------------------------------------------------------- all stages
 
 
 def run_comparison(
@@ -171,236 +1056,117 @@ def run_comparison(
     probe: Probe,
     vectors: SteeringVectors,
     evaluator: Probe,
-    response_evaluator: Probe | None,
+    text_evaluator: TextScorer | None,
+    response_evaluator: Probe | None = None,
     calib_questions: Sequence[str],
-    eval_questions: Sequence[str],
-    gen_questions: Sequence[str],
+    test_questions: Sequence[str],
+    text_questions: Sequence[str] | None = None,
     config: ComparisonConfig | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Calibrate, evaluate and return ``{"calibration", "activation_eval", "generation_eval", ...}``."""
-    config = config or ComparisonConfig()
-    labels = list(probe.label_names)
-    if list(vectors.label_names) != labels or list(evaluator.label_names) != labels:
-        raise ValueError(
-            "probe, vectors and evaluator must share the same labels in the same order"
-        )
+) -> ComparisonResult:
+    """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
+    ``text_questions``, default the same) and summarise."""
+    text_questions = list(test_questions if text_questions is None else text_questions)
+    config = (config or ComparisonConfig()).validate(probe.label_names)
+    labels = tuple(probe.label_names)
+    others = {"vectors": vectors.label_names, "evaluator": evaluator.label_names}
+    if text_evaluator is not None:
+        others["text evaluator"] = text_evaluator.label_names
+    if response_evaluator is not None:
+        others["response evaluator"] = response_evaluator.label_names
+    for what, names in others.items():
+        if tuple(names) != labels:
+            raise ValueError(
+                f"the {what} labels {list(names)} differ from the steering probe's {list(labels)} "
+                "(same labels in the same order are required)"
+            )
     if evaluator.layer < probe.layer:
         raise ValueError(
             f"the evaluator (layer {evaluator.layer}) must read at or after the steering layer ({probe.layer})"
         )
-    for m in config.methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; known: {sorted(METHODS)}")
-    for a in config.avoid:
-        if a not in labels:
-            raise ValueError(f"unknown avoid label {a!r}")
-    pool = [lab for lab in labels if lab not in config.avoid]
-    all_combos = label_combinations(pool, config.sizes)
-    combos = [
-        c
-        for k in config.sizes
-        for c in spread([c for c in all_combos if len(c) == k], config.act_combos_per_size)
-    ]
-    methods = {m: METHODS[m].build(probe, vectors) for m in config.methods}
+    if not calib_questions or not test_questions:
+        raise ValueError("need calibration and test questions")
+    plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
+    methods = build_methods(config, probe, vectors)
     timings: dict[str, float] = {}
 
-    # 1. calibration: all methods in lockstep, one search per method and number of targets ------
-    if config.calibration_metric not in CALIBRATION_METRICS:
-        raise ValueError(
-            f"unknown calibration metric {config.calibration_metric!r}; use one of {CALIBRATION_METRICS}"
-        )
     t0 = time.perf_counter()
-    names = list(methods)
-    calib: dict[str, dict[int, Calibration]] = {name: {} for name in names}
-    base_calib = (
-        readout(model, calib_questions, next_token=True, batch_size=config.batch_size)
-        if config.calibration_metric == "first_token_kl"
-        else None
-    )
-    for k in config.sizes:
-        specs = [
-            SteeringSpec(c, config.avoid, 1.0)
-            for c in spread([c for c in all_combos if len(c) == k], config.calib_combos_per_size)
-        ]
-
-        def metrics(
-            which: list[int], alphas: list[float], specs: list[SteeringSpec] = specs
-        ) -> list[float]:
-            groups = [
-                (methods[names[i]], SteeringSpec(sp.target, sp.avoid, a))
-                for i, a in zip(which, alphas, strict=True)
-                for sp in specs
-            ]
-            if config.calibration_metric == "generation_kl":
-                vals = generation_kl(
-                    model,
-                    calib_questions,
-                    groups,
-                    positions=config.positions,
-                    max_new_tokens=config.calib_tokens,
-                    batch_size=config.gen_batch_size,
-                )
-            else:
-                vals = first_token_kl(
-                    model,
-                    calib_questions,
-                    groups,
-                    positions=config.positions,
-                    batch_size=config.batch_size,
-                    base=base_calib,
-                )
-            n = len(specs)
-            return [sum(vals[j * n : (j + 1) * n]) / n for j in range(len(which))]
-
-        # start each search from the alpha found for one target fewer: it is usually close
-        starts = [
-            calib[name][k - 1].alpha
-            if calib[name].get(k - 1) and calib[name][k - 1].alpha > 0
-            else METHODS[name].alpha0
-            for name in names
-        ]
-        results = calibrate_alphas(
-            metrics, config.kl_budget, starts, bisect_steps=config.calib_bisect_steps
-        )
-        for name, cal in zip(names, results, strict=True):
-            calib[name][k] = cal
-            log(
-                f"  calibrated {name:18s} k={k}: alpha={cal.alpha:.4g} ({config.calibration_metric} "
-                f"{cal.metric:.3f} <= {config.kl_budget}; {len(cal.evaluations)} evals){' ' + cal.note if cal.note else ''}"
-            )
+    calib = calibrate(model, methods, plan, calib_questions, config, log=log)
     timings["calibration_s"] = time.perf_counter() - t0
+    alphas = {m: {k: c.alpha for k, c in v.items()} for m, v in calib.items()}
 
-    # 2. activation-level evaluation: every method of a combination in one batched pass ----------
     t0 = time.perf_counter()
-    base = readout(model, eval_questions, probe=evaluator, batch_size=config.batch_size).probs
-    act_entries: list[dict[str, Any]] = []
-    bar = tqdm(total=len(combos), desc="activation eval", disable=not progress, leave=False)
-    for c in combos:
-        act_entries.append(
-            _entry(c, config.avoid, "unsteered", 0.0, base, base, labels, config.vanish)
-        )
-        alphas = [calib[name][len(c)].alpha for name in names]
-        groups = [
-            (methods[name], SteeringSpec(c, config.avoid, a))
-            for name, a in zip(names, alphas, strict=True)
-        ]
-        outs = readout_groups(
-            model,
-            eval_questions,
-            groups,
-            probe=evaluator,
-            positions=config.positions,
-            batch_size=config.batch_size,
-        )
-        for name, alpha, r in zip(names, alphas, outs, strict=True):
-            act_entries.append(
-                _entry(c, config.avoid, name, alpha, r.probs, base, labels, config.vanish)
-            )
-        bar.update(1)
-    bar.close()
+    act = evaluate_activations(
+        model, methods, alphas, plan, test_questions, evaluator, config, progress=progress
+    )
+    summaries = summarise_activations(act, config)
     timings["activation_eval_s"] = time.perf_counter() - t0
 
-    # 3. generation-level evaluation ---------------------------------------------------------
-    gen_entries: list[dict[str, Any]] = []
-    if response_evaluator is not None and gen_questions:
+    text = None
+    curves: list[CurvePoint] = []
+    equal: list[EqualKL] = []
+    if text_evaluator is not None:
         t0 = time.perf_counter()
-        gen_combos = [
-            c
-            for k in config.sizes
-            for c in spread([c for c in combos if len(c) == k], config.gen_combos_per_size)
-        ]
-        kw: dict[str, Any] = dict(
-            response_probe=response_evaluator,
-            positions=config.positions,
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.gen_batch_size,
-            seed=config.seed,
+        log(
+            f"  text eval: {len(plan.gen_cells)} cells x {len(methods)} methods x "
+            f"{len(config.curve_factors)} alphas + {len(text_questions)} unsteered answers"
         )
-        (base_gen,) = generate_and_score_groups(model, gen_questions, [None], **kw)
-        bar = tqdm(total=len(gen_combos), desc="generation eval", disable=not progress, leave=False)
-        for c in gen_combos:
-            gen_entries.append(
-                _gen_entry(c, config, "unsteered", 0.0, base_gen, base_gen, labels, gen_questions)
-            )
-            alphas = [calib[name][len(c)].alpha for name in names]
-            groups = [
-                (methods[name], SteeringSpec(c, config.avoid, a))
-                for name, a in zip(names, alphas, strict=True)
-            ]
-            all_scores = generate_and_score_groups(model, gen_questions, groups, **kw)
-            for name, alpha, scores in zip(names, alphas, all_scores, strict=True):
-                gen_entries.append(
-                    _gen_entry(c, config, name, alpha, scores, base_gen, labels, gen_questions)
-                )
-            bar.update(1)
-        bar.close()
-        timings["generation_eval_s"] = time.perf_counter() - t0
-
-    return {
-        "labels": labels,
-        "methods": {m: METHODS[m].description for m in config.methods},
-        "alpha": {m: {str(k): calib[m][k].alpha for k in config.sizes} for m in config.methods},
-        "calibration": {
-            m: {str(k): calib[m][k].to_json() for k in config.sizes} for m in config.methods
-        },
-        "comparison_config": config.to_json(),
-        "n_eval_questions": len(eval_questions),
-        "n_gen_questions": len(gen_questions) if gen_entries else 0,
-        "n_calib_questions": len(calib_questions),
-        "activation_eval": act_entries,
-        "generation_eval": gen_entries,
-        "timings": timings,
-    }
-
-
-def _gen_entry(
-    c: Sequence[str],
-    config: ComparisonConfig,
-    method: str,
-    alpha: float,
-    scores: GenerationScores,
-    base: GenerationScores,
-    labels: Sequence[str],
-    questions: Sequence[str],
-) -> dict[str, Any]:
-    e = _entry(c, config.avoid, method, alpha, scores.probs, base.probs, labels, config.vanish)
-    e.update(
-        {
-            "perplexity": scores.perplexity,
-            "distinct2": scores.mean_distinct2,
-            "kl": scores.mean_kl,
-            "n_empty": scores.n_empty,
-            "examples": [
-                {"question": q, "answer": t}
-                for q, t in list(zip(questions, scores.texts, strict=True))[:3]
-            ],
-        }
+        text = evaluate_text(
+            model,
+            methods,
+            alphas,
+            plan,
+            text_questions,
+            text_evaluator,
+            config,
+            response_evaluator=response_evaluator,
+        )
+        summaries += summarise_text(text, config)
+        curves, equal = trade_off(text, config)
+        timings["text_eval_s"] = time.perf_counter() - t0
+    return ComparisonResult(
+        config,
+        plan,
+        calib,
+        act,
+        text,
+        summaries,
+        curves,
+        equal,
+        len(calib_questions),
+        len(test_questions),
+        len(text_questions) if text is not None else 0,
+        timings,
     )
-    return e
 
 
-def summarise(result: dict[str, Any], section: str = "activation_eval") -> list[dict[str, Any]]:
-    """Mean over combinations, per method and number of targets: the headline table."""
-    rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for e in result[section]:
-        rows.setdefault((e["method"], len(e["targets"])), []).append(e)
-    out = []
-    order = ["unsteered", *result["methods"]]
-    for (method, k), es in sorted(rows.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
-        row: dict[str, Any] = {
-            "method": method,
-            "k": k,
-            "n_combos": len(es),
-            "mean_target_prob": sum(e["mean_target_prob"] for e in es) / len(es),
-            "min_target_prob": sum(e["min_target_prob"] for e in es) / len(es),
-            "mean_target_delta": sum(e["mean_target_delta"] for e in es) / len(es),
-            "vanish_rate": sum(e["vanished"] for e in es) / len(es),
-        }
-        for key in ("perplexity", "distinct2", "kl"):
-            if key in es[0]:
-                vals = [e[key] for e in es if isinstance(e[key], (int, float)) and e[key] == e[key]]
-                row[key] = sum(vals) / len(vals) if vals else float("nan")
-        out.append(row)
-    return out
+__all__ = [
+    "METHODS",
+    "REFERENCE_METHODS",
+    "ActivationEvaluation",
+    "Answer",
+    "Cell",
+    "ComparisonConfig",
+    "ComparisonPlan",
+    "ComparisonResult",
+    "CurvePoint",
+    "EqualKL",
+    "MethodDef",
+    "SummaryRow",
+    "TextEvaluation",
+    "TextScorer",
+    "build_methods",
+    "calibrate",
+    "evaluate_activations",
+    "evaluate_text",
+    "label_combinations",
+    "method_label",
+    "plan_comparison",
+    "rotate_cells",
+    "run_comparison",
+    "spread",
+    "summarise_activations",
+    "summarise_text",
+    "trade_off",
+]

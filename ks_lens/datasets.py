@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,12 +51,54 @@ class Behaviour:
 
 @dataclass(frozen=True)
 class Question:
-    """A tone-neutral question. ``label`` (optional) pins it to one behaviour only."""
+    """A tone-neutral question. ``label`` (optional) pins it to one behaviour only.
+
+    ``answer`` (optional) is a fixed answer text: the response collection modes re-encode it
+    instead of generating one (e.g. gold tone texts, see :mod:`ks_lens.gold_texts`).
+    """
 
     id: str
     text: str
     category: str = ""
     label: str | None = None
+    answer: str | None = None
+
+
+#: separator of combined behaviour names: ``"casual+concise"`` is both casual and concise
+COMBINE_SEP = "+"
+
+
+def label_set(name: str) -> tuple[str, ...]:
+    """The base labels of a (possibly combined) behaviour name: ``"a+b"`` -> ``("a", "b")``."""
+    return tuple(name.split(COMBINE_SEP))
+
+
+def base_labels(names: Sequence[str]) -> tuple[str, ...]:
+    """The base (single) labels among ``names``, in order; combined names must be made of them."""
+    base = tuple(n for n in names if COMBINE_SEP not in n)
+    for n in names:
+        missing = [b for b in label_set(n) if b not in base]
+        if missing:
+            raise DatasetError(f"combined behaviour {n!r} uses unknown labels {missing}")
+    return base
+
+
+def multi_hot(
+    label_index: torch.Tensor, names: Sequence[str], base: Sequence[str] | None = None
+) -> torch.Tensor:
+    """``[n, len(base)]`` multi-hot targets for rows labelled by index into ``names``.
+
+    A combined name (``"a+b"``) sets every one of its labels; ``-1`` (unlabelled) rows are all
+    zero. ``base`` defaults to :func:`base_labels` of ``names``.
+    """
+    base = tuple(base) if base is not None else base_labels(names)
+    table = torch.zeros(len(names) + 1, len(base))
+    for i, n in enumerate(names):
+        for b in label_set(n):
+            table[i, base.index(b)] = 1.0
+    idx = label_index.clone().long().cpu()
+    idx[idx < 0] = len(names)  # the all-zero row
+    return table[idx]
 
 
 @dataclass(frozen=True)
@@ -64,6 +107,13 @@ class BehaviourDataset:
     behaviours: tuple[Behaviour, ...]
     questions: tuple[Question, ...]
     description: str = ""
+    #: question ids that :func:`make_splits` never puts in the ``test`` split (e.g. questions
+    #: whose gold answers train the text evaluator)
+    reserved_from_test: frozenset[str] = frozenset()
+    #: with combined behaviours (:meth:`with_combinations`): how many of them each question is
+    #: asked under (rotating through them so every combination gets the same number of rows);
+    #: ``None`` asks every question under every combination
+    combined_per_question: int | None = None
 
     def __post_init__(self) -> None:
         names = [b.name for b in self.behaviours]
@@ -108,16 +158,57 @@ class BehaviourDataset:
 
     def content_hash(self) -> str:
         """SHA-256 of the behaviours and questions (recorded in every artefact's metadata)."""
-        payload = {
+        payload: dict[str, Any] = {
             "behaviours": [[b.name, b.instruction] for b in self.behaviours],
             "questions": [[q.id, q.text, q.category, q.label] for q in self.questions],
         }
+        if any(q.answer is not None for q in self.questions):
+            payload["answers"] = [q.answer for q in self.questions]
+        if self.reserved_from_test:
+            payload["reserved_from_test"] = sorted(self.reserved_from_test)
+        if self.combined_per_question is not None:
+            payload["combined_per_question"] = self.combined_per_question
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def with_questions(
         self, questions: Iterable[Question], name: str | None = None
     ) -> BehaviourDataset:
         return replace(self, questions=tuple(questions), name=name or self.name)
+
+    @property
+    def base_labels(self) -> tuple[str, ...]:
+        """The single labels (behaviour names without ``+``), the label space of probes."""
+        return base_labels(self.labels)
+
+    def with_combinations(
+        self, sizes: Sequence[int] = (2,), *, per_question: int | None = None, joiner: str = " "
+    ) -> BehaviourDataset:
+        """A copy with combined behaviours added: for every combination of ``sizes`` base labels,
+        a behaviour named ``"a+b"`` whose instruction is the labels' instructions joined.
+
+        Probes trained on such a dataset are multi-label (:func:`multi_hot`), so an evaluator can
+        say "casual and concise" instead of splitting one unit of probability between them.
+        """
+        base = [b for b in self.behaviours if COMBINE_SEP not in b.name]
+        extra = []
+        for k in sizes:
+            if not 2 <= k <= len(base):
+                raise DatasetError(f"combination size {k} is impossible with {len(base)} labels")
+            for combo in itertools.combinations(base, k):
+                extra.append(
+                    Behaviour(
+                        COMBINE_SEP.join(b.name for b in combo),
+                        joiner.join(b.instruction for b in combo),
+                    )
+                )
+        if per_question is not None and per_question < 1:
+            raise DatasetError("per_question must be a positive number of combinations")
+        known = set(self.labels)
+        return replace(
+            self,
+            behaviours=self.behaviours + tuple(b for b in extra if b.name not in known),
+            combined_per_question=per_question,
+        )
 
     def subset(self, ids: Iterable[str]) -> BehaviourDataset:
         keep = set(ids)
@@ -150,11 +241,26 @@ class BehaviourDataset:
         return self.with_questions(q for q in self.questions if q.id in keep)
 
     def pairs(self) -> list[tuple[Question, int]]:
-        """(question, label index) for every question asked under every allowed behaviour."""
+        """(question, label index) for every question asked under every allowed behaviour.
+
+        A question pinned by ``label`` gets only that behaviour. With
+        :attr:`combined_per_question` set, question ``j`` gets every single behaviour and
+        ``combined_per_question`` of the combined ones, rotating with ``j``.
+        """
+        combined = [i for i, b in enumerate(self.behaviours) if COMBINE_SEP in b.name]
+        m = self.combined_per_question
         out = []
-        for q in self.questions:
+        for j, q in enumerate(self.questions):
+            chosen = (
+                set(combined)
+                if m is None or m >= len(combined)
+                else {combined[(j * m + r) % len(combined)] for r in range(m)}
+            )
             for i, b in enumerate(self.behaviours):
-                if q.label is None or q.label == b.name:
+                if q.label is not None:
+                    if q.label == b.name:
+                        out.append((q, i))
+                elif COMBINE_SEP not in b.name or i in chosen:
                     out.append((q, i))
         return out
 
@@ -328,7 +434,10 @@ def load_dataset(
             base = p.parent
             q_default = base / meta["questions"]
             qs = load_questions(questions) if questions is not None else load_questions(q_default)
-        return BehaviourDataset(spec_str, behaviours, qs, str(meta.get("description", "")))
+            reserved = _reserved_ids(meta, base)
+        return BehaviourDataset(
+            spec_str, behaviours, qs, str(meta.get("description", "")), reserved
+        )
     path = Path(spec)
     if not path.exists():
         raise DatasetError(
@@ -349,8 +458,37 @@ def load_dataset(
             f"{path}: no questions: add a 'questions' file name or list, or pass questions="
         )
     return BehaviourDataset(
-        str(meta.get("name", path.stem)), behaviours, qs, str(meta.get("description", ""))
+        str(meta.get("name", path.stem)),
+        behaviours,
+        qs,
+        str(meta.get("description", "")),
+        _reserved_ids(meta, path.parent),
     )
+
+
+def _reserved_ids(meta: Mapping[str, Any], base: Path) -> frozenset[str]:
+    """Question ids named by the behaviours file's ``reserved_from_test``: a JSONL file of
+    labelled texts (their ``question_id`` fields) or a list of ids."""
+    spec = meta.get("reserved_from_test")
+    if spec is None:
+        return frozenset()
+    if isinstance(spec, list):
+        return frozenset(str(x) for x in spec)
+    path = base / str(spec)
+    out = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        qid = json.loads(line).get("question_id")
+                    except (json.JSONDecodeError, AttributeError) as e:
+                        raise DatasetError(f"{path}:{lineno}: malformed JSON line") from e
+                    if qid:
+                        out.add(str(qid))
+    except FileNotFoundError:
+        raise DatasetError(f"reserved_from_test file not found: {path}") from None
+    return frozenset(out)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -396,7 +534,9 @@ def make_splits(
 
     Within each category the question ids are sorted, permuted with a seeded generator and cut
     by ``fractions`` (largest-remainder rounding), so the result depends only on the set of ids,
-    their categories, the seed and the fractions, not on file order.
+    their categories, the seed and the fractions, not on file order. Questions in the dataset's
+    ``reserved_from_test`` (those with gold texts) never land in ``test``: the test slice is cut
+    from the other questions of each category (an error if a category has too few).
     """
     qs = dataset.questions if isinstance(dataset, BehaviourDataset) else tuple(dataset)
     fr = dict(fractions or DEFAULT_FRACTIONS)
@@ -405,13 +545,18 @@ def make_splits(
     by_cat: dict[str, list[str]] = defaultdict(list)
     for q in qs:
         by_cat[q.category].append(q.id)
+    reserved = dataset.reserved_from_test if isinstance(dataset, BehaviourDataset) else frozenset()
     assignment: dict[str, list[str]] = {k: [] for k in fr}
     gen = torch.Generator().manual_seed(seed)
-    names = list(fr)
+    names = [k for k in fr if k != "test"] + (["test"] if "test" in fr else [])  # test cut last
     for cat in sorted(by_cat):
         ids = sorted(by_cat[cat])
         perm = torch.randperm(len(ids), generator=gen).tolist()
         ids = [ids[i] for i in perm]
+        if reserved and "test" in names:
+            # reserved questions are moved to the front, so the test slice (the last one) is
+            # cut from the others; their relative (seeded) order is kept
+            ids = [i for i in ids if i in reserved] + [i for i in ids if i not in reserved]
         exact = [fr[k] * len(ids) for k in names]
         counts = [int(x) for x in exact]
         order = sorted(range(len(names)), key=lambda i: (exact[i] - counts[i], -i), reverse=True)
@@ -421,4 +566,11 @@ def make_splits(
         for k, c in zip(names, counts, strict=True):
             assignment[k].extend(ids[start : start + c])
             start += c
+        if reserved and "test" in fr:
+            leaked = sorted(set(assignment["test"]) & reserved)
+            if leaked:
+                raise DatasetError(
+                    f"category {cat!r}: too few unreserved questions for the test split "
+                    f"(reserved questions {leaked[:3]} would be tested on)"
+                )
     return Splits(seed, fr, {k: tuple(sorted(v)) for k, v in assignment.items()})

@@ -1,133 +1,196 @@
 """``ks-lens demo``: the whole pipeline on the embedded default model and the shipped tones.
 
-collect (prompt mode, train + evaluator splits; response-only answers for the response
-evaluator) -> train the steering probe, CAA vectors and the held-out evaluators -> calibrate alpha
-per method to a coherence budget on the calibration split -> evaluate every 1-, 2- and 3-tone
-combination on the test split (activation level and generated text) -> ``report.json``,
-``report.md`` and PNG figures.
+collect (prompt mode: train split; evaluator split with single and two-tone instructions; the
+gold tone texts re-encoded without instruction) -> train the steering probe, CAA vectors and the
+held-out evaluators (multi-label activation evaluator, response-activation evaluator, and the
+model-independent text evaluator on the gold texts) -> calibrate alpha per method on the
+calibration split -> evaluate on the test split: activation level at the calibrated alpha, and
+generated text at several alphas per method (trade-off curves, equal-KL headline) ->
+``report.json``, ``report.md`` and PNG figures.
 
 Every intermediate artefact is saved under ``--out``; activation stores resume, so a rerun after
-an interruption continues where it stopped. ``--fast`` is a small smoke run (CI).
+an interruption continues where it stopped. ``--fast`` is a small smoke run (CI). ``--seeds N``
+repeats everything (splits, probes, evaluators, calibration) with N seeds and reports mean ± sd.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shlex
+import subprocess
+import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ks_lens.comparison import ComparisonConfig, summarise
+from ks_lens.comparison import METHODS, ComparisonConfig, ComparisonResult, method_label
 from ks_lens.models import model_signature
-from ks_lens.pipeline import PipelineConfig, prepare
-from ks_lens.report import method_label, verdict, write_report
-
-DemoConfig = PipelineConfig
+from ks_lens.pipeline import PipelineConfig, Setup, prepare
+from ks_lens.report import compare_word, seeds_summary, write_report
 
 
-def comparison_config(cfg: PipelineConfig) -> ComparisonConfig:
-    config = ComparisonConfig(
-        methods=tuple(cfg.methods),
-        calibration_metric=cfg.calibration_metric,
-        batch_size=cfg.batch_size,
-        act_combos_per_size=cfg.act_combos_per_size,
-        gen_combos_per_size=cfg.gen_combos_per_size,
-        max_new_tokens=cfg.max_new_tokens,
-        calib_tokens=cfg.calib_tokens,
-        calib_bisect_steps=cfg.calib_bisect_steps,
-        seed=cfg.seed,
+def git_commit() -> str:
+    """The repository's short commit (``+dirty`` with uncommitted changes), or ``"unknown"``."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _evaluator_lines(setup: Setup) -> dict[str, str]:
+    ev, resp, probe = setup.evaluator, setup.response_evaluator, setup.probe
+    chance = 1 / len(setup.dataset.labels)
+    lines = {}
+    validity = setup.text_evaluator.validity
+    if validity is not None:
+        for name, sc in (
+            ("question-grouped CV", validity.question_cv),
+            ("leave-one-writer-out", validity.writer_cv),
+        ):
+            if sc is None:
+                continue
+            lines[f"text evaluator, gold texts, {name}"] = (
+                f"{validity.n_texts} texts, {sc.n_folds} folds: single-tone accuracy "
+                f"{sc.single_accuracy:.3f}, mean per-label AUC {sc.mean_auc:.3f}, two-tone both in "
+                f"top 2 {_rate(sc.two_tone_top2)} ({sc.n_two}), three-tone all in top 3 "
+                f"{_rate(sc.three_tone_top3)} ({sc.n_three})"
+            )
+    lines["activation evaluator"] = (
+        f"`{ev.hook_name}`, MLP h={ev.config.hidden}, evaluator split with single and two-tone "
+        f"instructions: held-out single-tone accuracy {ev.metrics['val_accuracy']:.3f}, two-tone "
+        f"both-in-top-2 {ev.metrics.get('val_multi_topk_rate', float('nan')):.3f} "
+        f"({ev.metrics.get('n_val_multi', 0)} held-out combined prompts)"
     )
-    return config if cfg.kl_budget is None else replace(config, kl_budget=cfg.kl_budget)
+    lines["response-activation evaluator"] = (
+        f"`{resp.hook_name}` (best layer on held-out gold questions), gold texts re-encoded without "
+        f"instruction: single-tone accuracy {resp.metrics['val_accuracy']:.3f} (chance {chance:.3f}), "
+        f"multi-tone all-in-top-k {resp.metrics.get('val_multi_topk_rate', float('nan')):.3f}"
+    )
+    lines["steering probe (not an evaluator)"] = (
+        f"`{probe.hook_name}`, instruction prompts of the train split: validation accuracy "
+        f"{probe.metrics['val_accuracy']:.3f}"
+    )
+    return lines
 
 
-def run_demo(
-    cfg: PipelineConfig, out: str | Path, *, log: Any = print, progress: bool = True
-) -> dict[str, Any]:
-    """Run the pipeline; returns the report dict (also written to ``out``)."""
-    out = Path(out)
-    t_start = time.perf_counter()
-    setup = prepare(cfg, out, log=log, progress=progress)
-    source = setup.eval_questions(cfg.n_eval)[1]
-    result = setup.compare(comparison_config(cfg), progress=progress, log=log)
-    timings = {**setup.timings, **result.pop("timings")}
-    timings["total_s"] = time.perf_counter() - t_start
-    probe, evaluator, resp = setup.probe, setup.evaluator, setup.response_evaluator
-    report: dict[str, Any] = {
+def _info(setup: Setup, cfg: PipelineConfig, command: str) -> dict[str, Any]:
+    validity = setup.text_evaluator.validity
+    return {
         "model": setup.model.cfg.model_name,
         "model_info": model_signature(setup.model),
+        "command": command,
+        "commit": git_commit(),
         "dataset": {
             "name": setup.dataset.name,
             "hash": setup.dataset.content_hash(),
             "splits": setup.splits.sizes(),
             "split_seed": cfg.seed,
+            "n_gold_texts": len(setup.gold_texts),
         },
         "layer": setup.layer,
-        "steering_hook": probe.hook_name,
-        "eval_source": source,
-        "steering_probe": {
-            "hook_name": probe.hook_name,
-            "val_accuracy": probe.metrics["val_accuracy"],
-            "n_train_questions": len(setup.part("train", cfg.n_train).questions),
+        "eval_layer": setup.eval_layer,
+        "steering_hook": setup.probe.hook_name,
+        "eval_source": setup.eval_questions(1)[1],
+        "evaluators": _evaluator_lines(setup),
+        "text_evaluator_validity": None if validity is None else validity.to_json(),
+        "activation_evaluator_metrics": setup.evaluator.metrics,
+        "response_evaluator_metrics": {
+            "hook_name": setup.response_evaluator.hook_name,
+            **setup.response_evaluator.metrics,
         },
-        "evaluator": {
-            "hook_name": evaluator.hook_name,
-            "kind": f"mlp h={evaluator.config.hidden} seed={evaluator.config.seed}",
-            "val_accuracy": evaluator.metrics["val_accuracy"],
-            "n_questions": len(setup.part("evaluator", cfg.n_evaluator).questions),
-        },
-        "response_evaluator": {
-            "hook_name": resp.hook_name,
-            "val_accuracy": resp.metrics["val_accuracy"],
-            "val_accuracy_by_layer": {
-                str(k): v.metrics["val_accuracy"] for k, v in setup.response_probes.items()
-            },
-            "n_questions": len(setup.part("evaluator", cfg.n_response).questions),
-            "max_new_tokens": cfg.response_tokens,
-        },
-        **result,
-        "demo_config": {
-            k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
-        },
-        "timings": timings,
+        "steering_probe_metrics": setup.probe.metrics,
+        "demo_config": dataclasses.asdict(cfg),
         "stores": {
             "train": str(setup.train_store.path),
             "evaluator": str(setup.evaluator_store.path),
-            "response": str(setup.response_store.path),
+            "gold_response": str(setup.response_store.path),
         },
+        "timings": dict(setup.timings),
     }
-    paths = write_report(report, out)
-    log(
-        f"[ks-lens demo] wrote {paths['json']}, {paths['markdown']} and {len(paths) - 2} figures "
-        f"in {timings['total_s']:.0f} s"
-    )
-    return report
 
 
-def print_summary(report: dict[str, Any]) -> None:
-    for section, title in (
-        ("activation_eval", "activation level (held-out evaluator)"),
-        ("generation_eval", "generated text (response evaluator)"),
-    ):
-        if not report.get(section):
+def run_demo(
+    cfg: PipelineConfig,
+    out: str | Path,
+    *,
+    seeds: int = 1,
+    command: str = "ks-lens demo",
+    log: Any = print,
+    progress: bool = True,
+) -> list[ComparisonResult]:
+    """Run the pipeline once per seed (``cfg.seed``, ``cfg.seed + 1``, ...); returns the results.
+
+    The first seed's report goes to ``out``; further seeds to ``out/seed-N``. With several
+    seeds, the first report also gets the mean ± sd of the estimates across seeds.
+    """
+    if seeds < 1:
+        raise ValueError("seeds must be at least 1")
+    cfg.validate()
+    out = Path(out)
+    results: list[ComparisonResult] = []
+    first: tuple[ComparisonResult, dict[str, Any]] | None = None
+    for i in range(seeds):
+        s = cfg.seed + i
+        cfg_s = replace(cfg, seed=s, comparison=replace(cfg.comparison, seed=s))
+        out_s = out if i == 0 else out / f"seed-{s}"
+        t_start = time.perf_counter()
+        setup = prepare(cfg_s, out_s, log=log, progress=progress)
+        result = setup.compare(progress=progress, log=log)
+        info = _info(setup, cfg_s, command)
+        info["timings"]["total_s"] = time.perf_counter() - t_start
+        paths = write_report(result, info, out_s)
+        log(
+            f"[ks-lens demo] seed {s}: wrote {paths['json']}, {paths['markdown']} and "
+            f"{len(paths) - 2} figures in {info['timings']['total_s']:.0f} s"
+        )
+        results.append(result)
+        if first is None:
+            first = (result, info)
+    if seeds > 1 and first is not None:
+        result, info = first
+        info["seeds"] = seeds_summary(results)
+        write_report(result, info, out)
+    return results
+
+
+def print_summary(result: ComparisonResult) -> None:
+    """The headline on stdout: equal-KL text results and activation means, with intervals."""
+    print(f"\ngenerated text at equal KL ({result.config.kl_budget} nats/token), text evaluator:")
+    for e in result.equal_kl:
+        if e.lens != "text":
             continue
-        rows = summarise(report, section)
-        print(f"\n{title}: mean target probability (min target / vanish rate)")
-        ks = sorted({r["k"] for r in rows})
-        methods = list(dict.fromkeys(r["method"] for r in rows))
-        print(f"{'method':24s}" + "".join(f"{'k=' + str(k):>22s}" for k in ks))
-        for m in methods:
-            cells = []
-            for k in ks:
-                r = next((r for r in rows if r["method"] == m and r["k"] == k), None)
-                cells.append(
-                    f"{r['mean_target_prob']:.3f} ({r['min_target_prob']:.2f}/{r['vanish_rate']:.2f})"
-                    if r
-                    else ""
-                )
-            print(f"{method_label(m):24s}" + "".join(f"{c:>22s}" for c in cells))
-        for s in verdict(report, section):
-            print("  " + s)
+        d = (
+            f"  diff vs {method_label(result.config.baseline)} {e.diff_vs_baseline.fmt()} -> "
+            f"{compare_word(e.diff_vs_baseline)}"
+            if e.diff_vs_baseline is not None
+            else ""
+        )
+        print(f"  k={e.k} {method_label(e.method):22s} {e.target_prob.fmt()}{d}")
+    print("\nactivation level (held-out multi-label evaluator, calibrated alpha):")
+    for r in result.summary("activation"):
+        v = "" if r.vanish_rate is None else f"  vanished {r.n_vanished}/{r.n_cells}"
+        print(f"  k={r.k} {method_label(r.method):22s} {r.target_prob.fmt()}{v}")
 
 
 def add_demo_parser(sub: Any) -> None:
@@ -149,13 +212,19 @@ def add_demo_parser(sub: Any) -> None:
         "--questions", default=None, help="evaluate on this question file instead of the test split"
     )
     p.add_argument(
-        "--max-questions", type=int, default=None, help="cap the number of evaluation questions"
+        "--texts",
+        default=None,
+        help="labelled texts (JSONL: text, labels, question) for the text evaluators "
+        "(default: the shipped gold tone texts)",
+    )
+    p.add_argument(
+        "--max-questions", type=int, default=None, help="cap the number of test questions"
     )
     p.add_argument(
         "--kl-budget",
         type=float,
         default=None,
-        help="coherence budget in nats per token (default 0.25)",
+        help="coherence budget and equal-KL level in nats per token (default 0.25)",
     )
     p.add_argument(
         "--calibration-metric",
@@ -164,14 +233,28 @@ def add_demo_parser(sub: Any) -> None:
         help="coherence cost that alpha is calibrated against (default: %(default)s)",
     )
     p.add_argument(
-        "--methods", default=None, help="comma-separated methods (default: the reference four)"
+        "--methods",
+        default=None,
+        help=f"comma-separated methods (default: the reference four); known: {','.join(METHODS)}",
     )
     p.add_argument("--fast", action="store_true", help="small smoke run (CI), about a minute")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds (mean ± sd)")
     p.set_defaults(func=cmd_demo)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """The demo's :class:`PipelineConfig` from parsed arguments, validated (no compute yet)."""
+    comparison = ComparisonConfig(calibration_metric=args.calibration_metric)
+    if args.kl_budget is not None:
+        comparison = replace(comparison, kl_budget=args.kl_budget)
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        comparison = replace(
+            comparison,
+            methods=methods,
+            baseline=comparison.baseline if comparison.baseline in methods else methods[0],
+        )
     kw: dict[str, Any] = {
         "model": args.model,
         "device": args.device,
@@ -179,25 +262,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "layer": args.layer,
         "eval_layer": args.eval_layer,
         "questions": args.questions,
+        "texts": args.texts,
         "seed": args.seed,
-        "calibration_metric": args.calibration_metric,
-        "kl_budget": args.kl_budget,
+        "comparison": comparison,
     }
-    if args.methods:
-        kw["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     cfg = PipelineConfig.fast(**kw) if args.fast else PipelineConfig(**kw)
     if args.max_questions is not None:
         if args.max_questions < 1:
-            raise SystemExit("--max-questions must be positive")
+            raise ValueError("--max-questions must be positive")
         cfg = replace(
             cfg,
             n_eval=min(cfg.n_eval, args.max_questions),
             n_gen=min(cfg.n_gen, args.max_questions),
         )
-    report = run_demo(cfg, args.out)
-    print_summary(report)
+    if args.seeds < 1:
+        raise ValueError("--seeds must be at least 1")
+    return cfg.validate()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    command = (
+        "ks-lens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if sys.argv[1:]
+        else "ks-lens demo"
+    )
+    results = run_demo(cfg, args.out, seeds=args.seeds, command=command)
+    print_summary(results[0])
     print(f"\nfull report: {Path(args.out) / 'report.md'}")
     return 0
 
 
-__all__ = ["DemoConfig", "add_demo_parser", "comparison_config", "print_summary", "run_demo"]
+__all__ = ["add_demo_parser", "config_from_args", "git_commit", "print_summary", "run_demo"]

@@ -19,10 +19,12 @@ Principles (see ``docs/evaluation.md``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float
 
@@ -150,30 +152,81 @@ def kl_divergence(
 
 @dataclass(frozen=True)
 class VanishRule:
-    """A target *vanished* when it barely moved while another target rose.
+    """A target *vanished* on a question when its probability stays below ``floor`` while the
+    combination's best target reaches at least ``reach`` (2+ targets only).
 
-    For a combination with at least two targets and per-label changes ``delta_t`` (steered minus
-    unsteered probability): if ``max_t delta_t >= rise``, every target with ``delta_t < near`` has
-    vanished. Single-target combinations never count as vanished.
+    Judged per question on levels, not on question-averaged changes: a target that starts high
+    and stays high is not vanished, and a method that moves nothing never triggers the rule.
     """
 
-    near: float = 0.05
-    rise: float = 0.10
+    floor: float = 0.1
+    reach: float = 0.5
 
-    def vanished(self, delta: Mapping[str, float], targets: Sequence[str]) -> list[str]:
-        if len(targets) < 2:
-            return []
-        ds = [delta[t] for t in targets]
-        if max(ds) < self.rise:
-            return []
-        return [t for t in targets if delta[t] < self.near]
+    def vanished(self, target_probs: np.ndarray) -> np.ndarray:
+        """``[n, k]`` probabilities of the ``k`` targets -> ``[n, k]`` vanished flags."""
+        p = np.asarray(target_probs, dtype=float)
+        if p.ndim != 2:
+            raise ValueError(f"target_probs must be [n, k], got shape {p.shape}")
+        if p.shape[1] < 2:
+            return np.zeros(p.shape, dtype=bool)
+        return (p < self.floor) & (p.max(1, keepdims=True) >= self.reach)
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "near": self.near,
-            "rise": self.rise,
-            "definition": "a target vanished if its probability rose by less than `near` while another "
-            "target of the same combination rose by at least `rise` (2+ targets only)",
+            "floor": self.floor,
+            "reach": self.reach,
+            "definition": f"a target vanished on a question if its probability stayed below {self.floor} "
+            f"while the combination's best target reached at least {self.reach} (2+ targets only); "
+            "the rate is over question x combination cells",
+        }
+
+
+@dataclass(frozen=True)
+class DegenerateRule:
+    """An answer is *degenerate* if it is empty, mostly not letters, or heavily repetitive.
+
+    * empty: fewer than ``min_letters`` letters;
+    * mostly non-letters: letters are less than ``min_letter_share`` of its non-space characters;
+    * repetitive: with at least ``min_words`` words, distinct word bigrams / bigrams below
+      ``min_distinct2``, or (at least ``min_chars`` characters) a zlib compression ratio below
+      ``min_compression`` (a repeated phrase compresses far better than prose).
+    """
+
+    min_letters: int = 2
+    min_letter_share: float = 0.5
+    min_words: int = 8
+    min_distinct2: float = 0.5
+    min_chars: int = 60
+    min_compression: float = 0.3
+
+    def reason(self, text: str) -> str | None:
+        """Why ``text`` is degenerate (``"empty"``, ``"non-letters"``, ``"repetition"``), or None."""
+        chars = [c for c in text if not c.isspace()]
+        letters = sum(c.isalpha() for c in chars)
+        if letters < self.min_letters:
+            return "empty"
+        if letters < self.min_letter_share * len(chars):
+            return "non-letters"
+        if len(text.split()) >= self.min_words and distinct_n(text) < self.min_distinct2:
+            return "repetition"
+        raw = text.encode()
+        if (
+            len(raw) >= self.min_chars
+            and len(zlib.compress(raw, 9)) / len(raw) < self.min_compression
+        ):
+            return "repetition"
+        return None
+
+    def is_degenerate(self, text: str) -> bool:
+        return self.reason(text) is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **{k: getattr(self, k) for k in self.__dataclass_fields__},
+            "definition": f"empty (< {self.min_letters} letters), mostly non-letters (letters < "
+            f"{self.min_letter_share:.0%} of non-space characters), or repetitive (distinct word bigrams < "
+            f"{self.min_distinct2} with >= {self.min_words} words, or zlib compression ratio < "
+            f"{self.min_compression} with >= {self.min_chars} characters)",
         }
 
 
@@ -194,6 +247,22 @@ class GenerationScores:
     kl: list[float]
     kl_steps: list[int]  # how many steps each KL mean covers
     distinct2: list[float]  # distinct word bigrams / word bigrams per answer (nan if < 2 words)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, index: Iterable[int]) -> GenerationScores:
+        """The scores of the answers at ``index``, in that order."""
+        idx = list(index)
+        return GenerationScores(
+            [self.texts[i] for i in idx],
+            [self.answer_ids[i] for i in idx],
+            self.probs[idx],
+            [self.nll[i] for i in idx],
+            [self.kl[i] for i in idx],
+            [self.kl_steps[i] for i in idx],
+            [self.distinct2[i] for i in idx],
+        )
 
     @property
     def perplexity(self) -> float:
@@ -264,9 +333,41 @@ def generate_and_score_groups(
     batch_size: int = 32,
     seed: int = 0,
 ) -> list[GenerationScores]:
-    """Answer every question under every steering configuration (``None`` = unsteered).
+    """Answer every question under every steering configuration (``None`` = unsteered); one
+    :class:`GenerationScores` per configuration (see :func:`generate_and_score_rows`)."""
+    rows = [(g, i) for g in range(len(steerings)) for i in range(len(questions))]
+    scores = generate_and_score_rows(
+        model,
+        questions,
+        steerings,
+        rows,
+        response_probe=response_probe,
+        positions=positions,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    n = len(questions)
+    return [scores.select(range(g * n, (g + 1) * n)) for g in range(len(steerings))]
 
-    All (configuration, question) rows share batches: one generation call carries several
+
+def generate_and_score_rows(
+    model: Any,
+    questions: Sequence[str],
+    steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
+    rows: Sequence[tuple[int, int]],
+    *,
+    response_probe: Probe | None,
+    positions: str = "all",
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> GenerationScores:
+    """Answer each row ``(configuration index, question index)`` greedily (configuration
+    ``None`` = unsteered) and score the answers; returns one :class:`GenerationScores` over
+    ``rows``, in their order.
+
+    All rows share batches: one generation call carries several
     methods side by side (:func:`~ks_lens.steering.steer_groups`), which matters because decoding
     is memory-bound. Each answer is then re-encoded (question + answer, no instruction) in an
     unsteered forward pass that gives the response evaluator's probabilities at the answer's last
@@ -275,15 +376,17 @@ def generate_and_score_groups(
     """
     from ks_lens.steering.base import steer_groups
 
-    if not questions:
+    if not questions or not rows:
         raise ValueError("no questions to generate for")
+    for g, i in rows:
+        if not (0 <= g < len(steerings) and 0 <= i < len(questions)):
+            raise ValueError(f"row {(g, i)} is out of range")
     tok = model.tokenizer
     device = _device(model)
     heads = [
         list(tok(format_chat(tok, ChatPrompt(q)), add_special_tokens=False)["input_ids"])
         for q in questions
     ]
-    rows = [(g, i) for g in range(len(steerings)) for i in range(len(questions))]
     order = sorted(range(len(rows)), key=lambda r: (len(heads[rows[r][1]]), rows[r][0], rows[r][1]))
     answers: list[list[int]] = [[] for _ in rows]
     step_logps: list[torch.Tensor | None] = [None for _ in rows]
@@ -338,18 +441,10 @@ def generate_and_score_groups(
                 kl[r] = float(kl_divergence(steered, pred[: len(steered)]).mean())
                 kl_steps[r] = len(steered)
         del logits
-    out = []
-    n = len(questions)
-    for g in range(len(steerings)):
-        sl = slice(g * n, (g + 1) * n)
-        ans = answers[sl]
-        texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ans]
-        out.append(
-            GenerationScores(
-                texts, ans, probs[sl], nll[sl], kl[sl], kl_steps[sl], [distinct_n(t) for t in texts]
-            )
-        )
-    return out
+    texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
+    return GenerationScores(
+        texts, answers, probs, nll, kl, kl_steps, [distinct_n(t) for t in texts]
+    )
 
 
 # ----------------------------------------------------------------------------- calibration

@@ -9,65 +9,97 @@ share it, so a second study pointed at the same ``work_dir`` reuses the first on
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ks_lens.activations import ActivationStore, collect_to_store
-from ks_lens.comparison import REFERENCE_METHODS, ComparisonConfig, run_comparison
-from ks_lens.datasets import BehaviourDataset, Splits, load_dataset, load_questions, make_splits
+from ks_lens.comparison import ComparisonConfig, ComparisonResult, run_comparison, spread
+from ks_lens.datasets import (
+    Behaviour,
+    BehaviourDataset,
+    Question,
+    Splits,
+    load_dataset,
+    load_questions,
+    make_splits,
+)
+from ks_lens.gold_texts import LabelledText, load_gold_texts, load_labelled_texts
 from ks_lens.models import load_model
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes
 from ks_lens.steering import SteeringVectors
+from ks_lens.text_evaluator import TextEvaluator, default_text_evaluator
 
 
 @dataclass
 class PipelineConfig:
-    """Sizes of each stage. The defaults are the full demo run (about 10 minutes on 2 CPU cores)."""
+    """Sizes of each stage, and the comparison's settings (``comparison``).
+
+    The defaults are the full demo run; :meth:`fast` is a one-minute smoke run.
+    """
 
     model: str = "default"
     dataset: str = "tones"
-    questions: str | None = None  # external evaluation questions (.jsonl/.json/.csv)
+    questions: str | None = None  # external test questions (.jsonl/.json/.csv)
+    texts: str | None = None  # labelled texts for the text evaluators (default: shipped gold)
     layer: int | None = None  # steering layer; None = 60 % depth
     eval_layer: int | None = None  # activation evaluator layer; None = steering layer + 4 (capped)
     n_train: int = 120  # questions for the steering probe and CAA vectors (x 6 tones)
-    n_evaluator: int = 80  # questions for the activation evaluator (x 6 tones)
-    n_response: int = 36  # questions whose generated answers train the response evaluator
-    response_tokens: int = 32
-    n_calib: int = 12
-    n_eval: int = 32  # activation-level evaluation questions
-    n_gen: int = 10  # generation-level evaluation questions
-    act_combos_per_size: int | None = None
-    gen_combos_per_size: int | None = 6
-    max_new_tokens: int = 32
-    kl_budget: float | None = None  # None: ComparisonConfig's default
-    calibration_metric: str = "generation_kl"
-    calib_tokens: int = 12
-    calib_bisect_steps: int = 4
-    methods: tuple[str, ...] = REFERENCE_METHODS
+    n_evaluator: int = 80  # questions for the activation evaluator (x 6 tones + combinations)
+    evaluator_combos_per_question: int = 3  # two-tone instructions per evaluator question
+    n_gold: int | None = None  # gold texts re-encoded for the response evaluator (None = all)
+    n_calib: int = 12  # calibration questions
+    n_eval: int = 32  # test questions, activation level
+    n_gen: int = 24  # test questions, generated text
     batch_size: int = 16
     seed: int = 0
     device: str | None = None
     dtype: str | None = None
+    comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
 
     @classmethod
     def fast(cls, **kw: Any) -> PipelineConfig:
         """A smoke run for CI: every stage on a handful of questions (about a minute)."""
+        comparison = kw.pop("comparison", None) or ComparisonConfig()
         base = cls(
             n_train=16,
             n_evaluator=12,
-            n_response=6,
-            response_tokens=8,
+            evaluator_combos_per_question=2,
+            n_gold=48,
             n_calib=4,
             n_eval=6,
             n_gen=4,
-            act_combos_per_size=2,
-            gen_combos_per_size=1,
-            max_new_tokens=8,
-            calib_tokens=6,
-            calib_bisect_steps=2,
+            comparison=replace(
+                comparison,
+                act_combos_per_size=2,
+                max_new_tokens=8,
+                calib_tokens=6,
+                calib_bisect_steps=2,
+                n_resamples=200,
+            ),
         )
         return replace(base, **kw)
+
+    def validate(self) -> PipelineConfig:
+        """Check every setting before any compute (model-dependent checks come later)."""
+        if self.n_gold is not None and self.n_gold < 2:
+            raise ValueError(f"n_gold must be at least 2 (or None for all), got {self.n_gold}")
+        for name in ("n_train", "n_evaluator", "n_calib", "n_eval", "n_gen", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.evaluator_combos_per_question < 0:
+            raise ValueError("evaluator_combos_per_question must be >= 0")
+        for name in ("layer", "eval_layer"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"{name} must be a non-negative layer index, got {v}")
+        if self.layer is not None and self.eval_layer is not None and self.eval_layer < self.layer:
+            raise ValueError(
+                f"the evaluator layer ({self.eval_layer}) must be at or after the steering layer ({self.layer})"
+            )
+        self.comparison.validate()
+        return self
 
 
 def default_layers(
@@ -85,8 +117,29 @@ def default_layers(
     return ls, le
 
 
+def texts_dataset(texts: Sequence[LabelledText], labels: Sequence[str]) -> BehaviourDataset:
+    """Labelled texts as a dataset for ``response-only`` collection: one row per text, its
+    question with the text as a fixed answer, labelled with its (combined) label set."""
+    sets = sorted(
+        {t.labels for t in texts if len(t.labels) > 1},
+        key=lambda ls: (len(ls), [labels.index(x) for x in ls]),
+    )
+    behaviours = tuple(Behaviour(lab, lab) for lab in labels) + tuple(
+        Behaviour("+".join(s), "+".join(s)) for s in sets
+    )
+    for t in texts:
+        if not t.question:
+            raise ValueError(f"labelled text {t.id!r} has no question; response encoding needs one")
+    qs = tuple(
+        Question(t.id, t.question or "", label="+".join(t.labels), answer=t.text) for t in texts
+    )
+    return BehaviourDataset("labelled-texts", behaviours, qs)
+
+
 @dataclass
 class Setup:
+    """Everything a comparison needs: model, data, steering probe/vectors and the evaluators."""
+
     config: PipelineConfig
     model: Any
     dataset: BehaviourDataset
@@ -101,6 +154,8 @@ class Setup:
     evaluator: Probe
     response_evaluator: Probe
     response_probes: dict[int, Probe]
+    text_evaluator: TextEvaluator
+    gold_texts: tuple[LabelledText, ...]
     external_questions: list[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -111,27 +166,36 @@ class Setup:
         return [q.text for q in self.part(split, n).questions]
 
     def eval_questions(self, n: int) -> tuple[list[str], str]:
-        """The evaluation questions (external file if given, else the test split) and their source."""
+        """The test questions (external file if given, else the test split) and their source."""
         if self.external_questions is not None:
             return self.external_questions[:n], f"external file {self.config.questions}"
         return self.questions("test", n), "test split"
 
     def compare(
-        self, config: ComparisonConfig, *, progress: bool = True, log: Any = print
-    ) -> dict[str, Any]:
-        """:func:`~ks_lens.comparison.run_comparison` with this setup's probe, vectors and evaluators,
-        calibrated on the calibration split and evaluated on :meth:`eval_questions`."""
+        self,
+        config: ComparisonConfig | None = None,
+        *,
+        progress: bool = True,
+        log: Any = print,
+        text: bool = True,
+    ) -> ComparisonResult:
+        """:func:`~ks_lens.comparison.run_comparison` with this setup's probe, vectors and
+        evaluators, calibrated on the calibration split and evaluated on :meth:`eval_questions`
+        (activation level on ``n_eval`` of them, text on the first ``n_gen``)."""
         cfg = self.config
+        n_test = max(cfg.n_eval, cfg.n_gen)
+        test = self.eval_questions(n_test)[0]
         return run_comparison(
             self.model,
             probe=self.probe,
             vectors=self.vectors,
             evaluator=self.evaluator,
-            response_evaluator=self.response_evaluator,
+            text_evaluator=self.text_evaluator if text else None,
+            response_evaluator=self.response_evaluator if text else None,
             calib_questions=self.questions("calibration", cfg.n_calib),
-            eval_questions=self.eval_questions(cfg.n_eval)[0],
-            gen_questions=self.eval_questions(cfg.n_gen)[0],
-            config=config,
+            test_questions=test[: cfg.n_eval],
+            text_questions=test[: cfg.n_gen],
+            config=config or cfg.comparison,
             progress=progress,
             log=log,
         )
@@ -140,17 +204,28 @@ class Setup:
 def prepare(
     cfg: PipelineConfig, work_dir: str | Path, *, log: Any = print, progress: bool = True
 ) -> Setup:
-    """Collect activations (resumable) and train the probe, vectors and evaluators."""
+    """Collect activations (resumable) and train the probe, vectors and evaluators.
+
+    * steering probe + CAA vectors: ``train`` split, prompt mode (instruction + question);
+    * activation evaluator: ``evaluator`` split, prompt mode with single **and combined**
+      (two-tone) instructions, multi-label, at the evaluator layer;
+    * text evaluator: TF-IDF + logistic regression on the gold texts (model-independent);
+    * response-activation evaluator: the gold texts re-encoded through the model without any
+      instruction, multi-label, at the best layer on held-out gold questions.
+    """
+    cfg.validate()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     external = (
         [q.text for q in load_questions(cfg.questions)] if cfg.questions else None
     )  # fail early
+    ds = load_dataset(cfg.dataset)
+    gold = load_labelled_texts(cfg.texts, labels=ds.labels) if cfg.texts else load_gold_texts()
+    cfg.comparison.validate(ds.labels)
     t0 = time.perf_counter()
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     timings["load_model_s"] = time.perf_counter() - t0
-    ds = load_dataset(cfg.dataset)
     splits = make_splits(ds, seed=cfg.seed)
     n_layers = int(model.cfg.n_layers)
     ls, le = default_layers(n_layers, cfg.layer, cfg.eval_layer)
@@ -172,21 +247,25 @@ def prepare(
         **kw,
     )
     eval_ds = part("evaluator", cfg.n_evaluator)
+    if cfg.evaluator_combos_per_question:
+        eval_ds = eval_ds.with_combinations((2,), per_question=cfg.evaluator_combos_per_question)
     st_eval = collect_to_store(
         model,
         eval_ds,
-        work / "acts" / f"evaluator-prompt-{len(eval_ds.questions)}q",
+        work
+        / "acts"
+        / f"evaluator-prompt-{len(eval_ds.questions)}q-c{cfg.evaluator_combos_per_question}",
         split="evaluator",
         **kw,
     )
-    resp_ds = part("evaluator", cfg.n_response)
+    gold_enc = tuple(spread(list(gold), cfg.n_gold))
+    gold_ds = texts_dataset(gold_enc, ds.labels)
     st_resp = collect_to_store(
         model,
-        resp_ds,
-        work / "acts" / f"evaluator-response-only-{len(resp_ds.questions)}q",
+        gold_ds,
+        work / "acts" / f"gold-response-only-{len(gold_enc)}t",
         mode="response-only",
-        max_new_tokens=cfg.response_tokens,
-        split="evaluator",
+        split="gold",
         **kw,
     )
     timings["collect_s"] = time.perf_counter() - t0
@@ -201,8 +280,14 @@ def prepare(
         st_eval.load(layers=[le]), le, config=ProbeConfig(hidden=256, seed=cfg.seed + 1)
     )
     evaluator.save(work / "probes" / "evaluator")
+    resp_layers = list(range(ls, n_layers))  # read the text at or after the steering layer
+    resp_acts = st_resp.load(layers=resp_layers)
+    question_of = {t.id: t.question_id or t.id for t in gold}
     resp_probes = train_probes(
-        st_resp.load(), config=ProbeConfig(hidden=256, seed=cfg.seed + 1), progress=False
+        resp_acts,
+        config=ProbeConfig(hidden=256, seed=cfg.seed + 1),
+        groups=[question_of[i] for i in resp_acts.question_ids],  # hold out whole questions
+        progress=False,
     )
     best = max(
         resp_probes,
@@ -211,10 +296,15 @@ def prepare(
     response_evaluator = resp_probes[best]
     response_evaluator.save(work / "probes" / "response-evaluator")
     timings["train_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    text_evaluator = TextEvaluator.fit(gold, ds.labels) if cfg.texts else default_text_evaluator()
+    timings["text_evaluator_s"] = time.perf_counter() - t0
     log(
         f"  steering probe val acc {probe.metrics['val_accuracy']:.3f}; evaluator (layer {le}) "
-        f"{evaluator.metrics['val_accuracy']:.3f}; response evaluator (layer {best}) "
-        f"{response_evaluator.metrics['val_accuracy']:.3f} (chance {1 / len(ds.labels):.3f})"
+        f"{evaluator.metrics['val_accuracy']:.3f} single / "
+        f"{evaluator.metrics.get('val_multi_topk_rate', float('nan')):.3f} two-tone top-2; "
+        f"response evaluator (layer {best}) {response_evaluator.metrics['val_accuracy']:.3f} "
+        f"(chance {1 / len(ds.labels):.3f})"
     )
     return Setup(
         cfg,
@@ -231,6 +321,8 @@ def prepare(
         evaluator,
         response_evaluator,
         resp_probes,
+        text_evaluator,
+        gold,
         external,
         timings,
     )

@@ -302,17 +302,30 @@ class FitResult:
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor, label_names: Sequence[str]) -> dict[str, Any]:
-    """Top-1 accuracy against the argmax label, and per-label accuracy (recall)."""
+    """Top-1 accuracy and per-label accuracy (recall) on single-label rows; on multi-label rows
+    (multi-hot ``y``), the rate at which all true labels are the top-``m`` (``m`` true labels)."""
+    n_true = y.sum(-1)
+    single = n_true == 1
     pred = logits.argmax(-1)
     true = y.argmax(-1)
+    ps, ts = pred[single], true[single]
     out: dict[str, Any] = {
-        "accuracy": float((pred == true).float().mean()) if len(true) else float("nan")
+        "accuracy": float((ps == ts).float().mean()) if len(ts) else float("nan")
     }
     per = {}
     for k, name in enumerate(label_names):
-        sel = true == k
-        per[name] = float((pred[sel] == k).float().mean()) if sel.any() else float("nan")
+        sel = ts == k
+        per[name] = float((ps[sel] == k).float().mean()) if sel.any() else float("nan")
     out["per_label_accuracy"] = per
+    multi = n_true >= 2
+    if multi.any():
+        hits = []
+        for row_logits, row_y in zip(logits[multi], y[multi], strict=True):
+            m = int(row_y.sum())
+            top = set(row_logits.topk(m).indices.tolist())
+            hits.append(top == set(row_y.nonzero().squeeze(1).tolist()))
+        out["multi_topk_rate"] = sum(hits) / len(hits)
+        out["n_multi"] = len(hits)
     return out
 
 
@@ -410,6 +423,11 @@ def fit_probes(
         m_tr = _accuracy(logits[p, tr.to(device)].cpu(), y[tr].cpu(), label_names)
         metrics.append(
             {
+                **(
+                    {"val_multi_topk_rate": m_val["multi_topk_rate"], "n_val_multi": m_val["n_multi"]}
+                    if "multi_topk_rate" in m_val
+                    else {}
+                ),
                 "val_accuracy": m_val["accuracy"],
                 "val_per_label_accuracy": m_val["per_label_accuracy"],
                 "train_accuracy": m_tr["accuracy"],
@@ -440,9 +458,18 @@ def train_probes(
     kind: str = "resid_post",
     config: ProbeConfig = ProbeConfig(),
     device: torch.device | str | None = None,
+    groups: Sequence[str] | None = None,
     progress: bool = True,
 ) -> dict[int, Probe]:
-    """Train one probe per layer (all layers of ``acts`` by default) in one batched loop."""
+    """Train one probe per layer (all layers of ``acts`` by default) in one batched loop.
+
+    ``groups`` (one per row; default the question ids) are kept wholly in train or validation.
+    """
+    if groups is not None and len(groups) != len(acts):
+        raise ValueError(f"groups has {len(groups)} entries for {len(acts)} rows")
+    if groups is not None:
+        keep = (acts.labels >= 0).nonzero().squeeze(1).tolist()
+        groups = [groups[i] for i in keep]
     acts = _labelled(acts)
     layers = list(acts.layers if layers is None else layers)
     if not layers:
@@ -453,8 +480,8 @@ def train_probes(
     res = fit_probes(
         x,
         acts.one_hot(),
-        acts.question_ids,
-        acts.label_names,
+        acts.question_ids if groups is None else groups,
+        acts.base_labels,
         config,
         init_keys=layers,
         progress=progress,
@@ -474,7 +501,7 @@ def train_probes(
             res.params[j],
             res.mean[j],
             res.std[j],
-            label_names=acts.label_names,
+            label_names=acts.base_labels,
             hook_name=resid_hook(layer, kind),
             model=model_info,
             config=config,
@@ -491,11 +518,18 @@ def train_probe(
     kind: str = "resid_post",
     config: ProbeConfig = ProbeConfig(),
     device: torch.device | str | None = None,
+    groups: Sequence[str] | None = None,
     progress: bool = False,
 ) -> Probe:
     """Train a single probe at ``layer`` (see :func:`train_probes`)."""
     return train_probes(
-        acts, layers=[layer], kind=kind, config=config, device=device, progress=progress
+        acts,
+        layers=[layer],
+        kind=kind,
+        config=config,
+        device=device,
+        groups=groups,
+        progress=progress,
     )[layer]
 
 

@@ -1,245 +1,345 @@
 """Reports of a comparison: ``report.json``, ``report.md`` and PNG figures.
 
+Everything here renders from the typed records of :mod:`ks_lens.comparison`
+(:class:`~ks_lens.comparison.ComparisonResult` and its rows); the JSON is their ``to_json()``.
+A verdict says "beats" only when the paired 95 % interval of the difference excludes zero.
 Figures use matplotlib's non-interactive Agg backend, so they render on headless machines.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ks_lens.comparison import summarise
+from ks_lens.comparison import (
+    ComparisonResult,
+    CurvePoint,
+    EqualKL,
+    SummaryRow,
+    method_label,
+)
 from ks_lens.io import atomic_write_bytes, atomic_write_json
+from ks_lens.stats import Interval, seed_summary
 
-METHOD_LABELS = {
-    "unsteered": "unsteered",
-    "caa_mean": "CAA (mean)",
-    "caa_sum": "CAA (sum)",
-    "ksteer": "K-Steering",
-    "ksteer_multistep": "K-Steering (3 steps)",
-    "ksteer_balanced": "K-Steer balanced",
-    "ksteer_pcgrad": "K-Steer PCGrad",
-    "ksteer_logsigmoid": "K-Steer log-sigmoid",
-    "ksteer_softmin": "K-Steer soft-min",
+LENS_TEXT = {
+    "text": "text evaluator (TF-IDF + logistic regression on gold texts; model-independent)",
+    "text_activation": "response-activation evaluator (gold texts re-encoded without instruction)",
+    "activation": "held-out multi-label activation evaluator (steered forward pass, last prompt token)",
 }
-
-
 _METRIC_TEXT = {
-    "generation_kl": "mean per-token KL(steered || unsteered) along a steered greedy continuation",
+    "generation_kl": "mean per-token KL(steered || unsteered) along steered greedy answers",
     "first_token_kl": "KL(steered || unsteered) of the next-token distribution at the end of the prompt",
 }
 
 
-def method_label(m: str) -> str:
-    return METHOD_LABELS.get(m, m)
+def _f(x: float | None, nd: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{nd}f}"
 
 
-def _fmt(x: Any, nd: int = 3) -> str:
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.{nd}f}"
-    return str(x)
+def _ci(x: Interval | None, nd: int = 3) -> str:
+    return "" if x is None else x.fmt(nd)
 
 
-def _combo(e: dict[str, Any]) -> str:
-    s = "+".join(e["targets"])
-    return s + (f" (avoid {'+'.join(e['avoid'])})" if e["avoid"] else "")
+def compare_word(diff: Interval | None) -> str:
+    """ "beats" / "trails" only when the interval excludes 0, else "no significant difference"."""
+    if diff is None or math.isnan(diff.estimate) or math.isnan(diff.low):
+        return "cannot be compared"
+    if diff.low > 0:
+        return "beats"
+    if diff.high < 0:
+        return "trails"
+    return "shows no significant difference from"
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    head = "| " + " | ".join(title for _, title in columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
-
-
-def per_combination_table(
-    entries: Sequence[dict[str, Any]], methods: Sequence[str], key: str = "mean_target_prob"
-) -> str:
-    combos: dict[str, dict[str, dict[str, Any]]] = {}
-    for e in entries:
-        combos.setdefault(_combo(e), {})[e["method"]] = e
-    cols = ["unsteered", *methods]
-    lines = [
-        "| targets | " + " | ".join(method_label(m) for m in cols) + " |",
-        "|---|" + "---|" * len(cols),
-    ]
-    for combo, by in combos.items():
-        cells = []
-        for m in cols:
-            if m not in by:
-                cells.append("")
-                continue
-            v = _fmt(by[m][key])
-            if by[m].get("vanished"):
-                v += " (vanished: " + ",".join(by[m]["vanished_labels"]) + ")"
-            cells.append(v)
-        lines.append(f"| {combo} | " + " | ".join(cells) + " |")
+def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def verdict(result: dict[str, Any], section: str) -> list[str]:
-    """Sentences comparing the best K-Steering variant with the best CAA variant per k."""
-    rows = summarise(result, section)
+def verdict(result: ComparisonResult) -> list[str]:
+    """Sentences comparing every method with the baseline, per number of targets: at equal
+    measured KL on generated text (text lens) and at the calibrated alpha (activation lens)."""
+    base = method_label(result.config.baseline)
     out = []
-    for k in sorted({r["k"] for r in rows}):
-        ks_rows = [r for r in rows if r["k"] == k and r["method"].startswith("ksteer")]
-        caa_rows = [r for r in rows if r["k"] == k and r["method"].startswith("caa")]
-        if not ks_rows or not caa_rows:
+    for e in result.equal_kl:
+        if e.lens != "text" or e.diff_vs_baseline is None:
             continue
-        best_ks = max(ks_rows, key=lambda r: r["mean_target_prob"])
-        best_caa = max(caa_rows, key=lambda r: r["mean_target_prob"])
-        diff = best_ks["mean_target_prob"] - best_caa["mean_target_prob"]
-        word = "beats" if diff > 0.01 else ("trails" if diff < -0.01 else "ties with")
         out.append(
-            f"k={k}: best K-Steering ({method_label(best_ks['method'])}, {best_ks['mean_target_prob']:.3f}) {word} "
-            f"best CAA ({method_label(best_caa['method'])}, {best_caa['mean_target_prob']:.3f}); "
-            f"difference {diff:+.3f}; vanish rates {best_ks['vanish_rate']:.2f} vs {best_caa['vanish_rate']:.2f}."
+            f"text, k={e.k}, at KL {e.kl:g} nats/token: {method_label(e.method)} "
+            f"({_ci(e.target_prob)}) {compare_word(e.diff_vs_baseline)} {base}; "
+            f"difference {_ci(e.diff_vs_baseline)}"
+        )
+    for r in result.summary("activation"):
+        if r.diff_vs_baseline is None:
+            continue
+        v = (
+            f"; vanished {r.n_vanished}/{r.n_cells} cells, McNemar p={r.vanish_test.p_value:.3g} vs {base}"
+            if r.vanish_test is not None
+            else ""
+        )
+        out.append(
+            f"activation, k={r.k}, at calibrated alpha: {method_label(r.method)} "
+            f"{compare_word(r.diff_vs_baseline)} {base}; difference {_ci(r.diff_vs_baseline)}{v}"
         )
     return out
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    methods = list(report["methods"])
-    cfg = report["comparison_config"]
+def summary_table(rows: Sequence[SummaryRow], text: bool) -> str:
+    header = ["method", "k", "alpha", "cells", "mean target p", "min target p", "norm. gain"]
+    header += ["vanished (rate)", "diff vs baseline", "McNemar p"]
+    if text:
+        header += ["KL/token", "perplexity", "degenerate"]
+    body = []
+    for r in rows:
+        cells = [
+            method_label(r.method),
+            r.k,
+            f"{r.alpha:.4g}",
+            r.n_cells,
+            _ci(r.target_prob),
+            _ci(r.min_target_prob),
+            _ci(r.gain),
+            "" if r.vanish_rate is None else f"{r.n_vanished} ({_ci(r.vanish_rate, 2)})",
+            _ci(r.diff_vs_baseline),
+            "" if r.vanish_test is None else f"{r.vanish_test.p_value:.3g}",
+        ]
+        if text:
+            cells += [
+                _ci(r.kl),
+                _f(r.perplexity, 2),
+                "" if r.n_degenerate is None else f"{r.n_degenerate}/{r.n_cells}",
+            ]
+        body.append(cells)
+    return markdown_table(body, header)
+
+
+def curve_table(points: Sequence[CurvePoint]) -> str:
+    return markdown_table(
+        [
+            [
+                method_label(p.method),
+                p.k,
+                f"{p.factor:g}",
+                f"{p.alpha:.4g}",
+                _ci(p.kl),
+                _ci(p.target_prob),
+                f"{p.degenerate_rate:.2f}",
+                p.n_answers,
+            ]
+            for p in points
+        ],
+        ["method", "k", "x alpha", "alpha", "KL/token", "mean target p", "degenerate", "answers"],
+    )
+
+
+def equal_kl_table(rows: Sequence[EqualKL]) -> str:
+    return markdown_table(
+        [
+            [
+                method_label(e.method),
+                e.k,
+                _ci(e.target_prob),
+                _f(e.degenerate_rate, 2),
+                _ci(e.diff_vs_baseline),
+                compare_word(e.diff_vs_baseline)
+                if e.diff_vs_baseline is not None
+                else "(baseline)",
+            ]
+            for e in rows
+        ],
+        ["method", "k", "target p at equal KL", "degenerate", "diff vs baseline", "verdict"],
+    )
+
+
+def style_table(result: ComparisonResult) -> str:
+    """Mean style meters of the answers per method (calibrated alpha, all k)."""
+    if result.text is None:
+        return ""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for a in result.text.answers:
+        if a.method == "unsteered" or a.factor == 1.0:
+            groups.setdefault(a.method, []).append(a.style)
+    if not groups:
+        return ""
+    names = list(next(iter(groups.values()))[0])
+    body = []
+    for m, styles in groups.items():
+        body.append(
+            [method_label(m)] + [_f(sum(s[n] for s in styles) / len(styles), 2) for n in names]
+        )
+    return markdown_table(body, ["method", *names])
+
+
+def examples(result: ComparisonResult, n: int = 2) -> list[str]:
+    if result.text is None:
+        return []
+    te = result.text
+    lines = []
+    for k in result.config.sizes:
+        cells = [c for c in te.cells if len(c.targets) == k][:n]
+        for c in cells:
+            q = te.questions[c.question]
+            lines.append(f"**{q}** (targets: {'+'.join(c.targets)})")
+            for a in te.answers:
+                if a.question == c.question and (
+                    a.method == "unsteered" or (a.targets == c.targets and a.factor == 1.0)
+                ):
+                    p = {lab: a.text_probs[i] for i, lab in enumerate(te.labels)}
+                    tp = " ".join(f"{t}={p[t]:.2f}" for t in c.targets)
+                    flag = f" [degenerate: {a.degenerate}]" if a.degenerate else ""
+                    lines.append(f"- {method_label(a.method)} ({tp}){flag}: {a.text[:240]!r}")
+            lines.append("")
+    return lines
+
+
+def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
+    """The human-readable report: verdict, evaluator validity, headline, curves, tables."""
+    cfg = result.config
     lines = [
-        f"# ks-lens comparison: {report['model']}",
+        f"# ks-lens comparison: {info.get('model', '')}",
         "",
-        f"Steering at `{report['steering_hook']}` (layer {report['layer']}); held-out activation evaluator at "
-        f"`{report['evaluator']['hook_name']}`; labels: {', '.join(report['labels'])}.",
-        f"Alpha calibrated per method and number of targets to a coherence budget of {cfg['kl_budget']} nats "
-        f"({_METRIC_TEXT.get(cfg['calibration_metric'], cfg['calibration_metric'])}) "
-        f"on {report['n_calib_questions']} calibration questions; evaluated on {report['n_eval_questions']} held-out "
-        f"questions ({report.get('eval_source', 'test split')}).",
+        f"Steering at `{info.get('steering_hook', '')}`; labels: {', '.join(result.plan.labels)}; "
+        f"baseline: {method_label(cfg.baseline)}. Produced by `{info.get('command', 'ks-lens demo')}` at "
+        f"commit `{info.get('commit', 'unknown')}`.",
+        f"Alpha calibrated per method and number of targets on {result.n_calib_questions} calibration "
+        f"questions to {cfg.kl_budget} nats/token ({_METRIC_TEXT.get(cfg.calibration_metric, cfg.calibration_metric)}) "
+        f"with at most {cfg.max_degenerate_rate:.0%} of answers newly degenerate (degenerate where the "
+        f"unsteered answer is not). Test questions: "
+        f"{result.n_test_questions} (activation level), {result.n_text_questions} (text) from "
+        f"{info.get('eval_source', 'the test split')}. Intervals: 95 % percentile bootstrap over "
+        f"questions ({cfg.n_resamples} resamples); differences are paired.",
         "",
         "## Verdict",
         "",
-        "Activation level (held-out evaluator probability of the targets):",
-        "",
-        *[f"- {s}" for s in verdict(report, "activation_eval")],
-    ]
-    if report.get("generation_eval"):
-        lines += [
-            "",
-            "Generated text (response-level evaluator on answers re-encoded without instruction):",
-            "",
-            *[f"- {s}" for s in verdict(report, "generation_eval")],
-        ]
-    lines += [
-        "",
-        "## Summary (mean over combinations)",
-        "",
-        "### Activation level",
-        "",
-        markdown_table(
-            [
-                {**r, "method": method_label(r["method"])}
-                for r in summarise(report, "activation_eval")
-            ],
-            [
-                ("method", "method"),
-                ("k", "targets"),
-                ("n_combos", "combos"),
-                ("mean_target_prob", "mean target p"),
-                ("min_target_prob", "min target p"),
-                ("mean_target_delta", "change vs unsteered"),
-                ("vanish_rate", "vanish rate"),
-            ],
-        ),
-    ]
-    if report.get("generation_eval"):
-        lines += [
-            "",
-            "### Generated text",
-            "",
-            markdown_table(
-                [
-                    {**r, "method": method_label(r["method"])}
-                    for r in summarise(report, "generation_eval")
-                ],
-                [
-                    ("method", "method"),
-                    ("k", "targets"),
-                    ("n_combos", "combos"),
-                    ("mean_target_prob", "mean target p"),
-                    ("min_target_prob", "min target p"),
-                    ("vanish_rate", "vanish rate"),
-                    ("perplexity", "perplexity"),
-                    ("distinct2", "distinct-2"),
-                    ("kl", "KL/token"),
-                ],
-            ),
-        ]
-    lines += [
-        "",
-        "## Alpha per method",
-        "",
-        "| method | " + " | ".join(f"k={k}" for k in cfg["sizes"]) + " |",
-        "|---|" + "---|" * len(cfg["sizes"]),
-    ]
-    for m in methods:
-        lines.append(
-            f"| {method_label(m)} | "
-            + " | ".join(f"{report['alpha'][m][str(k)]:.4g}" for k in cfg["sizes"])
-            + " |"
-        )
-    lines += [
-        "",
-        "## Per combination: activation level (mean target probability)",
-        "",
-        per_combination_table(report["activation_eval"], methods),
-    ]
-    if report.get("generation_eval"):
-        lines += [
-            "",
-            "## Per combination: generated text (mean target probability)",
-            "",
-            per_combination_table(report["generation_eval"], methods),
-        ]
-        lines += ["", "## Example answers", ""]
-        shown = 0
-        for e in report["generation_eval"]:
-            if len(e["targets"]) >= 2 and shown < 8:
-                ex = e["examples"][0]
-                lines.append(
-                    f"- **{method_label(e['method'])}**, targets {'+'.join(e['targets'])}: "
-                    f"_{ex['question']}_ → {ex['answer'][:300]!r}"
-                )
-                shown += 1
-    ev = report["evaluator"]
-    lines += [
+        *[f"- {s}" for s in verdict(result)],
         "",
         "## Evaluators (never optimised against)",
         "",
-        f"- activation-level: `{ev['hook_name']}`, {ev['kind']} probe, validation accuracy "
-        f"{_fmt(ev['val_accuracy'])} on evaluator-split questions",
     ]
-    if report.get("response_evaluator"):
-        rv = report["response_evaluator"]
-        lines.append(
-            f"- response-level: `{rv['hook_name']}`, trained on answers re-encoded without instruction, "
-            f"validation accuracy {_fmt(rv['val_accuracy'])} (chance {1 / len(report['labels']):.3f})"
+    lines += [f"- {k}: {v}" for k, v in info.get("evaluators", {}).items()]
+    if result.equal_kl:
+        for lens in ("text", "text_activation"):
+            rows = [e for e in result.equal_kl if e.lens == lens]
+            if rows:
+                lines += [
+                    "",
+                    f"## Headline: generated text at equal measured KL ({cfg.kl_budget} nats/token), {lens}",
+                    "",
+                    f"Lens: {LENS_TEXT[lens]}. Each method's target probability is interpolated "
+                    "(linear in log KL) along its trade-off curve at the KL level; n/a where the measured "
+                    "curve does not reach it.",
+                    "",
+                    equal_kl_table(rows),
+                ]
+        lines += [
+            "",
+            "## Trade-off curves (text evaluator)",
+            "",
+            "![trade-off](text_tradeoff.png)",
+            "",
+            curve_table([p for p in result.curves if p.lens == "text"]),
+        ]
+    for lens in ("text", "text_activation", "activation"):
+        srows = result.summary(lens)
+        if not srows:
+            continue
+        where = "at the calibrated alpha" + (
+            ", all combinations x all test questions" if lens == "activation" else ""
         )
-    sp = report.get("steering_probe", {})
+        lines += [
+            "",
+            f"## {lens}: {LENS_TEXT[lens]}, {where}",
+            "",
+            summary_table(srows, text=lens != "activation"),
+        ]
+    st = style_table(result)
+    if st:
+        lines += ["", "## Style meters (mean per answer, calibrated alpha)", "", st]
+    ex = examples(result)
+    if ex:
+        lines += [
+            "",
+            "## Example answers (calibrated alpha; text-evaluator target probabilities)",
+            "",
+            *ex,
+        ]
     lines += [
-        f"- steering probe: `{report['steering_hook']}`, validation accuracy {_fmt(sp.get('val_accuracy', float('nan')))}",
+        "",
+        "## Alpha per method (calibrated)",
+        "",
+        markdown_table(
+            [
+                [method_label(m)] + [f"{result.alphas[m][k]:.4g}" for k in cfg.sizes]
+                for m in cfg.methods
+            ],
+            ["method", *[f"k={k}" for k in cfg.sizes]],
+        ),
         "",
         "## Definitions",
         "",
-        f"- vanished: {cfg['vanish']['definition']} (near={cfg['vanish']['near']}, rise={cfg['vanish']['rise']}).",
-        "- perplexity: of the answer tokens under the unsteered model; KL/token: KL(steered || unsteered) "
-        "next-token distributions along the steered answer; distinct-2: distinct word bigrams / bigrams.",
-        "",
-        "## Timings",
-        "",
+        f"- vanished: {cfg.vanish.to_json()['definition']}.",
+        f"- degenerate: {cfg.degenerate.to_json()['definition']}.",
+        "- normalised gain: (p - p0) / (1 - p0) per target, p0 the unsteered probability on the same question.",
+        "- KL/token: KL(steered || unsteered) of the next-token distributions along the reported answer "
+        "(including the step that ended it); perplexity: of the answer tokens under the unsteered model.",
     ]
-    for k, v in report.get("timings", {}).items():
-        lines.append(f"- {k}: {v:.1f} s")
+    if info.get("seeds"):
+        lines += [
+            "",
+            "## Across seeds (mean ± sd of the estimates)",
+            "",
+            seeds_table(info["seeds"]),
+        ]
+    lines += ["", "## Timings", ""]
+    lines += [f"- {k}: {v:.1f} s" for k, v in {**info.get("timings", {}), **result.timings}.items()]
     return "\n".join(lines) + "\n"
 
 
-def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
+def seeds_summary(results: Sequence[ComparisonResult]) -> list[dict[str, Any]]:
+    """Mean ± sd over seeds of the equal-KL estimates and differences, and activation means."""
+    rows: dict[tuple[str, str, int, str], list[float]] = {}
+    for r in results:
+        for e in r.equal_kl:
+            rows.setdefault((e.lens, e.method, e.k, "target p at equal KL"), []).append(
+                e.target_prob.estimate
+            )
+            if e.diff_vs_baseline is not None:
+                rows.setdefault((e.lens, e.method, e.k, "diff vs baseline at equal KL"), []).append(
+                    e.diff_vs_baseline.estimate
+                )
+        for s in r.summary("activation"):
+            rows.setdefault(("activation", s.method, s.k, "mean target p"), []).append(
+                s.target_prob.estimate
+            )
+    return [
+        {"lens": lens, "method": m, "k": k, "what": what, **seed_summary(v)}
+        for (lens, m, k, what), v in rows.items()
+    ]
+
+
+def seeds_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    return markdown_table(
+        [
+            [
+                r["lens"],
+                method_label(r["method"]),
+                r["k"],
+                r["what"],
+                f"{_f(r['mean'])} ± {_f(r['sd'])}",
+                r["n"],
+            ]
+            for r in rows
+        ],
+        ["lens", "method", "k", "quantity", "mean ± sd", "seeds"],
+    )
+
+
+def plot_report(result: ComparisonResult, out_dir: Path) -> list[Path]:
     """Write the PNG figures; returns their paths."""
     import matplotlib
 
@@ -247,110 +347,101 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    methods = ["unsteered", *report["methods"]]
-    colors = {
-        m: c
-        for m, c in zip(
-            methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3, strict=False
-        )
-    }
-    paths = []
-    for section in ("activation_eval", "generation_eval"):
-        entries = report.get(section) or []
-        if not entries:
+    methods = ["unsteered", *result.config.methods]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3
+    colors = dict(zip(methods, palette, strict=False))
+    paths: list[Path] = []
+    sizes = list(result.config.sizes)
+
+    for lens in ("text", "text_activation"):
+        pts = [p for p in result.curves if p.lens == lens]
+        if not pts:
             continue
-        sizes = sorted({len(e["targets"]) for e in entries})
-        fig, axes = plt.subplots(
-            len(sizes),
-            1,
-            figsize=(max(8, 0.5 * 20 * len(methods) / 3), 3.2 * len(sizes)),
-            squeeze=False,
-        )
-        for ax, k in zip(axes[:, 0], sizes, strict=True):
-            es = [e for e in entries if len(e["targets"]) == k]
-            combos = list(dict.fromkeys(_combo(e) for e in es))
-            width = 0.8 / len(methods)
-            for j, m in enumerate(methods):
-                vals = [
-                    next(
-                        (e["mean_target_prob"] for e in es if _combo(e) == c and e["method"] == m),
-                        float("nan"),
-                    )
-                    for c in combos
-                ]
-                ax.bar(
-                    [i + j * width for i in range(len(combos))],
-                    vals,
-                    width,
-                    label=method_label(m),
+        fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.6), squeeze=False)
+        for ax, k in zip(axes[0], sizes, strict=True):
+            for m in result.config.methods:
+                mp = [p for p in pts if p.method == m and p.k == k]
+                if not mp:
+                    continue
+                ax.errorbar(
+                    [p.kl.estimate for p in mp],
+                    [p.target_prob.estimate for p in mp],
+                    yerr=[
+                        [p.target_prob.estimate - p.target_prob.low for p in mp],
+                        [p.target_prob.high - p.target_prob.estimate for p in mp],
+                    ],
+                    marker="o",
+                    ms=3,
+                    capsize=2,
                     color=colors[m],
+                    label=method_label(m),
                 )
-            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(combos))])
-            ax.set_xticklabels(combos, rotation=45, ha="right", fontsize=7)
-            ax.set_ylabel("mean target prob.")
+            un = [r for r in result.summary(lens) if r.method == "unsteered" and r.k == k]
+            if un:
+                ax.axhline(
+                    un[0].target_prob.estimate, color="grey", ls=":", lw=1, label="unsteered"
+                )
+            ax.axvline(result.config.kl_budget, color="k", ls="--", lw=0.8, label="KL level")
+            ax.set_xscale("log")
             ax.set_ylim(0, 1)
+            ax.set_xlabel("measured KL per token (nats)")
             ax.set_title(f"{k} target{'s' if k > 1 else ''}")
-        handles, names = axes[0, 0].get_legend_handles_labels()
-        fig.legend(
-            handles,
-            names,
-            fontsize=8,
-            ncol=len(methods),
-            loc="upper center",
-            bbox_to_anchor=(0.5, 0.965),
-        )
-        where = (
-            "held-out activation evaluator"
-            if section == "activation_eval"
-            else "response evaluator on generated text"
-        )
-        fig.suptitle(f"Target probability per combination ({where})", y=0.995)
-        fig.tight_layout(rect=(0, 0, 1, 0.93))
-        p = out_dir / f"{section}_combinations.png"
+        axes[0, 0].set_ylabel("mean target probability")
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle(f"Trade-off on generated test answers ({lens} lens; 95 % bootstrap CIs)")
+        fig.tight_layout()
+        p = out_dir / f"{lens}_tradeoff.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
 
-        triples = [e for e in entries if len(e["targets"]) == 3]
-        if triples:
-            combos = list(dict.fromkeys(_combo(e) for e in triples))
-            ncol = min(5, len(combos))
-            nrow = math.ceil(len(combos) / ncol)
-            fig, axes = plt.subplots(
-                nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False, sharey=True
+    act = result.activation
+    if act is not None:
+        labels = list(act.labels)
+        fig, axes = plt.subplots(
+            len(sizes),
+            1,
+            figsize=(
+                max(8.0, 0.55 * len(act.combos) / len(sizes) * len(methods)),
+                3.2 * len(sizes),
+            ),
+            squeeze=False,
+        )
+        for ax, k in zip(axes[:, 0], sizes, strict=True):
+            idx = [j for j, c in enumerate(act.combos) if len(c) == k]
+            width = 0.8 / len(methods)
+            for jm, m in enumerate(methods):
+                vals = []
+                for j in idx:
+                    t = [labels.index(x) for x in act.combos[j]]
+                    pr = act.base if m == "unsteered" else act.probs[m][j]
+                    vals.append(float(pr[:, t].mean()))
+                ax.bar(
+                    [i + jm * width for i in range(len(idx))],
+                    vals,
+                    width,
+                    color=colors[m],
+                    label=method_label(m),
+                )
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(idx))])
+            ax.set_xticklabels(
+                ["+".join(act.combos[j]) for j in idx], rotation=45, ha="right", fontsize=7
             )
-            for ax in axes.flat:
-                ax.set_visible(False)
-            for ax, c in zip(axes.flat, combos, strict=False):
-                ax.set_visible(True)
-                by_method = {e["method"]: e for e in triples if _combo(e) == c}
-                targets = next(iter(by_method.values()))["targets"]
-                width = 0.8 / len(methods)
-                for j, m in enumerate(methods):
-                    if m in by_method:
-                        ax.bar(
-                            [i + j * width for i in range(3)],
-                            [by_method[m]["per_label_prob"][t] for t in targets],
-                            width,
-                            color=colors[m],
-                            label=method_label(m),
-                        )
-                ax.set_xticks([i + 0.4 - width / 2 for i in range(3)])
-                ax.set_xticklabels(targets, fontsize=7)
-                ax.set_ylim(0, 1)
-                ax.set_title(c, fontsize=8)
-            axes.flat[0].legend(fontsize=6)
-            fig.suptitle(f"Per-target probability, 3-target combinations ({where})")
-            fig.tight_layout()
-            p = out_dir / f"{section}_triples.png"
-            fig.savefig(p, dpi=100)
-            plt.close(fig)
-            paths.append(p)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("mean target p")
+            ax.set_title(f"{k} target{'s' if k > 1 else ''}")
+        axes[0, 0].legend(fontsize=7, ncol=len(methods))
+        fig.suptitle("Activation level: held-out evaluator, per combination (calibrated alpha)")
+        fig.tight_layout()
+        p = out_dir / "activation_combinations.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for m, by_k in report["calibration"].items():
+    for m, by_k in result.calibration.items():
         for k, cal in by_k.items():
-            ev = sorted(cal["evaluations"])
+            ev = sorted((a, v if math.isfinite(v) else float("nan")) for a, v in cal.evaluations)
             ax.plot(
                 [a for a, _ in ev],
                 [v for _, v in ev],
@@ -360,12 +451,12 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
                 alpha=0.4 + 0.2 * int(k),
                 label=f"{method_label(m)} k={k}",
             )
-    ax.axhline(report["comparison_config"]["kl_budget"], color="k", ls="--", lw=1, label="budget")
+    ax.axhline(result.config.kl_budget, color="k", ls="--", lw=1, label="budget")
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=0.01)
     ax.set_xlabel("alpha")
-    ax.set_ylabel(f"{report['comparison_config']['calibration_metric']} (nats)")
-    ax.set_title("Calibration: coherence cost vs alpha")
+    ax.set_ylabel(f"{result.config.calibration_metric} (nats)")
+    ax.set_title("Calibration (calibration questions): coherence cost vs alpha")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     p = out_dir / "calibration.png"
@@ -375,10 +466,28 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+def write_report(
+    result: ComparisonResult, info: Mapping[str, Any], out_dir: str | Path
+) -> dict[str, Path]:
+    """Write ``report.json`` (``info`` + the result's JSON), ``report.md`` and the figures."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "report.json", report)
-    atomic_write_bytes(out / "report.md", render_markdown(report).encode())
-    figs = plot_report(report, out)
+    atomic_write_json(out / "report.json", {**info, **result.to_json()})
+    atomic_write_bytes(out / "report.md", render_markdown(result, info).encode())
+    figs = plot_report(result, out)
     return {"json": out / "report.json", "markdown": out / "report.md", **{p.stem: p for p in figs}}
+
+
+__all__ = [
+    "compare_word",
+    "curve_table",
+    "equal_kl_table",
+    "markdown_table",
+    "plot_report",
+    "render_markdown",
+    "seeds_summary",
+    "seeds_table",
+    "summary_table",
+    "verdict",
+    "write_report",
+]

@@ -213,3 +213,36 @@ def test_collect_argument_errors(tiny_model, tiny_dataset):
         collect_activations(tiny_model, tiny_dataset, layers=[7], progress=False)
     with pytest.raises(ValueError, match="unknown hook kind"):
         collect_activations(tiny_model, tiny_dataset, hook_kinds=("attn_out",), progress=False)
+
+
+def test_fixed_answers_are_re_encoded_not_generated(tiny_model):
+    """Labelled texts (gold answers) flow through response-only collection as given answers:
+    the activation equals question + answer encoded by hand, and combined labels give multi-hot
+    targets over the base labels."""
+    from ks_lens.gold_texts import LabelledText
+    from ks_lens.pipeline import texts_dataset
+
+    texts = (
+        LabelledText("t1", "Sure thing, just boil it!", ("alpha",), "q1", "How do I boil an egg?"),
+        LabelledText(
+            "t2", "Careful: it is hot.", ("alpha", "gamma"), "q1", "How do I boil an egg?"
+        ),
+    )
+    ds = texts_dataset(texts, ("alpha", "beta", "gamma"))
+    acts = collect_activations(tiny_model, ds, mode="response-only", layers=[3], progress=False)
+    assert acts.texts == ("Sure thing, just boil it!", "Careful: it is hot.")
+    assert acts.one_hot().tolist() == [[1, 0, 0], [1, 0, 1]]
+    assert acts.base_labels == ("alpha", "beta", "gamma")
+    tok = tiny_model.tokenizer
+    head = tok(ks.format_chat(tok, ChatPrompt("How do I boil an egg?")), add_special_tokens=False)[
+        "input_ids"
+    ]
+    ids = head + tok("Careful: it is hot.", add_special_tokens=False)["input_ids"]
+    _, cache = tiny_model.run_with_cache(
+        torch.tensor([ids]), names_filter=["blocks.3.hook_resid_post"]
+    )
+    torch.testing.assert_close(
+        acts.at(3)[1], cache["blocks.3.hook_resid_post"][0, -1], atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="no question"):
+        texts_dataset((LabelledText("t3", "x y", ("beta",)),), ("alpha", "beta", "gamma"))

@@ -5,18 +5,37 @@ import json
 import pytest
 
 from ks_lens.cli import build_parser, main
-from ks_lens.demo import DemoConfig, run_demo
+from ks_lens.demo import run_demo
+from ks_lens.pipeline import PipelineConfig
 
 REQUIRED_TOP = (
     "model",
+    "commit",
+    "command",
     "layer",
     "labels",
-    "n_eval_questions",
+    "n_test_questions",
+    "n_text_questions",
     "alpha",
+    "summaries",
+    "curves",
+    "equal_kl",
     "activation_eval",
-    "generation_eval",
+    "text_eval",
+    "text_evaluator_validity",
+    "timings",
 )
-REQUIRED_ENTRY = ("targets", "avoid", "method", "mean_target_prob", "per_label_prob", "vanished")
+SUMMARY_KEYS = ("lens", "method", "k", "alpha", "target_prob", "min_target_prob", "gain")
+
+
+def _fast(**kw):
+    methods = kw.pop("methods", None)
+    cfg = PipelineConfig.fast(model="tiny-random-llama", n_gold=24, **kw)
+    if methods:
+        from dataclasses import replace
+
+        cfg = replace(cfg, comparison=replace(cfg.comparison, methods=methods))
+    return cfg
 
 
 def test_help_lists_subcommands(capsys):
@@ -169,31 +188,29 @@ def test_collect_train_vectors_steer_cli(tmp_path, capsys):
 
 
 def test_demo_report_schema_on_tiny_model(tmp_path):
-    cfg = DemoConfig.fast(model="tiny-random-llama")
-    report = run_demo(cfg, tmp_path / "demo", log=lambda s: None, progress=False)
+    (result,) = run_demo(_fast(), tmp_path / "demo", log=lambda s: None, progress=False)
     on_disk = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert on_disk["layer"] == report["layer"] == 2
+    assert on_disk["layer"] == 2
     for key in REQUIRED_TOP:
         assert key in on_disk, key
     assert set(on_disk["alpha"]) == {"caa_mean", "caa_sum", "ksteer", "ksteer_multistep"}
-    for section in ("activation_eval", "generation_eval"):
-        assert on_disk[section]
-        for e in on_disk[section]:
-            for key in REQUIRED_ENTRY:
-                assert key in e, (section, key)
-            assert e["method"] in {"unsteered", "caa_mean", "caa_sum", "ksteer", "ksteer_multistep"}
-            assert set(e["per_label_prob"]) == set(on_disk["labels"])
-    for e in on_disk["generation_eval"]:
-        assert {"perplexity", "distinct2", "examples"} <= set(e)
-    assert {len(e["targets"]) for e in on_disk["activation_eval"]} == {1, 2, 3}
+    lenses = {r["lens"] for r in on_disk["summaries"]}
+    assert lenses == {"activation", "text", "text_activation"}
+    for r in on_disk["summaries"]:
+        for key in SUMMARY_KEYS:
+            assert key in r, key
+        assert r["method"] in {"unsteered", "caa_mean", "caa_sum", "ksteer", "ksteer_multistep"}
+        iv = r["target_prob"]
+        assert iv["low"] <= iv["estimate"] <= iv["high"]
+    assert {k for k in (r["k"] for r in on_disk["summaries"])} == {1, 2, 3}
+    answers = on_disk["text_eval"]["answers"]
+    assert {a["factor"] for a in answers if a["method"] != "unsteered"} == {0.25, 0.5, 1.0, 2.0}
+    assert all(set(a["text_probs"]) and len(a["text_probs"]) == 6 for a in answers)
     md = (tmp_path / "demo" / "report.md").read_text()
-    assert "## Verdict" in md and "| targets |" in md
-    for png in (
-        "activation_eval_combinations.png",
-        "generation_eval_combinations.png",
-        "calibration.png",
-    ):
+    assert "## Verdict" in md and "equal measured KL" in md and "## Definitions" in md
+    for png in ("activation_combinations.png", "text_tradeoff.png", "calibration.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 1000
+    assert result.config.kl_budget == on_disk["comparison_config"]["kl_budget"]
 
 
 def test_demo_rejects_malformed_questions_file(tmp_path, capsys):
@@ -223,22 +240,56 @@ def test_demo_with_external_questions(tmp_path):
         "\n".join(json.dumps({"text": t}) for t in ["Why is grass green?", "How do magnets work?"])
         + "\n"
     )
-    cfg = DemoConfig.fast(
-        model="tiny-random-llama", questions=str(q), methods=("caa_mean", "ksteer")
-    )
-    report = run_demo(cfg, tmp_path / "d", log=lambda s: None, progress=False)
-    assert report["n_eval_questions"] == 2 and report["eval_source"].startswith("external file")
-    assert set(report["alpha"]) == {"caa_mean", "ksteer"}
+    cfg = _fast(questions=str(q), methods=("caa_mean", "ksteer"))
+    (result,) = run_demo(cfg, tmp_path / "d", log=lambda s: None, progress=False)
+    on_disk = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert result.n_test_questions == 2 and on_disk["eval_source"].startswith("external file")
+    assert set(result.alphas) == {"caa_mean", "ksteer"}
 
 
 def test_demo_parser_defaults():
     args = build_parser().parse_args(["demo"])
-    assert args.out == "runs/demo" and not args.fast
+    assert args.out == "runs/demo" and not args.fast and args.seeds == 1
+
+
+def test_demo_validates_arguments_before_any_compute(tmp_path, capsys):
+    for extra, msg in (
+        (["--methods", "caa_mean,magic"], "unknown method 'magic'"),
+        (["--kl-budget", "-1"], "kl_budget must be a positive"),
+        (["--eval-layer", "-3"], "eval_layer must be a non-negative"),
+        (["--seeds", "0"], "--seeds must be at least 1"),
+    ):
+        code = main(
+            ["demo", "--fast", "--model", "tiny-random-llama", "--out", str(tmp_path / "o"), *extra]
+        )
+        assert code == 2, extra
+        assert msg in capsys.readouterr().err, extra
+        assert not (tmp_path / "o").exists()  # nothing collected or written
 
 
 def test_demo_is_deterministic_given_the_seed(tmp_path):
-    cfg = DemoConfig.fast(model="tiny-random-llama", methods=("caa_mean", "ksteer_multistep"))
-    a = run_demo(cfg, tmp_path / "a", log=lambda s: None, progress=False)
-    b = run_demo(cfg, tmp_path / "b", log=lambda s: None, progress=False)
-    for key in ("alpha", "calibration", "activation_eval", "generation_eval"):
-        assert json.dumps(a[key]) == json.dumps(b[key]), key  # JSON: NaN compares equal to NaN
+    cfg = _fast(methods=("caa_mean", "ksteer_multistep"))
+    run_demo(cfg, tmp_path / "a", log=lambda s: None, progress=False)
+    run_demo(cfg, tmp_path / "b", log=lambda s: None, progress=False)
+    a = json.loads((tmp_path / "a" / "report.json").read_text())
+    b = json.loads((tmp_path / "b" / "report.json").read_text())
+    for key in (
+        "alpha",
+        "calibration",
+        "summaries",
+        "curves",
+        "equal_kl",
+        "activation_eval",
+        "text_eval",
+    ):
+        assert json.dumps(a[key]) == json.dumps(b[key]), key
+
+
+def test_demo_with_two_seeds_reports_mean_and_sd(tmp_path):
+    cfg = _fast(methods=("caa_mean", "ksteer"))
+    results = run_demo(cfg, tmp_path / "s", seeds=2, log=lambda s: None, progress=False)
+    assert len(results) == 2 and results[0].config.seed == 0 and results[1].config.seed == 1
+    assert (tmp_path / "s" / "seed-1" / "report.json").is_file()
+    top = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert {r["n"] for r in top["seeds"]} == {2}
+    assert "Across seeds" in (tmp_path / "s" / "report.md").read_text()

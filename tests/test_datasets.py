@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import pytest
+import torch
 
 from ks_lens.datasets import BehaviourDataset, load_dataset, load_questions, make_splits
 from ks_lens.errors import DatasetError
@@ -147,3 +149,49 @@ def test_head_spreads_over_categories(tiny_dataset):
     assert len(h.questions) == 5
     assert len({q.category for q in h.questions}) == 5
     assert tiny_dataset.head(None) is tiny_dataset
+
+
+def test_combined_behaviours_rotate_and_give_multi_hot_targets(tiny_dataset):
+    from ks_lens.datasets import base_labels, multi_hot
+
+    ds = tiny_dataset.with_combinations((2,), per_question=1)
+    assert ds.labels == ("alpha", "beta", "gamma", "alpha+beta", "alpha+gamma", "beta+gamma")
+    assert ds.base_labels == ("alpha", "beta", "gamma")
+    assert ds.instruction("alpha+beta") == " ".join(
+        [tiny_dataset.instruction("alpha"), tiny_dataset.instruction("beta")]
+    )
+    pairs = ds.pairs()
+    # every question under the 3 single behaviours and exactly 1 combined one, rotating
+    assert len(pairs) == len(ds.questions) * 4
+    combined = [ds.labels[i] for _, i in pairs if "+" in ds.labels[i]]
+    assert Counter(combined) == {"alpha+beta": 4, "alpha+gamma": 4, "beta+gamma": 4}
+    assert len(ds.with_combinations((2,)).pairs()) == len(ds.questions) * 6  # all combinations
+    y = multi_hot(torch.tensor([0, 3, 5, -1]), ds.labels)
+    assert y.tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 0, 0]]
+    assert ds.content_hash() != tiny_dataset.content_hash()
+    with pytest.raises(DatasetError, match="unknown labels"):
+        base_labels(["a", "a+zzz"])
+    with pytest.raises(DatasetError, match="impossible"):
+        tiny_dataset.with_combinations((4,))
+
+
+def test_reserved_questions_never_land_in_test(tiny_dataset):
+    reserved = frozenset({"q00", "q02", "q07"})
+    ds = replace(tiny_dataset, reserved_from_test=reserved)
+    for seed in range(10):
+        sp = make_splits(ds, seed=seed)
+        assert not set(sp.ids("test")) & reserved
+        assert sum(sp.sizes().values()) == len(ds.questions)
+    assert ds.content_hash() != tiny_dataset.content_hash()
+    # a category made only of reserved questions cannot supply a test question
+    food = frozenset(q.id for q in tiny_dataset.questions if q.category == "food")
+    with pytest.raises(DatasetError, match="too few unreserved"):
+        make_splits(replace(tiny_dataset, reserved_from_test=food), seed=0)
+
+
+def test_shipped_tones_reserve_the_gold_questions():
+    from ks_lens.gold_texts import load_gold_texts
+
+    ds = load_dataset("tones")
+    gold_q = {t.question_id for t in load_gold_texts()}
+    assert ds.reserved_from_test == gold_q and len(gold_q) >= 120

@@ -1,20 +1,15 @@
 from __future__ import annotations
 
-import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import ks_lens as ks
-from ks_lens.comparison import (
-    ComparisonConfig,
-    label_combinations,
-    run_comparison,
-    spread,
-    summarise,
-)
+from ks_lens.comparison import label_combinations, spread
 from ks_lens.evaluation import (
+    DegenerateRule,
     VanishRule,
     calibrate_alpha,
     distinct_n,
@@ -97,12 +92,44 @@ def test_calibration_finds_largest_alpha_within_budget():
         calibrate_alpha(lambda a: a, 0.0)
 
 
-def test_vanish_rule():
-    rule = VanishRule(near=0.05, rise=0.1)
-    assert rule.vanished({"a": 0.3, "b": 0.01, "c": 0.2}, ["a", "b", "c"]) == ["b"]
-    assert rule.vanished({"a": 0.05, "b": 0.01}, ["a", "b"]) == []  # nothing rose
-    assert rule.vanished({"a": 0.5}, ["a"]) == []  # single target
-    assert rule.vanished({"a": 0.3, "b": 0.06}, ["a", "b"]) == []
+def test_vanish_rule_per_question_levels():
+    rule = VanishRule(floor=0.1, reach=0.5)
+    p = np.array(
+        [
+            [0.9, 0.05, 0.3],  # best reaches 0.5, one target below the floor -> vanished
+            [0.4, 0.05, 0.3],  # nothing reaches 0.5 -> nothing vanished (a method that moves nothing)
+            [0.6, 0.62, 0.58],  # high baseline staying high is not vanished
+            [0.5, 0.1, 0.09],  # exactly at reach: counts; 0.1 is not below the floor
+        ]
+    )
+    got = rule.vanished(p)
+    assert got.tolist() == [
+        [False, True, False],
+        [False, False, False],
+        [False, False, False],
+        [False, False, True],
+    ]
+    assert not rule.vanished(np.array([[0.0], [1.0]])).any()  # single target never vanishes
+    with pytest.raises(ValueError, match=r"\[n, k\]"):
+        rule.vanished(np.array([0.1, 0.2]))
+    assert "0.1" in rule.to_json()["definition"]
+
+
+def test_degenerate_rule_flags_each_kind():
+    rule = DegenerateRule()
+    assert rule.reason("") == "empty"
+    assert rule.reason("  1 ") == "empty"
+    assert rule.reason("1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1") == "empty"  # no letters at all
+    assert rule.reason("a 1.1.1.1.1.1.1.1 b 2.2.2.2.2") == "non-letters"
+    rep = "improved self-efficacy, " * 8
+    assert rule.reason(rep) == "repetition"
+    assert rule.reason("hahahahahahahahahahahahahahahahahahahahahahahahahahahahahahahaha") == "repetition"
+    ok = (
+        "Boil the egg for about nine minutes, then cool it in cold water so the shell peels "
+        "off easily and the yolk stays bright."
+    )
+    assert rule.reason(ok) is None and not rule.is_degenerate(ok)
+    assert "zlib" in rule.to_json()["definition"]
 
 
 def test_distinct_n():
@@ -138,70 +165,6 @@ def test_combinations_and_spread():
     assert spread([1, 2], None) == [1, 2]
     with pytest.raises(ValueError, match="impossible"):
         label_combinations(["a"], (2,))
-
-
-def test_run_comparison_schema_on_tiny(tiny_model, tiny_acts, tiny_probe):
-    vec = SteeringVectors.fit(tiny_acts, 2)
-    from ks_lens.probes import train_probe
-
-    evaluator = train_probe(tiny_acts, 3, config=ProbeConfig(hidden=16, epochs=3, seed=1))
-    cfg = ComparisonConfig(
-        kl_budget=0.01, gen_combos_per_size=1, act_combos_per_size=2, max_new_tokens=3
-    )
-    res = run_comparison(
-        tiny_model,
-        probe=tiny_probe,
-        vectors=vec,
-        evaluator=evaluator,
-        response_evaluator=tiny_probe,
-        calib_questions=["hi?", "yo?"],
-        eval_questions=["a?", "b?"],
-        gen_questions=["c?"],
-        config=cfg,
-        progress=False,
-        log=lambda s: None,
-    )
-    json.dumps(res)
-    assert set(res["alpha"]) == {"caa_mean", "caa_sum", "ksteer", "ksteer_multistep"}
-    methods = {e["method"] for e in res["activation_eval"]}
-    assert methods == {"unsteered", "caa_mean", "caa_sum", "ksteer", "ksteer_multistep"}
-    assert (
-        len(res["activation_eval"]) == (2 + 2 + 1) * 5
-    )  # 3 labels: sizes give 3, 3, 1 combos -> 2, 2, 1
-    for e in res["activation_eval"] + res["generation_eval"]:
-        for key in ("targets", "avoid", "method", "mean_target_prob", "per_label_prob", "vanished"):
-            assert key in e
-        assert isinstance(e["vanished"], bool)
-    for e in res["generation_eval"]:
-        for key in ("perplexity", "distinct2", "kl", "examples"):
-            assert key in e
-    rows = summarise(res)
-    assert {r["k"] for r in rows} == {1, 2, 3}
-    with pytest.raises(ValueError, match="unknown method"):
-        run_comparison(
-            tiny_model,
-            probe=tiny_probe,
-            vectors=vec,
-            evaluator=evaluator,
-            response_evaluator=None,
-            calib_questions=["x?"],
-            eval_questions=["y?"],
-            gen_questions=[],
-            config=ComparisonConfig(methods=("magic",)),
-            progress=False,
-        )
-    with pytest.raises(ValueError, match="at or after the steering layer"):
-        run_comparison(
-            tiny_model,
-            probe=evaluator,
-            vectors=vec,
-            evaluator=tiny_probe,
-            response_evaluator=None,
-            calib_questions=["x?"],
-            eval_questions=["y?"],
-            gen_questions=[],
-            progress=False,
-        )
 
 
 def test_answers_cut_short_by_steering_still_pay_kl(tiny_model):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ks_lens as ks
-from ks_lens.comparison import summarise
-from ks_lens.demo import DemoConfig, run_demo
+from ks_lens.demo import run_demo
+from ks_lens.pipeline import PipelineConfig
 
 pytestmark = pytest.mark.integration
 
@@ -56,17 +56,21 @@ def test_second_load_uses_the_cache_and_is_fast(default_model):
 
 
 def test_fast_demo_on_default_model(tmp_path):
-    report = run_demo(DemoConfig.fast(), tmp_path / "demo", log=lambda s: None, progress=False)
+    (result,) = run_demo(
+        PipelineConfig.fast(), tmp_path / "demo", log=lambda s: None, progress=False
+    )
     on_disk = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert on_disk["model"] == "SmolLM2-135M-Instruct-Q4_1" and on_disk["layer"] == 18
-    assert report["steering_probe"]["val_accuracy"] >= 0.9
-    rows = {(r["method"], r["k"]): r for r in summarise(on_disk, "activation_eval")}
-    base = rows[("unsteered", 1)]["mean_target_prob"]
+    assert on_disk["steering_probe_metrics"]["val_accuracy"] >= 0.9
+    rows = {(r.method, r.k): r for r in result.summary("activation")}
+    base = rows[("unsteered", 1)].target_prob.estimate
     for m in ("caa_mean", "caa_sum", "ksteer", "ksteer_multistep"):
-        assert rows[(m, 1)]["mean_target_prob"] > base + 0.05, m
+        assert rows[(m, 1)].target_prob.estimate > base + 0.05, m
         for k in (1, 2, 3):
             cal = on_disk["calibration"][m][str(k)]
             assert (
                 0 < cal["alpha"]
                 and cal["metric_at_alpha"] <= on_disk["comparison_config"]["kl_budget"]
             )
+    # the text level ran at every alpha factor, and the validity of the evaluators is reported
+    assert len(result.curves) > 0 and on_disk["text_evaluator_validity"]["n_texts"] >= 1000

@@ -145,3 +145,28 @@ def test_probe_input_errors(tiny_probe, tiny_acts):
         train_probe(tiny_acts.select((tiny_acts.labels < 0).nonzero().squeeze(1)), 2)
     with pytest.raises(ValueError, match=r"x must be \[n, probes, d_model\]"):
         fit_probes(torch.zeros(4, 3), torch.zeros(4, 2), ["a"] * 4, ["x", "y"])
+
+
+def test_multi_label_metrics_and_group_override(tiny_model, tiny_dataset):
+    """Probes on combined-instruction rows learn multi-hot targets; validation reports the
+    all-true-labels-in-top-k rate, and ``groups`` keeps whole groups out of training."""
+    from ks_lens.activations import collect_activations
+    from ks_lens.probes import ProbeConfig, train_probe
+
+    ds = tiny_dataset.with_combinations((2,), per_question=1)
+    acts = collect_activations(tiny_model, ds, layers=[3], progress=False)
+    probe = train_probe(acts, 3, config=ProbeConfig(hidden=16, epochs=30, val_fraction=0.34))
+    assert probe.label_names == ("alpha", "beta", "gamma")
+    assert 0.0 <= probe.metrics["val_multi_topk_rate"] <= 1.0 and probe.metrics["n_val_multi"] >= 1
+    # grouping by category instead of question: validation holds out whole categories
+    cats = {q.id: q.category for q in ds.questions}
+    grouped = train_probe(
+        acts,
+        3,
+        config=ProbeConfig(hidden=16, epochs=3, val_fraction=0.34),
+        groups=[cats[q] for q in acts.question_ids],
+    )
+    n_val = grouped.metrics["n_val"]
+    assert n_val % 4 == 0 and n_val > 0  # 4 rows per question, 3 questions per category -> 12s
+    with pytest.raises(ValueError, match="groups has"):
+        train_probe(acts, 3, groups=["x"])

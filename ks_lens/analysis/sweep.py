@@ -15,7 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ks_lens.activations import Activations
-from ks_lens.comparison import ComparisonConfig, run_comparison, summarise
+from ks_lens.comparison import ComparisonConfig, TextScorer, run_comparison
 from ks_lens.probes import Probe, ProbeConfig, train_probes
 from ks_lens.steering import SteeringVectors
 
@@ -49,17 +49,19 @@ def layer_sweep(
     train_acts: Activations,
     *,
     evaluator: Probe,
-    response_evaluator: Probe | None,
+    text_evaluator: TextScorer | None = None,
+    response_evaluator: Probe | None = None,
     layers: Sequence[int],
     calib_questions: Sequence[str],
-    eval_questions: Sequence[str],
-    gen_questions: Sequence[str],
+    test_questions: Sequence[str],
+    text_questions: Sequence[str] | None = None,
     config: ComparisonConfig,
     probes: dict[int, Probe] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Steering effect per layer; each record holds the comparison summaries for that layer."""
+    """Steering effect per layer; each record holds the comparison summaries for that layer
+    (``"activation"``, and ``"text"`` with a text evaluator: :class:`SummaryRow` JSON)."""
     bad = [layer for layer in layers if layer > evaluator.layer]
     if bad:
         raise ValueError(
@@ -75,29 +77,29 @@ def layer_sweep(
             probe=probes[layer],
             vectors=vectors,
             evaluator=evaluator,
+            text_evaluator=text_evaluator,
             response_evaluator=response_evaluator,
             calib_questions=calib_questions,
-            eval_questions=eval_questions,
-            gen_questions=gen_questions,
+            test_questions=test_questions,
+            text_questions=text_questions,
             config=config,
             progress=False,
             log=lambda s: None,
         )
         rec = {
             "layer": layer,
-            "alpha": res["alpha"],
-            "activation": summarise(res, "activation_eval"),
-            "generation": summarise(res, "generation_eval") if res["generation_eval"] else [],
-            "timings": res["timings"],
+            "alpha": {m: {str(k): a for k, a in v.items()} for m, v in res.alphas.items()},
+            "activation": [r.to_json() for r in res.summary("activation")],
+            "text": [r.to_json() for r in res.summary("text")],
+            "equal_kl": [e.to_json() for e in res.equal_kl if e.lens == "text"],
+            "timings": res.timings,
         }
         out.append(rec)
         best = max(
-            (r for r in rec["activation"] if r["method"] != "unsteered"),
-            key=lambda r: r["mean_target_prob"],
+            (r for r in res.summary("activation") if r.method != "unsteered"),
+            key=lambda r: r.target_prob.estimate,
         )
-        log(
-            f"  layer {layer:2d}: best {best['method']} k={best['k']} p={best['mean_target_prob']:.3f}"
-        )
+        log(f"  layer {layer:2d}: best {best.method} k={best.k} p={best.target_prob.fmt()}")
     return out
 
 
@@ -108,15 +110,16 @@ def recommend_layer(
     method: str = "ksteer",
     min_accuracy: float = 0.9,
 ) -> tuple[int, str]:
-    """The swept layer where ``method`` raises the held-out target probability most (mean over
-    numbers of targets), among layers whose MLP probe reaches ``min_accuracy``; with the reason."""
+    """The swept layer where ``method`` gives the largest normalised gain of the held-out target
+    probability (mean over numbers of targets), among layers whose MLP probe reaches
+    ``min_accuracy``; with the reason."""
     acc = {r["layer"]: r["mlp_val_accuracy"] for r in accuracy}
     scored = []
     for rec in sweep:
         rows = [r for r in rec["activation"] if r["method"] == method]
         if not rows or acc.get(rec["layer"], 0.0) < min_accuracy:
             continue
-        scored.append((sum(r["mean_target_delta"] for r in rows) / len(rows), rec["layer"]))
+        scored.append((sum(r["gain"]["estimate"] for r in rows) / len(rows), rec["layer"]))
     if not scored:
         raise ValueError(
             f"no swept layer has {method} results with probe accuracy >= {min_accuracy}"
@@ -124,7 +127,8 @@ def recommend_layer(
     gain, layer = max(scored)
     runner = sorted(scored, reverse=True)[1] if len(scored) > 1 else None
     reason = (
-        f"layer {layer}: {method} raises the held-out evaluator's target probability by {gain:+.3f} on average "
+        f"layer {layer}: {method} gives a normalised gain of {gain:+.3f} in the held-out evaluator's "
+        f"target probability on average "
         f"at matched coherence (probe accuracy {acc[layer]:.2f})"
     )
     if runner:

@@ -1,0 +1,321 @@
+"""Labelled texts: texts written in known tones, for evaluating steered generations at text level.
+
+The **gold tone texts** shipped with ks-lens (``ks_lens/data/gold_tones.jsonl``) are answers to
+questions of the ``tones`` dataset, each written by hand in one, two or three of its tones (see
+``docs/datasets.md``). They train and validate :class:`ks_lens.text_evaluator.TextEvaluator`,
+which scores any text without looking at the steered model.
+
+File format (JSONL, one object per line, blank lines ignored)::
+
+    {"id": "gold-0001", "question_id": "career-003", "question": "...",
+     "labels": ["casual", "concise"], "text": "...", "source": "writer-2"}
+
+``text`` (non-empty string) and ``labels`` (non-empty list of distinct strings, or one string)
+are required; ``id`` (default ``t00001``, ``t00002``, ... by position), ``question_id``,
+``question`` and ``source`` are optional. Errors name the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ks_lens.errors import DatasetError
+
+GOLD_FILE = "gold_tones.jsonl"
+_OPTIONAL_STR_FIELDS = ("question_id", "question", "source")
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    """A text and the labels (tones) it is written in.
+
+    Attributes:
+        id: unique id of the text.
+        text: the text itself.
+        labels: its labels, one or more, distinct.
+        question_id: id of the question it answers (used to group cross-validation folds).
+        question: the question's text.
+        source: who or what wrote it (e.g. ``"writer-3"``; used for leave-one-writer-out checks).
+    """
+
+    id: str
+    text: str
+    labels: tuple[str, ...]
+    question_id: str | None = None
+    question: str | None = None
+    source: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The text as a JSON object in the file format (optional fields left out when None)."""
+        out: dict[str, Any] = {"id": self.id}
+        if self.question_id is not None:
+            out["question_id"] = self.question_id
+        if self.question is not None:
+            out["question"] = self.question
+        out["labels"] = list(self.labels)
+        out["text"] = self.text
+        if self.source is not None:
+            out["source"] = self.source
+        return out
+
+
+def normalise_text(text: str) -> str:
+    """Lower-cased text with runs of white space collapsed (the key for duplicate detection)."""
+    return " ".join(text.lower().split())
+
+
+def _decode(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"labelled-text file not found: {path}") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path} is a directory, expected a JSONL file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DatasetError(
+            f"{path}:{line}: expected UTF-8 text (undecodable byte at offset {e.start})"
+        ) from None
+
+
+def _parse_labels(value: Any, loc: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise DatasetError(f"{loc}: 'labels' must be a non-empty list of strings (or one string)")
+    out: list[str] = []
+    for v in value:
+        if not isinstance(v, str) or not v.strip():
+            raise DatasetError(f"{loc}: every label must be a non-empty string, got {v!r}")
+        if v.strip() in out:
+            raise DatasetError(f"{loc}: label {v.strip()!r} is repeated")
+        out.append(v.strip())
+    return tuple(out)
+
+
+def _parse_row(row: Any, loc: str, index: int, labels: Sequence[str] | None) -> LabelledText:
+    if not isinstance(row, Mapping):
+        raise DatasetError(f"{loc}: expected a JSON object, got {type(row).__name__}")
+    if "text" not in row:
+        raise DatasetError(f"{loc}: missing field 'text'")
+    text = row["text"]
+    if not isinstance(text, str):
+        raise DatasetError(f"{loc}: 'text' must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise DatasetError(f"{loc}: empty text")
+    if "labels" not in row:
+        raise DatasetError(f"{loc}: missing field 'labels'")
+    labs = _parse_labels(row["labels"], loc)
+    if labels is not None:
+        unknown = [x for x in labs if x not in labels]
+        if unknown:
+            raise DatasetError(f"{loc}: unknown label {unknown[0]!r}; labels are {list(labels)}")
+        labs = tuple(x for x in labels if x in labs)  # canonical order
+    raw_id = row.get("id")
+    if raw_id is None or raw_id == "":
+        tid = f"t{index:05d}"
+    elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
+        tid = str(raw_id)
+    else:
+        raise DatasetError(f"{loc}: 'id' must be a string or an integer, got {raw_id!r}")
+    extra: dict[str, str | None] = {}
+    for name in _OPTIONAL_STR_FIELDS:
+        v = row.get(name)
+        if v is not None and not isinstance(v, str):
+            raise DatasetError(f"{loc}: {name!r} must be a string, got {type(v).__name__}")
+        extra[name] = v if v else None
+    return LabelledText(
+        id=tid,
+        text=text.strip(),
+        labels=labs,
+        question_id=extra["question_id"],
+        question=extra["question"],
+        source=extra["source"],
+    )
+
+
+def load_labelled_texts(
+    path: str | Path, labels: Sequence[str] | None = None
+) -> tuple[LabelledText, ...]:
+    """Read labelled texts from a JSONL file.
+
+    Args:
+        path: the ``.jsonl`` file (format in this module's docstring).
+        labels: the allowed label names; when given, an unknown label is an error and each text's
+            labels are put in this order.
+
+    Returns:
+        The texts in file order.
+
+    Raises:
+        DatasetError: naming ``file:line``: not UTF-8, malformed JSON, a line that is not an
+            object, missing/non-string/empty ``text``, bad ``labels``, an unknown label, a
+            duplicate id, or a duplicate text (compared lower-cased with white space collapsed).
+    """
+    path = Path(path)
+    content = _decode(path)
+    allowed = tuple(labels) if labels is not None else None
+    texts: list[LabelledText] = []
+    seen_id: dict[str, str] = {}
+    seen_text: dict[str, str] = {}
+    for lineno, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        loc = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{loc}: malformed JSON line ({e.msg})") from None
+        t = _parse_row(row, loc, len(texts) + 1, allowed)
+        if t.id in seen_id:
+            raise DatasetError(f"{loc}: duplicate id {t.id!r} (first at {seen_id[t.id]})")
+        key = normalise_text(t.text)
+        if key in seen_text:
+            raise DatasetError(f"{loc}: duplicate text (first at {seen_text[key]})")
+        seen_id[t.id] = loc
+        seen_text[key] = loc
+        texts.append(t)
+    if not texts:
+        raise DatasetError(f"{path}: no labelled texts found")
+    return tuple(texts)
+
+
+def load_texts(path: str | Path) -> tuple[tuple[str | None, str], ...]:
+    """Read texts to score from a JSONL file: each line an object with a string ``text``.
+
+    Other fields are ignored except ``id`` (string or integer), which is passed through. Empty
+    texts are allowed (a model can answer with nothing).
+
+    Returns:
+        ``(id or None, text)`` per non-blank line, in file order.
+
+    Raises:
+        DatasetError: naming ``file:line`` for undecodable bytes, malformed JSON, a line that is
+            not an object, or a missing / non-string ``text``.
+    """
+    path = Path(path)
+    content = _decode(path)
+    out: list[tuple[str | None, str]] = []
+    for lineno, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        loc = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{loc}: malformed JSON line ({e.msg})") from None
+        if not isinstance(row, Mapping):
+            raise DatasetError(f"{loc}: expected a JSON object, got {type(row).__name__}")
+        if "text" not in row:
+            raise DatasetError(f"{loc}: missing field 'text'")
+        if not isinstance(row["text"], str):
+            raise DatasetError(f"{loc}: 'text' must be a string, got {type(row['text']).__name__}")
+        rid = row.get("id")
+        out.append((None if rid is None else str(rid), row["text"]))
+    return tuple(out)
+
+
+@lru_cache(maxsize=1)
+def load_gold_texts() -> tuple[LabelledText, ...]:
+    """The gold tone texts shipped with ks-lens, labels checked against the ``tones`` dataset.
+
+    Returns:
+        The texts (ids ``gold-0001``, ...), each with ``question_id``, ``question`` and
+        ``source``; labels in the tones' order (helpful, expert, casual, cautious, empathetic,
+        concise).
+    """
+    from ks_lens.datasets import load_dataset
+
+    labels = load_dataset("tones").labels
+    ref = resources.files("ks_lens.data").joinpath(GOLD_FILE)
+    with resources.as_file(ref) as p:
+        return load_labelled_texts(p, labels)
+
+
+def texts_hash(texts: Iterable[LabelledText]) -> str:
+    """SHA-256 of the texts' content (ids, texts, labels, question ids/texts, sources, in order)."""
+    payload = [[t.id, t.text, list(t.labels), t.question_id, t.question, t.source] for t in texts]
+    blob = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def merge_writer_files(
+    files: Mapping[str, str | Path],
+    labels: Sequence[str],
+    *,
+    id_prefix: str = "gold-",
+) -> tuple[LabelledText, ...]:
+    """Merge per-writer JSONL files into one deterministic, re-numbered set of labelled texts.
+
+    Args:
+        files: ``{source name: path}``; each file's lines need ``text`` and ``labels`` and
+            should have ``question_id`` and ``question``.
+        labels: the label names, in canonical order (labels are reordered to it).
+        id_prefix: ids become ``{id_prefix}0001``, ``{id_prefix}0002``, ...
+
+    Returns:
+        The texts sorted by (question id, number of labels, label positions, source, text) and
+        numbered in that order.
+
+    Raises:
+        DatasetError: a bad line in any file, or a text that appears twice across files.
+    """
+    rows: list[LabelledText] = []
+    where: dict[str, str] = {}
+    for source in sorted(files):
+        for t in load_labelled_texts(files[source], labels):
+            key = normalise_text(t.text)
+            if key in where:
+                raise DatasetError(
+                    f"{files[source]}: text {t.id!r} duplicates a text of {where[key]}"
+                )
+            where[key] = source
+            rows.append(
+                LabelledText(
+                    id="",
+                    text=t.text,
+                    labels=t.labels,
+                    question_id=t.question_id,
+                    question=t.question,
+                    source=source,
+                )
+            )
+    order = {name: i for i, name in enumerate(labels)}
+    rows.sort(
+        key=lambda t: (
+            t.question_id or "",
+            len(t.labels),
+            [order[x] for x in t.labels],
+            t.source or "",
+            t.text,
+        )
+    )
+    width = max(4, len(str(len(rows))))
+    return tuple(
+        LabelledText(
+            id=f"{id_prefix}{i:0{width}d}",
+            text=t.text,
+            labels=t.labels,
+            question_id=t.question_id,
+            question=t.question,
+            source=t.source,
+        )
+        for i, t in enumerate(rows, start=1)
+    )
+
+
+def write_labelled_texts(path: str | Path, texts: Iterable[LabelledText]) -> None:
+    """Write texts as JSONL (UTF-8, one object per line, atomically)."""
+    from ks_lens.io import atomic_write_bytes
+
+    lines = [json.dumps(t.to_json(), ensure_ascii=False) for t in texts]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))

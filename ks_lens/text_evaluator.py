@@ -1,0 +1,927 @@
+"""A text-level tone evaluator, independent of the steered model.
+
+:class:`TextEvaluator` scores any text for each label (e.g. the six tones) with a linear model on
+surface features, so steered generations can be judged without asking the model that produced
+them. Pipeline (scikit-learn):
+
+1. word TF-IDF (uni- and bigrams) and ``char_wb`` TF-IDF (2-5 character n-grams inside word
+   boundaries), sublinear TF, L2-normalised rows;
+2. optionally the twelve :mod:`ks_lens.style` meters, standardised (``StandardScaler``);
+3. the blocks stacked side by side and one L2-regularised logistic regression per label
+   (``OneVsRestClassifier(LogisticRegression)`` on multi-hot targets), so every label gets an
+   independent probability: a text can be both casual and concise, or neither.
+
+Saved evaluators hold no pickle: ``vocabulary.json`` (each vectorizer's terms in column order),
+``tensors.safetensors`` (IDF weights, scaler mean/scale, coefficients ``[K, D]`` and intercepts
+``[K]``, float64) and ``meta.json`` (format, labels, config, training-data hash, versions,
+validity metrics, file checksums and a SHA-256 over all of it). Loading rebuilds the vectorizers
+from the vocabularies and computes ``sigmoid(X @ coef.T + intercept)`` itself.
+
+:func:`validate_text_evaluator` measures how well the recipe generalises: question-grouped
+K-fold cross-validation (no question's texts on both sides) and leave-one-writer-out (texts by a
+writer never seen in training). :func:`default_text_evaluator` trains on the shipped gold texts
+once and caches the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.special import expit
+from threadpoolctl import threadpool_limits
+
+from ks_lens.errors import DatasetError, LabelError, MetadataMismatchError, StoreError
+from ks_lens.gold_texts import LabelledText, load_gold_texts, texts_hash
+from ks_lens.style import STYLE_METER_NAMES, STYLE_VERSION, style_matrix
+
+FORMAT = "ks_lens.text_evaluator"
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+TENSORS_FILE = "tensors.safetensors"
+VOCAB_FILE = "vocabulary.json"
+CACHE_SUBDIR = "text_evaluators"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class TextEvaluatorConfig:
+    """Hyper-parameters of :class:`TextEvaluator` (defaults chosen by grouped CV on gold texts).
+
+    Attributes:
+        word_ngram_range: ``(min_n, max_n)`` of the word TF-IDF n-grams.
+        char_ngram_range: ``(min_n, max_n)`` of the ``char_wb`` TF-IDF n-grams.
+        min_df: drop n-grams seen in fewer training texts than this.
+        sublinear_tf: use ``1 + log(tf)`` instead of raw counts.
+        max_features: keep at most this many n-grams per vectorizer (most frequent first);
+            ``None`` keeps all.
+        C: inverse L2-regularisation strength of each per-label logistic regression.
+        use_style: append the standardised :mod:`ks_lens.style` meters to the features.
+        style_weight: factor on the standardised style meters (their scale relative to the
+            L2-normalised TF-IDF blocks).
+        class_weight: ``"balanced"`` (re-weight positives and negatives per label) or ``None``.
+        max_iter: L-BFGS iteration limit.
+        seed: ``random_state`` of the solver (L-BFGS is deterministic; recorded for provenance).
+    """
+
+    word_ngram_range: tuple[int, int] = (1, 2)
+    char_ngram_range: tuple[int, int] = (2, 5)
+    min_df: int = 2
+    sublinear_tf: bool = True
+    max_features: int | None = 50_000
+    C: float = 16.0
+    use_style: bool = True
+    style_weight: float = 0.05
+    class_weight: str | None = "balanced"
+    max_iter: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("word_ngram_range", "char_ngram_range"):
+            lo, hi = getattr(self, name)
+            if not (1 <= int(lo) <= int(hi)):
+                raise ValueError(f"{name} must be (min_n, max_n) with 1 <= min_n <= max_n")
+            object.__setattr__(self, name, (int(lo), int(hi)))
+        if self.min_df < 1:
+            raise ValueError("min_df must be >= 1")
+        if self.max_features is not None and self.max_features < 1:
+            raise ValueError("max_features must be positive or None")
+        if not (self.C > 0 and math.isfinite(self.C)):
+            raise ValueError(f"C must be a positive number, got {self.C}")
+        if not (self.style_weight >= 0 and math.isfinite(self.style_weight)):
+            raise ValueError(f"style_weight must be >= 0, got {self.style_weight}")
+        if self.class_weight not in ("balanced", None):
+            raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+        if self.max_iter < 1:
+            raise ValueError("max_iter must be positive")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["word_ngram_range"] = list(self.word_ngram_range)
+        d["char_ngram_range"] = list(self.char_ngram_range)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TextEvaluatorConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown text-evaluator config fields {sorted(unknown)}")
+        kw = dict(d)
+        for name in ("word_ngram_range", "char_ngram_range"):
+            if name in kw:
+                kw[name] = tuple(kw[name])
+        return cls(**kw)
+
+    def config_hash(self) -> str:
+        """SHA-256 of the config (part of the default evaluator's cache key)."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def _vectorizer(
+    analyzer: str, cfg: TextEvaluatorConfig, vocabulary: Sequence[str] | None = None
+) -> Any:
+    """A ``TfidfVectorizer`` (``analyzer`` ``"word"`` or ``"char_wb"``) with the config's settings;
+    with ``vocabulary`` its columns are fixed (as when loading a saved evaluator)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(
+        analyzer=analyzer,
+        ngram_range=cfg.word_ngram_range if analyzer == "word" else cfg.char_ngram_range,
+        lowercase=True,
+        min_df=cfg.min_df,
+        max_features=cfg.max_features,
+        sublinear_tf=cfg.sublinear_tf,
+        use_idf=True,
+        smooth_idf=True,
+        norm="l2",
+        dtype=np.float64,
+        vocabulary=None if vocabulary is None else list(vocabulary),
+    )
+
+
+def _terms(vectorizer: Any) -> list[str]:
+    """The vectorizer's terms in column order."""
+    terms = [""] * len(vectorizer.vocabulary_)
+    for term, i in vectorizer.vocabulary_.items():
+        terms[i] = term
+    return terms
+
+
+def _check_texts_arg(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise ValueError("texts must be a sequence of strings, not one string; wrap it in a list")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise ValueError(f"texts[{i}] is {type(t).__name__}, not a string")
+    return out
+
+
+# ----------------------------------------------------------------------------- the evaluator
+
+
+class TextEvaluator:
+    """Per-label tone probabilities of texts from TF-IDF n-grams (+ style meters).
+
+    Build one with :meth:`fit` (or :func:`default_text_evaluator`, or :meth:`load`); score texts
+    with :meth:`predict_proba`.
+
+    Attributes:
+        label_names: the labels, in column order of :meth:`predict_proba`.
+        config: the :class:`TextEvaluatorConfig` it was trained with.
+        training_hash: :func:`ks_lens.gold_texts.texts_hash` of its training texts.
+        n_training_texts: how many texts it was trained on.
+        validity: held-out metrics (:class:`TextEvaluatorValidity`) when computed, else None.
+        estimator: the fitted scikit-learn ``OneVsRestClassifier`` (only after :meth:`fit`;
+            ``None`` after :meth:`load`).
+    """
+
+    def __init__(
+        self,
+        label_names: Sequence[str],
+        config: TextEvaluatorConfig,
+        word_vectorizer: Any,
+        char_vectorizer: Any,
+        style_mean: np.ndarray | None,
+        style_scale: np.ndarray | None,
+        coef: np.ndarray,
+        intercept: np.ndarray,
+        *,
+        training_hash: str,
+        n_training_texts: int,
+        validity: TextEvaluatorValidity | None = None,
+        estimator: Any | None = None,
+    ) -> None:
+        self.label_names: tuple[str, ...] = tuple(label_names)
+        self.config = config
+        self.word_vectorizer = word_vectorizer
+        self.char_vectorizer = char_vectorizer
+        self.style_mean = style_mean
+        self.style_scale = style_scale
+        self.coef = np.ascontiguousarray(coef, dtype=np.float64)
+        self.intercept = np.ascontiguousarray(intercept, dtype=np.float64)
+        self.training_hash = training_hash
+        self.n_training_texts = int(n_training_texts)
+        self.validity = validity
+        self.estimator = estimator
+        k, d = self.coef.shape
+        if k != len(self.label_names) or self.intercept.shape != (k,):
+            raise StoreError(
+                f"text evaluator has {len(self.label_names)} labels but coefficients of shape "
+                f"{self.coef.shape} and intercepts of shape {self.intercept.shape}"
+            )
+        if d != self.n_features:
+            raise StoreError(
+                f"text evaluator coefficients have {d} columns but the features have "
+                f"{self.n_features}"
+            )
+
+    # -- features / prediction
+
+    @property
+    def n_features(self) -> int:
+        """Number of feature columns ``D`` (word n-grams + char n-grams + style meters)."""
+        n = len(self.word_vectorizer.vocabulary_) + len(self.char_vectorizer.vocabulary_)
+        return n + (len(STYLE_METER_NAMES) if self.config.use_style else 0)
+
+    def features(self, texts: Sequence[str]) -> sp.csr_matrix:
+        """The feature matrix of ``texts``.
+
+        Args:
+            texts: ``n`` strings.
+
+        Returns:
+            CSR float64 matrix ``[n, D]``: word TF-IDF | char TF-IDF | standardised style meters
+            (times ``config.style_weight``).
+        """
+        texts = _check_texts_arg(texts)
+        if not texts:
+            return sp.csr_matrix((0, self.n_features), dtype=np.float64)
+        blocks = [self.word_vectorizer.transform(texts), self.char_vectorizer.transform(texts)]
+        if self.config.use_style:
+            assert self.style_mean is not None and self.style_scale is not None
+            s = style_matrix(texts)
+            s -= self.style_mean
+            s /= self.style_scale
+            if self.config.style_weight != 1.0:
+                s *= self.config.style_weight
+            blocks.append(sp.csr_matrix(s))
+        return sp.hstack(blocks, format="csr", dtype=np.float64)
+
+    def decision_function(self, texts: Sequence[str]) -> np.ndarray:
+        """Per-label logits ``X @ coef.T + intercept``, float64 ``[n, K]``."""
+        x = self.features(texts)
+        return np.asarray(x @ self.coef.T) + self.intercept
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Independent per-label probabilities (sigmoids, not normalised across labels).
+
+        Args:
+            texts: ``n`` strings.
+
+        Returns:
+            float64 array ``[n, K]``; column ``k`` is the probability of ``label_names[k]``.
+        """
+        return expit(self.decision_function(texts))
+
+    def predict_labels(self, texts: Sequence[str], threshold: float = 0.5) -> list[list[str]]:
+        """The labels whose probability is at least ``threshold``, per text."""
+        probs = self.predict_proba(texts)
+        return [
+            [n for n, p in zip(self.label_names, row, strict=True) if p >= threshold]
+            for row in probs
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"TextEvaluator(labels={list(self.label_names)}, features={self.n_features}, "
+            f"trained_on={self.n_training_texts} texts)"
+        )
+
+    # -- training
+
+    @classmethod
+    def fit(
+        cls,
+        texts: Sequence[LabelledText],
+        label_names: Sequence[str],
+        config: TextEvaluatorConfig | None = None,
+    ) -> TextEvaluator:
+        """Train on labelled texts.
+
+        Args:
+            texts: the training texts; every label must be in ``label_names``.
+            label_names: the ``K`` labels, in the column order of the predictions.
+            config: hyper-parameters (default :class:`TextEvaluatorConfig()`).
+
+        Raises:
+            LabelError: an unknown label, or repeated / empty label names.
+            DatasetError: no texts, a label that no text (or every text) has, or no n-gram
+                frequent enough to survive ``min_df``.
+        """
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.multiclass import OneVsRestClassifier
+        from sklearn.preprocessing import MultiLabelBinarizer, StandardScaler
+
+        cfg = config or TextEvaluatorConfig()
+        names = tuple(label_names)
+        if not names or len(set(names)) != len(names) or not all(names):
+            raise LabelError(f"label names must be distinct and non-empty, got {list(names)}")
+        texts = tuple(texts)
+        if not texts:
+            raise DatasetError("no texts to train the text evaluator on")
+        for t in texts:
+            bad = [x for x in t.labels if x not in names]
+            if bad:
+                raise LabelError(
+                    f"text {t.id!r} has unknown label {bad[0]!r}; labels are {list(names)}"
+                )
+        y = MultiLabelBinarizer(classes=list(names)).fit_transform([t.labels for t in texts])
+        counts = y.sum(axis=0)
+        for name, c in zip(names, counts, strict=True):
+            if c == 0 or c == len(texts):
+                raise DatasetError(
+                    f"label {name!r} is on {int(c)} of {len(texts)} training texts; every label "
+                    "needs positive and negative examples"
+                )
+        raw = [t.text for t in texts]
+        word = _vectorizer("word", cfg)
+        char = _vectorizer("char_wb", cfg)
+        try:
+            xw = word.fit_transform(raw)
+            xc = char.fit_transform(raw)
+        except ValueError as e:  # e.g. "After pruning, no terms remain"
+            raise DatasetError(f"cannot build the text evaluator's vocabulary: {e}") from e
+        blocks = [xw, xc]
+        mean = scale = None
+        if cfg.use_style:
+            meters = style_matrix(raw)
+            scaler = StandardScaler().fit(meters)
+            mean = np.asarray(scaler.mean_, dtype=np.float64)
+            scale = np.asarray(scaler.scale_, dtype=np.float64)
+            s = scaler.transform(meters)
+            if cfg.style_weight != 1.0:
+                s *= cfg.style_weight
+            blocks.append(sp.csr_matrix(s))
+        x = sp.hstack(blocks, format="csr", dtype=np.float64)
+        clf = OneVsRestClassifier(
+            LogisticRegression(
+                C=cfg.C,
+                class_weight=cfg.class_weight,
+                max_iter=cfg.max_iter,
+                random_state=cfg.seed,
+                solver="lbfgs",
+            )
+        )
+        with threadpool_limits(limits=1):  # small problem: threads only contend (and vary)
+            clf.fit(x, y)
+        coef = np.vstack([np.asarray(e.coef_, dtype=np.float64)[0] for e in clf.estimators_])
+        intercept = np.array([float(e.intercept_[0]) for e in clf.estimators_])
+        return cls(
+            names,
+            cfg,
+            word,
+            char,
+            mean,
+            scale,
+            coef,
+            intercept,
+            training_hash=texts_hash(texts),
+            n_training_texts=len(texts),
+            estimator=clf,
+        )
+
+    # -- persistence
+
+    def _meta(self, files: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        import sklearn
+
+        import ks_lens
+
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "label_names": list(self.label_names),
+            "config": self.config.to_json(),
+            "style_meters": list(STYLE_METER_NAMES),
+            "style_version": STYLE_VERSION,
+            "n_features": {
+                "word": len(self.word_vectorizer.vocabulary_),
+                "char": len(self.char_vectorizer.vocabulary_),
+                "style": len(STYLE_METER_NAMES) if self.config.use_style else 0,
+            },
+            "training": {"texts_hash": self.training_hash, "n_texts": self.n_training_texts},
+            "versions": {
+                "ks_lens": ks_lens.__version__,
+                "sklearn": sklearn.__version__,
+                "numpy": np.__version__,
+            },
+            "validity": None if self.validity is None else self.validity.to_json(),
+            "files": {k: dict(v) for k, v in files.items()},
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Save to ``directory`` (created if needed; files written atomically, ``meta.json`` last).
+
+        Returns:
+            The directory.
+        """
+        from safetensors.numpy import save as st_save
+
+        from ks_lens.io import atomic_write_bytes
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, np.ndarray] = {
+            "word_idf": np.asarray(self.word_vectorizer.idf_, dtype=np.float64),
+            "char_idf": np.asarray(self.char_vectorizer.idf_, dtype=np.float64),
+            "coef": self.coef,
+            "intercept": self.intercept,
+        }
+        if self.config.use_style:
+            assert self.style_mean is not None and self.style_scale is not None
+            tensors["style_mean"] = self.style_mean
+            tensors["style_scale"] = self.style_scale
+        blobs = {
+            TENSORS_FILE: st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}),
+            VOCAB_FILE: json.dumps(
+                {"word": _terms(self.word_vectorizer), "char": _terms(self.char_vectorizer)},
+                ensure_ascii=False,
+            ).encode("utf-8"),
+        }
+        files = {
+            name: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+            for name, b in blobs.items()
+        }
+        for name, b in blobs.items():
+            atomic_write_bytes(directory / name, b)
+        meta = _canonical(self._meta(files))
+        meta["checksum"] = _meta_checksum(meta)
+        atomic_write_bytes(
+            directory / META_FILE, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode()
+        )
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, labels: Sequence[str] | None = None) -> TextEvaluator:
+        """Load an evaluator saved by :meth:`save`, verifying its checksums.
+
+        Args:
+            directory: the evaluator directory.
+            labels: when given, the label names (and order) the caller expects.
+
+        Raises:
+            StoreError: missing files, a format that is not a text evaluator (or a newer
+                version), or any checksum mismatch (a modified or truncated file).
+            MetadataMismatchError: ``labels`` differ from the evaluator's labels, or its style
+                meters were defined differently from this ks-lens version's.
+        """
+        from safetensors import SafetensorError
+        from safetensors.numpy import load as st_load
+
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not directory.is_dir():
+            raise StoreError(f"no text evaluator found at {directory} (not a directory)")
+        if not meta_path.is_file():
+            raise StoreError(f"text evaluator metadata not found: {meta_path}")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"text evaluator metadata {meta_path} is not valid JSON ({e})") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise StoreError(f"{directory} holds {found!r}, not a {FORMAT}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"{directory}: text evaluator format version {meta.get('format_version')!r} is not "
+                f"supported (this ks-lens reads version {FORMAT_VERSION}); re-train it"
+            )
+        recorded = meta.pop("checksum", None)
+        if recorded != _meta_checksum(meta):
+            raise StoreError(
+                f"{meta_path} does not match its checksum; it was modified after saving or is "
+                "corrupt. Re-train the evaluator."
+            )
+        blobs: dict[str, bytes] = {}
+        try:
+            for name, info in meta["files"].items():
+                p = directory / name
+                if not p.is_file():
+                    raise StoreError(f"text evaluator file missing: {p}")
+                b = p.read_bytes()
+                if len(b) != info["bytes"] or hashlib.sha256(b).hexdigest() != info["sha256"]:
+                    raise StoreError(
+                        f"{p} does not match its recorded checksum; it is corrupt or was "
+                        "modified after saving. Re-train the evaluator."
+                    )
+                blobs[name] = b
+            names = tuple(meta["label_names"])
+            cfg = TextEvaluatorConfig.from_json(meta["config"])
+            tensors = st_load(blobs[TENSORS_FILE])
+            vocab = json.loads(blobs[VOCAB_FILE].decode("utf-8"))
+        except (KeyError, TypeError, ValueError, SafetensorError) as e:
+            raise StoreError(
+                f"text evaluator at {directory} is incomplete or corrupt ({e!r})"
+            ) from e
+        if labels is not None and tuple(labels) != names:
+            same = set(labels) == set(names)
+            raise MetadataMismatchError(
+                f"the text evaluator at {directory} was trained for labels {list(names)}, but "
+                f"{list(labels)} were requested"
+                + (" (same labels, different order)" if same else "")
+            )
+        if cfg.use_style and (
+            meta.get("style_meters") != list(STYLE_METER_NAMES)
+            or meta.get("style_version") != STYLE_VERSION
+        ):
+            raise MetadataMismatchError(
+                f"the text evaluator at {directory} was trained with style meters "
+                f"v{meta.get('style_version')} {meta.get('style_meters')}; this ks-lens computes "
+                f"v{STYLE_VERSION} {list(STYLE_METER_NAMES)}. Re-train it."
+            )
+        try:
+            word = _vectorizer("word", cfg, vocab["word"])
+            char = _vectorizer("char_wb", cfg, vocab["char"])
+            word.idf_ = tensors["word_idf"]
+            char.idf_ = tensors["char_idf"]
+            ev = cls(
+                names,
+                cfg,
+                word,
+                char,
+                tensors.get("style_mean"),
+                tensors.get("style_scale"),
+                tensors["coef"],
+                tensors["intercept"],
+                training_hash=str(meta["training"]["texts_hash"]),
+                n_training_texts=int(meta["training"]["n_texts"]),
+                validity=(
+                    None
+                    if meta.get("validity") is None
+                    else TextEvaluatorValidity.from_json(meta["validity"])
+                ),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"text evaluator at {directory} is inconsistent ({e!r})") from e
+        if cfg.use_style and (ev.style_mean is None or ev.style_scale is None):
+            raise StoreError(f"text evaluator at {directory} lacks its style scaler")
+        return ev
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON round trip with non-finite floats as ``null`` (what the checksum is computed on)."""
+
+    def strict(o: Any) -> Any:
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: strict(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [strict(v) for v in o]
+        return o
+
+    return json.loads(json.dumps(strict(obj), allow_nan=False))
+
+
+def _meta_checksum(meta: Mapping[str, Any]) -> str:
+    blob = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------- validity
+
+
+@dataclass(frozen=True)
+class HeldOutScores:
+    """Metrics of out-of-fold predictions (every text scored by a model that never saw it).
+
+    Attributes:
+        scheme: ``"question"`` (folds grouped by question) or ``"writer"`` (leave one source out).
+        n_folds: number of folds.
+        n_texts: texts scored.
+        n_single: single-label texts.
+        single_accuracy: share of single-label texts whose top-scored label is their label.
+        single_recall: that share per label.
+        per_label_auc: ROC AUC of each label's probability over all texts (NaN if undefined).
+        mean_auc: mean of the per-label AUCs.
+        n_two / two_tone_top2: two-label texts, and the share whose two labels are the top 2.
+        n_three / three_tone_top3: the same for three-label texts (top 3).
+        by_group_single_accuracy: single-label accuracy per held-out group (writer scheme only).
+    """
+
+    scheme: str
+    n_folds: int
+    n_texts: int
+    n_single: int
+    single_accuracy: float
+    single_recall: dict[str, float]
+    per_label_auc: dict[str, float]
+    mean_auc: float
+    n_two: int
+    two_tone_top2: float | None
+    n_three: int
+    three_tone_top3: float | None
+    by_group_single_accuracy: dict[str, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return _canonical(asdict(self))
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> HeldOutScores:
+        def num(v: Any) -> float:
+            return float("nan") if v is None else float(v)
+
+        return cls(
+            scheme=str(d["scheme"]),
+            n_folds=int(d["n_folds"]),
+            n_texts=int(d["n_texts"]),
+            n_single=int(d["n_single"]),
+            single_accuracy=num(d["single_accuracy"]),
+            single_recall={k: num(v) for k, v in d["single_recall"].items()},
+            per_label_auc={k: num(v) for k, v in d["per_label_auc"].items()},
+            mean_auc=num(d["mean_auc"]),
+            n_two=int(d["n_two"]),
+            two_tone_top2=None if d["two_tone_top2"] is None else float(d["two_tone_top2"]),
+            n_three=int(d["n_three"]),
+            three_tone_top3=None if d["three_tone_top3"] is None else float(d["three_tone_top3"]),
+            by_group_single_accuracy=(
+                None
+                if d.get("by_group_single_accuracy") is None
+                else {k: num(v) for k, v in d["by_group_single_accuracy"].items()}
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class TextEvaluatorValidity:
+    """Held-out validity of a text-evaluator recipe on a set of labelled texts.
+
+    Attributes:
+        label_names: the labels.
+        config: the evaluator config (as JSON).
+        texts_hash: hash of the texts it was measured on; n_texts: their number.
+        question_cv: question-grouped K-fold scores.
+        writer_cv: leave-one-writer-out scores (None when the texts have fewer than two
+            distinct ``source`` values, or some have none).
+    """
+
+    label_names: tuple[str, ...]
+    config: dict[str, Any]
+    texts_hash: str
+    n_texts: int
+    question_cv: HeldOutScores
+    writer_cv: HeldOutScores | None = field(default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label_names": list(self.label_names),
+            "config": dict(self.config),
+            "texts_hash": self.texts_hash,
+            "n_texts": self.n_texts,
+            "question_cv": self.question_cv.to_json(),
+            "writer_cv": None if self.writer_cv is None else self.writer_cv.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TextEvaluatorValidity:
+        return cls(
+            label_names=tuple(d["label_names"]),
+            config=dict(d["config"]),
+            texts_hash=str(d["texts_hash"]),
+            n_texts=int(d["n_texts"]),
+            question_cv=HeldOutScores.from_json(d["question_cv"]),
+            writer_cv=None
+            if d.get("writer_cv") is None
+            else HeldOutScores.from_json(d["writer_cv"]),
+        )
+
+    def summary(self) -> str:
+        """A small text table of the metrics."""
+        rows = [("question-grouped CV", self.question_cv)]
+        if self.writer_cv is not None:
+            rows.append(("leave-one-writer-out", self.writer_cv))
+
+        def pct(v: float | None) -> str:
+            return "  n/a" if v is None or not math.isfinite(v) else f"{100 * v:5.1f}"
+
+        lines = [
+            f"held-out validity on {self.n_texts} texts (labels: {', '.join(self.label_names)})",
+            f"{'scheme':<22} {'folds':>5} {'single acc':>10} {'mean AUC':>8} "
+            f"{'2-tone top2':>11} {'3-tone top3':>11}",
+        ]
+        for name, s in rows:
+            lines.append(
+                f"{name:<22} {s.n_folds:5d} {pct(s.single_accuracy):>10} "
+                f"{s.mean_auc:8.3f} {pct(s.two_tone_top2):>11} {pct(s.three_tone_top3):>11}"
+            )
+        for name, s in rows:
+            auc = "  ".join(f"{k}={v:.3f}" for k, v in s.per_label_auc.items())
+            rec = "  ".join(f"{k}={100 * v:.0f}" for k, v in s.single_recall.items())
+            lines.append(f"{name}: per-label AUC  {auc}")
+            lines.append(f"{name}: single-tone recall %  {rec}")
+            if s.by_group_single_accuracy:
+                grp = "  ".join(f"{k}={100 * v:.1f}" for k, v in s.by_group_single_accuracy.items())
+                lines.append(f"{name}: single acc % by held-out group  {grp}")
+        return "\n".join(lines)
+
+
+def held_out_scores(
+    y: np.ndarray,
+    probs: np.ndarray,
+    label_names: Sequence[str],
+    *,
+    scheme: str,
+    n_folds: int,
+    groups: Sequence[str] | None = None,
+) -> HeldOutScores:
+    """Score out-of-fold probabilities.
+
+    Args:
+        y: multi-hot true labels ``[n, K]`` (0/1).
+        probs: predicted probabilities ``[n, K]``.
+        label_names: the ``K`` labels.
+        scheme, n_folds: recorded as given.
+        groups: optional held-out group of each text (per-group single accuracy is reported).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    n_true = y.sum(axis=1)
+    order = np.argsort(-probs, axis=1, kind="stable")
+
+    def topk_rate(k: int) -> tuple[int, float | None]:
+        rows = np.flatnonzero(n_true == k)
+        if rows.size == 0:
+            return 0, None
+        hits = [set(order[i, :k].tolist()) == set(np.flatnonzero(y[i]).tolist()) for i in rows]
+        return int(rows.size), float(np.mean(hits))
+
+    single = np.flatnonzero(n_true == 1)
+    correct = (order[single, 0] == y[single].argmax(axis=1)) if single.size else np.zeros(0, bool)
+    recall: dict[str, float] = {}
+    for k, name in enumerate(label_names):
+        mask = y[single, k] == 1
+        recall[name] = float(correct[mask].mean()) if mask.any() else float("nan")
+    auc: dict[str, float] = {}
+    for k, name in enumerate(label_names):
+        if 0 < y[:, k].sum() < len(y):
+            auc[name] = float(roc_auc_score(y[:, k], probs[:, k]))
+        else:
+            auc[name] = float("nan")
+    finite = [v for v in auc.values() if math.isfinite(v)]
+    by_group: dict[str, float] | None = None
+    if groups is not None:
+        g = np.asarray(list(groups), dtype=object)[single]
+        by_group = {str(k): float(correct[g == k].mean()) for k in sorted(set(g.tolist()))}
+    n_two, two = topk_rate(2)
+    n_three, three = topk_rate(3)
+    return HeldOutScores(
+        scheme=scheme,
+        n_folds=n_folds,
+        n_texts=len(y),
+        n_single=int(single.size),
+        single_accuracy=float(correct.mean()) if single.size else float("nan"),
+        single_recall=recall,
+        per_label_auc=auc,
+        mean_auc=float(np.mean(finite)) if finite else float("nan"),
+        n_two=n_two,
+        two_tone_top2=two,
+        n_three=n_three,
+        three_tone_top3=three,
+        by_group_single_accuracy=by_group,
+    )
+
+
+def cross_val_proba(
+    texts: Sequence[LabelledText],
+    label_names: Sequence[str],
+    config: TextEvaluatorConfig | None,
+    groups: Sequence[str],
+    n_folds: int,
+) -> np.ndarray:
+    """Out-of-fold probabilities ``[n, K]`` from ``GroupKFold(n_folds)`` over ``groups``."""
+    from sklearn.model_selection import GroupKFold
+
+    texts = tuple(texts)
+    probs = np.full((len(texts), len(label_names)), np.nan)
+    for train_idx, test_idx in GroupKFold(n_splits=n_folds).split(texts, groups=list(groups)):
+        ev = TextEvaluator.fit([texts[i] for i in train_idx], label_names, config)
+        probs[test_idx] = ev.predict_proba([texts[i].text for i in test_idx])
+    return probs
+
+
+def validate_text_evaluator(
+    texts: Sequence[LabelledText],
+    label_names: Sequence[str],
+    config: TextEvaluatorConfig | None = None,
+    n_folds: int = 5,
+) -> TextEvaluatorValidity:
+    """Held-out validity of the evaluator recipe on labelled texts.
+
+    Two schemes, both scoring every text with a model that did not train on it:
+
+    * **question**: ``GroupKFold(n_folds)`` grouped by ``question_id`` (a text without one is its
+      own group), so no question has texts on both sides;
+    * **writer**: leave-one-writer-out, ``GroupKFold`` grouped by ``source`` with one fold per
+      source: texts by a writer never seen in training (skipped unless every text has a source
+      and there are at least two).
+
+    Metrics per scheme (:class:`HeldOutScores`): single-label accuracy (argmax), per-label ROC
+    AUC over all texts, and for two- and three-label texts the share whose true labels are
+    exactly the top 2 / top 3.
+
+    Args:
+        texts: labelled texts (labels within ``label_names``).
+        label_names: the ``K`` labels.
+        config: the evaluator config (default :class:`TextEvaluatorConfig()`).
+        n_folds: folds of the question scheme (capped at the number of questions).
+
+    Raises:
+        DatasetError: fewer than two question groups.
+    """
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    cfg = config or TextEvaluatorConfig()
+    texts = tuple(texts)
+    names = tuple(label_names)
+    y = MultiLabelBinarizer(classes=list(names)).fit_transform([t.labels for t in texts])
+    qgroups = [t.question_id or f"text:{t.id}" for t in texts]
+    k = min(n_folds, len(set(qgroups)))
+    if k < 2:
+        raise DatasetError("validation needs texts of at least two questions")
+    qprobs = cross_val_proba(texts, names, cfg, qgroups, k)
+    question_cv = held_out_scores(y, qprobs, names, scheme="question", n_folds=k)
+    writer_cv = None
+    sources = [t.source for t in texts]
+    if all(s is not None for s in sources) and len(set(sources)) >= 2:
+        wgroups = [str(s) for s in sources]
+        nw = len(set(wgroups))
+        wprobs = cross_val_proba(texts, names, cfg, wgroups, nw)
+        writer_cv = held_out_scores(y, wprobs, names, scheme="writer", n_folds=nw, groups=wgroups)
+    return TextEvaluatorValidity(
+        label_names=names,
+        config=cfg.to_json(),
+        texts_hash=texts_hash(texts),
+        n_texts=len(texts),
+        question_cv=question_cv,
+        writer_cv=writer_cv,
+    )
+
+
+# ----------------------------------------------------------------------------- default
+
+
+def default_text_evaluator(
+    cache_dir: str | Path | None = None,
+    config: TextEvaluatorConfig | None = None,
+) -> TextEvaluator:
+    """The evaluator trained on the shipped gold tone texts (with validity), cached on disk.
+
+    The cache folder is ``{cache_dir}/gold-{hash}-cfg-{hash}-sklearn-{version}`` (default
+    ``cache_dir``: ``$KS_LENS_CACHE/text_evaluators``, see :func:`ks_lens.default_model.cache_root`),
+    so new gold texts, another config or another scikit-learn build a new one. A cached
+    evaluator that fails to load (corrupt, modified, incomplete) is rebuilt with a warning.
+
+    Args:
+        cache_dir: where to cache (default under the ks-lens cache root).
+        config: the evaluator config (default :class:`TextEvaluatorConfig()`).
+    """
+    import sklearn
+
+    from ks_lens.datasets import load_dataset
+    from ks_lens.default_model import cache_root
+
+    cfg = config or TextEvaluatorConfig()
+    gold = load_gold_texts()
+    labels = load_dataset("tones").labels
+    gold_hash = texts_hash(gold)
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / CACHE_SUBDIR
+    target = (
+        root / f"gold-{gold_hash[:12]}-cfg-{cfg.config_hash()[:12]}-sklearn-{sklearn.__version__}"
+    )
+    if target.exists():
+        try:
+            ev = TextEvaluator.load(target, labels=labels)
+            if ev.training_hash != gold_hash or ev.config != cfg:
+                raise StoreError("it was trained on other texts or with another config")
+            return ev
+        except (StoreError, MetadataMismatchError) as e:
+            warnings.warn(
+                f"the cached text evaluator in {target} is unusable ({e}); rebuilding it",
+                stacklevel=2,
+            )
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+    ev = TextEvaluator.fit(gold, labels, cfg)
+    ev.validity = validate_text_evaluator(gold, labels, cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+    try:
+        ev.save(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # another process finished first: keep its copy when it loads
+            TextEvaluator.load(target, labels=labels)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ev

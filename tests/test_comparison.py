@@ -1,0 +1,251 @@
+"""The comparison's stages and records: planning, summaries (hand-computed), equal-KL curves,
+and an end-to-end run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from ks_lens.comparison import (
+    ActivationEvaluation,
+    Answer,
+    Cell,
+    ComparisonConfig,
+    ComparisonResult,
+    TextEvaluation,
+    label_combinations,
+    plan_comparison,
+    rotate_cells,
+    run_comparison,
+    summarise_activations,
+    summarise_text,
+    trade_off,
+)
+from ks_lens.probes import ProbeConfig, train_probe
+from ks_lens.stats import interpolate_at
+from ks_lens.steering import SteeringVectors
+
+
+def test_rotate_cells_balances_combinations():
+    combos = label_combinations(list("abcdef"), (2,))  # 15 pairs
+    cells = rotate_cells(30, combos, 2, seed=0)
+    assert len(cells) == 60 and {c.question for c in cells} == set(range(30))
+    counts = Counter(c.targets for c in cells)
+    assert set(counts) == set(combos) and set(counts.values()) == {4}
+    assert rotate_cells(30, combos, 2, seed=0) == cells
+    assert rotate_cells(30, combos, 2, seed=1) != cells
+    # a question never gets the same combination twice
+    for q in range(30):
+        mine = [c.targets for c in cells if c.question == q]
+        assert len(mine) == len(set(mine))
+
+
+def test_plan_uses_every_size_and_validates():
+    cfg = ComparisonConfig(gen_combos_per_question=1, act_combos_per_size=None)
+    plan = plan_comparison(list("abcdef"), cfg, n_calib=5, n_test=7)
+    assert Counter(len(c) for c in plan.act_combos) == {1: 6, 2: 15, 3: 20}
+    assert Counter(len(c.targets) for c in plan.gen_cells) == {1: 7, 2: 7, 3: 7}
+    assert Counter(len(c.targets) for c in plan.calib_cells) == {1: 5, 2: 5, 3: 5}
+    with pytest.raises(ValueError, match="unknown method"):
+        ComparisonConfig(methods=("magic",)).validate()
+    with pytest.raises(ValueError, match="baseline"):
+        ComparisonConfig(methods=("ksteer",)).validate()
+    with pytest.raises(ValueError, match=r"include 1\.0"):
+        ComparisonConfig(curve_factors=(0.5, 2.0)).validate()
+    with pytest.raises(ValueError, match="kl_budget"):
+        ComparisonConfig(kl_budget=float("nan")).validate()
+    with pytest.raises(ValueError, match="unknown avoid label"):
+        ComparisonConfig(avoid=("zzz",)).validate(["a", "b"])
+
+
+def _act_eval() -> ActivationEvaluation:
+    labels = ("a", "b", "c")
+    base = np.array([[0.1, 0.2, 0.3], [0.2, 0.2, 0.2]])
+    combos = [("a",), ("a", "b")]
+    probs = {
+        "caa_mean": [
+            np.array([[0.5, 0, 0], [0.7, 0, 0]]),
+            np.array([[0.9, 0.05, 0], [0.4, 0.4, 0]]),
+        ],
+        "ksteer": [np.array([[0.6, 0, 0], [0.9, 0, 0]]), np.array([[0.8, 0.6, 0], [0.6, 0.5, 0]])],
+    }
+    return ActivationEvaluation(
+        labels, combos, {"caa_mean": {1: 1.0, 2: 2.0}, "ksteer": {1: 3.0, 2: 4.0}}, base, probs
+    )
+
+
+def test_summarise_activations_hand_computed():
+    cfg = ComparisonConfig(methods=("caa_mean", "ksteer"), sizes=(1, 2), n_resamples=200)
+    rows = {(r.method, r.k): r for r in summarise_activations(_act_eval(), cfg)}
+    # k=1: per question target prob: caa [0.5, 0.7] -> 0.6; ksteer [0.6, 0.9] -> 0.75
+    assert rows[("caa_mean", 1)].target_prob.estimate == pytest.approx(0.6)
+    assert rows[("ksteer", 1)].target_prob.estimate == pytest.approx(0.75)
+    assert rows[("ksteer", 1)].diff_vs_baseline.estimate == pytest.approx(0.15)
+    assert rows[("unsteered", 1)].target_prob.estimate == pytest.approx(0.15)
+    # normalised gain, ksteer k=1: q0 (0.6-0.1)/0.9, q1 (0.9-0.2)/0.8
+    assert rows[("ksteer", 1)].gain.estimate == pytest.approx(((0.5 / 0.9) + (0.7 / 0.8)) / 2)
+    # k=2 targets (a, b): caa q0 [0.9, 0.05] -> vanished (b < 0.1, a >= 0.5); q1 [0.4, 0.4] -> not
+    assert rows[("caa_mean", 2)].n_vanished == 1 and rows[("caa_mean", 2)].n_cells == 2
+    assert rows[("ksteer", 2)].n_vanished == 0
+    assert rows[("caa_mean", 2)].min_target_prob.estimate == pytest.approx((0.05 + 0.4) / 2)
+    assert rows[("ksteer", 2)].vanish_test.only_b == 1  # caa vanished where ksteer did not
+    assert rows[("caa_mean", 2)].diff_vs_baseline is None  # the baseline itself
+    assert rows[("ksteer", 2)].alpha == 4.0
+
+
+def _answer(
+    method: str, q: int, targets: Sequence[str], factor: float, kl: float, p: float
+) -> Answer:
+    probs = [0.0, 0.0]
+    for t in targets:
+        probs["ab".index(t)] = p
+    return Answer(
+        method,
+        q,
+        tuple(targets),
+        factor,
+        factor,
+        "some text here",
+        5,
+        kl,
+        1.0,
+        None,
+        probs,
+        None,
+        {},
+    )
+
+
+def test_trade_off_reads_curves_at_equal_kl():
+    cells = [Cell(0, ("a",)), Cell(1, ("a",))]
+    answers = [_answer("unsteered", q, ("a",), 0.0, 0.0, 0.1) for q in (0, 1)]
+    # caa: KL 0.1 -> p 0.2, KL 0.4 -> p 0.6 ; ksteer: KL 0.05 -> 0.3, KL 0.8 -> 0.9 (same for both questions)
+    for f, kl, p in ((0.5, 0.1, 0.2), (1.0, 0.4, 0.6)):
+        answers += [_answer("caa_mean", q, ("a",), f, kl, p) for q in (0, 1)]
+    for f, kl, p in ((0.5, 0.05, 0.3), (1.0, 0.8, 0.9)):
+        answers += [_answer("ksteer", q, ("a",), f, kl, p) for q in (0, 1)]
+    te = TextEvaluation(
+        ("a", "b"),
+        ["q0", "q1"],
+        cells,
+        {"caa_mean": {1: 1.0}, "ksteer": {1: 1.0}},
+        (0.5, 1.0),
+        answers,
+        ("text",),
+    )
+    cfg = ComparisonConfig(
+        methods=("caa_mean", "ksteer"),
+        sizes=(1,),
+        kl_budget=0.2,
+        curve_factors=(0.5, 1.0),
+        n_resamples=100,
+    )
+    curves, equal = trade_off(te, cfg)
+    assert len(curves) == 4
+    by = {e.method: e for e in equal}
+    want_caa = interpolate_at([0.1, 0.4], [0.2, 0.6], 0.2)
+    want_ks = interpolate_at([0.05, 0.8], [0.3, 0.9], 0.2)
+    assert by["caa_mean"].target_prob.estimate == pytest.approx(want_caa)
+    assert by["ksteer"].target_prob.estimate == pytest.approx(want_ks)
+    assert by["ksteer"].diff_vs_baseline.estimate == pytest.approx(want_ks - want_caa)
+    # the KL level lies outside a curve -> NaN, never extrapolated
+    _, far = trade_off(
+        te,
+        ComparisonConfig(
+            methods=("caa_mean", "ksteer"),
+            sizes=(1,),
+            kl_budget=5.0,
+            curve_factors=(0.5, 1.0),
+            n_resamples=50,
+        ),
+    )
+    assert all(math.isnan(e.target_prob.estimate) for e in far)
+    rows = {r.method: r for r in summarise_text(te, cfg)}
+    assert rows["ksteer"].target_prob.estimate == pytest.approx(0.9)
+    assert rows["ksteer"].kl.estimate == pytest.approx(0.8)
+    assert rows["unsteered"].target_prob.estimate == pytest.approx(0.1)
+
+
+class _FakeTextEvaluator:
+    """A deterministic stand-in for the text evaluator (labels of the tiny dataset)."""
+
+    label_names = ("alpha", "beta", "gamma")
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        return np.array([[len(t) % 7 / 7, len(t.split()) % 5 / 5, 0.5] for t in texts])
+
+
+def test_run_comparison_end_to_end_on_tiny(tiny_model, tiny_acts, tiny_probe):
+    vec = SteeringVectors.fit(tiny_acts, 2)
+    evaluator = train_probe(tiny_acts, 3, config=ProbeConfig(hidden=16, epochs=3, seed=1))
+    cfg = ComparisonConfig(
+        methods=("caa_mean", "ksteer"),
+        kl_budget=0.05,
+        act_combos_per_size=2,
+        max_new_tokens=3,
+        calib_tokens=3,
+        calib_bisect_steps=1,
+        n_resamples=100,
+    )
+    res = run_comparison(
+        tiny_model,
+        probe=tiny_probe,
+        vectors=vec,
+        evaluator=evaluator,
+        text_evaluator=_FakeTextEvaluator(),
+        response_evaluator=tiny_probe,
+        calib_questions=["hi?", "yo?"],
+        test_questions=["a?", "b?", "c?"],
+        text_questions=["a?", "b?"],
+        config=cfg,
+        progress=False,
+        log=lambda s: None,
+    )
+    assert isinstance(res, ComparisonResult)
+    assert set(res.alphas) == {"caa_mean", "ksteer"} and set(res.alphas["ksteer"]) == {1, 2, 3}
+    te = res.text
+    assert te is not None
+    n_cells = len(res.plan.gen_cells)
+    assert n_cells == 2 * 3  # 2 text questions x one combination per size
+    assert len(te.answers) == 2 + 2 * len(cfg.curve_factors) * n_cells
+    steered = [a for a in te.answers if a.method != "unsteered"]
+    assert {a.factor for a in steered} == set(cfg.curve_factors)
+    for a in steered:
+        assert a.alpha == pytest.approx(res.alphas[a.method][len(a.targets)] * a.factor)
+    assert {r.lens for r in res.summaries} == {"activation", "text", "text_activation"}
+    assert len(res.curves) == 2 * 3 * 2 * len(cfg.curve_factors)  # lenses x k x methods x alphas
+    assert {(e.lens, e.method, e.k) for e in res.equal_kl} == {
+        (lens, m, k) for lens in ("text", "text_activation") for m in cfg.methods for k in (1, 2, 3)
+    }
+    doc = res.to_json()
+    json.dumps(doc)
+    assert doc["text_eval"]["answers"][0]["method"] == "unsteered"
+    with pytest.raises(ValueError, match="differ from the steering probe"):
+        bad = _FakeTextEvaluator()
+        bad.label_names = ("x", "y", "z")
+        run_comparison(
+            tiny_model,
+            probe=tiny_probe,
+            vectors=vec,
+            evaluator=evaluator,
+            text_evaluator=bad,
+            calib_questions=["x?"],
+            test_questions=["y?"],
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="at or after the steering layer"):
+        run_comparison(
+            tiny_model,
+            probe=evaluator,
+            vectors=vec,
+            evaluator=tiny_probe,
+            text_evaluator=None,
+            calib_questions=["x?"],
+            test_questions=["y?"],
+            progress=False,
+        )

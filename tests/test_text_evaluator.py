@@ -1,0 +1,348 @@
+"""The text-level tone evaluator: fitting, exact save/load, tamper checks, validity, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.preprocessing import StandardScaler
+
+from ks_lens import cli
+from ks_lens.errors import DatasetError, LabelError, MetadataMismatchError, StoreError
+from ks_lens.gold_texts import LabelledText, load_gold_texts
+from ks_lens.style import style_matrix
+from ks_lens.text_evaluator import (
+    META_FILE,
+    TENSORS_FILE,
+    VOCAB_FILE,
+    HeldOutScores,
+    TextEvaluator,
+    TextEvaluatorConfig,
+    TextEvaluatorValidity,
+    cross_val_proba,
+    default_text_evaluator,
+    held_out_scores,
+    validate_text_evaluator,
+)
+
+TONES = ("helpful", "expert", "casual", "cautious", "empathetic", "concise")
+
+
+@pytest.fixture(scope="module")
+def gold() -> tuple[LabelledText, ...]:
+    return load_gold_texts()
+
+
+@pytest.fixture(scope="module")
+def train_texts(gold) -> tuple[LabelledText, ...]:
+    return gold[::3]
+
+
+@pytest.fixture(scope="module")
+def heldout_texts(gold) -> list[str]:
+    return [t.text for t in gold[1::7]] + ["", "lol ok!!", "Please consult a doctor first."]
+
+
+@pytest.fixture(scope="module")
+def evaluator(train_texts) -> TextEvaluator:
+    return TextEvaluator.fit(train_texts, TONES)
+
+
+@pytest.fixture(scope="module")
+def saved(evaluator, tmp_path_factory) -> Path:
+    return evaluator.save(tmp_path_factory.mktemp("ev") / "evaluator")
+
+
+def _copy(saved: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(saved, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- fit / predict
+
+
+def test_predict_proba_shape_and_independence(evaluator, heldout_texts):
+    p = evaluator.predict_proba(heldout_texts)
+    assert p.shape == (len(heldout_texts), 6) and p.dtype == np.float64
+    assert np.all((p >= 0) & (p <= 1))
+    assert not np.allclose(p.sum(axis=1), 1.0), "per-label sigmoids, not a softmax"
+    assert evaluator.label_names == TONES
+    assert evaluator.predict_proba([]).shape == (0, 6)
+    with pytest.raises(ValueError, match="not one string"):
+        evaluator.predict_proba("just one text")  # type: ignore[arg-type]
+
+
+def test_fit_is_deterministic(train_texts, evaluator):
+    again = TextEvaluator.fit(train_texts, TONES)
+    np.testing.assert_array_equal(again.coef, evaluator.coef)
+    np.testing.assert_array_equal(again.intercept, evaluator.intercept)
+
+
+def test_predictions_follow_tones(evaluator):
+    texts = [
+        "ngl that's kinda awesome lol, just chill and grab a snack!",
+        "It may be risky; please consult a qualified professional before you try this.",
+    ]
+    top = evaluator.predict_proba(texts).argmax(axis=1)
+    assert [TONES[i] for i in top] == ["casual", "cautious"]
+
+
+def test_fit_errors(train_texts):
+    with pytest.raises(LabelError, match="has unknown label"):
+        TextEvaluator.fit(train_texts, ("helpful", "expert"))
+    with pytest.raises(LabelError, match="distinct"):
+        TextEvaluator.fit(train_texts, (*TONES, "casual"))
+    only_casual = [t for t in train_texts if "casual" in t.labels]
+    with pytest.raises(DatasetError, match="label 'casual' is on"):
+        TextEvaluator.fit(only_casual, TONES)
+    with pytest.raises(DatasetError, match="no texts"):
+        TextEvaluator.fit([], TONES)
+    with pytest.raises(ValueError, match="C must be"):
+        TextEvaluatorConfig(C=0)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def test_round_trip_equals_sklearn(evaluator, saved, train_texts, heldout_texts):
+    loaded = TextEvaluator.load(saved, labels=TONES)
+    assert loaded.estimator is None and loaded.config == evaluator.config
+    assert loaded.training_hash == evaluator.training_hash
+    assert loaded.n_training_texts == len(train_texts)
+    # the reference: the fitted scikit-learn pipeline pieces, assembled independently
+    cfg = evaluator.config
+    scaler = StandardScaler().fit(style_matrix([t.text for t in train_texts]))
+    x = sp.hstack(
+        [
+            evaluator.word_vectorizer.transform(heldout_texts),
+            evaluator.char_vectorizer.transform(heldout_texts),
+            sp.csr_matrix(scaler.transform(style_matrix(heldout_texts)) * cfg.style_weight),
+        ],
+        format="csr",
+    )
+    reference = evaluator.estimator.predict_proba(x)
+    np.testing.assert_allclose(loaded.predict_proba(heldout_texts), reference, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(
+        evaluator.predict_proba(heldout_texts), reference, rtol=0, atol=1e-10
+    )
+
+
+def test_saved_files_hold_no_pickle(saved):
+    assert sorted(p.name for p in saved.iterdir()) == sorted([META_FILE, TENSORS_FILE, VOCAB_FILE])
+    meta = json.loads((saved / META_FILE).read_text())
+    assert meta["format"] == "ks_lens.text_evaluator" and meta["format_version"] == 1
+    assert meta["label_names"] == list(TONES)
+    assert set(meta["versions"]) >= {"ks_lens", "sklearn"}
+    vocab = json.loads((saved / VOCAB_FILE).read_text())
+    assert len(vocab["word"]) == meta["n_features"]["word"]
+    assert len(vocab["char"]) == meta["n_features"]["char"]
+    for p in saved.iterdir():
+        assert b"\x80\x04\x95" not in p.read_bytes()[:64], f"{p.name} looks like a pickle"
+
+
+def test_label_mismatch_refused(saved):
+    with pytest.raises(MetadataMismatchError, match="trained for labels"):
+        TextEvaluator.load(saved, labels=("formal", "slangy"))
+    with pytest.raises(MetadataMismatchError, match="different order"):
+        TextEvaluator.load(saved, labels=tuple(reversed(TONES)))
+
+
+def test_tampered_tensor_file_refused(saved, tmp_path):
+    d = _copy(saved, tmp_path)
+    data = bytearray((d / TENSORS_FILE).read_bytes())
+    data[-5] ^= 0xFF
+    (d / TENSORS_FILE).write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="checksum"):
+        TextEvaluator.load(d)
+
+
+def test_tampered_vocabulary_refused(saved, tmp_path):
+    d = _copy(saved, tmp_path)
+    vocab = json.loads((d / VOCAB_FILE).read_text())
+    vocab["word"][0], vocab["word"][1] = vocab["word"][1], vocab["word"][0]
+    (d / VOCAB_FILE).write_text(json.dumps(vocab, ensure_ascii=False))
+    with pytest.raises(StoreError, match="checksum"):
+        TextEvaluator.load(d)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [(("config", "C"), 1.0), (("label_names", 0), "useful"), (("training", "n_texts"), 1)],
+)
+def test_tampered_meta_fields_refused(saved, tmp_path, path, value):
+    d = _copy(saved, tmp_path)
+    meta = json.loads((d / META_FILE).read_text())
+    meta[path[0]][path[1]] = value
+    (d / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="checksum"):
+        TextEvaluator.load(d)
+
+
+def test_missing_or_foreign_artefacts_refused(saved, tmp_path):
+    with pytest.raises(StoreError, match="no text evaluator"):
+        TextEvaluator.load(tmp_path / "nothing")
+    d = _copy(saved, tmp_path)
+    (d / VOCAB_FILE).unlink()
+    with pytest.raises(StoreError, match="missing"):
+        TextEvaluator.load(d)
+    (d / META_FILE).write_text(json.dumps({"format": "ks_lens.probe"}))
+    with pytest.raises(StoreError, match="not a ks_lens.text_evaluator"):
+        TextEvaluator.load(d)
+    (d / META_FILE).write_text("{truncated")
+    with pytest.raises(StoreError, match="not valid JSON"):
+        TextEvaluator.load(d)
+
+
+# ----------------------------------------------------------------------------- validity
+
+
+def test_held_out_scores_on_hand_made_probabilities():
+    names = ("a", "b", "c")
+    y = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 1, 1]])
+    p = np.array(
+        [
+            [0.9, 0.1, 0.2],  # correct
+            [0.6, 0.5, 0.1],  # wrong (a > b)
+            [0.1, 0.2, 0.7],  # correct
+            [0.8, 0.7, 0.1],  # top-2 = {a, b}: hit
+            [0.9, 0.8, 0.1],  # top-2 = {a, b}: miss
+            [0.5, 0.5, 0.5],  # top-3 of 3 labels: hit
+        ]
+    )
+    s = held_out_scores(y, p, names, scheme="question", n_folds=2, groups=list("xxyyyy"))
+    assert s.n_single == 3 and s.single_accuracy == pytest.approx(2 / 3)
+    assert s.single_recall == {"a": 1.0, "b": 0.0, "c": 1.0}
+    assert (s.n_two, s.two_tone_top2) == (2, 0.5)
+    assert (s.n_three, s.three_tone_top3) == (1, 1.0)
+    assert s.by_group_single_accuracy == {"x": 0.5, "y": 1.0}
+    # AUC of label c: positives {0.7, 0.1, 0.5} vs negatives {0.2, 0.1, 0.1}
+    assert s.per_label_auc["c"] == pytest.approx((3 + 1 + 3) / 9)  # 0.1 ties two 0.1s: 2 x 1/2
+    assert s.mean_auc == pytest.approx(np.mean(list(s.per_label_auc.values())))
+    assert HeldOutScores.from_json(json.loads(json.dumps(s.to_json()))) == s
+
+
+def _question_subset(gold, n_questions: int) -> list[LabelledText]:
+    keep = sorted({t.question_id for t in gold})[:n_questions]
+    return [t for t in gold if t.question_id in keep]
+
+
+def test_validity_small_run(gold):
+    texts = _question_subset(gold, 30)
+    v = validate_text_evaluator(texts, TONES, n_folds=3)
+    assert v.n_texts == len(texts) and v.label_names == TONES
+    assert v.question_cv.n_folds == 3 and v.question_cv.n_texts == len(texts)
+    assert v.writer_cv is not None and v.writer_cv.n_folds == 6
+    assert set(v.writer_cv.by_group_single_accuracy or {}) == {f"writer-{i}" for i in range(1, 7)}
+    for s in (v.question_cv, v.writer_cv):
+        assert 0.6 <= s.single_accuracy <= 1.0
+        assert all(0.5 <= a <= 1.0 for a in s.per_label_auc.values())
+        assert s.n_two + s.n_three + s.n_single == len(texts)
+    again = TextEvaluatorValidity.from_json(json.loads(json.dumps(v.to_json())))
+    assert again == v
+    assert "leave-one-writer-out" in v.summary()
+    no_source = [dataclasses.replace(t, source=None) for t in texts]
+    assert validate_text_evaluator(no_source, TONES, n_folds=2).writer_cv is None
+
+
+def test_shipped_gold_meets_targets(gold):
+    """Question-grouped 5-fold CV on the shipped gold texts: the documented targets hold."""
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    groups = [t.question_id or t.id for t in gold]
+    probs = cross_val_proba(gold, TONES, TextEvaluatorConfig(), groups, 5)
+    y = MultiLabelBinarizer(classes=list(TONES)).fit_transform([t.labels for t in gold])
+    s = held_out_scores(y, probs, TONES, scheme="question", n_folds=5)
+    assert s.single_accuracy >= 0.90
+    assert s.two_tone_top2 is not None and s.two_tone_top2 >= 0.80
+    assert min(s.per_label_auc.values()) >= 0.85
+
+
+# ----------------------------------------------------------------------------- default evaluator
+
+
+def test_default_evaluator_cache(gold, tmp_path, monkeypatch):
+    import ks_lens.text_evaluator as te
+
+    subset = tuple(_question_subset(gold, 8))
+    monkeypatch.setattr(te, "load_gold_texts", lambda: subset)
+    small = TextEvaluatorConfig(max_iter=500)
+    ev = default_text_evaluator(tmp_path, config=small)
+    assert ev.validity is not None and ev.validity.writer_cv is not None
+    (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert folder.name.startswith("gold-") and "-sklearn-" in folder.name
+    texts = [t.text for t in subset[:5]]
+    again = default_text_evaluator(tmp_path, config=small)  # from the cache
+    assert again.estimator is None and again.validity == ev.validity
+    np.testing.assert_allclose(again.predict_proba(texts), ev.predict_proba(texts), atol=1e-10)
+    (folder / TENSORS_FILE).write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="rebuilding"):
+        rebuilt = default_text_evaluator(tmp_path, config=small)
+    np.testing.assert_allclose(rebuilt.predict_proba(texts), ev.predict_proba(texts), atol=1e-10)
+    assert TextEvaluator.load(folder, labels=TONES).training_hash == ev.training_hash
+    other = default_text_evaluator(tmp_path, config=dataclasses.replace(small, C=1.0))
+    assert other.config.C == 1.0
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_evaluate_text(saved, tmp_path, capsys):
+    f = tmp_path / "in.jsonl"
+    f.write_text(
+        json.dumps({"id": "a", "text": "lol yeah totally!!", "labels": "ignored"})
+        + "\n\n"
+        + json.dumps({"text": "It may be unsafe; consult an electrician."})
+        + "\n"
+    )
+    assert cli.main(["evaluate-text", "--texts", str(f), "--evaluator", str(saved), "--style"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [json.loads(x) for x in lines]
+    assert len(rows) == 2
+    assert rows[0]["id"] == "a" and "id" not in rows[1]
+    for row in rows:
+        assert list(row["probs"]) == list(TONES)
+        assert all(0.0 <= v <= 1.0 for v in row["probs"].values())
+        assert row["style"]["words"] > 0
+    assert rows[0]["probs"]["casual"] > 0.5
+    expected = TextEvaluator.load(saved).predict_proba(["lol yeah totally!!"])[0]
+    assert [rows[0]["probs"][n] for n in TONES] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert cli.main(["evaluate-text", "--texts", str(f), "--evaluator", str(saved)]) == 0
+    assert "style" not in json.loads(capsys.readouterr().out.splitlines()[0])
+
+
+def test_cli_evaluate_text_errors(saved, tmp_path, capsys):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": 3}) + "\n")
+    assert cli.main(["evaluate-text", "--texts", str(f), "--evaluator", str(saved)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{f}:2: 'text' must be a string" in err
+    assert cli.main(["evaluate-text", "--texts", str(f), "--evaluator", str(tmp_path)]) == 2
+    assert "ks-lens: error:" in capsys.readouterr().err
+
+
+def test_cli_train_text_evaluator(gold, tmp_path, capsys):
+    texts = _question_subset(gold, 12)
+    f = tmp_path / "train.jsonl"
+    f.write_text("".join(json.dumps(t.to_json()) + "\n" for t in texts))
+    out = tmp_path / "ev"
+    rc = cli.main(["train-text-evaluator", "--texts", str(f), "--out", str(out), "--folds", "3"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "question-grouped CV" in printed and "leave-one-writer-out" in printed
+    assert f"saved to {out}" in printed
+    ev = TextEvaluator.load(out, labels=TONES)
+    assert ev.validity is not None and ev.validity.question_cv.n_folds == 3
+    assert ev.n_training_texts == len(texts)
+    rc = cli.main(
+        ["train-text-evaluator", "--texts", str(f), "--out", str(out), "--labels", "casual,concise"]
+    )
+    assert rc == 2 and "unknown label" in capsys.readouterr().err
+    assert math.isfinite(ev.validity.question_cv.mean_auc)
