@@ -28,6 +28,7 @@ from ks_lens.text_evaluator import (
     cross_val_proba,
     default_text_evaluator,
     held_out_scores,
+    prefix_views,
     validate_text_evaluator,
 )
 
@@ -118,7 +119,8 @@ def test_round_trip_equals_sklearn(evaluator, saved, train_texts, heldout_texts)
     assert loaded.n_training_texts == len(train_texts)
     # the reference: the fitted scikit-learn pipeline pieces, assembled independently
     cfg = evaluator.config
-    scaler = StandardScaler().fit(style_matrix([t.text for t in train_texts]))
+    seen = list(train_texts) + prefix_views(train_texts, cfg.prefix_words)  # what fit() trains on
+    scaler = StandardScaler().fit(style_matrix([t.text for t in seen]))
     x = sp.hstack(
         [
             evaluator.word_vectorizer.transform(heldout_texts),
@@ -346,3 +348,20 @@ def test_cli_train_text_evaluator(gold, tmp_path, capsys):
     )
     assert rc == 2 and "unknown label" in capsys.readouterr().err
     assert math.isfinite(ev.validity.question_cv.mean_auc)
+
+
+def test_prefix_views_keep_cut_answers_from_reading_as_concise(train_texts):
+    """A long single-tone answer cut after 24 words is still that tone, not "concise"."""
+    views = prefix_views(train_texts, 24)
+    assert views and all(len(v.labels) == 1 and len(v.text.split()) == 24 for v in views)
+    assert all(v.id.endswith("#prefix") for v in views)
+    long_texts = [t for t in train_texts if len(t.labels) == 1 and len(t.text.split()) > 40]
+    cut = [" ".join(t.text.split()[:20]) for t in long_texts]
+    concise = TONES.index("concise")
+    with_views = TextEvaluator.fit(train_texts, TONES)
+    without = TextEvaluator.fit(train_texts, TONES, TextEvaluatorConfig(prefix_words=None))
+    p_with = with_views.predict_proba(cut)[:, concise].mean()
+    p_without = without.predict_proba(cut)[:, concise].mean()
+    assert p_with < 0.2 and p_with < p_without
+    with pytest.raises(ValueError, match="prefix_words"):
+        TextEvaluatorConfig(prefix_words=0)
