@@ -51,7 +51,7 @@ class PipelineConfig:
     n_gold: int | None = None  # gold texts re-encoded for the response evaluator (None = all)
     n_calib: int = 12  # calibration questions
     n_eval: int = 32  # test questions, activation level
-    n_gen: int = 24  # test questions, generated text
+    n_gen: int = 16  # test questions, generated text (x 3 cells x methods x 4 alphas)
     batch_size: int = 16
     seed: int = 0
     device: str | None = None
