@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from jaxtyping import Int
 
+from ks_lens.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ChatPrompt:
@@ -57,7 +59,7 @@ def left_pad(
 ) -> TokenBatch:
     """Left-pad token id lists into a :class:`TokenBatch` (mask 0 on padding)."""
     if len(seqs) == 0:
-        raise ValueError("cannot pad an empty batch")
+        raise ConfigError("cannot pad an empty batch")
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -83,7 +85,7 @@ def format_chat(tokenizer: Any, prompt: ChatPrompt | str) -> str:
     if isinstance(prompt, str):
         prompt = ChatPrompt(user=prompt)
     if not isinstance(prompt.user, str) or not prompt.user.strip():
-        raise ValueError("a chat prompt needs a non-empty user message")
+        raise ConfigError("a chat prompt needs a non-empty user message")
     messages = []
     if prompt.system is not None:
         messages.append({"role": "system", "content": prompt.system})
@@ -111,7 +113,7 @@ def tokenize_texts(
     if isinstance(texts, str):
         raise TypeError("tokenize_texts takes a sequence of strings, not one string")
     if len(texts) == 0:
-        raise ValueError("cannot tokenize an empty batch")
+        raise ConfigError("cannot tokenize an empty batch")
     enc = tokenizer(
         list(texts),
         return_tensors="pt",

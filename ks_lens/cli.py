@@ -25,6 +25,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
 
 
+def _describe_os_error(e: OSError) -> str:
+    """``"runs/x: Permission denied"`` for an ``OSError`` (no errno number, no traceback)."""
+    what = e.strerror or str(e) or type(e).__name__
+    if e.filename is None:
+        return what
+    name = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    return f"{name}: {what}"
+
+
 def _labels(s: str | None) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()] if s else []
 
@@ -353,10 +362,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (KsLensError, ValueError, FileNotFoundError) as e:
-        # bad input: a clear one-line message, no traceback
+    except KsLensError as e:
+        # bad input or a damaged artefact: a clear message, no traceback
         print(f"ks-lens: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # the file system or the machine refused (permissions, full disk, missing file, ...)
+        print(f"ks-lens: error: {_describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        hint = getattr(args, "on_interrupt", None)
+        print(f"ks-lens: interrupted; {hint() if hint else 'nothing was saved'}", file=sys.stderr)
+        return 130
+    # anything else is a bug in ks-lens (or a library below it): let the traceback show
 
 
 if __name__ == "__main__":  # pragma: no cover

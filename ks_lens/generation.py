@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, tokenize_texts
+from ks_lens.errors import ConfigError
 
 
 @dataclass
@@ -87,7 +88,7 @@ def generate_from_batch(
     ``[batch, steps, vocab]`` (row ``b``, step ``t`` predicts new token ``t``).
     """
     if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1")
+        raise ConfigError("max_new_tokens must be at least 1")
     cfg = _generation_config(
         model,
         max_new_tokens=max_new_tokens,
@@ -143,7 +144,7 @@ def generate(
     state, so the same call gives the same texts.
     """
     if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
+        raise ConfigError("batch_size must be at least 1")
     prompts = list(prompts)
     if not prompts:
         return Generation([], [], [], [], [])

@@ -191,6 +191,13 @@ def model_signature(model: Any) -> dict[str, Any]:
     }
 
 
+def model_numerics(model: Any) -> dict[str, str]:
+    """The dtype and device type a model computes in: activations from ``bfloat16`` or a GPU
+    differ (slightly) from ``float32`` on a CPU, so stores record these and refuse a mix."""
+    p = next(model.original_model.parameters())
+    return {"dtype": str(p.dtype).removeprefix("torch."), "device": p.device.type}
+
+
 def check_signature(recorded: dict[str, Any], model: Any, what: str) -> None:
     """Raise :class:`MetadataMismatchError` unless ``model`` matches the signature an artefact
     recorded (model name, ``d_model``, ``n_layers``); ``what`` names the artefact in the message."""

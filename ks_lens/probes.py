@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ks_lens.activations import Activations
-from ks_lens.errors import LabelError, MetadataMismatchError, StoreError
+from ks_lens.errors import ConfigError, DatasetError, LabelError, MetadataMismatchError, StoreError
 from ks_lens.hooks import resid_hook
 from ks_lens.io import load_artifact, read_json, save_artifact
 from ks_lens.models import check_signature
@@ -58,15 +58,15 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("mlp", "linear"):
-            raise ValueError(f"probe kind must be 'mlp' or 'linear', got {self.kind!r}")
+            raise ConfigError(f"probe kind must be 'mlp' or 'linear', got {self.kind!r}")
         if self.loss not in ("bce", "ce"):
-            raise ValueError(f"probe loss must be 'bce' or 'ce', got {self.loss!r}")
+            raise ConfigError(f"probe loss must be 'bce' or 'ce', got {self.loss!r}")
         if self.kind == "mlp" and (self.hidden < 1 or self.depth < 1):
-            raise ValueError("an MLP probe needs hidden >= 1 and depth >= 1")
+            raise ConfigError("an MLP probe needs hidden >= 1 and depth >= 1")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs, batch_size and lr must be positive")
+            raise ConfigError("epochs, batch_size and lr must be positive")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError("val_fraction must be in [0, 1)")
+            raise ConfigError("val_fraction must be in [0, 1)")
 
     def dims(self, d_model: int, n_labels: int) -> list[int]:
         if self.kind == "linear":
@@ -335,14 +335,14 @@ def fit_probes(
     out, so a probe trained in a batch is the probe trained alone (up to float rounding).
     """
     if x.ndim != 3:
-        raise ValueError(f"x must be [n, probes, d_model], got shape {tuple(x.shape)}")
+        raise ConfigError(f"x must be [n, probes, d_model], got shape {tuple(x.shape)}")
     n, P, d = x.shape
     if y.shape != (n, len(label_names)):
-        raise ValueError(f"y must be [n, {len(label_names)}], got {tuple(y.shape)}")
+        raise ConfigError(f"y must be [n, {len(label_names)}], got {tuple(y.shape)}")
     if len(groups) != n:
-        raise ValueError("groups must have one entry per row")
+        raise ConfigError("groups must have one entry per row")
     if n < 2:
-        raise ValueError("need at least 2 labelled rows to train a probe")
+        raise DatasetError("need at least 2 labelled rows to train a probe")
     device = x.device
     gen = torch.Generator().manual_seed(config.seed)
     tr, va = split_by_group(groups, config.val_fraction, config.seed)
@@ -363,7 +363,7 @@ def fit_probes(
     yf = y.float().to(device)
     keys = list(range(P)) if init_keys is None else list(init_keys)
     if len(keys) != P:
-        raise ValueError("init_keys must have one entry per stacked probe")
+        raise ConfigError("init_keys must have one entry per stacked probe")
     params = [
         (w.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
         for w, b in _init_stack(
@@ -427,7 +427,7 @@ def fit_probes(
 def _labelled(acts: Activations) -> Activations:
     keep = (acts.labels >= 0).nonzero().squeeze(1)
     if len(keep) == 0:
-        raise ValueError(
+        raise DatasetError(
             "these activations have no labels (neutral mode?); probes need labelled rows"
         )
     return acts.select(keep) if len(keep) != len(acts) else acts
@@ -446,7 +446,7 @@ def train_probes(
     acts = _labelled(acts)
     layers = list(acts.layers if layers is None else layers)
     if not layers:
-        raise ValueError("no layers to train on")
+        raise ConfigError("no layers to train on")
     x = torch.stack([acts.at(layer, kind) for layer in layers], dim=1)
     if device is not None:
         x = x.to(device)

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ks_lens.errors import ConfigError
+
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -28,7 +30,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here")
+        raise ConfigError(f"device {str(device)!r} requested but CUDA is not available here")
     return dev
 
 
@@ -40,7 +42,7 @@ def resolve_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}")
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}")
     return _DTYPES[key]
 
 

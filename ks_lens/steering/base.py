@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from ks_lens.errors import LabelError, MetadataMismatchError
+from ks_lens.errors import ConfigError, LabelError, MetadataMismatchError
 from ks_lens.hooks import check_steerable
 from ks_lens.steering.positions import PositionTracker, check_positions, select_whole_call
 
@@ -69,7 +69,7 @@ class SteeringSpec:
             or isinstance(alpha, bool)
             or not math.isfinite(alpha)
         ):
-            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+            raise ConfigError(f"alpha must be a finite number, got {alpha!r}")
         return cls(t, a, float(alpha))
 
 
@@ -241,7 +241,7 @@ class Steerer(ABC):
         else:
             names = list(hook_names)
         if not names:
-            raise ValueError("no hook points to steer at")
+            raise ConfigError("no hook points to steer at")
         for name in names:
             check_steerable(model, name)
             if name != self.hook_name and not allow_other_hooks:
