@@ -168,3 +168,41 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="rebuilding"):
         dm.ensure_default_model()
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("name", ["", "  ", None])
+def test_empty_model_name_is_refused(name):
+    with pytest.raises(UnknownModelError, match="model name must be a non-empty string"):
+        ks.load_model(name)
+
+
+def test_garbage_gguf_is_a_model_load_error(tmp_path):
+    for i, data in enumerate([b"GGUF" + b"\x00" * 50, b"junk", b"GGUF\x03\x00\x00\x00\xff"]):
+        f = tmp_path / f"m{i}.gguf"
+        f.write_bytes(data)
+        with pytest.raises(ModelLoadError, match=r"could not be read as a GGUF model"):
+            ks.load_model(str(f))
+
+
+def test_pickled_checkpoints_are_refused_before_loading(tiny_model, tmp_path, monkeypatch):
+    d = tmp_path / "ckpt"
+    tiny_model.original_model.config.save_pretrained(d)
+    tiny_model.tokenizer.save_pretrained(d)
+    torch.save({"model.embed_tokens.weight": torch.zeros(2)}, d / "pytorch_model.bin")
+    unpickled = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a))
+    with pytest.raises(
+        ModelLoadError,
+        match=r"only pickled weights \(pytorch_model.bin\); .*only safetensors or GGUF",
+    ):
+        ks.load_model(str(d))
+    assert unpickled == []
+    (d / "pytorch_model.bin").unlink()
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors weights"):
+        ks.load_model(str(d))
+
+
+@pytest.mark.parametrize("device", ["garbage", "tpu", "cuda:banana"])
+def test_unknown_device_is_a_config_error(device):
+    with pytest.raises(ks.ConfigError, match=f"unknown device '{device}'; use cpu, cuda"):
+        ks.load_model("tiny-random-llama", device=device)
