@@ -43,7 +43,14 @@ from jaxtyping import Float, Int
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, left_pad
+from ks_lens.chat import (
+    ChatPrompt,
+    TokenBatch,
+    check_context,
+    context_window,
+    format_chat,
+    left_pad,
+)
 from ks_lens.datasets import BehaviourDataset
 from ks_lens.errors import ConfigError, DatasetError, StoreError
 from ks_lens.generation import generate_from_batch
@@ -430,6 +437,16 @@ def _plan(
     rows = plan_rows(dataset, spec.mode)
     if not rows:
         raise DatasetError(f"dataset {dataset.name!r} has no questions: nothing to collect")
+    # refuse a question that cannot fit in the context window before any compute
+    if context_window(model) is not None:
+        extra = spec.max_new_tokens if spec.mode in ("response", "response-only") else 0
+        seen: set[tuple[str, str | None]] = set()
+        for r in rows:
+            key = (r.question, r.system)
+            if key not in seen:
+                seen.add(key)
+                n = len(_encode_ids(model.tokenizer, ChatPrompt(*key)))
+                check_context(model, n, extra, what=f"question {r.question_id!r} (as prompted)")
     return spec, rows
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from jaxtyping import Int
 
-from ks_lens.errors import ConfigError
+from ks_lens.errors import ConfigError, ContextLengthError
 
 
 @dataclass(frozen=True)
@@ -125,18 +125,59 @@ def tokenize_texts(
     return batch.to(device) if device is not None else batch
 
 
+def as_prompt_list(
+    prompts: Sequence[ChatPrompt | str] | ChatPrompt | str,
+) -> list[ChatPrompt | str]:
+    """A single string or :class:`ChatPrompt` is one prompt (not one prompt per character)."""
+    if isinstance(prompts, (str, ChatPrompt)):
+        return [prompts]
+    return list(prompts)
+
+
+def context_window(model: Any) -> int | None:
+    """The model's context window in tokens (``cfg.n_ctx``), or ``None`` if unknown."""
+    n = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_context(
+    model: Any, n_tokens: int, max_new_tokens: int = 0, what: str = "the prompt"
+) -> None:
+    """Refuse ``n_tokens`` prompt tokens (plus ``max_new_tokens`` to generate) that do not fit in
+    the model's context window: positions beyond it give garbage after minutes of compute."""
+    n_ctx = context_window(model)
+    if n_ctx is None or n_tokens + max_new_tokens <= n_ctx:
+        return
+    if n_tokens > n_ctx or max_new_tokens == 0:
+        raise ContextLengthError(
+            f"{what} has {n_tokens} tokens, more than the model's context window of {n_ctx} "
+            "tokens; shorten it"
+        )
+    raise ContextLengthError(
+        f"{what} ({n_tokens} tokens) plus max_new_tokens={max_new_tokens} does not fit in the "
+        f"model's context window of {n_ctx} tokens; shorten it or lower max_new_tokens to at "
+        f"most {n_ctx - n_tokens}"
+    )
+
+
 def tokenize_chat(
     model_or_tokenizer: Any,
-    prompts: Sequence[ChatPrompt | str],
+    prompts: Sequence[ChatPrompt | str] | ChatPrompt | str,
     *,
     device: torch.device | str | None = None,
 ) -> TokenBatch:
     """Format each prompt with the chat template and tokenize them as one left-padded batch.
 
-    ``device=None`` uses the model's device when a model is passed.
+    A single string or :class:`ChatPrompt` is one prompt. ``device=None`` uses the model's
+    device when a model is passed; a model also has its context window checked.
     """
     tok = get_tokenizer(model_or_tokenizer)
     if device is None and hasattr(model_or_tokenizer, "original_model"):
         device = next(model_or_tokenizer.original_model.parameters()).device
-    texts = [format_chat(tok, p) for p in prompts]
-    return tokenize_texts(tok, texts, device=device)
+    texts = [format_chat(tok, p) for p in as_prompt_list(prompts)]
+    batch = tokenize_texts(tok, texts, device=device)
+    if model_or_tokenizer is not tok:
+        longest = int(batch.lengths.argmax())
+        what = "the prompt" if len(batch) == 1 else f"prompt {longest + 1} of {len(batch)}"
+        check_context(model_or_tokenizer, int(batch.lengths[longest]), what=what)
+    return batch

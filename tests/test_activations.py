@@ -248,7 +248,10 @@ def test_store_records_dtype_and_refuses_to_mix_it(tiny_model, tiny_dataset, tmp
     with pytest.raises(KeyboardInterrupt):
         collect_to_store(bf16, ds, tmp_path / "s", shard_rows=4, progress=False)
     monkeypatch.setattr(A, "_collect_chunk", real)
-    assert ActivationStore(tmp_path / "s").meta["numerics"] == {"dtype": "bfloat16", "device": "cpu"}
+    assert ActivationStore(tmp_path / "s").meta["numerics"] == {
+        "dtype": "bfloat16",
+        "device": "cpu",
+    }
     # an interrupted bf16 store is not finished in fp32 ...
     with pytest.raises(StoreError, match=r"numerics: stored .*bfloat16.*dtype='bfloat16'"):
         collect_to_store(tiny_model, ds, tmp_path / "s", shard_rows=4, progress=False)
@@ -265,7 +268,9 @@ def test_store_metadata_is_checksummed(tiny_model, tiny_dataset, tmp_path):
     meta = json.loads(path.read_text())
     meta["dataset"]["labels"] = list(reversed(meta["dataset"]["labels"]))  # would swap labels
     path.write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match=r"modified after saving.*Delete the directory .*/s and rerun"):
+    with pytest.raises(
+        StoreError, match=r"modified after saving.*Delete the directory .*/s and rerun"
+    ):
         ActivationStore(tmp_path / "s")
     path.write_text("{broken")
     with pytest.raises(StoreError, match="not valid JSON.*Delete the directory"):
@@ -276,3 +281,21 @@ def test_store_output_that_is_a_file(tiny_model, tiny_dataset, tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(StoreError, match="is an existing file"):
         collect_to_store(tiny_model, tiny_dataset.head(2), tmp_path / "f", progress=False)
+
+
+def test_questions_too_long_for_the_context_are_refused_before_compute(
+    tiny_model, tiny_dataset, monkeypatch
+):
+    from ks_lens.datasets import Question
+
+    ds = tiny_dataset.with_questions([*tiny_dataset.questions[:2], Question("long", "w " * 600)])
+    monkeypatch.setattr(A, "_collect_chunk", lambda *a, **k: pytest.fail("computed"))
+    with pytest.raises(
+        ks.ContextLengthError, match=r"question 'long' \(as prompted\) has \d+ tokens, more than"
+    ):
+        collect_activations(tiny_model, ds, progress=False)
+    monkeypatch.undo()
+    ds = tiny_dataset.with_questions([Question("edge", "w " * 450)])  # fits, but not with answers
+    collect_activations(tiny_model, ds, mode="neutral", layers=[0], progress=False)
+    with pytest.raises(ks.ContextLengthError, match="plus max_new_tokens=48"):
+        collect_activations(tiny_model, ds, mode="response", progress=False)
