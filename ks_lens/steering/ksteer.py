@@ -34,6 +34,7 @@ vector-Jacobian product.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -226,18 +227,23 @@ class KSteering(_ProbeSteerer):
         temperature: float = 1.0,
     ):
         super().__init__(probe)
-        if not isinstance(steps, int) or steps < 1:
-            raise ConfigError("steps must be a positive int")
-        if not 0 < decay <= 1:
-            raise ConfigError("decay must be in (0, 1]")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"steps must be a positive int, got {steps!r}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+            raise ConfigError(f"decay must be in (0, 1], got {decay!r}")
         if step_norm not in STEP_NORMS:
             raise ConfigError(f"unknown step_norm {step_norm!r}; use one of {STEP_NORMS}")
         if objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
         if combine not in COMBINES:
             raise ConfigError(f"unknown combine {combine!r}; use one of {COMBINES}")
-        if temperature <= 0:
-            raise ConfigError("temperature must be positive")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature)
+            or temperature <= 0
+        ):
+            raise ConfigError(f"temperature must be a positive finite number, got {temperature!r}")
         self.steps = steps
         self.decay = float(decay)
         self.step_norm = step_norm
