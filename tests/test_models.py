@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import zipfile
 
@@ -206,3 +207,39 @@ def test_pickled_checkpoints_are_refused_before_loading(tiny_model, tmp_path, mo
 def test_unknown_device_is_a_config_error(device):
     with pytest.raises(ks.ConfigError, match=f"unknown device '{device}'; use cpu, cuda"):
         ks.load_model("tiny-random-llama", device=device)
+
+
+def test_same_size_corruption_of_the_cache_is_detected_by_checksum(tmp_path, monkeypatch):
+    monkeypatch.setenv("KS_LENS_CACHE", str(tmp_path))
+    builds = []
+
+    def fake_convert(gguf, out_dir):
+        builds.append(gguf)
+        (out_dir / "model.safetensors").write_bytes(b"0123456789")
+        (out_dir / "config.json").write_text("{}")
+
+    fake_gguf = tmp_path / "m.gguf"
+    fake_gguf.write_bytes(b"gguf")
+    monkeypatch.setattr(dm, "_convert", fake_convert)
+    monkeypatch.setattr(dm, "_locate_source", lambda: ("gguf", fake_gguf))
+    hashed = []
+    real_sha = dm.sha256_file
+    monkeypatch.setattr(dm, "sha256_file", lambda p: hashed.append(p.name) or real_sha(p))
+    d = dm.ensure_default_model()
+    assert len(builds) == 1 and sorted(hashed) == ["config.json", "model.safetensors"]
+    hashed.clear()
+    assert dm.ensure_default_model() == d  # first load after conversion: every file hashed
+    assert sorted(hashed) == ["config.json", "model.safetensors"]
+    hashed.clear()
+    assert dm.ensure_default_model() == d and hashed == []  # afterwards: unchanged files, no hash
+    (d / "model.safetensors").write_bytes(b"9876543210")  # same size, other bytes
+    with pytest.warns(UserWarning, match=r"rebuilding it \(model.safetensors does not match"):
+        dm.ensure_default_model()
+    assert len(builds) == 2 and (d / "model.safetensors").read_bytes() == b"0123456789"
+    # a cache made before checksums were recorded is rebuilt once
+    manifest = json.loads((d / dm.MANIFEST).read_text())
+    del manifest["sha256"]
+    (d / dm.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="no checksums in the manifest"):
+        dm.ensure_default_model()
+    assert len(builds) == 3
