@@ -172,7 +172,9 @@ def test_question_files_that_are_not_utf8_name_file_and_line(tmp_path):
 
 def test_question_text_of_the_wrong_type_is_named(tmp_path):
     p = _write(tmp_path, "q.jsonl", '{"text": "ok?"}\n{"text": 123}\n')
-    with pytest.raises(DatasetError, match=r"q\.jsonl:2: field 'text' must be a string, got int 123"):
+    with pytest.raises(
+        DatasetError, match=r"q\.jsonl:2: field 'text' must be a string, got int 123"
+    ):
         load_questions(p)
 
 
