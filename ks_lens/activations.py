@@ -766,6 +766,9 @@ def collect_to_store(
                 f"({damaged[0]}{', ...' if len(damaged) > 1 else ''})",
                 stacklevel=2,
             )
+        # temporary files of writes cut short by a hard kill (SIGKILL, power loss)
+        for tmp in [*out.glob(".*.tmp"), *(out / "shards").glob(".*.tmp")]:
+            tmp.unlink(missing_ok=True)
         meta = dict(old)
         meta["shards"] = good
         meta["status"] = "incomplete"
