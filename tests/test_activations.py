@@ -250,7 +250,7 @@ def test_store_records_dtype_and_refuses_to_mix_it(tiny_model, tiny_dataset, tmp
     monkeypatch.setattr(A, "_collect_chunk", real)
     assert ActivationStore(tmp_path / "s").meta["numerics"] == {
         "dtype": "bfloat16",
-        "device": "cpu",
+        "device": next(bf16.original_model.parameters()).device.type,
     }
     # an interrupted bf16 store is not finished in fp32 ...
     with pytest.raises(StoreError, match=r"numerics: stored .*bfloat16.*dtype='bfloat16'"):
