@@ -5,7 +5,9 @@ old file or the new one, never a half-written file that looks complete.
 
 An artefact directory holds ``tensors.safetensors`` and ``meta.json``. ``meta.json`` carries a
 ``format`` tag, the artefact's metadata (model, hook point, layer, label names, dataset hash, ...),
-the versions that produced it, and the size and SHA-256 of the tensor file, which loading checks.
+the versions that produced it, the size and SHA-256 of the tensor file, and (format version 2) a
+SHA-256 of its own contents (``meta_sha256``); loading checks all three. A directory holds one
+artefact: saving over another kind (or over unrelated files) is refused.
 """
 
 from __future__ import annotations

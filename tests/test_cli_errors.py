@@ -201,6 +201,10 @@ def test_steer_refuses_flags_that_do_not_apply(artefacts, capsys):
     )
     assert main([*steer, "--alpha", "-1", "--vectors", str(artefacts / "v")]) == 2
     assert "alpha must be >= 0" in capsys.readouterr().err
+    assert main(steer) == 2
+    both = [*steer, "--vectors", str(artefacts / "v"), "--classifier", str(artefacts / "p")]
+    assert main(both) == 2
+    assert capsys.readouterr().err.count("give exactly one of --classifier DIR") == 2
 
 
 def test_ctrl_c_during_collect_says_what_was_saved_and_resumes(tmp_path, monkeypatch, capsys):
