@@ -531,20 +531,23 @@ class ActivationStore:
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise StoreError(f"no activation store at {self.path} (missing meta.json)")
+        # without a trustworthy index nothing here can be verified or resumed: start over
+        fix = f"Delete the directory {self.path} and rerun the collect command to re-create it."
         try:
             meta = read_json(meta_path, what="activation store metadata")
-            if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
-                raise StoreError(f"{self.path} is not a ks-lens activation store")
-            check_meta_checksum(meta, meta_path, "activation store metadata")
-            missing = [k for k in _REQUIRED_KEYS if k not in meta]
-            if missing:
-                raise StoreError(f"activation store metadata {meta_path} lacks {missing}")
         except StoreError as e:
-            # without a trustworthy index nothing in the directory can be verified or resumed
-            raise StoreError(
-                f"{e}. Delete the directory {self.path} and rerun the collect command to "
-                "re-create the store."
-            ) from None
+            raise StoreError(f"{e}. {fix}") from None
+        if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            held = f" (it holds {found!r})" if found else ""
+            raise StoreError(f"{self.path} is not a ks-lens activation store{held}")
+        try:
+            check_meta_checksum(meta, meta_path, "activation store metadata")
+        except StoreError as e:
+            raise StoreError(f"{e} {fix}") from None
+        missing = [k for k in _REQUIRED_KEYS if k not in meta]
+        if missing:
+            raise StoreError(f"activation store metadata {meta_path} lacks {missing}. {fix}")
         self.meta: dict[str, Any] = meta
 
     # -- properties

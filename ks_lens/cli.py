@@ -55,6 +55,14 @@ def _layer_list(value: str) -> list[int] | None:
     return layers
 
 
+_ARTEFACT_NAMES = {
+    "ks_lens.probe": "a probe",
+    "ks_lens.probe_set": "a probe set",
+    "ks_lens.steering_vectors": "steering vectors",
+    "ks_lens.activation_store": "an activation store",
+}
+
+
 def _check_out(
     path: str, *, holds: tuple[str, ...] = (), what: str = "", overwrite: bool = False
 ) -> Path:
@@ -69,18 +77,16 @@ def _check_out(
         found = artifact_format(out)
         if found is None:
             raise ConfigError(
-                f"--out {out} is a non-empty directory that does not hold a {what}; "
+                f"--out {out} is a non-empty directory that does not hold {what}; "
                 "choose a new or empty directory"
             )
+        name = _ARTEFACT_NAMES.get(found, found)
         if found and found not in holds:
-            raise ConfigError(
-                f"--out {out} holds a {found.removeprefix('ks_lens.')}, not a {what}; "
-                "choose another directory"
-            )
+            raise ConfigError(f"--out {out} holds {name}, not {what}; choose another directory")
         if found and not overwrite:
             raise ConfigError(
-                f"--out {out} already holds a {found.removeprefix('ks_lens.').replace('_', ' ')}; "
-                "pass --overwrite to replace it, or choose another directory"
+                f"--out {out} already holds {name}; pass --overwrite to replace it, or choose "
+                "another directory"
             )
     parent = out
     while not parent.exists():
@@ -205,7 +211,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = _check_out(
         args.out,
         holds=("ks_lens.probe", "ks_lens.probe_set"),
-        what="probe or probe set",
+        what="a probe or probe set",
         overwrite=args.overwrite,
     )
     cfg = ProbeConfig(
@@ -247,7 +253,7 @@ def cmd_vectors(args: argparse.Namespace) -> int:
     out = _check_out(
         args.out,
         holds=("ks_lens.steering_vectors",),
-        what="set of steering vectors",
+        what="steering vectors",
         overwrite=args.overwrite,
     )
     store = ActivationStore(args.acts)

@@ -275,6 +275,15 @@ def test_store_metadata_is_checksummed(tiny_model, tiny_dataset, tmp_path):
     path.write_text("{broken")
     with pytest.raises(StoreError, match="not valid JSON.*Delete the directory"):
         collect_to_store(tiny_model, tiny_dataset.head(2), tmp_path / "s", progress=False)
+    # another artefact is not damage: no advice to delete it
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "meta.json").write_text(json.dumps({"format": "ks_lens.probe"}))
+    with pytest.raises(StoreError) as e:
+        ActivationStore(tmp_path / "p")
+    assert (
+        str(e.value)
+        == f"{tmp_path / 'p'} is not a ks-lens activation store (it holds 'ks_lens.probe')"
+    )
 
 
 def test_store_output_that_is_a_file(tiny_model, tiny_dataset, tmp_path):

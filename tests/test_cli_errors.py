@@ -115,11 +115,11 @@ def test_train_never_hides_or_overwrites_probes_silently(store, tmp_path, capsys
 def test_vectors_output_is_not_overwritten_silently(store, artefacts, capsys):
     vec = ["vectors", "--acts", str(store), "--layer", "1", "--out", str(artefacts / "v")]
     assert main(vec) == 2
-    assert "already holds a steering vectors; pass --overwrite" in capsys.readouterr().err
+    assert "already holds steering vectors; pass --overwrite" in capsys.readouterr().err
     assert (
         main(["vectors", "--acts", str(store), "--layer", "1", "--out", str(artefacts / "p")]) == 2
     )
-    assert "holds a probe, not a set of steering vectors" in capsys.readouterr().err
+    assert "holds a probe, not steering vectors" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("lr", ["inf", "nan", "-1"])
