@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, tokenize_chat, tokenize_texts
 from ks_lens.errors import (
+    ConfigError,
+    ContextLengthError,
     DatasetError,
     HookPointError,
     KsLensError,
@@ -21,6 +23,7 @@ from ks_lens.errors import (
     MetadataMismatchError,
     ModelLoadError,
     StoreError,
+    TrainingError,
     UnknownModelError,
 )
 from ks_lens.generation import Generation, generate
@@ -30,6 +33,8 @@ from ks_lens.models import NAMED_MODELS, load_model, model_signature
 __all__ = [
     "NAMED_MODELS",
     "ChatPrompt",
+    "ConfigError",
+    "ContextLengthError",
     "DatasetError",
     "Generation",
     "HookPointError",
@@ -39,6 +44,7 @@ __all__ = [
     "ModelLoadError",
     "StoreError",
     "TokenBatch",
+    "TrainingError",
     "UnknownModelError",
     "__version__",
     "check_hook_name",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +43,27 @@ from jaxtyping import Float, Int
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, left_pad
+from ks_lens.chat import (
+    ChatPrompt,
+    TokenBatch,
+    check_context,
+    context_window,
+    format_chat,
+    left_pad,
+)
 from ks_lens.datasets import BehaviourDataset, base_labels, multi_hot
-from ks_lens.errors import StoreError
+from ks_lens.errors import ConfigError, DatasetError, StoreError
 from ks_lens.generation import generate_from_batch
 from ks_lens.hooks import RESID_KINDS, check_layer, resid_hook
-from ks_lens.io import atomic_save_safetensors, atomic_write_json, read_json, sha256_file
-from ks_lens.models import check_signature, model_device, model_signature
+from ks_lens.io import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    check_meta_checksum,
+    read_json,
+    sha256_file,
+    with_meta_checksum,
+)
+from ks_lens.models import check_signature, model_device, model_numerics, model_signature
 
 Mode = Literal["prompt", "response", "response-only", "neutral"]
 MODES: tuple[str, ...] = ("prompt", "response", "response-only", "neutral")
@@ -149,7 +164,7 @@ class Row:
 def plan_rows(dataset: BehaviourDataset, mode: str) -> list[Row]:
     """The rows a collection produces, in a fixed order (question-major, then label)."""
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+        raise ConfigError(f"unknown mode {mode!r}; use one of {MODES}")
     if mode == "neutral":
         return [Row(q.id, q.text, -1, None) for q in dataset.questions]
     return [
@@ -184,7 +199,7 @@ def capture_batch(
     Hook names must be residual hooks; the pass stops after the last one fires.
     """
     if position not in POSITIONS:
-        raise ValueError(f"unknown position {position!r}; use one of {POSITIONS}")
+        raise ConfigError(f"unknown position {position!r}; use one of {POSITIONS}")
     from ks_lens.hooks import parse_resid_hook
 
     parsed = [parse_resid_hook(n) for n in hook_names]
@@ -192,7 +207,7 @@ def capture_batch(
     store: dict[int, torch.Tensor] = {}
     if position == "mean_response":
         if response_start is None:
-            raise ValueError("position='mean_response' needs response_start")
+            raise ConfigError("position='mean_response' needs response_start")
         width = batch.input_ids.shape[1]
         start_abs = batch.n_pad.to(response_start.device) + response_start
         pos = torch.arange(width, device=batch.input_ids.device)
@@ -239,18 +254,18 @@ class CollectSpec:
 
     def validate(self, model: Any) -> CollectSpec:
         if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; use one of {MODES}")
+            raise ConfigError(f"unknown mode {self.mode!r}; use one of {MODES}")
         if self.position not in POSITIONS:
-            raise ValueError(f"unknown position {self.position!r}; use one of {POSITIONS}")
+            raise ConfigError(f"unknown position {self.position!r}; use one of {POSITIONS}")
         if self.position == "mean_response" and self.mode not in ("response", "response-only"):
-            raise ValueError("position='mean_response' needs mode 'response' or 'response-only'")
+            raise ConfigError("position='mean_response' needs mode 'response' or 'response-only'")
         for k in self.hook_kinds:
             if k not in RESID_KINDS:
-                raise ValueError(f"unknown hook kind {k!r}; use some of {RESID_KINDS}")
+                raise ConfigError(f"unknown hook kind {k!r}; use some of {RESID_KINDS}")
         if not self.hook_kinds:
-            raise ValueError("hook_kinds must name at least one residual hook kind")
+            raise ConfigError("hook_kinds must name at least one residual hook kind")
         if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be positive")
+            raise ConfigError("batch_size and max_new_tokens must be positive")
         n = int(model.cfg.n_layers)
         layers = (
             tuple(range(n))
@@ -258,7 +273,7 @@ class CollectSpec:
             else tuple(sorted({check_layer(model, int(x)) for x in self.layers}))
         )
         if not layers:
-            raise ValueError("layers must not be empty")
+            raise ConfigError("layers must not be empty")
         return CollectSpec(
             self.mode,
             layers,
@@ -366,14 +381,21 @@ def _chunks(
     rows: Sequence[Row],
     spec: CollectSpec,
     chunk_rows: int,
-    start_row: int,
+    starts: Sequence[int],
     responses: Responses | None,
     progress: bool,
     desc: str,
 ) -> Iterator[tuple[int, _Chunk]]:
-    bar = tqdm(total=len(rows), initial=start_row, desc=desc, unit="row", disable=not progress)
+    """Collect the chunks ``rows[lo : lo + chunk_rows]`` for each ``lo`` in ``starts``.
+
+    A chunk's rows and seeds depend only on ``lo``, so any subset of chunks (a resumed run,
+    a repair of damaged shards) gives the same numbers as a run that collects them all."""
+    todo = sum(len(rows[lo : lo + chunk_rows]) for lo in starts)
+    bar = tqdm(
+        total=len(rows), initial=len(rows) - todo, desc=desc, unit="row", disable=not progress
+    )
     try:
-        for lo in range(start_row, len(rows), chunk_rows):
+        for lo in starts:
             chunk = _collect_chunk(
                 model, rows[lo : lo + chunk_rows], spec, responses=responses, seed_offset=lo
             )
@@ -388,6 +410,7 @@ def _base_meta(
 ) -> dict[str, Any]:
     return {
         "model": model_signature(model),
+        "numerics": model_numerics(model),
         "dataset": {
             "name": dataset.name,
             "hash": dataset.content_hash(),
@@ -424,7 +447,17 @@ def _plan(
     ).validate(model)
     rows = plan_rows(dataset, spec.mode)
     if not rows:
-        raise ValueError("the dataset yields no rows to collect")
+        raise DatasetError(f"dataset {dataset.name!r} has no questions: nothing to collect")
+    # refuse a question that cannot fit in the context window before any compute
+    if context_window(model) is not None:
+        extra = spec.max_new_tokens if spec.mode in ("response", "response-only") else 0
+        seen: set[tuple[str, str | None]] = set()
+        for r in rows:
+            key = (r.question, r.system)
+            if key not in seen:
+                seen.add(key)
+                n = len(_encode_ids(model.tokenizer, ChatPrompt(*key)))
+                check_context(model, n, extra, what=f"question {r.question_id!r} (as prompted)")
     return spec, rows
 
 
@@ -454,7 +487,14 @@ def collect_activations(
     parts = [
         c
         for _, c in _chunks(
-            model, rows, spec, max(256, batch_size), 0, responses, progress, f"collect {spec.mode}"
+            model,
+            rows,
+            spec,
+            max(256, batch_size),
+            range(0, len(rows), max(256, batch_size)),
+            responses,
+            progress,
+            f"collect {spec.mode}",
         )
     ]
     return _assemble(
@@ -485,14 +525,16 @@ def _assemble(
 # ----------------------------------------------------------------------------- the on-disk store
 
 
-_RESUME_KEYS = ("model", "dataset", "split", "collect", "n_rows", "shard_rows")
+_RESUME_KEYS = ("model", "numerics", "dataset", "split", "collect", "n_rows", "shard_rows")
+_REQUIRED_KEYS = ("status", "model", "dataset", "collect", "n_rows", "shards")
 
 
 class ActivationStore:
     """A directory of activation shards: ``meta.json`` + ``shards/shard-NNNNN.{safetensors,json}``.
 
-    ``meta.json`` lists the complete shards with their sizes and SHA-256; it is rewritten
-    atomically after each shard, and ``status`` becomes ``"complete"`` at the end.
+    ``meta.json`` lists the complete shards with their sizes and SHA-256, and a SHA-256 of
+    itself; it is rewritten atomically after each shard, and ``status`` becomes ``"complete"``
+    at the end.
     """
 
     def __init__(self, path: str | Path):
@@ -500,9 +542,23 @@ class ActivationStore:
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise StoreError(f"no activation store at {self.path} (missing meta.json)")
-        meta = read_json(meta_path, what="activation store metadata")
+        # without a trustworthy index nothing here can be verified or resumed: start over
+        fix = f"Delete the directory {self.path} and rerun the collect command to re-create it."
+        try:
+            meta = read_json(meta_path, what="activation store metadata")
+        except StoreError as e:
+            raise StoreError(f"{e}. {fix}") from None
         if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
-            raise StoreError(f"{self.path} is not a ks-lens activation store")
+            found = meta.get("format") if isinstance(meta, dict) else None
+            held = f" (it holds {found!r})" if found else ""
+            raise StoreError(f"{self.path} is not a ks-lens activation store{held}")
+        try:
+            check_meta_checksum(meta, meta_path, "activation store metadata")
+        except StoreError as e:
+            raise StoreError(f"{e} {fix}") from None
+        missing = [k for k in _REQUIRED_KEYS if k not in meta]
+        if missing:
+            raise StoreError(f"activation store metadata {meta_path} lacks {missing}. {fix}")
         self.meta: dict[str, Any] = meta
 
     # -- properties
@@ -539,14 +595,19 @@ class ActivationStore:
         """Refuse use with a model other than the one the activations came from."""
         check_signature(self.meta["model"], model, f"activation store {self.path}")
 
+    def problems(self) -> list[str]:
+        """What is wrong with each damaged listed shard (missing, truncated, altered files)."""
+        return [p for s in self.meta["shards"] if (p := _shard_problem(self.path, s))]
+
     def verify(self) -> None:
         """Check every listed shard's files, sizes and checksums."""
-        for s in self.meta["shards"]:
-            problem = _shard_problem(self.path, s)
-            if problem:
-                raise StoreError(
-                    f"{problem}; delete it and rerun the same collect command to recollect it"
-                )
+        problems = self.problems()
+        if problems:
+            more = f" (and {len(problems) - 1} more damaged shard(s))" if len(problems) > 1 else ""
+            raise StoreError(
+                f"{problems[0]}{more}; rerun the same collect command to re-collect the damaged "
+                "shards (the intact ones are kept)"
+            )
 
     # -- reading
     def load(
@@ -592,7 +653,7 @@ class ActivationStore:
             qids.extend(rows["question_ids"])
             texts.extend(rows.get("texts") or [None] * len(rows["labels"]))
         d = int(self.meta["model"]["d_model"])
-        meta = {k: v for k, v in self.meta.items() if k != "shards"}
+        meta = {k: v for k, v in self.meta.items() if k not in ("shards", "meta_sha256")}
         meta["store"] = str(self.path)
         return Activations(
             {k: (torch.cat(v) if v else torch.empty(0, len(want), d)) for k, v in acts.items()},
@@ -661,20 +722,24 @@ def collect_to_store(
 ) -> ActivationStore:
     """Collect to an on-disk store, resuming an interrupted run with the same settings.
 
-    A store with the same settings continues after its last complete shard (shards written
-    after the last metadata update are redone); a store with other settings is refused.
+    A store with the same settings keeps every shard that verifies and collects the others
+    (unfinished, missing or damaged ones, with a warning for damage), so rerunning the same call
+    finishes or repairs it; the result equals an uninterrupted run. A store with other settings
+    (including the model's dtype and device type) is refused.
     """
     from ks_lens.utils import versions
 
-    if shard_rows < 1:
-        raise ValueError("shard_rows must be positive")
+    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
+        raise ConfigError(f"shard_rows must be a positive int, got {shard_rows!r}")
     spec, rows = _plan(
         model, dataset, mode, layers, hook_kinds, position, batch_size, max_new_tokens, seed
     )
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out} is an existing file; an activation store is a directory")
     fresh = {
         "format": STORE_FORMAT,
-        "format_version": 1,
+        "format_version": 2,
         "status": "incomplete",
         **_base_meta(model, dataset, spec, split, len(rows)),
         "shard_rows": shard_rows,
@@ -691,36 +756,54 @@ def collect_to_store(
             detail = "; ".join(
                 f"{k}: stored {old.get(k)!r} vs requested {fresh.get(k)!r}" for k in diffs
             )
+            hint = ""
+            if "numerics" in diffs and isinstance(old.get("numerics"), dict):
+                n = old["numerics"]
+                hint = f" To finish or reuse it, load the model with dtype={n.get('dtype')!r} on a {n.get('device')} device."
             raise StoreError(
                 f"{out} already holds activations collected with other settings ({detail}). "
-                "Use another --out directory or delete this one."
+                f"Use another --out directory or delete this one.{hint}"
             )
-        if store.complete:
-            store.verify()
-            return store
-        # keep the longest prefix of shards that verifies; redo the rest
-        good: list[dict[str, Any]] = []
+        # keep every shard that verifies; re-collect the missing, damaged and unfinished ones
+        good, damaged = [], []
         for s in old["shards"]:
-            if _shard_problem(out, s):
-                break
-            good.append(s)
+            problem = _shard_problem(out, s)
+            if problem:
+                damaged.append(problem)
+            else:
+                good.append(s)
+        if store.complete and not damaged:
+            return store
+        if damaged:
+            warnings.warn(
+                f"activation store {out}: re-collecting {len(damaged)} damaged shard(s) "
+                f"({damaged[0]}{', ...' if len(damaged) > 1 else ''})",
+                stacklevel=2,
+            )
+        # temporary files of writes cut short by a hard kill (SIGKILL, power loss)
+        for tmp in [*out.glob(".*.tmp"), *(out / "shards").glob(".*.tmp")]:
+            tmp.unlink(missing_ok=True)
         meta = dict(old)
         meta["shards"] = good
+        meta["status"] = "incomplete"
+        meta.pop("completed", None)
+        _write_store_meta(meta_path, meta)
     else:
         if out.exists() and any(out.iterdir()):
             raise StoreError(
                 f"{out} exists and is not an activation store; choose an empty or new directory"
             )
         meta = fresh
-        atomic_write_json(meta_path, meta)
-    start = sum(s["rows"][1] - s["rows"][0] for s in meta["shards"])
+        _write_store_meta(meta_path, meta)
+    done = {s["rows"][0] for s in meta["shards"]}
+    starts = [lo for lo in range(0, len(rows), shard_rows) if lo not in done]
     (out / "shards").mkdir(parents=True, exist_ok=True)
     for lo, chunk in _chunks(
         model,
         rows,
         spec,
         shard_rows,
-        start,
+        starts,
         responses,
         progress,
         f"collect {spec.mode} -> {out.name}",
@@ -745,8 +828,13 @@ def collect_to_store(
                 "rows_file": _shard_record(out, rname),
             }
         )
-        atomic_write_json(meta_path, meta)
+        meta["shards"].sort(key=lambda s: s["rows"][0])
+        _write_store_meta(meta_path, meta)
     meta["status"] = "complete"
     meta["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    atomic_write_json(meta_path, meta)
+    _write_store_meta(meta_path, meta)
     return ActivationStore(out)
+
+
+def _write_store_meta(path: Path, meta: dict[str, Any]) -> None:
+    atomic_write_json(path, with_meta_checksum(meta))

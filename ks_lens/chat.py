@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from jaxtyping import Int
 
+from ks_lens.errors import ConfigError, ContextLengthError
+
 
 @dataclass(frozen=True)
 class ChatPrompt:
@@ -57,7 +59,7 @@ def left_pad(
 ) -> TokenBatch:
     """Left-pad token id lists into a :class:`TokenBatch` (mask 0 on padding)."""
     if len(seqs) == 0:
-        raise ValueError("cannot pad an empty batch")
+        raise ConfigError("cannot pad an empty batch")
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -83,7 +85,7 @@ def format_chat(tokenizer: Any, prompt: ChatPrompt | str) -> str:
     if isinstance(prompt, str):
         prompt = ChatPrompt(user=prompt)
     if not isinstance(prompt.user, str) or not prompt.user.strip():
-        raise ValueError("a chat prompt needs a non-empty user message")
+        raise ConfigError("a chat prompt needs a non-empty user message")
     messages = []
     if prompt.system is not None:
         messages.append({"role": "system", "content": prompt.system})
@@ -111,7 +113,7 @@ def tokenize_texts(
     if isinstance(texts, str):
         raise TypeError("tokenize_texts takes a sequence of strings, not one string")
     if len(texts) == 0:
-        raise ValueError("cannot tokenize an empty batch")
+        raise ConfigError("cannot tokenize an empty batch")
     enc = tokenizer(
         list(texts),
         return_tensors="pt",
@@ -123,18 +125,59 @@ def tokenize_texts(
     return batch.to(device) if device is not None else batch
 
 
+def as_prompt_list(
+    prompts: Sequence[ChatPrompt | str] | ChatPrompt | str,
+) -> list[ChatPrompt | str]:
+    """A single string or :class:`ChatPrompt` is one prompt (not one prompt per character)."""
+    if isinstance(prompts, (str, ChatPrompt)):
+        return [prompts]
+    return list(prompts)
+
+
+def context_window(model: Any) -> int | None:
+    """The model's context window in tokens (``cfg.n_ctx``), or ``None`` if unknown."""
+    n = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_context(
+    model: Any, n_tokens: int, max_new_tokens: int = 0, what: str = "the prompt"
+) -> None:
+    """Refuse ``n_tokens`` prompt tokens (plus ``max_new_tokens`` to generate) that do not fit in
+    the model's context window: positions beyond it give garbage after minutes of compute."""
+    n_ctx = context_window(model)
+    if n_ctx is None or n_tokens + max_new_tokens <= n_ctx:
+        return
+    if n_tokens > n_ctx or max_new_tokens == 0:
+        raise ContextLengthError(
+            f"{what} has {n_tokens} tokens, more than the model's context window of {n_ctx} "
+            "tokens; shorten it"
+        )
+    raise ContextLengthError(
+        f"{what} ({n_tokens} tokens) plus max_new_tokens={max_new_tokens} does not fit in the "
+        f"model's context window of {n_ctx} tokens; shorten it or lower max_new_tokens to at "
+        f"most {n_ctx - n_tokens}"
+    )
+
+
 def tokenize_chat(
     model_or_tokenizer: Any,
-    prompts: Sequence[ChatPrompt | str],
+    prompts: Sequence[ChatPrompt | str] | ChatPrompt | str,
     *,
     device: torch.device | str | None = None,
 ) -> TokenBatch:
     """Format each prompt with the chat template and tokenize them as one left-padded batch.
 
-    ``device=None`` uses the model's device when a model is passed.
+    A single string or :class:`ChatPrompt` is one prompt. ``device=None`` uses the model's
+    device when a model is passed; a model also has its context window checked.
     """
     tok = get_tokenizer(model_or_tokenizer)
     if device is None and hasattr(model_or_tokenizer, "original_model"):
         device = next(model_or_tokenizer.original_model.parameters()).device
-    texts = [format_chat(tok, p) for p in prompts]
-    return tokenize_texts(tok, texts, device=device)
+    texts = [format_chat(tok, p) for p in as_prompt_list(prompts)]
+    batch = tokenize_texts(tok, texts, device=device)
+    if model_or_tokenizer is not tok:
+        longest = int(batch.lengths.argmax())
+        what = "the prompt" if len(batch) == 1 else f"prompt {longest + 1} of {len(batch)}"
+        check_context(model_or_tokenizer, int(batch.lengths[longest]), what=what)
+    return batch

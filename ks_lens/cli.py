@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ks_lens.errors import KsLensError
+from ks_lens.errors import ConfigError, KsLensError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,8 +28,80 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
 
 
+def _describe_os_error(e: OSError) -> str:
+    """``"runs/x: Permission denied"`` for an ``OSError`` (no errno number, no traceback)."""
+    what = e.strerror or str(e) or type(e).__name__
+    if e.filename is None:
+        return what
+    name = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    return f"{name}: {what}"
+
+
 def _labels(s: str | None) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()] if s else []
+
+
+def _layer_list(value: str) -> list[int] | None:
+    """argparse type for ``--layer(s)``: ``all`` (None) or comma-separated layer indices."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        layers = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        layers = []
+    if not layers:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or comma-separated layer indices such as 3 or 2,5,9; got {value!r}"
+        )
+    return layers
+
+
+_ARTEFACT_NAMES = {
+    "ks_lens.probe": "a probe",
+    "ks_lens.probe_set": "a probe set",
+    "ks_lens.steering_vectors": "steering vectors",
+    "ks_lens.activation_store": "an activation store",
+}
+
+
+def _check_out(
+    path: str, *, holds: tuple[str, ...] = (), what: str = "", overwrite: bool = False
+) -> Path:
+    """Check ``--out`` before any work: not a file, writable, and (for artefacts) either new,
+    or holding one of the artefact formats ``holds`` and ``overwrite`` given."""
+    from ks_lens.io import artifact_format
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file; give a directory path")
+    if holds:
+        found = artifact_format(out)
+        if found is None:
+            raise ConfigError(
+                f"--out {out} is a non-empty directory that does not hold {what}; "
+                "choose a new or empty directory"
+            )
+        name = _ARTEFACT_NAMES.get(found, found)
+        if found and found not in holds:
+            raise ConfigError(f"--out {out} holds {name}, not {what}; choose another directory")
+        if found and not overwrite:
+            raise ConfigError(
+                f"--out {out} already holds {name}; pass --overwrite to replace it, or choose "
+                "another directory"
+            )
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"--out {out}: cannot write in {parent} ({e.strerror or e}); choose a writable directory"
+        ) from None
+    return out
 
 
 # ----------------------------------------------------------------------------- info / models
@@ -91,21 +165,32 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from ks_lens.datasets import load_dataset, make_splits
     from ks_lens.models import load_model
 
+    out = _check_out(args.out)
     ds = load_dataset(args.dataset, questions=args.questions)
     if args.split != "all":
-        splits = make_splits(ds, seed=args.split_seed)
-        ds = ds.subset(splits.ids(args.split))
+        ds = ds.split(args.split, make_splits(ds, seed=args.split_seed))
     ds = ds.head(args.max_questions)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     responses = ActivationStore(args.responses_from).responses() if args.responses_from else None
-    layers = None if args.layers in (None, "all") else [int(x) for x in args.layers.split(",")]
     t0 = time.perf_counter()
+
+    def progress() -> str:
+        try:
+            store = ActivationStore(out)
+        except KsLensError:
+            return "nothing was saved"
+        return (
+            f"{store.n_rows_done}/{store.meta['n_rows']} rows are saved in {out}; "
+            "rerun the same command to resume"
+        )
+
+    args.on_interrupt = progress
     store = collect_to_store(
         model,
         ds,
-        args.out,
+        out,
         mode=args.mode,
-        layers=layers,
+        layers=args.layers,
         hook_kinds=_labels(args.hooks),
         position=args.position,
         batch_size=args.batch_size,
@@ -121,14 +206,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ks_lens.activations import ActivationStore
+    from ks_lens.io import write_directory
     from ks_lens.probes import ProbeConfig, save_probes, train_probes
 
-    store = ActivationStore(args.acts)
-    if args.layer in ("all", None):
-        layers = list(store.layers)
-    else:
-        layers = [int(x) for x in str(args.layer).split(",")]
-    acts = store.load(layers=layers, kinds=[args.hook])
+    out = _check_out(
+        args.out,
+        holds=("ks_lens.probe", "ks_lens.probe_set"),
+        what="a probe or probe set",
+        overwrite=args.overwrite,
+    )
     cfg = ProbeConfig(
         kind=args.kind,
         hidden=args.hidden,
@@ -140,13 +226,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         patience=args.patience,
         seed=args.seed,
     )
+    store = ActivationStore(args.acts)
+    layers = list(store.layers) if args.layer is None else args.layer
+    acts = store.load(layers=layers, kinds=[args.hook])
     probes = train_probes(acts, layers=layers, kind=args.hook, config=cfg)
-    out = Path(args.out)
+    save: Callable[[Path], object]
     if len(probes) == 1:
         (probe,) = probes.values()
-        probe.save(out)
+        save = probe.save
     else:
-        save_probes(probes, out)
+        save = lambda d: save_probes(probes, d)  # noqa: E731
+    # the new probe(s) replace the directory as a whole: never a mix of old and new
+    write_directory(out, save)
     print(f"{'layer':>5}  {'val acc':>7}  per-label val accuracy")
     for layer, p in sorted(probes.items()):
         per = "  ".join(f"{k}={v:.2f}" for k, v in p.metrics["val_per_label_accuracy"].items())
@@ -157,12 +248,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_vectors(args: argparse.Namespace) -> int:
     from ks_lens.activations import ActivationStore
+    from ks_lens.io import write_directory
     from ks_lens.steering import SteeringVectors
 
+    out = _check_out(
+        args.out,
+        holds=("ks_lens.steering_vectors",),
+        what="steering vectors",
+        overwrite=args.overwrite,
+    )
     store = ActivationStore(args.acts)
     acts = store.load(layers=[args.layer], kinds=[args.hook])
     vec = SteeringVectors.fit(acts, args.layer, kind=args.hook, method=args.method)
-    vec.save(args.out)
+    write_directory(out, vec.save)
     norms = ", ".join(
         f"{n}={float(v.norm()):.2f}" for n, v in zip(vec.label_names, vec.vectors, strict=True)
     )
@@ -171,6 +269,16 @@ def cmd_vectors(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- steer
+
+# flag -> argparse dest, for the options of one steering method only
+_KSTEER_FLAGS = {
+    "--steps": "steps",
+    "--decay": "decay",
+    "--step-norm": "step_norm",
+    "--objective": "objective",
+    "--combine": "combine",
+}
+_CAA_FLAGS = {"--caa-combine": "caa_combine", "--normalize": "normalize"}
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
@@ -182,26 +290,48 @@ def cmd_steer(args: argparse.Namespace) -> int:
     from ks_lens.probes import load_probe_any
     from ks_lens.steering import CAA, KSteering, Steerer, SteeringVectors
 
+    if bool(args.classifier) == bool(args.vectors):
+        raise ConfigError(
+            "give exactly one of --classifier DIR (K-Steering) or --vectors DIR (CAA)"
+        )
+    # options of the other method would be silently ignored: refuse them instead
+    given = {
+        flag
+        for flag, dest in _KSTEER_FLAGS.items() | _CAA_FLAGS.items()
+        if getattr(args, dest) not in (None, False)
+    }
+    if args.vectors and given & set(_KSTEER_FLAGS):
+        flags = ", ".join(sorted(given & set(_KSTEER_FLAGS)))
+        raise ConfigError(f"{flags} apply to K-Steering (--classifier), not to --vectors (CAA)")
+    if args.classifier and given & set(_CAA_FLAGS):
+        flags = ", ".join(sorted(given & set(_CAA_FLAGS)))
+        raise ConfigError(f"{flags} apply to CAA (--vectors), not to --classifier (K-Steering)")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     method: Steerer
-    if bool(args.classifier) == bool(args.vectors):
-        raise SystemExit("give exactly one of --classifier DIR (K-Steering) or --vectors DIR (CAA)")
     if args.classifier:
         probe = load_probe_any(args.classifier, model=model, layer=args.layer)
         method = KSteering(
             probe,
-            steps=args.steps,
-            decay=args.decay,
+            steps=1 if args.steps is None else args.steps,
+            decay=0.95 if args.decay is None else args.decay,
             step_norm=args.step_norm,
-            objective=args.objective,
-            combine=args.combine,
+            objective=args.objective or "logits",
+            combine=args.combine or "sum",
         )
     else:
-        method = CAA(
-            SteeringVectors.load(args.vectors, model=model),
-            combine=args.caa_combine,
-            normalize=args.normalize,
-        )
+        vectors = SteeringVectors.load(args.vectors, model=model)
+        if args.layer is not None and args.layer != vectors.layer:
+            raise ConfigError(
+                f"--layer {args.layer} does not apply: the vectors in {args.vectors} were made at "
+                f"{vectors.hook_name} and CAA steers there; drop --layer or use vectors made at "
+                f"layer {args.layer}"
+            )
+        method = CAA(vectors, combine=args.caa_combine or "mean", normalize=args.normalize)
+
+    def nothing_saved() -> str:
+        return "nothing was saved (steer writes no files); the model's hooks were removed"
+
+    args.on_interrupt = nothing_saved
     prompts = [ChatPrompt(q, system=args.system) for q in args.question]
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed)
     base = generate(model, prompts, **kw)
@@ -332,7 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--out", required=True, help="store directory (rerun to resume)")
-    p.add_argument("--layers", default="all", help="comma-separated layer indices, or all")
+    p.add_argument(
+        "--layers", type=_layer_list, default=None, help="comma-separated layer indices, or all"
+    )
     p.add_argument("--hooks", default="resid_post", help="comma-separated: resid_post,resid_pre")
     p.add_argument("--position", default="last", choices=["last", "mean_response"])
     p.add_argument("--batch-size", type=int, default=16)
@@ -347,9 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train probes on a store (one layer, several, or all)")
     p.add_argument("--acts", required=True, help="activation store directory")
-    p.add_argument("--layer", default="all", help="layer index, comma-separated list, or all")
+    p.add_argument(
+        "--layer",
+        type=_layer_list,
+        default=None,
+        help="layer index, comma-separated list, or all (default)",
+    )
     p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"])
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace the probe(s) already in --out")
     p.add_argument("--kind", default="mlp", choices=["mlp", "linear"])
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
@@ -367,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"])
     p.add_argument("--method", default="mean_diff", choices=["mean_diff", "mean_centring"])
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace the vectors already in --out")
     p.set_defaults(func=cmd_vectors)
 
     p = sub.add_parser("steer", help="answer questions unsteered and steered, side by side")
@@ -377,17 +516,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layer", type=int, default=None, help="layer to pick from a multi-layer probe set"
     )
+    ks_only = "K-Steering (--classifier) only"
     p.add_argument("--target", default="", help="comma-separated labels to strengthen")
     p.add_argument("--avoid", default="", help="comma-separated labels to suppress")
     p.add_argument("--alpha", type=float, required=True)
     p.add_argument("--positions", default="all", choices=["all", "prompt", "generated", "last"])
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--decay", type=float, default=0.95)
-    p.add_argument("--step-norm", default=None, choices=["unit", "relative"])
-    p.add_argument("--objective", default="logits", choices=["logits", "logsigmoid", "softmin"])
-    p.add_argument("--combine", default="sum", choices=["sum", "balanced", "pcgrad"])
-    p.add_argument("--caa-combine", default="mean", choices=["mean", "sum"])
-    p.add_argument("--normalize", action="store_true", help="CAA: unit-norm combined vector")
+    p.add_argument("--steps", type=int, default=None, help=f"default 1; {ks_only}")
+    p.add_argument("--decay", type=float, default=None, help=f"default 0.95; {ks_only}")
+    p.add_argument(
+        "--step-norm", default=None, choices=["unit", "relative"], help=f"default raw; {ks_only}"
+    )
+    p.add_argument(
+        "--objective",
+        default=None,
+        choices=["logits", "logsigmoid", "softmin"],
+        help=f"default logits; {ks_only}",
+    )
+    p.add_argument(
+        "--combine",
+        default=None,
+        choices=["sum", "balanced", "pcgrad"],
+        help=f"default sum; {ks_only}",
+    )
+    p.add_argument(
+        "--caa-combine", default=None, choices=["mean", "sum"], help="default mean; CAA only"
+    )
+    p.add_argument("--normalize", action="store_true", help="CAA only: unit-norm combined vector")
     p.add_argument("--system", default=None, help="system prompt for the questions")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -437,21 +591,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    return f"ks-lens: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
+    warnings.formatwarning = _format_warning
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
         return int(args.func(args) or 0)
-    except (KsLensError, ValueError, FileNotFoundError) as e:
-        # bad input: a clear one-line message, no traceback
+    except KsLensError as e:
+        # bad input or a damaged artefact: a clear message, no traceback
         print(f"ks-lens: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # the file system or the machine refused (permissions, full disk, missing file, ...)
+        print(f"ks-lens: error: {_describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        hint = getattr(args, "on_interrupt", None)
+        print(f"ks-lens: interrupted; {hint() if hint else 'nothing was saved'}", file=sys.stderr)
+        return 130
+    # anything else is a bug in ks-lens (or a library below it): let the traceback show
 
 
 if __name__ == "__main__":  # pragma: no cover

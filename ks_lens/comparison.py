@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from ks_lens.errors import ConfigError
 from ks_lens.evaluation import (
     CALIBRATION_METRICS,
     Calibration,
@@ -137,7 +138,7 @@ def label_combinations(
     out: list[tuple[str, ...]] = []
     for k in sizes:
         if k < 1 or k > len(labels):
-            raise ValueError(f"combination size {k} is impossible with {len(labels)} labels")
+            raise ConfigError(f"combination size {k} is impossible with {len(labels)} labels")
         out.extend(itertools.combinations(labels, k))
     return out
 
@@ -189,38 +190,38 @@ class ComparisonConfig:
         """Check every setting (before any compute); returns ``self``."""
         for m in self.methods:
             if m not in METHODS:
-                raise ValueError(f"unknown method {m!r}; known: {sorted(METHODS)}")
+                raise ConfigError(f"unknown method {m!r}; known: {sorted(METHODS)}")
         if not self.methods:
-            raise ValueError("no methods to compare")
+            raise ConfigError("no methods to compare")
         if self.baseline not in self.methods:
-            raise ValueError(
+            raise ConfigError(
                 f"the baseline {self.baseline!r} is not among the methods {list(self.methods)}"
             )
         if self.calibration_metric not in CALIBRATION_METRICS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown calibration metric {self.calibration_metric!r}; use one of {CALIBRATION_METRICS}"
             )
         if not (self.kl_budget > 0 and math.isfinite(self.kl_budget)):
-            raise ValueError(f"kl_budget must be a positive number of nats, got {self.kl_budget}")
+            raise ConfigError(f"kl_budget must be a positive number of nats, got {self.kl_budget}")
         if not 0 <= self.max_degenerate_rate <= 1:
-            raise ValueError("max_degenerate_rate must be between 0 and 1")
+            raise ConfigError("max_degenerate_rate must be between 0 and 1")
         if len(self.curve_factors) < 1 or any(
             not (f > 0 and math.isfinite(f)) for f in self.curve_factors
         ):
-            raise ValueError("curve_factors must be positive numbers")
+            raise ConfigError("curve_factors must be positive numbers")
         if 1.0 not in self.curve_factors:
-            raise ValueError("curve_factors must include 1.0 (the calibrated alpha)")
+            raise ConfigError("curve_factors must include 1.0 (the calibrated alpha)")
         if list(self.curve_factors) != sorted(self.curve_factors):
-            raise ValueError("curve_factors must be increasing")
+            raise ConfigError("curve_factors must be increasing")
         for name in ("calib_tokens", "max_new_tokens", "batch_size", "gen_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
+                raise ConfigError(f"{name} must be positive")
         if self.gen_combos_per_question < 1 or self.calib_combos_per_question < 1:
-            raise ValueError("combinations per question must be positive")
+            raise ConfigError("combinations per question must be positive")
         if labels is not None:
             for a in self.avoid:
                 if a not in labels:
-                    raise ValueError(f"unknown avoid label {a!r}; labels are {list(labels)}")
+                    raise ConfigError(f"unknown avoid label {a!r}; labels are {list(labels)}")
             pool = [lab for lab in labels if lab not in self.avoid]
             label_combinations(pool, self.sizes)
         return self
@@ -687,7 +688,7 @@ def evaluate_text(
     """
     labels = tuple(text_evaluator.label_names)
     if list(labels) != list(plan.labels):
-        raise ValueError(
+        raise ConfigError(
             f"the text evaluator's labels {list(labels)} differ from the comparison's {list(plan.labels)}"
         )
     configs: list[tuple[Steerer, SteeringSpec] | None] = [None]
@@ -1077,16 +1078,16 @@ def run_comparison(
         others["response evaluator"] = response_evaluator.label_names
     for what, names in others.items():
         if tuple(names) != labels:
-            raise ValueError(
+            raise ConfigError(
                 f"the {what} labels {list(names)} differ from the steering probe's {list(labels)} "
                 "(same labels in the same order are required)"
             )
     if evaluator.layer < probe.layer:
-        raise ValueError(
+        raise ConfigError(
             f"the evaluator (layer {evaluator.layer}) must read at or after the steering layer ({probe.layer})"
         )
     if not calib_questions or not test_questions:
-        raise ValueError("need calibration and test questions")
+        raise ConfigError("need calibration and test questions")
     plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
     methods = build_methods(config, probe, vectors)
     timings: dict[str, float] = {}

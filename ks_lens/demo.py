@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ks_lens.comparison import METHODS, ComparisonConfig, ComparisonResult, method_label
+from ks_lens.errors import ConfigError
 from ks_lens.models import model_signature
 from ks_lens.pipeline import PipelineConfig, Setup, prepare
 from ks_lens.report import compare_word, seeds_summary, write_report
@@ -145,7 +146,7 @@ def run_demo(
     seeds, the first report also gets the mean ± sd of the estimates across seeds.
     """
     if seeds < 1:
-        raise ValueError("seeds must be at least 1")
+        raise ConfigError("seeds must be at least 1")
     cfg.validate()
     out = Path(out)
     results: list[ComparisonResult] = []
@@ -269,14 +270,14 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     cfg = PipelineConfig.fast(**kw) if args.fast else PipelineConfig(**kw)
     if args.max_questions is not None:
         if args.max_questions < 1:
-            raise ValueError("--max-questions must be positive")
+            raise ConfigError("--max-questions must be positive")
         cfg = replace(
             cfg,
             n_eval=min(cfg.n_eval, args.max_questions),
             n_gen=min(cfg.n_gen, args.max_questions),
         )
     if args.seeds < 1:
-        raise ValueError("--seeds must be at least 1")
+        raise ConfigError("--seeds must be at least 1")
     return cfg.validate()
 
 

@@ -12,6 +12,11 @@ class KsLensError(Exception):
     """Base class of all ks-lens errors."""
 
 
+class ConfigError(KsLensError, ValueError):
+    """An argument or option has a bad value, or options that do not go together (the message
+    names the argument and what to do)."""
+
+
 class ModelLoadError(KsLensError, RuntimeError):
     """A model could not be found, fetched or loaded."""
 
@@ -38,3 +43,11 @@ class MetadataMismatchError(KsLensError, ValueError):
 
 class LabelError(KsLensError, ValueError):
     """Unknown label names, or a label requested both as target and avoid."""
+
+
+class ContextLengthError(KsLensError, ValueError):
+    """A prompt (plus the tokens to generate) does not fit in the model's context window."""
+
+
+class TrainingError(KsLensError, RuntimeError):
+    """Training diverged (a loss became NaN or infinite); nothing is saved."""

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 
 from ks_lens.chat import ChatPrompt, format_chat, left_pad
+from ks_lens.errors import ConfigError
 from ks_lens.generation import generate_from_batch
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steerer, SteeringSpec
@@ -94,9 +95,9 @@ def readout_groups(
     from ks_lens.steering.base import steer_groups
 
     if probe is None and not next_token:
-        raise ValueError("nothing to read: pass a probe and/or next_token=True")
+        raise ConfigError("nothing to read: pass a probe and/or next_token=True")
     if not prompts:
-        raise ValueError("no prompts to read out")
+        raise ConfigError("no prompts to read out")
     tok = model.tokenizer
     ids = [list(tok(format_chat(tok, p), add_special_tokens=False)["input_ids"]) for p in prompts]
     rows = [(g, i) for g in range(len(steerings)) for i in range(len(prompts))]
@@ -166,7 +167,7 @@ class VanishRule:
         """``[n, k]`` probabilities of the ``k`` targets -> ``[n, k]`` vanished flags."""
         p = np.asarray(target_probs, dtype=float)
         if p.ndim != 2:
-            raise ValueError(f"target_probs must be [n, k], got shape {p.shape}")
+            raise ConfigError(f"target_probs must be [n, k], got shape {p.shape}")
         if p.shape[1] < 2:
             return np.zeros(p.shape, dtype=bool)
         return (p < self.floor) & (p.max(1, keepdims=True) >= self.reach)
@@ -377,7 +378,7 @@ def generate_and_score_rows(
     from ks_lens.steering.base import steer_groups
 
     if not questions or not rows:
-        raise ValueError("no questions to generate for")
+        raise ConfigError("no questions to generate for")
     for g, i in rows:
         if not (0 <= g < len(steerings) and 0 <= i < len(questions)):
             raise ValueError(f"row {(g, i)} is out of range")
@@ -476,9 +477,9 @@ def _search(
     """The calibration search as a generator: yields alphas to evaluate, receives their metric,
     and returns the :class:`Calibration` (so several searches can share batched evaluations)."""
     if not budget > 0:
-        raise ValueError("budget must be positive")
+        raise ConfigError("budget must be positive")
     if alpha0 <= 0 or factor <= 1:
-        raise ValueError("alpha0 must be positive and factor > 1")
+        raise ConfigError("alpha0 must be positive and factor > 1")
     evals: list[tuple[float, float]] = []
 
     def record(a: float, m: float) -> float:

@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, tokenize_texts
+from ks_lens.chat import (
+    ChatPrompt,
+    TokenBatch,
+    as_prompt_list,
+    check_context,
+    format_chat,
+    tokenize_texts,
+)
+from ks_lens.errors import ConfigError
 
 
 @dataclass
@@ -87,7 +95,8 @@ def generate_from_batch(
     ``[batch, steps, vocab]`` (row ``b``, step ``t`` predicts new token ``t``).
     """
     if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1")
+        raise ConfigError("max_new_tokens must be at least 1")
+    check_context(model, int(batch.input_ids.shape[1]), max_new_tokens, what="the batch")
     cfg = _generation_config(
         model,
         max_new_tokens=max_new_tokens,
@@ -125,7 +134,7 @@ def generate_from_batch(
 
 def generate(
     model: Any,
-    prompts: Sequence[ChatPrompt | str],
+    prompts: Sequence[ChatPrompt | str] | ChatPrompt | str,
     *,
     max_new_tokens: int = 64,
     do_sample: bool = False,
@@ -138,19 +147,26 @@ def generate(
 ) -> Generation:
     """Chat-format ``prompts`` and generate answers (greedy by default), in batches.
 
-    Prompts are grouped by length to limit padding; results come back in the input order.
+    A single string or :class:`ChatPrompt` is one prompt. Prompts are grouped by length to limit
+    padding; results come back in the input order. A prompt that, with ``max_new_tokens``, does
+    not fit in the context window is refused before anything runs.
     Sampling is seeded per batch (``seed + batch index``) without touching the caller's RNG
     state, so the same call gives the same texts.
     """
     if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    prompts = list(prompts)
+        raise ConfigError("batch_size must be at least 1")
+    if max_new_tokens < 1:
+        raise ConfigError("max_new_tokens must be at least 1")
+    prompts = as_prompt_list(prompts)
     if not prompts:
         return Generation([], [], [], [], [])
     tok = model.tokenizer
     device = next(model.original_model.parameters()).device
     texts = [format_chat(tok, p) for p in prompts]
     lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    what = "the prompt" if len(prompts) == 1 else f"prompt {longest + 1} of {len(prompts)}"
+    check_context(model, lengths[longest], max_new_tokens, what=what)
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
     prompt_ids: list[list[int]] = [[] for _ in texts]
     out_ids: list[list[int]] = [[] for _ in texts]

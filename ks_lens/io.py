@@ -5,7 +5,9 @@ old file or the new one, never a half-written file that looks complete.
 
 An artefact directory holds ``tensors.safetensors`` and ``meta.json``. ``meta.json`` carries a
 ``format`` tag, the artefact's metadata (model, hook point, layer, label names, dataset hash, ...),
-the versions that produced it, and the size and SHA-256 of the tensor file, which loading checks.
+the versions that produced it, the size and SHA-256 of the tensor file, and (format version 2) a
+SHA-256 of its own contents (``meta_sha256``); loading checks all three. A directory holds one
+artefact: saving over another kind (or over unrelated files) is refused.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,41 @@ def _strict(obj: Any) -> Any:
     return obj
 
 
+META_CHECKSUM = "meta_sha256"
+
+
+def meta_checksum(meta: Mapping[str, Any]) -> str:
+    """SHA-256 of a metadata record (without its own checksum field), as canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != META_CHECKSUM}
+    text = json.dumps(_strict(body), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def with_meta_checksum(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """``meta`` plus a ``meta_sha256`` field covering everything else in it."""
+    body = {k: v for k, v in meta.items() if k != META_CHECKSUM}
+    return {**body, META_CHECKSUM: meta_checksum(body)}
+
+
+def check_meta_checksum(meta: Mapping[str, Any], path: str | Path, what: str) -> None:
+    """Refuse metadata edited after saving (e.g. reordered label names, which would silently
+    swap labels). Records of format version 1 predate the checksum and are accepted."""
+    recorded = meta.get(META_CHECKSUM)
+    if recorded is None:
+        if int(meta.get("format_version", 1)) >= 2:
+            raise StoreError(
+                f"{what} {path} has no metadata checksum ({META_CHECKSUM}); it was edited or "
+                "damaged after saving. Re-create it."
+            )
+        return
+    if recorded != meta_checksum(meta):
+        raise StoreError(
+            f"{what} {path} was modified after saving: its contents no longer match the recorded "
+            f"{META_CHECKSUM} (hand edits such as reordered label names would silently change "
+            "results). Re-create it."
+        )
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as strict JSON (NaN/inf as ``null``), atomically."""
     text = json.dumps(_strict(obj), indent=2, sort_keys=False, allow_nan=False)
@@ -76,6 +114,30 @@ def atomic_save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_directory(directory: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Run ``write(tmp)`` on a fresh sibling directory, then put it in place of ``directory``.
+
+    Whatever ``directory`` held before is replaced as a whole, so a crash or an error never leaves
+    old and new files mixed; ``write`` failing leaves the old contents untouched.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        write(tmp)
+        if directory.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -123,12 +185,13 @@ def save_artifact(
     from ks_lens.utils import versions
 
     directory = Path(directory)
+    check_artifact_target(directory, kind)
     directory.mkdir(parents=True, exist_ok=True)
     tpath = directory / TENSORS_FILE
     atomic_save_safetensors(tpath, tensors)
     record = {
         "format": f"ks_lens.{kind}",
-        "format_version": 1,
+        "format_version": 2,
         **dict(meta),
         "versions": versions(),
         "tensors": {
@@ -137,8 +200,43 @@ def save_artifact(
             "sha256": sha256_file(tpath),
         },
     }
-    atomic_write_json(directory / META_FILE, record)
+    atomic_write_json(directory / META_FILE, with_meta_checksum(record))
     return directory
+
+
+def artifact_format(directory: str | Path) -> str | None:
+    """What a directory holds: ``"ks_lens.probe"``, ``"ks_lens.probe_set"``, ...; ``""`` for an
+    empty or missing directory; ``None`` for anything else (other files, unreadable metadata)."""
+    directory = Path(directory)
+    if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
+        return ""
+    if not directory.is_dir():
+        return None
+    for name in (META_FILE, "probes.json"):
+        p = directory / name
+        if p.is_file():
+            try:
+                found = json.loads(p.read_text()).get("format")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+                return None
+            return str(found) if isinstance(found, str) and found.startswith("ks_lens.") else None
+    return None
+
+
+def check_artifact_target(directory: str | Path, kind: str) -> None:
+    """Refuse to write a ``kind`` artefact where it would mix with something else: a file, a
+    directory of other files, or another kind of artefact (say a probe set, whose ``probes.json``
+    would keep pointing at its old probes). Replacing an artefact of the same kind is allowed."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise StoreError(f"{directory} is an existing file; a {kind} is saved as a directory")
+    found = artifact_format(directory)
+    if found not in ("", f"ks_lens.{kind}"):
+        what = f"a {found.removeprefix('ks_lens.')}" if found else "other files"
+        raise StoreError(
+            f"{directory} already holds {what}; saving a {kind} there would leave a mixed "
+            "directory. Choose another directory, or delete that one first."
+        )
 
 
 def load_artifact(
@@ -156,6 +254,7 @@ def load_artifact(
     if not isinstance(meta, dict) or meta.get("format") != f"ks_lens.{kind}":
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise StoreError(f"{directory} holds {found!r}, not a ks_lens.{kind}")
+    check_meta_checksum(meta, directory / META_FILE, f"{kind} metadata")
     tpath = directory / meta["tensors"]["file"]
     if not tpath.is_file():
         raise StoreError(f"{kind} tensor file missing: {tpath}")

@@ -96,12 +96,36 @@ def _load_hf_dir(
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+    # never unpickle: weights come from safetensors (or GGUF) only
+    weights: dict[str, Any] = {} if gguf_file else {"use_safetensors": True}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs, **weights)
     return model, tok
 
 
+_PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _check_checkpoint_dir(path: Path) -> None:
+    """A local checkpoint must have a config and safetensors weights (pickles are never loaded)."""
+    if not (path / "config.json").is_file():
+        raise UnknownModelError(
+            f"{path} is a directory but has no config.json; not a HF checkpoint"
+        )
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    pickled = sorted(p.name for pattern in _PICKLED_WEIGHTS for p in path.glob(pattern))
+    if pickled:
+        raise ModelLoadError(
+            f"{path} has only pickled weights ({', '.join(pickled)}); ks-lens loads only "
+            "safetensors or GGUF weights, because unpickling can run arbitrary code. Convert "
+            "the checkpoint to safetensors (e.g. save_pretrained(..., safe_serialization=True) "
+            "in a trusted environment)."
+        )
+    raise ModelLoadError(f"{path} has a config.json but no *.safetensors weights")
+
+
 def load_model(
-    name: str = DEFAULT,
+    name: str | Path = DEFAULT,
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -116,6 +140,13 @@ def load_model(
         dtype: ``None`` means float32. ``"bfloat16"`` halves memory on GPU.
         seed: weights seed for ``tiny-random-llama`` (ignored otherwise).
     """
+    if not isinstance(name, (str, Path)) or not str(name).strip():
+        known = ", ".join(sorted(NAMED_MODELS))
+        raise UnknownModelError(
+            f"model name must be a non-empty string, got {name!r}; use a named model ({known}), "
+            "a local checkpoint directory or .gguf file, or a Hugging Face id 'org/name'"
+        )
+    name = str(name)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     t0 = time.perf_counter()
@@ -139,14 +170,20 @@ def load_model(
     else:
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
-            hf, tok = _load_hf_dir(path.parent, dt, gguf_file=path.name)
+            try:
+                hf, tok = _load_hf_dir(path.parent, dt, gguf_file=path.name)
+            except Exception as e:  # the GGUF reader raises struct.error, ValueError, ...
+                raise ModelLoadError(
+                    f"{path} could not be read as a GGUF model ({type(e).__name__}: {e}); is it "
+                    "a complete .gguf file of a supported architecture?"
+                ) from e
             label = path.stem
         elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise UnknownModelError(
-                    f"{path} is a directory but has no config.json; not a HF checkpoint"
-                )
-            hf, tok = _load_hf_dir(path, dt)
+            _check_checkpoint_dir(path)
+            try:
+                hf, tok = _load_hf_dir(path, dt)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ModelLoadError(f"could not load the checkpoint in {path}: {e}") from e
             label = path.name
         elif path.exists():
             raise UnknownModelError(f"{path} is neither a HF checkpoint directory nor a .gguf file")
@@ -189,6 +226,13 @@ def model_signature(model: Any) -> dict[str, Any]:
         "d_model": int(model.cfg.d_model),
         "architecture": str(getattr(model.cfg, "architecture", "")),
     }
+
+
+def model_numerics(model: Any) -> dict[str, str]:
+    """The dtype and device type a model computes in: activations from ``bfloat16`` or a GPU
+    differ (slightly) from ``float32`` on a CPU, so stores record these and refuse a mix."""
+    p = next(model.original_model.parameters())
+    return {"dtype": str(p.dtype).removeprefix("torch."), "device": p.device.type}
 
 
 def check_signature(recorded: dict[str, Any], model: Any, what: str) -> None:

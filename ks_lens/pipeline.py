@@ -25,6 +25,7 @@ from ks_lens.datasets import (
     load_questions,
     make_splits,
 )
+from ks_lens.errors import ConfigError
 from ks_lens.gold_texts import LabelledText, load_gold_texts, load_labelled_texts
 from ks_lens.models import load_model
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes
@@ -84,18 +85,18 @@ class PipelineConfig:
     def validate(self) -> PipelineConfig:
         """Check every setting before any compute (model-dependent checks come later)."""
         if self.n_gold is not None and self.n_gold < 2:
-            raise ValueError(f"n_gold must be at least 2 (or None for all), got {self.n_gold}")
+            raise ConfigError(f"n_gold must be at least 2 (or None for all), got {self.n_gold}")
         for name in ("n_train", "n_evaluator", "n_calib", "n_eval", "n_gen", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.evaluator_combos_per_question < 0:
-            raise ValueError("evaluator_combos_per_question must be >= 0")
+            raise ConfigError("evaluator_combos_per_question must be >= 0")
         for name in ("layer", "eval_layer"):
             v = getattr(self, name)
             if v is not None and v < 0:
-                raise ValueError(f"{name} must be a non-negative layer index, got {v}")
+                raise ConfigError(f"{name} must be a non-negative layer index, got {v}")
         if self.layer is not None and self.eval_layer is not None and self.eval_layer < self.layer:
-            raise ValueError(
+            raise ConfigError(
                 f"the evaluator layer ({self.eval_layer}) must be at or after the steering layer ({self.layer})"
             )
         self.comparison.validate()
@@ -108,10 +109,10 @@ def default_layers(
     """Steering layer (default 60 % depth) and evaluator layer (default 4 layers later, capped)."""
     ls = round(0.6 * n_layers) if layer is None else layer
     if not 0 <= ls < n_layers:
-        raise ValueError(f"layer {ls} is out of range for a model with {n_layers} layers")
+        raise ConfigError(f"layer {ls} is out of range for a model with {n_layers} layers")
     le = min(n_layers - 1, ls + 4) if eval_layer is None else eval_layer
     if not ls <= le < n_layers:
-        raise ValueError(
+        raise ConfigError(
             f"the evaluator layer must be between the steering layer {ls} and {n_layers - 1}"
         )
     return ls, le
@@ -129,7 +130,9 @@ def texts_dataset(texts: Sequence[LabelledText], labels: Sequence[str]) -> Behav
     )
     for t in texts:
         if not t.question:
-            raise ValueError(f"labelled text {t.id!r} has no question; response encoding needs one")
+            raise ConfigError(
+                f"labelled text {t.id!r} has no question; response encoding needs one"
+            )
     qs = tuple(
         Question(t.id, t.question or "", label="+".join(t.labels), answer=t.text) for t in texts
     )

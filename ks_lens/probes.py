@@ -33,7 +33,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ks_lens.activations import Activations
-from ks_lens.errors import LabelError, MetadataMismatchError, StoreError
+from ks_lens.errors import (
+    ConfigError,
+    DatasetError,
+    LabelError,
+    MetadataMismatchError,
+    StoreError,
+    TrainingError,
+)
 from ks_lens.hooks import resid_hook
 from ks_lens.io import load_artifact, read_json, save_artifact
 from ks_lens.models import check_signature
@@ -58,15 +65,28 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("mlp", "linear"):
-            raise ValueError(f"probe kind must be 'mlp' or 'linear', got {self.kind!r}")
+            raise ConfigError(f"probe kind must be 'mlp' or 'linear', got {self.kind!r}")
         if self.loss not in ("bce", "ce"):
-            raise ValueError(f"probe loss must be 'bce' or 'ce', got {self.loss!r}")
+            raise ConfigError(f"probe loss must be 'bce' or 'ce', got {self.loss!r}")
         if self.kind == "mlp" and (self.hidden < 1 or self.depth < 1):
-            raise ValueError("an MLP probe needs hidden >= 1 and depth >= 1")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs, batch_size and lr must be positive")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError("val_fraction must be in [0, 1)")
+            raise ConfigError("an MLP probe needs hidden >= 1 and depth >= 1")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be positive")
+        for name, ok, rule in (
+            ("lr", lambda v: v > 0, "a positive finite number"),
+            ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
+            ("val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not ok(value)
+            ):
+                raise ConfigError(f"{name} must be {rule}, got {value!r}")
+        if self.patience < 0:
+            raise ConfigError(f"patience must be >= 0 (0: no early stopping), got {self.patience}")
 
     def dims(self, d_model: int, n_labels: int) -> list[int]:
         if self.kind == "linear":
@@ -217,6 +237,8 @@ class Probe(nn.Module):
             raise StoreError(
                 f"probe at {directory} is missing field {e}; it is corrupt or from another version"
             ) from e
+        except ConfigError as e:
+            raise StoreError(f"probe at {directory} has an invalid configuration ({e})") from e
         probe.check_compatible(model, hook_name)
         if device is not None:
             probe = probe.to(device)
@@ -337,6 +359,7 @@ def fit_probes(
     config: ProbeConfig = ProbeConfig(),
     *,
     init_keys: Sequence[int] | None = None,
+    names: Sequence[str] | None = None,
     progress: bool = False,
     desc: str = "training probes",
 ) -> FitResult:
@@ -346,16 +369,22 @@ def fit_probes(
     ``init_keys`` (default ``0..P-1``; :func:`train_probes` passes the layer indices) seed each
     probe's initial weights, and each probe's early stopping is frozen once its own patience runs
     out, so a probe trained in a batch is the probe trained alone (up to float rounding).
+    ``names`` (e.g. ``"layer 5"``) name the probes in errors.
+
+    Raises :class:`~ks_lens.errors.TrainingError` when a loss becomes NaN or infinite (say, with
+    a learning rate far too large) instead of returning a broken probe.
     """
     if x.ndim != 3:
-        raise ValueError(f"x must be [n, probes, d_model], got shape {tuple(x.shape)}")
+        raise ConfigError(f"x must be [n, probes, d_model], got shape {tuple(x.shape)}")
     n, P, d = x.shape
     if y.shape != (n, len(label_names)):
-        raise ValueError(f"y must be [n, {len(label_names)}], got {tuple(y.shape)}")
+        raise ConfigError(f"y must be [n, {len(label_names)}], got {tuple(y.shape)}")
     if len(groups) != n:
-        raise ValueError("groups must have one entry per row")
+        raise ConfigError("groups must have one entry per row")
     if n < 2:
-        raise ValueError("need at least 2 labelled rows to train a probe")
+        raise DatasetError("need at least 2 labelled rows to train a probe")
+    if not bool(torch.isfinite(x).all()):
+        raise DatasetError("the activations contain NaN or infinite values; re-collect them")
     device = x.device
     gen = torch.Generator().manual_seed(config.seed)
     tr, va = split_by_group(groups, config.val_fraction, config.seed)
@@ -376,7 +405,8 @@ def fit_probes(
     yf = y.float().to(device)
     keys = list(range(P)) if init_keys is None else list(init_keys)
     if len(keys) != P:
-        raise ValueError("init_keys must have one entry per stacked probe")
+        raise ConfigError("init_keys must have one entry per stacked probe")
+
     params = [
         (w.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
         for w, b in _init_stack(
@@ -403,6 +433,14 @@ def fit_probes(
             vloss = _loss_per_stack(
                 _stack_forward(xn[:, va.to(device)], params), yf[va.to(device)], config.loss
             )
+            diverged = (~torch.isfinite(vloss)).nonzero().squeeze(1).tolist()
+            if diverged:
+                who = [names[p] if names else f"probe {p}" for p in diverged]
+                raise TrainingError(
+                    f"probe training diverged at epoch {epoch + 1}: the loss became "
+                    f"{float(vloss[diverged[0]])} ({', '.join(who)}). Lower the learning rate "
+                    f"(lr={config.lr:g}) and train again; nothing was saved."
+                )
             improved = (vloss < best_loss - 1e-6) & active
             for j, (w, b) in enumerate(params):
                 best[j][0][improved] = w[improved]
@@ -424,7 +462,10 @@ def fit_probes(
         metrics.append(
             {
                 **(
-                    {"val_multi_topk_rate": m_val["multi_topk_rate"], "n_val_multi": m_val["n_multi"]}
+                    {
+                        "val_multi_topk_rate": m_val["multi_topk_rate"],
+                        "n_val_multi": m_val["n_multi"],
+                    }
                     if "multi_topk_rate" in m_val
                     else {}
                 ),
@@ -445,7 +486,7 @@ def fit_probes(
 def _labelled(acts: Activations) -> Activations:
     keep = (acts.labels >= 0).nonzero().squeeze(1)
     if len(keep) == 0:
-        raise ValueError(
+        raise DatasetError(
             "these activations have no labels (neutral mode?); probes need labelled rows"
         )
     return acts.select(keep) if len(keep) != len(acts) else acts
@@ -473,7 +514,7 @@ def train_probes(
     acts = _labelled(acts)
     layers = list(acts.layers if layers is None else layers)
     if not layers:
-        raise ValueError("no layers to train on")
+        raise ConfigError("no layers to train on")
     x = torch.stack([acts.at(layer, kind) for layer in layers], dim=1)
     if device is not None:
         x = x.to(device)
@@ -484,6 +525,7 @@ def train_probes(
         acts.base_labels,
         config,
         init_keys=layers,
+        names=[f"layer {layer}" for layer in layers],
         progress=progress,
         desc=f"training {len(layers)} {config.kind} probe(s)",
     )
@@ -534,24 +576,32 @@ def train_probe(
 
 
 def save_probes(probes: Mapping[int, Probe], directory: str | Path) -> Path:
-    """Save a layer -> probe mapping as ``layer-XX/`` artefacts plus a ``probes.json`` index."""
-    from ks_lens.io import atomic_write_json
+    """Save a layer -> probe mapping as ``layer-XX/`` artefacts plus a ``probes.json`` index.
+
+    An older probe set in ``directory`` is replaced as a whole; a directory holding anything
+    else (a single probe, other files) is refused."""
+    from ks_lens.io import atomic_write_json, check_artifact_target, write_directory
 
     directory = Path(directory)
-    index = {}
-    for layer, probe in sorted(probes.items()):
-        sub = f"layer-{layer:02d}"
-        probe.save(directory / sub)
-        index[str(layer)] = {
-            "path": sub,
-            "hook_name": probe.hook_name,
-            "metrics": {
-                k: probe.metrics.get(k)
-                for k in ("val_accuracy", "train_accuracy", "val_loss", "best_epoch")
-            },
-        }
-    atomic_write_json(directory / "probes.json", {"format": "ks_lens.probe_set", "probes": index})
-    return directory
+    check_artifact_target(directory, "probe_set")
+
+    def write(d: Path) -> None:
+        index = {}
+        for layer, probe in sorted(probes.items()):
+            sub = f"layer-{layer:02d}"
+            probe.save(d / sub)
+            index[str(layer)] = {
+                "path": sub,
+                "hook_name": probe.hook_name,
+                "metrics": {
+                    k: probe.metrics.get(k)
+                    for k in ("val_accuracy", "train_accuracy", "val_loss", "best_epoch")
+                },
+            }
+        atomic_write_json(d / "probes.json", {"format": "ks_lens.probe_set", "probes": index})
+
+    # a probe set replaces an older one as a whole: no stale layer-XX directories
+    return write_directory(directory, write)
 
 
 def load_probes(directory: str | Path, *, model: Any | None = None) -> dict[int, Probe]:
@@ -559,9 +609,18 @@ def load_probes(directory: str | Path, *, model: Any | None = None) -> dict[int,
     index = read_json(directory / "probes.json", what="probe set index")
     if index.get("format") != "ks_lens.probe_set":
         raise StoreError(f"{directory} is not a ks-lens probe set")
-    return {
-        int(k): Probe.load(directory / v["path"], model=model) for k, v in index["probes"].items()
-    }
+    return {int(k): _load_indexed(directory, index, int(k), model) for k in index["probes"]}
+
+
+def _load_indexed(directory: Path, index: Any, layer: int, model: Any | None) -> Probe:
+    """One probe of a probe set; the index must not point at another layer's probe."""
+    probe = Probe.load(directory / index["probes"][str(layer)]["path"], model=model)
+    if probe.layer != layer:
+        raise StoreError(
+            f"probe set {directory} is inconsistent: its index lists layer {layer} but that "
+            f"probe was trained at {probe.hook_name}. Re-create the probe set."
+        )
+    return probe
 
 
 def load_probe_any(
@@ -578,7 +637,7 @@ def load_probe_any(
             layer = layers[0]
         if str(layer) not in index["probes"]:
             raise StoreError(f"{path} has no probe for layer {layer}; it has {layers}")
-        return Probe.load(path / index["probes"][str(layer)]["path"], model=model)
+        return _load_indexed(path, index, layer, model)
     probe = Probe.load(path, model=model)
     if layer is not None and probe.layer != layer:
         raise MetadataMismatchError(f"probe at {path} is for layer {probe.layer}, not {layer}")

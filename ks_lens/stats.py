@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
+from ks_lens.errors import ConfigError
+
 #: confidence level of every interval ks-lens reports
 LEVEL = 0.95
 #: bootstrap resamples (percentile method)
@@ -106,7 +108,7 @@ def paired_difference(
     """
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape:
-        raise ValueError(f"paired samples differ in shape: {x.shape} vs {y.shape}")
+        raise ConfigError(f"paired samples differ in shape: {x.shape} vs {y.shape}")
     return bootstrap_mean(x - y, seed=seed, n_resamples=n_resamples)
 
 
@@ -160,7 +162,7 @@ def mcnemar(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray) -> M
     """Exact McNemar test (see :class:`McNemar`)."""
     x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     if x.shape != y.shape:
-        raise ValueError(f"paired outcomes differ in shape: {x.shape} vs {y.shape}")
+        raise ConfigError(f"paired outcomes differ in shape: {x.shape} vs {y.shape}")
     n = int(x.size)
     only_a, only_b = int((x & ~y).sum()), int((~x & y).sum())
     disc = only_a + only_b
@@ -191,7 +193,7 @@ def interpolate_at(
     x = np.asarray(xs, dtype=float)
     y = np.asarray(ys, dtype=float)
     if x.shape != y.shape or x.ndim != 1:
-        raise ValueError("xs and ys must be 1-D and of equal length")
+        raise ConfigError("xs and ys must be 1-D and of equal length")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         return float("nan")
     if log_x:

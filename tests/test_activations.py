@@ -246,3 +246,98 @@ def test_fixed_answers_are_re_encoded_not_generated(tiny_model):
     )
     with pytest.raises(ValueError, match="no question"):
         texts_dataset((LabelledText("t3", "x y", ("beta",)),), ("alpha", "beta", "gamma"))
+
+
+def test_damaged_shards_of_a_complete_store_are_recollected(tiny_model, tiny_dataset, tmp_path):
+    ref = collect_to_store(tiny_model, tiny_dataset, tmp_path / "ref", shard_rows=8, progress=False)
+    collect_to_store(tiny_model, tiny_dataset, tmp_path / "s", shard_rows=8, progress=False)
+    shards = tmp_path / "s" / "shards"
+    (shards / "shard-00001.safetensors").unlink()  # missing
+    data = (shards / "shard-00003.safetensors").read_bytes()
+    (shards / "shard-00003.safetensors").write_bytes(data[:-8] + b"\x00" * 8)  # altered
+    with pytest.raises(StoreError, match="missing: .*shard-00001.*1 more.*rerun the same collect"):
+        ActivationStore(tmp_path / "s").load()
+    with pytest.warns(UserWarning, match="re-collecting 2 damaged shard"):
+        again = collect_to_store(
+            tiny_model, tiny_dataset, tmp_path / "s", shard_rows=8, progress=False
+        )
+    assert again.complete and again.meta["shards"] == ref.meta["shards"]
+    assert torch.equal(again.load().acts["resid_post"], ref.load().acts["resid_post"])
+
+
+def test_store_records_dtype_and_refuses_to_mix_it(tiny_model, tiny_dataset, tmp_path, monkeypatch):
+    ds = tiny_dataset.head(4)
+    bf16 = ks.load_model("tiny-random-llama", dtype="bfloat16")
+    real = A._collect_chunk
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A, "_collect_chunk", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        collect_to_store(bf16, ds, tmp_path / "s", shard_rows=4, progress=False)
+    monkeypatch.setattr(A, "_collect_chunk", real)
+    assert ActivationStore(tmp_path / "s").meta["numerics"] == {
+        "dtype": "bfloat16",
+        "device": next(bf16.original_model.parameters()).device.type,
+    }
+    # an interrupted bf16 store is not finished in fp32 ...
+    with pytest.raises(StoreError, match=r"numerics: stored .*bfloat16.*dtype='bfloat16'"):
+        collect_to_store(tiny_model, ds, tmp_path / "s", shard_rows=4, progress=False)
+    done = collect_to_store(bf16, ds, tmp_path / "s", shard_rows=4, progress=False)
+    assert done.complete
+    # ... and a complete one is not handed to an fp32 run
+    with pytest.raises(StoreError, match="numerics"):
+        collect_to_store(tiny_model, ds, tmp_path / "s", shard_rows=4, progress=False)
+
+
+def test_store_metadata_is_checksummed(tiny_model, tiny_dataset, tmp_path):
+    collect_to_store(tiny_model, tiny_dataset.head(2), tmp_path / "s", progress=False)
+    path = tmp_path / "s" / "meta.json"
+    meta = json.loads(path.read_text())
+    meta["dataset"]["labels"] = list(reversed(meta["dataset"]["labels"]))  # would swap labels
+    path.write_text(json.dumps(meta))
+    with pytest.raises(
+        StoreError, match=r"modified after saving.*Delete the directory .*/s and rerun"
+    ):
+        ActivationStore(tmp_path / "s")
+    path.write_text("{broken")
+    with pytest.raises(StoreError, match="not valid JSON.*Delete the directory"):
+        collect_to_store(tiny_model, tiny_dataset.head(2), tmp_path / "s", progress=False)
+    # another artefact is not damage: no advice to delete it
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "meta.json").write_text(json.dumps({"format": "ks_lens.probe"}))
+    with pytest.raises(StoreError) as e:
+        ActivationStore(tmp_path / "p")
+    assert (
+        str(e.value)
+        == f"{tmp_path / 'p'} is not a ks-lens activation store (it holds 'ks_lens.probe')"
+    )
+
+
+def test_store_output_that_is_a_file(tiny_model, tiny_dataset, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreError, match="is an existing file"):
+        collect_to_store(tiny_model, tiny_dataset.head(2), tmp_path / "f", progress=False)
+
+
+def test_questions_too_long_for_the_context_are_refused_before_compute(
+    tiny_model, tiny_dataset, monkeypatch
+):
+    from ks_lens.datasets import Question
+
+    ds = tiny_dataset.with_questions([*tiny_dataset.questions[:2], Question("long", "w " * 600)])
+    monkeypatch.setattr(A, "_collect_chunk", lambda *a, **k: pytest.fail("computed"))
+    with pytest.raises(
+        ks.ContextLengthError, match=r"question 'long' \(as prompted\) has \d+ tokens, more than"
+    ):
+        collect_activations(tiny_model, ds, progress=False)
+    monkeypatch.undo()
+    ds = tiny_dataset.with_questions([Question("edge", "w " * 450)])  # fits, but not with answers
+    collect_activations(tiny_model, ds, mode="neutral", layers=[0], progress=False)
+    with pytest.raises(ks.ContextLengthError, match="plus max_new_tokens=48"):
+        collect_activations(tiny_model, ds, mode="response", progress=False)

@@ -195,3 +195,51 @@ def test_shipped_tones_reserve_the_gold_questions():
     ds = load_dataset("tones")
     gold_q = {t.question_id for t in load_gold_texts()}
     assert ds.reserved_from_test == gold_q and len(gold_q) >= 120
+
+
+def test_question_files_that_are_not_utf8_name_file_and_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes('{"text": "ok?"}\n{"text": "Où est la gare?"}\n'.encode("latin-1"))
+    with pytest.raises(
+        DatasetError, match=r"latin1\.jsonl:2: byte 0xf9 is not valid UTF-8; expected UTF-8"
+    ):
+        load_questions(p)
+    p = tmp_path / "utf16.jsonl"
+    p.write_bytes('{"text": "ok?"}\n'.encode("utf-16"))
+    with pytest.raises(DatasetError, match=r"utf16\.jsonl:1: .*looks like UTF-16.*expected UTF-8"):
+        load_questions(p)
+    p = tmp_path / "latin1.csv"
+    p.write_bytes("text\nfine?\ncafé?\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin1\.csv:3: .*expected UTF-8"):
+        load_questions(p)
+    # a UTF-8 byte-order mark is fine
+    p = tmp_path / "bom.json"
+    p.write_bytes('[{"text": "Où?"}]'.encode("utf-8-sig"))
+    assert load_questions(p)[0].text == "Où?"
+
+
+def test_question_text_of_the_wrong_type_is_named(tmp_path):
+    p = _write(tmp_path, "q.jsonl", '{"text": "ok?"}\n{"text": 123}\n')
+    with pytest.raises(
+        DatasetError, match=r"q\.jsonl:2: field 'text' must be a string, got int 123"
+    ):
+        load_questions(p)
+
+
+def test_directories_given_as_files(tmp_path):
+    (tmp_path / "d.jsonl").mkdir()
+    with pytest.raises(DatasetError, match=r"d\.jsonl is a directory; expected a question file"):
+        load_questions(tmp_path / "d.jsonl")
+    with pytest.raises(DatasetError, match="is a directory; expected a behaviours file"):
+        load_dataset(tmp_path)
+
+
+def test_an_empty_split_is_named(tmp_path):
+    p = _write(tmp_path, "two.jsonl", '{"text": "One?"}\n{"text": "Two?"}\n')
+    ds = load_dataset("tones", questions=p)
+    with pytest.raises(
+        DatasetError,
+        match=r"split 'calibration' of dataset 'tones' has no questions: its 2 questions .*calibration=0",
+    ):
+        ds.split("calibration")
+    assert len(ds.split("train").questions) == 1

@@ -97,7 +97,11 @@ def test_vanish_rule_per_question_levels():
     p = np.array(
         [
             [0.9, 0.05, 0.3],  # best reaches 0.5, one target below the floor -> vanished
-            [0.4, 0.05, 0.3],  # nothing reaches 0.5 -> nothing vanished (a method that moves nothing)
+            [
+                0.4,
+                0.05,
+                0.3,
+            ],  # nothing reaches 0.5 -> nothing vanished (a method that moves nothing)
             [0.6, 0.62, 0.58],  # high baseline staying high is not vanished
             [0.5, 0.1, 0.09],  # exactly at reach: counts; 0.1 is not below the floor
         ]
@@ -123,7 +127,10 @@ def test_degenerate_rule_flags_each_kind():
     assert rule.reason("a 1.1.1.1.1.1.1.1 b 2.2.2.2.2") == "non-letters"
     rep = "improved self-efficacy, " * 8
     assert rule.reason(rep) == "repetition"
-    assert rule.reason("hahahahahahahahahahahahahahahahahahahahahahahahahahahahahahahaha") == "repetition"
+    assert (
+        rule.reason("hahahahahahahahahahahahahahahahahahahahahahahahahahahahahahahaha")
+        == "repetition"
+    )
     ok = (
         "Boil the egg for about nine minutes, then cool it in cold water so the shell peels "
         "off easily and the yolk stays bright."

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import zipfile
 
@@ -168,3 +169,77 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="rebuilding"):
         dm.ensure_default_model()
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("name", ["", "  ", None])
+def test_empty_model_name_is_refused(name):
+    with pytest.raises(UnknownModelError, match="model name must be a non-empty string"):
+        ks.load_model(name)
+
+
+def test_garbage_gguf_is_a_model_load_error(tmp_path):
+    for i, data in enumerate([b"GGUF" + b"\x00" * 50, b"junk", b"GGUF\x03\x00\x00\x00\xff"]):
+        f = tmp_path / f"m{i}.gguf"
+        f.write_bytes(data)
+        with pytest.raises(ModelLoadError, match=r"could not be read as a GGUF model"):
+            ks.load_model(str(f))
+
+
+def test_pickled_checkpoints_are_refused_before_loading(tiny_model, tmp_path, monkeypatch):
+    d = tmp_path / "ckpt"
+    tiny_model.original_model.config.save_pretrained(d)
+    tiny_model.tokenizer.save_pretrained(d)
+    torch.save({"model.embed_tokens.weight": torch.zeros(2)}, d / "pytorch_model.bin")
+    unpickled = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a))
+    with pytest.raises(
+        ModelLoadError,
+        match=r"only pickled weights \(pytorch_model.bin\); .*only safetensors or GGUF",
+    ):
+        ks.load_model(str(d))
+    assert unpickled == []
+    (d / "pytorch_model.bin").unlink()
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors weights"):
+        ks.load_model(str(d))
+
+
+@pytest.mark.parametrize("device", ["garbage", "tpu", "cuda:banana"])
+def test_unknown_device_is_a_config_error(device):
+    with pytest.raises(ks.ConfigError, match=f"unknown device '{device}'; use cpu, cuda"):
+        ks.load_model("tiny-random-llama", device=device)
+
+
+def test_same_size_corruption_of_the_cache_is_detected_by_checksum(tmp_path, monkeypatch):
+    monkeypatch.setenv("KS_LENS_CACHE", str(tmp_path))
+    builds = []
+
+    def fake_convert(gguf, out_dir):
+        builds.append(gguf)
+        (out_dir / "model.safetensors").write_bytes(b"0123456789")
+        (out_dir / "config.json").write_text("{}")
+
+    fake_gguf = tmp_path / "m.gguf"
+    fake_gguf.write_bytes(b"gguf")
+    monkeypatch.setattr(dm, "_convert", fake_convert)
+    monkeypatch.setattr(dm, "_locate_source", lambda: ("gguf", fake_gguf))
+    hashed = []
+    real_sha = dm.sha256_file
+    monkeypatch.setattr(dm, "sha256_file", lambda p: hashed.append(p.name) or real_sha(p))
+    d = dm.ensure_default_model()
+    assert len(builds) == 1 and sorted(hashed) == ["config.json", "model.safetensors"]
+    hashed.clear()
+    assert dm.ensure_default_model() == d  # first load after conversion: every file hashed
+    assert sorted(hashed) == ["config.json", "model.safetensors"]
+    hashed.clear()
+    assert dm.ensure_default_model() == d and hashed == []  # afterwards: unchanged files, no hash
+    (d / "model.safetensors").write_bytes(b"9876543210")  # same size, other bytes
+    with pytest.warns(UserWarning, match=r"rebuilding it \(model.safetensors does not match"):
+        dm.ensure_default_model()
+    assert len(builds) == 2 and (d / "model.safetensors").read_bytes() == b"0123456789"
+    # a cache made before checksums were recorded is rebuilt once
+    manifest = json.loads((d / dm.MANIFEST).read_text())
+    del manifest["sha256"]
+    (d / dm.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="no checksums in the manifest"):
+        dm.ensure_default_model()
+    assert len(builds) == 3

@@ -170,3 +170,71 @@ def test_multi_label_metrics_and_group_override(tiny_model, tiny_dataset):
     assert n_val % 4 == 0 and n_val > 0  # 4 rows per question, 3 questions per category -> 12s
     with pytest.raises(ValueError, match="groups has"):
         train_probe(acts, 3, groups=["x"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lr", float("inf"), "lr must be a positive finite number, got inf"),
+        ("lr", float("nan"), "lr must be a positive finite number, got nan"),
+        ("lr", 0.0, "lr must be a positive finite number"),
+        ("weight_decay", float("inf"), "weight_decay must be a finite number >= 0"),
+        ("weight_decay", -1.0, "weight_decay must be a finite number >= 0"),
+        ("val_fraction", float("nan"), r"val_fraction must be in \[0, 1\)"),
+        ("patience", -1, "patience must be >= 0"),
+    ],
+)
+def test_non_finite_hyperparameters_are_refused(field, value, message):
+    with pytest.raises(ks.ConfigError, match=message):
+        ProbeConfig(**{field: value})
+
+
+def test_diverging_training_stops_with_a_clear_error():
+    x, y, groups = _blobs()
+    with pytest.raises(
+        ks.TrainingError, match=r"diverged at epoch 1: the loss became nan \(layer 3, layer 7\)"
+    ):
+        fit_probes(
+            x, y, groups, ["a", "b", "c"], ProbeConfig(lr=1e30), names=["layer 3", "layer 7"]
+        )
+    x[5, 0, 3] = float("nan")
+    with pytest.raises(ks.DatasetError, match="contain NaN or infinite values"):
+        fit_probes(x, y, groups, ["a", "b", "c"])
+
+
+def test_edited_probe_metadata_is_refused(tiny_probe, tmp_path):
+    tiny_probe.save(tmp_path / "p")
+    path = tmp_path / "p" / "meta.json"
+    meta = json.loads(path.read_text())
+    assert meta["format_version"] == 2 and len(meta["meta_sha256"]) == 64
+    meta["label_names"] = ["beta", "alpha", "gamma"]  # reordered: would silently swap labels
+    path.write_text(json.dumps(meta, indent=2))
+    with pytest.raises(StoreError, match="modified after saving"):
+        Probe.load(tmp_path / "p")
+    del meta["meta_sha256"]
+    path.write_text(json.dumps(meta, indent=2))
+    with pytest.raises(StoreError, match="no metadata checksum"):
+        Probe.load(tmp_path / "p")
+
+
+def test_probe_and_probe_set_never_share_a_directory(tiny_acts, tiny_probe, tmp_path):
+    probes = train_probes(tiny_acts, layers=[1, 2, 3], config=ProbeConfig(epochs=1), progress=False)
+    save_probes(probes, tmp_path / "set")
+    with pytest.raises(StoreError, match="already holds a probe_set; saving a probe there"):
+        tiny_probe.save(tmp_path / "set")
+    tiny_probe.save(tmp_path / "single")
+    with pytest.raises(StoreError, match="already holds a probe; saving a probe_set there"):
+        save_probes(probes, tmp_path / "single")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    with pytest.raises(StoreError, match="already holds other files"):
+        tiny_probe.save(tmp_path / "junk")
+    # a probe set replaces an older one whole: no stale layer directories remain
+    save_probes({2: probes[2]}, tmp_path / "set")
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["layer-02", "probes.json"]
+    # an index that points at another layer's probe is refused
+    index = json.loads((tmp_path / "set" / "probes.json").read_text())
+    index["probes"]["3"] = index["probes"]["2"]
+    (tmp_path / "set" / "probes.json").write_text(json.dumps(index))
+    with pytest.raises(StoreError, match="lists layer 3 but that probe was trained at blocks.2"):
+        load_probe_any(tmp_path / "set", layer=3)

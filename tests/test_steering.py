@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -454,3 +455,35 @@ def test_last_position_follows_the_mask_with_right_padding(tiny_model, tiny_prob
         tiny_model, batch, hook, KSteering(tiny_probe), positions="all", target=["beta"], alpha=5.0
     )
     assert torch.equal((steered_all != plain).any(-1), batch.attention_mask.bool())
+
+
+def test_alpha_is_a_non_negative_number_for_every_method(tiny_probe, tiny_acts):
+    x = tiny_acts.at(2)[:3]
+    caa = CAA(SteeringVectors.fit(tiny_acts, 2))
+    for method in (KSteering(tiny_probe), caa, KProjection(tiny_probe)):
+        target = [] if isinstance(method, KProjection) else ["alpha"]
+        with pytest.raises(ks.ConfigError, match="alpha must be >= 0, got -2: .*put it in avoid"):
+            method.apply(x, target=target, avoid=["beta"], alpha=-2.0)
+        for bad in (float("inf"), float("nan"), True, "2", torch.tensor([1.0, 2.0])):
+            with pytest.raises(ks.ConfigError, match="alpha must be"):
+                method.apply(x, target=target, avoid=["beta"], alpha=bad)
+        # a 0-d tensor (or a NumPy scalar) is a number
+        as_tensor = method.apply(x, target=target, avoid=["beta"], alpha=torch.tensor(2.0))
+        as_float = method.apply(x, target=target, avoid=["beta"], alpha=2.0)
+        assert torch.equal(as_tensor, as_float)
+    assert KSteering(tiny_probe).spec(["alpha"], alpha=np.float32(1.5)).alpha == 1.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": float("nan")}, "temperature must be a positive finite number, got nan"),
+        ({"temperature": float("inf")}, "temperature must be a positive finite number"),
+        ({"temperature": 0}, "temperature must be a positive finite number"),
+        ({"decay": float("nan")}, r"decay must be in \(0, 1\], got nan"),
+        ({"steps": True}, "steps must be a positive int, got True"),
+    ],
+)
+def test_ksteering_options_must_be_finite(tiny_probe, kwargs, message):
+    with pytest.raises(ks.ConfigError, match=message):
+        KSteering(tiny_probe, **kwargs)

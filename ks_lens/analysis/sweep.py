@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ks_lens.activations import Activations
 from ks_lens.comparison import ComparisonConfig, TextScorer, run_comparison
+from ks_lens.errors import ConfigError
 from ks_lens.probes import Probe, ProbeConfig, train_probes
 from ks_lens.steering import SteeringVectors
 
@@ -64,7 +65,7 @@ def layer_sweep(
     (``"activation"``, and ``"text"`` with a text evaluator: :class:`SummaryRow` JSON)."""
     bad = [layer for layer in layers if layer > evaluator.layer]
     if bad:
-        raise ValueError(
+        raise ConfigError(
             f"the evaluator (layer {evaluator.layer}) must read at or after every swept layer; {bad} are later"
         )
     if probes is None:
@@ -121,7 +122,7 @@ def recommend_layer(
             continue
         scored.append((sum(r["gain"]["estimate"] for r in rows) / len(rows), rec["layer"]))
     if not scored:
-        raise ValueError(
+        raise ConfigError(
             f"no swept layer has {method} results with probe accuracy >= {min_accuracy}"
         )
     gain, layer = max(scored)

@@ -16,6 +16,7 @@ For ``run_with_hooks`` users, :meth:`Steerer.hooks` returns ``[(hook_name, fn), 
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from ks_lens.errors import LabelError, MetadataMismatchError
+from ks_lens.errors import ConfigError, LabelError, MetadataMismatchError
 from ks_lens.hooks import check_steerable
 from ks_lens.steering.positions import PositionTracker, check_positions, select_whole_call
 
@@ -39,7 +40,7 @@ class SteeringSpec:
 
     target: tuple[str, ...] = ()
     avoid: tuple[str, ...] = ()
-    alpha: float = 1.0
+    alpha: float = 1.0  # >= 0: see check_alpha
 
     @classmethod
     def make(
@@ -49,7 +50,8 @@ class SteeringSpec:
         alpha: float,
         label_names: Sequence[str],
     ) -> SteeringSpec:
-        """Validate labels against ``label_names`` and alpha; lists or comma-separated strings."""
+        """Validate labels against ``label_names`` and alpha (:func:`check_alpha`); labels are
+        lists or comma-separated strings."""
         t = _as_tuple(target)
         a = _as_tuple(avoid)
         unknown = [x for x in (*t, *a) if x not in label_names]
@@ -64,13 +66,35 @@ class SteeringSpec:
             raise LabelError("a label is repeated in target or avoid")
         if not t and not a:
             raise LabelError("nothing to steer: target and avoid are both empty")
-        if (
-            not isinstance(alpha, (int, float))
-            or isinstance(alpha, bool)
-            or not math.isfinite(alpha)
-        ):
-            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-        return cls(t, a, float(alpha))
+        return cls(t, a, check_alpha(alpha))
+
+
+def check_alpha(alpha: Any) -> float:
+    """``alpha`` as a float: a finite number ``>= 0`` (Python, NumPy or a 0-d tensor).
+
+    The direction comes from ``target`` and ``avoid`` alone, for every method: a negative alpha
+    would quietly turn "toward casual" into "away from casual", so it is refused; put the label
+    in ``avoid`` instead.
+    """
+    if isinstance(alpha, torch.Tensor):
+        if alpha.ndim != 0 or alpha.is_complex() or alpha.dtype == torch.bool:
+            raise ConfigError(
+                f"alpha must be a real number or a 0-d tensor, got a {alpha.dtype} tensor of "
+                f"shape {tuple(alpha.shape)}"
+            )
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise ConfigError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    value = float(alpha)
+    if not math.isfinite(value):
+        raise ConfigError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    if value < 0:
+        raise ConfigError(
+            f"alpha must be >= 0, got {value:g}: the direction comes from target and avoid. To "
+            "steer away from a label, put it in avoid (a negative alpha would silently reverse "
+            "target and avoid)"
+        )
+    return value
 
 
 def _as_tuple(x: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -241,7 +265,7 @@ class Steerer(ABC):
         else:
             names = list(hook_names)
         if not names:
-            raise ValueError("no hook points to steer at")
+            raise ConfigError("no hook points to steer at")
         for name in names:
             check_steerable(model, name)
             if name != self.hook_name and not allow_other_hooks:

@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float
 
 from ks_lens.activations import Activations
-from ks_lens.errors import LabelError, MetadataMismatchError, StoreError
+from ks_lens.errors import ConfigError, DatasetError, LabelError, MetadataMismatchError, StoreError
 from ks_lens.hooks import parse_resid_hook, resid_hook
 from ks_lens.io import load_artifact, save_artifact
 from ks_lens.models import check_signature
@@ -54,7 +54,7 @@ class SteeringVectors:
         source: dict[str, Any] | None = None,
     ):
         if vectors.ndim != 2 or vectors.shape[0] != len(label_names):
-            raise ValueError(
+            raise ConfigError(
                 f"vectors must be [n_labels={len(label_names)}, d_model], got {tuple(vectors.shape)}"
             )
         self.vectors = vectors.detach().float()
@@ -77,22 +77,22 @@ class SteeringVectors:
     ) -> SteeringVectors:
         """Per-label vectors from labelled activations (rows with label ``-1`` are ignored)."""
         if method not in VECTOR_METHODS:
-            raise ValueError(f"unknown method {method!r}; use one of {VECTOR_METHODS}")
+            raise ConfigError(f"unknown method {method!r}; use one of {VECTOR_METHODS}")
         x = acts.at(layer, kind).float()
         labels = acts.labels
         keep = labels >= 0
         x, labels = x[keep], labels[keep]
         if len(labels) == 0:
-            raise ValueError("no labelled rows to compute steering vectors from")
+            raise DatasetError("no labelled rows to compute steering vectors from")
         vecs = []
         overall = x.mean(0)
         for k, name in enumerate(acts.label_names):
             sel = labels == k
             if not sel.any():
-                raise ValueError(f"label {name!r} has no rows; cannot compute its vector")
+                raise DatasetError(f"label {name!r} has no rows; cannot compute its vector")
             if method == "mean_diff":
                 if (~sel).sum() == 0:
-                    raise ValueError("mean_diff needs rows of at least two labels")
+                    raise DatasetError("mean_diff needs rows of at least two labels")
                 vecs.append(x[sel].mean(0) - x[~sel].mean(0))
             else:
                 vecs.append(x[sel].mean(0) - overall)
@@ -129,7 +129,7 @@ class SteeringVectors:
     ) -> Float[torch.Tensor, " d_model"]:
         """One vector for a target/avoid combination (see the module docstring)."""
         if how not in CAA_COMBINES:
-            raise ValueError(f"unknown combine {how!r}; use one of {CAA_COMBINES}")
+            raise ConfigError(f"unknown combine {how!r}; use one of {CAA_COMBINES}")
         t = self.indices(target)
         a = self.indices(avoid)
         v = torch.zeros(self.vectors.shape[1])
@@ -141,7 +141,7 @@ class SteeringVectors:
         if normalize:
             n = v.norm()
             if n == 0:
-                raise ValueError("cannot normalise a zero steering vector")
+                raise ConfigError("cannot normalise a zero steering vector")
             v = v / n
         return v
 
@@ -204,9 +204,9 @@ class CAA(Steerer):
         avoid_mode: str = "subtract",
     ):
         if combine not in CAA_COMBINES:
-            raise ValueError(f"unknown combine {combine!r}; use one of {CAA_COMBINES}")
+            raise ConfigError(f"unknown combine {combine!r}; use one of {CAA_COMBINES}")
         if avoid_mode not in ("subtract", "ablate"):
-            raise ValueError("avoid_mode must be 'subtract' or 'ablate'")
+            raise ConfigError("avoid_mode must be 'subtract' or 'ablate'")
         self.vectors = vectors
         self.combine = combine
         self.normalize = normalize

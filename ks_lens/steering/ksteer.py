@@ -34,13 +34,14 @@ vector-Jacobian product.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from jaxtyping import Float
 
-from ks_lens.errors import LabelError
+from ks_lens.errors import ConfigError, LabelError
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
 
@@ -80,7 +81,7 @@ def label_coefficients(
         if a:
             c[:, a] = 1.0 / len(a)
     else:
-        raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+        raise ConfigError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
     return c
 
 
@@ -107,7 +108,7 @@ def objective_value(
         lt = temperature * torch.logsumexp(-logits[:, t] / temperature, dim=-1) if t else zero
         la = logits[:, a].mean(-1) if a else zero
         return lt + la
-    raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+    raise ConfigError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
 
 
 def _grad_context():
@@ -144,7 +145,7 @@ def combine_gradients(
 ) -> Float[torch.Tensor, "n d"]:
     """Combine per-label gradient contributions (already multiplied by their coefficients)."""
     if per_label.shape[0] == 0:
-        raise ValueError("no label gradients to combine")
+        raise ConfigError("no label gradients to combine")
     if how == "sum":
         return per_label.sum(0)
     if how == "balanced":
@@ -169,7 +170,7 @@ def combine_gradients(
                 gi = gi - coef * gj
             out[i] = gi
         return out.sum(0)
-    raise ValueError(f"unknown combine {how!r}; use one of {COMBINES}")
+    raise ConfigError(f"unknown combine {how!r}; use one of {COMBINES}")
 
 
 def normalise_step(
@@ -182,7 +183,7 @@ def normalise_step(
         return unit
     if how == "relative":
         return unit * x.norm(dim=-1, keepdim=True)
-    raise ValueError(f"unknown step_norm {how!r}; use one of {STEP_NORMS}")
+    raise ConfigError(f"unknown step_norm {how!r}; use one of {STEP_NORMS}")
 
 
 class _ProbeSteerer(Steerer):
@@ -226,18 +227,23 @@ class KSteering(_ProbeSteerer):
         temperature: float = 1.0,
     ):
         super().__init__(probe)
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError("steps must be a positive int")
-        if not 0 < decay <= 1:
-            raise ValueError("decay must be in (0, 1]")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"steps must be a positive int, got {steps!r}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+            raise ConfigError(f"decay must be in (0, 1], got {decay!r}")
         if step_norm not in STEP_NORMS:
-            raise ValueError(f"unknown step_norm {step_norm!r}; use one of {STEP_NORMS}")
+            raise ConfigError(f"unknown step_norm {step_norm!r}; use one of {STEP_NORMS}")
         if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+            raise ConfigError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
         if combine not in COMBINES:
-            raise ValueError(f"unknown combine {combine!r}; use one of {COMBINES}")
-        if temperature <= 0:
-            raise ValueError("temperature must be positive")
+            raise ConfigError(f"unknown combine {combine!r}; use one of {COMBINES}")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature)
+            or temperature <= 0
+        ):
+            raise ConfigError(f"temperature must be a positive finite number, got {temperature!r}")
         self.steps = steps
         self.decay = float(decay)
         self.step_norm = step_norm
@@ -312,7 +318,7 @@ class KProjection(_ProbeSteerer):
     def __init__(self, probe: Probe, *, how: str = "reflect"):
         super().__init__(probe)
         if how not in ("reflect", "remove"):
-            raise ValueError("how must be 'reflect' or 'remove'")
+            raise ConfigError("how must be 'reflect' or 'remove'")
         self.how = how
 
     def spec(

@@ -27,13 +27,15 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Bool
 
+from ks_lens.errors import ConfigError
+
 Positions = Literal["all", "prompt", "generated", "last"]
 POSITIONS: tuple[str, ...] = ("all", "prompt", "generated", "last")
 
 
 def check_positions(positions: str) -> str:
     if positions not in POSITIONS:
-        raise ValueError(f"unknown positions {positions!r}; use one of {POSITIONS}")
+        raise ConfigError(f"unknown positions {positions!r}; use one of {POSITIONS}")
     return positions
 
 
@@ -131,7 +133,7 @@ class PositionTracker:
             if self.last_index is not None and self.last_index.shape[0] == batch:
                 return valid & (pos == self.last_index.to(device).unsqueeze(1))
             return valid & (pos == prompt_len - 1)
-        raise ValueError(f"unknown positions {positions!r}")
+        raise ConfigError(f"unknown positions {positions!r}")
 
 
 def select_whole_call(
@@ -144,5 +146,5 @@ def select_whole_call(
     elif positions == "last":
         sel[:, -1] = True
     elif positions != "generated":
-        raise ValueError(f"unknown positions {positions!r}")
+        raise ConfigError(f"unknown positions {positions!r}")
     return sel

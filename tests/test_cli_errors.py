@@ -1,0 +1,298 @@
+"""The command line on bad input and faults: one line on stderr, a meaningful exit code, and a
+traceback only for genuine bugs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ks_lens import activations as A
+from ks_lens import cli
+from ks_lens.activations import ActivationStore
+from ks_lens.cli import main
+from ks_lens.errors import DatasetError
+from ks_lens.probes import load_probe_any
+
+
+def _fail_with(monkeypatch, exc: BaseException) -> None:
+    def boom(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_models", boom)  # build_parser() binds it when main runs
+
+
+def test_library_errors_are_one_line_with_exit_2(monkeypatch, capsys):
+    _fail_with(monkeypatch, DatasetError("q.jsonl:3: empty question text"))
+    assert main(["models"]) == 2
+    assert capsys.readouterr().err == "ks-lens: error: q.jsonl:3: empty question text\n"
+
+
+def test_os_errors_are_one_line_with_exit_1(monkeypatch, capsys):
+    _fail_with(monkeypatch, PermissionError(13, "Permission denied", "runs/x/meta.json"))
+    assert main(["models"]) == 1
+    assert capsys.readouterr().err == "ks-lens: error: runs/x/meta.json: Permission denied\n"
+
+
+def test_genuine_bugs_keep_their_traceback(monkeypatch):
+    # a plain ValueError is a bug somewhere, not bad input: it must not be reported as one
+    _fail_with(monkeypatch, ValueError("internal invariant broken"))
+    with pytest.raises(ValueError, match="internal invariant broken"):
+        main(["models"])
+
+
+# ----------------------------------------------------------------------------- real commands
+
+TINY = ["--model", "tiny-random-llama"]
+
+
+def _collect(out, *extra: str) -> int:
+    return main(["collect", *TINY, "--max-questions", "4", "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "acts"
+    assert _collect(out, "--layers", "1,2") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def artefacts(store, tmp_path_factory):
+    d = tmp_path_factory.mktemp("art")
+    assert (
+        main(
+            ["train", "--acts", str(store), "--layer", "2", "--epochs", "2", "--out", str(d / "p")]
+        )
+        == 0
+    )
+    assert main(["vectors", "--acts", str(store), "--layer", "2", "--out", str(d / "v")]) == 0
+    return d
+
+
+def test_rerun_repairs_a_store_with_a_deleted_shard(tmp_path, capsys):
+    # the issue's reproduction: this used to fail on every rerun ("delete it and rerun")
+    args = ["--split", "train", "--shard-rows", "8"]
+    assert _collect(tmp_path / "s", *args) == 0
+    assert _collect(tmp_path / "ref", *args) == 0
+    (tmp_path / "s" / "shards" / "shard-00001.safetensors").unlink()
+    with pytest.warns(UserWarning, match="re-collecting 1 damaged shard"):
+        assert _collect(tmp_path / "s", *args) == 0
+    repaired = ActivationStore(tmp_path / "s").load()
+    assert torch.equal(
+        repaired.acts["resid_post"], ActivationStore(tmp_path / "ref").load().acts["resid_post"]
+    )
+
+
+def test_train_never_hides_or_overwrites_probes_silently(store, tmp_path, capsys):
+    out = str(tmp_path / "P")
+    train = ["train", "--acts", str(store), "--epochs", "1", "--out", out]
+    assert main([*train, "--layer", "all"]) == 0
+    capsys.readouterr()
+    # a single probe would have been hidden by the probe set's probes.json
+    assert main([*train, "--layer", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} already holds a probe set; pass --overwrite to replace it" in err
+    assert (tmp_path / "P" / "probes.json").is_file()
+    assert main([*train, "--layer", "2", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "P").iterdir()) == [
+        "meta.json",
+        "tensors.safetensors",
+    ]
+    assert load_probe_any(out).layer == 2
+    # and an existing single probe is not overwritten silently either
+    assert main([*train, "--layer", "1"]) == 2
+    assert "already holds a probe; pass --overwrite" in capsys.readouterr().err
+    assert load_probe_any(out).layer == 2
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    assert main([*train[:-1], str(tmp_path / "notes"), "--overwrite"]) == 2
+    assert (
+        "not hold a probe or probe set; choose a new or empty directory" in capsys.readouterr().err
+    )
+    assert (tmp_path / "notes" / "a.txt").read_text() == "mine"
+
+
+def test_vectors_output_is_not_overwritten_silently(store, artefacts, capsys):
+    vec = ["vectors", "--acts", str(store), "--layer", "1", "--out", str(artefacts / "v")]
+    assert main(vec) == 2
+    assert "already holds steering vectors; pass --overwrite" in capsys.readouterr().err
+    assert (
+        main(["vectors", "--acts", str(store), "--layer", "1", "--out", str(artefacts / "p")]) == 2
+    )
+    assert "holds a probe, not steering vectors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lr", ["inf", "nan", "-1"])
+def test_train_refuses_non_finite_learning_rate(store, tmp_path, capsys, lr):
+    assert main(["train", "--acts", str(store), "--lr", lr, "--out", str(tmp_path / "p")]) == 2
+    assert "lr must be a positive finite number" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["collect", *TINY, "--layers", "abc", "--out", "x"],
+        ["train", "--acts", "a", "--layer", "abc", "--out", "x"],
+        ["train", "--acts", "a", "--layer", ",", "--out", "x"],
+    ],
+)
+def test_bad_layer_lists_name_the_flag(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        f"argument {argv[argv.index('--layers' if '--layers' in argv else '--layer')]}: expected 'all' or comma-separated layer indices"
+        in err
+    )
+    assert "invalid literal" not in err
+
+
+def test_out_that_is_a_file(store, artefacts, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for argv in (
+        ["collect", *TINY, "--out", str(f)],
+        ["train", "--acts", str(store), "--out", str(f)],
+        ["vectors", "--acts", str(store), "--layer", "2", "--out", str(f)],
+    ):
+        assert main(argv) == 2
+        assert (
+            capsys.readouterr().err
+            == f"ks-lens: error: --out {f} is an existing file; give a directory path\n"
+        )
+    assert main(["collect", *TINY, "--out", str(f / "sub")]) == 2
+    assert f"--out {f / 'sub'}: {f} is a file, not a directory" in capsys.readouterr().err
+
+
+def test_unwritable_out(store, tmp_path, capsys, monkeypatch):
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", denied)
+    assert main(["train", "--acts", str(store), "--out", str(tmp_path / "ro" / "p")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"--out {tmp_path / 'ro' / 'p'}: cannot write in {tmp_path} (Permission denied); choose a writable directory"
+        in err
+    )
+
+
+def test_steer_refuses_flags_that_do_not_apply(artefacts, capsys):
+    steer = ["steer", *TINY, "--target", "casual", "--alpha", "1", "--max-new-tokens", "2", "Hi?"]
+    assert (
+        main([*steer, "--vectors", str(artefacts / "v"), "--steps", "3", "--objective", "softmin"])
+        == 2
+    )
+    assert (
+        "--objective, --steps apply to K-Steering (--classifier), not to --vectors"
+        in capsys.readouterr().err
+    )
+    assert main([*steer, "--vectors", str(artefacts / "v"), "--layer", "1"]) == 2
+    assert "--layer 1 does not apply: the vectors in" in capsys.readouterr().err
+    assert main([*steer, "--classifier", str(artefacts / "p"), "--normalize"]) == 2
+    assert "--normalize apply to CAA (--vectors), not to --classifier" in capsys.readouterr().err
+    assert main([*steer, "--classifier", str(artefacts / "p"), "--layer", "1"]) == 2
+    assert "is for layer 2, not 1" in capsys.readouterr().err
+    assert (
+        main([*steer, "--vectors", str(artefacts / "v"), "--layer", "2", "--caa-combine", "sum"])
+        == 0
+    )
+    assert main([*steer, "--alpha", "-1", "--vectors", str(artefacts / "v")]) == 2
+    assert "alpha must be >= 0" in capsys.readouterr().err
+    assert main(steer) == 2
+    both = [*steer, "--vectors", str(artefacts / "v"), "--classifier", str(artefacts / "p")]
+    assert main(both) == 2
+    assert capsys.readouterr().err.count("give exactly one of --classifier DIR") == 2
+
+
+def test_ctrl_c_during_collect_says_what_was_saved_and_resumes(tmp_path, monkeypatch, capsys):
+    real = A._collect_chunk
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A, "_collect_chunk", interrupted)
+    args = ["--split", "train", "--shard-rows", "8"]
+    assert _collect(tmp_path / "s", *args) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (
+        f"ks-lens: interrupted; 8/24 rows are saved in {tmp_path / 's'}; "
+        "rerun the same command to resume"
+    )
+    assert not any("Traceback" in line for line in err)
+    monkeypatch.setattr(A, "_collect_chunk", real)
+    assert _collect(tmp_path / "s", *args) == 0
+    assert ActivationStore(tmp_path / "s").complete
+
+
+def test_ctrl_c_during_steer_is_one_line(artefacts, monkeypatch, capsys):
+    import ks_lens.generation as G
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "generate", interrupted)
+    argv = [
+        "steer",
+        *TINY,
+        "--vectors",
+        str(artefacts / "v"),
+        "--target",
+        "casual",
+        "--alpha",
+        "1",
+        "Hi?",
+    ]
+    assert main(argv) == 130
+    assert capsys.readouterr().err == (
+        "ks-lens: interrupted; nothing was saved (steer writes no files); "
+        "the model's hooks were removed\n"
+    )
+
+
+def test_collect_input_errors_are_one_line(tmp_path, capsys):
+    two = tmp_path / "two.jsonl"
+    two.write_text('{"text": "One?"}\n{"text": "Two?"}\n')
+    assert (
+        main(
+            [
+                "collect",
+                *TINY,
+                "--questions",
+                str(two),
+                "--split",
+                "calibration",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "split 'calibration' of dataset 'tones' has no questions" in capsys.readouterr().err
+    assert main(["collect", *TINY, "--questions", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path} is a directory; expected a question file" in capsys.readouterr().err
+    assert main(["collect", *TINY, "--dataset", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "is a directory; expected a behaviours file" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "collect",
+                "--model",
+                "tiny-random-llama",
+                "--device",
+                "garbage",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "unknown device 'garbage'; use cpu, cuda, cuda:N or mps" in capsys.readouterr().err
+    assert main(["collect", "--model", "", "--out", str(tmp_path / "o")]) == 2
+    assert "model name must be a non-empty string" in capsys.readouterr().err
