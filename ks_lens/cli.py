@@ -1,5 +1,5 @@
 """The ``ks-lens`` command line: ``info``, ``models``, ``collect``, ``train``, ``steer``, ``demo``,
-``evaluate-text``, ``train-text-evaluator``.
+``evaluate-text``, ``train-text-evaluator``, ``report``.
 
 Each subcommand is a thin shell over the library; run ``ks-lens SUBCOMMAND --help``.
 """
@@ -361,6 +361,14 @@ def cmd_steer(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- text evaluator
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from ks_lens.report import rerender
+
+    paths = rerender(args.dir, command=f"ks-lens report {args.dir}")
+    print(f"re-rendered {paths['json']}, {paths['markdown']} and {len(paths) - 2} figures")
+    return 0
+
+
 def cmd_evaluate_text(args: argparse.Namespace) -> int:
     import json
 
@@ -581,6 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-style", action="store_true", help="leave out the style meters")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_text_evaluator)
+
+    p = sub.add_parser(
+        "report",
+        help="re-render a comparison report (DIR/report.json) with this version's summaries",
+    )
+    p.add_argument("dir", help="a demo output directory holding report.json")
+    p.set_defaults(func=cmd_report)
 
     try:
         from ks_lens.demo import add_demo_parser

@@ -33,7 +33,7 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -232,6 +232,31 @@ class ComparisonConfig:
         d["degenerate"] = self.degenerate.to_json()
         return d
 
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ComparisonConfig:
+        """Inverse of :meth:`to_json` (unknown keys are refused)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown comparison settings {sorted(unknown)}")
+        kw = dict(d)
+        for name in ("methods", "sizes", "avoid", "curve_factors"):
+            if name in kw:
+                kw[name] = tuple(kw[name])
+        if "vanish" in kw:
+            kw["vanish"] = VanishRule(
+                **{k: v for k, v in kw["vanish"].items() if k in VanishRule.__dataclass_fields__}
+            )
+        if "degenerate" in kw:
+            kw["degenerate"] = DegenerateRule(
+                **{
+                    k: v
+                    for k, v in kw["degenerate"].items()
+                    if k in DegenerateRule.__dataclass_fields__
+                }
+            )
+        return cls(**kw)
+
 
 # ----------------------------------------------------------------------------- 1. plan
 
@@ -260,6 +285,16 @@ class ComparisonPlan:
             "calib_cells": [[c.question, list(c.targets)] for c in self.calib_cells],
             "gen_cells": [[c.question, list(c.targets)] for c in self.gen_cells],
         }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ComparisonPlan:
+        return cls(
+            tuple(d["labels"]),
+            tuple(d["avoid"]),
+            [tuple(c) for c in d["act_combos"]],
+            [Cell(int(q), tuple(t)) for q, t in d["calib_cells"]],
+            [Cell(int(q), tuple(t)) for q, t in d["gen_cells"]],
+        )
 
 
 def rotate_cells(
@@ -444,7 +479,7 @@ class SummaryRow:
     n_cells: int
     target_prob: Interval
     min_target_prob: Interval
-    gain: Interval  # normalised gain (p - p0) / (1 - p0), mean over targets
+    gain: Interval  # normalised gain (:func:`normalised_gain`), mean over targets
     vanish_rate: Interval | None = None  # 2+ targets only
     n_vanished: int | None = None
     diff_vs_baseline: Interval | None = None
@@ -485,11 +520,12 @@ class CurvePoint:
 
 @dataclass
 class EqualKL:
-    """A method's target probability read off its trade-off curve at the KL level ``kl``.
+    """A method's target probability read off its trade-off curve at the KL level ``kl``
+    (the budget, or the highest KL that it and the baseline both reach; see :func:`trade_off`).
 
     ``diff_vs_baseline`` is the paired difference with the baseline's curve at the same level
-    (both read from the same bootstrap resample of questions). NaN when the measured curve does
-    not reach the level (no extrapolation).
+    (both read from the same bootstrap resample of questions). NaN when the curves do not
+    overlap (no extrapolation).
     """
 
     lens: str
@@ -529,9 +565,19 @@ class ActivationEvaluation:
             "labels": list(self.labels),
             "combos": [list(c) for c in self.combos],
             "alphas": {m: {str(k): a for k, a in v.items()} for m, v in self.alphas.items()},
-            "base": self.base.round(5).tolist(),
-            "probs": {m: [p.round(5).tolist() for p in ps] for m, ps in self.probs.items()},
+            "base": self.base.tolist(),
+            "probs": {m: [p.tolist() for p in ps] for m, ps in self.probs.items()},
         }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ActivationEvaluation:
+        return cls(
+            tuple(d["labels"]),
+            [tuple(c) for c in d["combos"]],
+            {m: {int(k): float(a) for k, a in v.items()} for m, v in d["alphas"].items()},
+            np.asarray(d["base"], dtype=float),
+            {m: [np.asarray(p, dtype=float) for p in ps] for m, ps in d["probs"].items()},
+        )
 
 
 @dataclass
@@ -579,6 +625,39 @@ class TextEvaluation:
             "answers": [a.to_json() for a in self.answers],
         }
 
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TextEvaluation:
+        def num(v: Any) -> float:
+            return math.nan if v is None else float(v)
+
+        answers = [
+            Answer(
+                a["method"],
+                int(a["question"]),
+                tuple(a["targets"]),
+                float(a["factor"]),
+                float(a["alpha"]),
+                a["text"],
+                int(a["n_tokens"]),
+                num(a["kl"]),
+                num(a["nll"]),
+                a["degenerate"],
+                [num(x) for x in a["text_probs"]],
+                None if a["act_probs"] is None else [num(x) for x in a["act_probs"]],
+                dict(a["style"]),
+            )
+            for a in d["answers"]
+        ]
+        return cls(
+            tuple(d["labels"]),
+            list(d["questions"]),
+            [Cell(int(q), tuple(t)) for q, t in d["cells"]],
+            {m: {int(k): float(a) for k, a in v.items()} for m, v in d["alphas"].items()},
+            tuple(float(f) for f in d["factors"]),
+            answers,
+            tuple(d["lenses"]),
+        )
+
 
 @dataclass
 class ComparisonResult:
@@ -623,6 +702,41 @@ class ComparisonResult:
             "text_eval": None if self.text is None else self.text.to_json(),
             "timings": self.timings,
         }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ComparisonResult:
+        """Rebuild a result from its JSON (e.g. ``report.json``), **recomputing** the summaries,
+        curves and equal-KL rows from the stored per-question records with this version's code."""
+        config = ComparisonConfig.from_json(d["comparison_config"])
+        act = (
+            None
+            if d.get("activation_eval") is None
+            else ActivationEvaluation.from_json(d["activation_eval"])
+        )
+        text = None if d.get("text_eval") is None else TextEvaluation.from_json(d["text_eval"])
+        summaries = summarise_activations(act, config) if act is not None else []
+        curves: list[CurvePoint] = []
+        equal: list[EqualKL] = []
+        if text is not None:
+            summaries += summarise_text(text, config)
+            curves, equal = trade_off(text, config)
+        return cls(
+            config,
+            ComparisonPlan.from_json(d["plan"]),
+            {
+                m: {int(k): Calibration.from_json(c) for k, c in v.items()}
+                for m, v in d["calibration"].items()
+            },
+            act,
+            text,
+            summaries,
+            curves,
+            equal,
+            int(d["n_calib_questions"]),
+            int(d["n_test_questions"]),
+            int(d.get("n_text_questions", 0)),
+            dict(d.get("timings", {})),
+        )
 
 
 # ----------------------------------------------------------------------------- 3. activations
@@ -771,6 +885,15 @@ def _per_question(values: np.ndarray, question: np.ndarray, n: int) -> np.ndarra
     return out
 
 
+def normalised_gain(p: np.ndarray, p0: np.ndarray) -> np.ndarray:
+    """Share of the available room moved: ``(p - p0) / (1 - p0)`` for a rise and
+    ``(p - p0) / p0`` for a fall, so the gain lies in [-1, 1] (0 where ``p == p0``)."""
+    p, p0 = np.asarray(p, dtype=float), np.asarray(p0, dtype=float)
+    up = (p - p0) / np.clip(1 - p0, 1e-9, None)
+    down = (p - p0) / np.clip(p0, 1e-9, None)
+    return np.where(p >= p0, up, down)
+
+
 def _summary_row(
     lens: str,
     method: str,
@@ -785,7 +908,7 @@ def _summary_row(
     nr = config.n_resamples
     mean_t = cs.target.mean(1)
     min_t = cs.target.min(1)
-    gain = ((cs.target - cs.base) / np.clip(1 - cs.base, 1e-6, None)).mean(1)
+    gain = normalised_gain(cs.target, cs.base).mean(1)
     pq = _per_question(mean_t, cs.question, n)
     row = SummaryRow(
         lens,
@@ -971,11 +1094,42 @@ def _at_level_diff(
     )
 
 
+def _common_level(
+    ranges: dict[str, Sequence[float]], methods: Sequence[str], level: float
+) -> float:
+    """``level`` if every method's measured curve (its points' mean KLs) spans it; otherwise a
+    level inside the KL range all the curves share: the geometric middle of the last (or first)
+    segment of the curve that limits it, so that bootstrap resamples of the curves still reach
+    it. NaN if the curves' ranges do not overlap."""
+    spans = [sorted(ranges[m]) for m in dict.fromkeys(methods) if m in ranges]
+    if not spans:
+        return float("nan")
+    lo = max(p[0] for p in spans)
+    hi = min(p[-1] for p in spans)
+    if lo > hi:
+        return float("nan")
+    if lo <= level <= hi:
+        return level
+    if level > hi:
+        p = min(spans, key=lambda p: p[-1])  # the curve that stops lowest
+        inner = math.sqrt(p[-1] * p[-2]) if len(p) > 1 and p[-2] > 0 else p[-1]
+        return max(inner, lo)
+    p = max(spans, key=lambda p: p[0])  # the curve that starts highest
+    inner = math.sqrt(p[0] * p[1]) if len(p) > 1 and p[0] > 0 else p[0]
+    return min(inner, hi)
+
+
 def trade_off(
     te: TextEvaluation, config: ComparisonConfig
 ) -> tuple[list[CurvePoint], list[EqualKL]]:
     """Each method's curve (target probability vs measured KL, one point per alpha factor) and
-    its value at the KL level ``config.kl_budget``, with paired differences to the baseline."""
+    its value at equal KL, with the paired difference to the baseline at the same KL.
+
+    The KL level is ``config.kl_budget`` when both the method's and the baseline's measured
+    curves span it; otherwise the highest KL both curves reach (recorded in
+    :attr:`EqualKL.kl`), so a method whose answers never get that far from the unsteered
+    model is still compared at a level both methods were measured at.
+    """
     n = len(te.questions)
     curves: list[CurvePoint] = []
     equal: list[EqualKL] = []
@@ -1020,10 +1174,16 @@ def trade_off(
             ]
             keep_idx = np.array(keep, dtype=int)
 
+            ranges = {
+                m: [float(x) for x in v[0][keep_idx].mean(0)]
+                for m, v in per_method.items()
+                if len(keep_idx)
+            }
             for m in per_method:
+                lvl = _common_level(ranges, [m, config.baseline], level)
                 est = bootstrap_statistic(
                     len(keep_idx),
-                    partial(_at_level, per_method, keep_idx, m, level=level),
+                    partial(_at_level, per_method, keep_idx, m, level=lvl),
                     seed=config.seed,
                     n_resamples=config.n_resamples,
                 )
@@ -1032,19 +1192,19 @@ def trade_off(
                     diff = bootstrap_statistic(
                         len(keep_idx),
                         partial(
-                            _at_level_diff, per_method, keep_idx, m, config.baseline, level=level
+                            _at_level_diff, per_method, keep_idx, m, config.baseline, level=lvl
                         ),
                         seed=config.seed,
                         n_resamples=config.n_resamples,
                     )
                 deg = (
                     _at_level(
-                        per_method, keep_idx, m, np.arange(len(keep_idx)), level, degenerate=True
+                        per_method, keep_idx, m, np.arange(len(keep_idx)), lvl, degenerate=True
                     )
                     if len(keep_idx)
                     else math.nan
                 )
-                equal.append(EqualKL(lens, m, k, level, est, deg, diff))
+                equal.append(EqualKL(lens, m, k, lvl, est, deg, diff))
     return curves, equal
 
 

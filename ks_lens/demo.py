@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -30,29 +29,7 @@ from ks_lens.errors import ConfigError
 from ks_lens.models import model_signature
 from ks_lens.pipeline import PipelineConfig, Setup, prepare
 from ks_lens.report import compare_word, seeds_summary, write_report
-
-
-def git_commit() -> str:
-    """The repository's short commit (``+dirty`` with uncommitted changes), or ``"unknown"``."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return rev + ("+dirty" if dirty else "")
+from ks_lens.utils import git_commit
 
 
 def _rate(x: float | None) -> str:
@@ -95,13 +72,13 @@ def _evaluator_lines(setup: Setup) -> dict[str, str]:
     return lines
 
 
-def _info(setup: Setup, cfg: PipelineConfig, command: str) -> dict[str, Any]:
+def _info(setup: Setup, cfg: PipelineConfig, command: str, commit: str) -> dict[str, Any]:
     validity = setup.text_evaluator.validity
     return {
         "model": setup.model.cfg.model_name,
         "model_info": model_signature(setup.model),
         "command": command,
-        "commit": git_commit(),
+        "commit": commit,
         "dataset": {
             "name": setup.dataset.name,
             "hash": setup.dataset.content_hash(),
@@ -149,6 +126,7 @@ def run_demo(
         raise ConfigError("seeds must be at least 1")
     cfg.validate()
     out = Path(out)
+    commit = git_commit()  # the code that runs: read before anything else can change it
     results: list[ComparisonResult] = []
     first: tuple[ComparisonResult, dict[str, Any]] | None = None
     for i in range(seeds):
@@ -158,7 +136,7 @@ def run_demo(
         t_start = time.perf_counter()
         setup = prepare(cfg_s, out_s, log=log, progress=progress)
         result = setup.compare(progress=progress, log=log)
-        info = _info(setup, cfg_s, command)
+        info = _info(setup, cfg_s, command, commit)
         info["timings"]["total_s"] = time.perf_counter() - t_start
         paths = write_report(result, info, out_s)
         log(

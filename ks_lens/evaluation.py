@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -469,6 +469,21 @@ class Calibration:
             "evaluations": [[a, m] for a, m in self.evaluations],
             "note": self.note,
         }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Calibration:
+        """Inverse of :meth:`to_json` (``null`` metrics, i.e. inf/NaN, come back as inf)."""
+
+        def num(v: Any) -> float:
+            return math.inf if v is None else float(v)
+
+        return cls(
+            float(d["alpha"]),
+            float(d["budget"]),
+            num(d["metric_at_alpha"]),
+            [(float(a), num(m)) for a, m in d["evaluations"]],
+            str(d.get("note", "")),
+        )
 
 
 def _search(

@@ -22,6 +22,7 @@ from ks_lens.comparison import (
 )
 from ks_lens.io import atomic_write_bytes, atomic_write_json
 from ks_lens.stats import Interval, seed_summary
+from ks_lens.utils import git_commit
 
 LENS_TEXT = {
     "text": "text evaluator (TF-IDF + logistic regression on gold texts; model-independent)",
@@ -143,6 +144,7 @@ def equal_kl_table(rows: Sequence[EqualKL]) -> str:
             [
                 method_label(e.method),
                 e.k,
+                _f(e.kl),
                 _ci(e.target_prob),
                 _f(e.degenerate_rate, 2),
                 _ci(e.diff_vs_baseline),
@@ -152,7 +154,15 @@ def equal_kl_table(rows: Sequence[EqualKL]) -> str:
             ]
             for e in rows
         ],
-        ["method", "k", "target p at equal KL", "degenerate", "diff vs baseline", "verdict"],
+        [
+            "method",
+            "k",
+            "KL level",
+            "target p at equal KL",
+            "degenerate",
+            "diff vs baseline",
+            "verdict",
+        ],
     )
 
 
@@ -205,7 +215,13 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
         "",
         f"Steering at `{info.get('steering_hook', '')}`; labels: {', '.join(result.plan.labels)}; "
         f"baseline: {method_label(cfg.baseline)}. Produced by `{info.get('command', 'ks-lens demo')}` at "
-        f"commit `{info.get('commit', 'unknown')}`.",
+        f"commit `{info.get('commit', 'unknown')}`"
+        + (
+            f"; summaries recomputed by `{info['rerendered_by']['command']}` at commit "
+            f"`{info['rerendered_by']['commit']}`."
+            if info.get("rerendered_by")
+            else "."
+        ),
         f"Alpha calibrated per method and number of targets on {result.n_calib_questions} calibration "
         f"questions to {cfg.kl_budget} nats/token ({_METRIC_TEXT.get(cfg.calibration_metric, cfg.calibration_metric)}) "
         f"with at most {cfg.max_degenerate_rate:.0%} of answers newly degenerate (degenerate where the "
@@ -231,8 +247,10 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
                     f"## Headline: generated text at equal measured KL ({cfg.kl_budget} nats/token), {lens}",
                     "",
                     f"Lens: {LENS_TEXT[lens]}. Each method's target probability is interpolated "
-                    "(linear in log KL) along its trade-off curve at the KL level; n/a where the measured "
-                    "curve does not reach it.",
+                    "(linear in log KL) along its trade-off curve at the KL level: the budget, or, where "
+                    "the method's or the baseline's measured curve does not reach it, a level inside the KL range "
+                    "both reach (the middle of the limiting curve's last segment; never extrapolated); the "
+                    "difference to the baseline is read at the same level.",
                     "",
                     equal_kl_table(rows),
                 ]
@@ -284,7 +302,8 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
         "",
         f"- vanished: {cfg.vanish.to_json()['definition']}.",
         f"- degenerate: {cfg.degenerate.to_json()['definition']}.",
-        "- normalised gain: (p - p0) / (1 - p0) per target, p0 the unsteered probability on the same question.",
+        "- normalised gain: (p - p0) / (1 - p0) for a rise, (p - p0) / p0 for a fall, per target, p0 the "
+        "unsteered probability on the same question (in [-1, 1]).",
         "- KL/token: KL(steered || unsteered) of the next-token distributions along the reported answer "
         "(including the step that ended it); perplexity: of the answer tokens under the unsteered model.",
     ]
@@ -478,6 +497,44 @@ def write_report(
     return {"json": out / "report.json", "markdown": out / "report.md", **{p.stem: p for p in figs}}
 
 
+_RESULT_KEYS = frozenset(
+    {
+        "labels",
+        "methods",
+        "method_labels",
+        "comparison_config",
+        "plan",
+        "alpha",
+        "calibration",
+        "n_calib_questions",
+        "n_test_questions",
+        "n_text_questions",
+        "summaries",
+        "curves",
+        "equal_kl",
+        "activation_eval",
+        "text_eval",
+        "timings",
+    }
+)
+
+
+def rerender(directory: str | Path, *, command: str | None = None) -> dict[str, Path]:
+    """Re-render ``directory/report.{json,md}`` and the figures from its ``report.json``, with
+    summaries, curves and equal-KL rows recomputed from the stored per-question records by this
+    version's code (no model needed). The original run's info is kept; ``rerendered_by``
+    records the command and commit of the re-rendering."""
+    from ks_lens.io import read_json
+
+    directory = Path(directory)
+    doc = read_json(directory / "report.json", what="comparison report")
+    result = ComparisonResult.from_json(doc)
+    info = {k: v for k, v in doc.items() if k not in _RESULT_KEYS}
+    info["timings"] = {k: v for k, v in doc.get("timings", {}).items() if k not in result.timings}
+    info["rerendered_by"] = {"command": command or "ks-lens report", "commit": git_commit()}
+    return write_report(result, info, directory)
+
+
 __all__ = [
     "compare_word",
     "curve_table",
@@ -485,6 +542,7 @@ __all__ = [
     "markdown_table",
     "plot_report",
     "render_markdown",
+    "rerender",
     "seeds_summary",
     "seeds_table",
     "summary_table",

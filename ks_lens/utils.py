@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 import random
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,3 +101,26 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def git_commit() -> str:
+    """The repository's short commit (``+dirty`` with uncommitted changes), or ``"unknown"``."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")

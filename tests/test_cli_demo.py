@@ -187,9 +187,24 @@ def test_collect_train_vectors_steer_cli(tmp_path, capsys):
     )
 
 
-def test_demo_report_schema_on_tiny_model(tmp_path):
-    (result,) = run_demo(_fast(), tmp_path / "demo", log=lambda s: None, progress=False)
-    on_disk = json.loads((tmp_path / "demo" / "report.json").read_text())
+@pytest.fixture(scope="module")
+def two_seed_demo(tmp_path_factory):
+    """One fast two-seed demo on the tiny model, shared by the schema and seeds tests."""
+    out = tmp_path_factory.mktemp("demo")
+    results = run_demo(
+        _fast(methods=("caa_mean", "caa_sum", "ksteer", "ksteer_multistep")),
+        out,
+        seeds=2,
+        log=lambda s: None,
+        progress=False,
+    )
+    return out, results
+
+
+def test_demo_report_schema_on_tiny_model(two_seed_demo):
+    tmp, results = two_seed_demo
+    result = results[0]
+    on_disk = json.loads((tmp / "report.json").read_text())
     assert on_disk["layer"] == 2
     for key in REQUIRED_TOP:
         assert key in on_disk, key
@@ -206,10 +221,10 @@ def test_demo_report_schema_on_tiny_model(tmp_path):
     answers = on_disk["text_eval"]["answers"]
     assert {a["factor"] for a in answers if a["method"] != "unsteered"} == {0.25, 0.5, 1.0, 2.0}
     assert all(set(a["text_probs"]) and len(a["text_probs"]) == 6 for a in answers)
-    md = (tmp_path / "demo" / "report.md").read_text()
+    md = (tmp / "report.md").read_text()
     assert "## Verdict" in md and "equal measured KL" in md and "## Definitions" in md
     for png in ("activation_combinations.png", "text_tradeoff.png", "calibration.png"):
-        assert (tmp_path / "demo" / png).stat().st_size > 1000
+        assert (tmp / png).stat().st_size > 1000
     assert result.config.kl_budget == on_disk["comparison_config"]["kl_budget"]
 
 
@@ -267,12 +282,14 @@ def test_demo_validates_arguments_before_any_compute(tmp_path, capsys):
         assert not (tmp_path / "o").exists()  # nothing collected or written
 
 
-def test_demo_is_deterministic_given_the_seed(tmp_path):
-    cfg = _fast(methods=("caa_mean", "ksteer_multistep"))
-    run_demo(cfg, tmp_path / "a", log=lambda s: None, progress=False)
-    run_demo(cfg, tmp_path / "b", log=lambda s: None, progress=False)
-    a = json.loads((tmp_path / "a" / "report.json").read_text())
-    b = json.loads((tmp_path / "b" / "report.json").read_text())
+def test_demo_is_deterministic_given_the_seed(two_seed_demo, tmp_path):
+    first, _ = two_seed_demo
+    cfg = _fast(methods=("caa_mean", "caa_sum", "ksteer", "ksteer_multistep"))
+    run_demo(cfg, tmp_path / "again", log=lambda s: None, progress=False)
+    a = json.loads((first / "seed-1" / "report.json").read_text())
+    b = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert a["demo_config"]["seed"] == 1 and b["demo_config"]["seed"] == 0
+    b1 = json.loads((first / "report.json").read_text())
     for key in (
         "alpha",
         "calibration",
@@ -282,14 +299,14 @@ def test_demo_is_deterministic_given_the_seed(tmp_path):
         "activation_eval",
         "text_eval",
     ):
-        assert json.dumps(a[key]) == json.dumps(b[key]), key
+        assert json.dumps(b1[key]) == json.dumps(b[key]), key  # same seed: identical
+    assert json.dumps(a["text_eval"]) != json.dumps(b["text_eval"])  # another seed differs
 
 
-def test_demo_with_two_seeds_reports_mean_and_sd(tmp_path):
-    cfg = _fast(methods=("caa_mean", "ksteer"))
-    results = run_demo(cfg, tmp_path / "s", seeds=2, log=lambda s: None, progress=False)
+def test_demo_with_two_seeds_reports_mean_and_sd(two_seed_demo):
+    out, results = two_seed_demo
     assert len(results) == 2 and results[0].config.seed == 0 and results[1].config.seed == 1
-    assert (tmp_path / "s" / "seed-1" / "report.json").is_file()
-    top = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert (out / "seed-1" / "report.json").is_file()
+    top = json.loads((out / "report.json").read_text())
     assert {r["n"] for r in top["seeds"]} == {2}
-    assert "Across seeds" in (tmp_path / "s" / "report.md").read_text()
+    assert "Across seeds" in (out / "report.md").read_text()

@@ -153,18 +153,24 @@ def test_trade_off_reads_curves_at_equal_kl():
     assert by["caa_mean"].target_prob.estimate == pytest.approx(want_caa)
     assert by["ksteer"].target_prob.estimate == pytest.approx(want_ks)
     assert by["ksteer"].diff_vs_baseline.estimate == pytest.approx(want_ks - want_caa)
-    # the KL level lies outside a curve -> NaN, never extrapolated
-    _, far = trade_off(
-        te,
-        ComparisonConfig(
-            methods=("caa_mean", "ksteer"),
-            sizes=(1,),
-            kl_budget=5.0,
-            curve_factors=(0.5, 1.0),
-            n_resamples=50,
-        ),
+    # a KL level beyond a curve: compared inside the KL range both curves reach, never
+    # extrapolated
+    far_cfg = ComparisonConfig(
+        methods=("caa_mean", "ksteer"),
+        sizes=(1,),
+        kl_budget=5.0,
+        curve_factors=(0.5, 1.0),
+        n_resamples=50,
     )
-    assert all(math.isnan(e.target_prob.estimate) for e in far)
+    _, far = trade_off(te, far_cfg)
+    fb = {e.method: e for e in far}
+    lvl = math.sqrt(0.1 * 0.4)  # inside caa's (the shorter curve's) last segment
+    assert fb["ksteer"].kl == pytest.approx(lvl) and fb["caa_mean"].kl == pytest.approx(lvl)
+    want_caa = interpolate_at([0.1, 0.4], [0.2, 0.6], lvl)
+    assert fb["caa_mean"].target_prob.estimate == pytest.approx(want_caa)
+    assert fb["ksteer"].diff_vs_baseline.estimate == pytest.approx(
+        interpolate_at([0.05, 0.8], [0.3, 0.9], lvl) - want_caa
+    )
     rows = {r.method: r for r in summarise_text(te, cfg)}
     assert rows["ksteer"].target_prob.estimate == pytest.approx(0.9)
     assert rows["ksteer"].kl.estimate == pytest.approx(0.8)
@@ -222,8 +228,9 @@ def test_run_comparison_end_to_end_on_tiny(tiny_model, tiny_acts, tiny_probe):
     assert {(e.lens, e.method, e.k) for e in res.equal_kl} == {
         (lens, m, k) for lens in ("text", "text_activation") for m in cfg.methods for k in (1, 2, 3)
     }
-    doc = res.to_json()
-    json.dumps(doc)
+    doc = json.loads(json.dumps(res.to_json()))  # what report.json holds
+    again = ComparisonResult.from_json(doc)  # summaries recomputed from the stored records
+    assert json.dumps(again.to_json()) == json.dumps(doc)
     assert doc["text_eval"]["answers"][0]["method"] == "unsteered"
     with pytest.raises(ValueError, match="differ from the steering probe"):
         bad = _FakeTextEvaluator()
@@ -249,3 +256,18 @@ def test_run_comparison_end_to_end_on_tiny(tiny_model, tiny_acts, tiny_probe):
             test_questions=["y?"],
             progress=False,
         )
+
+
+def test_normalised_gain_and_common_level():
+    from ks_lens.comparison import _common_level, normalised_gain
+
+    g = normalised_gain(np.array([0.6, 0.2, 0.5, 0.0]), np.array([0.2, 0.8, 0.5, 0.5]))
+    np.testing.assert_allclose(g, [0.5, -0.75, 0.0, -1.0])  # room gained / share lost
+    assert np.all(np.abs(normalised_gain(np.random.rand(50), np.random.rand(50))) <= 1)
+    ranges = {"a": [0.1, 0.2, 0.4], "b": [0.05, 0.8], "c": [0.5, 0.9]}
+    assert _common_level(ranges, ["a", "b"], 0.2) == 0.2
+    # beyond a's curve: inside a's last segment (geometric middle of 0.2 and 0.4)
+    assert _common_level(ranges, ["a", "b"], 0.6) == pytest.approx(math.sqrt(0.08))
+    # below c's curve: inside c's first segment
+    assert _common_level(ranges, ["b", "c"], 0.2) == pytest.approx(math.sqrt(0.45))
+    assert math.isnan(_common_level(ranges, ["a", "c"], 0.2))  # no overlap
