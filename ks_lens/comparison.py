@@ -1095,7 +1095,7 @@ def _at_level_diff(
 
 
 def _common_level(
-    ranges: dict[str, Sequence[float]], methods: Sequence[str], level: float
+    ranges: Mapping[str, Sequence[float]], methods: Sequence[str], level: float
 ) -> float:
     """``level`` if every method's measured curve (its points' mean KLs) spans it; otherwise a
     level inside the KL range all the curves share: the geometric middle of the last (or first)
