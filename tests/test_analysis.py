@@ -169,14 +169,14 @@ def test_recommend_layer():
         {"layer": 3, "mlp_val_accuracy": 1.0},
     ]
     sweep = [
-        {"layer": layer, "activation": [{"method": "ksteer", "k": 1, "mean_target_delta": d}]}
+        {"layer": layer, "activation": [{"method": "ksteer", "k": 1, "gain": {"estimate": d}}]}
         for layer, d in ((1, 0.9), (2, 0.3), (3, 0.4))
     ]
     layer, reason = recommend_layer(acc, sweep)
     assert layer == 3 and "next best layer 2" in reason  # layer 1 excluded: probe too weak
     with pytest.raises(ValueError, match="no swept layer"):
         recommend_layer(acc, sweep, min_accuracy=1.1)
-    assert not math.isnan(sweep[0]["activation"][0]["mean_target_delta"])
+    assert not math.isnan(sweep[0]["activation"][0]["gain"]["estimate"])
 
 
 def test_token_view_html_is_offline(tiny_model, tiny_probe, tmp_path):

@@ -308,5 +308,8 @@ def test_demo_with_two_seeds_reports_mean_and_sd(two_seed_demo):
     assert len(results) == 2 and results[0].config.seed == 0 and results[1].config.seed == 1
     assert (out / "seed-1" / "report.json").is_file()
     top = json.loads((out / "report.json").read_text())
-    assert {r["n"] for r in top["seeds"]} == {2}
+    ns = {(r["lens"], r["method"], r["k"], r["what"]): r["n"] for r in top["seeds"]}
+    assert max(ns.values()) == 2 and all(n <= 2 for n in ns.values())
+    act = [r for r in top["seeds"] if r["lens"] == "activation"]
+    assert act and all(r["n"] == 2 and r["sd"] is not None for r in act)
     assert "Across seeds" in (out / "report.md").read_text()
