@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ks_lens.errors import DatasetError
+from ks_lens.io import iter_jsonl, read_text_file
 
 SPLITS: tuple[str, ...] = ("train", "evaluator", "calibration", "test")
 DEFAULT_FRACTIONS: dict[str, float] = {
@@ -315,24 +316,6 @@ def _check_unique(questions: Sequence[Question], where: Sequence[str]) -> None:
         seen_text[key] = loc
 
 
-def _read_text(path: Path, what: str) -> str:
-    """A text file's contents, decoded as UTF-8 (a BOM is allowed); errors name the line."""
-    if path.is_dir():
-        raise DatasetError(f"{path} is a directory; expected a {what}")
-    if not path.is_file():
-        raise DatasetError(f"{what} not found: {path}")
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        raise DatasetError(
-            f"{path}:{line}: byte 0x{data[e.start]:02x} is not valid UTF-8{hint}; expected "
-            "UTF-8 text: re-save the file as UTF-8"
-        ) from None
-
-
 def load_questions(source: str | Path) -> tuple[Question, ...]:
     """Read questions from a ``.jsonl``, ``.json`` (list), ``.csv`` file, or ``hf:NAME[:SPLIT[:COLUMN]]``.
 
@@ -348,18 +331,11 @@ def load_questions(source: str | Path) -> tuple[Question, ...]:
         raise DatasetError(
             f"{path}: unsupported question file type {suffix!r}; use .jsonl, .json or .csv"
         )
-    text = _read_text(path, "question file (.jsonl, .json or .csv)")
+    text = read_text_file(path, "question file (.jsonl, .json or .csv)")
     questions: list[Question] = []
     where: list[str] = []
     if suffix in (".jsonl", ".ndjson"):
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            loc = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{loc}: malformed JSON line ({e.msg})") from e
+        for loc, row in iter_jsonl(path, "question file (.jsonl)"):
             questions.append(_question_from_row(row, loc, len(questions)))
             where.append(loc)
     elif suffix == ".json":
@@ -424,7 +400,7 @@ def load_behaviours(path: str | Path) -> tuple[tuple[Behaviour, ...], dict[str, 
     """Read a behaviours JSON file: ``{"name", "behaviours": [{"name", "instruction"}], "questions"?}``."""
     path = Path(path)
     try:
-        spec = json.loads(_read_text(path, "behaviours file (.json)"))
+        spec = json.loads(read_text_file(path, "behaviours file (.json)"))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
     if not isinstance(spec, Mapping) or not isinstance(spec.get("behaviours"), list):

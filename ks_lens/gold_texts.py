@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ks_lens.errors import DatasetError
+from ks_lens.io import iter_jsonl
 
 GOLD_FILE = "gold_tones.jsonl"
 _OPTIONAL_STR_FIELDS = ("question_id", "question", "source")
@@ -69,22 +70,6 @@ class LabelledText:
 def normalise_text(text: str) -> str:
     """Lower-cased text with runs of white space collapsed (the key for duplicate detection)."""
     return " ".join(text.lower().split())
-
-
-def _decode(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"labelled-text file not found: {path}") from None
-    except IsADirectoryError:
-        raise DatasetError(f"{path} is a directory, expected a JSONL file") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DatasetError(
-            f"{path}:{line}: expected UTF-8 text (undecodable byte at offset {e.start})"
-        ) from None
 
 
 def _parse_labels(value: Any, loc: str) -> tuple[str, ...]:
@@ -162,19 +147,11 @@ def load_labelled_texts(
             duplicate id, or a duplicate text (compared lower-cased with white space collapsed).
     """
     path = Path(path)
-    content = _decode(path)
     allowed = tuple(labels) if labels is not None else None
     texts: list[LabelledText] = []
     seen_id: dict[str, str] = {}
     seen_text: dict[str, str] = {}
-    for lineno, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        loc = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{loc}: malformed JSON line ({e.msg})") from None
+    for loc, row in iter_jsonl(path, "labelled-text file (.jsonl)"):
         t = _parse_row(row, loc, len(texts) + 1, allowed)
         if t.id in seen_id:
             raise DatasetError(f"{loc}: duplicate id {t.id!r} (first at {seen_id[t.id]})")
@@ -203,16 +180,8 @@ def load_texts(path: str | Path) -> tuple[tuple[str | None, str], ...]:
             not an object, or a missing / non-string ``text``.
     """
     path = Path(path)
-    content = _decode(path)
     out: list[tuple[str | None, str]] = []
-    for lineno, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        loc = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{loc}: malformed JSON line ({e.msg})") from None
+    for loc, row in iter_jsonl(path, "text file (.jsonl)"):
         if not isinstance(row, Mapping):
             raise DatasetError(f"{loc}: expected a JSON object, got {type(row).__name__}")
         if "text" not in row:

@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ks_lens.errors import StoreError
+from ks_lens.errors import DatasetError, StoreError
 
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
@@ -267,3 +267,39 @@ def load_artifact(
             "modified after saving. Re-create it."
         )
     return load_safetensors(tpath, what=f"{kind} tensors"), meta
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """A text file's contents, decoded as UTF-8 (a BOM is allowed).
+
+    Raises :class:`DatasetError` naming the file (and, for bad bytes, the line) when it is
+    missing, a directory, or not UTF-8; ``what`` says what kind of file was expected.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path} is a directory; expected a {what}")
+    if not path.is_file():
+        raise DatasetError(f"{what} not found: {path}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DatasetError(
+            f"{path}:{line}: byte 0x{data[e.start]:02x} is not valid UTF-8{hint}; expected "
+            "UTF-8 text: re-save the file as UTF-8"
+        ) from None
+
+
+def iter_jsonl(path: str | Path, what: str) -> Iterator[tuple[str, Any]]:
+    """``(location, parsed object)`` for every non-blank line of a JSONL file, where location is
+    ``"file:line"``; decoding and malformed lines raise :class:`DatasetError` naming it."""
+    for lineno, line in enumerate(read_text_file(path, what).splitlines(), start=1):
+        if not line.strip():
+            continue
+        loc = f"{path}:{lineno}"
+        try:
+            yield loc, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{loc}: malformed JSON line ({e.msg})") from None
