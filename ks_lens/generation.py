@@ -24,6 +24,7 @@ from ks_lens.chat import (
     tokenize_texts,
 )
 from ks_lens.errors import ConfigError
+from ks_lens.models import pad_token_id
 
 
 @dataclass
@@ -65,7 +66,7 @@ def _generation_config(
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "do_sample": do_sample,
-        "pad_token_id": tok.pad_token_id,
+        "pad_token_id": pad_token_id(tok),
         "eos_token_id": tok.eos_token_id,
         "bos_token_id": tok.bos_token_id,
         "use_cache": True,
@@ -122,7 +123,7 @@ def generate_from_batch(
         out = out.sequences
     new = out[:, batch.input_ids.shape[1] :].tolist()
     eos = model.tokenizer.eos_token_id
-    pad = model.tokenizer.pad_token_id
+    pad = pad_token_id(model.tokenizer)
     ids: list[list[int]] = []
     finished: list[bool] = []
     for row in new:

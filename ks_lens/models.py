@@ -10,8 +10,14 @@
 
 The bridge runs HF's own forward code, so activations are in raw HF coordinates: no LayerNorm
 folding or weight centring is ever applied (steering vectors and probes stay portable to plain
-HF, vLLM or llama.cpp). Chat-templated text already starts with the BOS token, so the bridge's
-automatic BOS prepending is switched off; tokenize with :mod:`ks_lens.chat`.
+HF, vLLM or llama.cpp).
+
+Loading changes nothing global on the bridge: ``cfg.default_prepend_bos``, the tokenizer's padding
+side and the parameters' ``requires_grad`` are what TransformerLens gives, so ``model("text")``,
+``model.to_tokens``, ``run_with_cache`` (also ``incl_bwd=True``) and ``model.generate`` behave as
+in plain TransformerLens. ks-lens's own chat path (:mod:`ks_lens.chat`) tokenizes the templated
+text without adding special tokens (the template already starts with the BOS-like token: no
+double BOS) and pads on the left explicitly; its own forward passes run under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -70,21 +76,31 @@ def boot_bridge(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype
     )
     bridge.eval()
-    bridge.cfg.default_prepend_bos = False
-    bridge.tokenizer.padding_side = "left"
+    # Nothing global is changed beyond what TransformerLens itself does: cfg.default_prepend_bos,
+    # the tokenizer's padding side and the parameters' requires_grad stay as TL sets them, so
+    # model("text"), to_tokens, run_with_cache and model.generate behave as in plain TL. ks-lens
+    # tokenizes chat text itself (no special tokens added, explicit left padding) and runs its own
+    # inference under torch.no_grad().
     gen_cfg: Any = bridge.original_model.generation_config
     if getattr(gen_cfg, "pad_token_id", None) is None:
-        gen_cfg.pad_token_id = bridge.tokenizer.pad_token_id
-    for p in bridge.original_model.parameters():
-        p.requires_grad_(False)
+        gen_cfg.pad_token_id = pad_token_id(bridge.tokenizer)
     return bridge
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id ks-lens pads batches with: the tokenizer's pad token, else its EOS token (padding is
+    masked out, so the choice never changes a result). The tokenizer itself is not modified."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise ModelLoadError("the tokenizer has neither a pad token nor an EOS token to pad with")
+    return int(pad)
 
 
 def _load_hf_dir(

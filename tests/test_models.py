@@ -26,7 +26,51 @@ def test_tiny_model_shape_and_hooks(tiny_model):
     for layer in range(4):
         for kind in ("resid_pre", "resid_mid", "resid_post"):
             assert resid_hook(layer, kind) in tiny_model.hook_dict
-    assert tiny_model.cfg.default_prepend_bos is False
+
+
+def test_load_model_leaves_transformerlens_defaults_alone():
+    """Plain TL calls on raw text get what TL gives: BOS prepended, trainable parameters."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from ks_lens.tiny import build_tiny_llama
+
+    m = ks.load_model("tiny-random-llama")
+    hf, tok = build_tiny_llama()
+    plain = TransformerBridge.boot_transformers("tiny-random-llama", hf_model=hf, tokenizer=tok)
+    assert m.cfg.default_prepend_bos is True
+    assert m.tokenizer.padding_side == plain.tokenizer.padding_side == "right"
+    bos = m.tokenizer.bos_token_id
+    toks = m.to_tokens("hello")
+    assert toks[0, 0].item() == bos and toks[0, 1].item() != bos
+    assert torch.equal(toks, plain.to_tokens("hello"))
+    assert torch.allclose(m("hello"), m(toks), atol=0, rtol=0)
+    assert all(p.requires_grad for p in m.parameters())
+    # gradients through the cache work (used to fail with "no grad_fn")
+    _, cache = m.run_with_cache(
+        "hello", return_type="loss", incl_bwd=True, names_filter="blocks.1.hook_resid_post"
+    )
+    assert cache["blocks.1.hook_resid_post_grad"].abs().sum() > 0
+    out = m.generate("hello", max_new_tokens=2, do_sample=False, verbose=False)
+    assert isinstance(out, str) and out.startswith("hello")
+
+
+def test_chat_path_has_exactly_one_bos(tiny_model):
+    bos = tiny_model.tokenizer.bos_token_id
+    batch = ks.tokenize_chat(tiny_model, ["hi", "a longer question"])
+    for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True):
+        real = row[mask.bool()]
+        assert real[0].item() == bos and real[1].item() != bos
+    assert (batch.attention_mask[0, 0] == 0).item()  # left padded whatever the tokenizer says
+
+
+def test_ks_lens_inference_builds_no_graph(tiny_model):
+    gen = ks.generate(tiny_model, "hi", max_new_tokens=2)
+    assert len(gen.output_ids[0]) <= 2
+    from ks_lens.activations import capture_batch
+
+    batch = ks.tokenize_chat(tiny_model, "hi")
+    acts = capture_batch(tiny_model, batch, ["blocks.1.hook_resid_post"])
+    assert acts.grad_fn is None and not acts.requires_grad
 
 
 def test_tiny_model_is_deterministic_in_seed():
