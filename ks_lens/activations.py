@@ -54,7 +54,7 @@ from ks_lens.chat import (
 from ks_lens.datasets import BehaviourDataset, base_labels, multi_hot
 from ks_lens.errors import ConfigError, DatasetError, StoreError
 from ks_lens.generation import generate_from_batch
-from ks_lens.hooks import RESID_KINDS, check_layer, resid_hook
+from ks_lens.hooks import HOOK_KINDS, KIND_ORDER, check_layer, parse_hook, resid_hook
 from ks_lens.io import (
     atomic_save_safetensors,
     atomic_write_json,
@@ -63,13 +63,18 @@ from ks_lens.io import (
     sha256_file,
     with_meta_checksum,
 )
-from ks_lens.models import check_signature, model_device, model_numerics, model_signature
+from ks_lens.models import (
+    check_signature,
+    model_device,
+    model_numerics,
+    model_signature,
+    pad_token_id,
+)
 
 Mode = Literal["prompt", "response", "response-only", "neutral"]
 MODES: tuple[str, ...] = ("prompt", "response", "response-only", "neutral")
 POSITIONS: tuple[str, ...] = ("last", "mean_response")
 STORE_FORMAT = "ks_lens.activation_store"
-_KIND_ORDER = {k: i for i, k in enumerate(RESID_KINDS)}
 
 
 # ----------------------------------------------------------------------------- in-memory result
@@ -196,14 +201,13 @@ def capture_batch(
 
     ``position="last"`` takes the final (left-padded, hence real) token; ``"mean_response"``
     averages positions ``response_start[b]`` (index within the unpadded row) to the end.
-    Hook names must be residual hooks; the pass stops after the last one fires.
+    Hook names are any of :data:`ks_lens.hooks.HOOK_KINDS` (either spelling); the pass stops after
+    the last one fires.
     """
     if position not in POSITIONS:
         raise ConfigError(f"unknown position {position!r}; use one of {POSITIONS}")
-    from ks_lens.hooks import parse_resid_hook
-
-    parsed = [parse_resid_hook(n) for n in hook_names]
-    last = max(range(len(parsed)), key=lambda i: (parsed[i][0], _KIND_ORDER[parsed[i][1]]))
+    parsed = [parse_hook(n) for n in hook_names]
+    last = max(range(len(parsed)), key=lambda i: (parsed[i][0], KIND_ORDER[parsed[i][1]]))
     store: dict[int, torch.Tensor] = {}
     if position == "mean_response":
         if response_start is None:
@@ -260,10 +264,12 @@ class CollectSpec:
         if self.position == "mean_response" and self.mode not in ("response", "response-only"):
             raise ConfigError("position='mean_response' needs mode 'response' or 'response-only'")
         for k in self.hook_kinds:
-            if k not in RESID_KINDS:
-                raise ConfigError(f"unknown hook kind {k!r}; use some of {RESID_KINDS}")
+            if k not in HOOK_KINDS:
+                raise ConfigError(
+                    f"hook_kinds: unknown hook kind {k!r}; collection reads any of {HOOK_KINDS}"
+                )
         if not self.hook_kinds:
-            raise ConfigError("hook_kinds must name at least one residual hook kind")
+            raise ConfigError(f"hook_kinds must name at least one of {HOOK_KINDS}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("batch_size and max_new_tokens must be positive")
         n = int(model.cfg.n_layers)
@@ -341,7 +347,7 @@ def _collect_chunk(
         order = sorted(need, key=lambda i: (len(gen_prompts[i]), i))
         for b, start in enumerate(range(0, len(order), spec.batch_size)):
             idx = order[start : start + spec.batch_size]
-            batch = left_pad([gen_prompts[i] for i in idx], tok.pad_token_id, device)
+            batch = left_pad([gen_prompts[i] for i in idx], pad_token_id(tok), device)
             res = generate_from_batch(
                 model, batch, max_new_tokens=spec.max_new_tokens, seed=spec.seed + seed_offset + b
             )
@@ -365,7 +371,7 @@ def _collect_chunk(
     out = torch.empty(len(rows), len(names), int(model.cfg.d_model))
     for start in range(0, len(order), spec.batch_size):
         idx = order[start : start + spec.batch_size]
-        batch = left_pad([seqs[i] for i in idx], tok.pad_token_id, device)
+        batch = left_pad([seqs[i] for i in idx], pad_token_id(tok), device)
         rs = torch.tensor([min(starts[i], len(seqs[i]) - 1) for i in idx], device=device)
         out[idx] = capture_batch(model, batch, names, response_start=rs, position=spec.position)
     n_layers = len(spec.layers or ())

@@ -41,7 +41,7 @@ from ks_lens.errors import (
     StoreError,
     TrainingError,
 )
-from ks_lens.hooks import resid_hook
+from ks_lens.hooks import ks_hook_name, parse_hook, resid_hook, same_hook_point
 from ks_lens.io import load_artifact, read_json, save_artifact
 from ks_lens.models import check_signature
 
@@ -124,10 +124,10 @@ class Probe(nn.Module):
         self.register_buffer("mean", mean.detach().clone())
         self.register_buffer("std", std.detach().clone())
         self.label_names: tuple[str, ...] = tuple(label_names)
-        self.hook_name = hook_name
-        from ks_lens.hooks import parse_resid_hook
-
-        self.layer, self.hook_kind = parse_resid_hook(hook_name)
+        # recorded in the HookedTransformer-style spelling; an alias and its canonical
+        # TransformerLens name are the same hook point (see ks_lens.hooks)
+        self.hook_name = ks_hook_name(hook_name)
+        self.layer, self.hook_kind = parse_hook(self.hook_name)
         self.model_info: dict[str, Any] = dict(model)
         self.config = config
         self.metrics: dict[str, Any] = dict(metrics or {})
@@ -179,7 +179,7 @@ class Probe(nn.Module):
         """Raise :class:`MetadataMismatchError` unless ``model``/``hook_name`` match the probe's."""
         if model is not None:
             check_signature(self.model_info, model, "probe")
-        if hook_name is not None and hook_name != self.hook_name:
+        if hook_name is not None and not same_hook_point(hook_name, self.hook_name):
             raise MetadataMismatchError(
                 f"probe was trained at {self.hook_name!r}, not {hook_name!r}; a probe is only valid at "
                 "the hook point it was trained on"

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 
 from ks_lens.errors import ConfigError, LabelError, MetadataMismatchError
-from ks_lens.hooks import check_steerable
+from ks_lens.hooks import canonical_hook_name, check_steerable, same_hook_point
 from ks_lens.steering.positions import PositionTracker, check_positions, select_whole_call
 
 Transform = Callable[[Float[torch.Tensor, "n d_model"]], Float[torch.Tensor, "n d_model"]]
@@ -193,7 +193,8 @@ def steer_groups(
         method, spec = item
         method.check_model(model)
         check_steerable(model, method.hook_name)
-        by_hook.setdefault(method.hook_name, [None] * len(groups))[g] = method.transform(
+        key = canonical_hook_name(method.hook_name, model)  # aliases share one hook
+        by_hook.setdefault(key, [None] * len(groups))[g] = method.transform(
             SteeringSpec.make(spec.target, spec.avoid, spec.alpha, method.label_names)
         )
     tracker = PositionTracker()
@@ -268,7 +269,7 @@ class Steerer(ABC):
             raise ConfigError("no hook points to steer at")
         for name in names:
             check_steerable(model, name)
-            if name != self.hook_name and not allow_other_hooks:
+            if not same_hook_point(name, self.hook_name, model) and not allow_other_hooks:
                 raise MetadataMismatchError(
                     f"{type(self).__name__} was made at {self.hook_name!r}; steering at {name!r} uses it "
                     "outside the hook point it was trained on. Pass allow_other_hooks=True to do so anyway."

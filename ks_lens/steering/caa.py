@@ -31,7 +31,7 @@ from jaxtyping import Float
 
 from ks_lens.activations import Activations
 from ks_lens.errors import ConfigError, DatasetError, LabelError, MetadataMismatchError, StoreError
-from ks_lens.hooks import parse_resid_hook, resid_hook
+from ks_lens.hooks import ks_hook_name, parse_hook, resid_hook, same_hook_point
 from ks_lens.io import load_artifact, save_artifact
 from ks_lens.models import check_signature
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
@@ -59,8 +59,8 @@ class SteeringVectors:
             )
         self.vectors = vectors.detach().float()
         self.label_names = tuple(label_names)
-        self.hook_name = hook_name
-        self.layer, self.hook_kind = parse_resid_hook(hook_name)
+        self.hook_name = ks_hook_name(hook_name)  # an alias and its canonical name are one point
+        self.layer, self.hook_kind = parse_hook(self.hook_name)
         self.model_info = dict(model)
         self.method = method
         self.source = dict(source or {})
@@ -178,7 +178,7 @@ class SteeringVectors:
         except KeyError as e:
             raise StoreError(f"steering vectors at {directory} are missing {e}") from e
         out.check_compatible(model)
-        if hook_name is not None and hook_name != out.hook_name:
+        if hook_name is not None and not same_hook_point(hook_name, out.hook_name):
             raise MetadataMismatchError(
                 f"vectors were made at {out.hook_name!r}, not {hook_name!r}"
             )

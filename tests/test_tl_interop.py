@@ -1,0 +1,155 @@
+"""How ks-lens fits with plain TransformerLens idioms: hook-name aliases, hooks beyond the
+residual stream, positions outside ``steer()``, return types."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ks_lens as ks
+from ks_lens.activations import CollectSpec, capture_batch, collect_activations
+from ks_lens.errors import ConfigError, HookPointError, MetadataMismatchError
+from ks_lens.hooks import (
+    HOOK_KINDS,
+    STEERABLE_KINDS,
+    canonical_hook_name,
+    check_steerable,
+    ks_hook_name,
+    parse_hook,
+    same_hook_point,
+)
+from ks_lens.probes import Probe
+from ks_lens.steering import CAA, KSteering, SteeringVectors
+
+# ------------------------------------------------------------------------------ (3) aliases
+
+
+def test_alias_helpers_agree_with_the_bridge(tiny_model):
+    for layer in (0, 3):
+        for kind in HOOK_KINDS:
+            alias = f"blocks.{layer}.hook_{kind}"
+            canon = tiny_model.hook_dict[alias].name
+            assert canonical_hook_name(alias) == canon  # static table matches TL
+            assert canonical_hook_name(alias, tiny_model) == canon
+            assert ks_hook_name(canon) == alias
+            assert same_hook_point(alias, canon)
+            assert parse_hook(canon) == parse_hook(alias) == (layer, kind)
+    assert not same_hook_point("blocks.1.hook_resid_post", "blocks.2.hook_resid_pre")
+
+
+def test_hook_fn_sees_canonical_name(tiny_model):
+    seen = []
+
+    def spy(act, hook):
+        seen.append(hook.name)
+
+    batch = ks.tokenize_chat(tiny_model, "hi")
+    tiny_model.run_with_hooks(batch.input_ids, fwd_hooks=[("blocks.1.hook_resid_post", spy)])
+    assert seen == ["blocks.1.hook_out"]
+    assert same_hook_point(seen[0], "blocks.1.hook_resid_post")
+
+
+def test_steer_accepts_the_canonical_spelling(tiny_model, tiny_probe):
+    method = KSteering(tiny_probe)
+    assert tiny_probe.hook_name == "blocks.2.hook_resid_post"
+    batch = ks.tokenize_chat(tiny_model, "How do I boil an egg?")
+    kw = dict(attention_mask=batch.attention_mask)
+    with method.steer(tiny_model, target="beta", alpha=5.0):
+        a = tiny_model(batch.input_ids, **kw)
+    with method.steer(tiny_model, target="beta", alpha=5.0, hook_names="blocks.2.hook_out"):
+        b = tiny_model(batch.input_ids, **kw)
+    assert torch.equal(a, b)
+    base = tiny_model(batch.input_ids, **kw)
+    assert not torch.allclose(a, base)
+    # a really different hook point is still refused
+    with pytest.raises(MetadataMismatchError):
+        method.hooks(tiny_model, target="beta", hook_names="blocks.3.hook_out")
+
+
+def test_artefacts_made_with_canonical_names(tiny_model, tiny_acts, tmp_path):
+    vec = SteeringVectors.fit(tiny_acts, 1)
+    canon = SteeringVectors(
+        vec.vectors,
+        label_names=vec.label_names,
+        hook_name="blocks.1.hook_out",
+        model=vec.model_info,
+    )
+    assert canon.hook_name == "blocks.1.hook_resid_post" and canon.layer == 1
+    canon.save(tmp_path / "v")
+    again = SteeringVectors.load(tmp_path / "v", model=tiny_model, hook_name="blocks.1.hook_out")
+    assert torch.equal(again.vectors, vec.vectors)
+    with pytest.raises(MetadataMismatchError):
+        SteeringVectors.load(tmp_path / "v", hook_name="blocks.2.hook_out")
+
+
+def test_probe_check_compatible_with_canonical(tiny_probe):
+    tiny_probe.check_compatible(hook_name="blocks.2.hook_out")
+    with pytest.raises(MetadataMismatchError):
+        tiny_probe.check_compatible(hook_name="blocks.1.hook_out")
+
+
+# ------------------------------------------------------------------ (7) beyond the residual
+
+
+def test_steering_errors_list_exactly_what_is_allowed(tiny_model):
+    with pytest.raises(HookPointError) as e:
+        check_steerable(tiny_model, "blocks.1.attn.hook_z")
+    msg = str(e.value)
+    for kind in STEERABLE_KINDS:
+        assert f"hook_{kind}" in msg
+    assert "resid_mid" not in msg
+    with pytest.raises(HookPointError) as e:
+        check_steerable(tiny_model, "blocks.1.hook_resid_mid")
+    assert (
+        "blocks.1.hook_mlp_out" in str(e.value)
+        and "'blocks.1.hook_resid_mid'"
+        not in str(e.value).split("instead")[0].split("Steer at")[-1]
+    )
+
+
+def test_collect_and_steer_at_attn_and_mlp_out(tiny_model, tiny_dataset):
+    acts = collect_activations(
+        tiny_model,
+        tiny_dataset,
+        layers=[1],
+        hook_kinds=("attn_out", "mlp_out", "resid_mid"),
+        progress=False,
+    )
+    # resid_mid - attn_out is resid_pre: the captured numbers are really those hook points
+    batch = ks.tokenize_chat(tiny_model, "Why is the sky blue?")
+    pre, attn, mid = capture_batch(
+        tiny_model,
+        batch,
+        ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_out", "blocks.1.hook_resid_mid"],
+    ).unbind(1)
+    assert torch.allclose(pre + attn, mid, atol=1e-5)
+    assert acts.at(1, "mlp_out").shape == (len(acts), 64)
+    vec = SteeringVectors.fit(acts, 1, kind="mlp_out")
+    assert vec.hook_name == "blocks.1.hook_mlp_out"
+    method = CAA(vec, normalize=False)
+    v = method.vector(method.spec(target="beta", alpha=1.0))
+    names = ["blocks.1.hook_resid_post"]
+    base = capture_batch(tiny_model, batch, names)
+    with method.steer(tiny_model, target="beta", alpha=1.0):
+        steered = capture_batch(tiny_model, batch, names)
+    # a write to mlp_out lands in the residual stream at resid_post, unchanged
+    assert torch.allclose(steered[0, 0] - base[0, 0], v, atol=1e-4)
+
+
+def test_collect_spec_error_lists_every_kind(tiny_model):
+    with pytest.raises(ConfigError) as e:
+        CollectSpec(hook_kinds=("attn.hook_z",)).validate(tiny_model)
+    for kind in HOOK_KINDS:
+        assert kind in str(e.value)
+
+
+def test_probe_at_attn_out(tiny_dataset, tiny_model):
+    from ks_lens.probes import ProbeConfig, train_probe
+
+    acts = collect_activations(
+        tiny_model, tiny_dataset, layers=[1], hook_kinds=("attn_out",), progress=False
+    )
+    probe = train_probe(acts, 1, kind="attn_out", config=ProbeConfig(epochs=2, hidden=16))
+    assert isinstance(probe, Probe) and probe.hook_name == "blocks.1.hook_attn_out"
+    with KSteering(probe).steer(tiny_model, target="beta", alpha=1.0):
+        pass
