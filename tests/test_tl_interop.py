@@ -153,3 +153,65 @@ def test_probe_at_attn_out(tiny_dataset, tiny_model):
     assert isinstance(probe, Probe) and probe.hook_name == "blocks.1.hook_attn_out"
     with KSteering(probe).steer(tiny_model, target="beta", alpha=1.0):
         pass
+
+
+# ------------------------------------------------------------------ (5) positions and TL generate
+
+
+def _counting_steerer():
+    from ks_lens.steering.base import Steerer
+
+    class Counter(Steerer):
+        label_names = ("a",)
+
+        def __init__(self) -> None:
+            self.rows: list[int] = []
+
+        @property
+        def hook_name(self) -> str:
+            return "blocks.1.hook_resid_post"
+
+        def transform(self, spec):
+            def f(x):
+                self.rows.append(int(x.shape[0]))
+                return x
+
+            return f
+
+    return Counter()
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("positions", ["prompt", "generated", "last"])
+def test_steer_positions_in_tl_generate(tiny_model, positions, cache):
+    """Inside steer(), TL's model.generate steers the same tokens with and without a KV cache."""
+    method = _counting_steerer()
+    batch = ks.tokenize_chat(tiny_model, "How do I boil an egg?")
+    p, n = batch.input_ids.shape[1], 4
+    with method.steer(tiny_model, target="a", positions=positions):
+        tiny_model.generate(
+            batch.input_ids,
+            max_new_tokens=n,
+            do_sample=False,
+            use_past_kv_cache=cache,
+            stop_at_eos=False,
+            verbose=False,
+        )
+    calls = n if not cache else None
+    steered = sum(method.rows)
+    # every token is steered once with the cache; without it, each step re-steers what it re-runs
+    expected = {
+        ("prompt", True): p,
+        ("generated", True): n - 1,
+        ("last", True): 1,
+        ("prompt", False): p * calls if calls else 0,
+        ("generated", False): sum(range(n)),
+        ("last", False): calls or 0,
+    }[(positions, cache)]
+    assert steered == expected
+
+
+def test_bare_hooks_refuse_positions_other_than_all(tiny_model, tiny_probe):
+    with pytest.raises(ConfigError, match=r"steer\(model"):
+        KSteering(tiny_probe).hooks(tiny_model, target="beta", positions="generated")
+    assert len(KSteering(tiny_probe).hooks(tiny_model, target="beta", positions="all")) == 1

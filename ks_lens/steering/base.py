@@ -288,11 +288,27 @@ class Steerer(ABC):
         allow_other_hooks: bool = False,
         tracker: PositionTracker | None = None,
     ) -> HookList:
-        """``[(hook_name, fn)]`` for ``model.run_with_hooks`` / ``model.hooks``.
+        """``[(hook_name, fn)]`` for ``model.run_with_hooks`` / ``model.hooks`` / ``model.generate``.
 
-        Without a ``tracker`` (see :meth:`steer`), each forward call is one whole prompt:
-        fine for plain forward passes; use :meth:`steer` for generation.
+        Same arguments as :meth:`steer`. These bare hooks cannot tell prompt tokens from
+        generated ones (in ``model.generate`` every decode step would look like a new prompt),
+        so they take only ``positions="all"``; for ``"prompt"``, ``"generated"`` or ``"last"``
+        use ``with method.steer(model, ..., positions=...)``, which also works around TL's
+        ``model.generate`` and ``run_with_hooks``.
+
+        Example::
+
+            hooks = method.hooks(model, target=["beta"], alpha=4.0)
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks + [(name, my_hook)])
         """
+        check_positions(positions)
+        if positions != "all" and tracker is None:
+            raise ConfigError(
+                f"positions={positions!r} needs to know which tokens are prompt and which are "
+                "generated, which bare hooks cannot see (in model.generate each decode step looks "
+                "like a new prompt). Use positions='all' here, or wrap the call in "
+                f"`with method.steer(model, ..., positions={positions!r}):` instead of passing hooks"
+            )
         self.check_model(model)
         names = self._hook_names(model, hook_names, allow_other_hooks)
         f = self.transform(self.spec(target, avoid, alpha))
