@@ -86,6 +86,14 @@ class Activations:
 
     ``acts[kind][i, j]`` is row ``i``'s activation at ``blocks.{layers[j]}.hook_{kind}``.
     ``labels[i]`` indexes ``label_names`` (``-1`` for unlabelled, i.e. neutral rows).
+
+    Accessors (layers are MODEL layer indices; negative ones count from the model's last layer)::
+
+        acts.shape                    # (n_rows, n_collected_layers, d_model)
+        acts[18]                      # [n, d_model] at blocks.18.hook_resid_post
+        acts[-1, "resid_pre"]         # [n, d_model] at the last layer's hook_resid_pre
+        acts.tensor()                 # [n, n_collected_layers, d_model], layers as in acts.layers
+        acts.tensor(kind="resid_pre") # same for another collected kind
     """
 
     acts: dict[str, Float[torch.Tensor, "n layer d_model"]]
@@ -99,6 +107,46 @@ class Activations:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def __repr__(self) -> str:
+        model = self.meta.get("model", {}).get("model")
+        mode = self.meta.get("collect", {}).get("mode")
+        n_lab = int((self.labels >= 0).sum())
+        return (
+            f"Activations(n={len(self)} ({n_lab} labelled), layers={list(self.layers)}, "
+            f"kinds={list(self.acts)}, d_model={self.d_model}, labels={list(self.label_names)}, "
+            f"model={model!r}, mode={mode!r})"
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(n_rows, n_collected_layers, d_model)``: the shape of :meth:`tensor`."""
+        return (len(self), len(self.layers), self.d_model)
+
+    def _default_kind(self, kind: str | None) -> str:
+        if kind is not None:
+            return kind
+        return "resid_post" if "resid_post" in self.acts else next(iter(self.acts))
+
+    def tensor(
+        self, layer: int | None = None, kind: str | None = None
+    ) -> Float[torch.Tensor, "n d_model"] | Float[torch.Tensor, "n layer d_model"]:
+        """``[n, d_model]`` at one model layer, or ``[n, n_collected_layers, d_model]`` for
+        ``layer=None``; ``kind`` defaults to ``"resid_post"`` (or the only collected kind)."""
+        kind = self._default_kind(kind)
+        if layer is None:
+            if kind not in self.acts:
+                raise StoreError(f"no {kind!r} activations here; available: {sorted(self.acts)}")
+            return self.acts[kind]
+        return self.at(layer, kind)
+
+    def __getitem__(self, key: int | tuple[int, str]) -> Float[torch.Tensor, "n d_model"]:
+        """``acts[layer]`` or ``acts[layer, kind]``: ``[n, d_model]`` (see :meth:`at`)."""
+        if isinstance(key, tuple):
+            if len(key) != 2:
+                raise ConfigError("index Activations as acts[layer] or acts[layer, kind]")
+            return self.at(key[0], key[1])
+        return self.at(key, self._default_kind(None))
+
     @property
     def d_model(self) -> int:
         return int(next(iter(self.acts.values())).shape[-1])
@@ -107,8 +155,16 @@ class Activations:
         """Activations at one layer (``layer`` is a model layer index, not a position in ``layers``)."""
         if kind not in self.acts:
             raise StoreError(f"no {kind!r} activations here; available: {sorted(self.acts)}")
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ConfigError(f"layer must be an int (a model layer index), got {layer!r}")
         if layer < 0:
-            layer = self.meta.get("model", {}).get("n_layers", 0) + layer
+            n_model = self.meta.get("model", {}).get("n_layers")
+            if n_model is None:
+                raise StoreError(
+                    f"layer {layer}: negative layers count from the model's last layer, but "
+                    "these activations do not record the model's n_layers"
+                )
+            layer = int(n_model) + layer
         if layer not in self.layers:
             raise StoreError(
                 f"layer {layer} was not collected; collected layers: {list(self.layers)}"

@@ -26,9 +26,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 from ks_lens.errors import ModelLoadError, UnknownModelError
 from ks_lens.utils import resolve_device, resolve_dtype
@@ -146,8 +149,12 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
-) -> Any:
-    """Load ``name`` and return a ``TransformerBridge`` ready for hooks.
+) -> TransformerBridge:
+    """Load ``name`` and return a TransformerLens ``TransformerBridge`` ready for hooks.
+
+    The bridge is plain TransformerLens: ``model(text)``, ``to_tokens``, ``run_with_cache``
+    (also ``incl_bwd=True``), ``run_with_hooks`` and ``model.generate`` behave as TL documents;
+    loading changes no TL default (BOS prepending, padding side, ``requires_grad``).
 
     Args:
         name: ``"default"``, ``"tiny-random-llama"``, a local directory or ``.gguf`` file, or a
@@ -155,6 +162,16 @@ def load_model(
         device: ``None`` picks CUDA when available, else CPU.
         dtype: ``None`` means float32. ``"bfloat16"`` halves memory on GPU.
         seed: weights seed for ``tiny-random-llama`` (ignored otherwise).
+
+    Returns:
+        ``TransformerBridge`` (``model.cfg.n_layers``, ``model.cfg.d_model``, ``model.tokenizer``;
+        the wrapped HF model is ``model.original_model``).
+
+    Example::
+
+        model = ks.load_model("tiny-random-llama")
+        batch = ks.tokenize_chat(model, "How do I boil an egg?")
+        logits = model(**batch)                  # [1, pos, d_vocab]
     """
     if not isinstance(name, (str, Path)) or not str(name).strip():
         known = ", ".join(sorted(NAMED_MODELS))

@@ -250,6 +250,41 @@ class Probe(nn.Module):
 # ----------------------------------------------------------------------------- batched training
 
 
+class ProbeSet(dict[int, Probe]):
+    """Probes keyed by MODEL layer index, as :func:`train_probes` / :func:`load_probes` return them.
+
+    A plain ``dict`` (iterate, ``.items()``, ``len``) that also takes negative layers, counted
+    from the model's last layer like ``acts[-1]``: ``probes[-1]`` is the probe at layer
+    ``n_layers - 1``. A missing layer raises ``KeyError`` naming the layers that are there.
+    """
+
+    def _resolve(self, layer: Any) -> Any:
+        if isinstance(layer, int) and not isinstance(layer, bool) and layer < 0 and self:
+            n = next(iter(self.values())).model_info.get("n_layers")
+            if isinstance(n, int):
+                return n + layer
+        return layer
+
+    def __getitem__(self, layer: int) -> Probe:
+        key = self._resolve(layer)
+        if not dict.__contains__(self, key):
+            shown = f"{layer} (= layer {key})" if key != layer else f"{layer}"
+            raise KeyError(f"no probe for layer {shown}; probes exist for layers {sorted(self)}")
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, layer: object) -> bool:
+        return dict.__contains__(self, self._resolve(layer))
+
+    def __repr__(self) -> str:
+        if not self:
+            return "ProbeSet({})"
+        p = next(iter(self.values()))
+        return (
+            f"ProbeSet(layers={sorted(self)}, kind={p.hook_kind!r}, probe={p.config.kind!r}, "
+            f"labels={list(p.label_names)}, model={p.model_info.get('model')!r})"
+        )
+
+
 def _init_stack(
     dims: Sequence[int], seeds: Sequence[int]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -501,7 +536,7 @@ def train_probes(
     device: torch.device | str | None = None,
     groups: Sequence[str] | None = None,
     progress: bool = True,
-) -> dict[int, Probe]:
+) -> ProbeSet:
     """Train one probe per layer (all layers of ``acts`` by default) in one batched loop.
 
     ``groups`` (one per row; default the question ids) are kept wholly in train or validation.
@@ -513,6 +548,9 @@ def train_probes(
         groups = [groups[i] for i in keep]
     acts = _labelled(acts)
     layers = list(acts.layers if layers is None else layers)
+    n_model = acts.meta.get("model", {}).get("n_layers")
+    if isinstance(n_model, int):  # negative layers count from the model's last layer
+        layers = [n_model + x if isinstance(x, int) and x < 0 else x for x in layers]
     if not layers:
         raise ConfigError("no layers to train on")
     x = torch.stack([acts.at(layer, kind) for layer in layers], dim=1)
@@ -537,7 +575,7 @@ def train_probes(
         "position": acts.meta.get("collect", {}).get("position"),
         "store": acts.meta.get("store"),
     }
-    out = {}
+    out = ProbeSet()
     for j, layer in enumerate(layers):
         out[layer] = Probe(
             res.params[j],
@@ -604,12 +642,15 @@ def save_probes(probes: Mapping[int, Probe], directory: str | Path) -> Path:
     return write_directory(directory, write)
 
 
-def load_probes(directory: str | Path, *, model: Any | None = None) -> dict[int, Probe]:
+def load_probes(directory: str | Path, *, model: Any | None = None) -> ProbeSet:
+    """Load a probe set saved by :func:`save_probes` (checked against ``model`` if given)."""
     directory = Path(directory)
     index = read_json(directory / "probes.json", what="probe set index")
     if index.get("format") != "ks_lens.probe_set":
         raise StoreError(f"{directory} is not a ks-lens probe set")
-    return {int(k): _load_indexed(directory, index, int(k), model) for k in index["probes"]}
+    return ProbeSet(
+        {int(k): _load_indexed(directory, index, int(k), model) for k in index["probes"]}
+    )
 
 
 def _load_indexed(directory: Path, index: Any, layer: int, model: Any | None) -> Probe:

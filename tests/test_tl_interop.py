@@ -215,3 +215,55 @@ def test_bare_hooks_refuse_positions_other_than_all(tiny_model, tiny_probe):
     with pytest.raises(ConfigError, match=r"steer\(model"):
         KSteering(tiny_probe).hooks(tiny_model, target="beta", positions="generated")
     assert len(KSteering(tiny_probe).hooks(tiny_model, target="beta", positions="all")) == 1
+
+
+# ------------------------------------------------------------------------ (4) return types
+
+
+def test_activations_accessors(tiny_acts):
+    n = len(tiny_acts)
+    assert tiny_acts.shape == (n, 4, 64)
+    assert torch.equal(tiny_acts[3], tiny_acts.at(3, "resid_post"))
+    assert torch.equal(tiny_acts[-1], tiny_acts.at(3))
+    assert torch.equal(tiny_acts[-2, "resid_post"], tiny_acts.acts["resid_post"][:, 2])
+    assert torch.equal(tiny_acts.tensor(), tiny_acts.acts["resid_post"])
+    assert torch.equal(tiny_acts.tensor(1), tiny_acts.at(1))
+    r = repr(tiny_acts)
+    assert r.startswith(f"Activations(n={n}") and "layers=[0, 1, 2, 3]" in r and "tensor" not in r
+    with pytest.raises(ks.StoreError, match="available"):
+        tiny_acts[1, "attn_out"]
+
+
+def test_probe_set_negative_layers(tiny_acts, tmp_path):
+    from ks_lens.probes import ProbeConfig, ProbeSet, load_probes, save_probes, train_probes
+
+    probes = train_probes(tiny_acts, layers=[1, -1], config=ProbeConfig(epochs=2), progress=False)
+    assert isinstance(probes, ProbeSet) and sorted(probes) == [1, 3]
+    assert probes[-1] is probes[3] and probes[-3] is probes[1]
+    assert -1 in probes and -2 not in probes
+    with pytest.raises(KeyError, match=r"layers \[1, 3\]"):
+        probes[-2]
+    assert "ProbeSet(layers=[1, 3]" in repr(probes)
+    save_probes(probes, tmp_path / "ps")
+    loaded = load_probes(tmp_path / "ps")
+    assert isinstance(loaded, ProbeSet) and loaded[-1].layer == 3
+
+
+def test_token_batch_unpacks_into_the_model(tiny_model):
+    batch = ks.tokenize_chat(tiny_model, ["hi", "a longer question here"])
+    a = tiny_model(**batch)
+    b = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+    assert torch.equal(a, b)
+    _, cache = tiny_model.run_with_cache(**batch, names_filter="blocks.1.hook_resid_post")
+    assert cache["blocks.1.hook_resid_post"].shape[:2] == batch.input_ids.shape
+
+
+def test_load_model_is_annotated_with_the_bridge_type():
+    import typing
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    # the annotation names TL's class (imported for type checkers only, TL loads lazily)
+    assert ks.load_model.__annotations__["return"] == "TransformerBridge"
+    hints = typing.get_type_hints(ks.load_model, localns={"TransformerBridge": TransformerBridge})
+    assert hints["return"] is TransformerBridge

@@ -333,8 +333,23 @@ class Steerer(ABC):
             avoid: labels to suppress.
             alpha: step size (see each method for its meaning).
             positions: ``"all"``, ``"prompt"``, ``"generated"`` or ``"last"``.
-            hook_names: where to steer; defaults to the method's own hook point. Other hook
+            hook_names: where to steer; defaults to the method's own hook point (either
+                spelling: ``blocks.L.hook_resid_post`` or ``blocks.L.hook_out``). Other hook
                 points need ``allow_other_hooks=True``.
+
+        Yields:
+            The :class:`~ks_lens.steering.positions.PositionTracker` serving the hooks (what
+            ``with method.steer(...) as tracker`` binds). Most code ignores it; it exposes
+            ``tracker.prompt_len`` / ``tracker.past_len`` of the last forward call and
+            ``tracker.expect_prompt(n)`` to fix the prompt length when inputs are embeddings.
+            Any forward inside the block is steered: ``model(...)``, ``run_with_hooks``,
+            ``run_with_cache``, TL's ``model.generate`` (with or without KV cache) and
+            :func:`ks_lens.generate`.
+
+        Example::
+
+            with KSteering(probe).steer(model, target=["casual"], alpha=4.0, positions="generated"):
+                out = model.generate(tokens, max_new_tokens=20, do_sample=False)
         """
         tracker = PositionTracker()
         fwd = self.hooks(
