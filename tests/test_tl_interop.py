@@ -267,3 +267,23 @@ def test_load_model_is_annotated_with_the_bridge_type():
     assert ks.load_model.__annotations__["return"] == "TransformerBridge"
     hints = typing.get_type_hints(ks.load_model, localns={"TransformerBridge": TransformerBridge})
     assert hints["return"] is TransformerBridge
+
+
+# ------------------------------------------------------------------------ (8) docs snippet
+
+
+def test_calibrate_alpha_snippet_in_docs_runs(tiny_model, tiny_probe):
+    """The 'Picking alpha' snippet of docs/steering.md runs as written on the tiny model."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "steering.md").read_text()
+    section = text[text.index("## Picking alpha") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+    code = code.replace('"casual"', '"beta"').replace("max_new_tokens=40", "max_new_tokens=3")
+    code = code.replace("budget=0.5", "budget=0.002")  # the random tiny model reacts weakly
+    env = {"model": tiny_model, "method": KSteering(tiny_probe), "ks_lens": ks}
+    exec(compile(code, "docs/steering.md", "exec"), env)
+    cal = env["cal"]
+    assert cal.alpha > 0 and cal.metric <= 0.002
+    assert any(m > 0.002 for _, m in cal.evaluations)  # the budget was actually binding
