@@ -540,6 +540,27 @@ def collect_activations(
 ) -> Activations:
     """Collect activations for every row of ``dataset`` in memory (see the module docstring).
 
+    Args:
+        model: a bridge from :func:`ks_lens.load_model`.
+        dataset: a :class:`~ks_lens.datasets.BehaviourDataset` (one row per question and
+            behaviour, plus neutral rows in ``mode="neutral"``).
+        mode: ``"prompt"``, ``"response"``, ``"response-only"`` or ``"neutral"``.
+        layers: model layer indices (negative count from the end); default every layer.
+        hook_kinds: any of ``"resid_pre"``, ``"attn_out"``, ``"resid_mid"``, ``"mlp_out"``,
+            ``"resid_post"``.
+        position: ``"last"`` token or ``"mean_response"`` (response modes).
+        batch_size, max_new_tokens, seed: batching and the generation of response modes.
+        split: a dataset split name to record in the metadata.
+
+    Returns:
+        :class:`Activations`: ``acts.shape == (n_rows, len(layers), d_model)``; ``acts[18]`` is
+        ``[n_rows, d_model]`` at ``blocks.18.hook_resid_post``; ``acts.labels`` ``[n_rows]``.
+
+    Example::
+
+        acts = collect_activations(model, load_dataset("tones"), layers=[18], progress=False)
+        x = acts[18]                                  # [n, d_model]
+
     ``responses`` maps ``(question_id, label_index)`` to answer token ids, to reuse answers
     generated earlier (e.g. by a ``response`` collection) for ``response-only``.
     """

@@ -148,6 +148,23 @@ def generate(
 ) -> Generation:
     """Chat-format ``prompts`` and generate answers (greedy by default), in batches.
 
+    Args:
+        model: a bridge from :func:`ks_lens.load_model`; any active steering context applies.
+        prompts: strings or :class:`~ks_lens.chat.ChatPrompt` (with a system prompt).
+        max_new_tokens: at most this many new tokens per prompt.
+        do_sample, temperature, top_p, top_k, seed: sampling (off by default: greedy).
+        batch_size: prompts per forward batch.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`Generation`: ``.texts`` (decoded answers), ``.prompt_ids`` / ``.output_ids``
+        (token id lists), ``.finished`` (the model ended its turn), in prompt order.
+
+    Example::
+
+        gen = ks.generate(model, ["How do I boil an egg?", "Why is the sky blue?"], max_new_tokens=40)
+        print(gen.texts[0])
+
     A single string or :class:`ChatPrompt` is one prompt. Prompts are grouped by length to limit
     padding; results come back in the input order. A prompt that, with ``max_new_tokens``, does
     not fit in the context window is refused before anything runs.

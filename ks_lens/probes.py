@@ -144,6 +144,11 @@ class Probe(nn.Module):
         return len(self.label_names)
 
     def forward(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... k"]:
+        """Raw label logits ``[..., n_labels]`` for activations ``x`` ``[..., d_model]``."""
+        if x.shape[-1] != self.d_model:
+            from ks_lens.utils import check_d_model
+
+            check_d_model(x, self.d_model, "x", f"the probe (trained at {self.hook_name})")
         h = (x - self.mean) / self.std
         for i, lin in enumerate(self.linears):
             h = lin(h)
@@ -539,7 +544,29 @@ def train_probes(
 ) -> ProbeSet:
     """Train one probe per layer (all layers of ``acts`` by default) in one batched loop.
 
-    ``groups`` (one per row; default the question ids) are kept wholly in train or validation.
+    Args:
+        acts: labelled :class:`~ks_lens.activations.Activations` (``[n, layer, d_model]`` per
+            kind); unlabelled rows (label ``-1``) are skipped.
+        layers: model layer indices (negative count from the model's last layer); default all
+            collected layers.
+        kind: which collected hook kind to train on (``"resid_post"``, ``"resid_pre"``,
+            ``"attn_out"``, ``"mlp_out"``, ``"resid_mid"``).
+        config: :class:`ProbeConfig` (``kind="mlp"``/``"linear"``, ``hidden``, ``epochs``, ...).
+        device: where to train (default: where ``acts`` are).
+        groups: one group id per row (default the question ids); a group is kept wholly in
+            train or in validation, so validation questions are unseen.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`ProbeSet`: ``{layer: Probe}`` (a dict; ``probes[-1]`` works). Each probe maps
+        ``[..., d_model]`` to label logits ``[..., n_labels]``; ``probe.metrics`` has the
+        validation accuracy.
+
+    Example::
+
+        acts = collect_activations(model, dataset, layers=[10, 18])
+        probes = train_probes(acts, config=ProbeConfig(epochs=30))
+        probes[18].predict_proba(acts[18])          # [n, n_labels]
     """
     if groups is not None and len(groups) != len(acts):
         raise ValueError(f"groups has {len(groups)} entries for {len(acts)} rows")

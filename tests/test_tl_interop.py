@@ -287,3 +287,62 @@ def test_calibrate_alpha_snippet_in_docs_runs(tiny_model, tiny_probe):
     cal = env["cal"]
     assert cal.alpha > 0 and cal.metric <= 0.002
     assert any(m > 0.002 for _, m in cal.evaluations)  # the budget was actually binding
+
+
+# ------------------------------------------------------------------------ (9) d_model errors
+
+
+def test_wrong_d_model_names_the_argument_and_size(tiny_probe, tiny_acts):
+    x = torch.randn(3, 32)
+    with pytest.raises(ConfigError, match=r"x has last dimension 32.*d_model = 64"):
+        tiny_probe(x)
+    with pytest.raises(ConfigError, match=r"x has last dimension 32.*KSteering.*d_model = 64"):
+        KSteering(tiny_probe).apply(x, target="beta")
+    caa = CAA(SteeringVectors.fit(tiny_acts, -1))
+    assert caa.hook_name == "blocks.3.hook_resid_post"
+    with pytest.raises(ConfigError, match=r"x has last dimension 32.*CAA.*d_model = 64"):
+        caa.apply(x, target="beta")
+    with pytest.raises(ConfigError, match=r"vectors has last dimension 8.*d_model = 64"):
+        SteeringVectors(
+            torch.zeros(3, 8),
+            label_names=("alpha", "beta", "gamma"),
+            hook_name="blocks.1.hook_out",
+            model={"model": "tiny-random-llama", "d_model": 64},
+        )
+
+
+def test_public_functions_have_examples():
+    from ks_lens.activations import collect_activations
+    from ks_lens.probes import train_probes
+
+    for f in (
+        train_probes,
+        collect_activations,
+        ks.load_model,
+        ks.generate,
+        KSteering,
+        CAA,
+        SteeringVectors.fit,
+    ):
+        doc = f.__doc__ or ""
+        assert "Example::" in doc, f
+        assert "Args:" in doc or f is KSteering, f
+
+
+# ------------------------------------------------------------------- the first-hour script
+
+
+def test_tl_first_hour_script_runs_on_tiny_model(capsys):
+    """analysis/tl_first_hour.py: README flow + TL idioms, every check passes on the tiny model."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "analysis" / "tl_first_hour.py"
+    spec = importlib.util.spec_from_file_location("tl_first_hour", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--model", "tiny-random-llama", "--fast"]) == 0
+    out = capsys.readouterr().out
+    assert "[FAIL]" not in out and out.count("[ok]") >= 14
+    assert "all checks passed" in out

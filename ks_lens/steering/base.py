@@ -29,6 +29,7 @@ from jaxtyping import Float
 from ks_lens.errors import ConfigError, LabelError, MetadataMismatchError
 from ks_lens.hooks import canonical_hook_name, check_steerable, same_hook_point
 from ks_lens.steering.positions import PositionTracker, check_positions, select_whole_call
+from ks_lens.utils import check_d_model
 
 Transform = Callable[[Float[torch.Tensor, "n d_model"]], Float[torch.Tensor, "n d_model"]]
 HookList = list[tuple[str, Callable[..., Any]]]
@@ -236,6 +237,17 @@ class Steerer(ABC):
     def check_model(self, model: Any) -> None:  # noqa: B027 - optional override
         """Raise if the method's artefacts were made for another model."""
 
+    @property
+    def d_model(self) -> int | None:
+        """The activation width the method was made for (``None``: any)."""
+        return None
+
+    def _check_width(self, got: Any, arg: str) -> None:
+        if self.d_model is not None:
+            check_d_model(
+                got, self.d_model, arg, f"{type(self).__name__} (made at {self.hook_name})"
+            )
+
     def spec(
         self,
         target: Sequence[str] | str | None = None,
@@ -252,6 +264,7 @@ class Steerer(ABC):
         alpha: float = 1.0,
     ) -> Float[torch.Tensor, "... d_model"]:
         """Steer a tensor of activations directly (no model): ``x'`` of the same shape."""
+        self._check_width(x, "x")
         f = self.transform(self.spec(target, avoid, alpha))
         shape = x.shape
         return f(x.reshape(-1, shape[-1])).reshape(shape)
@@ -310,6 +323,7 @@ class Steerer(ABC):
                 f"`with method.steer(model, ..., positions={positions!r}):` instead of passing hooks"
             )
         self.check_model(model)
+        self._check_width(int(model.cfg.d_model), "model (its cfg.d_model)")
         names = self._hook_names(model, hook_names, allow_other_hooks)
         f = self.transform(self.spec(target, avoid, alpha))
         return [(name, steering_hook(f, positions, tracker)) for name in names]
