@@ -80,6 +80,12 @@ def boot_bridge(
     from transformer_lens.model_bridge import TransformerBridge
 
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    config = getattr(hf_model, "config", None)
+    if config is not None and not getattr(config, "architectures", None):
+        # Configs read from GGUF files carry no `architectures`, and TransformerLens cannot map
+        # every model_type (e.g. "gemma3_text") itself; the loaded class names it exactly
+        # (Gemma3ForCausalLM).
+        config.architectures = [type(hf_model).__name__]
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype
     )

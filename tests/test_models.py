@@ -287,3 +287,34 @@ def test_same_size_corruption_of_the_cache_is_detected_by_checksum(tmp_path, mon
     with pytest.warns(UserWarning, match="no checksums in the manifest"):
         dm.ensure_default_model()
     assert len(builds) == 3
+
+
+def test_missing_architectures_are_filled_from_the_model_class():
+    """GGUF configs lack `architectures`; an unmapped model_type (gemma3_text) then still boots."""
+    from ks_lens.models import boot_bridge
+    from ks_lens.tiny import build_tiny_llama
+
+    hf, tok = build_tiny_llama()
+    hf.config.architectures = None
+    hf.config.model_type = "llama_from_gguf"  # a model_type TransformerLens has no mapping for
+    bridge = boot_bridge(hf, tok, "x", device=torch.device("cpu"), dtype=torch.float32)
+    assert hf.config.architectures == ["LlamaForCausalLM"]
+    assert bridge.cfg.d_model == 64
+
+
+def test_plain_prompt_format_without_chat_template(tiny_model):
+    """Tokenizers without a chat template get the documented plain format, with one BOS."""
+    from ks_lens.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = None
+    bos = tok.bos_token
+    assert ks.format_chat(tok, "hi") == f"{bos}User: hi\nAssistant:"
+    p = ks.ChatPrompt("hi", system="Be brief.", assistant="Sure")
+    assert ks.format_chat(tok, p) == f"{bos}Be brief.\n\nUser: hi\nAssistant: Sure"
+    ids = ks.tokenize_chat(tok, "hi").input_ids[0]
+    assert ids[0].item() == tok.bos_token_id and ids[1].item() != tok.bos_token_id
+    assert tok.decode(ids[1:]) == "User: hi\nAssistant:"
+    gen = ks.generate(tiny_model, "hi", max_new_tokens=2)  # the model's own template still applies
+    want = tiny_model.tokenizer("<|im_start|>user", add_special_tokens=False)["input_ids"]
+    assert gen.prompt_ids[0][: len(want)] == want
