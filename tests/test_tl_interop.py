@@ -166,6 +166,7 @@ def _counting_steerer():
 
         def __init__(self) -> None:
             self.rows: list[int] = []
+            self.seen: list[torch.Tensor] = []
 
         @property
         def hook_name(self) -> str:
@@ -174,6 +175,7 @@ def _counting_steerer():
         def transform(self, spec):
             def f(x):
                 self.rows.append(int(x.shape[0]))
+                self.seen.append(x.detach().clone())
                 return x
 
             return f
@@ -209,6 +211,11 @@ def test_steer_positions_in_tl_generate(tiny_model, positions, cache):
         ("last", False): calls or 0,
     }[(positions, cache)]
     assert steered == expected
+    if positions == "last":  # always the last PROMPT token, never a generated one
+        ref = tiny_model.run_with_cache(batch.input_ids, names_filter="blocks.1.hook_out")[1]
+        last = ref["blocks.1.hook_out"][0, -1]
+        for x in method.seen:
+            assert torch.allclose(x[0], last, atol=1e-4)
 
 
 def test_bare_hooks_refuse_positions_other_than_all(tiny_model, tiny_probe):
