@@ -39,6 +39,7 @@ import ks_lens as ks
 from ks_lens.activations import capture_batch, collect_activations
 from ks_lens.datasets import load_dataset, make_splits
 from ks_lens.hooks import resid_hook
+from ks_lens.models import pad_token_id
 from ks_lens.probes import ProbeConfig, train_probe, train_probes
 from ks_lens.steering import CAA, KSteering, SteeringVectors
 from ks_lens.utils import machine_info, versions
@@ -113,7 +114,7 @@ def bench_generation(
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
-        pad_token_id=model.tokenizer.pad_token_id,
+        pad_token_id=pad_token_id(model.tokenizer),
         eos_token_id=None,
     )
 

@@ -5,7 +5,11 @@ Quick tour::
     import ks_lens as ks
     model = ks.load_model()                        # SmolLM2-135M-Instruct, offline
     batch = ks.tokenize_chat(model, [ks.ChatPrompt("How do I boil an egg?", system="Be brief.")])
-    logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+    logits = model(**batch)                        # = model(batch.input_ids, attention_mask=...)
+
+``load_model`` changes no TransformerLens default: ``model("text")``, ``run_with_cache`` and
+``model.generate`` behave as in plain TL. Hook-name aliases (``blocks.L.hook_resid_post``) and
+TL's canonical names (``blocks.L.hook_out``, what ``hook.name`` shows) are one hook point.
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ from ks_lens.errors import (
     UnknownModelError,
 )
 from ks_lens.generation import Generation, generate
-from ks_lens.hooks import check_hook_name, check_layer, parse_resid_hook, resid_hook
+from ks_lens.hooks import (
+    canonical_hook_name,
+    check_hook_name,
+    check_layer,
+    parse_hook,
+    parse_resid_hook,
+    resid_hook,
+    same_hook_point,
+)
 from ks_lens.models import NAMED_MODELS, load_model, model_signature
 
 __all__ = [
@@ -47,14 +59,17 @@ __all__ = [
     "TrainingError",
     "UnknownModelError",
     "__version__",
+    "canonical_hook_name",
     "check_hook_name",
     "check_layer",
     "format_chat",
     "generate",
     "load_model",
     "model_signature",
+    "parse_hook",
     "parse_resid_hook",
     "resid_hook",
+    "same_hook_point",
     "tokenize_chat",
     "tokenize_texts",
 ]

@@ -54,7 +54,7 @@ from ks_lens.chat import (
 from ks_lens.datasets import BehaviourDataset, base_labels, multi_hot
 from ks_lens.errors import ConfigError, DatasetError, StoreError
 from ks_lens.generation import generate_from_batch
-from ks_lens.hooks import RESID_KINDS, check_layer, resid_hook
+from ks_lens.hooks import HOOK_KINDS, KIND_ORDER, check_layer, parse_hook, resid_hook
 from ks_lens.io import (
     atomic_save_safetensors,
     atomic_write_json,
@@ -63,13 +63,18 @@ from ks_lens.io import (
     sha256_file,
     with_meta_checksum,
 )
-from ks_lens.models import check_signature, model_device, model_numerics, model_signature
+from ks_lens.models import (
+    check_signature,
+    model_device,
+    model_numerics,
+    model_signature,
+    pad_token_id,
+)
 
 Mode = Literal["prompt", "response", "response-only", "neutral"]
 MODES: tuple[str, ...] = ("prompt", "response", "response-only", "neutral")
 POSITIONS: tuple[str, ...] = ("last", "mean_response")
 STORE_FORMAT = "ks_lens.activation_store"
-_KIND_ORDER = {k: i for i, k in enumerate(RESID_KINDS)}
 
 
 # ----------------------------------------------------------------------------- in-memory result
@@ -81,6 +86,14 @@ class Activations:
 
     ``acts[kind][i, j]`` is row ``i``'s activation at ``blocks.{layers[j]}.hook_{kind}``.
     ``labels[i]`` indexes ``label_names`` (``-1`` for unlabelled, i.e. neutral rows).
+
+    Accessors (layers are MODEL layer indices; negative ones count from the model's last layer)::
+
+        acts.shape                    # (n_rows, n_collected_layers, d_model)
+        acts[18]                      # [n, d_model] at blocks.18.hook_resid_post
+        acts[-1, "resid_pre"]         # [n, d_model] at the last layer's hook_resid_pre
+        acts.tensor()                 # [n, n_collected_layers, d_model], layers as in acts.layers
+        acts.tensor(kind="resid_pre") # same for another collected kind
     """
 
     acts: dict[str, Float[torch.Tensor, "n layer d_model"]]
@@ -94,6 +107,46 @@ class Activations:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def __repr__(self) -> str:
+        model = self.meta.get("model", {}).get("model")
+        mode = self.meta.get("collect", {}).get("mode")
+        n_lab = int((self.labels >= 0).sum())
+        return (
+            f"Activations(n={len(self)} ({n_lab} labelled), layers={list(self.layers)}, "
+            f"kinds={list(self.acts)}, d_model={self.d_model}, labels={list(self.label_names)}, "
+            f"model={model!r}, mode={mode!r})"
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(n_rows, n_collected_layers, d_model)``: the shape of :meth:`tensor`."""
+        return (len(self), len(self.layers), self.d_model)
+
+    def _default_kind(self, kind: str | None) -> str:
+        if kind is not None:
+            return kind
+        return "resid_post" if "resid_post" in self.acts else next(iter(self.acts))
+
+    def tensor(
+        self, layer: int | None = None, kind: str | None = None
+    ) -> Float[torch.Tensor, "n d_model"] | Float[torch.Tensor, "n layer d_model"]:
+        """``[n, d_model]`` at one model layer, or ``[n, n_collected_layers, d_model]`` for
+        ``layer=None``; ``kind`` defaults to ``"resid_post"`` (or the only collected kind)."""
+        kind = self._default_kind(kind)
+        if layer is None:
+            if kind not in self.acts:
+                raise StoreError(f"no {kind!r} activations here; available: {sorted(self.acts)}")
+            return self.acts[kind]
+        return self.at(layer, kind)
+
+    def __getitem__(self, key: int | tuple[int, str]) -> Float[torch.Tensor, "n d_model"]:
+        """``acts[layer]`` or ``acts[layer, kind]``: ``[n, d_model]`` (see :meth:`at`)."""
+        if isinstance(key, tuple):
+            if len(key) != 2:
+                raise ConfigError("index Activations as acts[layer] or acts[layer, kind]")
+            return self.at(key[0], key[1])
+        return self.at(key, self._default_kind(None))
+
     @property
     def d_model(self) -> int:
         return int(next(iter(self.acts.values())).shape[-1])
@@ -102,8 +155,16 @@ class Activations:
         """Activations at one layer (``layer`` is a model layer index, not a position in ``layers``)."""
         if kind not in self.acts:
             raise StoreError(f"no {kind!r} activations here; available: {sorted(self.acts)}")
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ConfigError(f"layer must be an int (a model layer index), got {layer!r}")
         if layer < 0:
-            layer = self.meta.get("model", {}).get("n_layers", 0) + layer
+            n_model = self.meta.get("model", {}).get("n_layers")
+            if n_model is None:
+                raise StoreError(
+                    f"layer {layer}: negative layers count from the model's last layer, but "
+                    "these activations do not record the model's n_layers"
+                )
+            layer = int(n_model) + layer
         if layer not in self.layers:
             raise StoreError(
                 f"layer {layer} was not collected; collected layers: {list(self.layers)}"
@@ -196,14 +257,13 @@ def capture_batch(
 
     ``position="last"`` takes the final (left-padded, hence real) token; ``"mean_response"``
     averages positions ``response_start[b]`` (index within the unpadded row) to the end.
-    Hook names must be residual hooks; the pass stops after the last one fires.
+    Hook names are any of :data:`ks_lens.hooks.HOOK_KINDS` (either spelling); the pass stops after
+    the last one fires.
     """
     if position not in POSITIONS:
         raise ConfigError(f"unknown position {position!r}; use one of {POSITIONS}")
-    from ks_lens.hooks import parse_resid_hook
-
-    parsed = [parse_resid_hook(n) for n in hook_names]
-    last = max(range(len(parsed)), key=lambda i: (parsed[i][0], _KIND_ORDER[parsed[i][1]]))
+    parsed = [parse_hook(n) for n in hook_names]
+    last = max(range(len(parsed)), key=lambda i: (parsed[i][0], KIND_ORDER[parsed[i][1]]))
     store: dict[int, torch.Tensor] = {}
     if position == "mean_response":
         if response_start is None:
@@ -260,10 +320,12 @@ class CollectSpec:
         if self.position == "mean_response" and self.mode not in ("response", "response-only"):
             raise ConfigError("position='mean_response' needs mode 'response' or 'response-only'")
         for k in self.hook_kinds:
-            if k not in RESID_KINDS:
-                raise ConfigError(f"unknown hook kind {k!r}; use some of {RESID_KINDS}")
+            if k not in HOOK_KINDS:
+                raise ConfigError(
+                    f"hook_kinds: unknown hook kind {k!r}; collection reads any of {HOOK_KINDS}"
+                )
         if not self.hook_kinds:
-            raise ConfigError("hook_kinds must name at least one residual hook kind")
+            raise ConfigError(f"hook_kinds must name at least one of {HOOK_KINDS}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("batch_size and max_new_tokens must be positive")
         n = int(model.cfg.n_layers)
@@ -341,7 +403,7 @@ def _collect_chunk(
         order = sorted(need, key=lambda i: (len(gen_prompts[i]), i))
         for b, start in enumerate(range(0, len(order), spec.batch_size)):
             idx = order[start : start + spec.batch_size]
-            batch = left_pad([gen_prompts[i] for i in idx], tok.pad_token_id, device)
+            batch = left_pad([gen_prompts[i] for i in idx], pad_token_id(tok), device)
             res = generate_from_batch(
                 model, batch, max_new_tokens=spec.max_new_tokens, seed=spec.seed + seed_offset + b
             )
@@ -365,7 +427,7 @@ def _collect_chunk(
     out = torch.empty(len(rows), len(names), int(model.cfg.d_model))
     for start in range(0, len(order), spec.batch_size):
         idx = order[start : start + spec.batch_size]
-        batch = left_pad([seqs[i] for i in idx], tok.pad_token_id, device)
+        batch = left_pad([seqs[i] for i in idx], pad_token_id(tok), device)
         rs = torch.tensor([min(starts[i], len(seqs[i]) - 1) for i in idx], device=device)
         out[idx] = capture_batch(model, batch, names, response_start=rs, position=spec.position)
     n_layers = len(spec.layers or ())
@@ -477,6 +539,27 @@ def collect_activations(
     progress: bool = True,
 ) -> Activations:
     """Collect activations for every row of ``dataset`` in memory (see the module docstring).
+
+    Args:
+        model: a bridge from :func:`ks_lens.load_model`.
+        dataset: a :class:`~ks_lens.datasets.BehaviourDataset` (one row per question and
+            behaviour, plus neutral rows in ``mode="neutral"``).
+        mode: ``"prompt"``, ``"response"``, ``"response-only"`` or ``"neutral"``.
+        layers: model layer indices (negative count from the end); default every layer.
+        hook_kinds: any of ``"resid_pre"``, ``"attn_out"``, ``"resid_mid"``, ``"mlp_out"``,
+            ``"resid_post"``.
+        position: ``"last"`` token or ``"mean_response"`` (response modes).
+        batch_size, max_new_tokens, seed: batching and the generation of response modes.
+        split: a dataset split name to record in the metadata.
+
+    Returns:
+        :class:`Activations`: ``acts.shape == (n_rows, len(layers), d_model)``; ``acts[18]`` is
+        ``[n_rows, d_model]`` at ``blocks.18.hook_resid_post``; ``acts.labels`` ``[n_rows]``.
+
+    Example::
+
+        acts = collect_activations(model, load_dataset("tones"), layers=[18], progress=False)
+        x = acts[18]                                  # [n, d_model]
 
     ``responses`` maps ``(question_id, label_index)`` to answer token ids, to reuse answers
     generated earlier (e.g. by a ``response`` collection) for ``response-only``.

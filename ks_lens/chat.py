@@ -34,10 +34,30 @@ class ChatPrompt:
 
 @dataclass
 class TokenBatch:
-    """Left-padded token ids, attention mask, and where each row's real tokens start."""
+    """Left-padded token ids and attention mask (1 on real tokens, 0 on padding).
+
+    Pass both to the model; ``**batch`` does it::
+
+        logits = model(**batch)                 # = model(batch.input_ids, attention_mask=batch.attention_mask)
+        logits, cache = model.run_with_cache(**batch, names_filter="blocks.3.hook_resid_post")
+
+    Always pass the attention mask with a left-padded batch: without it the padding is attended
+    to and rows differ from the same prompt run alone.
+    """
 
     input_ids: Int[torch.Tensor, "batch pos"]
     attention_mask: Int[torch.Tensor, "batch pos"]
+
+    def keys(self) -> tuple[str, str]:
+        """``model(**batch)`` unpacks to ``input=input_ids, attention_mask=attention_mask``."""
+        return ("input", "attention_mask")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in ("input", "input_ids"):
+            return self.input_ids
+        if key == "attention_mask":
+            return self.attention_mask
+        raise KeyError(f"TokenBatch has input_ids (alias 'input') and attention_mask, not {key!r}")
 
     @property
     def lengths(self) -> Int[torch.Tensor, " batch"]:

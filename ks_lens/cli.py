@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ks_lens.errors import ConfigError, KsLensError
+from ks_lens.hooks import HOOK_KINDS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -473,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layers", type=_layer_list, default=None, help="comma-separated layer indices, or all"
     )
-    p.add_argument("--hooks", default="resid_post", help="comma-separated: resid_post,resid_pre")
+    p.add_argument(
+        "--hooks", default="resid_post", help="comma-separated kinds: " + ",".join(HOOK_KINDS)
+    )
     p.add_argument("--position", default="last", choices=["last", "mean_response"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -493,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="layer index, comma-separated list, or all (default)",
     )
-    p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"])
+    p.add_argument("--hook", default="resid_post", choices=list(HOOK_KINDS))
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace the probe(s) already in --out")
     p.add_argument("--kind", default="mlp", choices=["mlp", "linear"])
@@ -510,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("vectors", help="compute per-label CAA steering vectors from a store")
     p.add_argument("--acts", required=True)
     p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--hook", default="resid_post", choices=["resid_post", "resid_pre"])
+    p.add_argument("--hook", default="resid_post", choices=list(HOOK_KINDS))
     p.add_argument("--method", default="mean_diff", choices=["mean_diff", "mean_centring"])
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace the vectors already in --out")

@@ -31,6 +31,7 @@ from jaxtyping import Float
 from ks_lens.chat import ChatPrompt, format_chat, left_pad
 from ks_lens.errors import ConfigError
 from ks_lens.generation import generate_from_batch
+from ks_lens.models import pad_token_id
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steerer, SteeringSpec
 
@@ -108,7 +109,7 @@ def readout_groups(
     logps: torch.Tensor | None = None
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        batch = left_pad([ids[rows[r][1]] for r in idx], tok.pad_token_id, device)
+        batch = left_pad([ids[rows[r][1]] for r in idx], pad_token_id(tok), device)
         got: dict[str, torch.Tensor] = {}
 
         def capture(act: torch.Tensor, hook: Any, got: dict[str, torch.Tensor] = got) -> None:
@@ -393,7 +394,7 @@ def generate_and_score_rows(
     step_logps: list[torch.Tensor | None] = [None for _ in rows]
     for b, s in enumerate(range(0, len(order), batch_size)):
         idx = order[s : s + batch_size]
-        batch = left_pad([heads[rows[r][1]] for r in idx], tok.pad_token_id, device)
+        batch = left_pad([heads[rows[r][1]] for r in idx], pad_token_id(tok), device)
         row_group = [rows[r][0] for r in idx]
         with steer_groups(model, steerings, row_group, positions=positions):
             res = generate_from_batch(
@@ -413,7 +414,7 @@ def generate_and_score_rows(
     order = sorted(range(len(rows)), key=lambda r: (len(seqs[r]), r))
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        batch = left_pad([seqs[r] for r in idx], tok.pad_token_id, device)
+        batch = left_pad([seqs[r] for r in idx], pad_token_id(tok), device)
         tmax = max(len(answers[r]) for r in idx)
         got: dict[str, torch.Tensor] = {}
 

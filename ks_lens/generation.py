@@ -24,6 +24,7 @@ from ks_lens.chat import (
     tokenize_texts,
 )
 from ks_lens.errors import ConfigError
+from ks_lens.models import pad_token_id
 
 
 @dataclass
@@ -65,7 +66,7 @@ def _generation_config(
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "do_sample": do_sample,
-        "pad_token_id": tok.pad_token_id,
+        "pad_token_id": pad_token_id(tok),
         "eos_token_id": tok.eos_token_id,
         "bos_token_id": tok.bos_token_id,
         "use_cache": True,
@@ -122,7 +123,7 @@ def generate_from_batch(
         out = out.sequences
     new = out[:, batch.input_ids.shape[1] :].tolist()
     eos = model.tokenizer.eos_token_id
-    pad = model.tokenizer.pad_token_id
+    pad = pad_token_id(model.tokenizer)
     ids: list[list[int]] = []
     finished: list[bool] = []
     for row in new:
@@ -146,6 +147,23 @@ def generate(
     progress: bool = False,
 ) -> Generation:
     """Chat-format ``prompts`` and generate answers (greedy by default), in batches.
+
+    Args:
+        model: a bridge from :func:`ks_lens.load_model`; any active steering context applies.
+        prompts: strings or :class:`~ks_lens.chat.ChatPrompt` (with a system prompt).
+        max_new_tokens: at most this many new tokens per prompt.
+        do_sample, temperature, top_p, top_k, seed: sampling (off by default: greedy).
+        batch_size: prompts per forward batch.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`Generation`: ``.texts`` (decoded answers), ``.prompt_ids`` / ``.output_ids``
+        (token id lists), ``.finished`` (the model ended its turn), in prompt order.
+
+    Example::
+
+        gen = ks.generate(model, ["How do I boil an egg?", "Why is the sky blue?"], max_new_tokens=40)
+        print(gen.texts[0])
 
     A single string or :class:`ChatPrompt` is one prompt. Prompts are grouped by length to limit
     padding; results come back in the input order. A prompt that, with ``max_new_tokens``, does

@@ -1,17 +1,29 @@
-"""TransformerLens hook-point names for the residual stream, and their validation.
+"""TransformerLens hook-point names ks-lens works with, their aliases, and their validation.
 
 ks-lens addresses activations with HookedTransformer-style names, which TransformerLens 4's
-``TransformerBridge`` keeps as aliases:
+``TransformerBridge`` keeps as aliases of its own (canonical) names. Both spellings are the same
+hook point everywhere in ks-lens (collection, probes, vectors, steering, stores, metadata):
 
-=============================  =====================================
-``blocks.{L}.hook_resid_pre``  input of block ``L``
-``blocks.{L}.hook_resid_mid``  between attention and MLP (read-only here)
-``blocks.{L}.hook_resid_post`` output of block ``L`` (= input of ``L + 1``)
-=============================  =====================================
+=============================  ============================  ===================================
+ks-lens / HookedTransformer     TransformerLens 4 canonical   meaning
+=============================  ============================  ===================================
+``blocks.{L}.hook_resid_pre``   ``blocks.{L}.hook_in``        input of block ``L``
+``blocks.{L}.hook_attn_out``    ``blocks.{L}.attn.hook_out``  attention output of block ``L``
+``blocks.{L}.hook_resid_mid``   ``blocks.{L}.ln2.hook_in``    resid_pre + attn_out
+``blocks.{L}.hook_mlp_out``     ``blocks.{L}.mlp.hook_out``   MLP output of block ``L``
+``blocks.{L}.hook_resid_post``  ``blocks.{L}.hook_out``       output of block ``L`` (= input of L+1)
+=============================  ============================  ===================================
 
-Writing to ``hook_resid_mid`` changes only the MLP's input, not the residual stream carried to
-later blocks (the HF decoder layer keeps its own residual variable), so steering there silently
-does something else than it says; :func:`check_steerable` refuses it.
+Inside a hook function TransformerLens passes ``hook.name`` = the CANONICAL name (e.g.
+``blocks.18.hook_out``) even when the hook was added under the alias; a ``run_with_cache``
+``names_filter`` given an alias returns the activation under both spellings. Compare names with
+:func:`same_hook_point` / :func:`canonical_hook_name`, never with ``==``.
+
+All five kinds can be collected and probed (they are ``d_model`` wide). Steering may write to
+every kind except ``hook_resid_mid``: a write there changes only the MLP's input, not the residual
+stream carried to later blocks (the HF decoder layer keeps its own residual variable), so
+:func:`check_steerable` refuses it. A write to ``hook_attn_out`` (``hook_mlp_out``) is added to the
+residual stream at ``hook_resid_mid`` (``hook_resid_post``).
 """
 
 from __future__ import annotations
@@ -24,11 +36,57 @@ from ks_lens.errors import HookPointError
 
 ResidKind = Literal["resid_pre", "resid_mid", "resid_post"]
 RESID_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
-STEERABLE_KINDS: tuple[str, ...] = ("resid_pre", "resid_post")
+#: every per-block, d_model-wide kind ks-lens collects and probes, in forward order
+HOOK_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+#: the kinds steering may write to (resid_mid is read-only, see the module docstring)
+STEERABLE_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+KIND_ORDER: dict[str, int] = {k: i for i, k in enumerate(HOOK_KINDS)}
 
-_RESID_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post)$")
-_CANONICAL = {"hook_in": "resid_pre", "hook_out": "resid_post", "ln2.hook_in": "resid_mid"}
-_CANONICAL_RE = re.compile(r"^blocks\.(\d+)\.(hook_in|hook_out|ln2\.hook_in)$")
+_ALIAS_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
+_CANONICAL = {
+    "hook_in": "resid_pre",
+    "hook_out": "resid_post",
+    "ln2.hook_in": "resid_mid",
+    "attn.hook_out": "attn_out",
+    "mlp.hook_out": "mlp_out",
+}
+_TO_CANONICAL = {v: k for k, v in _CANONICAL.items()}
+_CANONICAL_RE = re.compile(
+    r"^blocks\.(\d+)\.(hook_in|hook_out|ln2\.hook_in|attn\.hook_out|mlp\.hook_out)$"
+)
+_GLOBAL_ALIASES = {"hook_embed": "embed.hook_out", "hook_pos_embed": "pos_embed.hook_out"}
+
+
+def canonical_hook_name(name: str, model: Any | None = None) -> str:
+    """The TransformerLens 4 canonical spelling of ``name`` (the one ``hook.name`` shows).
+
+    ``canonical_hook_name("blocks.3.hook_resid_post") == "blocks.3.hook_out"``. With a ``model``
+    any alias the bridge knows is resolved (the alias and its canonical name share one
+    ``HookPoint``); without one, the block-level aliases in the table above and ``hook_embed``.
+    Unknown names come back unchanged.
+    """
+    if model is not None:
+        hp = getattr(model, "hook_dict", {}).get(name)
+        if hp is not None and isinstance(getattr(hp, "name", None), str):
+            return str(hp.name)
+    m = _ALIAS_RE.match(name)
+    if m:
+        return f"blocks.{m.group(1)}.{_TO_CANONICAL[m.group(2)]}"
+    return _GLOBAL_ALIASES.get(name, name)
+
+
+def ks_hook_name(name: str) -> str:
+    """The spelling ks-lens records in metadata: the HookedTransformer-style alias
+    (``"blocks.3.hook_out"`` -> ``"blocks.3.hook_resid_post"``); other names unchanged."""
+    m = _CANONICAL_RE.match(name)
+    if m:
+        return f"blocks.{m.group(1)}.hook_{_CANONICAL[m.group(2)]}"
+    return name
+
+
+def same_hook_point(a: str, b: str, model: Any | None = None) -> bool:
+    """Whether two names are the same hook point (an alias and its canonical name are)."""
+    return canonical_hook_name(a, model) == canonical_hook_name(b, model)
 
 
 def n_layers(model: Any) -> int:
@@ -48,25 +106,44 @@ def check_layer(model: Any, layer: int) -> int:
 
 
 def resid_hook(layer: int, kind: str = "resid_post") -> str:
-    """``resid_hook(3) == "blocks.3.hook_resid_post"``."""
-    if kind not in RESID_KINDS:
-        raise HookPointError(f"unknown residual hook kind {kind!r}; use one of {RESID_KINDS}")
+    """``resid_hook(3) == "blocks.3.hook_resid_post"``; ``kind`` is one of :data:`HOOK_KINDS`."""
+    if kind not in HOOK_KINDS:
+        raise HookPointError(f"unknown hook kind {kind!r}; use one of {HOOK_KINDS}")
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise HookPointError(f"layer must be a non-negative int, got {layer!r}")
     return f"blocks.{layer}.hook_{kind}"
 
 
-def parse_resid_hook(name: str) -> tuple[int, str]:
-    """``"blocks.3.hook_resid_post"`` (or its canonical ``"blocks.3.hook_out"``) -> ``(3, "resid_post")``."""
-    m = _RESID_RE.match(name)
+def parse_hook(name: str) -> tuple[int, str]:
+    """``"blocks.3.hook_mlp_out"`` (or its canonical ``"blocks.3.mlp.hook_out"``) -> ``(3, "mlp_out")``.
+
+    Accepts every kind in :data:`HOOK_KINDS`, in either spelling.
+    """
+    m = _ALIAS_RE.match(name)
     if m:
         return int(m.group(1)), m.group(2)
     m = _CANONICAL_RE.match(name)
     if m:
         return int(m.group(1)), _CANONICAL[m.group(2)]
+    allowed = ", ".join(f"'blocks.{{L}}.hook_{k}'" for k in HOOK_KINDS)
     raise HookPointError(
-        f"{name!r} is not a residual-stream hook name; expected 'blocks.{{L}}.hook_resid_pre', "
-        "'blocks.{L}.hook_resid_mid' or 'blocks.{L}.hook_resid_post'"
+        f"{name!r} is not a hook point ks-lens can read; expected one of {allowed} (or their "
+        "TransformerLens 4 canonical names, e.g. 'blocks.{L}.hook_out')"
+    )
+
+
+def parse_resid_hook(name: str) -> tuple[int, str]:
+    """``"blocks.3.hook_resid_post"`` (or its canonical ``"blocks.3.hook_out"``) -> ``(3, "resid_post")``."""
+    try:
+        layer, kind = parse_hook(name)
+    except HookPointError:
+        kind = ""
+    if kind in RESID_KINDS:
+        return layer, kind
+    allowed = ", ".join(f"'blocks.{{L}}.hook_{k}'" for k in RESID_KINDS)
+    raise HookPointError(
+        f"{name!r} is not a residual-stream hook name; expected one of {allowed} (or their "
+        "canonical names 'blocks.{L}.hook_in', 'blocks.{L}.ln2.hook_in', 'blocks.{L}.hook_out')"
     )
 
 
@@ -87,14 +164,25 @@ def check_hook_name(model: Any, name: str) -> str:
 
 
 def check_steerable(model: Any, name: str) -> tuple[int, str]:
-    """Validate a hook point that steering will write to; returns ``(layer, kind)``."""
-    layer, kind = parse_resid_hook(name)
+    """Validate a hook point that steering will write to; returns ``(layer, kind)``.
+
+    Allowed: :data:`STEERABLE_KINDS` (``hook_resid_pre``, ``hook_attn_out``, ``hook_mlp_out``,
+    ``hook_resid_post``), in either spelling.
+    """
+    allowed = ", ".join(f"'blocks.{{L}}.hook_{k}'" for k in STEERABLE_KINDS)
+    try:
+        layer, kind = parse_hook(name)
+    except HookPointError:
+        raise HookPointError(
+            f"cannot steer at {name!r}: steering writes to one of {allowed} (or their "
+            "TransformerLens 4 canonical names)"
+        ) from None
     check_layer(model, layer)
-    if kind == "resid_mid":
+    if kind not in STEERABLE_KINDS:
         raise HookPointError(
             f"refusing to steer at {name!r}: in TransformerLens 4 a write to hook_resid_mid only "
             "changes the MLP input of that block, not the residual stream carried forward. Steer "
-            f"at 'blocks.{layer}.hook_resid_pre' or 'blocks.{layer}.hook_resid_post' instead."
+            f"at one of {allowed.replace('{L}', str(layer))} instead."
         )
     check_hook_name(model, name)
     return layer, kind

@@ -10,8 +10,14 @@
 
 The bridge runs HF's own forward code, so activations are in raw HF coordinates: no LayerNorm
 folding or weight centring is ever applied (steering vectors and probes stay portable to plain
-HF, vLLM or llama.cpp). Chat-templated text already starts with the BOS token, so the bridge's
-automatic BOS prepending is switched off; tokenize with :mod:`ks_lens.chat`.
+HF, vLLM or llama.cpp).
+
+Loading changes nothing global on the bridge: ``cfg.default_prepend_bos``, the tokenizer's padding
+side and the parameters' ``requires_grad`` are what TransformerLens gives, so ``model("text")``,
+``model.to_tokens``, ``run_with_cache`` (also ``incl_bwd=True``) and ``model.generate`` behave as
+in plain TransformerLens. ks-lens's own chat path (:mod:`ks_lens.chat`) tokenizes the templated
+text without adding special tokens (the template already starts with the BOS-like token: no
+double BOS) and pads on the left explicitly; its own forward passes run under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 from ks_lens.errors import ModelLoadError, UnknownModelError
 from ks_lens.utils import resolve_device, resolve_dtype
@@ -70,21 +79,37 @@ def boot_bridge(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    config = getattr(hf_model, "config", None)
+    if config is not None and not getattr(config, "architectures", None):
+        # Configs read from GGUF files carry no `architectures`, and TransformerLens cannot map
+        # every model_type (e.g. "gemma3_text") itself; the loaded class names it exactly
+        # (Gemma3ForCausalLM).
+        config.architectures = [type(hf_model).__name__]
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype
     )
     bridge.eval()
-    bridge.cfg.default_prepend_bos = False
-    bridge.tokenizer.padding_side = "left"
+    # Nothing global is changed beyond what TransformerLens itself does: cfg.default_prepend_bos,
+    # the tokenizer's padding side and the parameters' requires_grad stay as TL sets them, so
+    # model("text"), to_tokens, run_with_cache and model.generate behave as in plain TL. ks-lens
+    # tokenizes chat text itself (no special tokens added, explicit left padding) and runs its own
+    # inference under torch.no_grad().
     gen_cfg: Any = bridge.original_model.generation_config
     if getattr(gen_cfg, "pad_token_id", None) is None:
-        gen_cfg.pad_token_id = bridge.tokenizer.pad_token_id
-    for p in bridge.original_model.parameters():
-        p.requires_grad_(False)
+        gen_cfg.pad_token_id = pad_token_id(bridge.tokenizer)
     return bridge
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id ks-lens pads batches with: the tokenizer's pad token, else its EOS token (padding is
+    masked out, so the choice never changes a result). The tokenizer itself is not modified."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise ModelLoadError("the tokenizer has neither a pad token nor an EOS token to pad with")
+    return int(pad)
 
 
 def _load_hf_dir(
@@ -130,8 +155,12 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
-) -> Any:
-    """Load ``name`` and return a ``TransformerBridge`` ready for hooks.
+) -> TransformerBridge:
+    """Load ``name`` and return a TransformerLens ``TransformerBridge`` ready for hooks.
+
+    The bridge is plain TransformerLens: ``model(text)``, ``to_tokens``, ``run_with_cache``
+    (also ``incl_bwd=True``), ``run_with_hooks`` and ``model.generate`` behave as TL documents;
+    loading changes no TL default (BOS prepending, padding side, ``requires_grad``).
 
     Args:
         name: ``"default"``, ``"tiny-random-llama"``, a local directory or ``.gguf`` file, or a
@@ -139,6 +168,16 @@ def load_model(
         device: ``None`` picks CUDA when available, else CPU.
         dtype: ``None`` means float32. ``"bfloat16"`` halves memory on GPU.
         seed: weights seed for ``tiny-random-llama`` (ignored otherwise).
+
+    Returns:
+        ``TransformerBridge`` (``model.cfg.n_layers``, ``model.cfg.d_model``, ``model.tokenizer``;
+        the wrapped HF model is ``model.original_model``).
+
+    Example::
+
+        model = ks.load_model("tiny-random-llama")
+        batch = ks.tokenize_chat(model, "How do I boil an egg?")
+        logits = model(**batch)                  # [1, pos, d_vocab]
     """
     if not isinstance(name, (str, Path)) or not str(name).strip():
         known = ", ".join(sorted(NAMED_MODELS))

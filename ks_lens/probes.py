@@ -41,7 +41,7 @@ from ks_lens.errors import (
     StoreError,
     TrainingError,
 )
-from ks_lens.hooks import resid_hook
+from ks_lens.hooks import ks_hook_name, parse_hook, resid_hook, same_hook_point
 from ks_lens.io import load_artifact, read_json, save_artifact
 from ks_lens.models import check_signature
 
@@ -124,10 +124,10 @@ class Probe(nn.Module):
         self.register_buffer("mean", mean.detach().clone())
         self.register_buffer("std", std.detach().clone())
         self.label_names: tuple[str, ...] = tuple(label_names)
-        self.hook_name = hook_name
-        from ks_lens.hooks import parse_resid_hook
-
-        self.layer, self.hook_kind = parse_resid_hook(hook_name)
+        # recorded in the HookedTransformer-style spelling; an alias and its canonical
+        # TransformerLens name are the same hook point (see ks_lens.hooks)
+        self.hook_name = ks_hook_name(hook_name)
+        self.layer, self.hook_kind = parse_hook(self.hook_name)
         self.model_info: dict[str, Any] = dict(model)
         self.config = config
         self.metrics: dict[str, Any] = dict(metrics or {})
@@ -144,6 +144,11 @@ class Probe(nn.Module):
         return len(self.label_names)
 
     def forward(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... k"]:
+        """Raw label logits ``[..., n_labels]`` for activations ``x`` ``[..., d_model]``."""
+        if x.shape[-1] != self.d_model:
+            from ks_lens.utils import check_d_model
+
+            check_d_model(x, self.d_model, "x", f"the probe (trained at {self.hook_name})")
         h = (x - self.mean) / self.std
         for i, lin in enumerate(self.linears):
             h = lin(h)
@@ -179,7 +184,7 @@ class Probe(nn.Module):
         """Raise :class:`MetadataMismatchError` unless ``model``/``hook_name`` match the probe's."""
         if model is not None:
             check_signature(self.model_info, model, "probe")
-        if hook_name is not None and hook_name != self.hook_name:
+        if hook_name is not None and not same_hook_point(hook_name, self.hook_name):
             raise MetadataMismatchError(
                 f"probe was trained at {self.hook_name!r}, not {hook_name!r}; a probe is only valid at "
                 "the hook point it was trained on"
@@ -248,6 +253,41 @@ class Probe(nn.Module):
 
 
 # ----------------------------------------------------------------------------- batched training
+
+
+class ProbeSet(dict[int, Probe]):
+    """Probes keyed by MODEL layer index, as :func:`train_probes` / :func:`load_probes` return them.
+
+    A plain ``dict`` (iterate, ``.items()``, ``len``) that also takes negative layers, counted
+    from the model's last layer like ``acts[-1]``: ``probes[-1]`` is the probe at layer
+    ``n_layers - 1``. A missing layer raises ``KeyError`` naming the layers that are there.
+    """
+
+    def _resolve(self, layer: Any) -> Any:
+        if isinstance(layer, int) and not isinstance(layer, bool) and layer < 0 and self:
+            n = next(iter(self.values())).model_info.get("n_layers")
+            if isinstance(n, int):
+                return n + layer
+        return layer
+
+    def __getitem__(self, layer: int) -> Probe:
+        key = self._resolve(layer)
+        if not dict.__contains__(self, key):
+            shown = f"{layer} (= layer {key})" if key != layer else f"{layer}"
+            raise KeyError(f"no probe for layer {shown}; probes exist for layers {sorted(self)}")
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, layer: object) -> bool:
+        return dict.__contains__(self, self._resolve(layer))
+
+    def __repr__(self) -> str:
+        if not self:
+            return "ProbeSet({})"
+        p = next(iter(self.values()))
+        return (
+            f"ProbeSet(layers={sorted(self)}, kind={p.hook_kind!r}, probe={p.config.kind!r}, "
+            f"labels={list(p.label_names)}, model={p.model_info.get('model')!r})"
+        )
 
 
 def _init_stack(
@@ -501,10 +541,32 @@ def train_probes(
     device: torch.device | str | None = None,
     groups: Sequence[str] | None = None,
     progress: bool = True,
-) -> dict[int, Probe]:
+) -> ProbeSet:
     """Train one probe per layer (all layers of ``acts`` by default) in one batched loop.
 
-    ``groups`` (one per row; default the question ids) are kept wholly in train or validation.
+    Args:
+        acts: labelled :class:`~ks_lens.activations.Activations` (``[n, layer, d_model]`` per
+            kind); unlabelled rows (label ``-1``) are skipped.
+        layers: model layer indices (negative count from the model's last layer); default all
+            collected layers.
+        kind: which collected hook kind to train on (``"resid_post"``, ``"resid_pre"``,
+            ``"attn_out"``, ``"mlp_out"``, ``"resid_mid"``).
+        config: :class:`ProbeConfig` (``kind="mlp"``/``"linear"``, ``hidden``, ``epochs``, ...).
+        device: where to train (default: where ``acts`` are).
+        groups: one group id per row (default the question ids); a group is kept wholly in
+            train or in validation, so validation questions are unseen.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`ProbeSet`: ``{layer: Probe}`` (a dict; ``probes[-1]`` works). Each probe maps
+        ``[..., d_model]`` to label logits ``[..., n_labels]``; ``probe.metrics`` has the
+        validation accuracy.
+
+    Example::
+
+        acts = collect_activations(model, dataset, layers=[10, 18])
+        probes = train_probes(acts, config=ProbeConfig(epochs=30))
+        probes[18].predict_proba(acts[18])          # [n, n_labels]
     """
     if groups is not None and len(groups) != len(acts):
         raise ValueError(f"groups has {len(groups)} entries for {len(acts)} rows")
@@ -513,6 +575,9 @@ def train_probes(
         groups = [groups[i] for i in keep]
     acts = _labelled(acts)
     layers = list(acts.layers if layers is None else layers)
+    n_model = acts.meta.get("model", {}).get("n_layers")
+    if isinstance(n_model, int):  # negative layers count from the model's last layer
+        layers = [n_model + x if isinstance(x, int) and x < 0 else x for x in layers]
     if not layers:
         raise ConfigError("no layers to train on")
     x = torch.stack([acts.at(layer, kind) for layer in layers], dim=1)
@@ -537,7 +602,7 @@ def train_probes(
         "position": acts.meta.get("collect", {}).get("position"),
         "store": acts.meta.get("store"),
     }
-    out = {}
+    out = ProbeSet()
     for j, layer in enumerate(layers):
         out[layer] = Probe(
             res.params[j],
@@ -604,12 +669,15 @@ def save_probes(probes: Mapping[int, Probe], directory: str | Path) -> Path:
     return write_directory(directory, write)
 
 
-def load_probes(directory: str | Path, *, model: Any | None = None) -> dict[int, Probe]:
+def load_probes(directory: str | Path, *, model: Any | None = None) -> ProbeSet:
+    """Load a probe set saved by :func:`save_probes` (checked against ``model`` if given)."""
     directory = Path(directory)
     index = read_json(directory / "probes.json", what="probe set index")
     if index.get("format") != "ks_lens.probe_set":
         raise StoreError(f"{directory} is not a ks-lens probe set")
-    return {int(k): _load_indexed(directory, index, int(k), model) for k in index["probes"]}
+    return ProbeSet(
+        {int(k): _load_indexed(directory, index, int(k), model) for k in index["probes"]}
+    )
 
 
 def _load_indexed(directory: Path, index: Any, layer: int, model: Any | None) -> Probe:

@@ -43,7 +43,6 @@ def build_tiny_tokenizer() -> Any:
         unk_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
         add_bos_token=True,
-        padding_side="left",
     )
     # TransformerLens re-reads the tokenizer's name; it has none, being built in memory.
     tok.init_kwargs["name_or_path"] = TINY_NAME

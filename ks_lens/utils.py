@@ -124,3 +124,18 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return rev + ("+dirty" if dirty else "")
+
+
+def check_d_model(got: Any, expected: int, arg: str, what: str) -> None:
+    """Raise :class:`~ks_lens.errors.ConfigError` unless the last dimension of ``got`` (a tensor,
+    or an int size) is ``expected``; the message names the argument ``arg`` and ``what`` set the
+    expected size (e.g. ``"the probe (trained at blocks.2.hook_resid_post)"``)."""
+    from ks_lens.errors import ConfigError
+
+    size = int(got.shape[-1]) if hasattr(got, "shape") and len(got.shape) else got
+    if size != expected:
+        shape = f" (shape {tuple(got.shape)})" if hasattr(got, "shape") else ""
+        raise ConfigError(
+            f"{arg} has last dimension {size}{shape}, but {what} expects d_model = {expected}; "
+            "pass activations of the model and hook point it was made for"
+        )

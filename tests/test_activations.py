@@ -212,7 +212,7 @@ def test_collect_argument_errors(tiny_model, tiny_dataset):
     with pytest.raises(ks.HookPointError, match="out of range"):
         collect_activations(tiny_model, tiny_dataset, layers=[7], progress=False)
     with pytest.raises(ValueError, match="unknown hook kind"):
-        collect_activations(tiny_model, tiny_dataset, hook_kinds=("attn_out",), progress=False)
+        collect_activations(tiny_model, tiny_dataset, hook_kinds=("hook_z",), progress=False)
 
 
 def test_fixed_answers_are_re_encoded_not_generated(tiny_model):

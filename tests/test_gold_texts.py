@@ -197,7 +197,9 @@ def test_loader_errors(tmp_path, lines, message):
 def test_loader_rejects_non_utf8_with_line(tmp_path):
     good = _row(text="fine", labels="casual").encode()
     p = _write(tmp_path, good + b"\n" + b'{"text": "caf\xe9", "labels": "casual"}\n')
-    with pytest.raises(DatasetError, match=r"t\.jsonl:2: byte 0xe9 is not valid UTF-8.*expected UTF-8"):
+    with pytest.raises(
+        DatasetError, match=r"t\.jsonl:2: byte 0xe9 is not valid UTF-8.*expected UTF-8"
+    ):
         load_labelled_texts(p)
 
 

@@ -26,7 +26,51 @@ def test_tiny_model_shape_and_hooks(tiny_model):
     for layer in range(4):
         for kind in ("resid_pre", "resid_mid", "resid_post"):
             assert resid_hook(layer, kind) in tiny_model.hook_dict
-    assert tiny_model.cfg.default_prepend_bos is False
+
+
+def test_load_model_leaves_transformerlens_defaults_alone():
+    """Plain TL calls on raw text get what TL gives: BOS prepended, trainable parameters."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from ks_lens.tiny import build_tiny_llama
+
+    m = ks.load_model("tiny-random-llama")
+    hf, tok = build_tiny_llama()
+    plain = TransformerBridge.boot_transformers("tiny-random-llama", hf_model=hf, tokenizer=tok)
+    assert m.cfg.default_prepend_bos is True
+    assert m.tokenizer.padding_side == plain.tokenizer.padding_side == "right"
+    bos = m.tokenizer.bos_token_id
+    toks = m.to_tokens("hello")
+    assert toks[0, 0].item() == bos and toks[0, 1].item() != bos
+    assert torch.equal(toks, plain.to_tokens("hello"))
+    assert torch.allclose(m("hello"), m(toks), atol=0, rtol=0)
+    assert all(p.requires_grad for p in m.parameters())
+    # gradients through the cache work (used to fail with "no grad_fn")
+    _, cache = m.run_with_cache(
+        "hello", return_type="loss", incl_bwd=True, names_filter="blocks.1.hook_resid_post"
+    )
+    assert cache["blocks.1.hook_resid_post_grad"].abs().sum() > 0
+    out = m.generate("hello", max_new_tokens=2, do_sample=False, verbose=False)
+    assert isinstance(out, str) and out.startswith("hello")
+
+
+def test_chat_path_has_exactly_one_bos(tiny_model):
+    bos = tiny_model.tokenizer.bos_token_id
+    batch = ks.tokenize_chat(tiny_model, ["hi", "a longer question"])
+    for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True):
+        real = row[mask.bool()]
+        assert real[0].item() == bos and real[1].item() != bos
+    assert (batch.attention_mask[0, 0] == 0).item()  # left padded whatever the tokenizer says
+
+
+def test_ks_lens_inference_builds_no_graph(tiny_model):
+    gen = ks.generate(tiny_model, "hi", max_new_tokens=2)
+    assert len(gen.output_ids[0]) <= 2
+    from ks_lens.activations import capture_batch
+
+    batch = ks.tokenize_chat(tiny_model, "hi")
+    acts = capture_batch(tiny_model, batch, ["blocks.1.hook_resid_post"])
+    assert acts.grad_fn is None and not acts.requires_grad
 
 
 def test_tiny_model_is_deterministic_in_seed():
@@ -243,3 +287,34 @@ def test_same_size_corruption_of_the_cache_is_detected_by_checksum(tmp_path, mon
     with pytest.warns(UserWarning, match="no checksums in the manifest"):
         dm.ensure_default_model()
     assert len(builds) == 3
+
+
+def test_missing_architectures_are_filled_from_the_model_class():
+    """GGUF configs lack `architectures`; an unmapped model_type (gemma3_text) then still boots."""
+    from ks_lens.models import boot_bridge
+    from ks_lens.tiny import build_tiny_llama
+
+    hf, tok = build_tiny_llama()
+    hf.config.architectures = None
+    hf.config.model_type = "llama_from_gguf"  # a model_type TransformerLens has no mapping for
+    bridge = boot_bridge(hf, tok, "x", device=torch.device("cpu"), dtype=torch.float32)
+    assert hf.config.architectures == ["LlamaForCausalLM"]
+    assert bridge.cfg.d_model == 64
+
+
+def test_plain_prompt_format_without_chat_template(tiny_model):
+    """Tokenizers without a chat template get the documented plain format, with one BOS."""
+    from ks_lens.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = None
+    bos = tok.bos_token
+    assert ks.format_chat(tok, "hi") == f"{bos}User: hi\nAssistant:"
+    p = ks.ChatPrompt("hi", system="Be brief.", assistant="Sure")
+    assert ks.format_chat(tok, p) == f"{bos}Be brief.\n\nUser: hi\nAssistant: Sure"
+    ids = ks.tokenize_chat(tok, "hi").input_ids[0]
+    assert ids[0].item() == tok.bos_token_id and ids[1].item() != tok.bos_token_id
+    assert tok.decode(ids[1:]) == "User: hi\nAssistant:"
+    gen = ks.generate(tiny_model, "hi", max_new_tokens=2)  # the model's own template still applies
+    want = tiny_model.tokenizer("<|im_start|>user", add_special_tokens=False)["input_ids"]
+    assert gen.prompt_ids[0][: len(want)] == want

@@ -27,8 +27,9 @@ import torch
 from jaxtyping import Float
 
 from ks_lens.errors import ConfigError, LabelError, MetadataMismatchError
-from ks_lens.hooks import check_steerable
+from ks_lens.hooks import canonical_hook_name, check_steerable, same_hook_point
 from ks_lens.steering.positions import PositionTracker, check_positions, select_whole_call
+from ks_lens.utils import check_d_model
 
 Transform = Callable[[Float[torch.Tensor, "n d_model"]], Float[torch.Tensor, "n d_model"]]
 HookList = list[tuple[str, Callable[..., Any]]]
@@ -193,7 +194,8 @@ def steer_groups(
         method, spec = item
         method.check_model(model)
         check_steerable(model, method.hook_name)
-        by_hook.setdefault(method.hook_name, [None] * len(groups))[g] = method.transform(
+        key = canonical_hook_name(method.hook_name, model)  # aliases share one hook
+        by_hook.setdefault(key, [None] * len(groups))[g] = method.transform(
             SteeringSpec.make(spec.target, spec.avoid, spec.alpha, method.label_names)
         )
     tracker = PositionTracker()
@@ -235,6 +237,17 @@ class Steerer(ABC):
     def check_model(self, model: Any) -> None:  # noqa: B027 - optional override
         """Raise if the method's artefacts were made for another model."""
 
+    @property
+    def d_model(self) -> int | None:
+        """The activation width the method was made for (``None``: any)."""
+        return None
+
+    def _check_width(self, got: Any, arg: str) -> None:
+        if self.d_model is not None:
+            check_d_model(
+                got, self.d_model, arg, f"{type(self).__name__} (made at {self.hook_name})"
+            )
+
     def spec(
         self,
         target: Sequence[str] | str | None = None,
@@ -251,6 +264,7 @@ class Steerer(ABC):
         alpha: float = 1.0,
     ) -> Float[torch.Tensor, "... d_model"]:
         """Steer a tensor of activations directly (no model): ``x'`` of the same shape."""
+        self._check_width(x, "x")
         f = self.transform(self.spec(target, avoid, alpha))
         shape = x.shape
         return f(x.reshape(-1, shape[-1])).reshape(shape)
@@ -268,7 +282,7 @@ class Steerer(ABC):
             raise ConfigError("no hook points to steer at")
         for name in names:
             check_steerable(model, name)
-            if name != self.hook_name and not allow_other_hooks:
+            if not same_hook_point(name, self.hook_name, model) and not allow_other_hooks:
                 raise MetadataMismatchError(
                     f"{type(self).__name__} was made at {self.hook_name!r}; steering at {name!r} uses it "
                     "outside the hook point it was trained on. Pass allow_other_hooks=True to do so anyway."
@@ -287,12 +301,29 @@ class Steerer(ABC):
         allow_other_hooks: bool = False,
         tracker: PositionTracker | None = None,
     ) -> HookList:
-        """``[(hook_name, fn)]`` for ``model.run_with_hooks`` / ``model.hooks``.
+        """``[(hook_name, fn)]`` for ``model.run_with_hooks`` / ``model.hooks`` / ``model.generate``.
 
-        Without a ``tracker`` (see :meth:`steer`), each forward call is one whole prompt:
-        fine for plain forward passes; use :meth:`steer` for generation.
+        Same arguments as :meth:`steer`. These bare hooks cannot tell prompt tokens from
+        generated ones (in ``model.generate`` every decode step would look like a new prompt),
+        so they take only ``positions="all"``; for ``"prompt"``, ``"generated"`` or ``"last"``
+        use ``with method.steer(model, ..., positions=...)``, which also works around TL's
+        ``model.generate`` and ``run_with_hooks``.
+
+        Example::
+
+            hooks = method.hooks(model, target=["beta"], alpha=4.0)
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks + [(name, my_hook)])
         """
+        check_positions(positions)
+        if positions != "all" and tracker is None:
+            raise ConfigError(
+                f"positions={positions!r} needs to know which tokens are prompt and which are "
+                "generated, which bare hooks cannot see (in model.generate each decode step looks "
+                "like a new prompt). Use positions='all' here, or wrap the call in "
+                f"`with method.steer(model, ..., positions={positions!r}):` instead of passing hooks"
+            )
         self.check_model(model)
+        self._check_width(int(model.cfg.d_model), "model (its cfg.d_model)")
         names = self._hook_names(model, hook_names, allow_other_hooks)
         f = self.transform(self.spec(target, avoid, alpha))
         return [(name, steering_hook(f, positions, tracker)) for name in names]
@@ -316,8 +347,23 @@ class Steerer(ABC):
             avoid: labels to suppress.
             alpha: step size (see each method for its meaning).
             positions: ``"all"``, ``"prompt"``, ``"generated"`` or ``"last"``.
-            hook_names: where to steer; defaults to the method's own hook point. Other hook
+            hook_names: where to steer; defaults to the method's own hook point (either
+                spelling: ``blocks.L.hook_resid_post`` or ``blocks.L.hook_out``). Other hook
                 points need ``allow_other_hooks=True``.
+
+        Yields:
+            The :class:`~ks_lens.steering.positions.PositionTracker` serving the hooks (what
+            ``with method.steer(...) as tracker`` binds). Most code ignores it; it exposes
+            ``tracker.prompt_len`` / ``tracker.past_len`` of the last forward call and
+            ``tracker.expect_prompt(n)`` to fix the prompt length when inputs are embeddings.
+            Any forward inside the block is steered: ``model(...)``, ``run_with_hooks``,
+            ``run_with_cache``, TL's ``model.generate`` (with or without KV cache) and
+            :func:`ks_lens.generate`.
+
+        Example::
+
+            with KSteering(probe).steer(model, target=["casual"], alpha=4.0, positions="generated"):
+                out = model.generate(tokens, max_new_tokens=20, do_sample=False)
         """
         tracker = PositionTracker()
         fwd = self.hooks(

@@ -31,7 +31,7 @@ from jaxtyping import Float
 
 from ks_lens.activations import Activations
 from ks_lens.errors import ConfigError, DatasetError, LabelError, MetadataMismatchError, StoreError
-from ks_lens.hooks import parse_resid_hook, resid_hook
+from ks_lens.hooks import ks_hook_name, parse_hook, resid_hook, same_hook_point
 from ks_lens.io import load_artifact, save_artifact
 from ks_lens.models import check_signature
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
@@ -57,10 +57,15 @@ class SteeringVectors:
             raise ConfigError(
                 f"vectors must be [n_labels={len(label_names)}, d_model], got {tuple(vectors.shape)}"
             )
+        d = model.get("d_model") if isinstance(model, dict) else None
+        if isinstance(d, int):
+            from ks_lens.utils import check_d_model
+
+            check_d_model(vectors, d, "vectors", f"the model {model.get('model')!r}")
         self.vectors = vectors.detach().float()
         self.label_names = tuple(label_names)
-        self.hook_name = hook_name
-        self.layer, self.hook_kind = parse_resid_hook(hook_name)
+        self.hook_name = ks_hook_name(hook_name)  # an alias and its canonical name are one point
+        self.layer, self.hook_kind = parse_hook(self.hook_name)
         self.model_info = dict(model)
         self.method = method
         self.source = dict(source or {})
@@ -75,10 +80,31 @@ class SteeringVectors:
     def fit(
         cls, acts: Activations, layer: int, *, kind: str = "resid_post", method: str = "mean_diff"
     ) -> SteeringVectors:
-        """Per-label vectors from labelled activations (rows with label ``-1`` are ignored)."""
+        """Per-label vectors from labelled activations (rows with label ``-1`` are ignored).
+
+        Args:
+            acts: :class:`~ks_lens.activations.Activations` collected at ``layer``.
+            layer: model layer index (negative counts from the model's last layer).
+            kind: the collected hook kind (``"resid_post"``, ``"resid_pre"``, ``"attn_out"``,
+                ``"mlp_out"``, ``"resid_mid"``).
+            method: ``"mean_diff"`` (``mean(x | k) - mean(x | not k)``) or ``"mean_centring"``
+                (``mean(x | k) - mean(x)``).
+
+        Returns:
+            :class:`SteeringVectors` with ``.vectors`` ``[n_labels, d_model]`` at
+            ``blocks.{layer}.hook_{kind}``.
+
+        Example::
+
+            vecs = SteeringVectors.fit(acts, 18)
+            vecs.vectors.shape                   # (n_labels, d_model)
+        """
         if method not in VECTOR_METHODS:
             raise ConfigError(f"unknown method {method!r}; use one of {VECTOR_METHODS}")
         x = acts.at(layer, kind).float()
+        n_model = acts.meta.get("model", {}).get("n_layers")
+        if isinstance(layer, int) and layer < 0 and isinstance(n_model, int):
+            layer = n_model + layer  # as acts.at did
         labels = acts.labels
         keep = labels >= 0
         x, labels = x[keep], labels[keep]
@@ -178,7 +204,7 @@ class SteeringVectors:
         except KeyError as e:
             raise StoreError(f"steering vectors at {directory} are missing {e}") from e
         out.check_compatible(model)
-        if hook_name is not None and hook_name != out.hook_name:
+        if hook_name is not None and not same_hook_point(hook_name, out.hook_name):
             raise MetadataMismatchError(
                 f"vectors were made at {out.hook_name!r}, not {hook_name!r}"
             )
@@ -187,6 +213,15 @@ class SteeringVectors:
 
 class CAA(Steerer):
     """Activation addition with :class:`SteeringVectors`: ``x' = x + alpha * v``.
+
+    ``v`` ``[d_model]`` combines the target (and avoid) labels' vectors; it is added at every
+    selected position of the vectors' hook point.
+
+    Example::
+
+        caa = CAA(SteeringVectors.fit(acts, 18))
+        with caa.steer(model, target=["casual"], alpha=1.5):
+            gen = ks_lens.generate(model, ["How do I boil an egg?"])
 
     Args:
         combine: ``"mean"`` (reference baseline) or ``"sum"`` of the per-label vectors.
@@ -222,6 +257,10 @@ class CAA(Steerer):
 
     def check_model(self, model: object) -> None:
         self.vectors.check_compatible(model)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.vectors.vectors.shape[1])
 
     def vector(self, spec: SteeringSpec) -> Float[torch.Tensor, " d_model"]:
         avoid = spec.avoid if self.avoid_mode == "subtract" else ()

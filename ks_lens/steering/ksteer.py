@@ -204,9 +204,25 @@ class _ProbeSteerer(Steerer):
     def check_model(self, model: object) -> None:
         self.probe.check_compatible(model)
 
+    @property
+    def d_model(self) -> int:
+        return self.probe.d_model
+
 
 class KSteering(_ProbeSteerer):
     """K-Steering with a trained :class:`~ks_lens.probes.Probe` (see the module docstring).
+
+    Each steered token's activation ``x`` ``[d_model]`` takes ``steps`` gradient steps on the
+    probe's loss: ``x <- x - alpha * decay**k * grad_x L(x)``, with
+    ``L = mean_avoid f_a(x) - mean_target f_t(x)`` for raw probe logits ``f``.
+
+    Args:
+        probe: the probe; steering happens at ``probe.hook_name`` (``d_model`` must match).
+        steps: gradient steps per token (>= 1); ``decay``: step ``k`` uses ``alpha * decay**k``.
+        step_norm: ``None`` (raw gradient), ``"unit"`` (steps of length alpha) or
+            ``"relative"`` (steps of length ``alpha * |x|``).
+        objective: ``"logits"``, ``"logsigmoid"`` or ``"softmin"`` (with ``temperature``).
+        combine: ``"sum"``, ``"balanced"`` or ``"pcgrad"`` for several labels.
 
     Example::
 

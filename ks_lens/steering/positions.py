@@ -15,9 +15,15 @@ every row); a call with a cache continues it (``[batch, 1, d]`` per new token). 
 (mask 0) are never steered. Without a tracker (hand-made hooks for ``run_with_hooks``), each
 call is treated as a whole prompt with no padding information beyond what the caller supplies.
 
-Generation without a KV cache re-runs the whole sequence each step; the tracker then cannot tell
-prompt from generated tokens unless the prompt length is given with :meth:`PositionTracker.expect_prompt`
-(:func:`ks_lens.generation.generate` always uses the cache).
+Generation without a KV cache re-runs the whole sequence each step. The tracker recognises such a
+step (a cache-less call whose token ids are the previous call's plus one new token) and keeps the
+prompt length of the first call, so ``model.generate(..., use_past_kv_cache=False)`` inside
+``steer()`` selects the same positions as with the cache. For inputs given as embeddings, fix the
+prompt length with :meth:`PositionTracker.expect_prompt`.
+
+Hooks made by :meth:`~ks_lens.steering.base.Steerer.hooks` without a tracker cannot see any of
+this (each decode step looks like a new prompt), so they accept only ``positions="all"``; use
+``with method.steer(model, ..., positions=...)`` around ``model.generate`` / ``run_with_hooks``.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class PositionTracker:
         self.mask: torch.Tensor | None = None  # [batch, past + seq] attention mask, if given
         self.last_index: torch.Tensor | None = None  # [batch] index of each row's last prompt token
         self._expected_prompt: int | None = None
+        self._prev_ids: torch.Tensor | None = None  # input ids of the previous cache-less call
         self._handle: Any = None
 
     # -- installation ---------------------------------------------------------------------------
@@ -93,6 +100,10 @@ class PositionTracker:
         self.mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
         self.past_len = past
         self.seq_len = seq
+        continuing = past == 0 and self._continues(ids)
+        self._prev_ids = ids.detach() if past == 0 and isinstance(ids, torch.Tensor) else None
+        if past == 0 and continuing:
+            return  # generation without a KV cache: same sequence, one token longer
         if past == 0:
             self.prompt_len = self._expected_prompt if self._expected_prompt is not None else seq
             if self.mask is not None and self.prompt_len is not None:
@@ -103,6 +114,18 @@ class PositionTracker:
                 )
             else:
                 self.last_index = None
+
+    def _continues(self, ids: Any) -> bool:
+        """Whether a cache-less call re-runs the previous call's tokens plus one new token (how
+        generation without a KV cache looks, e.g. ``model.generate(use_past_kv_cache=False)``)."""
+        prev = self._prev_ids
+        if prev is None or self.prompt_len is None or not isinstance(ids, torch.Tensor):
+            return False
+        if ids.ndim != 2 or ids.dtype != prev.dtype or ids.shape[0] != prev.shape[0]:
+            return False
+        if ids.shape[1] != prev.shape[1] + 1:
+            return False
+        return bool(torch.equal(ids[:, : prev.shape[1]], prev.to(ids.device)))
 
     # -- selection --------------------------------------------------------------------------------
     def select(
