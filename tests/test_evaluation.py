@@ -158,7 +158,8 @@ def test_generation_scores_unsteered_kl_is_zero_and_nll_is_correct(tiny_model, t
     head = tok(ks.format_chat(tok, ks.ChatPrompt(qs[0])), add_special_tokens=False)["input_ids"]
     ans = s.answer_ids[0]
     assert ans, "tiny model should produce tokens"
-    logits = tiny_model(torch.tensor([head + ans]))
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([head + ans]))
     lp = torch.log_softmax(logits[0, len(head) - 1 : -1], -1)
     nll = float(-lp.gather(-1, torch.tensor(ans)[:, None]).mean())
     assert s.nll[0] == pytest.approx(nll, rel=1e-4)
