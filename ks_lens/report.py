@@ -491,7 +491,9 @@ def write_report(
     """Write ``report.json`` (``info`` + the result's JSON), ``report.md`` and the figures."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "report.json", {**info, **result.to_json()})
+    doc = {**info, **result.to_json()}
+    doc["timings"] = {**info.get("timings", {}), **result.timings}  # setup stages + comparison
+    atomic_write_json(out / "report.json", doc)
     atomic_write_bytes(out / "report.md", render_markdown(result, info).encode())
     figs = plot_report(result, out)
     return {"json": out / "report.json", "markdown": out / "report.md", **{p.stem: p for p in figs}}

@@ -226,6 +226,7 @@ def test_demo_report_schema_on_tiny_model(two_seed_demo):
     for png in ("activation_combinations.png", "text_tradeoff.png", "calibration.png"):
         assert (tmp / png).stat().st_size > 1000
     assert result.config.kl_budget == on_disk["comparison_config"]["kl_budget"]
+    assert {"collect_s", "calibration_s", "text_eval_s", "total_s"} <= set(on_disk["timings"])
 
 
 def test_demo_rejects_malformed_questions_file(tmp_path, capsys):
