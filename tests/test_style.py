@@ -10,7 +10,7 @@ import pytest
 from ks_lens.style import STYLE_METER_NAMES, StyleMeters, style_matrix, style_meters
 
 
-def _expect(text: str, **expected: float) -> None:
+def _check(text: str, **expected: float) -> None:
     m = style_meters(text)
     for name in STYLE_METER_NAMES:
         assert getattr(m, name) == pytest.approx(expected.get(name, 0.0), abs=1e-12), name
@@ -27,7 +27,7 @@ def test_names_match_fields_and_array_order():
 
 def test_casual_example():
     # words: honestly it's fine you could try it (7); "it's" -> 3 characters
-    _expect(
+    _check(
         "Honestly, it's fine! You could try it.",
         words=7,
         sentences=2,
@@ -43,7 +43,7 @@ def test_casual_example():
 def test_expert_example():
     # 30.5 is one word; technical: hydrolysis, 30.5, kj, mol, conditions (plural of -ition);
     # "releases" is not technical; long words: hydrolysis, conditions
-    _expect(
+    _check(
         "Hydrolysis of ATP releases 30.5 kJ/mol under standard conditions.",
         words=10,
         sentences=1,
@@ -54,7 +54,7 @@ def test_expert_example():
 
 
 def test_empathetic_example_with_curly_apostrophe():
-    _expect(
+    _check(
         "I'm so sorry you\u2019re feeling overwhelmed; that sounds really tough.",
         words=10,
         sentences=1,
@@ -68,7 +68,7 @@ def test_empathetic_example_with_curly_apostrophe():
 
 def test_list_steps_and_sentences():
     # line items "1." and "2)", inline "(3)", step words first + then; "1." alone is no sentence
-    _expect(
+    _check(
         "First, unplug it.\n1. Open the lid\n2) Remove the filter (3) rinse it, then dry it",
         words=17,
         sentences=2,
@@ -81,7 +81,7 @@ def test_list_steps_and_sentences():
 
 def test_possessive_exclamations_and_numbers():
     # John's is possessive (no contraction); 10,935 is one (technical) word; "!!!" is one run
-    _expect(
+    _check(
         "John's dog can't swim. Really!!! Wow! 10,935 m.",
         words=8,
         sentences=4,
@@ -103,9 +103,9 @@ def test_hedge_and_informal_phrases():
 
 
 def test_empty_and_punctuation_only():
-    _expect("")
-    _expect("   ")
-    _expect("?!", exclamations=0.0)
+    _check("")
+    _check("   ")
+    _check("?!", exclamations=0.0)
 
 
 def test_style_matrix_matches_meters():
