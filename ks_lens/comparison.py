@@ -998,38 +998,33 @@ def summarise_activations(ev: ActivationEvaluation, config: ComparisonConfig) ->
 def _text_cells(
     te: TextEvaluation, lens: str, method: str, factor: float, k: int
 ) -> _CellScores | None:
+    """The ``k``-target cells of one method at one alpha factor under one text lens; for
+    ``"unsteered"``, each cell is scored on its question's unsteered answer."""
     labels = list(te.labels)
     key = "text_probs" if lens == "text" else "act_probs"
-    base_by_q = {a.question: getattr(a, key) for a in te.answers if a.method == "unsteered"}
+    unsteered = {a.question: a for a in te.answers if a.method == "unsteered"}
     if method == "unsteered":
-        sel = [
-            (c.question, c.targets, base_by_q[c.question], None)
-            for c in te.cells
-            if len(c.targets) == k
-        ]
-        rows = [(q, t, p, None) for q, t, p, _ in sel]
-        answers: list[Answer | None] = [None] * len(rows)
+        cells = [(unsteered[c.question], c.targets) for c in te.cells if len(c.targets) == k]
     else:
-        picked = [
-            a
+        cells = [
+            (a, a.targets)
             for a in te.answers
             if a.method == method and a.factor == factor and len(a.targets) == k
         ]
-        if not picked:
+        if not cells:
             return None
-        rows = [(a.question, a.targets, getattr(a, key), None) for a in picked]
-        answers = list(picked)
-    q = np.array([r[0] for r in rows], dtype=int)
-    tgt = np.array([[r[2][labels.index(x)] for x in r[1]] for r in rows], dtype=float)
-    base = np.array([[base_by_q[r[0]][labels.index(x)] for x in r[1]] for r in rows], dtype=float)
-    if method == "unsteered":
-        unst = {a.question: a for a in te.answers if a.method == "unsteered"}
-        kl = np.array([unst[r[0]].kl for r in rows])
-        deg = np.array([unst[r[0]].degenerate is not None for r in rows])
-    else:
-        kl = np.array([a.kl for a in answers if a is not None])
-        deg = np.array([a.degenerate is not None for a in answers if a is not None])
-    return _CellScores(q, tgt, base, kl, deg)
+
+    def probs(a: Answer, targets: tuple[str, ...]) -> list[float]:
+        p = getattr(a, key)
+        return [p[labels.index(t)] for t in targets]
+
+    return _CellScores(
+        np.array([a.question for a, _ in cells], dtype=int),
+        np.array([probs(a, t) for a, t in cells], dtype=float),
+        np.array([probs(unsteered[a.question], t) for a, t in cells], dtype=float),
+        np.array([a.kl for a, _ in cells], dtype=float),
+        np.array([a.degenerate is not None for a, _ in cells]),
+    )
 
 
 def summarise_text(te: TextEvaluation, config: ComparisonConfig) -> list[SummaryRow]:
