@@ -29,6 +29,7 @@ from ks_lens.comparison import (
     ActivationEvaluation,
     ComparisonConfig,
     ComparisonResult,
+    SteeringKit,
     method_label,
 )
 from ks_lens.generation import generate
@@ -243,7 +244,7 @@ def token_views(out: Path, setup: Any, res: ComparisonResult) -> Path:
     question = setup.questions("test", 1)[0]
     answers = {"unsteered": generate(setup.model, [question], max_new_tokens=40).texts[0]}
     for m in ("caa_mean", "ksteer", "ksteer_multistep"):
-        method = REGISTRY[m].build(setup.probe, setup.vectors)
+        method = REGISTRY[m].build(SteeringKit(setup.probe, setup.vectors))
         spec = SteeringSpec(combo, (), res.alphas[m][len(combo)])
         with method.steer(setup.model, spec.target, spec.avoid, spec.alpha):
             answers[f"{method_label(m)} (alpha {spec.alpha:.3g})"] = generate(

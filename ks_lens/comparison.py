@@ -34,7 +34,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -64,62 +64,110 @@ from ks_lens.stats import (
     mcnemar,
     paired_difference,
 )
-from ks_lens.steering import CAA, KSteering, Steerer, SteeringSpec, SteeringVectors
+from ks_lens.steering import CAA, KSteering, MultiLayer, Steerer, SteeringSpec, SteeringVectors
 from ks_lens.style import style_meters
+
+
+@dataclass(frozen=True)
+class SteeringKit:
+    """The trained artefacts methods are built from.
+
+    ``probe`` and ``vectors`` sit at the steering layer; ``layer_probes`` (probes of the same
+    source at several layers, by model layer) serve the multi-layer method.
+    """
+
+    probe: Probe
+    vectors: SteeringVectors
+    layer_probes: Mapping[int, Probe] = field(default_factory=dict)
+
+    def multilayer_probes(self) -> list[Probe]:
+        if len(self.layer_probes) < 2:
+            raise ConfigError(
+                "the multi-layer method needs probes at two or more layers (layer_probes; "
+                "PipelineConfig.multilayer_layers), got "
+                f"{sorted(self.layer_probes) or 'none'}"
+            )
+        return [self.layer_probes[L] for L in sorted(self.layer_probes)]
 
 
 @dataclass(frozen=True)
 class MethodDef:
     label: str  # short name for tables and plots
     description: str
-    build: Callable[[Probe, SteeringVectors], Steerer]
+    build: Callable[[SteeringKit], Steerer]
     alpha0: float  # starting point of the calibration search
 
+
+CLIP_FRACTION = 0.25  # ksteer_clip: per-token trust region, as a fraction of |x|
 
 METHODS: dict[str, MethodDef] = {
     "caa_mean": MethodDef(
         "CAA (mean)",
         "CAA, mean of per-label vectors (reference baseline)",
-        lambda p, v: CAA(v, combine="mean"),
+        lambda kit: CAA(kit.vectors, combine="mean"),
         1.0,
     ),
     "caa_sum": MethodDef(
         "CAA (sum)",
         "CAA, sum of per-label vectors, unit norm",
-        lambda p, v: CAA(v, combine="sum", normalize=True),
+        lambda kit: CAA(kit.vectors, combine="sum", normalize=True),
         20.0,
     ),
     "ksteer": MethodDef(
-        "K-Steering", "K-Steering, 1 gradient step", lambda p, v: KSteering(p, steps=1), 30.0
+        "K-Steering", "K-Steering, 1 gradient step", lambda kit: KSteering(kit.probe, steps=1), 30.0
     ),
     "ksteer_multistep": MethodDef(
         "K-Steering (3 steps)",
         "K-Steering, 3 steps with decay 0.95",
-        lambda p, v: KSteering(p, steps=3, decay=0.95),
+        lambda kit: KSteering(kit.probe, steps=3, decay=0.95),
         10.0,
     ),
     "ksteer_balanced": MethodDef(
         "K-Steer balanced",
         "K-Steering, per-label gradients balanced to equal norm",
-        lambda p, v: KSteering(p, combine="balanced"),
+        lambda kit: KSteering(kit.probe, combine="balanced"),
         30.0,
     ),
     "ksteer_pcgrad": MethodDef(
         "K-Steer PCGrad",
         "K-Steering, conflicting label gradients projected out (PCGrad)",
-        lambda p, v: KSteering(p, combine="pcgrad"),
+        lambda kit: KSteering(kit.probe, combine="pcgrad"),
         30.0,
     ),
     "ksteer_logsigmoid": MethodDef(
         "K-Steer log-sigmoid",
         "K-Steering, log-sigmoid objective (saturated targets stop pulling)",
-        lambda p, v: KSteering(p, objective="logsigmoid", steps=3, decay=0.95),
+        lambda kit: KSteering(kit.probe, objective="logsigmoid", steps=3, decay=0.95),
         30.0,
     ),
     "ksteer_softmin": MethodDef(
         "K-Steer soft-min",
         "K-Steering, soft-min objective (weakest target pulls hardest)",
-        lambda p, v: KSteering(p, objective="softmin", steps=3, decay=0.95),
+        lambda kit: KSteering(kit.probe, objective="softmin", steps=3, decay=0.95),
+        30.0,
+    ),
+    "ksteer_unit": MethodDef(
+        "K-Steer unit step",
+        "K-Steering, each token's step normalised to length alpha",
+        lambda kit: KSteering(kit.probe, step_norm="unit"),
+        4.0,
+    ),
+    "ksteer_relative": MethodDef(
+        "K-Steer relative step",
+        "K-Steering, each token's step normalised to alpha x |x|",
+        lambda kit: KSteering(kit.probe, step_norm="relative"),
+        0.1,
+    ),
+    "ksteer_clip": MethodDef(
+        "K-Steer clipped",
+        f"K-Steering, each token's step clipped to {CLIP_FRACTION:g} x |x| (trust region)",
+        lambda kit: KSteering(kit.probe, max_step=CLIP_FRACTION),
+        30.0,
+    ),
+    "ksteer_multilayer": MethodDef(
+        "K-Steer multi-layer",
+        "K-Steering at several layers (probes at each), alpha split equally",
+        lambda kit: MultiLayer([KSteering(p) for p in kit.multilayer_probes()]),
         30.0,
     ),
 }
@@ -127,8 +175,19 @@ REFERENCE_METHODS: tuple[str, ...] = ("caa_mean", "caa_sum", "ksteer", "ksteer_m
 
 
 def method_label(name: str) -> str:
-    """The short display name of a method (``"unsteered"`` and unknown names as they are)."""
-    return METHODS[name].label if name in METHODS else name
+    """The short display name of a method (``"unsteered"`` and unknown names as they are).
+
+    A variant name ``"method@variant"`` (see :func:`merge_results`) reads ``"Label [variant]"``.
+    """
+    base, _, variant = name.partition("@")
+    label = METHODS[base].label if base in METHODS else base
+    return f"{label} [{variant}]" if variant else label
+
+
+def method_description(name: str) -> str:
+    base, _, variant = name.partition("@")
+    text = METHODS[base].description if base in METHODS else base
+    return f"{text} [{variant}]" if variant else text
 
 
 def label_combinations(
@@ -189,7 +248,7 @@ class ComparisonConfig:
     def validate(self, labels: Sequence[str] | None = None) -> ComparisonConfig:
         """Check every setting (before any compute); returns ``self``."""
         for m in self.methods:
-            if m not in METHODS:
+            if m.partition("@")[0] not in METHODS:
                 raise ConfigError(f"unknown method {m!r}; known: {sorted(METHODS)}")
         if not self.methods:
             raise ConfigError("no methods to compare")
@@ -334,10 +393,9 @@ def plan_comparison(
 # ----------------------------------------------------------------------------- 2. calibrate
 
 
-def build_methods(
-    config: ComparisonConfig, probe: Probe, vectors: SteeringVectors
-) -> dict[str, Steerer]:
-    return {m: METHODS[m].build(probe, vectors) for m in config.methods}
+def build_methods(config: ComparisonConfig, kit: SteeringKit) -> dict[str, Steerer]:
+    """Every method of ``config.methods``, built from ``kit``."""
+    return {m: METHODS[m].build(kit) for m in config.methods}
 
 
 def _cell_rows(
@@ -684,7 +742,7 @@ class ComparisonResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "labels": list(self.plan.labels),
-            "methods": {m: METHODS[m].description for m in self.config.methods},
+            "methods": {m: method_description(m) for m in self.config.methods},
             "method_labels": {m: method_label(m) for m in ("unsteered", *self.config.methods)},
             "comparison_config": self.config.to_json(),
             "plan": self.plan.to_json(),
@@ -1203,6 +1261,101 @@ def trade_off(
     return curves, equal
 
 
+# ----------------------------------------------------------------------------- merging runs
+
+
+def merge_results(
+    runs: Mapping[str, ComparisonResult], *, baseline: str, config: ComparisonConfig | None = None
+) -> ComparisonResult:
+    """Several comparisons of the same plan and questions as one result, each run's methods
+    renamed ``"{method}@{run name}"`` (e.g. the same method with probes from two sources, or at
+    other positions), so that every method is compared with ``baseline`` (a renamed method,
+    e.g. ``"caa_mean@prompt"``) on paired questions.
+
+    The runs must share the plan, the questions and the unsteered answers (the unsteered model
+    is deterministic, so equal settings give equal answers; checked). Summaries, curves and the
+    equal-KL rows are recomputed for the merged result under ``config`` (default: the first
+    run's settings with the merged methods and ``baseline``).
+    """
+    if not runs:
+        raise ConfigError("nothing to merge")
+    names = list(runs)
+    first = runs[names[0]]
+    for n in names[1:]:
+        r = runs[n]
+        if r.plan.to_json() != first.plan.to_json():
+            raise ConfigError(f"run {n!r} has another plan than run {names[0]!r}")
+        for what in ("activation", "text"):
+            a, b = getattr(first, what), getattr(r, what)
+            if (a is None) != (b is None):
+                raise ConfigError(f"run {n!r} and run {names[0]!r} differ in their {what} stage")
+    methods = [f"{m}@{n}" for n in names for m in runs[n].config.methods]
+    if baseline not in methods:
+        raise ConfigError(f"the baseline {baseline!r} is not among the merged methods {methods}")
+    cfg = replace(config or first.config, methods=tuple(methods), baseline=baseline)
+    calibration = {f"{m}@{n}": c for n in names for m, c in runs[n].calibration.items()}
+    act = None
+    if first.activation is not None:
+        base = first.activation.base
+        probs: dict[str, list[np.ndarray]] = {}
+        alphas: dict[str, dict[int, float]] = {}
+        for n in names:
+            a = runs[n].activation
+            assert a is not None
+            if a.combos != first.activation.combos or not np.allclose(a.base, base, atol=1e-6):
+                raise ConfigError(f"run {n!r} evaluated other activations than {names[0]!r}")
+            probs.update({f"{m}@{n}": p for m, p in a.probs.items()})
+            alphas.update({f"{m}@{n}": v for m, v in a.alphas.items()})
+        act = ActivationEvaluation(
+            first.activation.labels, first.activation.combos, alphas, base, probs
+        )
+    text = None
+    if first.text is not None:
+        unsteered = [a for a in first.text.answers if a.method == "unsteered"]
+        answers = list(unsteered)
+        t_alphas: dict[str, dict[int, float]] = {}
+        for n in names:
+            t = runs[n].text
+            assert t is not None
+            if t.questions != first.text.questions or t.factors != first.text.factors:
+                raise ConfigError(f"run {n!r} answered other questions or alphas than {names[0]!r}")
+            own = [a for a in t.answers if a.method == "unsteered"]
+            if [a.text for a in own] != [a.text for a in unsteered]:
+                raise ConfigError(
+                    f"run {n!r} has other unsteered answers than run {names[0]!r}; runs to merge "
+                    "need the same model and generation settings"
+                )
+            answers += [
+                replace(a, method=f"{a.method}@{n}") for a in t.answers if a.method != "unsteered"
+            ]
+            t_alphas.update({f"{m}@{n}": v for m, v in t.alphas.items()})
+        text = replace(first.text, alphas=t_alphas, answers=answers)
+    summaries = summarise_activations(act, cfg) if act is not None else []
+    curves: list[CurvePoint] = []
+    equal: list[EqualKL] = []
+    if text is not None:
+        summaries += summarise_text(text, cfg)
+        curves, equal = trade_off(text, cfg)
+    timings: dict[str, float] = {}
+    for n in names:
+        for k, v in runs[n].timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    return ComparisonResult(
+        cfg,
+        first.plan,
+        calibration,
+        act,
+        text,
+        summaries,
+        curves,
+        equal,
+        first.n_calib_questions,
+        first.n_test_questions,
+        first.n_text_questions,
+        timings,
+    )
+
+
 # ----------------------------------------------------------------------------- all stages
 
 
@@ -1213,6 +1366,7 @@ def run_comparison(
     vectors: SteeringVectors,
     evaluator: Probe,
     text_evaluator: TextScorer | None,
+    layer_probes: Mapping[int, Probe] | None = None,
     response_evaluator: Probe | None = None,
     calib_questions: Sequence[str],
     test_questions: Sequence[str],
@@ -1244,7 +1398,13 @@ def run_comparison(
     if not calib_questions or not test_questions:
         raise ConfigError("need calibration and test questions")
     plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
-    methods = build_methods(config, probe, vectors)
+    kit = SteeringKit(probe, vectors, dict(layer_probes or {}))
+    if kit.layer_probes and max(kit.layer_probes) > evaluator.layer:
+        raise ConfigError(
+            f"the evaluator (layer {evaluator.layer}) must read at or after every steering layer "
+            f"({sorted(kit.layer_probes)})"
+        )
+    methods = build_methods(config, kit)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -1309,6 +1469,7 @@ __all__ = [
     "CurvePoint",
     "EqualKL",
     "MethodDef",
+    "SteeringKit",
     "SummaryRow",
     "TextEvaluation",
     "TextScorer",
@@ -1317,6 +1478,8 @@ __all__ = [
     "evaluate_activations",
     "evaluate_text",
     "label_combinations",
+    "merge_results",
+    "method_description",
     "method_label",
     "plan_comparison",
     "rotate_cells",

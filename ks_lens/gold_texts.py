@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ks_lens.errors import DatasetError
+from ks_lens.errors import ConfigError, DatasetError
 from ks_lens.io import iter_jsonl
 
 GOLD_FILE = "gold_tones.jsonl"
@@ -208,6 +209,44 @@ def load_gold_texts() -> tuple[LabelledText, ...]:
     ref = resources.files("ks_lens.data").joinpath(GOLD_FILE)
     with resources.as_file(ref) as p:
         return load_labelled_texts(p, labels)
+
+
+def split_by_question(
+    texts: Sequence[LabelledText], fraction: float = 0.5, seed: int = 0
+) -> tuple[tuple[LabelledText, ...], tuple[LabelledText, ...]]:
+    """Two disjoint parts of ``texts``, whole questions at a time: ``(first, rest)``.
+
+    About ``fraction`` of the questions (``question_id``; a text without one is its own question)
+    go to ``first``, stratified by category (the question id up to its last ``-``, e.g.
+    ``career`` in ``career-003``), chosen by a seeded shuffle of the sorted ids, so the split
+    depends only on the ids, the fraction and the seed. ks-lens trains text-grounded steering
+    probes on one part and the evaluators that judge them on the other.
+    """
+    if not 0 < fraction < 1:
+        raise ConfigError(f"fraction must be strictly between 0 and 1, got {fraction}")
+    qid = [t.question_id or t.id for t in texts]
+    by_cat: dict[str, list[str]] = {}
+    for q in sorted(set(qid)):
+        by_cat.setdefault(q.rsplit("-", 1)[0], []).append(q)
+    if len(by_cat) and sum(len(v) for v in by_cat.values()) < 2:
+        raise ConfigError("need texts on at least two questions to split them by question")
+    rng = random.Random(seed)
+    first: set[str] = set()
+    carry = 0.0  # keeps the overall share close to fraction when categories are small
+    for cat in sorted(by_cat):
+        ids = by_cat[cat]
+        rng.shuffle(ids)
+        exact = fraction * len(ids) + carry
+        n = round(exact)
+        carry = exact - n
+        first.update(ids[:n])
+    a = tuple(t for t, q in zip(texts, qid, strict=True) if q in first)
+    b = tuple(t for t, q in zip(texts, qid, strict=True) if q not in first)
+    if not a or not b:
+        raise ConfigError(
+            f"splitting {len(set(qid))} questions at fraction {fraction} leaves one part empty"
+        )
+    return a, b
 
 
 def texts_hash(texts: Iterable[LabelledText]) -> str:

@@ -9,13 +9,19 @@ share it, so a second study pointed at the same ``work_dir`` reuses the first on
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ks_lens.activations import ActivationStore, collect_to_store
-from ks_lens.comparison import ComparisonConfig, ComparisonResult, run_comparison, spread
+from ks_lens.activations import Activations, ActivationStore, collect_to_store
+from ks_lens.comparison import (
+    ComparisonConfig,
+    ComparisonResult,
+    SteeringKit,
+    run_comparison,
+    spread,
+)
 from ks_lens.datasets import (
     Behaviour,
     BehaviourDataset,
@@ -26,11 +32,25 @@ from ks_lens.datasets import (
     make_splits,
 )
 from ks_lens.errors import ConfigError
-from ks_lens.gold_texts import LabelledText, load_gold_texts, load_labelled_texts
+from ks_lens.gold_texts import (
+    LabelledText,
+    load_gold_texts,
+    load_labelled_texts,
+    split_by_question,
+)
 from ks_lens.models import load_model
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes
 from ks_lens.steering import SteeringVectors
 from ks_lens.text_evaluator import TextEvaluator, default_text_evaluator
+
+PROBE_SOURCES: tuple[str, ...] = ("prompt", "text")
+"""Where the steering probe and CAA vectors learn the behaviours from:
+
+``prompt``  the last prompt token of behaviour instruction + question (``train`` split; the
+            reference code's choice: the probe may learn "which instruction is present");
+``text``    gold tone texts re-encoded without any instruction (response-only), on the gold
+            questions set aside for steering (the evaluators use the other gold questions).
+"""
 
 
 @dataclass
@@ -53,6 +73,10 @@ class PipelineConfig:
     n_calib: int = 12  # calibration questions
     n_eval: int = 32  # test questions, activation level
     n_gen: int = 16  # test questions, generated text (x 3 cells x methods x 4 alphas)
+    probe_source: str = "prompt"  # what the steering probe/vectors learn from: see PROBE_SOURCES
+    text_position: str = "last"  # text source: last answer token or "mean_response"
+    gold_steer_fraction: float = 0.5  # share of gold questions for text-grounded steering
+    multilayer_offsets: tuple[int, ...] = (-6, -3, 0)  # multi-layer method: layers around `layer`
     batch_size: int = 16
     seed: int = 0
     device: str | None = None
@@ -89,6 +113,21 @@ class PipelineConfig:
         for name in ("n_train", "n_evaluator", "n_calib", "n_eval", "n_gen", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.probe_source not in PROBE_SOURCES:
+            raise ConfigError(
+                f"unknown probe_source {self.probe_source!r}; use one of {PROBE_SOURCES}"
+            )
+        if self.text_position not in ("last", "mean_response"):
+            raise ConfigError(
+                f"text_position must be 'last' or 'mean_response', got {self.text_position!r}"
+            )
+        if not 0 < self.gold_steer_fraction < 1:
+            raise ConfigError("gold_steer_fraction must be strictly between 0 and 1")
+        if len(set(self.multilayer_offsets)) < 2 or max(self.multilayer_offsets) > 0:
+            raise ConfigError(
+                "multilayer_offsets must name at least two distinct layers at or before the "
+                f"steering layer (offsets <= 0), got {self.multilayer_offsets}"
+            )
         if self.evaluator_combos_per_question < 0:
             raise ConfigError("evaluator_combos_per_question must be >= 0")
         for name in ("layer", "eval_layer"):
@@ -116,6 +155,34 @@ def default_layers(
             f"the evaluator layer must be between the steering layer {ls} and {n_layers - 1}"
         )
     return ls, le
+
+
+def _steering_kit(
+    acts: Activations,
+    layer: int,
+    ml_layers: Sequence[int],
+    cfg: PipelineConfig,
+    *,
+    groups: Mapping[str, str] | None = None,
+) -> SteeringKit:
+    """Steering probe and CAA vectors at ``layer`` (and probes at ``ml_layers``) from ``acts``.
+
+    The probe learns every row (multi-label for combined ones); the CAA vectors are mean
+    differences over the single-label rows only. ``groups`` maps row ids to questions, so that
+    validation holds out whole questions.
+    """
+    if len(acts) == 0:
+        raise ConfigError("no activations to train the steering probe and vectors on")
+    pcfg = ProbeConfig(seed=cfg.seed)
+    g = None if groups is None else [groups[i] for i in acts.question_ids]
+    base = acts.base_labels
+    single = [i for i, lab in enumerate(acts.labels.tolist()) if 0 <= lab < len(base)]
+    singles = replace(acts.select(single), label_names=base)
+    vectors = SteeringVectors.fit(singles, layer)
+    probes = train_probes(
+        acts, layers=sorted({layer, *ml_layers}), config=pcfg, groups=g, progress=False
+    )
+    return SteeringKit(probes[layer], vectors, {L: probes[L] for L in ml_layers})
 
 
 def texts_dataset(texts: Sequence[LabelledText], labels: Sequence[str]) -> BehaviourDataset:
@@ -152,15 +219,29 @@ class Setup:
     train_store: ActivationStore
     evaluator_store: ActivationStore
     response_store: ActivationStore
-    probe: Probe
-    vectors: SteeringVectors
+    kits: dict[str, SteeringKit]  # steering probe + vectors (+ layer probes) per probe source
     evaluator: Probe
     response_evaluator: Probe
     response_probes: dict[int, Probe]
     text_evaluator: TextEvaluator
     gold_texts: tuple[LabelledText, ...]
+    gold_steer: tuple[LabelledText, ...]  # gold texts text-grounded probes learn from
+    gold_judge: tuple[LabelledText, ...]  # gold texts the evaluators learn from (other questions)
     external_questions: list[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kit(self) -> SteeringKit:
+        """The steering artefacts of the configured ``probe_source``."""
+        return self.kits[self.config.probe_source]
+
+    @property
+    def probe(self) -> Probe:
+        return self.kit.probe
+
+    @property
+    def vectors(self) -> SteeringVectors:
+        return self.kit.vectors
 
     def part(self, split: str, n: int | None) -> BehaviourDataset:
         return self.dataset.subset(self.splits.ids(split)).head(n)
@@ -181,21 +262,36 @@ class Setup:
         progress: bool = True,
         log: Any = print,
         text: bool = True,
+        source: str | None = None,
+        calib_questions: Sequence[str] | None = None,
+        test_questions: Sequence[str] | None = None,
     ) -> ComparisonResult:
-        """:func:`~ks_lens.comparison.run_comparison` with this setup's probe, vectors and
-        evaluators, calibrated on the calibration split and evaluated on :meth:`eval_questions`
-        (activation level on ``n_eval`` of them, text on the first ``n_gen``)."""
+        """:func:`~ks_lens.comparison.run_comparison` with this setup's steering kit (of
+        ``source``, default the configured ``probe_source``) and evaluators, calibrated on the
+        calibration split and evaluated on :meth:`eval_questions` (activation level on
+        ``n_eval`` of them, text on the first ``n_gen``). ``calib_questions`` /
+        ``test_questions`` replace those question lists (e.g. validation questions in a study
+        that makes choices)."""
         cfg = self.config
+        kit = self.kits[source or cfg.probe_source]
         n_test = max(cfg.n_eval, cfg.n_gen)
-        test = self.eval_questions(n_test)[0]
+        test = (
+            list(test_questions) if test_questions is not None else self.eval_questions(n_test)[0]
+        )
+        calib = (
+            list(calib_questions)
+            if calib_questions is not None
+            else self.questions("calibration", cfg.n_calib)
+        )
         return run_comparison(
             self.model,
-            probe=self.probe,
-            vectors=self.vectors,
+            probe=kit.probe,
+            vectors=kit.vectors,
+            layer_probes=kit.layer_probes,
             evaluator=self.evaluator,
             text_evaluator=self.text_evaluator if text else None,
             response_evaluator=self.response_evaluator if text else None,
-            calib_questions=self.questions("calibration", cfg.n_calib),
+            calib_questions=calib,
             test_questions=test[: cfg.n_eval],
             text_questions=test[: cfg.n_gen],
             config=config or cfg.comparison,
@@ -261,6 +357,7 @@ def prepare(
         split="evaluator",
         **kw,
     )
+    gold_steer, gold_judge = split_by_question(gold, cfg.gold_steer_fraction, cfg.seed)
     gold_enc = tuple(spread(list(gold), cfg.n_gold))
     gold_ds = texts_dataset(gold_enc, ds.labels)
     st_resp = collect_to_store(
@@ -271,21 +368,44 @@ def prepare(
         split="gold",
         **kw,
     )
+    steer_ids = {t.id for t in gold_steer}
+    judge_ids = [t.id for t in gold_enc if t.id not in steer_ids]
+    st_text = st_resp
+    if cfg.text_position != "last":
+        steer_enc = tuple(t for t in gold_enc if t.id in steer_ids)
+        st_text = collect_to_store(
+            model,
+            texts_dataset(steer_enc, ds.labels),
+            work / "acts" / f"gold-steer-{cfg.text_position}-{len(steer_enc)}t",
+            mode="response-only",
+            position=cfg.text_position,
+            split="gold-steer",
+            **kw,
+        )
     timings["collect_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    acts = st_train.load(layers=[ls])
-    probe = train_probe(acts, ls, config=ProbeConfig(seed=cfg.seed))
-    probe.save(work / "probes" / "steering")
-    vectors = SteeringVectors.fit(acts, ls)
-    vectors.save(work / "vectors")
+    ml_layers = sorted({ls + o for o in cfg.multilayer_offsets if ls + o >= 0})
+    question_of = {t.id: t.question_id or t.id for t in gold}
+    kits = {
+        "prompt": _steering_kit(st_train.load(layers=sorted({ls, *ml_layers})), ls, ml_layers, cfg),
+        "text": _steering_kit(
+            st_text.load(layers=sorted({ls, *ml_layers})).for_questions(sorted(steer_ids)),
+            ls,
+            ml_layers,
+            cfg,
+            groups=question_of,
+        ),
+    }
+    for source, kit in kits.items():
+        kit.probe.save(work / "probes" / f"steering-{source}")
+        kit.vectors.save(work / "vectors" / source)
     evaluator = train_probe(
         st_eval.load(layers=[le]), le, config=ProbeConfig(hidden=256, seed=cfg.seed + 1)
     )
     evaluator.save(work / "probes" / "evaluator")
     resp_layers = list(range(ls, n_layers))  # read the text at or after the steering layer
-    resp_acts = st_resp.load(layers=resp_layers)
-    question_of = {t.id: t.question_id or t.id for t in gold}
+    resp_acts = st_resp.load(layers=resp_layers).for_questions(judge_ids)
     resp_probes = train_probes(
         resp_acts,
         config=ProbeConfig(hidden=256, seed=cfg.seed + 1),
@@ -300,14 +420,21 @@ def prepare(
     response_evaluator.save(work / "probes" / "response-evaluator")
     timings["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    text_evaluator = TextEvaluator.fit(gold, ds.labels) if cfg.texts else default_text_evaluator()
+    text_evaluator = (
+        TextEvaluator.fit(gold_judge, ds.labels)
+        if cfg.texts
+        else default_text_evaluator(texts=gold_judge)
+    )
     timings["text_evaluator_s"] = time.perf_counter() - t0
+    probe = kits[cfg.probe_source].probe
     log(
-        f"  steering probe val acc {probe.metrics['val_accuracy']:.3f}; evaluator (layer {le}) "
+        f"  steering probe ({cfg.probe_source}) val acc {probe.metrics['val_accuracy']:.3f}; "
+        f"evaluator (layer {le}) "
         f"{evaluator.metrics['val_accuracy']:.3f} single / "
         f"{evaluator.metrics.get('val_multi_topk_rate', float('nan')):.3f} two-tone top-2; "
         f"response evaluator (layer {best}) {response_evaluator.metrics['val_accuracy']:.3f} "
-        f"(chance {1 / len(ds.labels):.3f})"
+        f"(chance {1 / len(ds.labels):.3f}); gold texts {len(gold_steer)} steering / "
+        f"{len(gold_judge)} evaluators"
     )
     return Setup(
         cfg,
@@ -319,13 +446,14 @@ def prepare(
         st_train,
         st_eval,
         st_resp,
-        probe,
-        vectors,
+        kits,
         evaluator,
         response_evaluator,
         resp_probes,
         text_evaluator,
         gold,
+        gold_steer,
+        gold_judge,
         external,
         timings,
     )

@@ -895,8 +895,12 @@ def validate_text_evaluator(
 def default_text_evaluator(
     cache_dir: str | Path | None = None,
     config: TextEvaluatorConfig | None = None,
+    texts: Sequence[LabelledText] | None = None,
 ) -> TextEvaluator:
     """The evaluator trained on the shipped gold tone texts (with validity), cached on disk.
+
+    ``texts`` trains it on a subset of the gold texts instead (e.g. the evaluator half of
+    :func:`ks_lens.gold_texts.split_by_question`); the cache key is the texts' hash.
 
     The cache folder is ``{cache_dir}/gold-{hash}-cfg-{hash}-sklearn-{version}`` (default
     ``cache_dir``: ``$KS_LENS_CACHE/text_evaluators``, see :func:`ks_lens.default_model.cache_root`),
@@ -913,7 +917,7 @@ def default_text_evaluator(
     from ks_lens.default_model import cache_root
 
     cfg = config or TextEvaluatorConfig()
-    gold = load_gold_texts()
+    gold = tuple(texts) if texts is not None else load_gold_texts()
     labels = load_dataset("tones").labels
     gold_hash = texts_hash(gold)
     root = Path(cache_dir) if cache_dir is not None else cache_root() / CACHE_SUBDIR

@@ -7,6 +7,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -271,3 +272,80 @@ def test_normalised_gain_and_common_level():
     # below c's curve: inside c's first segment
     assert _common_level(ranges, ["b", "c"], 0.2) == pytest.approx(math.sqrt(0.45))
     assert math.isnan(_common_level(ranges, ["a", "c"], 0.2))  # no overlap
+
+
+def test_merge_results_pairs_runs_and_multilayer_method(tiny_model, tiny_acts, tiny_probe):
+    from ks_lens.comparison import merge_results, method_label
+
+    vec = SteeringVectors.fit(tiny_acts, 2)
+    evaluator = train_probe(tiny_acts, 3, config=ProbeConfig(hidden=16, epochs=3, seed=1))
+    layer1 = train_probe(tiny_acts, 1, config=ProbeConfig(hidden=16, epochs=3, seed=2))
+    base = ComparisonConfig(
+        methods=("caa_mean", "ksteer"),
+        kl_budget=0.05,
+        act_combos_per_size=1,
+        sizes=(1, 2),
+        max_new_tokens=3,
+        calib_tokens=3,
+        calib_bisect_steps=1,
+        n_resamples=50,
+    )
+
+    def run(**kw):
+        return run_comparison(
+            tiny_model,
+            probe=tiny_probe,
+            vectors=vec,
+            evaluator=evaluator,
+            text_evaluator=_FakeTextEvaluator(),
+            layer_probes={1: layer1, 2: tiny_probe},
+            calib_questions=["hi?", "yo?"],
+            test_questions=["a?", "b?"],
+            config=replace(base, **kw),
+            progress=False,
+            log=lambda s: None,
+        )
+
+    a = run()
+    b = run(methods=("caa_mean", "ksteer_multilayer"), positions="generated")
+    merged = merge_results({"all": a, "gen": b}, baseline="caa_mean@all")
+    assert merged.config.methods == (
+        "caa_mean@all",
+        "ksteer@all",
+        "caa_mean@gen",
+        "ksteer_multilayer@gen",
+    )
+    assert method_label("ksteer_multilayer@gen") == "K-Steer multi-layer [gen]"
+    te = merged.text
+    assert te is not None
+    n_un = sum(x.method == "unsteered" for x in te.answers)
+    assert n_un == 2 and len(te.answers) == n_un + sum(
+        len([x for x in r.text.answers if x.method != "unsteered"]) for r in (a, b)
+    )
+    # per-method summaries at the calibrated alpha are those of the separate runs
+    own = {(r.lens, r.method, r.k): r.target_prob.estimate for r in a.summaries}
+    for r in merged.summaries:
+        if r.method == "ksteer@all":
+            assert r.target_prob.estimate == pytest.approx(own[(r.lens, "ksteer", r.k)])
+    assert any(
+        r.diff_vs_baseline is not None for r in merged.summaries if r.method.endswith("@gen")
+    )
+    doc = json.loads(json.dumps(merged.to_json()))
+    assert ComparisonResult.from_json(doc).config.methods == merged.config.methods
+    with pytest.raises(ValueError, match="baseline"):
+        merge_results({"all": a}, baseline="caa_mean")
+    c = run(sizes=(1,))
+    with pytest.raises(ValueError, match="another plan"):
+        merge_results({"all": a, "c": c}, baseline="caa_mean@all")
+    with pytest.raises(ValueError, match="two or more layers"):
+        run_comparison(
+            tiny_model,
+            probe=tiny_probe,
+            vectors=vec,
+            evaluator=evaluator,
+            text_evaluator=None,
+            calib_questions=["x?"],
+            test_questions=["y?"],
+            config=replace(base, methods=("caa_mean", "ksteer_multilayer")),
+            progress=False,
+        )

@@ -16,11 +16,13 @@ from ks_lens.steering.caa import CAA, SteeringVectors
 from ks_lens.steering.ksteer import (
     KProjection,
     KSteering,
+    clip_step,
     combine_gradients,
     label_coefficients,
     objective_value,
     probe_gradients,
 )
+from ks_lens.steering.multilayer import MultiLayer
 from ks_lens.steering.positions import POSITIONS, PositionTracker
 
 __all__ = [
@@ -28,10 +30,12 @@ __all__ = [
     "POSITIONS",
     "KProjection",
     "KSteering",
+    "MultiLayer",
     "PositionTracker",
     "Steerer",
     "SteeringSpec",
     "SteeringVectors",
+    "clip_step",
     "combine_gradients",
     "grouped_steering_hook",
     "label_coefficients",

@@ -193,11 +193,11 @@ def steer_groups(
             continue
         method, spec = item
         method.check_model(model)
-        check_steerable(model, method.hook_name)
-        key = canonical_hook_name(method.hook_name, model)  # aliases share one hook
-        by_hook.setdefault(key, [None] * len(groups))[g] = method.transform(
-            SteeringSpec.make(spec.target, spec.avoid, spec.alpha, method.label_names)
-        )
+        checked = SteeringSpec.make(spec.target, spec.avoid, spec.alpha, method.label_names)
+        for name, f in method.transforms(checked):
+            check_steerable(model, name)
+            key = canonical_hook_name(name, model)  # aliases share one hook
+            by_hook.setdefault(key, [None] * len(groups))[g] = f
     tracker = PositionTracker()
     fwd = [
         (name, grouped_steering_hook(ts, rg, positions, tracker)) for name, ts in by_hook.items()
@@ -233,6 +233,14 @@ class Steerer(ABC):
     @abstractmethod
     def transform(self, spec: SteeringSpec) -> Transform:
         """The function ``x -> x'`` applied to each steered token's activation."""
+
+    def transforms(self, spec: SteeringSpec) -> list[tuple[str, Transform]]:
+        """``[(hook_name, transform)]``: where and how the method steers for ``spec``.
+
+        One pair (the method's own hook point) for single-hook methods; multi-layer methods
+        (:class:`~ks_lens.steering.multilayer.MultiLayer`) return one pair per hook point.
+        """
+        return [(self.hook_name, self.transform(spec))]
 
     def check_model(self, model: Any) -> None:  # noqa: B027 - optional override
         """Raise if the method's artefacts were made for another model."""
@@ -324,9 +332,16 @@ class Steerer(ABC):
             )
         self.check_model(model)
         self._check_width(int(model.cfg.d_model), "model (its cfg.d_model)")
-        names = self._hook_names(model, hook_names, allow_other_hooks)
-        f = self.transform(self.spec(target, avoid, alpha))
-        return [(name, steering_hook(f, positions, tracker)) for name in names]
+        spec = self.spec(target, avoid, alpha)
+        if hook_names is None:
+            pairs = self.transforms(spec)
+            for name, _ in pairs:
+                check_steerable(model, name)
+        else:
+            names = self._hook_names(model, hook_names, allow_other_hooks)
+            f = self.transform(spec)
+            pairs = [(name, f) for name in names]
+        return [(name, steering_hook(f, positions, tracker)) for name, f in pairs]
 
     @contextmanager
     def steer(

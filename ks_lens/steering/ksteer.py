@@ -18,6 +18,10 @@ Options (all documented in ``docs/steering.md``):
 ``step_norm``
     ``None`` (raw gradient; alpha is in logit-per-activation units), ``"unit"`` (each step has
     L2 norm ``alpha``) or ``"relative"`` (each step has norm ``alpha * |x|``).
+``max_step``
+    a per-token trust region: each token's total change (all steps together) is scaled down, if
+    needed, to at most ``max_step * |x|``. Tokens whose probe gradient is unusually large no
+    longer get a far larger step than the others at the same alpha.
 ``objective``
     ``"logits"`` (the reference), ``"logsigmoid"`` (maximise ``log p`` of targets and
     ``log(1 - p)`` of avoids: saturated labels stop pulling), ``"softmin"`` (maximise a smooth
@@ -186,6 +190,15 @@ def normalise_step(
     raise ConfigError(f"unknown step_norm {how!r}; use one of {STEP_NORMS}")
 
 
+def clip_step(
+    delta: Float[torch.Tensor, "n d"], x: Float[torch.Tensor, "n d"], max_step: float
+) -> Float[torch.Tensor, "n d"]:
+    """``delta`` scaled down per row, where needed, to norm at most ``max_step * |x|``."""
+    cap = max_step * x.norm(dim=-1, keepdim=True)
+    norm = delta.norm(dim=-1, keepdim=True)
+    return delta * (cap / norm.clamp(min=_EPS)).clamp(max=1.0)
+
+
 class _ProbeSteerer(Steerer):
     """A steering method driven by a probe: steers at the probe's hook point, knows its labels."""
 
@@ -223,6 +236,8 @@ class KSteering(_ProbeSteerer):
             ``"relative"`` (steps of length ``alpha * |x|``).
         objective: ``"logits"``, ``"logsigmoid"`` or ``"softmin"`` (with ``temperature``).
         combine: ``"sum"``, ``"balanced"`` or ``"pcgrad"`` for several labels.
+        max_step: if set, clip each token's total change to ``max_step * |x|`` (per-token trust
+            region, applied after all steps); ``None`` leaves steps unbounded.
 
     Example::
 
@@ -241,6 +256,7 @@ class KSteering(_ProbeSteerer):
         objective: str = "logits",
         combine: str = "sum",
         temperature: float = 1.0,
+        max_step: float | None = None,
     ):
         super().__init__(probe)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -260,8 +276,18 @@ class KSteering(_ProbeSteerer):
             or temperature <= 0
         ):
             raise ConfigError(f"temperature must be a positive finite number, got {temperature!r}")
+        if max_step is not None and (
+            isinstance(max_step, bool)
+            or not isinstance(max_step, (int, float))
+            or not math.isfinite(max_step)
+            or max_step <= 0
+        ):
+            raise ConfigError(
+                f"max_step must be a positive finite fraction of |x| (or None), got {max_step!r}"
+            )
         self.steps = steps
         self.decay = float(decay)
+        self.max_step = None if max_step is None else float(max_step)
         self.step_norm = step_norm
         self.objective = objective
         self.combine = combine
@@ -270,7 +296,8 @@ class KSteering(_ProbeSteerer):
     def __repr__(self) -> str:
         return (
             f"KSteering(hook={self.hook_name!r}, steps={self.steps}, decay={self.decay}, "
-            f"step_norm={self.step_norm!r}, objective={self.objective!r}, combine={self.combine!r})"
+            f"step_norm={self.step_norm!r}, objective={self.objective!r}, combine={self.combine!r}, "
+            f"max_step={self.max_step!r})"
         )
 
     def direction(
@@ -305,6 +332,9 @@ class KSteering(_ProbeSteerer):
             cur = xs[-1]
             step = normalise_step(self.direction(cur, spec), cur, self.step_norm)
             xs.append(cur - spec.alpha * self.decay**k * step)
+        if self.max_step is not None:  # the trust region bounds the total change
+            x0 = xs[0]
+            xs = [x0 + clip_step(xi - x0, x0, self.max_step) for xi in xs]
         return xs
 
     def transform(self, spec: SteeringSpec) -> Transform:
@@ -316,8 +346,10 @@ class KSteering(_ProbeSteerer):
             for k in range(self.steps):
                 step = normalise_step(self.direction(cur, spec), cur, self.step_norm)
                 cur = cur - spec.alpha * self.decay**k * step
-            delta = (cur - xf).to(device=x.device, dtype=x.dtype)
-            return x + delta
+            delta = cur - xf
+            if self.max_step is not None:
+                delta = clip_step(delta, xf, self.max_step)
+            return x + delta.to(device=x.device, dtype=x.dtype)
 
         return f
 

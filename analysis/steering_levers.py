@@ -1,0 +1,347 @@
+"""Which steering choices move the text: probe source, step bound, multi-layer, positions,
+vanishing remedies, and a target + avoid comparison, each chosen on VALIDATION questions.
+
+Every lever is a comparison (``ks_lens.comparison``) on the same validation questions: alphas
+calibrated on the calibration questions to the same KL budget, answers at four alphas per
+method, target probability under the text evaluator read at equal measured KL, paired bootstrap
+differences. The levers are decided in order, each with the winners of the ones before:
+
+1. **source**: steering probe and CAA vectors from instruction prompts or from gold texts
+   re-encoded without instruction (``PipelineConfig.probe_source``);
+2. **step**: raw, unit, relative or clipped (trust-region) steps, and multi-layer steering;
+3. **positions**: all tokens, generated tokens only, prompt tokens only;
+4. **remedies**: multi-step, log-sigmoid, soft-min, balanced, PCGrad (3-target vanishing);
+5. **avoid**: toward one or two tones and away from ``expert``.
+
+The winner of a lever is the K-Steering variant with the highest mean (over 1, 2 and 3
+targets) text target probability at equal KL among those with at most 2 % degenerate answers.
+The validation questions are calibration-split questions not used to calibrate alphas; the test
+split is never read. Each run is saved as it finishes (``runs/*.json``) and reused by a rerun.
+
+    python analysis/steering_levers.py [--fast] [--out DIR] [--work DIR] [--levers source,step,...]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from common import parser, save_figure, start, write_json
+
+from ks_lens.comparison import (
+    ComparisonConfig,
+    ComparisonResult,
+    EqualKL,
+    merge_results,
+    method_label,
+)
+from ks_lens.io import atomic_write_json
+from ks_lens.pipeline import Setup
+
+LEVERS = ("source", "step", "positions", "remedies", "avoid")
+STEP_VARIANTS = ("ksteer_unit", "ksteer_relative", "ksteer_clip", "ksteer_multilayer")
+REMEDIES = (
+    "ksteer_multistep",
+    "ksteer_logsigmoid",
+    "ksteer_softmin",
+    "ksteer_balanced",
+    "ksteer_pcgrad",
+)
+MAX_DEGENERATE = 0.02
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The decision of one lever: the candidates' scores on validation questions and the winner."""
+
+    lever: str
+    winner: str  # the merged method name (``method@run``)
+    scores: dict[str, float]  # mean over sizes of the equal-KL text target probability
+    degenerate: dict[str, float]  # worst degenerate rate at equal KL over sizes
+    rule: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def study_config(base: ComparisonConfig) -> ComparisonConfig:
+    return replace(base, kl_budget=0.5, max_degenerate_rate=MAX_DEGENERATE)
+
+
+class Runner:
+    """Runs (or reloads) one comparison per named run on the validation questions."""
+
+    def __init__(self, setup: Setup, out: Path, calib: list[str], val: list[str]):
+        self.setup = setup
+        self.dir = out / "runs"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.calib = calib
+        self.val = val
+        self.base = study_config(setup.config.comparison)
+
+    def run(
+        self, name: str, *, source: str, methods: tuple[str, ...], **overrides: Any
+    ) -> ComparisonResult:
+        path = self.dir / f"{name}.json"
+        cfg = replace(self.base, methods=methods, baseline=methods[0], **overrides).validate(
+            self.setup.dataset.labels
+        )
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if (
+                saved.get("source") == source
+                and saved["result"]["comparison_config"] == cfg.to_json()
+            ):
+                print(f"[levers] reusing {path}")
+                return ComparisonResult.from_json(saved["result"])
+        print(f"[levers] run {name}: source={source} positions={cfg.positions} methods={methods}")
+        res = self.setup.compare(
+            cfg,
+            source=source,
+            calib_questions=self.calib,
+            test_questions=self.val,
+            progress=False,
+        )
+        atomic_write_json(path, {"source": source, "result": res.to_json()})
+        return res
+
+
+def headline(res: ComparisonResult, lens: str = "text") -> dict[str, list[EqualKL]]:
+    out: dict[str, list[EqualKL]] = {}
+    for e in res.equal_kl:
+        if e.lens == lens:
+            out.setdefault(e.method, []).append(e)
+    return out
+
+
+def choose(lever: str, res: ComparisonResult, candidates: list[str]) -> Choice:
+    h = headline(res)
+    scores = {m: float(sum(e.target_prob.estimate for e in h[m]) / len(h[m])) for m in candidates}
+    degenerate = {m: float(max(e.degenerate_rate for e in h[m])) for m in candidates}
+    ok = [
+        m for m in candidates if degenerate[m] <= MAX_DEGENERATE and math.isfinite(scores[m])
+    ] or candidates
+    winner = max(ok, key=lambda m: (scores[m], -candidates.index(m)))
+    rule = (
+        f"highest mean equal-KL text target probability over sizes among candidates with "
+        f"<= {MAX_DEGENERATE:.0%} degenerate answers (validation questions)"
+    )
+    return Choice(lever, winner, scores, degenerate, rule)
+
+
+def table(res: ComparisonResult) -> list[str]:
+    """Markdown rows: equal-KL target probability and difference vs the baseline, per method and k."""
+    lines = [
+        f"baseline: {method_label(res.config.baseline)}; equal-KL level per row; 95 % bootstrap intervals over questions",
+        "",
+        "| method | k | KL | target p (text) | diff vs baseline | degenerate | vanished (calibrated alpha) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    vanish = {
+        (r.method, r.k): r for r in res.summaries if r.lens == "text" and r.vanish_rate is not None
+    }
+    for e in res.equal_kl:
+        if e.lens != "text":
+            continue
+        d = "-" if e.diff_vs_baseline is None else e.diff_vs_baseline.fmt()
+        v = vanish.get((e.method, e.k))
+        vr = "-" if v is None or v.vanish_rate is None else v.vanish_rate.fmt()
+        lines.append(
+            f"| {method_label(e.method)} | {e.k} | {e.kl:.3f} | {e.target_prob.fmt()} | {d} | "
+            f"{e.degenerate_rate:.1%} | {vr} |"
+        )
+    return lines
+
+
+def activation_table(res: ComparisonResult) -> list[str]:
+    lines = [
+        "| method | k | target p (activation evaluator, calibrated alpha) | diff vs baseline |",
+        "|---|---|---|---|",
+    ]
+    for r in res.summaries:
+        if r.lens != "activation":
+            continue
+        d = "-" if r.diff_vs_baseline is None else r.diff_vs_baseline.fmt()
+        lines.append(f"| {method_label(r.method)} | {r.k} | {r.target_prob.fmt()} | {d} |")
+    return lines
+
+
+def plot_curves(res: ComparisonResult, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({c.k for c in res.curves})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    for ax, k in zip(axes[0], sizes, strict=True):
+        for m in res.config.methods:
+            pts = [c for c in res.curves if c.lens == "text" and c.method == m and c.k == k]
+            if not pts:
+                continue
+            ax.errorbar(
+                [p.kl.estimate for p in pts],
+                [p.target_prob.estimate for p in pts],
+                yerr=[
+                    [p.target_prob.estimate - p.target_prob.low for p in pts],
+                    [p.target_prob.high - p.target_prob.estimate for p in pts],
+                ],
+                marker="o",
+                capsize=2,
+                label=method_label(m),
+            )
+        ax.axvline(res.config.kl_budget, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("measured KL per token (nats)")
+        ax.set_ylabel("mean target probability (text evaluator)")
+        ax.set_title(f"{title}: {k} target(s)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def main() -> None:
+    p = parser(__doc__ or "", "runs/analysis/steering_levers")
+    p.add_argument(
+        "--n-val", type=int, default=None, help="validation questions (default 16, 4 with --fast)"
+    )
+    p.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated subset of {LEVERS}")
+    args = p.parse_args()
+    levers = [x.strip() for x in args.levers.split(",") if x.strip()]
+    bad = [x for x in levers if x not in LEVERS]
+    if bad:
+        p.error(f"unknown lever(s) {bad}; use {LEVERS}")
+    out, setup, started = start(args)
+    cfg = setup.config
+    n_val = args.n_val or (4 if args.fast else 16)
+    pool = setup.questions("calibration", None)
+    calib, val = pool[: cfg.n_calib], pool[cfg.n_calib : cfg.n_calib + n_val]
+    if len(val) < n_val:
+        raise SystemExit(
+            f"the calibration split has {len(pool)} questions: too few for {cfg.n_calib} "
+            f"calibration + {n_val} validation questions"
+        )
+    runner = Runner(setup, out, calib, val)
+    choices: list[Choice] = []
+    results: dict[str, ComparisonResult] = {}
+    md: list[str] = [
+        "# Steering levers (validation questions)",
+        "",
+        f"{len(calib)} calibration + {len(val)} validation questions (calibration split; the test "
+        f"split is not read); KL budget {runner.base.kl_budget} nats/token; model "
+        f"{setup.model.cfg.model_name}, steering layer {setup.layer}.",
+        "",
+    ]
+
+    def section(
+        title: str, res: ComparisonResult, choice: Choice | None, acts: bool = False
+    ) -> None:
+        results[title] = res
+        md.extend([f"## {title}", ""])
+        md.extend(table(res))
+        if acts:
+            md.extend(["", *activation_table(res)])
+        if choice is not None:
+            md.extend(["", f"**Chosen: {method_label(choice.winner)}** ({choice.rule}).", ""])
+            choices.append(choice)
+        md.append("")
+        plot_curves(res, out / f"{title}.png", title)
+
+    source = cfg.probe_source
+    method = "ksteer"
+    positions = "all"
+    base_runs: dict[str, ComparisonResult] = {}
+
+    def base_run(src: str, pos: str = "all") -> ComparisonResult:
+        key = f"{src}-{pos}"
+        if key not in base_runs:
+            base_runs[key] = runner.run(
+                f"base-{key}", source=src, methods=("caa_mean", "ksteer"), positions=pos
+            )
+        return base_runs[key]
+
+    if "source" in levers:
+        merged = merge_results(
+            {"prompt": base_run("prompt"), "text": base_run("text")}, baseline="caa_mean@prompt"
+        )
+        ch = choose("source", merged, ["ksteer@prompt", "ksteer@text"])
+        source = ch.winner.split("@")[1]
+        section("source", merged, ch, acts=True)
+    if "step" in levers:
+        steps = runner.run("steps-" + source, source=source, methods=("caa_mean", *STEP_VARIANTS))
+        merged = merge_results({"base": base_run(source), "steps": steps}, baseline="caa_mean@base")
+        cands = ["ksteer@base", *[f"{m}@steps" for m in STEP_VARIANTS]]
+        ch = choose("step", merged, cands)
+        method = ch.winner.split("@")[0]
+        section("step", merged, ch)
+    if "positions" in levers:
+        runs = {"all": base_run(source) if method == "ksteer" else None}
+        if runs["all"] is None:
+            runs["all"] = runner.run(
+                f"{method}-{source}-all", source=source, methods=("caa_mean", method)
+            )
+        for pos in ("generated", "prompt"):
+            runs[pos] = runner.run(
+                f"{method}-{source}-{pos}",
+                source=source,
+                methods=("caa_mean", method),
+                positions=pos,
+            )
+        merged = merge_results(
+            {k: v for k, v in runs.items() if v is not None}, baseline="caa_mean@all"
+        )
+        ch = choose("positions", merged, [f"{method}@{k}" for k in runs])
+        positions = ch.winner.split("@")[1]
+        section("positions", merged, ch)
+    if "remedies" in levers:
+        rem = runner.run(
+            f"remedies-{source}-{positions}",
+            source=source,
+            methods=("caa_mean", *REMEDIES),
+            positions=positions,
+        )
+        merged = merge_results(
+            {"base": base_run(source, positions), "remedies": rem}, baseline="caa_mean@base"
+        )
+        section("remedies", merged, None)
+    if "avoid" in levers:
+        av = runner.run(
+            f"avoid-{method}-{source}-{positions}",
+            source=source,
+            methods=("caa_mean", method),
+            positions=positions,
+            avoid=("expert",),
+            sizes=(1, 2),
+        )
+        section("avoid", av, None)
+    md.extend(
+        [
+            "## Decisions",
+            "",
+            *[f"- {c.lever}: **{method_label(c.winner)}**" for c in choices],
+            f"- resulting configuration: probe_source={source!r}, method={method!r}, positions={positions!r}",
+            "",
+        ]
+    )
+    (out / "steering_levers.md").write_text("\n".join(md))
+    path = write_json(
+        out,
+        "steering_levers.json",
+        {
+            "calibration_questions": calib,
+            "validation_questions": val,
+            "choices": [c.to_json() for c in choices],
+            "chosen": {"probe_source": source, "method": method, "positions": positions},
+            "results": {k: v.to_json() for k, v in results.items()},
+        },
+        started,
+    )
+    print("\n".join(md))
+    print(f"[levers] wrote {path} and {out / 'steering_levers.md'}")
+
+
+if __name__ == "__main__":
+    main()

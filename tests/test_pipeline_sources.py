@@ -1,0 +1,84 @@
+"""Text-grounded steering probes: which gold texts train what, and the kits `prepare` builds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ks_lens.errors import ConfigError
+from ks_lens.gold_texts import LabelledText, load_gold_texts, split_by_question
+from ks_lens.pipeline import PipelineConfig, prepare
+
+
+def test_split_by_question_is_disjoint_stratified_and_seeded():
+    gold = load_gold_texts()
+    a, b = split_by_question(gold, 0.5, seed=0)
+    qa = {t.question_id for t in a}
+    qb = {t.question_id for t in b}
+    assert not qa & qb and len(a) + len(b) == len(gold)
+    assert abs(len(qa) - len(qb)) <= 1
+    cats = {q.rsplit("-", 1)[0] for q in qa | qb}
+    for c in cats:  # every category is on both sides
+        assert any(q.startswith(c + "-") for q in qa) and any(q.startswith(c + "-") for q in qb)
+    assert split_by_question(gold, 0.5, seed=0) == (a, b)
+    assert split_by_question(gold, 0.5, seed=1) != (a, b)
+    with pytest.raises(ConfigError, match="strictly between 0 and 1"):
+        split_by_question(gold, 1.0)
+    one = (LabelledText("x", "text", ("casual",), "cat-001"),)
+    with pytest.raises(ConfigError, match="at least two questions"):
+        split_by_question(one)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    cfg = PipelineConfig.fast(
+        model="tiny-random-llama", n_gold=40, layer=2, multilayer_offsets=(-2, -1, 0)
+    )
+    return prepare(cfg, tmp_path_factory.mktemp("work"), log=lambda *_: None, progress=False)
+
+
+def test_text_kit_learns_only_from_the_steering_half(tiny_setup):
+    s = tiny_setup
+    steer_q = {t.question_id for t in s.gold_steer}
+    judge_q = {t.question_id for t in s.gold_judge}
+    assert not steer_q & judge_q
+    text = s.kits["text"]
+    src = text.vectors.source
+    assert src["split"] == "gold" and src["mode"] == "response-only"
+    # the CAA vectors are mean differences over the single-tone steering-half texts only
+    acts = s.response_store.load(layers=[2])
+    steer_ids = {t.id for t in s.gold_steer}
+    base = acts.base_labels
+    rows = [
+        i
+        for i, (q, lab) in enumerate(zip(acts.question_ids, acts.labels.tolist(), strict=True))
+        if q in steer_ids and 0 <= lab < len(base)
+    ]
+    assert src["n_rows"] == len(rows)
+    x = acts.at(2)[rows]
+    labs = acts.labels[rows]
+    k = 0
+    expected = x[labs == k].mean(0) - x[labs != k].mean(0)
+    assert torch.allclose(text.vectors.vectors[k], expected, atol=1e-5)
+    assert text.probe.label_names == base == s.kits["prompt"].probe.label_names
+    # probes at the multi-layer layers, both sources
+    for kit in s.kits.values():
+        assert sorted(kit.layer_probes) == [0, 1, 2]
+        assert kit.layer_probes[2] is kit.probe or kit.layer_probes[2].layer == 2
+    assert s.probe is s.kits["prompt"].probe  # the default source
+
+
+def test_response_evaluator_reads_only_the_other_half(tiny_setup):
+    s = tiny_setup
+    ev = s.response_evaluator
+    n_judge = len([t for t in s.gold_texts if t.id in {g.id for g in s.gold_judge}])
+    assert ev.metrics["n_train"] + ev.metrics["n_val"] <= n_judge
+
+
+def test_probe_source_is_validated():
+    with pytest.raises(ConfigError, match="unknown probe_source"):
+        PipelineConfig(probe_source="both").validate()
+    with pytest.raises(ConfigError, match="multilayer_offsets"):
+        PipelineConfig(multilayer_offsets=(0,)).validate()
+    with pytest.raises(ConfigError, match="text_position"):
+        PipelineConfig(text_position="first").validate()

@@ -1,0 +1,124 @@
+"""Bounded K-Steering steps (per-token trust region) and multi-layer steering."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ks_lens as ks
+from ks_lens.activations import collect_activations
+from ks_lens.probes import ProbeConfig, train_probe
+from ks_lens.steering import CAA, KSteering, MultiLayer, SteeringSpec, SteeringVectors, clip_step
+
+
+def test_clip_step_hand_computed():
+    x = torch.tensor([[3.0, 4.0], [3.0, 4.0], [0.0, 1.0]])  # norms 5, 5, 1
+    delta = torch.tensor([[10.0, 0.0], [0.5, 0.0], [0.0, -3.0]])
+    out = clip_step(delta, x, 0.2)  # caps 1, 1, 0.2
+    expected = torch.tensor([[1.0, 0.0], [0.5, 0.0], [0.0, -0.2]])
+    assert torch.allclose(out, expected, atol=1e-7)
+
+
+def test_max_step_clips_the_total_change_per_token(tiny_probe, tiny_acts):
+    x = tiny_acts.at(2)[:8]
+    free = KSteering(tiny_probe, steps=2).apply(x, target=["alpha"], alpha=200.0)
+    clipped = KSteering(tiny_probe, steps=2, max_step=0.1).apply(x, target=["alpha"], alpha=200.0)
+    d_free = free - x
+    cap = 0.1 * x.norm(dim=-1, keepdim=True)
+    scale = torch.clamp(cap / d_free.norm(dim=-1, keepdim=True), max=1.0)
+    assert torch.allclose(clipped - x, d_free * scale, atol=1e-5)
+    assert bool(((clipped - x).norm(dim=-1) <= cap.squeeze(-1) * (1 + 1e-5)).all())
+    assert bool((scale < 1).any())  # at alpha 200 some tokens really were clipped
+    # a tiny alpha stays inside the region: identical to unclipped
+    small = KSteering(tiny_probe, max_step=0.1).apply(x, target=["alpha"], alpha=1e-4)
+    assert torch.allclose(small, KSteering(tiny_probe).apply(x, target=["alpha"], alpha=1e-4))
+    traj = KSteering(tiny_probe, steps=2, max_step=0.1).trajectory(
+        x, SteeringSpec(("alpha",), (), 200.0)
+    )
+    assert torch.allclose(traj[-1], clipped, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, float("nan"), float("inf"), True, "0.5"])
+def test_max_step_must_be_a_positive_fraction(tiny_probe, bad):
+    with pytest.raises(ks.ConfigError, match="max_step must be a positive finite fraction"):
+        KSteering(tiny_probe, max_step=bad)
+
+
+@pytest.fixture(scope="module")
+def layer_probes(tiny_model, tiny_dataset):
+    acts = collect_activations(tiny_model, tiny_dataset, layers=[1, 2], progress=False)
+    cfg = ProbeConfig(epochs=10, hidden=32, val_fraction=0.25)
+    return {L: train_probe(acts, L, config=cfg) for L in (1, 2)}, acts
+
+
+def _n_hooks(model) -> int:
+    points = {id(h): h for h in model.hook_dict.values()}  # aliases name the same HookPoint
+    return sum(len(h._forward_hooks) for h in points.values())
+
+
+def test_multilayer_equals_members_at_split_alpha_and_removes_hooks(tiny_model, layer_probes):
+    probes, _ = layer_probes
+    batch = ks.tokenize_chat(tiny_model, ["hello?", "two prompts here?"])
+
+    def run():
+        return tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+
+    before = run()
+    n0 = _n_hooks(tiny_model)
+    k1, k2 = KSteering(probes[1]), KSteering(probes[2])
+    ml = MultiLayer([k1, k2], weights=[0.25, 0.75])
+    with ml.steer(tiny_model, target=["alpha"], avoid=["beta"], alpha=40.0):
+        assert _n_hooks(tiny_model) == n0 + 2
+        multi = run()
+    with (
+        k1.steer(tiny_model, target=["alpha"], avoid=["beta"], alpha=10.0),
+        k2.steer(tiny_model, target=["alpha"], avoid=["beta"], alpha=30.0),
+    ):
+        manual = run()
+    assert not torch.allclose(multi, before)
+    assert torch.allclose(multi, manual, atol=1e-5)
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        ml.steer(tiny_model, target=["alpha"], alpha=40.0),
+    ):
+        raise RuntimeError("boom")
+    assert _n_hooks(tiny_model) == n0
+    assert torch.equal(run(), before)
+
+
+def test_multilayer_in_grouped_generation(tiny_model, layer_probes):
+    probes, _ = layer_probes
+    ml = MultiLayer([KSteering(probes[1]), KSteering(probes[2])])
+    spec = ml.spec(target=["gamma"], alpha=30.0)
+    batch = ks.tokenize_chat(tiny_model, ["hi?", "hi?"])
+    with ks.steering.steer_groups(tiny_model, [None, (ml, spec)], [0, 1]):
+        out = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+    with ml.steer(tiny_model, target=["gamma"], alpha=30.0):
+        alone = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+    plain = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)
+    assert torch.allclose(out[0], plain[0], atol=1e-6)
+    assert torch.allclose(out[1], alone[1], atol=1e-5)
+
+
+def test_multilayer_errors(tiny_model, layer_probes):
+    probes, acts = layer_probes
+    k1, k2 = KSteering(probes[1]), KSteering(probes[2])
+    with pytest.raises(ks.ConfigError, match="at least one member"):
+        MultiLayer([])
+    with pytest.raises(ks.ConfigError, match="distinct hook points"):
+        MultiLayer([k1, KSteering(probes[1], steps=2)])
+    with pytest.raises(ks.ConfigError, match="sum to 1"):
+        MultiLayer([k1, k2], weights=[0.5, 0.7])
+    with pytest.raises(ks.ConfigError, match="2 weights for 1 members"):
+        MultiLayer([k1], weights=[0.5, 0.5])
+    with pytest.raises(TypeError, match="single-hook Steerers"):
+        MultiLayer([MultiLayer([k1])])
+    vecs = SteeringVectors.fit(acts, 1)
+    mixed = MultiLayer([CAA(vecs), k2])  # CAA and K-Steering may be mixed
+    assert mixed.hook_names == ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
+    with pytest.raises(ks.ConfigError, match="apply"):
+        mixed.apply(acts.at(1)[:2], target=["alpha"], alpha=1.0)
+    with pytest.raises(ks.ConfigError, match="other hook_names"):
+        mixed.hooks(tiny_model, target=["alpha"], hook_names=["blocks.0.hook_resid_post"])
+    with pytest.raises(ks.LabelError, match="unknown label"):
+        mixed.hooks(tiny_model, target=["nope"])
