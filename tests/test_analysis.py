@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -14,9 +12,20 @@ from ks_lens.analysis.geometry import (
     multistep_rotation,
     step_directions,
 )
-from ks_lens.analysis.sweep import recommend_layer
+from ks_lens.analysis.sweep import (
+    DEFAULT_EVAL_GAP,
+    LayerAccuracy,
+    LayerRecord,
+    evaluator_placement,
+    layer_sweep,
+    recommend,
+    recommend_layer,
+    train_evaluators,
+)
 from ks_lens.analysis.vanishing import TargetDiagnosis, classify_cause, diagnose
+from ks_lens.comparison import ComparisonConfig, SummaryRow
 from ks_lens.probes import Probe, ProbeConfig
+from ks_lens.stats import Interval
 from ks_lens.steering import KSteering, SteeringSpec, combine_gradients
 
 LABELS = ("a", "b", "c")
@@ -162,21 +171,106 @@ def test_classify_cause_order():
     assert classify_cause(TargetDiagnosis(**{**base, "prob_trajectory": [0.1, 0.15]})) == "other"
 
 
-def test_recommend_layer():
-    acc = [
-        {"layer": 1, "mlp_val_accuracy": 0.5},
-        {"layer": 2, "mlp_val_accuracy": 1.0},
-        {"layer": 3, "mlp_val_accuracy": 1.0},
+def _row(method: str, k: int, gain: float, n: int = 4) -> SummaryRow:
+    iv = Interval(gain, gain, gain, n)
+    return SummaryRow("activation", method, k, 1.0, n, n, iv, iv, iv)
+
+
+def _record(layer: int, cal: float, test: float, *, n_layers: int = 30) -> LayerRecord:
+    rows = {
+        name: [_row("unsteered", 1, 0.0), _row("ksteer", 1, g), _row("ksteer", 2, g)]
+        for name, g in (("cal", cal), ("test", test))
+    }
+    return LayerRecord(evaluator_placement(layer, n_layers), 0.9, {}, rows["cal"], rows["test"])
+
+
+@pytest.mark.parametrize("n_layers", [4, 12, 30])
+@pytest.mark.parametrize("gap", [0, 2, 4, 6])
+def test_evaluator_layer_is_at_least_gap_after_the_steering_layer_or_flagged(n_layers, gap):
+    for layer in range(n_layers):
+        p = evaluator_placement(layer, n_layers, gap)
+        assert layer <= p.eval_layer <= n_layers - 1
+        if p.capped:
+            assert p.eval_layer == n_layers - 1 and layer + gap > n_layers - 1
+        else:
+            assert p.eval_layer == layer + gap
+        assert p.to_json()["capped"] == p.capped
+    assert evaluator_placement(10, 30).eval_layer == 10 + DEFAULT_EVAL_GAP
+    with pytest.raises(ValueError, match="out of range"):
+        evaluator_placement(30, 30)
+
+
+def test_recommend_layer_decides_on_calibration_questions_only():
+    acc = [LayerAccuracy(layer, 0.5 if layer == 1 else 1.0, 1.0, {}) for layer in (1, 2, 3, 28)]
+    # test questions would pick layer 2; calibration questions pick layer 3; layer 1's probe is
+    # too weak; layer 28 is best on calibration but its evaluator gap is capped (30 layers)
+    records = [
+        _record(1, cal=0.9, test=0.9),
+        _record(2, cal=0.3, test=0.8),
+        _record(3, cal=0.4, test=0.2),
+        _record(28, cal=0.95, test=0.95),
     ]
-    sweep = [
-        {"layer": layer, "activation": [{"method": "ksteer", "k": 1, "gain": {"estimate": d}}]}
-        for layer, d in ((1, 0.9), (2, 0.3), (3, 0.4))
-    ]
-    layer, reason = recommend_layer(acc, sweep)
-    assert layer == 3 and "next best layer 2" in reason  # layer 1 excluded: probe too weak
+    choice = recommend_layer(acc, {r.layer: r.calibration for r in records[:3]})
+    assert choice.layer == 3 and "next best layer 2" in choice.reason
+    assert 1 in choice.excluded and choice.scores == {2: 0.3, 3: 0.4}
+    rec = recommend(acc, records)
+    assert rec.layer == 3 and not rec.capped_used
+    assert rec.test_score == pytest.approx(0.2) and rec.test_best_layer == 2
+    assert "capped" in rec.choice.excluded[28]
+    assert "test questions alone would favour layer 2" in rec.reason
+    assert rec.to_json()["chosen_on"] == "calibration questions"
+    # only capped layers: they are used, and the reason says so
+    only_capped = recommend(acc, [records[3]])
+    assert only_capped.layer == 28 and only_capped.capped_used and "capped" in only_capped.reason
     with pytest.raises(ValueError, match="no swept layer"):
-        recommend_layer(acc, sweep, min_accuracy=1.1)
-    assert not math.isnan(sweep[0]["activation"][0]["gain"]["estimate"])
+        recommend_layer(acc, {r.layer: r.calibration for r in records}, min_accuracy=1.1)
+
+
+def test_layer_sweep_on_tiny_model(tiny_model, tiny_dataset, tiny_acts):
+    qs = [q.text for q in tiny_dataset.questions]
+    calib, test = qs[:3], qs[3:6]
+    placements = [evaluator_placement(layer, 4, 2) for layer in (0, 1, 2)]
+    evaluators = train_evaluators(
+        tiny_acts, placements, config=ProbeConfig(epochs=3, hidden=16, val_fraction=0.25)
+    )
+    assert sorted(evaluators) == [2, 3]
+    config = ComparisonConfig(
+        methods=("caa_mean", "ksteer"),
+        sizes=(1, 2),
+        calibration_metric="first_token_kl",
+        act_combos_per_size=1,
+        curve_factors=(1.0,),
+        calib_bisect_steps=1,
+        n_resamples=20,
+    )
+    kw = dict(
+        layers=[0, 1, 2],
+        calib_questions=calib,
+        test_questions=test,
+        config=config,
+        eval_gap=2,
+        progress=False,
+        log=lambda s: None,
+    )
+    with pytest.raises(ValueError, match="both calibration and test"):
+        layer_sweep(
+            tiny_model, tiny_acts, evaluators=evaluators, **{**kw, "test_questions": qs[2:5]}
+        )
+    with pytest.raises(ValueError, match="no evaluator"):
+        layer_sweep(tiny_model, tiny_acts, evaluators={3: evaluators[3]}, **kw)
+    with pytest.raises(ValueError, match="reads layer 3"):
+        layer_sweep(tiny_model, tiny_acts, evaluators={2: evaluators[3], 3: evaluators[3]}, **kw)
+    records = layer_sweep(tiny_model, tiny_acts, evaluators=evaluators, **kw)
+    assert [r.layer for r in records] == [0, 1, 2]
+    for r in records:
+        assert r.eval_layer >= r.layer + 2 or (r.capped and r.eval_layer == 3)
+        assert {row.n_questions for row in r.calibration} == {len(calib)}
+        assert {row.n_questions for row in r.test} == {len(test)}
+        assert set(r.alphas) == {"caa_mean", "ksteer"}
+    assert [r.capped for r in records] == [False, False, True]
+    js = records[2].to_json()
+    assert js["eval_layer"] == 3 and js["capped"] and js["actual_gap"] == 1
+    assert js["calibration"] and js["test"] and js["text"] == []
 
 
 def test_token_view_html_is_offline(tiny_model, tiny_probe, tmp_path):

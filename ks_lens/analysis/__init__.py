@@ -14,23 +14,45 @@ from ks_lens.analysis.geometry import (
     multistep_rotation,
     step_directions,
 )
-from ks_lens.analysis.sweep import layer_sweep, probe_accuracy_by_layer, recommend_layer
+from ks_lens.analysis.sweep import (
+    DEFAULT_EVAL_GAP,
+    EvalPlacement,
+    LayerAccuracy,
+    LayerChoice,
+    LayerRecord,
+    Recommendation,
+    evaluator_placement,
+    layer_sweep,
+    probe_accuracy_by_layer,
+    recommend,
+    recommend_layer,
+    train_evaluators,
+)
 from ks_lens.analysis.vanishing import Diagnosis, TargetDiagnosis, classify_cause, diagnose
 
 __all__ = [
+    "DEFAULT_EVAL_GAP",
     "Diagnosis",
     "DirectionStats",
+    "EvalPlacement",
     "LabelGeometry",
+    "LayerAccuracy",
+    "LayerChoice",
+    "LayerRecord",
+    "Recommendation",
     "Rotation",
     "TargetDiagnosis",
     "classify_cause",
     "cosine",
     "diagnose",
     "direction_stats",
+    "evaluator_placement",
     "label_gradient_geometry",
     "layer_sweep",
     "multistep_rotation",
     "probe_accuracy_by_layer",
+    "recommend",
     "recommend_layer",
     "step_directions",
+    "train_evaluators",
 ]
