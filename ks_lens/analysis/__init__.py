@@ -28,7 +28,19 @@ from ks_lens.analysis.sweep import (
     recommend_layer,
     train_evaluators,
 )
-from ks_lens.analysis.vanishing import Diagnosis, TargetDiagnosis, classify_cause, diagnose
+from ks_lens.analysis.vanishing import (
+    Diagnosis,
+    RemedyRow,
+    RemedyVerdict,
+    TargetDiagnosis,
+    VanishedCase,
+    best_remedy,
+    classify_cause,
+    diagnose,
+    diagnose_cases,
+    remedy_table,
+    vanished_cases,
+)
 
 __all__ = [
     "DEFAULT_EVAL_GAP",
@@ -40,11 +52,16 @@ __all__ = [
     "LayerChoice",
     "LayerRecord",
     "Recommendation",
+    "RemedyRow",
+    "RemedyVerdict",
     "Rotation",
     "TargetDiagnosis",
+    "VanishedCase",
+    "best_remedy",
     "classify_cause",
     "cosine",
     "diagnose",
+    "diagnose_cases",
     "direction_stats",
     "evaluator_placement",
     "label_gradient_geometry",
@@ -53,6 +70,8 @@ __all__ = [
     "probe_accuracy_by_layer",
     "recommend",
     "recommend_layer",
+    "remedy_table",
     "step_directions",
     "train_evaluators",
+    "vanished_cases",
 ]
