@@ -384,7 +384,7 @@ class Recommendation:
     def reason(self) -> str:
         r = self.choice.reason
         if self.capped_used:
-            r += " (no layer had a full evaluator gap: capped layers were considered)"
+            r += " (no layer with the full evaluator gap qualified: capped layers were considered)"
         r += f"; on test questions the same layer scores {self.test_score:+.3f}"
         if self.test_best_layer is not None and self.test_best_layer != self.choice.layer:
             r += f" (test questions alone would favour layer {self.test_best_layer})"
