@@ -277,7 +277,8 @@ def test_remedy_table_pairs_each_method_with_one_step_ksteering():
         combos,
         {m: {3: 1.0} for m in ("ksteer", "ksteer_pcgrad", "caa_mean")},
     )
-    rows = {r.method: r for r in remedy_table(ev, rule, k=3, n_resamples=200)}
+    kl = {"ksteer": 0.24, "ksteer_pcgrad": 0.25, "caa_mean": 0.23}
+    rows = {r.method: r for r in remedy_table(ev, rule, k=3, calibrated_kl=kl, n_resamples=200)}
     assert rows["ksteer"].vanish_rate.estimate == 1.0 and rows["ksteer"].vanish_diff is None
     assert rows["ksteer_pcgrad"].vanish_rate.estimate == pytest.approx(0.5)
     assert rows["ksteer_pcgrad"].vanish_diff.estimate == pytest.approx(-0.5)
@@ -287,6 +288,7 @@ def test_remedy_table_pairs_each_method_with_one_step_ksteering():
     verdict = best_remedy(list(rows.values()))
     assert verdict.best == "caa_mean" and verdict.significant
     assert "excludes 0" in verdict.statement
+    assert "calibrated KL 0.230 vs 0.240" in verdict.statement
     # no method below the reference: the verdict says so
     same = _evaluation(
         {"ksteer": [gone], "ksteer_balanced": [gone.copy()]},

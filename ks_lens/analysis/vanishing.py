@@ -510,6 +510,9 @@ def best_remedy(rows: Sequence[RemedyRow], *, reference: str = "ksteer") -> Reme
     assert d is not None
     name = method_label(best.method)
     p = f", McNemar p = {best.vanish_test.p_value:.3g}" if best.vanish_test else ""
+    ref_row = next((r for r in rows if r.method == reference), None)
+    if ref_row is not None and best.calibrated_kl is not None and ref_row.calibrated_kl is not None:
+        p += f"; calibrated KL {best.calibrated_kl:.3f} vs {ref_row.calibrated_kl:.3f}"
     tp = (
         f"; its mean target probability differs by {best.target_prob_diff.fmt()}"
         if best.target_prob_diff is not None
