@@ -2,44 +2,49 @@
 
 For every layer: MLP and linear probe validation accuracy (trained for all layers in one batched
 call each); CAA (mean) and K-Steering effect at alphas calibrated to the same coherence budget,
-read by one held-out evaluator at the last layer (activation level) and on generated text for a
-small subset; the coherence cost. Writes layer_sweep.json and layer_sweep.png, and recommends a
-layer with the reason.
+read by a held-out activation evaluator ``--eval-gap`` layers after the steering layer (capped at
+the last layer; such layers are flagged and left out of the choice), on the calibration questions
+(the layer is chosen on these) and on the test questions (reported beside them), and on generated
+text for a small test subset. Writes layer_sweep.json and layer_sweep.png, and recommends a layer
+with the reason.
 
-    python analysis/layer_sweep.py [--fast] [--layers 6,12,18] [--out DIR] [--work DIR]
+    python analysis/layer_sweep.py [--fast] [--layers 6,12,18] [--eval-gap 4] [--out DIR] [--work DIR]
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from common import parser, start, write_json
 
-from ks_lens.analysis.sweep import layer_sweep, probe_accuracy_by_layer, recommend_layer
+from ks_lens.analysis.sweep import (
+    DEFAULT_EVAL_GAP,
+    LayerAccuracy,
+    LayerRecord,
+    evaluator_placement,
+    layer_sweep,
+    probe_accuracy_by_layer,
+    recommend,
+    train_evaluators,
+)
 from ks_lens.comparison import ComparisonConfig
-from ks_lens.probes import ProbeConfig, train_probe
+from ks_lens.probes import ProbeConfig
 
 
 def plot(
-    out: Path, accuracy: list[dict[str, Any]], sweep: list[dict[str, Any]], recommended: int
+    out: Path, accuracy: list[LayerAccuracy], sweep: list[LayerRecord], recommended: int
 ) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.2))
     ax = axes[0]
+    ax.plot([r.layer for r in accuracy], [r.mlp_val_accuracy for r in accuracy], "o-", label="MLP")
     ax.plot(
-        [r["layer"] for r in accuracy],
-        [r["mlp_val_accuracy"] for r in accuracy],
-        "o-",
-        label="MLP probe",
-    )
-    ax.plot(
-        [r["layer"] for r in accuracy],
-        [r["linear_val_accuracy"] for r in accuracy],
+        [r.layer for r in accuracy],
+        [r.linear_val_accuracy for r in accuracy],
         "s--",
         label="linear probe",
     )
@@ -51,16 +56,17 @@ def plot(
     )
     ax.legend()
     for ax, section, title in (
-        (axes[1], "activation", "Held-out evaluator (activation level)"),
-        (axes[2], "text", "Text evaluator (generated text)"),
+        (axes[1], "calibration", "Activation evaluator, calibration questions (chooses)"),
+        (axes[2], "test", "Activation evaluator, test questions"),
+        (axes[3], "text", "Text evaluator (generated test answers)"),
     ):
         for method, style in (("unsteered", ":"), ("caa_mean", "-"), ("ksteer", "-")):
             for k, marker in ((1, "o"), (2, "s")):
                 pts = [
-                    (rec["layer"], r["target_prob"]["estimate"])
+                    (rec.layer, r.target_prob.estimate)
                     for rec in sweep
-                    for r in rec[section]
-                    if r["method"] == method and r["k"] == k
+                    for r in getattr(rec, section)
+                    if r.method == method and r.k == k
                 ]
                 if pts:
                     ax.plot(
@@ -70,10 +76,17 @@ def plot(
                         ms=4,
                         label=f"{method} k={k}",
                     )
+        capped = [rec.layer for rec in sweep if rec.capped]
+        if capped:
+            ax.axvspan(min(capped) - 0.5, max(capped) + 0.5, color="grey", alpha=0.12, lw=0)
         ax.axvline(recommended, color="grey", lw=1, ls="--")
         ax.set(xlabel="steering layer", ylabel="mean target probability", title=title)
+        ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
-    fig.suptitle("Layer sweep at matched coherence (alpha calibrated per layer and method)")
+    fig.suptitle(
+        "Layer sweep at matched coherence (alpha calibrated per layer and method; evaluator "
+        "reads steering layer + gap, shaded: gap capped at the last layer)"
+    )
     fig.tight_layout()
     path = out / "layer_sweep.png"
     fig.savefig(path, dpi=110)
@@ -86,6 +99,18 @@ def main() -> None:
     p.add_argument(
         "--layers", default=None, help="comma-separated layers (default: all; --fast: three)"
     )
+    p.add_argument(
+        "--eval-gap",
+        type=int,
+        default=DEFAULT_EVAL_GAP,
+        help="the evaluator reads this many layers after the steering layer (default %(default)s)",
+    )
+    p.add_argument(
+        "--n-calib",
+        type=int,
+        default=None,
+        help="calibration questions (alphas and the layer choice; default 24, --fast: 4)",
+    )
     args = p.parse_args()
     out, setup, started = start(args)
     n = int(setup.model.cfg.n_layers)
@@ -97,10 +122,11 @@ def main() -> None:
         layers = list(range(n))
     acts = setup.train_store.load()
     mlps, _, accuracy = probe_accuracy_by_layer(acts, mlp=ProbeConfig(seed=args.seed))
-    last = n - 1
-    evaluator = train_probe(
-        setup.evaluator_store.load(layers=[last]),
-        last,
+    placements = [evaluator_placement(layer, n, args.eval_gap) for layer in layers]
+    eval_layers = sorted({pl.eval_layer for pl in placements})
+    evaluators = train_evaluators(
+        setup.evaluator_store.load(layers=eval_layers),
+        placements,
         config=ProbeConfig(hidden=256, seed=args.seed + 1),
     )
     config = ComparisonConfig(
@@ -114,42 +140,50 @@ def main() -> None:
         calib_bisect_steps=2 if args.fast else 3,
         n_resamples=setup.config.comparison.n_resamples,
     )
-    cfg = setup.config
+    n_calib = args.n_calib or (setup.config.n_calib if args.fast else 24)
+    calib_questions = setup.questions("calibration", n_calib)
     sweep = layer_sweep(
         setup.model,
         acts,
-        evaluator=evaluator,
+        evaluators=evaluators,
         text_evaluator=setup.text_evaluator,
         layers=layers,
-        calib_questions=setup.questions("calibration", cfg.n_calib),
+        calib_questions=calib_questions,
         test_questions=setup.questions("test", 8 if args.fast else 24),
         text_questions=setup.questions("test", 4 if args.fast else 6),
         config=config,
+        eval_gap=args.eval_gap,
         probes=mlps,
     )
-    layer, reason = recommend_layer(accuracy, sweep)
-    fig = plot(out, accuracy, sweep, layer)
+    rec = recommend(accuracy, sweep)
+    fig = plot(out, accuracy, sweep, rec.layer)
     path = write_json(
         out,
         "layer_sweep.json",
         {
             "model": setup.model.cfg.model_name,
             "layers": layers,
-            "evaluator": {
-                "hook_name": evaluator.hook_name,
-                "val_accuracy": evaluator.metrics["val_accuracy"],
+            "eval_gap": args.eval_gap,
+            "evaluators": {
+                str(layer): {
+                    "hook_name": ev.hook_name,
+                    "val_accuracy": ev.metrics["val_accuracy"],
+                }
+                for layer, ev in sorted(evaluators.items())
             },
+            "n_calib_questions": len(calib_questions),
             "text_evaluator": repr(setup.text_evaluator),
             "comparison_config": config.to_json(),
-            "probe_accuracy": accuracy,
-            "sweep": sweep,
-            "recommended_layer": layer,
-            "reason": reason,
+            "probe_accuracy": [a.to_json() for a in accuracy],
+            "sweep": [r.to_json() for r in sweep],
+            "recommended_layer": rec.layer,
+            "reason": rec.reason,
+            "recommendation": rec.to_json(),
             "figure": fig.name,
         },
         started,
     )
-    print(f"recommended {reason}\nwrote {path} and {fig}")
+    print(f"recommended {rec.reason}\nwrote {path} and {fig}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,29 @@ def test_study_runs_fast_on_tiny_model(study, work, tmp_path):
     assert "versions" in payload and "elapsed_s" in payload
     if study == "layer_sweep":
         assert payload["recommended_layer"] in payload["layers"] and payload["reason"]
+        assert payload["recommendation"]["chosen_on"] == "calibration questions"
+        gap = payload["eval_gap"]
+        for rec in payload["sweep"]:
+            assert rec["eval_layer"] >= rec["layer"] + gap or rec["capped"]
+            assert rec["calibration"] and rec["test"]
+    if study == "vanishing":
+        rows = payload["remedies"]["3"]
+        assert {r["method"] for r in rows} == {
+            "ksteer",
+            "ksteer_multistep",
+            "ksteer_logsigmoid",
+            "ksteer_softmin",
+            "ksteer_balanced",
+            "ksteer_pcgrad",
+            "caa_mean",
+        }
+        assert all((r["vanish_diff"] is None) == (r["method"] == "ksteer") for r in rows)
+        assert payload["verdict"]["3"]["statement"]
+        for d in payload["diagnoses"]:
+            k = str(len(d["targets"]))
+            assert d["alpha"] == payload["alpha"][d["method"]][k]
+            caa = d["method"].startswith("caa")
+            assert d["geometry"] == ("CAA vectors" if caa else "probe gradients")
     if study == "geometry":
         for rec in payload["per_layer"]:
             for combo in rec["combos"]:

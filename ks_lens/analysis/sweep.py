@@ -1,24 +1,156 @@
 """Layer sweeps: probe accuracy and steering effect at every layer.
 
 :func:`probe_accuracy_by_layer` trains MLP and linear probes for every collected layer in one
-batched call each. :func:`layer_sweep` adds, per steering layer, CAA and K-Steering at alphas
-calibrated to the same coherence budget, evaluated by one fixed held-out evaluator placed at or
-after every swept layer (activation level), and on generated text for a small subset.
+batched call each. :func:`layer_sweep` adds, per steering layer ``L``, CAA and K-Steering at
+alphas calibrated to the same coherence budget, read by a held-out activation evaluator placed
+``eval_gap`` layers later (:func:`evaluator_placement`), on the **calibration** questions (the
+figures the layer is chosen on) and on the **test** questions (reported beside them), and on
+generated text for a small test subset.
+
+Evaluator placement. A probe that reads the steered layer itself (or one just after it) measures
+the push, not its effect on the computation that follows; a single evaluator at the last layer
+reads early layers from far away and late layers from right next to them, which favours late
+layers. So each steering layer ``L`` is read at layer ``L + eval_gap``. When that is past the
+last layer, the evaluator reads the last layer and the record is flagged ``capped`` (its gap is
+shorter than requested); :func:`recommend` leaves capped layers out unless no uncapped layer
+qualifies (and says so).
+
+Selection. :func:`recommend_layer` only receives calibration-question summaries; the test
+questions' figures at the chosen layer are attached afterwards by :func:`recommend`, never used to
+choose.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ks_lens.activations import Activations
-from ks_lens.comparison import ComparisonConfig, TextScorer, run_comparison
+from ks_lens.comparison import (
+    ComparisonConfig,
+    EqualKL,
+    SteeringKit,
+    SummaryRow,
+    TextScorer,
+    build_methods,
+    evaluate_activations,
+    run_comparison,
+    summarise_activations,
+)
 from ks_lens.errors import ConfigError
 from ks_lens.probes import Probe, ProbeConfig, train_probes
+from ks_lens.stats import Interval
 from ks_lens.steering import SteeringVectors
+
+#: evaluator layer = steering layer + this many layers (capped at the last layer)
+DEFAULT_EVAL_GAP = 4
+
+
+@dataclass(frozen=True)
+class LayerAccuracy:
+    """Validation accuracy of the MLP and linear probes trained at one layer."""
+
+    layer: int
+    mlp_val_accuracy: float
+    linear_val_accuracy: float
+    mlp_val_per_label: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "mlp_val_accuracy": self.mlp_val_accuracy,
+            "linear_val_accuracy": self.linear_val_accuracy,
+            "mlp_val_per_label": dict(self.mlp_val_per_label),
+        }
+
+
+@dataclass(frozen=True)
+class EvalPlacement:
+    """Where the activation evaluator reads for one steering layer.
+
+    ``eval_layer = min(layer + gap, last layer)``; ``capped`` when the cap made the gap shorter
+    than requested (``eval_layer - layer < gap``).
+    """
+
+    layer: int
+    eval_layer: int
+    gap: int  # the requested gap
+
+    @property
+    def actual_gap(self) -> int:
+        return self.eval_layer - self.layer
+
+    @property
+    def capped(self) -> bool:
+        return self.actual_gap < self.gap
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "eval_layer": self.eval_layer,
+            "gap": self.gap,
+            "actual_gap": self.actual_gap,
+            "capped": self.capped,
+        }
+
+
+def evaluator_placement(layer: int, n_layers: int, gap: int = DEFAULT_EVAL_GAP) -> EvalPlacement:
+    """The evaluator layer for steering ``layer``: ``layer + gap``, capped at ``n_layers - 1``."""
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"layer {layer} is out of range for a model with {n_layers} layers")
+    if gap < 0:
+        raise ConfigError(f"eval_gap must be >= 0, got {gap}")
+    return EvalPlacement(layer, min(layer + gap, n_layers - 1), gap)
+
+
+@dataclass
+class LayerRecord:
+    """The comparison at one steering layer.
+
+    ``calibration``: activation-level summaries on the calibration questions (the questions the
+    alphas were calibrated on; the layer is chosen on these). ``test``: the same on the test
+    questions; ``text`` and ``equal_kl``: generated answers to test questions (text lens).
+    """
+
+    placement: EvalPlacement
+    evaluator_val_accuracy: float
+    alphas: dict[str, dict[int, float]]
+    calibration: list[SummaryRow]
+    test: list[SummaryRow]
+    text: list[SummaryRow] = field(default_factory=list)
+    equal_kl: list[EqualKL] = field(default_factory=list)
+    n_calib_questions: int = 0
+    n_test_questions: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def layer(self) -> int:
+        return self.placement.layer
+
+    @property
+    def eval_layer(self) -> int:
+        return self.placement.eval_layer
+
+    @property
+    def capped(self) -> bool:
+        return self.placement.capped
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.placement.to_json(),
+            "evaluator_val_accuracy": self.evaluator_val_accuracy,
+            "alpha": {m: {str(k): a for k, a in v.items()} for m, v in self.alphas.items()},
+            "n_calib_questions": self.n_calib_questions,
+            "n_test_questions": self.n_test_questions,
+            "calibration": [r.to_json() for r in self.calibration],
+            "test": [r.to_json() for r in self.test],
+            "text": [r.to_json() for r in self.text],
+            "equal_kl": [e.to_json() for e in self.equal_kl],
+            "timings": dict(self.timings),
+        }
 
 
 def probe_accuracy_by_layer(
@@ -27,51 +159,91 @@ def probe_accuracy_by_layer(
     mlp: ProbeConfig | None = None,
     linear: ProbeConfig | None = None,
     progress: bool = False,
-) -> tuple[dict[int, Probe], dict[int, Probe], list[dict[str, Any]]]:
+) -> tuple[dict[int, Probe], dict[int, Probe], list[LayerAccuracy]]:
     """MLP and linear probes at every layer of ``acts``, and a record per layer of their accuracy."""
     mlp = mlp or ProbeConfig()
     linear = linear or replace(mlp, kind="linear")
     mlps = train_probes(acts, config=mlp, progress=progress)
     lins = train_probes(acts, config=linear, progress=progress)
     rows = [
-        {
-            "layer": layer,
-            "mlp_val_accuracy": mlps[layer].metrics["val_accuracy"],
-            "linear_val_accuracy": lins[layer].metrics["val_accuracy"],
-            "mlp_val_per_label": mlps[layer].metrics["val_per_label_accuracy"],
-        }
+        LayerAccuracy(
+            layer,
+            float(mlps[layer].metrics["val_accuracy"]),
+            float(lins[layer].metrics["val_accuracy"]),
+            dict(mlps[layer].metrics.get("val_per_label_accuracy", {})),
+        )
         for layer in sorted(mlps)
     ]
     return mlps, lins, rows
+
+
+def train_evaluators(
+    evaluator_acts: Activations,
+    placements: Sequence[EvalPlacement],
+    *,
+    config: ProbeConfig | None = None,
+    progress: bool = False,
+) -> dict[int, Probe]:
+    """One held-out activation evaluator per distinct evaluator layer (one batched call)."""
+    layers = sorted({p.eval_layer for p in placements})
+    return dict(
+        train_probes(
+            evaluator_acts,
+            layers=layers,
+            config=config or ProbeConfig(hidden=256, seed=1),
+            progress=progress,
+        )
+    )
 
 
 def layer_sweep(
     model: Any,
     train_acts: Activations,
     *,
-    evaluator: Probe,
-    text_evaluator: TextScorer | None = None,
-    response_evaluator: Probe | None = None,
+    evaluators: Mapping[int, Probe],
     layers: Sequence[int],
     calib_questions: Sequence[str],
     test_questions: Sequence[str],
     text_questions: Sequence[str] | None = None,
+    text_evaluator: TextScorer | None = None,
     config: ComparisonConfig,
-    probes: dict[int, Probe] | None = None,
+    eval_gap: int = DEFAULT_EVAL_GAP,
+    probes: Mapping[int, Probe] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> list[dict[str, Any]]:
-    """Steering effect per layer; each record holds the comparison summaries for that layer
-    (``"activation"``, and ``"text"`` with a text evaluator: :class:`SummaryRow` JSON)."""
-    bad = [layer for layer in layers if layer > evaluator.layer]
-    if bad:
+) -> list[LayerRecord]:
+    """Steering effect per layer (see the module docstring).
+
+    ``evaluators`` maps an evaluator layer to its held-out probe; it must hold the layer of
+    :func:`evaluator_placement` for every swept layer (:func:`train_evaluators` makes them).
+    Alphas are calibrated on ``calib_questions``; the activation evaluator then reads both the
+    calibration questions (``LayerRecord.calibration``: what the layer is chosen on) and the
+    ``test_questions`` (``LayerRecord.test``: reported only).
+    """
+    n_layers = int(model.cfg.n_layers)
+    shared = set(calib_questions) & set(test_questions)
+    if text_questions is not None:
+        shared |= set(calib_questions) & set(text_questions)
+    if shared:
         raise ConfigError(
-            f"the evaluator (layer {evaluator.layer}) must read at or after every swept layer; {bad} are later"
+            f"{len(shared)} question(s) are both calibration and test questions; "
+            "the layer must be chosen on questions the test never sees"
         )
+    placements = [evaluator_placement(layer, n_layers, eval_gap) for layer in layers]
+    missing = sorted({p.eval_layer for p in placements} - set(evaluators))
+    if missing:
+        raise ConfigError(f"no evaluator for evaluator layer(s) {missing} (see train_evaluators)")
+    for p in placements:
+        if evaluators[p.eval_layer].layer != p.eval_layer:
+            raise ConfigError(
+                f"the evaluator given for layer {p.eval_layer} reads layer {evaluators[p.eval_layer].layer}"
+            )
     if probes is None:
         probes = train_probes(train_acts, layers=list(layers), progress=False)
     out = []
-    for layer in tqdm(list(layers), desc="layer sweep", disable=not progress):
+    for place in tqdm(placements, desc="layer sweep", disable=not progress):
+        layer = place.layer
+        evaluator = evaluators[place.eval_layer]
         vectors = SteeringVectors.fit(train_acts, layer)
         res = run_comparison(
             model,
@@ -79,7 +251,6 @@ def layer_sweep(
             vectors=vectors,
             evaluator=evaluator,
             text_evaluator=text_evaluator,
-            response_evaluator=response_evaluator,
             calib_questions=calib_questions,
             test_questions=test_questions,
             text_questions=text_questions,
@@ -87,51 +258,197 @@ def layer_sweep(
             progress=False,
             log=lambda s: None,
         )
-        rec = {
-            "layer": layer,
-            "alpha": {m: {str(k): a for k, a in v.items()} for m, v in res.alphas.items()},
-            "activation": [r.to_json() for r in res.summary("activation")],
-            "text": [r.to_json() for r in res.summary("text")],
-            "equal_kl": [e.to_json() for e in res.equal_kl if e.lens == "text"],
-            "timings": res.timings,
-        }
+        # the same methods, alphas and combinations, read on the calibration questions
+        cal_ev = evaluate_activations(
+            model,
+            build_methods(res.config, SteeringKit(probes[layer], vectors)),
+            res.alphas,
+            res.plan,
+            calib_questions,
+            evaluator,
+            res.config,
+            progress=False,
+        )
+        rec = LayerRecord(
+            place,
+            float(evaluator.metrics.get("val_accuracy", float("nan"))),
+            res.alphas,
+            summarise_activations(cal_ev, res.config),
+            res.summary("activation"),
+            res.summary("text"),
+            [e for e in res.equal_kl if e.lens == "text"],
+            len(calib_questions),
+            len(test_questions),
+            dict(res.timings),
+        )
         out.append(rec)
         best = max(
-            (r for r in res.summary("activation") if r.method != "unsteered"),
+            (r for r in rec.calibration if r.method != "unsteered"),
             key=lambda r: r.target_prob.estimate,
         )
-        log(f"  layer {layer:2d}: best {best.method} k={best.k} p={best.target_prob.fmt()}")
+        log(
+            f"  layer {layer:2d} (evaluator {place.eval_layer}{', capped' if place.capped else ''}): "
+            f"best on calibration questions {best.method} k={best.k} p={best.target_prob.fmt()}"
+        )
     return out
 
 
+@dataclass
+class LayerChoice:
+    """The layer :func:`recommend_layer` picked, from calibration-question summaries only."""
+
+    layer: int
+    method: str
+    score: float  # mean over numbers of targets of the normalised gain (calibration questions)
+    gain: dict[int, Interval]  # per number of targets, calibration questions
+    scores: dict[int, float]  # every eligible layer's score
+    excluded: dict[int, str]  # layer -> why it was not eligible
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "method": self.method,
+            "score": self.score,
+            "gain": {str(k): v.to_json() for k, v in self.gain.items()},
+            "scores": {str(k): v for k, v in self.scores.items()},
+            "excluded": {str(k): v for k, v in self.excluded.items()},
+            "reason": self.reason,
+        }
+
+
 def recommend_layer(
-    accuracy: list[dict[str, Any]],
-    sweep: list[dict[str, Any]],
+    accuracy: Sequence[LayerAccuracy],
+    calibration: Mapping[int, Sequence[SummaryRow]],
     *,
     method: str = "ksteer",
     min_accuracy: float = 0.9,
-) -> tuple[int, str]:
-    """The swept layer where ``method`` gives the largest normalised gain of the held-out target
-    probability (mean over numbers of targets), among layers whose MLP probe reaches
-    ``min_accuracy``; with the reason."""
-    acc = {r["layer"]: r["mlp_val_accuracy"] for r in accuracy}
-    scored = []
-    for rec in sweep:
-        rows = [r for r in rec["activation"] if r["method"] == method]
-        if not rows or acc.get(rec["layer"], 0.0) < min_accuracy:
+) -> LayerChoice:
+    """The layer where ``method`` gives the largest normalised gain of the evaluator's target
+    probability (mean over numbers of targets) on the **calibration** questions, among layers
+    whose MLP probe reaches ``min_accuracy``.
+
+    ``calibration`` maps a steering layer to its calibration-question summary rows
+    (:attr:`LayerRecord.calibration`); nothing measured on test questions reaches this function.
+    """
+    acc = {r.layer: r.mlp_val_accuracy for r in accuracy}
+    scores: dict[int, float] = {}
+    gains: dict[int, dict[int, Interval]] = {}
+    excluded: dict[int, str] = {}
+    for layer, rows in calibration.items():
+        mine = [r for r in rows if r.method == method]
+        if not mine:
+            excluded[layer] = f"no {method} results"
             continue
-        scored.append((sum(r["gain"]["estimate"] for r in rows) / len(rows), rec["layer"]))
-    if not scored:
+        if acc.get(layer, 0.0) < min_accuracy:
+            excluded[layer] = f"probe accuracy {acc.get(layer, float('nan')):.2f} < {min_accuracy}"
+            continue
+        scores[layer] = sum(r.gain.estimate for r in mine) / len(mine)
+        gains[layer] = {r.k: r.gain for r in mine}
+    if not scores:
         raise ConfigError(
             f"no swept layer has {method} results with probe accuracy >= {min_accuracy}"
         )
-    gain, layer = max(scored)
-    runner = sorted(scored, reverse=True)[1] if len(scored) > 1 else None
+    ranked = sorted(scores, key=lambda lay: scores[lay], reverse=True)
+    layer = ranked[0]
     reason = (
-        f"layer {layer}: {method} gives a normalised gain of {gain:+.3f} in the held-out evaluator's "
-        f"target probability on average "
-        f"at matched coherence (probe accuracy {acc[layer]:.2f})"
+        f"layer {layer}: {method} gives a normalised gain of {scores[layer]:+.3f} in the held-out "
+        f"evaluator's target probability on the calibration questions, on average over numbers "
+        f"of targets, at matched coherence (probe accuracy {acc[layer]:.2f})"
     )
-    if runner:
-        reason += f"; next best layer {runner[1]} ({runner[0]:+.3f})"
-    return layer, reason
+    if len(ranked) > 1:
+        reason += f"; next best layer {ranked[1]} ({scores[ranked[1]]:+.3f})"
+    return LayerChoice(layer, method, scores[layer], gains[layer], scores, excluded, reason)
+
+
+@dataclass
+class Recommendation:
+    """A layer choice (calibration questions) with the test questions' figures beside it.
+
+    ``test_gain``/``test_score`` are the chosen layer's figures on the test questions;
+    ``test_best_layer`` is the layer the test figures would have picked (among the same
+    eligible layers), reported to show how stable the choice is, never used to make it.
+    """
+
+    choice: LayerChoice
+    capped_used: bool  # no uncapped layer qualified, so capped layers were considered
+    test_gain: dict[int, Interval]
+    test_score: float
+    test_scores: dict[int, float]
+    test_best_layer: int | None
+
+    @property
+    def layer(self) -> int:
+        return self.choice.layer
+
+    @property
+    def reason(self) -> str:
+        r = self.choice.reason
+        if self.capped_used:
+            r += " (no layer with the full evaluator gap qualified: capped layers were considered)"
+        r += f"; on test questions the same layer scores {self.test_score:+.3f}"
+        if self.test_best_layer is not None and self.test_best_layer != self.choice.layer:
+            r += f" (test questions alone would favour layer {self.test_best_layer})"
+        return r
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "reason": self.reason,
+            "chosen_on": "calibration questions",
+            "choice": self.choice.to_json(),
+            "capped_used": self.capped_used,
+            "test_gain": {str(k): v.to_json() for k, v in self.test_gain.items()},
+            "test_score": self.test_score,
+            "test_scores": {str(k): v for k, v in self.test_scores.items()},
+            "test_best_layer": self.test_best_layer,
+        }
+
+
+def recommend(
+    accuracy: Sequence[LayerAccuracy],
+    records: Sequence[LayerRecord],
+    *,
+    method: str = "ksteer",
+    min_accuracy: float = 0.9,
+) -> Recommendation:
+    """:func:`recommend_layer` on the records' calibration summaries (uncapped layers only, unless
+    none qualifies), then the test-question figures of the chosen layer beside it."""
+    uncapped = {r.layer: r.calibration for r in records if not r.capped}
+    capped_used = False
+    try:
+        if not uncapped:
+            raise ConfigError("no uncapped layer")
+        choice = recommend_layer(accuracy, uncapped, method=method, min_accuracy=min_accuracy)
+    except ConfigError:
+        capped_used = True
+        choice = recommend_layer(
+            accuracy,
+            {r.layer: r.calibration for r in records},
+            method=method,
+            min_accuracy=min_accuracy,
+        )
+    for r in records:
+        if r.capped and r.layer not in choice.scores and r.layer not in choice.excluded:
+            choice.excluded[r.layer] = (
+                f"evaluator gap {r.placement.actual_gap} < {r.placement.gap} (capped)"
+            )
+
+    def test_rows(rec: LayerRecord) -> list[SummaryRow]:
+        return [r for r in rec.test if r.method == method]
+
+    by_layer = {r.layer: r for r in records}
+    test_scores = {
+        lay: sum(r.gain.estimate for r in test_rows(by_layer[lay])) / len(test_rows(by_layer[lay]))
+        for lay in choice.scores
+        if test_rows(by_layer[lay])
+    }
+    chosen = test_rows(by_layer[choice.layer])
+    return Recommendation(
+        choice,
+        capped_used,
+        {r.k: r.gain for r in chosen},
+        test_scores.get(choice.layer, float("nan")),
+        test_scores,
+        max(test_scores, key=lambda lay: test_scores[lay]) if test_scores else None,
+    )
