@@ -215,11 +215,11 @@ def test_caa_diagnosis_on_tiny_model_matches_hand_computation(tiny_acts, tiny_pr
 
 
 def test_each_method_is_diagnosed_with_its_own_alpha_and_settings(tiny_acts, tiny_probe):
-    from ks_lens.comparison import METHODS
+    from ks_lens.comparison import METHODS, SteeringKit
 
     vectors = SteeringVectors.fit(tiny_acts, 2)
     names = ("ksteer", "ksteer_multistep", "ksteer_logsigmoid", "ksteer_pcgrad", "caa_mean")
-    steerers = {m: METHODS[m].build(tiny_probe, vectors) for m in names}
+    steerers = {m: METHODS[m].build(SteeringKit(tiny_probe, vectors)) for m in names}
     alphas = {m: {2: 0.5 + i} for i, m in enumerate(names)}
     cases = [VanishedCase(m, ("alpha", "beta"), ("beta",), {"beta": 1.0}, {}) for m in names]
     cases.append(VanishedCase("caa_sum", ("alpha", "beta"), ("beta",), {"beta": 1.0}, {}))
