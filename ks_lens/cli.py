@@ -110,7 +110,7 @@ def _check_out(
 
 def cmd_info(args: argparse.Namespace) -> int:
     import ks_lens
-    from ks_lens.default_model import cache_root
+    from ks_lens.packaged_models import cache_root
     from ks_lens.utils import machine_info, versions
 
     print(f"ks-lens {ks_lens.__version__}")

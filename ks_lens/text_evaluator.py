@@ -899,7 +899,7 @@ def default_text_evaluator(
     """The evaluator trained on the shipped gold tone texts (with validity), cached on disk.
 
     The cache folder is ``{cache_dir}/gold-{hash}-cfg-{hash}-sklearn-{version}`` (default
-    ``cache_dir``: ``$KS_LENS_CACHE/text_evaluators``, see :func:`ks_lens.default_model.cache_root`),
+    ``cache_dir``: ``$KS_LENS_CACHE/text_evaluators``, see :func:`ks_lens.packaged_models.cache_root`),
     so new gold texts, another config or another scikit-learn build a new one. A cached
     evaluator that fails to load (corrupt, modified, incomplete) is rebuilt with a warning.
 
@@ -910,7 +910,7 @@ def default_text_evaluator(
     import sklearn
 
     from ks_lens.datasets import load_dataset
-    from ks_lens.default_model import cache_root
+    from ks_lens.packaged_models import cache_root
 
     cfg = config or TextEvaluatorConfig()
     gold = load_gold_texts()
