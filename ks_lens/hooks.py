@@ -45,7 +45,8 @@ from ks_lens.errors import HookPointError
 
 ResidKind = Literal["resid_pre", "resid_mid", "resid_post"]
 RESID_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
-#: every per-block, d_model-wide kind ks-lens collects and probes, in forward order
+#: the d_model-wide per-block kinds with short names, in forward order (collection and probes
+#: also read any other per-block hook point, see block_kind)
 HOOK_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 #: the kinds steering may write to (resid_mid is read-only, see the module docstring)
 STEERABLE_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post")
