@@ -66,10 +66,10 @@ def plain_hf(device: torch.device) -> Any:
     """A second copy of the default model's weights as a plain HF model (no bridge, no hooks)."""
     from transformers import AutoModelForCausalLM
 
-    from ks_lens.default_model import ensure_default_model
+    from ks_lens.packaged_models import ensure_model
 
     return (
-        AutoModelForCausalLM.from_pretrained(str(ensure_default_model()), dtype=torch.float32)
+        AutoModelForCausalLM.from_pretrained(str(ensure_model("default")), dtype=torch.float32)
         .to(device)
         .eval()
     )
@@ -209,16 +209,16 @@ def bench_gradients(model: Any, probe: Any, prompts: list[str], repeats: int) ->
 
 def bench_load(cache_root: Path) -> dict[str, Any]:
     """Cached load vs first conversion, each in a fresh subprocess (imports included)."""
-    from ks_lens.default_model import WHEEL_FILENAME
+    from ks_lens.packaged_models import DEFAULT_MODEL
 
-    wheel = cache_root / "wheels" / WHEEL_FILENAME
+    wheel = cache_root / "wheels" / DEFAULT_MODEL.parts[0].filename
     code = "import time,ks_lens;t=time.perf_counter();ks_lens.load_model();print(time.perf_counter()-t)"
     env = dict(os.environ)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if wheel.is_file():
             (Path(tmp) / "wheels").mkdir()
-            shutil.copy(wheel, Path(tmp) / "wheels" / WHEEL_FILENAME)
+            shutil.copy(wheel, Path(tmp) / "wheels" / wheel.name)
         env["KS_LENS_CACHE"] = tmp
         out["first_conversion_s"] = _time_subprocess(code, env)
         out["cached_load_s"] = _time_subprocess(code, env)
@@ -369,7 +369,7 @@ def main() -> None:
     if "probes" not in skip:
         results["probe_training"] = bench_probe_training(acts, reps)
     if "load" not in skip:
-        from ks_lens.default_model import cache_root
+        from ks_lens.packaged_models import cache_root
 
         results["load"] = bench_load(cache_root())
     if "memory" not in skip:

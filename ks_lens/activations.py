@@ -17,9 +17,9 @@ Four collection modes (``mode=``):
 Positions (``position=``): ``last`` (last real token) or ``mean_response`` (mean over the answer's
 tokens; response modes only).
 
-One forward pass per batch captures every requested ``blocks.{L}.hook_resid_post`` (and
-optionally ``hook_resid_pre``); the pass stops right after the last requested hook, so no
-unembedding is computed. Batches are left padded with attention masks and position ids derived
+One forward pass per batch captures every requested hook point (``blocks.{L}.hook_resid_post`` by
+default; any kind of :func:`ks_lens.hooks.block_kind`, e.g. ``hook_kinds=("attn.hook_z",)``); the
+pass stops right after the last requested hook fires, so no unembedding is computed. Batches are left padded with attention masks and position ids derived
 from them, so a row's activation equals that of the prompt run alone.
 
 :func:`collect_activations` returns an in-memory :class:`Activations`; :func:`collect_to_store`
@@ -30,6 +30,7 @@ checksums and refuses a store made for another model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -52,9 +53,17 @@ from ks_lens.chat import (
     left_pad,
 )
 from ks_lens.datasets import BehaviourDataset, base_labels, multi_hot
-from ks_lens.errors import ConfigError, DatasetError, StoreError
+from ks_lens.errors import ConfigError, DatasetError, HookPointError, StoreError
 from ks_lens.generation import generate_from_batch
-from ks_lens.hooks import HOOK_KINDS, KIND_ORDER, check_layer, parse_hook, resid_hook
+from ks_lens.hooks import (
+    HOOK_KINDS,
+    NO_POSITION_KINDS,
+    block_kind,
+    canonical_hook_name,
+    check_hook_name,
+    check_layer,
+    resid_hook,
+)
 from ks_lens.io import (
     atomic_save_safetensors,
     atomic_write_json,
@@ -84,7 +93,9 @@ STORE_FORMAT = "ks_lens.activation_store"
 class Activations:
     """Activations of ``n`` rows at ``len(layers)`` layers for each hook kind.
 
-    ``acts[kind][i, j]`` is row ``i``'s activation at ``blocks.{layers[j]}.hook_{kind}``.
+    ``acts[kind][i, j]`` is row ``i``'s activation at ``blocks.{layers[j]}.hook_{kind}``
+    (``[d_model]`` for the residual-stream kinds; the hook's own feature shape for other kinds,
+    e.g. ``[n_heads, d_head]`` for ``"attn.hook_z"``, see :meth:`feature_shape`).
     ``labels[i]`` indexes ``label_names`` (``-1`` for unlabelled, i.e. neutral rows).
 
     Accessors (layers are MODEL layer indices; negative ones count from the model's last layer)::
@@ -94,9 +105,11 @@ class Activations:
         acts[-1, "resid_pre"]         # [n, d_model] at the last layer's hook_resid_pre
         acts.tensor()                 # [n, n_collected_layers, d_model], layers as in acts.layers
         acts.tensor(kind="resid_pre") # same for another collected kind
+        acts.at(1, "attn.hook_z")     # [n, n_heads, d_head]
+        acts.features(1, "attn.hook_z")  # [n, n_heads * d_head], what probes train on
     """
 
-    acts: dict[str, Float[torch.Tensor, "n layer d_model"]]
+    acts: dict[str, Float[torch.Tensor, "n layer ..."]]
     layers: tuple[int, ...]
     labels: Int[torch.Tensor, " n"]
     label_names: tuple[str, ...]
@@ -111,16 +124,26 @@ class Activations:
         model = self.meta.get("model", {}).get("model")
         mode = self.meta.get("collect", {}).get("mode")
         n_lab = int((self.labels >= 0).sum())
+        other = {k: list(self.feature_shape(k)) for k in self.acts if k not in HOOK_KINDS}
+        shapes = f", feature_shapes={other}" if other else ""
         return (
             f"Activations(n={len(self)} ({n_lab} labelled), layers={list(self.layers)}, "
-            f"kinds={list(self.acts)}, d_model={self.d_model}, labels={list(self.label_names)}, "
-            f"model={model!r}, mode={mode!r})"
+            f"kinds={list(self.acts)}, d_model={self.d_model}{shapes}, "
+            f"labels={list(self.label_names)}, model={model!r}, mode={mode!r})"
         )
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        """``(n_rows, n_collected_layers, d_model)``: the shape of :meth:`tensor`."""
-        return (len(self), len(self.layers), self.d_model)
+    def shape(self) -> tuple[int, ...]:
+        """``(n_rows, n_collected_layers, d_model)``: the shape of :meth:`tensor` (for a kind that
+        is not ``d_model`` wide, ``(n_rows, n_collected_layers, *feature_shape)``)."""
+        return (len(self), len(self.layers), *self.feature_shape(self._default_kind(None)))
+
+    def feature_shape(self, kind: str = "resid_post") -> tuple[int, ...]:
+        """One row's activation shape at one layer: ``(d_model,)`` for the residual-stream kinds,
+        e.g. ``(n_heads, d_head)`` for ``"attn.hook_z"``, ``(d_mlp,)`` for ``"mlp.hook_post"``."""
+        if kind not in self.acts:
+            raise StoreError(f"no {kind!r} activations here; available: {sorted(self.acts)}")
+        return tuple(int(x) for x in self.acts[kind].shape[2:])
 
     def _default_kind(self, kind: str | None) -> str:
         if kind is not None:
@@ -129,9 +152,10 @@ class Activations:
 
     def tensor(
         self, layer: int | None = None, kind: str | None = None
-    ) -> Float[torch.Tensor, "n d_model"] | Float[torch.Tensor, "n layer d_model"]:
+    ) -> Float[torch.Tensor, "n ..."] | Float[torch.Tensor, "n layer ..."]:
         """``[n, d_model]`` at one model layer, or ``[n, n_collected_layers, d_model]`` for
-        ``layer=None``; ``kind`` defaults to ``"resid_post"`` (or the only collected kind)."""
+        ``layer=None``; ``kind`` defaults to ``"resid_post"`` (or the only collected kind).
+        Other kinds keep their feature shape in place of ``d_model``."""
         kind = self._default_kind(kind)
         if layer is None:
             if kind not in self.acts:
@@ -149,10 +173,17 @@ class Activations:
 
     @property
     def d_model(self) -> int:
-        return int(next(iter(self.acts.values())).shape[-1])
+        """The model's residual-stream width (recorded in the metadata, else read off a
+        residual-stream kind, else the last dimension of the collected activations)."""
+        d = self.meta.get("model", {}).get("d_model")
+        if isinstance(d, int):
+            return d
+        kind = next((k for k in self.acts if k in HOOK_KINDS), next(iter(self.acts)))
+        return int(self.acts[kind].shape[-1])
 
-    def at(self, layer: int, kind: str = "resid_post") -> Float[torch.Tensor, "n d_model"]:
-        """Activations at one layer (``layer`` is a model layer index, not a position in ``layers``)."""
+    def at(self, layer: int, kind: str = "resid_post") -> Float[torch.Tensor, "n ..."]:
+        """Activations at one layer (``layer`` is a model layer index, not a position in ``layers``):
+        ``[n, d_model]``, or ``[n, *feature_shape(kind)]`` for other kinds."""
         if kind not in self.acts:
             raise StoreError(f"no {kind!r} activations here; available: {sorted(self.acts)}")
         if isinstance(layer, bool) or not isinstance(layer, int):
@@ -170,6 +201,10 @@ class Activations:
                 f"layer {layer} was not collected; collected layers: {list(self.layers)}"
             )
         return self.acts[kind][:, self.layers.index(layer)]
+
+    def features(self, layer: int, kind: str = "resid_post") -> Float[torch.Tensor, "n feature"]:
+        """:meth:`at` flattened to ``[n, prod(feature_shape)]``: the features probes train on."""
+        return self.at(layer, kind).flatten(1)
 
     @property
     def base_labels(self) -> tuple[str, ...]:
@@ -245,26 +280,28 @@ class _StopCapture(Exception):
     """Raised by the last capture hook: nothing after it needs computing."""
 
 
-def capture_batch(
+def capture_features(
     model: Any,
     batch: TokenBatch,
     hook_names: Sequence[str],
     *,
     response_start: Int[torch.Tensor, " batch"] | None = None,
     position: str = "last",
-) -> Float[torch.Tensor, "batch hook d_model"]:
-    """One forward pass; the activation summary at every hook in ``hook_names`` (in that order).
+) -> list[Float[torch.Tensor, "batch ..."]]:
+    """One forward pass; the activation summary at every hook in ``hook_names`` (in that order),
+    each ``[batch, *feature]`` (e.g. ``[batch, d_model]``, ``[batch, n_heads, d_head]``).
 
     ``position="last"`` takes the final (left-padded, hence real) token; ``"mean_response"``
     averages positions ``response_start[b]`` (index within the unpadded row) to the end.
-    Hook names are any of :data:`ks_lens.hooks.HOOK_KINDS` (either spelling); the pass stops after
-    the last one fires.
+    Hook names are any per-block hook point with a ``[batch, pos, ...]`` activation; the pass
+    stops as soon as all of them have fired.
     """
     if position not in POSITIONS:
         raise ConfigError(f"unknown position {position!r}; use one of {POSITIONS}")
-    parsed = [parse_hook(n) for n in hook_names]
-    last = max(range(len(parsed)), key=lambda i: (parsed[i][0], KIND_ORDER[parsed[i][1]]))
+    if not hook_names:
+        raise ConfigError("hook_names must name at least one hook point")
     store: dict[int, torch.Tensor] = {}
+    n_rows, width = batch.input_ids.shape
     if position == "mean_response":
         if response_start is None:
             raise ConfigError("position='mean_response' needs response_start")
@@ -276,25 +313,63 @@ def capture_batch(
 
     def make_hook(i: int):
         def hook(act: torch.Tensor, hook: Any) -> None:
+            if act.dim() < 3 or tuple(act.shape[:2]) != (n_rows, width):
+                raise HookPointError(
+                    f"{hook_names[i]} gives activations of shape {tuple(act.shape)}, not "
+                    f"[batch={n_rows}, pos={width}, ...]: ks-lens collects per-token activations "
+                    "only (attention patterns and scores are [batch, head, query, key])"
+                )
+            a = act.detach().float()
             if position == "last":
-                store[i] = act[:, -1, :].detach().float()
+                store[i] = a[:, -1].clone()
             else:
-                store[i] = torch.einsum("bp,bpd->bd", weights.to(act.device), act.detach().float())
-            if i == last:
+                w = weights.to(a.device)
+                store[i] = (w.reshape(*w.shape, *([1] * (a.dim() - 2))) * a).sum(1)
+            if len(store) == len(hook_names):
                 raise _StopCapture
 
         return hook
 
     fwd_hooks = [(name, make_hook(i)) for i, name in enumerate(hook_names)]
-    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(model.hooks(fwd_hooks=fwd_hooks))
+        except ValueError as e:  # TransformerLens refuses hook points gated off by default
+            raise HookPointError(f"cannot collect at {list(hook_names)}: {e}") from None
         try:
             model(batch.input_ids, attention_mask=batch.attention_mask)
         except _StopCapture:
             pass
     missing = [hook_names[i] for i in range(len(hook_names)) if i not in store]
     if missing:
-        raise RuntimeError(f"hooks did not fire: {missing}")
-    return torch.stack([store[i] for i in range(len(hook_names))], dim=1).cpu()
+        raise HookPointError(
+            f"hook point(s) {missing} did not fire in a forward pass: this architecture never "
+            "calls them (model.hook_dict lists every name TransformerLens defines); collect at "
+            "another hook point"
+        )
+    return [store[i].cpu() for i in range(len(hook_names))]
+
+
+def capture_batch(
+    model: Any,
+    batch: TokenBatch,
+    hook_names: Sequence[str],
+    *,
+    response_start: Int[torch.Tensor, " batch"] | None = None,
+    position: str = "last",
+) -> Float[torch.Tensor, "batch hook d_model"]:
+    """:func:`capture_features` stacked to ``[batch, hook, d_model]``, for hook points that share one
+    feature shape (e.g. the residual-stream kinds); otherwise use :func:`capture_features`."""
+    feats = capture_features(
+        model, batch, hook_names, response_start=response_start, position=position
+    )
+    shapes = {tuple(f.shape[1:]) for f in feats}
+    if len(shapes) > 1:
+        raise ConfigError(
+            f"capture_batch stacks hook points of one feature shape; these have {sorted(shapes)}. "
+            "Use capture_features for a list of [batch, *feature] tensors."
+        )
+    return torch.stack(feats, dim=1)
 
 
 # ----------------------------------------------------------------------------- collection core
@@ -319,13 +394,19 @@ class CollectSpec:
             raise ConfigError(f"unknown position {self.position!r}; use one of {POSITIONS}")
         if self.position == "mean_response" and self.mode not in ("response", "response-only"):
             raise ConfigError("position='mean_response' needs mode 'response' or 'response-only'")
-        for k in self.hook_kinds:
-            if k not in HOOK_KINDS:
-                raise ConfigError(
-                    f"hook_kinds: unknown hook kind {k!r}; collection reads any of {HOOK_KINDS}"
-                )
         if not self.hook_kinds:
             raise ConfigError(f"hook_kinds must name at least one of {HOOK_KINDS}")
+        kinds: dict[str, str] = {}  # canonical hook name at block 0 -> kind
+        for k in self.hook_kinds:
+            kinds.setdefault(canonical_hook_name(resid_hook(0, _collect_kind(k)), model), k)
+        hook_kinds = tuple(_collect_kind(k) for k in kinds.values())
+        for k in hook_kinds:
+            try:
+                check_hook_name(model, resid_hook(0, k))
+            except HookPointError as e:
+                raise ConfigError(
+                    f"hook_kinds: unknown hook kind {k!r} ({e}); {_KINDS_HELP}"
+                ) from None
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("batch_size and max_new_tokens must be positive")
         n = int(model.cfg.n_layers)
@@ -339,7 +420,7 @@ class CollectSpec:
         return CollectSpec(
             self.mode,
             layers,
-            tuple(dict.fromkeys(self.hook_kinds)),
+            hook_kinds,
             self.position,
             self.batch_size,
             self.max_new_tokens,
@@ -360,6 +441,37 @@ class CollectSpec:
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seed,
         }
+
+
+_KINDS_HELP = (
+    f"collection reads any of {HOOK_KINDS} or any other per-block hook point with a position "
+    "axis, named by its suffix after 'blocks.{L}.' (e.g. 'attn.hook_z' [batch, pos, n_heads, "
+    "d_head], 'mlp.hook_post' [batch, pos, d_mlp]; model.hook_dict lists them)"
+)
+
+
+def _collect_kind(kind: str) -> str:
+    """:func:`block_kind` for collection: unknown spellings and hooks without a position axis are
+    a :class:`ConfigError`."""
+    try:
+        k = block_kind(kind)
+    except HookPointError:
+        raise ConfigError(f"hook_kinds: unknown hook kind {kind!r}; {_KINDS_HELP}") from None
+    if k in NO_POSITION_KINDS:
+        raise ConfigError(
+            f"hook_kinds: {k!r} is [batch, head, query, key], with no per-token activation to "
+            f"collect; {_KINDS_HELP}"
+        )
+    return k
+
+
+def feature_shapes(model: Any, hook_kinds: Sequence[str]) -> dict[str, list[int]]:
+    """One row's activation shape at each kind (the same at every layer), read off a 2-token
+    forward pass: ``{"resid_post": [d_model], "attn.hook_z": [n_heads, d_head], ...}``."""
+    names = [resid_hook(0, k) for k in hook_kinds]
+    ids = torch.zeros(2, 2, dtype=torch.long, device=model_device(model))
+    feats = capture_features(model, TokenBatch(ids, torch.ones_like(ids)), names)
+    return {k: [int(x) for x in f.shape[1:]] for k, f in zip(hook_kinds, feats, strict=True)}
 
 
 @dataclass
@@ -424,15 +536,19 @@ def _collect_chunk(
             seqs.append(head + list(answers[i] or []))
             starts.append(len(head))
     order = sorted(range(len(rows)), key=lambda i: (len(seqs[i]), i))
-    out = torch.empty(len(rows), len(names), int(model.cfg.d_model))
+    out: list[torch.Tensor] = []  # one [n_rows, *feature] per hook name
     for start in range(0, len(order), spec.batch_size):
         idx = order[start : start + spec.batch_size]
         batch = left_pad([seqs[i] for i in idx], pad_token_id(tok), device)
         rs = torch.tensor([min(starts[i], len(seqs[i]) - 1) for i in idx], device=device)
-        out[idx] = capture_batch(model, batch, names, response_start=rs, position=spec.position)
+        feats = capture_features(model, batch, names, response_start=rs, position=spec.position)
+        if not out:
+            out = [torch.empty(len(rows), *f.shape[1:]) for f in feats]
+        for o, f in zip(out, feats, strict=True):
+            o[idx] = f
     n_layers = len(spec.layers or ())
     acts = {
-        kind: out[:, k * n_layers : (k + 1) * n_layers].contiguous()
+        kind: torch.stack(out[k * n_layers : (k + 1) * n_layers], dim=1)
         for k, kind in enumerate(spec.hook_kinds)
     }
     return _Chunk(acts, list(rows), texts, answers)
@@ -482,6 +598,7 @@ def _base_meta(
         "split": split,
         "collect": spec.to_json(),
         "hook_names": spec.hook_names(),
+        "feature_shapes": feature_shapes(model, spec.hook_kinds),
         "n_rows": n_rows,
     }
 
@@ -507,6 +624,7 @@ def _plan(
         max_new_tokens,
         seed,
     ).validate(model)
+    feature_shapes(model, spec.hook_kinds)  # every hook fires with a per-token layout
     rows = plan_rows(dataset, spec.mode)
     if not rows:
         raise DatasetError(f"dataset {dataset.name!r} has no questions: nothing to collect")
@@ -547,7 +665,10 @@ def collect_activations(
         mode: ``"prompt"``, ``"response"``, ``"response-only"`` or ``"neutral"``.
         layers: model layer indices (negative count from the end); default every layer.
         hook_kinds: any of ``"resid_pre"``, ``"attn_out"``, ``"resid_mid"``, ``"mlp_out"``,
-            ``"resid_post"``.
+            ``"resid_post"`` (``d_model`` wide), or any other per-block hook point by its suffix
+            after ``blocks.{L}.``, e.g. ``"attn.hook_z"`` (kept as ``[n_heads, d_head]``) or
+            ``"mlp.hook_post"`` (``[d_mlp]``). Probes train on any kind (flattened); steering
+            writes only to ``resid_pre``, ``attn_out``, ``mlp_out`` and ``resid_post``.
         position: ``"last"`` token or ``"mean_response"`` (response modes).
         batch_size, max_new_tokens, seed: batching and the generation of response modes.
         split: a dataset split name to record in the metadata.
@@ -662,6 +783,14 @@ class ActivationStore:
         return tuple(self.meta["collect"]["hook_kinds"])
 
     @property
+    def feature_shapes(self) -> dict[str, list[int]]:
+        """One row's activation shape at each kind (stores made before non-``d_model`` kinds
+        existed record none: every kind there is ``[d_model]``)."""
+        recorded = self.meta.get("feature_shapes") or {}
+        d = int(self.meta["model"]["d_model"])
+        return {k: list(recorded.get(k, [d])) for k in self.hook_kinds}
+
+    @property
     def n_rows_done(self) -> int:
         return sum(s["rows"][1] - s["rows"][0] for s in self.meta["shards"])
 
@@ -720,6 +849,7 @@ class ActivationStore:
                 )
         cols = [all_layers.index(x) for x in want]
         contiguous = cols == list(range(cols[0], cols[0] + len(cols))) if cols else False
+        shapes = self.feature_shapes
         acts: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
         labels: list[int] = []
         qids: list[str] = []
@@ -727,19 +857,29 @@ class ActivationStore:
         for s in self.meta["shards"]:
             with safe_open(str(self.path / s["tensors"]["file"]), framework="pt") as f:
                 for k in kinds:
+                    sl = f.get_slice(k)
+                    n_shard = s["rows"][1] - s["rows"][0]
+                    if list(sl.get_shape()) != [n_shard, len(all_layers), *shapes[k]]:
+                        raise StoreError(
+                            f"{self.path / s['tensors']['file']}: {k!r} has shape "
+                            f"{sl.get_shape()}, but the store metadata says "
+                            f"[{n_shard}, {len(all_layers)}, *{shapes[k]}]"
+                        )
                     if contiguous:
-                        acts[k].append(f.get_slice(k)[:, cols[0] : cols[0] + len(cols), :])
+                        acts[k].append(sl[:, cols[0] : cols[0] + len(cols)])
                     else:
-                        acts[k].append(f.get_tensor(k)[:, cols, :])
+                        acts[k].append(f.get_tensor(k)[:, cols])
             rows = json.loads((self.path / s["rows_file"]["file"]).read_text())
             labels.extend(rows["labels"])
             qids.extend(rows["question_ids"])
             texts.extend(rows.get("texts") or [None] * len(rows["labels"]))
-        d = int(self.meta["model"]["d_model"])
         meta = {k: v for k, v in self.meta.items() if k not in ("shards", "meta_sha256")}
         meta["store"] = str(self.path)
         return Activations(
-            {k: (torch.cat(v) if v else torch.empty(0, len(want), d)) for k, v in acts.items()},
+            {
+                k: (torch.cat(v) if v else torch.empty(0, len(want), *shapes[k]))
+                for k, v in acts.items()
+            },
             want,
             torch.tensor(labels, dtype=torch.long),
             self.label_names,

@@ -110,7 +110,7 @@ def _check_out(
 
 def cmd_info(args: argparse.Namespace) -> int:
     import ks_lens
-    from ks_lens.default_model import cache_root
+    from ks_lens.packaged_models import cache_root
     from ks_lens.utils import machine_info, versions
 
     print(f"ks-lens {ks_lens.__version__}")
@@ -475,7 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--layers", type=_layer_list, default=None, help="comma-separated layer indices, or all"
     )
     p.add_argument(
-        "--hooks", default="resid_post", help="comma-separated kinds: " + ",".join(HOOK_KINDS)
+        "--hooks",
+        default="resid_post",
+        help="comma-separated kinds: "
+        + ",".join(HOOK_KINDS)
+        + ", or any per-block hook suffix such as attn.hook_z or mlp.hook_post (collect and "
+        "train only; steering writes to d_model-wide kinds)",
     )
     p.add_argument("--position", default="last", choices=["last", "mean_response"])
     p.add_argument("--batch-size", type=int, default=16)
@@ -496,7 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="layer index, comma-separated list, or all (default)",
     )
-    p.add_argument("--hook", default="resid_post", choices=list(HOOK_KINDS))
+    p.add_argument(
+        "--hook",
+        default="resid_post",
+        help="a kind collected in the store: " + ",".join(HOOK_KINDS) + " or e.g. attn.hook_z",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace the probe(s) already in --out")
     p.add_argument("--kind", default="mlp", choices=["mlp", "linear"])

@@ -19,11 +19,20 @@ Inside a hook function TransformerLens passes ``hook.name`` = the CANONICAL name
 ``names_filter`` given an alias returns the activation under both spellings. Compare names with
 :func:`same_hook_point` / :func:`canonical_hook_name`, never with ``==``.
 
-All five kinds can be collected and probed (they are ``d_model`` wide). Steering may write to
-every kind except ``hook_resid_mid``: a write there changes only the MLP's input, not the residual
-stream carried to later blocks (the HF decoder layer keeps its own residual variable), so
-:func:`check_steerable` refuses it. A write to ``hook_attn_out`` (``hook_mlp_out``) is added to the
-residual stream at ``hook_resid_mid`` (``hook_resid_post``).
+Collection and probes also read every other per-block hook point with a position axis, named by
+its block-relative suffix as a "kind": ``"attn.hook_z"`` (``blocks.{L}.attn.hook_z``,
+``[batch, pos, n_heads, d_head]``), ``"mlp.hook_post"`` (``[batch, pos, d_mlp]``),
+``"attn.hook_q"``, ``"ln1.hook_normalized"``, ... (``model.hook_dict`` lists them). Such
+activations keep their feature shape (recorded in store metadata); probes train on them flattened.
+Attention patterns and scores (``attn.hook_pattern``, ``attn.hook_attn_scores``, ``[batch, head,
+query, key]``) have no per-token layout and are refused.
+
+Steering adds ``d_model``-wide vectors, so it writes only to :data:`STEERABLE_KINDS`: every short
+kind except ``hook_resid_mid`` (a write there changes only the MLP's input, not the residual stream
+carried to later blocks; the HF decoder layer keeps its own residual variable).
+:func:`check_steerable` refuses everything else with the list of what is allowed. A write to
+``hook_attn_out`` (``hook_mlp_out``) is added to the residual stream at ``hook_resid_mid``
+(``hook_resid_post``).
 """
 
 from __future__ import annotations
@@ -36,11 +45,13 @@ from ks_lens.errors import HookPointError
 
 ResidKind = Literal["resid_pre", "resid_mid", "resid_post"]
 RESID_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
-#: every per-block, d_model-wide kind ks-lens collects and probes, in forward order
+#: the d_model-wide per-block kinds with short names, in forward order (collection and probes
+#: also read any other per-block hook point, see block_kind)
 HOOK_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 #: the kinds steering may write to (resid_mid is read-only, see the module docstring)
 STEERABLE_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post")
-KIND_ORDER: dict[str, int] = {k: i for i, k in enumerate(HOOK_KINDS)}
+#: block-relative hook suffixes without a per-token layout ([batch, head, query, key])
+NO_POSITION_KINDS: tuple[str, ...] = ("attn.hook_pattern", "attn.hook_attn_scores")
 
 _ALIAS_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
 _CANONICAL = {
@@ -55,6 +66,10 @@ _CANONICAL_RE = re.compile(
     r"^blocks\.(\d+)\.(hook_in|hook_out|ln2\.hook_in|attn\.hook_out|mlp\.hook_out)$"
 )
 _GLOBAL_ALIASES = {"hook_embed": "embed.hook_out", "hook_pos_embed": "pos_embed.hook_out"}
+# any per-block hook point: blocks.{L}.<suffix>, the suffix ending in a hook_* name
+_SUFFIX = r"(?:[A-Za-z0-9_]+\.)*hook_[A-Za-z0-9_]+"
+_SUFFIX_RE = re.compile(rf"^{_SUFFIX}$")
+_BLOCK_RE = re.compile(rf"^blocks\.(\d+)\.({_SUFFIX})$")
 
 
 def canonical_hook_name(name: str, model: Any | None = None) -> str:
@@ -105,19 +120,46 @@ def check_layer(model: Any, layer: int) -> int:
     return layer % n
 
 
+def block_kind(kind: str) -> str:
+    """The kind ks-lens records for a per-block hook point, given any spelling of it.
+
+    The five residual-stream-wide kinds have short names (:data:`HOOK_KINDS`):
+    ``"resid_post"``, ``"hook_resid_post"`` and the canonical ``"hook_out"`` all give
+    ``"resid_post"``. Any other block-relative suffix (``"attn.hook_z"``, ``"mlp.hook_post"``) is
+    its own kind. Whether the hook exists on a model is checked by :func:`check_hook_name`.
+    """
+    if not isinstance(kind, str):
+        raise HookPointError(f"a hook kind is a string, got {kind!r}")
+    if kind in HOOK_KINDS:
+        return kind
+    if kind in _CANONICAL:
+        return _CANONICAL[kind]
+    if kind.startswith("hook_") and kind[5:] in HOOK_KINDS:
+        return kind[5:]
+    if _SUFFIX_RE.match(kind) and not kind.startswith("blocks."):
+        return kind
+    raise HookPointError(
+        f"unknown hook kind {kind!r}; use one of {HOOK_KINDS} or a block-relative hook suffix "
+        "such as 'attn.hook_z' or 'mlp.hook_post' (the part after 'blocks.{L}.' in "
+        "model.hook_dict)"
+    )
+
+
 def resid_hook(layer: int, kind: str = "resid_post") -> str:
-    """``resid_hook(3) == "blocks.3.hook_resid_post"``; ``kind`` is one of :data:`HOOK_KINDS`."""
-    if kind not in HOOK_KINDS:
-        raise HookPointError(f"unknown hook kind {kind!r}; use one of {HOOK_KINDS}")
+    """The hook name of ``kind`` at block ``layer``: ``resid_hook(3) == "blocks.3.hook_resid_post"``,
+    ``resid_hook(3, "attn.hook_z") == "blocks.3.attn.hook_z"`` (see :func:`block_kind`)."""
+    kind = block_kind(kind)
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise HookPointError(f"layer must be a non-negative int, got {layer!r}")
-    return f"blocks.{layer}.hook_{kind}"
+    return f"blocks.{layer}.hook_{kind}" if kind in HOOK_KINDS else f"blocks.{layer}.{kind}"
 
 
 def parse_hook(name: str) -> tuple[int, str]:
-    """``"blocks.3.hook_mlp_out"`` (or its canonical ``"blocks.3.mlp.hook_out"``) -> ``(3, "mlp_out")``.
+    """``"blocks.3.hook_mlp_out"`` (or its canonical ``"blocks.3.mlp.hook_out"``) -> ``(3, "mlp_out")``;
+    ``"blocks.3.attn.hook_z"`` -> ``(3, "attn.hook_z")``.
 
-    Accepts every kind in :data:`HOOK_KINDS`, in either spelling.
+    Accepts every per-block hook name (``blocks.{L}.<suffix>``); the kind is as :func:`block_kind`
+    gives it.
     """
     m = _ALIAS_RE.match(name)
     if m:
@@ -125,10 +167,14 @@ def parse_hook(name: str) -> tuple[int, str]:
     m = _CANONICAL_RE.match(name)
     if m:
         return int(m.group(1)), _CANONICAL[m.group(2)]
+    m = _BLOCK_RE.match(name) if isinstance(name, str) else None
+    if m:
+        return int(m.group(1)), m.group(2)
     allowed = ", ".join(f"'blocks.{{L}}.hook_{k}'" for k in HOOK_KINDS)
     raise HookPointError(
-        f"{name!r} is not a hook point ks-lens can read; expected one of {allowed} (or their "
-        "TransformerLens 4 canonical names, e.g. 'blocks.{L}.hook_out')"
+        f"{name!r} is not a per-block hook point ks-lens can read; expected one of {allowed} "
+        "(or their TransformerLens 4 canonical names, e.g. 'blocks.{L}.hook_out'), or another "
+        "'blocks.{L}.<...>.hook_<name>' point such as 'blocks.{L}.attn.hook_z'"
     )
 
 
@@ -163,12 +209,9 @@ def check_hook_name(model: Any, name: str) -> str:
     raise HookPointError(f"hook {name!r} does not exist on this model{hint}")
 
 
-def check_steerable(model: Any, name: str) -> tuple[int, str]:
-    """Validate a hook point that steering will write to; returns ``(layer, kind)``.
-
-    Allowed: :data:`STEERABLE_KINDS` (``hook_resid_pre``, ``hook_attn_out``, ``hook_mlp_out``,
-    ``hook_resid_post``), in either spelling.
-    """
+def check_steerable_kind(name: str) -> tuple[int, str]:
+    """``(layer, kind)`` of a hook name steering may write to, without a model; raises
+    :class:`HookPointError` listing exactly what is allowed (:data:`STEERABLE_KINDS`)."""
     allowed = ", ".join(f"'blocks.{{L}}.hook_{k}'" for k in STEERABLE_KINDS)
     try:
         layer, kind = parse_hook(name)
@@ -177,12 +220,28 @@ def check_steerable(model: Any, name: str) -> tuple[int, str]:
             f"cannot steer at {name!r}: steering writes to one of {allowed} (or their "
             "TransformerLens 4 canonical names)"
         ) from None
-    check_layer(model, layer)
-    if kind not in STEERABLE_KINDS:
+    if kind == "resid_mid":
         raise HookPointError(
             f"refusing to steer at {name!r}: in TransformerLens 4 a write to hook_resid_mid only "
             "changes the MLP input of that block, not the residual stream carried forward. Steer "
             f"at one of {allowed.replace('{L}', str(layer))} instead."
         )
+    if kind not in STEERABLE_KINDS:
+        raise HookPointError(
+            f"cannot steer at {name!r}: activations there can be collected and probed, but "
+            "steering adds d_model-wide vectors and writes only to one of "
+            f"{allowed.replace('{L}', str(layer))} (or their TransformerLens 4 canonical names)"
+        )
+    return layer, kind
+
+
+def check_steerable(model: Any, name: str) -> tuple[int, str]:
+    """Validate a hook point that steering will write to; returns ``(layer, kind)``.
+
+    Allowed: :data:`STEERABLE_KINDS` (``hook_resid_pre``, ``hook_attn_out``, ``hook_mlp_out``,
+    ``hook_resid_post``), in either spelling.
+    """
+    layer, kind = check_steerable_kind(name)
+    check_layer(model, layer)
     check_hook_name(model, name)
     return layer, kind

