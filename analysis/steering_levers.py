@@ -93,7 +93,8 @@ class Runner:
             saved = json.loads(path.read_text())
             if (
                 saved.get("source") == source
-                and saved["result"]["comparison_config"] == cfg.to_json()
+                and saved["result"]["comparison_config"]
+                == json.loads(json.dumps(cfg.to_json()))  # tuples as lists, as in the file
             ):
                 print(f"[levers] reusing {path}")
                 return ComparisonResult.from_json(saved["result"])
