@@ -79,8 +79,11 @@ def test_fast_demo_on_default_model(tmp_path):
                 0 < cal["alpha"]
                 and cal["metric_at_alpha"] <= on_disk["comparison_config"]["kl_budget"]
             )
-    # the text level ran at every alpha factor, and the validity of the evaluators is reported
-    assert len(result.curves) > 0 and on_disk["text_evaluator_validity"]["n_texts"] >= 1000
+    # the text level ran at every alpha factor, and the validity of the evaluators is reported;
+    # the text evaluator is measured on (and trained from) the judge half of the gold texts only
+    validity = on_disk["text_evaluator_validity"]
+    assert len(result.curves) > 0 and 400 <= validity["n_texts"] < 1000
+    assert validity["question_cv"]["single_accuracy"] >= 0.8
 
 
 def _wait_for_shards(meta: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
