@@ -101,6 +101,32 @@ def bench_collection(model: Any, hf: Any, prompts: list[str], repeats: int) -> d
     }
 
 
+def bench_prefix_sharing(model: Any, dataset: Any, repeats: int) -> dict[str, Any]:
+    """Prompt-mode collection (all layers, last token) with the instruction's KV cache shared
+    within each behaviour vs every row run whole; same rows, same batch size, one run."""
+    kw = dict(mode="prompt", batch_size=16, progress=False)
+
+    def shared() -> Any:
+        return collect_activations(model, dataset, share_prefix=True, **kw)
+
+    def whole() -> Any:
+        return collect_activations(model, dataset, share_prefix=False, **kw)
+
+    t = interleaved({"shared_prefix": shared, "whole_rows": whole}, repeats)
+    a, b = shared().tensor(), whole().tensor()
+    rel = float(((a - b).abs() / b.abs().amax(dim=(0, 2), keepdim=True)).max())
+    n = len(b)
+    return {
+        "seconds": t,
+        "rows": n,
+        "rows_per_s": {k: n / v for k, v in t.items()},
+        "speedup": t["whole_rows"] / t["shared_prefix"],
+        "target": 1.5,
+        "max_diff_relative_to_layer_max": rel,
+        "tolerance": 1e-5,
+    }
+
+
 def bench_generation(
     model: Any, hf: Any, probe: Any, vectors: Any, prompts: list[str], repeats: int, new_tokens: int
 ) -> dict[str, Any]:
