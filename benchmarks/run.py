@@ -4,17 +4,23 @@
 
 1. activation collection (all layers, last token) vs a plain Hugging Face forward over the same
    batches (target <= 1.10x);
-2. steered greedy generation vs unsteered (batch 8, 64 new tokens, KV cache): CAA <= 1.05x,
+2. prompt-mode collection with the system prompt's KV cache shared vs every row run whole
+   (rows/s of each; target >= 1.5x faster, max difference <= 1e-5 of the layer's largest value);
+3. steered greedy generation vs unsteered (batch 8, 64 new tokens, KV cache): CAA <= 1.05x,
    K-Steering 1 step <= 1.15x, 3 steps <= 1.40x; ks-lens's unsteered generation vs HF `generate`
-   on a plain HF copy of the same weights;
-3. per-example K-Steering gradients for 32 sequences in one backward pass vs 32 separate passes
-   (>= 10x faster, identical results);
-4. default model load: cached vs first conversion;
-5. peak RSS while collecting 2,000 prompts at 30 layers vs 250 prompts (streaming shards);
-6. probe training for all layers at once vs one layer at a time.
+   on a plain HF copy of the same weights (<= 1.10x), and the same through every bridge component;
+4. per-example K-Steering gradients for 32 sequences in one backward pass vs 32 separate passes
+   (>= 10x faster at the last token, identical results);
+5. default model load: cached vs first conversion;
+6. peak RSS while collecting 2,000 prompts at 30 layers vs 250 prompts (streaming shards);
+7. probe training for all layers at once vs one layer at a time.
 
 Timings are medians of repeated runs, interleaved so that drifts in machine speed hit every
-variant alike. Writes JSON (with the machine, torch version and threads) and prints a table.
+variant alike. Writes JSON (with the machine, torch version and threads, and every guarded figure
+beside its target under ``checks``) and prints a table. Exits 1 when a figure misses its target
+by more than the noise margin (``--margin``; 10 % of the target with ``--quick``, 5 % otherwise).
+``--quick`` (a regression guard, about 2 minutes on 2 idle cores) uses fewer prompts, 32 new
+tokens and 2 repeats, and skips the subprocess load and memory tests.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import torch
 import ks_lens as ks
 from ks_lens.activations import capture_batch, collect_activations
 from ks_lens.datasets import load_dataset, make_splits
+from ks_lens.hf_path import hf_modules
 from ks_lens.hooks import resid_hook
 from ks_lens.models import pad_token_id
 from ks_lens.probes import ProbeConfig, train_probe, train_probes
@@ -101,6 +108,32 @@ def bench_collection(model: Any, hf: Any, prompts: list[str], repeats: int) -> d
     }
 
 
+def bench_prefix_sharing(model: Any, dataset: Any, repeats: int) -> dict[str, Any]:
+    """Prompt-mode collection (all layers, last token) with the instruction's KV cache shared
+    within each behaviour vs every row run whole; same rows, same batch size, one run."""
+    kw = dict(mode="prompt", batch_size=16, progress=False)
+
+    def shared() -> Any:
+        return collect_activations(model, dataset, share_prefix=True, **kw)
+
+    def whole() -> Any:
+        return collect_activations(model, dataset, share_prefix=False, **kw)
+
+    t = interleaved({"shared_prefix": shared, "whole_rows": whole}, repeats)
+    a, b = shared().tensor(), whole().tensor()
+    rel = float(((a - b).abs() / b.abs().amax(dim=(0, 2), keepdim=True)).max())
+    n = len(b)
+    return {
+        "seconds": t,
+        "rows": n,
+        "rows_per_s": {k: n / v for k, v in t.items()},
+        "speedup": t["whole_rows"] / t["shared_prefix"],
+        "target": 1.5,
+        "max_diff_relative_to_layer_max": rel,
+        "tolerance": 1e-5,
+    }
+
+
 def bench_generation(
     model: Any, hf: Any, probe: Any, vectors: Any, prompts: list[str], repeats: int, new_tokens: int
 ) -> dict[str, Any]:
@@ -126,16 +159,18 @@ def bench_generation(
                 generation_config=gcfg,
             )
 
-    # fixed-length generation for every variant: no early stop, so all decode the same tokens
-    def fixed(fn_method: Any = None) -> Callable[[], None]:
-        def f() -> None:
+    # fixed-length generation for every variant: no early stop, so all decode the same tokens;
+    # as ks_lens.generation does: the plain HF modules with only the hooked points routed, or
+    # (full_bridge) every TransformerLens bridge component
+    def fixed(fn_method: Any = None, full_bridge: bool = False) -> Callable[[], Any]:
+        def f() -> Any:
             ctx = (
                 fn_method.steer(model, target=["casual", "concise"], alpha=1e-3)
                 if fn_method is not None
                 else contextlib.nullcontext()
             )
-            with ctx, torch.no_grad():
-                model.original_model.generate(
+            with ctx, torch.no_grad(), hf_modules(model, enabled=not full_bridge):
+                return model.original_model.generate(
                     input_ids=batch.input_ids,
                     attention_mask=batch.attention_mask,
                     generation_config=gcfg,
@@ -143,9 +178,12 @@ def bench_generation(
 
         return f
 
+    same = torch.equal(fixed()(), fixed(full_bridge=True)())
+
     t = interleaved(
         {
             "unsteered": fixed(),
+            "unsteered_full_bridge": fixed(full_bridge=True),
             "caa": fixed(caa),
             "ksteer_1": fixed(k1),
             "ksteer_3": fixed(k3),
@@ -162,8 +200,16 @@ def bench_generation(
             "ksteer_1": t["ksteer_1"] / t["unsteered"],
             "ksteer_3": t["ksteer_3"] / t["unsteered"],
             "ks_lens_unsteered_vs_hf_plain": t["unsteered"] / t["hf_generate_plain"],
+            "full_bridge_unsteered_vs_hf_plain": t["unsteered_full_bridge"]
+            / t["hf_generate_plain"],
         },
-        "targets": {"caa": 1.05, "ksteer_1": 1.15, "ksteer_3": 1.40},
+        "targets": {
+            "caa": 1.05,
+            "ksteer_1": 1.15,
+            "ksteer_3": 1.40,
+            "ks_lens_unsteered_vs_hf_plain": 1.10,
+        },
+        "identical_tokens_plain_modules_vs_full_bridge": same,
     }
 
 
@@ -330,18 +376,81 @@ def bench_probe_training(acts: Any, repeats: int) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def checks(r: dict[str, Any], margin: float) -> list[dict[str, Any]]:
+    """Each guarded figure with its target; a check fails when the figure misses the target by
+    more than ``margin`` (a fraction of the target: timing noise of side-by-side medians)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float, target: float, op: str) -> None:
+        if op == "<=":
+            ok = value <= target * (1 + margin)
+        else:
+            ok = value >= target * (1 - margin)
+        out.append({"name": name, "value": value, "target": f"{op} {target}", "passed": bool(ok)})
+
+    if "collection" in r:
+        add("collection all layers / HF forward", r["collection"]["ratio"], 1.10, "<=")
+    if "prefix_sharing" in r:
+        ps = r["prefix_sharing"]
+        add("prompt-mode collection speedup from prefix sharing", ps["speedup"], 1.5, ">=")
+        add("prefix sharing max diff / layer max", ps["max_diff_relative_to_layer_max"], 1e-5, "<=")
+    if "generation" in r:
+        g = r["generation"]
+        for k, target in g["targets"].items():
+            add(f"generation {k}", g["ratios"][k], target, "<=")
+        add(
+            "generation tokens identical (plain modules vs full bridge)",
+            float(g["identical_tokens_plain_modules_vs_full_bridge"]),
+            1.0,
+            ">=",
+        )
+    if "gradients" in r:
+        add(
+            "per-example gradients at the last token: speedup",
+            r["gradients"]["last_token"]["speedup"],
+            10.0,
+            ">=",
+        )
+    if "memory" in r and "skipped" not in r["memory"]:
+        m = r["memory"]
+        small, large = m[f"store_{m['n_small']}"], m[f"store_{m['n_large']}"]
+        add(
+            "store collection: RSS growth large / small run",
+            large["growth_mb"] / max(small["growth_mb"], 1.0),
+            1.5,
+            "<=",
+        )
+    return out
+
+
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(HERE / "results.json"))
-    p.add_argument("--quick", action="store_true", help="fewer repeats and a smaller memory test")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a regression guard in about 2 minutes: fewer prompts, tokens and repeats; no "
+        "subprocess load or memory tests",
+    )
     p.add_argument("--device", default=None)
     p.add_argument(
         "--skip",
         default="",
-        help="comma-separated benchmarks to skip (collection,generation,gradients,load,memory,probes)",
+        help="comma-separated benchmarks to skip "
+        "(collection,prefix,generation,gradients,load,memory,probes)",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="noise margin: a figure fails when it misses its target by more than this "
+        "fraction of the target (default 0.10 with --quick, 0.05 otherwise)",
     )
     args = p.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.quick:
+        skip |= {"load", "memory"}
+    margin = args.margin if args.margin is not None else (0.10 if args.quick else 0.05)
     reps = 2 if args.quick else 3
     t_all = time.perf_counter()
     model = ks.load_model(device=args.device)
@@ -349,8 +458,9 @@ def main() -> None:
     hf = plain_hf(device)
     ds = load_dataset("tones")
     splits = make_splits(ds)
-    train = ds.subset(splits.ids("train")).head(24)
-    acts = collect_activations(model, train, progress=False)
+    train = ds.subset(splits.ids("train")).head(12 if args.quick else 24)
+    layers = list(range(0, 30, 3)) if args.quick else None  # includes 18
+    acts = collect_activations(model, train, layers=layers, progress=False)
     probe = train_probe(acts, 18, config=ProbeConfig(epochs=10))
     vectors = SteeringVectors.fit(acts, 18)
     test_q = [q.text for q in ds.subset(splits.ids("test")).questions]
@@ -359,11 +469,21 @@ def main() -> None:
         "versions": versions(),
         "device": str(device),
         "model": model.cfg.model_name,
+        "quick": args.quick,
+        "noise_margin": margin,
     }
     if "collection" not in skip:
-        results["collection"] = bench_collection(model, hf, test_q[:64], reps)
+        results["collection"] = bench_collection(
+            model, hf, test_q[: 32 if args.quick else 64], reps
+        )
+    if "prefix" not in skip:
+        results["prefix_sharing"] = bench_prefix_sharing(
+            model, ds.subset(splits.ids("test")).head(6 if args.quick else 16), reps
+        )
     if "generation" not in skip:
-        results["generation"] = bench_generation(model, hf, probe, vectors, test_q[:8], reps, 64)
+        results["generation"] = bench_generation(
+            model, hf, probe, vectors, test_q[:8], reps, 32 if args.quick else 64
+        )
     if "gradients" not in skip:
         results["gradients"] = bench_gradients(model, probe, test_q[:32], reps * 2)
     if "probes" not in skip:
@@ -373,11 +493,21 @@ def main() -> None:
 
         results["load"] = bench_load(cache_root())
     if "memory" not in skip:
-        results["memory"] = bench_memory(250, 500 if args.quick else 2000)
+        results["memory"] = bench_memory(250, 2000)
+    results["checks"] = checks(results, margin)
+    results["passed"] = all(c["passed"] for c in results["checks"])
     results["total_s"] = time.perf_counter() - t_all
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} ({results['total_s']:.0f} s)")
+    failed = [c for c in results["checks"] if not c["passed"]]
+    for c in failed:
+        print(
+            f"FAILED: {c['name']} = {c['value']:.4g}, target {c['target']} "
+            f"(noise margin {margin:.0%})",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -389,6 +519,17 @@ def print_table(r: dict[str, Any]) -> None:
     if "collection" in r:
         c = r["collection"]
         rows.append(("collection all layers / HF forward", f"{c['ratio']:.2f}x", "<= 1.10x"))
+    if "prefix_sharing" in r:
+        ps = r["prefix_sharing"]
+        rps = ps["rows_per_s"]
+        rows.append(
+            (
+                f"prompt-mode collection, {ps['rows']} rows: shared prefix / whole rows",
+                f"{rps['shared_prefix']:.1f} / {rps['whole_rows']:.1f} rows/s = "
+                f"{ps['speedup']:.2f}x",
+                ">= 1.5x",
+            )
+        )
     if "generation" in r:
         g = r["generation"]["ratios"]
         rows += [
@@ -398,7 +539,12 @@ def print_table(r: dict[str, Any]) -> None:
             (
                 "ks-lens unsteered / plain HF generate",
                 f"{g['ks_lens_unsteered_vs_hf_plain']:.3f}x",
-                "~1.0x",
+                "<= 1.10x",
+            ),
+            (
+                "  the same through every bridge component (full_bridge)",
+                f"{g['full_bridge_unsteered_vs_hf_plain']:.3f}x",
+                "-",
             ),
         ]
     if "gradients" in r:
@@ -447,4 +593,4 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

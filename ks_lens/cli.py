@@ -200,6 +200,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         split=args.split,
         shard_rows=args.shard_rows,
         responses=responses,
+        share_prefix=args.share_prefix,
     )
     print(f"{store} in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -491,6 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--responses-from", default=None, help="reuse generated answers from a response-mode store"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-share-prefix",
+        dest="share_prefix",
+        action="store_false",
+        help="run every row whole instead of caching the shared system-prompt tokens once "
+        "(same activations within float rounding; slower)",
+    )
     p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("train", help="train probes on a store (one layer, several, or all)")

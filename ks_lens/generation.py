@@ -4,6 +4,11 @@ TransformerLens 4's bridge swaps the HF model's submodules for hooked ones, so H
 ``generate`` (with its KV cache) fires every ``blocks.{L}.hook_*`` hook. That is faster than the
 bridge's Python generation loop, and any steering context active around the call applies: a hook
 first sees the prompt ``[batch, prompt_len, d]``, then ``[batch, 1, d]`` per new token.
+
+By default generation runs the wrapped HF modules themselves and fires only the hook points that
+have hooks (:func:`ks_lens.hf_path.hf_modules`): the same hook names, tensors and greedy tokens,
+without paying for every bridge component; anything it cannot route falls back to the full
+bridge. ``full_bridge=True`` always runs the bridge components.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ks_lens.chat import (
     tokenize_texts,
 )
 from ks_lens.errors import ConfigError
+from ks_lens.hf_path import hf_modules
 from ks_lens.models import pad_token_id
 
 
@@ -89,11 +95,14 @@ def generate_from_batch(
     top_k: int | None = None,
     seed: int = 0,
     return_logits: bool = False,
+    full_bridge: bool = False,
 ) -> BatchGeneration:
     """Generate for one left-padded batch (greedy unless ``do_sample``).
 
     With ``return_logits=True`` the raw next-token logits of every step are kept,
     ``[batch, steps, vocab]`` (row ``b``, step ``t`` predicts new token ``t``).
+    ``full_bridge=True`` runs every TransformerLens bridge component instead of the plain HF
+    modules with only the hooked points routed (see the module docstring).
     """
     if max_new_tokens < 1:
         raise ConfigError("max_new_tokens must be at least 1")
@@ -109,7 +118,7 @@ def generate_from_batch(
     hf = model.original_model
     with torch.random.fork_rng(devices=[batch.input_ids.device] if batch.input_ids.is_cuda else []):
         torch.manual_seed(seed)
-        with torch.no_grad():
+        with torch.no_grad(), hf_modules(model, enabled=not full_bridge):
             out = hf.generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -145,6 +154,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = False,
+    full_bridge: bool = False,
 ) -> Generation:
     """Chat-format ``prompts`` and generate answers (greedy by default), in batches.
 
@@ -155,6 +165,8 @@ def generate(
         do_sample, temperature, top_p, top_k, seed: sampling (off by default: greedy).
         batch_size: prompts per forward batch.
         progress: show a progress bar.
+        full_bridge: run every TransformerLens bridge component (slower; same tokens) instead of
+            the plain HF modules with only the hook points that have hooks routed.
 
     Returns:
         :class:`Generation`: ``.texts`` (decoded answers), ``.prompt_ids`` / ``.output_ids``
@@ -204,6 +216,7 @@ def generate(
             top_p=top_p,
             top_k=top_k,
             seed=seed + b,
+            full_bridge=full_bridge,
         )
         for j, i in enumerate(idx):
             mask = batch.attention_mask[j].bool()

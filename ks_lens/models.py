@@ -35,7 +35,7 @@ import torch
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-from ks_lens.errors import ModelLoadError, UnknownModelError
+from ks_lens.errors import ConfigError, ModelLoadError, UnknownModelError
 from ks_lens.packaged_models import PACKAGED_MODELS
 from ks_lens.utils import resolve_device, resolve_dtype
 
@@ -71,16 +71,20 @@ def _canonical_name(name: str) -> str | None:
 
 
 def boot_bridge(
-    hf_model: Any, tokenizer: Any, name: str, *, device: torch.device, dtype: torch.dtype
+    hf_model: Any, tokenizer: Any, name: str, *, device: torch.device | None, dtype: torch.dtype
 ) -> Any:
     """Wrap an already-loaded HF causal LM in a ``TransformerBridge`` (no hub access).
 
     The HF model is modified in place by TransformerLens (its submodules become hooked
-    components); pass a model you do not need to keep pristine.
+    components); pass a model you do not need to keep pristine. ``device=None`` keeps the
+    placement the model was loaded with (a ``device_map``).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    if device is None:
+        hf_model = hf_model.eval()  # placed (and cast) by from_pretrained's device_map
+    else:
+        hf_model = hf_model.to(device=device, dtype=dtype).eval()
     config = getattr(hf_model, "config", None)
     if config is not None and not getattr(config, "architectures", None):
         # Configs read from GGUF files carry no `architectures`, and TransformerLens cannot map
@@ -88,7 +92,11 @@ def boot_bridge(
         # (Gemma3ForCausalLM).
         config.architectures = [type(hf_model).__name__]
     bridge = TransformerBridge.boot_transformers(
-        name, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype
+        name,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        device=None if device is None else str(device),
+        dtype=dtype,
     )
     bridge.eval()
     # Nothing global is changed beyond what TransformerLens itself does: cfg.default_prepend_bos,
@@ -114,7 +122,11 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def _load_hf_dir(
-    path: Path, dtype: torch.dtype, gguf_file: str | None = None, local_only: bool = True
+    path: Path,
+    dtype: torch.dtype,
+    gguf_file: str | None = None,
+    local_only: bool = True,
+    device_map: Any = None,
 ) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -124,6 +136,8 @@ def _load_hf_dir(
     tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
     # never unpickle: weights come from safetensors (or GGUF) only
     weights: dict[str, Any] = {} if gguf_file else {"use_safetensors": True}
+    if device_map is not None:
+        weights["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs, **weights)
     return model, tok
 
@@ -156,6 +170,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     seed: int = 0,
+    device_map: str | dict[str, Any] | None = None,
 ) -> TransformerBridge:
     """Load ``name`` and return a TransformerLens ``TransformerBridge`` ready for hooks.
 
@@ -169,6 +184,12 @@ def load_model(
         device: ``None`` picks CUDA when available, else CPU.
         dtype: ``None`` means float32. ``"bfloat16"`` halves memory on GPU.
         seed: weights seed for ``tiny-random-llama`` (ignored otherwise).
+        device_map: a Hugging Face ``device_map`` (``"auto"``, ``"balanced"``, or a dict of
+            module name -> device) for a model larger than one device; passed to
+            ``from_pretrained`` (needs the ``accelerate`` package) and exclusive with
+            ``device``. Inputs go to the device of the embedding; each layer runs where the map
+            puts it, and steering hooks compute on the device of the activation they receive.
+            Not for ``tiny-random-llama``, which is built in memory.
 
     Returns:
         ``TransformerBridge`` (``model.cfg.n_layers``, ``model.cfg.d_model``, ``model.tokenizer``;
@@ -187,7 +208,9 @@ def load_model(
             "a local checkpoint directory or .gguf file, or a Hugging Face id 'org/name'"
         )
     name = str(name)
-    dev = resolve_device(device)
+    if device_map is not None and device is not None:
+        raise ConfigError("pass either device or device_map, not both")
+    dev = resolve_device(device) if device_map is None else None
     dt = resolve_dtype(dtype)
     t0 = time.perf_counter()
     canonical = _canonical_name(name)
@@ -197,22 +220,29 @@ def load_model(
         spec = PACKAGED_MODELS[canonical]
         directory = ensure_model(spec)
         try:
-            hf, tok = _load_hf_dir(directory, dt)
+            hf, tok = _load_hf_dir(directory, dt, device_map=device_map)
         except (OSError, ValueError, RuntimeError) as e:
+            if device_map is not None:
+                raise ModelLoadError(f"could not load {spec.key!r} with {device_map=}: {e}") from e
             log.warning("cached model %r failed to load (%s); rebuilding", spec.key, e)
             directory = ensure_model(spec, rebuild=True)
-            hf, tok = _load_hf_dir(directory, dt)
+            hf, tok = _load_hf_dir(directory, dt, device_map=device_map)
         label = spec.model_name
     elif canonical == "tiny-random-llama":
         from ks_lens.tiny import TINY_NAME, build_tiny_llama
 
+        if device_map is not None:
+            raise ConfigError(
+                "device_map applies to models loaded from checkpoints; tiny-random-llama is "
+                "built in memory (pass device= instead)"
+            )
         hf, tok = build_tiny_llama(seed=seed, dtype=dt)
         label = TINY_NAME if seed == 0 else f"{TINY_NAME}-seed{seed}"
     else:
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
             try:
-                hf, tok = _load_hf_dir(path.parent, dt, gguf_file=path.name)
+                hf, tok = _load_hf_dir(path.parent, dt, gguf_file=path.name, device_map=device_map)
             except Exception as e:  # the GGUF reader raises struct.error, ValueError, ...
                 raise ModelLoadError(
                     f"{path} could not be read as a GGUF model ({type(e).__name__}: {e}); is it "
@@ -222,7 +252,7 @@ def load_model(
         elif path.is_dir():
             _check_checkpoint_dir(path)
             try:
-                hf, tok = _load_hf_dir(path, dt)
+                hf, tok = _load_hf_dir(path, dt, device_map=device_map)
             except (OSError, ValueError, RuntimeError) as e:
                 raise ModelLoadError(f"could not load the checkpoint in {path}: {e}") from e
             label = path.name
@@ -230,7 +260,7 @@ def load_model(
             raise UnknownModelError(f"{path} is neither a HF checkpoint directory nor a .gguf file")
         elif "/" in name and not name.startswith((".", "/", "~")):
             try:
-                hf, tok = _load_hf_dir(Path(name), dt, local_only=False)
+                hf, tok = _load_hf_dir(Path(name), dt, local_only=False, device_map=device_map)
             except (OSError, ValueError) as e:
                 raise UnknownModelError(
                     f"could not load {name!r} from the Hugging Face hub or its local cache: {e}\n"

@@ -341,3 +341,118 @@ def test_questions_too_long_for_the_context_are_refused_before_compute(
     collect_activations(tiny_model, ds, mode="neutral", layers=[0], progress=False)
     with pytest.raises(ks.ContextLengthError, match="plus max_new_tokens=48"):
         collect_activations(tiny_model, ds, mode="response", progress=False)
+
+
+# ----------------------------------------------------------------------------- prefix sharing
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    # the stated tolerance of prefix sharing: float rounding only
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mode", "position", "kinds", "layers"),
+    [
+        ("prompt", "last", ("resid_post",), None),
+        ("prompt", "last", ("resid_pre", "attn_out", "mlp_out"), [0, 2]),
+        ("neutral", "last", ("resid_post",), [1]),
+        ("response", "mean_response", ("resid_post",), [3]),
+        ("response", "last", ("resid_pre",), [0, 1]),
+        ("prompt", "last", ("attn.hook_z", "mlp.hook_post"), [1, 3]),
+        ("response", "mean_response", ("attn.hook_z",), [2]),
+    ],
+)
+def test_shared_prefix_gives_the_unshared_activations(
+    tiny_model, tiny_dataset, mode, position, kinds, layers
+):
+    ds = tiny_dataset.head(5)
+    kw = dict(
+        mode=mode,
+        position=position,
+        hook_kinds=kinds,
+        layers=layers,
+        batch_size=4,
+        max_new_tokens=4,
+        progress=False,
+    )
+    whole = collect_activations(tiny_model, ds, share_prefix=False, **kw)
+    shared = collect_activations(tiny_model, ds, **kw)
+    assert shared.question_ids == whole.question_ids
+    assert torch.equal(shared.labels, whole.labels)
+    assert shared.meta["share_prefix"] is True and whole.meta["share_prefix"] is False
+    for k in kinds:
+        _close(shared.acts[k], whole.acts[k])
+
+
+def test_shared_prefix_runs_only_the_suffix_tokens(tiny_model, tiny_dataset, monkeypatch):
+    """The prefix (chat header + instruction) runs once per system prompt, the rows run only their
+    remaining tokens, and the hooks still fire under their TransformerLens names."""
+    ds = tiny_dataset.head(4)
+    seen: list[tuple[str, int, int]] = []
+    real = A.capture_features
+
+    def spy(model, batch, names, **kw):
+        if "response_start" not in kw:  # the 2-token pass that reads the feature shapes
+            return real(model, batch, names, **kw)
+        prefix = kw.get("prefix")
+        seen.append(("batch", len(batch), batch.input_ids.shape[1]))
+        if prefix is not None:
+            seen.append(("prefix", 1, len(prefix)))
+        return real(model, batch, names, **kw)
+
+    fired: set[str] = set()
+
+    def note(act, hook):
+        fired.add(hook.name)
+
+    monkeypatch.setattr(A, "capture_features", spy)
+    with tiny_model.hooks(fwd_hooks=[("blocks.2.hook_resid_post", note)]):
+        acts = collect_activations(tiny_model, ds, layers=[2], batch_size=16, progress=False)
+    assert fired == {"blocks.2.hook_out"}  # the canonical name of blocks.2.hook_resid_post
+    batches = [s for s in seen if s[0] == "batch"]
+    prefixes = [s for s in seen if s[0] == "prefix"]
+    assert len(batches) == 3 and len(prefixes) == 3  # one group per behaviour, 4 rows each
+    tok = tiny_model.tokenizer
+    for label, (_, _, n_prefix) in enumerate(prefixes):
+        assert n_prefix == len(A.system_prefix(tok, ds.behaviours[label].instruction))
+    full = max(
+        len(tok(ks.format_chat(tok, ChatPrompt(q.text, b.instruction)))["input_ids"])
+        for q in ds.questions
+        for b in ds.behaviours
+    )
+    assert all(width < full - 20 for _, _, width in batches)
+    ref = _alone(tiny_model, ChatPrompt(ds.questions[3].text, ds.behaviours[1].instruction), 2)
+    _close(acts.at(2)[3 * 3 + 1], ref)
+
+
+def test_prefix_cache_edge_cases(tiny_model):
+    # nothing to cache before the first attention layer, or for an empty prefix
+    assert A.prefix_cache(tiny_model, [1, 5, 6], ["blocks.0.hook_resid_pre"]) is None
+    assert A.prefix_cache(tiny_model, [], ["blocks.1.hook_resid_post"]) is None
+    p = A.prefix_cache(tiny_model, [1, 5, 6, 7], ["blocks.1.hook_resid_pre"])
+    assert p is not None and len(p) == 4 and len(p.kv) == 1  # block 0's attention only
+    p = A.prefix_cache(tiny_model, [1, 5, 6, 7], ["blocks.1.hook_attn_out"])
+    assert p is not None and len(p.kv) == 2
+    tok = tiny_model.tokenizer
+    head = A.system_prefix(tok, "Be brief.")
+    assert tok.decode(head) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    assert tok.decode(A.system_prefix(tok, None)) == "<|im_start|>user\n"  # too short to share
+    assert len(A.system_prefix(tok, None)) < A.MIN_SHARED_PREFIX
+
+
+def test_store_records_prefix_sharing_and_resumes_across_it(tiny_model, tiny_dataset, tmp_path):
+    ds = tiny_dataset.head(4)
+    whole = collect_to_store(
+        tiny_model, ds, tmp_path / "s", shard_rows=4, share_prefix=False, progress=False
+    )
+    assert whole.meta["share_prefix"] is False
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    meta["shards"] = meta["shards"][:1]
+    meta["status"] = "incomplete"
+    from ks_lens.io import atomic_write_json, with_meta_checksum
+
+    atomic_write_json(tmp_path / "s" / "meta.json", with_meta_checksum(meta))
+    mixed = collect_to_store(tiny_model, ds, tmp_path / "s", shard_rows=4, progress=False)
+    assert mixed.complete and mixed.meta["share_prefix"] == "mixed"
+    _close(mixed.load().acts["resid_post"], whole.load().acts["resid_post"])

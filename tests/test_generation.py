@@ -85,3 +85,99 @@ def test_prompts_longer_than_the_context_window_are_refused_before_compute(tiny_
     with pytest.raises(ks.ContextLengthError, match="context window of 1024"):
         ks.tokenize_chat(tiny_model, long)
     assert calls == []
+
+
+# ----------------------------------------------------------------------------- plain HF modules
+
+
+def _gen_ids(model, full_bridge, ctx=None, **kw):
+    import contextlib
+
+    with ctx or contextlib.nullcontext():
+        return generate(
+            model,
+            ["hi?", "a much longer question about many things?"],
+            max_new_tokens=8,
+            full_bridge=full_bridge,
+            **kw,
+        ).output_ids
+
+
+def test_plain_hf_modules_give_the_bridge_tokens(tiny_model, tiny_probe, tiny_acts):
+    """Greedy tokens through the plain HF modules equal those through every bridge component,
+    unsteered and steered (CAA and K-Steering at every position, and at generated ones)."""
+    from ks_lens.steering import CAA, KSteering, SteeringVectors
+
+    assert _gen_ids(tiny_model, False) == _gen_ids(tiny_model, True)
+    caa = CAA(SteeringVectors.fit(tiny_acts, 2))
+    k = KSteering(tiny_probe, steps=2)
+    for method, positions in ((caa, "all"), (caa, "generated"), (k, "all"), (k, "last")):
+
+        def ctx(method=method, positions=positions):
+            return method.steer(tiny_model, target=["beta"], alpha=3.0, positions=positions)
+
+        steered = _gen_ids(tiny_model, False, ctx())
+        assert steered == _gen_ids(tiny_model, True, ctx())
+        assert steered != _gen_ids(tiny_model, False)  # the steering did something
+
+
+def test_plain_hf_modules_route_every_steerable_hook_point(tiny_model):
+    """Each block-level hook point fires once per forward under its canonical name with the
+    bridge's tensor, and a hook's return value replaces the activation as in the bridge."""
+    from ks_lens.hf_path import hf_modules
+
+    batch = ks.tokenize_chat(tiny_model, ["hi?", "a longer question?"])
+    hf = tiny_model.original_model
+    kinds = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+
+    def run(bypass: bool, edit: str | None):
+        seen: dict[str, list[tuple[str, torch.Tensor]]] = {}
+
+        def rec(kind):
+            def hook(act, hook):
+                seen.setdefault(kind, []).append((hook.name, act.detach().clone()))
+                if kind == edit:
+                    return act * 0.5 + 1.0
+                return None
+
+            return hook
+
+        hooks = [(f"blocks.1.hook_{kind}", rec(kind)) for kind in kinds]
+        with torch.no_grad(), tiny_model.hooks(fwd_hooks=hooks):
+            with hf_modules(tiny_model, enabled=bypass) as routed:
+                assert routed == bypass
+                logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return seen, logits
+
+    for edit in (None, "resid_pre", "attn_out", "mlp_out", "resid_post"):
+        a, la = run(True, edit)
+        b, lb = run(False, edit)
+        assert set(a) == set(kinds)
+        for kind in kinds:
+            assert [n for n, _ in a[kind]] == [n for n, _ in b[kind]]  # names, and once each
+            torch.testing.assert_close(a[kind][0][1], b[kind][0][1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+    assert a["resid_post"][0][0] == "blocks.1.hook_out"
+
+
+def test_plain_hf_modules_fall_back_and_restore(tiny_model):
+    from ks_lens.hf_path import can_bypass, hf_modules
+
+    hf = tiny_model.original_model
+    before = [(n, type(m).__name__) for n, m in hf.named_modules()]
+    # a hook point that cannot be routed (attention pattern): the full bridge runs
+    with tiny_model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda a, hook: None)]):
+        assert not can_bypass(tiny_model)
+        with hf_modules(tiny_model) as routed:
+            assert not routed
+        assert _gen_ids(tiny_model, False) == _gen_ids(tiny_model, True)
+    assert can_bypass(tiny_model)
+    # the module tree comes back after an exception inside the block
+    try:
+        with hf_modules(tiny_model) as routed:
+            assert routed
+            assert type(hf.model.layers[0]).__name__ == "LlamaDecoderLayer"
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert [(n, type(m).__name__) for n, m in hf.named_modules()] == before

@@ -147,3 +147,18 @@ def test_kill_9_during_collect_then_rerun_gives_an_identical_store(default_model
     assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(
         p.name for p in (tmp_path / "ref" / "shards").iterdir()
     )
+
+
+def test_prefix_sharing_matches_whole_rows_on_the_default_model(default_model):
+    """Prompt-mode collection with the instruction's KV cache shared gives the activations of the
+    whole rows: stated tolerance 1e-5 of the largest activation per layer (measured: bitwise
+    equal on CPU, because the suffixes run right padded)."""
+    from ks_lens.activations import collect_activations
+    from ks_lens.datasets import load_dataset
+
+    ds = load_dataset("tones").head(3)
+    kw = dict(layers=[0, 9, 18, 29], batch_size=8, progress=False)
+    whole = collect_activations(default_model, ds, share_prefix=False, **kw).tensor()
+    shared = collect_activations(default_model, ds, **kw).tensor()
+    scale = whole.abs().amax(dim=(0, 2), keepdim=True)  # per layer; up to ~600 at layer 29
+    assert float(((shared - whole).abs() / scale).max()) <= 1e-5

@@ -412,3 +412,23 @@ def test_plain_prompt_format_without_chat_template(tiny_model):
     gen = ks.generate(tiny_model, "hi", max_new_tokens=2)  # the model's own template still applies
     want = tiny_model.tokenizer("<|im_start|>user", add_special_tokens=False)["input_ids"]
     assert gen.prompt_ids[0][: len(want)] == want
+
+
+def test_device_map_is_passed_to_from_pretrained(tmp_path):
+    """A checkpoint loads with a Hugging Face device_map (all on the CPU here: no GPU in CI) and
+    gives the same logits as a plain load; device and device_map are exclusive."""
+    from ks_lens.tiny import build_tiny_llama
+
+    d = tmp_path / "ckpt"
+    hf, tok = build_tiny_llama()
+    hf.save_pretrained(d)  # safetensors
+    tok.save_pretrained(d)
+    mapped = ks.load_model(str(d), device_map={"": "cpu"})
+    plain = ks.load_model(str(d), device="cpu")
+    batch = ks.tokenize_chat(plain, ["hi?"])
+    with torch.no_grad():
+        torch.testing.assert_close(mapped(**batch), plain(**batch))
+    with pytest.raises(ks.ConfigError, match="either device or device_map"):
+        ks.load_model(str(d), device="cpu", device_map="auto")
+    with pytest.raises(ks.ConfigError, match="built in memory"):
+        ks.load_model("tiny-random-llama", device_map="auto")

@@ -487,3 +487,25 @@ def test_alpha_is_a_non_negative_number_for_every_method(tiny_probe, tiny_acts):
 def test_ksteering_options_must_be_finite(tiny_probe, kwargs, message):
     with pytest.raises(ks.ConfigError, match=message):
         KSteering(tiny_probe, **kwargs)
+
+
+def test_transforms_return_on_the_activation_dtype_and_device(tiny_probe, tiny_acts):
+    """A probe (or vectors) in another dtype than the activations: the step is computed in the
+    probe's dtype and added back in the activation's own dtype and device."""
+    import copy
+
+    x = tiny_acts.at(2)[:3]
+    p64 = copy.deepcopy(tiny_probe).to(torch.float64)
+    for method, method64 in (
+        (KSteering(tiny_probe, steps=2), KSteering(p64, steps=2)),
+        (CAA(SteeringVectors.fit(tiny_acts, 2)), None),
+    ):
+        f = method.transform(method.spec(["beta"], None, 2.0))
+        for xin in (x, x.double(), x.to(torch.bfloat16)):
+            out = f(xin)
+            assert out.dtype == xin.dtype and out.device == xin.device
+        if method64 is not None:
+            f64 = method64.transform(method64.spec(["beta"], None, 2.0))
+            out64 = f64(x)
+            assert out64.dtype == torch.float32
+            torch.testing.assert_close(out64, f(x), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,198 @@
+"""Run the wrapped Hugging Face modules directly, firing only the hook points that have hooks.
+
+TransformerLens 4's ``TransformerBridge`` swaps every submodule of the HF model for a hooked
+component (blocks, attention, MLP, norms, each linear layer), and its attention bridge runs
+through extra Python around HF's own attention. That costs about a third over plain HF
+``generate`` on a small model, whether or not any hook is used. :func:`hf_modules` puts the
+original HF modules back for the duration of a call and routes only the hook points that
+currently have hooks through HF forward (pre-)hooks on the matching original modules:
+
+==============================================  ===============================================
+hook point (alias)                               where it fires on the plain HF modules
+==============================================  ===============================================
+``blocks.{L}.hook_in`` (``hook_resid_pre``)      the decoder layer's input ``hidden_states``
+``blocks.{L}.hook_out`` (``hook_resid_post``)    the decoder layer's output
+``blocks.{L}.attn.hook_out`` (``hook_attn_out``)  the attention module's output (after o_proj)
+``blocks.{L}.ln2.hook_in`` (``hook_resid_mid``)   the second norm's input
+``blocks.{L}.mlp.hook_out`` (``hook_mlp_out``)    the MLP module's output
+``blocks.{L}.mlp.hook_in`` / ``ln1.hook_in``      the MLP / first norm's input
+==============================================  ===============================================
+
+The hook functions are called by the same ``HookPoint`` objects, so they receive the same
+tensors, under the same (canonical) ``hook.name``, and what they return replaces the activation
+exactly as in the bridge. Anything else falls back to the full bridge, unchanged: a hook on any
+other hook point (attention patterns, ``hook_z``, q/k/v, ...), a hook placed directly on a bridge
+component, or components whose hook semantics differ (scaled-residual blocks, parallel blocks).
+HF forward hooks on the HF model itself (e.g. ks-lens's position tracker) are kept.
+
+The bridge switches the HF model to eager attention; the plain modules keep that setting, so
+numbers match the bridge's (greedy tokens identical in the tests).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+_ROUTABLE = re.compile(
+    r"^blocks\.(\d+)\.(?:(hook_in|hook_out)|(attn|mlp|ln1|ln2)\.(hook_in|hook_out))$"
+)
+# which (component, hook) pairs are routed, and the component classes whose semantics are known
+_ROUTED = {
+    ("block", "hook_in"),
+    ("block", "hook_out"),
+    ("attn", "hook_out"),
+    ("mlp", "hook_in"),
+    ("mlp", "hook_out"),
+    ("ln1", "hook_in"),
+    ("ln2", "hook_in"),
+}
+
+
+# the bridge classes whose hook_in / hook_out are checked to sit on the wrapped module's first
+# input / first output (subclasses such as scaled-residual or parallel blocks are not routed)
+_KNOWN = {
+    "block": {"BlockBridge"},
+    "attn": {"AttentionBridge", "PositionEmbeddingsAttentionBridge"},
+    "mlp": {"MLPBridge", "GatedMLPBridge"},
+    "ln1": {"NormalizationBridge", "RMSNormalizationBridge"},
+    "ln2": {"NormalizationBridge", "RMSNormalizationBridge"},
+}
+
+
+def _hook_ids(module: torch.nn.Module) -> set[int]:
+    return {
+        *module._forward_hooks,
+        *module._forward_pre_hooks,
+        *module._backward_hooks,
+        *module._backward_pre_hooks,
+    }
+
+
+def _internal_hook_ids(model: Any) -> set[int]:
+    """The ids of TransformerLens's own capture hooks on bridge components (they only serve the
+    bridge's forward, which the plain HF modules do not run)."""
+    return {int(h.id) for mod in model.modules() for h in getattr(mod, "_capture_hook_handles", ())}
+
+
+def _plan_routes(model: Any) -> list[tuple[Any, str, Any]] | None:
+    """``(original module, "hook_in"/"hook_out", HookPoint)`` for every hook point with hooks, or
+    ``None`` when one of them (or a hook elsewhere on the bridge) cannot be routed."""
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    routes: list[tuple[Any, str, Any]] = []
+    seen: set[int] = set()
+    internal = _internal_hook_ids(model)
+    for module in model.modules():
+        if id(module) in seen or not (_hook_ids(module) - internal):
+            continue
+        seen.add(id(module))
+        if not isinstance(module, HookPoint):
+            if isinstance(module, GeneralizedComponent):
+                return None  # a hook on a bridge component itself
+            continue  # hooks on HF modules stay where they are
+        m = _ROUTABLE.match(str(getattr(module, "name", "")))
+        if m is None:
+            return None
+        layer = int(m.group(1))
+        part, hook = ("block", m.group(2)) if m.group(2) else (m.group(3), m.group(4))
+        if (part, hook) not in _ROUTED:
+            return None
+        block = model.blocks[layer]
+        comp = block if part == "block" else getattr(block, part, None)
+        if comp is None or getattr(comp, hook, None) is not module:
+            return None
+        if type(comp).__name__ not in _KNOWN[part]:
+            return None
+        orig = comp.original_component
+        if orig is None:
+            return None
+        routes.append((orig, hook, module))
+    return routes
+
+
+def _pre_hook(point: Any):
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args and isinstance(args[0], torch.Tensor):
+            return (point(args[0]), *args[1:]), kwargs
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = point(kwargs["hidden_states"])
+            return args, kwargs
+        return None
+
+    return hook
+
+
+def _post_hook(point: Any):
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return point(output)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (point(output[0]), *output[1:])
+        return None
+
+    return hook
+
+
+def _unwrap(module: torch.nn.Module, swaps: list[tuple[torch.nn.Module, str, Any]]) -> None:
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        orig = (
+            child._modules.get("_original_component")
+            if isinstance(child, GeneralizedComponent)
+            else None
+        )
+        if orig is not None:
+            module._modules[name] = orig
+            swaps.append((module, name, child))
+            _unwrap(orig, swaps)
+        else:
+            _unwrap(child, swaps)
+
+
+def can_bypass(model: Any) -> bool:
+    """Whether :func:`hf_modules` would run the plain HF modules with the hooks active now."""
+    return (
+        hasattr(model, "original_model")
+        and hasattr(model, "blocks")
+        and (_plan_routes(model) is not None)
+    )
+
+
+@contextmanager
+def hf_modules(model: Any, enabled: bool = True) -> Iterator[bool]:
+    """Within the block, ``model.original_model`` runs its own HF modules, with the hook points
+    that have hooks right now routed as in the module docstring; yields whether it does (``False``:
+    the full bridge runs, because something cannot be routed or ``enabled`` is false).
+
+    Hooks must be in place before entering (steering contexts, ``model.hooks(...)``); the module
+    tree is restored on exit, also after an exception.
+    """
+    routes = _plan_routes(model) if enabled and can_bypass(model) else None
+    if routes is None:
+        yield False
+        return
+    swaps: list[tuple[torch.nn.Module, str, Any]] = []
+    handles: list[Any] = []
+    try:
+        _unwrap(model.original_model, swaps)
+        for orig, hook, point in routes:
+            if hook == "hook_in":
+                handles.append(orig.register_forward_pre_hook(_pre_hook(point), with_kwargs=True))
+            else:
+                handles.append(orig.register_forward_hook(_post_hook(point)))
+        yield True
+    finally:
+        for h in handles:
+            h.remove()
+        for parent, name, bridge in reversed(swaps):
+            parent._modules[name] = bridge
