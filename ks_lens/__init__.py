@@ -25,10 +25,12 @@ from ks_lens.errors import (
     KsLensError,
     LabelError,
     MetadataMismatchError,
+    MissingKeyError,
     ModelLoadError,
     StoreError,
     TrainingError,
     UnknownModelError,
+    WrongTypeError,
 )
 from ks_lens.generation import Generation, generate
 from ks_lens.hooks import (
@@ -53,11 +55,13 @@ __all__ = [
     "KsLensError",
     "LabelError",
     "MetadataMismatchError",
+    "MissingKeyError",
     "ModelLoadError",
     "StoreError",
     "TokenBatch",
     "TrainingError",
     "UnknownModelError",
+    "WrongTypeError",
     "__version__",
     "canonical_hook_name",
     "check_hook_name",

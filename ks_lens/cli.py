@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ks_lens.errors import ConfigError, KsLensError
+from ks_lens.errors import ConfigError, KsLensError, LabelError
 from ks_lens.hooks import HOOK_KINDS
 
 
@@ -411,7 +411,7 @@ def cmd_train_text_evaluator(args: argparse.Namespace) -> int:
         texts = load_gold_texts()
         labels = _labels(args.labels) or list(tones)
         if list(labels) != list(tones):
-            raise ValueError(f"the shipped gold texts have the labels {list(tones)}")
+            raise LabelError(f"the shipped gold texts have the labels {list(tones)}")
     cfg = TextEvaluatorConfig(use_style=not args.no_style, seed=args.seed)
     if args.C is not None:
         cfg = dataclasses.replace(cfg, C=args.C)
