@@ -42,6 +42,7 @@ from ks_lens.hooks import (
     resid_hook,
     same_hook_point,
 )
+from ks_lens.logs import configure_logging
 from ks_lens.models import NAMED_MODELS, load_model, model_signature
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "canonical_hook_name",
     "check_hook_name",
     "check_layer",
+    "configure_logging",
     "format_chat",
     "generate",
     "load_model",

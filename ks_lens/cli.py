@@ -7,7 +7,6 @@ Each subcommand is a thin shell over the library; run ``ks-lens SUBCOMMAND --hel
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from ks_lens.errors import ConfigError, KsLensError, LabelError
 from ks_lens.hooks import HOOK_KINDS
+from ks_lens.logs import add_logging_arguments, configure_logging
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ks-lens", description="Multi-direction activation steering on TransformerLens hooks."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    add_logging_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -639,9 +639,7 @@ def _format_warning(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
-    )
+    configure_logging(args.verbosity)
     warnings.formatwarning = _format_warning
     if not getattr(args, "func", None):
         parser.print_help()
