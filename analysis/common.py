@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ks_lens.io import atomic_write_json
+from ks_lens.logs import add_logging_arguments, configure_logging
 from ks_lens.pipeline import PipelineConfig, Setup, prepare
 from ks_lens.utils import machine_info, versions
 
@@ -26,6 +27,7 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--fast", action="store_true", help="small settings for CI (about two minutes)")
     p.add_argument("--seed", type=int, default=0)
+    add_logging_arguments(p)
     return p
 
 
@@ -37,7 +39,9 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
 
 
 def start(args: argparse.Namespace) -> tuple[Path, Setup, float]:
-    """The output folder (created), the standard setup, and the start time of a study."""
+    """The output folder (created), the standard setup, and the start time of a study; sends
+    ks-lens's and the study's log messages to stderr (``-q``/``-v``)."""
+    configure_logging(args.verbosity, names=("ks_lens", "analysis"))
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

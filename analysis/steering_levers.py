@@ -24,6 +24,7 @@ split is never read. Each run is saved as it finishes (``runs/*.json``) and reus
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +41,8 @@ from ks_lens.comparison import (
 )
 from ks_lens.io import atomic_write_json
 from ks_lens.pipeline import Setup
+
+log = logging.getLogger("analysis.steering_levers")
 
 LEVERS = ("source", "step", "positions", "remedies", "avoid")
 STEP_VARIANTS = ("ksteer_unit", "ksteer_relative", "ksteer_clip", "ksteer_multilayer")
@@ -96,9 +99,11 @@ class Runner:
                 and saved["result"]["comparison_config"]
                 == json.loads(json.dumps(cfg.to_json()))  # tuples as lists, as in the file
             ):
-                print(f"[levers] reusing {path}")
+                log.info(f"[levers] reusing {path}")
                 return ComparisonResult.from_json(saved["result"])
-        print(f"[levers] run {name}: source={source} positions={cfg.positions} methods={methods}")
+        log.info(
+            f"[levers] run {name}: source={source} positions={cfg.positions} methods={methods}"
+        )
         res = self.setup.compare(
             cfg,
             source=source,

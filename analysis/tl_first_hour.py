@@ -31,6 +31,7 @@ from ks_lens.activations import collect_activations
 from ks_lens.datasets import load_dataset
 from ks_lens.evaluation import calibrate_alpha, kl_metric
 from ks_lens.hooks import canonical_hook_name, same_hook_point
+from ks_lens.logs import add_logging_arguments, configure_logging
 from ks_lens.probes import ProbeConfig, train_probes
 from ks_lens.steering import CAA, KSteering, SteeringVectors
 
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--fast", action="store_true", help="fewer questions and epochs")
     ap.add_argument("--layer", type=int, default=None, help="default: about 60%% of the depth")
+    add_logging_arguments(ap)
     args = ap.parse_args(argv)
+    configure_logging(args.verbosity)
     t0 = time.perf_counter()
     torch.manual_seed(0)
 

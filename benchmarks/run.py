@@ -46,6 +46,7 @@ from ks_lens.activations import capture_batch, collect_activations
 from ks_lens.datasets import load_dataset, make_splits
 from ks_lens.hf_path import hf_modules
 from ks_lens.hooks import resid_hook
+from ks_lens.logs import add_logging_arguments, configure_logging
 from ks_lens.models import pad_token_id
 from ks_lens.probes import ProbeConfig, train_probe, train_probes
 from ks_lens.steering import CAA, KSteering, SteeringVectors
@@ -446,7 +447,9 @@ def main() -> int:
         help="noise margin: a figure fails when it misses its target by more than this "
         "fraction of the target (default 0.10 with --quick, 0.05 otherwise)",
     )
+    add_logging_arguments(p)
     args = p.parse_args()
+    configure_logging(args.verbosity)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if args.quick:
         skip |= {"load", "memory"}

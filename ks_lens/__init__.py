@@ -25,10 +25,12 @@ from ks_lens.errors import (
     KsLensError,
     LabelError,
     MetadataMismatchError,
+    MissingKeyError,
     ModelLoadError,
     StoreError,
     TrainingError,
     UnknownModelError,
+    WrongTypeError,
 )
 from ks_lens.generation import Generation, generate
 from ks_lens.hooks import (
@@ -40,6 +42,7 @@ from ks_lens.hooks import (
     resid_hook,
     same_hook_point,
 )
+from ks_lens.logs import configure_logging
 from ks_lens.models import NAMED_MODELS, load_model, model_signature
 
 __all__ = [
@@ -53,15 +56,18 @@ __all__ = [
     "KsLensError",
     "LabelError",
     "MetadataMismatchError",
+    "MissingKeyError",
     "ModelLoadError",
     "StoreError",
     "TokenBatch",
     "TrainingError",
     "UnknownModelError",
+    "WrongTypeError",
     "__version__",
     "canonical_hook_name",
     "check_hook_name",
     "check_layer",
+    "configure_logging",
     "format_chat",
     "generate",
     "load_model",

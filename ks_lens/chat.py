@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from jaxtyping import Int
 
-from ks_lens.errors import ConfigError, ContextLengthError
+from ks_lens.errors import ConfigError, ContextLengthError, MissingKeyError, WrongTypeError
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ class TokenBatch:
             return self.input_ids
         if key == "attention_mask":
             return self.attention_mask
-        raise KeyError(f"TokenBatch has input_ids (alias 'input') and attention_mask, not {key!r}")
+        raise MissingKeyError(
+            f"TokenBatch has input_ids (alias 'input') and attention_mask, not {key!r}"
+        )
 
     @property
     def lengths(self) -> Int[torch.Tensor, " batch"]:
@@ -131,7 +133,7 @@ def tokenize_texts(
     """Tokenize already-formatted texts into a left-padded batch (no special tokens added)."""
     tokenizer = get_tokenizer(tokenizer)
     if isinstance(texts, str):
-        raise TypeError("tokenize_texts takes a sequence of strings, not one string")
+        raise WrongTypeError("tokenize_texts takes a sequence of strings, not one string")
     if len(texts) == 0:
         raise ConfigError("cannot tokenize an empty batch")
     enc = tokenizer(

@@ -7,7 +7,6 @@ Each subcommand is a thin shell over the library; run ``ks-lens SUBCOMMAND --hel
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
@@ -15,8 +14,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ks_lens.errors import ConfigError, KsLensError
+from ks_lens.errors import ConfigError, KsLensError, LabelError
 from ks_lens.hooks import HOOK_KINDS
+from ks_lens.logs import add_logging_arguments, configure_logging
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -411,7 +411,7 @@ def cmd_train_text_evaluator(args: argparse.Namespace) -> int:
         texts = load_gold_texts()
         labels = _labels(args.labels) or list(tones)
         if list(labels) != list(tones):
-            raise ValueError(f"the shipped gold texts have the labels {list(tones)}")
+            raise LabelError(f"the shipped gold texts have the labels {list(tones)}")
     cfg = TextEvaluatorConfig(use_style=not args.no_style, seed=args.seed)
     if args.C is not None:
         cfg = dataclasses.replace(cfg, C=args.C)
@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ks-lens", description="Multi-direction activation steering on TransformerLens hooks."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    add_logging_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -639,9 +639,7 @@ def _format_warning(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
-    )
+    configure_logging(args.verbosity)
     warnings.formatwarning = _format_warning
     if not getattr(args, "func", None):
         parser.print_help()

@@ -30,6 +30,7 @@ Methods are looked up by name in :data:`METHODS`; the reference set is ``caa_mea
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import random
 import time
@@ -66,6 +67,8 @@ from ks_lens.stats import (
 )
 from ks_lens.steering import CAA, KSteering, MultiLayer, Steerer, SteeringSpec, SteeringVectors
 from ks_lens.style import style_meters
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -416,8 +419,6 @@ def calibrate(
     plan: ComparisonPlan,
     questions: Sequence[str],
     config: ComparisonConfig,
-    *,
-    log: Callable[[str], None] = print,
 ) -> dict[str, dict[int, Calibration]]:
     """Per method and number of targets, the largest alpha within the coherence budget on the
     calibration ``questions`` (all methods searched in lockstep, sharing generation batches).
@@ -509,7 +510,7 @@ def calibrate(
         )
         for n, cal in zip(names, results, strict=True):
             calib[n][k] = cal
-            log(
+            log.info(
                 f"  calibrated {n:18s} k={k}: alpha={cal.alpha:.4g} ({config.calibration_metric} "
                 f"{cal.metric:.3f} <= {config.kl_budget}; {len(cal.evaluations)} evals)"
                 f"{' ' + cal.note if cal.note else ''}"
@@ -1373,7 +1374,6 @@ def run_comparison(
     text_questions: Sequence[str] | None = None,
     config: ComparisonConfig | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> ComparisonResult:
     """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
     ``text_questions``, default the same) and summarise."""
@@ -1408,7 +1408,7 @@ def run_comparison(
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    calib = calibrate(model, methods, plan, calib_questions, config, log=log)
+    calib = calibrate(model, methods, plan, calib_questions, config)
     timings["calibration_s"] = time.perf_counter() - t0
     alphas = {m: {k: c.alpha for k, c in v.items()} for m, v in calib.items()}
 
@@ -1424,7 +1424,7 @@ def run_comparison(
     equal: list[EqualKL] = []
     if text_evaluator is not None:
         t0 = time.perf_counter()
-        log(
+        log.info(
             f"  text eval: {len(plan.gen_cells)} cells x {len(methods)} methods x "
             f"{len(config.curve_factors)} alphas + {len(text_questions)} unsteered answers"
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import shlex
 import sys
 import time
@@ -30,6 +31,8 @@ from ks_lens.models import model_signature
 from ks_lens.pipeline import PipelineConfig, Setup, prepare
 from ks_lens.report import compare_word, seeds_summary, write_report
 from ks_lens.utils import git_commit
+
+log = logging.getLogger(__name__)
 
 
 def _rate(x: float | None) -> str:
@@ -114,7 +117,6 @@ def run_demo(
     *,
     seeds: int = 1,
     command: str = "ks-lens demo",
-    log: Any = print,
     progress: bool = True,
 ) -> list[ComparisonResult]:
     """Run the pipeline once per seed (``cfg.seed``, ``cfg.seed + 1``, ...); returns the results.
@@ -134,12 +136,12 @@ def run_demo(
         cfg_s = replace(cfg, seed=s, comparison=replace(cfg.comparison, seed=s))
         out_s = out if i == 0 else out / f"seed-{s}"
         t_start = time.perf_counter()
-        setup = prepare(cfg_s, out_s, log=log, progress=progress)
-        result = setup.compare(progress=progress, log=log)
+        setup = prepare(cfg_s, out_s, progress=progress)
+        result = setup.compare(progress=progress)
         info = _info(setup, cfg_s, command, commit)
         info["timings"]["total_s"] = time.perf_counter() - t_start
         paths = write_report(result, info, out_s)
-        log(
+        log.info(
             f"[ks-lens demo] seed {s}: wrote {paths['json']}, {paths['markdown']} and "
             f"{len(paths) - 2} figures in {info['timings']['total_s']:.0f} s"
         )

@@ -17,6 +17,20 @@ class ConfigError(KsLensError, ValueError):
     names the argument and what to do)."""
 
 
+class WrongTypeError(ConfigError, TypeError):
+    """An argument has the wrong type (one string where a list of strings is expected, an object
+    that is not a ks-lens probe or steerer, ...); also a ``TypeError`` for generic handlers."""
+
+
+class MissingKeyError(KsLensError, KeyError):
+    """A ks-lens mapping has no such key (a probe set without that layer, a batch field that does
+    not exist); also a ``KeyError``, so mapping code keeps working."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message (repr); show it as written, like the other errors
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
 class ModelLoadError(KsLensError, RuntimeError):
     """A model could not be found, fetched or loaded."""
 

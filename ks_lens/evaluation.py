@@ -382,7 +382,7 @@ def generate_and_score_rows(
         raise ConfigError("no questions to generate for")
     for g, i in rows:
         if not (0 <= g < len(steerings) and 0 <= i < len(questions)):
-            raise ValueError(f"row {(g, i)} is out of range")
+            raise ConfigError(f"row {(g, i)} is out of range")
     tok = model.tokenizer
     device = _device(model)
     heads = [
@@ -500,7 +500,7 @@ def _search(
 
     def record(a: float, m: float) -> float:
         if math.isnan(m):
-            raise ValueError(f"the calibration metric is NaN at alpha={a}")
+            raise ConfigError(f"the calibration metric is NaN at alpha={a}")
         evals.append((a, m))
         return m
 
@@ -594,7 +594,7 @@ def calibrate_alphas(
         keys = sorted(pending)
         values = metrics(keys, [pending[i] for i in keys])
         if len(values) != len(keys):
-            raise ValueError("metrics() must return one value per alpha")
+            raise ConfigError("metrics() must return one value per alpha")
         nxt: dict[int, float] = {}
         for i, v in zip(keys, values, strict=True):
             try:

@@ -280,7 +280,7 @@ def load_model(
         Exception
     ) as e:  # TransformerLens raises plain ValueError/KeyError for unsupported models
         raise ModelLoadError(f"TransformerLens could not wrap {name!r}: {e}") from e
-    log.info("loaded %s in %.2f s", label, time.perf_counter() - t0)
+    log.debug("loaded %s in %.2f s", label, time.perf_counter() - t0)
     return bridge
 
 

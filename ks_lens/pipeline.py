@@ -8,6 +8,7 @@ share it, so a second study pointed at the same ``work_dir`` reuses the first on
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,8 @@ from ks_lens.models import load_model
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes
 from ks_lens.steering import SteeringVectors
 from ks_lens.text_evaluator import TextEvaluator, default_text_evaluator
+
+log = logging.getLogger(__name__)
 
 PROBE_SOURCES: tuple[str, ...] = ("prompt", "text")
 """Where the steering probe and CAA vectors learn the behaviours from:
@@ -260,7 +263,6 @@ class Setup:
         config: ComparisonConfig | None = None,
         *,
         progress: bool = True,
-        log: Any = print,
         text: bool = True,
         source: str | None = None,
         calib_questions: Sequence[str] | None = None,
@@ -296,13 +298,10 @@ class Setup:
             text_questions=test[: cfg.n_gen],
             config=config or cfg.comparison,
             progress=progress,
-            log=log,
         )
 
 
-def prepare(
-    cfg: PipelineConfig, work_dir: str | Path, *, log: Any = print, progress: bool = True
-) -> Setup:
+def prepare(cfg: PipelineConfig, work_dir: str | Path, *, progress: bool = True) -> Setup:
     """Collect activations (resumable) and train the probe, vectors and evaluators.
 
     * steering probe + CAA vectors: ``train`` split, prompt mode (instruction + question);
@@ -328,7 +327,7 @@ def prepare(
     splits = make_splits(ds, seed=cfg.seed)
     n_layers = int(model.cfg.n_layers)
     ls, le = default_layers(n_layers, cfg.layer, cfg.eval_layer)
-    log(
+    log.info(
         f"[ks-lens] model {model.cfg.model_name} ({n_layers} layers); steering layer {ls}, evaluator layer {le}"
     )
 
@@ -427,7 +426,7 @@ def prepare(
     )
     timings["text_evaluator_s"] = time.perf_counter() - t0
     probe = kits[cfg.probe_source].probe
-    log(
+    log.info(
         f"  steering probe ({cfg.probe_source}) val acc {probe.metrics['val_accuracy']:.3f}; "
         f"evaluator (layer {le}) "
         f"{evaluator.metrics['val_accuracy']:.3f} single / "

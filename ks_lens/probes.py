@@ -38,6 +38,7 @@ from ks_lens.errors import (
     DatasetError,
     LabelError,
     MetadataMismatchError,
+    MissingKeyError,
     StoreError,
     TrainingError,
 )
@@ -274,7 +275,9 @@ class ProbeSet(dict[int, Probe]):
         key = self._resolve(layer)
         if not dict.__contains__(self, key):
             shown = f"{layer} (= layer {key})" if key != layer else f"{layer}"
-            raise KeyError(f"no probe for layer {shown}; probes exist for layers {sorted(self)}")
+            raise MissingKeyError(
+                f"no probe for layer {shown}; probes exist for layers {sorted(self)}"
+            )
         return dict.__getitem__(self, key)
 
     def __contains__(self, layer: object) -> bool:
@@ -569,7 +572,7 @@ def train_probes(
         probes[18].predict_proba(acts[18])          # [n, n_labels]
     """
     if groups is not None and len(groups) != len(acts):
-        raise ValueError(f"groups has {len(groups)} entries for {len(acts)} rows")
+        raise ConfigError(f"groups has {len(groups)} entries for {len(acts)} rows")
     if groups is not None:
         keep = (acts.labels >= 0).nonzero().squeeze(1).tolist()
         groups = [groups[i] for i in keep]

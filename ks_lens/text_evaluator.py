@@ -42,7 +42,14 @@ import scipy.sparse as sp
 from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
-from ks_lens.errors import DatasetError, LabelError, MetadataMismatchError, StoreError
+from ks_lens.errors import (
+    ConfigError,
+    DatasetError,
+    LabelError,
+    MetadataMismatchError,
+    StoreError,
+    WrongTypeError,
+)
 from ks_lens.gold_texts import LabelledText, load_gold_texts, texts_hash
 from ks_lens.style import STYLE_METER_NAMES, STYLE_VERSION, style_matrix
 
@@ -98,22 +105,22 @@ class TextEvaluatorConfig:
         for name in ("word_ngram_range", "char_ngram_range"):
             lo, hi = getattr(self, name)
             if not (1 <= int(lo) <= int(hi)):
-                raise ValueError(f"{name} must be (min_n, max_n) with 1 <= min_n <= max_n")
+                raise ConfigError(f"{name} must be (min_n, max_n) with 1 <= min_n <= max_n")
             object.__setattr__(self, name, (int(lo), int(hi)))
         if self.min_df < 1:
-            raise ValueError("min_df must be >= 1")
+            raise ConfigError("min_df must be >= 1")
         if self.max_features is not None and self.max_features < 1:
-            raise ValueError("max_features must be positive or None")
+            raise ConfigError("max_features must be positive or None")
         if not (self.C > 0 and math.isfinite(self.C)):
-            raise ValueError(f"C must be a positive number, got {self.C}")
+            raise ConfigError(f"C must be a positive number, got {self.C}")
         if not (self.style_weight >= 0 and math.isfinite(self.style_weight)):
-            raise ValueError(f"style_weight must be >= 0, got {self.style_weight}")
+            raise ConfigError(f"style_weight must be >= 0, got {self.style_weight}")
         if self.class_weight not in ("balanced", None):
-            raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+            raise ConfigError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
         if self.max_iter < 1:
-            raise ValueError("max_iter must be positive")
+            raise ConfigError("max_iter must be positive")
         if self.prefix_words is not None and self.prefix_words < 1:
-            raise ValueError("prefix_words must be positive or None")
+            raise ConfigError("prefix_words must be positive or None")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -126,7 +133,7 @@ class TextEvaluatorConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown text-evaluator config fields {sorted(unknown)}")
+            raise ConfigError(f"unknown text-evaluator config fields {sorted(unknown)}")
         kw = dict(d)
         for name in ("word_ngram_range", "char_ngram_range"):
             if name in kw:
@@ -185,11 +192,13 @@ def _terms(vectorizer: Any) -> list[str]:
 
 def _check_texts_arg(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, str):
-        raise ValueError("texts must be a sequence of strings, not one string; wrap it in a list")
+        raise WrongTypeError(
+            "texts must be a sequence of strings, not one string; wrap it in a list"
+        )
     out = list(texts)
     for i, t in enumerate(out):
         if not isinstance(t, str):
-            raise ValueError(f"texts[{i}] is {type(t).__name__}, not a string")
+            raise WrongTypeError(f"texts[{i}] is {type(t).__name__}, not a string")
     return out
 
 

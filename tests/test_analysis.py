@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -374,7 +375,7 @@ def test_recommend_layer_decides_on_calibration_questions_only():
         recommend_layer(acc, {r.layer: r.calibration for r in records}, min_accuracy=1.1)
 
 
-def test_layer_sweep_on_tiny_model(tiny_model, tiny_dataset, tiny_acts):
+def test_layer_sweep_on_tiny_model(tiny_model, tiny_dataset, tiny_acts, caplog):
     qs = [q.text for q in tiny_dataset.questions]
     calib, test = qs[:3], qs[3:6]
     placements = [evaluator_placement(layer, 4, 2) for layer in (0, 1, 2)]
@@ -398,7 +399,6 @@ def test_layer_sweep_on_tiny_model(tiny_model, tiny_dataset, tiny_acts):
         config=config,
         eval_gap=2,
         progress=False,
-        log=lambda s: None,
     )
     with pytest.raises(ValueError, match="both calibration and test"):
         layer_sweep(
@@ -408,8 +408,13 @@ def test_layer_sweep_on_tiny_model(tiny_model, tiny_dataset, tiny_acts):
         layer_sweep(tiny_model, tiny_acts, evaluators={3: evaluators[3]}, **kw)
     with pytest.raises(ValueError, match="reads layer 3"):
         layer_sweep(tiny_model, tiny_acts, evaluators={2: evaluators[3], 3: evaluators[3]}, **kw)
+    caplog.set_level(logging.INFO, logger="ks_lens")
     records = layer_sweep(tiny_model, tiny_acts, evaluators=evaluators, **kw)
     assert [r.layer for r in records] == [0, 1, 2]
+    # one log line per layer; the inner comparisons' calibration lines are kept quiet
+    names = [r.name for r in caplog.records if r.name.startswith("ks_lens")]
+    assert names == ["ks_lens.analysis.sweep"] * 3
+    assert logging.getLogger("ks_lens.comparison").level == logging.NOTSET  # restored
     for r in records:
         assert r.eval_layer >= r.layer + 2 or (r.capped and r.eval_layer == 3)
         assert {row.n_questions for row in r.calibration} == {len(calib)}

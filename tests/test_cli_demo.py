@@ -195,7 +195,6 @@ def two_seed_demo(tmp_path_factory):
         _fast(methods=("caa_mean", "caa_sum", "ksteer", "ksteer_multistep")),
         out,
         seeds=2,
-        log=lambda s: None,
         progress=False,
     )
     return out, results
@@ -257,7 +256,7 @@ def test_demo_with_external_questions(tmp_path):
         + "\n"
     )
     cfg = _fast(questions=str(q), methods=("caa_mean", "ksteer"))
-    (result,) = run_demo(cfg, tmp_path / "d", log=lambda s: None, progress=False)
+    (result,) = run_demo(cfg, tmp_path / "d", progress=False)
     on_disk = json.loads((tmp_path / "d" / "report.json").read_text())
     assert result.n_test_questions == 2 and on_disk["eval_source"].startswith("external file")
     assert set(result.alphas) == {"caa_mean", "ksteer"}
@@ -286,7 +285,7 @@ def test_demo_validates_arguments_before_any_compute(tmp_path, capsys):
 def test_demo_is_deterministic_given_the_seed(two_seed_demo, tmp_path):
     first, _ = two_seed_demo
     cfg = _fast(methods=("caa_mean", "caa_sum", "ksteer", "ksteer_multistep"))
-    run_demo(cfg, tmp_path / "again", log=lambda s: None, progress=False)
+    run_demo(cfg, tmp_path / "again", progress=False)
     a = json.loads((first / "seed-1" / "report.json").read_text())
     b = json.loads((tmp_path / "again" / "report.json").read_text())
     assert a["demo_config"]["seed"] == 1 and b["demo_config"]["seed"] == 0

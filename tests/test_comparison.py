@@ -211,7 +211,6 @@ def test_run_comparison_end_to_end_on_tiny(tiny_model, tiny_acts, tiny_probe):
         text_questions=["a?", "b?"],
         config=cfg,
         progress=False,
-        log=lambda s: None,
     )
     assert isinstance(res, ComparisonResult)
     assert set(res.alphas) == {"caa_mean", "ksteer"} and set(res.alphas["ksteer"]) == {1, 2, 3}
@@ -303,7 +302,6 @@ def test_merge_results_pairs_runs_and_multilayer_method(tiny_model, tiny_acts, t
             test_questions=["a?", "b?"],
             config=replace(base, **kw),
             progress=False,
-            log=lambda s: None,
         )
 
     a = run()

@@ -63,9 +63,7 @@ def test_second_load_uses_the_cache_and_is_fast(default_model):
 
 
 def test_fast_demo_on_default_model(tmp_path):
-    (result,) = run_demo(
-        PipelineConfig.fast(), tmp_path / "demo", log=lambda s: None, progress=False
-    )
+    (result,) = run_demo(PipelineConfig.fast(), tmp_path / "demo", progress=False)
     on_disk = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert on_disk["model"] == "SmolLM2-135M-Instruct-Q4_1" and on_disk["layer"] == 18
     assert on_disk["steering_probe_metrics"]["val_accuracy"] >= 0.9

@@ -34,7 +34,7 @@ def tiny_setup(tmp_path_factory):
     cfg = PipelineConfig.fast(
         model="tiny-random-llama", n_gold=40, layer=2, multilayer_offsets=(-2, -1, 0)
     )
-    return prepare(cfg, tmp_path_factory.mktemp("work"), log=lambda *_: None, progress=False)
+    return prepare(cfg, tmp_path_factory.mktemp("work"), progress=False)
 
 
 def test_text_kit_learns_only_from_the_steering_half(tiny_setup):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ks_lens as ks
-from ks_lens.errors import LabelError, MetadataMismatchError, StoreError
+from ks_lens.errors import ConfigError, LabelError, MetadataMismatchError, StoreError
 from ks_lens.probes import (
     Probe,
     ProbeConfig,
@@ -168,7 +168,7 @@ def test_multi_label_metrics_and_group_override(tiny_model, tiny_dataset):
     )
     n_val = grouped.metrics["n_val"]
     assert n_val % 4 == 0 and n_val > 0  # 4 rows per question, 3 questions per category -> 12s
-    with pytest.raises(ValueError, match="groups has"):
+    with pytest.raises(ConfigError, match="groups has"):
         train_probe(acts, 3, groups=["x"])
 
 

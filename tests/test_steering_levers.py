@@ -111,7 +111,7 @@ def test_multilayer_errors(tiny_model, layer_probes):
         MultiLayer([k1, k2], weights=[0.5, 0.7])
     with pytest.raises(ks.ConfigError, match="2 weights for 1 members"):
         MultiLayer([k1], weights=[0.5, 0.5])
-    with pytest.raises(TypeError, match="single-hook Steerers"):
+    with pytest.raises(ks.WrongTypeError, match="single-hook Steerers"):
         MultiLayer([MultiLayer([k1])])
     vecs = SteeringVectors.fit(acts, 1)
     mixed = MultiLayer([CAA(vecs), k2])  # CAA and K-Steering may be mixed

@@ -14,7 +14,14 @@ import scipy.sparse as sp
 from sklearn.preprocessing import StandardScaler
 
 from ks_lens import cli
-from ks_lens.errors import DatasetError, LabelError, MetadataMismatchError, StoreError
+from ks_lens.errors import (
+    ConfigError,
+    DatasetError,
+    LabelError,
+    MetadataMismatchError,
+    StoreError,
+    WrongTypeError,
+)
 from ks_lens.gold_texts import LabelledText, load_gold_texts
 from ks_lens.style import style_matrix
 from ks_lens.text_evaluator import (
@@ -76,7 +83,7 @@ def test_predict_proba_shape_and_independence(evaluator, heldout_texts):
     assert not np.allclose(p.sum(axis=1), 1.0), "per-label sigmoids, not a softmax"
     assert evaluator.label_names == TONES
     assert evaluator.predict_proba([]).shape == (0, 6)
-    with pytest.raises(ValueError, match="not one string"):
+    with pytest.raises(WrongTypeError, match="not one string"):
         evaluator.predict_proba("just one text")  # type: ignore[arg-type]
 
 
@@ -105,7 +112,7 @@ def test_fit_errors(train_texts):
         TextEvaluator.fit(only_casual, TONES)
     with pytest.raises(DatasetError, match="no texts"):
         TextEvaluator.fit([], TONES)
-    with pytest.raises(ValueError, match="C must be"):
+    with pytest.raises(ConfigError, match="C must be"):
         TextEvaluatorConfig(C=0)
 
 
@@ -363,5 +370,5 @@ def test_prefix_views_keep_cut_answers_from_reading_as_concise(train_texts):
     p_with = with_views.predict_proba(cut)[:, concise].mean()
     p_without = without.predict_proba(cut)[:, concise].mean()
     assert p_with < 0.2 and p_with < p_without
-    with pytest.raises(ValueError, match="prefix_words"):
+    with pytest.raises(ConfigError, match="prefix_words"):
         TextEvaluatorConfig(prefix_words=0)

@@ -250,7 +250,7 @@ def test_probe_set_negative_layers(tiny_acts, tmp_path):
     assert isinstance(probes, ProbeSet) and sorted(probes) == [1, 3]
     assert probes[-1] is probes[3] and probes[-3] is probes[1]
     assert -1 in probes and -2 not in probes
-    with pytest.raises(KeyError, match=r"layers \[1, 3\]"):
+    with pytest.raises(ks.MissingKeyError, match=r"layers \[1, 3\]"):
         probes[-2]
     assert "ProbeSet(layers=[1, 3]" in repr(probes)
     save_probes(probes, tmp_path / "ps")

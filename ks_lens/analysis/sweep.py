@@ -22,7 +22,8 @@ choose.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,9 +42,12 @@ from ks_lens.comparison import (
     summarise_activations,
 )
 from ks_lens.errors import ConfigError
+from ks_lens.logs import quieted
 from ks_lens.probes import Probe, ProbeConfig, train_probes
 from ks_lens.stats import Interval
 from ks_lens.steering import SteeringVectors
+
+log = logging.getLogger(__name__)
 
 #: evaluator layer = steering layer + this many layers (capped at the last layer)
 DEFAULT_EVAL_GAP = 4
@@ -210,7 +214,6 @@ def layer_sweep(
     eval_gap: int = DEFAULT_EVAL_GAP,
     probes: Mapping[int, Probe] | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> list[LayerRecord]:
     """Steering effect per layer (see the module docstring).
 
@@ -245,19 +248,19 @@ def layer_sweep(
         layer = place.layer
         evaluator = evaluators[place.eval_layer]
         vectors = SteeringVectors.fit(train_acts, layer)
-        res = run_comparison(
-            model,
-            probe=probes[layer],
-            vectors=vectors,
-            evaluator=evaluator,
-            text_evaluator=text_evaluator,
-            calib_questions=calib_questions,
-            test_questions=test_questions,
-            text_questions=text_questions,
-            config=config,
-            progress=False,
-            log=lambda s: None,
-        )
+        with quieted("ks_lens.comparison"):  # one summary line per layer, below
+            res = run_comparison(
+                model,
+                probe=probes[layer],
+                vectors=vectors,
+                evaluator=evaluator,
+                text_evaluator=text_evaluator,
+                calib_questions=calib_questions,
+                test_questions=test_questions,
+                text_questions=text_questions,
+                config=config,
+                progress=False,
+            )
         # the same methods, alphas and combinations, read on the calibration questions
         cal_ev = evaluate_activations(
             model,
@@ -286,7 +289,7 @@ def layer_sweep(
             (r for r in rec.calibration if r.method != "unsteered"),
             key=lambda r: r.target_prob.estimate,
         )
-        log(
+        log.info(
             f"  layer {layer:2d} (evaluator {place.eval_layer}{', capped' if place.capped else ''}): "
             f"best on calibration questions {best.method} k={best.k} p={best.target_prob.fmt()}"
         )

@@ -151,7 +151,7 @@ def grouped_steering_hook(
     def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
         b, s, _ = act.shape
         if row_group.shape[0] != b:
-            raise ValueError(f"row_group has {row_group.shape[0]} rows but the batch has {b}")
+            raise ConfigError(f"row_group has {row_group.shape[0]} rows but the batch has {b}")
         sel = (
             tracker.select(positions, b, s, act.device)
             if tracker is not None

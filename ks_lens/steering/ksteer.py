@@ -45,7 +45,7 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 
-from ks_lens.errors import ConfigError, LabelError
+from ks_lens.errors import ConfigError, LabelError, WrongTypeError
 from ks_lens.hooks import HOOK_KINDS, check_steerable_kind
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
@@ -205,7 +205,7 @@ class _ProbeSteerer(Steerer):
 
     def __init__(self, probe: Probe):
         if not isinstance(probe, Probe):
-            raise TypeError(
+            raise WrongTypeError(
                 f"{type(self).__name__} needs a ks_lens Probe, got {type(probe).__name__}"
             )
         if probe.hook_kind not in HOOK_KINDS:

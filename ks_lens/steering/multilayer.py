@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from ks_lens.errors import ConfigError, LabelError
+from ks_lens.errors import ConfigError, LabelError, WrongTypeError
 from ks_lens.hooks import canonical_hook_name
 from ks_lens.steering.base import HookList, Steerer, SteeringSpec, Transform
 from ks_lens.steering.positions import PositionTracker
@@ -45,7 +45,7 @@ class MultiLayer(Steerer):
             raise ConfigError("MultiLayer needs at least one member steerer")
         for m in members:
             if not isinstance(m, Steerer) or isinstance(m, MultiLayer):
-                raise TypeError(
+                raise WrongTypeError(
                     f"MultiLayer members must be single-hook Steerers, got {type(m).__name__}"
                 )
         names = members[0].label_names
