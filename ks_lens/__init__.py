@@ -14,8 +14,6 @@ TL's canonical names (``blocks.L.hook_out``, what ``hook.name`` shows) are one h
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, tokenize_chat, tokenize_texts
 from ks_lens.errors import (
     ConfigError,
@@ -41,6 +39,9 @@ from ks_lens.hooks import (
     same_hook_point,
 )
 from ks_lens.models import NAMED_MODELS, load_model, model_signature
+from ks_lens.utils import package_version
+
+__version__: str = package_version()
 
 __all__ = [
     "NAMED_MODELS",
