@@ -877,10 +877,13 @@ def collect_activations(
         :class:`Activations`: ``acts.shape == (n_rows, len(layers), d_model)``; ``acts[18]`` is
         ``[n_rows, d_model]`` at ``blocks.18.hook_resid_post``; ``acts.labels`` ``[n_rows]``.
 
-    Example::
-
-        acts = collect_activations(model, load_dataset("tones"), layers=[18], progress=False)
-        x = acts[18]                                  # [n, d_model]
+    Example:
+        >>> train = ks.load_dataset("tones").split("train").head(4)    # 4 questions x 6 tones
+        >>> acts = ks.collect_activations(model, train, layers=[1, 2], progress=False)
+        >>> len(acts), acts.layers
+        (24, (1, 2))
+        >>> acts[2].shape == (24, model.cfg.d_model)       # at blocks.2.hook_resid_post
+        True
 
     ``responses`` maps ``(question_id, label_index)`` to answer token ids, to reuse answers
     generated earlier (e.g. by a ``response`` collection) for ``response-only``.

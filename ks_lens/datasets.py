@@ -428,6 +428,14 @@ def load_dataset(
         spec: a shipped dataset name (``"tones"``) or a path to a behaviours JSON file.
         questions: replaces the dataset's questions (a ``.jsonl``/``.json``/``.csv`` file or
             ``hf:NAME``), e.g. an external evaluation set.
+
+    Example:
+        >>> tones = ks.load_dataset("tones")
+        >>> tones.labels
+        ('helpful', 'expert', 'casual', 'cautious', 'empathetic', 'concise')
+        >>> train = tones.split("train").head(4)           # questions never used for evaluation
+        >>> len(train.questions), train.questions[0].id in {q.id for q in tones.questions}
+        (4, True)
     """
     spec_str = str(spec)
     if spec_str in SHIPPED:

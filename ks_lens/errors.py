@@ -65,3 +65,7 @@ class ContextLengthError(KsLensError, ValueError):
 
 class TrainingError(KsLensError, RuntimeError):
     """Training diverged (a loss became NaN or infinite); nothing is saved."""
+
+
+class MissingDependencyError(KsLensError, ImportError):
+    """An optional package that a feature needs is not installed (the message says how to)."""

@@ -561,6 +561,13 @@ def calibrate_alpha(
     ``max_expand`` times), then bisects in log space ``bisect_steps`` times; the returned alpha
     always satisfies the budget (it is the lower end of the final bracket), within a factor
     ``factor ** (1 / 2**bisect_steps)`` of the boundary.
+
+    Example:
+        >>> cal = ks.calibrate_alpha(lambda alpha: 0.1 * alpha, budget=1.0)    # any metric
+        >>> round(cal.alpha, 2), cal.metric <= 1.0, len(cal.evaluations)
+        (9.93, True, 8)
+
+    With a model, the metric is usually :func:`kl_metric` (``docs/steering.md``, "Picking alpha").
     """
     return calibrate_alphas(
         lambda which, alphas: [metric(a) for a in alphas],
@@ -667,7 +674,14 @@ def kl_metric(
     batch_size: int = 16,
     base: Readout | None = None,
 ) -> Callable[[float], float]:
-    """``alpha -> mean first-token KL(steered || unsteered)`` over prompts and specs (one method)."""
+    """``alpha -> mean first-token KL(steered || unsteered)`` over prompts and specs (one method).
+
+    Example:
+        >>> k_steer = ks.KSteering(probe)
+        >>> kl = ks.kl_metric(model, k_steer, [k_steer.spec(target="casual")], ["Why is the sky blue?"])
+        >>> kl(0.0) < 1e-6 < kl(0.01)                   # nats; feed it to calibrate_alpha
+        True
+    """
     base = base or readout(model, prompts, next_token=True, batch_size=batch_size)
 
     def metric(alpha: float) -> float:

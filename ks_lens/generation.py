@@ -172,10 +172,12 @@ def generate(
         :class:`Generation`: ``.texts`` (decoded answers), ``.prompt_ids`` / ``.output_ids``
         (token id lists), ``.finished`` (the model ended its turn), in prompt order.
 
-    Example::
-
-        gen = ks.generate(model, ["How do I boil an egg?", "Why is the sky blue?"], max_new_tokens=40)
-        print(gen.texts[0])
+    Example:
+        >>> gen = ks.generate(model, ["How do I boil an egg?", "Why is the sky blue?"], max_new_tokens=8)
+        >>> len(gen.texts), all(len(ids) <= 8 for ids in gen.output_ids)
+        (2, True)
+        >>> ks.generate(model, "How do I boil an egg?", max_new_tokens=8).texts == gen.texts[:1]
+        True
 
     A single string or :class:`ChatPrompt` is one prompt. Prompts are grouped by length to limit
     padding; results come back in the input order. A prompt that, with ``max_new_tokens``, does

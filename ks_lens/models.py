@@ -195,11 +195,12 @@ def load_model(
         ``TransformerBridge`` (``model.cfg.n_layers``, ``model.cfg.d_model``, ``model.tokenizer``;
         the wrapped HF model is ``model.original_model``).
 
-    Example::
-
-        model = ks.load_model("tiny-random-llama")
-        batch = ks.tokenize_chat(model, "How do I boil an egg?")
-        logits = model(**batch)                  # [1, pos, d_vocab]
+    Example:
+        >>> model = ks.load_model("tiny-random-llama")     # ks.load_model(): SmolLM2-135M-Instruct
+        >>> batch = ks.tokenize_chat(model, "How do I boil an egg?")
+        >>> logits = model(**batch)                          # [1, pos, d_vocab]
+        >>> logits.shape == (1, batch.input_ids.shape[1], model.cfg.d_vocab)
+        True
     """
     if not isinstance(name, (str, Path)) or not str(name).strip():
         known = ", ".join(sorted(NAMED_MODELS))

@@ -565,11 +565,14 @@ def train_probes(
         ``[..., d_model]`` to label logits ``[..., n_labels]``; ``probe.metrics`` has the
         validation accuracy.
 
-    Example::
-
-        acts = collect_activations(model, dataset, layers=[10, 18])
-        probes = train_probes(acts, config=ProbeConfig(epochs=30))
-        probes[18].predict_proba(acts[18])          # [n, n_labels]
+    Example:
+        >>> probes = ks.train_probes(acts, config=ks.ProbeConfig(epochs=5), progress=False)
+        >>> sorted(probes)                                  # one probe per collected layer
+        [0, 1, 2, 3]
+        >>> probes[2].hook_name, probes[2].label_names[:3]
+        ('blocks.2.hook_resid_post', ('helpful', 'expert', 'casual'))
+        >>> probes[2].predict_proba(acts[2]).shape == (len(acts), 6)      # [n, n_labels]
+        True
     """
     if groups is not None and len(groups) != len(acts):
         raise ConfigError(f"groups has {len(groups)} entries for {len(acts)} rows")

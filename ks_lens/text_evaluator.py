@@ -424,7 +424,7 @@ class TextEvaluator:
     def _meta(self, files: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         import sklearn
 
-        import ks_lens
+        from ks_lens.utils import package_version
 
         return {
             "format": FORMAT,
@@ -440,7 +440,7 @@ class TextEvaluator:
             },
             "training": {"texts_hash": self.training_hash, "n_texts": self.n_training_texts},
             "versions": {
-                "ks_lens": ks_lens.__version__,
+                "ks_lens": package_version(),
                 "sklearn": sklearn.__version__,
                 "numpy": np.__version__,
             },

@@ -6,6 +6,8 @@ import os
 import platform
 import random
 import subprocess
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,9 @@ import numpy as np
 import torch
 
 from ks_lens.errors import ConfigError
+
+#: what :func:`package_version` reports when ks-lens runs from a source tree it was not installed from
+UNKNOWN_VERSION = "0+unknown"
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -72,11 +77,19 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@lru_cache(maxsize=1)
+def package_version() -> str:
+    """The installed ks-lens distribution's version (``importlib.metadata``), the single source of
+    ``ks_lens.__version__``; ``"0+unknown"`` when ks-lens is imported from a source tree that
+    was never installed (``pip install -e .`` records the version of ``pyproject.toml``)."""
+    try:
+        return version("ks-lens")
+    except PackageNotFoundError:
+        return UNKNOWN_VERSION
+
+
 def versions() -> dict[str, str]:
     """Versions of the packages that determine numerical results (recorded in metadata)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from ks_lens import __version__
 
     def _v(dist: str) -> str:
         try:
@@ -85,7 +98,7 @@ def versions() -> dict[str, str]:
             return "not installed"
 
     return {
-        "ks_lens": __version__,
+        "ks_lens": package_version(),
         "torch": torch.__version__,
         "transformers": _v("transformers"),
         "transformer_lens": _v("transformer-lens"),

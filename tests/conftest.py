@@ -9,7 +9,7 @@ import torch
 
 import ks_lens as ks
 from ks_lens.activations import collect_activations
-from ks_lens.datasets import Behaviour, BehaviourDataset, Question
+from ks_lens.datasets import Behaviour, BehaviourDataset, Question, load_dataset
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -79,6 +79,21 @@ def tiny_probe(tiny_acts):
     from ks_lens.probes import ProbeConfig, train_probe
 
     return train_probe(tiny_acts, 2, config=ProbeConfig(epochs=10, hidden=32, val_fraction=0.25))
+
+
+@pytest.fixture(scope="session")
+def tiny_tone_acts(tiny_model):
+    """The tiny model's activations (every layer) on 4 training questions x 6 tones."""
+    train = load_dataset("tones").split("train").head(4)
+    return collect_activations(tiny_model, train, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tone_probe(tiny_tone_acts):
+    """A small MLP probe at blocks.2.hook_resid_post on :func:`tiny_tone_acts`."""
+    from ks_lens.probes import ProbeConfig, train_probe
+
+    return train_probe(tiny_tone_acts, 2, config=ProbeConfig(epochs=10, hidden=32))
 
 
 @pytest.fixture(scope="session")

@@ -334,7 +334,7 @@ def test_public_functions_have_examples():
         SteeringVectors.fit,
     ):
         doc = f.__doc__ or ""
-        assert "Example::" in doc, f
+        assert ">>> " in doc, f  # runnable examples, run by tests/test_doctests.py
         assert "Args:" in doc or f is KSteering, f
 
 

@@ -3,6 +3,8 @@
 Every method is a :class:`Steerer`: ``with method.steer(model, target=..., avoid=..., alpha=...)``
 installs hooks for the block and removes them on exit; ``method.hooks(...)`` gives
 ``run_with_hooks``-ready hook functions; ``method.apply(x, ...)`` steers a tensor directly.
+CAA's vectors export to llama.cpp control vectors and ``steering-vectors``
+(:mod:`ks_lens.steering.export`).
 """
 
 from ks_lens.steering.base import (
@@ -13,6 +15,12 @@ from ks_lens.steering.base import (
     steering_hook,
 )
 from ks_lens.steering.caa import CAA, SteeringVectors
+from ks_lens.steering.export import (
+    ControlVector,
+    control_vector,
+    export_gguf,
+    to_steering_vector,
+)
 from ks_lens.steering.ksteer import (
     KProjection,
     KSteering,
@@ -28,6 +36,7 @@ from ks_lens.steering.positions import POSITIONS, PositionTracker
 __all__ = [
     "CAA",
     "POSITIONS",
+    "ControlVector",
     "KProjection",
     "KSteering",
     "MultiLayer",
@@ -37,10 +46,13 @@ __all__ = [
     "SteeringVectors",
     "clip_step",
     "combine_gradients",
+    "control_vector",
+    "export_gguf",
     "grouped_steering_hook",
     "label_coefficients",
     "objective_value",
     "probe_gradients",
     "steer_groups",
     "steering_hook",
+    "to_steering_vector",
 ]

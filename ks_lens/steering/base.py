@@ -317,10 +317,16 @@ class Steerer(ABC):
         use ``with method.steer(model, ..., positions=...)``, which also works around TL's
         ``model.generate`` and ``run_with_hooks``.
 
-        Example::
-
-            hooks = method.hooks(model, target=["beta"], alpha=4.0)
-            logits = model.run_with_hooks(tokens, fwd_hooks=hooks + [(name, my_hook)])
+        Example:
+            >>> method = ks.CAA(ks.SteeringVectors.fit(acts, 2))
+            >>> hooks = method.hooks(model, target=["casual"], alpha=4.0)
+            >>> seen = []
+            >>> def spy(act, hook):                   # your own hook runs alongside
+            ...     seen.append(hook.name)
+            >>> tokens = ks.tokenize_chat(model, "Hi").input_ids
+            >>> logits = model.run_with_hooks(tokens, fwd_hooks=hooks + [("blocks.3.hook_resid_post", spy)])
+            >>> [name for name, _ in hooks], seen
+            (['blocks.2.hook_resid_post'], ['blocks.3.hook_out'])
         """
         check_positions(positions)
         if positions != "all" and tracker is None:
@@ -375,10 +381,12 @@ class Steerer(ABC):
             ``run_with_cache``, TL's ``model.generate`` (with or without KV cache) and
             :func:`ks_lens.generate`.
 
-        Example::
-
-            with KSteering(probe).steer(model, target=["casual"], alpha=4.0, positions="generated"):
-                out = model.generate(tokens, max_new_tokens=20, do_sample=False)
+        Example:
+            >>> tokens = ks.tokenize_chat(model, "How do I boil an egg?").input_ids
+            >>> with ks.KSteering(probe).steer(model, target=["casual"], alpha=4.0, positions="generated"):
+            ...     out = model.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False)
+            >>> out.shape == (1, tokens.shape[1] + 4)
+            True
         """
         tracker = PositionTracker()
         fwd = self.hooks(

@@ -103,10 +103,10 @@ class SteeringVectors:
             :class:`SteeringVectors` with ``.vectors`` ``[n_labels, d_model]`` at
             ``blocks.{layer}.hook_{kind}``.
 
-        Example::
-
-            vecs = SteeringVectors.fit(acts, 18)
-            vecs.vectors.shape                   # (n_labels, d_model)
+        Example:
+            >>> vecs = ks.SteeringVectors.fit(acts, 2)
+            >>> vecs.hook_name, vecs.vectors.shape == (6, model.cfg.d_model)   # [n_labels, d_model]
+            ('blocks.2.hook_resid_post', True)
         """
         if method not in VECTOR_METHODS:
             raise ConfigError(f"unknown method {method!r}; use one of {VECTOR_METHODS}")
@@ -226,11 +226,18 @@ class CAA(Steerer):
     ``v`` ``[d_model]`` combines the target (and avoid) labels' vectors; it is added at every
     selected position of the vectors' hook point.
 
-    Example::
-
-        caa = CAA(SteeringVectors.fit(acts, 18))
-        with caa.steer(model, target=["casual"], alpha=1.5):
-            gen = ks_lens.generate(model, ["How do I boil an egg?"])
+    Example:
+        >>> caa = ks.CAA(ks.SteeringVectors.fit(acts, 2))
+        >>> batch = ks.tokenize_chat(model, "How do I boil an egg?")
+        >>> with caa.steer(model, target=["casual"], alpha=1.5):
+        ...     steered = model(**batch)
+        ...     answer = ks.generate(model, "How do I boil an egg?", max_new_tokens=8)
+        >>> torch.equal(steered, model(**batch))                # hooks are gone after the block
+        False
+        >>> x = acts[2][:3]                                     # [3, d_model]
+        >>> v = caa.vectors.combine(["casual"])                 # [d_model]
+        >>> torch.equal(caa.apply(x, target="casual", alpha=1.5), x + 1.5 * v)
+        True
 
     Args:
         combine: ``"mean"`` (reference baseline) or ``"sum"`` of the per-label vectors.

@@ -242,11 +242,15 @@ class KSteering(_ProbeSteerer):
         max_step: if set, clip each token's total change to ``max_step * |x|`` (per-token trust
             region, applied after all steps); ``None`` leaves steps unbounded.
 
-    Example::
-
-        ks = KSteering(probe, steps=3, decay=0.95)
-        with ks.steer(model, target=["casual", "concise"], avoid=["expert"], alpha=4.0):
-            gen = ks_lens.generate(model, ["How do I boil an egg?"])
+    Example (``probe = ks.train_probe(acts, 2)``):
+        >>> k_steer = ks.KSteering(probe, steps=3, decay=0.95)
+        >>> with k_steer.steer(model, target=["casual", "concise"], avoid=["expert"], alpha=4.0):
+        ...     answer = ks.generate(model, "How do I boil an egg?", max_new_tokens=8)
+        >>> x = acts[2][:3]                                     # [3, d_model]
+        >>> x_new = k_steer.apply(x, target="casual", alpha=0.5)
+        >>> casual = probe.label_indices(["casual"])
+        >>> bool((probe(x_new)[:, casual] > probe(x)[:, casual]).all())   # the probe agrees
+        True
     """
 
     def __init__(
