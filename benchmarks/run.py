@@ -43,11 +43,12 @@ import torch
 
 import ks_lens as ks
 from ks_lens.activations import capture_batch, collect_activations
+from ks_lens.batching import record_activations
 from ks_lens.datasets import load_dataset, make_splits
 from ks_lens.hf_path import hf_modules
 from ks_lens.hooks import resid_hook
 from ks_lens.logs import add_logging_arguments, configure_logging
-from ks_lens.models import pad_token_id
+from ks_lens.models import model_device, pad_token_id
 from ks_lens.probes import ProbeConfig, train_probe, train_probes
 from ks_lens.steering import CAA, KSteering, SteeringVectors
 from ks_lens.utils import machine_info, versions
@@ -221,20 +222,16 @@ def bench_gradients(model: Any, probe: Any, prompts: list[str], repeats: int) ->
     batched pass is compute-bound) and at each sequence's last token only (per-call overhead
     dominates)."""
     batch = ks.tokenize_chat(model, prompts)
-    got: dict[str, torch.Tensor] = {}
-
-    def grab(act: torch.Tensor, hook: Any) -> None:
-        got["x"] = act.detach()
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(probe.hook_name, grab)]):
+    with torch.no_grad(), record_activations(model, probe.hook_name, stop=True) as rec:
         model(batch.input_ids, attention_mask=batch.attention_mask)
+    acts = rec[probe.hook_name]
     mask = batch.attention_mask.bool()
     ks_ = KSteering(probe)
     spec = ks_.spec(["casual", "concise"], ["expert"], 1.0)
     out: dict[str, Any] = {"n_sequences": len(prompts), "target_speedup": 10.0}
     for name, rows in (
-        ("all_tokens", [got["x"][i][mask[i]] for i in range(len(prompts))]),
-        ("last_token", [got["x"][i, -1:] for i in range(len(prompts))]),
+        ("all_tokens", [acts[i][mask[i]] for i in range(len(prompts))]),
+        ("last_token", [acts[i, -1:] for i in range(len(prompts))]),
     ):
         x = torch.cat(rows)
 
@@ -457,7 +454,7 @@ def main() -> int:
     reps = 2 if args.quick else 3
     t_all = time.perf_counter()
     model = ks.load_model(device=args.device)
-    device = next(model.original_model.parameters()).device
+    device = model_device(model)
     hf = plain_hf(device)
     ds = load_dataset("tones")
     splits = make_splits(ds)

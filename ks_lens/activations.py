@@ -38,7 +38,6 @@ checksums and refuses a store made for another model.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import warnings
@@ -52,13 +51,13 @@ from jaxtyping import Float, Int
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from ks_lens.batching import record_activations, scatter, sorted_batches
 from ks_lens.chat import (
     ChatPrompt,
     TokenBatch,
     check_context,
     context_window,
-    format_chat,
-    left_pad,
+    encode_chat,
 )
 from ks_lens.datasets import BehaviourDataset, base_labels, multi_hot
 from ks_lens.errors import ConfigError, DatasetError, HookPointError, StoreError
@@ -277,15 +276,7 @@ def plan_rows(dataset: BehaviourDataset, mode: str) -> list[Row]:
     ]
 
 
-def _encode_ids(tok: Any, prompt: ChatPrompt) -> list[int]:
-    return list(tok(format_chat(tok, prompt), add_special_tokens=False)["input_ids"])
-
-
 # ----------------------------------------------------------------------------- capture
-
-
-class _StopCapture(Exception):
-    """Raised by the last capture hook: nothing after it needs computing."""
 
 
 @dataclass
@@ -316,14 +307,6 @@ class PrefixCache:
         return cache
 
 
-def _enter_hooks(stack: contextlib.ExitStack, model: Any, fwd_hooks: list[Any]) -> None:
-    try:
-        stack.enter_context(model.hooks(fwd_hooks=fwd_hooks))
-    except ValueError as e:  # TransformerLens refuses hook points gated off by default
-        names = [name for name, _ in fwd_hooks]
-        raise HookPointError(f"cannot collect at {names}: {e}") from None
-
-
 def prefix_cache(model: Any, ids: Sequence[int], hook_names: Sequence[str]) -> PrefixCache | None:
     """Run the token prefix ``ids`` once (batch 1, no padding) and keep its KV cache, for the
     layers that a capture of ``hook_names`` reaches (the pass stops once all of them fired, as
@@ -339,24 +322,9 @@ def prefix_cache(model: Any, ids: Sequence[int], hook_names: Sequence[str]) -> P
     if not ids or not hook_names:
         return None
     cache = DynamicCache(config=model.original_model.config)
-    fired: set[int] = set()
-
-    def make_hook(i: int):
-        def hook(act: torch.Tensor, hook: Any) -> None:
-            fired.add(i)
-            if len(fired) == len(hook_names):
-                raise _StopCapture
-
-        return hook
-
     tokens = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
-    fwd_hooks = [(name, make_hook(i)) for i, name in enumerate(hook_names)]
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        _enter_hooks(stack, model, fwd_hooks)
-        try:
-            model(tokens, past_key_values=cache, return_type=None)
-        except _StopCapture:
-            pass
+    with torch.no_grad(), record_activations(model, hook_names, last_token=True, stop=True):
+        model(tokens, past_key_values=cache, return_type=None)
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     for layer in cache.layers:
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
@@ -404,7 +372,6 @@ def capture_features(
         raise ConfigError("hook_names must name at least one hook point")
     if position == "mean_response" and response_start is None:
         raise ConfigError("position='mean_response' needs response_start")
-    store: dict[int, torch.Tensor] = {}
     ids, mask = batch.input_ids, batch.attention_mask
     n_rows, width = ids.shape
     pos = torch.arange(width, device=ids.device)
@@ -438,43 +405,34 @@ def capture_features(
         weights = ((pos[None, :] >= first[:, None]) & (pos[None, :] < end[:, None])).float()
         weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
 
-    def make_hook(i: int):
-        def hook(act: torch.Tensor, hook: Any) -> None:
-            if act.dim() < 3 or tuple(act.shape[:2]) != (n_rows, width):
-                raise HookPointError(
-                    f"{hook_names[i]} gives activations of shape {tuple(act.shape)}, not "
-                    f"[batch={n_rows}, pos={width}, ...]: ks-lens collects per-token activations "
-                    "only (attention patterns and scores are [batch, head, query, key])"
-                )
-            a = act.detach().float()
-            if position == "mean_response":
-                w = weights.to(a.device)
-                store[i] = (w.reshape(*w.shape, *([1] * (a.dim() - 2))) * a).sum(1)
-            elif read_last is None:
-                store[i] = a[:, -1].clone()
-            else:
-                rows = torch.arange(n_rows, device=a.device)
-                store[i] = a[rows, read_last.to(a.device)]
-            if len(store) == len(hook_names):
-                raise _StopCapture
+    def summarise(act: torch.Tensor, name: str) -> torch.Tensor:
+        if act.dim() < 3 or tuple(act.shape[:2]) != (n_rows, width):
+            raise HookPointError(
+                f"{name} gives activations of shape {tuple(act.shape)}, not "
+                f"[batch={n_rows}, pos={width}, ...]: ks-lens collects per-token activations "
+                "only (attention patterns and scores are [batch, head, query, key])"
+            )
+        a = act.float()
+        if position == "mean_response":
+            w = weights.to(a.device)
+            return (w.reshape(*w.shape, *([1] * (a.dim() - 2))) * a).sum(1)
+        if read_last is None:
+            return a[:, -1].clone()
+        rows = torch.arange(n_rows, device=a.device)
+        return a[rows, read_last.to(a.device)]
 
-        return hook
-
-    fwd_hooks = [(name, make_hook(i)) for i, name in enumerate(hook_names)]
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        _enter_hooks(stack, model, fwd_hooks)
-        try:
-            model(ids, attention_mask=mask, **kwargs)
-        except _StopCapture:
-            pass
-    missing = [hook_names[i] for i in range(len(hook_names)) if i not in store]
-    if missing:
+    with (
+        torch.no_grad(),
+        record_activations(model, hook_names, reduce=summarise, stop=True) as rec,
+    ):
+        model(ids, attention_mask=mask, **kwargs)
+    if rec.missing:
         raise HookPointError(
-            f"hook point(s) {missing} did not fire in a forward pass: this architecture never "
+            f"hook point(s) {rec.missing} did not fire in a forward pass: this architecture never "
             "calls them (model.hook_dict lists every name TransformerLens defines); collect at "
             "another hook point"
         )
-    return [store[i].cpu() for i in range(len(hook_names))]
+    return [rec[name].cpu() for name in hook_names]
 
 
 def capture_batch(
@@ -621,8 +579,8 @@ def system_prefix(tokenizer: Any, system: str | None) -> tuple[int, ...]:
     header up to where the user's message begins (found by encoding two different messages).
     Rows whose tokens do not start with it (a tokenizer merge across the boundary) are run whole.
     """
-    a = _encode_ids(tokenizer, ChatPrompt("A", system))
-    b = _encode_ids(tokenizer, ChatPrompt("B", system))
+    a = encode_chat(tokenizer, ChatPrompt("A", system))
+    b = encode_chat(tokenizer, ChatPrompt("B", system))
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -654,18 +612,19 @@ def _collect_chunk(
                 answers[i] = list(tok(r.answer, add_special_tokens=False)["input_ids"])
             elif responses is not None and (r.question_id, r.label) in responses:
                 answers[i] = list(responses[(r.question_id, r.label)])
-        gen_prompts = {
-            i: _encode_ids(tok, ChatPrompt(rows[i].question, rows[i].system)) for i in need
-        }
-        order = sorted(need, key=lambda i: (len(gen_prompts[i]), i))
-        for b, start in enumerate(range(0, len(order), spec.batch_size)):
-            idx = order[start : start + spec.batch_size]
-            batch = left_pad([gen_prompts[i] for i in idx], pad_token_id(tok), device)
+        to_generate = set(need)
+        gen_prompts = [
+            encode_chat(tok, ChatPrompt(r.question, r.system)) if i in to_generate else []
+            for i, r in enumerate(rows)
+        ]
+        batches = sorted_batches(
+            gen_prompts, spec.batch_size, pad_id=pad_token_id(tok), device=device, rows=need
+        )
+        for b, (idx, batch) in enumerate(batches):
             res = generate_from_batch(
                 model, batch, max_new_tokens=spec.max_new_tokens, seed=spec.seed + seed_offset + b
             )
-            for j, i in enumerate(idx):
-                answers[i] = res.ids[j]
+            scatter(answers, idx, res.ids)
         for i in range(len(rows)):
             texts[i] = tok.decode(answers[i] or [], skip_special_tokens=True).strip()
     seqs: list[list[int]] = []
@@ -673,13 +632,13 @@ def _collect_chunk(
     systems: list[str | None] = []  # the system prompt each row is encoded with
     for i, r in enumerate(rows):
         if spec.mode in ("prompt", "neutral"):
-            ids = _encode_ids(tok, ChatPrompt(r.question, r.system))
+            ids = encode_chat(tok, ChatPrompt(r.question, r.system))
             seqs.append(ids)
             starts.append(len(ids))
             systems.append(r.system)
         else:
             system = r.system if spec.mode == "response" else None
-            head = _encode_ids(tok, ChatPrompt(r.question, system))
+            head = encode_chat(tok, ChatPrompt(r.question, system))
             seqs.append(head + list(answers[i] or []))
             starts.append(len(head))
             systems.append(system)
@@ -715,10 +674,10 @@ def _collect_chunk(
     for common, group in groups:
         prefix = prefix_cache(model, common, names) if common else None
         n_prefix = len(prefix) if prefix is not None else 0
-        order = sorted(group, key=lambda i: (len(seqs[i]), i))
-        for start in range(0, len(order), spec.batch_size):
-            idx = order[start : start + spec.batch_size]
-            batch = left_pad([seqs[i][n_prefix:] for i in idx], pad, device)
+        # the group's rows all start with the prefix: sorting the suffixes sorts the rows
+        suffixes = [s[n_prefix:] for s in seqs] if n_prefix else seqs
+        batches = sorted_batches(suffixes, spec.batch_size, pad_id=pad, device=device, rows=group)
+        for idx, batch in batches:
             rs = torch.tensor([min(starts[i], len(seqs[i]) - 1) for i in idx], device=device)
             feats = capture_features(
                 model, batch, names, response_start=rs, position=spec.position, prefix=prefix
@@ -726,7 +685,7 @@ def _collect_chunk(
             if not out:
                 out = [torch.empty(len(rows), *f.shape[1:]) for f in feats]
             for o, f in zip(out, feats, strict=True):
-                o[idx] = f
+                scatter(o, idx, f)
     n_layers = len(spec.layers or ())
     acts = {
         kind: torch.stack(out[k * n_layers : (k + 1) * n_layers], dim=1)
@@ -830,7 +789,7 @@ def _plan(
             key = (r.question, r.system)
             if key not in seen:
                 seen.add(key)
-                n = len(_encode_ids(model.tokenizer, ChatPrompt(*key)))
+                n = len(encode_chat(model.tokenizer, ChatPrompt(*key)))
                 check_context(model, n, extra, what=f"question {r.question_id!r} (as prompted)")
     return spec, rows
 

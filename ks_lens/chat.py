@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Int
 
 from ks_lens.errors import ConfigError, ContextLengthError, MissingKeyError, WrongTypeError
+from ks_lens.models import model_device, pad_token_id
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,13 @@ def format_chat(tokenizer: Any, prompt: ChatPrompt | str) -> str:
     return str(text)
 
 
+def encode_chat(tokenizer: Any, prompt: ChatPrompt | str) -> list[int]:
+    """The token ids of ``prompt`` rendered by :func:`format_chat` (no special tokens added: the
+    template already starts with the model's BOS-like token)."""
+    tokenizer = get_tokenizer(tokenizer)
+    return list(tokenizer(format_chat(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+
+
 def tokenize_texts(
     tokenizer: Any, texts: Sequence[str], *, device: torch.device | str | None = None
 ) -> TokenBatch:
@@ -195,9 +203,11 @@ def tokenize_chat(
     """
     tok = get_tokenizer(model_or_tokenizer)
     if device is None and hasattr(model_or_tokenizer, "original_model"):
-        device = next(model_or_tokenizer.original_model.parameters()).device
-    texts = [format_chat(tok, p) for p in as_prompt_list(prompts)]
-    batch = tokenize_texts(tok, texts, device=device)
+        device = model_device(model_or_tokenizer)
+    ids = [encode_chat(tok, p) for p in as_prompt_list(prompts)]
+    if not ids:
+        raise ConfigError("cannot tokenize an empty batch")
+    batch = left_pad(ids, pad_token_id(tok), device)
     if model_or_tokenizer is not tok:
         longest = int(batch.lengths.argmax())
         what = "the prompt" if len(batch) == 1 else f"prompt {longest + 1} of {len(batch)}"

@@ -28,21 +28,13 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from ks_lens.chat import ChatPrompt, format_chat, left_pad
+from ks_lens.batching import record_activations, scatter, sorted_batches
+from ks_lens.chat import ChatPrompt, encode_chat
 from ks_lens.errors import ConfigError
 from ks_lens.generation import generate_from_batch
-from ks_lens.models import pad_token_id
+from ks_lens.models import model_device, pad_token_id
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steerer, SteeringSpec
-
-
-class _Stop(Exception):
-    pass
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.original_model.parameters()).device
-
 
 # ----------------------------------------------------------------------------- activation level
 
@@ -100,41 +92,30 @@ def readout_groups(
     if not prompts:
         raise ConfigError("no prompts to read out")
     tok = model.tokenizer
-    ids = [list(tok(format_chat(tok, p), add_special_tokens=False)["input_ids"]) for p in prompts]
+    ids = [encode_chat(tok, p) for p in prompts]
     rows = [(g, i) for g in range(len(steerings)) for i in range(len(prompts))]
-    order = sorted(range(len(rows)), key=lambda r: (len(ids[rows[r][1]]), r))
-    device = _device(model)
     k = probe.n_labels if probe is not None else 0
     probs = torch.empty(len(rows), k)
     logps: torch.Tensor | None = None
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        batch = left_pad([ids[rows[r][1]] for r in idx], pad_token_id(tok), device)
-        got: dict[str, torch.Tensor] = {}
-
-        def capture(act: torch.Tensor, hook: Any, got: dict[str, torch.Tensor] = got) -> None:
-            got["x"] = act[:, -1, :].detach()
-            if not next_token:
-                raise _Stop
-
-        fwd = [(probe.hook_name, capture)] if probe is not None else []
+    names = [probe.hook_name] if probe is not None else []
+    batches = sorted_batches(
+        [ids[i] for _, i in rows], batch_size, pad_id=pad_token_id(tok), device=model_device(model)
+    )
+    for idx, batch in batches:
         with (
             torch.no_grad(),
             steer_groups(model, steerings, [rows[r][0] for r in idx], positions=positions),
-            model.hooks(fwd_hooks=fwd),
+            # without next_token the pass ends right after the probe's hook
+            record_activations(model, names, last_token=True, stop=not next_token) as rec,
         ):
-            try:
-                logits = model(
-                    batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1
-                )
-                lp = torch.log_softmax(logits[:, -1].float(), -1).cpu()
-                if logps is None:
-                    logps = torch.empty(len(rows), lp.shape[-1])
-                logps[idx] = lp
-            except _Stop:
-                pass
+            logits = model(batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1)
+            lp = torch.log_softmax(logits[:, -1].float(), -1).cpu()
+            if logps is None:
+                logps = torch.empty(len(rows), lp.shape[-1])
+            scatter(logps, idx, lp)
         if probe is not None:
-            probs[idx] = probe.predict_proba(got["x"].to(probe.mean.device, probe.mean.dtype)).cpu()
+            x = rec[probe.hook_name].to(probe.mean.device, probe.mean.dtype)
+            scatter(probs, idx, probe.predict_proba(x).cpu())
     n = len(prompts)
     return [
         Readout(probs[g * n : (g + 1) * n], None if logps is None else logps[g * n : (g + 1) * n])
@@ -384,17 +365,19 @@ def generate_and_score_rows(
         if not (0 <= g < len(steerings) and 0 <= i < len(questions)):
             raise ConfigError(f"row {(g, i)} is out of range")
     tok = model.tokenizer
-    device = _device(model)
-    heads = [
-        list(tok(format_chat(tok, ChatPrompt(q)), add_special_tokens=False)["input_ids"])
-        for q in questions
-    ]
-    order = sorted(range(len(rows)), key=lambda r: (len(heads[rows[r][1]]), rows[r][0], rows[r][1]))
+    device = model_device(model)
+    pad = pad_token_id(tok)
+    heads = [encode_chat(tok, ChatPrompt(q)) for q in questions]
     answers: list[list[int]] = [[] for _ in rows]
     step_logps: list[torch.Tensor | None] = [None for _ in rows]
-    for b, s in enumerate(range(0, len(order), batch_size)):
-        idx = order[s : s + batch_size]
-        batch = left_pad([heads[rows[r][1]] for r in idx], pad_token_id(tok), device)
+    batches = sorted_batches(
+        [heads[i] for _, i in rows],
+        batch_size,
+        pad_id=pad,
+        device=device,
+        tiebreak=lambda r: rows[r],  # same length: by configuration, then question
+    )
+    for b, (idx, batch) in enumerate(batches):
         row_group = [rows[r][0] for r in idx]
         with steer_groups(model, steerings, row_group, positions=positions):
             res = generate_from_batch(
@@ -411,25 +394,18 @@ def generate_and_score_rows(
     kl = [float("nan")] * len(rows)
     kl_steps = [0] * len(rows)
     seqs = [heads[i] + answers[r] for r, (_, i) in enumerate(rows)]
-    order = sorted(range(len(rows)), key=lambda r: (len(seqs[r]), r))
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        batch = left_pad([seqs[r] for r in idx], pad_token_id(tok), device)
+    names = [response_probe.hook_name] if response_probe is not None else []
+    for idx, batch in sorted_batches(seqs, batch_size, pad_id=pad, device=device):
         tmax = max(len(answers[r]) for r in idx)
-        got: dict[str, torch.Tensor] = {}
-
-        def capture(act: torch.Tensor, hook: Any, got: dict[str, torch.Tensor] = got) -> None:
-            got["x"] = act[:, -1, :].detach()
-
-        fwd = [(response_probe.hook_name, capture)] if response_probe is not None else []
-        with torch.no_grad(), model.hooks(fwd_hooks=fwd):
+        with torch.no_grad(), record_activations(model, names, last_token=True) as rec:
             logits = model(
                 batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=tmax + 1
             )
         if response_probe is not None:
-            probs[idx] = response_probe.predict_proba(
-                got["x"].to(response_probe.mean.device, response_probe.mean.dtype)
-            ).cpu()
+            x = rec[response_probe.hook_name].to(
+                response_probe.mean.device, response_probe.mean.dtype
+            )
+            scatter(probs, idx, response_probe.predict_proba(x).cpu())
         for j, r in enumerate(idx):
             t = len(answers[r])
             # positions tmax-t .. tmax predict answer tokens 0..t-1, then the token after the answer

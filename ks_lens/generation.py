@@ -20,17 +20,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ks_lens.chat import (
-    ChatPrompt,
-    TokenBatch,
-    as_prompt_list,
-    check_context,
-    format_chat,
-    tokenize_texts,
-)
+from ks_lens.batching import scatter, sorted_batches
+from ks_lens.chat import ChatPrompt, TokenBatch, as_prompt_list, check_context, encode_chat
 from ks_lens.errors import ConfigError
 from ks_lens.hf_path import hf_modules
-from ks_lens.models import pad_token_id
+from ks_lens.models import model_device, pad_token_id
 
 
 @dataclass
@@ -193,22 +187,19 @@ def generate(
     if not prompts:
         return Generation([], [], [], [], [])
     tok = model.tokenizer
-    device = next(model.original_model.parameters()).device
-    texts = [format_chat(tok, p) for p in prompts]
-    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    prompt_ids = [encode_chat(tok, p) for p in prompts]
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     what = "the prompt" if len(prompts) == 1 else f"prompt {longest + 1} of {len(prompts)}"
-    check_context(model, lengths[longest], max_new_tokens, what=what)
-    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
-    prompt_ids: list[list[int]] = [[] for _ in texts]
-    out_ids: list[list[int]] = [[] for _ in texts]
-    finished: list[bool] = [False for _ in texts]
+    check_context(model, len(prompt_ids[longest]), max_new_tokens, what=what)
+    out_ids: list[list[int]] = [[] for _ in prompts]
+    finished: list[bool] = [False for _ in prompts]
     bar = tqdm(
-        total=len(texts), desc="generating", unit="prompt", disable=not progress, leave=False
+        total=len(prompts), desc="generating", unit="prompt", disable=not progress, leave=False
     )
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        idx = order[start : start + batch_size]
-        batch = tokenize_texts(tok, [texts[i] for i in idx], device=device)
+    batches = sorted_batches(
+        prompt_ids, batch_size, pad_id=pad_token_id(tok), device=model_device(model)
+    )
+    for b, (idx, batch) in enumerate(batches):
         res = generate_from_batch(
             model,
             batch,
@@ -220,11 +211,8 @@ def generate(
             seed=seed + b,
             full_bridge=full_bridge,
         )
-        for j, i in enumerate(idx):
-            mask = batch.attention_mask[j].bool()
-            prompt_ids[i] = batch.input_ids[j][mask].tolist()
-            out_ids[i] = res.ids[j]
-            finished[i] = res.finished[j]
+        scatter(out_ids, idx, res.ids)
+        scatter(finished, idx, res.finished)
         bar.update(len(idx))
     bar.close()
     decoded = [tok.decode(ids, skip_special_tokens=True).strip() for ids in out_ids]

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from ks_lens.chat import ChatPrompt, format_chat
+from ks_lens.batching import record_activations
+from ks_lens.chat import ChatPrompt, encode_chat
 from ks_lens.io import atomic_write_bytes
+from ks_lens.models import model_device
 from ks_lens.probes import Probe
 
 
@@ -27,19 +29,22 @@ def token_probabilities(
 ) -> tuple[list[str], Float[torch.Tensor, "t k"]]:
     """Answer tokens and the probe's per-label probabilities at each of them."""
     tok = model.tokenizer
-    head = tok(format_chat(tok, ChatPrompt(question)), add_special_tokens=False)["input_ids"]
-    ans = tok(answer, add_special_tokens=False)["input_ids"]
+    head = encode_chat(tok, ChatPrompt(question))
+    ans = list(tok(answer, add_special_tokens=False)["input_ids"])
     if not ans:
         return [], torch.empty(0, probe.n_labels)
-    ids = torch.tensor([head + ans], device=next(model.original_model.parameters()).device)
-    got: dict[str, torch.Tensor] = {}
+    ids = torch.tensor([head + ans], device=model_device(model))
 
-    def capture(act: torch.Tensor, hook: Any) -> None:
-        got["x"] = act[0, len(head) :].detach()
+    def answer_part(act: torch.Tensor, name: str) -> torch.Tensor:
+        return act[0, len(head) :]
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(probe.hook_name, capture)]):
+    with (
+        torch.no_grad(),
+        record_activations(model, probe.hook_name, reduce=answer_part, stop=True) as rec,
+    ):
         model(ids, logits_to_keep=1)
-    probs = probe.predict_proba(got["x"].to(probe.mean.device, probe.mean.dtype)).cpu()
+    x = rec[probe.hook_name]
+    probs = probe.predict_proba(x.to(probe.mean.device, probe.mean.dtype)).cpu()
     return [tok.decode([t]) for t in ans], probs
 
 
