@@ -231,8 +231,8 @@ class ComparisonConfig:
     sizes: tuple[int, ...] = (1, 2, 3)
     avoid: tuple[str, ...] = ()  # labels to avoid in every combination (never also targets)
     calibration_metric: str = "generation_kl"  # or "first_token_kl"
-    kl_budget: float = 0.25  # nats per token; also the KL level of the equal-KL headline
-    max_degenerate_rate: float = 0.05  # calibration: alphas with more degenerate answers fail
+    kl_budget: float = 0.5  # nats per token; also the KL level of the equal-KL headline
+    max_degenerate_rate: float = 0.02  # calibration: alphas with more degenerate answers fail
     calib_tokens: int = 16  # answer length for the generation_kl calibration metric
     calib_combos_per_question: int = 1  # calibration cells per question and size
     calib_bisect_steps: int = 3  # final bracket within a factor 4 ** (1/8) = 1.19

@@ -76,7 +76,7 @@ class PipelineConfig:
     n_calib: int = 12  # calibration questions
     n_eval: int = 32  # test questions, activation level
     n_gen: int = 16  # test questions, generated text (x 3 cells x methods x 4 alphas)
-    probe_source: str = "prompt"  # what the steering probe/vectors learn from: see PROBE_SOURCES
+    probe_source: str = "text"  # what the steering probe/vectors learn from: see PROBE_SOURCES
     text_position: str = "last"  # text source: last answer token or "mean_response"
     gold_steer_fraction: float = 0.5  # share of gold questions for text-grounded steering
     multilayer_offsets: tuple[int, ...] = (-6, -3, 0)  # multi-layer method: layers around `layer`
@@ -94,7 +94,7 @@ class PipelineConfig:
             n_train=16,
             n_evaluator=12,
             evaluator_combos_per_question=2,
-            n_gold=48,
+            n_gold=160,
             n_calib=4,
             n_eval=6,
             n_gen=4,
