@@ -28,7 +28,7 @@ from typing import Any
 from ks_lens.comparison import METHODS, ComparisonConfig, ComparisonResult, method_label
 from ks_lens.errors import ConfigError
 from ks_lens.models import model_signature
-from ks_lens.pipeline import PipelineConfig, Setup, prepare
+from ks_lens.pipeline import PROBE_SOURCES, PipelineConfig, Setup, prepare
 from ks_lens.report import compare_word, seeds_summary, write_report
 from ks_lens.utils import git_commit
 
@@ -205,7 +205,14 @@ def add_demo_parser(sub: Any) -> None:
         "--kl-budget",
         type=float,
         default=None,
-        help="coherence budget and equal-KL level in nats per token (default 0.25)",
+        help="coherence budget and equal-KL level in nats per token (default 0.5)",
+    )
+    p.add_argument(
+        "--probe-source",
+        default=None,
+        choices=list(PROBE_SOURCES),
+        help="what the steering probe and CAA vectors learn from: gold texts without instruction "
+        "('text', the measured default) or instruction prompts ('prompt', the reference code)",
     )
     p.add_argument(
         "--calibration-metric",
@@ -247,6 +254,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         "seed": args.seed,
         "comparison": comparison,
     }
+    if args.probe_source is not None:
+        kw["probe_source"] = args.probe_source
     cfg = PipelineConfig.fast(**kw) if args.fast else PipelineConfig(**kw)
     if args.max_questions is not None:
         if args.max_questions < 1:

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -313,3 +316,28 @@ def test_demo_with_two_seeds_reports_mean_and_sd(two_seed_demo):
     act = [r for r in top["seeds"] if r["lens"] == "activation"]
     assert act and all(r["n"] == 2 and r["sd"] is not None for r in act)
     assert "Across seeds" in (out / "report.md").read_text()
+
+
+def test_token_view_of_a_demo_answer(two_seed_demo, tmp_path):
+    """analysis/token_view.py colours one saved answer per method by a held-out probe."""
+    demo, _ = two_seed_demo
+    out = tmp_path / "view.html"
+    base = [
+        sys.executable,
+        str(Path(__file__).resolve().parents[1] / "analysis" / "token_view.py"),
+        "--report",
+        str(demo / "report.json"),
+        "--probe",
+        str(demo / "probes" / "response-evaluator"),
+        "--model",
+        "tiny-random-llama",
+    ]
+    res = subprocess.run([*base, "--out", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    page = out.read_text()
+    assert page.count("<h3>") == 3 and "<h3>unsteered</h3>" in page
+    assert "<h3>CAA (mean) (alpha" in page and "<h3>K-Steering (alpha" in page
+    bad = subprocess.run(
+        [*base, "--targets", "no-such-label", "--out", str(out)], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "0 cells match" in bad.stderr and "Traceback" not in bad.stderr
