@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from common import parser, save_figure, start, write_json
 
 from ks_lens.comparison import (
@@ -41,6 +42,7 @@ from ks_lens.comparison import (
 )
 from ks_lens.io import atomic_write_json
 from ks_lens.pipeline import Setup
+from ks_lens.stats import bootstrap_mean
 
 log = logging.getLogger("analysis.steering_levers")
 
@@ -172,6 +174,37 @@ def activation_table(res: ComparisonResult) -> list[str]:
             continue
         d = "-" if r.diff_vs_baseline is None else r.diff_vs_baseline.fmt()
         lines.append(f"| {method_label(r.method)} | {r.k} | {r.target_prob.fmt()} | {d} |")
+    return lines
+
+
+def avoid_table(res: ComparisonResult, label: str) -> list[str]:
+    """Markdown rows: the avoided label's text-evaluator probability, steered minus unsteered on
+    the same question (mean over the question's cells), per method, size and alpha factor."""
+    te = res.text
+    if te is None:
+        return []
+    i = te.labels.index(label)
+    unsteered = {a.question: a.text_probs[i] for a in te.answers if a.method == "unsteered"}
+    lines = [
+        f"Change of p({label}) under the text evaluator vs the unsteered answer to the same "
+        f"question (unsteered mean {np.mean(list(unsteered.values())):.3f}); 95 % bootstrap over "
+        "questions",
+        "",
+        "| method | k | x calibrated alpha | change of p(avoided) |",
+        "|---|---|---|---|",
+    ]
+    for m in res.config.methods:
+        for k in res.config.sizes:
+            for f in res.config.curve_factors:
+                per: dict[int, list[float]] = {}
+                for a in te.answers:
+                    if a.method == m and len(a.targets) == k and a.factor == f:
+                        per.setdefault(a.question, []).append(
+                            a.text_probs[i] - unsteered[a.question]
+                        )
+                if per:
+                    iv = bootstrap_mean([float(np.mean(v)) for v in per.values()])
+                    lines.append(f"| {method_label(m)} | {k} | {f:g} | {iv.fmt()} |")
     return lines
 
 
@@ -323,6 +356,7 @@ def main() -> None:
             sizes=(1, 2),
         )
         section("avoid", av, None)
+        md.extend([*avoid_table(av, "expert"), ""])
     md.extend(
         [
             "## Decisions",
