@@ -65,7 +65,7 @@ def test_text_kit_learns_only_from_the_steering_half(tiny_setup):
     for kit in s.kits.values():
         assert sorted(kit.layer_probes) == [0, 1, 2]
         assert kit.layer_probes[2] is kit.probe or kit.layer_probes[2].layer == 2
-    assert s.probe is s.kits["prompt"].probe  # the default source
+    assert s.probe is s.kits["text"].probe  # the default source (measured: docs/steering.md)
 
 
 def test_response_evaluator_reads_only_the_other_half(tiny_setup):
