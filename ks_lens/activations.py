@@ -14,8 +14,10 @@ Four collection modes (``mode=``):
 ``neutral``
     the question alone (no instruction): the inputs that get steered in evaluation.
 
-Positions (``position=``): ``last`` (last real token) or ``mean_response`` (mean over the answer's
-tokens; response modes only).
+Pooling (``position=``, type :data:`Pooling`): which tokens' activations are *read* for each
+row: ``last`` (last real token) or ``mean_response`` (mean over the answer's tokens; response modes
+only). Not to be confused with steering's ``positions=`` (:data:`ks_lens.steering.positions.Positions`:
+which tokens are *written to*); the keyword stays ``position=`` for compatibility.
 
 One forward pass per batch captures every requested hook point (``blocks.{L}.hook_resid_post`` by
 default; any kind of :func:`ks_lens.hooks.block_kind`, e.g. ``hook_kinds=("attn.hook_z",)``); the
@@ -44,7 +46,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
@@ -86,10 +88,14 @@ from ks_lens.models import (
     model_signature,
     pad_token_id,
 )
+from ks_lens.types import Model
 
 Mode = Literal["prompt", "response", "response-only", "neutral"]
-MODES: tuple[str, ...] = ("prompt", "response", "response-only", "neutral")
-POSITIONS: tuple[str, ...] = ("last", "mean_response")
+Pooling = Literal["last", "mean_response"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+#: the collection poolings (``position=``): which tokens' activations are read for each row
+POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
+POSITIONS = POOLINGS  # deprecated name (steering.positions.POSITIONS is another concept)
 STORE_FORMAT = "ks_lens.activation_store"
 
 
@@ -264,7 +270,7 @@ class Row:
     answer: str | None = None  # a fixed answer to re-encode instead of generating one
 
 
-def plan_rows(dataset: BehaviourDataset, mode: str) -> list[Row]:
+def plan_rows(dataset: BehaviourDataset, mode: Mode) -> list[Row]:
     """The rows a collection produces, in a fixed order (question-major, then label)."""
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; use one of {MODES}")
@@ -295,19 +301,26 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def cache_for(self, model: Any, batch_size: int) -> Any:
+    def cache_for(self, model: Model, batch_size: int) -> Any:
         """A fresh Hugging Face ``DynamicCache`` holding the prefix for ``batch_size`` rows (the
         suffix pass extends it in place, so every batch needs its own)."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=model.original_model.config)
+        cache = DynamicCache(config=_hf_config(model))
         layers: list[Any] = cache.layers
         for i, (k, v) in enumerate(self.kv):
             layers[i].update(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
         return cache
 
 
-def prefix_cache(model: Any, ids: Sequence[int], hook_names: Sequence[str]) -> PrefixCache | None:
+def _hf_config(model: Model) -> Any:
+    """The Hugging Face config of the bridge's model (TransformerBridge types ``original_model``
+    as a plain ``nn.Module``, so its ``config`` is untyped)."""
+    hf: Any = model.original_model
+    return hf.config
+
+
+def prefix_cache(model: Model, ids: Sequence[int], hook_names: Sequence[str]) -> PrefixCache | None:
     """Run the token prefix ``ids`` once (batch 1, no padding) and keep its KV cache, for the
     layers that a capture of ``hook_names`` reaches (the pass stops once all of them fired, as
     :func:`capture_features` does, so both passes run the same attention layers).
@@ -321,7 +334,7 @@ def prefix_cache(model: Any, ids: Sequence[int], hook_names: Sequence[str]) -> P
 
     if not ids or not hook_names:
         return None
-    cache = DynamicCache(config=model.original_model.config)
+    cache = DynamicCache(config=_hf_config(model))
     tokens = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
     with torch.no_grad(), record_activations(model, hook_names, last_token=True, stop=True):
         model(tokens, past_key_values=cache, return_type=None)
@@ -343,12 +356,12 @@ def prefix_cache(model: Any, ids: Sequence[int], hook_names: Sequence[str]) -> P
 
 
 def capture_features(
-    model: Any,
+    model: Model,
     batch: TokenBatch,
     hook_names: Sequence[str],
     *,
     response_start: Int[torch.Tensor, " batch"] | None = None,
-    position: str = "last",
+    position: Pooling = "last",
     prefix: PrefixCache | None = None,
 ) -> list[Float[torch.Tensor, "batch ..."]]:
     """One forward pass; the activation summary at every hook in ``hook_names`` (in that order),
@@ -366,8 +379,8 @@ def capture_features(
     re-padded on the right internally); ``response_start`` still counts from the start of the
     whole row and must not point into the prefix.
     """
-    if position not in POSITIONS:
-        raise ConfigError(f"unknown position {position!r}; use one of {POSITIONS}")
+    if position not in POOLINGS:
+        raise ConfigError(f"unknown position {position!r}; use one of {POOLINGS}")
     if not hook_names:
         raise ConfigError("hook_names must name at least one hook point")
     if position == "mean_response" and response_start is None:
@@ -436,12 +449,12 @@ def capture_features(
 
 
 def capture_batch(
-    model: Any,
+    model: Model,
     batch: TokenBatch,
     hook_names: Sequence[str],
     *,
     response_start: Int[torch.Tensor, " batch"] | None = None,
-    position: str = "last",
+    position: Pooling = "last",
     prefix: PrefixCache | None = None,
 ) -> Float[torch.Tensor, "batch hook d_model"]:
     """:func:`capture_features` stacked to ``[batch, hook, d_model]``, for hook points that share one
@@ -465,19 +478,19 @@ def capture_batch(
 class CollectSpec:
     """Everything that determines a collection's rows and numbers (recorded in metadata)."""
 
-    mode: str = "prompt"
+    mode: Mode = "prompt"
     layers: tuple[int, ...] | None = None  # None = every layer
     hook_kinds: tuple[str, ...] = ("resid_post",)
-    position: str = "last"
+    position: Pooling = "last"
     batch_size: int = 16
     max_new_tokens: int = 48
     seed: int = 0
 
-    def validate(self, model: Any) -> CollectSpec:
+    def validate(self, model: Model) -> CollectSpec:
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; use one of {MODES}")
-        if self.position not in POSITIONS:
-            raise ConfigError(f"unknown position {self.position!r}; use one of {POSITIONS}")
+        if self.position not in POOLINGS:
+            raise ConfigError(f"unknown position {self.position!r}; use one of {POOLINGS}")
         if self.position == "mean_response" and self.mode not in ("response", "response-only"):
             raise ConfigError("position='mean_response' needs mode 'response' or 'response-only'")
         if not self.hook_kinds:
@@ -551,7 +564,7 @@ def _collect_kind(kind: str) -> str:
     return k
 
 
-def feature_shapes(model: Any, hook_kinds: Sequence[str]) -> dict[str, list[int]]:
+def feature_shapes(model: Model, hook_kinds: Sequence[str]) -> dict[str, list[int]]:
     """One row's activation shape at each kind (the same at every layer), read off a 2-token
     forward pass: ``{"resid_post": [d_model], "attn.hook_z": [n_heads, d_head], ...}``."""
     names = [resid_hook(0, k) for k in hook_kinds]
@@ -588,7 +601,7 @@ def system_prefix(tokenizer: Any, system: str | None) -> tuple[int, ...]:
 
 
 def _collect_chunk(
-    model: Any,
+    model: Model,
     rows: Sequence[Row],
     spec: CollectSpec,
     *,
@@ -695,7 +708,7 @@ def _collect_chunk(
 
 
 def _chunks(
-    model: Any,
+    model: Model,
     rows: Sequence[Row],
     spec: CollectSpec,
     chunk_rows: int,
@@ -730,7 +743,7 @@ def _chunks(
 
 
 def _base_meta(
-    model: Any,
+    model: Model,
     dataset: BehaviourDataset,
     spec: CollectSpec,
     split: str | None,
@@ -757,12 +770,12 @@ def _base_meta(
 
 
 def _plan(
-    model: Any,
+    model: Model,
     dataset: BehaviourDataset,
-    mode: str,
+    mode: Mode,
     layers: Sequence[int] | None,
     hook_kinds: Sequence[str],
-    position: str,
+    position: Pooling,
     batch_size: int,
     max_new_tokens: int,
     seed: int,
@@ -795,13 +808,13 @@ def _plan(
 
 
 def collect_activations(
-    model: Any,
+    model: Model,
     dataset: BehaviourDataset,
     *,
-    mode: str = "prompt",
+    mode: Mode = "prompt",
     layers: Sequence[int] | None = None,
     hook_kinds: Sequence[str] = ("resid_post",),
-    position: str = "last",
+    position: Pooling = "last",
     batch_size: int = 16,
     max_new_tokens: int = 48,
     seed: int = 0,
@@ -823,7 +836,8 @@ def collect_activations(
             after ``blocks.{L}.``, e.g. ``"attn.hook_z"`` (kept as ``[n_heads, d_head]``) or
             ``"mlp.hook_post"`` (``[d_mlp]``). Probes train on any kind (flattened); steering
             writes only to ``resid_pre``, ``attn_out``, ``mlp_out`` and ``resid_post``.
-        position: ``"last"`` token or ``"mean_response"`` (response modes).
+        position: the pooling (:data:`Pooling`): ``"last"`` token or ``"mean_response"``
+            (response modes); which tokens are *read*, unlike steering's ``positions=``.
         batch_size, max_new_tokens, seed: batching and the generation of response modes.
         split: a dataset split name to record in the metadata.
         share_prefix: run the tokens that rows with the same system prompt share (the chat
@@ -969,7 +983,7 @@ class ActivationStore:
         )
 
     # -- validation
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: Model) -> None:
         """Refuse use with a model other than the one the activations came from."""
         check_signature(self.meta["model"], model, f"activation store {self.path}")
 
@@ -1093,14 +1107,14 @@ def _shard_record(path: Path, rel: str) -> dict[str, Any]:
 
 
 def collect_to_store(
-    model: Any,
+    model: Model,
     dataset: BehaviourDataset,
     out: str | Path,
     *,
-    mode: str = "prompt",
+    mode: Mode = "prompt",
     layers: Sequence[int] | None = None,
     hook_kinds: Sequence[str] = ("resid_post",),
-    position: str = "last",
+    position: Pooling = "last",
     batch_size: int = 16,
     max_new_tokens: int = 48,
     seed: int = 0,

@@ -34,6 +34,7 @@ import torch
 
 from ks_lens.chat import TokenBatch, left_pad
 from ks_lens.errors import ConfigError, HookPointError
+from ks_lens.types import Model
 
 T = TypeVar("T")
 
@@ -114,7 +115,7 @@ class Recording(dict[str, torch.Tensor]):
 
 @contextlib.contextmanager
 def record_activations(
-    model: Any,
+    model: Model,
     hook_names: Sequence[str] | str,
     *,
     last_token: bool = False,

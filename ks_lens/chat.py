@@ -17,6 +17,7 @@ from jaxtyping import Int
 
 from ks_lens.errors import ConfigError, ContextLengthError, MissingKeyError, WrongTypeError
 from ks_lens.models import model_device, pad_token_id
+from ks_lens.types import Model
 
 
 @dataclass(frozen=True)
@@ -164,14 +165,14 @@ def as_prompt_list(
     return list(prompts)
 
 
-def context_window(model: Any) -> int | None:
+def context_window(model: Model) -> int | None:
     """The model's context window in tokens (``cfg.n_ctx``), or ``None`` if unknown."""
     n = getattr(getattr(model, "cfg", None), "n_ctx", None)
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def check_context(
-    model: Any, n_tokens: int, max_new_tokens: int = 0, what: str = "the prompt"
+    model: Model, n_tokens: int, max_new_tokens: int = 0, what: str = "the prompt"
 ) -> None:
     """Refuse ``n_tokens`` prompt tokens (plus ``max_new_tokens`` to generate) that do not fit in
     the model's context window: positions beyond it give garbage after minutes of compute."""

@@ -46,6 +46,7 @@ from ks_lens.errors import ConfigError
 from ks_lens.evaluation import (
     CALIBRATION_METRICS,
     Calibration,
+    CalibrationMetric,
     DegenerateRule,
     GenerationScores,
     VanishRule,
@@ -66,7 +67,10 @@ from ks_lens.stats import (
     paired_difference,
 )
 from ks_lens.steering import CAA, KSteering, MultiLayer, Steerer, SteeringSpec, SteeringVectors
+from ks_lens.steering.base import Steering
+from ks_lens.steering.positions import Positions
 from ks_lens.style import style_meters
+from ks_lens.types import Model
 
 log = logging.getLogger(__name__)
 
@@ -230,13 +234,13 @@ class ComparisonConfig:
     baseline: str = "caa_mean"  # every other method is compared with this one
     sizes: tuple[int, ...] = (1, 2, 3)
     avoid: tuple[str, ...] = ()  # labels to avoid in every combination (never also targets)
-    calibration_metric: str = "generation_kl"  # or "first_token_kl"
+    calibration_metric: CalibrationMetric = "generation_kl"  # or "first_token_kl"
     kl_budget: float = 0.5  # nats per token; also the KL level of the equal-KL headline
     max_degenerate_rate: float = 0.02  # calibration: alphas with more degenerate answers fail
     calib_tokens: int = 16  # answer length for the generation_kl calibration metric
     calib_combos_per_question: int = 1  # calibration cells per question and size
     calib_bisect_steps: int = 3  # final bracket within a factor 4 ** (1/8) = 1.19
-    positions: str = "all"
+    positions: Positions = "all"
     act_combos_per_size: int | None = None  # None = every combination
     gen_combos_per_question: int = 1  # text-level cells per test question and size
     curve_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # x calibrated alpha
@@ -414,7 +418,7 @@ def _cell_rows(
 
 
 def calibrate(
-    model: Any,
+    model: Model,
     methods: dict[str, Steerer],
     plan: ComparisonPlan,
     questions: Sequence[str],
@@ -802,7 +806,7 @@ class ComparisonResult:
 
 
 def evaluate_activations(
-    model: Any,
+    model: Model,
     methods: dict[str, Steerer],
     alphas: dict[str, dict[int, float]],
     plan: ComparisonPlan,
@@ -842,7 +846,7 @@ def evaluate_activations(
 
 
 def evaluate_text(
-    model: Any,
+    model: Model,
     methods: dict[str, Steerer],
     alphas: dict[str, dict[int, float]],
     plan: ComparisonPlan,
@@ -864,7 +868,7 @@ def evaluate_text(
         raise ConfigError(
             f"the text evaluator's labels {list(labels)} differ from the comparison's {list(plan.labels)}"
         )
-    configs: list[tuple[Steerer, SteeringSpec] | None] = [None]
+    configs: list[Steering | None] = [None]
     meta: list[tuple[str, float, float, tuple[str, ...]]] = [("unsteered", 0.0, 0.0, ())]
     rows: list[tuple[int, int]] = [(0, i) for i in range(len(questions))]
     for m, steerer in methods.items():
@@ -1361,7 +1365,7 @@ def merge_results(
 
 
 def run_comparison(
-    model: Any,
+    model: Model,
     *,
     probe: Probe,
     vectors: SteeringVectors,

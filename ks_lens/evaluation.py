@@ -22,7 +22,7 @@ import math
 import zlib
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -34,7 +34,9 @@ from ks_lens.errors import ConfigError
 from ks_lens.generation import generate_from_batch
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.probes import Probe
-from ks_lens.steering.base import Steerer, SteeringSpec
+from ks_lens.steering.base import Steerer, Steering, SteeringSpec
+from ks_lens.steering.positions import Positions
+from ks_lens.types import Model
 
 # ----------------------------------------------------------------------------- activation level
 
@@ -48,12 +50,12 @@ class Readout:
 
 
 def readout(
-    model: Any,
+    model: Model,
     prompts: Sequence[ChatPrompt | str],
     *,
     probe: Probe | None = None,
-    steering: tuple[Steerer, SteeringSpec] | None = None,
-    positions: str = "all",
+    steering: Steering | None = None,
+    positions: Positions = "all",
     next_token: bool = False,
     batch_size: int = 16,
 ) -> Readout:
@@ -74,12 +76,12 @@ def readout(
 
 
 def readout_groups(
-    model: Any,
+    model: Model,
     prompts: Sequence[ChatPrompt | str],
-    steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
+    steerings: Sequence[Steering | None],
     *,
     probe: Probe | None = None,
-    positions: str = "all",
+    positions: Positions = "all",
     next_token: bool = False,
     batch_size: int = 16,
 ) -> list[Readout]:
@@ -278,12 +280,12 @@ def distinct_n(text: str, n: int = 2) -> float:
 
 
 def generate_and_score(
-    model: Any,
+    model: Model,
     questions: Sequence[str],
     *,
     response_probe: Probe,
-    steering: tuple[Steerer, SteeringSpec] | None = None,
-    positions: str = "all",
+    steering: Steering | None = None,
+    positions: Positions = "all",
     max_new_tokens: int = 32,
     batch_size: int = 16,
     seed: int = 0,
@@ -306,12 +308,12 @@ def generate_and_score(
 
 
 def generate_and_score_groups(
-    model: Any,
+    model: Model,
     questions: Sequence[str],
-    steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
+    steerings: Sequence[Steering | None],
     *,
     response_probe: Probe | None,
-    positions: str = "all",
+    positions: Positions = "all",
     max_new_tokens: int = 32,
     batch_size: int = 32,
     seed: int = 0,
@@ -335,13 +337,13 @@ def generate_and_score_groups(
 
 
 def generate_and_score_rows(
-    model: Any,
+    model: Model,
     questions: Sequence[str],
-    steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
+    steerings: Sequence[Steering | None],
     rows: Sequence[tuple[int, int]],
     *,
     response_probe: Probe | None,
-    positions: str = "all",
+    positions: Positions = "all",
     max_new_tokens: int = 32,
     batch_size: int = 32,
     seed: int = 0,
@@ -589,11 +591,11 @@ def calibrate_alphas(
 
 
 def first_token_kl(
-    model: Any,
+    model: Model,
     prompts: Sequence[ChatPrompt | str],
-    steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
+    steerings: Sequence[Steering | None],
     *,
-    positions: str = "all",
+    positions: Positions = "all",
     batch_size: int = 16,
     base: Readout | None = None,
 ) -> list[float]:
@@ -611,11 +613,11 @@ def first_token_kl(
 
 
 def generation_kl(
-    model: Any,
+    model: Model,
     questions: Sequence[str],
-    steerings: Sequence[tuple[Steerer, SteeringSpec] | None],
+    steerings: Sequence[Steering | None],
     *,
-    positions: str = "all",
+    positions: Positions = "all",
     max_new_tokens: int = 12,
     batch_size: int = 48,
 ) -> list[float]:
@@ -637,16 +639,17 @@ def generation_kl(
     return [s.mean_kl if not math.isnan(s.mean_kl) else 0.0 for s in scores]
 
 
-CALIBRATION_METRICS: tuple[str, ...] = ("generation_kl", "first_token_kl")
+CalibrationMetric = Literal["generation_kl", "first_token_kl"]
+CALIBRATION_METRICS: tuple[CalibrationMetric, ...] = get_args(CalibrationMetric)
 
 
 def kl_metric(
-    model: Any,
+    model: Model,
     method: Steerer,
     specs: Sequence[SteeringSpec],
     prompts: Sequence[ChatPrompt | str],
     *,
-    positions: str = "all",
+    positions: Positions = "all",
     batch_size: int = 16,
     base: Readout | None = None,
 ) -> Callable[[float], float]:

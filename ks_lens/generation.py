@@ -25,6 +25,7 @@ from ks_lens.chat import ChatPrompt, TokenBatch, as_prompt_list, check_context, 
 from ks_lens.errors import ConfigError
 from ks_lens.hf_path import hf_modules
 from ks_lens.models import model_device, pad_token_id
+from ks_lens.types import Model
 
 
 @dataclass
@@ -52,7 +53,7 @@ class BatchGeneration:
 
 
 def _generation_config(
-    model: Any,
+    model: Model,
     *,
     max_new_tokens: int,
     do_sample: bool,
@@ -79,7 +80,7 @@ def _generation_config(
 
 
 def generate_from_batch(
-    model: Any,
+    model: Model,
     batch: TokenBatch,
     *,
     max_new_tokens: int = 64,
@@ -109,7 +110,8 @@ def generate_from_batch(
         top_p=top_p,
         top_k=top_k,
     )
-    hf = model.original_model
+    # TransformerBridge types original_model as nn.Module; it is a Hugging Face PreTrainedModel
+    hf: Any = model.original_model
     with torch.random.fork_rng(devices=[batch.input_ids.device] if batch.input_ids.is_cuda else []):
         torch.manual_seed(seed)
         with torch.no_grad(), hf_modules(model, enabled=not full_bridge):
@@ -137,7 +139,7 @@ def generate_from_batch(
 
 
 def generate(
-    model: Any,
+    model: Model,
     prompts: Sequence[ChatPrompt | str] | ChatPrompt | str,
     *,
     max_new_tokens: int = 64,

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from ks_lens.types import Model
+
 _ROUTABLE = re.compile(
     r"^blocks\.(\d+)\.(?:(hook_in|hook_out)|(attn|mlp|ln1|ln2)\.(hook_in|hook_out))$"
 )
@@ -73,13 +75,13 @@ def _hook_ids(module: torch.nn.Module) -> set[int]:
     }
 
 
-def _internal_hook_ids(model: Any) -> set[int]:
+def _internal_hook_ids(model: Model) -> set[int]:
     """The ids of TransformerLens's own capture hooks on bridge components (they only serve the
     bridge's forward, which the plain HF modules do not run)."""
     return {int(h.id) for mod in model.modules() for h in getattr(mod, "_capture_hook_handles", ())}
 
 
-def _plan_routes(model: Any) -> list[tuple[Any, str, Any]] | None:
+def _plan_routes(model: Model) -> list[tuple[Any, str, Any]] | None:
     """``(original module, "hook_in"/"hook_out", HookPoint)`` for every hook point with hooks, or
     ``None`` when one of them (or a hook elsewhere on the bridge) cannot be routed."""
     from transformer_lens.hook_points import HookPoint
@@ -159,7 +161,7 @@ def _unwrap(module: torch.nn.Module, swaps: list[tuple[torch.nn.Module, str, Any
             _unwrap(child, swaps)
 
 
-def can_bypass(model: Any) -> bool:
+def can_bypass(model: Model) -> bool:
     """Whether :func:`hf_modules` would run the plain HF modules with the hooks active now."""
     return (
         hasattr(model, "original_model")
@@ -169,7 +171,7 @@ def can_bypass(model: Any) -> bool:
 
 
 @contextmanager
-def hf_modules(model: Any, enabled: bool = True) -> Iterator[bool]:
+def hf_modules(model: Model, enabled: bool = True) -> Iterator[bool]:
     """Within the block, ``model.original_model`` runs its own HF modules, with the hook points
     that have hooks right now routed as in the module docstring; yields whether it does (``False``:
     the full bridge runs, because something cannot be routed or ``enabled`` is false).

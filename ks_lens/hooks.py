@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Literal
+from typing import Literal, get_args
 
 from ks_lens.errors import HookPointError
+from ks_lens.types import Model
 
 ResidKind = Literal["resid_pre", "resid_mid", "resid_post"]
-RESID_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
+RESID_KINDS: tuple[ResidKind, ...] = get_args(ResidKind)
 #: the d_model-wide per-block kinds with short names, in forward order (collection and probes
 #: also read any other per-block hook point, see block_kind)
 HOOK_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -72,7 +73,7 @@ _SUFFIX_RE = re.compile(rf"^{_SUFFIX}$")
 _BLOCK_RE = re.compile(rf"^blocks\.(\d+)\.({_SUFFIX})$")
 
 
-def canonical_hook_name(name: str, model: Any | None = None) -> str:
+def canonical_hook_name(name: str, model: Model | None = None) -> str:
     """The TransformerLens 4 canonical spelling of ``name`` (the one ``hook.name`` shows).
 
     ``canonical_hook_name("blocks.3.hook_resid_post") == "blocks.3.hook_out"``. With a ``model``
@@ -99,16 +100,16 @@ def ks_hook_name(name: str) -> str:
     return name
 
 
-def same_hook_point(a: str, b: str, model: Any | None = None) -> bool:
+def same_hook_point(a: str, b: str, model: Model | None = None) -> bool:
     """Whether two names are the same hook point (an alias and its canonical name are)."""
     return canonical_hook_name(a, model) == canonical_hook_name(b, model)
 
 
-def n_layers(model: Any) -> int:
+def n_layers(model: Model) -> int:
     return int(model.cfg.n_layers)
 
 
-def check_layer(model: Any, layer: int) -> int:
+def check_layer(model: Model, layer: int) -> int:
     """Return ``layer`` as a non-negative index; negative indices count from the end."""
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise HookPointError(f"layer must be an int, got {layer!r}")
@@ -193,7 +194,7 @@ def parse_resid_hook(name: str) -> tuple[int, str]:
     )
 
 
-def check_hook_name(model: Any, name: str) -> str:
+def check_hook_name(model: Model, name: str) -> str:
     """Check that ``name`` exists on ``model`` (clear error with close matches otherwise)."""
     hook_dict = model.hook_dict
     if name in hook_dict:
@@ -235,7 +236,7 @@ def check_steerable_kind(name: str) -> tuple[int, str]:
     return layer, kind
 
 
-def check_steerable(model: Any, name: str) -> tuple[int, str]:
+def check_steerable(model: Model, name: str) -> tuple[int, str]:
     """Validate a hook point that steering will write to; returns ``(layer, kind)``.
 
     Allowed: :data:`STEERABLE_KINDS` (``hook_resid_pre``, ``hook_attn_out``, ``hook_mlp_out``,

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 from ks_lens.errors import ConfigError, ModelLoadError, UnknownModelError
 from ks_lens.packaged_models import PACKAGED_MODELS
+from ks_lens.types import Model
 from ks_lens.utils import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -285,12 +286,12 @@ def load_model(
     return bridge
 
 
-def model_name(model: Any) -> str:
+def model_name(model: Model) -> str:
     """The name ks-lens records in metadata for ``model``."""
     return str(model.cfg.model_name)
 
 
-def model_signature(model: Any) -> dict[str, Any]:
+def model_signature(model: Model) -> dict[str, Any]:
     """What metadata records about a model, and what loading an artefact checks against."""
     return {
         "model": model_name(model),
@@ -300,14 +301,14 @@ def model_signature(model: Any) -> dict[str, Any]:
     }
 
 
-def model_numerics(model: Any) -> dict[str, str]:
+def model_numerics(model: Model) -> dict[str, str]:
     """The dtype and device type a model computes in: activations from ``bfloat16`` or a GPU
     differ (slightly) from ``float32`` on a CPU, so stores record these and refuse a mix."""
     p = next(model.original_model.parameters())
     return {"dtype": str(p.dtype).removeprefix("torch."), "device": p.device.type}
 
 
-def check_signature(recorded: dict[str, Any], model: Any, what: str) -> None:
+def check_signature(recorded: dict[str, Any], model: Model, what: str) -> None:
     """Raise :class:`MetadataMismatchError` unless ``model`` matches the signature an artefact
     recorded (model name, ``d_model``, ``n_layers``); ``what`` names the artefact in the message."""
     from ks_lens.errors import MetadataMismatchError
@@ -322,5 +323,5 @@ def check_signature(recorded: dict[str, Any], model: Any, what: str) -> None:
         raise MetadataMismatchError(f"{what} was made for another model (" + "; ".join(diffs) + ")")
 
 
-def model_device(model: Any) -> torch.device:
+def model_device(model: Model) -> torch.device:
     return next(model.original_model.parameters()).device

@@ -13,9 +13,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from ks_lens.activations import Activations, ActivationStore, collect_to_store
+from ks_lens.activations import POOLINGS, Activations, ActivationStore, Pooling, collect_to_store
 from ks_lens.comparison import (
     ComparisonConfig,
     ComparisonResult,
@@ -43,10 +43,12 @@ from ks_lens.models import load_model
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes
 from ks_lens.steering import SteeringVectors
 from ks_lens.text_evaluator import TextEvaluator, default_text_evaluator
+from ks_lens.types import Model
 
 log = logging.getLogger(__name__)
 
-PROBE_SOURCES: tuple[str, ...] = ("prompt", "text")
+ProbeSource = Literal["prompt", "text"]
+PROBE_SOURCES: tuple[ProbeSource, ...] = get_args(ProbeSource)
 """Where the steering probe and CAA vectors learn the behaviours from:
 
 ``prompt``  the last prompt token of behaviour instruction + question (``train`` split; the
@@ -76,8 +78,10 @@ class PipelineConfig:
     n_calib: int = 12  # calibration questions
     n_eval: int = 32  # test questions, activation level
     n_gen: int = 16  # test questions, generated text (x 3 cells x methods x 4 alphas)
-    probe_source: str = "text"  # what the steering probe/vectors learn from: see PROBE_SOURCES
-    text_position: str = "last"  # text source: last answer token or "mean_response"
+    probe_source: ProbeSource = (
+        "text"  # what the steering probe/vectors learn from: see PROBE_SOURCES
+    )
+    text_position: Pooling = "last"  # text source: last answer token or "mean_response"
     gold_steer_fraction: float = 0.5  # share of gold questions for text-grounded steering
     multilayer_offsets: tuple[int, ...] = (-6, -3, 0)  # multi-layer method: layers around `layer`
     batch_size: int = 16
@@ -120,7 +124,7 @@ class PipelineConfig:
             raise ConfigError(
                 f"unknown probe_source {self.probe_source!r}; use one of {PROBE_SOURCES}"
             )
-        if self.text_position not in ("last", "mean_response"):
+        if self.text_position not in POOLINGS:
             raise ConfigError(
                 f"text_position must be 'last' or 'mean_response', got {self.text_position!r}"
             )
@@ -214,7 +218,7 @@ class Setup:
     """Everything a comparison needs: model, data, steering probe/vectors and the evaluators."""
 
     config: PipelineConfig
-    model: Any
+    model: Model
     dataset: BehaviourDataset
     splits: Splits
     layer: int

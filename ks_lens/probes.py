@@ -45,6 +45,7 @@ from ks_lens.errors import (
 from ks_lens.hooks import ks_hook_name, parse_hook, resid_hook, same_hook_point
 from ks_lens.io import load_artifact, read_json, save_artifact
 from ks_lens.models import check_signature
+from ks_lens.types import Model
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ class Probe(nn.Module):
         )
 
     # -- compatibility -----------------------------------------------------------------------
-    def check_compatible(self, model: Any | None = None, hook_name: str | None = None) -> None:
+    def check_compatible(self, model: Model | None = None, hook_name: str | None = None) -> None:
         """Raise :class:`MetadataMismatchError` unless ``model``/``hook_name`` match the probe's."""
         if model is not None:
             check_signature(self.model_info, model, "probe")
@@ -218,7 +219,7 @@ class Probe(nn.Module):
         cls,
         directory: str | Path,
         *,
-        model: Any | None = None,
+        model: Model | None = None,
         hook_name: str | None = None,
         device: torch.device | str | None = None,
     ) -> Probe:
@@ -676,7 +677,7 @@ def save_probes(probes: Mapping[int, Probe], directory: str | Path) -> Path:
     return write_directory(directory, write)
 
 
-def load_probes(directory: str | Path, *, model: Any | None = None) -> ProbeSet:
+def load_probes(directory: str | Path, *, model: Model | None = None) -> ProbeSet:
     """Load a probe set saved by :func:`save_probes` (checked against ``model`` if given)."""
     directory = Path(directory)
     index = read_json(directory / "probes.json", what="probe set index")
@@ -687,7 +688,7 @@ def load_probes(directory: str | Path, *, model: Any | None = None) -> ProbeSet:
     )
 
 
-def _load_indexed(directory: Path, index: Any, layer: int, model: Any | None) -> Probe:
+def _load_indexed(directory: Path, index: Any, layer: int, model: Model | None) -> Probe:
     """One probe of a probe set; the index must not point at another layer's probe."""
     probe = Probe.load(directory / index["probes"][str(layer)]["path"], model=model)
     if probe.layer != layer:
@@ -699,7 +700,7 @@ def _load_indexed(directory: Path, index: Any, layer: int, model: Any | None) ->
 
 
 def load_probe_any(
-    path: str | Path, *, model: Any | None = None, layer: int | None = None
+    path: str | Path, *, model: Model | None = None, layer: int | None = None
 ) -> Probe:
     """Load a single probe directory, or one layer of a probe set (``layer`` required if several)."""
     path = Path(path)

@@ -6,6 +6,15 @@ import os
 
 import pytest
 import torch
+from jaxtyping import install_import_hook
+
+# Runtime checks of the jaxtyping shape/dtype annotations (as TransformerLens's tests do): every
+# function and dataclass in ks_lens is wrapped when the package is first imported, so this must
+# run before anything imports ks_lens. tests/_shapecheck.py checks only the array annotations
+# (with beartype); ks-lens's own checks of the other arguments raise its own errors, which the
+# tests expect. KS_LENS_TYPECHECK=0 switches it off.
+if os.environ.get("KS_LENS_TYPECHECK", "1") != "0":
+    install_import_hook("ks_lens", "_shapecheck.shapecheck")
 
 import ks_lens as ks
 from ks_lens.activations import collect_activations

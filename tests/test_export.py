@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from _shapecheck import shapes_unchecked
 
 import ks_lens as ks
 from ks_lens.errors import (
@@ -310,7 +311,7 @@ def test_layer_zero_cannot_go_to_llama_cpp(tiny_tone_acts, tmp_path):
     ],
 )
 def test_control_vector_validates_its_fields(directions, hint, match):
-    with pytest.raises(ConfigError, match=match):
+    with shapes_unchecked(), pytest.raises(ConfigError, match=match):
         ControlVector(directions, hint)
 
 

@@ -46,6 +46,7 @@ from ks_lens.logs import quieted
 from ks_lens.probes import Probe, ProbeConfig, train_probes
 from ks_lens.stats import Interval
 from ks_lens.steering import SteeringVectors
+from ks_lens.types import Model
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def train_evaluators(
 
 
 def layer_sweep(
-    model: Any,
+    model: Model,
     train_acts: Activations,
     *,
     evaluators: Mapping[int, Probe],

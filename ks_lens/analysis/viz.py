@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -22,10 +21,11 @@ from ks_lens.chat import ChatPrompt, encode_chat
 from ks_lens.io import atomic_write_bytes
 from ks_lens.models import model_device
 from ks_lens.probes import Probe
+from ks_lens.types import Model
 
 
 def token_probabilities(
-    model: Any, question: str, answer: str, probe: Probe
+    model: Model, question: str, answer: str, probe: Probe
 ) -> tuple[list[str], Float[torch.Tensor, "t k"]]:
     """Answer tokens and the probe's per-label probabilities at each of them."""
     tok = model.tokenizer
@@ -49,7 +49,7 @@ def token_probabilities(
 
 
 def token_view_html(
-    model: Any, question: str, answers: Mapping[str, str], probe: Probe, *, title: str = ""
+    model: Model, question: str, answers: Mapping[str, str], probe: Probe, *, title: str = ""
 ) -> str:
     """One HTML page: for each named answer, its tokens coloured by the probe's label probabilities."""
     from circuitsvis.tokens import colored_tokens_multi

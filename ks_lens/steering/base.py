@@ -21,14 +21,20 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from jaxtyping import Float
 
 from ks_lens.errors import ConfigError, LabelError, MetadataMismatchError
 from ks_lens.hooks import canonical_hook_name, check_steerable, same_hook_point
-from ks_lens.steering.positions import PositionTracker, check_positions, select_whole_call
+from ks_lens.steering.positions import (
+    Positions,
+    PositionTracker,
+    check_positions,
+    select_whole_call,
+)
+from ks_lens.types import Model
 from ks_lens.utils import check_d_model
 
 Transform = Callable[[Float[torch.Tensor, "n d_model"]], Float[torch.Tensor, "n d_model"]]
@@ -107,7 +113,7 @@ def _as_tuple(x: Sequence[str] | str | None) -> tuple[str, ...]:
 
 
 def steering_hook(
-    transform: Transform, positions: str = "all", tracker: PositionTracker | None = None
+    transform: Transform, positions: Positions = "all", tracker: PositionTracker | None = None
 ) -> Callable[..., Any]:
     """A TransformerLens forward hook applying ``transform`` at the selected positions.
 
@@ -137,7 +143,7 @@ def steering_hook(
 def grouped_steering_hook(
     transforms: Sequence[Transform | None],
     row_group: torch.Tensor,
-    positions: str = "all",
+    positions: Positions = "all",
     tracker: PositionTracker | None = None,
 ) -> Callable[..., Any]:
     """One hook applying a different transform to each group of batch rows.
@@ -175,11 +181,11 @@ def grouped_steering_hook(
 
 @contextmanager
 def steer_groups(
-    model: Any,
-    groups: Sequence[tuple[Steerer, SteeringSpec] | None],
+    model: Model,
+    groups: Sequence[Steering | None],
     row_group: Sequence[int] | torch.Tensor,
     *,
-    positions: str = "all",
+    positions: Positions = "all",
 ) -> Iterator[PositionTracker]:
     """Steer each group of batch rows with its own ``(method, spec)`` (``None``: unsteered).
 
@@ -208,7 +214,7 @@ def steer_groups(
 
 @contextmanager
 def installed(
-    model: Any, fwd_hooks: HookList, tracker: PositionTracker
+    model: Model, fwd_hooks: HookList, tracker: PositionTracker
 ) -> Iterator[PositionTracker]:
     """Install ``fwd_hooks`` and the position tracker for a ``with`` block; remove both on exit."""
     tracker.install(model)
@@ -242,7 +248,7 @@ class Steerer(ABC):
         """
         return [(self.hook_name, self.transform(spec))]
 
-    def check_model(self, model: Any) -> None:  # noqa: B027 - optional override
+    def check_model(self, model: Model) -> None:  # noqa: B027 - optional override
         """Raise if the method's artefacts were made for another model."""
 
     @property
@@ -278,7 +284,7 @@ class Steerer(ABC):
         return f(x.reshape(-1, shape[-1])).reshape(shape)
 
     def _hook_names(
-        self, model: Any, hook_names: Sequence[str] | str | None, allow_other_hooks: bool
+        self, model: Model, hook_names: Sequence[str] | str | None, allow_other_hooks: bool
     ) -> list[str]:
         if hook_names is None:
             names = [self.hook_name]
@@ -299,12 +305,12 @@ class Steerer(ABC):
 
     def hooks(
         self,
-        model: Any,
+        model: Model,
         target: Sequence[str] | str | None = None,
         avoid: Sequence[str] | str | None = None,
         alpha: float = 1.0,
         *,
-        positions: str = "all",
+        positions: Positions = "all",
         hook_names: Sequence[str] | str | None = None,
         allow_other_hooks: bool = False,
         tracker: PositionTracker | None = None,
@@ -352,12 +358,12 @@ class Steerer(ABC):
     @contextmanager
     def steer(
         self,
-        model: Any,
+        model: Model,
         target: Sequence[str] | str | None = None,
         avoid: Sequence[str] | str | None = None,
         alpha: float = 1.0,
         *,
-        positions: str = "all",
+        positions: Positions = "all",
         hook_names: Sequence[str] | str | None = None,
         allow_other_hooks: bool = False,
     ) -> Iterator[PositionTracker]:
@@ -401,3 +407,8 @@ class Steerer(ABC):
         )
         with installed(model, fwd, tracker):
             yield tracker
+
+
+#: one steering configuration, a plain ``(method, spec)`` tuple (in a sequence of them, ``None``
+#: means "unsteered")
+Steering: TypeAlias = tuple[Steerer, SteeringSpec]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float
@@ -42,9 +42,14 @@ from ks_lens.hooks import (
 from ks_lens.io import load_artifact, save_artifact
 from ks_lens.models import check_signature
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
+from ks_lens.types import Model
 
-VECTOR_METHODS: tuple[str, ...] = ("mean_diff", "mean_centring")
-CAA_COMBINES: tuple[str, ...] = ("mean", "sum")
+VectorMethod = Literal["mean_diff", "mean_centring"]
+CaaCombine = Literal["mean", "sum"]
+AvoidMode = Literal["subtract", "ablate"]
+VECTOR_METHODS: tuple[VectorMethod, ...] = get_args(VectorMethod)
+CAA_COMBINES: tuple[CaaCombine, ...] = get_args(CaaCombine)
+AVOID_MODES: tuple[AvoidMode, ...] = get_args(AvoidMode)
 
 
 class SteeringVectors:
@@ -57,7 +62,7 @@ class SteeringVectors:
         label_names: Sequence[str],
         hook_name: str,
         model: dict[str, Any],
-        method: str = "mean_diff",
+        method: VectorMethod = "mean_diff",
         source: dict[str, Any] | None = None,
     ):
         if parse_hook(hook_name)[1] not in HOOK_KINDS:
@@ -87,7 +92,12 @@ class SteeringVectors:
 
     @classmethod
     def fit(
-        cls, acts: Activations, layer: int, *, kind: str = "resid_post", method: str = "mean_diff"
+        cls,
+        acts: Activations,
+        layer: int,
+        *,
+        kind: str = "resid_post",
+        method: VectorMethod = "mean_diff",
     ) -> SteeringVectors:
         """Per-label vectors from labelled activations (rows with label ``-1`` are ignored).
 
@@ -159,7 +169,7 @@ class SteeringVectors:
         target: Sequence[str] = (),
         avoid: Sequence[str] = (),
         *,
-        how: str = "mean",
+        how: CaaCombine = "mean",
         normalize: bool = False,
     ) -> Float[torch.Tensor, " d_model"]:
         """One vector for a target/avoid combination (see the module docstring)."""
@@ -180,7 +190,7 @@ class SteeringVectors:
             v = v / n
         return v
 
-    def check_compatible(self, model: Any | None = None) -> None:
+    def check_compatible(self, model: Model | None = None) -> None:
         if model is not None:
             check_signature(self.model_info, model, "steering vectors")
 
@@ -198,7 +208,7 @@ class SteeringVectors:
 
     @classmethod
     def load(
-        cls, directory: str | Path, *, model: Any | None = None, hook_name: str | None = None
+        cls, directory: str | Path, *, model: Model | None = None, hook_name: str | None = None
     ) -> SteeringVectors:
         tensors, meta = load_artifact(directory, kind="steering_vectors")
         try:
@@ -250,13 +260,13 @@ class CAA(Steerer):
         self,
         vectors: SteeringVectors,
         *,
-        combine: str = "mean",
+        combine: CaaCombine = "mean",
         normalize: bool = False,
-        avoid_mode: str = "subtract",
+        avoid_mode: AvoidMode = "subtract",
     ):
         if combine not in CAA_COMBINES:
             raise ConfigError(f"unknown combine {combine!r}; use one of {CAA_COMBINES}")
-        if avoid_mode not in ("subtract", "ablate"):
+        if avoid_mode not in AVOID_MODES:
             raise ConfigError("avoid_mode must be 'subtract' or 'ablate'")
         self.vectors = vectors
         self.combine = combine
@@ -271,7 +281,7 @@ class CAA(Steerer):
     def hook_name(self) -> str:
         return self.vectors.hook_name
 
-    def check_model(self, model: object) -> None:
+    def check_model(self, model: Model) -> None:
         self.vectors.check_compatible(model)
 
     @property

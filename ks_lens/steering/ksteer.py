@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from jaxtyping import Float
@@ -49,13 +49,16 @@ from ks_lens.errors import ConfigError, LabelError, WrongTypeError
 from ks_lens.hooks import HOOK_KINDS, check_steerable_kind
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
+from ks_lens.types import Model
 
 Objective = Literal["logits", "logsigmoid", "softmin"]
 Combine = Literal["sum", "balanced", "pcgrad"]
 StepNorm = Literal["unit", "relative"]
-OBJECTIVES: tuple[str, ...] = ("logits", "logsigmoid", "softmin")
-COMBINES: tuple[str, ...] = ("sum", "balanced", "pcgrad")
-STEP_NORMS: tuple[str | None, ...] = (None, "unit", "relative")
+Projection = Literal["reflect", "remove"]
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
+COMBINES: tuple[Combine, ...] = get_args(Combine)
+STEP_NORMS: tuple[StepNorm | None, ...] = (None, *get_args(StepNorm))
+PROJECTIONS: tuple[Projection, ...] = get_args(Projection)
 _EPS = 1e-12
 
 
@@ -63,7 +66,7 @@ def label_coefficients(
     logits: Float[torch.Tensor, "n k"],
     target: Sequence[int],
     avoid: Sequence[int],
-    objective: str = "logits",
+    objective: Objective = "logits",
     temperature: float = 1.0,
 ) -> Float[torch.Tensor, "n k"]:
     """Per-token ``c_l`` with ``grad_x L = sum_l c_l * grad_x f_l`` (zero for uninvolved labels)."""
@@ -94,7 +97,7 @@ def objective_value(
     logits: Float[torch.Tensor, "n k"],
     target: Sequence[int],
     avoid: Sequence[int],
-    objective: str = "logits",
+    objective: Objective = "logits",
     temperature: float = 1.0,
 ) -> Float[torch.Tensor, " n"]:
     """The per-token loss ``L`` whose gradient :func:`label_coefficients` describes (lower is better)."""
@@ -146,7 +149,7 @@ def probe_gradients(
 
 
 def combine_gradients(
-    per_label: Float[torch.Tensor, "m n d"], how: str = "sum"
+    per_label: Float[torch.Tensor, "m n d"], how: Combine = "sum"
 ) -> Float[torch.Tensor, "n d"]:
     """Combine per-label gradient contributions (already multiplied by their coefficients)."""
     if per_label.shape[0] == 0:
@@ -179,7 +182,7 @@ def combine_gradients(
 
 
 def normalise_step(
-    g: Float[torch.Tensor, "n d"], x: Float[torch.Tensor, "n d"], how: str | None
+    g: Float[torch.Tensor, "n d"], x: Float[torch.Tensor, "n d"], how: StepNorm | None
 ) -> Float[torch.Tensor, "n d"]:
     if how is None:
         return g
@@ -217,7 +220,7 @@ class _ProbeSteerer(Steerer):
     def hook_name(self) -> str:
         return self.probe.hook_name
 
-    def check_model(self, model: object) -> None:
+    def check_model(self, model: Model) -> None:
         self.probe.check_compatible(model)
 
     @property
@@ -259,9 +262,9 @@ class KSteering(_ProbeSteerer):
         *,
         steps: int = 1,
         decay: float = 0.95,
-        step_norm: str | None = None,
-        objective: str = "logits",
-        combine: str = "sum",
+        step_norm: StepNorm | None = None,
+        objective: Objective = "logits",
+        combine: Combine = "sum",
         temperature: float = 1.0,
         max_step: float | None = None,
     ):
@@ -370,9 +373,9 @@ class KProjection(_ProbeSteerer):
     avoid gradient. Targets are not allowed.
     """
 
-    def __init__(self, probe: Probe, *, how: str = "reflect"):
+    def __init__(self, probe: Probe, *, how: Projection = "reflect"):
         super().__init__(probe)
-        if how not in ("reflect", "remove"):
+        if how not in PROJECTIONS:
             raise ConfigError("how must be 'reflect' or 'remove'")
         self.how = how
 

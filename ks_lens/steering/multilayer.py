@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -27,7 +26,8 @@ from jaxtyping import Float
 from ks_lens.errors import ConfigError, LabelError, WrongTypeError
 from ks_lens.hooks import canonical_hook_name
 from ks_lens.steering.base import HookList, Steerer, SteeringSpec, Transform
-from ks_lens.steering.positions import PositionTracker
+from ks_lens.steering.positions import Positions, PositionTracker
+from ks_lens.types import Model
 
 
 class MultiLayer(Steerer):
@@ -88,7 +88,7 @@ class MultiLayer(Steerer):
     def d_model(self) -> int | None:
         return self.members[0].d_model
 
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: Model) -> None:
         for m in self.members:
             m.check_model(model)
 
@@ -118,12 +118,12 @@ class MultiLayer(Steerer):
 
     def hooks(
         self,
-        model: Any,
+        model: Model,
         target: Sequence[str] | str | None = None,
         avoid: Sequence[str] | str | None = None,
         alpha: float = 1.0,
         *,
-        positions: str = "all",
+        positions: Positions = "all",
         hook_names: Sequence[str] | str | None = None,
         allow_other_hooks: bool = False,
         tracker: PositionTracker | None = None,

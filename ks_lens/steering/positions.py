@@ -28,21 +28,23 @@ this (each decode step looks like a new prompt), so they accept only ``positions
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 
 import torch
 from jaxtyping import Bool
 
 from ks_lens.errors import ConfigError
+from ks_lens.types import Model
 
 Positions = Literal["all", "prompt", "generated", "last"]
-POSITIONS: tuple[str, ...] = ("all", "prompt", "generated", "last")
+POSITIONS: tuple[Positions, ...] = get_args(Positions)
 
 
-def check_positions(positions: str) -> str:
+def check_positions(positions: str) -> Positions:
+    """``positions`` if it is one of :data:`POSITIONS` (callers may be untyped), else ConfigError."""
     if positions not in POSITIONS:
         raise ConfigError(f"unknown positions {positions!r}; use one of {POSITIONS}")
-    return positions
+    return cast(Positions, positions)
 
 
 def _cache_length(cache: Any) -> int:
@@ -70,7 +72,7 @@ class PositionTracker:
         self._handle: Any = None
 
     # -- installation ---------------------------------------------------------------------------
-    def install(self, model: Any) -> PositionTracker:
+    def install(self, model: Model) -> PositionTracker:
         hf = getattr(model, "original_model", model)
         self._handle = hf.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         return self
@@ -129,7 +131,7 @@ class PositionTracker:
 
     # -- selection --------------------------------------------------------------------------------
     def select(
-        self, positions: str, batch: int, seq: int, device: torch.device
+        self, positions: Positions, batch: int, seq: int, device: torch.device
     ) -> Bool[torch.Tensor, "batch seq"]:
         """Boolean mask ``[batch, seq]`` of the positions of this call to steer."""
         if self.seq_len is not None and self.seq_len != seq:
@@ -160,7 +162,7 @@ class PositionTracker:
 
 
 def select_whole_call(
-    positions: str, batch: int, seq: int, device: torch.device
+    positions: Positions, batch: int, seq: int, device: torch.device
 ) -> Bool[torch.Tensor, "batch seq"]:
     """Selection for a call treated as one whole prompt (no tracker)."""
     sel = torch.zeros(batch, seq, dtype=torch.bool, device=device)
