@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import parser, save_figure, start, write_json
+from common import parser, start, write_json
 
 from ks_lens.comparison import (
     ComparisonConfig,
@@ -42,6 +42,7 @@ from ks_lens.comparison import (
 )
 from ks_lens.io import atomic_write_json
 from ks_lens.pipeline import Setup
+from ks_lens.report import plot_tradeoff
 from ks_lens.stats import bootstrap_mean
 
 log = logging.getLogger("analysis.steering_levers")
@@ -208,40 +209,6 @@ def avoid_table(res: ComparisonResult, label: str) -> list[str]:
     return lines
 
 
-def plot_curves(res: ComparisonResult, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = sorted({c.k for c in res.curves})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
-    for ax, k in zip(axes[0], sizes, strict=True):
-        for m in res.config.methods:
-            pts = [c for c in res.curves if c.lens == "text" and c.method == m and c.k == k]
-            if not pts:
-                continue
-            ax.errorbar(
-                [p.kl.estimate for p in pts],
-                [p.target_prob.estimate for p in pts],
-                yerr=[
-                    [p.target_prob.estimate - p.target_prob.low for p in pts],
-                    [p.target_prob.high - p.target_prob.estimate for p in pts],
-                ],
-                marker="o",
-                capsize=2,
-                label=method_label(m),
-            )
-        ax.axvline(res.config.kl_budget, color="grey", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_xlabel("measured KL per token (nats)")
-        ax.set_ylabel("mean target probability (text evaluator)")
-        ax.set_title(f"{title}: {k} target(s)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
 def main() -> None:
     p = parser(__doc__ or "", "runs/analysis/steering_levers")
     p.add_argument(
@@ -287,7 +254,7 @@ def main() -> None:
             md.extend(["", f"**Chosen: {method_label(choice.winner)}** ({choice.rule}).", ""])
             choices.append(choice)
         md.append("")
-        plot_curves(res, out / f"{title}.png", title)
+        plot_tradeoff(res, out / f"{title}.png", title=f"{title}: text lens, validation questions")
 
     source = cfg.probe_source
     method = "ksteer"

@@ -358,6 +358,57 @@ def seeds_table(rows: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+def plot_tradeoff(
+    result: ComparisonResult, path: Path, *, lens: str = "text", title: str | None = None
+) -> Path:
+    """One panel per number of targets: each method's mean target probability against measured
+    KL along its alpha curve (95 % bootstrap CIs), the unsteered level and the KL level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3
+    colors = dict(zip(["unsteered", *result.config.methods], palette, strict=False))
+    sizes = list(result.config.sizes)
+    pts = [p for p in result.curves if p.lens == lens]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.6), squeeze=False)
+    for ax, k in zip(axes[0], sizes, strict=True):
+        for m in result.config.methods:
+            mp = [p for p in pts if p.method == m and p.k == k]
+            if not mp:
+                continue
+            ax.errorbar(
+                [p.kl.estimate for p in mp],
+                [p.target_prob.estimate for p in mp],
+                yerr=[
+                    [p.target_prob.estimate - p.target_prob.low for p in mp],
+                    [p.target_prob.high - p.target_prob.estimate for p in mp],
+                ],
+                marker="o",
+                ms=3,
+                capsize=2,
+                color=colors[m],
+                label=method_label(m),
+            )
+        un = [r for r in result.summary(lens) if r.method == "unsteered" and r.k == k]
+        if un:
+            ax.axhline(un[0].target_prob.estimate, color="grey", ls=":", lw=1, label="unsteered")
+        ax.axvline(result.config.kl_budget, color="k", ls="--", lw=0.8, label="KL level")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("measured KL per token (nats)")
+        ax.set_title(f"{k} target{'s' if k > 1 else ''}")
+    axes[0, 0].set_ylabel("mean target probability")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title or f"Trade-off on generated test answers ({lens} lens; 95 % bootstrap CIs)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_report(result: ComparisonResult, out_dir: Path) -> list[Path]:
     """Write the PNG figures; returns their paths."""
     import matplotlib
@@ -373,46 +424,8 @@ def plot_report(result: ComparisonResult, out_dir: Path) -> list[Path]:
     sizes = list(result.config.sizes)
 
     for lens in ("text", "text_activation"):
-        pts = [p for p in result.curves if p.lens == lens]
-        if not pts:
-            continue
-        fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.6), squeeze=False)
-        for ax, k in zip(axes[0], sizes, strict=True):
-            for m in result.config.methods:
-                mp = [p for p in pts if p.method == m and p.k == k]
-                if not mp:
-                    continue
-                ax.errorbar(
-                    [p.kl.estimate for p in mp],
-                    [p.target_prob.estimate for p in mp],
-                    yerr=[
-                        [p.target_prob.estimate - p.target_prob.low for p in mp],
-                        [p.target_prob.high - p.target_prob.estimate for p in mp],
-                    ],
-                    marker="o",
-                    ms=3,
-                    capsize=2,
-                    color=colors[m],
-                    label=method_label(m),
-                )
-            un = [r for r in result.summary(lens) if r.method == "unsteered" and r.k == k]
-            if un:
-                ax.axhline(
-                    un[0].target_prob.estimate, color="grey", ls=":", lw=1, label="unsteered"
-                )
-            ax.axvline(result.config.kl_budget, color="k", ls="--", lw=0.8, label="KL level")
-            ax.set_xscale("log")
-            ax.set_ylim(0, 1)
-            ax.set_xlabel("measured KL per token (nats)")
-            ax.set_title(f"{k} target{'s' if k > 1 else ''}")
-        axes[0, 0].set_ylabel("mean target probability")
-        axes[0, 0].legend(fontsize=7)
-        fig.suptitle(f"Trade-off on generated test answers ({lens} lens; 95 % bootstrap CIs)")
-        fig.tight_layout()
-        p = out_dir / f"{lens}_tradeoff.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        if any(p.lens == lens for p in result.curves):
+            paths.append(plot_tradeoff(result, out_dir / f"{lens}_tradeoff.png", lens=lens))
 
     act = result.activation
     if act is not None:
