@@ -10,7 +10,7 @@ from typing import Any
 
 from ks_lens.io import atomic_write_json
 from ks_lens.logs import add_logging_arguments, configure_logging
-from ks_lens.pipeline import PipelineConfig, Setup, prepare
+from ks_lens.pipeline import PROBE_SOURCES, PipelineConfig, Setup, prepare
 from ks_lens.utils import machine_info, versions
 
 
@@ -35,7 +35,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     kw: dict[str, Any] = {"model": args.model, "device": args.device, "seed": args.seed}
     cfg = PipelineConfig.fast(**kw) if args.fast else PipelineConfig(**kw)
     work = args.work or ("runs/demo-fast" if args.fast else "runs/demo")
-    return prepare(cfg, work)
+    return prepare(cfg, work, sources=PROBE_SOURCES)  # studies may compare both sources
 
 
 def start(args: argparse.Namespace) -> tuple[Path, Setup, float]:

@@ -41,6 +41,7 @@ def main() -> None:
         if args.fast
         else sorted(set(range(0, n, 3)) | {setup.layer, n - 1})
     )
+    assert setup.train_store is not None  # common.setup_from_args prepares both sources
     train = setup.train_store.load(layers=layers)
     mlps = train_probes(train, layers=layers, config=ProbeConfig(seed=args.seed), progress=False)
     lins = train_probes(

@@ -120,6 +120,7 @@ def main() -> None:
         layers = sorted({max(0, setup.layer - 6), setup.layer, min(n - 1, setup.layer + 6)})
     else:
         layers = list(range(n))
+    assert setup.train_store is not None  # common.setup_from_args prepares both sources
     acts = setup.train_store.load()
     mlps, _, accuracy = probe_accuracy_by_layer(acts, mlp=ProbeConfig(seed=args.seed))
     placements = [evaluator_placement(layer, n, args.eval_gap) for layer in layers]

@@ -64,6 +64,7 @@ from ks_lens.chat import (
 from ks_lens.datasets import BehaviourDataset, base_labels, multi_hot
 from ks_lens.errors import ConfigError, DatasetError, HookPointError, StoreError
 from ks_lens.generation import generate_from_batch
+from ks_lens.hf_path import forward
 from ks_lens.hooks import (
     HOOK_KINDS,
     NO_POSITION_KINDS,
@@ -337,7 +338,7 @@ def prefix_cache(model: Model, ids: Sequence[int], hook_names: Sequence[str]) ->
     cache = DynamicCache(config=_hf_config(model))
     tokens = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
     with torch.no_grad(), record_activations(model, hook_names, last_token=True, stop=True):
-        model(tokens, past_key_values=cache, return_type=None)
+        forward(model, tokens, past_key_values=cache, logits_to_keep=-1)
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     for layer in cache.layers:
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
@@ -411,7 +412,6 @@ def capture_features(
         ones = torch.ones(n_rows, n_prefix, dtype=mask.dtype, device=mask.device)
         mask = torch.cat([ones, mask], dim=1)
         kwargs["past_key_values"] = prefix.cache_for(model, n_rows)
-        kwargs["return_type"] = None
     if position == "mean_response":
         assert first is not None
         first = first.to(ids.device)
@@ -438,7 +438,7 @@ def capture_features(
         torch.no_grad(),
         record_activations(model, hook_names, reduce=summarise, stop=True) as rec,
     ):
-        model(ids, attention_mask=mask, **kwargs)
+        forward(model, ids, attention_mask=mask, logits_to_keep=-1, **kwargs)
     if rec.missing:
         raise HookPointError(
             f"hook point(s) {rec.missing} did not fire in a forward pass: this architecture never "

@@ -40,7 +40,6 @@ from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation import (
@@ -819,20 +818,25 @@ def evaluate_activations(
     """Steer every test question toward every planned combination (each method at its
     calibrated alpha) and read the held-out evaluator in the same forward pass."""
     base = readout(model, questions, probe=evaluator, batch_size=config.batch_size).probs
-    probs: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     names = list(methods)
-    for c in tqdm(plan.act_combos, desc="activation eval", disable=not progress, leave=False):
-        groups = [(methods[m], SteeringSpec(c, plan.avoid, alphas[m][len(c)])) for m in names]
-        outs = readout_groups(
-            model,
-            questions,
-            groups,
-            probe=evaluator,
-            positions=config.positions,
-            batch_size=config.batch_size,
-        )
-        for m, r in zip(names, outs, strict=True):
-            probs[m].append(r.probs.double().numpy())
+    # every (combination, method) at once: the unsteered layers below the steering run once
+    groups: list[Steering | None] = [
+        (methods[m], SteeringSpec(c, plan.avoid, alphas[m][len(c)]))
+        for c in plan.act_combos
+        for m in names
+    ]
+    outs = readout_groups(
+        model,
+        questions,
+        groups,
+        probe=evaluator,
+        positions=config.positions,
+        batch_size=config.batch_size,
+        progress=progress,
+    )
+    probs: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    for g, r in enumerate(outs):
+        probs[names[g % len(names)]].append(r.probs.double().numpy())
     return ActivationEvaluation(
         tuple(evaluator.label_names),
         list(plan.act_combos),

@@ -103,7 +103,7 @@ def _info(setup: Setup, cfg: PipelineConfig, command: str, commit: str) -> dict[
         "steering_probe_metrics": setup.probe.metrics,
         "demo_config": dataclasses.asdict(cfg),
         "stores": {
-            "train": str(setup.train_store.path),
+            "train": None if setup.train_store is None else str(setup.train_store.path),
             "evaluator": str(setup.evaluator_store.path),
             "gold_response": str(setup.response_store.path),
         },

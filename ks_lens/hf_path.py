@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ks_lens.errors import ConfigError
 from ks_lens.types import Model
 
 _ROUTABLE = re.compile(
@@ -198,3 +199,146 @@ def hf_modules(model: Model, enabled: bool = True) -> Iterator[bool]:
             h.remove()
         for parent, name, bridge in reversed(swaps):
             parent._modules[name] = bridge
+
+
+def forward(
+    model: Model,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    logits_to_keep: int = 0,
+    full_bridge: bool = False,
+) -> torch.Tensor | None:
+    """One forward pass, through the plain HF modules with the hooked points routed
+    (:func:`hf_modules`) where possible, else through the bridge; hooks must be in place.
+
+    Returns the logits of the last ``logits_to_keep`` positions (all with 0), ``[batch, pos,
+    vocab]``, or ``None`` when ``logits_to_keep`` is negative (no unembedding: for passes that
+    only record activations). ``past_key_values`` is a Hugging Face cache the pass extends.
+    """
+    keep = max(logits_to_keep, 1) if logits_to_keep < 0 else logits_to_keep
+    with hf_modules(model, enabled=not full_bridge) as plain:
+        if plain:
+            hf: Any = model.original_model
+            out = hf(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
+                logits_to_keep=keep,
+            )
+            return None if logits_to_keep < 0 else out.logits
+        if logits_to_keep < 0:
+            model(
+                input_ids,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                return_type=None,
+            )
+            return None
+        logits: torch.Tensor = model(
+            input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            logits_to_keep=logits_to_keep,
+        )
+        return logits
+
+
+# ----------------------------------------------------------------------------- resuming at a layer
+
+
+class _Reached(Exception):
+    """Ends :func:`layer_input`'s forward pass at the requested layer."""
+
+
+def decoder_layers(model: Model) -> torch.nn.ModuleList | None:
+    """The Hugging Face ``ModuleList`` that holds the model's decoder layers (the one whose items
+    the bridge's ``blocks`` wrap, or, inside :func:`hf_modules`, the plain layers); ``None`` if
+    it cannot be found."""
+    blocks = getattr(model, "blocks", None)
+    hf = getattr(model, "original_model", None)
+    if blocks is None or hf is None or len(blocks) == 0:
+        return None
+    first = {id(blocks[0]), id(getattr(blocks[0], "original_component", None))}
+    for module in hf.modules():
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and len(module) == len(blocks)
+            and id(module[0]) in first
+        ):
+            return module
+    return None
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for a skipped decoder layer: passes its input on, or (the last skipped layer)
+    returns ``value``, in the layer's own output format."""
+
+    def __init__(self, value: torch.Tensor | None, as_tuple: bool):
+        super().__init__()
+        self.value = value
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = hidden_states if self.value is None else self.value
+        return (out,) if self.as_tuple else out
+
+
+def layer_input(
+    model: Model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, bool]:
+    """Run the plain HF modules (no hooks) up to decoder layer ``layer`` and return its input
+    hidden states ``[batch, pos, d_model]``, and whether the layer below returns a tuple (the
+    format :func:`resume_at` must imitate). The pass stops there (nothing above runs)."""
+    if layer < 1:
+        raise ConfigError(f"layer must be at least 1 to have layers below it, got {layer}")
+    hf: Any = model.original_model
+    box: dict[str, Any] = {}
+
+    def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        h = args[0] if args else kwargs["hidden_states"]
+        box["hidden"] = h.detach()
+        raise _Reached
+
+    def post(module: Any, args: Any, output: Any) -> None:
+        box["tuple"] = isinstance(output, tuple)
+
+    with torch.no_grad(), hf_modules(model) as plain:
+        layers = decoder_layers(model)
+        if not plain or layers is None:
+            raise RuntimeError("the plain HF modules cannot run for this model")
+        handles = [
+            layers[layer].register_forward_pre_hook(pre, with_kwargs=True),
+            layers[layer - 1].register_forward_hook(post),
+        ]
+        try:
+            hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Reached:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+    if "hidden" not in box:
+        raise RuntimeError(f"decoder layer {layer} never ran")
+    return box["hidden"], bool(box.get("tuple", False))
+
+
+@contextmanager
+def resume_at(model: Model, layer: int, hidden: torch.Tensor, as_tuple: bool) -> Iterator[None]:
+    """Inside a :func:`hf_modules` block that runs the plain modules: decoder layers below
+    ``layer`` are skipped, and layer ``layer`` receives ``hidden`` (from :func:`layer_input`, for
+    the same token batch) as its input. Hooks at ``layer`` and above fire as usual; nothing
+    below ``layer`` may be hooked (its hooks would not fire). Restored on exit."""
+    layers = decoder_layers(model)
+    if layers is None:
+        raise RuntimeError("the model's decoder layers cannot be found")
+    saved = [layers[i] for i in range(layer)]
+    try:
+        for i in range(layer):
+            layers[i] = _Skip(hidden if i == layer - 1 else None, as_tuple)
+        yield
+    finally:
+        for i, m in enumerate(saved):
+            layers[i] = m

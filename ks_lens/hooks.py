@@ -109,6 +109,13 @@ def n_layers(model: Model) -> int:
     return int(model.cfg.n_layers)
 
 
+def hook_layer(name: str) -> int | None:
+    """The block index of a per-block hook point (``"blocks.7.hook_resid_post"`` -> 7), or
+    ``None`` for a hook point outside the blocks (``hook_embed``, ``ln_final.hook_out``)."""
+    m = re.match(r"^blocks\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
 def check_layer(model: Model, layer: int) -> int:
     """Return ``layer`` as a non-negative index; negative indices count from the end."""
     if isinstance(layer, bool) or not isinstance(layer, int):

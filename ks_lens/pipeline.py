@@ -223,7 +223,7 @@ class Setup:
     splits: Splits
     layer: int
     eval_layer: int
-    train_store: ActivationStore
+    train_store: ActivationStore | None  # prompt-mode train split (only with the prompt source)
     evaluator_store: ActivationStore
     response_store: ActivationStore
     kits: dict[str, SteeringKit]  # steering probe + vectors (+ layer probes) per probe source
@@ -241,6 +241,15 @@ class Setup:
     def kit(self) -> SteeringKit:
         """The steering artefacts of the configured ``probe_source``."""
         return self.kits[self.config.probe_source]
+
+    def kit_of(self, source: str) -> SteeringKit:
+        """The steering artefacts of ``source`` (one of the sources :func:`prepare` built)."""
+        if source not in self.kits:
+            raise ConfigError(
+                f"no {source!r} steering kit: this setup was prepared with sources "
+                f"{sorted(self.kits)} (prepare(..., sources=...))"
+            )
+        return self.kits[source]
 
     @property
     def probe(self) -> Probe:
@@ -279,7 +288,7 @@ class Setup:
         ``test_questions`` replace those question lists (e.g. validation questions in a study
         that makes choices)."""
         cfg = self.config
-        kit = self.kits[source or cfg.probe_source]
+        kit = self.kit_of(source or cfg.probe_source)
         n_test = max(cfg.n_eval, cfg.n_gen)
         test = (
             list(test_questions) if test_questions is not None else self.eval_questions(n_test)[0]
@@ -305,10 +314,18 @@ class Setup:
         )
 
 
-def prepare(cfg: PipelineConfig, work_dir: str | Path, *, progress: bool = True) -> Setup:
+def prepare(
+    cfg: PipelineConfig,
+    work_dir: str | Path,
+    *,
+    progress: bool = True,
+    sources: Sequence[ProbeSource] | None = None,
+) -> Setup:
     """Collect activations (resumable) and train the probe, vectors and evaluators.
 
-    * steering probe + CAA vectors: ``train`` split, prompt mode (instruction + question);
+    * steering probe + CAA vectors of each of ``sources`` (default: only the configured
+      ``probe_source``; see :data:`PROBE_SOURCES`): ``prompt`` from the ``train`` split in
+      prompt mode (instruction + question), ``text`` from the steering half of the gold texts;
     * activation evaluator: ``evaluator`` split, prompt mode with single **and combined**
       (two-tone) instructions, multi-label, at the evaluator layer;
     * text evaluator: TF-IDF + logistic regression on the gold texts (model-independent);
@@ -316,6 +333,14 @@ def prepare(cfg: PipelineConfig, work_dir: str | Path, *, progress: bool = True)
       instruction, multi-label, at the best layer on held-out gold questions.
     """
     cfg.validate()
+    wanted = tuple(dict.fromkeys(sources if sources is not None else (cfg.probe_source,)))
+    for src in wanted:
+        if src not in PROBE_SOURCES:
+            raise ConfigError(f"unknown probe source {src!r}; use one of {PROBE_SOURCES}")
+    if cfg.probe_source not in wanted:
+        raise ConfigError(
+            f"sources {list(wanted)} must include the configured probe_source {cfg.probe_source!r}"
+        )
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -340,14 +365,17 @@ def prepare(cfg: PipelineConfig, work_dir: str | Path, *, progress: bool = True)
 
     kw: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
     t0 = time.perf_counter()
-    train_ds = part("train", cfg.n_train)
-    st_train = collect_to_store(
-        model,
-        train_ds,
-        work / "acts" / f"train-prompt-{len(train_ds.questions)}q",
-        split="train",
-        **kw,
-    )
+    st_train = None
+    if "prompt" in wanted:  # the text source needs no instruction prompts
+        train_ds = part("train", cfg.n_train)
+        st_train = collect_to_store(
+            model,
+            train_ds,
+            work / "acts" / f"train-prompt-{len(train_ds.questions)}q",
+            split="train",
+            **kw,
+        )
+    timings["collect_train_s"] = time.perf_counter() - t0
     eval_ds = part("evaluator", cfg.n_evaluator)
     if cfg.evaluator_combos_per_question:
         eval_ds = eval_ds.with_combinations((2,), per_question=cfg.evaluator_combos_per_question)
@@ -360,6 +388,7 @@ def prepare(cfg: PipelineConfig, work_dir: str | Path, *, progress: bool = True)
         split="evaluator",
         **kw,
     )
+    timings["collect_evaluator_s"] = time.perf_counter() - t0 - timings["collect_train_s"]
     gold_steer, gold_judge = split_by_question(gold, cfg.gold_steer_fraction, cfg.seed)
     gold_enc = tuple(spread(list(gold), cfg.n_gold))
     gold_ds = texts_dataset(gold_enc, ds.labels)
@@ -386,20 +415,28 @@ def prepare(cfg: PipelineConfig, work_dir: str | Path, *, progress: bool = True)
             **kw,
         )
     timings["collect_s"] = time.perf_counter() - t0
+    timings["collect_gold_s"] = (
+        timings["collect_s"] - timings["collect_train_s"] - timings["collect_evaluator_s"]
+    )
 
     t0 = time.perf_counter()
     ml_layers = sorted({ls + o for o in cfg.multilayer_offsets if ls + o >= 0})
     question_of = {t.id: t.question_id or t.id for t in gold}
-    kits = {
-        "prompt": _steering_kit(st_train.load(layers=sorted({ls, *ml_layers})), ls, ml_layers, cfg),
-        "text": _steering_kit(
-            st_text.load(layers=sorted({ls, *ml_layers})).for_questions(sorted(steer_ids)),
-            ls,
-            ml_layers,
-            cfg,
-            groups=question_of,
-        ),
-    }
+    kits: dict[str, SteeringKit] = {}
+    for src in wanted:
+        if src == "prompt":
+            assert st_train is not None
+            kits[src] = _steering_kit(
+                st_train.load(layers=sorted({ls, *ml_layers})), ls, ml_layers, cfg
+            )
+        else:
+            kits[src] = _steering_kit(
+                st_text.load(layers=sorted({ls, *ml_layers})).for_questions(sorted(steer_ids)),
+                ls,
+                ml_layers,
+                cfg,
+                groups=question_of,
+            )
     for source, kit in kits.items():
         kit.probe.save(work / "probes" / f"steering-{source}")
         kit.vectors.save(work / "vectors" / source)

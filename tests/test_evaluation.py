@@ -207,3 +207,67 @@ def test_answers_cut_short_by_steering_still_pay_kl(tiny_model):
         for n, ids in zip(base.kl_steps, base.answer_ids, strict=True)
     )
     assert abs(base.mean_kl) < 1e-4
+
+
+def test_shared_lower_layers_equal_full_passes(tiny_model, tiny_acts, tiny_probe, monkeypatch):
+    """readout_groups runs the layers below the lowest steered layer once per prompt batch and
+    resumes each configuration there: same probabilities and next-token log-probs as full
+    passes, for CAA, K-Steering, a multi-layer method and an unsteered group, with ragged
+    batches (5 prompts, batch 4) that mix configurations in one pass."""
+    import ks_lens.hf_path as hf_path
+    from ks_lens.evaluation import readout_groups
+    from ks_lens.steering import KSteering, MultiLayer
+
+    evaluator = ks.train_probe(tiny_acts, 3, config=ProbeConfig(epochs=5, hidden=16, seed=1))
+    vec = SteeringVectors.fit(tiny_acts, 2)
+    vec1 = SteeringVectors.fit(tiny_acts, 1)
+    prompts = ["hello?", "what is the weather like?", "tell me a story?", "why?", "a b c d e f?"]
+    steerings = [
+        (CAA(vec), SteeringSpec(("beta",), (), 3.0)),
+        None,
+        (KSteering(tiny_probe), SteeringSpec(("alpha", "gamma"), (), 2.0)),
+        (MultiLayer([CAA(vec1), CAA(vec)]), SteeringSpec(("gamma",), ("alpha",), 4.0)),
+    ]
+    calls: list[int] = []
+    real = hf_path.resume_at
+
+    def counting(model, layer, hidden, as_tuple):
+        calls.append(layer)
+        return real(model, layer, hidden, as_tuple)
+
+    monkeypatch.setattr("ks_lens.evaluation.resume_at", counting)
+    kw = dict(probe=evaluator, next_token=True, batch_size=4)
+    shared = readout_groups(tiny_model, prompts, steerings, **kw)
+    # the multi-layer method steers layer 1 first; prompt batches of 4 and 1 x 4 configurations
+    # = 16 + 4 rows in chunks of 4
+    assert calls == [1] * 5
+    full = readout_groups(tiny_model, prompts, steerings, share_lower_layers=False, **kw)
+    assert len(calls) == 5  # no resuming in the full passes
+    for a, b in zip(shared, full, strict=True):
+        torch.testing.assert_close(a.probs, b.probs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.next_logprobs, b.next_logprobs, atol=1e-4, rtol=1e-5)
+    # steering really changed the readout (the comparison is not vacuous)
+    assert not torch.allclose(shared[0].probs, shared[1].probs, atol=1e-3)
+    # the model is restored: no hooks, the bridge's own blocks back in place
+    assert not any(hp._forward_hooks for hp in tiny_model.hook_dict.values())
+    layers = hf_path.decoder_layers(tiny_model)
+    assert layers is not None
+    assert all(layers[i] is tiny_model.blocks[i] for i in range(len(layers)))
+
+
+def test_shared_lower_layers_not_used_below_the_evaluator(tiny_model, tiny_acts, monkeypatch):
+    """An evaluator reading below the steered layer gets full passes (nothing to share)."""
+    from ks_lens.evaluation import readout_groups
+
+    evaluator = ks.train_probe(tiny_acts, 1, config=ProbeConfig(epochs=5, hidden=16, seed=1))
+    vec = SteeringVectors.fit(tiny_acts, 2)
+
+    def fail(*a, **k):
+        raise AssertionError("resume_at must not be used")
+
+    monkeypatch.setattr("ks_lens.evaluation.resume_at", fail)
+    out = readout_groups(
+        tiny_model, ["hi?", "why?"], [(CAA(vec), SteeringSpec(("beta",), (), 3.0))], probe=evaluator
+    )
+    base = readout(tiny_model, ["hi?", "why?"], probe=evaluator)
+    torch.testing.assert_close(out[0].probs, base.probs)

@@ -7,7 +7,7 @@ import torch
 
 from ks_lens.errors import ConfigError
 from ks_lens.gold_texts import LabelledText, load_gold_texts, split_by_question
-from ks_lens.pipeline import PipelineConfig, prepare
+from ks_lens.pipeline import PROBE_SOURCES, PipelineConfig, prepare
 
 
 def test_split_by_question_is_disjoint_stratified_and_seeded():
@@ -34,7 +34,7 @@ def tiny_setup(tmp_path_factory):
     cfg = PipelineConfig.fast(
         model="tiny-random-llama", n_gold=40, layer=2, multilayer_offsets=(-2, -1, 0)
     )
-    return prepare(cfg, tmp_path_factory.mktemp("work"), progress=False)
+    return prepare(cfg, tmp_path_factory.mktemp("work"), progress=False, sources=PROBE_SOURCES)
 
 
 def test_text_kit_learns_only_from_the_steering_half(tiny_setup):
@@ -82,3 +82,21 @@ def test_probe_source_is_validated():
         PipelineConfig(multilayer_offsets=(0,)).validate()
     with pytest.raises(ConfigError, match="text_position"):
         PipelineConfig(text_position="first").validate()
+
+
+def test_prepare_builds_only_the_configured_source_by_default(tmp_path):
+    """Without ``sources`` only the configured probe source is built, and the prompt-mode
+    train split (used by the prompt source alone) is not collected."""
+    cfg = PipelineConfig.fast(
+        model="tiny-random-llama", n_gold=24, layer=2, multilayer_offsets=(-1, 0), n_evaluator=6
+    )
+    s = prepare(cfg, tmp_path / "work", progress=False)
+    assert sorted(s.kits) == ["text"] and s.train_store is None
+    assert not list((tmp_path / "work" / "acts").glob("train-prompt-*"))
+    assert s.kit_of("text") is s.kit
+    with pytest.raises(ConfigError, match="prepared with sources \\['text'\\]"):
+        s.kit_of("prompt")
+    with pytest.raises(ConfigError, match="unknown probe source"):
+        prepare(cfg, tmp_path / "w2", progress=False, sources=("both",))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="must include the configured probe_source"):
+        prepare(cfg, tmp_path / "w3", progress=False, sources=("prompt",))
