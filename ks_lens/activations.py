@@ -72,6 +72,7 @@ from ks_lens.hooks import (
     canonical_hook_name,
     check_hook_name,
     check_layer,
+    n_layers,
     resid_hook,
 )
 from ks_lens.io import (
@@ -330,15 +331,44 @@ def prefix_cache(model: Model, ids: Sequence[int], hook_names: Sequence[str]) ->
     the first attention layer (``blocks.0.hook_resid_pre`` only), or a cache layer that does not
     hold the whole prefix (e.g. a sliding window shorter than it).
     """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
     if not ids or not hook_names:
         return None
-    cache = DynamicCache(config=_hf_config(model))
+    cache = _new_cache(model)
     tokens = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
     with torch.no_grad(), record_activations(model, hook_names, last_token=True, stop=True):
         forward(model, tokens, past_key_values=cache, logits_to_keep=-1)
+    return _as_prefix(cache, ids)
+
+
+def prefix_pass(
+    model: Model, ids: Sequence[int], hook_names: Sequence[str] = ()
+) -> tuple[PrefixCache | None, torch.Tensor, dict[str, torch.Tensor]]:
+    """Run the token prefix ``ids`` through the whole model once (batch 1): its KV cache for
+    every layer (``None`` where it cannot be shared, as in :func:`prefix_cache`), the next-token
+    logits at its last token ``[vocab]``, and the activation at each of ``hook_names`` at its
+    last token (``[*feature]``)."""
+    if not ids:
+        raise ConfigError("the prefix is empty")
+    cache = _new_cache(model)
+    tokens = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
+    with torch.no_grad(), record_activations(model, hook_names, last_token=True) as rec:
+        logits = forward(model, tokens, past_key_values=cache, logits_to_keep=1)
+    assert logits is not None
+    prefix = _as_prefix(cache, ids)
+    if prefix is not None and len(prefix.kv) != n_layers(model):
+        prefix = None  # some layer's attention left no cache
+    return prefix, logits[0, -1], {k: v[0] for k, v in rec.items()}
+
+
+def _new_cache(model: Model) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=_hf_config(model))
+
+
+def _as_prefix(cache: Any, ids: Sequence[int]) -> PrefixCache | None:
+    from transformers.cache_utils import DynamicLayer
+
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     for layer in cache.layers:
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)

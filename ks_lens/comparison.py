@@ -833,6 +833,7 @@ def evaluate_activations(
         positions=config.positions,
         batch_size=config.batch_size,
         progress=progress,
+        desc="activation eval",
     )
     probs: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     for g, r in enumerate(outs):

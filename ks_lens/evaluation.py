@@ -89,6 +89,7 @@ def readout_groups(
     batch_size: int = 16,
     share_lower_layers: bool = True,
     progress: bool = False,
+    desc: str = "readout",
 ) -> list[Readout]:
     """:func:`readout` for several steering configurations (one row per configuration and
     prompt, ``batch_size`` rows per forward pass; see :func:`~ks_lens.steering.steer_groups`).
@@ -150,7 +151,7 @@ def readout_groups(
 
     pad, device = pad_token_id(tok), model_device(model)
     total = n * len(steerings)
-    with tqdm(total=total, desc="readout", disable=not progress, leave=False) as bar:
+    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
         if start is None:
             rows = [(g, i) for g in range(len(steerings)) for i in range(n)]
             for idx, batch in sorted_batches(
@@ -424,6 +425,7 @@ def generate_and_score_rows(
     max_new_tokens: int = 32,
     batch_size: int = 32,
     seed: int = 0,
+    share_prefix: bool = True,
 ) -> GenerationScores:
     """Answer each row ``(configuration index, question index)`` greedily (configuration
     ``None`` = unsteered) and score the answers; returns one :class:`GenerationScores` over
@@ -434,7 +436,9 @@ def generate_and_score_rows(
     is memory-bound. Each answer is then re-encoded (question + answer, no instruction) in an
     unsteered forward pass that gives the response evaluator's probabilities at the answer's last
     token, the answer's per-token NLL, and the unsteered next-token distributions that the steered
-    generation's logits are compared with (KL per generated token).
+    generation's logits are compared with (KL per generated token). With ``share_prefix`` the
+    question's tokens run once per question and every answer to it only runs its own tokens,
+    attending to the cached question (:func:`_score_answers`).
     """
     from ks_lens.steering.base import steer_groups
 
@@ -468,41 +472,138 @@ def generate_and_score_rows(
             steps = len(res.ids[j]) + (1 if res.finished[j] else 0)  # + the end-of-turn step
             step_logps[r] = torch.log_softmax(res.logits[j, :steps].float(), -1).cpu()
         del res
-    probs = torch.empty(len(rows), response_probe.n_labels if response_probe is not None else 0)
-    nll = [float("nan")] * len(rows)
-    kl = [float("nan")] * len(rows)
-    kl_steps = [0] * len(rows)
-    seqs = [heads[i] + answers[r] for r, (_, i) in enumerate(rows)]
-    names = [response_probe.hook_name] if response_probe is not None else []
-    for idx, batch in sorted_batches(seqs, batch_size, pad_id=pad, device=device):
+    probs, nll, kl, kl_steps = _score_answers(
+        model,
+        heads,
+        answers,
+        [i for _, i in rows],
+        step_logps,
+        response_probe,
+        batch_size=batch_size,
+        share_prefix=share_prefix,
+    )
+    texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
+    return GenerationScores(
+        texts, answers, probs, nll, kl, kl_steps, [distinct_n(t) for t in texts]
+    )
+
+
+def _score_answers(
+    model: Model,
+    heads: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    question_of: Sequence[int],
+    step_logps: Sequence[torch.Tensor | None],
+    probe: Probe | None,
+    *,
+    batch_size: int,
+    share_prefix: bool = True,
+) -> tuple[torch.Tensor, list[float], list[float], list[int]]:
+    """Re-encode every answer after its question's tokens under the unsteered model: the
+    response ``probe``'s probabilities at the last token, the answer's mean NLL, and the mean
+    KL of the steered steps ``step_logps`` against the unsteered next-token distributions.
+
+    With ``share_prefix`` each question's tokens ``heads[q]`` run once (batch 1, KV cache kept)
+    and the answers to it run only their own tokens, right padded after the cached question, so
+    a row's numbers do not depend on its batch; the prediction of an answer's first token is the
+    question pass's last logits. Equal to whole-row passes within float rounding (tested).
+    Questions whose cache cannot be shared (see :func:`~ks_lens.activations.prefix_pass`) run
+    whole rows.
+    """
+    from ks_lens.activations import prefix_pass
+
+    n = len(answers)
+    probs = torch.empty(n, probe.n_labels if probe is not None else 0)
+    nll = [float("nan")] * n
+    kl = [float("nan")] * n
+    kl_steps = [0] * n
+    names = [probe.hook_name] if probe is not None else []
+    device = model_device(model)
+    pad = pad_token_id(model.tokenizer)
+
+    def score(r: int, pred: torch.Tensor) -> None:
+        """``pred`` [t + 1, vocab]: log-probs of answer tokens 0..t-1, then of the token after."""
+        t = len(answers[r])
+        if t:
+            target = torch.tensor(list(answers[r]))
+            nll[r] = float(-pred[:t].gather(-1, target[:, None]).mean())
+        steered = step_logps[r]
+        assert steered is not None
+        if len(steered):
+            kl[r] = float(kl_divergence(steered, pred[: len(steered)]).mean())
+            kl_steps[r] = len(steered)
+
+    def read(rows: Sequence[int], x: torch.Tensor) -> None:
+        if probe is not None:
+            scatter(
+                probs, rows, probe.predict_proba(x.to(probe.mean.device, probe.mean.dtype)).cpu()
+            )
+
+    whole: list[int] = []
+    by_question: dict[int, list[int]] = {}
+    for r, q in enumerate(question_of):
+        by_question.setdefault(q, []).append(r)
+    for q, rows in by_question.items() if share_prefix else ():
+        prefix, last_logits, last_acts = prefix_pass(model, heads[q], names)
+        if prefix is None:
+            whole.extend(rows)
+            continue
+        first = torch.log_softmax(last_logits.float(), -1).cpu()
+        empty = [r for r in rows if not answers[r]]
+        for r in empty:
+            score(r, first[None])
+        if empty and probe is not None:
+            read(empty, last_acts[probe.hook_name][None].expand(len(empty), -1))
+        todo = sorted((r for r in rows if answers[r]), key=lambda r: (len(answers[r]), r))
+        n_chunks = math.ceil(len(todo) / batch_size)
+        for c in range(n_chunks):  # near-equal chunks of at most batch_size rows
+            chunk = todo[c * len(todo) // n_chunks : (c + 1) * len(todo) // n_chunks]
+            lengths = torch.tensor([len(answers[r]) for r in chunk])
+            width = int(lengths.max())
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros(len(chunk), len(prefix) + width, dtype=torch.long)
+            mask[:, : len(prefix)] = 1
+            for j, r in enumerate(chunk):
+                ids[j, : len(answers[r])] = torch.tensor(list(answers[r]))
+                mask[j, len(prefix) : len(prefix) + len(answers[r])] = 1
+            last = (lengths - 1).to(device)
+
+            def at_last(act: torch.Tensor, name: str, last: torch.Tensor = last) -> torch.Tensor:
+                return act[torch.arange(act.shape[0], device=act.device), last].float()
+
+            with torch.no_grad(), record_activations(model, names, reduce=at_last) as rec:
+                logits = forward(
+                    model,
+                    ids.to(device),
+                    attention_mask=mask.to(device),
+                    past_key_values=prefix.cache_for(model, len(chunk)),
+                )
+            assert logits is not None
+            if probe is not None:
+                read(chunk, rec[probe.hook_name])
+            for j, r in enumerate(chunk):
+                t = len(answers[r])
+                suffix = torch.log_softmax(logits[j, :t].float(), -1).cpu()
+                score(r, torch.cat([first[None], suffix]))
+            del logits
+    if not share_prefix:
+        whole = list(range(n))
+    seqs = [list(heads[question_of[r]]) + list(answers[r]) for r in range(n)]
+    for idx, batch in sorted_batches(seqs, batch_size, pad_id=pad, device=device, rows=whole):
         tmax = max(len(answers[r]) for r in idx)
         with torch.no_grad(), record_activations(model, names, last_token=True) as rec:
             logits = forward(
                 model, batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=tmax + 1
             )
         assert logits is not None
-        if response_probe is not None:
-            x = rec[response_probe.hook_name].to(
-                response_probe.mean.device, response_probe.mean.dtype
-            )
-            scatter(probs, idx, response_probe.predict_proba(x).cpu())
+        if probe is not None:
+            read(idx, rec[probe.hook_name])
         for j, r in enumerate(idx):
             t = len(answers[r])
             # positions tmax-t .. tmax predict answer tokens 0..t-1, then the token after the answer
-            pred = torch.log_softmax(logits[j, tmax - t : tmax + 1].float(), -1).cpu()
-            if t:
-                target = torch.tensor(answers[r])
-                nll[r] = float(-pred[:t].gather(-1, target[:, None]).mean())
-            steered = step_logps[r]
-            assert steered is not None
-            if len(steered):
-                kl[r] = float(kl_divergence(steered, pred[: len(steered)]).mean())
-                kl_steps[r] = len(steered)
+            score(r, torch.log_softmax(logits[j, tmax - t : tmax + 1].float(), -1).cpu())
         del logits
-    texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
-    return GenerationScores(
-        texts, answers, probs, nll, kl, kl_steps, [distinct_n(t) for t in texts]
-    )
+    return probs, nll, kl, kl_steps
 
 
 # ----------------------------------------------------------------------------- calibration

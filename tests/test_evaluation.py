@@ -271,3 +271,38 @@ def test_shared_lower_layers_not_used_below_the_evaluator(tiny_model, tiny_acts,
     )
     base = readout(tiny_model, ["hi?", "why?"], probe=evaluator)
     torch.testing.assert_close(out[0].probs, base.probs)
+
+
+def test_answers_scored_after_a_shared_question_equal_whole_rows(tiny_model, tiny_probe):
+    """_score_answers runs each question once and the answers after its cached tokens: the
+    response probe, NLL and KL equal whole-row passes, empty answers included, and a row's
+    numbers do not depend on the rows batched with it."""
+    from ks_lens.chat import ChatPrompt, encode_chat
+    from ks_lens.evaluation import _score_answers
+
+    tok = tiny_model.tokenizer
+    heads = [encode_chat(tok, ChatPrompt(q)) for q in ["Why is the sky blue?", "Hi?"]]
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 0, 3, 7, 1, 4, 0]
+    answers = [torch.randint(3, 200, (t,), generator=g).tolist() for t in lengths]
+    question_of = [0, 0, 1, 0, 1, 1, 1]
+    vocab = int(tiny_model.cfg.d_vocab)
+    steps = [t + (1 if i % 2 else 0) for i, t in enumerate(lengths)]  # some ended the turn
+    step_logps = [torch.log_softmax(torch.randn(s, vocab, generator=g), -1) for s in steps]
+    kw = dict(batch_size=2)
+    shared = _score_answers(
+        tiny_model, heads, answers, question_of, step_logps, tiny_probe, share_prefix=True, **kw
+    )
+    whole = _score_answers(
+        tiny_model, heads, answers, question_of, step_logps, tiny_probe, share_prefix=False, **kw
+    )
+    alone = _score_answers(
+        tiny_model, heads, answers, question_of, step_logps, tiny_probe, batch_size=1
+    )
+    torch.testing.assert_close(shared[0], whole[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[0], alone[0], atol=1e-6, rtol=1e-6)
+    for a, b, c in zip(shared[1:3], whole[1:3], alone[1:3], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # nll, kl (nan where empty)
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-6)
+    assert shared[3] == whole[3] == steps
+    assert math.isnan(shared[1][1]) and not math.isnan(shared[2][1])  # empty: no NLL, 1 KL step
