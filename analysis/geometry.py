@@ -244,17 +244,19 @@ def plot(
     paths.append(save_figure(fig, out / "by_depth.png"))
 
     # 4. PCA scatter of single-target step directions, coloured by label
+    from sklearn.decomposition import PCA
+
     singles = [c for c in dirs if len(c) == 1]
     allv = torch.cat([unit(dirs[c]) for c in singles])
-    centred = allv - allv.mean(0)
-    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    pca = PCA(n_components=2, svd_solver="full").fit(allv.numpy())
     fig, ax = plt.subplots(figsize=(6, 5))
     for c in singles:
-        z = (unit(dirs[c]) - allv.mean(0)) @ v[:2].T
+        z = pca.transform(unit(dirs[c]).numpy())
         ax.scatter(z[:, 0], z[:, 1], s=12, label=c[0])
+    share = pca.explained_variance_ratio_
     ax.set(
-        xlabel="PC 1",
-        ylabel="PC 2",
+        xlabel=f"PC 1 ({share[0]:.0%} of variance)",
+        ylabel=f"PC 2 ({share[1]:.0%} of variance)",
         title=f"K-Steering step directions at layer {steer_layer} (one point per input)",
     )
     ax.legend(fontsize=8)

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from safetensors import safe_open
 from tqdm.auto import tqdm
@@ -219,7 +220,7 @@ class Activations:
 
     def features(self, layer: int, kind: str = "resid_post") -> Float[torch.Tensor, "n feature"]:
         """:meth:`at` flattened to ``[n, prod(feature_shape)]``: the features probes train on."""
-        return self.at(layer, kind).flatten(1)
+        return rearrange(self.at(layer, kind), "n ... -> n (...)")  # e.g. (head d_head)
 
     @property
     def base_labels(self) -> tuple[str, ...]:

@@ -227,6 +227,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         loss=args.loss,
         patience=args.patience,
         seed=args.seed,
+        C=args.C,
+        solver=args.solver,
+        max_iter=args.max_iter,
+        val_split=args.val_split,
     )
     store = ActivationStore(args.acts)
     layers = list(store.layers) if args.layer is None else args.layer
@@ -516,7 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace the probe(s) already in --out")
-    p.add_argument("--kind", default="mlp", choices=["mlp", "linear"])
+    p.add_argument(
+        "--kind",
+        default="mlp",
+        choices=["mlp", "linear", "logistic"],
+        help="mlp, linear (both trained in torch) or logistic (scikit-learn LogisticRegression)",
+    )
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--epochs", type=int, default=30)
@@ -525,6 +534,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", default="bce", choices=["bce", "ce"])
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--C",
+        dest="C",
+        type=float,
+        default=1.0,
+        help="--kind logistic: inverse L2 regularisation strength (default 1.0)",
+    )
+    p.add_argument(
+        "--solver",
+        default="lbfgs",
+        help="--kind logistic: the LogisticRegression solver: lbfgs (default), newton-cg, "
+        "newton-cholesky, sag or saga",
+    )
+    p.add_argument(
+        "--max-iter",
+        type=int,
+        default=1000,
+        help="--kind logistic: solver iterations at most (default 1000)",
+    )
+    p.add_argument(
+        "--val-split",
+        default="group",
+        choices=["group", "stratified_group"],
+        help="validation rows: whole questions (group, default), or whole questions stratified "
+        "by label set (stratified_group, scikit-learn StratifiedGroupKFold)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("vectors", help="compute per-label CAA steering vectors from a store")

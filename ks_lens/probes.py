@@ -6,6 +6,13 @@ these logits with respect to ``x``; the standardisation (mean and std of the tra
 activations, fixed after training) is part of the function, so gradients are taken in raw
 activation coordinates.
 
+Three kinds (:class:`ProbeConfig` ``kind``): ``"mlp"`` and ``"linear"`` are trained in torch;
+``"logistic"`` is a linear probe fitted by scikit-learn's ``LogisticRegression`` (one-vs-rest
+over the labels), stored as the same one-layer :class:`Probe`, so steering, saving and loading
+treat it like any other. Metrics (``probe.metrics``) include validation accuracy and, from
+``sklearn.metrics``, per-label ROC AUC, Brier scores and the expected calibration error
+(:func:`calibration_metrics`).
+
 :func:`train_probes` fits one probe per layer for many layers at once: the per-layer weights are
 stacked and trained in one batched loop (each layer's loss and Adam state are independent, so
 this equals training them one by one, just faster). Validation rows are held out **by question**,
@@ -28,6 +35,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from jaxtyping import Float
 from torch import nn
 from tqdm.auto import tqdm
@@ -47,12 +55,30 @@ from ks_lens.io import load_artifact, read_json, save_artifact
 from ks_lens.models import check_signature
 from ks_lens.types import Model
 
+#: ``ProbeConfig.solver`` values: the scikit-learn ``LogisticRegression`` solvers that fit an
+#: L2-penalised model with a multinomial (softmax) loss as well as a binary one
+LOGISTIC_SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky", "sag", "saga")
+
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """How to train a probe. ``depth`` counts hidden layers (``kind="mlp"`` only)."""
+    """How to train a probe.
 
-    kind: Literal["mlp", "linear"] = "mlp"
+    ``kind``: ``"mlp"`` (``depth`` hidden layers of width ``hidden``) and ``"linear"`` are trained
+    with AdamW in torch (``epochs``, ``lr``, ``weight_decay``, ``batch_size``, ``patience``);
+    ``"logistic"`` is a linear probe fitted by scikit-learn's ``LogisticRegression`` (``C``,
+    ``solver``, ``max_iter``; the torch training fields are ignored): one binary L2-penalised
+    logistic regression per label for ``loss="bce"`` (one-vs-rest), one multinomial regression
+    for ``loss="ce"``. Every kind gives the same :class:`Probe` (logistic: one linear layer, like
+    ``"linear"``).
+
+    ``val_split``: how validation rows are held out, whole groups (questions) at a time:
+    ``"group"`` (the default, :func:`split_by_group`: a seeded ``val_fraction`` of the groups) or
+    ``"stratified_group"`` (:func:`split_stratified_by_group`: scikit-learn's
+    ``StratifiedGroupKFold`` keeps each label set's share similar in train and validation).
+    """
+
+    kind: Literal["mlp", "linear", "logistic"] = "mlp"
     hidden: int = 128
     depth: int = 2
     epochs: int = 30
@@ -64,10 +90,16 @@ class ProbeConfig:
     patience: int = 5
     normalize: bool = True
     seed: int = 0
+    C: float = 1.0
+    solver: Literal["lbfgs", "newton-cg", "newton-cholesky", "sag", "saga"] = "lbfgs"
+    max_iter: int = 1000
+    val_split: Literal["group", "stratified_group"] = "group"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("mlp", "linear"):
-            raise ConfigError(f"probe kind must be 'mlp' or 'linear', got {self.kind!r}")
+        if self.kind not in ("mlp", "linear", "logistic"):
+            raise ConfigError(
+                f"probe kind must be 'mlp', 'linear' or 'logistic', got {self.kind!r}"
+            )
         if self.loss not in ("bce", "ce"):
             raise ConfigError(f"probe loss must be 'bce' or 'ce', got {self.loss!r}")
         if self.kind == "mlp" and (self.hidden < 1 or self.depth < 1):
@@ -78,6 +110,7 @@ class ProbeConfig:
             ("lr", lambda v: v > 0, "a positive finite number"),
             ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
             ("val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("C", lambda v: v > 0, "a positive finite number"),
         ):
             value = getattr(self, name)
             if (
@@ -89,9 +122,28 @@ class ProbeConfig:
                 raise ConfigError(f"{name} must be {rule}, got {value!r}")
         if self.patience < 0:
             raise ConfigError(f"patience must be >= 0 (0: no early stopping), got {self.patience}")
+        if self.solver not in LOGISTIC_SOLVERS:
+            raise ConfigError(
+                f"solver must be one of {list(LOGISTIC_SOLVERS)}, got {self.solver!r}"
+            )
+        if (
+            isinstance(self.max_iter, bool)
+            or not isinstance(self.max_iter, int)
+            or self.max_iter < 1
+        ):
+            raise ConfigError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if self.val_split not in ("group", "stratified_group"):
+            raise ConfigError(
+                f"val_split must be 'group' or 'stratified_group', got {self.val_split!r}"
+            )
+        if self.kind == "logistic" and self.weight_decay != 0:
+            raise ConfigError(
+                "a logistic probe is regularised by C (the inverse L2 strength, smaller is "
+                f"stronger), not weight_decay; got weight_decay={self.weight_decay!r}"
+            )
 
     def dims(self, d_model: int, n_labels: int) -> list[int]:
-        if self.kind == "linear":
+        if self.kind in ("linear", "logistic"):
             return [d_model, n_labels]
         return [d_model] + [self.hidden] * self.depth + [n_labels]
 
@@ -333,12 +385,13 @@ def _stack_forward(
 def _loss_per_stack(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean loss per stacked probe: [P]."""
     if kind == "ce":
-        P, n, K = logits.shape
-        return (
-            F.cross_entropy(logits.reshape(P * n, K), y.argmax(-1).repeat(P), reduction="none")
-            .view(P, n)
-            .mean(1)
+        P = logits.shape[0]
+        per_row = F.cross_entropy(
+            rearrange(logits, "probe n k -> (probe n) k"),
+            y.argmax(-1).repeat(P),
+            reduction="none",
         )
+        return rearrange(per_row, "(probe n) -> probe n", probe=P).mean(1)
     return F.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="none").mean(
         dim=(1, 2)
     )
@@ -357,6 +410,48 @@ def split_by_group(
     val_groups = {uniq[i] for i in perm[:n_val]}
     is_val = torch.tensor([g in val_groups for g in groups])
     return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
+
+
+def split_stratified_by_group(
+    groups: Sequence[str], y: Float[torch.Tensor, "n k"], val_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`split_by_group`, but stratified by label set (scikit-learn's
+    ``StratifiedGroupKFold``): no group is split, and each label set (a row's true labels, e.g.
+    ``casual`` or ``casual+concise``) keeps about the same share in train and validation.
+
+    The validation rows are the first fold of ``StratifiedGroupKFold(n_splits, shuffle=True,
+    random_state=seed)`` with ``n_splits = round(1 / val_fraction)`` (at least 2, at most the
+    number of groups), so the validation share is ``1 / n_splits`` of the groups (20 % at the
+    default ``val_fraction=0.2``). ``val_fraction=0`` or fewer than two groups: no validation
+    rows. The assignment differs from :func:`split_by_group`'s at the same seed.
+    """
+    import numpy as np
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n = len(groups)
+    if y.shape[0] != n:
+        raise ConfigError(f"y has {y.shape[0]} rows for {n} groups")
+    n_groups = len(set(groups))
+    if val_fraction <= 0 or n_groups < 2:
+        return torch.arange(n), torch.zeros(0, dtype=torch.long)
+    n_splits = min(n_groups, max(2, round(1 / val_fraction)))
+    strata = ["+".join(str(k) for k in row.nonzero().squeeze(1).tolist()) for row in y]
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # rare label sets: stratified as far as they allow
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        _, val_rows = next(cv.split(np.zeros((n, 1)), strata, list(groups)))
+    is_val = torch.zeros(n, dtype=torch.bool)
+    is_val[torch.as_tensor(val_rows, dtype=torch.long)] = True
+    return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
+
+
+def validation_split(
+    groups: Sequence[str], y: Float[torch.Tensor, "n k"], config: ProbeConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and validation row indices as ``config.val_split`` says (whole groups)."""
+    if config.val_split == "stratified_group":
+        return split_stratified_by_group(groups, y, config.val_fraction, config.seed)
+    return split_by_group(groups, config.val_fraction, config.seed)
 
 
 @dataclass
@@ -395,6 +490,69 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor, label_names: Sequence[str])
     return out
 
 
+#: bins of the expected calibration error (``val_ece``): equal-width on [0, 1]
+ECE_BINS = 10
+
+
+def calibration_metrics(
+    probs: Float[torch.Tensor, "n k"],
+    y: Float[torch.Tensor, "n k"],
+    label_names: Sequence[str],
+    *,
+    n_bins: int = ECE_BINS,
+) -> dict[str, Any]:
+    """Ranking and calibration of per-label probabilities against multi-hot targets (sklearn).
+
+    Every (row, label) pair is a binary prediction ``probs[i, k]`` of ``y[i, k]``:
+
+    * ``auc``: per-label ROC AUC (``sklearn.metrics.roc_auc_score``; NaN for a label that is on
+      all or none of the rows) and ``mean_auc`` over the labels that have one;
+    * ``brier``: per-label Brier score, the mean squared error of the probability
+      (``sklearn.metrics.brier_score_loss``; 0 is perfect, 0.25 a constant 0.5), and
+      ``mean_brier``;
+    * ``ece``: expected calibration error over all pairs: the pairs binned by probability into
+      ``n_bins`` equal-width bins (the bins of ``sklearn.calibration.calibration_curve``), and
+      the bins' ``|observed rate - mean probability|`` averaged, weighted by their pair counts.
+    """
+    import numpy as np
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    p = probs.detach().double().cpu().numpy()
+    t = (y.detach().cpu().numpy() > 0.5).astype(np.int64)
+    if p.shape != t.shape or p.shape[1] != len(label_names):
+        raise ConfigError(f"probs {p.shape} and y {t.shape} must both be [n, {len(label_names)}]")
+    auc: dict[str, float] = {}
+    brier: dict[str, float] = {}
+    for k, name in enumerate(label_names):
+        n_pos = int(t[:, k].sum())
+        auc[name] = float(roc_auc_score(t[:, k], p[:, k])) if 0 < n_pos < len(t) else float("nan")
+        brier[name] = (
+            float(brier_score_loss(t[:, k], p[:, k], pos_label=1)) if len(t) else float("nan")
+        )
+    finite = [v for v in auc.values() if math.isfinite(v)]
+    flat_p, flat_t = p.reshape(-1), t.reshape(-1)
+    ece = float("nan")
+    if flat_p.size:
+        prob_true, prob_pred = calibration_curve(flat_t, flat_p, n_bins=n_bins, strategy="uniform")
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+        counts = np.bincount(np.searchsorted(edges[1:-1], flat_p), minlength=n_bins)
+        weights = counts[counts > 0] / flat_p.size
+        ece = float(np.sum(weights * np.abs(prob_true - prob_pred)))
+    return {
+        "auc": auc,
+        "mean_auc": float(np.mean(finite)) if finite else float("nan"),
+        "brier": brier,
+        "mean_brier": float(np.mean(list(brier.values()))) if brier else float("nan"),
+        "ece": ece,
+    }
+
+
+def _probabilities(logits: torch.Tensor, loss: str) -> torch.Tensor:
+    """What :meth:`Probe.predict_proba` returns for these logits."""
+    return torch.softmax(logits, -1) if loss == "ce" else torch.sigmoid(logits)
+
+
 def fit_probes(
     x: Float[torch.Tensor, "n probe d_model"],
     y: Float[torch.Tensor, "n k"],
@@ -413,10 +571,13 @@ def fit_probes(
     ``init_keys`` (default ``0..P-1``; :func:`train_probes` passes the layer indices) seed each
     probe's initial weights, and each probe's early stopping is frozen once its own patience runs
     out, so a probe trained in a batch is the probe trained alone (up to float rounding).
-    ``names`` (e.g. ``"layer 5"``) name the probes in errors.
+    ``names`` (e.g. ``"layer 5"``) name the probes in errors. ``config.kind="logistic"`` fits each
+    probe with scikit-learn instead (no epochs; see :class:`ProbeConfig`).
 
     Raises :class:`~ks_lens.errors.TrainingError` when a loss becomes NaN or infinite (say, with
-    a learning rate far too large) instead of returning a broken probe.
+    a learning rate far too large) instead of returning a broken probe, and
+    :class:`~ks_lens.errors.DatasetError` when a logistic probe's training rows lack a label's
+    positive or negative examples.
     """
     if x.ndim != 3:
         raise ConfigError(f"x must be [n, probes, d_model], got shape {tuple(x.shape)}")
@@ -431,14 +592,14 @@ def fit_probes(
         raise DatasetError("the activations contain NaN or infinite values; re-collect them")
     device = x.device
     gen = torch.Generator().manual_seed(config.seed)
-    tr, va = split_by_group(groups, config.val_fraction, config.seed)
+    tr, va = validation_split(groups, y, config)
     if len(va) == 0:
         warnings.warn(
             "no validation rows (too few questions); early stopping and metrics use training rows",
             stacklevel=2,
         )
         va = tr
-    xs = x.transpose(0, 1).float()  # [P, n, d]
+    xs = rearrange(x, "n probe d -> probe n d").float()
     if config.normalize:
         mean = xs[:, tr].mean(1)
         std = xs[:, tr].std(1).clamp(min=1e-6) if len(tr) > 1 else torch.ones(P, d, device=device)
@@ -451,6 +612,72 @@ def fit_probes(
     if len(keys) != P:
         raise ConfigError("init_keys must have one entry per stacked probe")
 
+    fit_records: list[dict[str, Any]]
+    if config.kind == "logistic":
+        best, fit_records = _fit_logistic(xn, yf, tr, label_names, config, names)
+        with torch.no_grad():
+            best_loss = _loss_per_stack(
+                _stack_forward(xn[:, va.to(device)], best), yf[va.to(device)], config.loss
+            )
+    else:
+        best, best_loss, best_epoch, epochs_run = _fit_torch(
+            xn, yf, tr, va, label_names, config, keys, names, gen, progress, desc
+        )
+        fit_records = [
+            {"best_epoch": int(best_epoch[p]), "epochs_run": epochs_run} for p in range(P)
+        ]
+    with torch.no_grad():
+        logits = _stack_forward(xn, best)
+    metrics = []
+    for p in range(P):
+        m_val = _accuracy(logits[p, va.to(device)].cpu(), y[va].cpu(), label_names)
+        m_tr = _accuracy(logits[p, tr.to(device)].cpu(), y[tr].cpu(), label_names)
+        cal = calibration_metrics(
+            _probabilities(logits[p, va.to(device)], config.loss), y[va], label_names
+        )
+        fit = fit_records[p]
+        m: dict[str, Any] = {}
+        if "multi_topk_rate" in m_val:
+            m["val_multi_topk_rate"] = m_val["multi_topk_rate"]
+            m["n_val_multi"] = m_val["n_multi"]
+        m["val_accuracy"] = m_val["accuracy"]
+        m["val_per_label_accuracy"] = m_val["per_label_accuracy"]
+        m["train_accuracy"] = m_tr["accuracy"]
+        m["val_loss"] = float(best_loss[p])
+        m.update({k: fit[k] for k in ("best_epoch", "epochs_run") if k in fit})
+        m["n_train"] = len(tr)
+        m["n_val"] = len(va)
+        # calibration and ranking (sklearn.metrics): new fields, after the ones above
+        m["val_auc"] = cal["auc"]
+        m["val_mean_auc"] = cal["mean_auc"]
+        m["val_brier"] = cal["brier"]
+        m["val_mean_brier"] = cal["mean_brier"]
+        m["val_ece"] = cal["ece"]
+        if "fit" in fit:  # logistic probes: how scikit-learn fitted them
+            m["fit"] = fit["fit"]
+        metrics.append(m)
+    per_probe = [[(w[p].detach().cpu(), b[p].detach().cpu()) for w, b in best] for p in range(P)]
+    return FitResult(per_probe, mean.cpu(), std.cpu(), metrics)
+
+
+def _fit_torch(
+    xn: torch.Tensor,
+    yf: torch.Tensor,
+    tr: torch.Tensor,
+    va: torch.Tensor,
+    label_names: Sequence[str],
+    config: ProbeConfig,
+    keys: Sequence[int],
+    names: Sequence[str] | None,
+    gen: torch.Generator,
+    progress: bool,
+    desc: str,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor, int]:
+    """AdamW training of the stacked probes (``"mlp"``/``"linear"``) on standardised ``xn``
+    ``[P, n, d]``, early stopping on the validation loss: the best weights, their validation
+    losses ``[P]``, best epochs ``[P]`` and the number of epochs run."""
+    P, _, d = xn.shape
+    device = xn.device
     params = [
         (w.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
         for w, b in _init_stack(
@@ -465,6 +692,7 @@ def fit_probes(
     bad = torch.zeros(P, dtype=torch.long)
     active = torch.ones(P, dtype=torch.bool, device=device)
     bar = tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False)
+    epoch = 0
     for epoch in bar:
         perm = tr[torch.randperm(len(tr), generator=gen)]
         for s in range(0, len(perm), config.batch_size):
@@ -497,34 +725,112 @@ def fit_probes(
         bar.set_postfix(val_loss=f"{float(vloss.mean()):.4f}")
         if not bool(active.any()):
             break
-    with torch.no_grad():
-        logits = _stack_forward(xn, best)
-    metrics = []
+    return best, best_loss, best_epoch, epoch + 1
+
+
+def _fit_logistic(
+    xn: torch.Tensor,
+    yf: torch.Tensor,
+    tr: torch.Tensor,
+    label_names: Sequence[str],
+    config: ProbeConfig,
+    names: Sequence[str] | None,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[dict[str, Any]]]:
+    """scikit-learn ``LogisticRegression`` fits of the stacked probes on the training rows of
+    standardised ``xn`` ``[P, n, d]``: stacked weights ``[(W [P, d, K], b [P, K])]`` (float32)
+    and, per probe, a ``{"fit": {...}}`` record (library and version, solver, C, iterations).
+
+    ``loss="bce"``: one binary regression per label on that label's 0/1 column (one-vs-rest, as
+    ``OneVsRestClassifier`` does on multi-hot targets), so ``sigmoid(logit_k)`` is sklearn's
+    ``predict_proba`` for label ``k``. ``loss="ce"``: one multinomial regression on each row's
+    first true label (as the torch CE loss uses ``argmax``); ``softmax(logits)`` is sklearn's
+    ``predict_proba``. With two labels sklearn fits one binary model, ``z``; its logits are stored
+    as ``(-z/2, z/2)`` so that both labels have a gradient to steer along.
+    """
+    import numpy as np
+    import sklearn
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    P = xn.shape[0]
+    K = len(label_names)
+    y_tr = (yf[tr.to(yf.device)].cpu().numpy() > 0.5).astype(np.int64)
+    targets = y_tr.argmax(1)
+    if config.loss == "ce":
+        missing = [label_names[k] for k in range(K) if not (targets == k).any()]
+        if K < 2 or missing:
+            raise DatasetError(
+                "a multinomial (loss='ce') logistic probe needs training rows of every label and "
+                f"at least two labels; no training row has {missing or list(label_names)}"
+            )
+    else:
+        for k, name in enumerate(label_names):
+            n_pos = int(y_tr[:, k].sum())
+            if n_pos in (0, len(y_tr)):
+                raise DatasetError(
+                    f"label {name!r} is on {n_pos} of {len(y_tr)} training rows; a logistic "
+                    "probe needs positive and negative training rows of every label"
+                )
+
+    def estimator() -> LogisticRegression:
+        return LogisticRegression(
+            C=config.C, solver=config.solver, max_iter=config.max_iter, random_state=config.seed
+        )
+
+    weights, biases, records = [], [], []
     for p in range(P):
-        m_val = _accuracy(logits[p, va.to(device)].cpu(), y[va].cpu(), label_names)
-        m_tr = _accuracy(logits[p, tr.to(device)].cpu(), y[tr].cpu(), label_names)
-        metrics.append(
+        x_tr = xn[p, tr.to(xn.device)].detach().cpu().double().numpy()
+        with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1):
+            warnings.simplefilter("always", ConvergenceWarning)
+            if config.loss == "ce":
+                est = estimator().fit(x_tr, targets)
+                coef = np.asarray(est.coef_, dtype=np.float64)
+                icpt = np.asarray(est.intercept_, dtype=np.float64)
+                if K == 2:  # one binary model z: softmax((-z/2, z/2)) = (1 - sigmoid z, sigmoid z)
+                    coef, icpt = (
+                        np.concatenate([-coef / 2, coef / 2]),
+                        np.array([-icpt[0] / 2, icpt[0] / 2]),
+                    )
+                n_iter: int | list[int] = int(np.max(est.n_iter_))
+                scheme = "multinomial"
+            else:
+                ests = [estimator().fit(x_tr, y_tr[:, k]) for k in range(K)]
+                coef = np.stack([np.asarray(e.coef_, dtype=np.float64)[0] for e in ests])
+                icpt = np.array([float(e.intercept_[0]) for e in ests])
+                n_iter = [int(np.max(e.n_iter_)) for e in ests]
+                scheme = "one-vs-rest"
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        for w in caught:
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if not converged:
+            who = names[p] if names else f"probe {p}"
+            warnings.warn(
+                f"the logistic probe ({who}) did not converge in max_iter={config.max_iter} "
+                f"iterations (solver {config.solver!r}); raise max_iter or lower C",
+                stacklevel=4,
+            )
+        weights.append(torch.from_numpy(coef.T.copy()).float())
+        biases.append(torch.from_numpy(icpt.copy()).float())
+        records.append(
             {
-                **(
-                    {
-                        "val_multi_topk_rate": m_val["multi_topk_rate"],
-                        "n_val_multi": m_val["n_multi"],
-                    }
-                    if "multi_topk_rate" in m_val
-                    else {}
-                ),
-                "val_accuracy": m_val["accuracy"],
-                "val_per_label_accuracy": m_val["per_label_accuracy"],
-                "train_accuracy": m_tr["accuracy"],
-                "val_loss": float(best_loss[p]),
-                "best_epoch": int(best_epoch[p]),
-                "epochs_run": epoch + 1,
-                "n_train": len(tr),
-                "n_val": len(va),
+                "fit": {
+                    "library": "scikit-learn",
+                    "version": sklearn.__version__,
+                    "estimator": "LogisticRegression",
+                    "scheme": scheme,
+                    "penalty": "l2",
+                    "C": config.C,
+                    "solver": config.solver,
+                    "max_iter": config.max_iter,
+                    "n_iter": n_iter,
+                    "converged": converged,
+                }
             }
         )
-    per_probe = [[(w[p].detach().cpu(), b[p].detach().cpu()) for w, b in best] for p in range(P)]
-    return FitResult(per_probe, mean.cpu(), std.cpu(), metrics)
+    device = xn.device
+    return [(torch.stack(weights).to(device), torch.stack(biases).to(device))], records
 
 
 def _labelled(acts: Activations) -> Activations:
@@ -555,7 +861,8 @@ def train_probes(
             collected layers.
         kind: which collected hook kind to train on (``"resid_post"``, ``"resid_pre"``,
             ``"attn_out"``, ``"mlp_out"``, ``"resid_mid"``).
-        config: :class:`ProbeConfig` (``kind="mlp"``/``"linear"``, ``hidden``, ``epochs``, ...).
+        config: :class:`ProbeConfig` (``kind="mlp"``/``"linear"``/``"logistic"``, ``hidden``,
+            ``epochs``, ``C``, ...).
         device: where to train (default: where ``acts`` are).
         groups: one group id per row (default the question ids); a group is kept wholly in
             train or in validation, so validation questions are unseen.
@@ -564,7 +871,8 @@ def train_probes(
     Returns:
         :class:`ProbeSet`: ``{layer: Probe}`` (a dict; ``probes[-1]`` works). Each probe maps
         ``[..., d_model]`` to label logits ``[..., n_labels]``; ``probe.metrics`` has the
-        validation accuracy.
+        validation accuracy, per-label AUC, Brier scores and calibration error
+        (:func:`calibration_metrics`).
 
     Example:
         >>> probes = ks.train_probes(acts, config=ks.ProbeConfig(epochs=5), progress=False)

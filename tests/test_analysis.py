@@ -14,6 +14,7 @@ from ks_lens.analysis.geometry import (
     direction_stats,
     label_gradient_geometry,
     multistep_rotation,
+    pca_explained,
     step_directions,
 )
 from ks_lens.analysis.sweep import (
@@ -96,6 +97,21 @@ def test_mlp_directions_vary_with_input():
         float(stats.pca_explained.sum()) == pytest.approx(1.0, abs=1e-4)
         or len(stats.pca_explained) == 8
     )
+
+
+def test_pca_spectrum_is_sklearn_pca_and_matches_the_svd():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g) * torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1])
+    ratios = pca_explained(x, 10)
+    s = torch.linalg.svdvals((x - x.mean(0)).double())
+    torch.testing.assert_close(ratios.double(), s**2 / (s**2).sum(), atol=1e-6, rtol=1e-5)
+    assert len(ratios) == 6 and float(ratios.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert len(pca_explained(x, 2)) == 2 and torch.equal(pca_explained(x, 2), ratios[:2])
+    stats = direction_stats(x, torch.ones(6), n_components=3)
+    torch.testing.assert_close(
+        stats.pca_explained, pca_explained(x / x.norm(dim=-1, keepdim=True), 3)
+    )
+    assert len(direction_stats(x[:1], torch.ones(6)).pca_explained) == 0
 
 
 def test_orthogonal_planted_labels_have_zero_cosine_and_conflicts_are_found():

@@ -129,6 +129,30 @@ def test_train_refuses_non_finite_learning_rate(store, tmp_path, capsys, lr):
     assert not (tmp_path / "p").exists()
 
 
+def test_train_logistic_probe(store, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "p"
+    argv = ["train", "--acts", str(store), "--layer", "2", "--kind", "logistic", "--C", "0.5"]
+    assert main([*argv, "--val-split", "stratified_group", "--out", str(out)]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert (
+        meta["config"]["kind"] == "logistic" and meta["config"]["val_split"] == "stratified_group"
+    )
+    assert (
+        meta["metrics"]["fit"]["C"] == 0.5 and meta["metrics"]["fit"]["library"] == "scikit-learn"
+    )
+    assert "val acc" in capsys.readouterr().out
+    for bad, message in (
+        (["--C", "0"], "C must be a positive finite number"),
+        (["--solver", "liblinear"], "solver must be one of"),
+        (["--max-iter", "0"], "max_iter must be an integer >= 1"),
+    ):
+        assert main([*argv, *bad, "--out", str(tmp_path / "q")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize(
     "argv",
     [

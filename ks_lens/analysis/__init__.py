@@ -12,6 +12,7 @@ from ks_lens.analysis.geometry import (
     direction_stats,
     label_gradient_geometry,
     multistep_rotation,
+    pca_explained,
     step_directions,
 )
 from ks_lens.analysis.sweep import (
@@ -67,6 +68,7 @@ __all__ = [
     "label_gradient_geometry",
     "layer_sweep",
     "multistep_rotation",
+    "pca_explained",
     "probe_accuracy_by_layer",
     "recommend",
     "recommend_layer",

@@ -7,7 +7,8 @@ probe's layer) and return plain tensors or dataclasses, for notebooks and the
 * :func:`step_directions`: each input's unit K-Steering step direction ``-grad L / |grad L|``.
 * :func:`direction_stats`: cosines of those directions with a reference (the CAA vector for the
   same targets), their spread, the mean resultant length ``|mean of unit directions|`` (1 for a
-  constant direction, ~0 for directions spread over the sphere) and the PCA spectrum.
+  constant direction, ~0 for directions spread over the sphere) and the PCA spectrum
+  (:func:`pca_explained`, scikit-learn's ``PCA``).
 * :func:`label_gradient_geometry`: per-label gradient norms and the label x label cosine matrix
   (negative entries: behaviours that pull against each other).
 * :func:`multistep_rotation`: how the step direction turns over multi-step steering.
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 
 from ks_lens.probes import Probe
@@ -73,23 +75,35 @@ class DirectionStats:
         }
 
 
+def pca_explained(x: Float[torch.Tensor, "n d"], n_components: int) -> Float[torch.Tensor, " k"]:
+    """Explained-variance ratios of the first ``n_components`` principal components of ``x``
+    (``sklearn.decomposition.PCA(svd_solver="full")``, in ``x``'s float precision; ``k`` is
+    ``min(n_components, n, d)``)."""
+    from sklearn.decomposition import PCA
+
+    k = min(n_components, *x.shape)
+    pca = PCA(n_components=k, svd_solver="full").fit(x.detach().cpu().numpy())
+    return torch.from_numpy(pca.explained_variance_ratio_.copy())
+
+
 def direction_stats(
     directions: Float[torch.Tensor, "n d"],
     reference: Float[torch.Tensor, " d"],
     *,
     n_components: int = 10,
 ) -> DirectionStats:
+    """Cosines of unit ``directions`` with ``reference``, their mean resultant length, and the
+    PCA spectrum of the unit directions (``sklearn.decomposition.PCA``, exact SVD): the share of
+    variance of the first ``min(n_components, n, d)`` components (all zeros when the
+    directions do not vary, empty for a single direction)."""
     u = unit(directions.float())
     cos = cosine(u, reference.float().expand_as(u))
     mrl = float(u.mean(0).norm())
     centred = u - u.mean(0, keepdim=True)
     if u.shape[0] > 1:
-        s = torch.linalg.svdvals(centred)
-        var = s**2
-        tot = float(var.sum())
-        explained = (
-            var[:n_components] / tot if tot > 1e-12 else torch.zeros(min(n_components, len(var)))
-        )
+        k = min(n_components, *u.shape)
+        tot = float(centred.pow(2).sum())
+        explained = pca_explained(u, k) if tot > 1e-12 else torch.zeros(k)
     else:
         explained = torch.zeros(0)
     return DirectionStats(
@@ -124,7 +138,7 @@ def label_gradient_geometry(
     idx = probe.label_indices(names)
     p = probe.mean
     g, _ = probe_gradients(probe, x.to(device=p.device, dtype=p.dtype), idx)  # [k, n, d]
-    g = g.transpose(0, 1)  # [n, k, d]
+    g = rearrange(g, "label n d -> n label d")
     u = unit(g)
     cos = u @ u.transpose(1, 2)  # [n, k, k]
     return LabelGeometry(names, g.norm(dim=-1).mean(0).cpu(), cos.mean(0).cpu(), cos.cpu())

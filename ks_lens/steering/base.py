@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 
 from ks_lens.errors import ConfigError, LabelError, MetadataMismatchError
@@ -123,7 +124,7 @@ def steering_hook(
     check_positions(positions)
 
     def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        b, s, d = act.shape
+        b, s, _ = act.shape  # [batch, pos, d_model]
         if tracker is not None:
             sel = tracker.select(positions, b, s, act.device)
         else:
@@ -131,8 +132,9 @@ def steering_hook(
         n_sel = int(sel.sum())
         if n_sel == 0:
             return act
-        if n_sel == b * s:
-            return transform(act.reshape(b * s, d)).reshape(b, s, d)
+        if n_sel == b * s:  # every position: one [tokens, d_model] batch for the transform
+            out = transform(rearrange(act, "batch pos d -> (batch pos) d"))
+            return rearrange(out, "(batch pos) d -> batch pos d", batch=b)
         out = act.clone()
         out[sel] = transform(act[sel])
         return out
