@@ -52,7 +52,7 @@ from ks_lens.errors import (
 )
 from ks_lens.hooks import ks_hook_name, parse_hook, resid_hook, same_hook_point
 from ks_lens.io import load_artifact, read_json, save_artifact
-from ks_lens.models import check_signature
+from ks_lens.models import check_signature, model_device
 from ks_lens.types import Model
 
 #: ``ProbeConfig.solver`` values: the scikit-learn ``LogisticRegression`` solvers that fit an
@@ -204,11 +204,13 @@ class Probe(nn.Module):
 
             check_d_model(x, self.d_model, "x", f"the probe (trained at {self.hook_name})")
         h = (x - self.mean) / self.std
-        for i, lin in enumerate(self.linears):
-            h = lin(h)
-            if i < len(self.linears) - 1:
-                h = F.relu(h)
-        return h
+        # the MLP of training, on a stack of one probe (nn.Linear keeps its weight as [out, in])
+        params = []
+        for lin in self.linears:
+            assert isinstance(lin, nn.Linear)
+            params.append((lin.weight.t()[None], lin.bias[None]))
+        out = _stack_forward(h.reshape(1, -1, h.shape[-1]), params)
+        return out.reshape(*h.shape[:-1], out.shape[-1])
 
     def predict_proba(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... k"]:
         """Per-label probabilities: sigmoid for BCE probes, softmax for CE probes."""
@@ -302,7 +304,7 @@ class Probe(nn.Module):
         if device is not None:
             probe = probe.to(device)
         elif model is not None:
-            probe = probe.to(next(model.original_model.parameters()).device)
+            probe = probe.to(model_device(model))
         return probe
 
 
@@ -371,9 +373,15 @@ def _init_stack(
 
 
 def _stack_forward(
-    x: torch.Tensor, params: Sequence[tuple[torch.Tensor, torch.Tensor]]
-) -> torch.Tensor:
-    """``x``: [P, n, d] -> [P, n, K]."""
+    x: Float[torch.Tensor, "probe n d_in"],
+    params: Sequence[
+        tuple[Float[torch.Tensor, "probe d_in d_out"], Float[torch.Tensor, "probe d_out"]]
+    ],
+) -> Float[torch.Tensor, "probe n k"]:
+    """The probe MLP, for ``P`` probes at once: ``Linear -> ReLU -> ... -> Linear`` on
+    (standardised) ``x`` ``[P, n, d]`` -> logits ``[P, n, K]``. ``params`` holds each linear
+    layer's stacked ``(weight [P, in, out], bias [P, out])``. The one implementation of the
+    probe function: training runs it on the stack, :meth:`Probe.forward` on a stack of one."""
     h = x
     for i, (w, b) in enumerate(params):
         h = torch.baddbmm(b.unsqueeze(1), h, w)

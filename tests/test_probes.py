@@ -50,6 +50,56 @@ def test_training_is_deterministic_and_batched_equals_single():
     assert a.metrics[1]["best_epoch"] == single.metrics[0]["best_epoch"]
 
 
+def test_probe_forward_is_the_stacked_forward_of_training():
+    """One probe MLP: ``Probe.forward`` runs training's stacked forward on a stack of one, so a
+    probe built from stacked weights gives the stacked logits (and the nn.Linear reading of the
+    same weights) within float rounding, for any leading shape, with the same gradients."""
+    from ks_lens.probes import _stack_forward
+
+    x, y, groups = _blobs(n=120, d=16)
+    cfg = ProbeConfig(epochs=3, hidden=12, depth=2)
+    res = fit_probes(x, y, groups, ["a", "b", "c"], cfg, init_keys=[3, 4])
+    stacked_params = [
+        (
+            torch.stack([res.params[p][i][0] for p in range(2)]),
+            torch.stack([res.params[p][i][1] for p in range(2)]),
+        )
+        for i in range(len(res.params[0]))
+    ]
+    xn = (x.transpose(0, 1) - res.mean[:, None]) / res.std[:, None]
+    stacked = _stack_forward(xn, stacked_params)  # [P, n, K], as in training
+    for p in range(2):
+        probe = Probe(
+            res.params[p],
+            res.mean[p],
+            res.std[p],
+            label_names=["a", "b", "c"],
+            hook_name=f"blocks.{p}.hook_resid_post",
+            model={"model": "m", "d_model": 16, "n_layers": 4},
+            config=cfg,
+        )
+        torch.testing.assert_close(probe(x[:, p]), stacked[p], atol=1e-6, rtol=1e-5)
+        # the nn.Linear layout reads the same function
+        h = (x[:, p] - probe.mean) / probe.std
+        for i, lin in enumerate(probe.linears):
+            h = lin(h) if i == len(probe.linears) - 1 else torch.relu(lin(h))
+        torch.testing.assert_close(probe(x[:, p]), h, atol=1e-6, rtol=1e-5)
+        # any leading shape, and gradients with respect to the input
+        xs = x[:12, p].reshape(3, 4, 16).clone().requires_grad_(True)
+        out = probe(xs)
+        assert out.shape == (3, 4, 3)
+        torch.testing.assert_close(out.reshape(12, 3), probe(x[:12, p]), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(probe(x[0, p]), probe(x[:1, p])[0], atol=1e-6, rtol=1e-5)
+        assert probe(x[:0, p]).shape == (0, 3)
+        (g,) = torch.autograd.grad(out[..., 1].sum(), xs)
+        xr = x[:12, p].clone().requires_grad_(True)
+        h = (xr - probe.mean) / probe.std
+        for i, lin in enumerate(probe.linears):
+            h = lin(h) if i == len(probe.linears) - 1 else torch.relu(lin(h))
+        (gr,) = torch.autograd.grad(h[:, 1].sum(), xr)
+        torch.testing.assert_close(g.reshape(12, 16), gr, atol=1e-6, rtol=1e-5)
+
+
 def test_validation_split_keeps_questions_whole(tiny_acts):
     from ks_lens.probes import split_by_group
 
