@@ -374,9 +374,7 @@ def _init_stack(
 
 def _stack_forward(
     x: Float[torch.Tensor, "probe n d_in"],
-    params: Sequence[
-        tuple[Float[torch.Tensor, "probe d_in d_out"], Float[torch.Tensor, "probe d_out"]]
-    ],
+    params: Sequence[tuple[Float[torch.Tensor, "probe _ _"], Float[torch.Tensor, "probe _"]]],
 ) -> Float[torch.Tensor, "probe n k"]:
     """The probe MLP, for ``P`` probes at once: ``Linear -> ReLU -> ... -> Linear`` on
     (standardised) ``x`` ``[P, n, d]`` -> logits ``[P, n, K]``. ``params`` holds each linear
