@@ -50,7 +50,7 @@ from ks_lens.hooks import resid_hook
 from ks_lens.logs import add_logging_arguments, configure_logging
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.probes import ProbeConfig, train_probe, train_probes
-from ks_lens.steering import CAA, KSteering, SteeringVectors
+from ks_lens.steering import CAA, KSteering, SteeringSpec, SteeringVectors
 from ks_lens.utils import machine_info, versions
 
 HERE = Path(__file__).resolve().parent
@@ -133,6 +133,79 @@ def bench_prefix_sharing(model: Any, dataset: Any, repeats: int) -> dict[str, An
         "target": 1.5,
         "max_diff_relative_to_layer_max": rel,
         "tolerance": 1e-5,
+    }
+
+
+def bench_readout_sharing(
+    model: Any, probe: Any, evaluator: Any, vectors: Any, prompts: list[str], repeats: int
+) -> dict[str, Any]:
+    """The activation-level readout of the comparison: 8 steerings (CAA and K-Steering at layer
+    18, four combinations) x the prompts, evaluator at layer 21; the unsteered layers below the
+    steering run once per prompt batch (``share_lower_layers``) vs every row run whole."""
+    from ks_lens.evaluation import readout_groups
+
+    combos = [("helpful",), ("casual", "concise"), ("expert", "cautious"), ("empathetic",)]
+    steerings = [
+        (m, SteeringSpec(c, (), a))
+        for c in combos
+        for m, a in ((CAA(vectors), 2.0), (KSteering(probe), 30.0))
+    ]
+
+    def run(share: bool) -> Any:
+        return readout_groups(
+            model, prompts, steerings, probe=evaluator, batch_size=16, share_lower_layers=share
+        )
+
+    t = interleaved({"shared": lambda: run(True), "whole": lambda: run(False)}, repeats)
+    diff = max(
+        float((a.probs - b.probs).abs().max()) for a, b in zip(run(True), run(False), strict=True)
+    )
+    return {
+        "seconds": t,
+        "rows": len(prompts) * len(steerings),
+        "ratio": t["shared"] / t["whole"],
+        "target": 0.5,
+        "max_prob_diff": diff,
+        "tolerance": 1e-4,
+    }
+
+
+def bench_answer_scoring(
+    model: Any, probe: Any, prompts: list[str], repeats: int
+) -> dict[str, Any]:
+    """Re-encoding generated answers for KL/NLL/response probe: each question's tokens run once
+    and its answers after the cached question (``share_prefix``) vs whole rows; 12 answers of
+    32 tokens per question, as in the comparison's text level."""
+    from ks_lens.chat import ChatPrompt, encode_chat
+    from ks_lens.evaluation import _score_answers
+
+    tok = model.tokenizer
+    heads = [encode_chat(tok, ChatPrompt(q)) for q in prompts]
+    g = torch.Generator().manual_seed(0)
+    question_of = [q for q in range(len(prompts)) for _ in range(12)]
+    answers = [torch.randint(100, 20000, (32,), generator=g).tolist() for _ in question_of]
+    vocab = int(model.cfg.d_vocab)
+    steps = [torch.log_softmax(torch.zeros(33, vocab), -1) for _ in question_of]
+
+    def run(share: bool) -> Any:
+        return _score_answers(
+            model, heads, answers, question_of, steps, probe, batch_size=48, share_prefix=share
+        )
+
+    t = interleaved({"shared": lambda: run(True), "whole": lambda: run(False)}, repeats)
+    a, b = run(True), run(False)
+    diff = max(
+        float((a[0] - b[0]).abs().max()),
+        max(abs(x - y) for x, y in zip(a[1], b[1], strict=True)),
+        max(abs(x - y) for x, y in zip(a[2], b[2], strict=True)),
+    )
+    return {
+        "seconds": t,
+        "answers": len(answers),
+        "ratio": t["shared"] / t["whole"],
+        "target": 0.8,
+        "max_diff": diff,
+        "tolerance": 1e-4,
     }
 
 
@@ -392,6 +465,14 @@ def checks(r: dict[str, Any], margin: float) -> list[dict[str, Any]]:
         ps = r["prefix_sharing"]
         add("prompt-mode collection speedup from prefix sharing", ps["speedup"], 1.5, ">=")
         add("prefix sharing max diff / layer max", ps["max_diff_relative_to_layer_max"], 1e-5, "<=")
+    if "readout_sharing" in r:
+        rs = r["readout_sharing"]
+        add("steered readout, shared lower layers / whole rows", rs["ratio"], 0.5, "<=")
+        add("steered readout max probability diff", rs["max_prob_diff"], 1e-4, "<=")
+    if "answer_scoring" in r:
+        sc = r["answer_scoring"]
+        add("answer re-encoding, shared question / whole rows", sc["ratio"], 0.8, "<=")
+        add("answer re-encoding max diff (probs, NLL, KL)", sc["max_diff"], 1e-4, "<=")
     if "generation" in r:
         g = r["generation"]
         for k, target in g["targets"].items():
@@ -435,7 +516,7 @@ def main() -> int:
         "--skip",
         default="",
         help="comma-separated benchmarks to skip "
-        "(collection,prefix,generation,gradients,load,memory,probes)",
+        "(collection,prefix,readout,generation,gradients,load,memory,probes)",
     )
     p.add_argument(
         "--margin",
@@ -462,6 +543,7 @@ def main() -> int:
     layers = list(range(0, 30, 3)) if args.quick else None  # includes 18
     acts = collect_activations(model, train, layers=layers, progress=False)
     probe = train_probe(acts, 18, config=ProbeConfig(epochs=10))
+    evaluator = train_probe(acts, 21, config=ProbeConfig(epochs=10, seed=1))
     vectors = SteeringVectors.fit(acts, 18)
     test_q = [q.text for q in ds.subset(splits.ids("test")).questions]
     results: dict[str, Any] = {
@@ -479,6 +561,13 @@ def main() -> int:
     if "prefix" not in skip:
         results["prefix_sharing"] = bench_prefix_sharing(
             model, ds.subset(splits.ids("test")).head(6 if args.quick else 16), reps
+        )
+    if "readout" not in skip:
+        results["readout_sharing"] = bench_readout_sharing(
+            model, probe, evaluator, vectors, test_q[: 16 if args.quick else 32], reps
+        )
+        results["answer_scoring"] = bench_answer_scoring(
+            model, evaluator, test_q[: 2 if args.quick else 4], reps
         )
     if "generation" not in skip:
         results["generation"] = bench_generation(
@@ -528,6 +617,26 @@ def print_table(r: dict[str, Any]) -> None:
                 f"{rps['shared_prefix']:.1f} / {rps['whole_rows']:.1f} rows/s = "
                 f"{ps['speedup']:.2f}x",
                 ">= 1.5x",
+            )
+        )
+    if "readout_sharing" in r:
+        rs = r["readout_sharing"]
+        rows.append(
+            (
+                f"steered readout, {rs['rows']} rows: shared lower layers / whole rows "
+                f"(max prob diff {rs['max_prob_diff']:.1e})",
+                f"{rs['ratio']:.2f}x",
+                "<= 0.5x",
+            )
+        )
+    if "answer_scoring" in r:
+        sc = r["answer_scoring"]
+        rows.append(
+            (
+                f"answer re-encoding, {sc['answers']} answers: shared question / whole rows "
+                f"(max diff {sc['max_diff']:.1e})",
+                f"{sc['ratio']:.2f}x",
+                "<= 0.8x",
             )
         )
     if "generation" in r:
