@@ -53,16 +53,17 @@ class ProbeConfig:
     """How to train a probe. ``depth`` counts hidden layers (``kind="mlp"`` only)."""
 
     kind: Literal["mlp", "linear"] = "mlp"
-    hidden: int = 128
-    depth: int = 2
+    hidden: int = 128  # hidden width (mlp)
+    depth: int = 2  # hidden layers (mlp)
     epochs: int = 30
-    lr: float = 1e-3
+    lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.0
     batch_size: int = 64
+    # bce: multi-label (sigmoid); ce: one label per row (softmax)
     loss: Literal["bce", "ce"] = "bce"
-    val_fraction: float = 0.2
-    patience: int = 5
-    normalize: bool = True
+    val_fraction: float = 0.2  # share held out for validation (whole questions when grouped)
+    patience: int = 5  # epochs without validation improvement before stopping (0: never stop early)
+    normalize: bool = True  # standardise the activations with the training rows' mean and std
     seed: int = 0
 
     def __post_init__(self) -> None:
