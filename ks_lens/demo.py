@@ -25,11 +25,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ks_lens.comparison import METHODS, ComparisonConfig, ComparisonResult, method_label
+from ks_lens.comparison import METHODS, ComparisonConfig, ComparisonResult
 from ks_lens.errors import ConfigError
 from ks_lens.models import model_signature
 from ks_lens.pipeline import PROBE_SOURCES, PipelineConfig, Setup, prepare
-from ks_lens.report import compare_word, seeds_summary, write_report
+from ks_lens.report import render_summary, seeds_summary, write_report
 from ks_lens.utils import git_commit
 
 log = logging.getLogger(__name__)
@@ -156,22 +156,8 @@ def run_demo(
 
 
 def print_summary(result: ComparisonResult) -> None:
-    """The headline on stdout: equal-KL text results and activation means, with intervals."""
-    print(f"\ngenerated text at equal KL ({result.config.kl_budget} nats/token), text evaluator:")
-    for e in result.equal_kl:
-        if e.lens != "text":
-            continue
-        d = (
-            f"  diff vs {method_label(result.config.baseline)} {e.diff_vs_baseline.fmt()} -> "
-            f"{compare_word(e.diff_vs_baseline)}"
-            if e.diff_vs_baseline is not None
-            else ""
-        )
-        print(f"  k={e.k} {method_label(e.method):22s} {e.target_prob.fmt()}{d}")
-    print("\nactivation level (held-out multi-label evaluator, calibrated alpha):")
-    for r in result.summary("activation"):
-        v = "" if r.vanish_rate is None else f"  vanished {r.n_vanished}/{r.n_cells}"
-        print(f"  k={r.k} {method_label(r.method):22s} {r.target_prob.fmt()}{v}")
+    """Print :func:`~ks_lens.report.render_summary` (the headline) on stdout."""
+    print("\n" + render_summary(result))
 
 
 def add_demo_parser(sub: Any) -> None:
