@@ -9,6 +9,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import pytest
@@ -28,6 +29,7 @@ from ks_lens.options import parse
 from ks_lens.pipeline import PipelineConfig
 from ks_lens.probes import ProbeConfig
 
+ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
 PIPELINE_FIELDS = {f.name for f in dataclasses.fields(PipelineConfig)}
 
 
@@ -286,3 +288,61 @@ def test_collect_choices_come_from_the_library(capsys):
         prog="c",
     )
     assert o.hooks == ("resid_post", "attn.hook_z") and o.share_prefix is False and o.layers is None
+
+
+# ----------------------------------------------------------------------------- analysis/common
+
+
+@pytest.fixture
+def common(monkeypatch):
+    monkeypatch.syspath_prepend(str(ANALYSIS))
+    import common as module
+
+    return module
+
+
+def test_studies_take_the_demo_options(common):
+    argv, expected = _every_option(PipelineConfig)
+    opts = common.parse(common.StudyOptions, "d", "runs/x", argv)
+    assert opts.config == expected == parse_demo_options(argv).config
+    assert opts.out == "runs/x" and opts.work is None and not opts.fast and opts.verbosity == 0
+    assert common.parse(common.StudyOptions, "d", "runs/x", []).config == PipelineConfig()
+
+
+def test_studies_fast_and_logging_flags(common, capsys):
+    fast = PipelineConfig.fast()
+    opts = common.parse(
+        common.StudyOptions, "d", "runs/x", ["-v", "--fast", "--n-calib", "12", "--work", "w"]
+    )
+    assert opts.fast and opts.verbosity == 1 and opts.work == "w"
+    assert opts.config == replace(fast, n_calib=12)
+    # a study's own full-run defaults (layer_sweep: 24 calibration questions) give way to --fast
+    full = PipelineConfig(n_calib=24)
+    assert common.parse(common.StudyOptions, "d", "o", [], full=full).config.n_calib == 24
+    assert common.parse(common.StudyOptions, "d", "o", ["--fast"], full=full).config.n_calib == 4
+    with pytest.raises(SystemExit) as e:
+        common.parse(common.StudyOptions, "d", "o", ["-q", "-v"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        common.parse(common.StudyOptions, "d", "o", ["--kl-budget", "-1"])
+    assert e.value.code == 2
+    assert "error: kl_budget must be a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        common.parse(common.StudyOptions, "d", "o", ["--probe-source", "bogus"])
+    assert e.value.code == 2
+    assert "invalid choice 'bogus'" in one_line(capsys.readouterr().err)
+
+
+def test_a_study_adds_options_of_its_own(common, capsys):
+    import layer_sweep
+    import steering_levers
+
+    full = PipelineConfig(n_calib=24)
+    o = common.parse(layer_sweep.SweepOptions, "d", "o", ["--layers", "2,3"], full=full)
+    assert o.layers == (2, 3) and o.config == full
+    o = common.parse(steering_levers.LeversOptions, "d", "o", ["--levers", "source,step"])
+    assert o.levers == ("source", "step") and o.n_val is None
+    with pytest.raises(SystemExit) as e:
+        common.parse(steering_levers.LeversOptions, "d", "o", ["--levers", "source,bogus"])
+    assert e.value.code == 2
+    assert "Error parsing --levers: invalid choice 'bogus'" in one_line(capsys.readouterr().err)
