@@ -57,9 +57,20 @@ _SCALARS: dict[type, Callable[[str], Any]] = {str: str, int: int, float: float}
 
 
 def _element_parser(elem: Any) -> tuple[Callable[[str], Any], str] | None:
-    """How to read one element of a tuple option: the converter and its metavar."""
+    """How to read one element of a tuple option: the converter (its ValueError is the
+    message) and its metavar."""
     if elem in _SCALARS:
-        return _SCALARS[elem], elem.__name__.upper()
+        name = elem.__name__
+
+        def scalar(value: str) -> Any:
+            try:
+                return _SCALARS[elem](value)
+            except ValueError:
+                raise ValueError(
+                    f"expected {name} values separated by commas, got {value!r}"
+                ) from None
+
+        return scalar, name.upper()
     if get_origin(elem) is Literal and all(isinstance(v, str) for v in get_args(elem)):
         choices: tuple[str, ...] = get_args(elem)
 
@@ -87,18 +98,7 @@ def _comma_tuple(info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec[Any] | Non
 
     def from_str(tokens: list[str]) -> tuple[Any, ...]:
         (token,) = tokens
-        values = []
-        for part in token.split(","):
-            if part.strip():
-                try:
-                    values.append(convert(part.strip()))
-                except ValueError as e:
-                    if "invalid choice" in str(e):
-                        raise
-                    raise ValueError(
-                        f"expected comma-separated {metavar.lower()} values, got {token!r}"
-                    ) from None
-        return tuple(values)
+        return tuple(convert(part.strip()) for part in token.split(",") if part.strip())
 
     return PrimitiveConstructorSpec(
         nargs=1,

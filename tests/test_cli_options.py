@@ -212,7 +212,10 @@ def test_fast_help_shows_the_fast_defaults(capsys):
         (["--kl-budget", "abc"], "--kl-budget"),
         (["--n-eval", "many"], "--n-eval"),
         (["--no-such-option", "1"], "Unrecognized options: --no-such-option"),
-        (["--sizes", "1,x"], "expected comma-separated int values, got '1,x'"),
+        (
+            ["--sizes", "1,x"],
+            "Error parsing --sizes: expected int values separated by commas, got 'x'",
+        ),
     ],
 )
 def test_bad_demo_values_exit_2_with_a_message(argv, message, tmp_path, capsys):
