@@ -1,51 +1,94 @@
-"""Shared command-line plumbing of the studies in this folder (not part of the library)."""
+"""Shared command-line plumbing of the studies in this folder (not part of the library).
+
+A study's options are a :class:`StudyOptions` dataclass (or a subclass with the study's own
+fields): every :class:`~ks_lens.pipeline.PipelineConfig` setting, spelled as in ``ks-lens demo``
+(:mod:`ks_lens.options`), plus ``--fast``, ``--out`` and ``--work``; ``-q``/``-v`` set the
+logging level.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import tyro
+
+from ks_lens.errors import ConfigError
 from ks_lens.io import atomic_write_json
-from ks_lens.logs import add_logging_arguments, configure_logging
+from ks_lens.logs import NORMAL, add_logging_arguments, configure_logging
+from ks_lens.options import PipelineOptions, parse_pipeline_options
 from ks_lens.pipeline import PROBE_SOURCES, PipelineConfig, Setup, prepare
 from ks_lens.utils import machine_info, versions
 
 
-def parser(description: str, default_out: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--out", default=default_out, help="output directory (default: %(default)s)")
-    p.add_argument(
-        "--work",
-        default=None,
-        help="where activation stores live/are reused "
-        "(default: runs/demo, or runs/demo-fast with --fast)",
+@dataclass(frozen=True)
+class StudyOptions(PipelineOptions):
+    """The options every study takes."""
+
+    out: str = "runs/analysis"  # output directory
+    # where activation stores live and are reused (None: runs/demo, or runs/demo-fast with --fast)
+    work: str | None = None
+    verbosity: tyro.conf.Suppress[int] = NORMAL  # from -q/-v
+
+
+StudyT = TypeVar("StudyT", bound=StudyOptions)
+
+
+def parse(
+    cls: type[StudyT],
+    description: str,
+    default_out: str,
+    argv: Sequence[str] | None = None,
+    *,
+    full: PipelineConfig | None = None,
+) -> StudyT:
+    """The study's options from ``argv`` (default: the command line), validated.
+
+    ``full`` holds the study's defaults for a full run (default ``PipelineConfig()``); with
+    ``--fast`` the defaults are ``PipelineConfig.fast()``. Options given explicitly win over
+    either. Bad values exit with code 2 and one message.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    prog = Path(sys.argv[0]).name
+    logging_parser = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
+    add_logging_arguments(logging_parser)
+    logging_args, rest = logging_parser.parse_known_args(args)
+    description = (
+        description.strip() + "\n\n-q/--quiet and -v/--verbose (before or after the options) "
+        "print less or more progress on stderr."
     )
-    p.add_argument("--model", default="default")
-    p.add_argument("--device", default=None)
-    p.add_argument("--fast", action="store_true", help="small settings for CI (about two minutes)")
-    p.add_argument("--seed", type=int, default=0)
-    add_logging_arguments(p)
-    return p
+    opts = parse_pipeline_options(
+        cls, rest, prog=prog, description=description, full=full, out=default_out
+    )
+    try:
+        opts.config.validate()
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return dataclasses.replace(opts, verbosity=logging_args.verbosity)
 
 
-def setup_from_args(args: argparse.Namespace) -> Setup:
-    kw: dict[str, Any] = {"model": args.model, "device": args.device, "seed": args.seed}
-    cfg = PipelineConfig.fast(**kw) if args.fast else PipelineConfig(**kw)
-    work = args.work or ("runs/demo-fast" if args.fast else "runs/demo")
-    return prepare(cfg, work, sources=PROBE_SOURCES)  # studies may compare both sources
+def setup_from_options(opts: StudyOptions) -> Setup:
+    """The standard setup of ``opts.config`` in ``opts.work`` (both probe sources)."""
+    work = opts.work or ("runs/demo-fast" if opts.fast else "runs/demo")
+    return prepare(opts.config, work, sources=PROBE_SOURCES)  # studies may compare both sources
 
 
-def start(args: argparse.Namespace) -> tuple[Path, Setup, float]:
+def start(opts: StudyOptions) -> tuple[Path, Setup, float]:
     """The output folder (created), the standard setup, and the start time of a study; sends
     ks-lens's and the study's log messages to stderr (``-q``/``-v``)."""
-    configure_logging(args.verbosity, names=("ks_lens", "analysis"))
+    configure_logging(opts.verbosity, names=("ks_lens", "analysis"))
     started = time.time()
-    out = Path(args.out)
+    out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    return out, setup_from_args(args), started
+    return out, setup_from_options(opts), started
 
 
 def write_json(out: Path, name: str, payload: dict[str, Any], started: float) -> Path:

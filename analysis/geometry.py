@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import parser, save_figure, start, write_json
+from common import StudyOptions, parse, save_figure, start, write_json
 
 from ks_lens.activations import collect_activations
 from ks_lens.analysis.geometry import (
@@ -32,24 +32,28 @@ from ks_lens.steering import KSteering, SteeringSpec, SteeringVectors
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0], "runs/analysis/geometry")
-    args = p.parse_args()
-    out, setup, started = start(args)
+    opts = parse(StudyOptions, __doc__.splitlines()[0], "runs/analysis/geometry")
+    out, setup, started = start(opts)
     model, n = setup.model, int(setup.model.cfg.n_layers)
     layers = (
         sorted({max(0, setup.layer - 6), setup.layer, min(n - 1, setup.layer + 6)})
-        if args.fast
+        if opts.fast
         else sorted(set(range(0, n, 3)) | {setup.layer, n - 1})
     )
-    assert setup.train_store is not None  # common.setup_from_args prepares both sources
+    assert setup.train_store is not None  # common.setup_from_options prepares both sources
     train = setup.train_store.load(layers=layers)
-    mlps = train_probes(train, layers=layers, config=ProbeConfig(seed=args.seed), progress=False)
+    mlps = train_probes(
+        train, layers=layers, config=ProbeConfig(seed=opts.config.seed), progress=False
+    )
     lins = train_probes(
-        train, layers=layers, config=ProbeConfig(kind="linear", seed=args.seed), progress=False
+        train,
+        layers=layers,
+        config=ProbeConfig(kind="linear", seed=opts.config.seed),
+        progress=False,
     )
     neutral = collect_activations(
         model,
-        setup.part("test", 12 if args.fast else 64),
+        setup.part("test", 12 if opts.fast else 64),
         mode="neutral",
         layers=layers,
         progress=False,
@@ -95,7 +99,7 @@ def main() -> None:
     x = neutral.at(setup.layer)
     probe = mlps[setup.layer]
     rotation = []
-    for combo in [c for c in combos if len(c) in (2, 3)][:: (10 if args.fast else 3)]:
+    for combo in [c for c in combos if len(c) in (2, 3)][:: (10 if opts.fast else 3)]:
         g = KSteering(probe).direction(x, SteeringSpec(combo, (), 1.0))
         alpha = float(0.1 * x.norm(dim=-1).mean() / g.norm(dim=-1).mean().clamp(min=1e-12))
         rot = multistep_rotation(

@@ -8,14 +8,16 @@ the last layer; such layers are flagged and left out of the choice), on the cali
 text for a small test subset. Writes layer_sweep.json and layer_sweep.png, and recommends a layer
 with the reason.
 
-    python analysis/layer_sweep.py [--fast] [--layers 6,12,18] [--eval-gap 4] [--out DIR] [--work DIR]
+    python analysis/layer_sweep.py [--fast] [--layers 6,12,18] [--eval-gap 4] [--n-calib 24]
+        [--out DIR] [--work DIR] [any PipelineConfig option, see --help]
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from common import parser, start, write_json
+from common import StudyOptions, parse, start, write_json
 
 from ks_lens.analysis.sweep import (
     DEFAULT_EVAL_GAP,
@@ -28,6 +30,7 @@ from ks_lens.analysis.sweep import (
     train_evaluators,
 )
 from ks_lens.comparison import ComparisonConfig
+from ks_lens.pipeline import PipelineConfig
 from ks_lens.probes import ProbeConfig
 
 
@@ -94,54 +97,53 @@ def plot(
     return path
 
 
+@dataclass(frozen=True)
+class SweepOptions(StudyOptions):
+    """The study's options: the pipeline's (``--n-calib``: calibration questions for the alphas
+    and the layer choice, 24 in a full run) and the sweep's own."""
+
+    layers: tuple[int, ...] | None = None  # layers to sweep (None: all; --fast: three)
+    # the evaluator reads this many layers after the steering layer
+    eval_gap: int = DEFAULT_EVAL_GAP
+
+
 def main() -> None:
-    p = parser(__doc__.splitlines()[0], "runs/analysis/layer_sweep")
-    p.add_argument(
-        "--layers", default=None, help="comma-separated layers (default: all; --fast: three)"
+    opts = parse(
+        SweepOptions,
+        __doc__.splitlines()[0],
+        "runs/analysis/layer_sweep",
+        full=PipelineConfig(n_calib=24),
     )
-    p.add_argument(
-        "--eval-gap",
-        type=int,
-        default=DEFAULT_EVAL_GAP,
-        help="the evaluator reads this many layers after the steering layer (default %(default)s)",
-    )
-    p.add_argument(
-        "--n-calib",
-        type=int,
-        default=None,
-        help="calibration questions (alphas and the layer choice; default 24, --fast: 4)",
-    )
-    args = p.parse_args()
-    out, setup, started = start(args)
+    out, setup, started = start(opts)
     n = int(setup.model.cfg.n_layers)
-    if args.layers:
-        layers = [int(x) for x in args.layers.split(",")]
-    elif args.fast:
+    if opts.layers:
+        layers = list(opts.layers)
+    elif opts.fast:
         layers = sorted({max(0, setup.layer - 6), setup.layer, min(n - 1, setup.layer + 6)})
     else:
         layers = list(range(n))
-    assert setup.train_store is not None  # common.setup_from_args prepares both sources
+    assert setup.train_store is not None  # common.setup_from_options prepares both sources
     acts = setup.train_store.load()
-    mlps, _, accuracy = probe_accuracy_by_layer(acts, mlp=ProbeConfig(seed=args.seed))
-    placements = [evaluator_placement(layer, n, args.eval_gap) for layer in layers]
+    mlps, _, accuracy = probe_accuracy_by_layer(acts, mlp=ProbeConfig(seed=opts.config.seed))
+    placements = [evaluator_placement(layer, n, opts.eval_gap) for layer in layers]
     eval_layers = sorted({pl.eval_layer for pl in placements})
     evaluators = train_evaluators(
         setup.evaluator_store.load(layers=eval_layers),
         placements,
-        config=ProbeConfig(hidden=256, seed=args.seed + 1),
+        config=ProbeConfig(hidden=256, seed=opts.config.seed + 1),
     )
     config = ComparisonConfig(
         methods=("caa_mean", "ksteer"),
         sizes=(1, 2),
         calibration_metric="first_token_kl",
         kl_budget=0.5,
-        act_combos_per_size=1 if args.fast else 3,
+        act_combos_per_size=1 if opts.fast else 3,
         curve_factors=(1.0,),
-        max_new_tokens=8 if args.fast else 24,
-        calib_bisect_steps=2 if args.fast else 3,
+        max_new_tokens=8 if opts.fast else 24,
+        calib_bisect_steps=2 if opts.fast else 3,
         n_resamples=setup.config.comparison.n_resamples,
     )
-    n_calib = args.n_calib or (setup.config.n_calib if args.fast else 24)
+    n_calib = setup.config.n_calib  # 24 by default, 4 with --fast
     calib_questions = setup.questions("calibration", n_calib)
     sweep = layer_sweep(
         setup.model,
@@ -150,10 +152,10 @@ def main() -> None:
         text_evaluator=setup.text_evaluator,
         layers=layers,
         calib_questions=calib_questions,
-        test_questions=setup.questions("test", 8 if args.fast else 24),
-        text_questions=setup.questions("test", 4 if args.fast else 6),
+        test_questions=setup.questions("test", 8 if opts.fast else 24),
+        text_questions=setup.questions("test", 4 if opts.fast else 6),
         config=config,
-        eval_gap=args.eval_gap,
+        eval_gap=opts.eval_gap,
         probes=mlps,
     )
     rec = recommend(accuracy, sweep)
@@ -164,7 +166,7 @@ def main() -> None:
         {
             "model": setup.model.cfg.model_name,
             "layers": layers,
-            "eval_gap": args.eval_gap,
+            "eval_gap": opts.eval_gap,
             "evaluators": {
                 str(layer): {
                     "hook_name": ev.hook_name,

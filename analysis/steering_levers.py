@@ -28,10 +28,10 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
-from common import parser, start, write_json
+from common import StudyOptions, parse, start, write_json
 
 from ks_lens.comparison import (
     ComparisonConfig,
@@ -47,7 +47,8 @@ from ks_lens.stats import bootstrap_mean
 
 log = logging.getLogger("analysis.steering_levers")
 
-LEVERS = ("source", "step", "positions", "remedies", "avoid")
+Lever = Literal["source", "step", "positions", "remedies", "avoid"]
+LEVERS: tuple[Lever, ...] = get_args(Lever)
 STEP_VARIANTS = ("ksteer_unit", "ksteer_relative", "ksteer_clip", "ksteer_multilayer")
 REMEDIES = (
     "ksteer_multistep",
@@ -209,20 +210,20 @@ def avoid_table(res: ComparisonResult, label: str) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class LeversOptions(StudyOptions):
+    """The study's options: the pipeline's and the levers'."""
+
+    n_val: int | None = None  # validation questions (None: 16, 4 with --fast)
+    levers: tuple[Lever, ...] = LEVERS  # levers to decide (always in the order above)
+
+
 def main() -> None:
-    p = parser(__doc__ or "", "runs/analysis/steering_levers")
-    p.add_argument(
-        "--n-val", type=int, default=None, help="validation questions (default 16, 4 with --fast)"
-    )
-    p.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated subset of {LEVERS}")
-    args = p.parse_args()
-    levers = [x.strip() for x in args.levers.split(",") if x.strip()]
-    bad = [x for x in levers if x not in LEVERS]
-    if bad:
-        p.error(f"unknown lever(s) {bad}; use {LEVERS}")
-    out, setup, started = start(args)
+    opts = parse(LeversOptions, __doc__ or "", "runs/analysis/steering_levers")
+    levers = list(opts.levers)
+    out, setup, started = start(opts)
     cfg = setup.config
-    n_val = args.n_val or (4 if args.fast else 16)
+    n_val = opts.n_val or (4 if opts.fast else 16)
     pool = setup.questions("calibration", None)
     calib, val = pool[: cfg.n_calib], pool[cfg.n_calib : cfg.n_calib + n_val]
     if len(val) < n_val:

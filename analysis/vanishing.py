@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from common import parser, save_figure, start, write_json
+from common import StudyOptions, parse, save_figure, start, write_json
 
 from ks_lens.activations import collect_activations
 from ks_lens.analysis.vanishing import (
@@ -57,16 +57,15 @@ METHODS = (
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0], "runs/analysis/vanishing")
-    args = p.parse_args()
-    out, setup, started = start(args)
+    opts = parse(StudyOptions, __doc__.splitlines()[0], "runs/analysis/vanishing")
+    out, setup, started = start(opts)
     cfg = setup.config
     config = ComparisonConfig(
         methods=METHODS,
         baseline=REFERENCE,
         sizes=(2, 3),
-        act_combos_per_size=3 if args.fast else None,
-        max_new_tokens=8 if args.fast else 32,
+        act_combos_per_size=3 if opts.fast else None,
+        max_new_tokens=8 if opts.fast else 32,
         calib_tokens=cfg.comparison.calib_tokens,
         calib_bisect_steps=cfg.comparison.calib_bisect_steps,
         n_resamples=cfg.comparison.n_resamples,

@@ -1,32 +1,57 @@
-"""The ``ks-lens`` command line: ``info``, ``models``, ``collect``, ``train``, ``steer``, ``demo``,
-``evaluate-text``, ``train-text-evaluator``, ``report``.
+"""The ``ks-lens`` command line: ``info``, ``models``, ``collect``, ``train``, ``vectors``,
+``steer``, ``demo``, ``evaluate-text``, ``train-text-evaluator``, ``report``.
 
-Each subcommand is a thin shell over the library; run ``ks-lens SUBCOMMAND --help``.
+Each subcommand is a thin shell over the library; run ``ks-lens SUBCOMMAND --help``. Its
+options are the fields of one dataclass (``CollectOptions``, ``TrainOptions``, ...), read by
+:mod:`ks_lens.options`: shared settings come from the library's own dataclasses
+(:class:`~ks_lens.models.ModelOptions` for ``--model/--device/--dtype``,
+:class:`~ks_lens.probes.ProbeConfig` for the probe options of ``train``,
+:class:`~ks_lens.pipeline.PipelineConfig` for ``demo``), and choices from its ``Literal`` types.
+``-q``/``-v`` come before the subcommand (``ks-lens -v demo``).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
+import tyro
+
+from ks_lens.activations import Mode, Pooling
+from ks_lens.datasets import SPLITS
+from ks_lens.demo import DemoOptions, cmd_demo, parse_demo_options
 from ks_lens.errors import ConfigError, KsLensError, LabelError
 from ks_lens.hooks import HOOK_KINDS
 from ks_lens.logs import add_logging_arguments, configure_logging
+from ks_lens.models import ModelOptions
+from ks_lens.options import Layers, one_of, parse
+from ks_lens.probes import ProbeConfig
+from ks_lens.steering.caa import CAA, CaaCombine, VectorMethod
+from ks_lens.steering.ksteer import Combine, KSteering, Objective, StepNorm
+from ks_lens.steering.positions import Positions
+
+#: the model options, spelled --model, --device and --dtype (no prefix)
+Model = Annotated[ModelOptions, tyro.conf.arg(name="")]
+_HOOK_HELP = (
+    "comma-separated kinds: " + ",".join(HOOK_KINDS) + ", or any per-block hook suffix such as "
+    "attn.hook_z or mlp.hook_post (collect and train only; steering writes to d_model-wide kinds)"
+)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default="default", help="model name, local path or HF id (default: %(default)s)"
-    )
-    p.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)"
-    )
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command, with a sentence on what was saved."""
+
+    def __init__(self, saved: str) -> None:
+        super().__init__(saved)
+        self.saved = saved
 
 
 def _describe_os_error(e: OSError) -> str:
@@ -36,25 +61,6 @@ def _describe_os_error(e: OSError) -> str:
         return what
     name = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
     return f"{name}: {what}"
-
-
-def _labels(s: str | None) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()] if s else []
-
-
-def _layer_list(value: str) -> list[int] | None:
-    """argparse type for ``--layer(s)``: ``all`` (None) or comma-separated layer indices."""
-    if value.strip().lower() == "all":
-        return None
-    try:
-        layers = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        layers = []
-    if not layers:
-        raise argparse.ArgumentTypeError(
-            f"expected 'all' or comma-separated layer indices such as 3 or 2,5,9; got {value!r}"
-        )
-    return layers
 
 
 _ARTEFACT_NAMES = {
@@ -108,7 +114,17 @@ def _check_out(
 # ----------------------------------------------------------------------------- info / models
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class InfoOptions:
+    """Versions, machine and cache; with --model, also that model's hook points and a sample reply."""
+
+    model: Model = field(default_factory=lambda: ModelOptions(model=""))
+    prompt: str = "What is the capital of France? Answer in one sentence."  # for the sample reply
+    system: str | None = None  # system prompt of the sample reply
+    max_new_tokens: int = 32
+
+
+def cmd_info(o: InfoOptions) -> int:
     import ks_lens
     from ks_lens.packaged_models import cache_root
     from ks_lens.utils import machine_info, versions
@@ -119,14 +135,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k, v in machine_info().items():
         print(f"  {k:17s} {v}")
     print(f"  {'cache':17s} {cache_root()}")
-    if not args.model:
+    if not o.model.model:
         return 0
     from ks_lens.chat import ChatPrompt, tokenize_chat
     from ks_lens.generation import generate
-    from ks_lens.models import load_model, model_signature
+    from ks_lens.models import model_signature
 
     t0 = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = o.model.load()
     print(
         f"\nloaded {model.cfg.model_name} in {time.perf_counter() - t0:.1f} s: {model_signature(model)}"
     )
@@ -135,17 +151,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"hook points: {len(model.hook_dict)} in all; per block e.g. "
         f"blocks.{{L}}.hook_resid_pre / hook_resid_mid / hook_resid_post ({len(resid)} hooks in block 0)"
     )
-    prompt = ChatPrompt(args.prompt, system=args.system)
+    prompt = ChatPrompt(o.prompt, system=o.system)
     batch = tokenize_chat(model, [prompt])
     print(
         f"prompt ({batch.input_ids.shape[1]} tokens): {model.tokenizer.decode(batch.input_ids[0])!r}"
     )
-    gen = generate(model, [prompt], max_new_tokens=args.max_new_tokens)
+    gen = generate(model, [prompt], max_new_tokens=o.max_new_tokens)
     print(f"reply: {gen.texts[0]}")
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class ModelsOptions:
+    """List the named models."""
+
+
+def cmd_models(o: ModelsOptions) -> int:
     from ks_lens.models import NAMED_MODELS
 
     for name, spec in NAMED_MODELS.items():
@@ -161,18 +182,42 @@ def cmd_models(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- collect / train
 
 
-def cmd_collect(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class CollectOptions:
+    """Collect residual-stream activations at every layer into a store."""
+
+    out: str  # store directory (rerun the same command to resume)
+    model: Model = field(default_factory=ModelOptions)
+    dataset: str = "tones"  # shipped dataset name or behaviours JSON file
+    questions: str | None = None  # replace the questions (.jsonl/.json/.csv or hf:NAME)
+    mode: Mode = "prompt"
+    split: Annotated[str, one_of((*SPLITS, "all"))] = "train"
+    split_seed: int = 0
+    layers: Layers = None  # comma-separated layer indices, or all
+    hooks: Annotated[tuple[str, ...], tyro.conf.arg(help=_HOOK_HELP)] = ("resid_post",)
+    position: Pooling = "last"
+    batch_size: int = 16
+    max_new_tokens: int = 48  # answer length (response mode)
+    max_questions: int | None = None  # limit the number of questions
+    shard_rows: int = 256
+    responses_from: str | None = None  # reuse generated answers from a response-mode store
+    seed: int = 0
+    # cache the shared system-prompt tokens once; --no-share-prefix runs every row whole (same
+    # activations within float rounding; slower)
+    share_prefix: bool = True
+
+
+def cmd_collect(o: CollectOptions) -> int:
     from ks_lens.activations import ActivationStore, collect_to_store
     from ks_lens.datasets import load_dataset, make_splits
-    from ks_lens.models import load_model
 
-    out = _check_out(args.out)
-    ds = load_dataset(args.dataset, questions=args.questions)
-    if args.split != "all":
-        ds = ds.split(args.split, make_splits(ds, seed=args.split_seed))
-    ds = ds.head(args.max_questions)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    responses = ActivationStore(args.responses_from).responses() if args.responses_from else None
+    out = _check_out(o.out)
+    ds = load_dataset(o.dataset, questions=o.questions)
+    if o.split != "all":
+        ds = ds.split(o.split, make_splits(ds, seed=o.split_seed))
+    ds = ds.head(o.max_questions)
+    model = o.model.load()
+    responses = ActivationStore(o.responses_from).responses() if o.responses_from else None
     t0 = time.perf_counter()
 
     def progress() -> str:
@@ -185,57 +230,61 @@ def cmd_collect(args: argparse.Namespace) -> int:
             "rerun the same command to resume"
         )
 
-    args.on_interrupt = progress
-    store = collect_to_store(
-        model,
-        ds,
-        out,
-        mode=args.mode,
-        layers=args.layers,
-        hook_kinds=_labels(args.hooks),
-        position=args.position,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        split=args.split,
-        shard_rows=args.shard_rows,
-        responses=responses,
-        share_prefix=args.share_prefix,
-    )
+    try:
+        store = collect_to_store(
+            model,
+            ds,
+            out,
+            mode=o.mode,
+            layers=None if o.layers is None else list(o.layers),
+            hook_kinds=list(o.hooks),
+            position=o.position,
+            batch_size=o.batch_size,
+            max_new_tokens=o.max_new_tokens,
+            seed=o.seed,
+            split=o.split,
+            shard_rows=o.shard_rows,
+            responses=responses,
+            share_prefix=o.share_prefix,
+        )
+    except KeyboardInterrupt:
+        raise Interrupted(progress()) from None
     print(f"{store} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class TrainOptions:
+    """Train probes on a store (one layer, several, or all)."""
+
+    acts: str  # activation store directory
+    out: str  # directory for the probe (one layer) or probe set (several layers)
+    layer: Layers = None  # layer index, comma-separated list, or all
+    hook: Annotated[
+        str,
+        tyro.conf.arg(
+            help="a kind collected in the store: " + ",".join(HOOK_KINDS) + " or e.g. attn.hook_z"
+        ),
+    ] = "resid_post"
+    overwrite: bool = False  # replace the probe(s) already in --out
+    probe: Annotated[ProbeConfig, tyro.conf.arg(name="")] = field(default_factory=ProbeConfig)
+
+
+def cmd_train(o: TrainOptions) -> int:
     from ks_lens.activations import ActivationStore
     from ks_lens.io import write_directory
-    from ks_lens.probes import ProbeConfig, save_probes, train_probes
+    from ks_lens.probes import save_probes, train_probes
 
     out = _check_out(
-        args.out,
+        o.out,
         holds=("ks_lens.probe", "ks_lens.probe_set"),
         what="a probe or probe set",
-        overwrite=args.overwrite,
+        overwrite=o.overwrite,
     )
-    cfg = ProbeConfig(
-        kind=args.kind,
-        hidden=args.hidden,
-        depth=args.depth,
-        epochs=args.epochs,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        loss=args.loss,
-        patience=args.patience,
-        seed=args.seed,
-        C=args.C,
-        solver=args.solver,
-        max_iter=args.max_iter,
-        val_split=args.val_split,
-    )
-    store = ActivationStore(args.acts)
-    layers = list(store.layers) if args.layer is None else args.layer
-    acts = store.load(layers=layers, kinds=[args.hook])
-    probes = train_probes(acts, layers=layers, kind=args.hook, config=cfg)
+    store = ActivationStore(o.acts)
+    layers = list(store.layers) if o.layer is None else list(o.layer)
+    acts = store.load(layers=layers, kinds=[o.hook])
+    probes = train_probes(acts, layers=layers, kind=o.hook, config=o.probe)
     save: Callable[[Path], object]
     if len(probes) == 1:
         (probe,) = probes.values()
@@ -252,106 +301,151 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_vectors(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class VectorsOptions:
+    """Compute per-label CAA steering vectors from a store."""
+
+    acts: str  # activation store directory
+    layer: int
+    out: str  # directory for the vectors
+    hook: Annotated[str, one_of(HOOK_KINDS)] = "resid_post"
+    method: VectorMethod = "mean_diff"
+    overwrite: bool = False  # replace the vectors already in --out
+
+
+def cmd_vectors(o: VectorsOptions) -> int:
     from ks_lens.activations import ActivationStore
     from ks_lens.io import write_directory
     from ks_lens.steering import SteeringVectors
 
     out = _check_out(
-        args.out,
+        o.out,
         holds=("ks_lens.steering_vectors",),
         what="steering vectors",
-        overwrite=args.overwrite,
+        overwrite=o.overwrite,
     )
-    store = ActivationStore(args.acts)
-    acts = store.load(layers=[args.layer], kinds=[args.hook])
-    vec = SteeringVectors.fit(acts, args.layer, kind=args.hook, method=args.method)
+    store = ActivationStore(o.acts)
+    acts = store.load(layers=[o.layer], kinds=[o.hook])
+    vec = SteeringVectors.fit(acts, o.layer, kind=o.hook, method=o.method)
     write_directory(out, vec.save)
     norms = ", ".join(
         f"{n}={float(v.norm()):.2f}" for n, v in zip(vec.label_names, vec.vectors, strict=True)
     )
-    print(f"{vec}\nnorms: {norms}\nsaved to {args.out}")
+    print(f"{vec}\nnorms: {norms}\nsaved to {o.out}")
     return 0
 
 
 # ----------------------------------------------------------------------------- steer
 
-# flag -> argparse dest, for the options of one steering method only
-_KSTEER_FLAGS = {
-    "--steps": "steps",
-    "--decay": "decay",
-    "--step-norm": "step_norm",
-    "--objective": "objective",
-    "--combine": "combine",
-}
-_CAA_FLAGS = {"--caa-combine": "caa_combine", "--normalize": "normalize"}
+
+def _method_arg(cls: type, name: str, meaning: str | None = None, param: str = "") -> Any:
+    """Help for an option of one steering method whose None means the method's own default."""
+    default = inspect.signature(cls).parameters[param or name].default
+    which = "K-Steering (--classifier)" if cls is KSteering else "CAA (--vectors)"
+    return tyro.conf.arg(help=f"{meaning or f'None: {default}'}; {which} only")
 
 
-def cmd_steer(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class SteerOptions:
+    """Answer questions unsteered and steered, side by side.
+
+    Give exactly one of --classifier (K-Steering) or --vectors (CAA).
+    """
+
+    # one or more questions
+    question: Annotated[list[str], tyro.conf.Positional, tyro.conf.arg(metavar="QUESTION")]
+    alpha: float  # steering strength
+    model: Model = field(default_factory=ModelOptions)
+    classifier: str | None = None  # probe directory (K-Steering)
+    vectors: str | None = None  # steering-vector directory (CAA)
+    layer: int | None = None  # layer to pick from a multi-layer probe set
+    target: tuple[str, ...] = ()  # labels to strengthen
+    avoid: tuple[str, ...] = ()  # labels to suppress
+    positions: Positions = "all"
+    steps: Annotated[int | None, _method_arg(KSteering, "steps")] = None
+    decay: Annotated[float | None, _method_arg(KSteering, "decay")] = None
+    step_norm: Annotated[
+        StepNorm | None, _method_arg(KSteering, "step_norm", "None: raw steps")
+    ] = None
+    objective: Annotated[Objective | None, _method_arg(KSteering, "objective")] = None
+    combine: Annotated[Combine | None, _method_arg(KSteering, "combine")] = None
+    caa_combine: Annotated[CaaCombine | None, _method_arg(CAA, "caa_combine", param="combine")] = (
+        None
+    )
+    normalize: bool = False  # unit-norm combined vector; CAA (--vectors) only
+    system: str | None = None  # system prompt for the questions
+    max_new_tokens: int = 64
+    sample: bool = False  # sample instead of greedy decoding
+    seed: int = 0
+
+
+# the options of one steering method only
+_KSTEER_ONLY = ("steps", "decay", "step_norm", "objective", "combine")
+_CAA_ONLY = ("caa_combine", "normalize")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def cmd_steer(o: SteerOptions) -> int:
     import textwrap
 
     from ks_lens.chat import ChatPrompt
     from ks_lens.generation import generate
-    from ks_lens.models import load_model
     from ks_lens.probes import load_probe_any
-    from ks_lens.steering import CAA, KSteering, Steerer, SteeringVectors
+    from ks_lens.steering import Steerer, SteeringVectors
 
-    if bool(args.classifier) == bool(args.vectors):
+    if not o.question:
+        raise ConfigError("give one or more questions to answer")
+    if bool(o.classifier) == bool(o.vectors):
         raise ConfigError(
             "give exactly one of --classifier DIR (K-Steering) or --vectors DIR (CAA)"
         )
     # options of the other method would be silently ignored: refuse them instead
-    given = {
-        flag
-        for flag, dest in _KSTEER_FLAGS.items() | _CAA_FLAGS.items()
-        if getattr(args, dest) not in (None, False)
-    }
-    if args.vectors and given & set(_KSTEER_FLAGS):
-        flags = ", ".join(sorted(given & set(_KSTEER_FLAGS)))
+    given = {n for n in _KSTEER_ONLY + _CAA_ONLY if getattr(o, n) not in (None, False)}
+    if o.vectors and given & set(_KSTEER_ONLY):
+        flags = ", ".join(sorted(_flag(n) for n in given & set(_KSTEER_ONLY)))
         raise ConfigError(f"{flags} apply to K-Steering (--classifier), not to --vectors (CAA)")
-    if args.classifier and given & set(_CAA_FLAGS):
-        flags = ", ".join(sorted(given & set(_CAA_FLAGS)))
+    if o.classifier and given & set(_CAA_ONLY):
+        flags = ", ".join(sorted(_flag(n) for n in given & set(_CAA_ONLY)))
         raise ConfigError(f"{flags} apply to CAA (--vectors), not to --classifier (K-Steering)")
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = o.model.load()
     method: Steerer
-    if args.classifier:
-        probe = load_probe_any(args.classifier, model=model, layer=args.layer)
-        method = KSteering(
-            probe,
-            steps=1 if args.steps is None else args.steps,
-            decay=0.95 if args.decay is None else args.decay,
-            step_norm=args.step_norm,
-            objective=args.objective or "logits",
-            combine=args.combine or "sum",
-        )
+    if o.classifier:
+        probe = load_probe_any(o.classifier, model=model, layer=o.layer)
+        # the options not given keep KSteering's defaults
+        method = KSteering(probe, **{n: getattr(o, n) for n in given & set(_KSTEER_ONLY)})
     else:
-        vectors = SteeringVectors.load(args.vectors, model=model)
-        if args.layer is not None and args.layer != vectors.layer:
+        assert o.vectors is not None
+        vectors = SteeringVectors.load(o.vectors, model=model)
+        if o.layer is not None and o.layer != vectors.layer:
             raise ConfigError(
-                f"--layer {args.layer} does not apply: the vectors in {args.vectors} were made at "
+                f"--layer {o.layer} does not apply: the vectors in {o.vectors} were made at "
                 f"{vectors.hook_name} and CAA steers there; drop --layer or use vectors made at "
-                f"layer {args.layer}"
+                f"layer {o.layer}"
             )
-        method = CAA(vectors, combine=args.caa_combine or "mean", normalize=args.normalize)
+        if o.caa_combine is None:  # CAA's default
+            method = CAA(vectors, normalize=o.normalize)
+        else:
+            method = CAA(vectors, combine=o.caa_combine, normalize=o.normalize)
 
-    def nothing_saved() -> str:
-        return "nothing was saved (steer writes no files); the model's hooks were removed"
-
-    args.on_interrupt = nothing_saved
-    prompts = [ChatPrompt(q, system=args.system) for q in args.question]
-    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed)
-    base = generate(model, prompts, **kw)
-    with method.steer(
-        model,
-        target=_labels(args.target),
-        avoid=_labels(args.avoid),
-        alpha=args.alpha,
-        positions=args.positions,
-    ):
-        steered = generate(model, prompts, **kw)
+    prompts = [ChatPrompt(q, system=o.system) for q in o.question]
+    gen: dict[str, Any] = dict(max_new_tokens=o.max_new_tokens, do_sample=o.sample, seed=o.seed)
+    try:
+        base = generate(model, prompts, **gen)
+        with method.steer(
+            model, target=list(o.target), avoid=list(o.avoid), alpha=o.alpha, positions=o.positions
+        ):
+            steered = generate(model, prompts, **gen)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "nothing was saved (steer writes no files); the model's hooks were removed"
+        ) from None
     width = 60
-    desc = f"steered (target={args.target or '-'}, avoid={args.avoid or '-'}, alpha={args.alpha})"
-    for q, a, b in zip(args.question, base.texts, steered.texts, strict=True):
+    target, avoid = ",".join(o.target), ",".join(o.avoid)
+    desc = f"steered (target={target or '-'}, avoid={avoid or '-'}, alpha={o.alpha})"
+    for q, a, b in zip(o.question, base.texts, steered.texts, strict=True):
         print(f"\nQ: {q}")
         left = textwrap.wrap(a, width) or [""]
         right = textwrap.wrap(b, width) or [""]
@@ -367,23 +461,40 @@ def cmd_steer(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- text evaluator
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class ReportOptions:
+    """Re-render a comparison report (DIR/report.json) with this version's summaries."""
+
+    dir: tyro.conf.Positional[str]  # a demo output directory holding report.json
+
+
+def cmd_report(o: ReportOptions) -> int:
     from ks_lens.report import rerender
 
-    paths = rerender(args.dir, command=f"ks-lens report {args.dir}")
+    paths = rerender(o.dir, command=f"ks-lens report {o.dir}")
     print(f"re-rendered {paths['json']}, {paths['markdown']} and {len(paths) - 2} figures")
     return 0
 
 
-def cmd_evaluate_text(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class EvaluateTextOptions:
+    """Score texts (JSONL with a 'text' field) for each tone with a text-level evaluator."""
+
+    texts: str  # JSONL file, one object with 'text' per line
+    # evaluator directory (None: trained on the shipped gold texts, cached)
+    evaluator: str | None = None
+    style: bool = False  # also print each text's style meters
+
+
+def cmd_evaluate_text(o: EvaluateTextOptions) -> int:
     import json
 
     from ks_lens.gold_texts import load_texts
     from ks_lens.style import style_meters
     from ks_lens.text_evaluator import TextEvaluator, default_text_evaluator
 
-    rows = load_texts(args.texts)
-    ev = TextEvaluator.load(args.evaluator) if args.evaluator else default_text_evaluator()
+    rows = load_texts(o.texts)
+    ev = TextEvaluator.load(o.evaluator) if o.evaluator else default_text_evaluator()
     chunk = 256
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
@@ -391,13 +502,26 @@ def cmd_evaluate_text(args: argparse.Namespace) -> int:
         for (rid, text), p in zip(part, probs, strict=True):
             out: dict[str, object] = {} if rid is None else {"id": rid}
             out["probs"] = {n: round(float(v), 6) for n, v in zip(ev.label_names, p, strict=True)}
-            if args.style:
+            if o.style:
                 out["style"] = {k: round(v, 6) for k, v in style_meters(text).to_json().items()}
             print(json.dumps(out, ensure_ascii=False))
     return 0
 
 
-def cmd_train_text_evaluator(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class TrainTextEvaluatorOptions:
+    """Train a text-level evaluator on labelled texts and print its held-out validity."""
+
+    out: str  # directory to save the evaluator in
+    texts: str | None = None  # labelled-text JSONL (None: the shipped gold texts)
+    labels: tuple[str, ...] = ()  # label names (none given: those in the texts)
+    folds: int = 5  # question-grouped CV folds; 0 skips validation
+    C: float | None = None  # inverse regularisation strength (None: TextEvaluatorConfig's)
+    style: bool = True  # use the style meters (--no-style leaves them out)
+    seed: int = 0
+
+
+def cmd_train_text_evaluator(o: TrainTextEvaluatorOptions) -> int:
     import dataclasses
 
     from ks_lens.datasets import load_dataset
@@ -405,259 +529,73 @@ def cmd_train_text_evaluator(args: argparse.Namespace) -> int:
     from ks_lens.text_evaluator import TextEvaluator, TextEvaluatorConfig, validate_text_evaluator
 
     tones = load_dataset("tones").labels
-    if args.texts:
-        labels = _labels(args.labels) or None
-        texts = load_labelled_texts(args.texts, labels)
+    labels: list[str] | None = list(o.labels) or None
+    if o.texts:
+        texts = load_labelled_texts(o.texts, labels)
         if labels is None:
             seen = list(dict.fromkeys(x for t in texts for x in t.labels))
             labels = [x for x in tones if x in seen] if set(seen) <= set(tones) else seen
     else:
         texts = load_gold_texts()
-        labels = _labels(args.labels) or list(tones)
+        labels = labels or list(tones)
         if list(labels) != list(tones):
             raise LabelError(f"the shipped gold texts have the labels {list(tones)}")
-    cfg = TextEvaluatorConfig(use_style=not args.no_style, seed=args.seed)
-    if args.C is not None:
-        cfg = dataclasses.replace(cfg, C=args.C)
+    cfg = TextEvaluatorConfig(use_style=o.style, seed=o.seed)
+    if o.C is not None:
+        cfg = dataclasses.replace(cfg, C=o.C)
     t0 = time.perf_counter()
     ev = TextEvaluator.fit(texts, labels, cfg)
     print(f"trained on {len(texts)} texts in {time.perf_counter() - t0:.1f} s: {ev}")
-    if args.folds > 0:
+    if o.folds > 0:
         t0 = time.perf_counter()
-        ev.validity = validate_text_evaluator(texts, labels, cfg, n_folds=args.folds)
+        ev.validity = validate_text_evaluator(texts, labels, cfg, n_folds=o.folds)
         print(ev.validity.summary())
         print(f"(validation took {time.perf_counter() - t0:.1f} s)")
-    ev.save(args.out)
-    print(f"saved to {args.out}")
+    ev.save(o.out)
+    print(f"saved to {o.out}")
     return 0
 
 
 # ----------------------------------------------------------------------------- main
 
+Parser = Callable[[Sequence[str], str], Any]
+
+
+def _reader(cls: type[Any]) -> Parser:
+    return lambda argv, prog: parse(cls, argv, prog=prog)
+
+
+def _summary(cls: type[Any]) -> str:
+    """The first line of ``cls``'s docstring, for ``ks-lens --help``."""
+    line = (cls.__doc__ or "").strip().splitlines()[0].rstrip(".")
+    return line[:1].lower() + line[1:]
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top level: ``ks-lens [-q|-v] COMMAND``; each command reads the rest of the arguments
+    into its options dataclass (``ks-lens COMMAND --help``)."""
     parser = argparse.ArgumentParser(
-        prog="ks-lens", description="Multi-direction activation steering on TransformerLens hooks."
+        prog="ks-lens",
+        description="Multi-direction activation steering on TransformerLens hooks.",
+        epilog="Run 'ks-lens COMMAND --help' for the options of a command.",
     )
     add_logging_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser(
-        "info", help="versions, machine, and (with --model) a model's hooks and a sample reply"
-    )
-    p.add_argument(
-        "--model", default=None, help="also load this model and chat with it (e.g. default)"
-    )
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
-    p.add_argument("--system", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("models", help="list the named models")
-    p.set_defaults(func=cmd_models)
-
-    p = sub.add_parser(
-        "collect", help="collect residual-stream activations at every layer into a store"
-    )
-    _add_model_args(p)
-    p.add_argument(
-        "--dataset", default="tones", help="shipped dataset name or behaviours JSON file"
-    )
-    p.add_argument(
-        "--questions", default=None, help="replace the questions (.jsonl/.json/.csv or hf:NAME)"
-    )
-    p.add_argument(
-        "--mode", default="prompt", choices=["prompt", "response", "response-only", "neutral"]
-    )
-    p.add_argument(
-        "--split", default="train", choices=["train", "evaluator", "calibration", "test", "all"]
-    )
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="store directory (rerun to resume)")
-    p.add_argument(
-        "--layers", type=_layer_list, default=None, help="comma-separated layer indices, or all"
-    )
-    p.add_argument(
-        "--hooks",
-        default="resid_post",
-        help="comma-separated kinds: "
-        + ",".join(HOOK_KINDS)
-        + ", or any per-block hook suffix such as attn.hook_z or mlp.hook_post (collect and "
-        "train only; steering writes to d_model-wide kinds)",
-    )
-    p.add_argument("--position", default="last", choices=["last", "mean_response"])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--max-questions", type=int, default=None, help="limit the number of questions")
-    p.add_argument("--shard-rows", type=int, default=256)
-    p.add_argument(
-        "--responses-from", default=None, help="reuse generated answers from a response-mode store"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--no-share-prefix",
-        dest="share_prefix",
-        action="store_false",
-        help="run every row whole instead of caching the shared system-prompt tokens once "
-        "(same activations within float rounding; slower)",
-    )
-    p.set_defaults(func=cmd_collect)
-
-    p = sub.add_parser("train", help="train probes on a store (one layer, several, or all)")
-    p.add_argument("--acts", required=True, help="activation store directory")
-    p.add_argument(
-        "--layer",
-        type=_layer_list,
-        default=None,
-        help="layer index, comma-separated list, or all (default)",
-    )
-    p.add_argument(
-        "--hook",
-        default="resid_post",
-        help="a kind collected in the store: " + ",".join(HOOK_KINDS) + " or e.g. attn.hook_z",
-    )
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace the probe(s) already in --out")
-    p.add_argument(
-        "--kind",
-        default="mlp",
-        choices=["mlp", "linear", "logistic"],
-        help="mlp, linear (both trained in torch) or logistic (scikit-learn LogisticRegression)",
-    )
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--loss", default="bce", choices=["bce", "ce"])
-    p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--C",
-        dest="C",
-        type=float,
-        default=1.0,
-        help="--kind logistic: inverse L2 regularisation strength (default 1.0)",
-    )
-    p.add_argument(
-        "--solver",
-        default="lbfgs",
-        help="--kind logistic: the LogisticRegression solver: lbfgs (default), newton-cg, "
-        "newton-cholesky, sag or saga",
-    )
-    p.add_argument(
-        "--max-iter",
-        type=int,
-        default=1000,
-        help="--kind logistic: solver iterations at most (default 1000)",
-    )
-    p.add_argument(
-        "--val-split",
-        default="group",
-        choices=["group", "stratified_group"],
-        help="validation rows: whole questions (group, default), or whole questions stratified "
-        "by label set (stratified_group, scikit-learn StratifiedGroupKFold)",
-    )
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("vectors", help="compute per-label CAA steering vectors from a store")
-    p.add_argument("--acts", required=True)
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--hook", default="resid_post", choices=list(HOOK_KINDS))
-    p.add_argument("--method", default="mean_diff", choices=["mean_diff", "mean_centring"])
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace the vectors already in --out")
-    p.set_defaults(func=cmd_vectors)
-
-    p = sub.add_parser("steer", help="answer questions unsteered and steered, side by side")
-    _add_model_args(p)
-    p.add_argument("question", nargs="+", help="one or more questions")
-    p.add_argument("--classifier", default=None, help="probe directory (K-Steering)")
-    p.add_argument("--vectors", default=None, help="steering-vector directory (CAA)")
-    p.add_argument(
-        "--layer", type=int, default=None, help="layer to pick from a multi-layer probe set"
-    )
-    ks_only = "K-Steering (--classifier) only"
-    p.add_argument("--target", default="", help="comma-separated labels to strengthen")
-    p.add_argument("--avoid", default="", help="comma-separated labels to suppress")
-    p.add_argument("--alpha", type=float, required=True)
-    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated", "last"])
-    p.add_argument("--steps", type=int, default=None, help=f"default 1; {ks_only}")
-    p.add_argument("--decay", type=float, default=None, help=f"default 0.95; {ks_only}")
-    p.add_argument(
-        "--step-norm", default=None, choices=["unit", "relative"], help=f"default raw; {ks_only}"
-    )
-    p.add_argument(
-        "--objective",
-        default=None,
-        choices=["logits", "logsigmoid", "softmin"],
-        help=f"default logits; {ks_only}",
-    )
-    p.add_argument(
-        "--combine",
-        default=None,
-        choices=["sum", "balanced", "pcgrad"],
-        help=f"default sum; {ks_only}",
-    )
-    p.add_argument(
-        "--caa-combine", default=None, choices=["mean", "sum"], help="default mean; CAA only"
-    )
-    p.add_argument("--normalize", action="store_true", help="CAA only: unit-norm combined vector")
-    p.add_argument("--system", default=None, help="system prompt for the questions")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_steer)
-
-    p = sub.add_parser(
-        "evaluate-text",
-        help="score texts (JSONL with a 'text' field) for each tone with a text-level evaluator",
-    )
-    p.add_argument("--texts", required=True, help="JSONL file, one object with 'text' per line")
-    p.add_argument(
-        "--evaluator",
-        default=None,
-        help="evaluator directory (default: trained on the shipped gold texts, cached)",
-    )
-    p.add_argument("--style", action="store_true", help="also print each text's style meters")
-    p.set_defaults(func=cmd_evaluate_text)
-
-    p = sub.add_parser(
-        "train-text-evaluator",
-        help="train a text-level evaluator on labelled texts and print its held-out validity",
-    )
-    p.add_argument(
-        "--texts", default=None, help="labelled-text JSONL (default: the shipped gold texts)"
-    )
-    p.add_argument("--out", required=True, help="directory to save the evaluator in")
-    p.add_argument(
-        "--labels", default=None, help="comma-separated label names (default: those in the texts)"
-    )
-    p.add_argument(
-        "--folds", type=int, default=5, help="question-grouped CV folds; 0 skips validation"
-    )
-    p.add_argument(
-        "--C", type=float, default=None, help="inverse regularisation strength (default: 16)"
-    )
-    p.add_argument("--no-style", action="store_true", help="leave out the style meters")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_train_text_evaluator)
-
-    p = sub.add_parser(
-        "report",
-        help="re-render a comparison report (DIR/report.json) with this version's summaries",
-    )
-    p.add_argument("dir", help="a demo output directory holding report.json")
-    p.set_defaults(func=cmd_report)
-
-    try:
-        from ks_lens.demo import add_demo_parser
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        add_demo_parser(sub)
+    commands: list[tuple[str, type[Any], Callable[[Any], int], Parser | None]] = [
+        ("info", InfoOptions, cmd_info, None),
+        ("models", ModelsOptions, cmd_models, None),
+        ("collect", CollectOptions, cmd_collect, None),
+        ("train", TrainOptions, cmd_train, None),
+        ("vectors", VectorsOptions, cmd_vectors, None),
+        ("steer", SteerOptions, cmd_steer, None),
+        ("evaluate-text", EvaluateTextOptions, cmd_evaluate_text, None),
+        ("train-text-evaluator", TrainTextEvaluatorOptions, cmd_train_text_evaluator, None),
+        ("report", ReportOptions, cmd_report, None),
+        ("demo", DemoOptions, cmd_demo, lambda argv, prog: parse_demo_options(argv, prog=prog)),
+    ]
+    for name, cls, func, reader in commands:
+        p = sub.add_parser(name, help=_summary(cls), add_help=False)
+        p.set_defaults(func=func, read=reader or _reader(cls))
     return parser
 
 
@@ -672,15 +610,19 @@ def _format_warning(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # the top level has only flags: the first other argument is the command, the rest its options
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    args = parser.parse_args(argv[: at + 1])
     configure_logging(args.verbosity)
     warnings.formatwarning = _format_warning
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        options = args.read(argv[at + 1 :], f"ks-lens {args.command}")
+        return int(args.func(options) or 0)
     except KsLensError as e:
         # bad input or a damaged artefact: a clear message, no traceback
         print(f"ks-lens: error: {e}", file=sys.stderr)
@@ -689,9 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the file system or the machine refused (permissions, full disk, missing file, ...)
         print(f"ks-lens: error: {_describe_os_error(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        hint = getattr(args, "on_interrupt", None)
-        print(f"ks-lens: interrupted; {hint() if hint else 'nothing was saved'}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        saved = e.saved if isinstance(e, Interrupted) else "nothing was saved"
+        print(f"ks-lens: interrupted; {saved}", file=sys.stderr)
         return 130
     # anything else is a bug in ks-lens (or a library below it): let the traceback show
 

@@ -229,27 +229,28 @@ class TextScorer(Protocol):
 
 @dataclass
 class ComparisonConfig:
+    # names from METHODS (ks-lens demo --help lists them)
     methods: tuple[str, ...] = REFERENCE_METHODS
     baseline: str = "caa_mean"  # every other method is compared with this one
-    sizes: tuple[int, ...] = (1, 2, 3)
+    sizes: tuple[int, ...] = (1, 2, 3)  # numbers of targets steered at once
     avoid: tuple[str, ...] = ()  # labels to avoid in every combination (never also targets)
-    calibration_metric: CalibrationMetric = "generation_kl"  # or "first_token_kl"
+    calibration_metric: CalibrationMetric = "generation_kl"  # coherence cost alpha is calibrated on
     kl_budget: float = 0.5  # nats per token; also the KL level of the equal-KL headline
     max_degenerate_rate: float = 0.02  # calibration: alphas with more degenerate answers fail
     calib_tokens: int = 16  # answer length for the generation_kl calibration metric
     calib_combos_per_question: int = 1  # calibration cells per question and size
     calib_bisect_steps: int = 3  # final bracket within a factor 4 ** (1/8) = 1.19
-    positions: Positions = "all"
-    act_combos_per_size: int | None = None  # None = every combination
+    positions: Positions = "all"  # token positions steered
+    act_combos_per_size: int | None = None  # combinations per size, activation level (None: all)
     gen_combos_per_question: int = 1  # text-level cells per test question and size
     curve_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # x calibrated alpha
-    max_new_tokens: int = 32
-    batch_size: int = 16
+    max_new_tokens: int = 32  # answer length of the text-level evaluation
+    batch_size: int = 16  # rows per forward pass (activation level, calibration)
     gen_batch_size: int = 48  # generation rows per batch (several methods share a batch)
     vanish: VanishRule = field(default_factory=VanishRule)
     degenerate: DegenerateRule = field(default_factory=DegenerateRule)
-    n_resamples: int = 2000
-    seed: int = 0
+    n_resamples: int = 2000  # bootstrap resamples per interval
+    seed: int = 0  # cell sampling and bootstrap (ks-lens demo sets it from --seed)
 
     def validate(self, labels: Sequence[str] | None = None) -> ComparisonConfig:
         """Check every setting (before any compute); returns ``self``."""

@@ -15,21 +15,23 @@ repeats everything (splits, probes, evaluators, calibration) with N seeds and re
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import inspect
 import logging
 import shlex
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ks_lens.comparison import METHODS, ComparisonConfig, ComparisonResult, method_label
+from ks_lens.comparison import METHODS, ComparisonResult
 from ks_lens.errors import ConfigError
 from ks_lens.models import model_signature
-from ks_lens.pipeline import PROBE_SOURCES, PipelineConfig, Setup, prepare
-from ks_lens.report import compare_word, seeds_summary, write_report
+from ks_lens.options import PipelineOptions, parse_pipeline_options
+from ks_lens.pipeline import PipelineConfig, Setup, prepare
+from ks_lens.report import render_summary, seeds_summary, write_report
 from ks_lens.utils import git_commit
 
 log = logging.getLogger(__name__)
@@ -156,131 +158,73 @@ def run_demo(
 
 
 def print_summary(result: ComparisonResult) -> None:
-    """The headline on stdout: equal-KL text results and activation means, with intervals."""
-    print(f"\ngenerated text at equal KL ({result.config.kl_budget} nats/token), text evaluator:")
-    for e in result.equal_kl:
-        if e.lens != "text":
-            continue
-        d = (
-            f"  diff vs {method_label(result.config.baseline)} {e.diff_vs_baseline.fmt()} -> "
-            f"{compare_word(e.diff_vs_baseline)}"
-            if e.diff_vs_baseline is not None
-            else ""
-        )
-        print(f"  k={e.k} {method_label(e.method):22s} {e.target_prob.fmt()}{d}")
-    print("\nactivation level (held-out multi-label evaluator, calibrated alpha):")
-    for r in result.summary("activation"):
-        v = "" if r.vanish_rate is None else f"  vanished {r.n_vanished}/{r.n_cells}"
-        print(f"  k={r.k} {method_label(r.method):22s} {r.target_prob.fmt()}{v}")
+    """Print :func:`~ks_lens.report.render_summary` (the headline) on stdout."""
+    print("\n" + render_summary(result))
 
 
-def add_demo_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "demo", help="run the whole pipeline (collect, train, calibrate, evaluate, report)"
-    )
-    p.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
-    p.add_argument("--model", default="default")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--layer", type=int, default=None, help="steering layer (default: 60%% depth)")
-    p.add_argument(
-        "--eval-layer",
-        type=int,
-        default=None,
-        help="activation evaluator layer (default: layer + 4)",
-    )
-    p.add_argument(
-        "--questions", default=None, help="evaluate on this question file instead of the test split"
-    )
-    p.add_argument(
-        "--texts",
-        default=None,
-        help="labelled texts (JSONL: text, labels, question) for the text evaluators "
-        "(default: the shipped gold tone texts)",
-    )
-    p.add_argument(
-        "--max-questions", type=int, default=None, help="cap the number of test questions"
-    )
-    p.add_argument(
-        "--kl-budget",
-        type=float,
-        default=None,
-        help="coherence budget and equal-KL level in nats per token (default 0.5)",
-    )
-    p.add_argument(
-        "--probe-source",
-        default=None,
-        choices=list(PROBE_SOURCES),
-        help="what the steering probe and CAA vectors learn from: gold texts without instruction "
-        "('text', the measured default) or instruction prompts ('prompt', the reference code)",
-    )
-    p.add_argument(
-        "--calibration-metric",
-        default="generation_kl",
-        choices=["generation_kl", "first_token_kl"],
-        help="coherence cost that alpha is calibrated against (default: %(default)s)",
-    )
-    p.add_argument(
-        "--methods",
-        default=None,
-        help=f"comma-separated methods (default: the reference four); known: {','.join(METHODS)}",
-    )
-    p.add_argument("--fast", action="store_true", help="small smoke run (CI), about a minute")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds (mean ± sd)")
-    p.set_defaults(func=cmd_demo)
+@dataclass(frozen=True)
+class DemoOptions(PipelineOptions):
+    """Run the whole pipeline (collect, train, calibrate, evaluate, report) and print the headline.
+
+    Every PipelineConfig setting is an option. The comparison's settings drop their
+    "comparison." prefix (--kl-budget, --methods) except --comparison.seed and
+    --comparison.batch-size; its rules keep theirs (--vanish.floor). A tuple takes one
+    comma-separated argument (--methods caa_mean,ksteer). --fast is a small smoke run (CI): it
+    changes the defaults, and options given explicitly still win. ks-lens -q/-v demo: less or
+    more progress on stderr.
+    """
+
+    out: str = "runs/demo"  # output directory (activation stores resume from it)
+    seeds: int = 1  # repeat with this many seeds (seed, seed + 1, ...) and report mean ± sd
+    max_questions: int | None = None  # cap the test questions (n_eval and n_gen)
 
 
-def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    """The demo's :class:`PipelineConfig` from parsed arguments, validated (no compute yet)."""
-    comparison = ComparisonConfig(calibration_metric=args.calibration_metric)
-    if args.kl_budget is not None:
-        comparison = replace(comparison, kl_budget=args.kl_budget)
-    if args.methods:
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        comparison = replace(
-            comparison,
-            methods=methods,
-            baseline=comparison.baseline if comparison.baseline in methods else methods[0],
-        )
-    kw: dict[str, Any] = {
-        "model": args.model,
-        "device": args.device,
-        "dtype": args.dtype,
-        "layer": args.layer,
-        "eval_layer": args.eval_layer,
-        "questions": args.questions,
-        "texts": args.texts,
-        "seed": args.seed,
-        "comparison": comparison,
-    }
-    if args.probe_source is not None:
-        kw["probe_source"] = args.probe_source
-    cfg = PipelineConfig.fast(**kw) if args.fast else PipelineConfig(**kw)
-    if args.max_questions is not None:
-        if args.max_questions < 1:
+def parse_demo_options(argv: Sequence[str], *, prog: str = "ks-lens demo") -> DemoOptions:
+    """``ks-lens demo``'s options from ``argv`` (the arguments after ``demo``); not validated.
+
+    ``--help`` and parse errors exit (codes 0 and 2) as with ``argparse``.
+    """
+    paragraphs = inspect.cleandoc(DemoOptions.__doc__ or "").split("\n\n")
+    paragraphs.append("Methods: " + ", ".join(METHODS))
+    description = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    return parse_pipeline_options(DemoOptions, argv, prog=prog, description=description)
+
+
+def config_from_args(opts: DemoOptions) -> PipelineConfig:
+    """The demo's :class:`PipelineConfig` from its options, validated (no compute yet)."""
+    cfg = opts.config
+    if opts.max_questions is not None:
+        if opts.max_questions < 1:
             raise ConfigError("--max-questions must be positive")
         cfg = replace(
             cfg,
-            n_eval=min(cfg.n_eval, args.max_questions),
-            n_gen=min(cfg.n_gen, args.max_questions),
+            n_eval=min(cfg.n_eval, opts.max_questions),
+            n_gen=min(cfg.n_gen, opts.max_questions),
         )
-    if args.seeds < 1:
+    if opts.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     return cfg.validate()
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+def cmd_demo(opts: DemoOptions) -> int:
+    cfg = config_from_args(opts)
     command = (
         "ks-lens " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         if sys.argv[1:]
         else "ks-lens demo"
     )
-    results = run_demo(cfg, args.out, seeds=args.seeds, command=command)
+    results = run_demo(cfg, opts.out, seeds=opts.seeds, command=command)
     print_summary(results[0])
-    print(f"\nfull report: {Path(args.out) / 'report.md'}")
+    print(f"\nfull report: {Path(opts.out) / 'report.md'}")
     return 0
 
 
-__all__ = ["add_demo_parser", "config_from_args", "git_commit", "print_summary", "run_demo"]
+__all__ = [
+    "DemoOptions",
+    "cmd_demo",
+    "config_from_args",
+    "git_commit",
+    "parse_demo_options",
+    "print_summary",
+    "run_demo",
+]

@@ -222,8 +222,8 @@ class VanishRule:
     and stays high is not vanished, and a method that moves nothing never triggers the rule.
     """
 
-    floor: float = 0.1
-    reach: float = 0.5
+    floor: float = 0.1  # a target below this probability may have vanished
+    reach: float = 0.5  # ... if the combination's best target reaches this probability
 
     def vanished(self, target_probs: np.ndarray) -> np.ndarray:
         """``[n, k]`` probabilities of the ``k`` targets -> ``[n, k]`` vanished flags."""

@@ -286,6 +286,22 @@ def load_model(
     return bridge
 
 
+@dataclass
+class ModelOptions:
+    """Which model to load, and where: the ``--model``, ``--device`` and ``--dtype`` options of
+    every command (``ks-lens collect``, ``steer``, ``info``, ``demo`` and the studies in
+    ``analysis/``); :class:`~ks_lens.pipeline.PipelineConfig` extends it."""
+
+    # a named model (ks-lens models), a local HF checkpoint directory or .gguf file, or an HF id
+    model: str = DEFAULT
+    device: str | None = None  # cpu, cuda, cuda:N or mps (None: CUDA if available, else cpu)
+    dtype: str | None = None  # float32, bfloat16 or float16 (None: float32)
+
+    def load(self, *, seed: int = 0) -> TransformerBridge:
+        """:func:`load_model` with these options (``seed``: weights of ``tiny-random-llama``)."""
+        return load_model(self.model, device=self.device, dtype=self.dtype, seed=seed)
+
+
 def model_name(model: Model) -> str:
     """The name ks-lens records in metadata for ``model``."""
     return str(model.cfg.model_name)

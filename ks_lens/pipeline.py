@@ -39,7 +39,7 @@ from ks_lens.gold_texts import (
     load_labelled_texts,
     split_by_question,
 )
-from ks_lens.models import load_model
+from ks_lens.models import ModelOptions, load_model
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes
 from ks_lens.steering import SteeringVectors
 from ks_lens.text_evaluator import TextEvaluator, default_text_evaluator
@@ -59,35 +59,34 @@ PROBE_SOURCES: tuple[ProbeSource, ...] = get_args(ProbeSource)
 
 
 @dataclass
-class PipelineConfig:
-    """Sizes of each stage, and the comparison's settings (``comparison``).
+class PipelineConfig(ModelOptions):
+    """The model (:class:`~ks_lens.models.ModelOptions`: ``model``, ``device``, ``dtype``), the
+    sizes of each stage, and the comparison's settings (``comparison``).
 
-    The defaults are the full demo run; :meth:`fast` is a one-minute smoke run.
+    The defaults are the full demo run; :meth:`fast` is a one-minute smoke run. ``ks-lens demo``
+    and the studies in ``analysis/`` take every field as an option (:mod:`ks_lens.options`).
     """
 
-    model: str = "default"
-    dataset: str = "tones"
-    questions: str | None = None  # external test questions (.jsonl/.json/.csv)
-    texts: str | None = None  # labelled texts for the text evaluators (default: shipped gold)
-    layer: int | None = None  # steering layer; None = 60 % depth
-    eval_layer: int | None = None  # activation evaluator layer; None = steering layer + 4 (capped)
+    dataset: str = "tones"  # a shipped dataset name or a behaviours JSON file
+    questions: str | None = None  # external test questions, .jsonl/.json/.csv (None: test split)
+    texts: str | None = None  # labelled texts for the text evaluators (None: shipped gold texts)
+    layer: int | None = None  # steering layer (None: 60 % depth)
+    eval_layer: int | None = None  # activation evaluator layer (None: steering layer + 4, capped)
     n_train: int = 120  # questions for the steering probe and CAA vectors (x 6 tones)
     n_evaluator: int = 80  # questions for the activation evaluator (x 6 tones + combinations)
     evaluator_combos_per_question: int = 3  # two-tone instructions per evaluator question
-    n_gold: int | None = None  # gold texts re-encoded for the response evaluator (None = all)
+    n_gold: int | None = None  # gold texts re-encoded for the response evaluator (None: all)
     n_calib: int = 12  # calibration questions
     n_eval: int = 32  # test questions, activation level
     n_gen: int = 16  # test questions, generated text (x 3 cells x methods x 4 alphas)
-    probe_source: ProbeSource = (
-        "text"  # what the steering probe/vectors learn from: see PROBE_SOURCES
-    )
+    # what the steering probe and vectors learn from: gold texts (text) or instruction prompts
+    probe_source: ProbeSource = "text"
     text_position: Pooling = "last"  # text source: last answer token or "mean_response"
     gold_steer_fraction: float = 0.5  # share of gold questions for text-grounded steering
     multilayer_offsets: tuple[int, ...] = (-6, -3, 0)  # multi-layer method: layers around `layer`
-    batch_size: int = 16
+    batch_size: int = 16  # rows per forward pass when collecting activations
+    # splits, probes, evaluators and tiny-model weights (ks-lens demo: also the comparison)
     seed: int = 0
-    device: str | None = None
-    dtype: str | None = None
     comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
 
     @classmethod

@@ -79,20 +79,23 @@ class ProbeConfig:
     """
 
     kind: Literal["mlp", "linear", "logistic"] = "mlp"
-    hidden: int = 128
-    depth: int = 2
+    hidden: int = 128  # hidden width (mlp)
+    depth: int = 2  # hidden layers (mlp)
     epochs: int = 30
-    lr: float = 1e-3
+    lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.0
     batch_size: int = 64
+    # bce: multi-label (sigmoid); ce: one label per row (softmax)
     loss: Literal["bce", "ce"] = "bce"
-    val_fraction: float = 0.2
-    patience: int = 5
-    normalize: bool = True
+    val_fraction: float = 0.2  # share held out for validation (whole questions when grouped)
+    patience: int = 5  # epochs without validation improvement before stopping (0: never stop early)
+    normalize: bool = True  # standardise the activations with the training rows' mean and std
     seed: int = 0
-    C: float = 1.0
+    C: float = 1.0  # inverse L2 regularisation strength (logistic)
+    # scikit-learn LogisticRegression solver (logistic)
     solver: Literal["lbfgs", "newton-cg", "newton-cholesky", "sag", "saga"] = "lbfgs"
-    max_iter: int = 1000
+    max_iter: int = 1000  # solver iterations (logistic)
+    # validation rows: seeded share of the groups, or scikit-learn's StratifiedGroupKFold
     val_split: Literal["group", "stratified_group"] = "group"
 
     def __post_init__(self) -> None:

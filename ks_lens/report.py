@@ -319,6 +319,27 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_summary(result: ComparisonResult) -> str:
+    """The headline as plain text (what ``ks-lens demo`` prints): equal-KL text results and
+    activation means, with intervals."""
+    lines = [f"generated text at equal KL ({result.config.kl_budget} nats/token), text evaluator:"]
+    for e in result.equal_kl:
+        if e.lens != "text":
+            continue
+        d = (
+            f"  diff vs {method_label(result.config.baseline)} {e.diff_vs_baseline.fmt()} -> "
+            f"{compare_word(e.diff_vs_baseline)}"
+            if e.diff_vs_baseline is not None
+            else ""
+        )
+        lines.append(f"  k={e.k} {method_label(e.method):22s} {e.target_prob.fmt()}{d}")
+    lines += ["", "activation level (held-out multi-label evaluator, calibrated alpha):"]
+    for r in result.summary("activation"):
+        v = "" if r.vanish_rate is None else f"  vanished {r.n_vanished}/{r.n_cells}"
+        lines.append(f"  k={r.k} {method_label(r.method):22s} {r.target_prob.fmt()}{v}")
+    return "\n".join(lines)
+
+
 def seeds_summary(results: Sequence[ComparisonResult]) -> list[dict[str, Any]]:
     """Mean ± sd over seeds of the equal-KL estimates and differences, and activation means."""
     rows: dict[tuple[str, str, int, str], list[float]] = {}
@@ -557,6 +578,7 @@ __all__ = [
     "markdown_table",
     "plot_report",
     "render_markdown",
+    "render_summary",
     "rerender",
     "seeds_summary",
     "seeds_table",

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ks_lens.cli import build_parser, main
-from ks_lens.demo import run_demo
+from ks_lens.cli import main
+from ks_lens.demo import parse_demo_options, print_summary, run_demo
 from ks_lens.pipeline import PipelineConfig
+from ks_lens.report import render_summary
 
 REQUIRED_TOP = (
     "model",
@@ -231,6 +232,16 @@ def test_demo_report_schema_on_tiny_model(two_seed_demo):
     assert {"collect_s", "calibration_s", "text_eval_s", "total_s"} <= set(on_disk["timings"])
 
 
+def test_summary_is_rendered_by_the_report_module(two_seed_demo, capsys):
+    _, results = two_seed_demo
+    text = render_summary(results[0])
+    assert text.startswith("generated text at equal KL (0.5 nats/token), text evaluator:\n  k=1 ")
+    assert "\n\nactivation level (held-out multi-label evaluator, calibrated alpha):\n" in text
+    assert "K-Steering (3 steps)" in text and "diff vs CAA (mean)" in text
+    print_summary(results[0])  # the demo prints it after a blank line
+    assert capsys.readouterr().out == "\n" + text + "\n"
+
+
 def test_demo_rejects_malformed_questions_file(tmp_path, capsys):
     bad = tmp_path / "q.jsonl"
     bad.write_text('{"text": "fine?"}\n{"text": "oops"\n')
@@ -266,8 +277,9 @@ def test_demo_with_external_questions(tmp_path):
 
 
 def test_demo_parser_defaults():
-    args = build_parser().parse_args(["demo"])
-    assert args.out == "runs/demo" and not args.fast and args.seeds == 1
+    opts = parse_demo_options([])
+    assert opts.out == "runs/demo" and not opts.fast and opts.seeds == 1
+    assert opts.config == PipelineConfig() and opts.max_questions is None
 
 
 def test_demo_validates_arguments_before_any_compute(tmp_path, capsys):

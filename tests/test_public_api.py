@@ -24,7 +24,9 @@ ORDER = (
     "steering",
     "evaluation",
     "comparison",
+    "pipeline",
     "report",
+    "options",
     "demo",
     "cli",
 )
