@@ -145,12 +145,18 @@ def test_train_logistic_probe(store, tmp_path, capsys):
     assert "val acc" in capsys.readouterr().out
     for bad, message in (
         (["--C", "0"], "C must be a positive finite number"),
-        (["--solver", "liblinear"], "solver must be one of"),
         (["--max-iter", "0"], "max_iter must be an integer >= 1"),
     ):
         assert main([*argv, *bad, "--out", str(tmp_path / "q")]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "q").exists()
+    # the solver's choices come from ProbeConfig's Literal: refused while parsing (exit 2)
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--solver", "liblinear", "--out", str(tmp_path / "q")])
+    assert exc.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "invalid choice 'liblinear'" in err and "'lbfgs'" in err
+    assert not (tmp_path / "q").exists()
 
 
 @pytest.mark.parametrize(
