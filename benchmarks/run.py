@@ -564,7 +564,7 @@ def main() -> int:
         )
     if "readout" not in skip:
         results["readout_sharing"] = bench_readout_sharing(
-            model, probe, evaluator, vectors, test_q[: 16 if args.quick else 32], reps
+            model, probe, evaluator, vectors, test_q[: 8 if args.quick else 32], reps
         )
         results["answer_scoring"] = bench_answer_scoring(
             model, evaluator, test_q[: 2 if args.quick else 4], reps
