@@ -34,7 +34,7 @@ from ks_lens.chat import ChatPrompt, TokenBatch, encode_chat
 from ks_lens.errors import ConfigError
 from ks_lens.generation import generate_from_batch
 from ks_lens.hf_path import can_bypass, decoder_layers, forward, layer_input, resume_at
-from ks_lens.hooks import canonical_hook_name, hook_layer
+from ks_lens.hooks import hook_layer
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steerer, Steering, SteeringSpec
@@ -181,21 +181,14 @@ def _shared_start(
 ) -> int | None:
     """The lowest decoder layer any of ``steerings`` writes to, when the layers below it can be
     run once and shared (see :func:`readout_groups`); ``None`` when they cannot."""
-    layers: list[int] = []
-    for item in steerings:
-        if item is None:
-            continue
-        method, spec = item
-        method.check_model(model)
-        checked = SteeringSpec.make(spec.target, spec.avoid, spec.alpha, method.label_names)
-        for name, _ in method.transforms(checked):
-            layer = hook_layer(canonical_hook_name(name, model))
-            if layer is None:
-                return None
-            layers.append(layer)
+    from ks_lens.steering.base import group_transforms
+
+    layers = [hook_layer(name) for name in group_transforms(model, steerings)]
+    if any(layer is None for layer in layers):
+        return None  # a hook point outside the blocks
     if not layers:
         return None
-    start = min(layers)
+    start = min(layer for layer in layers if layer is not None)
     if probe is not None and (hook_layer(probe.hook_name) or 0) < start:
         return None  # the probe reads below the steering: nothing to share it with
     if start < 1 or not can_bypass(model) or decoder_layers(model) is None:

@@ -181,6 +181,26 @@ def grouped_steering_hook(
     return hook
 
 
+def group_transforms(
+    model: Model, groups: Sequence[Steering | None]
+) -> dict[str, list[Transform | None]]:
+    """Where and how each group steers: canonical hook name -> one transform per group (``None``
+    where that group does not steer at the hook point). Checks every method against ``model``
+    and every spec against the method's labels; aliases of one hook point share one entry."""
+    by_hook: dict[str, list[Transform | None]] = {}
+    for g, item in enumerate(groups):
+        if item is None:
+            continue
+        method, spec = item
+        method.check_model(model)
+        checked = SteeringSpec.make(spec.target, spec.avoid, spec.alpha, method.label_names)
+        for name, f in method.transforms(checked):
+            check_steerable(model, name)
+            key = canonical_hook_name(name, model)  # aliases share one hook
+            by_hook.setdefault(key, [None] * len(groups))[g] = f
+    return by_hook
+
+
 @contextmanager
 def steer_groups(
     model: Model,
@@ -195,20 +215,10 @@ def steer_groups(
     each hook point gets one hook serving the groups steered there.
     """
     rg = torch.as_tensor(row_group, dtype=torch.long)
-    by_hook: dict[str, list[Transform | None]] = {}
-    for g, item in enumerate(groups):
-        if item is None:
-            continue
-        method, spec = item
-        method.check_model(model)
-        checked = SteeringSpec.make(spec.target, spec.avoid, spec.alpha, method.label_names)
-        for name, f in method.transforms(checked):
-            check_steerable(model, name)
-            key = canonical_hook_name(name, model)  # aliases share one hook
-            by_hook.setdefault(key, [None] * len(groups))[g] = f
     tracker = PositionTracker()
     fwd = [
-        (name, grouped_steering_hook(ts, rg, positions, tracker)) for name, ts in by_hook.items()
+        (name, grouped_steering_hook(ts, rg, positions, tracker))
+        for name, ts in group_transforms(model, groups).items()
     ]
     with installed(model, fwd, tracker):
         yield tracker
