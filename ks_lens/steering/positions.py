@@ -94,7 +94,9 @@ class PositionTracker:
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         seq = int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.ndim >= 2 else None
-        past = _cache_length(kwargs.get("past_key_values"))
+        # transformers >= 5.25 passes the KV cache as ``cache``; earlier releases as ``past_key_values``
+        cache = kwargs.get("cache")
+        past = _cache_length(cache if cache is not None else kwargs.get("past_key_values"))
         cache_position = kwargs.get("cache_position")
         if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
             past = int(cache_position.reshape(-1)[0])
