@@ -20,12 +20,13 @@ from typing import Any, TypeVar
 
 import tyro
 
+from ks_lens.compat import versions
 from ks_lens.errors import ConfigError
 from ks_lens.io import atomic_write_json
 from ks_lens.logs import NORMAL, add_logging_arguments, configure_logging
 from ks_lens.options import PipelineOptions, parse_pipeline_options
 from ks_lens.pipeline import PROBE_SOURCES, PipelineConfig, Setup, prepare
-from ks_lens.utils import machine_info, versions
+from ks_lens.utils import machine_info
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ from ks_lens.errors import (
     StoreError,
     TrainingError,
     UnknownModelError,
+    VersionError,
+    VersionMismatchWarning,
+    VersionWarning,
     WrongTypeError,
 )
 from ks_lens.evaluation import calibrate_alpha, kl_metric
@@ -130,6 +133,9 @@ __all__ = [
     "TokenBatch",
     "TrainingError",
     "UnknownModelError",
+    "VersionError",
+    "VersionMismatchWarning",
+    "VersionWarning",
     "WrongTypeError",
     "__version__",
     "calibrate_alpha",

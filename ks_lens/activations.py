@@ -62,6 +62,7 @@ from ks_lens.chat import (
     context_window,
     encode_chat,
 )
+from ks_lens.compat import check_version_match, versions
 from ks_lens.datasets import BehaviourDataset, base_labels, multi_hot
 from ks_lens.errors import ConfigError, DatasetError, HookPointError, StoreError
 from ks_lens.generation import generate_from_batch
@@ -337,7 +338,7 @@ def prefix_cache(model: Model, ids: Sequence[int], hook_names: Sequence[str]) ->
     cache = _new_cache(model)
     tokens = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
     with torch.no_grad(), record_activations(model, hook_names, last_token=True, stop=True):
-        forward(model, tokens, past_key_values=cache, logits_to_keep=-1)
+        forward(model, tokens, cache=cache, logits_to_keep=-1)
     return _as_prefix(cache, ids)
 
 
@@ -353,7 +354,7 @@ def prefix_pass(
     cache = _new_cache(model)
     tokens = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))
     with torch.no_grad(), record_activations(model, hook_names, last_token=True) as rec:
-        logits = forward(model, tokens, past_key_values=cache, logits_to_keep=1)
+        logits = forward(model, tokens, cache=cache, logits_to_keep=1)
     assert logits is not None
     prefix = _as_prefix(cache, ids)
     if prefix is not None and len(prefix.kv) != n_layers(model):
@@ -442,7 +443,7 @@ def capture_features(
         end = lengths
         ones = torch.ones(n_rows, n_prefix, dtype=mask.dtype, device=mask.device)
         mask = torch.cat([ones, mask], dim=1)
-        kwargs["past_key_values"] = prefix.cache_for(model, n_rows)
+        kwargs["cache"] = prefix.cache_for(model, n_rows)
     if position == "mean_response":
         assert first is not None
         first = first.to(ids.device)
@@ -974,6 +975,7 @@ class ActivationStore:
         missing = [k for k in _REQUIRED_KEYS if k not in meta]
         if missing:
             raise StoreError(f"activation store metadata {meta_path} lacks {missing}. {fix}")
+        check_version_match(meta.get("versions"), f"activation store {self.path}")
         self.meta: dict[str, Any] = meta
 
     # -- properties
@@ -1164,8 +1166,6 @@ def collect_to_store(
     :func:`collect_activations`; it is recorded but, changing numbers only at float rounding,
     does not stop a resume.
     """
-    from ks_lens.utils import versions
-
     if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
         raise ConfigError(f"shard_rows must be a positive int, got {shard_rows!r}")
     spec, rows = _plan(

@@ -126,8 +126,9 @@ class InfoOptions:
 
 def cmd_info(o: InfoOptions) -> int:
     import ks_lens
+    from ks_lens.compat import versions
     from ks_lens.packaged_models import cache_root
-    from ks_lens.utils import machine_info, versions
+    from ks_lens.utils import machine_info
 
     print(f"ks-lens {ks_lens.__version__}")
     for k, v in versions().items():
@@ -469,10 +470,12 @@ class ReportOptions:
 
 
 def cmd_report(o: ReportOptions) -> int:
-    from ks_lens.report import rerender
+    from ks_lens.io import read_json
+    from ks_lens.report import rerender, versions_line
 
     paths = rerender(o.dir, command=f"ks-lens report {o.dir}")
     print(f"re-rendered {paths['json']}, {paths['markdown']} and {len(paths) - 2} figures")
+    print(versions_line(read_json(paths["json"], what="comparison report")))
     return 0
 
 

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ks_lens.comparison import METHODS, ComparisonResult
+from ks_lens.compat import versions
 from ks_lens.errors import ConfigError
-from ks_lens.models import model_signature
+from ks_lens.models import model_device, model_signature
 from ks_lens.options import PipelineOptions, parse_pipeline_options
 from ks_lens.pipeline import PipelineConfig, Setup, prepare
 from ks_lens.report import render_summary, seeds_summary, write_report
@@ -84,6 +85,9 @@ def _info(setup: Setup, cfg: PipelineConfig, command: str, commit: str) -> dict[
         "model_info": model_signature(setup.model),
         "command": command,
         "commit": commit,
+        "versions": versions(),
+        "device": str(model_device(setup.model)),
+        "seed": cfg.seed,
         "dataset": {
             "name": setup.dataset.name,
             "hash": setup.dataset.content_hash(),

@@ -69,3 +69,18 @@ class TrainingError(KsLensError, RuntimeError):
 
 class MissingDependencyError(KsLensError, ImportError):
     """An optional package that a feature needs is not installed (the message says how to)."""
+
+
+class VersionError(KsLensError, RuntimeError):
+    """The installed package versions are known to give wrong results for the requested operation
+    (the message names the versions and what to use instead)."""
+
+
+class VersionMismatchWarning(UserWarning):
+    """An artefact was saved under a different major version of a package that determines its
+    numbers (the warning names both versions)."""
+
+
+class VersionWarning(UserWarning):
+    """The installed package versions are known to give wrong results in some TransformerLens
+    paths that ks-lens does not use by default (the warning names them)."""

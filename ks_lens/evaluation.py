@@ -569,7 +569,7 @@ def _score_answers(
                     model,
                     ids.to(device),
                     attention_mask=mask.to(device),
-                    past_key_values=prefix.cache_for(model, len(chunk)),
+                    cache=prefix.cache_for(model, len(chunk)),
                 )
             assert logits is not None
             if probe is not None:

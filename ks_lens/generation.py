@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ks_lens.batching import scatter, sorted_batches
 from ks_lens.chat import ChatPrompt, TokenBatch, as_prompt_list, check_context, encode_chat
+from ks_lens.compat import check_bridge_cache
 from ks_lens.errors import ConfigError
 from ks_lens.hf_path import hf_modules
 from ks_lens.models import model_device, pad_token_id
@@ -101,6 +102,8 @@ def generate_from_batch(
     """
     if max_new_tokens < 1:
         raise ConfigError("max_new_tokens must be at least 1")
+    if full_bridge:
+        check_bridge_cache()  # generation decodes with a KV cache
     check_context(model, int(batch.input_ids.shape[1]), max_new_tokens, what="the batch")
     cfg = _generation_config(
         model,
@@ -162,7 +165,9 @@ def generate(
         batch_size: prompts per forward batch.
         progress: show a progress bar.
         full_bridge: run every TransformerLens bridge component (slower; same tokens) instead of
-            the plain HF modules with only the hook points that have hooks routed.
+            the plain HF modules with only the hook points that have hooks routed. Refused
+            (:class:`~ks_lens.errors.VersionError`) under versions whose bridge ignores the KV
+            cache (:func:`ks_lens.compat.check_bridge_cache`).
 
     Returns:
         :class:`Generation`: ``.texts`` (decoded answers), ``.prompt_ids`` / ``.output_ids``

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ks_lens.compat import cache_keyword, check_bridge_cache
 from ks_lens.errors import ConfigError
 from ks_lens.types import Model
 
@@ -206,7 +207,7 @@ def forward(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None = None,
-    past_key_values: Any = None,
+    cache: Any = None,
     logits_to_keep: int = 0,
     full_bridge: bool = False,
 ) -> torch.Tensor | None:
@@ -215,33 +216,29 @@ def forward(
 
     Returns the logits of the last ``logits_to_keep`` positions (all with 0), ``[batch, pos,
     vocab]``, or ``None`` when ``logits_to_keep`` is negative (no unembedding: for passes that
-    only record activations). ``past_key_values`` is a Hugging Face cache the pass extends.
+    only record activations). ``cache`` is a Hugging Face KV cache the pass extends (handed to the
+    model under the keyword its transformers version takes: :func:`cache_keyword`).
     """
     keep = max(logits_to_keep, 1) if logits_to_keep < 0 else logits_to_keep
+    hf: Any = model.original_model
+    cached = {cache_keyword(hf): cache} if cache is not None else {}
+    if cache is not None and full_bridge:
+        check_bridge_cache()
     with hf_modules(model, enabled=not full_bridge) as plain:
         if plain:
-            hf: Any = model.original_model
             out = hf(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                use_cache=past_key_values is not None,
+                use_cache=cache is not None,
                 logits_to_keep=keep,
+                **cached,
             )
             return None if logits_to_keep < 0 else out.logits
         if logits_to_keep < 0:
-            model(
-                input_ids,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                return_type=None,
-            )
+            model(input_ids, attention_mask=attention_mask, return_type=None, **cached)
             return None
         logits: torch.Tensor = model(
-            input_ids,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            logits_to_keep=logits_to_keep,
+            input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **cached
         )
         return logits
 

@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ks_lens.compat import check_version_match, versions
 from ks_lens.errors import DatasetError, StoreError
 
 TENSORS_FILE = "tensors.safetensors"
@@ -182,8 +183,6 @@ def save_artifact(
     The tensor file is written first and the JSON last, so ``meta.json`` existing means the
     artefact is complete; its recorded checksum catches later damage.
     """
-    from ks_lens.utils import versions
-
     directory = Path(directory)
     check_artifact_target(directory, kind)
     directory.mkdir(parents=True, exist_ok=True)
@@ -255,6 +254,7 @@ def load_artifact(
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise StoreError(f"{directory} holds {found!r}, not a ks_lens.{kind}")
     check_meta_checksum(meta, directory / META_FILE, f"{kind} metadata")
+    check_version_match(meta.get("versions"), f"{kind} {directory}")
     tpath = directory / meta["tensors"]["file"]
     if not tpath.is_file():
         raise StoreError(f"{kind} tensor file missing: {tpath}")

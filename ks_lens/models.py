@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,8 @@ import torch
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-from ks_lens.errors import ConfigError, ModelLoadError, UnknownModelError
+from ks_lens.compat import bridge_cache_diverges, bridge_cache_message
+from ks_lens.errors import ConfigError, ModelLoadError, UnknownModelError, VersionWarning
 from ks_lens.packaged_models import PACKAGED_MODELS
 from ks_lens.types import Model
 from ks_lens.utils import resolve_device, resolve_dtype
@@ -283,6 +285,15 @@ def load_model(
     ) as e:  # TransformerLens raises plain ValueError/KeyError for unsupported models
         raise ModelLoadError(f"TransformerLens could not wrap {name!r}: {e}") from e
     log.debug("loaded %s in %.2f s", label, time.perf_counter() - t0)
+    if bridge_cache_diverges():
+        warnings.warn(
+            f"{bridge_cache_message()}. TransformerLens's own model.generate() with its KV cache "
+            "and bridge forward passes given a cache return wrong tokens here; ks.generate and "
+            "ks-lens's other paths are unaffected (they equal plain Hugging Face). Install the "
+            "locked versions (bash scripts/setup-env.sh) or pass use_past_kv_cache=False.",
+            VersionWarning,
+            stacklevel=2,
+        )
     return bridge
 
 

@@ -20,6 +20,7 @@ from ks_lens.comparison import (
     SummaryRow,
     method_label,
 )
+from ks_lens.compat import versions
 from ks_lens.io import atomic_write_bytes, atomic_write_json
 from ks_lens.stats import Interval, seed_summary
 from ks_lens.utils import git_commit
@@ -207,6 +208,18 @@ def examples(result: ComparisonResult, n: int = 2) -> list[str]:
     return lines
 
 
+def versions_line(info: Mapping[str, Any]) -> str:
+    """``Made with ks_lens 0.1.0, torch 2.13.0+cpu, ... on cpu, seed 0.`` from a report's info
+    (``versions unknown`` for reports written before versions were recorded)."""
+    made = info.get("versions")
+    if not isinstance(made, Mapping) or not made:
+        return "Package versions: unknown (not recorded by the ks-lens that wrote this report)."
+    text = ", ".join(f"{k} {v}" for k, v in made.items())
+    where = f" on {info['device']}" if info.get("device") else ""
+    seed = f", seed {info['seed']}" if info.get("seed") is not None else ""
+    return f"Made with {text}{where}{seed}."
+
+
 def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
     """The human-readable report: verdict, evaluator validity, headline, curves, tables."""
     cfg = result.config
@@ -222,6 +235,7 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
             if info.get("rerendered_by")
             else "."
         ),
+        versions_line(info),
         f"Alpha calibrated per method and number of targets on {result.n_calib_questions} calibration "
         f"questions to {cfg.kl_budget} nats/token ({_METRIC_TEXT.get(cfg.calibration_metric, cfg.calibration_metric)}) "
         f"with at most {cfg.max_degenerate_rate:.0%} of answers newly degenerate (degenerate where the "
@@ -567,7 +581,11 @@ def rerender(directory: str | Path, *, command: str | None = None) -> dict[str, 
     result = ComparisonResult.from_json(doc)
     info = {k: v for k, v in doc.items() if k not in _RESULT_KEYS}
     info["timings"] = {k: v for k, v in doc.get("timings", {}).items() if k not in result.timings}
-    info["rerendered_by"] = {"command": command or "ks-lens report", "commit": git_commit()}
+    info["rerendered_by"] = {
+        "command": command or "ks-lens report",
+        "commit": git_commit(),
+        "versions": versions(),
+    }
     return write_report(result, info, directory)
 
 
@@ -584,5 +602,6 @@ __all__ = [
     "seeds_table",
     "summary_table",
     "verdict",
+    "versions_line",
     "write_report",
 ]

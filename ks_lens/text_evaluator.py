@@ -42,6 +42,7 @@ import scipy.sparse as sp
 from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
+from ks_lens.compat import check_version_match, versions
 from ks_lens.errors import (
     ConfigError,
     DatasetError,
@@ -422,9 +423,7 @@ class TextEvaluator:
     # -- persistence
 
     def _meta(self, files: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        import sklearn
 
-        from ks_lens.utils import package_version
 
         return {
             "format": FORMAT,
@@ -439,11 +438,7 @@ class TextEvaluator:
                 "style": len(STYLE_METER_NAMES) if self.config.use_style else 0,
             },
             "training": {"texts_hash": self.training_hash, "n_texts": self.n_training_texts},
-            "versions": {
-                "ks_lens": package_version(),
-                "sklearn": sklearn.__version__,
-                "numpy": np.__version__,
-            },
+            "versions": versions(),
             "validity": None if self.validity is None else self.validity.to_json(),
             "files": {k: dict(v) for k, v in files.items()},
         }
@@ -531,6 +526,7 @@ class TextEvaluator:
                 f"{meta_path} does not match its checksum; it was modified after saving or is "
                 "corrupt. Re-train the evaluator."
             )
+        check_version_match(meta.get("versions"), f"text evaluator {directory}")
         blobs: dict[str, bytes] = {}
         try:
             for name, info in meta["files"].items():

@@ -88,24 +88,6 @@ def package_version() -> str:
         return UNKNOWN_VERSION
 
 
-def versions() -> dict[str, str]:
-    """Versions of the packages that determine numerical results (recorded in metadata)."""
-
-    def _v(dist: str) -> str:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return {
-        "ks_lens": package_version(),
-        "torch": torch.__version__,
-        "transformers": _v("transformers"),
-        "transformer_lens": _v("transformer-lens"),
-        "python": platform.python_version(),
-    }
-
-
 def machine_info() -> dict[str, Any]:
     """Cores, threads and accelerator, for benchmark and run records."""
     return {

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ks_lens.cli import main
+from ks_lens.compat import versions
 from ks_lens.demo import parse_demo_options, print_summary, run_demo
 from ks_lens.pipeline import PipelineConfig
 from ks_lens.report import render_summary
@@ -230,6 +231,10 @@ def test_demo_report_schema_on_tiny_model(two_seed_demo):
         assert (tmp / png).stat().st_size > 1000
     assert result.config.kl_budget == on_disk["comparison_config"]["kl_budget"]
     assert {"collect_s", "calibration_s", "text_eval_s", "total_s"} <= set(on_disk["timings"])
+    # what produced the numbers: package versions, device and seed (also in the markdown)
+    assert on_disk["versions"] == versions()
+    assert on_disk["device"] == "cpu" and on_disk["seed"] == 0
+    assert f"transformers {versions()['transformers']}" in md and "on cpu, seed 0." in md
 
 
 def test_summary_is_rendered_by_the_report_module(two_seed_demo, capsys):
