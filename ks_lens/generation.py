@@ -102,8 +102,6 @@ def generate_from_batch(
     """
     if max_new_tokens < 1:
         raise ConfigError("max_new_tokens must be at least 1")
-    if full_bridge:
-        check_bridge_cache()  # generation decodes with a KV cache
     check_context(model, int(batch.input_ids.shape[1]), max_new_tokens, what="the batch")
     cfg = _generation_config(
         model,
@@ -117,7 +115,9 @@ def generate_from_batch(
     hf: Any = model.original_model
     with torch.random.fork_rng(devices=[batch.input_ids.device] if batch.input_ids.is_cuda else []):
         torch.manual_seed(seed)
-        with torch.no_grad(), hf_modules(model, enabled=not full_bridge):
+        with torch.no_grad(), hf_modules(model, enabled=not full_bridge) as plain:
+            if not plain:  # the bridge decodes (asked for, or a hook it cannot route)
+                check_bridge_cache()
             out = hf.generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -165,9 +165,10 @@ def generate(
         batch_size: prompts per forward batch.
         progress: show a progress bar.
         full_bridge: run every TransformerLens bridge component (slower; same tokens) instead of
-            the plain HF modules with only the hook points that have hooks routed. Refused
-            (:class:`~ks_lens.errors.VersionError`) under versions whose bridge ignores the KV
-            cache (:func:`ks_lens.compat.check_bridge_cache`).
+            the plain HF modules with only the hook points that have hooks routed. Under
+            versions whose bridge ignores the KV cache (:func:`ks_lens.compat.check_bridge_cache`)
+            generation through the bridge (asked for, or forced by a hook point the plain path
+            cannot route) is refused with :class:`~ks_lens.errors.VersionError`.
 
     Returns:
         :class:`Generation`: ``.texts`` (decoded answers), ``.prompt_ids`` / ``.output_ids``

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import pytest
 import torch
+from _marks import needs_bridge_cache
 
 import ks_lens as ks
+from ks_lens.compat import bridge_cache_diverges
+from ks_lens.errors import VersionError
 from ks_lens.generation import generate
 
 
@@ -103,6 +107,7 @@ def _gen_ids(model, full_bridge, ctx=None, **kw):
         ).output_ids
 
 
+@needs_bridge_cache
 def test_plain_hf_modules_give_the_bridge_tokens(tiny_model, tiny_probe, tiny_acts):
     """Greedy tokens through the plain HF modules equal those through every bridge component,
     unsteered and steered (CAA and K-Steering at every position, and at generated ones)."""
@@ -170,7 +175,11 @@ def test_plain_hf_modules_fall_back_and_restore(tiny_model):
         assert not can_bypass(tiny_model)
         with hf_modules(tiny_model) as routed:
             assert not routed
-        assert _gen_ids(tiny_model, False) == _gen_ids(tiny_model, True)
+        if bridge_cache_diverges():  # the bridge would decode wrongly: refused, naming versions
+            with pytest.raises(VersionError, match="transformer-lens"):
+                _gen_ids(tiny_model, False)
+        else:
+            assert _gen_ids(tiny_model, False) == _gen_ids(tiny_model, True)
     assert can_bypass(tiny_model)
     # the module tree comes back after an exception inside the block
     try:

@@ -87,8 +87,9 @@ def test_fast_path_activations_equal_plain_hf_hidden_states(default_model, hf_tw
         ).hidden_states  # [embeddings, after block 0, ..., after the final norm]
     real = batch.attention_mask.bool()
     for layer, name in enumerate(names):
-        # the same fp32 computation up to summation order: relative 1e-5 (norms reach ~100)
-        torch.testing.assert_close(rec[name][real], ref[layer][real], rtol=1e-5, atol=1e-5)
+        # the same fp32 computation up to summation order (entries reach ~100; a routing bug
+        # shows as differences of order 1)
+        torch.testing.assert_close(rec[name][real], ref[layer][real], rtol=1e-5, atol=1e-4)
 
 
 def _train_pieces(default_model):

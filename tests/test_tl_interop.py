@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _marks import needs_bridge_cache
 
 import ks_lens as ks
 from ks_lens.activations import CollectSpec, capture_batch, collect_activations
@@ -185,7 +186,7 @@ def _counting_steerer():
     return Counter()
 
 
-@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("cache", [pytest.param(True, marks=needs_bridge_cache), False])
 @pytest.mark.parametrize("positions", ["prompt", "generated", "last"])
 def test_steer_positions_in_tl_generate(tiny_model, positions, cache):
     """Inside steer(), TL's model.generate steers the same tokens with and without a KV cache."""
@@ -341,6 +342,7 @@ def test_public_functions_have_examples():
 # ------------------------------------------------------------------- the first-hour script
 
 
+@needs_bridge_cache  # the script shows TL's own model.generate (with its KV cache)
 def test_tl_first_hour_script_runs_on_tiny_model(capsys):
     """analysis/tl_first_hour.py: README flow + TL idioms, every check passes on the tiny model."""
     import importlib.util
