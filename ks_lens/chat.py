@@ -8,7 +8,7 @@ generation appends directly after it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,12 +162,12 @@ def as_prompt_list(
     """A single string or :class:`ChatPrompt` is one prompt (not one prompt per character).
 
     Raises:
-        WrongTypeError: ``prompts`` is neither a prompt nor a sequence of them (``None``, a
-            number, ``[1, 2]``, ...).
+        WrongTypeError: ``prompts`` is neither a prompt nor a sequence (or iterator) of them
+            (``None``, a number, a set, ``[1, 2]``, ...).
     """
     if isinstance(prompts, (str, ChatPrompt)):
         return [prompts]
-    if not isinstance(prompts, Sequence):
+    if not isinstance(prompts, (Sequence, Iterator)) or isinstance(prompts, bytes):
         raise WrongTypeError(
             "prompts must be a string, a ChatPrompt or a sequence of them, got "
             f"{type(prompts).__name__}"

@@ -54,7 +54,7 @@ from ks_lens.hooks import ks_hook_name, parse_hook, resid_hook, same_hook_point
 from ks_lens.io import load_artifact, read_json, save_artifact
 from ks_lens.models import check_signature, model_device
 from ks_lens.types import Model
-from ks_lens.utils import check_seed
+from ks_lens.utils import check_int, check_seed
 
 #: ``ProbeConfig.solver`` values: the scikit-learn ``LogisticRegression`` solvers that fit an
 #: L2-penalised model with a multinomial (softmax) loss as well as a binary one
@@ -127,6 +127,9 @@ class ProbeConfig:
                 raise ConfigError(f"{name} must be {rule}, got {value!r}")
         if self.patience < 0:
             raise ConfigError(f"patience must be >= 0 (0: no early stopping), got {self.patience}")
+        for name, least in (("epochs", 1), ("batch_size", 1), ("hidden", 0), ("depth", 0)):
+            check_int(getattr(self, name), name, minimum=least)  # 2.5 or True: refused
+        check_int(self.patience, "patience", minimum=0)
         check_seed(self.seed)
         if self.solver not in LOGISTIC_SOLVERS:
             raise ConfigError(

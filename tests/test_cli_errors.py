@@ -440,6 +440,22 @@ def test_disk_full_during_collect_is_one_line_and_resumes(tmp_path, monkeypatch,
     assert ActivationStore(out).complete
 
 
+def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
+    # a full disk shows up as OSError(28) without a file name; the message must name the file
+    import ks_lens.io as kio
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(kio.os, "fsync", full)
+    target = tmp_path / "meta.json"
+    with pytest.raises(OSError) as e:
+        kio.atomic_write_json(target, {"a": 1})
+    assert (e.value.errno, e.value.filename) == (28, str(target))
+    assert cli._describe_os_error(e.value) == f"{target}: No space left on device"
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
 def test_ctrl_c_during_demo_says_what_was_saved(tmp_path, monkeypatch, capsys):
     real = A._collect_chunk
     calls = {"n": 0}

@@ -68,9 +68,12 @@ def test_generation_refuses_non_integers_and_wrong_prompt_types(tiny_model):
         generate(tiny_model, [1, 2])  # type: ignore[list-item]
     with pytest.raises(WrongTypeError, match=r"prompts\[1\] is NoneType"):
         generate(tiny_model, ["hi?", None])  # type: ignore[list-item]
-    # NumPy integers are integers
+    with pytest.raises(WrongTypeError, match="got set"):  # no order: which answer is which?
+        generate(tiny_model, {"hi?", "yo?"})  # type: ignore[arg-type]
+    # NumPy integers are integers; an iterator of prompts is a sequence of prompts
     gen = generate(tiny_model, ["hi?"], max_new_tokens=np.int64(2), batch_size=np.int32(1))
     assert len(gen.output_ids[0]) <= 2
+    assert generate(tiny_model, iter(["hi?"]), max_new_tokens=2).texts == gen.texts
 
 
 def test_a_single_string_is_one_prompt(tiny_model):

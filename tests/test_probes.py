@@ -239,6 +239,9 @@ def test_multi_label_metrics_and_group_override(tiny_model, tiny_dataset):
         ("seed", 2**64, "seed must be an integer from 0 to 4294967295"),
         ("seed", -1, "seed must be at least 0, got -1"),
         ("seed", 1.5, "seed must be an integer, got 1.5"),
+        ("epochs", 2.5, "epochs must be an integer, got 2.5"),
+        ("batch_size", True, "batch_size must be an integer, got True"),
+        ("patience", 1.5, "patience must be an integer, got 1.5"),
     ],
 )
 def test_non_finite_hyperparameters_are_refused(field, value, message):
