@@ -93,6 +93,7 @@ from ks_lens.models import (
     pad_token_id,
 )
 from ks_lens.types import Model
+from ks_lens.utils import check_int, check_seed
 
 Mode = Literal["prompt", "response", "response-only", "neutral"]
 Pooling = Literal["last", "mean_response"]
@@ -540,6 +541,9 @@ class CollectSpec:
                 ) from None
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("batch_size and max_new_tokens must be positive")
+        check_int(self.batch_size, "batch_size")
+        check_int(self.max_new_tokens, "max_new_tokens")
+        check_seed(self.seed)
         n = int(model.cfg.n_layers)
         layers = (
             tuple(range(n))

@@ -8,7 +8,7 @@ generation appends directly after it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,10 +159,26 @@ def tokenize_texts(
 def as_prompt_list(
     prompts: Sequence[ChatPrompt | str] | ChatPrompt | str,
 ) -> list[ChatPrompt | str]:
-    """A single string or :class:`ChatPrompt` is one prompt (not one prompt per character)."""
+    """A single string or :class:`ChatPrompt` is one prompt (not one prompt per character).
+
+    Raises:
+        WrongTypeError: ``prompts`` is neither a prompt nor a sequence (or iterator) of them
+            (``None``, a number, a set, ``[1, 2]``, ...).
+    """
     if isinstance(prompts, (str, ChatPrompt)):
         return [prompts]
-    return list(prompts)
+    if not isinstance(prompts, (Sequence, Iterator)) or isinstance(prompts, bytes):
+        raise WrongTypeError(
+            "prompts must be a string, a ChatPrompt or a sequence of them, got "
+            f"{type(prompts).__name__}"
+        )
+    out = list(prompts)
+    for i, p in enumerate(out):
+        if not isinstance(p, (str, ChatPrompt)):
+            raise WrongTypeError(
+                f"prompts[{i}] is {type(p).__name__} ({p!r:.40}), not a string or a ChatPrompt"
+            )
+    return out
 
 
 def context_window(model: Model) -> int | None:

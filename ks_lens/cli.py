@@ -28,7 +28,7 @@ import tyro
 from ks_lens.activations import Mode, Pooling
 from ks_lens.datasets import SPLITS
 from ks_lens.demo import DemoOptions, cmd_demo, parse_demo_options
-from ks_lens.errors import ConfigError, KsLensError, LabelError
+from ks_lens.errors import ConfigError, Interrupted, KsLensError, LabelError
 from ks_lens.hooks import HOOK_KINDS
 from ks_lens.logs import add_logging_arguments, configure_logging
 from ks_lens.models import ModelOptions
@@ -46,14 +46,6 @@ _HOOK_HELP = (
 )
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a command, with a sentence on what was saved."""
-
-    def __init__(self, saved: str) -> None:
-        super().__init__(saved)
-        self.saved = saved
-
-
 def _describe_os_error(e: OSError) -> str:
     """``"runs/x: Permission denied"`` for an ``OSError`` (no errno number, no traceback)."""
     what = e.strerror or str(e) or type(e).__name__
@@ -68,6 +60,7 @@ _ARTEFACT_NAMES = {
     "ks_lens.probe_set": "a probe set",
     "ks_lens.steering_vectors": "steering vectors",
     "ks_lens.activation_store": "an activation store",
+    "ks_lens.text_evaluator": "a text evaluator",
 }
 
 
@@ -211,8 +204,10 @@ class CollectOptions:
 def cmd_collect(o: CollectOptions) -> int:
     from ks_lens.activations import ActivationStore, collect_to_store
     from ks_lens.datasets import load_dataset, make_splits
+    from ks_lens.utils import check_seed
 
     out = _check_out(o.out)
+    check_seed(o.seed, "--seed")  # before the model loads (the library checks it again)
     ds = load_dataset(o.dataset, questions=o.questions)
     if o.split != "all":
         ds = ds.split(o.split, make_splits(ds, seed=o.split_seed))
@@ -403,8 +398,11 @@ def cmd_steer(o: SteerOptions) -> int:
         raise ConfigError(
             "give exactly one of --classifier DIR (K-Steering) or --vectors DIR (CAA)"
         )
-    # options of the other method would be silently ignored: refuse them instead
-    given = {n for n in _KSTEER_ONLY + _CAA_ONLY if getattr(o, n) not in (None, False)}
+    # options of the other method would be silently ignored: refuse them instead. "Given" is
+    # anything but the unset default (None, or False for --normalize): a 0 (--steps 0, --decay 0)
+    # is given, and reaches the method's own checks (0 == False, so no `in (None, False)` test)
+    given = {n for n in _KSTEER_ONLY + _CAA_ONLY if getattr(o, n) is not None}
+    given -= {n for n in given if getattr(o, n) is False}
     if o.vectors and given & set(_KSTEER_ONLY):
         flags = ", ".join(sorted(_flag(n) for n in given & set(_KSTEER_ONLY)))
         raise ConfigError(f"{flags} apply to K-Steering (--classifier), not to --vectors (CAA)")
@@ -494,14 +492,21 @@ def cmd_evaluate_text(o: EvaluateTextOptions) -> int:
 
     from ks_lens.gold_texts import load_texts
     from ks_lens.style import style_meters
-    from ks_lens.text_evaluator import TextEvaluator, default_text_evaluator
+    from ks_lens.text_evaluator import LongTextWarning, TextEvaluator, default_text_evaluator
 
     rows = load_texts(o.texts)
     ev = TextEvaluator.load(o.evaluator) if o.evaluator else default_text_evaluator()
+    texts = [text for _, text in rows]
+    long = ev.long_texts(texts)
+    if long:  # once, naming the texts by id (or position in the file), before any output
+        names = [f"id {r}" if r is not None else f"text {i + 1}" for i, (r, _) in enumerate(rows)]
+        warnings.warn(ev.long_text_message(texts, long, names), LongTextWarning, stacklevel=1)
     chunk = 256
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
-        probs = ev.predict_proba([text for _, text in part])
+        with warnings.catch_warnings():  # said above: not again per chunk
+            warnings.simplefilter("ignore", LongTextWarning)
+            probs = ev.predict_proba([text for _, text in part])
         for (rid, text), p in zip(part, probs, strict=True):
             out: dict[str, object] = {} if rid is None else {"id": rid}
             out["probs"] = {n: round(float(v), 6) for n, v in zip(ev.label_names, p, strict=True)}
@@ -517,6 +522,7 @@ class TrainTextEvaluatorOptions:
 
     out: str  # directory to save the evaluator in
     texts: str | None = None  # labelled-text JSONL (None: the shipped gold texts)
+    overwrite: bool = False  # replace the text evaluator already in --out
     labels: tuple[str, ...] = ()  # label names (none given: those in the texts)
     folds: int = 5  # question-grouped CV folds; 0 skips validation
     C: float | None = None  # inverse regularisation strength (None: TextEvaluatorConfig's)
@@ -528,11 +534,17 @@ def cmd_train_text_evaluator(o: TrainTextEvaluatorOptions) -> int:
     import dataclasses
 
     from ks_lens.datasets import load_dataset
-    from ks_lens.gold_texts import load_gold_texts, load_labelled_texts
+    from ks_lens.gold_texts import check_label_options, load_gold_texts, load_labelled_texts
     from ks_lens.text_evaluator import TextEvaluator, TextEvaluatorConfig, validate_text_evaluator
 
+    out = _check_out(
+        o.out, holds=("ks_lens.text_evaluator",), what="a text evaluator", overwrite=o.overwrite
+    )
     tones = load_dataset("tones").labels
-    labels: list[str] | None = list(o.labels) or None
+    try:
+        labels: list[str] | None = list(check_label_options(o.labels)) if o.labels else None
+    except LabelError as e:
+        raise LabelError(f"--labels: {e}") from None
     if o.texts:
         texts = load_labelled_texts(o.texts, labels)
         if labels is None:
@@ -554,8 +566,8 @@ def cmd_train_text_evaluator(o: TrainTextEvaluatorOptions) -> int:
         ev.validity = validate_text_evaluator(texts, labels, cfg, n_folds=o.folds)
         print(ev.validity.summary())
         print(f"(validation took {time.perf_counter() - t0:.1f} s)")
-    ev.save(o.out)
-    print(f"saved to {o.out}")
+    ev.save(out)  # as a whole: a failed save leaves --out as it was
+    print(f"saved to {out}")
     return 0
 
 

@@ -75,6 +75,27 @@ def label_set(name: str) -> tuple[str, ...]:
     return tuple(name.split(COMBINE_SEP))
 
 
+def label_name_problem(name: str, *, combined: bool = False) -> str | None:
+    """What is wrong with ``name`` as a label, or ``None``: the one rule for dataset behaviours,
+    labelled texts and label options. A label is a non-empty string without a comma (label
+    options are comma-separated, so ``"casual, concise"`` would silently become one new label)
+    and, unless ``combined``, without :data:`COMBINE_SEP` (which joins labels)."""
+    if not name.strip():
+        return "is empty"
+    if "," in name:
+        return 'contains a comma; several labels are a list, e.g. ["casual", "concise"]'
+    if not combined and COMBINE_SEP in name:
+        return f"contains {COMBINE_SEP!r}, which joins labels; give a list of labels instead"
+    return None
+
+
+def case_twin(name: str, names: Iterable[str]) -> str | None:
+    """The label among ``names`` that differs from ``name`` only in capitals (``"Casual"`` and
+    ``"casual"``), if any: labels are case-sensitive, so the two would silently be two labels."""
+    folded = name.casefold()
+    return next((n for n in names if n != name and n.casefold() == folded), None)
+
+
 def base_labels(names: Sequence[str]) -> tuple[str, ...]:
     """The base (single) labels among ``names``, in order; combined names must be made of them."""
     base = tuple(n for n in names if COMBINE_SEP not in n)
@@ -124,10 +145,15 @@ class BehaviourDataset:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise DatasetError(f"dataset {self.name!r} repeats behaviour names {sorted(dup)}")
-        for b in self.behaviours:
-            if not b.name or not b.name.strip() or "," in b.name:
+        for i, b in enumerate(self.behaviours):
+            problem = label_name_problem(b.name, combined=True)
+            if problem:
+                raise DatasetError(f"dataset {self.name!r}: behaviour name {b.name!r} {problem}")
+            twin = case_twin(b.name, names[:i])
+            if twin:
                 raise DatasetError(
-                    f"behaviour name {b.name!r} must be non-empty and contain no comma"
+                    f"dataset {self.name!r}: behaviour names {twin!r} and {b.name!r} differ only "
+                    "in capitals; spell a label the same way everywhere"
                 )
             if not b.instruction.strip():
                 raise DatasetError(f"behaviour {b.name!r} has an empty instruction")

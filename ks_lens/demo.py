@@ -28,7 +28,7 @@ from typing import Any
 
 from ks_lens.comparison import METHODS, ComparisonResult
 from ks_lens.compat import versions
-from ks_lens.errors import ConfigError
+from ks_lens.errors import ConfigError, Interrupted, KsLensError
 from ks_lens.models import model_device, model_signature
 from ks_lens.options import PipelineOptions, parse_pipeline_options
 from ks_lens.pipeline import PipelineConfig, Setup, prepare
@@ -210,6 +210,39 @@ def config_from_args(opts: DemoOptions) -> PipelineConfig:
     return cfg.validate()
 
 
+def saved_summary(out: str | Path) -> str:
+    """What a demo run interrupted in ``out`` leaves there, and how to go on: the sentence
+    ``ks-lens demo`` prints after Ctrl-C."""
+    from ks_lens.activations import ActivationStore
+    from ks_lens.io import artifact_format
+
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return "nothing was saved"
+    stores: list[str] = []
+    others = 0
+    for meta in sorted(out.rglob("meta.json")):
+        found = artifact_format(meta.parent)
+        if found == "ks_lens.activation_store":
+            try:
+                st = ActivationStore(meta.parent)
+                done = "complete" if st.complete else f"{st.n_rows_done}/{st.meta['n_rows']} rows"
+            except KsLensError:
+                done = "damaged, to be redone"
+            stores.append(f"{meta.parent.relative_to(out)} ({done})")
+        elif found:
+            others += 1
+    if not stores and not others:
+        return "nothing was saved"
+    what = [f"{len(stores)} activation store(s): " + ", ".join(stores)] if stores else []
+    if others:
+        what.append(f"{others} other artefact(s) (probes, vectors, evaluators)")
+    return (
+        f"{out} holds {'; '.join(what)}; rerun the same command to resume (complete stores are "
+        "reused, an incomplete one continues where it stopped)"
+    )
+
+
 def cmd_demo(opts: DemoOptions) -> int:
     cfg = config_from_args(opts)
     command = (
@@ -217,7 +250,10 @@ def cmd_demo(opts: DemoOptions) -> int:
         if sys.argv[1:]
         else "ks-lens demo"
     )
-    results = run_demo(cfg, opts.out, seeds=opts.seeds, command=command)
+    try:
+        results = run_demo(cfg, opts.out, seeds=opts.seeds, command=command)
+    except KeyboardInterrupt:
+        raise Interrupted(saved_summary(opts.out)) from None
     print_summary(results[0])
     print(f"\nfull report: {Path(opts.out) / 'report.md'}")
     return 0

@@ -67,6 +67,15 @@ class TrainingError(KsLensError, RuntimeError):
     """Training diverged (a loss became NaN or infinite); nothing is saved."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command, with a sentence on what was saved (``saved``); the command line
+    prints it. A ``KeyboardInterrupt``, not a :class:`KsLensError`: nothing was wrong."""
+
+    def __init__(self, saved: str) -> None:
+        super().__init__(saved)
+        self.saved = saved
+
+
 class MissingDependencyError(KsLensError, ImportError):
     """An optional package that a feature needs is not installed (the message says how to)."""
 

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from ks_lens.batching import scatter, sorted_batches
 from ks_lens.chat import ChatPrompt, TokenBatch, as_prompt_list, check_context, encode_chat
 from ks_lens.compat import check_bridge_cache
-from ks_lens.errors import ConfigError
 from ks_lens.hf_path import hf_modules
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.types import Model
+from ks_lens.utils import check_int, check_seed
 
 
 @dataclass
@@ -100,8 +100,7 @@ def generate_from_batch(
     ``full_bridge=True`` runs every TransformerLens bridge component instead of the plain HF
     modules with only the hooked points routed (see the module docstring).
     """
-    if max_new_tokens < 1:
-        raise ConfigError("max_new_tokens must be at least 1")
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens")
     check_context(model, int(batch.input_ids.shape[1]), max_new_tokens, what="the batch")
     cfg = _generation_config(
         model,
@@ -187,10 +186,9 @@ def generate(
     Sampling is seeded per batch (``seed + batch index``) without touching the caller's RNG
     state, so the same call gives the same texts.
     """
-    if batch_size < 1:
-        raise ConfigError("batch_size must be at least 1")
-    if max_new_tokens < 1:
-        raise ConfigError("max_new_tokens must be at least 1")
+    batch_size = check_int(batch_size, "batch_size")
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens")
+    seed = check_seed(seed)
     prompts = as_prompt_list(prompts)
     if not prompts:
         return Generation([], [], [], [], [])

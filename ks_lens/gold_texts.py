@@ -11,8 +11,11 @@ File format (JSONL, one object per line, blank lines ignored)::
      "labels": ["casual", "concise"], "text": "...", "source": "writer-2"}
 
 ``text`` (non-empty string) and ``labels`` (non-empty list of distinct strings, or one string)
-are required; ``id`` (default ``t00001``, ``t00002``, ... by position), ``question_id``,
-``question`` and ``source`` are optional. Errors name the file and line.
+are required; ``id`` (a string or an integer; default ``t00001``, ``t00002``, ... by position),
+``question_id``, ``question`` and ``source`` are optional. A label holds no comma and no ``+``
+(``"casual, concise"`` is refused: write ``["casual", "concise"]``), and is spelled with the same
+capitals on every line (``"Casual"`` after ``"casual"`` is refused rather than made a new label).
+Errors name the file and line.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ks_lens.errors import ConfigError, DatasetError
+from ks_lens.errors import ConfigError, DatasetError, LabelError
 from ks_lens.io import iter_jsonl
 
 GOLD_FILE = "gold_tones.jsonl"
@@ -78,13 +81,68 @@ def _parse_labels(value: Any, loc: str) -> tuple[str, ...]:
         value = [value]
     if not isinstance(value, list) or not value:
         raise DatasetError(f"{loc}: 'labels' must be a non-empty list of strings (or one string)")
+    from ks_lens.datasets import label_name_problem
+
     out: list[str] = []
     for v in value:
         if not isinstance(v, str) or not v.strip():
             raise DatasetError(f"{loc}: every label must be a non-empty string, got {v!r}")
+        problem = label_name_problem(v)
+        if problem:
+            raise DatasetError(f"{loc}: label {v.strip()!r} {problem}")
         if v.strip() in out:
             raise DatasetError(f"{loc}: label {v.strip()!r} is repeated")
         out.append(v.strip())
+    return tuple(out)
+
+
+def _parse_id(raw: Any, loc: str) -> str | None:
+    """A text's ``id`` as a string (``None`` when absent or empty); a string or an integer only,
+    so ``{"a": 1}`` or ``true`` are not silently turned into ids."""
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, (str, int)) and not isinstance(raw, bool):
+        return str(raw)
+    raise DatasetError(f"{loc}: 'id' must be a string or an integer, got {json.dumps(raw)}")
+
+
+def _check_spelling(labs: Sequence[str], loc: str, seen: dict[str, str]) -> None:
+    """Refuse a label spelled with other capitals than on an earlier line (``seen``: label ->
+    where it first appeared; updated)."""
+    from ks_lens.datasets import case_twin
+
+    for x in labs:
+        twin = case_twin(x, seen)
+        if twin:
+            raise DatasetError(
+                f"{loc}: label {x!r} differs from {twin!r} (first at {seen[twin]}) only in "
+                "capitals; labels are case-sensitive, so it would become a new label: spell it "
+                "the same way"
+            )
+        seen.setdefault(x, loc)
+
+
+def check_label_options(labels: Sequence[str]) -> tuple[str, ...]:
+    """The allowed label names a caller gives (e.g. ``--labels``): distinct, each a valid
+    label (:func:`ks_lens.datasets.label_name_problem`), no two differing only in capitals."""
+    from ks_lens.datasets import case_twin, label_name_problem
+
+    if isinstance(labels, str):
+        labels = [labels]
+    out: list[str] = []
+    for x in labels:
+        # combined names ("casual+concise", as datasets may have) are allowed, as never a text's
+        problem = label_name_problem(x, combined=True) if isinstance(x, str) else "is no string"
+        if problem:
+            raise LabelError(f"label {x!r} {problem}")
+        if x in out:
+            raise LabelError(f"label {x!r} is given twice; give each label once")
+        twin = case_twin(x, out)
+        if twin:
+            raise LabelError(f"labels {twin!r} and {x!r} differ only in capitals")
+        out.append(x)
+    if not out:
+        raise LabelError("no labels given")
     return tuple(out)
 
 
@@ -104,15 +162,15 @@ def _parse_row(row: Any, loc: str, index: int, labels: Sequence[str] | None) -> 
     if labels is not None:
         unknown = [x for x in labs if x not in labels]
         if unknown:
-            raise DatasetError(f"{loc}: unknown label {unknown[0]!r}; labels are {list(labels)}")
+            from ks_lens.datasets import case_twin
+
+            twin = case_twin(unknown[0], labels)
+            hint = f" (labels are case-sensitive: {twin!r}?)" if twin else ""
+            raise DatasetError(
+                f"{loc}: unknown label {unknown[0]!r}{hint}; labels are {list(labels)}"
+            )
         labs = tuple(x for x in labels if x in labs)  # canonical order
-    raw_id = row.get("id")
-    if raw_id is None or raw_id == "":
-        tid = f"t{index:05d}"
-    elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
-        tid = str(raw_id)
-    else:
-        raise DatasetError(f"{loc}: 'id' must be a string or an integer, got {raw_id!r}")
+    tid = _parse_id(row.get("id"), loc) or f"t{index:05d}"
     extra: dict[str, str | None] = {}
     for name in _OPTIONAL_STR_FIELDS:
         v = row.get(name)
@@ -136,24 +194,29 @@ def load_labelled_texts(
 
     Args:
         path: the ``.jsonl`` file (format in this module's docstring).
-        labels: the allowed label names; when given, an unknown label is an error and each text's
-            labels are put in this order.
+        labels: the allowed label names (distinct; :func:`check_label_options`); when given, an
+            unknown label is an error and each text's labels are put in this order.
 
     Returns:
         The texts in file order.
 
     Raises:
         DatasetError: naming ``file:line``: not UTF-8, malformed JSON, a line that is not an
-            object, missing/non-string/empty ``text``, bad ``labels``, an unknown label, a
-            duplicate id, or a duplicate text (compared lower-cased with white space collapsed).
+            object, missing/non-string/empty ``text``, bad ``labels`` (a comma or ``+`` in one,
+            other capitals than on an earlier line), an unknown label, an ``id`` that is not a
+            string or an integer, a duplicate id, or a duplicate text (compared lower-cased with
+            white space collapsed).
+        LabelError: ``labels`` repeat a name or hold an invalid one.
     """
     path = Path(path)
-    allowed = tuple(labels) if labels is not None else None
+    allowed = check_label_options(labels) if labels is not None else None
     texts: list[LabelledText] = []
     seen_id: dict[str, str] = {}
     seen_text: dict[str, str] = {}
+    seen_label: dict[str, str] = {}
     for loc, row in iter_jsonl(path, "labelled-text file (.jsonl)"):
         t = _parse_row(row, loc, len(texts) + 1, allowed)
+        _check_spelling(t.labels, loc, seen_label)
         if t.id in seen_id:
             raise DatasetError(f"{loc}: duplicate id {t.id!r} (first at {seen_id[t.id]})")
         key = normalise_text(t.text)
@@ -170,15 +233,17 @@ def load_labelled_texts(
 def load_texts(path: str | Path) -> tuple[tuple[str | None, str], ...]:
     """Read texts to score from a JSONL file: each line an object with a string ``text``.
 
-    Other fields are ignored except ``id`` (string or integer), which is passed through. Empty
-    texts are allowed (a model can answer with nothing).
+    Other fields are ignored except ``id`` (a string or an integer, as in
+    :func:`load_labelled_texts`), which is passed through. Empty texts are allowed (a model can
+    answer with nothing), but a file without any text is an error, not an empty result.
 
     Returns:
         ``(id or None, text)`` per non-blank line, in file order.
 
     Raises:
         DatasetError: naming ``file:line`` for undecodable bytes, malformed JSON, a line that is
-            not an object, or a missing / non-string ``text``.
+            not an object, a missing / non-string ``text`` or an ``id`` that is not a string or
+            an integer; naming the file when it is empty or holds only blank lines.
     """
     path = Path(path)
     out: list[tuple[str | None, str]] = []
@@ -189,8 +254,12 @@ def load_texts(path: str | Path) -> tuple[tuple[str | None, str], ...]:
             raise DatasetError(f"{loc}: missing field 'text'")
         if not isinstance(row["text"], str):
             raise DatasetError(f"{loc}: 'text' must be a string, got {type(row['text']).__name__}")
-        rid = row.get("id")
-        out.append((None if rid is None else str(rid), row["text"]))
+        out.append((_parse_id(row.get("id"), loc), row["text"]))
+    if not out:
+        raise DatasetError(
+            f"{path}: no texts found (the file is empty or holds only blank lines); expected one "
+            'JSON object with a "text" field per line'
+        )
     return tuple(out)
 
 

@@ -12,10 +12,12 @@ artefact: saving over another kind (or over unrelated files) is refused.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -34,15 +36,23 @@ META_FILE = "meta.json"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (same-directory temp file + ``os.replace``)."""
+    """Write ``data`` to ``path`` atomically (same-directory temp file + ``os.replace``).
+
+    A failed write that names no file (a full disk) is raised as an ``OSError`` naming ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -108,7 +118,10 @@ def atomic_save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+        try:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+        except SafetensorError as e:
+            raise _as_os_error(e, path) from e
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -117,17 +130,34 @@ def atomic_save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor
         raise
 
 
+def _as_os_error(e: SafetensorError, path: Path) -> OSError:
+    """safetensors reports a failed write (a full disk, ...) as ``SafetensorError("Error while
+    serializing: I/O error: No space left on device (os error 28) ...")``: the ``OSError`` it
+    stands for, naming ``path``, so callers see the usual one-line file-system error."""
+    found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(e))
+    if found:
+        return OSError(int(found.group(2)), found.group(1), str(path))
+    return OSError(errno.EIO, f"cannot write the tensors ({e})", str(path))
+
+
 def write_directory(directory: str | Path, write: Callable[[Path], Any]) -> Path:
     """Run ``write(tmp)`` on a fresh sibling directory, then put it in place of ``directory``.
 
     Whatever ``directory`` held before is replaced as a whole, so a crash or an error never leaves
-    old and new files mixed; ``write`` failing leaves the old contents untouched.
+    old and new files mixed; ``write`` failing leaves the old contents untouched. An ``OSError``
+    that names no file or a file in the temporary directory (a full disk while writing) is raised
+    again naming ``directory``.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as e:
+            if e.filename is not None and not str(e.filename).startswith(str(tmp)):
+                raise
+            raise OSError(e.errno, e.strerror or str(e), str(directory)) from e
         if directory.exists():
             old = tmp.with_name(tmp.name + ".old")
             os.replace(directory, old)

@@ -54,6 +54,7 @@ from ks_lens.hooks import ks_hook_name, parse_hook, resid_hook, same_hook_point
 from ks_lens.io import load_artifact, read_json, save_artifact
 from ks_lens.models import check_signature, model_device
 from ks_lens.types import Model
+from ks_lens.utils import check_int, check_seed
 
 #: ``ProbeConfig.solver`` values: the scikit-learn ``LogisticRegression`` solvers that fit an
 #: L2-penalised model with a multinomial (softmax) loss as well as a binary one
@@ -112,7 +113,8 @@ class ProbeConfig:
         for name, ok, rule in (
             ("lr", lambda v: v > 0, "a positive finite number"),
             ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
-            ("val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+            # 0 would hold out nothing and report training accuracy as val_accuracy
+            ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
             ("C", lambda v: v > 0, "a positive finite number"),
         ):
             value = getattr(self, name)
@@ -125,6 +127,10 @@ class ProbeConfig:
                 raise ConfigError(f"{name} must be {rule}, got {value!r}")
         if self.patience < 0:
             raise ConfigError(f"patience must be >= 0 (0: no early stopping), got {self.patience}")
+        for name, least in (("epochs", 1), ("batch_size", 1), ("hidden", 0), ("depth", 0)):
+            check_int(getattr(self, name), name, minimum=least)  # 2.5 or True: refused
+        check_int(self.patience, "patience", minimum=0)
+        check_seed(self.seed)
         if self.solver not in LOGISTIC_SOLVERS:
             raise ConfigError(
                 f"solver must be one of {list(LOGISTIC_SOLVERS)}, got {self.solver!r}"

@@ -53,6 +53,7 @@ from ks_lens.errors import (
 )
 from ks_lens.gold_texts import LabelledText, load_gold_texts, texts_hash
 from ks_lens.style import STYLE_METER_NAMES, STYLE_VERSION, style_matrix
+from ks_lens.utils import check_seed
 
 FORMAT = "ks_lens.text_evaluator"
 FORMAT_VERSION = 1
@@ -60,6 +61,18 @@ META_FILE = "meta.json"
 TENSORS_FILE = "tensors.safetensors"
 VOCAB_FILE = "vocabulary.json"
 CACHE_SUBDIR = "text_evaluators"
+#: a text with more than this many times the words of the longest training text is "far longer"
+LONG_TEXT_FACTOR = 2
+
+
+class LongTextWarning(UserWarning):
+    """Texts far longer than any the evaluator was trained on: its scores on them are
+    extrapolations (long texts pile up n-gram evidence, so they tend towards 0 or 1)."""
+
+
+def n_words(text: str) -> int:
+    """Words in ``text`` (white-space separated), the unit of the evaluator's length checks."""
+    return len(text.split())
 
 
 # ----------------------------------------------------------------------------- config
@@ -116,6 +129,7 @@ class TextEvaluatorConfig:
             raise ConfigError(f"C must be a positive number, got {self.C}")
         if not (self.style_weight >= 0 and math.isfinite(self.style_weight)):
             raise ConfigError(f"style_weight must be >= 0, got {self.style_weight}")
+        check_seed(self.seed)
         if self.class_weight not in ("balanced", None):
             raise ConfigError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
         if self.max_iter < 1:
@@ -217,6 +231,8 @@ class TextEvaluator:
         config: the :class:`TextEvaluatorConfig` it was trained with.
         training_hash: :func:`ks_lens.gold_texts.texts_hash` of its training texts.
         n_training_texts: how many texts it was trained on.
+        training_max_words: words in its longest training text (``None`` for evaluators saved
+            before this was recorded); :meth:`predict_proba` warns on texts far longer.
         validity: held-out metrics (:class:`TextEvaluatorValidity`) when computed, else None.
         estimator: the fitted scikit-learn ``OneVsRestClassifier`` (only after :meth:`fit`;
             ``None`` after :meth:`load`).
@@ -235,6 +251,7 @@ class TextEvaluator:
         *,
         training_hash: str,
         n_training_texts: int,
+        training_max_words: int | None = None,
         validity: TextEvaluatorValidity | None = None,
         estimator: Any | None = None,
     ) -> None:
@@ -248,6 +265,7 @@ class TextEvaluator:
         self.intercept = np.ascontiguousarray(intercept, dtype=np.float64)
         self.training_hash = training_hash
         self.n_training_texts = int(n_training_texts)
+        self.training_max_words = None if training_max_words is None else int(training_max_words)
         self.validity = validity
         self.estimator = estimator
         k, d = self.coef.shape
@@ -307,8 +325,44 @@ class TextEvaluator:
 
         Returns:
             float64 array ``[n, K]``; column ``k`` is the probability of ``label_names[k]``.
+
+        Warns:
+            LongTextWarning: some texts have more than :data:`LONG_TEXT_FACTOR` times the words
+                of the longest training text (:meth:`long_texts`); they are scored all the same.
         """
+        texts = _check_texts_arg(texts)
+        long = self.long_texts(texts)
+        if long:
+            warnings.warn(self.long_text_message(texts, long), LongTextWarning, stacklevel=2)
         return expit(self.decision_function(texts))
+
+    def long_texts(self, texts: Sequence[str]) -> list[int]:
+        """Positions of the texts far longer than any training text: more than
+        :data:`LONG_TEXT_FACTOR` times the words of the longest one (none when that length was
+        not recorded). The evaluator never saw such texts; their scores are not reliable.
+
+        Warned about rather than scored in windows: a windowed mean would be a different
+        measure (the tone of the parts, not of the text), and would hide that the text is out
+        of range; split such texts yourself if their parts are what you want scored."""
+        if self.training_max_words is None:
+            return []
+        limit = LONG_TEXT_FACTOR * self.training_max_words
+        return [i for i, t in enumerate(_check_texts_arg(texts)) if n_words(t) > limit]
+
+    def long_text_message(
+        self, texts: Sequence[str], long: Sequence[int], names: Sequence[str] | None = None
+    ) -> str:
+        """The warning for the texts at positions ``long`` (named by ``names``, else by their
+        1-based position)."""
+        which = [names[i] if names is not None else f"text {i + 1}" for i in long]
+        shown = ", ".join(which[:5]) + (f" and {len(which) - 5} more" if len(which) > 5 else "")
+        most = max(n_words(texts[i]) for i in long)
+        return (
+            f"{len(long)} of {len(texts)} texts ({shown}) have up to {most} words, more than "
+            f"{LONG_TEXT_FACTOR} times the longest training text of this evaluator "
+            f"({self.training_max_words} words); their scores are extrapolations and tend "
+            "towards 0 or 1: score shorter parts instead"
+        )
 
     def predict_labels(self, texts: Sequence[str], threshold: float = 0.5) -> list[list[str]]:
         """The labels whose probability is at least ``threshold``, per text."""
@@ -417,6 +471,7 @@ class TextEvaluator:
             intercept,
             training_hash=texts_hash(texts),
             n_training_texts=len(texts),
+            training_max_words=max(n_words(t.text) for t in texts),
             estimator=clf,
         )
 
@@ -437,24 +492,46 @@ class TextEvaluator:
                 "char": len(self.char_vectorizer.vocabulary_),
                 "style": len(STYLE_METER_NAMES) if self.config.use_style else 0,
             },
-            "training": {"texts_hash": self.training_hash, "n_texts": self.n_training_texts},
+            "training": {
+                "texts_hash": self.training_hash,
+                "n_texts": self.n_training_texts,
+                **(
+                    {}
+                    if self.training_max_words is None
+                    else {"max_words": self.training_max_words}
+                ),
+            },
             "versions": versions(),
             "validity": None if self.validity is None else self.validity.to_json(),
             "files": {k: dict(v) for k, v in files.items()},
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Save to ``directory`` (created if needed; files written atomically, ``meta.json`` last).
+        """Save to ``directory`` as a whole: the files are written to a sibling temporary
+        directory that then takes its place (:func:`ks_lens.io.write_directory`), so a failed
+        save (a full disk) leaves what was there untouched and never a mix of old and new files.
 
         Returns:
             The directory.
+
+        Raises:
+            StoreError: ``directory`` is a file, or holds something other than a text
+                evaluator (a probe, an activation store, other files); an evaluator there is
+                replaced.
+            OSError: the file system refused; the error names ``directory``.
         """
+        from ks_lens.io import check_artifact_target, write_directory
+
+        directory = Path(directory)
+        check_artifact_target(directory, "text_evaluator")
+        return write_directory(directory, self._write)
+
+    def _write(self, directory: Path) -> None:
+        """Write the evaluator's files into the (new, empty) ``directory``, ``meta.json`` last."""
         from safetensors.numpy import save as st_save
 
         from ks_lens.io import atomic_write_bytes
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, np.ndarray] = {
             "word_idf": np.asarray(self.word_vectorizer.idf_, dtype=np.float64),
             "char_idf": np.asarray(self.char_vectorizer.idf_, dtype=np.float64),
@@ -483,7 +560,6 @@ class TextEvaluator:
         atomic_write_bytes(
             directory / META_FILE, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode()
         )
-        return directory
 
     @classmethod
     def load(cls, directory: str | Path, labels: Sequence[str] | None = None) -> TextEvaluator:
@@ -580,6 +656,7 @@ class TextEvaluator:
                 tensors["intercept"],
                 training_hash=str(meta["training"]["texts_hash"]),
                 n_training_texts=int(meta["training"]["n_texts"]),
+                training_max_words=_optional_int(meta["training"].get("max_words")),
                 validity=(
                     None
                     if meta.get("validity") is None
@@ -591,6 +668,15 @@ class TextEvaluator:
         if cfg.use_style and (ev.style_mean is None or ev.style_scale is None):
             raise StoreError(f"text evaluator at {directory} lacks its style scaler")
         return ev
+
+
+def _optional_int(value: Any) -> int | None:
+    """A recorded count that older files lack: ``None``, else a non-negative integer."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
 
 
 def _canonical(obj: Any) -> Any:
@@ -934,6 +1020,8 @@ def default_text_evaluator(
             ev = TextEvaluator.load(target, labels=labels)
             if ev.training_hash != gold_hash or ev.config != cfg:
                 raise StoreError("it was trained on other texts or with another config")
+            if ev.training_max_words is None:  # cached before the length was recorded
+                ev.training_max_words = max(n_words(t.text) for t in gold)
             return ev
         except (StoreError, MetadataMismatchError) as e:
             warnings.warn(

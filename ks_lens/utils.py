@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import platform
 import random
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ks_lens.errors import ConfigError
+from ks_lens.errors import ConfigError, WrongTypeError
 
 #: what :func:`package_version` reports when ks-lens runs from a source tree it was not installed from
 UNKNOWN_VERSION = "0+unknown"
@@ -63,6 +64,33 @@ def resolve_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
     if key not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}")
     return _DTYPES[key]
+
+
+#: seeds are integers in [0, MAX_SEED]: what torch, NumPy and scikit-learn all accept
+MAX_SEED = 2**32 - 1
+
+
+def check_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an ``int``: an integer (Python or NumPy; not a bool, not a float such as 2.5,
+    which would be silently rounded somewhere) of at least ``minimum``.
+
+    Raises:
+        WrongTypeError: not an integer. ConfigError: below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise WrongTypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as an ``int`` in ``[0, MAX_SEED]``, refused before anything is computed or saved
+    (a larger one overflows inside torch after minutes of work)."""
+    value = check_int(seed, name, minimum=0)
+    if value > MAX_SEED:
+        raise ConfigError(f"{name} must be an integer from 0 to {MAX_SEED}, got {value}")
+    return value
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -215,6 +215,19 @@ def test_collect_argument_errors(tiny_model, tiny_dataset):
         collect_activations(tiny_model, tiny_dataset, hook_kinds=("hook_z",), progress=False)
 
 
+def test_collect_refuses_non_integer_settings_and_seeds_out_of_range(tiny_model, tiny_dataset):
+    # issue 22: a seed past 2**64 overflowed inside torch after the store was begun; 1.5 rows
+    # per batch or 2.5 new tokens were taken as they came
+    for kwargs, error, message in [
+        ({"seed": 10**23}, ks.ConfigError, "seed must be an integer from 0 to 4294967295"),
+        ({"seed": -1}, ks.ConfigError, "seed must be at least 0, got -1"),
+        ({"batch_size": 1.5}, ks.WrongTypeError, "batch_size must be an integer, got 1.5"),
+        ({"max_new_tokens": True}, ks.WrongTypeError, "max_new_tokens must be an integer"),
+    ]:
+        with pytest.raises(error, match=message):
+            collect_activations(tiny_model, tiny_dataset, progress=False, **kwargs)
+
+
 def test_fixed_answers_are_re_encoded_not_generated(tiny_model):
     """Labelled texts (gold answers) flow through response-only collection as given answers:
     the activation equals question + answer encoded by hand, and combined labels give multi-hot

@@ -341,3 +341,152 @@ def test_collect_and_train_at_a_non_d_model_hook(tmp_path, capsys):
     assert "store has no 'mlp.hook_post' activations" in capsys.readouterr().err
     assert _collect(tmp_path / "bad", "--hooks", "attn.hook_pattern") == 2
     assert "no per-token activation" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- issue 22
+
+
+def test_steer_zero_steps_or_decay_reach_the_method_checks(artefacts, capsys):
+    # 0 == False: `--steps 0` used to count as "not given" and run with the defaults
+    steer = ["steer", *TINY, "--target", "casual", "--alpha", "1", "--max-new-tokens", "2", "Hi?"]
+    p, v = str(artefacts / "p"), str(artefacts / "v")
+    for extra, message in [
+        (["--classifier", p, "--steps", "0"], "steps must be a positive int, got 0"),
+        (["--classifier", p, "--decay", "0"], r"decay must be in (0, 1], got 0.0"),
+        (["--vectors", v, "--steps", "0"], "--steps apply to K-Steering (--classifier), not to"),
+        (["--vectors", v, "--decay", "0"], "--decay apply to K-Steering (--classifier), not to"),
+    ]:
+        assert main([*steer, *extra]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(f"ks-lens: error: {message}")
+        assert captured.err.count("\n") == 1
+
+
+def test_seed_out_of_range_is_refused_before_anything_is_written(store, tmp_path, capsys):
+    huge = "99999999999999999999999"
+    for mode in ("prompt", "response"):
+        out = tmp_path / f"s-{mode}"
+        assert _collect(out, "--mode", mode, "--max-new-tokens", "2", "--seed", huge) == 2
+        assert capsys.readouterr().err == (
+            f"ks-lens: error: --seed must be an integer from 0 to 4294967295, got {huge}\n"
+        )
+        assert not out.exists()  # used to leave an incomplete store behind
+    out = tmp_path / "p"
+    argv = ["train", "--acts", str(store), "--layer", "1", "--out", str(out), "--seed", huge]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"ks-lens: error: seed must be an integer from 0 to 4294967295, got {huge}\n"
+    )
+    assert not out.exists()
+    # the library checks where the value enters, whatever the caller
+    from ks_lens.errors import ConfigError
+    from ks_lens.models import load_model
+
+    with pytest.raises(ConfigError, match="seed must be an integer from 0 to 4294967295"):
+        A.collect_to_store(
+            load_model("tiny-random-llama"),
+            _tones(1),
+            tmp_path / "lib",
+            seed=2**40,
+        )
+    assert not (tmp_path / "lib").exists()
+
+
+def _tones(n: int):
+    from ks_lens.datasets import load_dataset
+
+    return load_dataset("tones").head(n)
+
+
+def test_train_val_fraction_zero_is_refused(store, tmp_path, capsys):
+    # it used to train without held-out rows and print training accuracy as "val acc"
+    out = tmp_path / "p"
+    argv = ["train", "--acts", str(store), "--layer", "1", "--out", str(out)]
+    assert main([*argv, "--val-fraction", "0"]) == 2
+    assert capsys.readouterr().err == "ks-lens: error: val_fraction must be in (0, 1), got 0.0\n"
+    assert not out.exists()
+
+
+def test_disk_full_during_collect_is_one_line_and_resumes(tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    import ks_lens.io as kio
+
+    real = kio.save_file
+    calls = {"n": 0}
+
+    def disk_full(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28) at "
+                f'path "{path}"'
+            )
+        return real(tensors, path)
+
+    monkeypatch.setattr(kio, "save_file", disk_full)
+    out = tmp_path / "s"
+    args = ["--split", "train", "--shard-rows", "8"]
+    assert _collect(out, *args) == 1
+    err = capsys.readouterr().err.splitlines()  # progress bars, then the error
+    assert err[-1] == (
+        f"ks-lens: error: {out / 'shards' / 'shard-00001.safetensors'}: No space left on device"
+    )
+    assert not any("Traceback" in line or "SafetensorError" in line for line in err)
+    assert not list((out / "shards").glob(".*.tmp"))  # no half-written temporary left
+    monkeypatch.setattr(kio, "save_file", real)
+    assert _collect(out, *args) == 0
+    assert ActivationStore(out).complete
+
+
+def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
+    # a full disk shows up as OSError(28) without a file name; the message must name the file
+    import ks_lens.io as kio
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(kio.os, "fsync", full)
+    target = tmp_path / "meta.json"
+    with pytest.raises(OSError) as e:
+        kio.atomic_write_json(target, {"a": 1})
+    assert (e.value.errno, e.value.filename) == (28, str(target))
+    assert cli._describe_os_error(e.value) == f"{target}: No space left on device"
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_ctrl_c_during_demo_says_what_was_saved(tmp_path, monkeypatch, capsys):
+    real = A._collect_chunk
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first store is complete, the second just begun
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A, "_collect_chunk", interrupted)
+    out = tmp_path / "demo"
+    assert main(["demo", *TINY, "--fast", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.splitlines()
+    stores = sorted(p.parent for p in (out / "acts").glob("*/meta.json"))
+    assert len(stores) == 2
+    first, second = (ActivationStore(s) for s in stores)
+    done = [first, second] if first.complete else [second, first]
+    assert done[0].complete and not done[1].complete and done[1].n_rows_done == 0
+    state = [
+        "complete" if s.complete else f"{s.n_rows_done}/{s.meta['n_rows']} rows"
+        for s in (first, second)
+    ]
+    listed = ", ".join(f"acts/{s.path.name} ({st})" for s, st in zip((first, second), state, strict=True))
+    assert err[-1] == (
+        f"ks-lens: interrupted; {out} holds 2 activation store(s): {listed}; rerun the same "
+        "command to resume (complete stores are reused, an incomplete one continues where it "
+        "stopped)"
+    )
+    assert not any("nothing was saved" in line for line in err)
+    # nothing there yet: then nothing was saved
+    from ks_lens.demo import saved_summary
+
+    assert saved_summary(tmp_path / "none") == "nothing was saved"

@@ -138,8 +138,12 @@ def test_dataset_validation():
 
     with pytest.raises(DatasetError, match="repeats behaviour names"):
         BehaviourDataset("x", (Behaviour("a", "A."), Behaviour("a", "B.")), ())
-    with pytest.raises(DatasetError, match="no comma"):
+    with pytest.raises(DatasetError, match="behaviour name 'a,b' contains a comma"):
         BehaviourDataset("x", (Behaviour("a,b", "A."),), ())
+    # one rule for labels everywhere (ks_lens.datasets.label_name_problem / case_twin)
+    with pytest.raises(DatasetError, match="'casual' and 'Casual' differ only in capitals"):
+        BehaviourDataset("x", (Behaviour("casual", "A."), Behaviour("Casual", "B.")), ())
+    BehaviourDataset("x", (Behaviour("a", "A."), Behaviour("b", "B."), Behaviour("a+b", "AB.")), ())
     with pytest.raises(DatasetError, match="repeats question ids"):
         BehaviourDataset("x", (Behaviour("a", "A."),), (Question("1", "x?"), Question("1", "y?")))
 

@@ -48,6 +48,38 @@ def test_generation_input_errors(tiny_model):
     assert len(generate(tiny_model, [])) == 0
 
 
+def test_generation_refuses_non_integers_and_wrong_prompt_types(tiny_model):
+    # 2.5 used to make 3 tokens and True 1; None and [1, 2] gave raw TypeError/AttributeError
+    import numpy as np
+    import pytest
+
+    from ks_lens.errors import ConfigError, WrongTypeError
+
+    for kwargs, message in [
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer, got 2.5"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an integer, got True"),
+        ({"batch_size": 1.5}, "batch_size must be an integer, got 1.5"),
+        ({"batch_size": False}, "batch_size must be an integer, got False"),
+        ({"seed": 0.5}, "seed must be an integer, got 0.5"),
+    ]:
+        with pytest.raises(WrongTypeError, match=message):
+            generate(tiny_model, ["hi?"], **kwargs)
+    with pytest.raises(ConfigError, match="seed must be an integer from 0 to 4294967295"):
+        generate(tiny_model, ["hi?"], seed=2**64)
+    with pytest.raises(WrongTypeError, match="prompts must be a string, a ChatPrompt or a "):
+        generate(tiny_model, None)  # type: ignore[arg-type]
+    with pytest.raises(WrongTypeError, match=r"prompts\[0\] is int \(1\), not a string"):
+        generate(tiny_model, [1, 2])  # type: ignore[list-item]
+    with pytest.raises(WrongTypeError, match=r"prompts\[1\] is NoneType"):
+        generate(tiny_model, ["hi?", None])  # type: ignore[list-item]
+    with pytest.raises(WrongTypeError, match="got set"):  # no order: which answer is which?
+        generate(tiny_model, {"hi?", "yo?"})  # type: ignore[arg-type]
+    # NumPy integers are integers; an iterator of prompts is a sequence of prompts
+    gen = generate(tiny_model, ["hi?"], max_new_tokens=np.int64(2), batch_size=np.int32(1))
+    assert len(gen.output_ids[0]) <= 2
+    assert generate(tiny_model, iter(["hi?"]), max_new_tokens=2).texts == gen.texts
+
+
 def test_a_single_string_is_one_prompt(tiny_model):
     import pytest
 

@@ -231,8 +231,17 @@ def test_multi_label_metrics_and_group_override(tiny_model, tiny_dataset):
         ("lr", 0.0, "lr must be a positive finite number"),
         ("weight_decay", float("inf"), "weight_decay must be a finite number >= 0"),
         ("weight_decay", -1.0, "weight_decay must be a finite number >= 0"),
-        ("val_fraction", float("nan"), r"val_fraction must be in \[0, 1\)"),
+        ("val_fraction", float("nan"), r"val_fraction must be in \(0, 1\)"),
+        # 0 held out nothing and reported training accuracy as val_accuracy (issue 22)
+        ("val_fraction", 0.0, r"val_fraction must be in \(0, 1\), got 0.0"),
+        ("val_fraction", 0, r"val_fraction must be in \(0, 1\), got 0"),
         ("patience", -1, "patience must be >= 0"),
+        ("seed", 2**64, "seed must be an integer from 0 to 4294967295"),
+        ("seed", -1, "seed must be at least 0, got -1"),
+        ("seed", 1.5, "seed must be an integer, got 1.5"),
+        ("epochs", 2.5, "epochs must be an integer, got 2.5"),
+        ("batch_size", True, "batch_size must be an integer, got True"),
+        ("patience", 1.5, "patience must be an integer, got 1.5"),
     ],
 )
 def test_non_finite_hyperparameters_are_refused(field, value, message):

@@ -351,7 +351,10 @@ def test_cli_train_text_evaluator(gold, tmp_path, capsys):
     assert ev.validity is not None and ev.validity.question_cv.n_folds == 3
     assert ev.n_training_texts == len(texts)
     rc = cli.main(
-        ["train-text-evaluator", "--texts", str(f), "--out", str(out), "--labels", "casual,concise"]
+        [
+            "train-text-evaluator",
+            *("--texts", str(f), "--out", str(tmp_path / "ev2"), "--labels", "casual,concise"),
+        ]
     )
     assert rc == 2 and "unknown label" in capsys.readouterr().err
     assert math.isfinite(ev.validity.question_cv.mean_auc)
@@ -372,3 +375,213 @@ def test_prefix_views_keep_cut_answers_from_reading_as_concise(train_texts):
     assert p_with < 0.2 and p_with < p_without
     with pytest.raises(ConfigError, match="prefix_words"):
         TextEvaluatorConfig(prefix_words=0)
+
+
+# ----------------------------------------------------------------------------- issue 22
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _small_file(gold, tmp_path: Path, n_questions: int = 8) -> Path:
+    f = tmp_path / "train.jsonl"
+    texts = _question_subset(gold, n_questions)
+    f.write_text("".join(json.dumps(t.to_json()) + "\n" for t in texts))
+    return f
+
+
+def test_train_text_evaluator_checks_out_first_and_needs_overwrite(gold, tmp_path, capsys):
+    import torch
+
+    from ks_lens.io import save_artifact
+
+    f = _small_file(gold, tmp_path)
+    probe = save_artifact(tmp_path / "probe", {"w": torch.ones(2)}, {"x": 1}, kind="probe")
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "meta.json").write_text(json.dumps({"format": "ks_lens.activation_store"}))
+    (store / "shards").mkdir()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    before = {d: _tree(d) for d in (probe, store, other)}
+    train = ["train-text-evaluator", "--texts", str(f), "--folds", "0", "--out"]
+    for d, what in [
+        (probe, "holds a probe, not a text evaluator"),
+        (store, "holds an activation store, not a text evaluator"),
+        (other, "is a non-empty directory that does not hold a text evaluator"),
+    ]:
+        assert cli.main([*train, str(d)]) == 2
+        captured = capsys.readouterr()
+        assert f"ks-lens: error: --out {d} {what}" in captured.err
+        assert "trained on" not in captured.out  # refused before any training
+        assert _tree(d) == before[d]
+    out = tmp_path / "ev"
+    assert cli.main([*train, str(out)]) == 0
+    first = _tree(out)
+    assert cli.main([*train, str(out), "--no-style"]) == 2
+    assert "already holds a text evaluator; pass --overwrite" in capsys.readouterr().err
+    assert _tree(out) == first
+    assert cli.main([*train, str(out), "--no-style", "--overwrite"]) == 0
+    assert TextEvaluator.load(out).config.use_style is False
+    # the library refuses too (TextEvaluator.save): never a mixed directory
+    with pytest.raises(StoreError, match="already holds a probe"):
+        TextEvaluator.load(out).save(probe)
+    assert _tree(probe) == before[probe]
+
+
+def test_failed_save_keeps_the_old_evaluator_and_names_the_path(
+    evaluator, gold, tmp_path, monkeypatch, capsys
+):
+    import ks_lens.io as kio
+
+    out = evaluator.save(tmp_path / "ev")
+    before = _tree(out)
+    real = kio.atomic_write_bytes
+
+    def disk_full(path, data):  # the vocabulary after the tensors: a save that fails midway
+        if Path(path).name == VOCAB_FILE:
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(kio, "atomic_write_bytes", disk_full)
+    with pytest.raises(OSError) as e:
+        evaluator.save(out)
+    assert e.value.filename == str(out) and e.value.errno == 28
+    assert _tree(out) == before  # the old evaluator, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # no temporary left behind
+    f = _small_file(gold, tmp_path)
+    argv = ["train-text-evaluator", "--texts", str(f), "--folds", "0", "--overwrite"]
+    assert cli.main([*argv, "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"ks-lens: error: {out}: No space left on device\n"
+    assert _tree(out) == before
+    TextEvaluator.load(out, labels=TONES)
+
+
+def test_labels_with_commas_or_other_capitals_are_refused(gold, tmp_path, capsys):
+    from ks_lens.gold_texts import load_labelled_texts
+
+    rows = [t.to_json() for t in _question_subset(gold, 8)]
+    first_casual = next(i for i, r in enumerate(rows) if "casual" in r["labels"]) + 1
+    cases = [
+        ("casual, concise", "label 'casual, concise' contains a comma"),
+        (["casual,concise"], "label 'casual,concise' contains a comma"),
+        (["casual+concise"], "label 'casual+concise' contains '+'"),
+        (
+            ["Casual"],
+            f"label 'Casual' differs from 'casual' (first at {tmp_path / 'x.jsonl'}:"
+            f"{first_casual}) only in capitals",
+        ),
+    ]
+    for labels, message in cases:
+        f = tmp_path / "x.jsonl"
+        extra = {"id": "new", "labels": labels, "text": "A brand new text for this label."}
+        f.write_text("".join(json.dumps(r) + "\n" for r in [*rows, extra]))
+        with pytest.raises(DatasetError) as e:
+            load_labelled_texts(f)
+        assert str(e.value).startswith(f"{f}:{len(rows) + 1}: {message}")
+        out = tmp_path / "ev"
+        assert cli.main(["train-text-evaluator", "--texts", str(f), "--out", str(out)]) == 2
+        assert f"{f}:{len(rows) + 1}: {message}" in capsys.readouterr().err
+        assert not out.exists()
+    # with the labels given, another spelling is an unknown label, with a hint
+    with pytest.raises(DatasetError, match=r"unknown label 'Casual' \(labels are case-sensitive"):
+        load_labelled_texts(f, TONES)
+    # a repeated --labels names the repeat (it used to complain about 'helpful')
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["train-text-evaluator", "--texts", str(f), "--out", str(tmp_path / "ev")]
+    assert cli.main([*argv, "--labels", "casual,casual"]) == 2
+    assert capsys.readouterr().err == (
+        "ks-lens: error: --labels: label 'casual' is given twice; give each label once\n"
+    )
+    with pytest.raises(LabelError, match="labels 'casual' and 'Casual' differ only in capitals"):
+        load_labelled_texts(f, ["casual", "Casual"])
+
+
+def _old_format(saved: Path, tmp_path: Path) -> Path:
+    """A copy of ``saved`` as evaluators were saved before the training length was recorded."""
+    from ks_lens.text_evaluator import _meta_checksum
+
+    old = _copy(saved, tmp_path)
+    meta = json.loads((old / META_FILE).read_text())
+    del meta["training"]["max_words"], meta["checksum"]
+    meta["checksum"] = _meta_checksum(meta)
+    (old / META_FILE).write_text(json.dumps(meta, indent=2))
+    return old
+
+
+def test_texts_far_longer_than_the_training_texts_warn(
+    evaluator, saved, train_texts, tmp_path, capsys
+):
+    from ks_lens.text_evaluator import LONG_TEXT_FACTOR, LongTextWarning
+
+    longest = max(len(t.text.split()) for t in train_texts)
+    assert evaluator.training_max_words == longest
+    assert TextEvaluator.load(saved).training_max_words == longest
+    casual = [t.text for t in train_texts if "casual" in t.labels]
+    joined = " ".join(casual)
+    n = len(joined.split())
+    assert n > LONG_TEXT_FACTOR * longest
+    edge = " ".join(["word"] * (LONG_TEXT_FACTOR * longest))  # exactly at the limit: fine
+    assert evaluator.long_texts([casual[0], joined, edge]) == [1]
+    with pytest.warns(LongTextWarning) as w:
+        p = evaluator.predict_proba([casual[0], joined])
+    assert len(w) == 1
+    assert str(w[0].message) == (
+        f"1 of 2 texts (text 2) have up to {n} words, more than {LONG_TEXT_FACTOR} times the "
+        f"longest training text of this evaluator ({longest} words); their scores are "
+        "extrapolations and tend towards 0 or 1: score shorter parts instead"
+    )
+    assert p.shape == (2, len(TONES))  # scored all the same
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluator.predict_proba([*casual[:3], edge])
+    # the command line warns once, naming the text by id, and still scores every text
+    f = tmp_path / "in.jsonl"
+    f.write_text(
+        json.dumps({"id": "short", "text": casual[0]})
+        + "\n"
+        + json.dumps({"id": "all-casual", "text": joined})
+        + "\n"
+    )
+    with pytest.warns(LongTextWarning) as w:
+        assert cli.main(["evaluate-text", "--texts", str(f), "--evaluator", str(saved)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert len(w) == 1  # once, not again per chunk
+    assert str(w[0].message).startswith(f"1 of 2 texts (id all-casual) have up to {n} words")
+    assert cli._format_warning(w[0].message, LongTextWarning, "", 0).startswith(
+        "ks-lens: warning: 1 of 2 texts (id all-casual)"
+    )
+    # evaluators saved before the length was recorded still load (and cannot warn)
+    old = TextEvaluator.load(_old_format(saved, tmp_path))
+    assert old.training_max_words is None and old.long_texts([joined]) == []
+    np.testing.assert_array_equal(old.predict_proba([joined]), p[1:])
+
+
+def test_evaluate_text_refuses_empty_files_and_odd_ids(saved, tmp_path, capsys):
+    from ks_lens.gold_texts import load_texts
+
+    for name, content in [("empty.jsonl", ""), ("blank.jsonl", "\n   \n\n")]:
+        f = tmp_path / name
+        f.write_text(content)
+        assert cli.main(["evaluate-text", "--texts", str(f), "--evaluator", str(saved)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == (
+            f"ks-lens: error: {f}: no texts found (the file is empty or holds only blank "
+            'lines); expected one JSON object with a "text" field per line\n'
+        )
+    for rid, shown in [({"a": 1}, '{"a": 1}'), (True, "true"), (1.5, "1.5"), ([1], "[1]")]:
+        f = tmp_path / "ids.jsonl"
+        f.write_text(json.dumps({"id": 7, "text": "fine"}) + "\n")
+        f.write_text(f.read_text() + json.dumps({"id": rid, "text": "hello"}) + "\n")
+        with pytest.raises(DatasetError) as e:
+            load_texts(f)
+        assert str(e.value) == f"{f}:2: 'id' must be a string or an integer, got {shown}"
+        assert cli.main(["evaluate-text", "--texts", str(f), "--evaluator", str(saved)]) == 2
+        assert capsys.readouterr().out == ""
+    f.write_text(json.dumps({"id": 7, "text": "fine"}) + "\n")
+    assert load_texts(f) == (("7", "fine"),)
