@@ -33,14 +33,14 @@ run as ``system``::
         steered = evaluate_capability(model, label="ksteer casual")
     print(paired_accuracy_difference(steered, base).fmt())   # steered - unsteered, 95 % CI
 
-Steering with ``positions="all"`` (the default) also acts on the option tokens; ``"prompt"``
-leaves them alone; ``"generated"`` changes nothing here (a scoring pass generates no token).
-
-Rows (question + option) of many questions share one forward pass
-(:func:`~ks_lens.batching.sorted_batches`, left padding with attention masks, so a row's score
-does not depend on its batch), run through
-:func:`~ks_lens.hf_path.forward` with only the option positions unembedded. The scores are
-deterministic: no sampling, fixed order.
+Options are scored as if the model were generating them: each question runs once (many
+questions per pass, left padded, :func:`~ks_lens.batching.sorted_batches`) and its options
+continue it from the KV cache (all options of those questions in one more pass, right padded),
+through :func:`~ks_lens.hf_path.forward`. A steering context's ``positions`` therefore mean
+what they mean when answering: ``"all"`` (default) steers question and option tokens,
+``"generated"`` only the option tokens, ``"prompt"`` and ``"last"`` only the question. Scores
+equal a plain whole-sequence forward pass and do not depend on the batch (within float
+rounding); they are deterministic: no sampling, fixed order.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ from typing import Any, Literal, cast, get_args
 import numpy as np
 import torch
 
-from ks_lens.batching import sorted_batches
-from ks_lens.chat import ChatPrompt, check_context, encode_chat
+from ks_lens.batching import scatter, sorted_batches
+from ks_lens.chat import ChatPrompt, TokenBatch, check_context, encode_chat
 from ks_lens.errors import ConfigError, DatasetError, WrongTypeError
 from ks_lens.hf_path import forward
 from ks_lens.io import iter_jsonl
@@ -160,12 +160,16 @@ class OptionScores:
     n_chars: list[list[int]]
 
 
-def _rows(tok: Any, questions: Sequence[MCQuestion], system: str | None) -> list[list[int]]:
-    """Token ids of every (question, option) row: the chat-formatted question with the option
-    as the assistant's answer; the options of a question are consecutive rows."""
-    rows: list[list[int]] = []
+def _tokenize(
+    tok: Any, questions: Sequence[MCQuestion], system: str | None
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Per question, the chat-formatted question's token ids (ending where the assistant
+    speaks), and per option the tokens that follow them when the option is the answer."""
+    heads: list[list[int]] = []
+    options: list[list[list[int]]] = []
     for q in questions:
         head = encode_chat(tok, ChatPrompt(q.question, system=system))
+        opts = []
         for o in q.options:
             full = encode_chat(tok, ChatPrompt(q.question, system=system, assistant=o))
             if full[: len(head)] != head or len(full) == len(head):
@@ -173,8 +177,54 @@ def _rows(tok: Any, questions: Sequence[MCQuestion], system: str | None) -> list
                     f"question {q.id!r}: option {o!r} does not tokenize as the prompt followed by "
                     "its own tokens under this model's chat template"
                 )
-            rows.append(full)
-    return rows
+            opts.append(full[len(head) :])
+        heads.append(head)
+        options.append(opts)
+    return heads, options
+
+
+def _score_batch(
+    model: Model, batch: TokenBatch, options: Sequence[Sequence[Sequence[int]]], pad: int
+) -> list[list[float]]:
+    """The summed log-probabilities of ``options[j]`` after row ``j`` of ``batch`` (left-padded
+    questions): one pass over the questions with a KV cache, whose last logits predict each
+    option's first token, then one pass over all their options' tokens (right padded) on the
+    cache, which the steering position tracker sees as generated tokens."""
+    from transformers import DynamicCache
+
+    from ks_lens.activations import _hf_config
+
+    cache = DynamicCache(config=_hf_config(model))
+    last = forward(
+        model,
+        batch.input_ids,
+        attention_mask=batch.attention_mask,
+        past_key_values=cache,
+        logits_to_keep=1,
+    )
+    assert last is not None
+    first = torch.log_softmax(last[:, -1].float(), dim=-1)
+    rows = [(j, list(o)) for j, opts in enumerate(options) for o in opts]
+    m = max(len(o) for _, o in rows) - 1  # the last token of an option predicts nothing
+    scores = [float(first[j, o[0]]) for j, o in rows]
+    if m > 0:
+        device = batch.input_ids.device
+        sel = torch.tensor([j for j, _ in rows], device=device)
+        cache.batch_select_indices(sel)
+        ids = torch.full((len(rows), m), pad, dtype=torch.long)
+        tail = torch.zeros((len(rows), m), dtype=torch.long)
+        for r, (_, o) in enumerate(rows):
+            ids[r, : len(o) - 1] = torch.tensor(o[:-1])
+            tail[r, : len(o) - 1] = 1
+        mask = torch.cat([batch.attention_mask[sel], tail.to(device)], dim=1)
+        logits = forward(model, ids.to(device), attention_mask=mask, past_key_values=cache)
+        assert logits is not None
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        for r, (_, o) in enumerate(rows):
+            target = torch.tensor(o[1:], device=device)
+            scores[r] += float(logp[r, : len(o) - 1].gather(-1, target[:, None]).sum())
+    it = iter(scores)
+    return [[next(it) for _ in opts] for opts in options]
 
 
 def score_options(
@@ -187,38 +237,29 @@ def score_options(
     """The log-probability of every option of every question as the assistant's answer to the
     bare question (after ``system`` as the system prompt; ``None``: the model's default).
 
-    Runs under whatever hooks are on ``model`` (e.g. inside ``method.steer(...)``), in batches of
-    ``batch_size`` rows (one row = question + one option), shortest rows first.
+    Runs under whatever hooks are on ``model`` (e.g. inside ``method.steer(...)``). Questions are
+    batched shortest first, as many as give at most ``batch_size`` option rows per pass. Each
+    question runs once; its options continue it from the KV cache, exactly as if the model
+    were generating them, so a steering context's ``positions`` mean what they mean in
+    generation (``"generated"``: the option tokens; ``"prompt"``, ``"last"``: the question).
     """
     qs = check_mc_questions(questions)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     tok = model.tokenizer
-    heads = [len(encode_chat(tok, ChatPrompt(q.question, system=system))) for q in qs]
-    rows = _rows(tok, qs, system)
-    n_opt = [len(q.options) for q in qs]
-    starts = np.cumsum([0, *n_opt])
-    owner = np.repeat(np.arange(len(qs)), n_opt)
-    longest = max(range(len(rows)), key=lambda r: len(rows[r]))
-    check_context(model, len(rows[longest]), what=f"question {qs[owner[longest]].id!r}")
-    opt_len = [len(rows[r]) - heads[owner[r]] for r in range(len(rows))]
-    logprob = [float("nan")] * len(rows)
+    heads, options = _tokenize(tok, qs, system)
+    longest = max(range(len(qs)), key=lambda i: len(heads[i]) + max(map(len, options[i])))
+    n_longest = len(heads[longest]) + max(map(len, options[longest]))
+    check_context(model, n_longest, what=f"question {qs[longest].id!r} with its longest option")
+    per_batch = max(1, batch_size // max(len(q.options) for q in qs))
+    logprob: list[list[float]] = [[] for _ in qs]
+    pad = pad_token_id(tok)
     with torch.no_grad():
-        for idx, batch in sorted_batches(
-            rows, batch_size, pad_id=pad_token_id(tok), device=model_device(model)
-        ):
-            m = max(opt_len[r] for r in idx)
-            logits = forward(
-                model, batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=m + 1
-            )
-            assert logits is not None
-            logp = torch.log_softmax(logits[:, :m].float(), dim=-1)
-            for j, r in enumerate(idx):
-                n = opt_len[r]
-                target = batch.input_ids[j, -n:]
-                logprob[r] = float(logp[j, m - n :].gather(-1, target[:, None]).sum())
-    per_q = [list(range(int(starts[i]), int(starts[i + 1]))) for i in range(len(qs))]
+        for idx, batch in sorted_batches(heads, per_batch, pad_id=pad, device=model_device(model)):
+            scatter(logprob, idx, _score_batch(model, batch, [options[i] for i in idx], pad))
     return OptionScores(
-        [[logprob[r] for r in rs] for rs in per_q],
-        [[opt_len[r] for r in rs] for rs in per_q],
+        logprob,
+        [[len(o) for o in opts] for opts in options],
         [[len(o) for o in q.options] for q in qs],
     )
 

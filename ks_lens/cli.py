@@ -478,7 +478,7 @@ class CapabilityOptions:
     target: tuple[str, ...] = ()  # labels to strengthen
     avoid: tuple[str, ...] = ()  # labels to suppress
     alpha: float | None = None  # steering strength (needed with --classifier or --vectors)
-    positions: Positions = "all"
+    positions: Positions = "all"  # steered tokens; the options count as generated
     system: str | None = None  # system prompt of every question
     instruct: tuple[str, ...] = ()  # tone labels whose shipped instructions are the system prompt
     rule: Rule = "char"  # how options are compared: sum, per token, per character
