@@ -192,9 +192,8 @@ def _score_batch(
     cache, which the steering position tracker sees as generated tokens."""
     from transformers import DynamicCache
 
-    from ks_lens.activations import _hf_config
-
-    cache = DynamicCache(config=_hf_config(model))
+    hf: Any = model.original_model
+    cache = DynamicCache(config=hf.config)
     last = forward(
         model,
         batch.input_ids,

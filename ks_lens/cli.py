@@ -599,7 +599,8 @@ def cmd_capability(o: CapabilityOptions) -> int:
     print("  by subject: " + ", ".join(f"{k} {v:.2f}" for k, v in res.by_subject().items()))
     if o.out is not None:
         out = {
-            "command": "ks-lens capability " + " ".join(sys.argv[2:]),
+            # the command line when run as ks-lens (not through main(argv) from Python)
+            "command": "ks-lens " + " ".join(sys.argv[1:]) if "capability" in sys.argv else None,
             "versions": versions(),
             "commit": git_commit(),
             "questions": o.questions or "shipped",
