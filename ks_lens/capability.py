@@ -198,7 +198,7 @@ def _score_batch(
         model,
         batch.input_ids,
         attention_mask=batch.attention_mask,
-        past_key_values=cache,
+        cache=cache,
         logits_to_keep=1,
     )
     assert last is not None
@@ -216,7 +216,7 @@ def _score_batch(
             ids[r, : len(o) - 1] = torch.tensor(o[:-1])
             tail[r, : len(o) - 1] = 1
         mask = torch.cat([batch.attention_mask[sel], tail.to(device)], dim=1)
-        logits = forward(model, ids.to(device), attention_mask=mask, past_key_values=cache)
+        logits = forward(model, ids.to(device), attention_mask=mask, cache=cache)
         assert logits is not None
         logp = torch.log_softmax(logits.float(), dim=-1)
         for r, (_, o) in enumerate(rows):

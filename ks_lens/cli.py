@@ -534,8 +534,9 @@ def _capability_system(o: CapabilityOptions) -> str | None:
 def cmd_capability(o: CapabilityOptions) -> int:
     from ks_lens.capability import evaluate_capability, load_mc_questions
     from ks_lens.capability import paired_accuracy_difference as paired
+    from ks_lens.compat import versions
     from ks_lens.io import atomic_write_json
-    from ks_lens.utils import git_commit, versions
+    from ks_lens.utils import git_commit
 
     if o.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {o.batch_size}")
