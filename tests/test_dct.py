@@ -81,7 +81,13 @@ def test_orthonormalise_keeps_row_order_and_refuses_dependent_rows():
         orthonormalise(torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
 
 
-def test_model_objective_equals_a_direct_steered_pass(tiny_model):
+@pytest.mark.parametrize("shared", [True, False])
+def test_model_objective_equals_a_direct_steered_pass(tiny_model, monkeypatch, shared):
+    import ks_lens.steering.dct as dct_module
+
+    assert dct_module.can_bypass(tiny_model)  # the shared-lower-layers path is the default here
+    if not shared:
+        monkeypatch.setattr(dct_module, "can_bypass", lambda model: False)  # full passes
     cfg = DCTConfig(source_layer=1, target_offset=2, n_vectors=2, batch_size=2)
     batches = _prompt_batches(tiny_model, PROMPTS, cfg.batch_size)
     vg, _ = _model_objective(tiny_model, batches, cfg, 2)

@@ -23,6 +23,7 @@ labels)`` (``u``: the unit vectors).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -35,7 +36,7 @@ from jaxtyping import Float
 from ks_lens.batching import sorted_batches
 from ks_lens.chat import ChatPrompt, TokenBatch, encode_chat
 from ks_lens.errors import ConfigError, LabelError, StoreError
-from ks_lens.hf_path import forward
+from ks_lens.hf_path import can_bypass, decoder_layers, forward, layer_input, resume_at
 from ks_lens.hooks import check_layer, resid_hook
 from ks_lens.io import load_artifact, save_artifact
 from ks_lens.models import check_signature, model_device, model_signature, pad_token_id
@@ -187,10 +188,15 @@ def _prompt_batches(
 
 
 def _run_to(
-    model: Model, batch: TokenBatch, hooks: dict[str, Callable[[torch.Tensor], torch.Tensor | None]]
+    model: Model,
+    batch: TokenBatch,
+    hooks: dict[str, Callable[[torch.Tensor], torch.Tensor | None]],
+    resume: tuple[int, torch.Tensor, bool] | None = None,
 ) -> None:
     """Forward ``batch`` with ``hooks`` (hook name -> fn(act) returning a replacement or None);
-    the pass ends when the last hook (the target) has run."""
+    the pass ends when the last hook (the target) has run. ``resume = (layer, hidden,
+    as_tuple)`` skips the layers below ``layer``, feeding it ``hidden``
+    (:func:`~ks_lens.hf_path.resume_at`)."""
     last = list(hooks)[-1]
 
     def wrap(name: str) -> Callable[..., Any]:
@@ -202,7 +208,10 @@ def _run_to(
 
         return hook
 
-    with model.hooks(fwd_hooks=[(n, wrap(n)) for n in hooks]):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(model.hooks(fwd_hooks=[(n, wrap(n)) for n in hooks]))
+        if resume is not None:
+            stack.enter_context(resume_at(model, *resume))
         try:
             forward(model, batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=-1)
         except _Reached:
@@ -241,22 +250,35 @@ def _model_objective(
             base.append(box["t"].detach())
             norms.append(box["s"].float().norm(dim=-1)[b.attention_mask.bool()].cpu())
     n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    # the layers below the source run once: each step resumes at the source layer
+    start = config.source_layer
+    shared = start >= 1 and can_bypass(model) and decoder_layers(model) is not None
+    inputs = (
+        [layer_input(model, start, b.input_ids, b.attention_mask) for b in batches]
+        if shared
+        else []
+    )
 
     def value_and_grad(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         values = torch.zeros(k)
         grad = torch.zeros_like(theta)
         per = max(1, config.batch_size // k)  # prompts per pass: K rows each
-        for b, h0 in zip(batches, base, strict=True):
+        for i, (b, h0) in enumerate(zip(batches, base, strict=True)):
             for s in range(0, b.input_ids.shape[0], per):
                 ids, mask = b.input_ids[s : s + per], b.attention_mask[s : s + per]
                 n = ids.shape[0]
                 th = theta.detach().clone().requires_grad_(True)
                 add = th.to(model_device(model)).repeat_interleave(n, 0)[:, None, :]
                 box: dict[str, torch.Tensor] = {}
+                resume = None
+                if shared:
+                    hidden, as_tuple = inputs[i]
+                    resume = (start, hidden[s : s + per].repeat(k, 1, 1), as_tuple)
                 _run_to(
                     model,
                     TokenBatch(ids.repeat(k, 1), mask.repeat(k, 1)),
                     {src: _adder(add), tgt: _keep(box, "t")},
+                    resume,
                 )
                 delta = box["t"] - h0[s : s + per].repeat(k, 1, 1)
                 per_vec = torch.stack(
