@@ -51,6 +51,7 @@ from ks_lens.evaluation import (
     VanishRule,
     calibrate_alphas,
     first_token_kl,
+    fit_dct,
     generate_and_score_rows,
     readout,
     readout_groups,
@@ -67,6 +68,7 @@ from ks_lens.stats import (
 )
 from ks_lens.steering import CAA, KSteering, MultiLayer, Steerer, SteeringSpec, SteeringVectors
 from ks_lens.steering.base import Steering
+from ks_lens.steering.dct import DCT, DCTConfig, DCTVectors
 from ks_lens.steering.positions import Positions
 from ks_lens.style import style_meters
 from ks_lens.types import Model
@@ -85,6 +87,12 @@ class SteeringKit:
     probe: Probe
     vectors: SteeringVectors
     layer_probes: Mapping[int, Probe] = field(default_factory=dict)
+    dct: DCTVectors | None = None  # mapped DCT vectors (run_comparison fits them when needed)
+
+    def dct_vectors(self) -> DCTVectors:
+        if self.dct is None:
+            raise ConfigError("the dct method needs mapped DCT vectors (SteeringKit.dct)")
+        return self.dct
 
     def multilayer_probes(self) -> list[Probe]:
         if len(self.layer_probes) < 2:
@@ -175,6 +183,12 @@ METHODS: dict[str, MethodDef] = {
         "K-Steering at several layers (probes at each), alpha split equally",
         lambda kit: MultiLayer([KSteering(p) for p in kit.multilayer_probes()]),
         30.0,
+    ),
+    "dct": MethodDef(
+        "DCT",
+        "DCT vectors (unsupervised, mapped to labels by the evaluator), unit sum",
+        lambda kit: DCT(kit.dct_vectors()),
+        20.0,
     ),
 }
 REFERENCE_METHODS: tuple[str, ...] = ("caa_mean", "caa_sum", "ksteer", "ksteer_multistep")
@@ -1384,9 +1398,14 @@ def run_comparison(
     text_questions: Sequence[str] | None = None,
     config: ComparisonConfig | None = None,
     progress: bool = True,
+    dct: DCTVectors | None = None,
 ) -> ComparisonResult:
     """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
-    ``text_questions``, default the same) and summarise."""
+    ``text_questions``, default the same) and summarise.
+
+    With the ``dct`` method and no mapped ``dct`` vectors given, they are learned on the
+    calibration questions at the steering layer (:class:`~ks_lens.steering.dct.DCTConfig`
+    defaults, the comparison's seed) and mapped to labels there by ``evaluator``."""
     text_questions = list(test_questions if text_questions is None else text_questions)
     config = (config or ComparisonConfig()).validate(probe.label_names)
     labels = tuple(probe.label_names)
@@ -1414,8 +1433,16 @@ def run_comparison(
             f"the evaluator (layer {evaluator.layer}) must read at or after every steering layer "
             f"({sorted(kit.layer_probes)})"
         )
-    methods = build_methods(config, kit)
     timings: dict[str, float] = {}
+    if any(m.partition("@")[0] == "dct" for m in config.methods):
+        t0 = time.perf_counter()
+        if dct is None:
+            dcfg = DCTConfig.for_model(model, probe.layer, seed=config.seed)
+            dct = fit_dct(model, calib_questions, evaluator, dcfg, batch_size=config.batch_size)
+        kit = replace(kit, dct=dct)
+        timings["dct_fit_s"] = time.perf_counter() - t0
+        log.info(f"  {dct!r}: {dct.mapping.table() if dct.mapping else 'unmapped'}")
+    methods = build_methods(config, kit)
 
     t0 = time.perf_counter()
     calib = calibrate(model, methods, plan, calib_questions, config)

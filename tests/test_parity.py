@@ -87,9 +87,12 @@ def test_fast_path_activations_equal_plain_hf_hidden_states(default_model, hf_tw
         ).hidden_states  # [embeddings, after block 0, ..., after the final norm]
     real = batch.attention_mask.bool()
     for layer, name in enumerate(names):
-        # the same fp32 computation up to summation order (entries reach ~100; a routing bug
-        # shows as differences of order 1)
-        torch.testing.assert_close(rec[name][real], ref[layer][real], rtol=1e-5, atol=1e-4)
+        # the same fp32 computation up to the order of float operations (the bridge's model
+        # runs its own attention kernel): within 1e-6 of the layer's largest entry, which
+        # reaches ~2.5e4 (a routing bug shows as differences of the entries' own size)
+        got, want = rec[name][real], ref[layer][real]
+        scale = float(want.abs().max())
+        assert float((got - want).abs().max()) <= 1e-6 * scale, (layer, scale)
 
 
 def _train_pieces(default_model):

@@ -15,6 +15,7 @@ from ks_lens.steering.base import (
     steering_hook,
 )
 from ks_lens.steering.caa import CAA, SteeringVectors
+from ks_lens.steering.dct import DCT, DCTConfig, DCTVectors
 from ks_lens.steering.export import (
     ControlVector,
     control_vector,
@@ -35,8 +36,11 @@ from ks_lens.steering.positions import POSITIONS, PositionTracker
 
 __all__ = [
     "CAA",
+    "DCT",
     "POSITIONS",
     "ControlVector",
+    "DCTConfig",
+    "DCTVectors",
     "KProjection",
     "KSteering",
     "MultiLayer",
