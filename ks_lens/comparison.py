@@ -862,8 +862,8 @@ class ComparisonResult:
                 else ActivationEvaluation.from_json(d["activation_eval"])
             )
             text = None if d.get("text_eval") is None else TextEvaluation.from_json(d["text_eval"])
-            counts = [int(d["n_calib_questions"]), int(d["n_test_questions"])]
-            counts.append(int(d.get("n_text_questions", 0)))
+            n_calib, n_test = int(d["n_calib_questions"]), int(d["n_test_questions"])
+            n_text = int(d.get("n_text_questions", 0))
             timings = {str(k): float(v) for k, v in dict(d.get("timings", {})).items()}
         except KsLensError:
             raise
@@ -881,7 +881,8 @@ class ComparisonResult:
             summaries += summarise_text(text, config)
             curves, equal = trade_off(text, config)
         return cls(
-            config, plan, calibration, act, text, summaries, curves, equal, *counts, timings
+            config, plan, calibration, act, text, summaries, curves, equal, n_calib, n_test, n_text,
+            timings,
         )
 
 
