@@ -307,7 +307,9 @@ class ComparisonConfig:
                 f"sizes {list(self.sizes)} repeat {dup}: each number of targets is evaluated once"
             )
         if min(self.sizes) < 1:
-            raise ConfigError(f"sizes must be at least 1 (targets per combination), got {list(self.sizes)}")
+            raise ConfigError(
+                f"sizes must be at least 1 (targets per combination), got {list(self.sizes)}"
+            )
         if labels is not None:
             for a in self.avoid:
                 if a not in labels:
@@ -335,12 +337,16 @@ class ComparisonConfig:
         for name in ("methods", "sizes", "avoid", "curve_factors"):
             if name in kw:
                 if not isinstance(kw[name], (list, tuple)):
-                    raise WrongTypeError(f"comparison setting {name} must be a list, got {kw[name]!r}")
+                    raise WrongTypeError(
+                        f"comparison setting {name} must be a list, got {kw[name]!r}"
+                    )
                 kw[name] = tuple(kw[name])
         for name, rule in (("vanish", VanishRule), ("degenerate", DegenerateRule)):
             if name in kw:
                 if not isinstance(kw[name], Mapping):
-                    raise WrongTypeError(f"comparison setting {name} must be an object, got {kw[name]!r}")
+                    raise WrongTypeError(
+                        f"comparison setting {name} must be an object, got {kw[name]!r}"
+                    )
                 fields = rule.__dataclass_fields__
                 kw[name] = rule(**{k: v for k, v in kw[name].items() if k in fields})
         return cls(**kw).validate()
@@ -881,7 +887,17 @@ class ComparisonResult:
             summaries += summarise_text(text, config)
             curves, equal = trade_off(text, config)
         return cls(
-            config, plan, calibration, act, text, summaries, curves, equal, n_calib, n_test, n_text,
+            config,
+            plan,
+            calibration,
+            act,
+            text,
+            summaries,
+            curves,
+            equal,
+            n_calib,
+            n_test,
+            n_text,
             timings,
         )
 
@@ -892,12 +908,16 @@ def _check_probs(values: Any, k: int, what: str) -> None:
         raise StoreError(f"{what} has {p.shape[-1:] or 'no'} values per row; expected {k} (labels)")
     bad = ~((p >= 0) & (p <= 1))
     if bad.any():
-        raise StoreError(f"{what} holds {p[bad].flat[0]!r}, not a probability in [0, 1]")
+        raise StoreError(f"{what} holds {float(p[bad].flat[0])}, not a probability in [0, 1]")
 
 
-def _check_alphas(alphas: Mapping[str, Mapping[int, Any]], config: ComparisonConfig, what: str) -> None:
+def _check_alphas(
+    alphas: Mapping[str, Mapping[int, Any]], config: ComparisonConfig, what: str
+) -> None:
     if set(alphas) != set(config.methods):
-        raise StoreError(f"{what} has methods {sorted(alphas)}; the settings name {list(config.methods)}")
+        raise StoreError(
+            f"{what} has methods {sorted(alphas)}; the settings name {list(config.methods)}"
+        )
     for m, v in alphas.items():
         missing = set(config.sizes) - set(v)
         if missing:
@@ -928,7 +948,9 @@ def _check_text_records(te: TextEvaluation, config: ComparisonConfig, plan: Comp
         _check_probs(a.text_probs, k, f"{where}.text_probs")
         if "text_activation" in te.lenses:
             if a.act_probs is None:
-                raise StoreError(f"{where} has no act_probs, but the lenses include text_activation")
+                raise StoreError(
+                    f"{where} has no act_probs, but the lenses include text_activation"
+                )
             _check_probs(a.act_probs, k, f"{where}.act_probs")
 
 
@@ -946,7 +968,9 @@ def check_records(
     labels = list(plan.labels)
     config.validate(labels)
     if tuple(plan.avoid) != tuple(config.avoid):
-        raise StoreError(f"plan.avoid {list(plan.avoid)} differs from the settings' {list(config.avoid)}")
+        raise StoreError(
+            f"plan.avoid {list(plan.avoid)} differs from the settings' {list(config.avoid)}"
+        )
     for c in [*plan.act_combos, *(cell.targets for cell in (*plan.calib_cells, *plan.gen_cells))]:
         if not c or any(t not in labels for t in c):
             raise StoreError(f"the plan has a combination {list(c)} outside the labels {labels}")
@@ -962,10 +986,14 @@ def check_records(
             raise StoreError("activation_eval.combos differ from the plan's act_combos")
         _check_alphas(act.alphas, config, "activation_eval.alphas")
         if act.base.ndim != 2 or len(act.base) == 0:
-            raise StoreError(f"activation_eval.base must be [questions, labels], got shape {act.base.shape}")
+            raise StoreError(
+                f"activation_eval.base must be [questions, labels], got shape {act.base.shape}"
+            )
         _check_probs(act.base, len(labels), "activation_eval.base")
         if set(act.probs) != set(config.methods):
-            raise StoreError(f"activation_eval.probs has methods {sorted(act.probs)}; expected {list(config.methods)}")
+            raise StoreError(
+                f"activation_eval.probs has methods {sorted(act.probs)}; expected {list(config.methods)}"
+            )
         for m, ps in act.probs.items():
             if len(ps) != len(act.combos) or any(p.shape != act.base.shape for p in ps):
                 raise StoreError(

@@ -30,7 +30,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from ks_lens.batching import record_activations, scatter, sorted_batches
-from ks_lens.chat import ChatPrompt, TokenBatch, encode_chat
+from ks_lens.chat import ChatPrompt, TokenBatch, check_context, encode_chat
 from ks_lens.errors import ConfigError
 from ks_lens.generation import generate_from_batch
 from ks_lens.hf_path import can_bypass, decoder_layers, forward, layer_input, resume_at
@@ -110,6 +110,10 @@ def readout_groups(
     tok = model.tokenizer
     ids = [encode_chat(tok, p) for p in prompts]
     n = len(prompts)
+    longest = max(range(n), key=lambda i: len(ids[i]))
+    check_context(
+        model, len(ids[longest]), what="the prompt" if n == 1 else f"prompt {longest + 1} of {n}"
+    )
     k = probe.n_labels if probe is not None else 0
     probs = torch.empty(n * len(steerings), k)
     logps: torch.Tensor | None = None

@@ -306,7 +306,9 @@ def check_held_out(
         )
 
 
-def check_question_lengths(model: Model, questions: Sequence[Question], cfg: PipelineConfig) -> None:
+def check_question_lengths(
+    model: Model, questions: Sequence[Question], cfg: PipelineConfig
+) -> None:
     """Refuse external test questions that do not fit in the model's context window (with the
     answer length for the ones answered in text), before any activation is collected."""
     n_test = max(cfg.n_eval, cfg.n_gen)
