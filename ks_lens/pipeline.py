@@ -38,6 +38,7 @@ from ks_lens.gold_texts import (
     LabelledText,
     load_gold_texts,
     load_labelled_texts,
+    normalise_text,
     split_by_question,
 )
 from ks_lens.models import ModelOptions, load_model
@@ -269,10 +270,6 @@ def check_texts_cover_labels(
         )
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.casefold().split())
-
-
 def check_held_out(
     questions: Sequence[Question],
     cfg: PipelineConfig,
@@ -292,11 +289,11 @@ def check_held_out(
         parts.insert(0, ("train", cfg.n_train))
     for split, n in parts:
         for q in ds.subset(splits.ids(split)).head(n).questions:
-            used.setdefault(_norm(q.text), f"a {split}-split question of dataset {ds.name!r}")
+            used.setdefault(normalise_text(q.text), f"a {split}-split question of dataset {ds.name!r}")
     for t in gold:
         if t.question:
-            used.setdefault(_norm(t.question), f"the question of gold text {t.id!r}")
-    hits = [(i, q, used[_norm(q.text)]) for i, q in enumerate(questions) if _norm(q.text) in used]
+            used.setdefault(normalise_text(t.question), f"the question of gold text {t.id!r}")
+    hits = [(i, q, used[normalise_text(q.text)]) for i, q in enumerate(questions) if normalise_text(q.text) in used]
     if hits:
         i, q, where = hits[0]
         raise DatasetError(
