@@ -931,12 +931,8 @@ def _check_text_records(te: TextEvaluation, config: ComparisonConfig, plan: Comp
     if 1.0 not in te.factors:
         raise StoreError(f"text_eval.factors {list(te.factors)} lack 1.0 (the calibrated alpha)")
     n, k = len(te.questions), len(te.labels)
-    unsteered = [a.question for a in te.answers if a.method == "unsteered"]
-    if sorted(unsteered) != list(range(n)):
-        raise StoreError(
-            f"text_eval.answers need one unsteered answer per question (0..{n - 1}); "
-            f"found {len(unsteered)} for {n} questions"
-        )
+    if n == 0:
+        raise StoreError("text_eval has no questions")
     for i, a in enumerate(te.answers):
         where = f"text_eval.answers[{i}]"
         if not 0 <= a.question < n:
@@ -952,6 +948,13 @@ def _check_text_records(te: TextEvaluation, config: ComparisonConfig, plan: Comp
                     f"{where} has no act_probs, but the lenses include text_activation"
                 )
             _check_probs(a.act_probs, k, f"{where}.act_probs")
+    unsteered = [a.question for a in te.answers if a.method == "unsteered"]
+    if sorted(unsteered) != list(range(n)):
+        missing = sorted(set(range(n)) - set(unsteered))
+        raise StoreError(
+            f"text_eval.answers need one unsteered answer per question (0..{n - 1}); found "
+            f"{len(unsteered)} for {n} questions" + (f", none for {missing}" if missing else "")
+        )
 
 
 def check_records(

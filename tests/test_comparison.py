@@ -514,3 +514,26 @@ def test_from_json_refuses_what_is_not_a_result():
 
     with pytest.raises(StoreError, match="a comparison result is a JSON object, got list"):
         ComparisonResult.from_json([1, 2])  # type: ignore[arg-type]
+
+
+def test_report_command_refuses_a_damaged_report_in_one_line(tmp_path, capsys):
+    """ks-lens report on an edited or damaged report.json: exit 2, one line naming the file."""
+    from ks_lens.cli import main
+
+    doc = _synthetic_result()
+    (tmp_path / "report.json").write_text(json.dumps(doc))
+    assert main(["report", str(tmp_path)]) == 0  # intact: re-rendered
+    assert (tmp_path / "report.md").is_file()
+    capsys.readouterr()
+    for path, value, message in (
+        ("comparison_config/kl_budget", -1, "kl_budget must be a positive number of nats"),
+        ("text_eval/answers/3/question", 7, "text_eval.answers[3] refers to question 7"),
+    ):
+        (tmp_path / "report.json").write_text(json.dumps(_edit(doc, path, value)))
+        assert main(["report", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ks-lens: error: {tmp_path / 'report.json'} cannot be re-rendered: ")
+        assert message in err and err.count("\n") == 1
+    (tmp_path / "report.json").write_text("[1, 2]")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "a comparison result is a JSON object, got list" in capsys.readouterr().err
