@@ -279,25 +279,31 @@ def check_held_out(
     *,
     prompt_source: bool,
 ) -> None:
-    """Refuse external test questions that the run also learns or calibrates from (matched by
-    text, ignoring case and spacing): the probe's training prompts, the evaluators' questions,
-    the calibration questions and the gold texts' questions. Test figures on them would not be
-    held out, and the report could not tell."""
+    """Refuse external test questions (the first ``max(n_eval, n_gen)``, those the run asks)
+    that the run also learns or calibrates from (matched by text, ignoring case and spacing):
+    the probe's training prompts, the evaluators' questions, the calibration questions and the
+    gold texts' questions. Test figures on them would not be held out, and the report could not
+    tell."""
     used: dict[str, str] = {}
     parts = [("evaluator", cfg.n_evaluator), ("calibration", cfg.n_calib)]
     if prompt_source:
         parts.insert(0, ("train", cfg.n_train))
     for split, n in parts:
         for q in ds.subset(splits.ids(split)).head(n).questions:
-            used.setdefault(normalise_text(q.text), f"a {split}-split question of dataset {ds.name!r}")
+            used.setdefault(
+                normalise_text(q.text), f"a {split}-split question of dataset {ds.name!r}"
+            )
     for t in gold:
         if t.question:
             used.setdefault(normalise_text(t.question), f"the question of gold text {t.id!r}")
-    hits = [(i, q, used[normalise_text(q.text)]) for i, q in enumerate(questions) if normalise_text(q.text) in used]
+    asked = questions[: max(cfg.n_eval, cfg.n_gen)]  # the questions the run asks
+    hits = [
+        (i, q, used[key]) for i, q in enumerate(asked) if (key := normalise_text(q.text)) in used
+    ]
     if hits:
         i, q, where = hits[0]
         raise DatasetError(
-            f"{cfg.questions}: {len(hits)} of {len(questions)} test questions are not held out: "
+            f"{cfg.questions}: {len(hits)} of {len(asked)} test questions are not held out: "
             f"question {i + 1} ({q.text[:60]!r}) is {where} (seed {cfg.seed}). The probes, "
             "evaluators or calibration learn from those; remove them from the file"
         )
