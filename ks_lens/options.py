@@ -242,13 +242,15 @@ def check_spellings(argv: Sequence[str]) -> None:
     ``comparison.`` prefix (``--comparison.methods``; the parser would suggest another option)."""
     pipeline = {f.name for f in dataclasses.fields(PipelineConfig)}
     flat = {f.name for f in dataclasses.fields(ComparisonConfig)} - pipeline
-    for token in argv:
+    for i, token in enumerate(argv):
         if token == "--":
             return
         name = token.split("=", 1)[0]
-        if name == "--fast" and "=" in token:
+        after = argv[i + 1] if i + 1 < len(argv) else ""
+        if name == "--fast" and ("=" in token or after.lower() in ("true", "false")):
+            spelled = token if "=" in token else f"{token} {after}"
             raise ConfigError(
-                f"--fast takes no value (got {token!r}): give --fast for the smoke-run sizes, "
+                f"--fast takes no value (got {spelled!r}): give --fast for the smoke-run sizes, "
                 "or leave it out for the full run"
             )
         rest = name.removeprefix("--comparison.")

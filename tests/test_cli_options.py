@@ -257,6 +257,7 @@ def test_bad_demo_values_exit_2_with_a_message(argv, message, tmp_path, capsys):
         ),
         (["--fast=False"], "--fast takes no value (got '--fast=False')"),
         (["--fast=True"], "--fast takes no value (got '--fast=True')"),
+        (["--fast", "False"], "--fast takes no value (got '--fast False')"),
         (["--comparison.methods", "caa_mean"], "--comparison.methods is spelled --methods"),
         (
             ["--comparison.vanish.floor", "0.2"],
