@@ -65,10 +65,10 @@ def parse(
         description.strip() + "\n\n-q/--quiet and -v/--verbose (before or after the options) "
         "print less or more progress on stderr."
     )
-    opts = parse_pipeline_options(
-        cls, rest, prog=prog, description=description, full=full, out=default_out
-    )
     try:
+        opts = parse_pipeline_options(
+            cls, rest, prog=prog, description=description, full=full, out=default_out
+        )
         opts.config.validate()
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ks_lens.errors import ConfigError
+from ks_lens.errors import ConfigError, KsLensError, StoreError, WrongTypeError
 from ks_lens.evaluation import (
     CALIBRATION_METRICS,
     Calibration,
@@ -267,7 +267,12 @@ class ComparisonConfig:
     seed: int = 0  # cell sampling and bootstrap (ks-lens demo sets it from --seed)
 
     def validate(self, labels: Sequence[str] | None = None) -> ComparisonConfig:
-        """Check every setting (before any compute); returns ``self``."""
+        """Check every setting (before any compute); returns ``self``.
+
+        The one place a comparison's settings are checked: ``ks-lens demo``'s options, the
+        library and :meth:`ComparisonResult.from_json` (an edited ``report.json``) all call it.
+        """
+        _check_config_types(self)
         for m in self.methods:
             if m.partition("@")[0] not in METHODS:
                 raise ConfigError(f"unknown method {m!r}; known: {sorted(METHODS)}")
@@ -298,6 +303,27 @@ class ComparisonConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.gen_combos_per_question < 1 or self.calib_combos_per_question < 1:
             raise ConfigError("combinations per question must be positive")
+        if self.act_combos_per_size is not None and self.act_combos_per_size < 1:
+            raise ConfigError(
+                f"act_combos_per_size must be positive (or None for all), got {self.act_combos_per_size}"
+            )
+        if self.calib_bisect_steps < 0:
+            raise ConfigError(f"calib_bisect_steps must be >= 0, got {self.calib_bisect_steps}")
+        if self.n_resamples < 1:
+            raise ConfigError(
+                f"n_resamples must be a positive number of bootstrap resamples, got {self.n_resamples}"
+            )
+        if not self.sizes:
+            raise ConfigError("sizes must name at least one number of targets (e.g. 1,2,3)")
+        dup = sorted({k for k in self.sizes if self.sizes.count(k) > 1})
+        if dup:
+            raise ConfigError(
+                f"sizes {list(self.sizes)} repeat {dup}: each number of targets is evaluated once"
+            )
+        if min(self.sizes) < 1:
+            raise ConfigError(
+                f"sizes must be at least 1 (targets per combination), got {list(self.sizes)}"
+            )
         if labels is not None:
             for a in self.avoid:
                 if a not in labels:
@@ -314,7 +340,9 @@ class ComparisonConfig:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ComparisonConfig:
-        """Inverse of :meth:`to_json` (unknown keys are refused)."""
+        """Inverse of :meth:`to_json` (unknown keys are refused), checked by :meth:`validate`."""
+        if not isinstance(d, Mapping):
+            raise WrongTypeError(f"comparison settings must be an object, got {type(d).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
@@ -322,20 +350,69 @@ class ComparisonConfig:
         kw = dict(d)
         for name in ("methods", "sizes", "avoid", "curve_factors"):
             if name in kw:
+                if not isinstance(kw[name], (list, tuple)):
+                    raise WrongTypeError(
+                        f"comparison setting {name} must be a list, got {kw[name]!r}"
+                    )
                 kw[name] = tuple(kw[name])
-        if "vanish" in kw:
-            kw["vanish"] = VanishRule(
-                **{k: v for k, v in kw["vanish"].items() if k in VanishRule.__dataclass_fields__}
-            )
-        if "degenerate" in kw:
-            kw["degenerate"] = DegenerateRule(
-                **{
-                    k: v
-                    for k, v in kw["degenerate"].items()
-                    if k in DegenerateRule.__dataclass_fields__
-                }
-            )
-        return cls(**kw)
+        for name, rule in (("vanish", VanishRule), ("degenerate", DegenerateRule)):
+            if name in kw:
+                if not isinstance(kw[name], Mapping):
+                    raise WrongTypeError(
+                        f"comparison setting {name} must be an object, got {kw[name]!r}"
+                    )
+                fields = rule.__dataclass_fields__
+                kw[name] = rule(**{k: v for k, v in kw[name].items() if k in fields})
+        return cls(**kw).validate()
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{
+        name: (lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v), "names")
+        for name in ("methods", "avoid")
+    },
+    "sizes": (lambda v: isinstance(v, tuple) and all(_is_int(x) for x in v), "whole numbers"),
+    "curve_factors": (lambda v: isinstance(v, tuple) and all(_is_number(x) for x in v), "numbers"),
+    **{
+        name: (lambda v: isinstance(v, str), "a name")
+        for name in ("baseline", "calibration_metric", "positions")
+    },
+    **{name: (_is_number, "a number") for name in ("kl_budget", "max_degenerate_rate")},
+    **{
+        name: (_is_int, "a whole number")
+        for name in (
+            "calib_tokens",
+            "calib_combos_per_question",
+            "calib_bisect_steps",
+            "gen_combos_per_question",
+            "max_new_tokens",
+            "batch_size",
+            "gen_batch_size",
+            "n_resamples",
+            "seed",
+        )
+    },
+    "act_combos_per_size": (lambda v: v is None or _is_int(v), "a whole number or null"),
+    "vanish": (lambda v: isinstance(v, VanishRule), "a VanishRule"),
+    "degenerate": (lambda v: isinstance(v, DegenerateRule), "a DegenerateRule"),
+}
+
+
+def _check_config_types(config: ComparisonConfig) -> None:
+    """Every field of the type it is declared with (a JSON file or untyped code can put a string
+    where a number belongs, which would fail later with a TypeError, or compare wrongly)."""
+    for name, (ok, what) in _FIELD_CHECKS.items():
+        v = getattr(config, name)
+        if not ok(v):
+            raise WrongTypeError(f"comparison setting {name} must be {what}, got {v!r}")
 
 
 # ----------------------------------------------------------------------------- 1. plan
@@ -783,14 +860,40 @@ class ComparisonResult:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ComparisonResult:
         """Rebuild a result from its JSON (e.g. ``report.json``), **recomputing** the summaries,
-        curves and equal-KL rows from the stored per-question records with this version's code."""
-        config = ComparisonConfig.from_json(d["comparison_config"])
-        act = (
-            None
-            if d.get("activation_eval") is None
-            else ActivationEvaluation.from_json(d["activation_eval"])
-        )
-        text = None if d.get("text_eval") is None else TextEvaluation.from_json(d["text_eval"])
+        curves and equal-KL rows from the stored per-question records with this version's code.
+
+        Everything is checked first (:func:`check_records`): the settings by
+        :meth:`ComparisonConfig.validate`, the label lists of every stage against the plan's, and
+        the records' shapes, question indices and probabilities. A damaged or edited record
+        raises :class:`~ks_lens.errors.StoreError` (or the settings' ``ConfigError``) naming it.
+        """
+        if not isinstance(d, Mapping):
+            raise StoreError(f"a comparison result is a JSON object, got {type(d).__name__}")
+        try:
+            config = ComparisonConfig.from_json(d["comparison_config"])
+            plan = ComparisonPlan.from_json(d["plan"])
+            calibration = {
+                m: {int(k): Calibration.from_json(c) for k, c in v.items()}
+                for m, v in d["calibration"].items()
+            }
+            act = (
+                None
+                if d.get("activation_eval") is None
+                else ActivationEvaluation.from_json(d["activation_eval"])
+            )
+            text = None if d.get("text_eval") is None else TextEvaluation.from_json(d["text_eval"])
+            n_calib, n_test = int(d["n_calib_questions"]), int(d["n_test_questions"])
+            n_text = int(d.get("n_text_questions", 0))
+            timings = {str(k): float(v) for k, v in dict(d.get("timings", {})).items()}
+        except KsLensError:
+            raise
+        except KeyError as e:
+            raise StoreError(f"the result has no field {e}; it is damaged or incomplete") from None
+        except (TypeError, ValueError, AttributeError, IndexError) as e:
+            raise StoreError(f"the result has a malformed record ({e})") from None
+        if "labels" in d and list(d["labels"]) != list(plan.labels):
+            raise StoreError(f"labels {d['labels']} differ from the plan's {list(plan.labels)}")
+        check_records(config, plan, calibration, act, text)
         summaries = summarise_activations(act, config) if act is not None else []
         curves: list[CurvePoint] = []
         equal: list[EqualKL] = []
@@ -799,21 +902,123 @@ class ComparisonResult:
             curves, equal = trade_off(text, config)
         return cls(
             config,
-            ComparisonPlan.from_json(d["plan"]),
-            {
-                m: {int(k): Calibration.from_json(c) for k, c in v.items()}
-                for m, v in d["calibration"].items()
-            },
+            plan,
+            calibration,
             act,
             text,
             summaries,
             curves,
             equal,
-            int(d["n_calib_questions"]),
-            int(d["n_test_questions"]),
-            int(d.get("n_text_questions", 0)),
-            dict(d.get("timings", {})),
+            n_calib,
+            n_test,
+            n_text,
+            timings,
         )
+
+
+def _check_probs(values: Any, k: int, what: str) -> None:
+    p = np.asarray(values, dtype=float)
+    if p.shape[-1:] != (k,):
+        raise StoreError(f"{what} has {p.shape[-1:] or 'no'} values per row; expected {k} (labels)")
+    bad = ~((p >= 0) & (p <= 1))
+    if bad.any():
+        raise StoreError(f"{what} holds {float(p[bad].flat[0])}, not a probability in [0, 1]")
+
+
+def _check_alphas(
+    alphas: Mapping[str, Mapping[int, Any]], config: ComparisonConfig, what: str
+) -> None:
+    if set(alphas) != set(config.methods):
+        raise StoreError(
+            f"{what} has methods {sorted(alphas)}; the settings name {list(config.methods)}"
+        )
+    for m, v in alphas.items():
+        missing = set(config.sizes) - set(v)
+        if missing:
+            raise StoreError(f"{what} of {m!r} has no alpha for k={sorted(missing)}")
+
+
+def _check_text_records(te: TextEvaluation, config: ComparisonConfig, plan: ComparisonPlan) -> None:
+    if te.cells != plan.gen_cells:
+        raise StoreError("text_eval.cells differ from the plan's gen_cells")
+    _check_alphas(te.alphas, config, "text_eval.alphas")
+    if 1.0 not in te.factors:
+        raise StoreError(f"text_eval.factors {list(te.factors)} lack 1.0 (the calibrated alpha)")
+    n, k = len(te.questions), len(te.labels)
+    if n == 0:
+        raise StoreError("text_eval has no questions")
+    for i, a in enumerate(te.answers):
+        where = f"text_eval.answers[{i}]"
+        if not 0 <= a.question < n:
+            raise StoreError(f"{where} refers to question {a.question}; there are {n} questions")
+        if a.method != "unsteered" and a.method not in te.alphas:
+            raise StoreError(f"{where} has method {a.method!r}, not one of {list(te.alphas)}")
+        if any(t not in te.labels for t in a.targets):
+            raise StoreError(f"{where} has targets {list(a.targets)} outside {list(te.labels)}")
+        _check_probs(a.text_probs, k, f"{where}.text_probs")
+        if "text_activation" in te.lenses:
+            if a.act_probs is None:
+                raise StoreError(
+                    f"{where} has no act_probs, but the lenses include text_activation"
+                )
+            _check_probs(a.act_probs, k, f"{where}.act_probs")
+    unsteered = [a.question for a in te.answers if a.method == "unsteered"]
+    if sorted(unsteered) != list(range(n)):
+        missing = sorted(set(range(n)) - set(unsteered))
+        raise StoreError(
+            f"text_eval.answers need one unsteered answer per question (0..{n - 1}); found "
+            f"{len(unsteered)} for {n} questions" + (f", none for {missing}" if missing else "")
+        )
+
+
+def check_records(
+    config: ComparisonConfig,
+    plan: ComparisonPlan,
+    calibration: Mapping[str, Mapping[int, Calibration]],
+    act: ActivationEvaluation | None,
+    text: TextEvaluation | None,
+) -> None:
+    """Refuse stored records that do not agree with each other or with the settings (an edited or
+    damaged ``report.json``): the settings (:meth:`ComparisonConfig.validate` on the plan's
+    labels), every stage's labels against the plan's (reordered labels would swap results),
+    methods, alphas, question indices, shapes and probabilities."""
+    labels = list(plan.labels)
+    config.validate(labels)
+    if tuple(plan.avoid) != tuple(config.avoid):
+        raise StoreError(
+            f"plan.avoid {list(plan.avoid)} differs from the settings' {list(config.avoid)}"
+        )
+    for c in [*plan.act_combos, *(cell.targets for cell in (*plan.calib_cells, *plan.gen_cells))]:
+        if not c or any(t not in labels for t in c):
+            raise StoreError(f"the plan has a combination {list(c)} outside the labels {labels}")
+    _check_alphas(calibration, config, "calibration")
+    for what, stage in (("activation_eval", act), ("text_eval", text)):
+        if stage is not None and list(stage.labels) != labels:
+            raise StoreError(
+                f"{what}.labels {list(stage.labels)} differ from the plan's {labels} (the same "
+                "labels in the same order are required: reordered labels swap the results)"
+            )
+    if act is not None:
+        if act.combos != plan.act_combos:
+            raise StoreError("activation_eval.combos differ from the plan's act_combos")
+        _check_alphas(act.alphas, config, "activation_eval.alphas")
+        if act.base.ndim != 2 or len(act.base) == 0:
+            raise StoreError(
+                f"activation_eval.base must be [questions, labels], got shape {act.base.shape}"
+            )
+        _check_probs(act.base, len(labels), "activation_eval.base")
+        if set(act.probs) != set(config.methods):
+            raise StoreError(
+                f"activation_eval.probs has methods {sorted(act.probs)}; expected {list(config.methods)}"
+            )
+        for m, ps in act.probs.items():
+            if len(ps) != len(act.combos) or any(p.shape != act.base.shape for p in ps):
+                raise StoreError(
+                    f"activation_eval.probs[{m!r}] must hold one {list(act.base.shape)} array per combination"
+                )
+            _check_probs(np.stack(ps), len(labels), f"activation_eval.probs[{m!r}]")
+    if text is not None:
+        _check_text_records(text, config, plan)
 
 
 # ----------------------------------------------------------------------------- 3. activations
@@ -1512,6 +1717,7 @@ __all__ = [
     "TextScorer",
     "build_methods",
     "calibrate",
+    "check_records",
     "evaluate_activations",
     "evaluate_text",
     "label_combinations",

@@ -26,12 +26,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ks_lens.comparison import METHODS, ComparisonResult
+from ks_lens.comparison import METHODS, ComparisonConfig, ComparisonResult
 from ks_lens.compat import versions
 from ks_lens.errors import ConfigError, Interrupted, KsLensError
 from ks_lens.models import model_device, model_signature
 from ks_lens.options import PipelineOptions, parse_pipeline_options
-from ks_lens.pipeline import PipelineConfig, Setup, prepare
+from ks_lens.pipeline import (
+    PipelineConfig,
+    Setup,
+    eval_gap_note,
+    prepare,
+    probe_source_text,
+)
 from ks_lens.report import render_summary, seeds_summary, write_report
 from ks_lens.utils import git_commit
 
@@ -60,11 +66,13 @@ def _evaluator_lines(setup: Setup) -> dict[str, str]:
                 f"top 2 {_rate(sc.two_tone_top2)} ({sc.n_two}), three-tone all in top 3 "
                 f"{_rate(sc.three_tone_top3)} ({sc.n_three})"
             )
+    note = eval_gap_note(setup.config, setup.layer, setup.eval_layer)
     lines["activation evaluator"] = (
         f"`{ev.hook_name}`, MLP h={ev.config.hidden}, evaluator split with single and two-tone "
         f"instructions: held-out single-tone accuracy {ev.metrics['val_accuracy']:.3f}, two-tone "
         f"both-in-top-2 {ev.metrics.get('val_multi_topk_rate', float('nan')):.3f} "
         f"({ev.metrics.get('n_val_multi', 0)} held-out combined prompts)"
+        + (f". **Note: {note}**" if note else "")
     )
     lines["response-activation evaluator"] = (
         f"`{resp.hook_name}` (best layer on held-out gold questions), gold texts re-encoded without "
@@ -72,7 +80,7 @@ def _evaluator_lines(setup: Setup) -> dict[str, str]:
         f"multi-tone all-in-top-k {resp.metrics.get('val_multi_topk_rate', float('nan')):.3f}"
     )
     lines["steering probe (not an evaluator)"] = (
-        f"`{probe.hook_name}`, instruction prompts of the train split: validation accuracy "
+        f"`{probe.hook_name}`, {probe_source_text(setup.config)}: validation accuracy "
         f"{probe.metrics['val_accuracy']:.3f}"
     )
     return lines
@@ -97,6 +105,8 @@ def _info(setup: Setup, cfg: PipelineConfig, command: str, commit: str) -> dict[
         },
         "layer": setup.layer,
         "eval_layer": setup.eval_layer,
+        "eval_layer_note": eval_gap_note(cfg, setup.layer, setup.eval_layer),
+        "probe_source": probe_source_text(cfg),
         "steering_hook": setup.probe.hook_name,
         "eval_source": setup.eval_questions(1)[1],
         "evaluators": _evaluator_lines(setup),
@@ -132,6 +142,7 @@ def run_demo(
     """
     if seeds < 1:
         raise ConfigError("seeds must be at least 1")
+    check_comparison_seed(cfg)
     cfg.validate()
     out = Path(out)
     commit = git_commit()  # the code that runs: read before anything else can change it
@@ -159,6 +170,17 @@ def run_demo(
         info["seeds"] = seeds_summary(results)
         write_report(result, info, out)
     return results
+
+
+def check_comparison_seed(cfg: PipelineConfig) -> None:
+    """The demo runs each seed's comparison (cell sampling, bootstrap) with that seed (``--seed``,
+    ``--seeds``), so it refuses a separate comparison seed rather than ignore it."""
+    if cfg.comparison.seed != ComparisonConfig().seed:
+        raise ConfigError(
+            f"--comparison.seed {cfg.comparison.seed} does not apply to ks-lens demo: the demo "
+            "seeds the comparison (cell sampling, bootstrap) with --seed, as it does the splits, "
+            "probes and evaluators; use --seed (and --seeds N for several)"
+        )
 
 
 def print_summary(result: ComparisonResult) -> None:
@@ -207,6 +229,7 @@ def config_from_args(opts: DemoOptions) -> PipelineConfig:
         )
     if opts.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
+    check_comparison_seed(cfg)
     return cfg.validate()
 
 

@@ -30,7 +30,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from ks_lens.batching import record_activations, scatter, sorted_batches
-from ks_lens.chat import ChatPrompt, TokenBatch, encode_chat
+from ks_lens.chat import ChatPrompt, TokenBatch, check_context, encode_chat
 from ks_lens.errors import ConfigError
 from ks_lens.generation import generate_from_batch
 from ks_lens.hf_path import can_bypass, decoder_layers, forward, layer_input, resume_at
@@ -112,6 +112,10 @@ def readout_groups(
     tok = model.tokenizer
     ids = [encode_chat(tok, p) for p in prompts]
     n = len(prompts)
+    longest = max(range(n), key=lambda i: len(ids[i]))
+    check_context(
+        model, len(ids[longest]), what="the prompt" if n == 1 else f"prompt {longest + 1} of {n}"
+    )
     k = probe.n_labels if probe is not None else 0
     probs = torch.empty(n * len(steerings), k)
     logps: torch.Tensor | None = None
@@ -208,6 +212,13 @@ def kl_divergence(
 # ----------------------------------------------------------------------------- vanished targets
 
 
+def _check_fraction(name: str, value: Any) -> None:
+    """Refuse a rule threshold that is not a number in [0, 1] (NaN would silently never fire)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not 0 <= value <= 1:
+        raise ConfigError(f"{name} must be a number between 0 and 1, got {value!r}")
+
+
 @dataclass(frozen=True)
 class VanishRule:
     """A target *vanished* on a question when its probability stays below ``floor`` while the
@@ -219,6 +230,15 @@ class VanishRule:
 
     floor: float = 0.1  # a target below this probability may have vanished
     reach: float = 0.5  # ... if the combination's best target reaches this probability
+
+    def __post_init__(self) -> None:
+        for name in ("floor", "reach"):
+            _check_fraction(f"vanish.{name}", getattr(self, name))
+        if self.floor > self.reach:
+            raise ConfigError(
+                f"vanish.floor ({self.floor}) must not exceed vanish.reach ({self.reach}): the "
+                "combination's best target would count as vanished itself"
+            )
 
     def vanished(self, target_probs: np.ndarray) -> np.ndarray:
         """``[n, k]`` probabilities of the ``k`` targets -> ``[n, k]`` vanished flags."""
@@ -256,6 +276,16 @@ class DegenerateRule:
     min_distinct2: float = 0.5
     min_chars: int = 60
     min_compression: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("min_letters", "min_words", "min_chars"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(
+                    f"degenerate.{name} must be a non-negative whole number, got {v!r}"
+                )
+        for name in ("min_letter_share", "min_distinct2", "min_compression"):
+            _check_fraction(f"degenerate.{name}", getattr(self, name))
 
     def reason(self, text: str) -> str | None:
         """Why ``text`` is degenerate (``"empty"``, ``"non-letters"``, ``"repetition"``), or None."""

@@ -49,6 +49,7 @@ from tyro.constructors import (
 )
 
 from ks_lens.comparison import ComparisonConfig
+from ks_lens.errors import ConfigError
 from ks_lens.pipeline import PipelineConfig
 
 T = TypeVar("T")
@@ -235,6 +236,32 @@ def given(argv: Sequence[str], option: str) -> bool:
     return False
 
 
+def check_spellings(argv: Sequence[str]) -> None:
+    """Refuse, in one line naming the right spelling, what the generated parser would misread:
+    ``--fast=VALUE`` (a flag takes no value) and a comparison option spelled with its
+    ``comparison.`` prefix (``--comparison.methods``; the parser would suggest another option)."""
+    pipeline = {f.name for f in dataclasses.fields(PipelineConfig)}
+    flat = {f.name for f in dataclasses.fields(ComparisonConfig)} - pipeline
+    for i, token in enumerate(argv):
+        if token == "--":
+            return
+        name = token.split("=", 1)[0]
+        after = argv[i + 1] if i + 1 < len(argv) else ""
+        if name == "--fast" and ("=" in token or after.lower() in ("true", "false")):
+            spelled = token if "=" in token else f"{token} {after}"
+            raise ConfigError(
+                f"--fast takes no value (got {spelled!r}): give --fast for the smoke-run sizes, "
+                "or leave it out for the full run"
+            )
+        rest = name.removeprefix("--comparison.")
+        if rest != name and rest.split(".")[0].replace("-", "_") in flat:
+            raise ConfigError(
+                f"{name} is spelled --{rest}: the comparison's options drop their "
+                "'comparison.' prefix (only --comparison.seed and --comparison.batch-size keep "
+                "it, because the pipeline has --seed and --batch-size)"
+            )
+
+
 def parse_pipeline_options(
     cls: type[P],
     argv: Sequence[str],
@@ -253,6 +280,7 @@ def parse_pipeline_options(
     baseline. Nothing is validated here: call ``config.validate()``.
     """
     argv = list(argv)
+    check_spellings(argv)
     fast = given(argv, "--fast")
     base = PipelineConfig.fast() if fast else (full or PipelineConfig())
     opts = parse(
@@ -274,6 +302,7 @@ def parse_pipeline_options(
 __all__ = [
     "Layers",
     "PipelineOptions",
+    "check_spellings",
     "given",
     "one_of",
     "parse",

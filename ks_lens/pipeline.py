@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ks_lens.activations import POOLINGS, Activations, ActivationStore, Pooling, collect_to_store
+from ks_lens.chat import check_context, encode_chat
 from ks_lens.comparison import (
     ComparisonConfig,
     ComparisonResult,
@@ -32,11 +33,12 @@ from ks_lens.datasets import (
     load_questions,
     make_splits,
 )
-from ks_lens.errors import ConfigError
+from ks_lens.errors import ConfigError, DatasetError
 from ks_lens.gold_texts import (
     LabelledText,
     load_gold_texts,
     load_labelled_texts,
+    normalise_text,
     split_by_question,
 )
 from ks_lens.models import ModelOptions, load_model
@@ -140,27 +142,69 @@ class PipelineConfig(ModelOptions):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ConfigError(f"{name} must be a non-negative layer index, got {v}")
-        if self.layer is not None and self.eval_layer is not None and self.eval_layer < self.layer:
+        if self.layer is not None and self.eval_layer is not None and self.eval_layer <= self.layer:
             raise ConfigError(
-                f"the evaluator layer ({self.eval_layer}) must be at or after the steering layer ({self.layer})"
+                f"the evaluator layer ({self.eval_layer}) must be above the steering layer "
+                f"({self.layer}): an evaluator at the steered hook point reads the push itself, "
+                "not its effect"
             )
         self.comparison.validate()
         return self
 
 
+EVAL_GAP = 4
+"""Layers between the steering layer and the default evaluator layer (fewer at the top)."""
+
+
 def default_layers(
     n_layers: int, layer: int | None = None, eval_layer: int | None = None
 ) -> tuple[int, int]:
-    """Steering layer (default 60 % depth) and evaluator layer (default 4 layers later, capped)."""
+    """Steering layer (default 60 % depth) and evaluator layer (default :data:`EVAL_GAP` layers
+    later, capped at the last layer). The evaluator must read above the steering layer: at the
+    steered hook point it would read the push itself."""
     ls = round(0.6 * n_layers) if layer is None else layer
     if not 0 <= ls < n_layers:
         raise ConfigError(f"layer {ls} is out of range for a model with {n_layers} layers")
-    le = min(n_layers - 1, ls + 4) if eval_layer is None else eval_layer
-    if not ls <= le < n_layers:
+    if ls == n_layers - 1 and eval_layer is None:
         raise ConfigError(
-            f"the evaluator layer must be between the steering layer {ls} and {n_layers - 1}"
+            f"steering layer {ls} is the model's last layer ({n_layers} layers): the activation "
+            "evaluator must read above the steering layer, and nothing is above it. Steer at a "
+            f"layer below {ls}"
+        )
+    le = min(n_layers - 1, ls + EVAL_GAP) if eval_layer is None else eval_layer
+    if not ls < le < n_layers:
+        raise ConfigError(
+            f"the evaluator layer {le} must be above the steering layer {ls} and at most "
+            f"{n_layers - 1} (an evaluator at the steered hook point reads the push itself)"
         )
     return ls, le
+
+
+def eval_gap_note(cfg: PipelineConfig, layer: int, eval_layer: int) -> str | None:
+    """A warning for reports when the default evaluator sits fewer than :data:`EVAL_GAP` layers
+    above the steering layer (capped at the top of the model); None otherwise."""
+    gap = eval_layer - layer
+    if cfg.eval_layer is not None or gap >= EVAL_GAP:
+        return None
+    return (
+        f"the activation evaluator reads {gap} layer{'s' if gap > 1 else ''} above the steering "
+        f"layer, not the default {EVAL_GAP} (capped at the model's last layer): it sits close to "
+        "the push, so its figures say more about the push than about what the model makes of it"
+    )
+
+
+def probe_source_text(cfg: PipelineConfig) -> str:
+    """What the steering probe and CAA vectors were trained on, in words (for reports)."""
+    if cfg.probe_source == "prompt":
+        return (
+            "last prompt token of behaviour instruction + question, train split "
+            f"({cfg.n_train} questions)"
+        )
+    where = "last answer token" if cfg.text_position == "last" else "mean over the answer tokens"
+    return (
+        f"gold tone texts re-encoded without instruction ({where}), on the gold questions set "
+        f"aside for steering ({cfg.gold_steer_fraction:.0%})"
+    )
 
 
 def _steering_kit(
@@ -210,6 +254,71 @@ def texts_dataset(texts: Sequence[LabelledText], labels: Sequence[str]) -> Behav
         Question(t.id, t.question or "", label="+".join(t.labels), answer=t.text) for t in texts
     )
     return BehaviourDataset("labelled-texts", behaviours, qs)
+
+
+def check_texts_cover_labels(
+    texts: Sequence[LabelledText], labels: Sequence[str], source: str
+) -> None:
+    """Refuse labelled texts (``--texts``) that leave a label without a single-label text: the
+    steering vectors and evaluators need examples of every label."""
+    have = {t.labels[0] for t in texts if len(t.labels) == 1}
+    missing = [lab for lab in labels if lab not in have]
+    if missing:
+        raise DatasetError(
+            f"{source}: no single-label text for {missing}; the texts must cover every label of "
+            f"the dataset {list(labels)} (the steering vectors and evaluators learn each label)"
+        )
+
+
+def check_held_out(
+    questions: Sequence[Question],
+    cfg: PipelineConfig,
+    ds: BehaviourDataset,
+    splits: Splits,
+    gold: Sequence[LabelledText],
+    *,
+    prompt_source: bool,
+) -> None:
+    """Refuse external test questions (the first ``max(n_eval, n_gen)``, those the run asks)
+    that the run also learns or calibrates from (matched by text, ignoring case and spacing):
+    the probe's training prompts, the evaluators' questions, the calibration questions and the
+    gold texts' questions. Test figures on them would not be held out, and the report could not
+    tell."""
+    used: dict[str, str] = {}
+    parts = [("evaluator", cfg.n_evaluator), ("calibration", cfg.n_calib)]
+    if prompt_source:
+        parts.insert(0, ("train", cfg.n_train))
+    for split, n in parts:
+        for q in ds.subset(splits.ids(split)).head(n).questions:
+            used.setdefault(
+                normalise_text(q.text), f"a {split}-split question of dataset {ds.name!r}"
+            )
+    for t in gold:
+        if t.question:
+            used.setdefault(normalise_text(t.question), f"the question of gold text {t.id!r}")
+    asked = questions[: max(cfg.n_eval, cfg.n_gen)]  # the questions the run asks
+    hits = [
+        (i, q, used[key]) for i, q in enumerate(asked) if (key := normalise_text(q.text)) in used
+    ]
+    if hits:
+        i, q, where = hits[0]
+        raise DatasetError(
+            f"{cfg.questions}: {len(hits)} of {len(asked)} test questions are not held out: "
+            f"question {i + 1} ({q.text[:60]!r}) is {where} (seed {cfg.seed}). The probes, "
+            "evaluators or calibration learn from those; remove them from the file"
+        )
+
+
+def check_question_lengths(
+    model: Model, questions: Sequence[Question], cfg: PipelineConfig
+) -> None:
+    """Refuse external test questions that do not fit in the model's context window (with the
+    answer length for the ones answered in text), before any activation is collected."""
+    n_test = max(cfg.n_eval, cfg.n_gen)
+    for i, q in enumerate(questions[:n_test]):
+        new = cfg.comparison.max_new_tokens if i < cfg.n_gen else 0
+        what = f"{cfg.questions}: question {i + 1} ({q.id})"
+        check_context(model, len(encode_chat(model.tokenizer, q.text)), new, what=what)
 
 
 @dataclass
@@ -340,21 +449,27 @@ def prepare(
         raise ConfigError(
             f"sources {list(wanted)} must include the configured probe_source {cfg.probe_source!r}"
         )
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    external = (
-        [q.text for q in load_questions(cfg.questions)] if cfg.questions else None
-    )  # fail early
+    questions = load_questions(cfg.questions) if cfg.questions else None  # fail early
     ds = load_dataset(cfg.dataset)
     gold = load_labelled_texts(cfg.texts, labels=ds.labels) if cfg.texts else load_gold_texts()
+    if cfg.texts:
+        check_texts_cover_labels(gold, ds.labels, cfg.texts)
     cfg.comparison.validate(ds.labels)
+    splits = make_splits(ds, seed=cfg.seed)
+    if questions is not None:
+        check_held_out(questions, cfg, ds, splits, gold, prompt_source="prompt" in wanted)
     t0 = time.perf_counter()
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     timings["load_model_s"] = time.perf_counter() - t0
-    splits = make_splits(ds, seed=cfg.seed)
     n_layers = int(model.cfg.n_layers)
     ls, le = default_layers(n_layers, cfg.layer, cfg.eval_layer)
+    external = None
+    if questions is not None:
+        check_question_lengths(model, questions, cfg)
+        external = [q.text for q in questions]
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
     log.info(
         f"[ks-lens] model {model.cfg.model_name} ({n_layers} layers); steering layer {ls}, evaluator layer {le}"
     )

@@ -51,7 +51,7 @@ from ks_lens.errors import (
     TrainingError,
 )
 from ks_lens.hooks import ks_hook_name, parse_hook, resid_hook, same_hook_point
-from ks_lens.io import load_artifact, read_json, save_artifact
+from ks_lens.io import META_CHECKSUM, META_FILE, load_artifact, read_json, save_artifact
 from ks_lens.models import check_signature, model_device
 from ks_lens.types import Model
 from ks_lens.utils import check_int, check_seed
@@ -989,12 +989,14 @@ def save_probes(probes: Mapping[int, Probe], directory: str | Path) -> Path:
             index[str(layer)] = {
                 "path": sub,
                 "hook_name": probe.hook_name,
-                "metrics": {
-                    k: probe.metrics.get(k)
-                    for k in ("val_accuracy", "train_accuracy", "val_loss", "best_epoch")
-                },
+                "metrics": {k: probe.metrics.get(k) for k in _INDEX_METRICS},
+                # the member's own metadata checksum (it covers its tensors' SHA-256 too)
+                META_CHECKSUM: read_json(d / sub / META_FILE, what="probe metadata")[META_CHECKSUM],
             }
-        atomic_write_json(d / "probes.json", {"format": "ks_lens.probe_set", "probes": index})
+        atomic_write_json(
+            d / "probes.json",
+            {"format": "ks_lens.probe_set", "format_version": 2, "probes": index},
+        )
 
     # a probe set replaces an older one as a whole: no stale layer-XX directories
     return write_directory(directory, write)
@@ -1011,15 +1013,44 @@ def load_probes(directory: str | Path, *, model: Model | None = None) -> ProbeSe
     )
 
 
+_INDEX_METRICS = ("val_accuracy", "train_accuracy", "val_loss", "best_epoch")
+
+
 def _load_indexed(directory: Path, index: Any, layer: int, model: Model | None) -> Probe:
-    """One probe of a probe set; the index must not point at another layer's probe."""
-    probe = Probe.load(directory / index["probes"][str(layer)]["path"], model=model)
+    """One probe of a probe set; the index must not point at another layer's probe, and the
+    member must be the one the set was saved with (its metadata checksum, recorded in the index;
+    sets saved before the checksum was recorded: the metrics the index lists)."""
+    entry = index["probes"][str(layer)]
+    path = directory / entry["path"]
+    probe = Probe.load(path, model=model)
     if probe.layer != layer:
         raise StoreError(
             f"probe set {directory} is inconsistent: its index lists layer {layer} but that "
             f"probe was trained at {probe.hook_name}. Re-create the probe set."
         )
+    recorded = entry.get(META_CHECKSUM)
+    if recorded is None and int(index.get("format_version", 1)) >= 2:
+        raise StoreError(
+            f"probe set {directory}: probes.json has no checksum for layer {layer}; it was "
+            f"edited after saving. {_RECREATE}"
+        )
+    if recorded is not None:
+        same = read_json(path / META_FILE, what="probe metadata").get(META_CHECKSUM) == recorded
+    else:  # a set saved before checksums were recorded
+        same = all(entry.get("metrics", {}).get(k) == probe.metrics.get(k) for k in _INDEX_METRICS)
+    if not same:
+        raise StoreError(
+            f"probe set {directory}: the probe of layer {layer} ({path.name}) is not the one this "
+            "set was saved with (it was replaced, e.g. copied from another run, and probes.json's "
+            f"record of it no longer matches). {_RECREATE}"
+        )
     return probe
+
+
+_RECREATE = (
+    "Re-create the set: ks-lens train --acts STORE --layer all --out DIR --overwrite "
+    "(or ks_lens.save_probes)"
+)
 
 
 def load_probe_any(

@@ -21,6 +21,7 @@ from ks_lens.comparison import (
     method_label,
 )
 from ks_lens.compat import versions
+from ks_lens.errors import KsLensError, StoreError
 from ks_lens.io import atomic_write_bytes, atomic_write_json
 from ks_lens.stats import Interval, seed_summary
 from ks_lens.utils import git_commit
@@ -577,8 +578,14 @@ def rerender(directory: str | Path, *, command: str | None = None) -> dict[str, 
     from ks_lens.io import read_json
 
     directory = Path(directory)
-    doc = read_json(directory / "report.json", what="comparison report")
-    result = ComparisonResult.from_json(doc)
+    path = directory / "report.json"
+    doc = read_json(path, what="comparison report")
+    try:
+        result = ComparisonResult.from_json(doc)
+    except KsLensError as e:
+        raise StoreError(
+            f"{path} cannot be re-rendered: {e}. Re-run the demo to regenerate it."
+        ) from e
     info = {k: v for k, v in doc.items() if k not in _RESULT_KEYS}
     info["timings"] = {k: v for k, v in doc.get("timings", {}).items() if k not in result.timings}
     info["rerendered_by"] = {

@@ -358,3 +358,103 @@ def test_token_view_of_a_demo_answer(two_seed_demo, tmp_path):
         [*base, "--targets", "no-such-label", "--out", str(out)], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "0 cells match" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _refused_before_collection(argv, out, capsys):
+    """Run the demo; it must exit 2 with one line and write nothing under ``out``."""
+    code = main(["demo", "--fast", "--model", "tiny-random-llama", "--out", str(out), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("ks-lens: error: "), err
+    assert not out.exists()  # nothing collected or written
+    return err
+
+
+def test_demo_refuses_an_evaluator_on_the_steered_layer(tmp_path, capsys):
+    """--layer 3 on the 4-layer tiny model put steering and evaluator on one hook point."""
+    err = _refused_before_collection(["--layer", "3"], tmp_path / "o", capsys)
+    assert "steering layer 3 is the model's last layer (4 layers): the activation evaluator " in err
+    err = _refused_before_collection(["--layer", "1", "--eval-layer", "1"], tmp_path / "o", capsys)
+    assert "the evaluator layer (1) must be above the steering layer (1)" in err
+
+
+def test_demo_external_questions_are_checked_before_collection(tmp_path, capsys):
+    """Questions the probes, evaluators or calibration learn from are not test questions; a
+    15,019-token question grew the activation stage to 15 GB: both refused up front."""
+    from ks_lens.datasets import load_dataset, make_splits
+    from ks_lens.gold_texts import load_gold_texts
+
+    ds = load_dataset("tones")
+    calib = ds.subset(make_splits(ds, seed=0).ids("calibration")).head(4).questions[1].text
+    gold = load_gold_texts()[0].question
+    q = tmp_path / "q.jsonl"
+    rows = ["Why is grass green?", "  " + calib.upper() + " "]  # case and spacing ignored
+    q.write_text("\n".join(json.dumps({"text": t}) for t in rows) + "\n")
+    err = _refused_before_collection(["--questions", str(q)], tmp_path / "o", capsys)
+    assert f"{q}: 1 of 2 test questions are not held out: question 2 " in err
+    assert "is a calibration-split question of dataset 'tones' (seed 0)" in err
+    q.write_text(json.dumps({"text": gold}) + "\n")
+    err = _refused_before_collection(["--questions", str(q)], tmp_path / "o", capsys)
+    assert "is the question of gold text 'gold-" in err
+    long = "word " * 15019
+    q.write_text("\n".join(json.dumps({"text": t}) for t in ["Why?", long]) + "\n")
+    err = _refused_before_collection(["--questions", str(q)], tmp_path / "o", capsys)
+    assert f"{q}: question 2 (" in err and "more than the model's context window of 1024" in err
+    fits = (
+        "x" * 1000
+    )  # 1019 tokens with the chat template: fits alone, not with the answer (--fast: 8 new tokens)
+    q.write_text("\n".join(json.dumps({"text": t}) for t in ["Why?", fits]) + "\n")
+    err = _refused_before_collection(["--questions", str(q)], tmp_path / "o", capsys)
+    assert "plus max_new_tokens=8 does not fit in the model's context window" in err
+
+
+def test_demo_texts_must_cover_every_label(tmp_path, capsys):
+    """--texts with only some labels failed after collection without naming the file."""
+    texts = tmp_path / "t.jsonl"
+    rows = [
+        {"question": f"Q{i}?", "labels": [lab], "text": f"A {lab} answer number {i}."}
+        for i, lab in enumerate(["casual", "concise", "casual", "expert"])
+    ]
+    texts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    err = _refused_before_collection(["--texts", str(texts)], tmp_path / "o", capsys)
+    assert f"{texts}: no single-label text for ['helpful', 'cautious', 'empathetic']" in err
+
+
+def test_report_describes_the_probe_source_that_ran():
+    """Every demo report said 'instruction prompts of the train split', whatever ran."""
+    from types import SimpleNamespace
+
+    from ks_lens.demo import _evaluator_lines
+
+    def lines(**kw):
+        cfg = _fast(**kw)
+        probe = SimpleNamespace(hook_name="blocks.2.hook_resid_post", metrics={"val_accuracy": 0.5})
+        ev = SimpleNamespace(
+            hook_name="blocks.3.hook_resid_post",
+            config=SimpleNamespace(hidden=256),
+            metrics={"val_accuracy": 0.4},
+        )
+        setup = SimpleNamespace(
+            config=cfg,
+            layer=2,
+            eval_layer=3,
+            evaluator=ev,
+            response_evaluator=ev,
+            probe=probe,
+            dataset=SimpleNamespace(labels=("a", "b")),
+            text_evaluator=SimpleNamespace(validity=None),
+        )
+        return _evaluator_lines(setup)
+
+    text = lines()["steering probe (not an evaluator)"]
+    assert text == (
+        "`blocks.2.hook_resid_post`, gold tone texts re-encoded without instruction (last answer "
+        "token), on the gold questions set aside for steering (50%): validation accuracy 0.500"
+    )
+    mean = lines(text_position="mean_response")["steering probe (not an evaluator)"]
+    assert "(mean over the answer tokens)" in mean
+    prompt = lines(probe_source="prompt")["steering probe (not an evaluator)"]
+    assert "last prompt token of behaviour instruction + question, train split (16 q" in prompt
+    # the tiny model's default evaluator sits 1 layer above the steering (capped): marked
+    note = "**Note: the activation evaluator reads 1 layer above the steering layer, not the "
+    assert note + "default 4 (capped at the model's last layer)" in lines()["activation evaluator"]
+    assert "Note" not in lines(eval_layer=3)["activation evaluator"]  # chosen explicitly

@@ -83,9 +83,13 @@ def _other_value(path: tuple[str, ...], t: Any, default: Any) -> tuple[Any, list
         return value, [name, value]
     if get_origin(t) is tuple:
         value = {int: (-5, 0), float: (0.5, 1.0, 3.0), str: ("caa_mean", "ksteer")}[get_args(t)[0]]
+        if path[-1] == "sizes":
+            value = (2, 3)  # numbers of targets are positive
         return value, [name, ",".join(str(v) for v in value)]
     if t is int:
         value = 3 if default is None else default + 1
+        if path[-1] == "eval_layer":
+            value = 4  # above the steering layer (3)
     elif t is float:
         value = 0.375 if default is None else default / 2 + 0.125
     else:
@@ -144,7 +148,6 @@ def test_demo_help_names_every_option(capsys):
         (["--avoid", ""], ("comparison", "avoid"), ()),
         (["--sizes", "1, 2"], ("comparison", "sizes"), (1, 2)),
         (["--layer", "3", "--eval-layer", "5"], ("eval_layer",), 5),
-        (["--comparison.seed", "7"], ("comparison", "seed"), 7),
         (["--comparison.batch-size", "4"], ("comparison", "batch_size"), 4),
         (["--batch-size", "4"], ("batch_size",), 4),
         (["--vanish.floor", "0.2"], ("comparison", "vanish", "floor"), 0.2),
@@ -225,6 +228,64 @@ def test_bad_demo_values_exit_2_with_a_message(argv, message, tmp_path, capsys):
     err = one_line(capsys.readouterr().err)
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--vanish.floor", "nan"], "vanish.floor must be a number between 0 and 1, got nan"),
+        (["--vanish.floor", "2"], "vanish.floor must be a number between 0 and 1, got 2.0"),
+        (["--vanish.reach", "-1"], "vanish.reach must be a number between 0 and 1, got -1.0"),
+        (
+            ["--degenerate.min-letters", "-1"],
+            "degenerate.min_letters must be a non-negative whole number, got -1",
+        ),
+        (
+            ["--degenerate.min-compression", "nan"],
+            "degenerate.min_compression must be a number between 0 and 1, got nan",
+        ),
+        (["--sizes", "1,1"], "sizes [1, 1] repeat [1]: each number of targets is evaluated once"),
+        (["--sizes", ""], "sizes must name at least one number of targets"),
+        (["--sizes", "0,1"], "sizes must be at least 1"),
+        (["--sizes", "1,7"], "combination size 7 is impossible with 6 labels"),
+        (["--n-resamples", "0"], "n_resamples must be a positive number of bootstrap resamples"),
+        (["--n-resamples", "-5"], "n_resamples must be a positive number of bootstrap resamples"),
+        (
+            ["--comparison.seed", "7"],
+            "--comparison.seed 7 does not apply to ks-lens demo: the demo seeds the comparison "
+            "(cell sampling, bootstrap) with --seed",
+        ),
+        (["--fast=False"], "--fast takes no value (got '--fast=False')"),
+        (["--fast=True"], "--fast takes no value (got '--fast=True')"),
+        (["--fast", "False"], "--fast takes no value (got '--fast False')"),
+        (["--comparison.methods", "caa_mean"], "--comparison.methods is spelled --methods"),
+        (
+            ["--comparison.vanish.floor", "0.2"],
+            "--comparison.vanish.floor is spelled --vanish.floor",
+        ),
+        (
+            ["--layer", "2", "--eval-layer", "2"],
+            "the evaluator layer (2) must be above the steering layer (2)",
+        ),
+    ],
+)
+def test_demo_refuses_before_any_compute(argv, message, tmp_path, capsys, monkeypatch):
+    """Issue #22: values that ran (or were ignored) and gave a wrong or no report are refused
+    in one message before the model is loaded or anything is written."""
+    import ks_lens.pipeline
+
+    monkeypatch.setattr(
+        ks_lens.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded")
+    )
+    out = tmp_path / "o"
+    try:
+        code = main(["demo", "--model", "tiny-random-llama", "--out", str(out), *argv])
+    except SystemExit as e:  # the generated parser's own checks (a rule's thresholds)
+        code = e.code
+    assert code == 2
+    err = one_line(capsys.readouterr().err)
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_out_of_range_demo_values_are_bad_input(tmp_path, capsys):
@@ -330,6 +391,17 @@ def test_studies_fast_and_logging_flags(common, capsys):
         common.parse(common.StudyOptions, "d", "o", ["--kl-budget", "-1"])
     assert e.value.code == 2
     assert "error: kl_budget must be a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        common.parse(common.StudyOptions, "d", "o", ["--comparison.methods", "ksteer"])
+    assert e.value.code == 2
+    assert "--comparison.methods is spelled --methods" in capsys.readouterr().err
+    # studies run the comparison with --comparison.seed as given (the demo refuses it)
+    assert (
+        common.parse(
+            common.StudyOptions, "d", "o", ["--comparison.seed", "7"]
+        ).config.comparison.seed
+        == 7
+    )
     with pytest.raises(SystemExit) as e:
         common.parse(common.StudyOptions, "d", "o", ["--probe-source", "bogus"])
     assert e.value.code == 2

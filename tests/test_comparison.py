@@ -347,3 +347,193 @@ def test_merge_results_pairs_runs_and_multilayer_method(tiny_model, tiny_acts, t
             config=replace(base, methods=("caa_mean", "ksteer_multilayer")),
             progress=False,
         )
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (
+            {"sizes": (1, 1)},
+            r"sizes \[1, 1\] repeat \[1\]: each number of targets is evaluated once",
+        ),
+        ({"sizes": ()}, "sizes must name at least one number of targets"),
+        ({"sizes": (0, 1)}, r"sizes must be at least 1 .*got \[0, 1\]"),
+        ({"n_resamples": 0}, "n_resamples must be a positive number of bootstrap resamples, got 0"),
+        ({"n_resamples": -5}, "n_resamples must be a positive number"),
+        ({"act_combos_per_size": 0}, "act_combos_per_size must be positive"),
+        ({"calib_bisect_steps": -1}, "calib_bisect_steps must be >= 0"),
+        ({"kl_budget": "0.5"}, "comparison setting kl_budget must be a number, got '0.5'"),
+        ({"sizes": (1.5,)}, "comparison setting sizes must be whole numbers"),
+        ({"n_resamples": True}, "comparison setting n_resamples must be a whole number"),
+    ],
+)
+def test_comparison_settings_are_checked_before_compute(kw, message):
+    """--sizes 1,1 double-counted every k=1 row; --n-resamples 0 and --sizes "" ran everything
+    and then failed in scipy / the plot."""
+    with pytest.raises(ValueError, match=message):
+        ComparisonConfig(**kw).validate()
+    with pytest.raises(ValueError, match="combination size 7 is impossible with 6 labels"):
+        ComparisonConfig(sizes=(1, 7)).validate(list("abcdef"))
+
+
+def _synthetic_result() -> dict:
+    """A complete two-method result on labels a, b, c (every stage), as report.json holds it."""
+    from ks_lens.evaluation import Calibration
+
+    cfg = ComparisonConfig(
+        methods=("caa_mean", "ksteer"),
+        sizes=(1, 2),
+        act_combos_per_size=1,
+        curve_factors=(0.5, 1.0),
+        n_resamples=50,
+    )
+    plan = plan_comparison(("a", "b", "c"), cfg, n_calib=1, n_test=2)
+    act = _act_eval()
+    assert plan.act_combos == act.combos
+    answers = []
+    for q in (0, 1):
+        answers.append(
+            Answer(
+                "unsteered",
+                q,
+                (),
+                0.0,
+                0.0,
+                "plain",
+                3,
+                math.nan,
+                1.0,
+                None,
+                [0.2, 0.3, 0.1],
+                None,
+                {},
+            )
+        )
+    for m, gain in (("caa_mean", 0.3), ("ksteer", 0.5)):
+        for f in cfg.curve_factors:
+            for c in plan.gen_cells:
+                p = [0.2 + f * gain * (t in c.targets) for t in "abc"]
+                answers.append(
+                    Answer(
+                        m,
+                        c.question,
+                        c.targets,
+                        f,
+                        f,
+                        "steered text",
+                        4,
+                        0.3 * f + 0.1 * c.question,
+                        1.2,
+                        None,
+                        p,
+                        None,
+                        {},
+                    )
+                )
+    alphas = {"caa_mean": {1: 1.0, 2: 2.0}, "ksteer": {1: 3.0, 2: 4.0}}
+    text = TextEvaluation(
+        ("a", "b", "c"),
+        ["q0?", "q1?"],
+        plan.gen_cells,
+        alphas,
+        cfg.curve_factors,
+        answers,
+        ("text",),
+    )
+    calib = {
+        m: {k: Calibration(a, 0.5, 0.4, [(a, 0.4)]) for k, a in v.items()}
+        for m, v in alphas.items()
+    }
+    res = ComparisonResult(cfg, plan, calib, act, text, [], [], [], 1, 2, 2)
+    return json.loads(json.dumps(res.to_json()))
+
+
+def _edit(doc: dict, path: str, value) -> dict:
+    import copy
+
+    out = copy.deepcopy(doc)
+    *head, last = path.split("/")
+    node = out
+    for p in head:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    if value is _DELETE:
+        del node[last]
+    elif isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return out
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("comparison_config/kl_budget", -1, "kl_budget must be a positive number of nats, got -1"),
+        ("comparison_config/baseline", "magic", "the baseline 'magic' is not among the methods"),
+        ("comparison_config/vanish/floor", None, "vanish.floor must be a number between 0 and 1"),
+        ("comparison_config/sizes", [1, 1], r"sizes \[1, 1\] repeat"),
+        (
+            "text_eval/labels",
+            ["c", "b", "a"],
+            r"text_eval.labels \['c', 'b', 'a'\] differ from the plan's",
+        ),
+        ("activation_eval/labels", ["b", "a", "c"], "activation_eval.labels .* differ"),
+        ("labels", ["a", "c", "b"], "labels .* differ from the plan's"),
+        ("plan", _DELETE, "the result has no field 'plan'"),
+        ("text_eval/answers/3/text_probs/0", "x", "malformed record .*'x'"),
+        ("text_eval/answers/3/text_probs/0", 1.5, r"text_eval.answers\[3\].text_probs holds 1.5"),
+        ("text_eval/answers/3/text_probs", [0.5], r"text_eval.answers\[3\].text_probs has \(1,\)"),
+        ("text_eval/answers", [], "need one unsteered answer per question"),
+        ("text_eval/answers/4/question", 99, r"text_eval.answers\[4\] refers to question 99"),
+        ("text_eval/answers/4/targets", ["z"], r"targets \['z'\] outside"),
+        (
+            "activation_eval/probs/caa_mean/0",
+            [[0.5]],
+            "must hold one \\[2, 3\\] array per combination",
+        ),
+        ("calibration/ksteer", _DELETE, "calibration has methods \\['caa_mean'\\]"),
+    ],
+)
+def test_from_json_refuses_edited_or_damaged_records(path, value, message):
+    """report.json edited by hand (kl_budget -1, an unknown baseline, reversed labels that flip
+    a difference) or damaged: one clear error, never a re-rendered wrong report or a traceback."""
+    from ks_lens.errors import KsLensError
+
+    doc = _synthetic_result()
+    again = ComparisonResult.from_json(doc)  # intact: loads, summaries recomputed
+    assert {(r.lens, r.method, r.k) for r in again.summaries} >= {("text", "ksteer", 2)}
+    with pytest.raises(KsLensError, match=message):
+        ComparisonResult.from_json(_edit(doc, path, value))
+
+
+def test_from_json_refuses_what_is_not_a_result():
+    from ks_lens.errors import StoreError
+
+    with pytest.raises(StoreError, match="a comparison result is a JSON object, got list"):
+        ComparisonResult.from_json([1, 2])  # type: ignore[arg-type]
+
+
+def test_report_command_refuses_a_damaged_report_in_one_line(tmp_path, capsys):
+    """ks-lens report on an edited or damaged report.json: exit 2, one line naming the file."""
+    from ks_lens.cli import main
+
+    doc = _synthetic_result()
+    (tmp_path / "report.json").write_text(json.dumps(doc))
+    assert main(["report", str(tmp_path)]) == 0  # intact: re-rendered
+    assert (tmp_path / "report.md").is_file()
+    capsys.readouterr()
+    for path, value, message in (
+        ("comparison_config/kl_budget", -1, "kl_budget must be a positive number of nats"),
+        ("text_eval/answers/3/question", 7, "text_eval.answers[3] refers to question 7"),
+    ):
+        (tmp_path / "report.json").write_text(json.dumps(_edit(doc, path, value)))
+        assert main(["report", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ks-lens: error: {tmp_path / 'report.json'} cannot be re-rendered: ")
+        assert message in err and err.count("\n") == 1
+    (tmp_path / "report.json").write_text("[1, 2]")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "a comparison result is a JSON object, got list" in capsys.readouterr().err

@@ -306,3 +306,49 @@ def test_answers_scored_after_a_shared_question_equal_whole_rows(tiny_model, tin
         np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-6)
     assert shared[3] == whole[3] == steps
     assert math.isnan(shared[1][1]) and not math.isnan(shared[2][1])  # empty: no NLL, 1 KL step
+
+
+@pytest.mark.parametrize(
+    "rule, kw, message",
+    [
+        (VanishRule, {"floor": math.nan}, "vanish.floor must be a number between 0 and 1, got nan"),
+        (VanishRule, {"floor": 2.0}, "vanish.floor must be a number between 0 and 1, got 2.0"),
+        (VanishRule, {"reach": -1.0}, "vanish.reach must be a number between 0 and 1, got -1.0"),
+        (VanishRule, {"floor": "0.1"}, "vanish.floor must be a number between 0 and 1, got '0.1'"),
+        (VanishRule, {"floor": 0.6, "reach": 0.5}, r"vanish.floor \(0.6\) must not exceed"),
+        (DegenerateRule, {"min_letters": -1}, "degenerate.min_letters must be a non-negative"),
+        (DegenerateRule, {"min_words": 2.5}, "degenerate.min_words must be a non-negative"),
+        (DegenerateRule, {"min_chars": True}, "degenerate.min_chars must be a non-negative"),
+        (
+            DegenerateRule,
+            {"min_compression": math.nan},
+            "degenerate.min_compression must be a number between 0 and 1, got nan",
+        ),
+        (DegenerateRule, {"min_letter_share": 1.5}, "degenerate.min_letter_share must be a"),
+        (DegenerateRule, {"min_distinct2": math.inf}, "degenerate.min_distinct2 must be a"),
+    ],
+)
+def test_rule_thresholds_are_validated(rule, kw, message):
+    """A NaN floor never fires (the demo reported 'vanished 0/12' where the default rule gives
+    12/12, and stored null); out-of-range thresholds are refused where the rule is made."""
+    with pytest.raises(ks.ConfigError, match=message):
+        rule(**kw)
+    assert VanishRule(floor=0.0, reach=1.0).floor == 0.0  # the closed range is allowed
+
+
+def test_readout_refuses_prompts_beyond_the_context_window(tiny_model, tiny_probe, monkeypatch):
+    """Like generate, readout refuses a prompt longer than the context window before any
+    forward pass (positions beyond it give garbage, and memory grows with the length)."""
+    from ks_lens.steering import base
+
+    calls = []
+    monkeypatch.setattr(base, "steer_groups", lambda *a, **k: calls.append(1))
+    long = "word " * 1100  # far beyond the tiny model's 1024 positions
+    with pytest.raises(
+        ks.ContextLengthError,
+        match=r"prompt 2 of 2 has \d+ tokens, more than the model's context window of 1024",
+    ):
+        readout(tiny_model, ["short?", long], probe=tiny_probe)
+    with pytest.raises(ks.ContextLengthError, match="the prompt has"):
+        readout(tiny_model, [long], next_token=True)
+    assert calls == []

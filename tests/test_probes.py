@@ -298,3 +298,57 @@ def test_probe_and_probe_set_never_share_a_directory(tiny_acts, tiny_probe, tmp_
     (tmp_path / "set" / "probes.json").write_text(json.dumps(index))
     with pytest.raises(StoreError, match="lists layer 3 but that probe was trained at blocks.2"):
         load_probe_any(tmp_path / "set", layer=3)
+
+
+def test_probe_set_members_are_checksummed_in_the_index(tiny_acts, tiny_model, tmp_path):
+    """A layer swapped in from another run loaded silently, and probes.json's metrics then
+    disagreed with the probe's own: each member's metadata checksum is in the index."""
+    import shutil
+
+    def train(seed):
+        cfg = ProbeConfig(epochs=2, seed=seed)
+        return train_probes(tiny_acts, layers=[1, 2], config=cfg, progress=False)
+
+    save_probes(train(0), tmp_path / "set")
+    save_probes(train(1), tmp_path / "other")
+    index = json.loads((tmp_path / "set" / "probes.json").read_text())
+    assert index["format_version"] == 2 and len(index["probes"]["2"]["meta_sha256"]) == 64
+    assert sorted(load_probes(tmp_path / "set", model=tiny_model)) == [1, 2]
+    shutil.rmtree(tmp_path / "set" / "layer-02")
+    shutil.copytree(tmp_path / "other" / "layer-02", tmp_path / "set" / "layer-02")
+    swapped = "the probe of layer 2 \\(layer-02\\) is not the one this set was saved with"
+    with pytest.raises(StoreError, match=swapped + ".*ks-lens train --acts STORE --layer all"):
+        load_probes(tmp_path / "set")
+    with pytest.raises(StoreError, match=swapped):
+        load_probe_any(tmp_path / "set", layer=2)
+    assert load_probe_any(tmp_path / "set", layer=1).layer == 1  # the untouched member loads
+    # an index entry stripped of its checksum is refused (the index was edited)
+    del index["probes"]["1"]["meta_sha256"]
+    (tmp_path / "set" / "probes.json").write_text(json.dumps(index))
+    with pytest.raises(StoreError, match="probes.json has no checksum for layer 1"):
+        load_probe_any(tmp_path / "set", layer=1)
+
+
+def test_probe_sets_saved_before_member_checksums_still_load(tiny_acts, tiny_model, tmp_path):
+    """Sets written before this version (no checksums in probes.json) load while the probes
+    agree with the metrics the index lists; a swapped member is refused there too."""
+    import shutil
+
+    probes = train_probes(tiny_acts, layers=[1, 2], config=ProbeConfig(epochs=2), progress=False)
+    save_probes(probes, tmp_path / "set")
+    path = tmp_path / "set" / "probes.json"
+    index = json.loads(path.read_text())
+    del index["format_version"]
+    for entry in index["probes"].values():
+        del entry["meta_sha256"]
+    path.write_text(json.dumps(index))
+    back = load_probes(tmp_path / "set", model=tiny_model)
+    assert back[2].metrics["val_loss"] == probes[2].metrics["val_loss"]
+    other = train_probes(
+        tiny_acts, layers=[2], config=ProbeConfig(epochs=3, seed=5), progress=False
+    )
+    save_probes(other, tmp_path / "other")
+    shutil.rmtree(tmp_path / "set" / "layer-02")
+    shutil.copytree(tmp_path / "other" / "layer-02", tmp_path / "set" / "layer-02")
+    with pytest.raises(StoreError, match="the probe of layer 2 .* is not the one"):
+        load_probes(tmp_path / "set")
