@@ -463,7 +463,7 @@ def cmd_steer(o: SteerOptions) -> int:
 
 @dataclass(frozen=True)
 class CapabilityOptions:
-    """Multiple-choice accuracy by option log-likelihood, unsteered or steered, with 95 % intervals.
+    """Multiple-choice accuracy by option log-likelihood, unsteered or steered, with a 95 percent interval.
 
     Steered (--classifier or --vectors, with --alpha) or instructed (--system or --instruct), the
     plain model is scored too and the paired accuracy difference is printed.
