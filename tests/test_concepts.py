@@ -223,7 +223,7 @@ def test_text_evaluator_cli_takes_the_dataset(tmp_path, capsys):
     texts = tmp_path / "t.jsonl"
     texts.write_text(json.dumps({"id": "x", "text": "The band played a slow song."}) + "\n")
     capsys.readouterr()
-    assert main(["evaluate-text", str(texts), "--evaluator", str(out)]) == 0
+    assert main(["evaluate-text", "--texts", str(texts), "--evaluator", str(out)]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["id"] == "x" and list(row["probs"]) == list(CONCEPTS)
     assert max(row["probs"], key=row["probs"].get) == "music"
