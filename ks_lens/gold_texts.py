@@ -192,14 +192,14 @@ def load_texts(path: str | Path) -> tuple[tuple[str | None, str], ...]:
     return tuple(out)
 
 
-@lru_cache(maxsize=8)
 def load_gold_texts(family: str = "tones") -> tuple[LabelledText, ...]:
     """The gold texts of a behaviour family, labels checked against its dataset.
 
     Args:
         family: a shipped family (``"tones"``: ``gold_tones.jsonl``, ``"concepts"``:
-            ``gold_concepts.jsonl``) or a behaviours JSON file whose ``"gold_texts"`` field names
-            its labelled-text file (relative to the JSON).
+            ``gold_concepts.jsonl``; read once per process) or a behaviours JSON file whose
+            ``"gold_texts"`` field names its labelled-text file (relative to the JSON; read on
+            every call, so edits show).
 
     Returns:
         The texts, each with ``question_id``, ``question`` and ``source``; labels in the
@@ -208,6 +208,17 @@ def load_gold_texts(family: str = "tones") -> tuple[LabelledText, ...]:
     Raises:
         DatasetError: an unknown family, no ``"gold_texts"`` field, or a bad line in the file.
     """
+    from ks_lens.datasets import SHIPPED
+
+    return _shipped_gold_texts(family) if family in SHIPPED else _read_gold_texts(family)
+
+
+@lru_cache(maxsize=4)
+def _shipped_gold_texts(family: str) -> tuple[LabelledText, ...]:
+    return _read_gold_texts(family)
+
+
+def _read_gold_texts(family: str) -> tuple[LabelledText, ...]:
     from ks_lens.datasets import family_file, load_dataset
 
     labels = load_dataset(family).labels

@@ -96,6 +96,8 @@ def test_own_family_gold_texts_load_from_its_json(tmp_path):
     (tmp_path / "mine.json").write_text(json.dumps(spec))
     texts = load_gold_texts(str(tmp_path / "mine.json"))
     assert [(t.labels, t.text) for t in texts] == [(("a", "b"), "Both."), (("a",), "Only a.")]
+    (tmp_path / "texts.jsonl").write_text(json.dumps(rows[0]) + "\n")  # edits show at once
+    assert [t.text for t in load_gold_texts(str(tmp_path / "mine.json"))] == ["Both."]
     rows[1]["labels"] = ["c"]
     (tmp_path / "texts2.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "mine2.json").write_text(json.dumps({**spec, "gold_texts": "texts2.jsonl"}))
