@@ -636,11 +636,13 @@ def cmd_report(o: ReportOptions) -> int:
 
 @dataclass(frozen=True)
 class EvaluateTextOptions:
-    """Score texts (JSONL with a 'text' field) for each tone with a text-level evaluator."""
+    """Score texts (JSONL with a 'text' field) for each label with a text-level evaluator."""
 
     texts: str  # JSONL file, one object with 'text' per line
-    # evaluator directory (None: trained on the shipped gold texts, cached)
+    # evaluator directory (None: trained on the dataset's shipped gold texts, cached)
     evaluator: str | None = None
+    # behaviour family of the default evaluator: tones, concepts, or a behaviours JSON file
+    dataset: str = "tones"
     style: bool = False  # also print each text's style meters
 
 
@@ -652,7 +654,11 @@ def cmd_evaluate_text(o: EvaluateTextOptions) -> int:
     from ks_lens.text_evaluator import LongTextWarning, TextEvaluator, default_text_evaluator
 
     rows = load_texts(o.texts)
-    ev = TextEvaluator.load(o.evaluator) if o.evaluator else default_text_evaluator()
+    ev = (
+        TextEvaluator.load(o.evaluator)
+        if o.evaluator
+        else default_text_evaluator(family=o.dataset)
+    )
     texts = [text for _, text in rows]
     long = ev.long_texts(texts)
     if long:  # once, naming the texts by id (or position in the file), before any output
@@ -678,7 +684,10 @@ class TrainTextEvaluatorOptions:
     """Train a text-level evaluator on labelled texts and print its held-out validity."""
 
     out: str  # directory to save the evaluator in
-    texts: str | None = None  # labelled-text JSONL (None: the shipped gold texts)
+    texts: str | None = None  # labelled-text JSONL (None: the dataset's shipped gold texts)
+    # behaviour family whose labels (and gold texts, without --texts) are used: tones, concepts,
+    # or a behaviours JSON file
+    dataset: str = "tones"
     overwrite: bool = False  # replace the text evaluator already in --out
     labels: tuple[str, ...] = ()  # label names (none given: those in the texts)
     folds: int = 5  # question-grouped CV folds; 0 skips validation
@@ -697,7 +706,7 @@ def cmd_train_text_evaluator(o: TrainTextEvaluatorOptions) -> int:
     out = _check_out(
         o.out, holds=("ks_lens.text_evaluator",), what="a text evaluator", overwrite=o.overwrite
     )
-    tones = load_dataset("tones").labels
+    family = load_dataset(o.dataset).labels
     try:
         labels: list[str] | None = list(check_label_options(o.labels)) if o.labels else None
     except LabelError as e:
@@ -706,12 +715,12 @@ def cmd_train_text_evaluator(o: TrainTextEvaluatorOptions) -> int:
         texts = load_labelled_texts(o.texts, labels)
         if labels is None:
             seen = list(dict.fromkeys(x for t in texts for x in t.labels))
-            labels = [x for x in tones if x in seen] if set(seen) <= set(tones) else seen
+            labels = [x for x in family if x in seen] if set(seen) <= set(family) else seen
     else:
-        texts = load_gold_texts()
-        labels = labels or list(tones)
-        if list(labels) != list(tones):
-            raise LabelError(f"the shipped gold texts have the labels {list(tones)}")
+        texts = load_gold_texts(o.dataset)
+        labels = labels or list(family)
+        if list(labels) != list(family):
+            raise LabelError(f"the shipped gold texts have the labels {list(family)}")
     cfg = TextEvaluatorConfig(use_style=o.style, seed=o.seed)
     if o.C is not None:
         cfg = dataclasses.replace(cfg, C=o.C)

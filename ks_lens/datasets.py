@@ -5,9 +5,12 @@ given to the model as a system prompt) and a list of questions that can be answe
 those behaviours. The model's activations on "instruction + question" (or on its answer) are what
 probes learn from.
 
-``load_dataset("tones")`` gives the dataset shipped with ks-lens: six tones (helpful, expert,
-casual, cautious, empathetic, concise) over 600+ questions in 18 categories. Users bring their own
-with a behaviours JSON file and questions in JSONL or CSV (see ``docs/datasets.md``).
+Two *families* ship with ks-lens (:data:`SHIPPED`): ``load_dataset("tones")``, six tones
+(helpful, expert, casual, cautious, empathetic, concise), and ``load_dataset("concepts")``, six
+concepts woven into the answer (cooking, space, animals, sports, music, weather), both over the
+same 600+ tone-neutral questions in 18 categories with the same splits. Users bring their own with
+a behaviours JSON file and questions in JSONL or CSV (see ``docs/datasets.md`` and
+``docs/tutorial-own-family.md``).
 
 Splits are made **by question**: a question (with all its behaviour variants) belongs to exactly
 one of ``train`` / ``evaluator`` / ``calibration`` / ``test``. The ``evaluator`` split trains the
@@ -16,13 +19,14 @@ held-out evaluation classifiers, which never see the steering probe's questions.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import itertools
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -40,7 +44,8 @@ DEFAULT_FRACTIONS: dict[str, float] = {
     "calibration": 0.1,
     "test": 0.25,
 }
-SHIPPED = {"tones": "tones.json"}
+#: the shipped behaviour families: name -> behaviours JSON file in ``ks_lens/data``
+SHIPPED = {"tones": "tones.json", "concepts": "concepts.json"}
 
 
 @dataclass(frozen=True)
@@ -445,13 +450,45 @@ def load_behaviours(path: str | Path) -> tuple[tuple[Behaviour, ...], dict[str, 
     return tuple(behaviours), dict(spec)
 
 
+@contextlib.contextmanager
+def family_file(spec: str | Path, key: str) -> Iterator[Path]:
+    """The file that a behaviours JSON's field ``key`` names (e.g. ``"gold_texts"``), resolved
+    next to that JSON; ``spec`` is a shipped family name (:data:`SHIPPED`) or a JSON path.
+
+    Raises:
+        DatasetError: an unknown family, a JSON without that field (or not a string), or a
+            named file that does not exist.
+    """
+    spec_str = str(spec)
+    with contextlib.ExitStack() as stack:
+        if spec_str in SHIPPED:
+            ref = resources.files("ks_lens.data").joinpath(SHIPPED[spec_str])
+            path = stack.enter_context(resources.as_file(ref))
+        else:
+            path = Path(spec)
+            if not path.exists():
+                raise DatasetError(
+                    f"unknown dataset {spec_str!r}: not a shipped dataset ({sorted(SHIPPED)}) "
+                    "nor a file"
+                )
+        _, meta = load_behaviours(path)
+        name = meta.get(key)
+        if not isinstance(name, str) or not name:
+            raise DatasetError(f"{path}: no {key!r} file named (add \"{key}\": \"FILE\")")
+        target = path.parent / name
+        if not target.exists():
+            raise DatasetError(f"{path}: its {key!r} file {target} does not exist")
+        yield target
+
+
 def load_dataset(
     spec: str | Path = "tones", *, questions: str | Path | None = None
 ) -> BehaviourDataset:
     """Load a behaviour dataset.
 
     Args:
-        spec: a shipped dataset name (``"tones"``) or a path to a behaviours JSON file.
+        spec: a shipped dataset name (``"tones"``, ``"concepts"``) or a path to a behaviours
+            JSON file.
         questions: replaces the dataset's questions (a ``.jsonl``/``.json``/``.csv`` file or
             ``hf:NAME``), e.g. an external evaluation set.
 

@@ -1,8 +1,8 @@
-"""Labelled texts: texts written in known tones, for evaluating steered generations at text level.
+"""Labelled texts: texts written in known behaviours, for evaluating steered generations at text level.
 
-The **gold tone texts** shipped with ks-lens (``ks_lens/data/gold_tones.jsonl``) are answers to
-questions of the ``tones`` dataset, each written by hand in one, two or three of its tones (see
-``docs/datasets.md``). They train and validate :class:`ks_lens.text_evaluator.TextEvaluator`,
+The **gold texts** shipped with ks-lens are answers to the tone-neutral questions, each written by
+hand in one, two or three labels of a family: ``ks_lens/data/gold_tones.jsonl`` (tones) and
+``ks_lens/data/gold_concepts.jsonl`` (concepts); see ``docs/datasets.md``. They train and validate :class:`ks_lens.text_evaluator.TextEvaluator`,
 which scores any text without looking at the steered model.
 
 File format (JSONL, one object per line, blank lines ignored)::
@@ -26,14 +26,12 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ks_lens.errors import ConfigError, DatasetError, LabelError
 from ks_lens.io import iter_jsonl
 
-GOLD_FILE = "gold_tones.jsonl"
 _OPTIONAL_STR_FIELDS = ("question_id", "question", "source")
 
 
@@ -263,20 +261,37 @@ def load_texts(path: str | Path) -> tuple[tuple[str | None, str], ...]:
     return tuple(out)
 
 
-@lru_cache(maxsize=1)
-def load_gold_texts() -> tuple[LabelledText, ...]:
-    """The gold tone texts shipped with ks-lens, labels checked against the ``tones`` dataset.
+def load_gold_texts(family: str = "tones") -> tuple[LabelledText, ...]:
+    """The gold texts of a behaviour family, labels checked against its dataset.
+
+    Args:
+        family: a shipped family (``"tones"``: ``gold_tones.jsonl``, ``"concepts"``:
+            ``gold_concepts.jsonl``; read once per process) or a behaviours JSON file whose
+            ``"gold_texts"`` field names its labelled-text file (relative to the JSON; read on
+            every call, so edits show).
 
     Returns:
-        The texts (ids ``gold-0001``, ...), each with ``question_id``, ``question`` and
-        ``source``; labels in the tones' order (helpful, expert, casual, cautious, empathetic,
-        concise).
-    """
-    from ks_lens.datasets import load_dataset
+        The texts, each with ``question_id``, ``question`` and ``source``; labels in the
+        family's order (e.g. helpful, expert, casual, cautious, empathetic, concise).
 
-    labels = load_dataset("tones").labels
-    ref = resources.files("ks_lens.data").joinpath(GOLD_FILE)
-    with resources.as_file(ref) as p:
+    Raises:
+        DatasetError: an unknown family, no ``"gold_texts"`` field, or a bad line in the file.
+    """
+    from ks_lens.datasets import SHIPPED
+
+    return _shipped_gold_texts(family) if family in SHIPPED else _read_gold_texts(family)
+
+
+@lru_cache(maxsize=4)
+def _shipped_gold_texts(family: str) -> tuple[LabelledText, ...]:
+    return _read_gold_texts(family)
+
+
+def _read_gold_texts(family: str) -> tuple[LabelledText, ...]:
+    from ks_lens.datasets import family_file, load_dataset
+
+    labels = load_dataset(family).labels
+    with family_file(family, "gold_texts") as p:
         return load_labelled_texts(p, labels)
 
 

@@ -69,9 +69,9 @@ class PipelineConfig(ModelOptions):
     and the studies in ``analysis/`` take every field as an option (:mod:`ks_lens.options`).
     """
 
-    dataset: str = "tones"  # a shipped dataset name or a behaviours JSON file
+    dataset: str = "tones"  # a shipped family (tones, concepts) or a behaviours JSON file
     questions: str | None = None  # external test questions, .jsonl/.json/.csv (None: test split)
-    texts: str | None = None  # labelled texts for the text evaluators (None: shipped gold texts)
+    texts: str | None = None  # labelled texts for the text evaluators (None: the family's gold)
     layer: int | None = None  # steering layer (None: 60 % depth)
     eval_layer: int | None = None  # activation evaluator layer (None: steering layer + 4, capped)
     n_train: int = 120  # questions for the steering probe and CAA vectors (x 6 tones)
@@ -452,7 +452,11 @@ def prepare(
     timings: dict[str, float] = {}
     questions = load_questions(cfg.questions) if cfg.questions else None  # fail early
     ds = load_dataset(cfg.dataset)
-    gold = load_labelled_texts(cfg.texts, labels=ds.labels) if cfg.texts else load_gold_texts()
+    gold = (
+        load_labelled_texts(cfg.texts, labels=ds.labels)
+        if cfg.texts
+        else load_gold_texts(cfg.dataset)
+    )
     if cfg.texts:
         check_texts_cover_labels(gold, ds.labels, cfg.texts)
     cfg.comparison.validate(ds.labels)
@@ -577,7 +581,7 @@ def prepare(
     text_evaluator = (
         TextEvaluator.fit(gold_judge, ds.labels)
         if cfg.texts
-        else default_text_evaluator(texts=gold_judge)
+        else default_text_evaluator(texts=gold_judge, family=cfg.dataset)
     )
     timings["text_evaluator_s"] = time.perf_counter() - t0
     probe = kits[cfg.probe_source].probe

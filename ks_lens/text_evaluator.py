@@ -1,8 +1,8 @@
-"""A text-level tone evaluator, independent of the steered model.
+"""A text-level behaviour evaluator (tones, concepts, ...), independent of the steered model.
 
-:class:`TextEvaluator` scores any text for each label (e.g. the six tones) with a linear model on
-surface features, so steered generations can be judged without asking the model that produced
-them. Pipeline (scikit-learn):
+:class:`TextEvaluator` scores any text for each label (e.g. the six tones, or the six concepts) with
+a linear model on surface features, so steered generations can be judged without asking the model
+that produced them. Pipeline (scikit-learn):
 
 1. word TF-IDF (uni- and bigrams) and ``char_wb`` TF-IDF (2-5 character n-grams inside word
    boundaries), sublinear TF, L2-normalised rows;
@@ -19,8 +19,8 @@ from the vocabularies and computes ``sigmoid(X @ coef.T + intercept)`` itself.
 
 :func:`validate_text_evaluator` measures how well the recipe generalises: question-grouped
 K-fold cross-validation (no question's texts on both sides) and leave-one-writer-out (texts by a
-writer never seen in training). :func:`default_text_evaluator` trains on the shipped gold texts
-once and caches the result.
+writer never seen in training). :func:`default_text_evaluator` trains on a family's shipped gold
+texts (tones or concepts) once and caches the result.
 """
 
 from __future__ import annotations
@@ -987,11 +987,14 @@ def default_text_evaluator(
     cache_dir: str | Path | None = None,
     config: TextEvaluatorConfig | None = None,
     texts: Sequence[LabelledText] | None = None,
+    family: str = "tones",
 ) -> TextEvaluator:
-    """The evaluator trained on the shipped gold tone texts (with validity), cached on disk.
+    """The evaluator trained on a family's gold texts (with validity), cached on disk.
 
-    ``texts`` trains it on a subset of the gold texts instead (e.g. the evaluator half of
-    :func:`ks_lens.gold_texts.split_by_question`); the cache key is the texts' hash.
+    ``family`` is a shipped family (``"tones"``, ``"concepts"``) or a behaviours JSON file with a
+    ``"gold_texts"`` field (:func:`ks_lens.gold_texts.load_gold_texts`); its labels are the
+    evaluator's. ``texts`` trains it on a subset of those gold texts instead (e.g. the evaluator
+    half of :func:`ks_lens.gold_texts.split_by_question`); the cache key is the texts' hash.
 
     The cache folder is ``{cache_dir}/gold-{hash}-cfg-{hash}-sklearn-{version}`` (default
     ``cache_dir``: ``$KS_LENS_CACHE/text_evaluators``, see :func:`ks_lens.packaged_models.cache_root`),
@@ -1001,6 +1004,8 @@ def default_text_evaluator(
     Args:
         cache_dir: where to cache (default under the ks-lens cache root).
         config: the evaluator config (default :class:`TextEvaluatorConfig()`).
+        texts: the texts to train on (default: all of the family's gold texts).
+        family: whose labels (and default texts).
     """
     import sklearn
 
@@ -1008,8 +1013,8 @@ def default_text_evaluator(
     from ks_lens.packaged_models import cache_root
 
     cfg = config or TextEvaluatorConfig()
-    gold = tuple(texts) if texts is not None else load_gold_texts()
-    labels = load_dataset("tones").labels
+    gold = tuple(texts) if texts is not None else load_gold_texts(family)
+    labels = load_dataset(family).labels
     gold_hash = texts_hash(gold)
     root = Path(cache_dir) if cache_dir is not None else cache_root() / CACHE_SUBDIR
     target = (

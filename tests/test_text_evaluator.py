@@ -280,7 +280,7 @@ def test_default_evaluator_cache(gold, tmp_path, monkeypatch):
     import ks_lens.text_evaluator as te
 
     subset = tuple(_question_subset(gold, 8))
-    monkeypatch.setattr(te, "load_gold_texts", lambda: subset)
+    monkeypatch.setattr(te, "load_gold_texts", lambda family="tones": subset)
     small = TextEvaluatorConfig(max_iter=500)
     ev = default_text_evaluator(tmp_path, config=small)
     assert ev.validity is not None and ev.validity.writer_cv is not None
