@@ -45,7 +45,7 @@ DEFAULT_FRACTIONS: dict[str, float] = {
     "test": 0.25,
 }
 #: the shipped behaviour families: name -> behaviours JSON file in ``ks_lens/data``
-SHIPPED = {"tones": "tones.json", "concepts": "concepts.json"}
+SHIPPED = {"tones": "tones.json", "concepts": "concepts.json", "debates": "debates.json"}
 
 
 @dataclass(frozen=True)
