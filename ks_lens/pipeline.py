@@ -145,6 +145,13 @@ class PipelineConfig(ModelOptions):
                 f"the evaluator layer ({self.eval_layer}) must be at or after the steering layer ({self.layer})"
             )
         self.comparison.validate()
+        c = self.comparison
+        if c.text_coverage == "all-combinations" and self.n_gen < c.min_questions_per_combination:
+            raise ConfigError(
+                f"text_coverage 'all-combinations' answers every combination on at least "
+                f"{c.min_questions_per_combination} test questions, but n_gen is {self.n_gen}; "
+                "raise n_gen or lower min_questions_per_combination"
+            )
         return self
 
 
