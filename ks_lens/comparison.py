@@ -5,7 +5,8 @@ Four stages, each a function, each returning typed records:
 1. :func:`plan_comparison` -> :class:`ComparisonPlan`: which combinations are evaluated at the
    activation level, and which (question, combination) *cells* are calibrated on and answered
    in text. Every question gets combinations of every size, rotating so that each combination
-   is used about equally often.
+   is used about equally often (``text_coverage="all-combinations"``: every combination on at
+   least ``min_questions_per_combination`` questions, :mod:`ks_lens.coverage`).
 2. :func:`calibrate` -> per method and number of targets, the largest alpha whose greedy answers
    to the **calibration** questions stay within a KL budget (nats per token) with at most
    ``max_degenerate_rate`` degenerate answers.

@@ -303,7 +303,7 @@ def test_demo_covers_every_combination_on_request(tmp_path):
     assert {r["method"] for r in rows} == {"unsteered", "caa_mean", "ksteer"}
     assert all((r["vanish_rate"] is None) == (len(r["targets"]) == 1) for r in rows)
     md = (tmp_path / "d" / "report.md").read_text()
-    assert "## Text level per combination" in md and "| casual+concise+empathetic | 2 |" in md
+    assert "## Text level per combination" in md and "| helpful+expert+casual | 2 |" in md
     assert (tmp_path / "d" / "text_combinations.png").stat().st_size > 1000
     rerender(tmp_path / "d")  # the table is recomputed from the stored answers
     again = json.loads((tmp_path / "d" / "report.json").read_text())
