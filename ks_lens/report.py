@@ -100,7 +100,19 @@ def _p(t: ClusteredTest | None) -> str:
     if t is None or math.isnan(t.p_value):
         return ""
     how = "exact sign-flip" if t.exact else "sign-flip"
-    return f"p={t.p_value:.3g}, {how} over {t.n_questions} questions"
+    return f"{_pval(t)}, {how} over {t.n_questions} questions"
+
+
+def _pnum(t: ClusteredTest) -> str:
+    """``0.031``, or ``<=0.001`` at the floor of a random sign-flip test."""
+    if t.p_value <= t.p_floor * (1 + 1e-9):
+        return f"<={t.p_floor:.2g}"
+    return f"{t.p_value:.3g}"
+
+
+def _pval(t: ClusteredTest) -> str:
+    n = _pnum(t)
+    return f"p{n}" if n.startswith("<") else f"p={n}"
 
 
 def summary_table(rows: Sequence[SummaryRow], text: bool) -> str:
@@ -120,8 +132,8 @@ def summary_table(rows: Sequence[SummaryRow], text: bool) -> str:
             _ci(r.gain),
             "" if r.vanish_rate is None else f"{r.n_vanished} ({_ci(r.vanish_rate, 2)})",
             _ci(r.diff_vs_baseline),
-            "" if r.diff_test is None else f"{r.diff_test.p_value:.3g}",
-            "" if r.vanish_cluster_test is None else f"{r.vanish_cluster_test.p_value:.3g}",
+            "" if r.diff_test is None else _pnum(r.diff_test),
+            "" if r.vanish_cluster_test is None else _pnum(r.vanish_cluster_test),
         ]
         if text:
             cells += [

@@ -222,8 +222,9 @@ class ClusteredTest:
     Each question is one unit: its mean of ``a - b`` over its cells. ``diff``: the mean over
     questions with a bootstrap interval resampling questions; ``p_value``: the sign-flip
     permutation test over questions (:func:`sign_flip_test`; ``exact`` when every sign pattern
-    was enumerated). ``mean_a`` / ``mean_b``: means over the same questions of each side's
-    per-question means (for binary outcomes: rates).
+    was enumerated; ``n_patterns`` sign patterns in all, so a random test's p-value is at least
+    ``2 / (n_patterns + 1)``). ``mean_a`` / ``mean_b``: means over the same questions of each
+    side's per-question means (for binary outcomes: rates).
     """
 
     n_questions: int
@@ -233,6 +234,12 @@ class ClusteredTest:
     diff: Interval
     p_value: float
     exact: bool
+    n_patterns: int
+
+    @property
+    def p_floor(self) -> float:
+        """The smallest p-value this test can give (0 when exact: ``2 / 2**n`` is reachable)."""
+        return 0.0 if self.exact else 2 / (self.n_patterns + 1)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -274,6 +281,7 @@ def clustered_paired_test(
         bootstrap_mean(units, seed=seed, n_resamples=n_resamples),
         p,
         exact,
+        2 ** len(units) if exact else n_resamples,
     )
 
 

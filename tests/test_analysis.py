@@ -306,7 +306,7 @@ def test_remedy_table_pairs_each_method_with_one_step_ksteering():
     # fit in 200 resamples, so p is the smallest a 200-pattern test can give, 2/201
     c = rows["caa_mean"].vanish_cluster_test
     assert (c.n_questions, c.mean_a, c.mean_b, c.exact) == (n, 0.0, 1.0, False)
-    assert c.p_value == pytest.approx(2 / 201)
+    assert c.p_value == pytest.approx(2 / 201) == pytest.approx(c.p_floor)
     verdict = best_remedy(list(rows.values()))
     assert verdict.best == "caa_mean" and verdict.significant
     assert "excludes 0" in verdict.statement

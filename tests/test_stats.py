@@ -158,6 +158,7 @@ def test_clustered_paired_test_hand_computed():
     b = [0.0, 2.0, 0.0, 2.0, 0.0, 2.0]
     t = clustered_paired_test(a, b, q, seed=0)
     assert (t.n_questions, t.n_cells, t.p_value, t.exact) == (3, 6, 0.25, True)
+    assert (t.n_patterns, t.p_floor) == (8, 0.0)
     assert t.mean_a == pytest.approx(3.0) and t.mean_b == pytest.approx(1.0)
     assert t.diff.estimate == pytest.approx(2.0) and t.diff.n == 3
     assert t.diff == bootstrap_mean([1.0, 2.0, 3.0], seed=0)  # the interval resamples questions
@@ -184,4 +185,9 @@ def test_clustered_vanish_test_is_not_fooled_by_dependent_cells():
     a12 = np.tile(np.arange(10) < 3, 12)
     t12 = clustered_paired_test(a12, np.zeros(120, dtype=bool), q12, n_resamples=5000)
     assert t12.p_value == pytest.approx(2 / 4096) and t12.diff.estimate == pytest.approx(0.3)
+    # 40 such questions: 2**40 patterns do not fit, p sits at the floor of 2000 random patterns
+    q40 = np.repeat(np.arange(40), 10)
+    t40 = clustered_paired_test(np.tile(np.arange(10) < 3, 40), np.zeros(400), q40)
+    assert (t40.exact, t40.n_patterns) == (False, 2000)
+    assert t40.p_value == pytest.approx(t40.p_floor) == pytest.approx(2 / 2001)
     assert mcnemar(a12, np.zeros(120, dtype=bool)).p_value < 1e-10
