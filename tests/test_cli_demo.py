@@ -332,7 +332,6 @@ def test_demo_validates_arguments_before_any_compute(tmp_path, capsys):
             ["--text-coverage", "all-combinations", "--n-gen", "1"],
             "on at least 2 test questions, but n_gen is 1",
         ),
-        (["--text-coverage", "every"], "invalid choice 'every'"),
         (["--min-questions-per-combination", "0"], "must be at least 1, got 0"),
     ):
         code = main(
