@@ -7,8 +7,9 @@ probability, with bootstrap intervals, for K-Steering (1 step) and the remedies 
 ``KSteering`` (multi-step with decay, log-sigmoid and soft-min objectives, per-label gradient
 balancing, PCGrad conflict projection) and CAA (mean), at the activation level (held-out
 evaluator). Each method is compared with K-Steering 1 step: paired difference of the
-per-question vanish rate with a bootstrap interval, and exact McNemar on the vanished cells; the
-study names the remedy that cuts 3-target vanishing most and whether its interval excludes 0.
+per-question vanish rate with a bootstrap interval, and a sign-flip permutation test over
+questions on the vanished cells; the study names the remedy that cuts 3-target vanishing most
+and whether its interval excludes 0.
 Every (method, combination) where a target vanished on most questions is diagnosed with that
 method's own steerer, alpha and settings (K-Steering: its probe's gradients; CAA: its vectors'
 geometry) and given a cause. Writes vanishing.json, PNG figures and a circuitsvis token view
@@ -112,7 +113,8 @@ def main() -> None:
         print(f"{k} targets (equal KL: each method's alpha calibrated to {config.kl_budget} nats)")
         for r in rows:
             diff = "" if r.vanish_diff is None else f"  vs {REFERENCE}: {r.vanish_diff.fmt(2)}"
-            test = "" if r.vanish_test is None else f" (McNemar p {r.vanish_test.p_value:.3g})"
+            t = r.vanish_cluster_test
+            test = "" if t is None else f" (sign-flip p {t.p_value:.3g}, {t.n_questions} q)"
             print(
                 f"  {method_label(r.method):22s} vanished {r.vanish_rate.fmt(2)}{diff}{test}  "
                 f"mean p {r.target_prob.fmt()}  min p {r.min_target_prob.fmt()}"

@@ -5,7 +5,8 @@ Four stages, each a function, each returning typed records:
 1. :func:`plan_comparison` -> :class:`ComparisonPlan`: which combinations are evaluated at the
    activation level, and which (question, combination) *cells* are calibrated on and answered
    in text. Every question gets combinations of every size, rotating so that each combination
-   is used about equally often.
+   is used about equally often (``text_coverage="all-combinations"``: every combination on at
+   least ``min_questions_per_combination`` questions, :mod:`ks_lens.coverage`).
 2. :func:`calibrate` -> per method and number of targets, the largest alpha whose greedy answers
    to the **calibration** questions stay within a KL budget (nats per token) with at most
    ``max_degenerate_rate`` degenerate answers.
@@ -21,7 +22,9 @@ Four stages, each a function, each returning typed records:
 
 :func:`run_comparison` chains them into a :class:`ComparisonResult`. Every mean comes with a
 bootstrap interval over questions (:mod:`ks_lens.stats`), every method is compared with the
-baseline (``caa_mean``) by a paired interval, and vanishing rates by McNemar's test.
+baseline (``caa_mean``) by a paired interval, and target probabilities and vanishing by paired
+tests clustered by question (a question's cells are one unit: bootstrap interval and sign-flip
+permutation test over questions).
 
 Methods are looked up by name in :data:`METHODS`; the reference set is ``caa_mean``,
 ``caa_sum``, ``ksteer`` and ``ksteer_multistep``.
@@ -29,7 +32,6 @@ Methods are looked up by name in :data:`METHODS`; the reference set is ``caa_mea
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import random
@@ -37,10 +39,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
+from ks_lens.coverage import label_combinations, plan_coverage
 from ks_lens.errors import ConfigError, KsLensError, StoreError, WrongTypeError
 from ks_lens.evaluation import (
     CALIBRATION_METRICS,
@@ -58,10 +61,12 @@ from ks_lens.evaluation import (
 )
 from ks_lens.probes import Probe
 from ks_lens.stats import (
+    ClusteredTest,
     Interval,
     McNemar,
     bootstrap_mean,
     bootstrap_statistic,
+    clustered_paired_test,
     interpolate_at,
     mcnemar,
     paired_difference,
@@ -210,18 +215,6 @@ def method_description(name: str) -> str:
     return f"{text} [{variant}]" if variant else text
 
 
-def label_combinations(
-    labels: Sequence[str], sizes: Sequence[int] = (1, 2, 3)
-) -> list[tuple[str, ...]]:
-    """All combinations of ``labels`` of each size, in a fixed order."""
-    out: list[tuple[str, ...]] = []
-    for k in sizes:
-        if k < 1 or k > len(labels):
-            raise ConfigError(f"combination size {k} is impossible with {len(labels)} labels")
-        out.extend(itertools.combinations(labels, k))
-    return out
-
-
 def spread(items: Sequence[Any], n: int | None) -> list[Any]:
     """``n`` items evenly spread over ``items`` (all if ``n`` is None or large)."""
     if n is None or n >= len(items):
@@ -241,6 +234,20 @@ class TextScorer(Protocol):
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+TextCoverage = Literal["per-size", "all-combinations"]
+TEXT_COVERAGES: tuple[TextCoverage, ...] = get_args(TextCoverage)
+"""Which (question, combination) cells the text level answers:
+
+``per-size``          ``gen_combos_per_question`` combinations of each size per test question,
+                      rotating through the combinations (with few questions some combinations
+                      are never answered);
+``all-combinations``  every combination of each size on at least
+                      ``min_questions_per_combination`` test questions, balanced over questions
+                      and combinations (:func:`ks_lens.coverage.plan_coverage`), with a
+                      per-combination table and heatmap in the report.
+"""
+
+
 @dataclass
 class ComparisonConfig:
     # names from METHODS (ks-lens demo --help lists them)
@@ -256,7 +263,9 @@ class ComparisonConfig:
     calib_bisect_steps: int = 3  # final bracket within a factor 4 ** (1/8) = 1.19
     positions: Positions = "all"  # token positions steered
     act_combos_per_size: int | None = None  # combinations per size, activation level (None: all)
-    gen_combos_per_question: int = 1  # text-level cells per test question and size
+    gen_combos_per_question: int = 1  # text-level cells per test question and size (per-size)
+    text_coverage: TextCoverage = "per-size"  # text-level cells: per-size or all-combinations
+    min_questions_per_combination: int = 2  # all-combinations: test questions per combination
     curve_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # x calibrated alpha
     max_new_tokens: int = 32  # answer length of the text-level evaluation
     batch_size: int = 16  # rows per forward pass (activation level, calibration)
@@ -323,6 +332,15 @@ class ComparisonConfig:
         if min(self.sizes) < 1:
             raise ConfigError(
                 f"sizes must be at least 1 (targets per combination), got {list(self.sizes)}"
+            )
+        if self.text_coverage not in TEXT_COVERAGES:
+            raise ConfigError(
+                f"unknown text_coverage {self.text_coverage!r}; use one of {TEXT_COVERAGES}"
+            )
+        if self.min_questions_per_combination < 1:
+            raise ConfigError(
+                "min_questions_per_combination must be at least 1, got "
+                f"{self.min_questions_per_combination}"
             )
         if labels is not None:
             for a in self.avoid:
@@ -478,13 +496,25 @@ def plan_comparison(
         for k in config.sizes
         for c in rotate_cells(n_calib, by_k[k], config.calib_combos_per_question, config.seed + k)
     ]
-    gen = [
-        c
-        for k in config.sizes
-        for c in rotate_cells(
-            n_test, by_k[k], config.gen_combos_per_question, config.seed + 100 + k
-        )
-    ]
+    if config.text_coverage == "all-combinations":
+        gen = [
+            Cell(q, t)
+            for q, t in plan_coverage(
+                n_test,
+                pool,
+                config.sizes,
+                min_questions=config.min_questions_per_combination,
+                seed=config.seed,
+            )
+        ]
+    else:
+        gen = [
+            c
+            for k in config.sizes
+            for c in rotate_cells(
+                n_test, by_k[k], config.gen_combos_per_question, config.seed + 100 + k
+            )
+        ]
     return ComparisonPlan(tuple(labels), tuple(config.avoid), act, calib, gen)
 
 
@@ -622,7 +652,12 @@ class SummaryRow:
 
     Means are over question x combination cells; intervals resample questions (with all their
     cells). ``diff_vs_baseline`` is the paired difference of ``target_prob`` against the
-    baseline method, ``vanish_test`` McNemar's test of the vanished cells against it.
+    baseline method; ``diff_test`` and ``vanish_cluster_test`` compare the target probability
+    and the vanished cells with the baseline's on the same cells, clustered by question
+    (:func:`~ks_lens.stats.clustered_paired_test`: each question's mean paired difference is
+    one unit; bootstrap interval and sign-flip permutation p-value). ``vanish_test`` is McNemar's
+    test over the cells, kept for old reports: it treats a question's cells as independent and
+    overstates significance; the report uses ``vanish_cluster_test``.
     """
 
     lens: str
@@ -638,6 +673,8 @@ class SummaryRow:
     n_vanished: int | None = None
     diff_vs_baseline: Interval | None = None
     vanish_test: McNemar | None = None
+    diff_test: ClusteredTest | None = None
+    vanish_cluster_test: ClusteredTest | None = None
     kl: Interval | None = None  # text lenses: per-token KL of the answers themselves
     perplexity: float | None = None
     degenerate_rate: float | None = None
@@ -1224,15 +1261,33 @@ def _summary_row(
             seed=seed,
             n_resamples=nr,
         )
+        _check_paired(cs, baseline)
+        row.diff_test = clustered_paired_test(
+            mean_t, baseline.target.mean(1), cs.question, seed=seed, n_resamples=nr
+        )
         if vanished is not None:
             base_gone = np.asarray(config.vanish.vanished(baseline.target).any(1), dtype=bool)
             row.vanish_test = mcnemar(vanished, base_gone)
+            row.vanish_cluster_test = clustered_paired_test(
+                vanished, base_gone, cs.question, seed=seed, n_resamples=nr
+            )
     if cs.kl is not None:
         row.kl = bootstrap_mean(_per_question(cs.kl, cs.question, n), seed=seed, n_resamples=nr)
     if cs.degenerate is not None:
         row.n_degenerate = int(cs.degenerate.sum())
         row.degenerate_rate = float(cs.degenerate.mean()) if len(cs.degenerate) else float("nan")
     return row
+
+
+def _check_paired(cs: _CellScores, baseline: _CellScores) -> None:
+    """Paired tests need the method's and the baseline's cells in the same (question) order."""
+    if cs.question.shape != baseline.question.shape or not np.array_equal(
+        cs.question, baseline.question
+    ):
+        raise ConfigError(
+            f"cannot pair {len(cs.question)} cells with the baseline's {len(baseline.question)}: "
+            "they answer other questions or combinations"
+        )
 
 
 def _activation_cells(
@@ -1340,6 +1395,66 @@ def summarise_text(te: TextEvaluation, config: ComparisonConfig) -> list[Summary
                 )
                 out.append(row)
     return out
+
+
+@dataclass
+class CombinationRow:
+    """One method on one target combination at the calibrated alpha (text level), averaged over
+    the combination's cells (question answers): mean target probability, the weakest target's
+    probability, and (2+ targets) the vanished cells. Few questions per combination: no
+    intervals; read these rows for which combinations conflict, not for method verdicts."""
+
+    lens: str
+    method: str
+    targets: tuple[str, ...]
+    n_questions: int
+    n_cells: int
+    target_prob: float
+    min_target_prob: float
+    vanish_rate: float | None = None
+    n_vanished: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "targets": list(self.targets)}
+
+
+def summarise_combinations(
+    te: TextEvaluation, config: ComparisonConfig, lens: str = "text"
+) -> list[CombinationRow]:
+    """:class:`CombinationRow` per method (unsteered first) and combination of ``te.cells``
+    under one text lens, at the calibrated alpha (factor 1)."""
+    labels = list(te.labels)
+    key = "text_probs" if lens == "text" else "act_probs"
+    unsteered = {a.question: a for a in te.answers if a.method == "unsteered"}
+    groups: dict[tuple[str, tuple[str, ...]], list[Answer]] = {}
+    for c in te.cells:
+        groups.setdefault(("unsteered", c.targets), []).append(unsteered[c.question])
+    for a in te.answers:
+        if a.method != "unsteered" and a.factor == 1.0:
+            groups.setdefault((a.method, a.targets), []).append(a)
+    order = {m: i for i, m in enumerate(["unsteered", *te.alphas])}
+
+    def rank(g: tuple[tuple[str, tuple[str, ...]], list[Answer]]) -> tuple[int, int, list[int]]:
+        m, t = g[0]
+        return order[m], len(t), [labels.index(x) for x in t]
+
+    rows = []
+    for (m, t), answers in sorted(groups.items(), key=rank):
+        p = np.array([[getattr(a, key)[labels.index(x)] for x in t] for a in answers], dtype=float)
+        row = CombinationRow(
+            lens,
+            m,
+            t,
+            len({a.question for a in answers}),
+            len(answers),
+            float(p.mean(1).mean()),
+            float(p.min(1).mean()),
+        )
+        if len(t) >= 2:
+            gone = config.vanish.vanished(p).any(1)
+            row.vanish_rate, row.n_vanished = float(gone.mean()), int(gone.sum())
+        rows.append(row)
+    return rows
 
 
 def _perplexity(answers: Sequence[Answer]) -> float:
@@ -1702,9 +1817,11 @@ def run_comparison(
 __all__ = [
     "METHODS",
     "REFERENCE_METHODS",
+    "TEXT_COVERAGES",
     "ActivationEvaluation",
     "Answer",
     "Cell",
+    "CombinationRow",
     "ComparisonConfig",
     "ComparisonPlan",
     "ComparisonResult",
@@ -1713,6 +1830,7 @@ __all__ = [
     "MethodDef",
     "SteeringKit",
     "SummaryRow",
+    "TextCoverage",
     "TextEvaluation",
     "TextScorer",
     "build_methods",
@@ -1729,6 +1847,7 @@ __all__ = [
     "run_comparison",
     "spread",
     "summarise_activations",
+    "summarise_combinations",
     "summarise_text",
     "trade_off",
 ]

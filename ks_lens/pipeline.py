@@ -149,6 +149,13 @@ class PipelineConfig(ModelOptions):
                 "not its effect"
             )
         self.comparison.validate()
+        c = self.comparison
+        if c.text_coverage == "all-combinations" and self.n_gen < c.min_questions_per_combination:
+            raise ConfigError(
+                f"text_coverage 'all-combinations' answers every combination on at least "
+                f"{c.min_questions_per_combination} test questions, but n_gen is {self.n_gen}; "
+                "raise n_gen or lower min_questions_per_combination"
+            )
         return self
 
 

@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from ks_lens.comparison import (
+    CombinationRow,
     ComparisonResult,
     CurvePoint,
     EqualKL,
     SummaryRow,
     method_label,
+    summarise_combinations,
 )
 from ks_lens.compat import versions
 from ks_lens.errors import KsLensError, StoreError
 from ks_lens.io import atomic_write_bytes, atomic_write_json
-from ks_lens.stats import Interval, seed_summary
+from ks_lens.stats import ClusteredTest, Interval, seed_summary
 from ks_lens.utils import git_commit
 
 LENS_TEXT = {
@@ -80,21 +82,44 @@ def verdict(result: ComparisonResult) -> list[str]:
     for r in result.summary("activation"):
         if r.diff_vs_baseline is None:
             continue
-        v = (
-            f"; vanished {r.n_vanished}/{r.n_cells} cells, McNemar p={r.vanish_test.p_value:.3g} vs {base}"
-            if r.vanish_test is not None
-            else ""
-        )
+        p = "" if r.diff_test is None else f" ({_p(r.diff_test)})"
+        v = ""
+        if r.vanish_cluster_test is not None:
+            t = r.vanish_cluster_test
+            v = (
+                f"; vanished {r.n_vanished}/{r.n_cells} cells, per-question rate {t.mean_a:.3f} vs "
+                f"{t.mean_b:.3f} ({_p(t)})"
+            )
         out.append(
             f"activation, k={r.k}, at calibrated alpha: {method_label(r.method)} "
-            f"{compare_word(r.diff_vs_baseline)} {base}; difference {_ci(r.diff_vs_baseline)}{v}"
+            f"{compare_word(r.diff_vs_baseline)} {base}; difference {_ci(r.diff_vs_baseline)}{p}{v}"
         )
     return out
 
 
+def _p(t: ClusteredTest | None) -> str:
+    """``p=0.031, sign-flip over 16 questions`` (``exact`` when every pattern was enumerated)."""
+    if t is None or math.isnan(t.p_value):
+        return ""
+    how = "exact sign-flip" if t.exact else "sign-flip"
+    return f"{_pval(t)}, {how} over {t.n_questions} questions"
+
+
+def _pnum(t: ClusteredTest) -> str:
+    """``0.031``, or ``<=0.001`` at the floor of a random sign-flip test."""
+    if t.p_value <= t.p_floor * (1 + 1e-9):
+        return f"<={t.p_floor:.2g}"
+    return f"{t.p_value:.3g}"
+
+
+def _pval(t: ClusteredTest) -> str:
+    n = _pnum(t)
+    return f"p{n}" if n.startswith("<") else f"p={n}"
+
+
 def summary_table(rows: Sequence[SummaryRow], text: bool) -> str:
     header = ["method", "k", "alpha", "cells", "mean target p", "min target p", "norm. gain"]
-    header += ["vanished (rate)", "diff vs baseline", "McNemar p"]
+    header += ["vanished (rate)", "diff vs baseline", "p (clustered)", "vanished p (clustered)"]
     if text:
         header += ["KL/token", "perplexity", "degenerate"]
     body = []
@@ -109,7 +134,8 @@ def summary_table(rows: Sequence[SummaryRow], text: bool) -> str:
             _ci(r.gain),
             "" if r.vanish_rate is None else f"{r.n_vanished} ({_ci(r.vanish_rate, 2)})",
             _ci(r.diff_vs_baseline),
-            "" if r.vanish_test is None else f"{r.vanish_test.p_value:.3g}",
+            "" if r.diff_test is None else _pnum(r.diff_test),
+            "" if r.vanish_cluster_test is None else _pnum(r.vanish_cluster_test),
         ]
         if text:
             cells += [
@@ -119,6 +145,80 @@ def summary_table(rows: Sequence[SummaryRow], text: bool) -> str:
             ]
         body.append(cells)
     return markdown_table(body, header)
+
+
+def combination_rows(result: ComparisonResult) -> list[CombinationRow]:
+    """Per-combination text-level rows (text lens), when the text level covered every
+    combination (``text_coverage="all-combinations"``); else none."""
+    if result.text is None or result.config.text_coverage != "all-combinations":
+        return []
+    return summarise_combinations(result.text, result.config)
+
+
+def combination_table(rows: Sequence[CombinationRow]) -> str:
+    """One row per combination, one column per method: ``mean target p / weakest target p /
+    vanished cells``."""
+    methods = list(dict.fromkeys(r.method for r in rows))
+    combos = list(dict.fromkeys(r.targets for r in rows))
+    by = {(r.method, r.targets): r for r in rows}
+    body = []
+    for c in combos:
+        cells: list[Any] = ["+".join(c), by[(methods[0], c)].n_questions]
+        for m in methods:
+            r = by.get((m, c))
+            if r is None:
+                cells.append("")
+                continue
+            gone = "" if r.n_vanished is None else f" / {r.n_vanished}/{r.n_cells}"
+            cells.append(f"{r.target_prob:.2f} / {r.min_target_prob:.2f}{gone}")
+        body.append(cells)
+    return markdown_table(body, ["targets", "questions", *[method_label(m) for m in methods]])
+
+
+def plot_combinations(rows: Sequence[CombinationRow], path: Path) -> Path:
+    """Heatmaps, combinations x methods: mean target probability, weakest target's probability,
+    vanished share of the cells (blank for single targets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(dict.fromkeys(r.method for r in rows))
+    combos = list(dict.fromkeys(r.targets for r in rows))
+    by = {(r.method, r.targets): r for r in rows}
+    panels = (
+        ("mean target p", lambda r: r.target_prob),
+        ("weakest target p", lambda r: r.min_target_prob),
+        ("vanished share", lambda r: float("nan") if r.vanish_rate is None else r.vanish_rate),
+    )
+    fig, axes = plt.subplots(
+        1, 3, figsize=(3 + 3 * 0.9 * len(methods), 1.5 + 0.24 * len(combos)), squeeze=False
+    )
+    for ax, (title, get) in zip(axes[0], panels, strict=True):
+        grid = np.array(
+            [
+                [get(by[(m, c)]) if (m, c) in by else float("nan") for m in methods]
+                for c in combos
+            ],
+            dtype=float,
+        )
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i, j in zip(*np.nonzero(np.isfinite(grid)), strict=True):
+            v = grid[i, j]
+            color = "white" if v < 0.5 else "black"
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color=color)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels([method_label(m) for m in methods], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(combos)))
+        ax.set_yticklabels(["+".join(c) for c in combos], fontsize=6)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle("Text level per combination (calibrated alpha, text evaluator)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def curve_table(points: Sequence[CurvePoint]) -> str:
@@ -289,6 +389,21 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
             f"## {lens}: {LENS_TEXT[lens]}, {where}",
             "",
             summary_table(srows, text=lens != "activation"),
+        ]
+    crows = combination_rows(result)
+    if crows:
+        lines += [
+            "",
+            "## Text level per combination (calibrated alpha, text evaluator)",
+            "",
+            f"Every combination answered on at least {cfg.min_questions_per_combination} test "
+            "questions. Each cell: mean target probability / weakest target's probability / "
+            "vanished cells (2+ targets), over the combination's questions; no intervals (few "
+            "questions per combination): these rows show which combinations conflict.",
+            "",
+            "![per combination](text_combinations.png)",
+            "",
+            combination_table(crows),
         ]
     st = style_table(result)
     if st:
@@ -462,6 +577,9 @@ def plot_report(result: ComparisonResult, out_dir: Path) -> list[Path]:
     for lens in ("text", "text_activation"):
         if any(p.lens == lens for p in result.curves):
             paths.append(plot_tradeoff(result, out_dir / f"{lens}_tradeoff.png", lens=lens))
+    crows = combination_rows(result)
+    if crows:
+        paths.append(plot_combinations(crows, out_dir / "text_combinations.png"))
 
     act = result.activation
     if act is not None:
@@ -542,6 +660,9 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     doc = {**info, **result.to_json()}
     doc["timings"] = {**info.get("timings", {}), **result.timings}  # setup stages + comparison
+    crows = combination_rows(result)
+    if crows:
+        doc["combinations"] = [r.to_json() for r in crows]
     atomic_write_json(out / "report.json", doc)
     atomic_write_bytes(out / "report.md", render_markdown(result, info).encode())
     figs = plot_report(result, out)
@@ -566,6 +687,7 @@ _RESULT_KEYS = frozenset(
         "activation_eval",
         "text_eval",
         "timings",
+        "combinations",
     }
 )
 
@@ -597,10 +719,13 @@ def rerender(directory: str | Path, *, command: str | None = None) -> dict[str, 
 
 
 __all__ = [
+    "combination_rows",
+    "combination_table",
     "compare_word",
     "curve_table",
     "equal_kl_table",
     "markdown_table",
+    "plot_combinations",
     "plot_report",
     "render_markdown",
     "render_summary",

@@ -8,8 +8,17 @@ intervals account for question-to-question variation, the main source of noise h
   and of a paired mean difference (:func:`scipy.stats.bootstrap`).
 * :func:`bootstrap_statistic`: the interval of any statistic of resampled question indices
   (used for values read off interpolated curves).
+* :func:`cluster_means` / :func:`cluster_bootstrap_mean`: per-question means of per-cell values,
+  and the bootstrap interval that resamples whole questions (clusters) rather than cells.
+* :func:`sign_flip_test`: paired permutation test over questions (each question's mean paired
+  difference flips sign under the null; exact enumeration when ``2**n`` patterns fit in the
+  resamples; :func:`scipy.stats.permutation_test`).
+* :func:`clustered_paired_test`: both for paired per-cell outcomes clustered by question
+  (:class:`ClusteredTest`): how ks-lens compares two methods' cells.
 * :func:`mcnemar`: exact McNemar test of two paired binary outcomes (a binomial test on the
-  discordant pairs, :func:`scipy.stats.binomtest`).
+  discordant pairs, :func:`scipy.stats.binomtest`). It treats every pair as independent, so it
+  overstates significance when pairs share a question; comparisons use
+  :func:`clustered_paired_test` instead.
 * :func:`interpolate_at`: a curve's value at a given x (linear in ``log x``), ``nan`` outside the
   measured range (no extrapolation).
 * :func:`seed_summary`: mean and standard deviation over repeated runs.
@@ -139,6 +148,143 @@ def bootstrap_statistic(
     return Interval(est, float(lo), float(hi), n)
 
 
+def cluster_means(
+    values: Sequence[float] | np.ndarray, clusters: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster means of ``values`` (one per cell) and the cluster ids, in sorted id order.
+
+    NaN cells are dropped; a cluster with no finite cell is left out.
+    """
+    v = np.asarray(values, dtype=float)
+    c = np.asarray(clusters)
+    if v.shape != c.shape or v.ndim != 1:
+        raise ConfigError(
+            f"values and clusters must be 1-D of equal length: {v.shape} vs {c.shape}"
+        )
+    ok = np.isfinite(v)
+    ids = np.unique(c[ok])
+    return np.array([v[ok & (c == i)].mean() for i in ids], dtype=float), ids
+
+
+def cluster_bootstrap_mean(
+    values: Sequence[float] | np.ndarray,
+    clusters: Sequence[int] | np.ndarray,
+    *,
+    seed: int = 0,
+    n_resamples: int = N_RESAMPLES,
+) -> Interval:
+    """Mean of the per-cluster means of ``values`` (each question counts once, however many
+    cells it has), with a percentile bootstrap interval that resamples whole clusters.
+
+    Cells of one question are not independent (they share the question), so resampling cells
+    gives intervals that are too narrow; ``n`` of the result is the number of clusters.
+    """
+    means, _ = cluster_means(values, clusters)
+    return bootstrap_mean(means, seed=seed, n_resamples=n_resamples)
+
+
+def sign_flip_test(
+    units: Sequence[float] | np.ndarray, *, seed: int = 0, n_resamples: int = N_RESAMPLES
+) -> tuple[float, bool]:
+    """Two-sided paired permutation test that the mean of ``units`` (one paired difference per
+    question) is zero: under the null each unit's sign is equally likely, so the p-value is the
+    share of sign patterns whose mean is at least as extreme as the observed one.
+
+    Returns ``(p_value, exact)``: all ``2**n`` patterns are enumerated when they fit in
+    ``n_resamples`` (``exact``), otherwise ``n_resamples`` random patterns are drawn (the
+    observed one counted on each side, so p >= 2 / (n_resamples + 1)). The two-sided p-value is
+    twice the smaller one-sided one (the null is symmetric), at most 1. NaNs are dropped; no
+    units: NaN.
+    """
+    d = np.asarray(units, dtype=float)
+    d = d[np.isfinite(d)]
+    if len(d) == 0:
+        return float("nan"), True
+    exact = 2 ** len(d) <= n_resamples
+    if np.all(d == 0):
+        return 1.0, exact
+    res = sps.permutation_test(
+        (d,),
+        np.mean,
+        permutation_type="samples",
+        n_resamples=n_resamples,
+        alternative="two-sided",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    return float(min(1.0, res.pvalue)), exact
+
+
+@dataclass(frozen=True)
+class ClusteredTest:
+    """Paired comparison of per-cell outcomes ``a`` and ``b`` clustered by question.
+
+    Each question is one unit: its mean of ``a - b`` over its cells. ``diff``: the mean over
+    questions with a bootstrap interval resampling questions; ``p_value``: the sign-flip
+    permutation test over questions (:func:`sign_flip_test`; ``exact`` when every sign pattern
+    was enumerated; ``n_patterns`` sign patterns in all, so a random test's p-value is at least
+    ``2 / (n_patterns + 1)``). ``mean_a`` / ``mean_b``: means over the same questions of each
+    side's per-question means (for binary outcomes: rates).
+    """
+
+    n_questions: int
+    n_cells: int
+    mean_a: float
+    mean_b: float
+    diff: Interval
+    p_value: float
+    exact: bool
+    n_patterns: int
+
+    @property
+    def p_floor(self) -> float:
+        """The smallest p-value this test can give (0 when exact: ``2 / 2**n`` is reachable)."""
+        return 0.0 if self.exact else 2 / (self.n_patterns + 1)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["diff"] = self.diff.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ClusteredTest:
+        return cls(**{**d, "diff": Interval.from_json(d["diff"])})
+
+
+def clustered_paired_test(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    clusters: Sequence[int] | np.ndarray,
+    *,
+    seed: int = 0,
+    n_resamples: int = N_RESAMPLES,
+) -> ClusteredTest:
+    """:class:`ClusteredTest` of paired per-cell outcomes (floats or booleans) ``a`` and ``b``,
+    cell ``i`` belonging to question ``clusters[i]``. Cells where either side is NaN are dropped.
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    c = np.asarray(clusters)
+    if not (x.shape == y.shape == c.shape) or x.ndim != 1:
+        raise ConfigError(
+            "paired outcomes and clusters must be 1-D of equal length: "
+            f"{x.shape}, {y.shape}, {c.shape}"
+        )
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y, c = x[ok], y[ok], c[ok]
+    units, _ = cluster_means(x - y, c)
+    p, exact = sign_flip_test(units, seed=seed, n_resamples=n_resamples)
+    return ClusteredTest(
+        len(units),
+        int(ok.sum()),
+        float(cluster_means(x, c)[0].mean()) if len(units) else float("nan"),
+        float(cluster_means(y, c)[0].mean()) if len(units) else float("nan"),
+        bootstrap_mean(units, seed=seed, n_resamples=n_resamples),
+        p,
+        exact,
+        2 ** len(units) if exact else n_resamples,
+    )
+
+
 @dataclass(frozen=True)
 class McNemar:
     """Exact McNemar test of paired binary outcomes ``a`` and ``b``.
@@ -228,12 +374,17 @@ __all__ = [
     "LEVEL",
     "NAN_INTERVAL",
     "N_RESAMPLES",
+    "ClusteredTest",
     "Interval",
     "McNemar",
     "bootstrap_mean",
     "bootstrap_statistic",
+    "cluster_bootstrap_mean",
+    "cluster_means",
+    "clustered_paired_test",
     "interpolate_at",
     "mcnemar",
     "paired_difference",
     "seed_summary",
+    "sign_flip_test",
 ]

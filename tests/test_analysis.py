@@ -302,6 +302,11 @@ def test_remedy_table_pairs_each_method_with_one_step_ksteering():
     assert rows["caa_mean"].vanish_diff.estimate == pytest.approx(-1.0)
     t = rows["caa_mean"].vanish_test
     assert (t.only_a, t.only_b, t.n) == (0, n, n) and t.p_value < 1e-6
+    # clustered by question: 40 units of -1 (one combination each); 2**40 sign patterns do not
+    # fit in 200 resamples, so p is the smallest a 200-pattern test can give, 2/201
+    c = rows["caa_mean"].vanish_cluster_test
+    assert (c.n_questions, c.mean_a, c.mean_b, c.exact) == (n, 0.0, 1.0, False)
+    assert c.p_value == pytest.approx(2 / 201) == pytest.approx(c.p_floor)
     verdict = best_remedy(list(rows.values()))
     assert verdict.best == "caa_mean" and verdict.significant
     assert "excludes 0" in verdict.statement

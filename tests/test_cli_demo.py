@@ -230,6 +230,13 @@ def test_demo_report_schema_on_tiny_model(two_seed_demo):
     for png in ("activation_combinations.png", "text_tradeoff.png", "calibration.png"):
         assert (tmp / png).stat().st_size > 1000
     assert result.config.kl_budget == on_disk["comparison_config"]["kl_budget"]
+    # tests against the baseline are clustered by question (McNemar is no longer reported)
+    ks2 = [r for r in on_disk["summaries"] if r["method"] == "ksteer" and r["k"] == 2]
+    assert all(r["diff_test"]["n_questions"] == r["n_questions"] for r in ks2)
+    assert all(r["vanish_cluster_test"]["p_value"] <= 1 for r in ks2)
+    assert "McNemar" not in md and "sign-flip over" in md
+    # the default text coverage: no per-combination table or heatmap
+    assert "combinations" not in on_disk and not (tmp / "text_combinations.png").exists()
     assert {"collect_s", "calibration_s", "text_eval_s", "total_s"} <= set(on_disk["timings"])
     # what produced the numbers: package versions, device and seed (also in the markdown)
     assert on_disk["versions"] == versions()
@@ -281,10 +288,43 @@ def test_demo_with_external_questions(tmp_path):
     assert set(result.alphas) == {"caa_mean", "ksteer"}
 
 
+def test_demo_covers_every_combination_on_request(tmp_path):
+    from dataclasses import replace
+
+    from ks_lens.report import rerender
+
+    cfg = _fast(methods=("caa_mean", "ksteer"))
+    cfg = replace(cfg, comparison=replace(cfg.comparison, text_coverage="all-combinations"))
+    (result,) = run_demo(cfg, tmp_path / "d", progress=False)
+    te = result.text
+    assert te is not None and len(te.questions) == 4
+    combos = {c.targets for c in te.cells}
+    assert len(combos) == 6 + 15 + 20
+    for c in combos:
+        assert len({x.question for x in te.cells if x.targets == c}) >= 2
+    doc = json.loads((tmp_path / "d" / "report.json").read_text())
+    rows = doc["combinations"]
+    assert len(rows) == 41 * 3  # unsteered and two methods
+    assert {r["method"] for r in rows} == {"unsteered", "caa_mean", "ksteer"}
+    assert all((r["vanish_rate"] is None) == (len(r["targets"]) == 1) for r in rows)
+    md = (tmp_path / "d" / "report.md").read_text()
+    assert "## Text level per combination" in md and "| helpful+expert+casual | 2 |" in md
+    assert (tmp_path / "d" / "text_combinations.png").stat().st_size > 1000
+    rerender(tmp_path / "d")  # the table is recomputed from the stored answers
+    again = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert again["combinations"] == rows
+
+
 def test_demo_parser_defaults():
     opts = parse_demo_options([])
     assert opts.out == "runs/demo" and not opts.fast and opts.seeds == 1
     assert opts.config == PipelineConfig() and opts.max_questions is None
+    assert opts.config.comparison.text_coverage == "per-size"
+    opts = parse_demo_options(
+        ["--text-coverage", "all-combinations", "--min-questions-per-combination", "3"]
+    )
+    assert opts.config.comparison.text_coverage == "all-combinations"
+    assert opts.config.comparison.min_questions_per_combination == 3
 
 
 def test_demo_validates_arguments_before_any_compute(tmp_path, capsys):
@@ -293,6 +333,11 @@ def test_demo_validates_arguments_before_any_compute(tmp_path, capsys):
         (["--kl-budget", "-1"], "kl_budget must be a positive"),
         (["--eval-layer", "-3"], "eval_layer must be a non-negative"),
         (["--seeds", "0"], "--seeds must be at least 1"),
+        (
+            ["--text-coverage", "all-combinations", "--n-gen", "1"],
+            "on at least 2 test questions, but n_gen is 1",
+        ),
+        (["--min-questions-per-combination", "0"], "must be at least 1, got 0"),
     ):
         code = main(
             ["demo", "--fast", "--model", "tiny-random-llama", "--out", str(tmp_path / "o"), *extra]

@@ -212,6 +212,7 @@ def test_fast_help_shows_the_fast_defaults(capsys):
             "invalid choice 'kl' for argument '--calibration-metric'",
         ),
         (["--positions", "middle"], "invalid choice 'middle' for argument '--positions'"),
+        (["--text-coverage", "every"], "invalid choice 'every' for argument '--text-coverage'"),
         (["--kl-budget", "abc"], "--kl-budget"),
         (["--n-eval", "many"], "--n-eval"),
         (["--no-such-option", "1"], "Unrecognized options: --no-such-option"),

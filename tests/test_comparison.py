@@ -24,9 +24,11 @@ from ks_lens.comparison import (
     rotate_cells,
     run_comparison,
     summarise_activations,
+    summarise_combinations,
     summarise_text,
     trade_off,
 )
+from ks_lens.coverage import coverage_counts
 from ks_lens.probes import ProbeConfig, train_probe
 from ks_lens.stats import interpolate_at
 from ks_lens.steering import SteeringVectors
@@ -64,6 +66,64 @@ def test_plan_uses_every_size_and_validates():
         ComparisonConfig(avoid=("zzz",)).validate(["a", "b"])
 
 
+def test_plan_all_combinations_covers_every_combination():
+    cfg = ComparisonConfig(text_coverage="all-combinations", avoid=("f",))
+    plan = plan_comparison(list("abcdef"), cfg, n_calib=5, n_test=7)
+    per_combo, per_question = coverage_counts([(c.question, c.targets) for c in plan.gen_cells])
+    pool = list("abcde")  # the avoided label is never a target
+    assert set(per_combo) == set(label_combinations(pool, (1, 2, 3)))
+    assert min(per_combo.values()) >= 2
+    assert {k: sum(v.values()) for k, v in per_question.items()} == {1: 10, 2: 20, 3: 20}
+    # the default coverage is unchanged: one combination per size and question, rotating
+    default = plan_comparison(list("abcdef"), ComparisonConfig(), n_calib=5, n_test=7)
+    assert default.gen_cells == [
+        c
+        for k in (1, 2, 3)
+        for c in rotate_cells(7, label_combinations(list("abcdef"), (k,)), 1, 100 + k)
+    ]
+    with pytest.raises(ValueError, match="but there are only 1"):
+        plan_comparison(list("abcdef"), cfg, n_calib=5, n_test=1)
+    with pytest.raises(ValueError, match="unknown text_coverage"):
+        ComparisonConfig(text_coverage="most").validate()  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="min_questions_per_combination must be at least 1"):
+        ComparisonConfig(min_questions_per_combination=0).validate()
+
+
+def test_summarise_combinations_hand_computed():
+    cells = [Cell(0, ("a",)), Cell(1, ("a",)), Cell(0, ("a", "b")), Cell(1, ("a", "b"))]
+    answers = [_answer("unsteered", q, ("a",), 0.0, 0.0, 0.1) for q in (0, 1)]
+    answers += [_answer("caa_mean", q, ("a",), 1.0, 0.3, p) for q, p in ((0, 0.4), (1, 0.6))]
+    answers += [_answer("caa_mean", q, ("a", "b"), 1.0, 0.3, 0.7) for q in (0, 1)]
+    answers[-1].text_probs = [0.9, 0.05]  # question 1: b vanished under the 0.1 / 0.5 rule
+    answers += [_answer("caa_mean", 0, ("a",), 0.5, 0.1, 0.2)]  # another alpha: not counted
+    te = TextEvaluation(
+        ("a", "b"),
+        ["q0", "q1"],
+        cells,
+        {"caa_mean": {1: 1.0, 2: 1.0}},
+        (0.5, 1.0),
+        answers,
+        ("text",),
+    )
+    rows = summarise_combinations(te, ComparisonConfig(methods=("caa_mean",), sizes=(1, 2)))
+    got = [(r.method, r.targets, r.n_questions, r.n_cells) for r in rows]
+    assert got == [
+        ("unsteered", ("a",), 2, 2),
+        ("unsteered", ("a", "b"), 2, 2),
+        ("caa_mean", ("a",), 2, 2),
+        ("caa_mean", ("a", "b"), 2, 2),
+    ]
+    by = {(r.method, r.targets): r for r in rows}
+    assert by[("caa_mean", ("a",))].target_prob == pytest.approx(0.5)
+    assert by[("caa_mean", ("a",))].vanish_rate is None
+    ab = by[("caa_mean", ("a", "b"))]
+    assert ab.target_prob == pytest.approx((0.7 + 0.475) / 2)
+    assert ab.min_target_prob == pytest.approx((0.7 + 0.05) / 2)
+    assert (ab.vanish_rate, ab.n_vanished) == (0.5, 1)
+    un = by[("unsteered", ("a", "b"))]  # the unsteered answer (a=0.1, b=0) on both questions
+    assert (un.target_prob, un.min_target_prob, un.n_vanished) == (0.05, 0.0, 0)
+
+
 def _act_eval() -> ActivationEvaluation:
     labels = ("a", "b", "c")
     base = np.array([[0.1, 0.2, 0.3], [0.2, 0.2, 0.2]])
@@ -95,6 +155,15 @@ def test_summarise_activations_hand_computed():
     assert rows[("ksteer", 2)].n_vanished == 0
     assert rows[("caa_mean", 2)].min_target_prob.estimate == pytest.approx((0.05 + 0.4) / 2)
     assert rows[("ksteer", 2)].vanish_test.only_b == 1  # caa vanished where ksteer did not
+    # clustered by question: k=1 units (ksteer - caa) 0.1, 0.2; the 4 sign patterns give
+    # +-0.3, +-0.1, so p = 2 x 1/4
+    t1 = rows[("ksteer", 1)].diff_test
+    assert (t1.n_questions, t1.p_value, t1.exact) == (2, 0.5, True)
+    assert t1.diff.estimate == pytest.approx(rows[("ksteer", 1)].diff_vs_baseline.estimate)
+    # vanished, k=2: ksteer 0, 0 vs caa 1, 0 per question: units -1, 0 -> p = 2 x 2/4 = 1
+    v2 = rows[("ksteer", 2)].vanish_cluster_test
+    assert (v2.mean_a, v2.mean_b, v2.p_value, v2.n_cells) == (0.0, 0.5, 1.0, 2)
+    assert rows[("caa_mean", 2)].vanish_cluster_test is None  # the baseline itself
     assert rows[("caa_mean", 2)].diff_vs_baseline is None  # the baseline itself
     assert rows[("ksteer", 2)].alpha == 4.0
 
