@@ -1,0 +1,149 @@
+"""Resident memory: what the process holds now and at its peak, per stage, and what a run needs.
+
+:func:`record_memory` writes ``<stage>_rss_mb`` (held now, ``/proc/self/statm``) and
+``<stage>_peak_rss_mb`` (the process's peak so far, ``getrusage``'s ``ru_maxrss``) into a
+timings dict; the demo records them after collection, training, calibration, the activation
+level and the text level. :func:`estimate_run` predicts a run's peak memory and time from the
+model's shape and the row counts, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+MIB = 2**20
+
+
+def rss_mb() -> float | None:
+    """The memory this process holds now (resident set size, MiB); ``None`` without ``/proc``."""
+    try:
+        fields = Path("/proc/self/statm").read_text().split()
+    except OSError:
+        return None
+    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def peak_rss_mb() -> float:
+    """The most memory this process has held so far (peak resident set size, MiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def record_memory(timings: dict[str, float], stage: str) -> None:
+    """Add ``{stage}_rss_mb`` (held now, where ``/proc`` exists) and ``{stage}_peak_rss_mb``
+    (peak so far) to ``timings``."""
+    now = rss_mb()
+    if now is not None:
+        timings[f"{stage}_rss_mb"] = now
+    timings[f"{stage}_peak_rss_mb"] = peak_rss_mb()
+
+
+def available_memory_mb() -> float | None:
+    """Memory available to new allocations (``MemAvailable`` of ``/proc/meminfo``, capped by a
+    cgroup v2 ``memory.max`` limit), MiB; ``None`` where neither can be read."""
+    avail: float | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            room = (int(limit) - used) / MIB
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+# What the estimate assumes (measured on SmolLM2-135M, fp32, 2 CPU cores; see docs/performance.md)
+RUNTIME_MB = 600.0  # Python, torch, transformers and the tokenizer, before any weights
+WEIGHT_COPIES = 2.0  # weights as loaded + the conversion's / bridge's transient copy
+TOKENS_PER_ROW = 96  # a prompt-mode or gold-text row (chat header + question + answer)
+# seconds per row and per million parameters, at each stage (2 CPU cores, fp32)
+SECONDS_PER_ROW_MPARAM = {"collect": 1.0e-3, "activation": 6.0e-5, "generate": 3.1e-3}
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a run's memory and time depend on: the model's shape and the row counts."""
+
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    n_params: int
+    bytes_per_value: int = 4  # float32
+    collect_rows: int = 0  # rows collected to stores (all stores)
+    store_layers: int = 1  # layers each collected row keeps
+    collect_batch: int = 16
+    shard_rows: int = 256
+    activation_rows: int = 0  # steered readouts (activation level and calibration)
+    gen_rows: int = 0  # generated answers (text level and calibration)
+    gen_batch: int = 48
+    new_tokens: int = 32
+    gen_rows_in_flight: int = 96  # generated answers whose question is not yet scored
+
+    @property
+    def weights_mb(self) -> float:
+        return self.n_params * self.bytes_per_value / MIB
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A run's estimated peak resident memory (MiB), its parts, and its time (seconds)."""
+
+    peak_mb: float
+    parts_mb: dict[str, float]
+    seconds: float
+
+
+def estimate_run(shape: RunShape) -> Estimate:
+    """Peak resident memory and time of a run of ``shape`` (rough: within ~30 % on the measured
+    CPU runs). The peak is the runtime, the weights (twice: loading holds a transient copy) and
+    the largest stage:
+
+    * collection: one shard of ``shard_rows x store_layers x d_model`` (and its stacked copy)
+      plus one batch's logits-free forward buffers (``batch x tokens x 4 d_model``);
+    * generation: one batch's logits and log-probs (``gen_batch x new_tokens x d_vocab``,
+      three copies) plus the steered next-token log-probs of the answers in flight
+      (``gen_rows_in_flight x (new_tokens + 1) x d_vocab``).
+    """
+    b, mb = shape.bytes_per_value, MIB
+    shard = 2 * shape.shard_rows * shape.store_layers * shape.d_model * b / mb
+    forward = shape.collect_batch * TOKENS_PER_ROW * 4 * shape.d_model * b / mb
+    steps = shape.new_tokens + 1
+    gen_batch = 3 * shape.gen_batch * steps * shape.d_vocab * b / mb
+    in_flight = shape.gen_rows_in_flight * steps * shape.d_vocab * b / mb
+    parts = {
+        "runtime": RUNTIME_MB,
+        "weights": WEIGHT_COPIES * shape.weights_mb,
+        "collection": shard + forward,
+        "generation": (gen_batch + in_flight) if shape.gen_rows else 0.0,
+    }
+    peak = parts["runtime"] + parts["weights"] + max(parts["collection"], parts["generation"])
+    mparams = shape.n_params / 1e6
+    rate = SECONDS_PER_ROW_MPARAM
+    seconds = mparams * (
+        rate["collect"] * shape.collect_rows
+        + rate["activation"] * shape.activation_rows
+        + rate["generate"] * shape.gen_rows * shape.new_tokens / 32
+    )
+    return Estimate(peak, parts, seconds)
+
+
+__all__ = [
+    "Estimate",
+    "RunShape",
+    "available_memory_mb",
+    "estimate_run",
+    "peak_rss_mb",
+    "record_memory",
+    "rss_mb",
+]
