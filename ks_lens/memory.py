@@ -63,32 +63,30 @@ def available_memory_mb() -> float | None:
     return avail
 
 
-# What the estimate assumes (measured on SmolLM2-135M, fp32, 2 CPU cores; see docs/performance.md)
-RUNTIME_MB = 600.0  # Python, torch, transformers and the tokenizer, before any weights
-WEIGHT_COPIES = 2.0  # weights as loaded + the conversion's / bridge's transient copy
+# What the estimate assumes (measured on SmolLM2-135M, fp32, 2 CPU cores; docs/performance.md)
+RUNTIME_MB = 600.0  # Python, torch, transformers, the tokenizer and allocator slack
 TOKENS_PER_ROW = 96  # a prompt-mode or gold-text row (chat header + question + answer)
-# seconds per row and per million parameters, at each stage (2 CPU cores, fp32)
-SECONDS_PER_ROW_MPARAM = {"collect": 1.0e-3, "activation": 6.0e-5, "generate": 3.1e-3}
+# seconds per million parameters: per collected row, per steered readout row, per generated token
+SECONDS_PER_MPARAM = {"collect": 6.3e-4, "readout": 7.2e-5, "token": 5.5e-5}
 
 
 @dataclass(frozen=True)
 class RunShape:
     """What a run's memory and time depend on: the model's shape and the row counts."""
 
-    n_layers: int
     d_model: int
     d_vocab: int
     n_params: int
     bytes_per_value: int = 4  # float32
     collect_rows: int = 0  # rows collected to stores (all stores)
-    store_layers: int = 1  # layers each collected row keeps
+    store_layers: int = 1  # layers a collected row keeps (the widest store)
     collect_batch: int = 16
     shard_rows: int = 256
-    activation_rows: int = 0  # steered readouts (activation level and calibration)
-    gen_rows: int = 0  # generated answers (text level and calibration)
-    gen_batch: int = 48
-    new_tokens: int = 32
-    gen_rows_in_flight: int = 96  # generated answers whose question is not yet scored
+    readout_rows: int = 0  # steered readouts (activation level)
+    gen_tokens: int = 0  # generated tokens (text level and calibration)
+    gen_batch: int = 48  # generation rows per batch
+    new_tokens: int = 32  # answer length of the text level
+    gen_rows_in_flight: int = 0  # generated answers held until their question is scored
 
     @property
     def weights_mb(self) -> float:
@@ -105,37 +103,37 @@ class Estimate:
 
 
 def estimate_run(shape: RunShape) -> Estimate:
-    """Peak resident memory and time of a run of ``shape`` (rough: within ~30 % on the measured
-    CPU runs). The peak is the runtime, the weights (twice: loading holds a transient copy) and
-    the largest stage:
+    """Peak resident memory and time of a run of ``shape`` (rough). The peak is the runtime,
+    the weights and the larger of two stages (float32 logits and activations):
 
-    * collection: one shard of ``shard_rows x store_layers x d_model`` (and its stacked copy)
-      plus one batch's logits-free forward buffers (``batch x tokens x 4 d_model``);
-    * generation: one batch's logits and log-probs (``gen_batch x new_tokens x d_vocab``,
-      three copies) plus the steered next-token log-probs of the answers in flight
+    * collection: one shard of ``shard_rows x store_layers x d_model`` and its stacked copy,
+      plus one batch's forward buffers (``collect_batch x TOKENS_PER_ROW x 4 d_model``);
+    * text level: one generation batch's logits and their log-probs (``2 x gen_batch x
+      (new_tokens + 1) x d_vocab``) plus the steered log-probs of the answers in flight
       (``gen_rows_in_flight x (new_tokens + 1) x d_vocab``).
+
+    The time is ``SECONDS_PER_MPARAM`` x millions of parameters x the work of each stage.
     """
-    b, mb = shape.bytes_per_value, MIB
+    b, mb = 4, MIB  # activations and logits are kept in float32 whatever the weights' dtype
     shard = 2 * shape.shard_rows * shape.store_layers * shape.d_model * b / mb
     forward = shape.collect_batch * TOKENS_PER_ROW * 4 * shape.d_model * b / mb
     steps = shape.new_tokens + 1
-    gen_batch = 3 * shape.gen_batch * steps * shape.d_vocab * b / mb
+    batch = 2 * shape.gen_batch * steps * shape.d_vocab * b / mb
     in_flight = shape.gen_rows_in_flight * steps * shape.d_vocab * b / mb
     parts = {
         "runtime": RUNTIME_MB,
-        "weights": WEIGHT_COPIES * shape.weights_mb,
+        "weights": shape.weights_mb,
         "collection": shard + forward,
-        "generation": (gen_batch + in_flight) if shape.gen_rows else 0.0,
+        "text level": batch + in_flight if shape.gen_tokens else 0.0,
     }
-    peak = parts["runtime"] + parts["weights"] + max(parts["collection"], parts["generation"])
-    mparams = shape.n_params / 1e6
-    rate = SECONDS_PER_ROW_MPARAM
-    seconds = mparams * (
+    peak = parts["runtime"] + parts["weights"] + max(parts["collection"], parts["text level"])
+    rate = SECONDS_PER_MPARAM
+    work = (
         rate["collect"] * shape.collect_rows
-        + rate["activation"] * shape.activation_rows
-        + rate["generate"] * shape.gen_rows * shape.new_tokens / 32
+        + rate["readout"] * shape.readout_rows
+        + rate["token"] * shape.gen_tokens
     )
-    return Estimate(peak, parts, seconds)
+    return Estimate(peak, parts, shape.n_params / 1e6 * work)
 
 
 __all__ = [

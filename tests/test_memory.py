@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 import ks_lens.activations as activations
 import ks_lens.evaluation as evaluation
 from ks_lens.activations import ActivationStore, collect_to_store
-from ks_lens.memory import MIB, RunShape, estimate_run, peak_rss_mb, record_memory, rss_mb
-from ks_lens.pipeline import PipelineConfig, RunLayers, _layer_tag, prepare
+from ks_lens.errors import ConfigError
+from ks_lens.memory import RunShape, estimate_run, peak_rss_mb, record_memory, rss_mb
+from ks_lens.pipeline import PipelineConfig, RunLayers, _layer_tag, check_memory, prepare
 
 
 def test_run_layers_policy():
@@ -24,7 +25,7 @@ def test_run_layers_policy():
     assert run.gold_store == [12, 15, *range(18, 30)]
     assert RunLayers.of(cfg, 30, [0, 22]).evaluator_store == [0, 22]
     assert RunLayers.of(cfg, 30, "all").train_store == list(range(30))
-    with pytest.raises(Exception, match="study layer 30 is out of range"):
+    with pytest.raises(ConfigError, match="study layer 30 is out of range"):
         RunLayers.of(cfg, 30, [30])
     assert _layer_tag([12, 15, *range(18, 30)], 30) == "-L12.15.18-29"
     assert _layer_tag([22], 30) == "-L22"
@@ -77,14 +78,15 @@ def test_collection_hooks_only_the_requested_layers(tiny_model, tiny_dataset, tm
     real = activations.capture_features
 
     def spy(model, batch, names, **kw):
-        seen.append(tuple(names))
+        if batch.input_ids.shape != (2, 2) or batch.input_ids.any():  # not feature_shapes' probe
+            seen.append(tuple(names))
         return real(model, batch, names, **kw)
 
     monkeypatch.setattr(activations, "capture_features", spy)
     store = collect_to_store(
         tiny_model, tiny_dataset.head(3), tmp_path / "s", layers=[3, 1], progress=False
     )
-    assert seen and set(seen) == {("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")}
+    assert len(seen) >= 2 and set(seen) == {("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")}
     assert store.layers == (1, 3)
     acts = store.load()
     assert acts.shape == (3 * 3, 2, tiny_model.cfg.d_model)
@@ -204,9 +206,10 @@ def test_memory_is_recorded_per_stage():
 
 
 def test_memory_estimate_matches_a_hand_computed_case():
-    """SmolLM2-135M-sized run: 30 x 576, vocab 49,152, 134.5M parameters, fp32."""
+    """The default demo's shape: SmolLM2-135M (576 wide, vocab 49,152, 134,515,008 parameters,
+    fp32); 1,776 collected rows in stores of up to 14 layers; 5,248 steered readouts; 784
+    answers of 32 tokens; batches of 48 answers, 97 held until their question is scored."""
     shape = RunShape(
-        n_layers=30,
         d_model=576,
         d_vocab=49152,
         n_params=134_515_008,
@@ -214,23 +217,29 @@ def test_memory_estimate_matches_a_hand_computed_case():
         store_layers=14,
         collect_batch=16,
         shard_rows=256,
-        activation_rows=5248,
-        gen_rows=784,
+        readout_rows=5248,
+        gen_tokens=784 * 32,
         gen_batch=48,
         new_tokens=32,
-        gen_rows_in_flight=96,
+        gen_rows_in_flight=97,
     )
     est = estimate_run(shape)
-    weights = 134_515_008 * 4 / MIB  # 513.1 MiB
-    shard = 2 * 256 * 14 * 576 * 4 / MIB  # 15.75 MiB
-    forward = 16 * 96 * 4 * 576 * 4 / MIB  # 13.5 MiB
-    gen = 3 * 48 * 33 * 49152 * 4 / MIB  # 891 MiB
-    flight = 96 * 33 * 49152 * 4 / MIB  # 594 MiB
-    assert est.parts_mb["weights"] == pytest.approx(2 * weights)
-    assert est.parts_mb["collection"] == pytest.approx(shard + forward)
-    assert est.parts_mb["generation"] == pytest.approx(gen + flight)
-    assert est.peak_mb == pytest.approx(600 + 2 * weights + gen + flight)
-    assert est.peak_mb == pytest.approx(3111.4, abs=0.1)
-    mp = 134.515008
-    seconds = mp * (1.0e-3 * 1776 + 6.0e-5 * 5248 + 3.1e-3 * 784)
-    assert est.seconds == pytest.approx(seconds)
+    # by hand, in MiB: weights 134,515,008 x 4 B = 513.13; one shard 2 x 256 x 14 x 576 x 4 B =
+    # 15.75 and the forward buffers 16 x 96 x 4 x 576 x 4 B = 13.5; the text level's batch
+    # 2 x 48 x 33 x 49,152 x 4 B = 594.0 and the answers in flight 97 x 33 x 49,152 x 4 B = 600.19
+    assert est.parts_mb["weights"] == pytest.approx(513.13, abs=0.01)
+    assert est.parts_mb["collection"] == pytest.approx(15.75 + 13.5)
+    assert est.parts_mb["text level"] == pytest.approx(594.0 + 600.19, abs=0.01)
+    assert est.peak_mb == pytest.approx(600 + 513.13 + 1194.19, abs=0.02)
+    # time: 134.515 M parameters x (6.3e-4 x 1,776 + 7.2e-5 x 5,248 + 5.5e-5 x 25,088) s
+    assert est.seconds == pytest.approx(134.515008 * (1.11888 + 0.377856 + 1.37984))
+
+
+def test_a_run_that_does_not_fit_is_refused_with_the_option_that_lowers_it():
+    est = estimate_run(
+        RunShape(d_model=576, d_vocab=49152, n_params=134_515_008, gen_tokens=1, gen_rows_in_flight=97)
+    )
+    check_memory(est, available_mb=est.peak_mb - 100, held_mb=100)  # fits exactly
+    check_memory(est, available_mb=None, held_mb=None)  # unknown: not refused
+    with pytest.raises(ConfigError, match="The text level is the largest part: lower --gen-b"):
+        check_memory(est, available_mb=1000, held_mb=500)
