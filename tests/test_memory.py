@@ -243,3 +243,10 @@ def test_a_run_that_does_not_fit_is_refused_with_the_option_that_lowers_it():
     check_memory(est, available_mb=None, held_mb=None)  # unknown: not refused
     with pytest.raises(ConfigError, match="The text level is the largest part: lower --gen-b"):
         check_memory(est, available_mb=1000, held_mb=500)
+
+
+def test_the_memory_check_can_be_turned_off_on_the_command_line():
+    from ks_lens.demo import parse_demo_options
+
+    assert parse_demo_options([]).memory_check is True
+    assert parse_demo_options(["--no-memory-check"]).memory_check is False
