@@ -12,8 +12,16 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ks_lens.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ks_lens.pipeline import PipelineConfig
+    from ks_lens.types import Model
 
 MIB = 2**20
 
@@ -136,12 +144,71 @@ def estimate_run(shape: RunShape) -> Estimate:
     return Estimate(peak, parts, shape.n_params / 1e6 * work)
 
 
+def run_shape(
+    cfg: PipelineConfig, model: Model, labels: Sequence[str], n_gold_texts: int, store_layers: int
+) -> RunShape:
+    """The row counts of a run of ``cfg`` (as :func:`~ks_lens.pipeline.prepare` and the
+    comparison plan them; ``store_layers``: the widest store's layers) and the model's shape."""
+    from ks_lens.comparison import plan_comparison
+
+    c, k = cfg.comparison, len(labels)
+    n_gold = n_gold_texts if cfg.n_gold is None else min(cfg.n_gold, n_gold_texts)
+    collect = cfg.n_evaluator * (k + cfg.evaluator_combos_per_question) + n_gold
+    if cfg.probe_source == "prompt":
+        collect += cfg.n_train * k
+    plan = plan_comparison(labels, c, n_calib=cfg.n_calib, n_test=cfg.n_gen)
+    methods = len(c.methods)
+    text_rows = cfg.n_gen + len(plan.gen_cells) * methods * len(c.curve_factors)
+    # a calibration evaluates each cell and method at a few alphas, then bisects
+    calib_tokens = len(plan.calib_cells) * methods * (c.calib_bisect_steps + 4) * c.calib_tokens
+    first = next(model.parameters())
+    return RunShape(
+        d_model=int(model.cfg.d_model),
+        d_vocab=int(model.cfg.d_vocab),
+        n_params=sum(p.numel() for p in model.parameters()),
+        bytes_per_value=first.element_size(),
+        collect_rows=collect,
+        store_layers=store_layers,
+        collect_batch=cfg.batch_size,
+        readout_rows=cfg.n_eval * len(plan.act_combos) * methods,
+        gen_tokens=text_rows * c.max_new_tokens + calib_tokens,
+        gen_batch=c.gen_batch_size,
+        new_tokens=c.max_new_tokens,
+        # one question's answers and the batch that straddles the next question
+        gen_rows_in_flight=min(text_rows, -(-text_rows // cfg.n_gen) + c.gen_batch_size),
+    )
+
+
+def check_memory(est: Estimate, *, available_mb: float | None, held_mb: float | None) -> None:
+    """Refuse a run whose estimated peak exceeds what this process holds plus what is available,
+    naming the options that lower the largest part."""
+    if available_mb is None:
+        return
+    room = available_mb + (held_mb or 0.0)
+    if est.peak_mb <= room:
+        return
+    largest = max(("collection", "text level"), key=lambda k: est.parts_mb[k])
+    lower = {
+        "text level": "--gen-batch-size (generation rows per batch; 16 needs a third of 48's "
+        "logits) or --max-new-tokens",
+        "collection": "--batch-size (rows per forward pass when collecting)",
+    }[largest]
+    raise ConfigError(
+        f"this run needs about {est.peak_mb / 1024:.1f} GiB of memory at its peak ("
+        + ", ".join(f"{k} {v / 1024:.2f}" for k, v in est.parts_mb.items())
+        + f" GiB), but only {room / 1024:.1f} GiB are available. The {largest} is the largest "
+        f"part: lower {lower}; --dtype bfloat16 halves the weights. --no-memory-check runs anyway."
+    )
+
+
 __all__ = [
     "Estimate",
     "RunShape",
     "available_memory_mb",
+    "check_memory",
     "estimate_run",
     "peak_rss_mb",
     "record_memory",
     "rss_mb",
+    "run_shape",
 ]

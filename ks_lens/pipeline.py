@@ -20,7 +20,6 @@ from ks_lens.comparison import (
     ComparisonConfig,
     ComparisonResult,
     SteeringKit,
-    plan_comparison,
     run_comparison,
     spread,
 )
@@ -41,12 +40,12 @@ from ks_lens.gold_texts import (
     split_by_question,
 )
 from ks_lens.memory import (
-    Estimate,
-    RunShape,
     available_memory_mb,
+    check_memory,
     estimate_run,
     record_memory,
     rss_mb,
+    run_shape,
 )
 from ks_lens.models import ModelOptions, load_model
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes
@@ -234,61 +233,6 @@ class RunLayers:
     @property
     def gold_steer_store(self) -> list[int]:
         return self.train_store
-
-
-def run_shape(
-    cfg: PipelineConfig, model: Model, labels: Sequence[str], n_gold_texts: int, layers: RunLayers
-) -> RunShape:
-    """The row counts of a run of ``cfg`` (as :func:`prepare` and the comparison plan them) and
-    the model's shape, for :func:`~ks_lens.memory.estimate_run`."""
-    c, k = cfg.comparison, len(labels)
-    n_gold = n_gold_texts if cfg.n_gold is None else min(cfg.n_gold, n_gold_texts)
-    collect = cfg.n_evaluator * (k + cfg.evaluator_combos_per_question) + n_gold
-    if cfg.probe_source == "prompt":
-        collect += cfg.n_train * k
-    plan = plan_comparison(labels, c, n_calib=cfg.n_calib, n_test=cfg.n_gen)
-    methods = len(c.methods)
-    text_rows = cfg.n_gen + len(plan.gen_cells) * methods * len(c.curve_factors)
-    # a calibration evaluates each cell and method at a few alphas, then bisects
-    calib_tokens = len(plan.calib_cells) * methods * (c.calib_bisect_steps + 4) * c.calib_tokens
-    first = next(model.parameters())
-    return RunShape(
-        d_model=int(model.cfg.d_model),
-        d_vocab=int(model.cfg.d_vocab),
-        n_params=sum(p.numel() for p in model.parameters()),
-        bytes_per_value=first.element_size(),
-        collect_rows=collect,
-        store_layers=len(layers.gold_store),
-        collect_batch=cfg.batch_size,
-        readout_rows=cfg.n_eval * len(plan.act_combos) * methods,
-        gen_tokens=text_rows * c.max_new_tokens + calib_tokens,
-        gen_batch=c.gen_batch_size,
-        new_tokens=c.max_new_tokens,
-        # one question's answers and the batch that straddles the next question
-        gen_rows_in_flight=min(text_rows, -(-text_rows // cfg.n_gen) + c.gen_batch_size),
-    )
-
-
-def check_memory(est: Estimate, *, available_mb: float | None, held_mb: float | None) -> None:
-    """Refuse a run whose estimated peak exceeds what this process holds plus what is available,
-    naming the options that lower the largest part."""
-    if available_mb is None:
-        return
-    room = available_mb + (held_mb or 0.0)
-    if est.peak_mb <= room:
-        return
-    largest = max(("collection", "text level"), key=lambda k: est.parts_mb[k])
-    lower = {
-        "text level": "--gen-batch-size (generation rows per batch; 16 needs a third of 48's "
-        "logits) or --max-new-tokens",
-        "collection": "--batch-size (rows per forward pass when collecting)",
-    }[largest]
-    raise ConfigError(
-        f"this run needs about {est.peak_mb / 1024:.1f} GiB of memory at its peak ("
-        + ", ".join(f"{k} {v / 1024:.2f}" for k, v in est.parts_mb.items())
-        + f" GiB), but only {room / 1024:.1f} GiB are available. The {largest} is the largest "
-        f"part: lower {lower}; --dtype bfloat16 halves the weights. --no-memory-check runs anyway."
-    )
 
 
 def _layer_tag(layers: Sequence[int], n_layers: int) -> str:
@@ -529,7 +473,7 @@ def prepare(
     log.info(
         f"[ks-lens] model {model.cfg.model_name} ({n_layers} layers); steering layer {ls}, evaluator layer {le}"
     )
-    est = estimate_run(run_shape(cfg, model, ds.labels, len(gold), run_layers))
+    est = estimate_run(run_shape(cfg, model, ds.labels, len(gold), len(run_layers.gold_store)))
     log.info(
         f"[ks-lens] estimated peak memory {est.peak_mb / 1024:.1f} GiB, time {est.seconds / 60:.0f} "
         "min on 2 CPU cores (docs/performance.md)"

@@ -12,8 +12,15 @@ import ks_lens.activations as activations
 import ks_lens.evaluation as evaluation
 from ks_lens.activations import ActivationStore, collect_to_store
 from ks_lens.errors import ConfigError
-from ks_lens.memory import RunShape, estimate_run, peak_rss_mb, record_memory, rss_mb
-from ks_lens.pipeline import PipelineConfig, RunLayers, _layer_tag, check_memory, prepare
+from ks_lens.memory import (
+    RunShape,
+    check_memory,
+    estimate_run,
+    peak_rss_mb,
+    record_memory,
+    rss_mb,
+)
+from ks_lens.pipeline import PipelineConfig, RunLayers, _layer_tag, prepare
 
 
 def test_run_layers_policy():
