@@ -99,6 +99,19 @@ def test_collection_hooks_only_the_requested_layers(tiny_model, tiny_dataset, tm
     assert acts.shape == (3 * 3, 2, tiny_model.cfg.d_model)
 
 
+def test_collecting_fewer_layers_gives_the_same_numbers(tiny_model, tiny_dataset):
+    """Capturing only some layers (the pass stops after the last one, the shared prefix too)
+    gives exactly the numbers of those layers in an all-layer collection, so a run that keeps
+    only its layers reports the same figures."""
+    ds = tiny_dataset.head(4)
+    every = activations.collect_activations(tiny_model, ds, progress=False, batch_size=5)
+    for layers in ([1], [0, 2], [3, 1]):
+        some = activations.collect_activations(
+            tiny_model, ds, layers=layers, progress=False, batch_size=5
+        )
+        assert torch.equal(some.acts["resid_post"], every.acts["resid_post"][:, sorted(layers)])
+
+
 class _LazyOnly:
     """A safetensors handle that refuses whole-tensor reads (only lazy slices)."""
 
