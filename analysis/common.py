@@ -79,7 +79,8 @@ def parse(
 def setup_from_options(opts: StudyOptions) -> Setup:
     """The standard setup of ``opts.config`` in ``opts.work`` (both probe sources)."""
     work = opts.work or ("runs/demo-fast" if opts.fast else "runs/demo")
-    return prepare(opts.config, work, sources=PROBE_SOURCES)  # studies may compare both sources
+    # studies may compare both sources and read any layer of the stores
+    return prepare(opts.config, work, sources=PROBE_SOURCES, study_layers="all")
 
 
 def start(opts: StudyOptions) -> tuple[Path, Setup, float]:

@@ -14,7 +14,10 @@
 5. default model load: cached vs first conversion;
 6. RSS growth per 1,000 prompts collected at 30 layers (slope over 250, 1,000 and 2,000 prompts)
    as a fraction of the activation bytes: streaming shards <= 0.25, in memory ~1 (held);
-7. probe training for all layers at once vs one layer at a time.
+7. probe training for all layers at once vs one layer at a time;
+8. scaling: peak RSS of collection (only the run's layers) + probe training + a steered readout
+   on random-weight models of growing depth and width (one subprocess each), as a ratio to the
+   weights' size (target <= 3x at the largest size, and not rising with the model).
 
 Timings are medians of repeated runs, interleaved so that drifts in machine speed hit every
 variant alike. Writes JSON (with the machine, torch version and threads, and every guarded figure
@@ -446,6 +449,82 @@ print(base, max(peak[0], end), end)
     return out
 
 
+SCALING_CODE = """
+import json, sys, tempfile, threading, time
+import torch
+from ks_lens.activations import collect_to_store
+from ks_lens.datasets import Behaviour, BehaviourDataset, Question
+from ks_lens.evaluation import readout_groups
+from ks_lens.memory import peak_rss_mb, rss_mb
+from ks_lens.models import boot_bridge
+from ks_lens.pipeline import PipelineConfig, RunLayers
+from ks_lens.probes import ProbeConfig, train_probe, train_probes
+from ks_lens.steering import CAA, SteeringSpec, SteeringVectors
+from ks_lens.tiny import build_tiny_llama
+n_layers, d_model, n_questions, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.manual_seed(0)
+warm = boot_bridge(*build_tiny_llama(), "warm-up", device=torch.device("cpu"), dtype=torch.float32)
+del warm  # every lazy import (transformers' Llama, TransformerLens' bridge) is done by now
+base = rss_mb()
+heads = max(1, d_model // 128)
+hf, tok = build_tiny_llama(n_layers=n_layers, d_model=d_model, n_heads=heads,
+                           n_kv_heads=max(1, heads // 4), d_mlp=2 * d_model, dtype=getattr(torch, dtype))
+model = boot_bridge(hf, tok, "scaling", device=torch.device("cpu"), dtype=getattr(torch, dtype))
+weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+behaviours = (Behaviour("a", "Be brief."), Behaviour("b", "Be kind."), Behaviour("c", "Be odd."))
+ds = BehaviourDataset("scaling", behaviours, tuple(
+    Question(f"q{i}", f"Why is {i} so?", "x") for i in range(n_questions)))
+run = RunLayers.of(PipelineConfig(), n_layers)
+peak = [0.0]
+stop = threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss_mb() or 0.0)
+        time.sleep(0.02)
+with_model = rss_mb()
+t = threading.Thread(target=sample, daemon=True)
+t.start()
+t0 = time.perf_counter()
+with tempfile.TemporaryDirectory() as d:
+    store = collect_to_store(model, ds, d + "/s", layers=run.gold_store, batch_size=16, progress=False)
+    collected = peak_rss_mb()
+    acts = store.load(layers=run.steering_probes)
+    probes = train_probes(acts, layers=run.steering_probes, config=ProbeConfig(epochs=5), progress=False)
+    evaluator = train_probe(store.load(layers=[run.evaluator]), run.evaluator, config=ProbeConfig(epochs=5))
+    vectors = SteeringVectors.fit(acts, run.steering)
+    readout_groups(model, [q.text for q in ds.questions], [(CAA(vectors), SteeringSpec(("a",), (), 2.0))],
+                   probe=evaluator, batch_size=16)
+stop.set()
+t.join()
+print(json.dumps({"n_layers": n_layers, "d_model": d_model, "dtype": dtype, "rows": len(acts),
+    "kept_layers": len(run.gold_store), "weights_mb": weights, "rss_before_model_mb": base,
+    "rss_with_model_mb": with_model, "peak_rss_mb": max(peak[0], peak_rss_mb()),
+    "peak_after_collection_mb": collected, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def bench_scaling(sizes: list[tuple[int, int]], n_questions: int, dtype: str) -> dict[str, Any]:
+    """Peak resident memory of collection (the run's layers, :class:`ks_lens.pipeline.RunLayers`)
+    + probe training + a steered readout on random-weight models of growing depth and width,
+    each in a fresh subprocess (so every size has its own peak), as a ratio to the weights:
+    ``(peak - RSS before the model) / weights``. The rows are the same at every size, so memory
+    that grew with rows x layers x width would show as a ratio that rises with the model."""
+    out: dict[str, Any] = {"sizes": [], "n_questions": n_questions, "dtype": dtype}
+    for n_layers, d_model in sizes:
+        res = subprocess.run(
+            [sys.executable, "-c", SCALING_CODE, str(n_layers), str(d_model), str(n_questions), dtype],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        r["ratio_to_weights"] = (r["peak_rss_mb"] - r["rss_before_model_mb"]) / r["weights_mb"]
+        # what holding every layer of every row would take, for contrast
+        r["all_layers_mb"] = r["rows"] * n_layers * d_model * 4 / 2**20
+        out["sizes"].append(r)
+    return out
+
+
 def bench_probe_training(acts: Any, repeats: int) -> dict[str, Any]:
     cfg = ProbeConfig(epochs=10, patience=0)
 
@@ -515,6 +594,22 @@ def checks(r: dict[str, Any], margin: float) -> list[dict[str, Any]]:
             10.0,
             ">=",
         )
+    if "scaling" in r:
+        sz = r["scaling"]["sizes"]
+        add(
+            f"collection + training + readout, {sz[-1]['n_layers']} x {sz[-1]['d_model']} random "
+            "model: peak RSS / weights",
+            sz[-1]["ratio_to_weights"],
+            3.0,
+            "<=",
+        )
+        if len(sz) > 1:
+            add(
+                "peak RSS / weights does not rise with the model (largest / smallest size)",
+                sz[-1]["ratio_to_weights"] / sz[0]["ratio_to_weights"],
+                1.0,
+                "<=",
+            )
     if "memory" in r and "skipped" not in r["memory"]:
         m = r["memory"]
         add(
@@ -540,7 +635,13 @@ def main() -> int:
         "--skip",
         default="",
         help="comma-separated benchmarks to skip "
-        "(collection,prefix,readout,generation,gradients,load,memory,probes)",
+        "(collection,prefix,readout,generation,gradients,load,memory,probes,scaling)",
+    )
+    p.add_argument(
+        "--scaling-sizes",
+        default=None,
+        help="layers x width of the random models of the scaling benchmark, e.g. 8x256,28x3072 "
+        "(default 8x512 with --quick (about 20 s), else 8x256,16x512,24x1024,32x2048)",
     )
     p.add_argument(
         "--margin",
@@ -607,6 +708,12 @@ def main() -> int:
         results["load"] = bench_load(cache_root())
     if "memory" not in skip:
         results["memory"] = bench_memory((250, 1000, 2000))
+    if "scaling" not in skip:
+        spec = args.scaling_sizes or (
+            "8x512" if args.quick else "8x256,16x512,24x1024,32x2048"
+        )
+        sizes = [(int(a), int(b)) for a, b in (x.split("x") for x in spec.split(","))]
+        results["scaling"] = bench_scaling(sizes, 4 if args.quick else 32, "float32")
     results["checks"] = checks(results, margin)
     results["passed"] = all(c["passed"] for c in results["checks"])
     results["total_s"] = time.perf_counter() - t_all
@@ -721,6 +828,16 @@ def print_table(r: dict[str, Any]) -> None:
                     f"{m[f'{how}_growth_mb_per_1000_prompts']:.1f} MB "
                     f"({m[f'{how}_growth_fraction_of_activations']:.2f} of the activations)",
                     f"<= {MEMORY_GROWTH_TARGET}" if how == "store" else "-",
+                )
+            )
+    if "scaling" in r:
+        for z in r["scaling"]["sizes"]:
+            rows.append(
+                (
+                    f"random {z['n_layers']} x {z['d_model']} ({z['weights_mb']:.0f} MB weights, "
+                    f"{z['rows']} rows, {z['kept_layers']} layers kept): peak RSS / weights",
+                    f"{z['ratio_to_weights']:.2f}x",
+                    "<= 3x (largest)",
                 )
             )
     w = max(len(a) for a, _, _ in rows)

@@ -1065,7 +1065,7 @@ class ActivationStore:
                     f"layer {layer} is not in the store; it has layers {list(all_layers)}"
                 )
         cols = [all_layers.index(x) for x in want]
-        contiguous = cols == list(range(cols[0], cols[0] + len(cols))) if cols else False
+        spans = _column_spans(cols)
         shapes = self.feature_shapes
         acts: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
         labels: list[int] = []
@@ -1082,10 +1082,9 @@ class ActivationStore:
                             f"{sl.get_shape()}, but the store metadata says "
                             f"[{n_shard}, {len(all_layers)}, *{shapes[k]}]"
                         )
-                    if contiguous:
-                        acts[k].append(sl[:, cols[0] : cols[0] + len(cols)])
-                    else:
-                        acts[k].append(f.get_tensor(k)[:, cols])
+                    # only the wanted layers are read from the file (lazy slices per run of
+                    # adjacent columns), never the whole shard
+                    acts[k].append(_read_columns(sl, spans, cols, [n_shard, 0, *shapes[k]]))
             rows = json.loads((self.path / s["rows_file"]["file"]).read_text())
             labels.extend(rows["labels"])
             qids.extend(rows["question_ids"])
@@ -1119,6 +1118,31 @@ class ActivationStore:
             ):
                 out[(q, int(lab))] = ids
         return out
+
+
+def _column_spans(cols: Sequence[int]) -> list[tuple[int, int]]:
+    """The sorted distinct ``cols`` as half-open runs of adjacent columns: [3, 4, 5, 9] ->
+    [(3, 6), (9, 10)]."""
+    spans: list[tuple[int, int]] = []
+    for c in sorted(set(cols)):
+        if spans and spans[-1][1] == c:
+            spans[-1] = (spans[-1][0], c + 1)
+        else:
+            spans.append((c, c + 1))
+    return spans
+
+
+def _read_columns(
+    sl: Any, spans: Sequence[tuple[int, int]], cols: Sequence[int], empty: Sequence[int]
+) -> torch.Tensor:
+    """Columns ``cols`` (axis 1, in that order) of a safetensors slice, reading only the
+    ``spans`` that hold them (:func:`_column_spans`); ``empty`` is the shape when none."""
+    if not spans:
+        return torch.empty(*empty)
+    parts = [sl[:, a:b] for a, b in spans]
+    read = [c for a, b in spans for c in range(a, b)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out if read == list(cols) else out[:, [read.index(c) for c in cols]]
 
 
 def _shard_problem(root: Path, shard: dict[str, Any]) -> str | None:

@@ -59,6 +59,7 @@ from ks_lens.evaluation import (
     readout,
     readout_groups,
 )
+from ks_lens.memory import record_memory
 from ks_lens.probes import Probe
 from ks_lens.stats import (
     ClusteredTest,
@@ -1684,7 +1685,8 @@ def merge_results(
     timings: dict[str, float] = {}
     for n in names:
         for k, v in runs[n].timings.items():
-            timings[k] = timings.get(k, 0.0) + v
+            # seconds add up; memory (``*_mb``, see ks_lens.memory) is the largest of the runs
+            timings[k] = max(timings.get(k, 0.0), v) if k.endswith("_mb") else timings.get(k, 0.0) + v
     return ComparisonResult(
         cfg,
         first.plan,
@@ -1767,6 +1769,7 @@ def run_comparison(
     t0 = time.perf_counter()
     calib = calibrate(model, methods, plan, calib_questions, config)
     timings["calibration_s"] = time.perf_counter() - t0
+    record_memory(timings, "calibration")
     alphas = {m: {k: c.alpha for k, c in v.items()} for m, v in calib.items()}
 
     t0 = time.perf_counter()
@@ -1775,6 +1778,7 @@ def run_comparison(
     )
     summaries = summarise_activations(act, config)
     timings["activation_eval_s"] = time.perf_counter() - t0
+    record_memory(timings, "activation_eval")
 
     text = None
     curves: list[CurvePoint] = []
@@ -1798,6 +1802,7 @@ def run_comparison(
         summaries += summarise_text(text, config)
         curves, equal = trade_off(text, config)
         timings["text_eval_s"] = time.perf_counter() - t0
+        record_memory(timings, "text_eval")
     return ComparisonResult(
         config,
         plan,

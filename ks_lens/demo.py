@@ -134,6 +134,7 @@ def run_demo(
     seeds: int = 1,
     command: str = "ks-lens demo",
     progress: bool = True,
+    memory_check: bool = True,
 ) -> list[ComparisonResult]:
     """Run the pipeline once per seed (``cfg.seed``, ``cfg.seed + 1``, ...); returns the results.
 
@@ -153,7 +154,7 @@ def run_demo(
         cfg_s = replace(cfg, seed=s, comparison=replace(cfg.comparison, seed=s))
         out_s = out if i == 0 else out / f"seed-{s}"
         t_start = time.perf_counter()
-        setup = prepare(cfg_s, out_s, progress=progress)
+        setup = prepare(cfg_s, out_s, progress=progress, memory_check=memory_check)
         result = setup.compare(progress=progress)
         info = _info(setup, cfg_s, command, commit)
         info["timings"]["total_s"] = time.perf_counter() - t_start
@@ -203,6 +204,8 @@ class DemoOptions(PipelineOptions):
     out: str = "runs/demo"  # output directory (activation stores resume from it)
     seeds: int = 1  # repeat with this many seeds (seed, seed + 1, ...) and report mean ± sd
     max_questions: int | None = None  # cap the test questions (n_eval and n_gen)
+    # refuse a run whose estimated peak memory exceeds the available memory
+    memory_check: bool = True
 
 
 def parse_demo_options(argv: Sequence[str], *, prog: str = "ks-lens demo") -> DemoOptions:
@@ -274,7 +277,9 @@ def cmd_demo(opts: DemoOptions) -> int:
         else "ks-lens demo"
     )
     try:
-        results = run_demo(cfg, opts.out, seeds=opts.seeds, command=command)
+        results = run_demo(
+            cfg, opts.out, seeds=opts.seeds, command=command, memory_check=opts.memory_check
+        )
     except KeyboardInterrupt:
         raise Interrupted(saved_summary(opts.out)) from None
     print_summary(results[0])

@@ -478,6 +478,17 @@ def generate_and_score_rows(
     heads = [encode_chat(tok, ChatPrompt(q)) for q in questions]
     answers: list[list[int]] = [[] for _ in rows]
     step_logps: list[torch.Tensor | None] = [None for _ in rows]
+    question_of = [i for _, i in rows]
+    scorer = _AnswerScorer(
+        model, heads, answers, question_of, step_logps, response_probe, batch_size=batch_size
+    )
+    # each question is scored as soon as all of its answers exist, and its rows' steered
+    # next-token distributions ([steps, vocab] each) are dropped then, so memory holds only the
+    # questions in flight, not every row (the numbers do not depend on when a question is scored)
+    pending: dict[int, list[int]] = {}
+    for r, q in enumerate(question_of):
+        pending.setdefault(q, []).append(r)
+    left = {q: len(rs) for q, rs in pending.items()}
     batches = sorted_batches(
         [heads[i] for _, i in rows],
         batch_size,
@@ -497,20 +508,150 @@ def generate_and_score_rows(
             steps = len(res.ids[j]) + (1 if res.finished[j] else 0)  # + the end-of-turn step
             step_logps[r] = torch.log_softmax(res.logits[j, :steps].float(), -1).cpu()
         del res
-    probs, nll, kl, kl_steps = _score_answers(
-        model,
-        heads,
-        answers,
-        [i for _, i in rows],
-        step_logps,
-        response_probe,
-        batch_size=batch_size,
-        share_prefix=share_prefix,
-    )
+        if not share_prefix:
+            continue
+        for q in dict.fromkeys(question_of[r] for r in idx):
+            left[q] -= sum(1 for r in idx if question_of[r] == q)
+            if left[q] == 0:
+                scorer.question(q, pending[q])
+    scorer.whole(scorer.unshared if share_prefix else range(len(rows)))
+    probs, nll, kl, kl_steps = scorer.result()
     texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
     return GenerationScores(
         texts, answers, probs, nll, kl, kl_steps, [distinct_n(t) for t in texts]
     )
+
+
+class _AnswerScorer:
+    """Re-encodes answers after their question's tokens under the unsteered model and scores
+    them (see :func:`_score_answers`), one question at a time so that a caller can score each
+    question as soon as all of its answers exist and drop their steered log-probs
+    (``step_logps[r]`` is set to ``None`` once row ``r`` is scored)."""
+
+    def __init__(
+        self,
+        model: Model,
+        heads: Sequence[Sequence[int]],
+        answers: Sequence[Sequence[int]],
+        question_of: Sequence[int],
+        step_logps: list[torch.Tensor | None],
+        probe: Probe | None,
+        *,
+        batch_size: int,
+    ) -> None:
+        n = len(answers)
+        self.model, self.heads, self.answers = model, heads, answers
+        self.question_of, self.step_logps, self.probe = question_of, step_logps, probe
+        self.batch_size = batch_size
+        self.probs = torch.empty(n, probe.n_labels if probe is not None else 0)
+        self.nll = [float("nan")] * n
+        self.kl = [float("nan")] * n
+        self.kl_steps = [0] * n
+        self.names = [probe.hook_name] if probe is not None else []
+        self.device = model_device(model)
+        self.pad = pad_token_id(model.tokenizer)
+        self.unshared: list[int] = []  # rows whose question's cache cannot be shared
+
+    def score(self, r: int, pred: torch.Tensor) -> None:
+        """``pred`` [t + 1, vocab]: log-probs of answer tokens 0..t-1, then of the token after."""
+        t = len(self.answers[r])
+        if t:
+            target = torch.tensor(list(self.answers[r]))
+            self.nll[r] = float(-pred[:t].gather(-1, target[:, None]).mean())
+        steered = self.step_logps[r]
+        assert steered is not None
+        if len(steered):
+            self.kl[r] = float(kl_divergence(steered, pred[: len(steered)]).mean())
+            self.kl_steps[r] = len(steered)
+        self.step_logps[r] = None  # scored: free the steered distributions
+
+    def read(self, rows: Sequence[int], x: torch.Tensor) -> None:
+        probe = self.probe
+        if probe is not None:
+            scatter(
+                self.probs,
+                rows,
+                probe.predict_proba(x.to(probe.mean.device, probe.mean.dtype)).cpu(),
+            )
+
+    def question(self, q: int, rows: Sequence[int]) -> None:
+        """Score ``rows`` (all the answers to question ``q``) after one cached pass of the
+        question; rows of a question whose cache cannot be shared wait for :meth:`whole`."""
+        from ks_lens.activations import prefix_pass
+
+        prefix, last_logits, last_acts = prefix_pass(self.model, self.heads[q], self.names)
+        if prefix is None:
+            self.unshared.extend(rows)
+            return
+        first = torch.log_softmax(last_logits.float(), -1).cpu()
+        empty = [r for r in rows if not self.answers[r]]
+        for r in empty:
+            self.score(r, first[None])
+        if empty and self.probe is not None:
+            self.read(empty, last_acts[self.probe.hook_name][None].expand(len(empty), -1))
+        todo = sorted((r for r in rows if self.answers[r]), key=lambda r: (len(self.answers[r]), r))
+        n_chunks = math.ceil(len(todo) / self.batch_size)
+        for c in range(n_chunks):  # near-equal chunks of at most batch_size rows
+            chunk = todo[c * len(todo) // n_chunks : (c + 1) * len(todo) // n_chunks]
+            self._after_prefix(prefix, first, chunk)
+
+    def _after_prefix(self, prefix: Any, first: torch.Tensor, chunk: Sequence[int]) -> None:
+        answers, device = self.answers, self.device
+        lengths = torch.tensor([len(answers[r]) for r in chunk])
+        width = int(lengths.max())
+        ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(chunk), len(prefix) + width, dtype=torch.long)
+        mask[:, : len(prefix)] = 1
+        for j, r in enumerate(chunk):
+            ids[j, : len(answers[r])] = torch.tensor(list(answers[r]))
+            mask[j, len(prefix) : len(prefix) + len(answers[r])] = 1
+        last = (lengths - 1).to(device)
+
+        def at_last(act: torch.Tensor, name: str, last: torch.Tensor = last) -> torch.Tensor:
+            return act[torch.arange(act.shape[0], device=act.device), last].float()
+
+        with torch.no_grad(), record_activations(self.model, self.names, reduce=at_last) as rec:
+            logits = forward(
+                self.model,
+                ids.to(device),
+                attention_mask=mask.to(device),
+                cache=prefix.cache_for(self.model, len(chunk)),
+            )
+        assert logits is not None
+        if self.probe is not None:
+            self.read(chunk, rec[self.probe.hook_name])
+        for j, r in enumerate(chunk):
+            t = len(answers[r])
+            suffix = torch.log_softmax(logits[j, :t].float(), -1).cpu()
+            self.score(r, torch.cat([first[None], suffix]))
+        del logits
+
+    def whole(self, rows: Sequence[int]) -> None:
+        """Score ``rows`` as whole rows (question + answer), batched together."""
+        answers = self.answers
+        seqs = [list(self.heads[self.question_of[r]]) + list(answers[r]) for r in range(len(answers))]
+        for idx, batch in sorted_batches(
+            seqs, self.batch_size, pad_id=self.pad, device=self.device, rows=rows
+        ):
+            tmax = max(len(answers[r]) for r in idx)
+            with torch.no_grad(), record_activations(self.model, self.names, last_token=True) as rec:
+                logits = forward(
+                    self.model,
+                    batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    logits_to_keep=tmax + 1,
+                )
+            assert logits is not None
+            if self.probe is not None:
+                self.read(idx, rec[self.probe.hook_name])
+            for j, r in enumerate(idx):
+                t = len(answers[r])
+                # positions tmax-t .. tmax predict answer tokens 0..t-1, then the token after
+                self.score(r, torch.log_softmax(logits[j, tmax - t : tmax + 1].float(), -1).cpu())
+            del logits
+
+    def result(self) -> tuple[torch.Tensor, list[float], list[float], list[int]]:
+        return self.probs, self.nll, self.kl, self.kl_steps
 
 
 def _score_answers(
@@ -535,100 +676,19 @@ def _score_answers(
     Questions whose cache cannot be shared (see :func:`~ks_lens.activations.prefix_pass`) run
     whole rows.
     """
-    from ks_lens.activations import prefix_pass
-
-    n = len(answers)
-    probs = torch.empty(n, probe.n_labels if probe is not None else 0)
-    nll = [float("nan")] * n
-    kl = [float("nan")] * n
-    kl_steps = [0] * n
-    names = [probe.hook_name] if probe is not None else []
-    device = model_device(model)
-    pad = pad_token_id(model.tokenizer)
-
-    def score(r: int, pred: torch.Tensor) -> None:
-        """``pred`` [t + 1, vocab]: log-probs of answer tokens 0..t-1, then of the token after."""
-        t = len(answers[r])
-        if t:
-            target = torch.tensor(list(answers[r]))
-            nll[r] = float(-pred[:t].gather(-1, target[:, None]).mean())
-        steered = step_logps[r]
-        assert steered is not None
-        if len(steered):
-            kl[r] = float(kl_divergence(steered, pred[: len(steered)]).mean())
-            kl_steps[r] = len(steered)
-
-    def read(rows: Sequence[int], x: torch.Tensor) -> None:
-        if probe is not None:
-            scatter(
-                probs, rows, probe.predict_proba(x.to(probe.mean.device, probe.mean.dtype)).cpu()
-            )
-
-    whole: list[int] = []
-    by_question: dict[int, list[int]] = {}
-    for r, q in enumerate(question_of):
-        by_question.setdefault(q, []).append(r)
-    for q, rows in by_question.items() if share_prefix else ():
-        prefix, last_logits, last_acts = prefix_pass(model, heads[q], names)
-        if prefix is None:
-            whole.extend(rows)
-            continue
-        first = torch.log_softmax(last_logits.float(), -1).cpu()
-        empty = [r for r in rows if not answers[r]]
-        for r in empty:
-            score(r, first[None])
-        if empty and probe is not None:
-            read(empty, last_acts[probe.hook_name][None].expand(len(empty), -1))
-        todo = sorted((r for r in rows if answers[r]), key=lambda r: (len(answers[r]), r))
-        n_chunks = math.ceil(len(todo) / batch_size)
-        for c in range(n_chunks):  # near-equal chunks of at most batch_size rows
-            chunk = todo[c * len(todo) // n_chunks : (c + 1) * len(todo) // n_chunks]
-            lengths = torch.tensor([len(answers[r]) for r in chunk])
-            width = int(lengths.max())
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros(len(chunk), len(prefix) + width, dtype=torch.long)
-            mask[:, : len(prefix)] = 1
-            for j, r in enumerate(chunk):
-                ids[j, : len(answers[r])] = torch.tensor(list(answers[r]))
-                mask[j, len(prefix) : len(prefix) + len(answers[r])] = 1
-            last = (lengths - 1).to(device)
-
-            def at_last(act: torch.Tensor, name: str, last: torch.Tensor = last) -> torch.Tensor:
-                return act[torch.arange(act.shape[0], device=act.device), last].float()
-
-            with torch.no_grad(), record_activations(model, names, reduce=at_last) as rec:
-                logits = forward(
-                    model,
-                    ids.to(device),
-                    attention_mask=mask.to(device),
-                    cache=prefix.cache_for(model, len(chunk)),
-                )
-            assert logits is not None
-            if probe is not None:
-                read(chunk, rec[probe.hook_name])
-            for j, r in enumerate(chunk):
-                t = len(answers[r])
-                suffix = torch.log_softmax(logits[j, :t].float(), -1).cpu()
-                score(r, torch.cat([first[None], suffix]))
-            del logits
-    if not share_prefix:
-        whole = list(range(n))
-    seqs = [list(heads[question_of[r]]) + list(answers[r]) for r in range(n)]
-    for idx, batch in sorted_batches(seqs, batch_size, pad_id=pad, device=device, rows=whole):
-        tmax = max(len(answers[r]) for r in idx)
-        with torch.no_grad(), record_activations(model, names, last_token=True) as rec:
-            logits = forward(
-                model, batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=tmax + 1
-            )
-        assert logits is not None
-        if probe is not None:
-            read(idx, rec[probe.hook_name])
-        for j, r in enumerate(idx):
-            t = len(answers[r])
-            # positions tmax-t .. tmax predict answer tokens 0..t-1, then the token after the answer
-            score(r, torch.log_softmax(logits[j, tmax - t : tmax + 1].float(), -1).cpu())
-        del logits
-    return probs, nll, kl, kl_steps
+    scorer = _AnswerScorer(
+        model, heads, answers, question_of, list(step_logps), probe, batch_size=batch_size
+    )
+    if share_prefix:
+        by_question: dict[int, list[int]] = {}
+        for r, q in enumerate(question_of):
+            by_question.setdefault(q, []).append(r)
+        for q, rows in by_question.items():
+            scorer.question(q, rows)
+        scorer.whole(scorer.unshared)
+    else:
+        scorer.whole(range(len(answers)))
+    return scorer.result()
 
 
 # ----------------------------------------------------------------------------- calibration

@@ -80,6 +80,19 @@ def _generation_config(
     return GenerationConfig(**kwargs)
 
 
+def _stack_freeing(steps: list[Any]) -> torch.Tensor:
+    """``torch.stack(steps, dim=1)``, dropping each step once copied, so the per-step logits and
+    the stacked tensor are never both held whole (half the peak of a plain stack)."""
+    first = steps[0]
+    out = torch.empty(
+        first.shape[0], len(steps), *first.shape[1:], dtype=first.dtype, device=first.device
+    )
+    for i in range(len(steps)):
+        out[:, i] = steps[i]
+        steps[i] = None
+    return out
+
+
 def generate_from_batch(
     model: Model,
     batch: TokenBatch,
@@ -126,8 +139,8 @@ def generate_from_batch(
             )
     logits = None
     if return_logits:
-        logits = torch.stack(out.logits, dim=1)
-        out = out.sequences
+        steps, out = list(out.logits), out.sequences
+        logits = _stack_freeing(steps)
     new = out[:, batch.input_ids.shape[1] :].tolist()
     eos = model.tokenizer.eos_token_id
     pad = pad_token_id(model.tokenizer)

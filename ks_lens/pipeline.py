@@ -41,6 +41,14 @@ from ks_lens.gold_texts import (
     normalise_text,
     split_by_question,
 )
+from ks_lens.memory import (
+    available_memory_mb,
+    check_memory,
+    estimate_run,
+    record_memory,
+    rss_mb,
+    run_shape,
+)
 from ks_lens.models import ModelOptions, load_model
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes
 from ks_lens.steering import SteeringVectors
@@ -211,6 +219,106 @@ def probe_source_text(cfg: PipelineConfig) -> str:
     return (
         f"gold tone texts re-encoded without instruction ({where}), on the gold questions set "
         f"aside for steering ({cfg.gold_steer_fraction:.0%})"
+    )
+
+
+StudyLayers = Sequence[int] | Literal["all"] | None
+"""Layers a study asks every store to hold besides the run's own: model layer indices, ``"all"``
+(every layer, as the studies in ``analysis/`` use) or ``None`` (only what the run reads)."""
+
+
+@dataclass(frozen=True)
+class RunLayers:
+    """The layers a run reads, in one place: each store collects only these (plus any a study
+    asks for), and each stage loads only its own.
+
+    * steering probe and CAA vectors: the steering layer and the multi-layer method's layers;
+    * activation evaluator: its layer;
+    * response-activation evaluator: every layer from the steering layer on (it picks the best).
+    """
+
+    n_layers: int
+    steering: int
+    evaluator: int
+    multilayer: tuple[int, ...]
+    study: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig, n_layers: int, study: StudyLayers = None) -> RunLayers:
+        ls, le = default_layers(n_layers, cfg.layer, cfg.eval_layer)
+        ml = tuple(sorted({ls + o for o in cfg.multilayer_offsets if ls + o >= 0}))
+        extra = range(n_layers) if study == "all" else (study or ())
+        for layer in extra:
+            if not 0 <= layer < n_layers:
+                raise ConfigError(
+                    f"study layer {layer} is out of range for a model with {n_layers} layers"
+                )
+        return cls(n_layers, ls, le, ml, tuple(sorted(set(extra))))
+
+    @property
+    def steering_probes(self) -> list[int]:
+        """Layers of the steering probe and the multi-layer method's probes."""
+        return sorted({self.steering, *self.multilayer})
+
+    @property
+    def response(self) -> list[int]:
+        """Layers the response-activation evaluator chooses from (at or after the steering)."""
+        return list(range(self.steering, self.n_layers))
+
+    def _with_study(self, layers: Sequence[int]) -> list[int]:
+        return sorted({*layers, *self.study})
+
+    @property
+    def train_store(self) -> list[int]:
+        return self._with_study(self.steering_probes)
+
+    @property
+    def evaluator_store(self) -> list[int]:
+        return self._with_study([self.evaluator])
+
+    @property
+    def gold_store(self) -> list[int]:
+        """The gold texts' store serves the response evaluator and the ``text`` source."""
+        return self._with_study([*self.steering_probes, *self.response])
+
+    @property
+    def gold_steer_store(self) -> list[int]:
+        return self.train_store
+
+
+def _layer_tag(layers: Sequence[int], n_layers: int) -> str:
+    """A store directory's suffix naming its layers (none for all layers): ``-L12.15.18-29``."""
+    if list(layers) == list(range(n_layers)):
+        return ""
+    runs: list[str] = []
+    start = prev = layers[0]
+    for x in [*layers[1:], None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return "-L" + ".".join(runs)
+
+
+def _collect(
+    model: Model,
+    dataset: BehaviourDataset,
+    acts_dir: Path,
+    name: str,
+    layers: Sequence[int],
+    **kw: Any,
+) -> ActivationStore:
+    """:func:`collect_to_store` of ``layers`` into ``acts_dir/name`` + a tag naming the layers.
+    A store of every layer under the plain name (an earlier study's, same settings) is reused."""
+    n = int(model.cfg.n_layers)
+    full = acts_dir / name
+    if (full / "meta.json").is_file():
+        return collect_to_store(model, dataset, full, **kw)
+    wanted = None if list(layers) == list(range(n)) else list(layers)
+    return collect_to_store(
+        model, dataset, acts_dir / (name + _layer_tag(layers, n)), layers=wanted, **kw
     )
 
 
@@ -435,6 +543,8 @@ def prepare(
     *,
     progress: bool = True,
     sources: Sequence[ProbeSource] | None = None,
+    study_layers: StudyLayers = None,
+    memory_check: bool = True,
 ) -> Setup:
     """Collect activations (resumable) and train the probe, vectors and evaluators.
 
@@ -446,6 +556,10 @@ def prepare(
     * text evaluator: TF-IDF + logistic regression on the gold texts (model-independent);
     * response-activation evaluator: the gold texts re-encoded through the model without any
       instruction, multi-label, at the best layer on held-out gold questions.
+
+    Each store holds only the layers the run reads (:class:`RunLayers`) plus ``study_layers``.
+    Once the model is loaded, the run's peak memory and time are estimated and logged; with
+    ``memory_check`` a run whose estimate exceeds the available memory is refused.
     """
     cfg.validate()
     wanted = tuple(dict.fromkeys(sources if sources is not None else (cfg.probe_source,)))
@@ -474,7 +588,8 @@ def prepare(
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     timings["load_model_s"] = time.perf_counter() - t0
     n_layers = int(model.cfg.n_layers)
-    ls, le = default_layers(n_layers, cfg.layer, cfg.eval_layer)
+    run_layers = RunLayers.of(cfg, n_layers, study_layers)
+    ls, le = run_layers.steering, run_layers.evaluator
     external = None
     if questions is not None:
         check_question_lengths(model, questions, cfg)
@@ -484,19 +599,29 @@ def prepare(
     log.info(
         f"[ks-lens] model {model.cfg.model_name} ({n_layers} layers); steering layer {ls}, evaluator layer {le}"
     )
+    est = estimate_run(run_shape(cfg, model, ds.labels, len(gold), len(run_layers.gold_store)))
+    log.info(
+        f"[ks-lens] estimated peak memory {est.peak_mb / 1024:.1f} GiB, time {est.seconds / 60:.0f} "
+        "min on 2 CPU cores (docs/performance.md)"
+    )
+    if memory_check:
+        check_memory(est, available_mb=available_memory_mb(), held_mb=rss_mb())
 
     def part(split: str, n: int) -> BehaviourDataset:
         return ds.subset(splits.ids(split)).head(n)
 
     kw: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+    acts_dir = work / "acts"
     t0 = time.perf_counter()
     st_train = None
     if "prompt" in wanted:  # the text source needs no instruction prompts
         train_ds = part("train", cfg.n_train)
-        st_train = collect_to_store(
+        st_train = _collect(
             model,
             train_ds,
-            work / "acts" / f"train-prompt-{len(train_ds.questions)}q",
+            acts_dir,
+            f"train-prompt-{len(train_ds.questions)}q",
+            run_layers.train_store,
             split="train",
             **kw,
         )
@@ -504,12 +629,12 @@ def prepare(
     eval_ds = part("evaluator", cfg.n_evaluator)
     if cfg.evaluator_combos_per_question:
         eval_ds = eval_ds.with_combinations((2,), per_question=cfg.evaluator_combos_per_question)
-    st_eval = collect_to_store(
+    st_eval = _collect(
         model,
         eval_ds,
-        work
-        / "acts"
-        / f"evaluator-prompt-{len(eval_ds.questions)}q-c{cfg.evaluator_combos_per_question}",
+        acts_dir,
+        f"evaluator-prompt-{len(eval_ds.questions)}q-c{cfg.evaluator_combos_per_question}",
+        run_layers.evaluator_store,
         split="evaluator",
         **kw,
     )
@@ -517,10 +642,12 @@ def prepare(
     gold_steer, gold_judge = split_by_question(gold, cfg.gold_steer_fraction, cfg.seed)
     gold_enc = tuple(spread(list(gold), cfg.n_gold))
     gold_ds = texts_dataset(gold_enc, ds.labels)
-    st_resp = collect_to_store(
+    st_resp = _collect(
         model,
         gold_ds,
-        work / "acts" / f"gold-response-only-{len(gold_enc)}t",
+        acts_dir,
+        f"gold-response-only-{len(gold_enc)}t",
+        run_layers.gold_store,
         mode="response-only",
         split="gold",
         **kw,
@@ -530,10 +657,12 @@ def prepare(
     st_text = st_resp
     if cfg.text_position != "last":
         steer_enc = tuple(t for t in gold_enc if t.id in steer_ids)
-        st_text = collect_to_store(
+        st_text = _collect(
             model,
             texts_dataset(steer_enc, ds.labels),
-            work / "acts" / f"gold-steer-{cfg.text_position}-{len(steer_enc)}t",
+            acts_dir,
+            f"gold-steer-{cfg.text_position}-{len(steer_enc)}t",
+            run_layers.gold_steer_store,
             mode="response-only",
             position=cfg.text_position,
             split="gold-steer",
@@ -543,20 +672,21 @@ def prepare(
     timings["collect_gold_s"] = (
         timings["collect_s"] - timings["collect_train_s"] - timings["collect_evaluator_s"]
     )
+    record_memory(timings, "collect")
 
     t0 = time.perf_counter()
-    ml_layers = sorted({ls + o for o in cfg.multilayer_offsets if ls + o >= 0})
+    ml_layers = list(run_layers.multilayer)
     question_of = {t.id: t.question_id or t.id for t in gold}
     kits: dict[str, SteeringKit] = {}
     for src in wanted:
         if src == "prompt":
             assert st_train is not None
             kits[src] = _steering_kit(
-                st_train.load(layers=sorted({ls, *ml_layers})), ls, ml_layers, cfg
+                st_train.load(layers=run_layers.steering_probes), ls, ml_layers, cfg
             )
         else:
             kits[src] = _steering_kit(
-                st_text.load(layers=sorted({ls, *ml_layers})).for_questions(sorted(steer_ids)),
+                st_text.load(layers=run_layers.steering_probes).for_questions(sorted(steer_ids)),
                 ls,
                 ml_layers,
                 cfg,
@@ -569,8 +699,8 @@ def prepare(
         st_eval.load(layers=[le]), le, config=ProbeConfig(hidden=256, seed=cfg.seed + 1)
     )
     evaluator.save(work / "probes" / "evaluator")
-    resp_layers = list(range(ls, n_layers))  # read the text at or after the steering layer
-    resp_acts = st_resp.load(layers=resp_layers).for_questions(judge_ids)
+    # read the text at or after the steering layer
+    resp_acts = st_resp.load(layers=run_layers.response).for_questions(judge_ids)
     resp_probes = train_probes(
         resp_acts,
         config=ProbeConfig(hidden=256, seed=cfg.seed + 1),
@@ -583,7 +713,9 @@ def prepare(
     )
     response_evaluator = resp_probes[best]
     response_evaluator.save(work / "probes" / "response-evaluator")
+    del resp_acts  # stage-local: the probes keep what they need
     timings["train_s"] = time.perf_counter() - t0
+    record_memory(timings, "train")
     t0 = time.perf_counter()
     text_evaluator = (
         TextEvaluator.fit(gold_judge, ds.labels)

@@ -445,7 +445,10 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
             seeds_table(info["seeds"]),
         ]
     lines += ["", "## Timings", ""]
-    lines += [f"- {k}: {v:.1f} s" for k, v in {**info.get("timings", {}), **result.timings}.items()]
+    lines += [  # seconds, and resident memory (``*_mb``: MiB, see ks_lens.memory)
+        f"- {k}: {v:.0f} MiB" if k.endswith("_mb") else f"- {k}: {v:.1f} s"
+        for k, v in {**info.get("timings", {}), **result.timings}.items()
+    ]
     return "\n".join(lines) + "\n"
 
 

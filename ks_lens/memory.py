@@ -1,0 +1,214 @@
+"""Resident memory: what the process holds now and at its peak, per stage, and what a run needs.
+
+:func:`record_memory` writes ``<stage>_rss_mb`` (held now, ``/proc/self/statm``) and
+``<stage>_peak_rss_mb`` (the process's peak so far, ``getrusage``'s ``ru_maxrss``) into a
+timings dict; the demo records them after collection, training, calibration, the activation
+level and the text level. :func:`estimate_run` predicts a run's peak memory and time from the
+model's shape and the row counts, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ks_lens.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ks_lens.pipeline import PipelineConfig
+    from ks_lens.types import Model
+
+MIB = 2**20
+
+
+def rss_mb() -> float | None:
+    """The memory this process holds now (resident set size, MiB); ``None`` without ``/proc``."""
+    try:
+        fields = Path("/proc/self/statm").read_text().split()
+    except OSError:
+        return None
+    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def peak_rss_mb() -> float:
+    """The most memory this process has held so far (peak resident set size, MiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def record_memory(timings: dict[str, float], stage: str) -> None:
+    """Add ``{stage}_rss_mb`` (held now, where ``/proc`` exists) and ``{stage}_peak_rss_mb``
+    (peak so far) to ``timings``."""
+    now = rss_mb()
+    if now is not None:
+        timings[f"{stage}_rss_mb"] = now
+    timings[f"{stage}_peak_rss_mb"] = peak_rss_mb()
+
+
+def available_memory_mb() -> float | None:
+    """Memory available to new allocations (``MemAvailable`` of ``/proc/meminfo``, capped by a
+    cgroup v2 ``memory.max`` limit), MiB; ``None`` where neither can be read."""
+    avail: float | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            room = (int(limit) - used) / MIB
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+# What the estimate assumes (measured on SmolLM2-135M, fp32, 2 CPU cores; docs/performance.md)
+RUNTIME_MB = 600.0  # Python, torch, transformers, the tokenizer and allocator slack
+TOKENS_PER_ROW = 96  # a prompt-mode or gold-text row (chat header + question + answer)
+# seconds per million parameters: per collected row, per steered readout row, per generated token
+SECONDS_PER_MPARAM = {"collect": 6.3e-4, "readout": 7.2e-5, "token": 5.5e-5}
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a run's memory and time depend on: the model's shape and the row counts."""
+
+    d_model: int
+    d_vocab: int
+    n_params: int
+    bytes_per_value: int = 4  # float32
+    collect_rows: int = 0  # rows collected to stores (all stores)
+    store_layers: int = 1  # layers a collected row keeps (the widest store)
+    collect_batch: int = 16
+    shard_rows: int = 256
+    readout_rows: int = 0  # steered readouts (activation level)
+    gen_tokens: int = 0  # generated tokens (text level and calibration)
+    gen_batch: int = 48  # generation rows per batch
+    new_tokens: int = 32  # answer length of the text level
+    gen_rows_in_flight: int = 0  # generated answers held until their question is scored
+
+    @property
+    def weights_mb(self) -> float:
+        return self.n_params * self.bytes_per_value / MIB
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A run's estimated peak resident memory (MiB), its parts, and its time (seconds)."""
+
+    peak_mb: float
+    parts_mb: dict[str, float]
+    seconds: float
+
+
+def estimate_run(shape: RunShape) -> Estimate:
+    """Peak resident memory and time of a run of ``shape`` (rough). The peak is the runtime,
+    the weights and the larger of two stages (float32 logits and activations):
+
+    * collection: one shard of ``shard_rows x store_layers x d_model`` and its stacked copy,
+      plus one batch's forward buffers (``collect_batch x TOKENS_PER_ROW x 4 d_model``);
+    * text level: one generation batch's logits and their log-probs (``2 x gen_batch x
+      (new_tokens + 1) x d_vocab``) plus the steered log-probs of the answers in flight
+      (``gen_rows_in_flight x (new_tokens + 1) x d_vocab``).
+
+    The time is ``SECONDS_PER_MPARAM`` x millions of parameters x the work of each stage.
+    """
+    b, mb = 4, MIB  # activations and logits are kept in float32 whatever the weights' dtype
+    shard = 2 * shape.shard_rows * shape.store_layers * shape.d_model * b / mb
+    forward = shape.collect_batch * TOKENS_PER_ROW * 4 * shape.d_model * b / mb
+    steps = shape.new_tokens + 1
+    batch = 2 * shape.gen_batch * steps * shape.d_vocab * b / mb
+    in_flight = shape.gen_rows_in_flight * steps * shape.d_vocab * b / mb
+    parts = {
+        "runtime": RUNTIME_MB,
+        "weights": shape.weights_mb,
+        "collection": shard + forward,
+        "text level": batch + in_flight if shape.gen_tokens else 0.0,
+    }
+    peak = parts["runtime"] + parts["weights"] + max(parts["collection"], parts["text level"])
+    rate = SECONDS_PER_MPARAM
+    work = (
+        rate["collect"] * shape.collect_rows
+        + rate["readout"] * shape.readout_rows
+        + rate["token"] * shape.gen_tokens
+    )
+    return Estimate(peak, parts, shape.n_params / 1e6 * work)
+
+
+def run_shape(
+    cfg: PipelineConfig, model: Model, labels: Sequence[str], n_gold_texts: int, store_layers: int
+) -> RunShape:
+    """The row counts of a run of ``cfg`` (as :func:`~ks_lens.pipeline.prepare` and the
+    comparison plan them; ``store_layers``: the widest store's layers) and the model's shape."""
+    from ks_lens.comparison import plan_comparison
+
+    c, k = cfg.comparison, len(labels)
+    n_gold = n_gold_texts if cfg.n_gold is None else min(cfg.n_gold, n_gold_texts)
+    collect = cfg.n_evaluator * (k + cfg.evaluator_combos_per_question) + n_gold
+    if cfg.probe_source == "prompt":
+        collect += cfg.n_train * k
+    plan = plan_comparison(labels, c, n_calib=cfg.n_calib, n_test=cfg.n_gen)
+    methods = len(c.methods)
+    text_rows = cfg.n_gen + len(plan.gen_cells) * methods * len(c.curve_factors)
+    # a calibration evaluates each cell and method at a few alphas, then bisects
+    calib_tokens = len(plan.calib_cells) * methods * (c.calib_bisect_steps + 4) * c.calib_tokens
+    first = next(model.parameters())
+    return RunShape(
+        d_model=int(model.cfg.d_model),
+        d_vocab=int(model.cfg.d_vocab),
+        n_params=sum(p.numel() for p in model.parameters()),
+        bytes_per_value=first.element_size(),
+        collect_rows=collect,
+        store_layers=store_layers,
+        collect_batch=cfg.batch_size,
+        readout_rows=cfg.n_eval * len(plan.act_combos) * methods,
+        gen_tokens=text_rows * c.max_new_tokens + calib_tokens,
+        gen_batch=c.gen_batch_size,
+        new_tokens=c.max_new_tokens,
+        # one question's answers and the batch that straddles the next question
+        gen_rows_in_flight=min(text_rows, -(-text_rows // cfg.n_gen) + c.gen_batch_size),
+    )
+
+
+def check_memory(est: Estimate, *, available_mb: float | None, held_mb: float | None) -> None:
+    """Refuse a run whose estimated peak exceeds what this process holds plus what is available,
+    naming the options that lower the largest part."""
+    if available_mb is None:
+        return
+    room = available_mb + (held_mb or 0.0)
+    if est.peak_mb <= room:
+        return
+    largest = max(("collection", "text level"), key=lambda k: est.parts_mb[k])
+    lower = {
+        "text level": "--gen-batch-size (generation rows per batch; 16 needs a third of 48's "
+        "logits) or --max-new-tokens",
+        "collection": "--batch-size (rows per forward pass when collecting)",
+    }[largest]
+    raise ConfigError(
+        f"this run needs about {est.peak_mb / 1024:.1f} GiB of memory at its peak ("
+        + ", ".join(f"{k} {v / 1024:.2f}" for k, v in est.parts_mb.items())
+        + f" GiB), but only {room / 1024:.1f} GiB are available. The {largest} is the largest "
+        f"part: lower {lower}; --dtype bfloat16 halves the weights. --no-memory-check runs anyway."
+    )
+
+
+__all__ = [
+    "Estimate",
+    "RunShape",
+    "available_memory_mb",
+    "check_memory",
+    "estimate_run",
+    "peak_rss_mb",
+    "record_memory",
+    "rss_mb",
+    "run_shape",
+]
