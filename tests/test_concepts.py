@@ -239,7 +239,7 @@ def test_demo_on_the_concepts_family(tmp_path, capsys):
     instructions, gold texts and evaluator all the way through."""
     out = tmp_path / "demo"
     args = ["demo", "--fast", "--model", "tiny-random-llama", "--dataset", "concepts"]
-    args += ["--n-gold", "24", "--methods", "caa_mean,ksteer", "--out", str(out)]
+    args += ["--n-gold", "96", "--methods", "caa_mean,ksteer", "--out", str(out)]
     assert main(["-q", *args]) == 0
     printed = capsys.readouterr().out
     assert "generated text at equal KL" in printed and "CAA (mean)" in printed

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import ks_lens as ks
-from ks_lens import utils
+from ks_lens import compat, utils
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the pipeline's stages: a module may import from its own stage or an earlier one, never a later
@@ -49,7 +49,7 @@ def test_all_names_resolve_and_heavy_modules_stay_lazy():
 
 def test_version_comes_from_the_installed_distribution():
     assert ks.__version__ == version("ks-lens") == utils.package_version()
-    assert utils.versions()["ks_lens"] == ks.__version__
+    assert compat.versions()["ks_lens"] == ks.__version__
 
 
 def test_version_when_not_installed(monkeypatch):
@@ -57,11 +57,12 @@ def test_version_when_not_installed(monkeypatch):
         raise PackageNotFoundError(name)
 
     monkeypatch.setattr(utils, "version", missing)
+    monkeypatch.setattr(compat, "version", missing)
     utils.package_version.cache_clear()
     try:
         assert utils.package_version() == utils.UNKNOWN_VERSION == "0+unknown"
-        assert utils.versions()["ks_lens"] == "0+unknown"
-        assert utils.versions()["transformers"] == "not installed"
+        assert compat.versions()["ks_lens"] == "0+unknown"
+        assert compat.versions()["transformers"] == "not installed"
     finally:
         utils.package_version.cache_clear()
 

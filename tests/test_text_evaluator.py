@@ -148,7 +148,7 @@ def test_saved_files_hold_no_pickle(saved):
     meta = json.loads((saved / META_FILE).read_text())
     assert meta["format"] == "ks_lens.text_evaluator" and meta["format_version"] == 1
     assert meta["label_names"] == list(TONES)
-    assert set(meta["versions"]) >= {"ks_lens", "sklearn"}
+    assert set(meta["versions"]) >= {"ks_lens", "scikit_learn", "numpy", "torch"}
     vocab = json.loads((saved / VOCAB_FILE).read_text())
     assert len(vocab["word"]) == meta["n_features"]["word"]
     assert len(vocab["char"]) == meta["n_features"]["char"]
