@@ -36,7 +36,17 @@ def rss_mb() -> float | None:
 
 
 def peak_rss_mb() -> float:
-    """The most memory this process has held so far (peak resident set size, MiB)."""
+    """The most memory this process has held so far (peak resident set size, MiB).
+
+    On Linux this is ``VmHWM`` of ``/proc/self/status``: ``getrusage``'s ``ru_maxrss`` keeps the
+    high-water mark a child inherits from its parent at ``fork`` across ``exec``, so a subprocess
+    started by a process holding 2 GB would report a peak of at least 2 GB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 

@@ -270,3 +270,24 @@ def test_the_memory_check_can_be_turned_off_on_the_command_line():
 
     assert parse_demo_options([]).memory_check is True
     assert parse_demo_options(["--no-memory-check"]).memory_check is False
+
+
+def test_a_subprocess_peak_is_its_own_not_its_parents():
+    """``getrusage`` hands a child the RSS high-water mark of its parent at fork; the peak that
+    ks-lens records (and the scaling benchmark compares) is the child's own."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from ks_lens.memory import peak_rss_mb, rss_mb
+
+    held = torch.ones(100_000_000)  # 400 MB more in this process before the fork
+    parent = rss_mb()
+    assert parent is not None and parent > 400
+    code = "from ks_lens.memory import peak_rss_mb; print(peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    child_peak = float(out.stdout.strip())
+    assert 0 < child_peak < parent - 300, (child_peak, parent)
+    assert peak_rss_mb() >= parent - 1
+    del held
