@@ -30,6 +30,7 @@ from ks_lens.comparison import ComparisonConfig
 from ks_lens.evaluation import calibrate_alphas, generate_and_score_rows
 from ks_lens.logs import configure_logging
 from ks_lens.pipeline import PipelineConfig, Setup, prepare
+from ks_lens.stats import paired_difference
 from ks_lens.steering import CAA
 from ks_lens.steering.base import SteeringSpec
 from ks_lens.text_evaluator import TextEvaluator
@@ -47,15 +48,7 @@ def calibrate_each(setup: Setup, caa: CAA, questions: list[str]) -> dict[str, tu
     """Per label: (alpha, measured KL) of CAA toward that label alone, within the KL budget."""
     cfg: ComparisonConfig = setup.config.comparison
     labels = list(setup.dataset.base_labels)
-    base = generate_and_score_rows(
-        setup.model,
-        questions,
-        [None],
-        [(0, i) for i in range(len(questions))],
-        response_probe=None,
-        max_new_tokens=cfg.calib_tokens,
-        batch_size=cfg.gen_batch_size,
-    )
+    base = answer_all(setup, questions, [None], cfg.calib_tokens)
     base_bad = [cfg.degenerate.is_degenerate(t) for t in base.texts]
     n = len(questions)
 
@@ -63,16 +56,7 @@ def calibrate_each(setup: Setup, caa: CAA, questions: list[str]) -> dict[str, tu
         steerings = [
             (caa, SteeringSpec((labels[w],), (), a)) for w, a in zip(which, alphas, strict=True)
         ]
-        rows = [(g, i) for g in range(len(steerings)) for i in range(n)]
-        scores = generate_and_score_rows(
-            setup.model,
-            questions,
-            steerings,
-            rows,
-            response_probe=None,
-            max_new_tokens=cfg.calib_tokens,
-            batch_size=cfg.gen_batch_size,
-        )
+        scores = answer_all(setup, questions, steerings, cfg.calib_tokens)
         out = []
         for g in range(len(steerings)):
             sub = scores.select(range(g * n, (g + 1) * n))
@@ -92,12 +76,20 @@ def calibrate_each(setup: Setup, caa: CAA, questions: list[str]) -> dict[str, tu
     return {lab: (c.alpha, c.metric) for lab, c in zip(labels, cals, strict=True)}
 
 
-def paired_interval(diff: np.ndarray, seed: int, n_resamples: int) -> tuple[float, float]:
-    """Bootstrap 95 % interval of the mean of per-question differences."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(n_resamples, len(diff)))
-    means = diff[idx].mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+def answer_all(
+    setup: Setup, questions: list[str], steerings: list[Any], max_new_tokens: int
+) -> Any:
+    """Every question answered under every steering (``None`` = unsteered), steering-major."""
+    rows = [(g, i) for g in range(len(steerings)) for i in range(len(questions))]
+    return generate_and_score_rows(
+        setup.model,
+        questions,
+        steerings,
+        rows,
+        response_probe=None,
+        max_new_tokens=max_new_tokens,
+        batch_size=setup.config.comparison.gen_batch_size,
+    )
 
 
 def check_each(
@@ -112,16 +104,7 @@ def check_each(
     labels = list(alphas)
     steerings = [None] + [(caa, SteeringSpec((lab,), (), alphas[lab][0])) for lab in labels]
     n = len(questions)
-    rows = [(g, i) for g in range(len(steerings)) for i in range(n)]
-    scores = generate_and_score_rows(
-        setup.model,
-        questions,
-        steerings,
-        rows,
-        response_probe=None,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.gen_batch_size,
-    )
+    scores = answer_all(setup, questions, steerings, cfg.max_new_tokens)
     probs = ev.predict_proba(list(scores.texts))  # [rows, K]
     col = {lab: ev.label_names.index(lab) for lab in labels}
     unsteered = probs[:n]
@@ -129,16 +112,17 @@ def check_each(
     for g, lab in enumerate(labels, start=1):
         steered = probs[g * n : (g + 1) * n]
         sub = scores.select(range(g * n, (g + 1) * n))
-        diff = steered[:, col[lab]] - unsteered[:, col[lab]]
-        low, high = paired_interval(diff, cfg.seed, cfg.n_resamples)
+        diff = paired_difference(
+            steered[:, col[lab]], unsteered[:, col[lab]], seed=cfg.seed, n_resamples=cfg.n_resamples
+        )
         out[lab] = {
             "alpha": alphas[lab][0],
             "calibration_kl": alphas[lab][1],
             "check_kl": sub.mean_kl,
             "p_unsteered": float(unsteered[:, col[lab]].mean()),
             "p_steered": float(steered[:, col[lab]].mean()),
-            "diff": float(diff.mean()),
-            "diff_ci95": [low, high],
+            "diff": diff.estimate,
+            "diff_ci95": [diff.low, diff.high],
             "top1_unsteered": float((unsteered.argmax(axis=1) == col[lab]).mean()),
             "top1_steered": float((steered.argmax(axis=1) == col[lab]).mean()),
             "examples": list(sub.texts[:2]),
