@@ -245,11 +245,12 @@ def test_memory_estimate_matches_a_hand_computed_case():
     est = estimate_run(shape)
     # by hand, in MiB: weights 134,515,008 x 4 B = 513.13; one shard 2 x 256 x 14 x 576 x 4 B =
     # 15.75 and the forward buffers 16 x 96 x 4 x 576 x 4 B = 13.5; the text level's batch of
-    # logits 48 x 33 x 49,152 x 4 B = 297.0 and one answer's log-probs 33 x 49,152 x 4 B = 6.19
+    # logits and the scoring pass's, 2 x 48 x 33 x 49,152 x 4 B = 594.0, and one answer's
+    # log-probs 33 x 49,152 x 4 B = 6.19
     assert est.parts_mb["weights"] == pytest.approx(513.13, abs=0.01)
     assert est.parts_mb["collection"] == pytest.approx(15.75 + 13.5)
-    assert est.parts_mb["text level"] == pytest.approx(297.0 + 6.19, abs=0.01)
-    assert est.peak_mb == pytest.approx(600 + 513.13 + 303.19, abs=0.02)
+    assert est.parts_mb["text level"] == pytest.approx(594.0 + 6.19, abs=0.01)
+    assert est.peak_mb == pytest.approx(850 + 513.13 + 600.19, abs=0.02)
     # time: 134.515 M parameters x (6.3e-4 x 1,776 + 7.2e-5 x 5,248 + 5.5e-5 x 25,088) s
     assert est.seconds == pytest.approx(134.515008 * (1.11888 + 0.377856 + 1.37984))
 
