@@ -37,6 +37,7 @@ from ks_lens.hf_path import can_bypass, decoder_layers, forward, layer_input, re
 from ks_lens.hooks import hook_layer
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.probes import Probe
+from ks_lens.spill import SpillList
 from ks_lens.steering.base import Steerer, Steering, SteeringSpec
 from ks_lens.steering.caa import CAA, SteeringVectors
 from ks_lens.steering.dct import DCTConfig, DCTVectors, LabelMap, assign_labels
@@ -477,7 +478,10 @@ def generate_and_score_rows(
     pad = pad_token_id(tok)
     heads = [encode_chat(tok, ChatPrompt(q)) for q in questions]
     answers: list[list[int]] = [[] for _ in rows]
-    step_logps: list[torch.Tensor | None] = [None for _ in rows]
+    # each answer's steered next-token distributions wait in a temporary file, not in memory,
+    # until its question is scored (bitwise the same tensors come back; ks_lens.spill); the
+    # file is unnamed, so it goes with the list even if this function raises
+    step_logps = SpillList(len(rows))
     question_of = [i for _, i in rows]
     scorer = _AnswerScorer(
         model, heads, answers, question_of, step_logps, response_probe, batch_size=batch_size
@@ -516,6 +520,7 @@ def generate_and_score_rows(
                 scorer.question(q, pending[q])
     scorer.whole(scorer.unshared if share_prefix else range(len(rows)))
     probs, nll, kl, kl_steps = scorer.result()
+    step_logps.close()
     texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
     return GenerationScores(
         texts, answers, probs, nll, kl, kl_steps, [distinct_n(t) for t in texts]
@@ -526,7 +531,8 @@ class _AnswerScorer:
     """Re-encodes answers after their question's tokens under the unsteered model and scores
     them (see :func:`_score_answers`), one question at a time so that a caller can score each
     question as soon as all of its answers exist and drop their steered log-probs
-    (``step_logps[r]`` is set to ``None`` once row ``r`` is scored)."""
+    (``step_logps[r]`` is set to ``None`` once row ``r`` is scored; a list or a
+    :class:`~ks_lens.spill.SpillList`)."""
 
     def __init__(
         self,
@@ -534,7 +540,7 @@ class _AnswerScorer:
         heads: Sequence[Sequence[int]],
         answers: Sequence[Sequence[int]],
         question_of: Sequence[int],
-        step_logps: list[torch.Tensor | None],
+        step_logps: list[torch.Tensor | None] | SpillList,
         probe: Probe | None,
         *,
         batch_size: int,

@@ -82,7 +82,9 @@ def available_memory_mb() -> float | None:
 
 
 # What the estimate assumes (measured on SmolLM2-135M, fp32, 2 CPU cores; docs/performance.md)
-RUNTIME_MB = 600.0  # Python, torch, transformers, the tokenizer and allocator slack
+# Python, torch, transformers and the tokenizer (640 MiB held after collection at 4b415d2) plus
+# allocator slack (measured peaks sat 0.2-0.45 GiB above the other parts)
+RUNTIME_MB = 850.0
 TOKENS_PER_ROW = 96  # a prompt-mode or gold-text row (chat header + question + answer)
 # seconds per million parameters: per collected row, per steered readout row, per generated token
 SECONDS_PER_MPARAM = {"collect": 6.3e-4, "readout": 7.2e-5, "token": 5.5e-5}
@@ -104,7 +106,6 @@ class RunShape:
     gen_tokens: int = 0  # generated tokens (text level and calibration)
     gen_batch: int = 48  # generation rows per batch
     new_tokens: int = 32  # answer length of the text level
-    gen_rows_in_flight: int = 0  # generated answers held until their question is scored
 
     @property
     def weights_mb(self) -> float:
@@ -126,9 +127,11 @@ def estimate_run(shape: RunShape) -> Estimate:
 
     * collection: one shard of ``shard_rows x store_layers x d_model`` and its stacked copy,
       plus one batch's forward buffers (``collect_batch x TOKENS_PER_ROW x 4 d_model``);
-    * text level: one generation batch's logits and their log-probs (``2 x gen_batch x
-      (new_tokens + 1) x d_vocab``) plus the steered log-probs of the answers in flight
-      (``gen_rows_in_flight x (new_tokens + 1) x d_vocab``).
+    * text level: one generation batch's logits with its KV cache, or the scoring pass's logits,
+      with the allocator's slack between them (``2 x gen_batch x (new_tokens + 1) x d_vocab``),
+      and one answer's log-probs (``(new_tokens + 1) x d_vocab``); the steered log-probs of the
+      answers waiting for their question to be scored are on disk
+      (:class:`~ks_lens.spill.SpillList`), not in memory.
 
     The time is ``SECONDS_PER_MPARAM`` x millions of parameters x the work of each stage.
     """
@@ -136,13 +139,12 @@ def estimate_run(shape: RunShape) -> Estimate:
     shard = 2 * shape.shard_rows * shape.store_layers * shape.d_model * b / mb
     forward = shape.collect_batch * TOKENS_PER_ROW * 4 * shape.d_model * b / mb
     steps = shape.new_tokens + 1
-    batch = 2 * shape.gen_batch * steps * shape.d_vocab * b / mb
-    in_flight = shape.gen_rows_in_flight * steps * shape.d_vocab * b / mb
+    batch = (2 * shape.gen_batch + 1) * steps * shape.d_vocab * b / mb
     parts = {
         "runtime": RUNTIME_MB,
         "weights": shape.weights_mb,
         "collection": shard + forward,
-        "text level": batch + in_flight if shape.gen_tokens else 0.0,
+        "text level": batch if shape.gen_tokens else 0.0,
     }
     peak = parts["runtime"] + parts["weights"] + max(parts["collection"], parts["text level"])
     rate = SECONDS_PER_MPARAM
@@ -184,8 +186,6 @@ def run_shape(
         gen_tokens=text_rows * c.max_new_tokens + calib_tokens,
         gen_batch=c.gen_batch_size,
         new_tokens=c.max_new_tokens,
-        # one question's answers and the batch that straddles the next question
-        gen_rows_in_flight=min(text_rows, -(-text_rows // cfg.n_gen) + c.gen_batch_size),
     )
 
 

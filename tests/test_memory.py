@@ -228,7 +228,7 @@ def test_memory_is_recorded_per_stage():
 def test_memory_estimate_matches_a_hand_computed_case():
     """The default demo's shape: SmolLM2-135M (576 wide, vocab 49,152, 134,515,008 parameters,
     fp32); 1,776 collected rows in stores of up to 14 layers; 5,248 steered readouts; 784
-    answers of 32 tokens; batches of 48 answers, 97 held until their question is scored."""
+    answers of 32 tokens; batches of 48 answers (the answers waiting to be scored are on disk)."""
     shape = RunShape(
         d_model=576,
         d_vocab=49152,
@@ -241,23 +241,23 @@ def test_memory_estimate_matches_a_hand_computed_case():
         gen_tokens=784 * 32,
         gen_batch=48,
         new_tokens=32,
-        gen_rows_in_flight=97,
     )
     est = estimate_run(shape)
     # by hand, in MiB: weights 134,515,008 x 4 B = 513.13; one shard 2 x 256 x 14 x 576 x 4 B =
-    # 15.75 and the forward buffers 16 x 96 x 4 x 576 x 4 B = 13.5; the text level's batch
-    # 2 x 48 x 33 x 49,152 x 4 B = 594.0 and the answers in flight 97 x 33 x 49,152 x 4 B = 600.19
+    # 15.75 and the forward buffers 16 x 96 x 4 x 576 x 4 B = 13.5; the text level's batch of
+    # logits and the scoring pass's, 2 x 48 x 33 x 49,152 x 4 B = 594.0, and one answer's
+    # log-probs 33 x 49,152 x 4 B = 6.19
     assert est.parts_mb["weights"] == pytest.approx(513.13, abs=0.01)
     assert est.parts_mb["collection"] == pytest.approx(15.75 + 13.5)
-    assert est.parts_mb["text level"] == pytest.approx(594.0 + 600.19, abs=0.01)
-    assert est.peak_mb == pytest.approx(600 + 513.13 + 1194.19, abs=0.02)
+    assert est.parts_mb["text level"] == pytest.approx(594.0 + 6.19, abs=0.01)
+    assert est.peak_mb == pytest.approx(850 + 513.13 + 600.19, abs=0.02)
     # time: 134.515 M parameters x (6.3e-4 x 1,776 + 7.2e-5 x 5,248 + 5.5e-5 x 25,088) s
     assert est.seconds == pytest.approx(134.515008 * (1.11888 + 0.377856 + 1.37984))
 
 
 def test_a_run_that_does_not_fit_is_refused_with_the_option_that_lowers_it():
     est = estimate_run(
-        RunShape(d_model=576, d_vocab=49152, n_params=134_515_008, gen_tokens=1, gen_rows_in_flight=97)
+        RunShape(d_model=576, d_vocab=49152, n_params=134_515_008, gen_tokens=1, gen_batch=400)
     )
     check_memory(est, available_mb=est.peak_mb - 100, held_mb=100)  # fits exactly
     check_memory(est, available_mb=None, held_mb=None)  # unknown: not refused
