@@ -901,7 +901,7 @@ def train_probes(
         validation accuracy, per-label AUC, Brier scores and calibration error
         (:func:`calibration_metrics`).
 
-    Example:
+    Examples:
         >>> probes = ks.train_probes(acts, config=ks.ProbeConfig(epochs=5), progress=False)
         >>> sorted(probes)                                  # one probe per collected layer
         [0, 1, 2, 3]

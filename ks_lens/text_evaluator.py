@@ -812,7 +812,8 @@ def held_out_scores(
         y: multi-hot true labels ``[n, K]`` (0/1).
         probs: predicted probabilities ``[n, K]``.
         label_names: the ``K`` labels.
-        scheme, n_folds: recorded as given.
+        scheme: recorded as given (``"question"`` or ``"writer"``).
+        n_folds: recorded as given.
         groups: optional held-out group of each text (per-group single accuracy is reported).
     """
     from sklearn.metrics import roc_auc_score
