@@ -15,4 +15,5 @@ if [ ! -x "$venv/bin/mkdocs" ] || ! cmp -s "$pins" "$stamp"; then
     cp "$pins" "$stamp"
 fi
 cd "$root"
+export NO_MKDOCS_2_WARNING=1  # mkdocs-material's banner about its successor
 exec "$venv/bin/mkdocs" build --strict --site-dir "$root/build/docs-site" "$@"
