@@ -874,7 +874,9 @@ def collect_activations(
             writes only to ``resid_pre``, ``attn_out``, ``mlp_out`` and ``resid_post``.
         position: the pooling (:data:`Pooling`): ``"last"`` token or ``"mean_response"``
             (response modes); which tokens are *read*, unlike steering's ``positions=``.
-        batch_size, max_new_tokens, seed: batching and the generation of response modes.
+        batch_size: rows per forward pass.
+        max_new_tokens: answer length of the response modes' generation.
+        seed: seed of the response modes' generation.
         split: a dataset split name to record in the metadata.
         share_prefix: run the tokens that rows with the same system prompt share (the chat
             header and the behaviour instruction) once per group and reuse their KV cache for
@@ -886,7 +888,7 @@ def collect_activations(
         :class:`Activations`: ``acts.shape == (n_rows, len(layers), d_model)``; ``acts[18]`` is
         ``[n_rows, d_model]`` at ``blocks.18.hook_resid_post``; ``acts.labels`` ``[n_rows]``.
 
-    Example:
+    Examples:
         >>> train = ks.load_dataset("tones").split("train").head(4)    # 4 questions x 6 tones
         >>> acts = ks.collect_activations(model, train, layers=[1, 2], progress=False)
         >>> len(acts), acts.layers

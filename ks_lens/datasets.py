@@ -492,7 +492,7 @@ def load_dataset(
         questions: replaces the dataset's questions (a ``.jsonl``/``.json``/``.csv`` file or
             ``hf:NAME``), e.g. an external evaluation set.
 
-    Example:
+    Examples:
         >>> tones = ks.load_dataset("tones")
         >>> tones.labels
         ('helpful', 'expert', 'casual', 'cautious', 'empathetic', 'concise')

@@ -368,11 +368,6 @@ class GenerationScores:
         return tot / cnt if cnt else float("nan")
 
     @property
-    def mean_distinct2(self) -> float:
-        vals = [d for d in self.distinct2 if not math.isnan(d)]
-        return sum(vals) / len(vals) if vals else float("nan")
-
-    @property
     def n_empty(self) -> int:
         return sum(1 for ids in self.answer_ids if not ids)
 
@@ -381,34 +376,6 @@ def distinct_n(text: str, n: int = 2) -> float:
     words = text.lower().split()
     grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else float("nan")
-
-
-def generate_and_score(
-    model: Model,
-    questions: Sequence[str],
-    *,
-    response_probe: Probe,
-    steering: Steering | None = None,
-    positions: Positions = "all",
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    seed: int = 0,
-) -> GenerationScores:
-    """Greedy answers to neutral ``questions`` (steered if given), scored under the unsteered model.
-
-    See :func:`generate_and_score_groups`, which scores several steering configurations in shared
-    batches.
-    """
-    return generate_and_score_groups(
-        model,
-        questions,
-        [steering],
-        response_probe=response_probe,
-        positions=positions,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-    )[0]
 
 
 def generate_and_score_groups(

@@ -173,7 +173,11 @@ def generate(
         model: a bridge from :func:`ks_lens.load_model`; any active steering context applies.
         prompts: strings or :class:`~ks_lens.chat.ChatPrompt` (with a system prompt).
         max_new_tokens: at most this many new tokens per prompt.
-        do_sample, temperature, top_p, top_k, seed: sampling (off by default: greedy).
+        do_sample: sample instead of greedy decoding (off by default).
+        temperature: sampling temperature.
+        top_p: nucleus-sampling mass.
+        top_k: sample among this many most likely tokens.
+        seed: seed of the sampling.
         batch_size: prompts per forward batch.
         progress: show a progress bar.
         full_bridge: run every TransformerLens bridge component (slower; same tokens) instead of
@@ -186,7 +190,7 @@ def generate(
         :class:`Generation`: ``.texts`` (decoded answers), ``.prompt_ids`` / ``.output_ids``
         (token id lists), ``.finished`` (the model ended its turn), in prompt order.
 
-    Example:
+    Examples:
         >>> gen = ks.generate(model, ["How do I boil an egg?", "Why is the sky blue?"], max_new_tokens=8)
         >>> len(gen.texts), all(len(ids) <= 8 for ids in gen.output_ids)
         (2, True)

@@ -3,7 +3,8 @@
 Never pickle. Every write is atomic (temporary file, fsync, rename), so a crash leaves either the
 old file or the new one, never a half-written file that looks complete.
 
-An artefact directory holds ``tensors.safetensors`` and ``meta.json``. ``meta.json`` carries a
+An artefact directory holds ``tensors.safetensors`` and ``meta.json`` (an index, such as a probe
+set's, holds ``meta.json`` alone, beside its members' directories). ``meta.json`` carries a
 ``format`` tag, the artefact's metadata (model, hook point, layer, label names, dataset hash, ...),
 the versions that produced it, the size and SHA-256 of the tensor file, and (format version 2) a
 SHA-256 of its own contents (``meta_sha256``); loading checks all three. A directory holds one
@@ -33,6 +34,10 @@ from ks_lens.errors import DatasetError, StoreError
 
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
+#: ``format_version`` written in every ``meta.json`` (2: with its ``meta_sha256``)
+FORMAT_VERSION = 2
+#: the index file of probe sets saved before 0.2.0 (now their ``meta.json``); still read
+LEGACY_PROBE_SET_INDEX = "probes.json"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -218,19 +223,35 @@ def save_artifact(
     directory.mkdir(parents=True, exist_ok=True)
     tpath = directory / TENSORS_FILE
     atomic_save_safetensors(tpath, tensors)
-    record = {
+    tensors_record = {
+        "file": TENSORS_FILE,
+        "bytes": tpath.stat().st_size,
+        "sha256": sha256_file(tpath),
+    }
+    write_meta(directory, meta, kind=kind, tensors=tensors_record)
+    return directory
+
+
+def write_meta(
+    directory: str | Path,
+    meta: Mapping[str, Any],
+    *,
+    kind: str,
+    tensors: Mapping[str, Any] | None = None,
+) -> None:
+    """Write the ``meta.json`` of a ``kind`` artefact: format tag and version, ``meta``, the
+    versions writing it, the tensor file's record (``tensors``: file, bytes, sha256; ``None`` for
+    an index such as a probe set's, whose members are artefacts of their own) and the checksum.
+    ``directory`` is not checked: :func:`save_artifact` (or the caller) has done that."""
+    record: dict[str, Any] = {
         "format": f"ks_lens.{kind}",
-        "format_version": 2,
+        "format_version": FORMAT_VERSION,
         **dict(meta),
         "versions": versions(),
-        "tensors": {
-            "file": TENSORS_FILE,
-            "bytes": tpath.stat().st_size,
-            "sha256": sha256_file(tpath),
-        },
     }
-    atomic_write_json(directory / META_FILE, with_meta_checksum(record))
-    return directory
+    if tensors is not None:
+        record["tensors"] = dict(tensors)
+    atomic_write_json(Path(directory) / META_FILE, with_meta_checksum(record))
 
 
 def artifact_format(directory: str | Path) -> str | None:
@@ -241,7 +262,7 @@ def artifact_format(directory: str | Path) -> str | None:
         return ""
     if not directory.is_dir():
         return None
-    for name in (META_FILE, "probes.json"):
+    for name in (META_FILE, LEGACY_PROBE_SET_INDEX):
         p = directory / name
         if p.is_file():
             try:
@@ -254,8 +275,8 @@ def artifact_format(directory: str | Path) -> str | None:
 
 def check_artifact_target(directory: str | Path, kind: str) -> None:
     """Refuse to write a ``kind`` artefact where it would mix with something else: a file, a
-    directory of other files, or another kind of artefact (say a probe set, whose ``probes.json``
-    would keep pointing at its old probes). Replacing an artefact of the same kind is allowed."""
+    directory of other files, or another kind of artefact (say a probe set, whose index would
+    keep pointing at its old probes). Replacing an artefact of the same kind is allowed."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise StoreError(f"{directory} is an existing file; a {kind} is saved as a directory")
@@ -268,30 +289,39 @@ def check_artifact_target(directory: str | Path, kind: str) -> None:
         )
 
 
-def load_artifact(
-    directory: str | Path, *, kind: str
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load an artefact saved by :func:`save_artifact`, checking its kind, size and checksum."""
+def load_meta(directory: str | Path, *, kind: str) -> dict[str, Any]:
+    """The checked ``meta.json`` of a ``kind`` artefact: its format, metadata checksum and the
+    versions that wrote it (a mismatch warns); the tensor file is not read."""
     directory = Path(directory)
     if not directory.exists():
         raise StoreError(f"no {kind} found at {directory}")
     if directory.is_file():
-        raise StoreError(
-            f"{directory} is a file; a {kind} is a directory with {META_FILE} and {TENSORS_FILE}"
-        )
+        raise StoreError(f"{directory} is a file; a {kind} is a directory with {META_FILE}")
     meta = read_json(directory / META_FILE, what=f"{kind} metadata")
     if not isinstance(meta, dict) or meta.get("format") != f"ks_lens.{kind}":
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise StoreError(f"{directory} holds {found!r}, not a ks_lens.{kind}")
     check_meta_checksum(meta, directory / META_FILE, f"{kind} metadata")
     check_version_match(meta.get("versions"), f"{kind} {directory}")
-    tpath = directory / meta["tensors"]["file"]
+    return meta
+
+
+def load_artifact(
+    directory: str | Path, *, kind: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load an artefact saved by :func:`save_artifact`, checking its kind, size and checksum."""
+    directory = Path(directory)
+    meta = load_meta(directory, kind=kind)
+    record = meta.get("tensors")
+    if not isinstance(record, dict):
+        raise StoreError(
+            f"{kind} metadata {directory / META_FILE} records no tensor file; it is not a "
+            f"complete {kind}. Re-create it."
+        )
+    tpath = directory / str(record.get("file"))
     if not tpath.is_file():
         raise StoreError(f"{kind} tensor file missing: {tpath}")
-    if (
-        tpath.stat().st_size != meta["tensors"]["bytes"]
-        or sha256_file(tpath) != meta["tensors"]["sha256"]
-    ):
+    if tpath.stat().st_size != record.get("bytes") or sha256_file(tpath) != record.get("sha256"):
         raise StoreError(
             f"{kind} tensor file {tpath} does not match its recorded checksum; it is corrupt or was "
             "modified after saving. Re-create it."

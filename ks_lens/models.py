@@ -198,7 +198,7 @@ def load_model(
         ``TransformerBridge`` (``model.cfg.n_layers``, ``model.cfg.d_model``, ``model.tokenizer``;
         the wrapped HF model is ``model.original_model``).
 
-    Example:
+    Examples:
         >>> model = ks.load_model("tiny-random-llama")     # ks.load_model(): SmolLM2-135M-Instruct
         >>> batch = ks.tokenize_chat(model, "How do I boil an egg?")
         >>> logits = model(**batch)                          # [1, pos, d_vocab]

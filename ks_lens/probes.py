@@ -51,7 +51,19 @@ from ks_lens.errors import (
     TrainingError,
 )
 from ks_lens.hooks import ks_hook_name, parse_hook, resid_hook, same_hook_point
-from ks_lens.io import META_CHECKSUM, META_FILE, load_artifact, read_json, save_artifact
+from ks_lens.io import (
+    LEGACY_PROBE_SET_INDEX,
+    META_CHECKSUM,
+    META_FILE,
+    artifact_format,
+    check_artifact_target,
+    load_artifact,
+    load_meta,
+    read_json,
+    save_artifact,
+    write_directory,
+    write_meta,
+)
 from ks_lens.models import check_signature, model_device
 from ks_lens.types import Model
 from ks_lens.utils import check_int, check_seed
@@ -889,7 +901,7 @@ def train_probes(
         validation accuracy, per-label AUC, Brier scores and calibration error
         (:func:`calibration_metrics`).
 
-    Example:
+    Examples:
         >>> probes = ks.train_probes(acts, config=ks.ProbeConfig(epochs=5), progress=False)
         >>> sorted(probes)                                  # one probe per collected layer
         [0, 1, 2, 3]
@@ -972,12 +984,12 @@ def train_probe(
 
 
 def save_probes(probes: Mapping[int, Probe], directory: str | Path) -> Path:
-    """Save a layer -> probe mapping as ``layer-XX/`` artefacts plus a ``probes.json`` index.
+    """Save a layer -> probe mapping as ``layer-XX/`` artefacts plus an index (``meta.json``,
+    format ``ks_lens.probe_set``) recording each member's path, hook point, metrics and metadata
+    checksum.
 
     An older probe set in ``directory`` is replaced as a whole; a directory holding anything
     else (a single probe, other files) is refused."""
-    from ks_lens.io import atomic_write_json, check_artifact_target, write_directory
-
     directory = Path(directory)
     check_artifact_target(directory, "probe_set")
 
@@ -993,10 +1005,7 @@ def save_probes(probes: Mapping[int, Probe], directory: str | Path) -> Path:
                 # the member's own metadata checksum (it covers its tensors' SHA-256 too)
                 META_CHECKSUM: read_json(d / sub / META_FILE, what="probe metadata")[META_CHECKSUM],
             }
-        atomic_write_json(
-            d / "probes.json",
-            {"format": "ks_lens.probe_set", "format_version": 2, "probes": index},
-        )
+        write_meta(d, {"probes": index}, kind="probe_set")
 
     # a probe set replaces an older one as a whole: no stale layer-XX directories
     return write_directory(directory, write)
@@ -1005,12 +1014,25 @@ def save_probes(probes: Mapping[int, Probe], directory: str | Path) -> Path:
 def load_probes(directory: str | Path, *, model: Model | None = None) -> ProbeSet:
     """Load a probe set saved by :func:`save_probes` (checked against ``model`` if given)."""
     directory = Path(directory)
-    index = read_json(directory / "probes.json", what="probe set index")
-    if index.get("format") != "ks_lens.probe_set":
-        raise StoreError(f"{directory} is not a ks-lens probe set")
+    index = _read_index(directory)
     return ProbeSet(
         {int(k): _load_indexed(directory, index, int(k), model) for k in index["probes"]}
     )
+
+
+def _read_index(directory: Path) -> dict[str, Any]:
+    """A probe set's checked index: its ``meta.json``, or the ``probes.json`` of a set saved
+    before 0.2.0 (read as it is: it had no checksum of its own)."""
+    legacy = directory / LEGACY_PROBE_SET_INDEX
+    if legacy.is_file() and not (directory / META_FILE).is_file():
+        index = read_json(legacy, what="probe set index")
+        if not isinstance(index, dict) or index.get("format") != "ks_lens.probe_set":
+            raise StoreError(f"{directory} is not a ks-lens probe set")
+    else:
+        index = load_meta(directory, kind="probe_set")
+    if not isinstance(index.get("probes"), dict):
+        raise StoreError(f"probe set index of {directory} lists no probes. {_RECREATE}")
+    return index
 
 
 _INDEX_METRICS = ("val_accuracy", "train_accuracy", "val_loss", "best_epoch")
@@ -1031,7 +1053,7 @@ def _load_indexed(directory: Path, index: Any, layer: int, model: Model | None) 
     recorded = entry.get(META_CHECKSUM)
     if recorded is None and int(index.get("format_version", 1)) >= 2:
         raise StoreError(
-            f"probe set {directory}: probes.json has no checksum for layer {layer}; it was "
+            f"probe set {directory}: its index has no checksum for layer {layer}; it was "
             f"edited after saving. {_RECREATE}"
         )
     if recorded is not None:
@@ -1041,7 +1063,7 @@ def _load_indexed(directory: Path, index: Any, layer: int, model: Model | None) 
     if not same:
         raise StoreError(
             f"probe set {directory}: the probe of layer {layer} ({path.name}) is not the one this "
-            "set was saved with (it was replaced, e.g. copied from another run, and probes.json's "
+            "set was saved with (it was replaced, e.g. copied from another run, and the index's "
             f"record of it no longer matches). {_RECREATE}"
         )
     return probe
@@ -1058,8 +1080,8 @@ def load_probe_any(
 ) -> Probe:
     """Load a single probe directory, or one layer of a probe set (``layer`` required if several)."""
     path = Path(path)
-    if (path / "probes.json").is_file():
-        index = read_json(path / "probes.json", what="probe set index")
+    if artifact_format(path) == "ks_lens.probe_set":
+        index = _read_index(path)
         layers = sorted(int(k) for k in index["probes"])
         if layer is None:
             if len(layers) != 1:

@@ -11,11 +11,13 @@ that produced them. Pipeline (scikit-learn):
    (``OneVsRestClassifier(LogisticRegression)`` on multi-hot targets), so every label gets an
    independent probability: a text can be both casual and concise, or neither.
 
-Saved evaluators hold no pickle: ``vocabulary.json`` (each vectorizer's terms in column order),
-``tensors.safetensors`` (IDF weights, scaler mean/scale, coefficients ``[K, D]`` and intercepts
-``[K]``, float64) and ``meta.json`` (format, labels, config, training-data hash, versions,
-validity metrics, file checksums and a SHA-256 over all of it). Loading rebuilds the vectorizers
-from the vocabularies and computes ``sigmoid(X @ coef.T + intercept)`` itself.
+Saved evaluators are :mod:`ks_lens.io` artefacts and hold no pickle: ``tensors.safetensors``
+(IDF weights, scaler mean/scale, coefficients ``[K, D]`` and intercepts ``[K]``, float64, and each
+vectorizer's terms in column order as UTF-8 JSON bytes) and ``meta.json`` (format, labels, config,
+training-data hash, versions, validity metrics, the tensor file's SHA-256 and a ``meta_sha256``
+over all of it). Loading rebuilds the vectorizers from the vocabularies and computes
+``sigmoid(X @ coef.T + intercept)`` itself. Evaluators saved by ks-lens 0.1 (with a
+``vocabulary.json``) still load (:mod:`ks_lens.text_evaluator_v1`).
 
 :func:`validate_text_evaluator` measures how well the recipe generalises: question-grouped
 K-fold cross-validation (no question's texts on both sides) and leave-one-writer-out (texts by a
@@ -39,10 +41,10 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
-from ks_lens.compat import check_version_match, versions
 from ks_lens.errors import (
     ConfigError,
     DatasetError,
@@ -52,14 +54,18 @@ from ks_lens.errors import (
     WrongTypeError,
 )
 from ks_lens.gold_texts import LabelledText, load_gold_texts, texts_hash
+from ks_lens.io import (
+    check_artifact_target,
+    load_artifact,
+    save_artifact,
+    write_directory,
+)
 from ks_lens.style import STYLE_METER_NAMES, STYLE_VERSION, style_matrix
 from ks_lens.utils import check_seed
 
-FORMAT = "ks_lens.text_evaluator"
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
-TENSORS_FILE = "tensors.safetensors"
-VOCAB_FILE = "vocabulary.json"
+#: the artefact kind (:mod:`ks_lens.io`): ``meta.json`` says ``"format": "ks_lens.text_evaluator"``
+KIND = "text_evaluator"
+FORMAT = f"ks_lens.{KIND}"
 CACHE_SUBDIR = "text_evaluators"
 #: a text with more than this many times the words of the longest training text is "far longer"
 LONG_TEXT_FACTOR = 2
@@ -364,14 +370,6 @@ class TextEvaluator:
             "towards 0 or 1: score shorter parts instead"
         )
 
-    def predict_labels(self, texts: Sequence[str], threshold: float = 0.5) -> list[list[str]]:
-        """The labels whose probability is at least ``threshold``, per text."""
-        probs = self.predict_proba(texts)
-        return [
-            [n for n, p in zip(self.label_names, row, strict=True) if p >= threshold]
-            for row in probs
-        ]
-
     def __repr__(self) -> str:
         return (
             f"TextEvaluator(labels={list(self.label_names)}, features={self.n_features}, "
@@ -477,12 +475,9 @@ class TextEvaluator:
 
     # -- persistence
 
-    def _meta(self, files: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-
-
+    def _meta(self) -> dict[str, Any]:
+        """What ``meta.json`` records besides :mod:`ks_lens.io`'s own fields."""
         return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
             "label_names": list(self.label_names),
             "config": self.config.to_json(),
             "style_meters": list(STYLE_METER_NAMES),
@@ -501,15 +496,33 @@ class TextEvaluator:
                     else {"max_words": self.training_max_words}
                 ),
             },
-            "versions": versions(),
             "validity": None if self.validity is None else self.validity.to_json(),
-            "files": {k: dict(v) for k, v in files.items()},
         }
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """IDF weights, scaler, coefficients (float64) and each vectorizer's terms in column
+        order (``{word,char}_vocabulary``: the UTF-8 bytes of a JSON list, ``uint8``)."""
+        arrays: dict[str, np.ndarray] = {
+            "word_idf": np.asarray(self.word_vectorizer.idf_, dtype=np.float64),
+            "char_idf": np.asarray(self.char_vectorizer.idf_, dtype=np.float64),
+            "coef": self.coef,
+            "intercept": self.intercept,
+        }
+        if self.config.use_style:
+            assert self.style_mean is not None and self.style_scale is not None
+            arrays["style_mean"] = self.style_mean
+            arrays["style_scale"] = self.style_scale
+        out = {k: torch.from_numpy(np.array(v, dtype=np.float64)) for k, v in arrays.items()}
+        for name, vec in (("word", self.word_vectorizer), ("char", self.char_vectorizer)):
+            text = json.dumps(_terms(vec), ensure_ascii=False).encode("utf-8")
+            out[f"{name}_vocabulary"] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        return out
+
     def save(self, directory: str | Path) -> Path:
-        """Save to ``directory`` as a whole: the files are written to a sibling temporary
-        directory that then takes its place (:func:`ks_lens.io.write_directory`), so a failed
-        save (a full disk) leaves what was there untouched and never a mix of old and new files.
+        """Save as a :mod:`ks_lens.io` artefact (``tensors.safetensors`` + ``meta.json``, kind
+        ``text_evaluator``), as a whole: the files are written to a sibling temporary directory
+        that then takes its place (:func:`ks_lens.io.write_directory`), so a failed save (a full
+        disk) leaves what was there untouched and never a mix of old and new files.
 
         Returns:
             The directory.
@@ -520,50 +533,15 @@ class TextEvaluator:
                 replaced.
             OSError: the file system refused; the error names ``directory``.
         """
-        from ks_lens.io import check_artifact_target, write_directory
-
         directory = Path(directory)
-        check_artifact_target(directory, "text_evaluator")
-        return write_directory(directory, self._write)
-
-    def _write(self, directory: Path) -> None:
-        """Write the evaluator's files into the (new, empty) ``directory``, ``meta.json`` last."""
-        from safetensors.numpy import save as st_save
-
-        from ks_lens.io import atomic_write_bytes
-
-        tensors: dict[str, np.ndarray] = {
-            "word_idf": np.asarray(self.word_vectorizer.idf_, dtype=np.float64),
-            "char_idf": np.asarray(self.char_vectorizer.idf_, dtype=np.float64),
-            "coef": self.coef,
-            "intercept": self.intercept,
-        }
-        if self.config.use_style:
-            assert self.style_mean is not None and self.style_scale is not None
-            tensors["style_mean"] = self.style_mean
-            tensors["style_scale"] = self.style_scale
-        blobs = {
-            TENSORS_FILE: st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}),
-            VOCAB_FILE: json.dumps(
-                {"word": _terms(self.word_vectorizer), "char": _terms(self.char_vectorizer)},
-                ensure_ascii=False,
-            ).encode("utf-8"),
-        }
-        files = {
-            name: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
-            for name, b in blobs.items()
-        }
-        for name, b in blobs.items():
-            atomic_write_bytes(directory / name, b)
-        meta = _canonical(self._meta(files))
-        meta["checksum"] = _meta_checksum(meta)
-        atomic_write_bytes(
-            directory / META_FILE, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode()
-        )
+        check_artifact_target(directory, KIND)
+        tensors, meta = self._tensors(), self._meta()
+        return write_directory(directory, lambda d: save_artifact(d, tensors, meta, kind=KIND))
 
     @classmethod
     def load(cls, directory: str | Path, labels: Sequence[str] | None = None) -> TextEvaluator:
-        """Load an evaluator saved by :meth:`save`, verifying its checksums.
+        """Load an evaluator saved by :meth:`save` (or by ks-lens 0.1, whose layout
+        :mod:`ks_lens.text_evaluator_v1` reads), verifying its checksums.
 
         Args:
             directory: the evaluator directory.
@@ -575,55 +553,35 @@ class TextEvaluator:
             MetadataMismatchError: ``labels`` differ from the evaluator's labels, or its style
                 meters were defined differently from this ks-lens version's.
         """
-        from safetensors import SafetensorError
-        from safetensors.numpy import load as st_load
+        from ks_lens.text_evaluator_v1 import is_v1, read_v1
 
         directory = Path(directory)
-        meta_path = directory / META_FILE
-        if not directory.is_dir():
-            raise StoreError(f"no text evaluator found at {directory} (not a directory)")
-        if not meta_path.is_file():
-            raise StoreError(f"text evaluator metadata not found: {meta_path}")
+        if is_v1(directory):
+            arrays, meta, vocab = read_v1(directory, FORMAT)
+        else:
+            tensors, meta = load_artifact(directory, kind=KIND)
+            try:
+                vocab = {n: _decode_terms(tensors.pop(f"{n}_vocabulary")) for n in ("word", "char")}
+            except (KeyError, ValueError) as e:
+                raise StoreError(f"text evaluator at {directory} is incomplete ({e!r})") from e
+            arrays = {k: v.numpy() for k, v in tensors.items()}
+        return cls._from_saved(directory, arrays, meta, vocab, labels)
+
+    @classmethod
+    def _from_saved(
+        cls,
+        directory: Path,
+        arrays: Mapping[str, np.ndarray],
+        meta: Mapping[str, Any],
+        vocab: Mapping[str, list[str]],
+        labels: Sequence[str] | None,
+    ) -> TextEvaluator:
+        """The evaluator from its checked files' contents (either layout)."""
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StoreError(f"text evaluator metadata {meta_path} is not valid JSON ({e})") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-            raise StoreError(f"{directory} holds {found!r}, not a {FORMAT}")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"{directory}: text evaluator format version {meta.get('format_version')!r} is not "
-                f"supported (this ks-lens reads version {FORMAT_VERSION}); re-train it"
-            )
-        recorded = meta.pop("checksum", None)
-        if recorded != _meta_checksum(meta):
-            raise StoreError(
-                f"{meta_path} does not match its checksum; it was modified after saving or is "
-                "corrupt. Re-train the evaluator."
-            )
-        check_version_match(meta.get("versions"), f"text evaluator {directory}")
-        blobs: dict[str, bytes] = {}
-        try:
-            for name, info in meta["files"].items():
-                p = directory / name
-                if not p.is_file():
-                    raise StoreError(f"text evaluator file missing: {p}")
-                b = p.read_bytes()
-                if len(b) != info["bytes"] or hashlib.sha256(b).hexdigest() != info["sha256"]:
-                    raise StoreError(
-                        f"{p} does not match its recorded checksum; it is corrupt or was "
-                        "modified after saving. Re-train the evaluator."
-                    )
-                blobs[name] = b
             names = tuple(meta["label_names"])
             cfg = TextEvaluatorConfig.from_json(meta["config"])
-            tensors = st_load(blobs[TENSORS_FILE])
-            vocab = json.loads(blobs[VOCAB_FILE].decode("utf-8"))
-        except (KeyError, TypeError, ValueError, SafetensorError) as e:
-            raise StoreError(
-                f"text evaluator at {directory} is incomplete or corrupt ({e!r})"
-            ) from e
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
+            raise StoreError(f"text evaluator at {directory} is inconsistent ({e!r})") from e
         if labels is not None and tuple(labels) != names:
             same = set(labels) == set(names)
             raise MetadataMismatchError(
@@ -643,17 +601,17 @@ class TextEvaluator:
         try:
             word = _vectorizer("word", cfg, vocab["word"])
             char = _vectorizer("char_wb", cfg, vocab["char"])
-            word.idf_ = tensors["word_idf"]
-            char.idf_ = tensors["char_idf"]
+            word.idf_ = arrays["word_idf"]
+            char.idf_ = arrays["char_idf"]
             ev = cls(
                 names,
                 cfg,
                 word,
                 char,
-                tensors.get("style_mean"),
-                tensors.get("style_scale"),
-                tensors["coef"],
-                tensors["intercept"],
+                arrays.get("style_mean"),
+                arrays.get("style_scale"),
+                arrays["coef"],
+                arrays["intercept"],
                 training_hash=str(meta["training"]["texts_hash"]),
                 n_training_texts=int(meta["training"]["n_texts"]),
                 training_max_words=_optional_int(meta["training"].get("max_words")),
@@ -670,6 +628,14 @@ class TextEvaluator:
         return ev
 
 
+def _decode_terms(tensor: torch.Tensor) -> list[str]:
+    """A vectorizer's terms from their saved form (the UTF-8 bytes of a JSON list)."""
+    terms = json.loads(tensor.numpy().tobytes().decode("utf-8"))
+    if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
+        raise ValueError("a vocabulary must be a list of strings")
+    return terms
+
+
 def _optional_int(value: Any) -> int | None:
     """A recorded count that older files lack: ``None``, else a non-negative integer."""
     if value is None:
@@ -680,7 +646,7 @@ def _optional_int(value: Any) -> int | None:
 
 
 def _canonical(obj: Any) -> Any:
-    """JSON round trip with non-finite floats as ``null`` (what the checksum is computed on)."""
+    """JSON round trip with non-finite floats as ``null`` (how records are stored)."""
 
     def strict(o: Any) -> Any:
         if isinstance(o, float):
@@ -692,11 +658,6 @@ def _canonical(obj: Any) -> Any:
         return o
 
     return json.loads(json.dumps(strict(obj), allow_nan=False))
-
-
-def _meta_checksum(meta: Mapping[str, Any]) -> str:
-    blob = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 # ----------------------------------------------------------------------------- validity
@@ -851,7 +812,8 @@ def held_out_scores(
         y: multi-hot true labels ``[n, K]`` (0/1).
         probs: predicted probabilities ``[n, K]``.
         label_names: the ``K`` labels.
-        scheme, n_folds: recorded as given.
+        scheme: recorded as given (``"question"`` or ``"writer"``).
+        n_folds: recorded as given.
         groups: optional held-out group of each text (per-group single accuracy is reported).
     """
     from sklearn.metrics import roc_auc_score

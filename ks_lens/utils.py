@@ -5,14 +5,12 @@ from __future__ import annotations
 import numbers
 import os
 import platform
-import random
 import subprocess
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ks_lens.errors import ConfigError, WrongTypeError
@@ -91,18 +89,6 @@ def check_seed(seed: Any, name: str = "seed") -> int:
     if value > MAX_SEED:
         raise ConfigError(f"{name} must be an integer from 0 to {MAX_SEED}, got {value}")
     return value
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch, and return a CPU generator seeded the same way.
-
-    ks-lens functions take explicit seeds and build their own generators; this helper is for
-    scripts and notebooks that also want their own code to be repeatable.
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 @lru_cache(maxsize=1)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up the environment if needed, then lint, type-check and run the test suite
-# (extra arguments go to pytest; KS_LENS_SKIP_LINT=1 skips ruff and mypy).
+# Set up the environment if needed, then lint, type-check, build the docs and API reference
+# (scripts/docs.sh: mkdocs build --strict in .venv-docs) and run the test suite (extra arguments
+# go to pytest; KS_LENS_SKIP_LINT=1 skips ruff and mypy, KS_LENS_SKIP_DOCS=1 the docs build).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup-env.sh"
@@ -9,5 +10,8 @@ cd "$root"
 if [ "${KS_LENS_SKIP_LINT:-0}" != "1" ]; then
     "$venv/bin/ruff" check ks_lens tests analysis benchmarks
     "$venv/bin/mypy" ks_lens
+fi
+if [ "${KS_LENS_SKIP_DOCS:-0}" != "1" ]; then
+    bash "$root/scripts/docs.sh" --quiet
 fi
 exec "$venv/bin/python" -m pytest -q "$@"

@@ -10,6 +10,7 @@ import pytest
 from ks_lens.cli import main
 from ks_lens.compat import versions
 from ks_lens.demo import parse_demo_options, print_summary, run_demo
+from ks_lens.io import artifact_format
 from ks_lens.pipeline import PipelineConfig
 from ks_lens.report import render_summary
 
@@ -110,7 +111,7 @@ def test_collect_train_vectors_steer_cli(tmp_path, capsys):
         )
         == 0
     )
-    assert (tmp_path / "ps" / "probes.json").is_file()
+    assert artifact_format(tmp_path / "ps") == "ks_lens.probe_set"
     assert main(["vectors", "--acts", str(acts), "--layer", "2", "--out", str(tmp_path / "v")]) == 0
     capsys.readouterr()
     assert (

@@ -11,6 +11,7 @@ from ks_lens import cli
 from ks_lens.activations import ActivationStore
 from ks_lens.cli import main
 from ks_lens.errors import DatasetError
+from ks_lens.io import artifact_format
 from ks_lens.probes import load_probe_any
 
 
@@ -88,11 +89,11 @@ def test_train_never_hides_or_overwrites_probes_silently(store, tmp_path, capsys
     train = ["train", "--acts", str(store), "--epochs", "1", "--out", out]
     assert main([*train, "--layer", "all"]) == 0
     capsys.readouterr()
-    # a single probe would have been hidden by the probe set's probes.json
+    # a single probe would have been hidden by the probe set's index
     assert main([*train, "--layer", "2"]) == 2
     err = capsys.readouterr().err
     assert f"--out {out} already holds a probe set; pass --overwrite to replace it" in err
-    assert (tmp_path / "P" / "probes.json").is_file()
+    assert artifact_format(tmp_path / "P") == "ks_lens.probe_set"
     assert main([*train, "--layer", "2", "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "P").iterdir()) == [
         "meta.json",

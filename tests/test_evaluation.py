@@ -13,7 +13,7 @@ from ks_lens.evaluation import (
     VanishRule,
     calibrate_alpha,
     distinct_n,
-    generate_and_score,
+    generate_and_score_groups,
     kl_divergence,
     kl_metric,
     readout,
@@ -147,8 +147,8 @@ def test_distinct_n():
 
 def test_generation_scores_unsteered_kl_is_zero_and_nll_is_correct(tiny_model, tiny_probe):
     qs = ["hello?", "what is a cat?", "why?"]
-    s = generate_and_score(
-        tiny_model, qs, response_probe=tiny_probe, max_new_tokens=5, batch_size=2
+    (s,) = generate_and_score_groups(
+        tiny_model, qs, [None], response_probe=tiny_probe, max_new_tokens=5, batch_size=2
     )
     assert len(s.texts) == 3 and s.probs.shape == (3, 3)
     for k in s.kl:

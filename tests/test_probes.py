@@ -8,6 +8,7 @@ from _shapecheck import shapes_unchecked
 
 import ks_lens as ks
 from ks_lens.errors import ConfigError, LabelError, MetadataMismatchError, StoreError
+from ks_lens.io import meta_checksum, with_meta_checksum
 from ks_lens.probes import (
     Probe,
     ProbeConfig,
@@ -291,11 +292,16 @@ def test_probe_and_probe_set_never_share_a_directory(tiny_acts, tiny_probe, tmp_
         tiny_probe.save(tmp_path / "junk")
     # a probe set replaces an older one whole: no stale layer directories remain
     save_probes({2: probes[2]}, tmp_path / "set")
-    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["layer-02", "probes.json"]
-    # an index that points at another layer's probe is refused
-    index = json.loads((tmp_path / "set" / "probes.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["layer-02", "meta.json"]
+    # an index edited by hand is refused by its own checksum ...
+    path = tmp_path / "set" / "meta.json"
+    index = json.loads(path.read_text())
     index["probes"]["3"] = index["probes"]["2"]
-    (tmp_path / "set" / "probes.json").write_text(json.dumps(index))
+    path.write_text(json.dumps(index))
+    with pytest.raises(StoreError, match="probe_set metadata .* was modified after saving"):
+        load_probe_any(tmp_path / "set", layer=3)
+    # ... and one that points at another layer's probe, even with a valid checksum
+    path.write_text(json.dumps(with_meta_checksum(index)))
     with pytest.raises(StoreError, match="lists layer 3 but that probe was trained at blocks.2"):
         load_probe_any(tmp_path / "set", layer=3)
 
@@ -311,8 +317,10 @@ def test_probe_set_members_are_checksummed_in_the_index(tiny_acts, tiny_model, t
 
     save_probes(train(0), tmp_path / "set")
     save_probes(train(1), tmp_path / "other")
-    index = json.loads((tmp_path / "set" / "probes.json").read_text())
-    assert index["format_version"] == 2 and len(index["probes"]["2"]["meta_sha256"]) == 64
+    index = json.loads((tmp_path / "set" / "meta.json").read_text())
+    assert index["format"] == "ks_lens.probe_set" and index["format_version"] == 2
+    assert index["meta_sha256"] == meta_checksum(index)
+    assert len(index["probes"]["2"]["meta_sha256"]) == 64
     assert sorted(load_probes(tmp_path / "set", model=tiny_model)) == [1, 2]
     shutil.rmtree(tmp_path / "set" / "layer-02")
     shutil.copytree(tmp_path / "other" / "layer-02", tmp_path / "set" / "layer-02")
@@ -322,11 +330,47 @@ def test_probe_set_members_are_checksummed_in_the_index(tiny_acts, tiny_model, t
     with pytest.raises(StoreError, match=swapped):
         load_probe_any(tmp_path / "set", layer=2)
     assert load_probe_any(tmp_path / "set", layer=1).layer == 1  # the untouched member loads
-    # an index entry stripped of its checksum is refused (the index was edited)
+    # an index entry stripped of its checksum (and the index re-checksummed) is refused
     del index["probes"]["1"]["meta_sha256"]
-    (tmp_path / "set" / "probes.json").write_text(json.dumps(index))
-    with pytest.raises(StoreError, match="probes.json has no checksum for layer 1"):
+    (tmp_path / "set" / "meta.json").write_text(json.dumps(with_meta_checksum(index)))
+    with pytest.raises(StoreError, match="its index has no checksum for layer 1"):
         load_probe_any(tmp_path / "set", layer=1)
+
+
+def _legacy_index(directory, *, member_checksums):
+    """Rewrite a probe set in the layout of ks-lens 0.1 by hand: its index in ``probes.json``
+    (format_version 2 with member checksums, or 1 without), no checksum of its own, and no
+    ``meta.json``."""
+    index = json.loads((directory / "meta.json").read_text())
+    entries = index["probes"]
+    if not member_checksums:
+        for entry in entries.values():
+            del entry["meta_sha256"]
+    legacy = {"format": "ks_lens.probe_set", "probes": entries}
+    if member_checksums:
+        legacy["format_version"] = 2
+    (directory / "meta.json").unlink()
+    (directory / "probes.json").write_text(json.dumps(legacy))
+
+
+def test_probe_sets_in_the_old_layout_still_load(tiny_acts, tiny_model, tmp_path):
+    """Probe sets saved by 0.1 (index in probes.json) load, singly or whole, and saving over
+    one replaces it with the current layout."""
+    probes = train_probes(tiny_acts, layers=[1, 2], config=ProbeConfig(epochs=2), progress=False)
+    save_probes(probes, tmp_path / "set")
+    _legacy_index(tmp_path / "set", member_checksums=True)
+    back = load_probes(tmp_path / "set", model=tiny_model)
+    assert sorted(back) == [1, 2]
+    assert torch.equal(back[2].mean, probes[2].mean)
+    assert load_probe_any(tmp_path / "set", layer=1).layer == 1
+    with pytest.raises(StoreError, match="already holds a probe_set"):
+        probes[1].save(tmp_path / "set")
+    save_probes({1: probes[1]}, tmp_path / "set")
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["layer-01", "meta.json"]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "probes.json").write_text(json.dumps({"format": "ks_lens.probe"}))
+    with pytest.raises(StoreError, match="is not a ks-lens probe set"):
+        load_probes(tmp_path / "bad")
 
 
 def test_probe_sets_saved_before_member_checksums_still_load(tiny_acts, tiny_model, tmp_path):
@@ -336,12 +380,7 @@ def test_probe_sets_saved_before_member_checksums_still_load(tiny_acts, tiny_mod
 
     probes = train_probes(tiny_acts, layers=[1, 2], config=ProbeConfig(epochs=2), progress=False)
     save_probes(probes, tmp_path / "set")
-    path = tmp_path / "set" / "probes.json"
-    index = json.loads(path.read_text())
-    del index["format_version"]
-    for entry in index["probes"].values():
-        del entry["meta_sha256"]
-    path.write_text(json.dumps(index))
+    _legacy_index(tmp_path / "set", member_checksums=False)
     back = load_probes(tmp_path / "set", model=tiny_model)
     assert back[2].metrics["val_loss"] == probes[2].metrics["val_loss"]
     other = train_probes(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +25,9 @@ from ks_lens.errors import (
     WrongTypeError,
 )
 from ks_lens.gold_texts import LabelledText, load_gold_texts
-from ks_lens.style import style_matrix
+from ks_lens.io import META_FILE, TENSORS_FILE, load_artifact, meta_checksum
+from ks_lens.style import STYLE_METER_NAMES, STYLE_VERSION, style_matrix
 from ks_lens.text_evaluator import (
-    META_FILE,
-    TENSORS_FILE,
-    VOCAB_FILE,
     HeldOutScores,
     TextEvaluator,
     TextEvaluatorConfig,
@@ -38,6 +38,7 @@ from ks_lens.text_evaluator import (
     prefix_views,
     validate_text_evaluator,
 )
+from ks_lens.text_evaluator_v1 import V1_VOCAB_FILE, v1_checksum
 
 TONES = ("helpful", "expert", "casual", "cautious", "empathetic", "concise")
 
@@ -144,16 +145,102 @@ def test_round_trip_equals_sklearn(evaluator, saved, train_texts, heldout_texts)
 
 
 def test_saved_files_hold_no_pickle(saved):
-    assert sorted(p.name for p in saved.iterdir()) == sorted([META_FILE, TENSORS_FILE, VOCAB_FILE])
+    """One artefact format (ks_lens.io): the same two files, the same checksum key."""
+    assert sorted(p.name for p in saved.iterdir()) == sorted([META_FILE, TENSORS_FILE])
     meta = json.loads((saved / META_FILE).read_text())
-    assert meta["format"] == "ks_lens.text_evaluator" and meta["format_version"] == 1
+    assert meta["format"] == "ks_lens.text_evaluator" and meta["format_version"] == 2
+    assert meta["meta_sha256"] == meta_checksum(meta) and "checksum" not in meta
     assert meta["label_names"] == list(TONES)
     assert set(meta["versions"]) >= {"ks_lens", "scikit_learn", "numpy", "torch"}
-    vocab = json.loads((saved / VOCAB_FILE).read_text())
-    assert len(vocab["word"]) == meta["n_features"]["word"]
-    assert len(vocab["char"]) == meta["n_features"]["char"]
+    tensors, _ = load_artifact(saved, kind="text_evaluator")
+    for name in ("word", "char"):
+        vocab = json.loads(tensors[f"{name}_vocabulary"].numpy().tobytes().decode("utf-8"))
+        assert len(vocab) == meta["n_features"][name] == len(tensors[f"{name}_idf"])
+    assert tensors["coef"].shape == (len(TONES), sum(meta["n_features"].values()))
     for p in saved.iterdir():
         assert b"\x80\x04\x95" not in p.read_bytes()[:64], f"{p.name} looks like a pickle"
+
+
+def _write_v1(ev: TextEvaluator, directory: Path, *, max_words: bool = True) -> Path:
+    """``ev`` saved by hand in the layout of ks-lens 0.1: ``vocabulary.json`` beside the tensor
+    file, and a ``meta.json`` (format_version 1) recording both files' SHA-256 and a
+    ``checksum`` over itself (``max_words=False``: as before the training length was recorded)."""
+    from safetensors.numpy import save as st_save
+
+    from ks_lens.compat import versions
+
+    directory.mkdir(parents=True)
+    arrays = {
+        "word_idf": ev.word_vectorizer.idf_,
+        "char_idf": ev.char_vectorizer.idf_,
+        "coef": ev.coef,
+        "intercept": ev.intercept,
+        "style_mean": ev.style_mean,
+        "style_scale": ev.style_scale,
+    }
+    terms = {}
+    for name, vec in (("word", ev.word_vectorizer), ("char", ev.char_vectorizer)):
+        terms[name] = sorted(vec.vocabulary_, key=vec.vocabulary_.get)
+    blobs = {
+        TENSORS_FILE: st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()}),
+        V1_VOCAB_FILE: json.dumps(terms, ensure_ascii=False).encode("utf-8"),
+    }
+    for name, b in blobs.items():
+        (directory / name).write_bytes(b)
+    training = {"texts_hash": ev.training_hash, "n_texts": ev.n_training_texts}
+    if max_words:
+        training["max_words"] = ev.training_max_words
+    meta = {
+        "format": "ks_lens.text_evaluator",
+        "format_version": 1,
+        "label_names": list(ev.label_names),
+        "config": ev.config.to_json(),
+        "style_meters": list(STYLE_METER_NAMES),
+        "style_version": STYLE_VERSION,
+        "training": training,
+        "versions": versions(),
+        "validity": None if ev.validity is None else ev.validity.to_json(),
+        "files": {
+            n: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in blobs.items()
+        },
+    }
+    meta["checksum"] = v1_checksum(meta)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    return directory
+
+
+def test_evaluators_saved_in_the_old_layout_still_load(evaluator, heldout_texts, tmp_path):
+    """0.1's layout (vocabulary.json, a "checksum" key) loads to the same predictions, with
+    its old checks: a modified vocabulary or meta.json is refused, saying how to re-train."""
+    old = _write_v1(evaluator, tmp_path / "old")
+    back = TextEvaluator.load(old, labels=TONES)
+    assert back.training_max_words == evaluator.training_max_words
+    np.testing.assert_allclose(
+        back.predict_proba(heldout_texts), evaluator.predict_proba(heldout_texts), atol=1e-12
+    )
+    # saving over it replaces it with the current layout
+    back.save(old)
+    assert sorted(p.name for p in old.iterdir()) == sorted([META_FILE, TENSORS_FILE])
+    old = _write_v1(evaluator, tmp_path / "vocab")
+    vocab = json.loads((old / V1_VOCAB_FILE).read_text())
+    vocab["word"][0], vocab["word"][1] = vocab["word"][1], vocab["word"][0]
+    (old / V1_VOCAB_FILE).write_text(json.dumps(vocab, ensure_ascii=False))
+    with pytest.raises(StoreError, match="vocabulary.json does not match .*Re-train it"):
+        TextEvaluator.load(old)
+    (old / V1_VOCAB_FILE).unlink()
+    with pytest.raises(StoreError, match="text evaluator file missing: .*vocabulary.json"):
+        TextEvaluator.load(old)
+    old = _write_v1(evaluator, tmp_path / "meta")
+    meta = json.loads((old / META_FILE).read_text())
+    meta["label_names"][0] = "useful"
+    (old / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="does not match its checksum; .*Re-train it"):
+        TextEvaluator.load(old)
+    meta["format_version"] = 7
+    meta["checksum"] = v1_checksum(meta)
+    (old / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="version 7 is not supported. Re-train it"):
+        TextEvaluator.load(old)
 
 
 def test_label_mismatch_refused(saved):
@@ -172,15 +259,6 @@ def test_tampered_tensor_file_refused(saved, tmp_path):
         TextEvaluator.load(d)
 
 
-def test_tampered_vocabulary_refused(saved, tmp_path):
-    d = _copy(saved, tmp_path)
-    vocab = json.loads((d / VOCAB_FILE).read_text())
-    vocab["word"][0], vocab["word"][1] = vocab["word"][1], vocab["word"][0]
-    (d / VOCAB_FILE).write_text(json.dumps(vocab, ensure_ascii=False))
-    with pytest.raises(StoreError, match="checksum"):
-        TextEvaluator.load(d)
-
-
 @pytest.mark.parametrize(
     ("path", "value"),
     [(("config", "C"), 1.0), (("label_names", 0), "useful"), (("training", "n_texts"), 1)],
@@ -190,15 +268,15 @@ def test_tampered_meta_fields_refused(saved, tmp_path, path, value):
     meta = json.loads((d / META_FILE).read_text())
     meta[path[0]][path[1]] = value
     (d / META_FILE).write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="checksum"):
+    with pytest.raises(StoreError, match="was modified after saving.*meta_sha256"):
         TextEvaluator.load(d)
 
 
 def test_missing_or_foreign_artefacts_refused(saved, tmp_path):
-    with pytest.raises(StoreError, match="no text evaluator"):
+    with pytest.raises(StoreError, match="no text_evaluator found"):
         TextEvaluator.load(tmp_path / "nothing")
     d = _copy(saved, tmp_path)
-    (d / VOCAB_FILE).unlink()
+    (d / TENSORS_FILE).unlink()
     with pytest.raises(StoreError, match="missing"):
         TextEvaluator.load(d)
     (d / META_FILE).write_text(json.dumps({"format": "ks_lens.probe"}))
@@ -295,6 +373,19 @@ def test_default_evaluator_cache(gold, tmp_path, monkeypatch):
         rebuilt = default_text_evaluator(tmp_path, config=small)
     np.testing.assert_allclose(rebuilt.predict_proba(texts), ev.predict_proba(texts), atol=1e-10)
     assert TextEvaluator.load(folder, labels=TONES).training_hash == ev.training_hash
+    # a cache written by ks-lens 0.1 (old layout) is used as it is, without a warning
+    shutil.rmtree(folder)
+    _write_v1(rebuilt, folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cached = default_text_evaluator(tmp_path, config=small)
+    assert cached.validity == ev.validity and cached.training_hash == ev.training_hash
+    np.testing.assert_allclose(cached.predict_proba(texts), ev.predict_proba(texts), atol=1e-10)
+    # ... and one it cannot read (a damaged old layout) is rebuilt, never a crash
+    (folder / V1_VOCAB_FILE).write_text("[]")
+    with pytest.warns(UserWarning, match="unusable .*vocabulary.json does not match"):
+        default_text_evaluator(tmp_path, config=small)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([META_FILE, TENSORS_FILE])
     other = default_text_evaluator(tmp_path, config=dataclasses.replace(small, C=1.0))
     assert other.config.C == 1.0
     assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2
@@ -440,8 +531,8 @@ def test_failed_save_keeps_the_old_evaluator_and_names_the_path(
     before = _tree(out)
     real = kio.atomic_write_bytes
 
-    def disk_full(path, data):  # the vocabulary after the tensors: a save that fails midway
-        if Path(path).name == VOCAB_FILE:
+    def disk_full(path, data):  # meta.json after the tensors: a save that fails midway
+        if Path(path).name == META_FILE:
             raise OSError(28, "No space left on device")
         return real(path, data)
 
@@ -499,18 +590,6 @@ def test_labels_with_commas_or_other_capitals_are_refused(gold, tmp_path, capsys
         load_labelled_texts(f, ["casual", "Casual"])
 
 
-def _old_format(saved: Path, tmp_path: Path) -> Path:
-    """A copy of ``saved`` as evaluators were saved before the training length was recorded."""
-    from ks_lens.text_evaluator import _meta_checksum
-
-    old = _copy(saved, tmp_path)
-    meta = json.loads((old / META_FILE).read_text())
-    del meta["training"]["max_words"], meta["checksum"]
-    meta["checksum"] = _meta_checksum(meta)
-    (old / META_FILE).write_text(json.dumps(meta, indent=2))
-    return old
-
-
 def test_texts_far_longer_than_the_training_texts_warn(
     evaluator, saved, train_texts, tmp_path, capsys
 ):
@@ -534,8 +613,6 @@ def test_texts_far_longer_than_the_training_texts_warn(
         "extrapolations and tend towards 0 or 1: score shorter parts instead"
     )
     assert p.shape == (2, len(TONES))  # scored all the same
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         evaluator.predict_proba([*casual[:3], edge])
@@ -556,7 +633,7 @@ def test_texts_far_longer_than_the_training_texts_warn(
         "ks-lens: warning: 1 of 2 texts (id all-casual)"
     )
     # evaluators saved before the length was recorded still load (and cannot warn)
-    old = TextEvaluator.load(_old_format(saved, tmp_path))
+    old = TextEvaluator.load(_write_v1(evaluator, tmp_path / "old", max_words=False))
     assert old.training_max_words is None and old.long_texts([joined]) == []
     np.testing.assert_array_equal(old.predict_proba([joined]), p[1:])
 

@@ -335,7 +335,7 @@ class Steerer(ABC):
         use ``with method.steer(model, ..., positions=...)``, which also works around TL's
         ``model.generate`` and ``run_with_hooks``.
 
-        Example:
+        Examples:
             >>> method = ks.CAA(ks.SteeringVectors.fit(acts, 2))
             >>> hooks = method.hooks(model, target=["casual"], alpha=4.0)
             >>> seen = []
@@ -399,7 +399,7 @@ class Steerer(ABC):
             ``run_with_cache``, TL's ``model.generate`` (with or without KV cache) and
             :func:`ks_lens.generate`.
 
-        Example:
+        Examples:
             >>> tokens = ks.tokenize_chat(model, "How do I boil an egg?").input_ids
             >>> with ks.KSteering(probe).steer(model, target=["casual"], alpha=4.0, positions="generated"):
             ...     out = model.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False)

@@ -113,7 +113,7 @@ class SteeringVectors:
             :class:`SteeringVectors` with ``.vectors`` ``[n_labels, d_model]`` at
             ``blocks.{layer}.hook_{kind}``.
 
-        Example:
+        Examples:
             >>> vecs = ks.SteeringVectors.fit(acts, 2)
             >>> vecs.hook_name, vecs.vectors.shape == (6, model.cfg.d_model)   # [n_labels, d_model]
             ('blocks.2.hook_resid_post', True)
@@ -236,7 +236,7 @@ class CAA(Steerer):
     ``v`` ``[d_model]`` combines the target (and avoid) labels' vectors; it is added at every
     selected position of the vectors' hook point.
 
-    Example:
+    Examples:
         >>> caa = ks.CAA(ks.SteeringVectors.fit(acts, 2))
         >>> batch = ks.tokenize_chat(model, "How do I boil an egg?")
         >>> with caa.steer(model, target=["casual"], alpha=1.5):

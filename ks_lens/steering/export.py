@@ -68,7 +68,7 @@ class ControlVector:
         provenance: what the vectors were made from (method, labels, alpha, hook points, model);
             stored in the GGUF file under ``ks_lens.provenance``.
 
-    Example:
+    Examples:
         >>> cv = ks.control_vector(ks.SteeringVectors.fit(acts, 2), target=["casual"], alpha=2.0)
         >>> cv.layers, cv.hook_names
         ((2,), ('blocks.2.hook_resid_post',))
@@ -322,7 +322,8 @@ def control_vector(
             target vectors minus the mean of the avoid vectors), a :class:`CAA` (its
             ``combine`` and ``normalize`` apply), or a :class:`MultiLayer` of CAA members (each
             layer gets ``alpha`` times its weight). Vectors must sit at ``hook_resid_post``.
-        target, avoid: labels, as for ``method.steer``.
+        target: labels to steer toward, as for ``method.steer``.
+        avoid: labels to steer away from, as for ``method.steer``.
         alpha: strength baked into the vectors (``1.0``: leave the scale to the runtime).
         model_hint: overrides ``controlvector.model_hint`` (default: from the model metadata,
             e.g. ``"llama"``).
@@ -331,7 +332,7 @@ def control_vector(
         :class:`ControlVector` with ``directions[L] = alpha * v`` ``[d_model]``, exactly what
         ``method.steer(model, target, avoid, alpha)`` adds at ``blocks.{L}.hook_resid_post``.
 
-    Example:
+    Examples:
         >>> caa = ks.CAA(ks.SteeringVectors.fit(acts, 2), combine="sum", normalize=True)
         >>> cv = ks.control_vector(caa, target=["casual"], avoid=["expert"], alpha=3.0)
         >>> round(float(cv.directions[2].norm()), 4)              # alpha * unit vector
@@ -383,7 +384,7 @@ def export_gguf(
     Same arguments as :func:`control_vector`; returns the path written. llama.cpp's
     ``--control-vector-scaled FILE S`` then adds ``S * alpha * v`` to the output of each layer.
 
-    Example:
+    Examples:
         >>> vecs = ks.SteeringVectors.fit(acts, 2)
         >>> ks.export_gguf(vecs, tmp / "casual.gguf", target="casual").name
         'casual.gguf'

@@ -245,7 +245,9 @@ class KSteering(_ProbeSteerer):
         max_step: if set, clip each token's total change to ``max_step * |x|`` (per-token trust
             region, applied after all steps); ``None`` leaves steps unbounded.
 
-    Example (``probe = ks.train_probe(acts, 2)``):
+    Examples:
+        With ``probe = ks.train_probe(acts, 2)``:
+
         >>> k_steer = ks.KSteering(probe, steps=3, decay=0.95)
         >>> with k_steer.steer(model, target=["casual", "concise"], avoid=["expert"], alpha=4.0):
         ...     answer = ks.generate(model, "How do I boil an egg?", max_new_tokens=8)
