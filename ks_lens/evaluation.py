@@ -445,10 +445,7 @@ def generate_and_score_rows(
     pad = pad_token_id(tok)
     heads = [encode_chat(tok, ChatPrompt(q)) for q in questions]
     answers: list[list[int]] = [[] for _ in rows]
-    # each answer's steered next-token distributions wait in a temporary file, not in memory,
-    # until its question is scored (bitwise the same tensors come back; ks_lens.spill); the
-    # file is unnamed, so it goes with the list even if this function raises
-    step_logps = SpillList(len(rows))
+    step_logps = SpillList(len(rows))  # steered log-probs wait on disk until scored (spill.py)
     question_of = [i for _, i in rows]
     scorer = _AnswerScorer(
         model, heads, answers, question_of, step_logps, response_probe, batch_size=batch_size
