@@ -534,6 +534,10 @@ def render_summary(result: ComparisonResult) -> str:
             if e.diff_vs_baseline is not None
             else ""
         )
+        if e.method == INSTRUCTED:
+            d = f"  (reference, at its own KL {_f(e.kl)})"
+        elif e.instructed_fraction is not None:
+            d += f"; share of instructed gain {e.instructed_fraction.fmt(2)}"
         lines.append(f"  k={e.k} {method_label(e.method):22s} {e.target_prob.fmt()}{d}")
     lines += ["", "activation level (held-out multi-label evaluator, calibrated alpha):"]
     for r in result.summary("activation"):

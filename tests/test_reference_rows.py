@@ -373,3 +373,22 @@ def test_run_comparison_needs_instructions_for_the_instructed_row(
             instructions={"alpha": "Arr.", "beta": "Be brief."},
             **kw,
         )
+
+
+def test_report_renders_the_reference_row_and_the_share(tmp_path):
+    from ks_lens.report import render_summary, write_report
+
+    res = ComparisonResult.from_json(_synthetic(True))
+    paths = write_report(res, {"command": "test"}, tmp_path)
+    md = paths["markdown"].read_text()
+    assert "| Instructed (system prompt) | 1 | — |" in md  # summary row, no alpha
+    assert "share of instructed gain" in md and "0.80 [0.80, 0.80]" in md
+    assert "- reference, text, k=1: asked by system prompt 0.700 [0.700, 0.700]" in md
+    assert "| Instructed (system prompt) | 1 | 0.100 (own) |" in md  # equal-KL: its own KL
+    assert "- share of instructed gain: (p_method - p_unsteered)" in md
+    assert paths["text_tradeoff"].stat().st_size > 1000
+    text = render_summary(res)
+    ref = "k=1 Instructed (system prompt) 0.700 [0.700, 0.700]  (reference, at its own KL 0.100)"
+    assert ref in text
+    # CAA at the equal-KL level: 0.5, so (0.5 - 0.2) / (0.7 - 0.2)
+    assert "k=1 CAA (mean)             0.500 [0.500, 0.500]; share of instructed gain 0.60" in text
