@@ -27,7 +27,9 @@ tests clustered by question (a question's cells are one unit: bootstrap interval
 permutation test over questions).
 
 Methods are looked up by name in :data:`METHODS`; the reference set is ``caa_mean``,
-``caa_sum``, ``ksteer`` and ``ksteer_multistep``.
+``caa_sum``, ``ksteer``, ``ksteer_multistep`` and ``ksteer_linear`` (K-Steering with a linear
+probe). Beside them, ``ComparisonConfig.instructed`` adds the ``instructed`` reference row: the
+model asked for the targets by system prompt, no steering (:mod:`ks_lens.instructed`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,15 @@ from ks_lens.evaluation import (
     readout,
     readout_groups,
 )
+from ks_lens.instructed import (
+    INSTRUCTED,
+    INSTRUCTED_DESCRIPTION,
+    INSTRUCTED_LABEL,
+    check_instructions,
+    instructed_fraction,
+    instructed_readout,
+    instructed_system,
+)
 from ks_lens.memory import record_memory
 from ks_lens.probes import Probe
 from ks_lens.stats import (
@@ -87,13 +98,23 @@ class SteeringKit:
     """The trained artefacts methods are built from.
 
     ``probe`` and ``vectors`` sit at the steering layer; ``layer_probes`` (probes of the same
-    source at several layers, by model layer) serve the multi-layer method.
+    source at several layers, by model layer) serve the multi-layer method; ``linear_probe`` (a
+    linear probe of the same source and layer as ``probe``) serves ``ksteer_linear``.
     """
 
     probe: Probe
     vectors: SteeringVectors
     layer_probes: Mapping[int, Probe] = field(default_factory=dict)
     dct: DCTVectors | None = None  # mapped DCT vectors (run_comparison fits them when needed)
+    linear_probe: Probe | None = None
+
+    def linear(self) -> Probe:
+        if self.linear_probe is None:
+            raise ConfigError(
+                "the ksteer_linear method needs a linear steering probe (SteeringKit.linear_probe; "
+                "ks_lens.pipeline.prepare trains one when a method needs it)"
+            )
+        return self.linear_probe
 
     def dct_vectors(self) -> DCTVectors:
         if self.dct is None:
@@ -141,6 +162,12 @@ METHODS: dict[str, MethodDef] = {
         "K-Steering, 3 steps with decay 0.95",
         lambda kit: KSteering(kit.probe, steps=3, decay=0.95),
         10.0,
+    ),
+    "ksteer_linear": MethodDef(
+        "K-Steer linear probe",
+        "K-Steering, 1 gradient step, with a linear probe (same source and layer as the MLP probe)",
+        lambda kit: KSteering(kit.linear(), steps=1),
+        30.0,
     ),
     "ksteer_balanced": MethodDef(
         "K-Steer balanced",
@@ -197,7 +224,15 @@ METHODS: dict[str, MethodDef] = {
         20.0,
     ),
 }
-REFERENCE_METHODS: tuple[str, ...] = ("caa_mean", "caa_sum", "ksteer", "ksteer_multistep")
+REFERENCE_METHODS: tuple[str, ...] = (
+    "caa_mean",
+    "caa_sum",
+    "ksteer",
+    "ksteer_multistep",
+    "ksteer_linear",
+)
+#: methods built from ``SteeringKit.linear_probe`` (prepare trains it only when one is requested)
+LINEAR_PROBE_METHODS: frozenset[str] = frozenset({"ksteer_linear"})
 
 
 def method_label(name: str) -> str:
@@ -206,13 +241,25 @@ def method_label(name: str) -> str:
     A variant name ``"method@variant"`` (see :func:`merge_results`) reads ``"Label [variant]"``.
     """
     base, _, variant = name.partition("@")
-    label = METHODS[base].label if base in METHODS else base
+    label = (
+        METHODS[base].label
+        if base in METHODS
+        else INSTRUCTED_LABEL
+        if base == INSTRUCTED
+        else base
+    )
     return f"{label} [{variant}]" if variant else label
 
 
 def method_description(name: str) -> str:
     base, _, variant = name.partition("@")
-    text = METHODS[base].description if base in METHODS else base
+    text = (
+        METHODS[base].description
+        if base in METHODS
+        else INSTRUCTED_DESCRIPTION
+        if base == INSTRUCTED
+        else base
+    )
     return f"{text} [{variant}]" if variant else text
 
 
@@ -275,6 +322,8 @@ class ComparisonConfig:
     degenerate: DegenerateRule = field(default_factory=DegenerateRule)
     n_resamples: int = 2000  # bootstrap resamples per interval
     seed: int = 0  # cell sampling and bootstrap (ks-lens demo sets it from --seed)
+    # reference row: the model asked for the targets by system prompt, no steering
+    instructed: bool = True
 
     def validate(self, labels: Sequence[str] | None = None) -> ComparisonConfig:
         """Check every setting (before any compute); returns ``self``.
@@ -367,6 +416,7 @@ class ComparisonConfig:
         if unknown:
             raise ConfigError(f"unknown comparison settings {sorted(unknown)}")
         kw = dict(d)
+        kw.setdefault("instructed", False)  # results written before the row existed have none
         for name in ("methods", "sizes", "avoid", "curve_factors"):
             if name in kw:
                 if not isinstance(kw[name], (list, tuple)):
@@ -420,6 +470,7 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
         )
     },
     "act_combos_per_size": (lambda v: v is None or _is_int(v), "a whole number or null"),
+    "instructed": (lambda v: isinstance(v, bool), "true or false"),
     "vanish": (lambda v: isinstance(v, VanishRule), "a VanishRule"),
     "degenerate": (lambda v: isinstance(v, DegenerateRule), "a DegenerateRule"),
 }
@@ -659,6 +710,10 @@ class SummaryRow:
     one unit; bootstrap interval and sign-flip permutation p-value). ``vanish_test`` is McNemar's
     test over the cells, kept for old reports: it treats a question's cells as independent and
     overstates significance; the report uses ``vanish_cluster_test``.
+
+    ``instructed_fraction``: the method's gain over unsteered as a share of the ``instructed``
+    row's gain on the same cells (:func:`~ks_lens.instructed.instructed_fraction`); ``None`` with
+    ``instructed_note`` saying why when the instructed gain is not clearly positive.
     """
 
     lens: str
@@ -680,6 +735,8 @@ class SummaryRow:
     perplexity: float | None = None
     degenerate_rate: float | None = None
     n_degenerate: int | None = None
+    instructed_fraction: Interval | None = None
+    instructed_note: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -718,6 +775,10 @@ class EqualKL:
     ``diff_vs_baseline`` is the paired difference with the baseline's curve at the same level
     (both read from the same bootstrap resample of questions). NaN when the curves do not
     overlap (no extrapolation).
+
+    The ``instructed`` row has no curve: it is its one point, at its own measured KL (``kl``),
+    without a difference. ``instructed_fraction`` / ``instructed_note``: as in
+    :class:`SummaryRow`, the method's value here against the instructed gain.
     """
 
     lens: str
@@ -727,6 +788,8 @@ class EqualKL:
     target_prob: Interval
     degenerate_rate: float
     diff_vs_baseline: Interval | None = None
+    instructed_fraction: Interval | None = None
+    instructed_note: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -739,18 +802,24 @@ class EqualKL:
             "diff_vs_baseline": None
             if self.diff_vs_baseline is None
             else self.diff_vs_baseline.to_json(),
+            "instructed_fraction": None
+            if self.instructed_fraction is None
+            else self.instructed_fraction.to_json(),
+            "instructed_note": self.instructed_note,
         }
 
 
 @dataclass
 class ActivationEvaluation:
-    """Held-out evaluator probabilities ``[n_questions, K]`` per (method, combination)."""
+    """Held-out evaluator probabilities ``[n_questions, K]`` per (method, combination), and of
+    the ``instructed`` reference row (one per combination; ``None`` without it)."""
 
     labels: tuple[str, ...]
     combos: list[tuple[str, ...]]
     alphas: dict[str, dict[int, float]]
     base: np.ndarray  # unsteered [n, K]
     probs: dict[str, list[np.ndarray]]  # method -> one [n, K] per combo (order of ``combos``)
+    instructed: list[np.ndarray] | None = None  # one [n, K] per combo: asked by system prompt
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -759,31 +828,38 @@ class ActivationEvaluation:
             "alphas": {m: {str(k): a for k, a in v.items()} for m, v in self.alphas.items()},
             "base": self.base.tolist(),
             "probs": {m: [p.tolist() for p in ps] for m, ps in self.probs.items()},
+            "instructed": None
+            if self.instructed is None
+            else [p.tolist() for p in self.instructed],
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ActivationEvaluation:
+        ins = d.get("instructed")
         return cls(
             tuple(d["labels"]),
             [tuple(c) for c in d["combos"]],
             {m: {int(k): float(a) for k, a in v.items()} for m, v in d["alphas"].items()},
             np.asarray(d["base"], dtype=float),
             {m: [np.asarray(p, dtype=float) for p in ps] for m, ps in d["probs"].items()},
+            None if ins is None else [np.asarray(p, dtype=float) for p in ins],
         )
 
 
 @dataclass
 class Answer:
-    """One generated answer: a test question, steered (or not) toward a combination."""
+    """One generated answer: a test question, steered (or not) toward a combination, or asked
+    for it by system prompt (``method="instructed"``, factor and alpha 0)."""
 
-    method: str  # "unsteered" or a method name
+    method: str  # "unsteered", "instructed" or a method name
     question: int
     targets: tuple[str, ...]  # () for unsteered answers
-    factor: float  # x calibrated alpha (0 for unsteered)
+    factor: float  # x calibrated alpha (0 for unsteered and instructed)
     alpha: float
     text: str
     n_tokens: int
-    kl: float  # mean per-token KL(steered || unsteered) along the answer (nan if no step)
+    # mean per-token KL(steered or instructed || unsteered) along the answer (nan if no step)
+    kl: float
     nll: float  # mean per-token NLL under the unsteered model (nan if empty)
     degenerate: str | None  # the DegenerateRule reason, or None
     text_probs: list[float]  # text evaluator, per label
@@ -873,11 +949,18 @@ class ComparisonResult:
     def summary(self, lens: str) -> list[SummaryRow]:
         return [r for r in self.summaries if r.lens == lens]
 
+    @property
+    def reference_rows(self) -> tuple[str, ...]:
+        """The rows beside the methods: ``unsteered``, and ``instructed`` when asked for."""
+        return ("unsteered", INSTRUCTED) if self.config.instructed else ("unsteered",)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "labels": list(self.plan.labels),
             "methods": {m: method_description(m) for m in self.config.methods},
-            "method_labels": {m: method_label(m) for m in ("unsteered", *self.config.methods)},
+            "method_labels": {
+                m: method_label(m) for m in (*self.reference_rows, *self.config.methods)
+            },
             "comparison_config": self.config.to_json(),
             "plan": self.plan.to_json(),
             "alpha": {m: {str(k): a for k, a in v.items()} for m, v in self.alphas.items()},
@@ -989,7 +1072,7 @@ def _check_text_records(te: TextEvaluation, config: ComparisonConfig, plan: Comp
         where = f"text_eval.answers[{i}]"
         if not 0 <= a.question < n:
             raise StoreError(f"{where} refers to question {a.question}; there are {n} questions")
-        if a.method != "unsteered" and a.method not in te.alphas:
+        if a.method not in ("unsteered", INSTRUCTED) and a.method not in te.alphas:
             raise StoreError(f"{where} has method {a.method!r}, not one of {list(te.alphas)}")
         if any(t not in te.labels for t in a.targets):
             raise StoreError(f"{where} has targets {list(a.targets)} outside {list(te.labels)}")
@@ -1007,6 +1090,31 @@ def _check_text_records(te: TextEvaluation, config: ComparisonConfig, plan: Comp
             f"text_eval.answers need one unsteered answer per question (0..{n - 1}); found "
             f"{len(unsteered)} for {n} questions" + (f", none for {missing}" if missing else "")
         )
+    asked = [(a.question, a.targets) for a in te.answers if a.method == INSTRUCTED]
+    want = [(c.question, c.targets) for c in te.cells] if config.instructed else []
+    if asked != want:
+        raise StoreError(
+            f"text_eval.answers hold {len(asked)} instructed answers; the settings "
+            + (
+                f"(instructed) need one per cell, in the plan's order ({len(want)})"
+                if config.instructed
+                else "(instructed false) allow none"
+            )
+        )
+
+
+def _check_instructed_probs(act: ActivationEvaluation, config: ComparisonConfig) -> None:
+    if (act.instructed is not None) != config.instructed:
+        state = "missing; the settings ask for" if config.instructed else "present; the settings omit"
+        raise StoreError(f"activation_eval.instructed is {state} the instructed reference row")
+    if act.instructed is not None:
+        ins = act.instructed
+        if len(ins) != len(act.combos) or any(p.shape != act.base.shape for p in ins):
+            raise StoreError(
+                f"activation_eval.instructed must hold one {list(act.base.shape)} array per "
+                "combination"
+            )
+        _check_probs(np.stack(ins), len(act.labels), "activation_eval.instructed")
 
 
 def check_records(
@@ -1055,6 +1163,7 @@ def check_records(
                     f"activation_eval.probs[{m!r}] must hold one {list(act.base.shape)} array per combination"
                 )
             _check_probs(np.stack(ps), len(labels), f"activation_eval.probs[{m!r}]")
+        _check_instructed_probs(act, config)
     if text is not None:
         _check_text_records(text, config, plan)
 
@@ -1072,9 +1181,13 @@ def evaluate_activations(
     config: ComparisonConfig,
     *,
     progress: bool = True,
+    instructions: Mapping[str, str] | None = None,
 ) -> ActivationEvaluation:
     """Steer every test question toward every planned combination (each method at its
-    calibrated alpha) and read the held-out evaluator in the same forward pass."""
+    calibrated alpha) and read the held-out evaluator in the same forward pass; with
+    ``config.instructed``, also read it on every question asked for every combination by system
+    prompt (``instructions``: label -> instruction, see :mod:`ks_lens.instructed`)."""
+    systems = _instructed_systems(config, instructions, plan, plan.act_combos)
     base = readout(model, questions, probe=evaluator, batch_size=config.batch_size).probs
     names = list(methods)
     # every (combination, method) at once: the unsteered layers below the steering run once
@@ -1096,13 +1209,38 @@ def evaluate_activations(
     probs: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     for g, r in enumerate(outs):
         probs[names[g % len(names)]].append(r.probs.double().numpy())
+    ins = (
+        instructed_readout(model, questions, systems, evaluator, batch_size=config.batch_size)
+        if systems is not None
+        else None
+    )
     return ActivationEvaluation(
         tuple(evaluator.label_names),
         list(plan.act_combos),
         {m: dict(v) for m, v in alphas.items()},
         base.double().numpy(),
         probs,
+        ins,
     )
+
+
+def _instructed_systems(
+    config: ComparisonConfig,
+    instructions: Mapping[str, str] | None,
+    plan: ComparisonPlan,
+    combos: Sequence[tuple[str, ...]],
+) -> list[str] | None:
+    """The instructed row's system prompt for each of ``combos`` (``None`` without the row)."""
+    if not config.instructed:
+        return None
+    if instructions is None:
+        raise ConfigError(
+            "the instructed reference row (ComparisonConfig.instructed) needs the labels' "
+            "instructions (instructions=, e.g. BehaviourDataset.instructions); or set instructed "
+            "to false"
+        )
+    check_instructions(instructions, plan.labels)
+    return [instructed_system(instructions, c) for c in combos]
 
 
 # ----------------------------------------------------------------------------- 4. text
@@ -1118,13 +1256,17 @@ def evaluate_text(
     config: ComparisonConfig,
     *,
     response_evaluator: Probe | None = None,
+    instructions: Mapping[str, str] | None = None,
 ) -> TextEvaluation:
     """Answer the test questions unsteered and, for every planned cell, with every method at
-    ``alpha * factor`` for each of ``curve_factors``; score every answer.
+    ``alpha * factor`` for each of ``curve_factors``; score every answer. With
+    ``config.instructed``, every cell is also answered unsteered under the system prompt that
+    asks for its targets (``instructions``: label -> instruction; :mod:`ks_lens.instructed`).
 
-    All rows share generation batches. Each answer is re-encoded without instruction under the
-    unsteered model (KL per token along the answer, perplexity, response-activation evaluator)
-    and scored by the text evaluator and the style meters.
+    All rows share generation batches. Each answer (instructed ones too) is re-encoded after its
+    question without instruction under the unsteered model (KL per token along the answer,
+    perplexity, response-activation evaluator) and scored by the text evaluator and the style
+    meters.
     """
     labels = tuple(text_evaluator.label_names)
     if list(labels) != list(plan.labels):
@@ -1141,6 +1283,17 @@ def evaluate_text(
                 configs.append((steerer, SteeringSpec(c.targets, plan.avoid, a)))
                 meta.append((m, f, a, c.targets))
                 rows.append((len(configs) - 1, c.question))
+    systems: list[str | None] = [None] * len(rows)
+    row_meta = [g for g, _ in rows]  # each row's entry of ``meta``
+    cell_systems = _instructed_systems(
+        config, instructions, plan, [c.targets for c in plan.gen_cells]
+    )
+    for c, system in zip(plan.gen_cells, cell_systems or [], strict=False):
+        # unsteered (configuration 0), asked for the cell's targets by system prompt
+        row_meta.append(len(meta))
+        meta.append((INSTRUCTED, 0.0, 0.0, c.targets))
+        rows.append((0, c.question))
+        systems.append(system)
     scores: GenerationScores = generate_and_score_rows(
         model,
         questions,
@@ -1151,11 +1304,12 @@ def evaluate_text(
         max_new_tokens=config.max_new_tokens,
         batch_size=config.gen_batch_size,
         seed=config.seed,
+        systems=systems,
     )
     text_p = np.asarray(text_evaluator.predict_proba(scores.texts), dtype=float)
     answers = []
-    for r, (g, q) in enumerate(rows):
-        m, f, a, targets = meta[g]
+    for r, (_, q) in enumerate(rows):
+        m, f, a, targets = meta[row_meta[r]]
         answers.append(
             Answer(
                 m,
@@ -1323,20 +1477,40 @@ def summarise_activations(ev: ActivationEvaluation, config: ComparisonConfig) ->
                 "activation", "unsteered", k, 0.0, _activation_cells(ev, idx, None), n, config, None
             )
         )
+        ins = _activation_cells(ev, idx, ev.instructed) if ev.instructed is not None else None
+        if ins is not None:
+            out.append(_summary_row("activation", INSTRUCTED, k, 0.0, ins, n, config, base_cs))
         for m in ev.probs:
-            out.append(
-                _summary_row(
-                    "activation",
-                    m,
-                    k,
-                    ev.alphas[m][k],
-                    _activation_cells(ev, idx, ev.probs[m]),
-                    n,
-                    config,
-                    base_cs,
-                )
-            )
+            cs = _activation_cells(ev, idx, ev.probs[m])
+            row = _summary_row("activation", m, k, ev.alphas[m][k], cs, n, config, base_cs)
+            _add_instructed_fraction(row, cs, ins, n, config)
+            out.append(row)
     return out
+
+
+def _add_instructed_fraction(
+    row: SummaryRow,
+    cs: _CellScores,
+    instructed: _CellScores | None,
+    n: int,
+    config: ComparisonConfig,
+) -> None:
+    """Set ``row``'s share of the instructed gain, on the questions both rows answered."""
+    if instructed is None:
+        return
+    _check_paired(cs, instructed)
+    pm = _per_question(cs.target.mean(1), cs.question, n)
+    pu = _per_question(cs.base.mean(1), cs.question, n)
+    pi = _per_question(instructed.target.mean(1), instructed.question, n)
+    ok = np.isfinite(pm) & np.isfinite(pu) & np.isfinite(pi)
+    pm_ok = pm[ok]
+    row.instructed_fraction, row.instructed_note = instructed_fraction(
+        lambda idx: float(pm_ok[idx].mean()),
+        pu[ok],
+        pi[ok],
+        seed=config.seed,
+        n_resamples=config.n_resamples,
+    )
 
 
 def _text_cells(
@@ -1382,6 +1556,13 @@ def summarise_text(te: TextEvaluation, config: ComparisonConfig) -> list[Summary
             if un is None or base_cs is None:
                 continue
             out.append(_summary_row(lens, "unsteered", k, 0.0, un, n, config, None))
+            ins = _text_cells(te, lens, INSTRUCTED, 0.0, k)
+            if ins is not None:
+                row = _summary_row(lens, INSTRUCTED, k, 0.0, ins, n, config, base_cs)
+                row.perplexity = _perplexity(
+                    [a for a in te.answers if a.method == INSTRUCTED and len(a.targets) == k]
+                )
+                out.append(row)
             for m in te.alphas:
                 cs = _text_cells(te, lens, m, 1.0, k)
                 if cs is None:
@@ -1394,6 +1575,7 @@ def summarise_text(te: TextEvaluation, config: ComparisonConfig) -> list[Summary
                         if a.method == m and a.factor == 1.0 and len(a.targets) == k
                     ]
                 )
+                _add_instructed_fraction(row, cs, ins, n, config)
                 out.append(row)
     return out
 
@@ -1431,9 +1613,9 @@ def summarise_combinations(
     for c in te.cells:
         groups.setdefault(("unsteered", c.targets), []).append(unsteered[c.question])
     for a in te.answers:
-        if a.method != "unsteered" and a.factor == 1.0:
+        if a.method == INSTRUCTED or (a.method != "unsteered" and a.factor == 1.0):
             groups.setdefault((a.method, a.targets), []).append(a)
-    order = {m: i for i, m in enumerate(["unsteered", *te.alphas])}
+    order = {m: i for i, m in enumerate(["unsteered", INSTRUCTED, *te.alphas])}
 
     def rank(g: tuple[tuple[str, tuple[str, ...]], list[Answer]]) -> tuple[int, int, list[int]]:
         m, t = g[0]
@@ -1604,10 +1786,92 @@ def trade_off(
                     else math.nan
                 )
                 equal.append(EqualKL(lens, m, k, lvl, est, deg, diff))
+            ref = _instructed_point(te, lens, k, config)
+            if ref is not None:
+                point, row, pu, pi = ref
+                curves.append(point)
+                _add_equal_kl_fractions(equal, lens, k, per_method, keep_idx, pu, pi, config)
+                equal.append(row)
     return curves, equal
 
 
+def _instructed_point(
+    te: TextEvaluation, lens: str, k: int, config: ComparisonConfig
+) -> tuple[CurvePoint, EqualKL, np.ndarray, np.ndarray] | None:
+    """The instructed row's single curve point and equal-KL row (at its own measured KL) under
+    ``lens`` at ``k`` targets, and the per-question unsteered and instructed target probabilities
+    on its cells (``None`` without instructed answers)."""
+    ins = _text_cells(te, lens, INSTRUCTED, 0.0, k)
+    un = _text_cells(te, lens, "unsteered", 1.0, k)
+    if ins is None or un is None or ins.kl is None or ins.degenerate is None:
+        return None
+    n, seed, nr = len(te.questions), config.seed, config.n_resamples
+    kq = _per_question(ins.kl, ins.question, n)
+    pq = _per_question(ins.target.mean(1), ins.question, n)
+    kl = bootstrap_mean(kq, seed=seed, n_resamples=nr)
+    p = bootstrap_mean(pq, seed=seed, n_resamples=nr)
+    deg = float(ins.degenerate.mean())
+    point = CurvePoint(lens, INSTRUCTED, k, 0.0, 0.0, kl, p, deg, len(ins.kl))
+    row = EqualKL(lens, INSTRUCTED, k, kl.estimate, p, deg)
+    return point, row, _per_question(un.target.mean(1), un.question, n), pq
+
+
+def _add_equal_kl_fractions(
+    equal: list[EqualKL],
+    lens: str,
+    k: int,
+    per_method: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    keep: np.ndarray,
+    pu: np.ndarray,
+    pi: np.ndarray,
+    config: ComparisonConfig,
+) -> None:
+    """Each method's equal-KL value as a share of the instructed gain, on the questions that
+    every curve and the instructed row cover (``pu``/``pi``: per question, all questions)."""
+    both = keep[np.isfinite(pu[keep]) & np.isfinite(pi[keep])] if len(keep) else keep
+    for e in equal:
+        if e.lens != lens or e.k != k or e.method not in per_method:
+            continue
+        e.instructed_fraction, e.instructed_note = instructed_fraction(
+            partial(_at_level, per_method, both, e.method, level=e.kl),
+            pu[both],
+            pi[both],
+            seed=config.seed,
+            n_resamples=config.n_resamples,
+        )
+
+
 # ----------------------------------------------------------------------------- merging runs
+
+
+def _check_instructed_runs(runs: Mapping[str, ComparisonResult]) -> None:
+    """Runs to merge share the instructed reference row (or all lack it): the model is
+    deterministic, so equal settings give equal instructed answers and readouts."""
+    names = list(runs)
+    first = runs[names[0]]
+    for n in names[1:]:
+        r = runs[n]
+        if r.config.instructed != first.config.instructed:
+            raise ConfigError(
+                f"run {n!r} and run {names[0]!r} differ in the instructed reference row "
+                "(ComparisonConfig.instructed)"
+            )
+        a, b = first.activation, r.activation
+        if a is not None and b is not None and a.instructed is not None:
+            other = b.instructed or []
+            same = len(other) == len(a.instructed) and all(
+                np.allclose(x, y, atol=1e-6) for x, y in zip(a.instructed, other, strict=True)
+            )
+            if not same:
+                raise ConfigError(f"run {n!r} has other instructed readouts than {names[0]!r}")
+        if first.text is not None and r.text is not None:
+            mine = [x.text for x in first.text.answers if x.method == INSTRUCTED]
+            theirs = [x.text for x in r.text.answers if x.method == INSTRUCTED]
+            if mine != theirs:
+                raise ConfigError(
+                    f"run {n!r} has other instructed answers than run {names[0]!r}; runs to merge "
+                    "need the same model, instructions and generation settings"
+                )
 
 
 def merge_results(
@@ -1638,7 +1902,13 @@ def merge_results(
     methods = [f"{m}@{n}" for n in names for m in runs[n].config.methods]
     if baseline not in methods:
         raise ConfigError(f"the baseline {baseline!r} is not among the merged methods {methods}")
-    cfg = replace(config or first.config, methods=tuple(methods), baseline=baseline)
+    _check_instructed_runs(runs)
+    cfg = replace(
+        config or first.config,
+        methods=tuple(methods),
+        baseline=baseline,
+        instructed=first.config.instructed,
+    )
     calibration = {f"{m}@{n}": c for n in names for m, c in runs[n].calibration.items()}
     act = None
     if first.activation is not None:
@@ -1653,12 +1923,18 @@ def merge_results(
             probs.update({f"{m}@{n}": p for m, p in a.probs.items()})
             alphas.update({f"{m}@{n}": v for m, v in a.alphas.items()})
         act = ActivationEvaluation(
-            first.activation.labels, first.activation.combos, alphas, base, probs
+            first.activation.labels,
+            first.activation.combos,
+            alphas,
+            base,
+            probs,
+            first.activation.instructed,
         )
     text = None
     if first.text is not None:
         unsteered = [a for a in first.text.answers if a.method == "unsteered"]
-        answers = list(unsteered)
+        # the reference rows are the same in every run (checked): kept once, not renamed
+        answers = unsteered + [a for a in first.text.answers if a.method == INSTRUCTED]
         t_alphas: dict[str, dict[int, float]] = {}
         for n in names:
             t = runs[n].text
@@ -1672,7 +1948,9 @@ def merge_results(
                     "need the same model and generation settings"
                 )
             answers += [
-                replace(a, method=f"{a.method}@{n}") for a in t.answers if a.method != "unsteered"
+                replace(a, method=f"{a.method}@{n}")
+                for a in t.answers
+                if a.method not in ("unsteered", INSTRUCTED)
             ]
             t_alphas.update({f"{m}@{n}": v for m, v in t.alphas.items()})
         text = replace(first.text, alphas=t_alphas, answers=answers)
@@ -1721,17 +1999,29 @@ def run_comparison(
     config: ComparisonConfig | None = None,
     progress: bool = True,
     dct: DCTVectors | None = None,
+    linear_probe: Probe | None = None,
+    instructions: Mapping[str, str] | None = None,
 ) -> ComparisonResult:
     """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
     ``text_questions``, default the same) and summarise.
 
     With the ``dct`` method and no mapped ``dct`` vectors given, they are learned on the
     calibration questions at the steering layer (:class:`~ks_lens.steering.dct.DCTConfig`
-    defaults, the comparison's seed) and mapped to labels there by ``evaluator``."""
+    defaults, the comparison's seed) and mapped to labels there by ``evaluator``.
+    ``linear_probe`` (same labels and hook point as ``probe``) serves ``ksteer_linear``;
+    ``instructions`` (label -> instruction, e.g. ``BehaviourDataset.instructions``) the
+    ``instructed`` reference row, which ``config.instructed`` asks for."""
     text_questions = list(test_questions if text_questions is None else text_questions)
     config = (config or ComparisonConfig()).validate(probe.label_names)
     labels = tuple(probe.label_names)
     others = {"vectors": vectors.label_names, "evaluator": evaluator.label_names}
+    if linear_probe is not None:
+        others["linear probe"] = linear_probe.label_names
+        if linear_probe.hook_name != probe.hook_name:
+            raise ConfigError(
+                f"the linear probe reads {linear_probe.hook_name}, the steering probe "
+                f"{probe.hook_name}: ksteer_linear steers beside ksteer, at the same hook point"
+            )
     if text_evaluator is not None:
         others["text evaluator"] = text_evaluator.label_names
     if response_evaluator is not None:
@@ -1749,7 +2039,8 @@ def run_comparison(
     if not calib_questions or not test_questions:
         raise ConfigError("need calibration and test questions")
     plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
-    kit = SteeringKit(probe, vectors, dict(layer_probes or {}))
+    _instructed_systems(config, instructions, plan, [])  # refuse missing instructions early
+    kit = SteeringKit(probe, vectors, dict(layer_probes or {}), linear_probe=linear_probe)
     if kit.layer_probes and max(kit.layer_probes) > evaluator.layer:
         raise ConfigError(
             f"the evaluator (layer {evaluator.layer}) must read at or after every steering layer "
@@ -1774,7 +2065,15 @@ def run_comparison(
 
     t0 = time.perf_counter()
     act = evaluate_activations(
-        model, methods, alphas, plan, test_questions, evaluator, config, progress=progress
+        model,
+        methods,
+        alphas,
+        plan,
+        test_questions,
+        evaluator,
+        config,
+        progress=progress,
+        instructions=instructions,
     )
     summaries = summarise_activations(act, config)
     timings["activation_eval_s"] = time.perf_counter() - t0
@@ -1788,6 +2087,7 @@ def run_comparison(
         log.info(
             f"  text eval: {len(plan.gen_cells)} cells x {len(methods)} methods x "
             f"{len(config.curve_factors)} alphas + {len(text_questions)} unsteered answers"
+            + (f" + {len(plan.gen_cells)} instructed answers" if config.instructed else "")
         )
         text = evaluate_text(
             model,
@@ -1798,6 +2098,7 @@ def run_comparison(
             text_evaluator,
             config,
             response_evaluator=response_evaluator,
+            instructions=instructions,
         )
         summaries += summarise_text(text, config)
         curves, equal = trade_off(text, config)
@@ -1820,6 +2121,8 @@ def run_comparison(
 
 
 __all__ = [
+    "INSTRUCTED",
+    "LINEAR_PROBE_METHODS",
     "METHODS",
     "REFERENCE_METHODS",
     "TEXT_COVERAGES",

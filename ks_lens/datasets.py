@@ -73,6 +73,14 @@ class Question:
 
 #: separator of combined behaviour names: ``"casual+concise"`` is both casual and concise
 COMBINE_SEP = "+"
+#: how the instructions of combined behaviours are joined
+#: (:meth:`BehaviourDataset.with_combinations`, the ``instructed`` row of a comparison)
+INSTRUCTION_JOINER = " "
+
+
+def join_instructions(instructions: Iterable[str], joiner: str = INSTRUCTION_JOINER) -> str:
+    """One instruction asking for several behaviours: their instructions joined, in order."""
+    return joiner.join(instructions)
 
 
 def label_set(name: str) -> tuple[str, ...]:
@@ -186,6 +194,12 @@ class BehaviourDataset:
         return self.behaviours[self.label_index(label)].instruction
 
     @property
+    def instructions(self) -> dict[str, str]:
+        """Each single label's instruction, in label order (the comparison's ``instructed``
+        reference row joins them with :func:`join_instructions` for several targets)."""
+        return {b.name: b.instruction for b in self.behaviours if COMBINE_SEP not in b.name}
+
+    @property
     def categories(self) -> tuple[str, ...]:
         return tuple(sorted({q.category for q in self.questions}))
 
@@ -214,7 +228,11 @@ class BehaviourDataset:
         return base_labels(self.labels)
 
     def with_combinations(
-        self, sizes: Sequence[int] = (2,), *, per_question: int | None = None, joiner: str = " "
+        self,
+        sizes: Sequence[int] = (2,),
+        *,
+        per_question: int | None = None,
+        joiner: str = INSTRUCTION_JOINER,
     ) -> BehaviourDataset:
         """A copy with combined behaviours added: for every combination of ``sizes`` base labels,
         a behaviour named ``"a+b"`` whose instruction is the labels' instructions joined.
@@ -231,7 +249,7 @@ class BehaviourDataset:
                 extra.append(
                     Behaviour(
                         COMBINE_SEP.join(b.name for b in combo),
-                        joiner.join(b.instruction for b in combo),
+                        join_instructions((b.instruction for b in combo), joiner),
                     )
                 )
         if per_question is not None and per_question < 1:

@@ -117,6 +117,12 @@ def _info(setup: Setup, cfg: PipelineConfig, command: str, commit: str) -> dict[
             **setup.response_evaluator.metrics,
         },
         "steering_probe_metrics": setup.probe.metrics,
+        # ksteer_linear's probe (None when no method needs it)
+        "linear_probe_metrics": None
+        if setup.kit.linear_probe is None
+        else setup.kit.linear_probe.metrics,
+        # what the instructed reference row asks for (each target's instruction; several joined)
+        "instructions": setup.dataset.instructions if cfg.comparison.instructed else None,
         "demo_config": dataclasses.asdict(cfg),
         "stores": {
             "train": None if setup.train_store is None else str(setup.train_store.path),

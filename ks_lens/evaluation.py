@@ -419,10 +419,18 @@ def generate_and_score_rows(
     batch_size: int = 32,
     seed: int = 0,
     share_prefix: bool = True,
+    systems: Sequence[str | None] | None = None,
 ) -> GenerationScores:
     """Answer each row ``(configuration index, question index)`` greedily (configuration
     ``None`` = unsteered) and score the answers; returns one :class:`GenerationScores` over
     ``rows``, in their order.
+
+    ``systems`` (one per row, or ``None`` for all rows) is the system prompt a row's answer is
+    *generated* under (``None``: the model's default, as for every steered row): the
+    ``instructed`` reference row asks for the targets this way. Scoring ignores it: every
+    answer is re-encoded after its question without any system prompt, so an instructed
+    answer's KL compares the instructed next-token distributions with the unsteered model's
+    on the same answer tokens, exactly as a steered answer's does.
 
     All rows share batches: one generation call carries several
     methods side by side (:func:`~ks_lens.steering.steer_groups`), which matters because decoding
@@ -440,10 +448,20 @@ def generate_and_score_rows(
     for g, i in rows:
         if not (0 <= g < len(steerings) and 0 <= i < len(questions)):
             raise ConfigError(f"row {(g, i)} is out of range")
+    if systems is not None and len(systems) != len(rows):
+        raise ConfigError(f"{len(systems)} system prompts for {len(rows)} rows")
     tok = model.tokenizer
     device = model_device(model)
     pad = pad_token_id(tok)
     heads = [encode_chat(tok, ChatPrompt(q)) for q in questions]
+    prompts = [heads[i] for _, i in rows]  # what each row is generated from
+    if systems is not None:
+        encoded: dict[tuple[int, str], list[int]] = {}
+        for r, ((_, i), system) in enumerate(zip(rows, systems, strict=True)):
+            if system is not None:
+                if (i, system) not in encoded:
+                    encoded[(i, system)] = encode_chat(tok, ChatPrompt(questions[i], system))
+                prompts[r] = encoded[(i, system)]
     answers: list[list[int]] = [[] for _ in rows]
     step_logps = SpillList(len(rows))  # steered log-probs wait on disk until scored (spill.py)
     question_of = [i for _, i in rows]
@@ -458,7 +476,7 @@ def generate_and_score_rows(
         pending.setdefault(q, []).append(r)
     left = {q: len(rs) for q, rs in pending.items()}
     batches = sorted_batches(
-        [heads[i] for _, i in rows],
+        prompts,
         batch_size,
         pad_id=pad,
         device=device,

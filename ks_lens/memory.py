@@ -171,6 +171,10 @@ def run_shape(
     plan = plan_comparison(labels, c, n_calib=cfg.n_calib, n_test=cfg.n_gen)
     methods = len(c.methods)
     text_rows = cfg.n_gen + len(plan.gen_cells) * methods * len(c.curve_factors)
+    # the instructed reference row: one more answer per text cell, one readout per question
+    # and combination (counted like a method's: its shared system-prompt prefix runs once)
+    text_rows += len(plan.gen_cells) if c.instructed else 0
+    readouts = cfg.n_eval * len(plan.act_combos) * (methods + int(c.instructed))
     # a calibration evaluates each cell and method at a few alphas, then bisects
     calib_tokens = len(plan.calib_cells) * methods * (c.calib_bisect_steps + 4) * c.calib_tokens
     first = next(model.parameters())
@@ -182,7 +186,7 @@ def run_shape(
         collect_rows=collect,
         store_layers=store_layers,
         collect_batch=cfg.batch_size,
-        readout_rows=cfg.n_eval * len(plan.act_combos) * methods,
+        readout_rows=readouts,
         gen_tokens=text_rows * c.max_new_tokens + calib_tokens,
         gen_batch=c.gen_batch_size,
         new_tokens=c.max_new_tokens,

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 from ks_lens.activations import POOLINGS, Activations, ActivationStore, Pooling, collect_to_store
 from ks_lens.chat import check_context, encode_chat
 from ks_lens.comparison import (
+    LINEAR_PROBE_METHODS,
     ComparisonConfig,
     ComparisonResult,
     SteeringKit,
@@ -322,6 +323,11 @@ def _collect(
     )
 
 
+def needs_linear_probe(config: ComparisonConfig) -> bool:
+    """Whether a method of ``config`` steers with a linear probe (``ksteer_linear``)."""
+    return any(m.partition("@")[0] in LINEAR_PROBE_METHODS for m in config.methods)
+
+
 def _steering_kit(
     acts: Activations,
     layer: int,
@@ -334,7 +340,9 @@ def _steering_kit(
 
     The probe learns every row (multi-label for combined ones); the CAA vectors are mean
     differences over the single-label rows only. ``groups`` maps row ids to questions, so that
-    validation holds out whole questions.
+    validation holds out whole questions. When a method needs one (:func:`needs_linear_probe`),
+    a linear probe (``ProbeConfig(kind="linear")``, otherwise the MLP probe's settings) learns
+    the same rows at ``layer``.
     """
     if len(acts) == 0:
         raise ConfigError("no activations to train the steering probe and vectors on")
@@ -347,7 +355,13 @@ def _steering_kit(
     probes = train_probes(
         acts, layers=sorted({layer, *ml_layers}), config=pcfg, groups=g, progress=False
     )
-    return SteeringKit(probes[layer], vectors, {L: probes[L] for L in ml_layers})
+    linear = (
+        train_probe(acts, layer, config=replace(pcfg, kind="linear"), groups=g)
+        if needs_linear_probe(cfg.comparison)
+        else None
+    )
+    layer_probes = {L: probes[L] for L in ml_layers}
+    return SteeringKit(probes[layer], vectors, layer_probes, linear_probe=linear)
 
 
 def texts_dataset(texts: Sequence[LabelledText], labels: Sequence[str]) -> BehaviourDataset:
@@ -527,6 +541,8 @@ class Setup:
             vectors=kit.vectors,
             layer_probes=kit.layer_probes,
             evaluator=self.evaluator,
+            linear_probe=kit.linear_probe,
+            instructions=self.dataset.instructions,
             text_evaluator=self.text_evaluator if text else None,
             response_evaluator=self.response_evaluator if text else None,
             calib_questions=calib,
@@ -694,6 +710,8 @@ def prepare(
             )
     for source, kit in kits.items():
         kit.probe.save(work / "probes" / f"steering-{source}")
+        if kit.linear_probe is not None:
+            kit.linear_probe.save(work / "probes" / f"steering-{source}-linear")
         kit.vectors.save(work / "vectors" / source)
     evaluator = train_probe(
         st_eval.load(layers=[le]), le, config=ProbeConfig(hidden=256, seed=cfg.seed + 1)

@@ -24,6 +24,7 @@ from ks_lens.comparison import (
 )
 from ks_lens.compat import versions
 from ks_lens.errors import KsLensError, StoreError
+from ks_lens.instructed import INSTRUCTED, MIN_INSTRUCTED_GAIN
 from ks_lens.io import atomic_write_bytes, atomic_write_json
 from ks_lens.stats import ClusteredTest, Interval, seed_summary
 from ks_lens.utils import git_commit
@@ -80,7 +81,7 @@ def verdict(result: ComparisonResult) -> list[str]:
             f"difference {_ci(e.diff_vs_baseline)}"
         )
     for r in result.summary("activation"):
-        if r.diff_vs_baseline is None:
+        if r.diff_vs_baseline is None or r.method == INSTRUCTED:  # reference_lines: not a method
             continue
         p = "" if r.diff_test is None else f" ({_p(r.diff_test)})"
         v = ""
@@ -117,9 +118,35 @@ def _pval(t: ClusteredTest) -> str:
     return f"p{n}" if n.startswith("<") else f"p={n}"
 
 
+def _alpha(method: str, alpha: float) -> str:
+    """The alpha cell: none for the instructed row (it is asked, not steered)."""
+    return "—" if method == INSTRUCTED else f"{alpha:.4g}"
+
+
+def share_cell(fraction: Interval | None, note: str | None) -> str:
+    """A method's share of the instructed gain: the interval, ``n/a*`` where it is withheld
+    (the note, listed under the table by :func:`instructed_notes`, says why), else empty."""
+    if fraction is not None:
+        return _ci(fraction, 2)
+    return "n/a*" if note else ""
+
+
+def instructed_notes(rows: Sequence[SummaryRow | EqualKL]) -> list[str]:
+    """One line per number of targets whose instructed gain is too small for a share of it."""
+    notes = dict.fromkeys(f"k={r.k}: {r.instructed_note}" for r in rows if r.instructed_note)
+    return [f"\\* {n}" for n in notes]
+
+
+def _with_share(rows: Sequence[SummaryRow | EqualKL]) -> bool:
+    return any(r.instructed_fraction is not None or r.instructed_note for r in rows)
+
+
 def summary_table(rows: Sequence[SummaryRow], text: bool) -> str:
     header = ["method", "k", "alpha", "cells", "mean target p", "min target p", "norm. gain"]
     header += ["vanished (rate)", "diff vs baseline", "p (clustered)", "vanished p (clustered)"]
+    share = _with_share(rows)
+    if share:
+        header += ["share of instructed gain"]
     if text:
         header += ["KL/token", "perplexity", "degenerate"]
     body = []
@@ -127,7 +154,7 @@ def summary_table(rows: Sequence[SummaryRow], text: bool) -> str:
         cells = [
             method_label(r.method),
             r.k,
-            f"{r.alpha:.4g}",
+            _alpha(r.method, r.alpha),
             r.n_cells,
             _ci(r.target_prob),
             _ci(r.min_target_prob),
@@ -137,6 +164,8 @@ def summary_table(rows: Sequence[SummaryRow], text: bool) -> str:
             "" if r.diff_test is None else _pnum(r.diff_test),
             "" if r.vanish_cluster_test is None else _pnum(r.vanish_cluster_test),
         ]
+        if share:
+            cells.append(share_cell(r.instructed_fraction, r.instructed_note))
         if text:
             cells += [
                 _ci(r.kl),
@@ -227,8 +256,8 @@ def curve_table(points: Sequence[CurvePoint]) -> str:
             [
                 method_label(p.method),
                 p.k,
-                f"{p.factor:g}",
-                f"{p.alpha:.4g}",
+                "—" if p.method == INSTRUCTED else f"{p.factor:g}",
+                _alpha(p.method, p.alpha),
                 _ci(p.kl),
                 _ci(p.target_prob),
                 f"{p.degenerate_rate:.2f}",
@@ -241,31 +270,37 @@ def curve_table(points: Sequence[CurvePoint]) -> str:
 
 
 def equal_kl_table(rows: Sequence[EqualKL]) -> str:
-    return markdown_table(
-        [
-            [
-                method_label(e.method),
-                e.k,
-                _f(e.kl),
-                _ci(e.target_prob),
-                _f(e.degenerate_rate, 2),
-                _ci(e.diff_vs_baseline),
-                compare_word(e.diff_vs_baseline)
-                if e.diff_vs_baseline is not None
-                else "(baseline)",
-            ]
-            for e in rows
-        ],
-        [
-            "method",
-            "k",
-            "KL level",
-            "target p at equal KL",
-            "degenerate",
-            "diff vs baseline",
-            "verdict",
-        ],
-    )
+    """One row per method and k; the instructed row (no curve) at its own measured KL."""
+    share = _with_share(rows)
+    body = []
+    for e in rows:
+        ref = e.method == INSTRUCTED
+        cells = [
+            method_label(e.method),
+            e.k,
+            f"{_f(e.kl)} (own)" if ref else _f(e.kl),
+            _ci(e.target_prob),
+            _f(e.degenerate_rate, 2),
+            _ci(e.diff_vs_baseline),
+            "(reference, no alpha)"
+            if ref
+            else compare_word(e.diff_vs_baseline)
+            if e.diff_vs_baseline is not None
+            else "(baseline)",
+        ]
+        if share:
+            cells.append("" if ref else share_cell(e.instructed_fraction, e.instructed_note))
+        body.append(cells)
+    header = [
+        "method",
+        "k",
+        "KL level",
+        "target p at equal KL",
+        "degenerate",
+        "diff vs baseline",
+        "verdict",
+    ]
+    return markdown_table(body, header + (["share of instructed gain"] if share else []))
 
 
 def style_table(result: ComparisonResult) -> str:
@@ -274,7 +309,7 @@ def style_table(result: ComparisonResult) -> str:
         return ""
     groups: dict[str, list[dict[str, float]]] = {}
     for a in result.text.answers:
-        if a.method == "unsteered" or a.factor == 1.0:
+        if a.method in ("unsteered", INSTRUCTED) or a.factor == 1.0:
             groups.setdefault(a.method, []).append(a.style)
     if not groups:
         return ""
@@ -299,7 +334,8 @@ def examples(result: ComparisonResult, n: int = 2) -> list[str]:
             lines.append(f"**{q}** (targets: {'+'.join(c.targets)})")
             for a in te.answers:
                 if a.question == c.question and (
-                    a.method == "unsteered" or (a.targets == c.targets and a.factor == 1.0)
+                    a.method == "unsteered"
+                    or (a.targets == c.targets and (a.factor == 1.0 or a.method == INSTRUCTED))
                 ):
                     p = {lab: a.text_probs[i] for i, lab in enumerate(te.labels)}
                     tp = " ".join(f"{t}={p[t]:.2f}" for t in c.targets)
@@ -319,6 +355,35 @@ def versions_line(info: Mapping[str, Any]) -> str:
     where = f" on {info['device']}" if info.get("device") else ""
     seed = f", seed {info['seed']}" if info.get("seed") is not None else ""
     return f"Made with {text}{where}{seed}."
+
+
+INSTRUCTED_DEFINITIONS = (
+    "- Instructed (system prompt): the reference row, not a steering method. The unsteered "
+    "model is asked for the targets by system prompt (each target's instruction, several joined "
+    "as for combined behaviours), no alpha. Its answers are scored like steered ones: "
+    "re-encoded after the question without the instruction, and its KL/token compares its "
+    "next-token distributions (instruction + question + answer so far) with the unsteered "
+    "model's (question + answer so far). At the activation level the evaluator reads "
+    "instruction + question, the kind of prompt it was trained on: a ceiling by construction.",
+    "- share of instructed gain: (p_method - p_unsteered) / (p_instructed - p_unsteered) on the "
+    "same cells (questions resampled for the interval); withheld (n/a*) where the instructed "
+    f"gain is below {MIN_INSTRUCTED_GAIN} or its interval reaches 0.",
+)
+
+
+def reference_lines(result: ComparisonResult) -> list[str]:
+    """Verdict lines for the instructed reference row: what asking achieves, per lens and k."""
+    base = {(r.lens, r.k): r for r in result.summaries if r.method == "unsteered"}
+    out = []
+    for r in result.summaries:
+        if r.method != INSTRUCTED or (r.lens, r.k) not in base:
+            continue
+        kl = f" at {_ci(r.kl)} nats/token" if r.kl is not None else ""
+        out.append(
+            f"- reference, {r.lens}, k={r.k}: asked by system prompt {_ci(r.target_prob)}{kl} "
+            f"vs unsteered {_ci(base[(r.lens, r.k)].target_prob)}"
+        )
+    return out
 
 
 def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
@@ -348,6 +413,7 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
         "## Verdict",
         "",
         *[f"- {s}" for s in verdict(result)],
+        *reference_lines(result),
         "",
         "## Evaluators (never optimised against)",
         "",
@@ -368,6 +434,7 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
                     "difference to the baseline is read at the same level.",
                     "",
                     equal_kl_table(rows),
+                    *(["", *instructed_notes(rows)] if instructed_notes(rows) else []),
                 ]
         lines += [
             "",
@@ -389,6 +456,7 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
             f"## {lens}: {LENS_TEXT[lens]}, {where}",
             "",
             summary_table(srows, text=lens != "activation"),
+            *(["", *instructed_notes(srows)] if instructed_notes(srows) else []),
         ]
     crows = combination_rows(result)
     if crows:
@@ -436,6 +504,7 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
         "unsteered probability on the same question (in [-1, 1]).",
         "- KL/token: KL(steered || unsteered) of the next-token distributions along the reported answer "
         "(including the step that ended it); perplexity: of the answer tokens under the unsteered model.",
+        *INSTRUCTED_DEFINITIONS,
     ]
     if info.get("seeds"):
         lines += [
@@ -465,6 +534,10 @@ def render_summary(result: ComparisonResult) -> str:
             if e.diff_vs_baseline is not None
             else ""
         )
+        if e.method == INSTRUCTED:
+            d = f"  (reference, at its own KL {_f(e.kl)})"
+        elif e.instructed_fraction is not None:
+            d += f"; share of instructed gain {e.instructed_fraction.fmt(2)}"
         lines.append(f"  k={e.k} {method_label(e.method):22s} {e.target_prob.fmt()}{d}")
     lines += ["", "activation level (held-out multi-label evaluator, calibrated alpha):"]
     for r in result.summary("activation"):
@@ -548,6 +621,21 @@ def plot_tradeoff(
         un = [r for r in result.summary(lens) if r.method == "unsteered" and r.k == k]
         if un:
             ax.axhline(un[0].target_prob.estimate, color="grey", ls=":", lw=1, label="unsteered")
+        for p in (p for p in pts if p.method == INSTRUCTED and p.k == k):  # one point, no alpha
+            ax.errorbar(
+                [p.kl.estimate],
+                [p.target_prob.estimate],
+                yerr=[
+                    [p.target_prob.estimate - p.target_prob.low],
+                    [p.target_prob.high - p.target_prob.estimate],
+                ],
+                marker="*",
+                ms=9,
+                capsize=2,
+                color="k",
+                ls="none",
+                label=method_label(INSTRUCTED),
+            )
         ax.axvline(result.config.kl_budget, color="k", ls="--", lw=0.8, label="KL level")
         ax.set_xscale("log")
         ax.set_ylim(0, 1)
@@ -572,6 +660,8 @@ def plot_report(result: ComparisonResult, out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = ["unsteered", *result.config.methods]
+    if result.activation is not None and result.activation.instructed is not None:
+        methods.insert(1, INSTRUCTED)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3
     colors = dict(zip(methods, palette, strict=False))
     paths: list[Path] = []
@@ -603,7 +693,13 @@ def plot_report(result: ComparisonResult, out_dir: Path) -> list[Path]:
                 vals = []
                 for j in idx:
                     t = [labels.index(x) for x in act.combos[j]]
-                    pr = act.base if m == "unsteered" else act.probs[m][j]
+                    pr = (
+                        act.base
+                        if m == "unsteered"
+                        else act.instructed[j]
+                        if m == INSTRUCTED and act.instructed is not None
+                        else act.probs[m][j]
+                    )
                     vals.append(float(pr[:, t].mean()))
                 ax.bar(
                     [i + jm * width for i in range(len(idx))],

@@ -32,6 +32,7 @@ REQUIRED_TOP = (
     "timings",
 )
 SUMMARY_KEYS = ("lens", "method", "k", "alpha", "target_prob", "min_target_prob", "gain")
+DEMO_METHODS = ("caa_mean", "caa_sum", "ksteer", "ksteer_multistep", "ksteer_linear")
 
 
 def _fast(**kw):
@@ -198,7 +199,7 @@ def two_seed_demo(tmp_path_factory):
     """One fast two-seed demo on the tiny model, shared by the schema and seeds tests."""
     out = tmp_path_factory.mktemp("demo")
     results = run_demo(
-        _fast(methods=("caa_mean", "caa_sum", "ksteer", "ksteer_multistep")),
+        _fast(methods=DEMO_METHODS),
         out,
         seeds=2,
         progress=False,
@@ -213,21 +214,44 @@ def test_demo_report_schema_on_tiny_model(two_seed_demo):
     assert on_disk["layer"] == 2
     for key in REQUIRED_TOP:
         assert key in on_disk, key
-    assert set(on_disk["alpha"]) == {"caa_mean", "caa_sum", "ksteer", "ksteer_multistep"}
+    assert set(on_disk["alpha"]) == set(DEMO_METHODS)
     lenses = {r["lens"] for r in on_disk["summaries"]}
     assert lenses == {"activation", "text", "text_activation"}
     for r in on_disk["summaries"]:
         for key in SUMMARY_KEYS:
             assert key in r, key
-        assert r["method"] in {"unsteered", "caa_mean", "caa_sum", "ksteer", "ksteer_multistep"}
+        assert r["method"] in {"unsteered", "instructed", *DEMO_METHODS}
         iv = r["target_prob"]
         assert iv["low"] <= iv["estimate"] <= iv["high"]
     assert {k for k in (r["k"] for r in on_disk["summaries"])} == {1, 2, 3}
     answers = on_disk["text_eval"]["answers"]
-    assert {a["factor"] for a in answers if a["method"] != "unsteered"} == {0.25, 0.5, 1.0, 2.0}
+    steered = [a for a in answers if a["method"] not in ("unsteered", "instructed")]
+    assert {a["factor"] for a in steered} == {0.25, 0.5, 1.0, 2.0}
+    # the instructed reference row: one answer per text cell, in every lens and table
+    cells = on_disk["plan"]["gen_cells"]
+    asked = [[a["question"], a["targets"]] for a in answers if a["method"] == "instructed"]
+    assert asked == cells and on_disk["comparison_config"]["instructed"] is True
+    assert {(r["lens"], r["k"]) for r in on_disk["summaries"] if r["method"] == "instructed"} == {
+        (lens, k) for lens in ("activation", "text", "text_activation") for k in (1, 2, 3)
+    }
+    assert len(on_disk["activation_eval"]["instructed"]) == len(on_disk["plan"]["act_combos"])
+    assert {e["k"] for e in on_disk["equal_kl"] if e["method"] == "instructed"} == {1, 2, 3}
+    assert on_disk["method_labels"]["instructed"] == "Instructed (system prompt)"
+    shares = [r for r in on_disk["summaries"] if r["method"] == "ksteer_linear"]
+    assert all((r["instructed_fraction"] is None) != (r["instructed_note"] is None) for r in shares)
     assert all(set(a["text_probs"]) and len(a["text_probs"]) == 6 for a in answers)
     md = (tmp / "report.md").read_text()
     assert "## Verdict" in md and "equal measured KL" in md and "## Definitions" in md
+    assert "| Instructed (system prompt) |" in md and "share of instructed gain" in md
+    assert "- reference, text, k=1: asked by system prompt " in md
+    assert "| K-Steer linear probe |" in md
+    # ksteer_linear's probe: linear, beside the MLP probe (same hook point), saved with it
+    from ks_lens.probes import Probe
+
+    linear = Probe.load(tmp / "probes" / "steering-text-linear")
+    mlp = Probe.load(tmp / "probes" / "steering-text")
+    assert len(linear.linears) == 1 and len(mlp.linears) > 1
+    assert linear.hook_name == mlp.hook_name and linear.label_names == mlp.label_names
     for png in ("activation_combinations.png", "text_tradeoff.png", "calibration.png"):
         assert (tmp / png).stat().st_size > 1000
     assert result.config.kl_budget == on_disk["comparison_config"]["kl_budget"]
@@ -305,8 +329,8 @@ def test_demo_covers_every_combination_on_request(tmp_path):
         assert len({x.question for x in te.cells if x.targets == c}) >= 2
     doc = json.loads((tmp_path / "d" / "report.json").read_text())
     rows = doc["combinations"]
-    assert len(rows) == 41 * 3  # unsteered and two methods
-    assert {r["method"] for r in rows} == {"unsteered", "caa_mean", "ksteer"}
+    assert len(rows) == 41 * 4  # unsteered, instructed and two methods
+    assert {r["method"] for r in rows} == {"unsteered", "instructed", "caa_mean", "ksteer"}
     assert all((r["vanish_rate"] is None) == (len(r["targets"]) == 1) for r in rows)
     md = (tmp_path / "d" / "report.md").read_text()
     assert "## Text level per combination" in md and "| helpful+expert+casual | 2 |" in md
@@ -350,7 +374,7 @@ def test_demo_validates_arguments_before_any_compute(tmp_path, capsys):
 
 def test_demo_is_deterministic_given_the_seed(two_seed_demo, tmp_path):
     first, _ = two_seed_demo
-    cfg = _fast(methods=("caa_mean", "caa_sum", "ksteer", "ksteer_multistep"))
+    cfg = _fast(methods=DEMO_METHODS)
     run_demo(cfg, tmp_path / "again", progress=False)
     a = json.loads((first / "seed-1" / "report.json").read_text())
     b = json.loads((tmp_path / "again" / "report.json").read_text())

@@ -256,11 +256,12 @@ class _FakeTextEvaluator:
         return np.array([[len(t) % 7 / 7, len(t.split()) % 5 / 5, 0.5] for t in texts])
 
 
-def test_run_comparison_end_to_end_on_tiny(tiny_model, tiny_acts, tiny_probe):
+def test_run_comparison_end_to_end_on_tiny(tiny_model, tiny_acts, tiny_probe, tiny_dataset):
     vec = SteeringVectors.fit(tiny_acts, 2)
     evaluator = train_probe(tiny_acts, 3, config=ProbeConfig(hidden=16, epochs=3, seed=1))
+    linear = train_probe(tiny_acts, 2, config=ProbeConfig(kind="linear", epochs=3))
     cfg = ComparisonConfig(
-        methods=("caa_mean", "ksteer"),
+        methods=("caa_mean", "ksteer", "ksteer_linear"),
         kl_budget=0.05,
         act_combos_per_size=2,
         max_new_tokens=3,
@@ -280,22 +281,40 @@ def test_run_comparison_end_to_end_on_tiny(tiny_model, tiny_acts, tiny_probe):
         text_questions=["a?", "b?"],
         config=cfg,
         progress=False,
+        linear_probe=linear,
+        instructions=tiny_dataset.instructions,
     )
     assert isinstance(res, ComparisonResult)
-    assert set(res.alphas) == {"caa_mean", "ksteer"} and set(res.alphas["ksteer"]) == {1, 2, 3}
+    assert set(res.alphas) == {"caa_mean", "ksteer", "ksteer_linear"}
+    assert set(res.alphas["ksteer"]) == {1, 2, 3}
     te = res.text
     assert te is not None
     n_cells = len(res.plan.gen_cells)
     assert n_cells == 2 * 3  # 2 text questions x one combination per size
-    assert len(te.answers) == 2 + 2 * len(cfg.curve_factors) * n_cells
-    steered = [a for a in te.answers if a.method != "unsteered"]
+    # unsteered + methods x alphas x cells + one instructed answer per cell
+    assert len(te.answers) == 2 + 3 * len(cfg.curve_factors) * n_cells + n_cells
+    instructed = [a for a in te.answers if a.method == "instructed"]
+    assert [(a.question, a.targets) for a in instructed] == [
+        (c.question, c.targets) for c in res.plan.gen_cells
+    ]
+    assert all(a.factor == 0.0 and a.alpha == 0.0 and a.kl >= 0 for a in instructed)
+    steered = [a for a in te.answers if a.method not in ("unsteered", "instructed")]
     assert {a.factor for a in steered} == set(cfg.curve_factors)
     for a in steered:
         assert a.alpha == pytest.approx(res.alphas[a.method][len(a.targets)] * a.factor)
     assert {r.lens for r in res.summaries} == {"activation", "text", "text_activation"}
-    assert len(res.curves) == 2 * 3 * 2 * len(cfg.curve_factors)  # lenses x k x methods x alphas
+    assert {(r.lens, r.k) for r in res.summaries if r.method == "instructed"} == {
+        (lens, k) for lens in ("activation", "text", "text_activation") for k in (1, 2, 3)
+    }
+    assert res.activation is not None and res.activation.instructed is not None
+    assert len(res.activation.instructed) == len(res.plan.act_combos)
+    # lenses x k x (methods x alphas + the instructed point)
+    assert len(res.curves) == 2 * 3 * (3 * len(cfg.curve_factors) + 1)
     assert {(e.lens, e.method, e.k) for e in res.equal_kl} == {
-        (lens, m, k) for lens in ("text", "text_activation") for m in cfg.methods for k in (1, 2, 3)
+        (lens, m, k)
+        for lens in ("text", "text_activation")
+        for m in (*cfg.methods, "instructed")
+        for k in (1, 2, 3)
     }
     doc = json.loads(json.dumps(res.to_json()))  # what report.json holds
     again = ComparisonResult.from_json(doc)  # summaries recomputed from the stored records
@@ -342,7 +361,9 @@ def test_normalised_gain_and_common_level():
     assert math.isnan(_common_level(ranges, ["a", "c"], 0.2))  # no overlap
 
 
-def test_merge_results_pairs_runs_and_multilayer_method(tiny_model, tiny_acts, tiny_probe):
+def test_merge_results_pairs_runs_and_multilayer_method(
+    tiny_model, tiny_acts, tiny_probe, tiny_dataset
+):
     from ks_lens.comparison import merge_results, method_label
 
     vec = SteeringVectors.fit(tiny_acts, 2)
@@ -371,6 +392,7 @@ def test_merge_results_pairs_runs_and_multilayer_method(tiny_model, tiny_acts, t
             test_questions=["a?", "b?"],
             config=replace(base, **kw),
             progress=False,
+            instructions=tiny_dataset.instructions,
         )
 
     a = run()
@@ -386,9 +408,13 @@ def test_merge_results_pairs_runs_and_multilayer_method(tiny_model, tiny_acts, t
     te = merged.text
     assert te is not None
     n_un = sum(x.method == "unsteered" for x in te.answers)
-    assert n_un == 2 and len(te.answers) == n_un + sum(
-        len([x for x in r.text.answers if x.method != "unsteered"]) for r in (a, b)
+    n_ins = sum(x.method == "instructed" for x in te.answers)
+    assert n_ins == len(a.plan.gen_cells)  # the reference row once, not once per run
+    assert n_un == 2 and len(te.answers) == n_un + n_ins + sum(
+        len([x for x in r.text.answers if x.method not in ("unsteered", "instructed")])
+        for r in (a, b)
     )
+    assert merged.activation is not None and merged.activation.instructed is not None
     # per-method summaries at the calibrated alpha are those of the separate runs
     own = {(r.lens, r.method, r.k): r.target_prob.estimate for r in a.summaries}
     for r in merged.summaries:
@@ -401,6 +427,9 @@ def test_merge_results_pairs_runs_and_multilayer_method(tiny_model, tiny_acts, t
     assert ComparisonResult.from_json(doc).config.methods == merged.config.methods
     with pytest.raises(ValueError, match="baseline"):
         merge_results({"all": a}, baseline="caa_mean")
+    no_ref = run(instructed=False)
+    with pytest.raises(ValueError, match="differ in the instructed reference row"):
+        merge_results({"all": a, "plain": no_ref}, baseline="caa_mean@all")
     c = run(sizes=(1,))
     with pytest.raises(ValueError, match="another plan"):
         merge_results({"all": a, "c": c}, baseline="caa_mean@all")
@@ -413,7 +442,7 @@ def test_merge_results_pairs_runs_and_multilayer_method(tiny_model, tiny_acts, t
             text_evaluator=None,
             calib_questions=["x?"],
             test_questions=["y?"],
-            config=replace(base, methods=("caa_mean", "ksteer_multilayer")),
+            config=replace(base, methods=("caa_mean", "ksteer_multilayer"), instructed=False),
             progress=False,
         )
 
@@ -455,6 +484,7 @@ def _synthetic_result() -> dict:
         act_combos_per_size=1,
         curve_factors=(0.5, 1.0),
         n_resamples=50,
+        instructed=False,  # tests/test_reference_rows.py checks results with the row
     )
     plan = plan_comparison(("a", "b", "c"), cfg, n_calib=1, n_test=2)
     act = _act_eval()

@@ -329,6 +329,7 @@ def test_run_comparison_fits_and_compares_dct_on_tiny(tiny_model, tiny_acts, tin
         act_combos_per_size=2,
         calib_bisect_steps=1,
         n_resamples=50,
+        instructed=False,
     )
     res = run_comparison(
         tiny_model,

@@ -45,6 +45,7 @@ def test_library_calls_log_and_print_nothing(tiny_model, tiny_acts, tiny_probe, 
             calib_tokens=3,
             calib_bisect_steps=1,
             n_resamples=20,
+            instructed=False,
         ),
         progress=False,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -68,6 +70,23 @@ def test_text_kit_learns_only_from_the_steering_half(tiny_setup):
     assert s.probe is s.kits["text"].probe  # the default source (measured: docs/steering.md)
 
 
+def test_linear_probe_beside_the_mlp_probe(tiny_setup, tmp_path):
+    """ksteer_linear (a default method) gets a linear probe of each source, at the steering
+    probe's hook point, trained on the same rows, saved beside it."""
+    from ks_lens.probes import Probe
+
+    s = tiny_setup
+    assert "ksteer_linear" in s.config.comparison.methods
+    for source, kit in s.kits.items():
+        lin = kit.linear_probe
+        assert lin is not None and len(lin.linears) == 1 and len(kit.probe.linears) > 1
+        assert lin.hook_name == kit.probe.hook_name and lin.label_names == kit.probe.label_names
+        assert lin.metrics["n_train"] == kit.probe.metrics["n_train"]  # the same rows
+        work = s.evaluator_store.path.parents[1]  # <work>/acts/<store>
+        saved = Probe.load(work / "probes" / f"steering-{source}-linear")
+        assert torch.equal(saved.linears[0].weight, lin.linears[0].weight)
+
+
 def test_response_evaluator_reads_only_the_other_half(tiny_setup):
     s = tiny_setup
     ev = s.response_evaluator
@@ -90,7 +109,11 @@ def test_prepare_builds_only_the_configured_source_by_default(tmp_path):
     cfg = PipelineConfig.fast(
         model="tiny-random-llama", n_gold=24, layer=2, multilayer_offsets=(-1, 0), n_evaluator=6
     )
+    # no method steers with a linear probe: none is trained or saved
+    cfg = replace(cfg, comparison=replace(cfg.comparison, methods=("caa_mean", "ksteer")))
     s = prepare(cfg, tmp_path / "work", progress=False)
+    assert s.kit.linear_probe is None
+    assert not (tmp_path / "work" / "probes" / "steering-text-linear").exists()
     assert sorted(s.kits) == ["text"] and s.train_store is None
     assert not list((tmp_path / "work" / "acts").glob("train-prompt-*"))
     assert s.kit_of("text") is s.kit

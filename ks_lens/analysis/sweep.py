@@ -225,6 +225,8 @@ def layer_sweep(
     ``test_questions`` (``LayerRecord.test``: reported only).
     """
     n_layers = int(model.cfg.n_layers)
+    # per-layer steering effects: no instructed reference row (it does not depend on the layer)
+    config = replace(config, instructed=False)
     shared = set(calib_questions) & set(test_questions)
     if text_questions is not None:
         shared |= set(calib_questions) & set(text_questions)
