@@ -43,6 +43,13 @@ from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
+from ks_lens.capability_stage import (
+    CapabilityEvaluation,
+    CapabilityRow,
+    check_capability,
+    evaluate_capability_stage,
+    merge_capability,
+)
 from ks_lens.coverage import label_combinations, plan_coverage
 from ks_lens.errors import ConfigError, KsLensError, StoreError, WrongTypeError
 from ks_lens.evaluation import (
@@ -275,6 +282,10 @@ class ComparisonConfig:
     degenerate: DegenerateRule = field(default_factory=DegenerateRule)
     n_resamples: int = 2000  # bootstrap resamples per interval
     seed: int = 0  # cell sampling and bootstrap (ks-lens demo sets it from --seed)
+    # capability stage: multiple-choice questions per run, stratified over subjects (0: none)
+    capability_questions: int = 24
+    # capability stage: also score with the targets' instructions as system prompt (instructed)
+    capability_instructed: bool = True
 
     def validate(self, labels: Sequence[str] | None = None) -> ComparisonConfig:
         """Check every setting (before any compute); returns ``self``.
@@ -342,6 +353,11 @@ class ComparisonConfig:
             raise ConfigError(
                 "min_questions_per_combination must be at least 1, got "
                 f"{self.min_questions_per_combination}"
+            )
+        if self.capability_questions < 0:
+            raise ConfigError(
+                "capability_questions must be a number of questions (0: no capability stage), "
+                f"got {self.capability_questions}"
             )
         if labels is not None:
             for a in self.avoid:
@@ -417,8 +433,10 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "gen_batch_size",
             "n_resamples",
             "seed",
+            "capability_questions",
         )
     },
+    "capability_instructed": (lambda v: isinstance(v, bool), "true or false"),
     "act_combos_per_size": (lambda v: v is None or _is_int(v), "a whole number or null"),
     "vanish": (lambda v: isinstance(v, VanishRule), "a VanishRule"),
     "degenerate": (lambda v: isinstance(v, DegenerateRule), "a DegenerateRule"),
@@ -865,6 +883,13 @@ class ComparisonResult:
     n_test_questions: int
     n_text_questions: int
     timings: dict[str, float] = field(default_factory=dict)
+    capability: CapabilityEvaluation | None = None  # the capability stage (None: not run)
+
+    def capability_rows(self) -> list[CapabilityRow]:
+        """The capability stage's accuracies and paired differences vs unsteered (empty: none)."""
+        if self.capability is None:
+            return []
+        return self.capability.rows(n_resamples=self.config.n_resamples)
 
     @property
     def alphas(self) -> dict[str, dict[int, float]]:
@@ -893,6 +918,8 @@ class ComparisonResult:
             "activation_eval": None if self.activation is None else self.activation.to_json(),
             "text_eval": None if self.text is None else self.text.to_json(),
             "timings": self.timings,
+            "capability": [r.to_json() for r in self.capability_rows()],
+            "capability_eval": None if self.capability is None else self.capability.to_json(),
         }
 
     @classmethod
@@ -923,6 +950,8 @@ class ComparisonResult:
             n_calib, n_test = int(d["n_calib_questions"]), int(d["n_test_questions"])
             n_text = int(d.get("n_text_questions", 0))
             timings = {str(k): float(v) for k, v in dict(d.get("timings", {})).items()}
+            cap = d.get("capability_eval")
+            capability = None if cap is None else CapabilityEvaluation.from_json(cap)
         except KsLensError:
             raise
         except KeyError as e:
@@ -931,7 +960,7 @@ class ComparisonResult:
             raise StoreError(f"the result has a malformed record ({e})") from None
         if "labels" in d and list(d["labels"]) != list(plan.labels):
             raise StoreError(f"labels {d['labels']} differ from the plan's {list(plan.labels)}")
-        check_records(config, plan, calibration, act, text)
+        check_records(config, plan, calibration, act, text, capability)
         summaries = summarise_activations(act, config) if act is not None else []
         curves: list[CurvePoint] = []
         equal: list[EqualKL] = []
@@ -951,6 +980,7 @@ class ComparisonResult:
             n_test,
             n_text,
             timings,
+            capability,
         )
 
 
@@ -1015,6 +1045,7 @@ def check_records(
     calibration: Mapping[str, Mapping[int, Calibration]],
     act: ActivationEvaluation | None,
     text: TextEvaluation | None,
+    capability: CapabilityEvaluation | None = None,
 ) -> None:
     """Refuse stored records that do not agree with each other or with the settings (an edited or
     damaged ``report.json``): the settings (:meth:`ComparisonConfig.validate` on the plan's
@@ -1057,6 +1088,16 @@ def check_records(
             _check_probs(np.stack(ps), len(labels), f"activation_eval.probs[{m!r}]")
     if text is not None:
         _check_text_records(text, config, plan)
+    if capability is not None:
+        alphas = {m: {k: c.alpha for k, c in v.items()} for m, v in calibration.items()}
+        check_capability(
+            capability,
+            methods=config.methods,
+            sizes=config.sizes,
+            labels=labels,
+            avoid=config.avoid,
+            alphas=alphas,
+        )
 
 
 # ----------------------------------------------------------------------------- 3. activations
@@ -1687,6 +1728,8 @@ def merge_results(
         for k, v in runs[n].timings.items():
             # seconds add up; memory (``*_mb``, see ks_lens.memory) is the largest of the runs
             timings[k] = max(timings.get(k, 0.0), v) if k.endswith("_mb") else timings.get(k, 0.0) + v
+    caps = {n: runs[n].capability for n in names}
+    capability = merge_capability(caps) if all(c is not None for c in caps.values()) else None
     return ComparisonResult(
         cfg,
         first.plan,
@@ -1700,6 +1743,7 @@ def merge_results(
         first.n_test_questions,
         first.n_text_questions,
         timings,
+        capability,
     )
 
 
@@ -1721,9 +1765,13 @@ def run_comparison(
     config: ComparisonConfig | None = None,
     progress: bool = True,
     dct: DCTVectors | None = None,
+    instructed: Mapping[tuple[str, ...], str] | None = None,
 ) -> ComparisonResult:
     """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
-    ``text_questions``, default the same) and summarise.
+    ``text_questions``, default the same), measure capability (``capability_questions`` > 0;
+    with ``capability_instructed`` and ``instructed`` given, a system prompt per combination
+    such as :func:`~ks_lens.capability_stage.instructed_prompts` makes, also instructed) and
+    summarise.
 
     With the ``dct`` method and no mapped ``dct`` vectors given, they are learned on the
     calibration questions at the steering layer (:class:`~ks_lens.steering.dct.DCTConfig`
@@ -1803,6 +1851,25 @@ def run_comparison(
         curves, equal = trade_off(text, config)
         timings["text_eval_s"] = time.perf_counter() - t0
         record_memory(timings, "text_eval")
+    capability = None
+    if config.capability_questions > 0:
+        t0 = time.perf_counter()
+        capability = evaluate_capability_stage(
+            model,
+            methods,
+            alphas,
+            labels=labels,
+            avoid=config.avoid,
+            sizes=config.sizes,
+            n_questions=config.capability_questions,
+            seed=config.seed,
+            positions=config.positions,
+            instructed=instructed if config.capability_instructed else None,
+        )
+        if config.capability_instructed and instructed is None:
+            log.info("  capability: no instructed system prompts given; no instructed row")
+        timings["capability_s"] = time.perf_counter() - t0
+        record_memory(timings, "capability")
     return ComparisonResult(
         config,
         plan,
@@ -1816,6 +1883,7 @@ def run_comparison(
         len(test_questions),
         len(text_questions) if text is not None else 0,
         timings,
+        capability,
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ks_lens.activations import POOLINGS, Activations, ActivationStore, Pooling, collect_to_store
+from ks_lens.capability_stage import instructed_prompts
 from ks_lens.chat import check_context, encode_chat
 from ks_lens.comparison import (
     ComparisonConfig,
@@ -24,6 +25,7 @@ from ks_lens.comparison import (
     run_comparison,
     spread,
 )
+from ks_lens.coverage import label_combinations
 from ks_lens.datasets import (
     Behaviour,
     BehaviourDataset,
@@ -118,6 +120,8 @@ class PipelineConfig(ModelOptions):
                 calib_tokens=6,
                 calib_bisect_steps=2,
                 n_resamples=200,
+                capability_questions=12,
+                capability_instructed=False,
             ),
         )
         return replace(base, **kw)
@@ -521,6 +525,11 @@ class Setup:
             if calib_questions is not None
             else self.questions("calibration", cfg.n_calib)
         )
+        comp = config or cfg.comparison
+        instructed = None
+        if comp.capability_instructed and comp.capability_questions > 0:
+            pool = [lab for lab in kit.probe.label_names if lab not in comp.avoid]
+            instructed = instructed_prompts(self.dataset, label_combinations(pool, comp.sizes))
         return run_comparison(
             self.model,
             probe=kit.probe,
@@ -532,8 +541,9 @@ class Setup:
             calib_questions=calib,
             test_questions=test[: cfg.n_eval],
             text_questions=test[: cfg.n_gen],
-            config=config or cfg.comparison,
+            config=comp,
             progress=progress,
+            instructed=instructed,
         )
 
 
