@@ -49,7 +49,7 @@ def test_partition_gives_every_question_once_and_uses_every_combination():
     assert partition(10, combos) == groups  # deterministic
     pairs = label_combinations(list("abcdef"), (3,))
     g20 = partition(24, pairs)
-    assert len(g20) == 20 and all(g20) and sorted(sum(g20, [])) == list(range(24))
+    assert len(g20) == 20 and all(g20) and sorted(i for g in g20 for i in g) == list(range(24))
     assert [len(g) for g in g20] == [2] * 4 + [1] * 16
     # fewer questions than combinations: the first ones only
     assert partition(2, combos) == [[0], [1], []]
@@ -128,7 +128,7 @@ def stage(tiny_model, tiny_dataset, kit):
 
 
 def test_stage_equals_evaluate_capability_by_hand(tiny_model, tiny_dataset, kit, stage):
-    methods, alphas = kit
+    methods, _ = kit
     subset = stratified_subset(_questions(), 8, seed=2)
     assert stage.question_ids == tuple(q.id for q in subset)
     assert [(r.method, r.k) for r in stage.runs] == [
@@ -169,9 +169,7 @@ def test_stage_equals_evaluate_capability_by_hand(tiny_model, tiny_dataset, kit,
     assert row.diff_vs_unsteered == paired_accuracy_difference(
         run.result, base, seed=2, n_resamples=100
     )
-    assert row.diff_vs_unsteered.estimate == pytest.approx(
-        run.result.accuracy() - base.accuracy()
-    )
+    assert row.diff_vs_unsteered.estimate == pytest.approx(run.result.accuracy() - base.accuracy())
     assert rows[0].method == UNSTEERED and rows[0].diff_vs_unsteered is None
 
 
