@@ -331,8 +331,9 @@ def _pooled(
     ]
     ids, subjects, answers, logprob, n_tokens, n_chars = ([col[i] for i in where] for col in cat)
     rule = parts[0][1].rule if parts else DEFAULT_RULE
+    info = {"model": parts[0][1].settings.get("model")} if parts else {}
     return CapabilityResult(
-        ids, subjects, answers, logprob, n_tokens, n_chars, rule, label, dict(settings)
+        ids, subjects, answers, logprob, n_tokens, n_chars, rule, label, {**info, **settings}
     )
 
 
@@ -417,7 +418,8 @@ def evaluate_capability_stage(
                     model, group, system=prompts[combo], batch_size=batch_size, rule=rule
                 )
 
-            res = _by_combination(model, qs, combos[k], asked, f"{INSTRUCTED} k={k}", {"k": k})
+            settings = {"k": k, "system": "each combination's instructions (instructions)"}
+            res = _by_combination(model, qs, combos[k], asked, f"{INSTRUCTED} k={k}", settings)
             runs.append(CapabilityRun(INSTRUCTED, k, 0.0, res))
     texts = (
         {COMBINE_SEP.join(c): instructed[c] for cs in combos.values() for c in cs}

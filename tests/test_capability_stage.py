@@ -376,3 +376,51 @@ def test_store_error_names_the_capability_record(result):
     doc["capability_eval"]["runs"][2]["alpha"] = "x"
     with pytest.raises(StoreError, match="malformed record"):
         ComparisonResult.from_json(doc)
+
+
+def test_demo_scores_capability_under_the_datasets_instructions(tmp_path):
+    """ks-lens demo with the instructed row: Setup.compare gives the stage each combination's
+    instructions joined as the dataset joins combined behaviours."""
+    from dataclasses import replace
+
+    from ks_lens.datasets import load_dataset
+    from ks_lens.demo import run_demo
+    from ks_lens.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.fast(model="tiny-random-llama", n_gold=24)
+    cfg = replace(
+        cfg,
+        comparison=replace(
+            cfg.comparison,
+            methods=("caa_mean",),
+            sizes=(1, 2),
+            capability_questions=15,
+            capability_instructed=True,
+        ),
+    )
+    (res,) = run_demo(cfg, tmp_path / "d", progress=False)
+    cap = res.capability
+    assert cap is not None and len(cap.question_ids) == 15
+    tones = load_dataset("tones")
+    pairs = label_combinations(tones.labels, (2,))
+    assert cap.combos[2] == tuple(pairs) and len(pairs) == 15  # every pair steers one question
+    joined = tones.with_combinations((2,))
+    assert cap.instructions == {
+        **{lab: tones.instruction(lab) for lab in tones.labels},
+        **{"+".join(c): joined.instruction("+".join(c)) for c in pairs},
+    }
+    assert [(r.method, r.k) for r in cap.runs] == [
+        (UNSTEERED, 0),
+        ("caa_mean", 1),
+        ("caa_mean", 2),
+        (INSTRUCTED, 1),
+        (INSTRUCTED, 2),
+    ]
+    assert cap.run(INSTRUCTED, 2).result.settings["system"].startswith("each combination's")
+    assert cap.run("caa_mean", 2).result.settings["model"] == res_model_name(tmp_path)
+    md = (tmp_path / "d" / "report.md").read_text()
+    assert "| instructed | 2 | - | " in md and "| CAA (mean) | 1 | " in md
+
+
+def res_model_name(out) -> str:
+    return json.loads((out / "d" / "report.json").read_text())["model"]
