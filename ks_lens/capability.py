@@ -61,7 +61,7 @@ from ks_lens.errors import ConfigError, DatasetError, WrongTypeError
 from ks_lens.hf_path import forward
 from ks_lens.io import iter_jsonl
 from ks_lens.models import model_device, pad_token_id
-from ks_lens.stats import Interval, bootstrap_mean, paired_difference
+from ks_lens.stats import N_RESAMPLES, Interval, bootstrap_mean, paired_difference
 from ks_lens.types import Model
 
 #: the shipped multiple-choice set (package data)
@@ -416,7 +416,12 @@ def evaluate_capability(
 
 
 def paired_accuracy_difference(
-    a: CapabilityResult, b: CapabilityResult, *, rule: Rule | None = None, seed: int = 0
+    a: CapabilityResult,
+    b: CapabilityResult,
+    *,
+    rule: Rule | None = None,
+    seed: int = 0,
+    n_resamples: int = N_RESAMPLES,
 ) -> Interval:
     """Accuracy of ``a`` minus that of ``b`` on the same questions, with a paired bootstrap
     interval over questions (each resample keeps a question's two outcomes together)."""
@@ -425,7 +430,9 @@ def paired_accuracy_difference(
             f"the two runs scored different questions ({len(a)} and {len(b)}, or another order); "
             "a paired comparison needs the same questions in the same order"
         )
-    return paired_difference(a.correct(rule or a.rule), b.correct(rule or b.rule), seed=seed)
+    return paired_difference(
+        a.correct(rule or a.rule), b.correct(rule or b.rule), seed=seed, n_resamples=n_resamples
+    )
 
 
 __all__ = [

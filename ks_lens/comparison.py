@@ -45,6 +45,13 @@ from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
+from ks_lens.capability_stage import (
+    CapabilityEvaluation,
+    CapabilityRow,
+    check_capability,
+    evaluate_capability_stage,
+    merge_capability,
+)
 from ks_lens.coverage import label_combinations, plan_coverage
 from ks_lens.errors import ConfigError, KsLensError, StoreError, WrongTypeError
 from ks_lens.evaluation import (
@@ -324,6 +331,10 @@ class ComparisonConfig:
     seed: int = 0  # cell sampling and bootstrap (ks-lens demo sets it from --seed)
     # reference row: the model asked for the targets by system prompt, no steering
     instructed: bool = True
+    # capability stage: multiple-choice questions per run, stratified over subjects (0: none)
+    capability_questions: int = 24
+    # capability stage: also score with the targets' instructions as system prompt (instructed)
+    capability_instructed: bool = True
 
     def validate(self, labels: Sequence[str] | None = None) -> ComparisonConfig:
         """Check every setting (before any compute); returns ``self``.
@@ -391,6 +402,11 @@ class ComparisonConfig:
             raise ConfigError(
                 "min_questions_per_combination must be at least 1, got "
                 f"{self.min_questions_per_combination}"
+            )
+        if self.capability_questions < 0:
+            raise ConfigError(
+                "capability_questions must be a number of questions (0: no capability stage), "
+                f"got {self.capability_questions}"
             )
         if labels is not None:
             for a in self.avoid:
@@ -467,8 +483,10 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "gen_batch_size",
             "n_resamples",
             "seed",
+            "capability_questions",
         )
     },
+    "capability_instructed": (lambda v: isinstance(v, bool), "true or false"),
     "act_combos_per_size": (lambda v: v is None or _is_int(v), "a whole number or null"),
     "instructed": (lambda v: isinstance(v, bool), "true or false"),
     "vanish": (lambda v: isinstance(v, VanishRule), "a VanishRule"),
@@ -941,6 +959,13 @@ class ComparisonResult:
     n_test_questions: int
     n_text_questions: int
     timings: dict[str, float] = field(default_factory=dict)
+    capability: CapabilityEvaluation | None = None  # the capability stage (None: not run)
+
+    def capability_rows(self) -> list[CapabilityRow]:
+        """The capability stage's accuracies and paired differences vs unsteered (empty: none)."""
+        if self.capability is None:
+            return []
+        return self.capability.rows(n_resamples=self.config.n_resamples)
 
     @property
     def alphas(self) -> dict[str, dict[int, float]]:
@@ -976,6 +1001,8 @@ class ComparisonResult:
             "activation_eval": None if self.activation is None else self.activation.to_json(),
             "text_eval": None if self.text is None else self.text.to_json(),
             "timings": self.timings,
+            "capability": [r.to_json() for r in self.capability_rows()],
+            "capability_eval": None if self.capability is None else self.capability.to_json(),
         }
 
     @classmethod
@@ -1006,6 +1033,8 @@ class ComparisonResult:
             n_calib, n_test = int(d["n_calib_questions"]), int(d["n_test_questions"])
             n_text = int(d.get("n_text_questions", 0))
             timings = {str(k): float(v) for k, v in dict(d.get("timings", {})).items()}
+            cap = d.get("capability_eval")
+            capability = None if cap is None else CapabilityEvaluation.from_json(cap)
         except KsLensError:
             raise
         except KeyError as e:
@@ -1014,7 +1043,7 @@ class ComparisonResult:
             raise StoreError(f"the result has a malformed record ({e})") from None
         if "labels" in d and list(d["labels"]) != list(plan.labels):
             raise StoreError(f"labels {d['labels']} differ from the plan's {list(plan.labels)}")
-        check_records(config, plan, calibration, act, text)
+        check_records(config, plan, calibration, act, text, capability)
         summaries = summarise_activations(act, config) if act is not None else []
         curves: list[CurvePoint] = []
         equal: list[EqualKL] = []
@@ -1034,6 +1063,7 @@ class ComparisonResult:
             n_test,
             n_text,
             timings,
+            capability,
         )
 
 
@@ -1123,6 +1153,7 @@ def check_records(
     calibration: Mapping[str, Mapping[int, Calibration]],
     act: ActivationEvaluation | None,
     text: TextEvaluation | None,
+    capability: CapabilityEvaluation | None = None,
 ) -> None:
     """Refuse stored records that do not agree with each other or with the settings (an edited or
     damaged ``report.json``): the settings (:meth:`ComparisonConfig.validate` on the plan's
@@ -1166,6 +1197,16 @@ def check_records(
         _check_instructed_probs(act, config)
     if text is not None:
         _check_text_records(text, config, plan)
+    if capability is not None:
+        alphas = {m: {k: c.alpha for k, c in v.items()} for m, v in calibration.items()}
+        check_capability(
+            capability,
+            methods=config.methods,
+            sizes=config.sizes,
+            labels=labels,
+            avoid=config.avoid,
+            alphas=alphas,
+        )
 
 
 # ----------------------------------------------------------------------------- 3. activations
@@ -1965,6 +2006,8 @@ def merge_results(
         for k, v in runs[n].timings.items():
             # seconds add up; memory (``*_mb``, see ks_lens.memory) is the largest of the runs
             timings[k] = max(timings.get(k, 0.0), v) if k.endswith("_mb") else timings.get(k, 0.0) + v
+    caps = {n: runs[n].capability for n in names}
+    capability = merge_capability(caps) if all(c is not None for c in caps.values()) else None
     return ComparisonResult(
         cfg,
         first.plan,
@@ -1978,10 +2021,21 @@ def merge_results(
         first.n_test_questions,
         first.n_text_questions,
         timings,
+        capability,
     )
 
 
 # ----------------------------------------------------------------------------- all stages
+
+
+def _capability_systems(
+    config: ComparisonConfig, instructions: Mapping[str, str] | None, labels: Sequence[str]
+) -> dict[tuple[str, ...], str] | None:
+    """The capability stage's instructed system prompt per combination (``None``: no row)."""
+    if not config.capability_instructed or instructions is None:
+        return None
+    pool = [lab for lab in labels if lab not in config.avoid]
+    return {c: instructed_system(instructions, c) for c in label_combinations(pool, config.sizes)}
 
 
 def run_comparison(
@@ -2003,7 +2057,10 @@ def run_comparison(
     instructions: Mapping[str, str] | None = None,
 ) -> ComparisonResult:
     """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
-    ``text_questions``, default the same) and summarise.
+    ``text_questions``, default the same), measure capability (``capability_questions`` > 0;
+    with ``capability_instructed`` and ``instructions`` given, also under the system prompt that
+    asks for each combination, :func:`~ks_lens.instructed.instructed_system`) and
+    summarise.
 
     With the ``dct`` method and no mapped ``dct`` vectors given, they are learned on the
     calibration questions at the steering layer (:class:`~ks_lens.steering.dct.DCTConfig`
@@ -2104,6 +2161,25 @@ def run_comparison(
         curves, equal = trade_off(text, config)
         timings["text_eval_s"] = time.perf_counter() - t0
         record_memory(timings, "text_eval")
+    capability = None
+    if config.capability_questions > 0:
+        t0 = time.perf_counter()
+        capability = evaluate_capability_stage(
+            model,
+            methods,
+            alphas,
+            labels=labels,
+            avoid=config.avoid,
+            sizes=config.sizes,
+            n_questions=config.capability_questions,
+            seed=config.seed,
+            positions=config.positions,
+            instructed=_capability_systems(config, instructions, labels),
+        )
+        if config.capability_instructed and instructions is None:
+            log.info("  capability: no instructions given; no instructed row")
+        timings["capability_s"] = time.perf_counter() - t0
+        record_memory(timings, "capability")
     return ComparisonResult(
         config,
         plan,
@@ -2117,6 +2193,7 @@ def run_comparison(
         len(test_questions),
         len(text_questions) if text is not None else 0,
         timings,
+        capability,
     )
 
 

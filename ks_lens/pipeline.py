@@ -119,6 +119,8 @@ class PipelineConfig(ModelOptions):
                 calib_tokens=6,
                 calib_bisect_steps=2,
                 n_resamples=200,
+                capability_questions=12,
+                capability_instructed=False,
             ),
         )
         return replace(base, **kw)
@@ -535,6 +537,7 @@ class Setup:
             if calib_questions is not None
             else self.questions("calibration", cfg.n_calib)
         )
+        comp = config or cfg.comparison
         return run_comparison(
             self.model,
             probe=kit.probe,
@@ -548,7 +551,7 @@ class Setup:
             calib_questions=calib,
             test_questions=test[: cfg.n_eval],
             text_questions=test[: cfg.n_gen],
-            config=config or cfg.comparison,
+            config=comp,
             progress=progress,
         )
 

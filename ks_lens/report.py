@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ks_lens.capability_stage import capability_table
 from ks_lens.comparison import (
     CombinationRow,
     ComparisonResult,
@@ -473,6 +474,7 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
             "",
             combination_table(crows),
         ]
+    lines += capability_section(result)
     st = style_table(result)
     if st:
         lines += ["", "## Style meters (mean per answer, calibrated alpha)", "", st]
@@ -519,6 +521,27 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
         for k, v in {**info.get("timings", {}), **result.timings}.items()
     ]
     return "\n".join(lines) + "\n"
+
+
+def capability_section(result: ComparisonResult) -> list[str]:
+    """The capability table's lines in ``report.md`` (none without a capability stage)."""
+    cap = result.capability
+    if cap is None:
+        return []
+    n = len(cap.question_ids)
+    return [
+        "",
+        "## Capability retention (multiple choice, calibrated alpha)",
+        "",
+        f"Accuracy on {n} questions of the shipped multiple-choice set (stratified over subjects, "
+        f"seed {cap.seed}), scored by option log-likelihood (per character), unsteered, under each "
+        "method at its calibrated alpha and, where run, with the targets asked for in the system "
+        "prompt (instructed). For k targets, question i is steered toward combination i mod C of "
+        "the C combinations of that size. Differences are paired with the unsteered run, 95 % "
+        "bootstrap intervals over questions; bold: the interval excludes 0.",
+        "",
+        capability_table(result.capability_rows(), method_label),
+    ]
 
 
 def render_summary(result: ComparisonResult) -> str:
@@ -787,6 +810,8 @@ _RESULT_KEYS = frozenset(
         "text_eval",
         "timings",
         "combinations",
+        "capability",
+        "capability_eval",
     }
 )
 
@@ -818,6 +843,7 @@ def rerender(directory: str | Path, *, command: str | None = None) -> dict[str, 
 
 
 __all__ = [
+    "capability_section",
     "combination_rows",
     "combination_table",
     "compare_word",
