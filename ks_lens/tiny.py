@@ -70,7 +70,7 @@ def build_tiny_llama(
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=2048,  # a character tokenizer: room for three joined instructions
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=True,

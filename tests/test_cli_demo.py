@@ -468,10 +468,10 @@ def test_demo_external_questions_are_checked_before_collection(tmp_path, capsys)
     long = "word " * 15019
     q.write_text("\n".join(json.dumps({"text": t}) for t in ["Why?", long]) + "\n")
     err = _refused_before_collection(["--questions", str(q)], tmp_path / "o", capsys)
-    assert f"{q}: question 2 (" in err and "more than the model's context window of 1024" in err
+    assert f"{q}: question 2 (" in err and "more than the model's context window of 2048" in err
     fits = (
-        "x" * 1000
-    )  # 1019 tokens with the chat template: fits alone, not with the answer (--fast: 8 new tokens)
+        "x" * 2025
+    )  # 2044 tokens with the chat template: fits alone, not with the answer (--fast: 8 new tokens)
     q.write_text("\n".join(json.dumps({"text": t}) for t in ["Why?", fits]) + "\n")
     err = _refused_before_collection(["--questions", str(q)], tmp_path / "o", capsys)
     assert "plus max_new_tokens=8 does not fit in the model's context window" in err

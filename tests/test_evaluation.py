@@ -343,10 +343,10 @@ def test_readout_refuses_prompts_beyond_the_context_window(tiny_model, tiny_prob
 
     calls = []
     monkeypatch.setattr(base, "steer_groups", lambda *a, **k: calls.append(1))
-    long = "word " * 1100  # far beyond the tiny model's 1024 positions
+    long = "word " * 1100  # far beyond the tiny model's 2048 positions
     with pytest.raises(
         ks.ContextLengthError,
-        match=r"prompt 2 of 2 has \d+ tokens, more than the model's context window of 1024",
+        match=r"prompt 2 of 2 has \d+ tokens, more than the model's context window of 2048",
     ):
         readout(tiny_model, ["short?", long], probe=tiny_probe)
     with pytest.raises(ks.ContextLengthError, match="the prompt has"):

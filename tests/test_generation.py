@@ -101,24 +101,24 @@ def test_a_single_string_is_one_prompt(tiny_model):
 def test_prompts_longer_than_the_context_window_are_refused_before_compute(tiny_model, monkeypatch):
     import pytest
 
-    assert tiny_model.cfg.n_ctx == 1024
+    assert tiny_model.cfg.n_ctx == 2048
     calls = []
     monkeypatch.setattr(
         tiny_model.original_model, "generate", lambda *a, **k: calls.append(1)
     )  # must never be reached
-    long = "word " * 1100  # one token per byte: far beyond 1024
+    long = "word " * 1100  # one token per byte: far beyond 2048
     with pytest.raises(
         ks.ContextLengthError,
-        match=r"prompt 2 of 2 has \d+ tokens, more than the model's context window of 1024",
+        match=r"prompt 2 of 2 has \d+ tokens, more than the model's context window of 2048",
     ):
         generate(tiny_model, ["short?", long])
-    fits = "x" * 990  # fits alone, but not with 64 new tokens
+    fits = "x" * 2010  # fits alone, but not with 64 new tokens
     with pytest.raises(
         ks.ContextLengthError,
         match=r"the prompt \((\d+) tokens\) plus max_new_tokens=64 .* lower max_new_tokens to at most",
     ):
         generate(tiny_model, fits, max_new_tokens=64)
-    with pytest.raises(ks.ContextLengthError, match="context window of 1024"):
+    with pytest.raises(ks.ContextLengthError, match="context window of 2048"):
         ks.tokenize_chat(tiny_model, long)
     assert calls == []
 
