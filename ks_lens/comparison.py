@@ -74,7 +74,7 @@ from ks_lens.stats import (
 )
 from ks_lens.steering import CAA, KSteering, MultiLayer, Steerer, SteeringSpec, SteeringVectors
 from ks_lens.steering.base import Steering
-from ks_lens.steering.dct import DCT, DCTConfig, DCTVectors
+from ks_lens.steering.dct import DCT, DCTSettings, DCTVectors
 from ks_lens.steering.positions import Positions
 from ks_lens.style import style_meters
 from ks_lens.types import Model
@@ -273,6 +273,9 @@ class ComparisonConfig:
     gen_batch_size: int = 48  # generation rows per batch (several methods share a batch)
     vanish: VanishRule = field(default_factory=VanishRule)
     degenerate: DegenerateRule = field(default_factory=DegenerateRule)
+    dct: DCTSettings = field(
+        default_factory=DCTSettings
+    )  # how the dct method's vectors are learned
     n_resamples: int = 2000  # bootstrap resamples per interval
     seed: int = 0  # cell sampling and bootstrap (ks-lens demo sets it from --seed)
 
@@ -355,6 +358,7 @@ class ComparisonConfig:
         d = asdict(self)
         d["vanish"] = self.vanish.to_json()
         d["degenerate"] = self.degenerate.to_json()
+        d["dct"] = asdict(self.dct)
         return d
 
     @classmethod
@@ -374,7 +378,12 @@ class ComparisonConfig:
                         f"comparison setting {name} must be a list, got {kw[name]!r}"
                     )
                 kw[name] = tuple(kw[name])
-        for name, rule in (("vanish", VanishRule), ("degenerate", DegenerateRule)):
+        rules: tuple[tuple[str, Any], ...] = (
+            ("vanish", VanishRule),
+            ("degenerate", DegenerateRule),
+            ("dct", DCTSettings),
+        )
+        for name, rule in rules:
             if name in kw:
                 if not isinstance(kw[name], Mapping):
                     raise WrongTypeError(
@@ -1686,7 +1695,9 @@ def merge_results(
     for n in names:
         for k, v in runs[n].timings.items():
             # seconds add up; memory (``*_mb``, see ks_lens.memory) is the largest of the runs
-            timings[k] = max(timings.get(k, 0.0), v) if k.endswith("_mb") else timings.get(k, 0.0) + v
+            timings[k] = (
+                max(timings.get(k, 0.0), v) if k.endswith("_mb") else timings.get(k, 0.0) + v
+            )
     return ComparisonResult(
         cfg,
         first.plan,
@@ -1704,6 +1715,28 @@ def merge_results(
 
 
 # ----------------------------------------------------------------------------- all stages
+
+
+def uses_dct(config: ComparisonConfig) -> bool:
+    """Whether ``config`` compares the ``dct`` method (or a variant of it)."""
+    return any(m.partition("@")[0] == "dct" for m in config.methods)
+
+
+def fit_comparison_dct(
+    model: Model,
+    layer: int,
+    calib_questions: Sequence[str],
+    evaluator: Probe,
+    config: ComparisonConfig,
+) -> DCTVectors:
+    """The ``dct`` method's vectors for a comparison steering at ``layer``: learned on the
+    calibration questions with ``config.dct`` (the comparison's seed) and mapped to labels there
+    by the held-out ``evaluator`` (:func:`~ks_lens.evaluation.fit_dct`); never on test
+    questions."""
+    dcfg = config.dct.config(model, layer, seed=config.seed)
+    dct = fit_dct(model, calib_questions, evaluator, dcfg, batch_size=config.batch_size)
+    log.info(f"  {dct!r}: {dct.mapping.table() if dct.mapping else 'unmapped'}")
+    return dct
 
 
 def run_comparison(
@@ -1725,9 +1758,8 @@ def run_comparison(
     """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
     ``text_questions``, default the same) and summarise.
 
-    With the ``dct`` method and no mapped ``dct`` vectors given, they are learned on the
-    calibration questions at the steering layer (:class:`~ks_lens.steering.dct.DCTConfig`
-    defaults, the comparison's seed) and mapped to labels there by ``evaluator``."""
+    With the ``dct`` method and no mapped ``dct`` vectors given, they are learned and mapped by
+    :func:`fit_comparison_dct`."""
     text_questions = list(test_questions if text_questions is None else text_questions)
     config = (config or ComparisonConfig()).validate(probe.label_names)
     labels = tuple(probe.label_names)
@@ -1756,14 +1788,12 @@ def run_comparison(
             f"({sorted(kit.layer_probes)})"
         )
     timings: dict[str, float] = {}
-    if any(m.partition("@")[0] == "dct" for m in config.methods):
+    if uses_dct(config):
         t0 = time.perf_counter()
         if dct is None:
-            dcfg = DCTConfig.for_model(model, probe.layer, seed=config.seed)
-            dct = fit_dct(model, calib_questions, evaluator, dcfg, batch_size=config.batch_size)
+            dct = fit_comparison_dct(model, probe.layer, calib_questions, evaluator, config)
         kit = replace(kit, dct=dct)
         timings["dct_fit_s"] = time.perf_counter() - t0
-        log.info(f"  {dct!r}: {dct.mapping.table() if dct.mapping else 'unmapped'}")
     methods = build_methods(config, kit)
 
     t0 = time.perf_counter()
@@ -1843,6 +1873,7 @@ __all__ = [
     "check_records",
     "evaluate_activations",
     "evaluate_text",
+    "fit_comparison_dct",
     "label_combinations",
     "merge_results",
     "method_description",
@@ -1855,4 +1886,5 @@ __all__ = [
     "summarise_combinations",
     "summarise_text",
     "trade_off",
+    "uses_dct",
 ]
