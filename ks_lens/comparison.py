@@ -54,8 +54,8 @@ from ks_lens.evaluation import (
     VanishRule,
     calibrate_alphas,
     first_token_kl,
-    fit_dct,
     generate_and_score_rows,
+    map_dct_labels,
     readout,
     readout_groups,
 )
@@ -273,9 +273,8 @@ class ComparisonConfig:
     gen_batch_size: int = 48  # generation rows per batch (several methods share a batch)
     vanish: VanishRule = field(default_factory=VanishRule)
     degenerate: DegenerateRule = field(default_factory=DegenerateRule)
-    dct: DCTSettings = field(
-        default_factory=DCTSettings
-    )  # how the dct method's vectors are learned
+    # how the dct method's vectors are learned (its source layer is the steering layer)
+    dct: DCTSettings = field(default_factory=DCTSettings)
     n_resamples: int = 2000  # bootstrap resamples per interval
     seed: int = 0  # cell sampling and bootstrap (ks-lens demo sets it from --seed)
 
@@ -1695,9 +1694,7 @@ def merge_results(
     for n in names:
         for k, v in runs[n].timings.items():
             # seconds add up; memory (``*_mb``, see ks_lens.memory) is the largest of the runs
-            timings[k] = (
-                max(timings.get(k, 0.0), v) if k.endswith("_mb") else timings.get(k, 0.0) + v
-            )
+            timings[k] = max(timings.get(k, 0.0), v) if k.endswith("_mb") else timings.get(k, 0.0) + v
     return ComparisonResult(
         cfg,
         first.plan,
@@ -1728,14 +1725,25 @@ def fit_comparison_dct(
     calib_questions: Sequence[str],
     evaluator: Probe,
     config: ComparisonConfig,
+    *,
+    learned: DCTVectors | None = None,
 ) -> DCTVectors:
     """The ``dct`` method's vectors for a comparison steering at ``layer``: learned on the
     calibration questions with ``config.dct`` (the comparison's seed) and mapped to labels there
-    by the held-out ``evaluator`` (:func:`~ks_lens.evaluation.fit_dct`); never on test
-    questions."""
-    dcfg = config.dct.config(model, layer, seed=config.seed)
-    dct = fit_dct(model, calib_questions, evaluator, dcfg, batch_size=config.batch_size)
-    log.info(f"  {dct!r}: {dct.mapping.table() if dct.mapping else 'unmapped'}")
+    by the held-out ``evaluator`` (:func:`~ks_lens.evaluation.map_dct_labels`); never on test
+    questions. ``learned`` gives vectors already learned there (they know no labels, so another
+    evaluator can map them again; e.g. a layer sweep's)."""
+    if learned is None:
+        learned = DCTVectors.fit(
+            model, calib_questions, config.dct.config(model, layer, seed=config.seed)
+        )
+    elif learned.layer != layer:
+        raise ConfigError(f"the DCT vectors given sit at layer {learned.layer}, not {layer}")
+    mapping = map_dct_labels(
+        model, learned, calib_questions, evaluator, batch_size=config.batch_size
+    )
+    dct = learned.mapped(mapping)
+    log.info(f"  {dct!r}: {mapping.table()}")
     return dct
 
 

@@ -40,11 +40,13 @@ from ks_lens.comparison import (
     merge_results,
     method_label,
     run_comparison,
+    uses_dct,
 )
 from ks_lens.errors import ConfigError
 from ks_lens.memory import RunShape, add_work, comparison_work
 from ks_lens.pipeline import EVAL_GAP, PipelineConfig, Setup, steering_kit
 from ks_lens.probes import ProbeConfig
+from ks_lens.steering.dct import DCTVectors
 from ks_lens.types import Model
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,11 @@ def run_paper(
     test = setup.eval_questions(max(cfg.n_eval, cfg.n_gen))[0]
     t0 = time.perf_counter()
     kits = sweep_kits(setup, swept)
+    if uses_dct(cfg.comparison):  # learned once per layer; each evaluator maps them again
+        c = cfg.comparison
+        for L in swept:
+            learned = DCTVectors.fit(model, calib, c.dct.config(model, L, seed=c.seed))
+            kits[L] = replace(kits[L], dct=learned)
     placements = [evaluator_placement(L, n, EVAL_GAP) for L in swept]
     evaluators = train_evaluators(
         setup.evaluator_store.load(layers=sorted({p.eval_layer for p in placements})),
@@ -233,10 +240,12 @@ def run_paper(
     dct_paths: dict[str, str] = {}
     for L, ms in sorted(by_layer.items()):
         config = replace(cfg.comparison, methods=tuple(ms), baseline=ms[0])
-        dct = setup.dct_vectors(L, calib, config, cfg.probe_source, evaluator=evaluator)
+        kit = kits[L]
+        dct = setup.dct_vectors(
+            L, calib, config, cfg.probe_source, evaluator=evaluator, learned=kit.dct
+        )
         if dct is not None and setup.work_dir is not None:
             dct_paths[f"L{L}"] = str(setup.work_dir / "vectors" / f"dct-{cfg.probe_source}-L{L}")
-        kit = kits[L]
         log.info(f"[ks-lens paper] comparison at layer {L}: {ms}")
         runs[f"L{L}"] = run_comparison(
             model,

@@ -123,6 +123,7 @@ class PipelineConfig(ModelOptions):
                 calib_tokens=6,
                 calib_bisect_steps=2,
                 n_resamples=200,
+                dct=replace(comparison.dct, steps=8),
             ),
         )
         return replace(base, **kw)
@@ -467,12 +468,10 @@ class Setup:
     gold_judge: tuple[LabelledText, ...]  # gold texts the evaluators learn from (other questions)
     external_questions: list[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    steer_store: ActivationStore | None = (
-        None  # the text source's store (gold texts, steering half)
-    )
-    work_dir: Path | None = (
-        None  # where prepare saved the artefacts (compare saves DCT vectors here)
-    )
+    # the text source's store (gold texts, steering half)
+    steer_store: ActivationStore | None = None
+    # where prepare saved the artefacts (compare saves the DCT vectors there too)
+    work_dir: Path | None = None
 
     @property
     def kit(self) -> SteeringKit:
@@ -560,15 +559,16 @@ class Setup:
         config: ComparisonConfig,
         source: str,
         evaluator: Probe | None = None,
+        learned: DCTVectors | None = None,
     ) -> DCTVectors | None:
         """The ``dct`` method's mapped vectors at ``layer`` (None when ``config`` does not
-        compare it), learned on ``calib`` and mapped by ``evaluator`` (default the setup's;
-        :func:`~ks_lens.comparison.fit_comparison_dct`), saved to
-        ``work_dir/vectors/dct-{source}-L{layer}`` with the other artefacts."""
+        compare it), learned on ``calib`` (or ``learned`` there already) and mapped by
+        ``evaluator`` (default the setup's; :func:`~ks_lens.comparison.fit_comparison_dct`),
+        saved to ``work_dir/vectors/dct-{source}-L{layer}`` with the other artefacts."""
         if not uses_dct(config):
             return None
         ev = self.evaluator if evaluator is None else evaluator
-        dct = fit_comparison_dct(self.model, layer, calib, ev, config)
+        dct = fit_comparison_dct(self.model, layer, calib, ev, config, learned=learned)
         if self.work_dir is not None:
             dct.save(self.work_dir / "vectors" / f"dct-{source}-L{layer}")
         return dct

@@ -117,6 +117,7 @@ def test_fast_and_the_paper_preset_combine():
     assert opts.config.comparison.max_new_tokens == fast.comparison.max_new_tokens
     assert opts.config.comparison.methods == ("caa_mean", "ksteer", "dct")
     assert opts.sweep and opts.sweep_points == 2
+    assert opts.config.comparison.dct == DCTSettings(steps=8)  # a shorter DCT fit
     assert parse_demo_options(["--preset", "paper"]).sweep_points == DemoOptions.sweep_points
     assert (
         parse_demo_options(["--fast", "--preset", "paper", "--sweep-points", "3"]).sweep_points == 3
@@ -297,7 +298,7 @@ def test_the_dct_artefact_is_saved_and_loads_back_identically(paper_run, tmp_pat
     assert meta["model"]["n_layers"] == 4 and "torch" in meta["versions"]
     assert meta["mapping"]["label_names"] == list(TONES)
     assert meta["config"] == {
-        **DCTSettings().__dict__,
+        **PipelineConfig.fast().comparison.dct.__dict__,  # --fast: 8 steps
         "target_offset": 3 - layer,
         "source_layer": layer,
         "seed": 0,

@@ -229,8 +229,8 @@ def layer_sweep(
 
     ``kits`` gives each layer's steering probe and vectors (``train_acts`` and ``probes`` are
     then unused); without it they are trained on ``train_acts``. With the ``dct`` method, each
-    layer learns its own DCT vectors on the calibration questions, mapped by that layer's
-    evaluator (:func:`~ks_lens.comparison.fit_comparison_dct`).
+    layer's DCT vectors (a kit's ``dct``, else learned there on the calibration questions) are
+    mapped by that layer's evaluator (:func:`~ks_lens.comparison.fit_comparison_dct`).
     """
     n_layers = int(model.cfg.n_layers)
     shared = set(calib_questions) & set(test_questions)
@@ -260,10 +260,12 @@ def layer_sweep(
         evaluator = evaluators[place.eval_layer]
         kit = kits[layer]
         with quieted("ks_lens.comparison"):  # one summary line per layer, below
-            if uses_dct(config):
+            if uses_dct(config):  # mapped by this layer's evaluator (learned here if not given)
                 kit = replace(
                     kit,
-                    dct=fit_comparison_dct(model, layer, calib_questions, evaluator, config),
+                    dct=fit_comparison_dct(
+                        model, layer, calib_questions, evaluator, config, learned=kit.dct
+                    ),
                 )
             res = run_comparison(
                 model,
