@@ -63,8 +63,8 @@ from ks_lens.evaluation import (
     VanishRule,
     calibrate_alphas,
     first_token_kl,
-    fit_dct,
     generate_and_score_rows,
+    map_dct_labels,
     readout,
     readout_groups,
 )
@@ -92,7 +92,7 @@ from ks_lens.stats import (
 )
 from ks_lens.steering import CAA, KSteering, MultiLayer, Steerer, SteeringSpec, SteeringVectors
 from ks_lens.steering.base import Steering
-from ks_lens.steering.dct import DCT, DCTConfig, DCTVectors
+from ks_lens.steering.dct import DCT, DCTSettings, DCTVectors
 from ks_lens.steering.positions import Positions
 from ks_lens.style import style_meters
 from ks_lens.types import Model
@@ -327,6 +327,8 @@ class ComparisonConfig:
     gen_batch_size: int = 48  # generation rows per batch (several methods share a batch)
     vanish: VanishRule = field(default_factory=VanishRule)
     degenerate: DegenerateRule = field(default_factory=DegenerateRule)
+    # how the dct method's vectors are learned (its source layer is the steering layer)
+    dct: DCTSettings = field(default_factory=DCTSettings)
     n_resamples: int = 2000  # bootstrap resamples per interval
     seed: int = 0  # cell sampling and bootstrap (ks-lens demo sets it from --seed)
     # reference row: the model asked for the targets by system prompt, no steering
@@ -420,6 +422,7 @@ class ComparisonConfig:
         d = asdict(self)
         d["vanish"] = self.vanish.to_json()
         d["degenerate"] = self.degenerate.to_json()
+        d["dct"] = asdict(self.dct)
         return d
 
     @classmethod
@@ -440,7 +443,12 @@ class ComparisonConfig:
                         f"comparison setting {name} must be a list, got {kw[name]!r}"
                     )
                 kw[name] = tuple(kw[name])
-        for name, rule in (("vanish", VanishRule), ("degenerate", DegenerateRule)):
+        rules: tuple[tuple[str, Any], ...] = (
+            ("vanish", VanishRule),
+            ("degenerate", DegenerateRule),
+            ("dct", DCTSettings),
+        )
+        for name, rule in rules:
             if name in kw:
                 if not isinstance(kw[name], Mapping):
                     raise WrongTypeError(
@@ -2038,6 +2046,39 @@ def _capability_systems(
     return {c: instructed_system(instructions, c) for c in label_combinations(pool, config.sizes)}
 
 
+def uses_dct(config: ComparisonConfig) -> bool:
+    """Whether ``config`` compares the ``dct`` method (or a variant of it)."""
+    return any(m.partition("@")[0] == "dct" for m in config.methods)
+
+
+def fit_comparison_dct(
+    model: Model,
+    layer: int,
+    calib_questions: Sequence[str],
+    evaluator: Probe,
+    config: ComparisonConfig,
+    *,
+    learned: DCTVectors | None = None,
+) -> DCTVectors:
+    """The ``dct`` method's vectors for a comparison steering at ``layer``: learned on the
+    calibration questions with ``config.dct`` (the comparison's seed) and mapped to labels there
+    by the held-out ``evaluator`` (:func:`~ks_lens.evaluation.map_dct_labels`); never on test
+    questions. ``learned`` gives vectors already learned there (they know no labels, so another
+    evaluator can map them again; e.g. a layer sweep's)."""
+    if learned is None:
+        learned = DCTVectors.fit(
+            model, calib_questions, config.dct.config(model, layer, seed=config.seed)
+        )
+    elif learned.layer != layer:
+        raise ConfigError(f"the DCT vectors given sit at layer {learned.layer}, not {layer}")
+    mapping = map_dct_labels(
+        model, learned, calib_questions, evaluator, batch_size=config.batch_size
+    )
+    dct = learned.mapped(mapping)
+    log.info(f"  {dct!r}: {mapping.table()}")
+    return dct
+
+
 def run_comparison(
     model: Model,
     *,
@@ -2062,9 +2103,8 @@ def run_comparison(
     asks for each combination, :func:`~ks_lens.instructed.instructed_system`) and
     summarise.
 
-    With the ``dct`` method and no mapped ``dct`` vectors given, they are learned on the
-    calibration questions at the steering layer (:class:`~ks_lens.steering.dct.DCTConfig`
-    defaults, the comparison's seed) and mapped to labels there by ``evaluator``.
+    With the ``dct`` method and no mapped ``dct`` vectors given, they are learned and mapped by
+    :func:`fit_comparison_dct`.
     ``linear_probe`` (same labels and hook point as ``probe``) serves ``ksteer_linear``;
     ``instructions`` (label -> instruction, e.g. ``BehaviourDataset.instructions``) the
     ``instructed`` reference row, which ``config.instructed`` asks for."""
@@ -2104,14 +2144,12 @@ def run_comparison(
             f"({sorted(kit.layer_probes)})"
         )
     timings: dict[str, float] = {}
-    if any(m.partition("@")[0] == "dct" for m in config.methods):
+    if uses_dct(config):
         t0 = time.perf_counter()
         if dct is None:
-            dcfg = DCTConfig.for_model(model, probe.layer, seed=config.seed)
-            dct = fit_dct(model, calib_questions, evaluator, dcfg, batch_size=config.batch_size)
+            dct = fit_comparison_dct(model, probe.layer, calib_questions, evaluator, config)
         kit = replace(kit, dct=dct)
         timings["dct_fit_s"] = time.perf_counter() - t0
-        log.info(f"  {dct!r}: {dct.mapping.table() if dct.mapping else 'unmapped'}")
     methods = build_methods(config, kit)
 
     t0 = time.perf_counter()
@@ -2223,6 +2261,7 @@ __all__ = [
     "check_records",
     "evaluate_activations",
     "evaluate_text",
+    "fit_comparison_dct",
     "label_combinations",
     "merge_results",
     "method_description",
@@ -2235,4 +2274,5 @@ __all__ = [
     "summarise_combinations",
     "summarise_text",
     "trade_off",
+    "uses_dct",
 ]

@@ -20,17 +20,22 @@ import inspect
 import logging
 import shlex
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from ks_lens.comparison import METHODS, ComparisonConfig, ComparisonResult
+from ks_lens import paper
+from ks_lens.comparison import METHODS, ComparisonConfig, ComparisonResult, method_label
 from ks_lens.compat import versions
+from ks_lens.datasets import load_dataset
 from ks_lens.errors import ConfigError, Interrupted, KsLensError
+from ks_lens.io import atomic_write_bytes, atomic_write_json
+from ks_lens.memory import Estimate
 from ks_lens.models import model_device, model_signature
-from ks_lens.options import PipelineOptions, parse_pipeline_options
+from ks_lens.options import PipelineOptions, given, parse_pipeline_options
 from ks_lens.pipeline import (
     PipelineConfig,
     Setup,
@@ -38,6 +43,7 @@ from ks_lens.pipeline import (
     prepare,
     probe_source_text,
 )
+from ks_lens.presets import PRESET_OPTION, apply_preset, get_preset, preset_in, presets_help
 from ks_lens.report import render_summary, seeds_summary, write_report
 from ks_lens.utils import git_commit
 
@@ -141,11 +147,16 @@ def run_demo(
     command: str = "ks-lens demo",
     progress: bool = True,
     memory_check: bool = True,
+    sweep: SweepPlan | None = None,
+    on_estimate: Callable[[Estimate], None] | None = None,
 ) -> list[ComparisonResult]:
     """Run the pipeline once per seed (``cfg.seed``, ``cfg.seed + 1``, ...); returns the results.
 
     The first seed's report goes to ``out``; further seeds to ``out/seed-N``. With several
-    seeds, the first report also gets the mean ± sd of the estimates across seeds.
+    seeds, the first report also gets the mean ± sd of the estimates across seeds. With a
+    ``sweep``, each method steers at its own layer, chosen by a layer sweep on the calibration
+    questions (:mod:`ks_lens.paper`; ``paper.json`` and ``paper.md`` beside the report).
+    ``on_estimate`` receives the run's estimated memory and time before any collection.
     """
     if seeds < 1:
         raise ConfigError("seeds must be at least 1")
@@ -160,9 +171,26 @@ def run_demo(
         cfg_s = replace(cfg, seed=s, comparison=replace(cfg.comparison, seed=s))
         out_s = out if i == 0 else out / f"seed-{s}"
         t_start = time.perf_counter()
-        setup = prepare(cfg_s, out_s, progress=progress, memory_check=memory_check)
-        result = setup.compare(progress=progress)
+        extra = _sweep_kwargs(cfg_s, sweep)
+        setup = prepare(
+            cfg_s,
+            out_s,
+            progress=progress,
+            memory_check=memory_check,
+            on_estimate=on_estimate if i == 0 else None,
+            **extra,
+        )
         info = _info(setup, cfg_s, command, commit)
+        if sweep is None:
+            result = setup.compare(progress=progress)
+        else:
+            protocol = paper.run_paper(
+                setup, layers=sweep.layers, points=sweep.points, progress=progress
+            )
+            result = protocol.result
+            info.update(paper_info(protocol))
+            info["timings"].update(protocol.timings)
+            write_paper(protocol, out_s)
         info["timings"]["total_s"] = time.perf_counter() - t_start
         paths = write_report(result, info, out_s)
         log.info(
@@ -179,6 +207,73 @@ def run_demo(
     return results
 
 
+@dataclass(frozen=True)
+class SweepPlan:
+    """The layers a per-method layer sweep tries (``layers``, or ``points`` spread over the
+    depth when empty; :func:`ks_lens.paper.sweep_layers`)."""
+
+    layers: tuple[int, ...] = ()
+    points: int = 5
+
+
+def _sweep_kwargs(cfg: PipelineConfig, sweep: SweepPlan | None) -> dict[str, Any]:
+    """What :func:`~ks_lens.pipeline.prepare` needs for a sweep: its layers in the stores and
+    its work in the estimate."""
+    if sweep is None:
+        return {}
+    labels = load_dataset(cfg.dataset).labels
+    return dict(
+        study_layers=paper.study_layers(sweep.layers, sweep.points),
+        extra_work=paper.extra_work(cfg, labels, sweep.layers, sweep.points),
+    )
+
+
+class _Estimated(Exception):
+    """Stops :func:`estimate_demo`'s setup once the estimate is made."""
+
+    def __init__(self, estimate: Estimate):
+        super().__init__("estimated")
+        self.estimate = estimate
+
+
+def estimate_demo(cfg: PipelineConfig, *, sweep: SweepPlan | None = None) -> Estimate:
+    """The estimated peak memory and time of ``run_demo(cfg, sweep=sweep)`` for one seed: loads
+    the model for its shape, collects and writes nothing."""
+
+    def stop(est: Estimate) -> None:
+        raise _Estimated(est)
+
+    cfg.validate()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            prepare(cfg, tmp, progress=False, on_estimate=stop, **_sweep_kwargs(cfg, sweep))
+        except _Estimated as e:
+            return e.estimate
+    raise AssertionError("prepare returned without an estimate")  # pragma: no cover
+
+
+def paper_info(protocol: paper.PaperResult) -> dict[str, Any]:
+    """What the report says about a swept run: each method's hook point and layer choice."""
+    hooks = ", ".join(
+        f"{method_label(m)} at blocks.{r.layer}.hook_resid_post"
+        for m, r in protocol.choices.items()
+    )
+    return {
+        "steering_hook": f"each method's own layer ({hooks})",
+        "layer": {m: r.layer for m, r in protocol.choices.items()},
+        "eval_layer": protocol.eval_layer,
+        "eval_layer_note": None,
+        "paper": protocol.to_json(),
+    }
+
+
+def write_paper(protocol: paper.PaperResult, out: Path) -> None:
+    """``paper.json`` and ``paper.md`` of a swept run in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "paper.json", protocol.to_json())
+    atomic_write_bytes(out / "paper.md", paper.render_markdown(protocol).encode())
+
+
 def check_comparison_seed(cfg: PipelineConfig) -> None:
     """The demo runs each seed's comparison (cell sampling, bootstrap) with that seed (``--seed``,
     ``--seeds``), so it refuses a separate comparison seed rather than ignore it."""
@@ -188,6 +283,17 @@ def check_comparison_seed(cfg: PipelineConfig) -> None:
             "seeds the comparison (cell sampling, bootstrap) with --seed, as it does the splits, "
             "probes and evaluators; use --seed (and --seeds N for several)"
         )
+
+
+def print_estimate(est: Estimate, *, starting: bool = True) -> None:
+    """Print the run's estimated peak memory and time (before anything is collected)."""
+    took = f"{est.seconds:.0f} s" if est.seconds < 120 else f"{est.seconds / 60:.0f} min"
+    print(
+        f"[ks-lens demo] estimated peak memory {est.peak_mb / 1024:.1f} GiB, time about {took} "
+        "on 2 CPU cores (rough, docs/performance.md; a GPU is faster)"
+        + ("; starting" if starting else ""),
+        flush=True,
+    )
 
 
 def print_summary(result: ComparisonResult) -> None:
@@ -212,6 +318,14 @@ class DemoOptions(PipelineOptions):
     max_questions: int | None = None  # cap the test questions (n_eval and n_gen)
     # refuse a run whose estimated peak memory exceeds the available memory
     memory_check: bool = True
+    # a named set of option values (see Presets above); options given explicitly win
+    preset: Annotated[str | None, PRESET_OPTION] = None
+    # choose each method's steering layer by a layer sweep on the calibration questions
+    sweep: bool = False
+    sweep_layers: tuple[int, ...] = ()  # layers the sweep tries (empty: sweep_points layers)
+    sweep_points: int = 5  # layers spread over the depth when sweep_layers is empty (--fast: 2)
+    # print the estimated peak memory and time, then stop (loads the model, computes nothing)
+    estimate_only: bool = False
 
 
 def parse_demo_options(argv: Sequence[str], *, prog: str = "ks-lens demo") -> DemoOptions:
@@ -221,8 +335,19 @@ def parse_demo_options(argv: Sequence[str], *, prog: str = "ks-lens demo") -> De
     """
     paragraphs = inspect.cleandoc(DemoOptions.__doc__ or "").split("\n\n")
     paragraphs.append("Methods: " + ", ".join(METHODS))
+    paragraphs.append("Presets: " + presets_help())
     description = "\n\n".join(" ".join(p.split()) for p in paragraphs)
-    return parse_pipeline_options(DemoOptions, argv, prog=prog, description=description)
+    name = preset_in(argv)
+    preset = None if name is None else get_preset(name)
+    defaults: dict[str, Any] = {"sweep_points": 2} if given(argv, "--fast") else {}
+    return parse_pipeline_options(
+        DemoOptions,
+        argv,
+        prog=prog,
+        description=description,
+        adjust=None if preset is None else (lambda o: apply_preset(o, preset)),
+        **defaults,
+    )
 
 
 def config_from_args(opts: DemoOptions) -> PipelineConfig:
@@ -238,6 +363,14 @@ def config_from_args(opts: DemoOptions) -> PipelineConfig:
         )
     if opts.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
+    if opts.preset is not None:
+        get_preset(opts.preset)
+    if opts.sweep_points < 1:
+        raise ConfigError(f"--sweep-points must be at least 1, got {opts.sweep_points}")
+    if any(L < 0 for L in opts.sweep_layers):
+        raise ConfigError(f"--sweep-layers must be layer indices >= 0, got {opts.sweep_layers}")
+    if opts.sweep_layers and not opts.sweep:
+        raise ConfigError("--sweep-layers needs --sweep (or --preset paper)")
     check_comparison_seed(cfg)
     return cfg.validate()
 
@@ -282,9 +415,19 @@ def cmd_demo(opts: DemoOptions) -> int:
         if sys.argv[1:]
         else "ks-lens demo"
     )
+    sweep = SweepPlan(opts.sweep_layers, opts.sweep_points) if opts.sweep else None
+    if opts.estimate_only:
+        print_estimate(estimate_demo(cfg, sweep=sweep), starting=False)
+        return 0
     try:
         results = run_demo(
-            cfg, opts.out, seeds=opts.seeds, command=command, memory_check=opts.memory_check
+            cfg,
+            opts.out,
+            seeds=opts.seeds,
+            command=command,
+            memory_check=opts.memory_check,
+            sweep=sweep,
+            on_estimate=print_estimate,
         )
     except KeyboardInterrupt:
         raise Interrupted(saved_summary(opts.out)) from None
@@ -295,10 +438,13 @@ def cmd_demo(opts: DemoOptions) -> int:
 
 __all__ = [
     "DemoOptions",
+    "SweepPlan",
     "cmd_demo",
     "config_from_args",
+    "estimate_demo",
     "git_commit",
     "parse_demo_options",
+    "print_estimate",
     "print_summary",
     "run_demo",
 ]

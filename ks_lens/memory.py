@@ -13,14 +13,16 @@ import os
 import resource
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ks_lens.errors import ConfigError
 
 if TYPE_CHECKING:
+    from ks_lens.comparison import ComparisonConfig
     from ks_lens.pipeline import PipelineConfig
+    from ks_lens.steering.dct import DCTSettings
     from ks_lens.types import Model
 
 MIB = 2**20
@@ -88,6 +90,8 @@ RUNTIME_MB = 850.0
 TOKENS_PER_ROW = 96  # a prompt-mode or gold-text row (chat header + question + answer)
 # seconds per million parameters: per collected row, per steered readout row, per generated token
 SECONDS_PER_MPARAM = {"collect": 6.3e-4, "readout": 7.2e-5, "token": 5.5e-5}
+# a DCT learning row runs forward and backward: about this many readouts (not measured)
+DCT_ROW_READOUTS = 3.0
 
 
 @dataclass(frozen=True)
@@ -156,27 +160,66 @@ def estimate_run(shape: RunShape) -> Estimate:
     return Estimate(peak, parts, shape.n_params / 1e6 * work)
 
 
+def dct_readout_rows(settings: DCTSettings, n_prompts: int) -> int:
+    """Readout-equivalent rows of learning DCT vectors on ``n_prompts`` prompts and mapping them
+    to labels there: one unsteered pass, ``steps + 1`` objective evaluations of ``n_vectors`` rows
+    per prompt, each a forward and a backward pass (:data:`DCT_ROW_READOUTS` readouts), and the
+    mapping's ``2 n_vectors + 1`` steered readouts per prompt."""
+    fit = (settings.steps + 1) * settings.n_vectors * DCT_ROW_READOUTS + 1
+    return int(n_prompts * (fit + 2 * settings.n_vectors + 1))
+
+
+@dataclass(frozen=True)
+class ComparisonWork:
+    """What one comparison computes: steered readout rows (activation level, and the DCT
+    vectors' learning when compared) and generated tokens (calibration and text level)."""
+
+    readout_rows: int
+    gen_tokens: int
+    text_rows: int  # generated answers of the text level (0 without it)
+
+
+def comparison_work(
+    c: ComparisonConfig,
+    labels: Sequence[str],
+    *,
+    n_calib: int,
+    n_eval: int,
+    n_gen: int,
+    text: bool = True,
+    reread_calib: bool = False,
+) -> ComparisonWork:
+    """The work of one :func:`~ks_lens.comparison.run_comparison` under ``c`` (``text``: with
+    the text level; ``reread_calib``: the activation level also reads the calibration questions,
+    as a layer sweep does)."""
+    from ks_lens.comparison import plan_comparison, uses_dct
+
+    plan = plan_comparison(labels, c, n_calib=n_calib, n_test=n_gen)
+    methods = len(c.methods)
+    text_rows = n_gen + len(plan.gen_cells) * methods * len(c.curve_factors) if text else 0
+    # the instructed reference row: one more answer per text cell, one readout per question
+    # and combination (counted like a method's: its shared system-prompt prefix runs once)
+    text_rows += len(plan.gen_cells) if c.instructed and text else 0
+    # a calibration evaluates each cell and method at a few alphas, then bisects
+    calib_tokens = len(plan.calib_cells) * methods * (c.calib_bisect_steps + 4) * c.calib_tokens
+    read = (n_eval + (n_calib if reread_calib else 0)) * len(plan.act_combos) * methods
+    read += n_eval * len(plan.act_combos) if c.instructed else 0
+    if uses_dct(c):
+        read += dct_readout_rows(c.dct, n_calib)
+    return ComparisonWork(read, text_rows * c.max_new_tokens + calib_tokens, text_rows)
+
+
 def run_shape(
     cfg: PipelineConfig, model: Model, labels: Sequence[str], n_gold_texts: int, store_layers: int
 ) -> RunShape:
     """The row counts of a run of ``cfg`` (as :func:`~ks_lens.pipeline.prepare` and the
     comparison plan them; ``store_layers``: the widest store's layers) and the model's shape."""
-    from ks_lens.comparison import plan_comparison
-
     c, k = cfg.comparison, len(labels)
     n_gold = n_gold_texts if cfg.n_gold is None else min(cfg.n_gold, n_gold_texts)
     collect = cfg.n_evaluator * (k + cfg.evaluator_combos_per_question) + n_gold
     if cfg.probe_source == "prompt":
         collect += cfg.n_train * k
-    plan = plan_comparison(labels, c, n_calib=cfg.n_calib, n_test=cfg.n_gen)
-    methods = len(c.methods)
-    text_rows = cfg.n_gen + len(plan.gen_cells) * methods * len(c.curve_factors)
-    # the instructed reference row: one more answer per text cell, one readout per question
-    # and combination (counted like a method's: its shared system-prompt prefix runs once)
-    text_rows += len(plan.gen_cells) if c.instructed else 0
-    readouts = cfg.n_eval * len(plan.act_combos) * (methods + int(c.instructed))
-    # a calibration evaluates each cell and method at a few alphas, then bisects
-    calib_tokens = len(plan.calib_cells) * methods * (c.calib_bisect_steps + 4) * c.calib_tokens
+    work = comparison_work(c, labels, n_calib=cfg.n_calib, n_eval=cfg.n_eval, n_gen=cfg.n_gen)
     first = next(model.parameters())
     return RunShape(
         d_model=int(model.cfg.d_model),
@@ -186,10 +229,20 @@ def run_shape(
         collect_rows=collect,
         store_layers=store_layers,
         collect_batch=cfg.batch_size,
-        readout_rows=readouts,
-        gen_tokens=text_rows * c.max_new_tokens + calib_tokens,
+        readout_rows=work.readout_rows,
+        gen_tokens=work.gen_tokens,
         gen_batch=c.gen_batch_size,
         new_tokens=c.max_new_tokens,
+    )
+
+
+def add_work(shape: RunShape, *works: ComparisonWork) -> RunShape:
+    """``shape`` with the readouts and generated tokens of ``works`` added (a study's own
+    comparisons beside the run's)."""
+    return replace(
+        shape,
+        readout_rows=shape.readout_rows + sum(w.readout_rows for w in works),
+        gen_tokens=shape.gen_tokens + sum(w.gen_tokens for w in works),
     )
 
 
@@ -216,10 +269,14 @@ def check_memory(est: Estimate, *, available_mb: float | None, held_mb: float | 
 
 
 __all__ = [
+    "ComparisonWork",
     "Estimate",
     "RunShape",
+    "add_work",
     "available_memory_mb",
     "check_memory",
+    "comparison_work",
+    "dct_readout_rows",
     "estimate_run",
     "peak_rss_mb",
     "record_memory",

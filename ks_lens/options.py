@@ -269,6 +269,7 @@ def parse_pipeline_options(
     prog: str,
     description: str | None = None,
     full: PipelineConfig | None = None,
+    adjust: Callable[[P], P] | None = None,
     **defaults: Any,
 ) -> P:
     """``argv`` read into ``cls`` (a :class:`PipelineOptions`), defaults first.
@@ -277,19 +278,17 @@ def parse_pipeline_options(
     ``full`` (default: ``PipelineConfig()``); options given explicitly override either.
     ``defaults`` sets the defaults of ``cls``'s own fields (e.g. ``out=``). When ``--methods``
     leaves out the baseline and ``--baseline`` is not given, the first method becomes the
-    baseline. Nothing is validated here: call ``config.validate()``.
+    baseline. ``adjust`` changes the defaults last (a preset, :mod:`ks_lens.presets`), before
+    the options given. Nothing is validated here: call ``config.validate()``.
     """
     argv = list(argv)
     check_spellings(argv)
     fast = given(argv, "--fast")
     base = PipelineConfig.fast() if fast else (full or PipelineConfig())
-    opts = parse(
-        cls,
-        argv,
-        prog=prog,
-        description=description,
-        default=dataclasses.replace(cls(), config=base, **defaults),
-    )
+    default = dataclasses.replace(cls(), config=base, **defaults)
+    if adjust is not None:
+        default = adjust(default)
+    opts = parse(cls, argv, prog=prog, description=description, default=default)
     c = opts.config.comparison
     if c.methods and c.baseline not in c.methods and not given(argv, "--baseline"):
         config = dataclasses.replace(

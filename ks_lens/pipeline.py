@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -22,8 +22,10 @@ from ks_lens.comparison import (
     ComparisonConfig,
     ComparisonResult,
     SteeringKit,
+    fit_comparison_dct,
     run_comparison,
     spread,
+    uses_dct,
 )
 from ks_lens.datasets import (
     Behaviour,
@@ -43,6 +45,8 @@ from ks_lens.gold_texts import (
     split_by_question,
 )
 from ks_lens.memory import (
+    Estimate,
+    RunShape,
     available_memory_mb,
     check_memory,
     estimate_run,
@@ -53,6 +57,7 @@ from ks_lens.memory import (
 from ks_lens.models import ModelOptions, load_model
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes
 from ks_lens.steering import SteeringVectors
+from ks_lens.steering.dct import DCTVectors
 from ks_lens.text_evaluator import TextEvaluator, default_text_evaluator
 from ks_lens.types import Model
 
@@ -121,6 +126,7 @@ class PipelineConfig(ModelOptions):
                 n_resamples=200,
                 capability_questions=12,
                 capability_instructed=False,
+                dct=replace(comparison.dct, steps=8),
             ),
         )
         return replace(base, **kw)
@@ -225,9 +231,10 @@ def probe_source_text(cfg: PipelineConfig) -> str:
     )
 
 
-StudyLayers = Sequence[int] | Literal["all"] | None
+StudyLayers = Sequence[int] | Literal["all"] | Callable[[int], Sequence[int]] | None
 """Layers a study asks every store to hold besides the run's own: model layer indices, ``"all"``
-(every layer, as the studies in ``analysis/`` use) or ``None`` (only what the run reads)."""
+(every layer, as the studies in ``analysis/`` use), a function of the model's number of layers
+(for a study that picks them from the model's depth) or ``None`` (only what the run reads)."""
 
 
 @dataclass(frozen=True)
@@ -250,6 +257,8 @@ class RunLayers:
     def of(cls, cfg: PipelineConfig, n_layers: int, study: StudyLayers = None) -> RunLayers:
         ls, le = default_layers(n_layers, cfg.layer, cfg.eval_layer)
         ml = tuple(sorted({ls + o for o in cfg.multilayer_offsets if ls + o >= 0}))
+        if callable(study):
+            study = study(n_layers)
         extra = range(n_layers) if study == "all" else (study or ())
         for layer in extra:
             if not 0 <= layer < n_layers:
@@ -330,7 +339,7 @@ def needs_linear_probe(config: ComparisonConfig) -> bool:
     return any(m.partition("@")[0] in LINEAR_PROBE_METHODS for m in config.methods)
 
 
-def _steering_kit(
+def steering_kit(
     acts: Activations,
     layer: int,
     ml_layers: Sequence[int],
@@ -475,6 +484,10 @@ class Setup:
     gold_judge: tuple[LabelledText, ...]  # gold texts the evaluators learn from (other questions)
     external_questions: list[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # the text source's store (gold texts, steering half)
+    steer_store: ActivationStore | None = None
+    # where prepare saved the artefacts (compare saves the DCT vectors there too)
+    work_dir: Path | None = None
 
     @property
     def kit(self) -> SteeringKit:
@@ -537,7 +550,8 @@ class Setup:
             if calib_questions is not None
             else self.questions("calibration", cfg.n_calib)
         )
-        comp = config or cfg.comparison
+        config = config or cfg.comparison
+        dct = self.dct_vectors(kit.probe.layer, calib, config, source or cfg.probe_source)
         return run_comparison(
             self.model,
             probe=kit.probe,
@@ -551,9 +565,31 @@ class Setup:
             calib_questions=calib,
             test_questions=test[: cfg.n_eval],
             text_questions=test[: cfg.n_gen],
-            config=comp,
+            config=config,
             progress=progress,
+            dct=dct,
         )
+
+    def dct_vectors(
+        self,
+        layer: int,
+        calib: Sequence[str],
+        config: ComparisonConfig,
+        source: str,
+        evaluator: Probe | None = None,
+        learned: DCTVectors | None = None,
+    ) -> DCTVectors | None:
+        """The ``dct`` method's mapped vectors at ``layer`` (None when ``config`` does not
+        compare it), learned on ``calib`` (or ``learned`` there already) and mapped by
+        ``evaluator`` (default the setup's; :func:`~ks_lens.comparison.fit_comparison_dct`),
+        saved to ``work_dir/vectors/dct-{source}-L{layer}`` with the other artefacts."""
+        if not uses_dct(config):
+            return None
+        ev = self.evaluator if evaluator is None else evaluator
+        dct = fit_comparison_dct(self.model, layer, calib, ev, config, learned=learned)
+        if self.work_dir is not None:
+            dct.save(self.work_dir / "vectors" / f"dct-{source}-L{layer}")
+        return dct
 
 
 def prepare(
@@ -564,6 +600,8 @@ def prepare(
     sources: Sequence[ProbeSource] | None = None,
     study_layers: StudyLayers = None,
     memory_check: bool = True,
+    extra_work: Callable[[Model, RunShape], RunShape] | None = None,
+    on_estimate: Callable[[Estimate], None] | None = None,
 ) -> Setup:
     """Collect activations (resumable) and train the probe, vectors and evaluators.
 
@@ -579,6 +617,9 @@ def prepare(
     Each store holds only the layers the run reads (:class:`RunLayers`) plus ``study_layers``.
     Once the model is loaded, the run's peak memory and time are estimated and logged; with
     ``memory_check`` a run whose estimate exceeds the available memory is refused.
+    ``extra_work`` adds a study's own work to the run's shape before the estimate (e.g. the
+    paper protocol's layer sweep, :mod:`ks_lens.paper`); ``on_estimate`` receives the estimate
+    before any activation is collected (``ks-lens demo --preset paper`` prints it).
     """
     cfg.validate()
     wanted = tuple(dict.fromkeys(sources if sources is not None else (cfg.probe_source,)))
@@ -614,17 +655,20 @@ def prepare(
         check_question_lengths(model, questions, cfg)
         external = [q.text for q in questions]
     work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
     log.info(
         f"[ks-lens] model {model.cfg.model_name} ({n_layers} layers); steering layer {ls}, evaluator layer {le}"
     )
-    est = estimate_run(run_shape(cfg, model, ds.labels, len(gold), len(run_layers.gold_store)))
+    shape = run_shape(cfg, model, ds.labels, len(gold), len(run_layers.gold_store))
+    est = estimate_run(shape if extra_work is None else extra_work(model, shape))
+    if on_estimate is not None:
+        on_estimate(est)
     log.info(
         f"[ks-lens] estimated peak memory {est.peak_mb / 1024:.1f} GiB, time {est.seconds / 60:.0f} "
         "min on 2 CPU cores (docs/performance.md)"
     )
     if memory_check:
         check_memory(est, available_mb=available_memory_mb(), held_mb=rss_mb())
+    work.mkdir(parents=True, exist_ok=True)
 
     def part(split: str, n: int) -> BehaviourDataset:
         return ds.subset(splits.ids(split)).head(n)
@@ -700,11 +744,11 @@ def prepare(
     for src in wanted:
         if src == "prompt":
             assert st_train is not None
-            kits[src] = _steering_kit(
+            kits[src] = steering_kit(
                 st_train.load(layers=run_layers.steering_probes), ls, ml_layers, cfg
             )
         else:
-            kits[src] = _steering_kit(
+            kits[src] = steering_kit(
                 st_text.load(layers=run_layers.steering_probes).for_questions(sorted(steer_ids)),
                 ls,
                 ml_layers,
@@ -774,4 +818,6 @@ def prepare(
         gold_judge,
         external,
         timings,
+        steer_store=st_text,
+        work_dir=work,
     )

@@ -38,8 +38,10 @@ from ks_lens.comparison import (
     TextScorer,
     build_methods,
     evaluate_activations,
+    fit_comparison_dct,
     run_comparison,
     summarise_activations,
+    uses_dct,
 )
 from ks_lens.errors import ConfigError
 from ks_lens.logs import quieted
@@ -203,7 +205,7 @@ def train_evaluators(
 
 def layer_sweep(
     model: Model,
-    train_acts: Activations,
+    train_acts: Activations | None,
     *,
     evaluators: Mapping[int, Probe],
     layers: Sequence[int],
@@ -214,6 +216,7 @@ def layer_sweep(
     config: ComparisonConfig,
     eval_gap: int = DEFAULT_EVAL_GAP,
     probes: Mapping[int, Probe] | None = None,
+    kits: Mapping[int, SteeringKit] | None = None,
     progress: bool = True,
 ) -> list[LayerRecord]:
     """Steering effect per layer (see the module docstring).
@@ -223,6 +226,11 @@ def layer_sweep(
     Alphas are calibrated on ``calib_questions``; the activation evaluator then reads both the
     calibration questions (``LayerRecord.calibration``: what the layer is chosen on) and the
     ``test_questions`` (``LayerRecord.test``: reported only).
+
+    ``kits`` gives each layer's steering probe and vectors (``train_acts`` and ``probes`` are
+    then unused); without it they are trained on ``train_acts``. With the ``dct`` method, each
+    layer's DCT vectors (a kit's ``dct``, else learned there on the calibration questions) are
+    mapped by that layer's evaluator (:func:`~ks_lens.comparison.fit_comparison_dct`).
     """
     n_layers = int(model.cfg.n_layers)
     # per-layer steering effects: no instructed reference row (it does not depend on the layer)
@@ -244,18 +252,29 @@ def layer_sweep(
             raise ConfigError(
                 f"the evaluator given for layer {p.eval_layer} reads layer {evaluators[p.eval_layer].layer}"
             )
-    if probes is None:
-        probes = train_probes(train_acts, layers=list(layers), progress=False)
+    kits = dict(kits) if kits is not None else _kits(train_acts, layers, probes)
+    missing = sorted(set(layers) - set(kits))
+    if missing:
+        raise ConfigError(f"no steering kit for swept layer(s) {missing}")
     out = []
     for place in tqdm(placements, desc="layer sweep", disable=not progress):
         layer = place.layer
         evaluator = evaluators[place.eval_layer]
-        vectors = SteeringVectors.fit(train_acts, layer)
+        kit = kits[layer]
         with quieted("ks_lens.comparison"):  # one summary line per layer, below
+            if uses_dct(config):  # mapped by this layer's evaluator (learned here if not given)
+                kit = replace(
+                    kit,
+                    dct=fit_comparison_dct(
+                        model, layer, calib_questions, evaluator, config, learned=kit.dct
+                    ),
+                )
             res = run_comparison(
                 model,
-                probe=probes[layer],
-                vectors=vectors,
+                probe=kit.probe,
+                vectors=kit.vectors,
+                layer_probes=kit.layer_probes,
+                dct=kit.dct,
                 evaluator=evaluator,
                 text_evaluator=text_evaluator,
                 calib_questions=calib_questions,
@@ -267,7 +286,7 @@ def layer_sweep(
         # the same methods, alphas and combinations, read on the calibration questions
         cal_ev = evaluate_activations(
             model,
-            build_methods(res.config, SteeringKit(probes[layer], vectors)),
+            build_methods(res.config, kit),
             res.alphas,
             res.plan,
             calib_questions,
@@ -297,6 +316,22 @@ def layer_sweep(
             f"best on calibration questions {best.method} k={best.k} p={best.target_prob.fmt()}"
         )
     return out
+
+
+def _kits(
+    train_acts: Activations | None,
+    layers: Sequence[int],
+    probes: Mapping[int, Probe] | None,
+) -> dict[int, SteeringKit]:
+    """A steering probe and CAA vectors per layer, from ``train_acts``."""
+    if train_acts is None:
+        raise ConfigError("layer_sweep needs train_acts or kits")
+    if probes is None:
+        probes = train_probes(train_acts, layers=list(layers), progress=False)
+    return {
+        layer: SteeringKit(probes[layer], SteeringVectors.fit(train_acts, layer))
+        for layer in layers
+    }
 
 
 @dataclass

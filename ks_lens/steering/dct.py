@@ -24,6 +24,7 @@ labels)`` (``u``: the unit vectors).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -43,13 +44,16 @@ from ks_lens.models import check_signature, model_device, model_signature, pad_t
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
 from ks_lens.types import Model
 
+log = logging.getLogger(__name__)
+
 #: (values ``[K]``, gradient ``[K, d]``) of the objective at ``theta`` ``[K, d]``
 ValueAndGrad = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
-class DCTConfig:
-    """How DCT vectors are learned (validated here, on construction).
+class DCTSettings:
+    """How DCT vectors are learned, wherever they sit (the ``--dct.*`` options of ``ks-lens
+    demo``; validated on construction). The source layer is the method's steering layer.
 
     ``radius`` is the norm of every vector; ``None`` takes ``radius_fraction`` times the median
     token norm of the source activations on the training prompts. ``lr`` is the step along
@@ -57,31 +61,30 @@ class DCTConfig:
     ``batch_size`` counts rows per forward pass (``n_vectors`` rows per prompt).
     """
 
-    source_layer: int
-    target_offset: int = 3  # target layer = source_layer + target_offset
-    n_vectors: int = 8
-    radius: float | None = None
-    radius_fraction: float = 0.5
-    steps: int = 30
-    lr: float = 0.3
-    power: float = 2.0
-    seed: int = 0
-    batch_size: int = 32
+    target_offset: int = 3  # target layer = source layer + this (capped at the last layer)
+    n_vectors: int = 8  # orthogonal vectors learned (at least one per label for unique labels)
+    radius: float | None = None  # norm of every vector (None: radius_fraction x median norm)
+    radius_fraction: float = 0.5  # radius as a fraction of the median source token norm
+    steps: int = 30  # projected gradient ascent steps
+    lr: float = 0.3  # step as a fraction of the radius, decaying linearly to 0
+    power: float = 2.0  # exponent p of the objective mean ||delta||^p
+    batch_size: int = 32  # rows per forward pass while learning
 
     def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
         ints = {
-            "source_layer": 0,
             "target_offset": 1,
             "n_vectors": 1,
             "steps": 1,
             "batch_size": 1,
+            **({"source_layer": 0} if isinstance(self, DCTConfig) else {}),
         }
         for name, low in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"DCTConfig.{name} must be an integer >= {low}, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"DCTConfig.seed must be an integer, got {self.seed!r}")
+                raise ConfigError(f"{self._prefix}{name} must be an integer >= {low}, got {v!r}")
         positive = ["radius_fraction", "lr", "power"] + ([] if self.radius is None else ["radius"])
         for name in positive:
             v = getattr(self, name)
@@ -91,7 +94,49 @@ class DCTConfig:
                 or not math.isfinite(v)
                 or v <= 0
             ):
-                raise ConfigError(f"DCTConfig.{name} must be a positive finite number, got {v!r}")
+                raise ConfigError(
+                    f"{self._prefix}{name} must be a positive finite number, got {v!r}"
+                )
+
+    @property
+    def _prefix(self) -> str:
+        return "dct."  # the option's spelling (--dct.steps)
+
+    def config(self, model: Model, source_layer: int, *, seed: int = 0) -> DCTConfig:
+        """The :class:`DCTConfig` of these settings at ``source_layer`` of ``model``: the target
+        offset is capped at the model's last layer (logged)."""
+        room = int(model.cfg.n_layers) - 1 - source_layer
+        if room < 1:
+            raise ConfigError(
+                f"DCT needs a target layer after the source layer {source_layer}; the model's "
+                f"last layer is {int(model.cfg.n_layers) - 1}"
+            )
+        offset = min(self.target_offset, room)
+        if offset < self.target_offset:
+            log.info(
+                f"  DCT target offset {self.target_offset} capped at {offset} (source layer "
+                f"{source_layer}, last layer {int(model.cfg.n_layers) - 1})"
+            )
+        kw = {**asdict(self), "target_offset": offset}
+        return DCTConfig(source_layer=source_layer, seed=seed, **kw)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DCTConfig(DCTSettings):
+    """:class:`DCTSettings` at a given ``source_layer``, with the ``seed`` of the random start
+    (validated here, on construction)."""
+
+    source_layer: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"DCTConfig.seed must be an integer, got {self.seed!r}")
+
+    @property
+    def _prefix(self) -> str:
+        return "DCTConfig."
 
     @property
     def target_layer(self) -> int:
@@ -118,7 +163,7 @@ class DCTConfig:
                 f"DCT needs a target layer after the source layer {source_layer}; the model's "
                 f"last layer is {int(model.cfg.n_layers) - 1}"
             )
-        kw.setdefault("target_offset", min(cls.target_offset, room))
+        kw.setdefault("target_offset", min(DCTSettings().target_offset, room))
         return cls(source_layer=source_layer, **kw)
 
 
