@@ -343,14 +343,14 @@ def test_questions_too_long_for_the_context_are_refused_before_compute(
 ):
     from ks_lens.datasets import Question
 
-    ds = tiny_dataset.with_questions([*tiny_dataset.questions[:2], Question("long", "w " * 600)])
+    ds = tiny_dataset.with_questions([*tiny_dataset.questions[:2], Question("long", "w " * 1100)])
     monkeypatch.setattr(A, "_collect_chunk", lambda *a, **k: pytest.fail("computed"))
     with pytest.raises(
         ks.ContextLengthError, match=r"question 'long' \(as prompted\) has \d+ tokens, more than"
     ):
         collect_activations(tiny_model, ds, progress=False)
     monkeypatch.undo()
-    ds = tiny_dataset.with_questions([Question("edge", "w " * 450)])  # fits, but not with answers
+    ds = tiny_dataset.with_questions([Question("edge", "w " * 962)])  # fits, but not with answers
     collect_activations(tiny_model, ds, mode="neutral", layers=[0], progress=False)
     with pytest.raises(ks.ContextLengthError, match="plus max_new_tokens=48"):
         collect_activations(tiny_model, ds, mode="response", progress=False)
