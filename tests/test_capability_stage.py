@@ -253,7 +253,7 @@ def result(tiny_model, tiny_acts, tiny_probe, tiny_dataset):
         test_questions=["a?", "b?"],
         config=cfg,
         progress=False,
-        instructed=instructed_prompts(tiny_dataset, label_combinations(LABELS, (1, 2))),
+        instructions=tiny_dataset.instructions,
     )
 
 
@@ -319,7 +319,7 @@ def test_report_renders_the_capability_table(result, tmp_path):
     write_report(result, {"model": "tiny", "commit": "abc"}, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "## Capability retention (multiple choice, calibrated alpha)" in md
-    assert "| K-Steering | 2 | " in md and "| instructed | 1 | - | " in md
+    assert "| K-Steering | 2 | " in md and "| Instructed (system prompt) | 1 | - | " in md
     doc = json.loads((tmp_path / "report.json").read_text())
     assert [r["method"] for r in doc["capability"]][:2] == [UNSTEERED, "caa_mean"]
     (tmp_path / "report.md").unlink()
@@ -354,7 +354,11 @@ def test_capability_stage_off_and_options(tiny_model, tiny_acts, tiny_probe):
         calib_questions=["hi?"],
         test_questions=["a?"],
         config=ComparisonConfig(
-            methods=("caa_mean",), sizes=(1,), calib_bisect_steps=0, capability_questions=0
+            methods=("caa_mean",),
+            sizes=(1,),
+            calib_bisect_steps=0,
+            capability_questions=0,
+            instructed=False,
         ),
         progress=False,
     )
@@ -419,7 +423,7 @@ def test_demo_scores_capability_under_the_datasets_instructions(tmp_path):
     assert cap.run(INSTRUCTED, 2).result.settings["system"].startswith("each combination's")
     assert cap.run("caa_mean", 2).result.settings["model"] == res_model_name(tmp_path)
     md = (tmp_path / "d" / "report.md").read_text()
-    assert "| instructed | 2 | - | " in md and "| CAA (mean) | 1 | " in md
+    assert "| Instructed (system prompt) | 2 | - | " in md and "| CAA (mean) | 1 | " in md
 
 
 def res_model_name(out) -> str:
