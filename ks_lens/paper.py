@@ -260,6 +260,7 @@ def run_paper(
             config=config,
             progress=progress,
             dct=dct,
+            instructions=setup.dataset.instructions,
         )
     baseline = cfg.comparison.baseline
     merged = merge_results(

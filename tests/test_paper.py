@@ -182,7 +182,7 @@ def test_dct_work_in_the_estimate_is_hand_computed():
     s = DCTSettings(steps=2, n_vectors=3)
     # per prompt: (2 + 1) x 3 vectors x 3 readouts + 1 unsteered + (2 x 3 + 1) mapping = 35
     assert dct_readout_rows(s, 4) == 4 * 35
-    base = replace(ComparisonConfig(), methods=("caa_mean",), sizes=(1,))
+    base = replace(ComparisonConfig(), methods=("caa_mean",), sizes=(1,), instructed=False)
     with_dct = replace(base, methods=("caa_mean", "dct"), dct=s)
     kw = dict(n_calib=4, n_eval=5, n_gen=2)
     a = comparison_work(base, TONES, **kw)
