@@ -50,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -62,7 +62,11 @@ from ks_lens.hf_path import forward
 from ks_lens.io import iter_jsonl
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.stats import N_RESAMPLES, Interval, bootstrap_mean, paired_difference
+from ks_lens.steering.positions import Positions, PositionTracker
 from ks_lens.types import Model
+
+if TYPE_CHECKING:
+    from ks_lens.steering.base import Steering
 
 #: the shipped multiple-choice set (package data)
 CAPABILITY_FILE = "capability_mc.jsonl"
@@ -184,12 +188,18 @@ def _tokenize(
 
 
 def _score_batch(
-    model: Model, batch: TokenBatch, options: Sequence[Sequence[Sequence[int]]], pad: int
+    model: Model,
+    batch: TokenBatch,
+    options: Sequence[Sequence[Sequence[int]]],
+    pad: int,
+    tracker: PositionTracker | None = None,
 ) -> list[list[float]]:
     """The summed log-probabilities of ``options[j]`` after row ``j`` of ``batch`` (left-padded
     questions): one pass over the questions with a KV cache, whose last logits predict each
     option's first token, then one pass over all their options' tokens (right padded) on the
-    cache, which the steering position tracker sees as generated tokens."""
+    cache, which the steering position tracker sees as generated tokens (``tracker``: the one of
+    a :func:`~ks_lens.steering.steer_groups` context, told which question each option row
+    continues)."""
     from transformers import DynamicCache
 
     hf: Any = model.original_model
@@ -210,6 +220,8 @@ def _score_batch(
         device = batch.input_ids.device
         sel = torch.tensor([j for j, _ in rows], device=device)
         cache.batch_select_indices(sel)
+        if tracker is not None:
+            tracker.reindex(sel)
         ids = torch.full((len(rows), m), pad, dtype=torch.long)
         tail = torch.zeros((len(rows), m), dtype=torch.long)
         for r, (_, o) in enumerate(rows):
@@ -243,23 +255,70 @@ def score_options(
     generation (``"generated"``: the option tokens; ``"prompt"``, ``"last"``: the question).
     """
     qs = check_mc_questions(questions)
+    rows = [(0, i) for i in range(len(qs))]
+    systems = [system] * len(qs)
+    return score_option_rows(model, qs, [None], rows, systems=systems, batch_size=batch_size)
+
+
+def score_option_rows(
+    model: Model,
+    questions: Sequence[MCQuestion],
+    steerings: Sequence[Steering | None],
+    rows: Sequence[tuple[int, int]],
+    *,
+    systems: Sequence[str | None] | None = None,
+    positions: Positions = "all",
+    batch_size: int = 64,
+) -> OptionScores:
+    """:func:`score_options` for many runs in shared batches: row ``r = (g, i)`` scores
+    question ``i``'s options under ``steerings[g]`` (``None``: unsteered;
+    :func:`~ks_lens.steering.steer_groups`, steering ``positions``) after ``systems[r]`` as the
+    system prompt; returns one entry per row, in ``rows`` order. Any hooks already on the model
+    apply to every row. Scores equal one :func:`score_options` call per run (float rounding)."""
+    from ks_lens.steering.base import steer_groups
+
+    qs = check_mc_questions(questions)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if not rows:
+        raise ConfigError("no rows to score")
+    for g, i in rows:
+        if not (0 <= g < len(steerings) and 0 <= i < len(qs)):
+            raise ConfigError(f"row {(g, i)} is out of range")
+    sys_of = list(systems) if systems is not None else [None] * len(rows)
+    if len(sys_of) != len(rows):
+        raise ConfigError(f"{len(sys_of)} system prompts for {len(rows)} rows")
     tok = model.tokenizer
-    heads, options = _tokenize(tok, qs, system)
-    longest = max(range(len(qs)), key=lambda i: len(heads[i]) + max(map(len, options[i])))
+    encoded: dict[tuple[int, str | None], tuple[list[int], list[list[int]]]] = {}
+    for (_, i), system in zip(rows, sys_of, strict=True):
+        if (i, system) not in encoded:
+            h, o = _tokenize(tok, [qs[i]], system)
+            encoded[(i, system)] = (h[0], o[0])
+    heads = [encoded[(i, system)][0] for (_, i), system in zip(rows, sys_of, strict=True)]
+    options = [encoded[(i, system)][1] for (_, i), system in zip(rows, sys_of, strict=True)]
+    longest = max(range(len(rows)), key=lambda r: len(heads[r]) + max(map(len, options[r])))
     n_longest = len(heads[longest]) + max(map(len, options[longest]))
-    check_context(model, n_longest, what=f"question {qs[longest].id!r} with its longest option")
+    what = f"question {qs[rows[longest][1]].id!r} with its longest option"
+    check_context(model, n_longest, what=what)
     per_batch = max(1, batch_size // max(len(q.options) for q in qs))
-    logprob: list[list[float]] = [[] for _ in qs]
+    logprob: list[list[float]] = [[] for _ in rows]
     pad = pad_token_id(tok)
+    steered = any(s is not None for s in steerings)
+    batches = sorted_batches(
+        heads, per_batch, pad_id=pad, device=model_device(model), tiebreak=lambda r: rows[r]
+    )
     with torch.no_grad():
-        for idx, batch in sorted_batches(heads, per_batch, pad_id=pad, device=model_device(model)):
-            scatter(logprob, idx, _score_batch(model, batch, [options[i] for i in idx], pad))
+        for idx, batch in batches:
+            opts = [options[r] for r in idx]
+            if not steered:
+                scatter(logprob, idx, _score_batch(model, batch, opts, pad))
+                continue
+            with steer_groups(model, steerings, [rows[r][0] for r in idx], positions=positions) as t:
+                scatter(logprob, idx, _score_batch(model, batch, opts, pad, t))
     return OptionScores(
         logprob,
         [[len(o) for o in opts] for opts in options],
-        [[len(o) for o in q.options] for q in qs],
+        [[len(o) for o in qs[i].options] for _, i in rows],
     )
 
 
@@ -447,5 +506,6 @@ __all__ = [
     "evaluate_capability",
     "load_mc_questions",
     "paired_accuracy_difference",
+    "score_option_rows",
     "score_options",
 ]

@@ -11,12 +11,14 @@ on the same questions by a paired bootstrap over questions
 * **Subset** (:func:`stratified_subset`): ``n`` questions balanced over subjects (the counts per
   subject differ by at most one while every subject has questions left), chosen and ordered by
   a seeded shuffle, so the same seed gives the same questions in the same order.
-* **Partition** (:func:`partition`): a steering context takes one target set, so the questions
+* **Partition** (:func:`partition`): a steering configuration takes one target set, so the questions
   are shared out over the combinations of each size: question ``i`` (in the subset's order)
   is steered toward combination ``i mod C`` of the ``C`` combinations of that size (in
   :func:`~ks_lens.coverage.label_combinations` order). Each combination's group is scored under
-  its own steering context and the groups are pooled back into the subset's order, so every
-  run is paired with the unsteered run question by question. Every combination steers some
+  its own steering, and every run's rows share batches with the other runs' (one
+  :func:`~ks_lens.capability.score_option_rows` call for the whole stage, each batch row steered
+  by :func:`~ks_lens.steering.steer_groups`); each run is put back into the subset's order, so
+  it is paired with the unsteered run question by question. Every combination steers some
   question when ``n >= C`` (20 for three of six labels); with fewer questions, only the first
   ``n`` combinations are used (the stage logs a warning).
 """
@@ -35,12 +37,13 @@ from ks_lens.capability import (
     DEFAULT_RULE,
     CapabilityResult,
     MCQuestion,
+    OptionScores,
     Rule,
     check_mc_questions,
     check_rule,
-    evaluate_capability,
     load_mc_questions,
     paired_accuracy_difference,
+    score_option_rows,
 )
 from ks_lens.coverage import label_combinations
 from ks_lens.datasets import COMBINE_SEP, BehaviourDataset
@@ -48,6 +51,7 @@ from ks_lens.errors import ConfigError, StoreError
 from ks_lens.instructed import instructed_system
 from ks_lens.stats import N_RESAMPLES, Interval, bootstrap_mean
 from ks_lens.steering import Steerer
+from ks_lens.steering.base import Steering, SteeringSpec
 from ks_lens.steering.positions import Positions
 from ks_lens.types import Model
 
@@ -308,43 +312,64 @@ def _signed(iv: Interval) -> str:
 # ----------------------------------------------------------------------------- the stage
 
 
-def _pooled(
-    parts: Sequence[tuple[Sequence[int], CapabilityResult]],
-    n: int,
-    label: str,
-    settings: Mapping[str, Any],
-) -> CapabilityResult:
-    """The groups' results put back into the subset's order (question ``i`` at position ``i``)."""
-    order = [j for idx, _ in parts for j in idx]
-    if sorted(order) != list(range(n)):
-        raise ConfigError("internal: the groups do not cover the subset once each")
-    where = np.argsort(order)  # position in the concatenated groups of each question
-    cat = [
-        [x for _, res in parts for x in getattr(res, name)]
-        for name in ("ids", "subjects", "answers", "logprob", "n_tokens", "n_chars")
-    ]
-    ids, subjects, answers, logprob, n_tokens, n_chars = ([col[i] for i in where] for col in cat)
-    rule = parts[0][1].rule if parts else DEFAULT_RULE
-    info = {"model": parts[0][1].settings.get("model")} if parts else {}
-    return CapabilityResult(
-        ids, subjects, answers, logprob, n_tokens, n_chars, rule, label, {**info, **settings}
-    )
+@dataclass
+class _RunRows:
+    """One run of the stage while its rows wait to be scored: entry ``j`` is row ``rows[j]`` of
+    the shared scoring call, subset question ``question[j]``."""
+
+    method: str
+    k: int
+    alpha: float
+    label: str
+    settings: dict[str, Any]
+    rows: list[int] = field(default_factory=list)
+    question: list[int] = field(default_factory=list)
 
 
-def _by_combination(
-    model: Model,
-    qs: Sequence[MCQuestion],
-    combos: Sequence[tuple[str, ...]],
-    score: Any,
-    label: str,
-    settings: Mapping[str, Any],
-) -> CapabilityResult:
-    """``score(combo, questions)`` per combination's group (:func:`partition`), pooled."""
-    parts = []
-    for combo, idx in zip(combos, partition(len(qs), combos), strict=True):
-        if idx:
-            parts.append((idx, score(combo, [qs[i] for i in idx])))
-    return _pooled(parts, len(qs), label, settings)
+class _StageRows:
+    """Every run's (steering, question, system prompt) rows, scored in shared batches."""
+
+    def __init__(self) -> None:
+        self.steerings: list[Steering | None] = [None]
+        self.rows: list[tuple[int, int]] = []
+        self.systems: list[str | None] = []
+        self.runs: list[_RunRows] = []
+
+    def add(
+        self, run: _RunRows, questions: Sequence[int], steering: Steering | None, system: str | None
+    ) -> None:
+        g = 0
+        if steering is not None:
+            self.steerings.append(steering)
+            g = len(self.steerings) - 1
+        for i in questions:
+            run.rows.append(len(self.rows))
+            run.question.append(i)
+            self.rows.append((g, i))
+            self.systems.append(system)
+
+    def results(
+        self, scores: OptionScores, qs: Sequence[MCQuestion], rule: Rule, model_name: str
+    ) -> list[CapabilityRun]:
+        """Each run's :class:`CapabilityRun`, its rows put back into the subset's order."""
+        out = []
+        for run in self.runs:
+            if sorted(run.question) != list(range(len(qs))):
+                raise ConfigError("internal: a run does not cover the subset once each")
+            order = [run.rows[j] for j in np.argsort(run.question)]
+            res = CapabilityResult(
+                [q.id for q in qs],
+                [q.subject for q in qs],
+                [q.answer for q in qs],
+                [scores.logprob[r] for r in order],
+                [scores.n_tokens[r] for r in order],
+                [scores.n_chars[r] for r in order],
+                rule,
+                run.label,
+                {"model": model_name, **run.settings},
+            )
+            out.append(CapabilityRun(run.method, run.k, run.alpha, res))
+        return out
 
 
 def evaluate_capability_stage(
@@ -383,38 +408,32 @@ def evaluate_capability_stage(
         missing = [c for cs in combos.values() for c in cs if c not in instructed]
         if missing:
             raise ConfigError(f"no instructed system prompt for the combination(s) {missing[:3]}")
-    base = evaluate_capability(model, qs, batch_size=batch_size, rule=rule)
-    runs = [CapabilityRun(UNSTEERED, 0, 0.0, base)]
+    stage = _StageRows()
+    stage.runs.append(_RunRows(UNSTEERED, 0, 0.0, UNSTEERED, {"system": None}))
+    stage.add(stage.runs[-1], range(len(qs)), None, None)
     for m, method in methods.items():
         for k in sizes:
             a = float(alphas[m][k])
-
-            def steered(
-                combo: tuple[str, ...],
-                group: list[MCQuestion],
-                method: Steerer = method,
-                a: float = a,
-            ) -> CapabilityResult:
-                with method.steer(
-                    model, target=list(combo), avoid=list(avoid), alpha=a, positions=positions
-                ):
-                    return evaluate_capability(model, group, batch_size=batch_size, rule=rule)
-
             settings = {"method": m, "k": k, "alpha": a, "positions": positions}
-            res = _by_combination(model, qs, combos[k], steered, f"{m} k={k}", settings)
-            runs.append(CapabilityRun(m, k, a, res))
+            stage.runs.append(_RunRows(m, k, a, f"{m} k={k}", settings))
+            for combo, idx in zip(combos[k], partition(len(qs), combos[k]), strict=True):
+                stage.add(stage.runs[-1], idx, (method, SteeringSpec(combo, tuple(avoid), a)), None)
     if instructed is not None:
-        prompts = instructed
         for k in sizes:
-
-            def asked(combo: tuple[str, ...], group: list[MCQuestion]) -> CapabilityResult:
-                return evaluate_capability(
-                    model, group, system=prompts[combo], batch_size=batch_size, rule=rule
-                )
-
             settings = {"k": k, "system": "each combination's instructions (instructions)"}
-            res = _by_combination(model, qs, combos[k], asked, f"{INSTRUCTED} k={k}", settings)
-            runs.append(CapabilityRun(INSTRUCTED, k, 0.0, res))
+            stage.runs.append(_RunRows(INSTRUCTED, k, 0.0, f"{INSTRUCTED} k={k}", settings))
+            for combo, idx in zip(combos[k], partition(len(qs), combos[k]), strict=True):
+                stage.add(stage.runs[-1], idx, None, instructed[combo])
+    scores = score_option_rows(
+        model,
+        qs,
+        stage.steerings,
+        stage.rows,
+        systems=stage.systems,
+        positions=positions,
+        batch_size=batch_size,
+    )
+    runs = stage.results(scores, qs, rule, str(getattr(model.cfg, "model_name", "")))
     texts = (
         {COMBINE_SEP.join(c): instructed[c] for cs in combos.values() for c in cs}
         if instructed

@@ -33,13 +33,13 @@ from ks_lens.analysis.sweep import (
     recommend,
     train_evaluators,
 )
+from ks_lens.capability_stage import capability_table
 from ks_lens.comparison import (
     ComparisonConfig,
     ComparisonResult,
     SteeringKit,
     merge_results,
     method_label,
-    run_comparison,
     uses_dct,
 )
 from ks_lens.errors import ConfigError
@@ -138,15 +138,14 @@ def sweep_kits(setup: Setup, layers: Sequence[int]) -> dict[int, SteeringKit]:
     return {L: steering_kit(acts, L, [], cfg, groups=groups) for L in layers}
 
 
-def capability_retention(result: ComparisonResult) -> dict[str, Any] | None:
-    """HOOK (issue #25): capability retention of each method at its calibrated alpha.
-
-    The comparison has no capability column on this branch, so the paper protocol reports
-    none (``None``; the report says so). When the comparison measures it, this is the one place
-    that hands it to ``paper.json`` and ``paper.md``. Until then ``ks-lens capability`` measures
-    multiple-choice accuracy kept for saved vectors or probes.
-    """
-    return None
+def capability_retention(result: ComparisonResult) -> list[dict[str, Any]] | None:
+    """Capability retention of each method at its calibrated alpha (and of ``instructed``):
+    the merged comparison's capability rows (accuracy vs unsteered with a paired interval),
+    or ``None`` when the comparison ran without a capability stage
+    (``capability_questions=0``)."""
+    if result.capability is None:
+        return None
+    return [r.to_json() for r in result.capability_rows()]
 
 
 @dataclass
@@ -240,27 +239,16 @@ def run_paper(
     dct_paths: dict[str, str] = {}
     for L, ms in sorted(by_layer.items()):
         config = replace(cfg.comparison, methods=tuple(ms), baseline=ms[0])
-        kit = kits[L]
-        dct = setup.dct_vectors(
-            L, calib, config, cfg.probe_source, evaluator=evaluator, learned=kit.dct
-        )
-        if dct is not None and setup.work_dir is not None:
+        if uses_dct(config) and setup.work_dir is not None:
             dct_paths[f"L{L}"] = str(setup.work_dir / "vectors" / f"dct-{cfg.probe_source}-L{L}")
         log.info(f"[ks-lens paper] comparison at layer {L}: {ms}")
-        runs[f"L{L}"] = run_comparison(
-            model,
-            probe=kit.probe,
-            vectors=kit.vectors,
-            evaluator=evaluator,
-            text_evaluator=setup.text_evaluator,
-            response_evaluator=setup.response_evaluator,
-            calib_questions=calib,
-            test_questions=test[: cfg.n_eval],
-            text_questions=test[: cfg.n_gen],
-            config=config,
+        runs[f"L{L}"] = setup.compare(
+            config,
             progress=progress,
-            dct=dct,
-            instructions=setup.dataset.instructions,
+            calib_questions=calib,
+            test_questions=test,
+            kit=kits[L],
+            evaluator=evaluator,
         )
     baseline = cfg.comparison.baseline
     merged = merge_results(
@@ -306,17 +294,11 @@ def render_markdown(paper: PaperResult) -> str:
             + " | ".join("n/a" if v is None else f"{v:.3f}" for v in vals)
             + " |"
         )
-    cap = capability_retention(paper.result)
-    lines += [
-        "",
-        "## Capability retention",
-        "",
-        "not measured: the comparison has no capability column on this branch "
-        "(ks_lens.paper.capability_retention is the hook); `ks-lens capability` measures it "
-        "for saved vectors"
-        if cap is None
-        else str(cap),
-    ]
+    lines += ["", "## Capability retention", ""]
+    if paper.result.capability is None:
+        lines.append("not measured: the comparison ran with `--comparison.capability-questions 0`")
+    else:
+        lines.append(capability_table(paper.result.capability_rows(), method_label))
     if paper.dct_paths:
         lines += ["", "DCT vectors saved: " + ", ".join(paper.dct_paths.values())]
     return "\n".join(lines) + "\n"

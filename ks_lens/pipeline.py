@@ -532,32 +532,32 @@ class Setup:
         source: str | None = None,
         calib_questions: Sequence[str] | None = None,
         test_questions: Sequence[str] | None = None,
+        kit: SteeringKit | None = None,
+        evaluator: Probe | None = None,
     ) -> ComparisonResult:
         """:func:`~ks_lens.comparison.run_comparison` with this setup's steering kit (of
         ``source``, default the configured ``probe_source``) and evaluators, calibrated on the
         calibration split and evaluated on :meth:`eval_questions` (activation level on
         ``n_eval`` of them, text on the first ``n_gen``). ``calib_questions`` /
         ``test_questions`` replace those question lists (e.g. validation questions in a study
-        that makes choices)."""
+        that makes choices); ``kit`` and ``evaluator`` replace the kit and activation evaluator
+        (the paper protocol's at a swept layer, :mod:`ks_lens.paper`)."""
         cfg = self.config
-        kit = self.kit_of(source or cfg.probe_source)
+        source = source or cfg.probe_source
+        kit = kit if kit is not None else self.kit_of(source)
+        ev = self.evaluator if evaluator is None else evaluator
         n_test = max(cfg.n_eval, cfg.n_gen)
-        test = (
-            list(test_questions) if test_questions is not None else self.eval_questions(n_test)[0]
-        )
-        calib = (
-            list(calib_questions)
-            if calib_questions is not None
-            else self.questions("calibration", cfg.n_calib)
-        )
+        test = list(self.eval_questions(n_test)[0] if test_questions is None else test_questions)
+        calib_split = self.questions("calibration", cfg.n_calib)
+        calib = list(calib_split if calib_questions is None else calib_questions)
         config = config or cfg.comparison
-        dct = self.dct_vectors(kit.probe.layer, calib, config, source or cfg.probe_source)
+        dct = self.dct_vectors(kit.probe.layer, calib, config, source, evaluator=ev, learned=kit.dct)
         return run_comparison(
             self.model,
             probe=kit.probe,
             vectors=kit.vectors,
             layer_probes=kit.layer_probes,
-            evaluator=self.evaluator,
+            evaluator=ev,
             linear_probe=kit.linear_probe,
             instructions=self.dataset.instructions,
             text_evaluator=self.text_evaluator if text else None,

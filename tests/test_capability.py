@@ -19,6 +19,7 @@ from ks_lens.capability import (
     evaluate_capability,
     load_mc_questions,
     paired_accuracy_difference,
+    score_option_rows,
     score_options,
 )
 from ks_lens.chat import ChatPrompt, encode_chat
@@ -26,6 +27,7 @@ from ks_lens.cli import main
 from ks_lens.errors import ConfigError, DatasetError, WrongTypeError
 from ks_lens.models import model_signature
 from ks_lens.steering import CAA, SteeringVectors
+from ks_lens.steering.base import SteeringSpec
 
 QS = [
     MCQuestion("a", "math", "What is 2 + 2?", ("4", "five", "3", "22"), 0),
@@ -100,7 +102,10 @@ GOOD = {"id": "x1", "subject": "s", "question": "Q?", "options": ["a", "b", "c",
         ({"answer": 4}, r"mc.jsonl:2: 'answer' must be an option index from 0 to 3, got 4"),
         ({"answer": -1}, r"mc.jsonl:2: 'answer' must be an option index"),
         ({"answer": True}, r"mc.jsonl:2: 'answer' must be an option index"),
-        ({"options": ["only"], "answer": 0}, r"mc.jsonl:2: a question needs at least 2 options, got 1"),
+        (
+            {"options": ["only"], "answer": 0},
+            r"mc.jsonl:2: a question needs at least 2 options, got 1",
+        ),
         ({"options": ["a", "a", "b"]}, r"mc.jsonl:2: the options repeat one another"),
         ({"options": "abcd"}, r"mc.jsonl:2: 'options' must be a list of non-empty strings"),
         ({"question": " "}, r"mc.jsonl:2: 'question' must be a non-empty string"),
@@ -233,6 +238,38 @@ def test_steering_changes_the_scores_and_its_hooks_are_removed(tiny_model):
     with CAA(_vectors(tiny_model)).steer(tiny_model, target=["up"], alpha=3.0, positions="last"):
         last_only = evaluate_capability(tiny_model, QS)
     assert np.abs(np.concatenate(last_only.logprob) - np.concatenate(base.logprob)).min() > 1e-4
+
+
+@pytest.mark.parametrize("positions", ["all", "generated", "last"])
+def test_shared_rows_equal_one_run_at_a_time(tiny_model, positions):
+    """Many runs in shared batches (each batch row steered by its own configuration, options
+    continuing their question's cached row) equal one score_options call per run."""
+    caa = CAA(_vectors(tiny_model))
+    up = (caa, SteeringSpec(("up",), (), 3.0))
+    down = (caa, SteeringSpec(("down",), (), 5.0))
+    rows = [(0, 0), (1, 0), (2, 1), (1, 2), (0, 2), (2, 0), (1, 1)]
+    systems = [None, None, "Answer briefly.", None, "Answer briefly.", None, None]
+    got = score_option_rows(
+        tiny_model, QS, [None, up, down], rows, systems=systems, positions=positions, batch_size=8
+    )
+    for r, ((g, i), system) in enumerate(zip(rows, systems, strict=True)):
+        if g == 0:
+            want = score_options(tiny_model, [QS[i]], system=system)
+        else:
+            method, spec = (up, down)[g - 1]
+            with method.steer(
+                tiny_model, target=list(spec.target), alpha=spec.alpha, positions=positions
+            ):
+                want = score_options(tiny_model, [QS[i]], system=system)
+        np.testing.assert_allclose(got.logprob[r], want.logprob[0], rtol=0, atol=1e-5)
+        assert got.n_tokens[r] == want.n_tokens[0] and got.n_chars[r] == want.n_chars[0]
+    assert not any(hp._forward_hooks for hp in tiny_model.hook_dict.values())
+    with pytest.raises(ConfigError, match="out of range"):
+        score_option_rows(tiny_model, QS, [None], [(1, 0)])
+    with pytest.raises(ConfigError, match="2 system prompts for 1 rows"):
+        score_option_rows(tiny_model, QS, [None], [(0, 0)], systems=[None, None])
+    with pytest.raises(ConfigError, match="no rows"):
+        score_option_rows(tiny_model, QS, [None], [])
 
 
 def test_paired_difference_on_a_hand_case():

@@ -127,6 +127,10 @@ def stage(tiny_model, tiny_dataset, kit):
     )
 
 
+def _close(got, want):
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6, atol=1e-5)
+
+
 def test_stage_equals_evaluate_capability_by_hand(tiny_model, tiny_dataset, kit, stage):
     methods, _ = kit
     subset = stratified_subset(_questions(), 8, seed=2)
@@ -141,7 +145,8 @@ def test_stage_equals_evaluate_capability_by_hand(tiny_model, tiny_dataset, kit,
         (INSTRUCTED, 2),
     ]
     base = evaluate_capability(tiny_model, subset)
-    assert stage.run(UNSTEERED).result.logprob == base.logprob
+    # every run shares batches with the others (padding differs): equal up to float rounding
+    _close(stage.run(UNSTEERED).result.logprob, base.logprob)
     # K-Steering at k=2: the second pair (alpha, gamma) steers questions 1, 4, 7
     pairs = label_combinations(LABELS, (2,))
     assert stage.combos[2] == tuple(pairs)
@@ -151,16 +156,16 @@ def test_stage_equals_evaluate_capability_by_hand(tiny_model, tiny_dataset, kit,
         by_hand = evaluate_capability(tiny_model, [subset[i] for i in idx])
     run = stage.run("ksteer", 2)
     assert run.alpha == 5.0
-    assert [run.result.logprob[i] for i in idx] == by_hand.logprob
+    _close([run.result.logprob[i] for i in idx], by_hand.logprob)
     assert by_hand.logprob != [base.logprob[i] for i in idx]  # steering changed the scores
     # CAA at k=1: "beta" steers questions 1, 4, 7
     with methods["caa_mean"].steer(tiny_model, target=["beta"], alpha=2.0):
         caa = evaluate_capability(tiny_model, [subset[i] for i in (1, 4, 7)])
-    assert [stage.run("caa_mean", 1).result.logprob[i] for i in (1, 4, 7)] == caa.logprob
+    _close([stage.run("caa_mean", 1).result.logprob[i] for i in (1, 4, 7)], caa.logprob)
     # instructed at k=2: the third pair's joined instructions as the system prompt (questions 2, 5)
     system = tiny_dataset.with_combinations((2,)).instruction("beta+gamma")
     asked = evaluate_capability(tiny_model, [subset[i] for i in (2, 5)], system=system)
-    assert [stage.run(INSTRUCTED, 2).result.logprob[i] for i in (2, 5)] == asked.logprob
+    _close([stage.run(INSTRUCTED, 2).result.logprob[i] for i in (2, 5)], asked.logprob)
     assert stage.instructions["beta+gamma"] == system
     # the rows: accuracy and the paired difference, as computed by hand
     rows = stage.rows(n_resamples=100)

@@ -49,7 +49,6 @@ EXCEPTIONS: dict[str, tuple[int, str]] = {
     "ks_lens/evaluation.py:readout_groups": (100, _MOVE),
     "ks_lens/generation.py:generate": (87, _MOVE),
     "ks_lens/models.py:load_model": (128, _MOVE),
-    "ks_lens/paper.py:run_paper": (82, _MOVE),
     "ks_lens/pipeline.py:prepare": (229, _MOVE),
     "ks_lens/probes.py:_fit_logistic": (103, _MOVE),
     "ks_lens/probes.py:fit_probes": (105, _MOVE),

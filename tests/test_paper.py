@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ks_lens.cli import main
-from ks_lens.comparison import ComparisonConfig
+from ks_lens.comparison import ComparisonConfig, method_label
 from ks_lens.demo import DemoOptions, config_from_args, parse_demo_options
 from ks_lens.errors import ConfigError
 from ks_lens.memory import RunShape, add_work, comparison_work, dct_readout_rows
@@ -257,9 +257,15 @@ def test_the_paper_preset_runs_end_to_end(paper_run):
             ks = {r["k"] for r in report["summaries"] if r["lens"] == lens and r["method"] == m}
             assert ks == {1, 2, 3}, (lens, m)
     assert paper["final_eval_layer"] == 3  # above every chosen layer (capped at the last)
-    assert paper["capability"] is None
+    # capability retention: the merged comparison's rows, one per method at its layer (+ the
+    # unsteered and instructed rows), in paper.json and as a table in paper.md
+    assert paper["capability"] == report["capability"] and paper["capability"]
+    assert {r["method"] for r in paper["capability"]} >= expected
     md = (out / "paper.md").read_text()
-    assert "not measured" in md and "capability_retention" in md
+    assert "## Capability retention" in md and "not measured" not in md
+    assert "| method | targets | alpha | accuracy [95 % CI] | vs unsteered [95 % CI] |" in md
+    for m in expected:
+        assert f"| {method_label(m)} |" in md, m
     assert report["paper"]["layer_choice"] == paper["layer_choice"]
     assert {"sweep_s", "paper_comparison_s"} <= set(report["timings"])
 

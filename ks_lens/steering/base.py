@@ -153,19 +153,24 @@ def grouped_steering_hook(
     ``row_group[b]`` is the index into ``transforms`` of row ``b`` (``-1``: leave the row alone);
     a ``None`` transform also leaves its rows alone. Lets one batched forward pass or generation
     carry several steering configurations side by side (e.g. every method of a comparison).
+    After ``tracker.reindex(sel)`` (a re-indexed KV cache), row ``b`` is prompt row ``sel[b]``.
     """
     check_positions(positions)
 
     def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
         b, s, _ = act.shape
-        if row_group.shape[0] != b:
-            raise ConfigError(f"row_group has {row_group.shape[0]} rows but the batch has {b}")
+        rows = None if tracker is None else tracker.rows
+        row_group_now = row_group if rows is None else row_group[rows]
+        if row_group_now.shape[0] != b:
+            raise ConfigError(
+                f"row_group has {row_group_now.shape[0]} rows but the batch has {b}"
+            )
         sel = (
             tracker.select(positions, b, s, act.device)
             if tracker is not None
             else select_whole_call(positions, b, s, act.device)
         )
-        groups = row_group.to(act.device)
+        groups = row_group_now.to(act.device)
         out = None
         for g, f in enumerate(transforms):
             if f is None:

@@ -69,6 +69,8 @@ class PositionTracker:
         self.last_index: torch.Tensor | None = None  # [batch] index of each row's last prompt token
         self._expected_prompt: int | None = None
         self._prev_ids: torch.Tensor | None = None  # input ids of the previous cache-less call
+        # [batch] row of the prompt call each current row continues (None: the same rows)
+        self.rows: torch.Tensor | None = None
         self._handle: Any = None
 
     # -- installation ---------------------------------------------------------------------------
@@ -81,6 +83,15 @@ class PositionTracker:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+    def reindex(self, sel: torch.Tensor) -> None:
+        """The next calls continue rows ``sel`` of the current batch (a KV cache re-indexed with
+        ``batch_select_indices(sel)``, e.g. one row per option of each question): per-row state
+        (:attr:`rows`, the last prompt token) follows them until the next prompt."""
+        sel = sel.detach().long().cpu()
+        self.rows = sel if self.rows is None else self.rows[sel]
+        if self.last_index is not None:
+            self.last_index = self.last_index[sel.to(self.last_index.device)]
 
     def expect_prompt(self, prompt_len: int | None) -> None:
         """Fix the prompt length of the next sequences (for generation without a KV cache)."""
@@ -109,6 +120,7 @@ class PositionTracker:
         if past == 0 and continuing:
             return  # generation without a KV cache: same sequence, one token longer
         if past == 0:
+            self.rows = None
             self.prompt_len = self._expected_prompt if self._expected_prompt is not None else seq
             if self.mask is not None and self.prompt_len is not None:
                 m = self.mask[:, : self.prompt_len].long()
