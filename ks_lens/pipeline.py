@@ -74,6 +74,11 @@ PROBE_SOURCES: tuple[ProbeSource, ...] = get_args(ProbeSource)
 """
 
 
+def full_comparison() -> ComparisonConfig:
+    """The full demo's comparison: every combination answered in text (else the defaults)."""
+    return ComparisonConfig(text_coverage="all-combinations")
+
+
 @dataclass
 class PipelineConfig(ModelOptions):
     """The model (:class:`~ks_lens.models.ModelOptions`: ``model``, ``device``, ``dtype``), the
@@ -94,7 +99,7 @@ class PipelineConfig(ModelOptions):
     n_gold: int | None = None  # gold texts re-encoded for the response evaluator (None: all)
     n_calib: int = 12  # calibration questions
     n_eval: int = 32  # test questions, activation level
-    n_gen: int = 16  # test questions, generated text (x 3 cells x methods x 4 alphas)
+    n_gen: int = 16  # test questions, generated text (every combination on >= 2 of them)
     # what the steering probe and vectors learn from: gold texts (text) or instruction prompts
     probe_source: ProbeSource = "text"
     text_position: Pooling = "last"  # text source: last answer token or "mean_response"
@@ -103,12 +108,12 @@ class PipelineConfig(ModelOptions):
     batch_size: int = 16  # rows per forward pass when collecting activations
     # splits, probes, evaluators and tiny-model weights (ks-lens demo: also the comparison)
     seed: int = 0
-    comparison: ComparisonConfig = field(default_factory=ComparisonConfig)
+    comparison: ComparisonConfig = field(default_factory=full_comparison)  # fast: per-size
 
     @classmethod
     def fast(cls, **kw: Any) -> PipelineConfig:
         """A smoke run for CI: every stage on a handful of questions (about a minute)."""
-        comparison = kw.pop("comparison", None) or ComparisonConfig()
+        comparison = kw.pop("comparison", None) or ComparisonConfig(text_coverage="per-size")
         base = cls(
             n_train=16,
             n_evaluator=12,
@@ -139,13 +144,9 @@ class PipelineConfig(ModelOptions):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.probe_source not in PROBE_SOURCES:
-            raise ConfigError(
-                f"unknown probe_source {self.probe_source!r}; use one of {PROBE_SOURCES}"
-            )
+            raise ConfigError(f"unknown probe_source {self.probe_source!r}; use {PROBE_SOURCES}")
         if self.text_position not in POOLINGS:
-            raise ConfigError(
-                f"text_position must be 'last' or 'mean_response', got {self.text_position!r}"
-            )
+            raise ConfigError(f"text_position must be in {POOLINGS}, got {self.text_position!r}")
         if not 0 < self.gold_steer_fraction < 1:
             raise ConfigError("gold_steer_fraction must be strictly between 0 and 1")
         if len(set(self.multilayer_offsets)) < 2 or max(self.multilayer_offsets) > 0:
@@ -165,8 +166,7 @@ class PipelineConfig(ModelOptions):
                 f"({self.layer}): an evaluator at the steered hook point reads the push itself, "
                 "not its effect"
             )
-        self.comparison.validate()
-        c = self.comparison
+        c = self.comparison.validate()
         if c.text_coverage == "all-combinations" and self.n_gen < c.min_questions_per_combination:
             raise ConfigError(
                 f"text_coverage 'all-combinations' answers every combination on at least "

@@ -21,7 +21,6 @@ from ks_lens.cli import (
     TrainOptions,
     main,
 )
-from ks_lens.comparison import ComparisonConfig
 from ks_lens.demo import config_from_args, parse_demo_options
 from ks_lens.errors import ConfigError
 from ks_lens.models import ModelOptions
@@ -196,7 +195,7 @@ def test_fast_changes_the_defaults_and_explicit_options_win():
         PipelineConfig(),
         n_eval=32,
         model="tiny-random-llama",
-        comparison=replace(ComparisonConfig(), max_new_tokens=16, kl_budget=0.3),
+        comparison=replace(PipelineConfig().comparison, max_new_tokens=16, kl_budget=0.3),
     )
 
 

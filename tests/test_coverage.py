@@ -100,3 +100,18 @@ def test_impossible_plans_raise_clear_errors():
         plan_coverage(10, ("a", "a", "b"))
     with pytest.raises(ValueError, match="distinct"):
         plan_coverage(10, SIX, (1, 1))
+
+
+def test_the_full_demo_answers_every_combination_and_fast_one_per_size():
+    from ks_lens.comparison import plan_comparison
+    from ks_lens.pipeline import PipelineConfig
+
+    full, fast = PipelineConfig(), PipelineConfig.fast()
+    assert full.comparison.text_coverage == "all-combinations"
+    assert fast.comparison.text_coverage == "per-size"
+    assert full.comparison is not PipelineConfig().comparison  # no settings shared between runs
+    labels = list("abcdef")
+    plan = plan_comparison(labels, full.comparison, n_calib=full.n_calib, n_test=full.n_gen)
+    for k, n_combos in ((1, 6), (2, 15), (3, 20)):
+        per = Counter(c.targets for c in plan.gen_cells if len(c.targets) == k)
+        assert len(per) == n_combos and min(per.values()) >= 2, (k, per)
