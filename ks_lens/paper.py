@@ -296,7 +296,7 @@ def render_markdown(paper: PaperResult) -> str:
         )
     lines += ["", "## Capability retention", ""]
     if paper.result.capability is None:
-        lines.append("not measured: the comparison ran with `--comparison.capability-questions 0`")
+        lines.append("not measured: the comparison ran with `--capability-questions 0`")
     else:
         lines.append(capability_table(paper.result.capability_rows(), method_label))
     if paper.dct_paths:
