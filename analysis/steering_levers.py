@@ -9,6 +9,8 @@ differences. The levers are decided in order, each with the winners of the ones 
 1. **source**: steering probe and CAA vectors from instruction prompts or from gold texts
    re-encoded without instruction (``PipelineConfig.probe_source``);
 2. **step**: raw, unit, relative or clipped (trust-region) steps, and multi-layer steering;
+   **precondition**: the raw step against the step in the probe's input geometry
+   (``ksteer_precond``: the gradient times the probe's input variances; issue 24);
 3. **positions**: all tokens, generated tokens only, prompt tokens only;
 4. **remedies**: multi-step, log-sigmoid, soft-min, balanced, PCGrad (3-target vanishing);
 5. **avoid**: toward one or two tones and away from ``expert``.
@@ -47,7 +49,7 @@ from ks_lens.stats import bootstrap_mean
 
 log = logging.getLogger("analysis.steering_levers")
 
-Lever = Literal["source", "step", "positions", "remedies", "avoid"]
+Lever = Literal["source", "step", "precondition", "positions", "remedies", "avoid"]
 LEVERS: tuple[Lever, ...] = get_args(Lever)
 STEP_VARIANTS = ("ksteer_unit", "ksteer_relative", "ksteer_clip", "ksteer_multilayer")
 REMEDIES = (
@@ -284,6 +286,14 @@ def main() -> None:
         ch = choose("step", merged, cands)
         method = ch.winner.split("@")[0]
         section("step", merged, ch)
+    if "precondition" in levers and method == "ksteer":
+        pre = runner.run(f"precond-{source}", source=source, methods=("caa_mean", "ksteer_precond"))
+        merged = merge_results({"base": base_run(source), "precond": pre}, baseline="caa_mean@base")
+        ch = choose("precondition", merged, ["ksteer@base", "ksteer_precond@precond"])
+        method = ch.winner.split("@")[0]
+        section("precondition", merged, ch, acts=True)
+    elif "precondition" in levers:
+        log.info(f"[levers] precondition: skipped, the step lever chose {method} (not the raw step)")
     if "positions" in levers:
         runs = {"all": base_run(source) if method == "ksteer" else None}
         if runs["all"] is None:

@@ -212,6 +212,12 @@ METHODS: dict[str, MethodDef] = {
         lambda kit: KSteering(kit.probe, step_norm="relative"),
         0.1,
     ),
+    "ksteer_precond": MethodDef(
+        "K-Steer preconditioned",
+        "K-Steering, 1 step in the probe's input geometry (gradient x the input variances)",
+        lambda kit: KSteering(kit.probe, precondition="diag"),
+        3.0,
+    ),
     "ksteer_clip": MethodDef(
         "K-Steer clipped",
         f"K-Steering, each token's step clipped to {CLIP_FRACTION:g} x |x| (trust region)",

@@ -344,11 +344,12 @@ def test_demo_parser_defaults():
     opts = parse_demo_options([])
     assert opts.out == "runs/demo" and not opts.fast and opts.seeds == 1
     assert opts.config == PipelineConfig() and opts.max_questions is None
-    assert opts.config.comparison.text_coverage == "per-size"
+    assert opts.config.comparison.text_coverage == "all-combinations"  # the full demo
+    assert parse_demo_options(["--fast"]).config.comparison.text_coverage == "per-size"
     opts = parse_demo_options(
-        ["--text-coverage", "all-combinations", "--min-questions-per-combination", "3"]
+        ["--text-coverage", "per-size", "--min-questions-per-combination", "3"]
     )
-    assert opts.config.comparison.text_coverage == "all-combinations"
+    assert opts.config.comparison.text_coverage == "per-size"
     assert opts.config.comparison.min_questions_per_combination == 3
 
 

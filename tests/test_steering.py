@@ -43,6 +43,37 @@ def test_step_is_minus_alpha_autograd_gradient(tiny_probe, tiny_acts, target, av
     torch.testing.assert_close(out, x - 2.5 * g, atol=1e-5, rtol=1e-5)
 
 
+def test_preconditioned_step_is_the_gradient_in_the_probes_standardised_geometry(
+    tiny_probe, tiny_acts
+):
+    """precondition="diag": x' = x - alpha * sigma^2 * grad_x L, which equals
+    x - alpha * sigma * grad_h L for the standardised input h = (x - mu) / sigma."""
+    x = tiny_acts.at(2)[:7].clone()
+    target, avoid = ["alpha", "gamma"], ["beta"]
+    xg = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(_loss(tiny_probe, xg, target, avoid), xg)
+    var = tiny_probe.std**2
+    assert float(var.std() / var.mean()) > 0.1  # variances differ by dimension: the step tilts
+    k = KSteering(tiny_probe, precondition="diag")
+    out = k.apply(x, target=target, avoid=avoid, alpha=2.5)
+    torch.testing.assert_close(out, x - 2.5 * var * gx, atol=1e-5, rtol=1e-5)
+    # the same step through the standardised coordinates
+    h = ((x - tiny_probe.mean) / tiny_probe.std).requires_grad_(True)
+    (gh,) = torch.autograd.grad(
+        _loss(tiny_probe, h * tiny_probe.std + tiny_probe.mean, target, avoid), h
+    )
+    torch.testing.assert_close(out, x - 2.5 * tiny_probe.std * gh, atol=1e-5, rtol=1e-5)
+    # with step_norm the preconditioned direction is normalised, 3 steps use fresh gradients
+    unit = KSteering(tiny_probe, precondition="diag", step_norm="unit")
+    delta = unit.apply(x, target=target, avoid=avoid, alpha=0.7) - x
+    torch.testing.assert_close(delta.norm(dim=-1), torch.full((7,), 0.7), atol=1e-5, rtol=0)
+    cos = torch.nn.functional.cosine_similarity(-delta, var * gx, dim=-1)
+    torch.testing.assert_close(cos, torch.ones(7), atol=1e-5, rtol=0)
+    assert "precondition='diag'" in repr(k)
+    with pytest.raises(ks.ConfigError, match="unknown precondition 'full'"):
+        KSteering(tiny_probe, precondition="full")
+
+
 def test_gradient_matches_finite_differences(tiny_probe, tiny_acts):
     x = tiny_acts.at(2)[:3].double()
     probe = tiny_probe.double()

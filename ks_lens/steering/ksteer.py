@@ -18,6 +18,13 @@ Options (all documented in ``docs/steering.md``):
 ``step_norm``
     ``None`` (raw gradient; alpha is in logit-per-activation units), ``"unit"`` (each step has
     L2 norm ``alpha``) or ``"relative"`` (each step has norm ``alpha * |x|``).
+``precondition``
+    ``None`` (the raw gradient) or ``"diag"``: the step is taken in the probe's input geometry,
+    ``Δx = -alpha * Σ grad_x L`` with ``Σ = diag(σ²)`` the variances the probe standardises its
+    input by. Through ``(x - μ) / σ`` the raw gradient scales as ``1/σ`` per dimension and tilts
+    toward low-variance directions; ``σ² grad_x L = σ grad_h L`` undoes that (the gradient with
+    respect to the standardised input ``h``, mapped back to activation units). Applied before
+    ``step_norm``.
 ``max_step``
     a per-token trust region: each token's total change (all steps together) is scaled down, if
     needed, to at most ``max_step * |x|``. Tokens whose probe gradient is unusually large no
@@ -54,10 +61,12 @@ from ks_lens.types import Model
 Objective = Literal["logits", "logsigmoid", "softmin"]
 Combine = Literal["sum", "balanced", "pcgrad"]
 StepNorm = Literal["unit", "relative"]
+Precondition = Literal["diag"]
 Projection = Literal["reflect", "remove"]
 OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 COMBINES: tuple[Combine, ...] = get_args(Combine)
 STEP_NORMS: tuple[StepNorm | None, ...] = (None, *get_args(StepNorm))
+PRECONDITIONS: tuple[Precondition | None, ...] = (None, *get_args(Precondition))
 PROJECTIONS: tuple[Projection, ...] = get_args(Projection)
 _EPS = 1e-12
 
@@ -244,6 +253,8 @@ class KSteering(_ProbeSteerer):
         combine: ``"sum"``, ``"balanced"`` or ``"pcgrad"`` for several labels.
         max_step: if set, clip each token's total change to ``max_step * |x|`` (per-token trust
             region, applied after all steps); ``None`` leaves steps unbounded.
+        precondition: ``None`` (raw gradient) or ``"diag"`` (the gradient times the probe's input
+            variances, ``σ²``: a step in the probe's standardised geometry; module docstring).
 
     Examples:
         With ``probe = ks.train_probe(acts, 2)``:
@@ -269,8 +280,11 @@ class KSteering(_ProbeSteerer):
         combine: Combine = "sum",
         temperature: float = 1.0,
         max_step: float | None = None,
+        precondition: Precondition | None = None,
     ):
         super().__init__(probe)
+        if precondition not in PRECONDITIONS:
+            raise ConfigError(f"unknown precondition {precondition!r}; use one of {PRECONDITIONS}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"steps must be a positive int, got {steps!r}")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
@@ -304,13 +318,24 @@ class KSteering(_ProbeSteerer):
         self.objective = objective
         self.combine = combine
         self.temperature = float(temperature)
+        self.precondition = precondition
 
     def __repr__(self) -> str:
         return (
             f"KSteering(hook={self.hook_name!r}, steps={self.steps}, decay={self.decay}, "
             f"step_norm={self.step_norm!r}, objective={self.objective!r}, combine={self.combine!r}, "
-            f"max_step={self.max_step!r})"
+            f"max_step={self.max_step!r}, precondition={self.precondition!r})"
         )
+
+    def step(
+        self, x: Float[torch.Tensor, "n d_model"], spec: SteeringSpec
+    ) -> Float[torch.Tensor, "n d_model"]:
+        """One step's direction at ``x`` (before ``alpha``): :meth:`direction`, preconditioned
+        and normalised as configured; the step is ``x - alpha * decay**k * step(x)``."""
+        g = self.direction(x, spec)
+        if self.precondition == "diag":
+            g = g * self.probe.std.to(g.dtype) ** 2
+        return normalise_step(g, x, self.step_norm)
 
     def direction(
         self, x: Float[torch.Tensor, "n d_model"], spec: SteeringSpec
@@ -342,8 +367,7 @@ class KSteering(_ProbeSteerer):
         xs = [x.detach().to(device=p.device, dtype=p.dtype)]
         for k in range(self.steps):
             cur = xs[-1]
-            step = normalise_step(self.direction(cur, spec), cur, self.step_norm)
-            xs.append(cur - spec.alpha * self.decay**k * step)
+            xs.append(cur - spec.alpha * self.decay**k * self.step(cur, spec))
         if self.max_step is not None:  # the trust region bounds the total change
             x0 = xs[0]
             xs = [x0 + clip_step(xi - x0, x0, self.max_step) for xi in xs]
@@ -356,8 +380,7 @@ class KSteering(_ProbeSteerer):
             xf = x.detach().to(device=probe_ref.device, dtype=probe_ref.dtype)
             cur = xf
             for k in range(self.steps):
-                step = normalise_step(self.direction(cur, spec), cur, self.step_norm)
-                cur = cur - spec.alpha * self.decay**k * step
+                cur = cur - spec.alpha * self.decay**k * self.step(cur, spec)
             delta = cur - xf
             if self.max_step is not None:
                 delta = clip_step(delta, xf, self.max_step)
