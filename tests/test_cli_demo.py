@@ -319,8 +319,14 @@ def test_demo_covers_every_combination_on_request(tmp_path):
     from ks_lens.report import rerender
 
     cfg = _fast(methods=("caa_mean", "ksteer"))
-    cfg = replace(cfg, comparison=replace(cfg.comparison, text_coverage="all-combinations"))
-    (result,) = run_demo(cfg, tmp_path / "d", progress=False)
+    # one alpha per method and no capability stage: the coverage is what is tested here
+    c = replace(
+        cfg.comparison,
+        text_coverage="all-combinations",
+        curve_factors=(1.0,),
+        capability_questions=0,
+    )
+    (result,) = run_demo(replace(cfg, comparison=c), tmp_path / "d", progress=False)
     te = result.text
     assert te is not None and len(te.questions) == 4
     combos = {c.targets for c in te.cells}
