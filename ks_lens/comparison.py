@@ -27,7 +27,8 @@ tests clustered by question (a question's cells are one unit: bootstrap interval
 permutation test over questions).
 
 Methods are looked up by name in :data:`METHODS`; the reference set is ``caa_mean``,
-``caa_sum``, ``ksteer``, ``ksteer_multistep`` and ``ksteer_linear`` (K-Steering with a linear
+``caa_sum``, ``ksteer``, ``ksteer_precond`` (the step in the probe's input geometry, chosen on
+validation questions over the raw step) and ``ksteer_linear`` (K-Steering with a linear
 probe). Beside them, ``ComparisonConfig.instructed`` adds the ``instructed`` reference row: the
 model asked for the targets by system prompt, no steering (:mod:`ks_lens.instructed`).
 """
@@ -241,7 +242,7 @@ REFERENCE_METHODS: tuple[str, ...] = (
     "caa_mean",
     "caa_sum",
     "ksteer",
-    "ksteer_multistep",
+    "ksteer_precond",
     "ksteer_linear",
 )
 #: methods built from ``SteeringKit.linear_probe`` (prepare trains it only when one is requested)

@@ -67,23 +67,23 @@ def _evaluator_lines(setup: Setup) -> dict[str, str]:
             if sc is None:
                 continue
             lines[f"text evaluator, gold texts, {name}"] = (
-                f"{validity.n_texts} texts, {sc.n_folds} folds: single-tone accuracy "
-                f"{sc.single_accuracy:.3f}, mean per-label AUC {sc.mean_auc:.3f}, two-tone both in "
-                f"top 2 {_rate(sc.two_tone_top2)} ({sc.n_two}), three-tone all in top 3 "
+                f"{validity.n_texts} texts, {sc.n_folds} folds: single-label accuracy "
+                f"{sc.single_accuracy:.3f}, mean per-label AUC {sc.mean_auc:.3f}, two-label both in "
+                f"top 2 {_rate(sc.two_tone_top2)} ({sc.n_two}), three-label all in top 3 "
                 f"{_rate(sc.three_tone_top3)} ({sc.n_three})"
             )
     note = eval_gap_note(setup.config, setup.layer, setup.eval_layer)
     lines["activation evaluator"] = (
-        f"`{ev.hook_name}`, MLP h={ev.config.hidden}, evaluator split with single and two-tone "
-        f"instructions: held-out single-tone accuracy {ev.metrics['val_accuracy']:.3f}, two-tone "
+        f"`{ev.hook_name}`, MLP h={ev.config.hidden}, evaluator split with single and two-label "
+        f"instructions: held-out single-label accuracy {ev.metrics['val_accuracy']:.3f}, two-label "
         f"both-in-top-2 {ev.metrics.get('val_multi_topk_rate', float('nan')):.3f} "
         f"({ev.metrics.get('n_val_multi', 0)} held-out combined prompts)"
         + (f". **Note: {note}**" if note else "")
     )
     lines["response-activation evaluator"] = (
         f"`{resp.hook_name}` (best layer on held-out gold questions), gold texts re-encoded without "
-        f"instruction: single-tone accuracy {resp.metrics['val_accuracy']:.3f} (chance {chance:.3f}), "
-        f"multi-tone all-in-top-k {resp.metrics.get('val_multi_topk_rate', float('nan')):.3f}"
+        f"instruction: single-label accuracy {resp.metrics['val_accuracy']:.3f} (chance {chance:.3f}), "
+        f"multi-label all-in-top-k {resp.metrics.get('val_multi_topk_rate', float('nan')):.3f}"
     )
     lines["steering probe (not an evaluator)"] = (
         f"`{probe.hook_name}`, {probe_source_text(setup.config)}: validation accuracy "

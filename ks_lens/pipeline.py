@@ -88,7 +88,7 @@ class PipelineConfig(ModelOptions):
     and the studies in ``analysis/`` take every field as an option (:mod:`ks_lens.options`).
     """
 
-    dataset: str = "tones"  # a shipped family (tones, concepts) or a behaviours JSON file
+    dataset: str = "tones"  # a shipped family (tones, concepts, debates) or a behaviours JSON
     questions: str | None = None  # external test questions, .jsonl/.json/.csv (None: test split)
     texts: str | None = None  # labelled texts for the text evaluators (None: the family's gold)
     layer: int | None = None  # steering layer (None: 60 % depth)
@@ -226,7 +226,7 @@ def probe_source_text(cfg: PipelineConfig) -> str:
         )
     where = "last answer token" if cfg.text_position == "last" else "mean over the answer tokens"
     return (
-        f"gold tone texts re-encoded without instruction ({where}), on the gold questions set "
+        f"gold texts re-encoded without instruction ({where}), on the gold questions set "
         f"aside for steering ({cfg.gold_steer_fraction:.0%})"
     )
 

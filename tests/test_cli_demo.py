@@ -524,7 +524,7 @@ def test_report_describes_the_probe_source_that_ran():
 
     text = lines()["steering probe (not an evaluator)"]
     assert text == (
-        "`blocks.2.hook_resid_post`, gold tone texts re-encoded without instruction (last answer "
+        "`blocks.2.hook_resid_post`, gold texts re-encoded without instruction (last answer "
         "token), on the gold questions set aside for steering (50%): validation accuracy 0.500"
     )
     mean = lines(text_position="mean_response")["steering probe (not an evaluator)"]
