@@ -91,162 +91,23 @@ from ks_lens.stats import (
     mcnemar,
     paired_difference,
 )
-from ks_lens.steering import CAA, KSteering, MultiLayer, Steerer, SteeringSpec, SteeringVectors
+from ks_lens.steering import Steerer, SteeringSpec, SteeringVectors
 from ks_lens.steering.base import Steering
-from ks_lens.steering.dct import DCT, DCTSettings, DCTVectors
+from ks_lens.steering.dct import DCTSettings, DCTVectors
 from ks_lens.steering.positions import Positions
+from ks_lens.steering.registry import (
+    LINEAR_PROBE_METHODS,
+    METHODS,
+    REFERENCE_METHODS,
+    MethodDef,
+    SteeringKit,
+)
 from ks_lens.style import style_meters
 from ks_lens.types import Model
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SteeringKit:
-    """The trained artefacts methods are built from.
-
-    ``probe`` and ``vectors`` sit at the steering layer; ``layer_probes`` (probes of the same
-    source at several layers, by model layer) serve the multi-layer method; ``linear_probe`` (a
-    linear probe of the same source and layer as ``probe``) serves ``ksteer_linear``.
-    """
-
-    probe: Probe
-    vectors: SteeringVectors
-    layer_probes: Mapping[int, Probe] = field(default_factory=dict)
-    dct: DCTVectors | None = None  # mapped DCT vectors (run_comparison fits them when needed)
-    linear_probe: Probe | None = None
-
-    def linear(self) -> Probe:
-        if self.linear_probe is None:
-            raise ConfigError(
-                "the ksteer_linear method needs a linear steering probe (SteeringKit.linear_probe; "
-                "ks_lens.pipeline.prepare trains one when a method needs it)"
-            )
-        return self.linear_probe
-
-    def dct_vectors(self) -> DCTVectors:
-        if self.dct is None:
-            raise ConfigError("the dct method needs mapped DCT vectors (SteeringKit.dct)")
-        return self.dct
-
-    def multilayer_probes(self) -> list[Probe]:
-        if len(self.layer_probes) < 2:
-            raise ConfigError(
-                "the multi-layer method needs probes at two or more layers (layer_probes; "
-                "PipelineConfig.multilayer_layers), got "
-                f"{sorted(self.layer_probes) or 'none'}"
-            )
-        return [self.layer_probes[L] for L in sorted(self.layer_probes)]
-
-
-@dataclass(frozen=True)
-class MethodDef:
-    label: str  # short name for tables and plots
-    description: str
-    build: Callable[[SteeringKit], Steerer]
-    alpha0: float  # starting point of the calibration search
-
-
-CLIP_FRACTION = 0.25  # ksteer_clip: per-token trust region, as a fraction of |x|
-
-METHODS: dict[str, MethodDef] = {
-    "caa_mean": MethodDef(
-        "CAA (mean)",
-        "CAA, mean of per-label vectors (reference baseline)",
-        lambda kit: CAA(kit.vectors, combine="mean"),
-        1.0,
-    ),
-    "caa_sum": MethodDef(
-        "CAA (sum)",
-        "CAA, sum of per-label vectors, unit norm",
-        lambda kit: CAA(kit.vectors, combine="sum", normalize=True),
-        20.0,
-    ),
-    "ksteer": MethodDef(
-        "K-Steering", "K-Steering, 1 gradient step", lambda kit: KSteering(kit.probe, steps=1), 30.0
-    ),
-    "ksteer_multistep": MethodDef(
-        "K-Steering (3 steps)",
-        "K-Steering, 3 steps with decay 0.95",
-        lambda kit: KSteering(kit.probe, steps=3, decay=0.95),
-        10.0,
-    ),
-    "ksteer_linear": MethodDef(
-        "K-Steer linear probe",
-        "K-Steering, 1 gradient step, with a linear probe (same source and layer as the MLP probe)",
-        lambda kit: KSteering(kit.linear(), steps=1),
-        30.0,
-    ),
-    "ksteer_balanced": MethodDef(
-        "K-Steer balanced",
-        "K-Steering, per-label gradients balanced to equal norm",
-        lambda kit: KSteering(kit.probe, combine="balanced"),
-        30.0,
-    ),
-    "ksteer_pcgrad": MethodDef(
-        "K-Steer PCGrad",
-        "K-Steering, conflicting label gradients projected out (PCGrad)",
-        lambda kit: KSteering(kit.probe, combine="pcgrad"),
-        30.0,
-    ),
-    "ksteer_logsigmoid": MethodDef(
-        "K-Steer log-sigmoid",
-        "K-Steering, log-sigmoid objective (saturated targets stop pulling)",
-        lambda kit: KSteering(kit.probe, objective="logsigmoid", steps=3, decay=0.95),
-        30.0,
-    ),
-    "ksteer_softmin": MethodDef(
-        "K-Steer soft-min",
-        "K-Steering, soft-min objective (weakest target pulls hardest)",
-        lambda kit: KSteering(kit.probe, objective="softmin", steps=3, decay=0.95),
-        30.0,
-    ),
-    "ksteer_unit": MethodDef(
-        "K-Steer unit step",
-        "K-Steering, each token's step normalised to length alpha",
-        lambda kit: KSteering(kit.probe, step_norm="unit"),
-        4.0,
-    ),
-    "ksteer_relative": MethodDef(
-        "K-Steer relative step",
-        "K-Steering, each token's step normalised to alpha x |x|",
-        lambda kit: KSteering(kit.probe, step_norm="relative"),
-        0.1,
-    ),
-    "ksteer_precond": MethodDef(
-        "K-Steer preconditioned",
-        "K-Steering, 1 step in the probe's input geometry (gradient x the input variances)",
-        lambda kit: KSteering(kit.probe, precondition="diag"),
-        3.0,
-    ),
-    "ksteer_clip": MethodDef(
-        "K-Steer clipped",
-        f"K-Steering, each token's step clipped to {CLIP_FRACTION:g} x |x| (trust region)",
-        lambda kit: KSteering(kit.probe, max_step=CLIP_FRACTION),
-        30.0,
-    ),
-    "ksteer_multilayer": MethodDef(
-        "K-Steer multi-layer",
-        "K-Steering at several layers (probes at each), alpha split equally",
-        lambda kit: MultiLayer([KSteering(p) for p in kit.multilayer_probes()]),
-        30.0,
-    ),
-    "dct": MethodDef(
-        "DCT",
-        "DCT vectors (unsupervised, mapped to labels by the evaluator), unit sum",
-        lambda kit: DCT(kit.dct_vectors()),
-        20.0,
-    ),
-}
-REFERENCE_METHODS: tuple[str, ...] = (
-    "caa_mean",
-    "caa_sum",
-    "ksteer",
-    "ksteer_precond",
-    "ksteer_linear",
-)
-#: methods built from ``SteeringKit.linear_probe`` (prepare trains it only when one is requested)
-LINEAR_PROBE_METHODS: frozenset[str] = frozenset({"ksteer_linear"})
 
 
 def method_label(name: str) -> str:
