@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,12 @@ def test_second_load_uses_the_cache_and_is_fast(default_model):
 
 
 def test_fast_demo_on_default_model(tmp_path):
-    (result,) = run_demo(PipelineConfig.fast(), tmp_path / "demo", progress=False)
+    # the default methods and the 3-step variant (the one that moves this small run's evaluator
+    # by more than 0.05 at one target)
+    fast = PipelineConfig.fast()
+    methods = (*fast.comparison.methods, "ksteer_multistep")
+    cfg = replace(fast, comparison=replace(fast.comparison, methods=methods))
+    (result,) = run_demo(cfg, tmp_path / "demo", progress=False)
     on_disk = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert on_disk["model"] == "SmolLM2-135M-Instruct-Q4_1" and on_disk["layer"] == 18
     assert on_disk["steering_probe_metrics"]["val_accuracy"] >= 0.9
@@ -73,7 +79,7 @@ def test_fast_demo_on_default_model(tmp_path):
     # of this small run only a little at the activation level), and at least one clearly
     gains = {
         m: rows[(m, 1)].target_prob.estimate - base
-        for m in ("caa_mean", "caa_sum", "ksteer", "ksteer_precond")
+        for m in ("caa_mean", "caa_sum", "ksteer", "ksteer_precond", "ksteer_multistep")
     }
     assert all(g > 0 for g in gains.values()) and max(gains.values()) > 0.05, gains
     for m in gains:
