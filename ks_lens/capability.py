@@ -254,10 +254,9 @@ def score_options(
     were generating them, so a steering context's ``positions`` mean what they mean in
     generation (``"generated"``: the option tokens; ``"prompt"``, ``"last"``: the question).
     """
-    qs = check_mc_questions(questions)
-    rows = [(0, i) for i in range(len(qs))]
-    systems = [system] * len(qs)
-    return score_option_rows(model, qs, [None], rows, systems=systems, batch_size=batch_size)
+    rows = [(0, i) for i in range(len(questions))]  # score_option_rows checks the questions
+    systems = [system] * len(rows)
+    return score_option_rows(model, questions, [None], rows, systems=systems, batch_size=batch_size)
 
 
 def score_option_rows(
