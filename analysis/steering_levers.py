@@ -293,7 +293,9 @@ def main() -> None:
         method = ch.winner.split("@")[0]
         section("precondition", merged, ch, acts=True)
     elif "precondition" in levers:
-        log.info(f"[levers] precondition: skipped, the step lever chose {method} (not the raw step)")
+        log.info(
+            f"[levers] precondition: skipped, the step lever chose {method} (not the raw step)"
+        )
     if "positions" in levers:
         runs = {"all": base_run(source) if method == "ksteer" else None}
         if runs["all"] is None:

@@ -28,8 +28,9 @@ import torch
 
 import ks_lens as ks
 from ks_lens.activations import collect_activations
+from ks_lens.calibration import calibrate_alpha
 from ks_lens.datasets import load_dataset
-from ks_lens.evaluation import calibrate_alpha, kl_metric
+from ks_lens.evaluation import kl_metric
 from ks_lens.hooks import canonical_hook_name, same_hook_point
 from ks_lens.logs import add_logging_arguments, configure_logging
 from ks_lens.probes import ProbeConfig, train_probes

@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ks_lens.activations import Activations, collect_activations
+from ks_lens.calibration import calibrate_alpha
 from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, tokenize_chat, tokenize_texts
 from ks_lens.datasets import BehaviourDataset, load_dataset
 from ks_lens.errors import (
@@ -51,7 +52,7 @@ from ks_lens.errors import (
     VersionWarning,
     WrongTypeError,
 )
-from ks_lens.evaluation import calibrate_alpha, kl_metric
+from ks_lens.evaluation import kl_metric
 from ks_lens.generation import Generation, generate
 from ks_lens.hooks import (
     canonical_hook_name,

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ks_lens.batching import record_activations, scatter, sorted_batches
 from ks_lens.chat import ChatPrompt, TokenBatch, check_context, encode_chat
 from ks_lens.errors import ConfigError
-from ks_lens.generation import generate_from_batch
+from ks_lens.generation import BatchGeneration, generate_from_batch, shared_prefill
 from ks_lens.hf_path import can_bypass, decoder_layers, forward, layer_input, resume_at
 from ks_lens.hooks import hook_layer
 from ks_lens.models import model_device, pad_token_id
@@ -441,7 +441,6 @@ def generate_and_score_rows(
     question's tokens run once per question and every answer to it only runs its own tokens,
     attending to the cached question (:func:`_score_answers`).
     """
-    from ks_lens.steering.base import steer_groups
 
     if not questions or not rows:
         raise ConfigError("no questions to generate for")
@@ -454,14 +453,7 @@ def generate_and_score_rows(
     device = model_device(model)
     pad = pad_token_id(tok)
     heads = [encode_chat(tok, ChatPrompt(q)) for q in questions]
-    prompts = [heads[i] for _, i in rows]  # what each row is generated from
-    if systems is not None:
-        encoded: dict[tuple[int, str], list[int]] = {}
-        for r, ((_, i), system) in enumerate(zip(rows, systems, strict=True)):
-            if system is not None:
-                if (i, system) not in encoded:
-                    encoded[(i, system)] = encode_chat(tok, ChatPrompt(questions[i], system))
-                prompts[r] = encoded[(i, system)]
+    prompts = _row_prompts(tok, questions, heads, rows, systems)
     answers: list[list[int]] = [[] for _ in rows]
     step_logps = SpillList(len(rows))  # steered log-probs wait on disk until scored (spill.py)
     question_of = [i for _, i in rows]
@@ -480,14 +472,20 @@ def generate_and_score_rows(
         batch_size,
         pad_id=pad,
         device=device,
-        tiebreak=lambda r: rows[r],  # same length: by configuration, then question
+        # same length: by question, then configuration (a batch shares its questions' prefill)
+        tiebreak=lambda r: (rows[r][1], rows[r][0]),
     )
     for b, (idx, batch) in enumerate(batches):
-        row_group = [rows[r][0] for r in idx]
-        with steer_groups(model, steerings, row_group, positions=positions):
-            res = generate_from_batch(
-                model, batch, max_new_tokens=max_new_tokens, seed=seed + b, return_logits=True
-            )
+        res = _generate_batch(
+            model,
+            steerings,
+            [rows[r][0] for r in idx],
+            batch,
+            positions=positions,
+            max_new_tokens=max_new_tokens,
+            seed=seed + b,
+            share_prefix=share_prefix,
+        )
         assert res.logits is not None
         for j, r in enumerate(idx):
             answers[r] = res.ids[j]
@@ -507,6 +505,56 @@ def generate_and_score_rows(
     return GenerationScores(
         texts, answers, probs, nll, kl, kl_steps, [distinct_n(t) for t in texts]
     )
+
+
+def _row_prompts(
+    tok: Any,
+    questions: Sequence[str],
+    heads: list[list[int]],
+    rows: Sequence[tuple[int, int]],
+    systems: Sequence[str | None] | None,
+) -> list[list[int]]:
+    """The token ids each row is generated from: its question (``heads``), under the row's
+    system prompt where ``systems`` gives one (each question and system encoded once)."""
+    prompts = [heads[i] for _, i in rows]
+    encoded: dict[tuple[int, str], list[int]] = {}
+    for r, ((_, i), system) in enumerate(zip(rows, systems or [None] * len(rows), strict=True)):
+        if system is not None:
+            if (i, system) not in encoded:
+                encoded[(i, system)] = encode_chat(tok, ChatPrompt(questions[i], system))
+            prompts[r] = encoded[(i, system)]
+    return prompts
+
+
+def _generate_batch(
+    model: Model,
+    steerings: Sequence[Steering | None],
+    row_group: list[int],
+    batch: TokenBatch,
+    *,
+    positions: Positions,
+    max_new_tokens: int,
+    seed: int,
+    share_prefix: bool,
+) -> BatchGeneration:
+    """One batch of :func:`generate_and_score_rows`: row ``b`` steered by
+    ``steerings[row_group[b]]``, with the layers below the lowest steered one run once per
+    distinct prompt (``share_prefix``; :func:`~ks_lens.generation.shared_prefill`)."""
+    from ks_lens.steering.base import steer_groups
+
+    present = set(row_group)
+    here = [st if g in present else None for g, st in enumerate(steerings)]
+    start = _shared_start(model, here, None) if share_prefix else None
+    prefill = shared_prefill(model, batch, start)  # before any hook is installed
+    with steer_groups(model, steerings, row_group, positions=positions):
+        return generate_from_batch(
+            model,
+            batch,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            return_logits=True,
+            prefill=prefill,
+        )
 
 
 class _AnswerScorer:
@@ -617,12 +665,17 @@ class _AnswerScorer:
     def whole(self, rows: Sequence[int]) -> None:
         """Score ``rows`` as whole rows (question + answer), batched together."""
         answers = self.answers
-        seqs = [list(self.heads[self.question_of[r]]) + list(answers[r]) for r in range(len(answers))]
+        seqs = [
+            list(self.heads[self.question_of[r]]) + list(answers[r]) for r in range(len(answers))
+        ]
         for idx, batch in sorted_batches(
             seqs, self.batch_size, pad_id=self.pad, device=self.device, rows=rows
         ):
             tmax = max(len(answers[r]) for r in idx)
-            with torch.no_grad(), record_activations(self.model, self.names, last_token=True) as rec:
+            with (
+                torch.no_grad(),
+                record_activations(self.model, self.names, last_token=True) as rec,
+            ):
                 logits = forward(
                     self.model,
                     batch.input_ids,
@@ -677,169 +730,6 @@ def _score_answers(
     else:
         scorer.whole(range(len(answers)))
     return scorer.result()
-
-
-# ----------------------------------------------------------------------------- calibration
-
-
-@dataclass
-class Calibration:
-    """The calibrated alpha and every evaluation the search made (alpha, metric)."""
-
-    alpha: float
-    budget: float
-    metric: float
-    evaluations: list[tuple[float, float]] = field(default_factory=list)
-    note: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "alpha": self.alpha,
-            "budget": self.budget,
-            "metric_at_alpha": self.metric,
-            "evaluations": [[a, m] for a, m in self.evaluations],
-            "note": self.note,
-        }
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Calibration:
-        """Inverse of :meth:`to_json` (``null`` metrics, i.e. inf/NaN, come back as inf)."""
-
-        def num(v: Any) -> float:
-            return math.inf if v is None else float(v)
-
-        return cls(
-            float(d["alpha"]),
-            float(d["budget"]),
-            num(d["metric_at_alpha"]),
-            [(float(a), num(m)) for a, m in d["evaluations"]],
-            str(d.get("note", "")),
-        )
-
-
-def _search(
-    budget: float, alpha0: float, factor: float, max_expand: int, bisect_steps: int
-) -> Generator[float, float, Calibration]:
-    """The calibration search as a generator: yields alphas to evaluate, receives their metric,
-    and returns the :class:`Calibration` (so several searches can share batched evaluations)."""
-    if not budget > 0:
-        raise ConfigError("budget must be positive")
-    if alpha0 <= 0 or factor <= 1:
-        raise ConfigError("alpha0 must be positive and factor > 1")
-    evals: list[tuple[float, float]] = []
-
-    def record(a: float, m: float) -> float:
-        if math.isnan(m):
-            raise ConfigError(f"the calibration metric is NaN at alpha={a}")
-        evals.append((a, m))
-        return m
-
-    a = alpha0
-    m = record(a, (yield a))
-    if m <= budget:
-        ok, ok_m = a, m
-        for _ in range(max_expand):
-            a *= factor
-            m = record(a, (yield a))
-            if m > budget:
-                break
-            ok, ok_m = a, m
-        else:
-            return Calibration(
-                ok, budget, ok_m, evals, note=f"budget not reached by alpha={ok:g}; search limit"
-            )
-        bad = a
-    else:
-        bad = a
-        for _ in range(max_expand):
-            a /= factor
-            m = record(a, (yield a))
-            if m <= budget:
-                break
-            bad = a
-        else:
-            return Calibration(
-                0.0,
-                budget,
-                float("nan"),
-                evals,
-                note=f"budget exceeded even at alpha={a:g}; steering off",
-            )
-        ok, ok_m = a, m
-    for _ in range(bisect_steps):
-        mid = math.sqrt(ok * bad)
-        m = record(mid, (yield mid))
-        if m <= budget:
-            ok, ok_m = mid, m
-        else:
-            bad = mid
-    return Calibration(ok, budget, ok_m, evals)
-
-
-def calibrate_alpha(
-    metric: Callable[[float], float],
-    budget: float,
-    *,
-    alpha0: float = 1.0,
-    factor: float = 4.0,
-    max_expand: int = 8,
-    bisect_steps: int = 5,
-) -> Calibration:
-    """Largest alpha with ``metric(alpha) <= budget``, for a metric increasing in alpha.
-
-    Brackets the boundary by multiplying/dividing ``alpha0`` by ``factor`` (at most
-    ``max_expand`` times), then bisects in log space ``bisect_steps`` times; the returned alpha
-    always satisfies the budget (it is the lower end of the final bracket), within a factor
-    ``factor ** (1 / 2**bisect_steps)`` of the boundary.
-
-    Example:
-        >>> cal = ks.calibrate_alpha(lambda alpha: 0.1 * alpha, budget=1.0)    # any metric
-        >>> round(cal.alpha, 2), cal.metric <= 1.0, len(cal.evaluations)
-        (9.93, True, 8)
-
-    With a model, the metric is usually :func:`kl_metric` (``docs/steering.md``, "Picking alpha").
-    """
-    return calibrate_alphas(
-        lambda which, alphas: [metric(a) for a in alphas],
-        budget,
-        [alpha0],
-        factor=factor,
-        max_expand=max_expand,
-        bisect_steps=bisect_steps,
-    )[0]
-
-
-def calibrate_alphas(
-    metrics: Callable[[list[int], list[float]], list[float]],
-    budget: float,
-    alpha0s: Sequence[float],
-    *,
-    factor: float = 4.0,
-    max_expand: int = 8,
-    bisect_steps: int = 5,
-) -> list[Calibration]:
-    """Run one :func:`calibrate_alpha` search per entry of ``alpha0s`` in lockstep.
-
-    ``metrics(which, alphas)`` receives the indices (into ``alpha0s``) of the searches still
-    running and one alpha for each, and returns their metrics, so all searches can be evaluated
-    in one batch.
-    """
-    searches = [_search(budget, a0, factor, max_expand, bisect_steps) for a0 in alpha0s]
-    pending: dict[int, float] = {i: next(g) for i, g in enumerate(searches)}
-    results: dict[int, Calibration] = {}
-    while pending:
-        keys = sorted(pending)
-        values = metrics(keys, [pending[i] for i in keys])
-        if len(values) != len(keys):
-            raise ConfigError("metrics() must return one value per alpha")
-        nxt: dict[int, float] = {}
-        for i, v in zip(keys, values, strict=True):
-            try:
-                nxt[i] = searches[i].send(float(v))
-            except StopIteration as stop:
-                results[i] = stop.value
-        pending = nxt
-    return [results[i] for i in range(len(searches))]
 
 
 def first_token_kl(

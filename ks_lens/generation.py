@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from ks_lens.batching import scatter, sorted_batches
 from ks_lens.chat import ChatPrompt, TokenBatch, as_prompt_list, check_context, encode_chat
-from ks_lens.compat import check_bridge_cache
-from ks_lens.hf_path import hf_modules
+from ks_lens.compat import cache_keyword, check_bridge_cache
+from ks_lens.errors import ConfigError
+from ks_lens.hf_path import hf_modules, layer_input, resume_at
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.types import Model
 from ks_lens.utils import check_int, check_seed
@@ -93,6 +94,90 @@ def _stack_freeing(steps: list[Any]) -> torch.Tensor:
     return out
 
 
+@dataclass
+class SharedPrefill:
+    """The prompt's pass below decoder layer ``layer``, run once per distinct prompt of a batch
+    and expanded to every row (:func:`shared_prefill`): ``hidden`` ``[batch, pos, d_model]`` is
+    layer ``layer``'s input, ``kv`` the keys and values of each layer below it ``[batch, heads,
+    pos, d_head]``."""
+
+    layer: int
+    hidden: torch.Tensor
+    as_tuple: bool
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The position ids Hugging Face ``generate`` gives a left-padded prompt (0 on padding)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def shared_prefill(model: Model, batch: TokenBatch, layer: int | None) -> SharedPrefill | None:
+    """Run the layers below ``layer`` once per distinct prompt row of ``batch`` (no hooks: call
+    it before any steering is installed) and expand the result to every row, for
+    :func:`generate_from_batch`'s ``prefill=``.
+
+    Steering that writes at ``layer`` or above leaves everything below unchanged, so a batch
+    that answers one question under several steering configurations needs that part once.
+    ``None`` (nothing to share) for ``layer`` ``None`` or below 1, a batch without repeated
+    prompts, or a cache layer that does not hold the whole prompt (e.g. a sliding window
+    shorter than it).
+    """
+    from transformers import DynamicCache
+
+    if layer is None or layer < 1:
+        return None
+    rows = [tuple(r) for r in torch.cat([batch.input_ids, batch.attention_mask], 1).tolist()]
+    first: dict[tuple[int, ...], int] = {}
+    for r in rows:
+        first.setdefault(r, len(first))
+    if len(first) == len(rows):
+        return None
+    uniq = torch.tensor([rows.index(r) for r in first], device=batch.input_ids.device)
+    inv = torch.tensor([first[r] for r in rows], device=batch.input_ids.device)
+    hf: Any = model.original_model
+    cache = DynamicCache(config=hf.config)
+    ids, mask = batch.input_ids[uniq], batch.attention_mask[uniq]
+    hidden, as_tuple = layer_input(
+        model, layer, ids, mask, position_ids=generation_positions(mask), cache=cache
+    )
+    kv = []
+    layers: list[Any] = cache.layers
+    for i in range(layer):
+        keys, values = getattr(layers[i], "keys", None), getattr(layers[i], "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+            return None
+        if keys.shape[-2] != ids.shape[1]:
+            return None  # this layer keeps less than the whole prompt (a sliding window)
+        kv.append((keys[inv], values[inv]))
+    return SharedPrefill(layer, hidden[inv], as_tuple, kv)
+
+
+def _prefill_from_shared(
+    model: Model, batch: TokenBatch, shared: SharedPrefill
+) -> tuple[Any, torch.Tensor]:
+    """The prompt pass of generation, resumed at ``shared.layer`` (steering hooks live): the
+    filled KV cache and the next-token logits ``[batch, vocab]``."""
+    from transformers import DynamicCache
+
+    hf: Any = model.original_model
+    cache = DynamicCache(config=hf.config)
+    with resume_at(model, shared.layer, shared.hidden, shared.as_tuple):
+        out = hf(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=generation_positions(batch.attention_mask),
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_keyword(hf): cache},
+        )
+    layers: list[Any] = cache.layers
+    for i, (keys, values) in enumerate(shared.kv):
+        layers[i].update(keys, values)
+    return cache, out.logits[:, -1]
+
+
 def generate_from_batch(
     model: Model,
     batch: TokenBatch,
@@ -105,43 +190,68 @@ def generate_from_batch(
     seed: int = 0,
     return_logits: bool = False,
     full_bridge: bool = False,
+    prefill: SharedPrefill | None = None,
 ) -> BatchGeneration:
     """Generate for one left-padded batch (greedy unless ``do_sample``).
 
     With ``return_logits=True`` the raw next-token logits of every step are kept,
     ``[batch, steps, vocab]`` (row ``b``, step ``t`` predicts new token ``t``).
     ``full_bridge=True`` runs every TransformerLens bridge component instead of the plain HF
-    modules with only the hooked points routed (see the module docstring).
+    modules with only the hooked points routed (see the module docstring). ``prefill`` (from
+    :func:`shared_prefill` for this batch, greedy decoding on the plain modules only) starts the
+    prompt's pass at its layer; the tokens equal a full pass up to float rounding (tested).
     """
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens")
     check_context(model, int(batch.input_ids.shape[1]), max_new_tokens, what="the batch")
-    cfg = _generation_config(
-        model,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-    )
+    if prefill is not None and (do_sample or full_bridge):
+        raise ConfigError("a shared prefill serves greedy decoding on the plain HF modules only")
     # TransformerBridge types original_model as nn.Module; it is a Hugging Face PreTrainedModel
     hf: Any = model.original_model
+    prompt_len = int(batch.input_ids.shape[1])
+    steps: list[torch.Tensor] = []  # per-step logits [batch, vocab]
     with torch.random.fork_rng(devices=[batch.input_ids.device] if batch.input_ids.is_cuda else []):
         torch.manual_seed(seed)
         with torch.no_grad(), hf_modules(model, enabled=not full_bridge) as plain:
             if not plain:  # the bridge decodes (asked for, or a hook it cannot route)
                 check_bridge_cache()
-            out = hf.generate(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                generation_config=cfg,
-                output_logits=return_logits,
-                return_dict_in_generate=return_logits,
-            )
-    logits = None
-    if return_logits:
-        steps, out = list(out.logits), out.sequences
-        logits = _stack_freeing(steps)
-    new = out[:, batch.input_ids.shape[1] :].tolist()
+            kwargs: dict[str, Any] = {}
+            if prefill is not None and plain:
+                cache, logits0 = _prefill_from_shared(model, batch, prefill)
+                token = logits0.argmax(-1, keepdim=True)
+                steps = [logits0]
+                batch = TokenBatch(
+                    torch.cat([batch.input_ids, token], 1),
+                    torch.cat([batch.attention_mask, torch.ones_like(token)], 1),
+                )
+                kwargs[cache_keyword(hf)] = cache
+                max_new_tokens -= 1
+            out = batch.input_ids
+            if max_new_tokens > 0:
+                out = hf.generate(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    generation_config=_generation_config(
+                        model,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=do_sample,
+                        temperature=temperature,
+                        top_p=top_p,
+                        top_k=top_k,
+                    ),
+                    output_logits=return_logits,
+                    return_dict_in_generate=return_logits,
+                    **kwargs,
+                )
+                if return_logits:
+                    steps, out = [*steps, *out.logits], out.sequences
+    logits = _stack_freeing(steps) if return_logits else None
+    return _batch_result(model, out[:, prompt_len:].tolist(), logits)
+
+
+def _batch_result(
+    model: Model, new: list[list[int]], logits: torch.Tensor | None
+) -> BatchGeneration:
+    """Each row's new tokens up to its end-of-turn token, padding dropped."""
     eos = model.tokenizer.eos_token_id
     pad = pad_token_id(model.tokenizer)
     ids: list[list[int]] = []

@@ -284,11 +284,20 @@ class _Skip(torch.nn.Module):
 
 
 def layer_input(
-    model: Model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: Model,
+    layer: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cache: Any = None,
 ) -> tuple[torch.Tensor, bool]:
     """Run the plain HF modules (no hooks) up to decoder layer ``layer`` and return its input
     hidden states ``[batch, pos, d_model]``, and whether the layer below returns a tuple (the
-    format :func:`resume_at` must imitate). The pass stops there (nothing above runs)."""
+    format :func:`resume_at` must imitate). The pass stops there (nothing above runs).
+
+    ``position_ids`` (default: the model's, ``0..pos-1``) are passed on; a Hugging Face KV
+    ``cache`` is filled for the layers below ``layer``."""
     if layer < 1:
         raise ConfigError(f"layer must be at least 1 to have layers below it, got {layer}")
     hf: Any = model.original_model
@@ -311,7 +320,14 @@ def layer_input(
             layers[layer - 1].register_forward_hook(post),
         ]
         try:
-            hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            kw = {cache_keyword(hf): cache} if cache is not None else {}
+            hf(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=cache is not None,
+                **kw,
+            )
         except _Reached:
             pass
         finally:

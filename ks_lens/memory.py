@@ -199,12 +199,13 @@ def comparison_work(
 
     plan = plan_comparison(labels, c, n_calib=n_calib, n_test=n_gen)
     methods = len(c.methods)
-    text_rows = n_gen + len(plan.gen_cells) * methods * len(c.curve_factors) if text else 0
+    curve = len(plan.curve_cells(c.curve_cells_per_question)) * (len(c.curve_factors) - 1)
+    text_rows = n_gen + (len(plan.gen_cells) + curve) * methods if text else 0
     # the instructed reference row: one more answer per text cell, one readout per question
     # and combination (counted like a method's: its shared system-prompt prefix runs once)
     text_rows += len(plan.gen_cells) if c.instructed and text else 0
-    # a calibration evaluates each cell and method at a few alphas, then bisects
-    calib_tokens = len(plan.calib_cells) * methods * (c.calib_bisect_steps + 4) * c.calib_tokens
+    # a calibration evaluates each cell and method at a few alphas (3-4 with the power-law steps)
+    calib_tokens = len(plan.calib_cells) * methods * 4 * c.calib_tokens
     read = (n_eval + (n_calib if reread_calib else 0)) * len(plan.act_combos) * methods
     read += n_eval * len(plan.act_combos) if c.instructed else 0
     if uses_dct(c):

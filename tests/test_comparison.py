@@ -17,6 +17,7 @@ from ks_lens.comparison import (
     Answer,
     Cell,
     ComparisonConfig,
+    ComparisonPlan,
     ComparisonResult,
     TextEvaluation,
     label_combinations,
@@ -28,7 +29,9 @@ from ks_lens.comparison import (
     summarise_text,
     trade_off,
 )
+from ks_lens.comparison.checks import _check_text_records
 from ks_lens.coverage import coverage_counts
+from ks_lens.errors import StoreError
 from ks_lens.probes import ProbeConfig, train_probe
 from ks_lens.stats import interpolate_at
 from ks_lens.steering import SteeringVectors
@@ -347,7 +350,8 @@ def test_run_comparison_end_to_end_on_tiny(tiny_model, tiny_acts, tiny_probe, ti
 
 
 def test_normalised_gain_and_common_level():
-    from ks_lens.comparison import _common_level, normalised_gain
+    from ks_lens.comparison.curves import _common_level
+    from ks_lens.comparison.summary import normalised_gain
 
     g = normalised_gain(np.array([0.6, 0.2, 0.5, 0.0]), np.array([0.2, 0.8, 0.5, 0.5]))
     np.testing.assert_allclose(g, [0.5, -0.75, 0.0, -1.0])  # room gained / share lost
@@ -476,7 +480,7 @@ def test_comparison_settings_are_checked_before_compute(kw, message):
 
 def _synthetic_result() -> dict:
     """A complete two-method result on labels a, b, c (every stage), as report.json holds it."""
-    from ks_lens.evaluation import Calibration
+    from ks_lens.calibration import Calibration
 
     cfg = ComparisonConfig(
         methods=("caa_mean", "ksteer"),
@@ -636,3 +640,41 @@ def test_report_command_refuses_a_damaged_report_in_one_line(tmp_path, capsys):
     (tmp_path / "report.json").write_text("[1, 2]")
     assert main(["report", str(tmp_path)]) == 2
     assert "a comparison result is a JSON object, got list" in capsys.readouterr().err
+
+
+def test_curve_cells_are_one_per_question_and_size_and_carry_the_curves():
+    cfg = ComparisonConfig(text_coverage="all-combinations", avoid=("f",))
+    plan = plan_comparison(list("abcdef"), cfg, n_calib=5, n_test=7)
+    curve = plan.curve_cells(1)
+    assert [c for c in plan.gen_cells if c in curve] == curve  # a subset, in plan order
+    assert Counter((c.question, len(c.targets)) for c in curve) == {
+        (q, k): 1 for q in range(7) for k in (1, 2, 3)
+    }
+    per = Counter((c.question, len(c.targets)) for c in plan.gen_cells)
+    assert len(plan.curve_cells(2)) == sum(min(2, n) for n in per.values()) == 10 + 14 + 14
+    assert plan.curve_cells(None) == plan.gen_cells
+    with pytest.raises(ValueError, match="curve_cells_per_question must be positive"):
+        ComparisonConfig(curve_cells_per_question=0).validate()
+    # the curve reads only the cells answered at every factor: question 1's extra cell (answered
+    # at the calibrated alpha only, p=0.9) moves the summary at factor 1 but not the curve
+    cells = [Cell(0, ("a",)), Cell(1, ("a",)), Cell(1, ("b",))]
+    answers = [_answer("unsteered", q, ("a",), 0.0, 0.0, 0.1) for q in (0, 1)]
+    for f, kl, p in ((0.5, 0.2, 0.3), (1.0, 0.4, 0.5)):
+        answers += [_answer("caa_mean", q, ("a",), f, kl, p) for q in (0, 1)]
+    answers.insert(6, _answer("caa_mean", 1, ("b",), 1.0, 0.4, 0.9))
+    te = TextEvaluation(
+        ("a", "b"), ["q0", "q1"], cells, {"caa_mean": {1: 1.0}}, (0.5, 1.0), answers, ("text",)
+    )
+    c1 = ComparisonConfig(
+        methods=("caa_mean",), sizes=(1,), curve_cells_per_question=1, instructed=False
+    )
+    curves, _ = trade_off(te, c1)
+    at_one = next(p for p in curves if p.factor == 1.0)
+    assert at_one.n_answers == 2 and at_one.target_prob.estimate == pytest.approx(0.5)
+    row = next(r for r in summarise_text(te, c1) if r.method == "caa_mean")
+    assert row.target_prob.estimate == pytest.approx((0.5 + (0.5 + 0.9) / 2) / 2)
+    plan2 = ComparisonPlan(("a", "b"), (), [], [], cells)
+    _check_text_records(te, c1, plan2)  # the stored answers match the plan
+    short = replace(te, answers=[a for a in answers if not (a.factor == 0.5 and a.question == 1)])
+    with pytest.raises(StoreError, match="at alpha factor 0.5; the plan needs 2"):
+        _check_text_records(short, c1, plan2)

@@ -11,11 +11,11 @@ import pytest
 
 from ks_lens import (
     activations,
+    calibration,
     cli,
     comparison,
     datasets,
     demo,
-    evaluation,
     gold_texts,
     hooks,
     io,
@@ -94,13 +94,13 @@ CASES_WITHOUT_MODEL: list[tuple[str, Callable[[Any], Any], type[KsLensError], st
     ),
     (
         "evaluation (NaN metric)",
-        lambda tmp: evaluation.calibrate_alpha(lambda a: float("nan"), 0.1),
+        lambda tmp: calibration.calibrate_alpha(lambda a: float("nan"), 0.1),
         ConfigError,
         "NaN",
     ),
     (
         "evaluation (metrics length)",
-        lambda tmp: evaluation.calibrate_alphas(lambda which, alphas: [], 0.1, [1.0]),
+        lambda tmp: calibration.calibrate_alphas(lambda which, alphas: [], 0.1, [1.0]),
         ConfigError,
         "one value per alpha",
     ),

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import ks_lens as ks
+from ks_lens.calibration import calibrate_alpha
 from ks_lens.comparison import label_combinations, spread
 from ks_lens.evaluation import (
     DegenerateRule,
     VanishRule,
-    calibrate_alpha,
     distinct_n,
     generate_and_score_groups,
     kl_divergence,
@@ -80,8 +80,17 @@ def test_kl_metric_is_zero_at_zero_and_increasing(tiny_model, tiny_acts):
 def test_calibration_finds_largest_alpha_within_budget():
     cal = calibrate_alpha(lambda a: a**2, 4.0, alpha0=1.0, factor=4.0, bisect_steps=6)
     assert cal.alpha**2 <= 4.0
-    assert cal.alpha >= 2.0 / 4.0 ** (1 / 2**6)
+    # the power law through (1, 1) aims at 0.95 * budget: alpha = sqrt(3.8), found in 2 steps
+    assert cal.alpha == pytest.approx(3.8**0.5) and len(cal.evaluations) == 2
     assert all(a > 0 for a, _ in cal.evaluations)
+    # without the tolerance stop, the bracket closes to factor ** (1 / 2**bisect_steps)
+    exact = calibrate_alpha(lambda a: a**2, 4.0, factor=4.0, bisect_steps=6, tolerance=0.0)
+    assert exact.alpha**2 <= 4.0 and exact.alpha >= 2.0 / 4.0 ** (1 / 2**6)
+    # an inf metric (too many degenerate answers) past alpha 3 is bisected around, not fitted
+    cliff = calibrate_alpha(lambda a: 0.01 * a if a < 3 else math.inf, 1.0, bisect_steps=3)
+    assert cliff.alpha < 3 and cliff.alpha >= 3 / 4 ** (1 / 8) and math.isfinite(cliff.metric)
+    with pytest.raises(ValueError, match="tolerance must be in"):
+        calibrate_alpha(lambda a: a, 1.0, tolerance=1.0)
     down = calibrate_alpha(lambda a: a, 0.01, alpha0=10.0)
     assert down.alpha <= 0.01 and down.alpha > 0.01 / 4
     capped = calibrate_alpha(lambda a: 0.0 * a, 1.0, max_expand=3)

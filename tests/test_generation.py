@@ -222,3 +222,64 @@ def test_plain_hf_modules_fall_back_and_restore(tiny_model):
     except KeyboardInterrupt:
         pass
     assert [(n, type(m).__name__) for n, m in hf.named_modules()] == before
+
+
+def _shared_prefill_case(tiny_model, tiny_probe, tiny_acts):
+    """Two questions, each answered unsteered, with CAA and with K-Steering in one batch."""
+    from ks_lens.batching import left_pad
+    from ks_lens.chat import ChatPrompt, encode_chat
+    from ks_lens.models import pad_token_id
+    from ks_lens.steering import CAA, KSteering, SteeringSpec, SteeringVectors
+
+    caa = CAA(SteeringVectors.fit(tiny_acts, 2))
+    k = KSteering(tiny_probe, steps=2)
+    groups = [None, (caa, SteeringSpec(("beta",), (), 3.0)), (k, SteeringSpec(("alpha",), (), 3.0))]
+    tok = tiny_model.tokenizer
+    ids = [encode_chat(tok, ChatPrompt(q)) for q in ("hi?", "a much longer question about tides?")]
+    rows = [(g, q) for q in range(2) for g in range(3)]
+    batch = left_pad([ids[q] for _, q in rows], pad_token_id(tok), None)
+    return groups, [g for g, _ in rows], batch
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_shared_prefill_gives_the_full_passes_tokens_and_logits(
+    tiny_model, tiny_probe, tiny_acts, positions
+):
+    """Generation resumed above the layers each distinct prompt runs once gives the tokens and
+    per-step logits of full prompt passes, each row steered by its own group."""
+    from ks_lens.generation import generate_from_batch, shared_prefill
+    from ks_lens.steering.base import steer_groups
+
+    groups, row_group, batch = _shared_prefill_case(tiny_model, tiny_probe, tiny_acts)
+    pre = shared_prefill(tiny_model, batch, 2)
+    assert pre is not None and pre.layer == 2 and len(pre.kv) == 2
+    assert pre.hidden.shape[:2] == batch.input_ids.shape
+    assert torch.equal(pre.hidden[0], pre.hidden[2])  # one question's rows share the pass
+    for n in (1, 6):
+        runs = []
+        for prefill in (pre, None):
+            with steer_groups(tiny_model, groups, row_group, positions=positions):
+                runs.append(
+                    generate_from_batch(
+                        tiny_model, batch, max_new_tokens=n, return_logits=True, prefill=prefill
+                    )
+                )
+        a, b = runs
+        assert a.ids == b.ids and a.finished == b.finished
+        assert a.logits is not None and b.logits is not None and a.logits.shape == b.logits.shape
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    assert len({tuple(x) for x in b.ids[:3]}) > 1  # the steering changed the answers
+
+
+def test_shared_prefill_declines_and_refuses(tiny_model, tiny_probe, tiny_acts):
+    from ks_lens.errors import ConfigError
+    from ks_lens.generation import generate_from_batch, shared_prefill
+
+    _, _, batch = _shared_prefill_case(tiny_model, tiny_probe, tiny_acts)
+    assert shared_prefill(tiny_model, batch, None) is None
+    assert shared_prefill(tiny_model, batch, 0) is None
+    distinct = ks.chat.TokenBatch(batch.input_ids[2:4], batch.attention_mask[2:4])
+    assert shared_prefill(tiny_model, distinct, 2) is None  # no prompt repeats
+    pre = shared_prefill(tiny_model, batch, 2)
+    with pytest.raises(ConfigError, match="greedy decoding"):
+        generate_from_batch(tiny_model, batch, max_new_tokens=2, do_sample=True, prefill=pre)

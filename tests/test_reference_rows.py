@@ -272,7 +272,7 @@ def test_ksteer_linear_builds_from_the_linear_probe_and_steers(tiny_acts, tiny_p
 
 def _synthetic(instructed: bool) -> dict:
     """A complete result on labels a, b (text level only) with or without the instructed row."""
-    from ks_lens.evaluation import Calibration
+    from ks_lens.calibration import Calibration
 
     cfg = ComparisonConfig(
         methods=("caa_mean",),

@@ -1,0 +1,230 @@
+"""All stages chained (:func:`run_comparison`), the ``dct`` method's vectors fitted first."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from ks_lens.capability_stage import evaluate_capability_stage
+from ks_lens.comparison.calibration import build_methods, calibrate
+from ks_lens.comparison.config import ComparisonConfig, TextScorer
+from ks_lens.comparison.curves import trade_off
+from ks_lens.comparison.plan import plan_comparison
+from ks_lens.comparison.records import CurvePoint, EqualKL
+from ks_lens.comparison.result import ComparisonResult
+from ks_lens.comparison.stages import _instructed_systems, evaluate_activations, evaluate_text
+from ks_lens.comparison.summary import summarise_activations, summarise_text
+from ks_lens.coverage import label_combinations
+from ks_lens.errors import ConfigError
+from ks_lens.evaluation import map_dct_labels
+from ks_lens.instructed import instructed_system
+from ks_lens.memory import record_memory
+from ks_lens.probes import Probe
+from ks_lens.steering import SteeringVectors
+from ks_lens.steering.dct import DCTVectors
+from ks_lens.steering.registry import SteeringKit
+from ks_lens.types import Model
+
+# the package's logger: records keep the name they had before the split (ks_lens.comparison)
+log = logging.getLogger("ks_lens.comparison")
+
+
+def _capability_systems(
+    config: ComparisonConfig, instructions: Mapping[str, str] | None, labels: Sequence[str]
+) -> dict[tuple[str, ...], str] | None:
+    """The capability stage's instructed system prompt per combination (``None``: no row)."""
+    if not config.capability_instructed or instructions is None:
+        return None
+    pool = [lab for lab in labels if lab not in config.avoid]
+    return {c: instructed_system(instructions, c) for c in label_combinations(pool, config.sizes)}
+
+
+def uses_dct(config: ComparisonConfig) -> bool:
+    """Whether ``config`` compares the ``dct`` method (or a variant of it)."""
+    return any(m.partition("@")[0] == "dct" for m in config.methods)
+
+
+def fit_comparison_dct(
+    model: Model,
+    layer: int,
+    calib_questions: Sequence[str],
+    evaluator: Probe,
+    config: ComparisonConfig,
+    *,
+    learned: DCTVectors | None = None,
+) -> DCTVectors:
+    """The ``dct`` method's vectors for a comparison steering at ``layer``: learned on the
+    calibration questions with ``config.dct`` (the comparison's seed) and mapped to labels there
+    by the held-out ``evaluator`` (:func:`~ks_lens.evaluation.map_dct_labels`); never on test
+    questions. ``learned`` gives vectors already learned there (they know no labels, so another
+    evaluator can map them again; e.g. a layer sweep's)."""
+    if learned is None:
+        learned = DCTVectors.fit(
+            model, calib_questions, config.dct.config(model, layer, seed=config.seed)
+        )
+    elif learned.layer != layer:
+        raise ConfigError(f"the DCT vectors given sit at layer {learned.layer}, not {layer}")
+    mapping = map_dct_labels(
+        model, learned, calib_questions, evaluator, batch_size=config.batch_size
+    )
+    dct = learned.mapped(mapping)
+    log.info(f"  {dct!r}: {mapping.table()}")
+    return dct
+
+
+def run_comparison(
+    model: Model,
+    *,
+    probe: Probe,
+    vectors: SteeringVectors,
+    evaluator: Probe,
+    text_evaluator: TextScorer | None,
+    layer_probes: Mapping[int, Probe] | None = None,
+    response_evaluator: Probe | None = None,
+    calib_questions: Sequence[str],
+    test_questions: Sequence[str],
+    text_questions: Sequence[str] | None = None,
+    config: ComparisonConfig | None = None,
+    progress: bool = True,
+    dct: DCTVectors | None = None,
+    linear_probe: Probe | None = None,
+    instructions: Mapping[str, str] | None = None,
+) -> ComparisonResult:
+    """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
+    ``text_questions``, default the same), measure capability (``capability_questions`` > 0;
+    with ``capability_instructed`` and ``instructions`` given, also under the system prompt that
+    asks for each combination, :func:`~ks_lens.instructed.instructed_system`) and
+    summarise.
+
+    With the ``dct`` method and no mapped ``dct`` vectors given, they are learned and mapped by
+    :func:`fit_comparison_dct`.
+    ``linear_probe`` (same labels and hook point as ``probe``) serves ``ksteer_linear``;
+    ``instructions`` (label -> instruction, e.g. ``BehaviourDataset.instructions``) the
+    ``instructed`` reference row, which ``config.instructed`` asks for."""
+    text_questions = list(test_questions if text_questions is None else text_questions)
+    config = (config or ComparisonConfig()).validate(probe.label_names)
+    labels = tuple(probe.label_names)
+    others = {"vectors": vectors.label_names, "evaluator": evaluator.label_names}
+    if linear_probe is not None:
+        others["linear probe"] = linear_probe.label_names
+        if linear_probe.hook_name != probe.hook_name:
+            raise ConfigError(
+                f"the linear probe reads {linear_probe.hook_name}, the steering probe "
+                f"{probe.hook_name}: ksteer_linear steers beside ksteer, at the same hook point"
+            )
+    if text_evaluator is not None:
+        others["text evaluator"] = text_evaluator.label_names
+    if response_evaluator is not None:
+        others["response evaluator"] = response_evaluator.label_names
+    for what, names in others.items():
+        if tuple(names) != labels:
+            raise ConfigError(
+                f"the {what} labels {list(names)} differ from the steering probe's {list(labels)} "
+                "(same labels in the same order are required)"
+            )
+    if evaluator.layer < probe.layer:
+        raise ConfigError(
+            f"the evaluator (layer {evaluator.layer}) must read at or after the steering layer ({probe.layer})"
+        )
+    if not calib_questions or not test_questions:
+        raise ConfigError("need calibration and test questions")
+    plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
+    _instructed_systems(config, instructions, plan, [])  # refuse missing instructions early
+    kit = SteeringKit(probe, vectors, dict(layer_probes or {}), linear_probe=linear_probe)
+    if kit.layer_probes and max(kit.layer_probes) > evaluator.layer:
+        raise ConfigError(
+            f"the evaluator (layer {evaluator.layer}) must read at or after every steering layer "
+            f"({sorted(kit.layer_probes)})"
+        )
+    timings: dict[str, float] = {}
+    if uses_dct(config):
+        t0 = time.perf_counter()
+        if dct is None:
+            dct = fit_comparison_dct(model, probe.layer, calib_questions, evaluator, config)
+        kit = replace(kit, dct=dct)
+        timings["dct_fit_s"] = time.perf_counter() - t0
+    methods = build_methods(config, kit)
+
+    t0 = time.perf_counter()
+    calib = calibrate(model, methods, plan, calib_questions, config)
+    timings["calibration_s"] = time.perf_counter() - t0
+    record_memory(timings, "calibration")
+    alphas = {m: {k: c.alpha for k, c in v.items()} for m, v in calib.items()}
+
+    t0 = time.perf_counter()
+    act = evaluate_activations(
+        model,
+        methods,
+        alphas,
+        plan,
+        test_questions,
+        evaluator,
+        config,
+        progress=progress,
+        instructions=instructions,
+    )
+    summaries = summarise_activations(act, config)
+    timings["activation_eval_s"] = time.perf_counter() - t0
+    record_memory(timings, "activation_eval")
+
+    text = None
+    curves: list[CurvePoint] = []
+    equal: list[EqualKL] = []
+    if text_evaluator is not None:
+        t0 = time.perf_counter()
+        log.info(
+            f"  text eval: {len(plan.gen_cells)} cells x {len(methods)} methods x "
+            f"{len(config.curve_factors)} alphas + {len(text_questions)} unsteered answers"
+            + (f" + {len(plan.gen_cells)} instructed answers" if config.instructed else "")
+        )
+        text = evaluate_text(
+            model,
+            methods,
+            alphas,
+            plan,
+            text_questions,
+            text_evaluator,
+            config,
+            response_evaluator=response_evaluator,
+            instructions=instructions,
+        )
+        summaries += summarise_text(text, config)
+        curves, equal = trade_off(text, config)
+        timings["text_eval_s"] = time.perf_counter() - t0
+        record_memory(timings, "text_eval")
+    capability = None
+    if config.capability_questions > 0:
+        t0 = time.perf_counter()
+        capability = evaluate_capability_stage(
+            model,
+            methods,
+            alphas,
+            labels=labels,
+            avoid=config.avoid,
+            sizes=config.sizes,
+            n_questions=config.capability_questions,
+            seed=config.seed,
+            positions=config.positions,
+            instructed=_capability_systems(config, instructions, labels),
+        )
+        if config.capability_instructed and instructions is None:
+            log.info("  capability: no instructions given; no instructed row")
+        timings["capability_s"] = time.perf_counter() - t0
+        record_memory(timings, "capability")
+    return ComparisonResult(
+        config,
+        plan,
+        calib,
+        act,
+        text,
+        summaries,
+        curves,
+        equal,
+        len(calib_questions),
+        len(test_questions),
+        len(text_questions) if text is not None else 0,
+        timings,
+        capability,
+    )

@@ -1,0 +1,184 @@
+"""Stages 3 and 4: the held-out evaluator on steered activations, and scored greedy answers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ks_lens.comparison.config import ComparisonConfig, TextScorer
+from ks_lens.comparison.plan import ComparisonPlan
+from ks_lens.comparison.records import ActivationEvaluation, Answer, TextEvaluation
+from ks_lens.errors import ConfigError
+from ks_lens.evaluation import GenerationScores, generate_and_score_rows, readout, readout_groups
+from ks_lens.instructed import INSTRUCTED, check_instructions, instructed_readout, instructed_system
+from ks_lens.probes import Probe
+from ks_lens.steering import Steerer, SteeringSpec
+from ks_lens.steering.base import Steering
+from ks_lens.style import style_meters
+from ks_lens.types import Model
+
+
+def evaluate_activations(
+    model: Model,
+    methods: dict[str, Steerer],
+    alphas: dict[str, dict[int, float]],
+    plan: ComparisonPlan,
+    questions: Sequence[str],
+    evaluator: Probe,
+    config: ComparisonConfig,
+    *,
+    progress: bool = True,
+    instructions: Mapping[str, str] | None = None,
+) -> ActivationEvaluation:
+    """Steer every test question toward every planned combination (each method at its
+    calibrated alpha) and read the held-out evaluator in the same forward pass; with
+    ``config.instructed``, also read it on every question asked for every combination by system
+    prompt (``instructions``: label -> instruction, see :mod:`ks_lens.instructed`)."""
+    systems = _instructed_systems(config, instructions, plan, plan.act_combos)
+    base = readout(model, questions, probe=evaluator, batch_size=config.batch_size).probs
+    names = list(methods)
+    # every (combination, method) at once: the unsteered layers below the steering run once
+    groups: list[Steering | None] = [
+        (methods[m], SteeringSpec(c, plan.avoid, alphas[m][len(c)]))
+        for c in plan.act_combos
+        for m in names
+    ]
+    outs = readout_groups(
+        model,
+        questions,
+        groups,
+        probe=evaluator,
+        positions=config.positions,
+        batch_size=config.batch_size,
+        progress=progress,
+        desc="activation eval",
+    )
+    probs: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    for g, r in enumerate(outs):
+        probs[names[g % len(names)]].append(r.probs.double().numpy())
+    ins = (
+        instructed_readout(model, questions, systems, evaluator, batch_size=config.batch_size)
+        if systems is not None
+        else None
+    )
+    return ActivationEvaluation(
+        tuple(evaluator.label_names),
+        list(plan.act_combos),
+        {m: dict(v) for m, v in alphas.items()},
+        base.double().numpy(),
+        probs,
+        ins,
+    )
+
+
+def _instructed_systems(
+    config: ComparisonConfig,
+    instructions: Mapping[str, str] | None,
+    plan: ComparisonPlan,
+    combos: Sequence[tuple[str, ...]],
+) -> list[str] | None:
+    """The instructed row's system prompt for each of ``combos`` (``None`` without the row)."""
+    if not config.instructed:
+        return None
+    if instructions is None:
+        raise ConfigError(
+            "the instructed reference row (ComparisonConfig.instructed) needs the labels' "
+            "instructions (instructions=, e.g. BehaviourDataset.instructions); or set instructed "
+            "to false"
+        )
+    check_instructions(instructions, plan.labels)
+    return [instructed_system(instructions, c) for c in combos]
+
+
+def evaluate_text(
+    model: Model,
+    methods: dict[str, Steerer],
+    alphas: dict[str, dict[int, float]],
+    plan: ComparisonPlan,
+    questions: Sequence[str],
+    text_evaluator: TextScorer,
+    config: ComparisonConfig,
+    *,
+    response_evaluator: Probe | None = None,
+    instructions: Mapping[str, str] | None = None,
+) -> TextEvaluation:
+    """Answer the questions unsteered, each cell with every method at its alpha (the curve cells,
+    :meth:`ComparisonPlan.curve_cells`, times each of ``curve_factors``) and, with ``instructed``,
+    under the system prompt asking for its targets (``instructions``; :mod:`ks_lens.instructed`).
+
+    All rows share generation batches. Each answer (instructed ones too) is re-encoded after its
+    question without instruction under the unsteered model (KL per token along the answer,
+    perplexity, response-activation evaluator) and scored by the text evaluator and the style
+    meters.
+    """
+    labels = tuple(text_evaluator.label_names)
+    if list(labels) != list(plan.labels):
+        raise ConfigError(
+            f"the text evaluator's labels {list(labels)} differ from the comparison's {list(plan.labels)}"
+        )
+    configs: list[Steering | None] = [None]
+    meta: list[tuple[str, float, float, tuple[str, ...]]] = [("unsteered", 0.0, 0.0, ())]
+    rows: list[tuple[int, int]] = [(0, i) for i in range(len(questions))]
+    curve = plan.curve_cells(config.curve_cells_per_question)
+    for m, steerer in methods.items():
+        for f in config.curve_factors:
+            for c in plan.gen_cells if f == 1.0 else curve:
+                a = alphas[m][len(c.targets)] * f
+                configs.append((steerer, SteeringSpec(c.targets, plan.avoid, a)))
+                meta.append((m, f, a, c.targets))
+                rows.append((len(configs) - 1, c.question))
+    systems: list[str | None] = [None] * len(rows)
+    row_meta = [g for g, _ in rows]  # each row's entry of ``meta``
+    cell_systems = _instructed_systems(
+        config, instructions, plan, [c.targets for c in plan.gen_cells]
+    )
+    for c, system in zip(plan.gen_cells, cell_systems or [], strict=False):
+        # unsteered (configuration 0), asked for the cell's targets by system prompt
+        row_meta.append(len(meta))
+        meta.append((INSTRUCTED, 0.0, 0.0, c.targets))
+        rows.append((0, c.question))
+        systems.append(system)
+    scores: GenerationScores = generate_and_score_rows(
+        model,
+        questions,
+        configs,
+        rows,
+        response_probe=response_evaluator,
+        positions=config.positions,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.gen_batch_size,
+        seed=config.seed,
+        systems=systems,
+    )
+    text_p = np.asarray(text_evaluator.predict_proba(scores.texts), dtype=float)
+    answers = []
+    for r, (_, q) in enumerate(rows):
+        m, f, a, targets = meta[row_meta[r]]
+        answers.append(
+            Answer(
+                m,
+                q,
+                targets,
+                f,
+                a,
+                scores.texts[r],
+                len(scores.answer_ids[r]),
+                scores.kl[r],
+                scores.nll[r],
+                config.degenerate.reason(scores.texts[r]),
+                text_p[r].tolist(),
+                scores.probs[r].tolist() if response_evaluator is not None else None,
+                style_meters(scores.texts[r]).to_json(),
+            )
+        )
+    lenses = ("text", "text_activation") if response_evaluator is not None else ("text",)
+    return TextEvaluation(
+        labels,
+        list(questions),
+        list(plan.gen_cells),
+        {m: dict(v) for m, v in alphas.items()},
+        tuple(config.curve_factors),
+        answers,
+        lenses,
+    )
