@@ -97,14 +97,16 @@ def _stack_freeing(steps: list[Any]) -> torch.Tensor:
 @dataclass
 class SharedPrefill:
     """The prompt's pass below decoder layer ``layer``, run once per distinct prompt of a batch
-    and expanded to every row (:func:`shared_prefill`): ``hidden`` ``[batch, pos, d_model]`` is
-    layer ``layer``'s input, ``kv`` the keys and values of each layer below it ``[batch, heads,
-    pos, d_head]``."""
+    (:func:`shared_prefill`): ``hidden`` ``[distinct, pos, d_model]`` is layer ``layer``'s input,
+    ``kv`` the keys and values of each layer below it ``[distinct, heads, pos, d_head]``, and
+    ``rows[b]`` the distinct prompt of batch row ``b`` (expanded only when used, so the copies
+    for every row are never held)."""
 
     layer: int
     hidden: torch.Tensor
     as_tuple: bool
     kv: list[tuple[torch.Tensor, torch.Tensor]]
+    rows: torch.Tensor
 
 
 def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -150,8 +152,8 @@ def shared_prefill(model: Model, batch: TokenBatch, layer: int | None) -> Shared
             return None
         if keys.shape[-2] != ids.shape[1]:
             return None  # this layer keeps less than the whole prompt (a sliding window)
-        kv.append((keys[inv], values[inv]))
-    return SharedPrefill(layer, hidden[inv], as_tuple, kv)
+        kv.append((keys, values))
+    return SharedPrefill(layer, hidden, as_tuple, kv, inv)
 
 
 def _prefill_from_shared(
@@ -163,7 +165,8 @@ def _prefill_from_shared(
 
     hf: Any = model.original_model
     cache = DynamicCache(config=hf.config)
-    with resume_at(model, shared.layer, shared.hidden, shared.as_tuple):
+    inv = shared.rows
+    with resume_at(model, shared.layer, shared.hidden[inv], shared.as_tuple):
         out = hf(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -174,7 +177,7 @@ def _prefill_from_shared(
         )
     layers: list[Any] = cache.layers
     for i, (keys, values) in enumerate(shared.kv):
-        layers[i].update(keys, values)
+        layers[i].update(keys[inv], values[inv])  # the layer keeps its own copy
     return cache, out.logits[:, -1]
 
 

@@ -253,8 +253,8 @@ def test_shared_prefill_gives_the_full_passes_tokens_and_logits(
     groups, row_group, batch = _shared_prefill_case(tiny_model, tiny_probe, tiny_acts)
     pre = shared_prefill(tiny_model, batch, 2)
     assert pre is not None and pre.layer == 2 and len(pre.kv) == 2
-    assert pre.hidden.shape[:2] == batch.input_ids.shape
-    assert torch.equal(pre.hidden[0], pre.hidden[2])  # one question's rows share the pass
+    assert pre.rows.tolist() == [0, 0, 0, 1, 1, 1]  # one pass per question
+    assert pre.hidden.shape == (2, batch.input_ids.shape[1], tiny_model.cfg.d_model)
     for n in (1, 6):
         runs = []
         for prefill in (pre, None):

@@ -42,7 +42,7 @@ EXCEPTIONS: dict[str, tuple[int, str]] = {
     "ks_lens/comparison/calibration.py:calibrate": (103, _MOVE),
     "ks_lens/comparison/curves.py:trade_off": (93, _MOVE),
     "ks_lens/comparison/merge.py:merge_results": (108, _MOVE),
-    "ks_lens/comparison/run.py:run_comparison": (154, _MOVE),
+    "ks_lens/comparison/run.py:run_comparison": (150, _MOVE),
     "ks_lens/comparison/stages.py:evaluate_text": (91, _MOVE),
     "ks_lens/evaluation.py:generate_and_score_rows": (98, _MOVE),
     "ks_lens/evaluation.py:readout_groups": (100, _MOVE),

@@ -11,7 +11,7 @@ from ks_lens.capability_stage import evaluate_capability_stage
 from ks_lens.comparison.calibration import build_methods, calibrate
 from ks_lens.comparison.config import ComparisonConfig, TextScorer
 from ks_lens.comparison.curves import trade_off
-from ks_lens.comparison.plan import plan_comparison
+from ks_lens.comparison.plan import ComparisonPlan, plan_comparison
 from ks_lens.comparison.records import CurvePoint, EqualKL
 from ks_lens.comparison.result import ComparisonResult
 from ks_lens.comparison.stages import _instructed_systems, evaluate_activations, evaluate_text
@@ -72,6 +72,16 @@ def fit_comparison_dct(
     dct = learned.mapped(mapping)
     log.info(f"  {dct!r}: {mapping.table()}")
     return dct
+
+
+def _text_plan(plan: ComparisonPlan, config: ComparisonConfig, methods: int, n_q: int) -> str:
+    """The text level's answers, for the log."""
+    n_curve = len(plan.curve_cells(config.curve_cells_per_question))
+    ins = f" + {len(plan.gen_cells)} instructed answers" if config.instructed else ""
+    return (
+        f"  text eval: {methods} methods x ({len(plan.gen_cells)} cells + {n_curve} curve cells x "
+        f"{len(config.curve_factors) - 1} other alphas) + {n_q} unsteered answers{ins}"
+    )
 
 
 def run_comparison(
@@ -174,11 +184,7 @@ def run_comparison(
     equal: list[EqualKL] = []
     if text_evaluator is not None:
         t0 = time.perf_counter()
-        log.info(
-            f"  text eval: {len(plan.gen_cells)} cells x {len(methods)} methods x "
-            f"{len(config.curve_factors)} alphas + {len(text_questions)} unsteered answers"
-            + (f" + {len(plan.gen_cells)} instructed answers" if config.instructed else "")
-        )
+        log.info(_text_plan(plan, config, len(methods), len(text_questions)))
         text = evaluate_text(
             model,
             methods,
