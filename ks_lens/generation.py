@@ -24,7 +24,7 @@ from ks_lens.batching import scatter, sorted_batches
 from ks_lens.chat import ChatPrompt, TokenBatch, as_prompt_list, check_context, encode_chat
 from ks_lens.compat import cache_keyword, check_bridge_cache
 from ks_lens.errors import ConfigError
-from ks_lens.hf_path import hf_modules, layer_input, resume_at
+from ks_lens.hf_path import can_bypass, decoder_layers, hf_modules, layer_input, resume_at
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.types import Model
 from ks_lens.utils import check_int, check_seed
@@ -117,18 +117,17 @@ def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def shared_prefill(model: Model, batch: TokenBatch, layer: int | None) -> SharedPrefill | None:
     """Run the layers below ``layer`` once per distinct prompt row of ``batch`` (no hooks: call
-    it before any steering is installed) and expand the result to every row, for
-    :func:`generate_from_batch`'s ``prefill=``.
+    it before any steering is installed), for :func:`generate_from_batch`'s ``prefill=``.
 
     Steering that writes at ``layer`` or above leaves everything below unchanged, so a batch
     that answers one question under several steering configurations needs that part once.
     ``None`` (nothing to share) for ``layer`` ``None`` or below 1, a batch without repeated
-    prompts, or a cache layer that does not hold the whole prompt (e.g. a sliding window
-    shorter than it).
+    prompts, a model whose plain HF decoder layers cannot run on their own, or a cache layer
+    that does not hold the whole prompt (e.g. a sliding window shorter than it).
     """
     from transformers import DynamicCache
 
-    if layer is None or layer < 1:
+    if layer is None or layer < 1 or not can_bypass(model) or decoder_layers(model) is None:
         return None
     rows = [tuple(r) for r in torch.cat([batch.input_ids, batch.attention_mask], 1).tolist()]
     first: dict[tuple[int, ...], int] = {}

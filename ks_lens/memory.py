@@ -89,10 +89,10 @@ def available_memory_mb() -> float | None:
 RUNTIME_MB = 850.0
 TOKENS_PER_ROW = 96  # a prompt-mode or gold-text row (chat header + question + answer)
 # seconds per million parameters: per collected row, per steered readout row, per generated token
-# (the full tones demo at 8c96133 on 2 idle cores: collection 231 s for 1,776 rows, activation
-# level 141 s for 7,872 readouts, calibration + text level 928 s for 78,464 tokens; the capability
+# (the full tones demo at 5c18b30 on 2 idle cores: collection 184 s for 1,776 rows, activation
+# level 125 s for 7,872 readouts, calibration + text level 451 s for 43,904 tokens; the capability
 # stage, about 1 minute, is not counted)
-SECONDS_PER_MPARAM = {"collect": 9.7e-4, "readout": 1.33e-4, "token": 8.6e-5}
+SECONDS_PER_MPARAM = {"collect": 7.7e-4, "readout": 1.18e-4, "token": 7.6e-5}
 # a DCT learning row runs forward and backward: about this many readouts (not measured)
 DCT_ROW_READOUTS = 3.0
 
