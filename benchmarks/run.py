@@ -187,7 +187,7 @@ def bench_answer_scoring(
     and its answers after the cached question (``share_prefix``) vs whole rows; 12 answers of
     32 tokens per question, as in the comparison's text level."""
     from ks_lens.chat import ChatPrompt, encode_chat
-    from ks_lens.evaluation import _score_answers
+    from ks_lens.evaluation.scoring import _score_answers
 
     tok = model.tokenizer
     heads = [encode_chat(tok, ChatPrompt(q)) for q in prompts]

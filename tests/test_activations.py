@@ -8,6 +8,7 @@ import torch
 import ks_lens as ks
 from ks_lens import activations as A
 from ks_lens.activations import ActivationStore, collect_activations, collect_to_store
+from ks_lens.activations import collect as collect_module
 from ks_lens.chat import ChatPrompt
 from ks_lens.errors import MetadataMismatchError, StoreError
 
@@ -142,7 +143,7 @@ def test_store_round_trip_is_identical(tiny_model, tiny_dataset, tiny_acts, tmp_
 def test_interrupted_collection_resumes_without_duplicates(
     tiny_model, tiny_dataset, tmp_path, monkeypatch
 ):
-    real = A._collect_chunk
+    real = collect_module._collect_chunk
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -151,14 +152,14 @@ def test_interrupted_collection_resumes_without_duplicates(
             raise KeyboardInterrupt("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(A, "_collect_chunk", flaky)
+    monkeypatch.setattr(collect_module, "_collect_chunk", flaky)
     with pytest.raises(KeyboardInterrupt):
         collect_to_store(tiny_model, tiny_dataset, tmp_path / "s", shard_rows=8, progress=False)
     partial = ActivationStore(tmp_path / "s")
     assert not partial.complete and partial.n_rows_done == 16
     with pytest.raises(StoreError, match="incomplete"):
         partial.load()
-    monkeypatch.setattr(A, "_collect_chunk", real)
+    monkeypatch.setattr(collect_module, "_collect_chunk", real)
     done = collect_to_store(
         tiny_model, tiny_dataset, tmp_path / "s", shard_rows=8, progress=False
     ).load()
@@ -281,7 +282,7 @@ def test_damaged_shards_of_a_complete_store_are_recollected(tiny_model, tiny_dat
 def test_store_records_dtype_and_refuses_to_mix_it(tiny_model, tiny_dataset, tmp_path, monkeypatch):
     ds = tiny_dataset.head(4)
     bf16 = ks.load_model("tiny-random-llama", dtype="bfloat16")
-    real = A._collect_chunk
+    real = collect_module._collect_chunk
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -290,10 +291,10 @@ def test_store_records_dtype_and_refuses_to_mix_it(tiny_model, tiny_dataset, tmp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(A, "_collect_chunk", flaky)
+    monkeypatch.setattr(collect_module, "_collect_chunk", flaky)
     with pytest.raises(KeyboardInterrupt):
         collect_to_store(bf16, ds, tmp_path / "s", shard_rows=4, progress=False)
-    monkeypatch.setattr(A, "_collect_chunk", real)
+    monkeypatch.setattr(collect_module, "_collect_chunk", real)
     assert ActivationStore(tmp_path / "s").meta["numerics"] == {
         "dtype": "bfloat16",
         "device": next(bf16.original_model.parameters()).device.type,
@@ -344,7 +345,7 @@ def test_questions_too_long_for_the_context_are_refused_before_compute(
     from ks_lens.datasets import Question
 
     ds = tiny_dataset.with_questions([*tiny_dataset.questions[:2], Question("long", "w " * 1100)])
-    monkeypatch.setattr(A, "_collect_chunk", lambda *a, **k: pytest.fail("computed"))
+    monkeypatch.setattr(collect_module, "_collect_chunk", lambda *a, **k: pytest.fail("computed"))
     with pytest.raises(
         ks.ContextLengthError, match=r"question 'long' \(as prompted\) has \d+ tokens, more than"
     ):
@@ -403,7 +404,7 @@ def test_shared_prefix_runs_only_the_suffix_tokens(tiny_model, tiny_dataset, mon
     remaining tokens, and the hooks still fire under their TransformerLens names."""
     ds = tiny_dataset.head(4)
     seen: list[tuple[str, int, int]] = []
-    real = A.capture_features
+    real = collect_module.capture_features
 
     def spy(model, batch, names, **kw):
         if "response_start" not in kw:  # the 2-token pass that reads the feature shapes
@@ -419,7 +420,7 @@ def test_shared_prefix_runs_only_the_suffix_tokens(tiny_model, tiny_dataset, mon
     def note(act, hook):
         fired.add(hook.name)
 
-    monkeypatch.setattr(A, "capture_features", spy)
+    monkeypatch.setattr(collect_module, "capture_features", spy)
     with tiny_model.hooks(fwd_hooks=[("blocks.2.hook_resid_post", note)]):
         acts = collect_activations(tiny_model, ds, layers=[2], batch_size=16, progress=False)
     assert fired == {"blocks.2.hook_out"}  # the canonical name of blocks.2.hook_resid_post

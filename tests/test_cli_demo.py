@@ -226,7 +226,7 @@ def test_demo_report_schema_on_tiny_model(two_seed_demo):
     assert {k for k in (r["k"] for r in on_disk["summaries"])} == {1, 2, 3}
     answers = on_disk["text_eval"]["answers"]
     steered = [a for a in answers if a["method"] not in ("unsteered", "instructed")]
-    assert {a["factor"] for a in steered} == {0.25, 0.5, 1.0, 2.0}
+    assert {a["factor"] for a in steered} == {0.5, 1.0, 2.0}  # the default curve_factors
     # the instructed reference row: one answer per text cell, in every lens and table
     cells = on_disk["plan"]["gen_cells"]
     asked = [[a["question"], a["targets"]] for a in answers if a["method"] == "instructed"]

@@ -9,6 +9,7 @@ import torch
 from ks_lens import activations as A
 from ks_lens import cli
 from ks_lens.activations import ActivationStore
+from ks_lens.activations import collect as collect_module
 from ks_lens.cli import main
 from ks_lens.errors import DatasetError
 from ks_lens.io import artifact_format
@@ -238,7 +239,7 @@ def test_steer_refuses_flags_that_do_not_apply(artefacts, capsys):
 
 
 def test_ctrl_c_during_collect_says_what_was_saved_and_resumes(tmp_path, monkeypatch, capsys):
-    real = A._collect_chunk
+    real = collect_module._collect_chunk
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -247,7 +248,7 @@ def test_ctrl_c_during_collect_says_what_was_saved_and_resumes(tmp_path, monkeyp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(A, "_collect_chunk", interrupted)
+    monkeypatch.setattr(collect_module, "_collect_chunk", interrupted)
     args = ["--split", "train", "--shard-rows", "8"]
     assert _collect(tmp_path / "s", *args) == 130
     err = capsys.readouterr().err.splitlines()
@@ -256,7 +257,7 @@ def test_ctrl_c_during_collect_says_what_was_saved_and_resumes(tmp_path, monkeyp
         "rerun the same command to resume"
     )
     assert not any("Traceback" in line for line in err)
-    monkeypatch.setattr(A, "_collect_chunk", real)
+    monkeypatch.setattr(collect_module, "_collect_chunk", real)
     assert _collect(tmp_path / "s", *args) == 0
     assert ActivationStore(tmp_path / "s").complete
 
@@ -458,7 +459,7 @@ def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_during_demo_says_what_was_saved(tmp_path, monkeypatch, capsys):
-    real = A._collect_chunk
+    real = collect_module._collect_chunk
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -467,7 +468,7 @@ def test_ctrl_c_during_demo_says_what_was_saved(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(A, "_collect_chunk", interrupted)
+    monkeypatch.setattr(collect_module, "_collect_chunk", interrupted)
     out = tmp_path / "demo"
     assert main(["demo", *TINY, "--fast", "--out", str(out)]) == 130
     err = capsys.readouterr().err.splitlines()

@@ -244,7 +244,7 @@ def test_shared_lower_layers_equal_full_passes(tiny_model, tiny_acts, tiny_probe
         calls.append(layer)
         return real(model, layer, hidden, as_tuple)
 
-    monkeypatch.setattr("ks_lens.evaluation.resume_at", counting)
+    monkeypatch.setattr("ks_lens.evaluation.readouts.resume_at", counting)
     kw = dict(probe=evaluator, next_token=True, batch_size=4)
     shared = readout_groups(tiny_model, prompts, steerings, **kw)
     # the multi-layer method steers layer 1 first; prompt batches of 4 and 1 x 4 configurations
@@ -274,7 +274,7 @@ def test_shared_lower_layers_not_used_below_the_evaluator(tiny_model, tiny_acts,
     def fail(*a, **k):
         raise AssertionError("resume_at must not be used")
 
-    monkeypatch.setattr("ks_lens.evaluation.resume_at", fail)
+    monkeypatch.setattr("ks_lens.evaluation.readouts.resume_at", fail)
     out = readout_groups(
         tiny_model, ["hi?", "why?"], [(CAA(vec), SteeringSpec(("beta",), (), 3.0))], probe=evaluator
     )
@@ -287,7 +287,7 @@ def test_answers_scored_after_a_shared_question_equal_whole_rows(tiny_model, tin
     response probe, NLL and KL equal whole-row passes, empty answers included, and a row's
     numbers do not depend on the rows batched with it."""
     from ks_lens.chat import ChatPrompt, encode_chat
-    from ks_lens.evaluation import _score_answers
+    from ks_lens.evaluation.scoring import _score_answers
 
     tok = tiny_model.tokenizer
     heads = [encode_chat(tok, ChatPrompt(q)) for q in ["Why is the sky blue?", "Hi?"]]

@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import ks_lens.activations as activations
-import ks_lens.evaluation as evaluation
+import ks_lens.activations.collect as activations_collect
+import ks_lens.activations.store as activations_store
+import ks_lens.evaluation.scoring as scoring
 from ks_lens.activations import ActivationStore, collect_to_store
 from ks_lens.errors import ConfigError
 from ks_lens.memory import (
@@ -82,14 +84,14 @@ def test_prepare_reuses_a_study_store_of_every_layer(run_setup, tmp_path):
 def test_collection_hooks_only_the_requested_layers(tiny_model, tiny_dataset, tmp_path, monkeypatch):
     """The forward passes hook only the requested layers, and the store holds only those."""
     seen: list[tuple[str, ...]] = []
-    real = activations.capture_features
+    real = activations_collect.capture_features
 
     def spy(model, batch, names, **kw):
         if batch.input_ids.shape != (2, 2) or batch.input_ids.any():  # not feature_shapes' probe
             seen.append(tuple(names))
         return real(model, batch, names, **kw)
 
-    monkeypatch.setattr(activations, "capture_features", spy)
+    monkeypatch.setattr(activations_collect, "capture_features", spy)
     store = collect_to_store(
         tiny_model, tiny_dataset.head(3), tmp_path / "s", layers=[3, 1], progress=False
     )
@@ -145,8 +147,8 @@ def test_lazy_store_reads_equal_eager_reads(tiny_model, tiny_dataset, tmp_path, 
         ]
     )
     assert len(store.meta["shards"]) == 4 and eager.shape[1] == 4
-    real = activations.safe_open
-    monkeypatch.setattr(activations, "safe_open", lambda *a, **k: _LazyOnly(real(*a, **k)))
+    real = activations_store.safe_open
+    monkeypatch.setattr(activations_store, "safe_open", lambda *a, **k: _LazyOnly(real(*a, **k)))
     for layers in ([0, 1, 2, 3], [1, 2], [0, 3], [3, 0, 2], [2], []):
         got = ActivationStore(store.path).load(layers=layers)
         assert got.layers == tuple(layers)
@@ -160,8 +162,8 @@ def test_answers_are_scored_as_soon_as_their_question_is_complete(
     steered log-probs then; the numbers equal scoring every answer at the end."""
     events: list[str] = []
     held: list[int] = []
-    real_gen = evaluation.generate_from_batch
-    real_question = evaluation._AnswerScorer.question
+    real_gen = scoring.generate_from_batch
+    real_question = scoring._AnswerScorer.question
 
     def gen(*a, **k):
         events.append("generate")
@@ -172,19 +174,19 @@ def test_answers_are_scored_as_soon_as_their_question_is_complete(
         real_question(self, q, rows)
         held.append(sum(x is not None for x in self.step_logps))
 
-    monkeypatch.setattr(evaluation, "generate_from_batch", gen)
-    monkeypatch.setattr(evaluation._AnswerScorer, "question", question)
+    monkeypatch.setattr(scoring, "generate_from_batch", gen)
+    monkeypatch.setattr(scoring._AnswerScorer, "question", question)
     questions = ["Hi?", "Why is the sky blue today?", "How do I boil an egg, please?"]
     rows = [(0, i) for i in range(3)] + [(0, 2), (0, 1), (0, 0)]
     kw = dict(response_probe=tiny_probe, max_new_tokens=4, batch_size=2)
-    inc = evaluation.generate_and_score_rows(tiny_model, questions, [None], rows, **kw)
+    inc = scoring.generate_and_score_rows(tiny_model, questions, [None], rows, **kw)
     # the shortest question's two answers fill the first batch; it is scored before the next
     assert events[:2] == ["generate", "score 0"] and events.count("generate") == 3
     assert held and held[-1] == 0  # every steered log-prob dropped once scored
-    monkeypatch.setattr(evaluation._AnswerScorer, "question", real_question)
-    whole = evaluation._score_answers(
+    monkeypatch.setattr(scoring._AnswerScorer, "question", real_question)
+    whole = scoring._score_answers(
         tiny_model,
-        [evaluation.encode_chat(tiny_model.tokenizer, evaluation.ChatPrompt(q)) for q in questions],
+        [scoring.encode_chat(tiny_model.tokenizer, scoring.ChatPrompt(q)) for q in questions],
         inc.answer_ids,
         [i for _, i in rows],
         _steered(tiny_model, questions, rows),
@@ -198,15 +200,15 @@ def test_answers_are_scored_as_soon_as_their_question_is_complete(
 def _steered(model, questions, rows):
     """The per-row step log-probs of the same generation (rerun, no scoring)."""
     out = []
-    batches = evaluation.sorted_batches(
-        [evaluation.encode_chat(model.tokenizer, evaluation.ChatPrompt(questions[i])) for _, i in rows],
+    batches = scoring.sorted_batches(
+        [scoring.encode_chat(model.tokenizer, scoring.ChatPrompt(questions[i])) for _, i in rows],
         2,
-        pad_id=evaluation.pad_token_id(model.tokenizer),
+        pad_id=scoring.pad_token_id(model.tokenizer),
         tiebreak=lambda r: rows[r],
     )
     logps: dict[int, torch.Tensor] = {}
     for b, (idx, batch) in enumerate(batches):
-        res = evaluation.generate_from_batch(
+        res = scoring.generate_from_batch(
             model, batch, max_new_tokens=4, seed=b, return_logits=True
         )
         for j, r in enumerate(idx):

@@ -55,7 +55,7 @@ def test_probe_forward_is_the_stacked_forward_of_training():
     """One probe MLP: ``Probe.forward`` runs training's stacked forward on a stack of one, so a
     probe built from stacked weights gives the stacked logits (and the nn.Linear reading of the
     same weights) within float rounding, for any leading shape, with the same gradients."""
-    from ks_lens.probes import _stack_forward
+    from ks_lens.probes.probe import _stack_forward
 
     x, y, groups = _blobs(n=120, d=16)
     cfg = ProbeConfig(epochs=3, hidden=12, depth=2)

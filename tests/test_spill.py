@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import ks_lens.evaluation as evaluation
+import ks_lens.evaluation.scoring as scoring
 from ks_lens.errors import ConfigError
 from ks_lens.spill import SpillList
 
@@ -95,10 +95,10 @@ def test_generation_keeps_waiting_log_probs_in_the_spill_file(tiny_model, tiny_p
             super().__setitem__(i, value)
             held.append(sum(w is not None for w in self._where))
 
-    monkeypatch.setattr(evaluation, "SpillList", Watched)
+    monkeypatch.setattr(scoring, "SpillList", Watched)
     questions = ["Hi?", "Why is the sky blue today?", "How do I boil an egg, please?"]
     rows = [(0, i) for i in range(3)] + [(0, 2), (0, 1), (0, 0)]
-    out = evaluation.generate_and_score_rows(
+    out = scoring.generate_and_score_rows(
         tiny_model,
         questions,
         [None],

@@ -1,0 +1,434 @@
+"""Generation level: steered greedy answers, scored under the unsteered model (probe, NLL, KL)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from ks_lens.batching import record_activations, scatter, sorted_batches
+from ks_lens.chat import ChatPrompt, TokenBatch, encode_chat
+from ks_lens.errors import ConfigError
+from ks_lens.evaluation.readouts import _shared_start, kl_divergence
+from ks_lens.generation import BatchGeneration, generate_from_batch, shared_prefill
+from ks_lens.hf_path import forward
+from ks_lens.models import model_device, pad_token_id
+from ks_lens.probes import Probe
+from ks_lens.spill import SpillList
+from ks_lens.steering.base import Steering
+from ks_lens.steering.positions import Positions
+from ks_lens.types import Model
+
+
+@dataclass
+class GenerationScores:
+    """Per-answer scores of steered (or unsteered) generations."""
+
+    texts: list[str]
+    answer_ids: list[list[int]]
+    probs: Float[torch.Tensor, "n k"]  # response-level evaluator, re-encoded without instruction
+    #: mean negative log-likelihood per answer token under the unsteered model (nan if empty)
+    nll: list[float]
+    #: mean KL(steered || unsteered) over the answer's generation steps, including the step that
+    #: ended the turn: an answer cut short by steering still pays for that choice
+    kl: list[float]
+    kl_steps: list[int]  # how many steps each KL mean covers
+    distinct2: list[float]  # distinct word bigrams / word bigrams per answer (nan if < 2 words)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, index: Iterable[int]) -> GenerationScores:
+        """The scores of the answers at ``index``, in that order."""
+        idx = list(index)
+        return GenerationScores(
+            [self.texts[i] for i in idx],
+            [self.answer_ids[i] for i in idx],
+            self.probs[idx],
+            [self.nll[i] for i in idx],
+            [self.kl[i] for i in idx],
+            [self.kl_steps[i] for i in idx],
+            [self.distinct2[i] for i in idx],
+        )
+
+    @property
+    def perplexity(self) -> float:
+        """Corpus perplexity of the answers under the unsteered model (token-weighted)."""
+        tot = sum(n * len(ids) for n, ids in zip(self.nll, self.answer_ids, strict=True) if ids)
+        cnt = sum(len(ids) for ids in self.answer_ids)
+        return math.exp(tot / cnt) if cnt else float("nan")
+
+    @property
+    def mean_kl(self) -> float:
+        """Step-weighted mean KL over all answers (nan if no step was generated)."""
+        tot = sum(k * n for k, n in zip(self.kl, self.kl_steps, strict=True) if n)
+        cnt = sum(self.kl_steps)
+        return tot / cnt if cnt else float("nan")
+
+    @property
+    def n_empty(self) -> int:
+        return sum(1 for ids in self.answer_ids if not ids)
+
+
+def distinct_n(text: str, n: int = 2) -> float:
+    words = text.lower().split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def generate_and_score_groups(
+    model: Model,
+    questions: Sequence[str],
+    steerings: Sequence[Steering | None],
+    *,
+    response_probe: Probe | None,
+    positions: Positions = "all",
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[GenerationScores]:
+    """Answer every question under every steering configuration (``None`` = unsteered); one
+    :class:`GenerationScores` per configuration (see :func:`generate_and_score_rows`)."""
+    rows = [(g, i) for g in range(len(steerings)) for i in range(len(questions))]
+    scores = generate_and_score_rows(
+        model,
+        questions,
+        steerings,
+        rows,
+        response_probe=response_probe,
+        positions=positions,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    n = len(questions)
+    return [scores.select(range(g * n, (g + 1) * n)) for g in range(len(steerings))]
+
+
+def generate_and_score_rows(
+    model: Model,
+    questions: Sequence[str],
+    steerings: Sequence[Steering | None],
+    rows: Sequence[tuple[int, int]],
+    *,
+    response_probe: Probe | None,
+    positions: Positions = "all",
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    seed: int = 0,
+    share_prefix: bool = True,
+    systems: Sequence[str | None] | None = None,
+) -> GenerationScores:
+    """Answer each row ``(configuration index, question index)`` greedily (configuration
+    ``None`` = unsteered) and score the answers; returns one :class:`GenerationScores` over
+    ``rows``, in their order.
+
+    ``systems`` (one per row, or ``None`` for all rows) is the system prompt a row's answer is
+    *generated* under (``None``: the model's default, as for every steered row): the
+    ``instructed`` reference row asks for the targets this way. Scoring ignores it: every
+    answer is re-encoded after its question without any system prompt, so an instructed
+    answer's KL compares the instructed next-token distributions with the unsteered model's
+    on the same answer tokens, exactly as a steered answer's does.
+
+    All rows share batches: one generation call carries several
+    methods side by side (:func:`~ks_lens.steering.steer_groups`), which matters because decoding
+    is memory-bound. Each answer is then re-encoded (question + answer, no instruction) in an
+    unsteered forward pass that gives the response evaluator's probabilities at the answer's last
+    token, the answer's per-token NLL, and the unsteered next-token distributions that the steered
+    generation's logits are compared with (KL per generated token). With ``share_prefix`` the
+    question's tokens run once per question and every answer to it only runs its own tokens,
+    attending to the cached question (:func:`_score_answers`).
+    """
+
+    if not questions or not rows:
+        raise ConfigError("no questions to generate for")
+    for g, i in rows:
+        if not (0 <= g < len(steerings) and 0 <= i < len(questions)):
+            raise ConfigError(f"row {(g, i)} is out of range")
+    if systems is not None and len(systems) != len(rows):
+        raise ConfigError(f"{len(systems)} system prompts for {len(rows)} rows")
+    tok = model.tokenizer
+    device = model_device(model)
+    pad = pad_token_id(tok)
+    heads = [encode_chat(tok, ChatPrompt(q)) for q in questions]
+    prompts = _row_prompts(tok, questions, heads, rows, systems)
+    answers: list[list[int]] = [[] for _ in rows]
+    step_logps = SpillList(len(rows))  # steered log-probs wait on disk until scored (spill.py)
+    question_of = [i for _, i in rows]
+    scorer = _AnswerScorer(
+        model, heads, answers, question_of, step_logps, response_probe, batch_size=batch_size
+    )
+    # each question is scored as soon as all of its answers exist, and its rows' steered
+    # next-token distributions ([steps, vocab] each) are dropped then, so memory holds only the
+    # questions in flight, not every row (the numbers do not depend on when a question is scored)
+    pending: dict[int, list[int]] = {}
+    for r, q in enumerate(question_of):
+        pending.setdefault(q, []).append(r)
+    left = {q: len(rs) for q, rs in pending.items()}
+    batches = sorted_batches(
+        prompts,
+        batch_size,
+        pad_id=pad,
+        device=device,
+        # same length: by question, then configuration (a batch shares its questions' prefill)
+        tiebreak=lambda r: (rows[r][1], rows[r][0]),
+    )
+    for b, (idx, batch) in enumerate(batches):
+        res = _generate_batch(
+            model,
+            steerings,
+            [rows[r][0] for r in idx],
+            batch,
+            positions=positions,
+            max_new_tokens=max_new_tokens,
+            seed=seed + b,
+            share_prefix=share_prefix,
+        )
+        assert res.logits is not None
+        for j, r in enumerate(idx):
+            answers[r] = res.ids[j]
+            steps = len(res.ids[j]) + (1 if res.finished[j] else 0)  # + the end-of-turn step
+            step_logps[r] = torch.log_softmax(res.logits[j, :steps].float(), -1).cpu()
+        del res
+        if not share_prefix:
+            continue
+        for q in dict.fromkeys(question_of[r] for r in idx):
+            left[q] -= sum(1 for r in idx if question_of[r] == q)
+            if left[q] == 0:
+                scorer.question(q, pending[q])
+    scorer.whole(scorer.unshared if share_prefix else range(len(rows)))
+    probs, nll, kl, kl_steps = scorer.result()
+    step_logps.close()
+    texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
+    return GenerationScores(
+        texts, answers, probs, nll, kl, kl_steps, [distinct_n(t) for t in texts]
+    )
+
+
+def _row_prompts(
+    tok: Any,
+    questions: Sequence[str],
+    heads: list[list[int]],
+    rows: Sequence[tuple[int, int]],
+    systems: Sequence[str | None] | None,
+) -> list[list[int]]:
+    """The token ids each row is generated from: its question (``heads``), under the row's
+    system prompt where ``systems`` gives one (each question and system encoded once)."""
+    prompts = [heads[i] for _, i in rows]
+    encoded: dict[tuple[int, str], list[int]] = {}
+    for r, ((_, i), system) in enumerate(zip(rows, systems or [None] * len(rows), strict=True)):
+        if system is not None:
+            if (i, system) not in encoded:
+                encoded[(i, system)] = encode_chat(tok, ChatPrompt(questions[i], system))
+            prompts[r] = encoded[(i, system)]
+    return prompts
+
+
+def _generate_batch(
+    model: Model,
+    steerings: Sequence[Steering | None],
+    row_group: list[int],
+    batch: TokenBatch,
+    *,
+    positions: Positions,
+    max_new_tokens: int,
+    seed: int,
+    share_prefix: bool,
+) -> BatchGeneration:
+    """One batch of :func:`generate_and_score_rows`: row ``b`` steered by
+    ``steerings[row_group[b]]``, with the layers below the lowest steered one run once per
+    distinct prompt (``share_prefix``; :func:`~ks_lens.generation.shared_prefill`)."""
+    from ks_lens.steering.base import steer_groups
+
+    present = set(row_group)
+    here = [st if g in present else None for g, st in enumerate(steerings)]
+    start = _shared_start(model, here, None) if share_prefix else None
+    prefill = shared_prefill(model, batch, start)  # before any hook is installed
+    with steer_groups(model, steerings, row_group, positions=positions):
+        return generate_from_batch(
+            model,
+            batch,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            return_logits=True,
+            prefill=prefill,
+        )
+
+
+class _AnswerScorer:
+    """Re-encodes answers after their question's tokens under the unsteered model and scores
+    them (see :func:`_score_answers`), one question at a time so that a caller can score each
+    question as soon as all of its answers exist and drop their steered log-probs
+    (``step_logps[r]`` is set to ``None`` once row ``r`` is scored; a list or a
+    :class:`~ks_lens.spill.SpillList`)."""
+
+    def __init__(
+        self,
+        model: Model,
+        heads: Sequence[Sequence[int]],
+        answers: Sequence[Sequence[int]],
+        question_of: Sequence[int],
+        step_logps: list[torch.Tensor | None] | SpillList,
+        probe: Probe | None,
+        *,
+        batch_size: int,
+    ) -> None:
+        n = len(answers)
+        self.model, self.heads, self.answers = model, heads, answers
+        self.question_of, self.step_logps, self.probe = question_of, step_logps, probe
+        self.batch_size = batch_size
+        self.probs = torch.empty(n, probe.n_labels if probe is not None else 0)
+        self.nll = [float("nan")] * n
+        self.kl = [float("nan")] * n
+        self.kl_steps = [0] * n
+        self.names = [probe.hook_name] if probe is not None else []
+        self.device = model_device(model)
+        self.pad = pad_token_id(model.tokenizer)
+        self.unshared: list[int] = []  # rows whose question's cache cannot be shared
+
+    def score(self, r: int, pred: torch.Tensor) -> None:
+        """``pred`` [t + 1, vocab]: log-probs of answer tokens 0..t-1, then of the token after."""
+        t = len(self.answers[r])
+        if t:
+            target = torch.tensor(list(self.answers[r]))
+            self.nll[r] = float(-pred[:t].gather(-1, target[:, None]).mean())
+        steered = self.step_logps[r]
+        assert steered is not None
+        if len(steered):
+            self.kl[r] = float(kl_divergence(steered, pred[: len(steered)]).mean())
+            self.kl_steps[r] = len(steered)
+        self.step_logps[r] = None  # scored: free the steered distributions
+
+    def read(self, rows: Sequence[int], x: torch.Tensor) -> None:
+        probe = self.probe
+        if probe is not None:
+            scatter(
+                self.probs,
+                rows,
+                probe.predict_proba(x.to(probe.mean.device, probe.mean.dtype)).cpu(),
+            )
+
+    def question(self, q: int, rows: Sequence[int]) -> None:
+        """Score ``rows`` (all the answers to question ``q``) after one cached pass of the
+        question; rows of a question whose cache cannot be shared wait for :meth:`whole`."""
+        from ks_lens.activations import prefix_pass
+
+        prefix, last_logits, last_acts = prefix_pass(self.model, self.heads[q], self.names)
+        if prefix is None:
+            self.unshared.extend(rows)
+            return
+        first = torch.log_softmax(last_logits.float(), -1).cpu()
+        empty = [r for r in rows if not self.answers[r]]
+        for r in empty:
+            self.score(r, first[None])
+        if empty and self.probe is not None:
+            self.read(empty, last_acts[self.probe.hook_name][None].expand(len(empty), -1))
+        todo = sorted((r for r in rows if self.answers[r]), key=lambda r: (len(self.answers[r]), r))
+        n_chunks = math.ceil(len(todo) / self.batch_size)
+        for c in range(n_chunks):  # near-equal chunks of at most batch_size rows
+            chunk = todo[c * len(todo) // n_chunks : (c + 1) * len(todo) // n_chunks]
+            self._after_prefix(prefix, first, chunk)
+
+    def _after_prefix(self, prefix: Any, first: torch.Tensor, chunk: Sequence[int]) -> None:
+        answers, device = self.answers, self.device
+        lengths = torch.tensor([len(answers[r]) for r in chunk])
+        width = int(lengths.max())
+        ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(chunk), len(prefix) + width, dtype=torch.long)
+        mask[:, : len(prefix)] = 1
+        for j, r in enumerate(chunk):
+            ids[j, : len(answers[r])] = torch.tensor(list(answers[r]))
+            mask[j, len(prefix) : len(prefix) + len(answers[r])] = 1
+        last = (lengths - 1).to(device)
+
+        def at_last(act: torch.Tensor, name: str, last: torch.Tensor = last) -> torch.Tensor:
+            return act[torch.arange(act.shape[0], device=act.device), last].float()
+
+        with torch.no_grad(), record_activations(self.model, self.names, reduce=at_last) as rec:
+            logits = forward(
+                self.model,
+                ids.to(device),
+                attention_mask=mask.to(device),
+                cache=prefix.cache_for(self.model, len(chunk)),
+            )
+        assert logits is not None
+        if self.probe is not None:
+            self.read(chunk, rec[self.probe.hook_name])
+        for j, r in enumerate(chunk):
+            t = len(answers[r])
+            suffix = torch.log_softmax(logits[j, :t].float(), -1).cpu()
+            self.score(r, torch.cat([first[None], suffix]))
+        del logits
+
+    def whole(self, rows: Sequence[int]) -> None:
+        """Score ``rows`` as whole rows (question + answer), batched together."""
+        answers = self.answers
+        seqs = [
+            list(self.heads[self.question_of[r]]) + list(answers[r]) for r in range(len(answers))
+        ]
+        for idx, batch in sorted_batches(
+            seqs, self.batch_size, pad_id=self.pad, device=self.device, rows=rows
+        ):
+            tmax = max(len(answers[r]) for r in idx)
+            with (
+                torch.no_grad(),
+                record_activations(self.model, self.names, last_token=True) as rec,
+            ):
+                logits = forward(
+                    self.model,
+                    batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    logits_to_keep=tmax + 1,
+                )
+            assert logits is not None
+            if self.probe is not None:
+                self.read(idx, rec[self.probe.hook_name])
+            for j, r in enumerate(idx):
+                t = len(answers[r])
+                # positions tmax-t .. tmax predict answer tokens 0..t-1, then the token after
+                self.score(r, torch.log_softmax(logits[j, tmax - t : tmax + 1].float(), -1).cpu())
+            del logits
+
+    def result(self) -> tuple[torch.Tensor, list[float], list[float], list[int]]:
+        return self.probs, self.nll, self.kl, self.kl_steps
+
+
+def _score_answers(
+    model: Model,
+    heads: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    question_of: Sequence[int],
+    step_logps: Sequence[torch.Tensor | None],
+    probe: Probe | None,
+    *,
+    batch_size: int,
+    share_prefix: bool = True,
+) -> tuple[torch.Tensor, list[float], list[float], list[int]]:
+    """Re-encode every answer after its question's tokens under the unsteered model: the
+    response ``probe``'s probabilities at the last token, the answer's mean NLL, and the mean
+    KL of the steered steps ``step_logps`` against the unsteered next-token distributions.
+
+    With ``share_prefix`` each question's tokens ``heads[q]`` run once (batch 1, KV cache kept)
+    and the answers to it run only their own tokens, right padded after the cached question, so
+    a row's numbers do not depend on its batch; the prediction of an answer's first token is the
+    question pass's last logits. Equal to whole-row passes within float rounding (tested).
+    Questions whose cache cannot be shared (see :func:`~ks_lens.activations.prefix_pass`) run
+    whole rows.
+    """
+    scorer = _AnswerScorer(
+        model, heads, answers, question_of, list(step_logps), probe, batch_size=batch_size
+    )
+    if share_prefix:
+        by_question: dict[int, list[int]] = {}
+        for r, q in enumerate(question_of):
+            by_question.setdefault(q, []).append(r)
+        for q, rows in by_question.items():
+            scorer.question(q, rows)
+        scorer.whole(scorer.unshared)
+    else:
+        scorer.whole(range(len(answers)))
+    return scorer.result()
