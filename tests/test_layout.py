@@ -28,7 +28,6 @@ EXCEPTIONS: dict[str, tuple[int, str]] = {
     "ks_lens/datasets.py": (668, _MOVE),
     "ks_lens/pipeline.py": (823, _MOVE),
     "ks_lens/report.py": (864, _MOVE),
-    "ks_lens/text_evaluator.py": (1016, _MOVE),
     # functions
     "ks_lens/activations/capture.py:capture_features": (90, _MOVE),
     "ks_lens/activations/collect.py:_collect_chunk": (105, _MOVE),
@@ -51,7 +50,7 @@ EXCEPTIONS: dict[str, tuple[int, str]] = {
     "ks_lens/pipeline.py:prepare": (229, _MOVE),
     "ks_lens/report.py:plot_report": (98, _MOVE),
     "ks_lens/report.py:render_markdown": (134, _MOVE),
-    "ks_lens/text_evaluator.py:TextEvaluator.fit": (93, _MOVE),
+    "ks_lens/text_evaluator/model.py:TextEvaluator.fit": (93, _MOVE),
 }
 
 

@@ -355,7 +355,7 @@ def test_shipped_gold_meets_targets(gold):
 
 
 def test_default_evaluator_cache(gold, tmp_path, monkeypatch):
-    import ks_lens.text_evaluator as te
+    import ks_lens.text_evaluator.default as te
 
     subset = tuple(_question_subset(gold, 8))
     monkeypatch.setattr(te, "load_gold_texts", lambda family="tones": subset)
