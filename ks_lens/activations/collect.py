@@ -420,7 +420,7 @@ def collect_activations(
     progress: bool = True,
     share_prefix: bool = True,
 ) -> Activations:
-    """Collect activations for every row of ``dataset`` in memory (see the module docstring).
+    """Collect activations for every row of ``dataset`` in memory (see :mod:`ks_lens.activations`).
 
     Args:
         model: a bridge from :func:`ks_lens.load_model`.

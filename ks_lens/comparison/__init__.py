@@ -59,6 +59,7 @@ from ks_lens.comparison.records import (
 from ks_lens.comparison.result import ComparisonResult
 from ks_lens.comparison.run import fit_comparison_dct, run_comparison, uses_dct
 from ks_lens.comparison.stages import evaluate_activations, evaluate_text
+from ks_lens.comparison.summary import normalised_gain as normalised_gain  # public, not in __all__
 from ks_lens.comparison.summary import summarise_activations, summarise_combinations, summarise_text
 from ks_lens.coverage import label_combinations
 from ks_lens.instructed import INSTRUCTED

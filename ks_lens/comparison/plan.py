@@ -75,7 +75,7 @@ def rotate_cells(
 def plan_comparison(
     labels: Sequence[str], config: ComparisonConfig, *, n_calib: int, n_test: int
 ) -> ComparisonPlan:
-    """Which combinations and cells each stage uses (see the module docstring)."""
+    """Which combinations and cells each stage uses (see :mod:`ks_lens.comparison`)."""
     config.validate(labels)
     pool = [lab for lab in labels if lab not in config.avoid]
     by_k = {k: label_combinations(pool, (k,)) for k in config.sizes}
