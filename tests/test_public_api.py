@@ -18,11 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the pipeline's stages: a module may import from its own stage or an earlier one, never a later
 ORDER = (
     "models",
+    "generation",
     "datasets",
     "activations",
     "probes",
     "steering",
+    "calibration",
     "evaluation",
+    "text_evaluator",
     "comparison",
     "pipeline",
     "report",
