@@ -9,10 +9,8 @@ import numpy as np
 
 from ks_lens.capability_stage import merge_capability
 from ks_lens.comparison.config import ComparisonConfig
-from ks_lens.comparison.curves import trade_off
-from ks_lens.comparison.records import ActivationEvaluation, CurvePoint, EqualKL
-from ks_lens.comparison.result import ComparisonResult
-from ks_lens.comparison.summary import summarise_activations, summarise_text
+from ks_lens.comparison.records import ActivationEvaluation
+from ks_lens.comparison.result import ComparisonResult, derived_rows
 from ks_lens.errors import ConfigError
 from ks_lens.instructed import INSTRUCTED
 
@@ -127,17 +125,14 @@ def merge_results(
             ]
             t_alphas.update({f"{m}@{n}": v for m, v in t.alphas.items()})
         text = replace(first.text, alphas=t_alphas, answers=answers)
-    summaries = summarise_activations(act, cfg) if act is not None else []
-    curves: list[CurvePoint] = []
-    equal: list[EqualKL] = []
-    if text is not None:
-        summaries += summarise_text(text, cfg)
-        curves, equal = trade_off(text, cfg)
+    summaries, curves, equal = derived_rows(cfg, act, text)
     timings: dict[str, float] = {}
     for n in names:
         for k, v in runs[n].timings.items():
             # seconds add up; memory (``*_mb``, see ks_lens.memory) is the largest of the runs
-            timings[k] = max(timings.get(k, 0.0), v) if k.endswith("_mb") else timings.get(k, 0.0) + v
+            timings[k] = (
+                max(timings.get(k, 0.0), v) if k.endswith("_mb") else timings.get(k, 0.0) + v
+            )
     caps = {n: runs[n].capability for n in names}
     capability = merge_capability(caps) if all(c is not None for c in caps.values()) else None
     return ComparisonResult(

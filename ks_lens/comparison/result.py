@@ -24,6 +24,20 @@ from ks_lens.errors import KsLensError, StoreError
 from ks_lens.instructed import INSTRUCTED
 
 
+def derived_rows(
+    config: ComparisonConfig, act: ActivationEvaluation | None, text: TextEvaluation | None
+) -> tuple[list[SummaryRow], list[CurvePoint], list[EqualKL]]:
+    """What a result derives from its stored records: the summary rows of every lens, the
+    trade-off curves and the equal-KL rows (the one place they are computed)."""
+    summaries = summarise_activations(act, config) if act is not None else []
+    curves: list[CurvePoint] = []
+    equal: list[EqualKL] = []
+    if text is not None:
+        summaries += summarise_text(text, config)
+        curves, equal = trade_off(text, config)
+    return summaries, curves, equal
+
+
 @dataclass
 class ComparisonResult:
     config: ComparisonConfig
@@ -123,12 +137,7 @@ class ComparisonResult:
         if "labels" in d and list(d["labels"]) != list(plan.labels):
             raise StoreError(f"labels {d['labels']} differ from the plan's {list(plan.labels)}")
         check_records(config, plan, calibration, act, text, capability)
-        summaries = summarise_activations(act, config) if act is not None else []
-        curves: list[CurvePoint] = []
-        equal: list[EqualKL] = []
-        if text is not None:
-            summaries += summarise_text(text, config)
-            curves, equal = trade_off(text, config)
+        summaries, curves, equal = derived_rows(config, act, text)
         return cls(
             config,
             plan,

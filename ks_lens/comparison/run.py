@@ -10,12 +10,9 @@ from dataclasses import replace
 from ks_lens.capability_stage import evaluate_capability_stage
 from ks_lens.comparison.calibration import build_methods, calibrate
 from ks_lens.comparison.config import ComparisonConfig, TextScorer
-from ks_lens.comparison.curves import trade_off
 from ks_lens.comparison.plan import ComparisonPlan, plan_comparison
-from ks_lens.comparison.records import CurvePoint, EqualKL
-from ks_lens.comparison.result import ComparisonResult
+from ks_lens.comparison.result import ComparisonResult, derived_rows
 from ks_lens.comparison.stages import _instructed_systems, evaluate_activations, evaluate_text
-from ks_lens.comparison.summary import summarise_activations, summarise_text
 from ks_lens.coverage import label_combinations
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation import map_dct_labels
@@ -175,13 +172,10 @@ def run_comparison(
         progress=progress,
         instructions=instructions,
     )
-    summaries = summarise_activations(act, config)
     timings["activation_eval_s"] = time.perf_counter() - t0
     record_memory(timings, "activation_eval")
 
     text = None
-    curves: list[CurvePoint] = []
-    equal: list[EqualKL] = []
     if text_evaluator is not None:
         t0 = time.perf_counter()
         log.info(_text_plan(plan, config, len(methods), len(text_questions)))
@@ -196,10 +190,9 @@ def run_comparison(
             response_evaluator=response_evaluator,
             instructions=instructions,
         )
-        summaries += summarise_text(text, config)
-        curves, equal = trade_off(text, config)
         timings["text_eval_s"] = time.perf_counter() - t0
         record_memory(timings, "text_eval")
+    summaries, curves, equal = derived_rows(config, act, text)
     capability = None
     if config.capability_questions > 0:
         t0 = time.perf_counter()
