@@ -133,7 +133,8 @@ def _info(setup: Setup, cfg: PipelineConfig, command: str, commit: str) -> dict[
         "stores": {
             "train": None if setup.train_store is None else str(setup.train_store.path),
             "evaluator": str(setup.evaluator_store.path),
-            "gold_response": str(setup.response_store.path),
+            "gold_judge": str(setup.response_store.path),
+            "gold_steer": None if setup.steer_store is None else str(setup.steer_store.path),
         },
         "timings": dict(setup.timings),
     }

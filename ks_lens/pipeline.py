@@ -242,9 +242,11 @@ class RunLayers:
     """The layers a run reads, in one place: each store collects only these (plus any a study
     asks for), and each stage loads only its own.
 
-    * steering probe and CAA vectors: the steering layer and the multi-layer method's layers;
+    * steering probe and CAA vectors: the steering layer and the multi-layer method's layers
+      (the prompt-mode train split, or the steering half of the gold texts);
     * activation evaluator: its layer;
-    * response-activation evaluator: every layer from the steering layer on (it picks the best).
+    * response-activation evaluator: every layer from the steering layer on (it picks the best),
+      on the other (judging) half of the gold texts only.
     """
 
     n_layers: int
@@ -289,13 +291,20 @@ class RunLayers:
         return self._with_study([self.evaluator])
 
     @property
-    def gold_store(self) -> list[int]:
-        """The gold texts' store serves the response evaluator and the ``text`` source."""
-        return self._with_study([*self.steering_probes, *self.response])
+    def judge_store(self) -> list[int]:
+        """The judging half of the gold texts: the response evaluator's layers."""
+        return self._with_study(self.response)
 
     @property
     def gold_steer_store(self) -> list[int]:
+        """The steering half of the gold texts (the ``text`` source): the probes' layers, so
+        its forward passes stop at the steering layer."""
         return self.train_store
+
+    @property
+    def widest_store(self) -> int:
+        """The most layers any store of the run keeps (the memory estimate's store width)."""
+        return max(len(self.train_store), len(self.evaluator_store), len(self.judge_store))
 
 
 def _layer_tag(layers: Sequence[int], n_layers: int) -> str:
@@ -473,7 +482,7 @@ class Setup:
     eval_layer: int
     train_store: ActivationStore | None  # prompt-mode train split (only with the prompt source)
     evaluator_store: ActivationStore
-    response_store: ActivationStore
+    response_store: ActivationStore  # the judging half of the gold texts (response evaluator)
     kits: dict[str, SteeringKit]  # steering probe + vectors (+ layer probes) per probe source
     evaluator: Probe
     response_evaluator: Probe
@@ -484,7 +493,7 @@ class Setup:
     gold_judge: tuple[LabelledText, ...]  # gold texts the evaluators learn from (other questions)
     external_questions: list[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    # the text source's store (gold texts, steering half)
+    # the text source's store (gold texts, steering half; None without the text source)
     steer_store: ActivationStore | None = None
     # where prepare saved the artefacts (compare saves the DCT vectors there too)
     work_dir: Path | None = None
@@ -658,7 +667,7 @@ def prepare(
     log.info(
         f"[ks-lens] model {model.cfg.model_name} ({n_layers} layers); steering layer {ls}, evaluator layer {le}"
     )
-    shape = run_shape(cfg, model, ds.labels, len(gold), len(run_layers.gold_store))
+    shape = run_shape(cfg, model, ds.labels, len(gold), run_layers.widest_store)
     est = estimate_run(shape if extra_work is None else extra_work(model, shape))
     if on_estimate is not None:
         on_estimate(est)
@@ -703,23 +712,24 @@ def prepare(
     )
     timings["collect_evaluator_s"] = time.perf_counter() - t0 - timings["collect_train_s"]
     gold_steer, gold_judge = split_by_question(gold, cfg.gold_steer_fraction, cfg.seed)
-    gold_enc = tuple(spread(list(gold), cfg.n_gold))
-    gold_ds = texts_dataset(gold_enc, ds.labels)
+    steer_ids = {t.id for t in gold_steer}
+    gold_enc = spread(list(gold), cfg.n_gold)
+    judge_enc = [t for t in gold_enc if t.id not in steer_ids]
+    # the judging half runs through every response layer, the steering half only up to the
+    # steering probes' layers (and only when the text source is built)
     st_resp = _collect(
         model,
-        gold_ds,
+        texts_dataset(judge_enc, ds.labels),
         acts_dir,
-        f"gold-response-only-{len(gold_enc)}t",
-        run_layers.gold_store,
+        f"gold-judge-{len(judge_enc)}t",
+        run_layers.judge_store,
         mode="response-only",
-        split="gold",
+        split="gold-judge",
         **kw,
     )
-    steer_ids = {t.id for t in gold_steer}
-    judge_ids = [t.id for t in gold_enc if t.id not in steer_ids]
-    st_text = st_resp
-    if cfg.text_position != "last":
-        steer_enc = tuple(t for t in gold_enc if t.id in steer_ids)
+    st_text = None
+    if "text" in wanted:
+        steer_enc = [t for t in gold_enc if t.id in steer_ids]
         st_text = _collect(
             model,
             texts_dataset(steer_enc, ds.labels),
@@ -748,8 +758,9 @@ def prepare(
                 st_train.load(layers=run_layers.steering_probes), ls, ml_layers, cfg
             )
         else:
+            assert st_text is not None
             kits[src] = steering_kit(
-                st_text.load(layers=run_layers.steering_probes).for_questions(sorted(steer_ids)),
+                st_text.load(layers=run_layers.steering_probes),
                 ls,
                 ml_layers,
                 cfg,
@@ -765,7 +776,7 @@ def prepare(
     )
     evaluator.save(work / "probes" / "evaluator")
     # read the text at or after the steering layer
-    resp_acts = st_resp.load(layers=run_layers.response).for_questions(judge_ids)
+    resp_acts = st_resp.load(layers=run_layers.response)
     resp_probes = train_probes(
         resp_acts,
         config=ProbeConfig(hidden=256, seed=cfg.seed + 1),

@@ -31,7 +31,8 @@ def test_run_layers_policy():
     assert (run.steering, run.evaluator, run.multilayer) == (18, 22, (12, 15, 18))
     assert run.train_store == [12, 15, 18]
     assert run.evaluator_store == [22]
-    assert run.gold_store == [12, 15, *range(18, 30)]
+    assert run.judge_store == list(range(18, 30)) and run.gold_steer_store == [12, 15, 18]
+    assert run.widest_store == 12
     assert RunLayers.of(cfg, 30, [0, 22]).evaluator_store == [0, 22]
     assert RunLayers.of(cfg, 30, "all").train_store == list(range(30))
     with pytest.raises(ConfigError, match="study layer 30 is out of range"):
@@ -54,10 +55,15 @@ def test_prepare_collects_only_the_run_layers(run_setup):
     """Each store holds only the layers its stage reads (the tiny model has 4 layers)."""
     setup, _ = run_setup
     assert setup.evaluator_store.layers == (3,)
-    assert setup.response_store.layers == (1, 2, 3)
+    assert setup.response_store.layers == (2, 3)
+    assert setup.steer_store is not None and setup.steer_store.layers == (1, 2)
     assert setup.evaluator_store.path.name.endswith("-L3")
-    assert setup.response_store.path.name.endswith("-L1-3")
-    for store in (setup.evaluator_store, setup.response_store):
+    assert setup.response_store.path.name.endswith("-L2-3")
+    # the two halves of the gold texts, each in its own store
+    judge, steer = ({t.id for t in ts} for ts in (setup.gold_judge, setup.gold_steer))
+    assert set(setup.response_store.load().question_ids) <= judge
+    assert set(setup.steer_store.load().question_ids) <= steer
+    for store in (setup.evaluator_store, setup.response_store, setup.steer_store):
         n = len(store.layers)
         for s in store.meta["shards"]:
             t = load_file(str(store.path / s["tensors"]["file"]))["resid_post"]

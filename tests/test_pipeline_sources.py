@@ -46,9 +46,10 @@ def test_text_kit_learns_only_from_the_steering_half(tiny_setup):
     assert not steer_q & judge_q
     text = s.kits["text"]
     src = text.vectors.source
-    assert src["split"] == "gold" and src["mode"] == "response-only"
+    assert src["split"] == "gold-steer" and src["mode"] == "response-only"
     # the CAA vectors are mean differences over the single-tone steering-half texts only
-    acts = s.response_store.load(layers=[2])
+    assert s.steer_store is not None
+    acts = s.steer_store.load(layers=[2])
     steer_ids = {t.id for t in s.gold_steer}
     base = acts.base_labels
     rows = [
