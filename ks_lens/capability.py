@@ -58,7 +58,9 @@ import torch
 from ks_lens.batching import scatter, sorted_batches
 from ks_lens.chat import ChatPrompt, TokenBatch, check_context, encode_chat
 from ks_lens.errors import ConfigError, DatasetError, WrongTypeError
-from ks_lens.hf_path import forward
+from ks_lens.evaluation.readouts import _shared_start
+from ks_lens.generation import SharedPrefill, resume_prefill, shared_prefill
+from ks_lens.hf_path import forward, hf_modules
 from ks_lens.io import iter_jsonl
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.stats import N_RESAMPLES, Interval, bootstrap_mean, paired_difference
@@ -187,21 +189,18 @@ def _tokenize(
     return heads, options
 
 
-def _score_batch(
-    model: Model,
-    batch: TokenBatch,
-    options: Sequence[Sequence[Sequence[int]]],
-    pad: int,
-    tracker: PositionTracker | None = None,
-) -> list[list[float]]:
-    """The summed log-probabilities of ``options[j]`` after row ``j`` of ``batch`` (left-padded
-    questions): one pass over the questions with a KV cache, whose last logits predict each
-    option's first token, then one pass over all their options' tokens (right padded) on the
-    cache, which the steering position tracker sees as generated tokens (``tracker``: the one of
-    a :func:`~ks_lens.steering.steer_groups` context, told which question each option row
-    continues)."""
+def _question_pass(
+    model: Model, batch: TokenBatch, prefill: SharedPrefill | None
+) -> tuple[Any, torch.Tensor]:
+    """The questions' pass: a KV cache holding them and the next-token logits ``[batch,
+    vocab]``; with ``prefill`` (:func:`~ks_lens.generation.shared_prefill` of this batch) it
+    resumes above the layers each distinct question ran once."""
     from transformers import DynamicCache
 
+    if prefill is not None:
+        with hf_modules(model) as plain:
+            if plain:
+                return resume_prefill(model, batch, prefill)
     hf: Any = model.original_model
     cache = DynamicCache(config=hf.config)
     last = forward(
@@ -212,7 +211,25 @@ def _score_batch(
         logits_to_keep=1,
     )
     assert last is not None
-    first = torch.log_softmax(last[:, -1].float(), dim=-1)
+    return cache, last[:, -1]
+
+
+def _score_batch(
+    model: Model,
+    batch: TokenBatch,
+    options: Sequence[Sequence[Sequence[int]]],
+    pad: int,
+    tracker: PositionTracker | None = None,
+    prefill: SharedPrefill | None = None,
+) -> list[list[float]]:
+    """The summed log-probabilities of ``options[j]`` after row ``j`` of ``batch`` (left-padded
+    questions): one pass over the questions with a KV cache, whose last logits predict each
+    option's first token, then one pass over all their options' tokens (right padded) on the
+    cache, which the steering position tracker sees as generated tokens (``tracker``: the one of
+    a :func:`~ks_lens.steering.steer_groups` context, told which question each option row
+    continues; ``prefill``: see :func:`_question_pass`)."""
+    cache, last = _question_pass(model, batch, prefill)
+    first = torch.log_softmax(last.float(), dim=-1)
     rows = [(j, list(o)) for j, opts in enumerate(options) for o in opts]
     m = max(len(o) for _, o in rows) - 1  # the last token of an option predicts nothing
     scores = [float(first[j, o[0]]) for j, o in rows]
@@ -303,8 +320,13 @@ def score_option_rows(
     logprob: list[list[float]] = [[] for _ in rows]
     pad = pad_token_id(tok)
     steered = any(s is not None for s in steerings)
+    # same length: by question, then run, so that a batch's runs share their questions' pass
     batches = sorted_batches(
-        heads, per_batch, pad_id=pad, device=model_device(model), tiebreak=lambda r: rows[r]
+        heads,
+        per_batch,
+        pad_id=pad,
+        device=model_device(model),
+        tiebreak=lambda r: (rows[r][1], rows[r][0]),
     )
     with torch.no_grad():
         for idx, batch in batches:
@@ -312,8 +334,19 @@ def score_option_rows(
             if not steered:
                 scatter(logprob, idx, _score_batch(model, batch, opts, pad))
                 continue
-            with steer_groups(model, steerings, [rows[r][0] for r in idx], positions=positions) as t:
-                scatter(logprob, idx, _score_batch(model, batch, opts, pad, t))
+            groups = [rows[r][0] for r in idx]
+            here = [st if g in set(groups) else None for g, st in enumerate(steerings)]
+            # the layers below the lowest steered one, once per distinct question (no hooks yet)
+            # (positions 0..n-1 in every row, as the options' pass continues at the cache length)
+            pos = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
+            prefill = shared_prefill(
+                model,
+                batch,
+                _shared_start(model, here, None),
+                position_ids=pos.expand_as(batch.input_ids),
+            )
+            with steer_groups(model, steerings, groups, positions=positions) as t:
+                scatter(logprob, idx, _score_batch(model, batch, opts, pad, t, prefill))
     return OptionScores(
         logprob,
         [[len(o) for o in opts] for opts in options],

@@ -45,13 +45,32 @@ class Generation:
 
 
 @dataclass
+class LayerInputs:
+    """The hidden states that entered decoder layer ``layer`` at each row's new tokens during a
+    generation (:func:`generate_from_batch`'s ``record_inputs``): ``hidden[b]`` is ``[tokens,
+    d_model]`` for row ``b``'s kept tokens (``BatchGeneration.ids[b]``, in order), or ``None``
+    where those are not the positions that ran (a padding id inside the answer was dropped).
+    ``as_tuple``: whether the layer below returns a tuple (for :func:`~ks_lens.hf_path.resume_at`).
+
+    Steering that writes only at ``layer`` or above leaves these equal to the unsteered model's
+    on the same tokens (float rounding aside), so a later unsteered pass over the answers can
+    start at ``layer`` (:func:`~ks_lens.evaluation.generate_and_score_rows` does)."""
+
+    layer: int
+    hidden: list[torch.Tensor | None]
+    as_tuple: bool
+
+
+@dataclass
 class BatchGeneration:
     """New token ids per row (end-of-turn and padding removed), whether each row ended its turn,
-    and optionally the per-step logits ``[batch, steps, vocab]``."""
+    optionally the per-step logits ``[batch, steps, vocab]`` and the hidden states entering one
+    decoder layer at the new tokens (:class:`LayerInputs`)."""
 
     ids: list[list[int]]
     finished: list[bool]
     logits: torch.Tensor | None = None
+    layer_inputs: LayerInputs | None = None
 
 
 def _generation_config(
@@ -100,13 +119,14 @@ class SharedPrefill:
     (:func:`shared_prefill`): ``hidden`` ``[distinct, pos, d_model]`` is layer ``layer``'s input,
     ``kv`` the keys and values of each layer below it ``[distinct, heads, pos, d_head]``, and
     ``rows[b]`` the distinct prompt of batch row ``b`` (expanded only when used, so the copies
-    for every row are never held)."""
+    for every row are never held); ``positions`` the batch's position ids ``[batch, pos]``."""
 
     layer: int
     hidden: torch.Tensor
     as_tuple: bool
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     rows: torch.Tensor
+    positions: torch.Tensor
 
 
 def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -115,9 +135,20 @@ def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 0)
 
 
-def shared_prefill(model: Model, batch: TokenBatch, layer: int | None) -> SharedPrefill | None:
+def shared_prefill(
+    model: Model,
+    batch: TokenBatch,
+    layer: int | None,
+    *,
+    position_ids: torch.Tensor | None = None,
+) -> SharedPrefill | None:
     """Run the layers below ``layer`` once per distinct prompt row of ``batch`` (no hooks: call
-    it before any steering is installed), for :func:`generate_from_batch`'s ``prefill=``.
+    it before any steering is installed), for :func:`generate_from_batch`'s ``prefill=`` (or
+    :func:`resume_prefill`).
+
+    ``position_ids`` ``[batch, pos]`` are the prompt's positions: by default those ``generate``
+    gives a left-padded prompt (:func:`generation_positions`); a caller whose later tokens
+    continue at the cache's length (a plain forward pass) passes ``0 .. pos-1`` for every row.
 
     Steering that writes at ``layer`` or above leaves everything below unchanged, so a batch
     that answers one question under several steering configurations needs that part once.
@@ -140,8 +171,10 @@ def shared_prefill(model: Model, batch: TokenBatch, layer: int | None) -> Shared
     hf: Any = model.original_model
     cache = DynamicCache(config=hf.config)
     ids, mask = batch.input_ids[uniq], batch.attention_mask[uniq]
+    if position_ids is None:
+        position_ids = generation_positions(batch.attention_mask)
     hidden, as_tuple = layer_input(
-        model, layer, ids, mask, position_ids=generation_positions(mask), cache=cache
+        model, layer, ids, mask, position_ids=position_ids[uniq], cache=cache
     )
     kv = []
     layers: list[Any] = cache.layers
@@ -152,14 +185,15 @@ def shared_prefill(model: Model, batch: TokenBatch, layer: int | None) -> Shared
         if keys.shape[-2] != ids.shape[1]:
             return None  # this layer keeps less than the whole prompt (a sliding window)
         kv.append((keys, values))
-    return SharedPrefill(layer, hidden, as_tuple, kv, inv)
+    return SharedPrefill(layer, hidden, as_tuple, kv, inv, position_ids)
 
 
-def _prefill_from_shared(
+def resume_prefill(
     model: Model, batch: TokenBatch, shared: SharedPrefill
 ) -> tuple[Any, torch.Tensor]:
-    """The prompt pass of generation, resumed at ``shared.layer`` (steering hooks live): the
-    filled KV cache and the next-token logits ``[batch, vocab]``."""
+    """The prompt pass of ``batch`` resumed at ``shared.layer`` (from :func:`shared_prefill` for
+    the same batch; steering hooks live, inside a :func:`~ks_lens.hf_path.hf_modules` block that
+    runs the plain modules): the filled KV cache and the next-token logits ``[batch, vocab]``."""
     from transformers import DynamicCache
 
     hf: Any = model.original_model
@@ -169,7 +203,7 @@ def _prefill_from_shared(
         out = hf(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
-            position_ids=generation_positions(batch.attention_mask),
+            position_ids=shared.positions,
             use_cache=True,
             logits_to_keep=1,
             **{cache_keyword(hf): cache},
@@ -193,6 +227,7 @@ def generate_from_batch(
     return_logits: bool = False,
     full_bridge: bool = False,
     prefill: SharedPrefill | None = None,
+    record_inputs: int | None = None,
 ) -> BatchGeneration:
     """Generate for one left-padded batch (greedy unless ``do_sample``).
 
@@ -202,52 +237,141 @@ def generate_from_batch(
     modules with only the hooked points routed (see the module docstring). ``prefill`` (from
     :func:`shared_prefill` for this batch, greedy decoding on the plain modules only) starts the
     prompt's pass at its layer; the tokens equal a full pass up to float rounding (tested).
+    ``record_inputs`` (a decoder layer, at least 1) also returns the hidden states entering that
+    layer at every new token (:class:`LayerInputs`; the last token is run once more through the
+    layers below it); ``None`` there when the plain HF modules did not run.
     """
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens")
     check_context(model, int(batch.input_ids.shape[1]), max_new_tokens, what="the batch")
     if prefill is not None and (do_sample or full_bridge):
         raise ConfigError("a shared prefill serves greedy decoding on the plain HF modules only")
-    # TransformerBridge types original_model as nn.Module; it is a Hugging Face PreTrainedModel
-    hf: Any = model.original_model
+    if record_inputs is not None and record_inputs < 1:
+        raise ConfigError(f"record_inputs must be a decoder layer >= 1, got {record_inputs}")
     prompt_len = int(batch.input_ids.shape[1])
-    steps: list[torch.Tensor] = []  # per-step logits [batch, vocab]
+    fed: list[torch.Tensor] = []  # what entered layer record_inputs, per forward call
     with torch.random.fork_rng(devices=[batch.input_ids.device] if batch.input_ids.is_cuda else []):
         torch.manual_seed(seed)
         with torch.no_grad(), hf_modules(model, enabled=not full_bridge) as plain:
             if not plain:  # the bridge decodes (asked for, or a hook it cannot route)
                 check_bridge_cache()
-            kwargs: dict[str, Any] = {}
-            if prefill is not None and plain:
-                cache, logits0 = _prefill_from_shared(model, batch, prefill)
-                token = logits0.argmax(-1, keepdim=True)
-                steps = [logits0]
-                batch = TokenBatch(
-                    torch.cat([batch.input_ids, token], 1),
-                    torch.cat([batch.attention_mask, torch.ones_like(token)], 1),
+            watch = _watch_input(model, record_inputs, fed) if plain else None
+            try:
+                out, steps, cache = _decode(
+                    model,
+                    batch,
+                    max_new_tokens,
+                    prefill=prefill if plain else None,
+                    return_dict=return_logits or watch is not None,
+                    sampling=(do_sample, temperature, top_p, top_k),
                 )
-                kwargs[cache_keyword(hf)] = cache
-                max_new_tokens -= 1
-            out = batch.input_ids
-            if max_new_tokens > 0:
-                out = hf.generate(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    generation_config=_generation_config(
-                        model,
-                        max_new_tokens=max_new_tokens,
-                        do_sample=do_sample,
-                        temperature=temperature,
-                        top_p=top_p,
-                        top_k=top_k,
-                    ),
-                    output_logits=return_logits,
-                    return_dict_in_generate=return_logits,
-                    **kwargs,
-                )
-                if return_logits:
-                    steps, out = [*steps, *out.logits], out.sequences
+            finally:
+                if watch is not None:
+                    watch.remove()
     logits = _stack_freeing(steps) if return_logits else None
-    return _batch_result(model, out[:, prompt_len:].tolist(), logits)
+    result = _batch_result(model, out[:, prompt_len:].tolist(), logits)
+    if watch is not None and record_inputs is not None:
+        result.layer_inputs = _layer_inputs(model, record_inputs, fed, result, out, batch, cache)
+    return result
+
+
+def _decode(
+    model: Model,
+    batch: TokenBatch,
+    max_new_tokens: int,
+    *,
+    prefill: SharedPrefill | None,
+    return_dict: bool,
+    sampling: tuple[bool, float, float | None, int | None],
+) -> tuple[torch.Tensor, list[torch.Tensor], Any]:
+    """The decoding loop of :func:`generate_from_batch` (inside its ``hf_modules`` block): the
+    sequences ``[batch, prompt + new]``, the per-step logits (with ``return_dict``) and the KV
+    cache at the end (``None`` without ``return_dict``)."""
+    hf: Any = model.original_model
+    do_sample, temperature, top_p, top_k = sampling
+    steps: list[torch.Tensor] = []  # per-step logits [batch, vocab]
+    kwargs: dict[str, Any] = {}
+    cache: Any = None
+    if prefill is not None:
+        cache, logits0 = resume_prefill(model, batch, prefill)
+        token = logits0.argmax(-1, keepdim=True)
+        steps = [logits0]
+        batch = TokenBatch(
+            torch.cat([batch.input_ids, token], 1),
+            torch.cat([batch.attention_mask, torch.ones_like(token)], 1),
+        )
+        kwargs[cache_keyword(hf)] = cache
+        max_new_tokens -= 1
+    out = batch.input_ids
+    if max_new_tokens > 0:
+        res = hf.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            generation_config=_generation_config(
+                model,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+            ),
+            output_logits=return_dict,
+            return_dict_in_generate=return_dict,
+            **kwargs,
+        )
+        if return_dict:
+            steps, out, cache = [*steps, *res.logits], res.sequences, res.past_key_values
+        else:
+            out = res
+    return out, steps, cache
+
+
+def _watch_input(model: Model, layer: int | None, fed: list[torch.Tensor]) -> Any:
+    """A forward pre-hook (first in line, before any routed steering hook) on the plain decoder
+    layer ``layer`` that appends its input hidden states to ``fed``; ``None`` when there is no
+    layer to watch."""
+    layers = decoder_layers(model) if layer is not None else None
+    if layers is None or layer is None or layer >= len(layers):
+        return None
+
+    def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        fed.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    return layers[layer].register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
+
+
+def _layer_inputs(
+    model: Model,
+    layer: int,
+    fed: list[torch.Tensor],
+    result: BatchGeneration,
+    out: torch.Tensor,
+    batch: TokenBatch,
+    cache: Any,
+) -> LayerInputs | None:
+    """Each row's hidden states entering ``layer`` at its new tokens: the decoding steps fed
+    tokens ``0 .. n-2`` one at a time (the last ``n - 1`` single-token calls in ``fed``); the
+    last new token, never fed back, runs once through the layers below ``layer`` on ``cache``."""
+    n_prompt = int(batch.input_ids.shape[1])
+    n_new = int(out.shape[1]) - n_prompt
+    singles = [f for f in fed if f.shape[1] == 1]  # the prompt's pass is the only longer call
+    if n_new < 1 or cache is None or len(singles) < n_new - 1:
+        return None
+    steps = singles[len(singles) - (n_new - 1) :]
+    mask = torch.cat([batch.attention_mask, torch.ones_like(out[:, n_prompt:])], dim=1)
+    last, as_tuple = layer_input(
+        model,
+        layer,
+        out[:, -1:],
+        mask,
+        position_ids=generation_positions(mask)[:, -1:],
+        cache=cache,
+    )
+    hidden = torch.cat([*steps, last], dim=1)  # [batch, n_new, d_model]
+    rows: list[torch.Tensor | None] = []
+    for b, ids in enumerate(result.ids):
+        ran = out[b, n_prompt : n_prompt + len(ids)].tolist() == ids  # no padding id dropped
+        rows.append(hidden[b, : len(ids)].clone() if ran else None)
+    return LayerInputs(layer, rows, as_tuple)
 
 
 def _batch_result(

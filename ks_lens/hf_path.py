@@ -316,7 +316,8 @@ def layer_input(
         if not plain or layers is None:
             raise RuntimeError("the plain HF modules cannot run for this model")
         handles = [
-            layers[layer].register_forward_pre_hook(pre, with_kwargs=True),
+            # first in line: a routed hook at this layer's input must not change what is read
+            layers[layer].register_forward_pre_hook(pre, with_kwargs=True, prepend=True),
             layers[layer - 1].register_forward_hook(post),
         ]
         try:

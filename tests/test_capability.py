@@ -241,9 +241,20 @@ def test_steering_changes_the_scores_and_its_hooks_are_removed(tiny_model):
 
 
 @pytest.mark.parametrize("positions", ["all", "generated", "last"])
-def test_shared_rows_equal_one_run_at_a_time(tiny_model, positions):
+def test_shared_rows_equal_one_run_at_a_time(tiny_model, positions, monkeypatch):
     """Many runs in shared batches (each batch row steered by its own configuration, options
-    continuing their question's cached row) equal one score_options call per run."""
+    continuing their question's cached row, the layers below the steering run once per distinct
+    question of a batch) equal one score_options call per run."""
+    from ks_lens import capability
+
+    resumed: list[int] = []
+    real = capability.resume_prefill
+
+    def counting(model, batch, prefill):
+        resumed.append(int(batch.input_ids.shape[0]))
+        return real(model, batch, prefill)
+
+    monkeypatch.setattr(capability, "resume_prefill", counting)
     caa = CAA(_vectors(tiny_model))
     up = (caa, SteeringSpec(("up",), (), 3.0))
     down = (caa, SteeringSpec(("down",), (), 5.0))
@@ -263,6 +274,7 @@ def test_shared_rows_equal_one_run_at_a_time(tiny_model, positions):
                 want = score_options(tiny_model, [QS[i]], system=system)
         np.testing.assert_allclose(got.logprob[r], want.logprob[0], rtol=0, atol=1e-5)
         assert got.n_tokens[r] == want.n_tokens[0] and got.n_chars[r] == want.n_chars[0]
+    assert resumed  # some batch held one question under two runs and shared its lower layers
     assert not any(hp._forward_hooks for hp in tiny_model.hook_dict.values())
     with pytest.raises(ConfigError, match="out of range"):
         score_option_rows(tiny_model, QS, [None], [(1, 0)])

@@ -361,3 +361,43 @@ def test_readout_refuses_prompts_beyond_the_context_window(tiny_model, tiny_prob
     with pytest.raises(ks.ContextLengthError, match="the prompt has"):
         readout(tiny_model, [long], next_token=True)
     assert calls == []
+
+
+def test_scoring_starts_at_the_steered_layer_and_equals_whole_passes(
+    tiny_model, tiny_acts, tiny_probe, monkeypatch
+):
+    """Answers steered at layer 2 are scored by an unsteered pass that starts at layer 2 with
+    the hidden states their generation computed below it (instructed rows, asked under another
+    prompt, run whole); every number equals whole-row scoring."""
+    from ks_lens.evaluation import scoring
+    from ks_lens.steering import CAA, KSteering, SteeringSpec, SteeringVectors
+
+    caa = CAA(SteeringVectors.fit(tiny_acts, 2))
+    k = KSteering(tiny_probe, steps=2)
+    steerings = [
+        None,
+        (caa, SteeringSpec(("beta",), (), 3.0)),
+        (k, SteeringSpec(("alpha",), (), 3.0)),
+    ]
+    qs = ["Why is the sky blue?", "Hi?"]
+    rows = [(g, q) for q in range(2) for g in range(3)] + [(0, 1)]
+    systems = [None] * 6 + ["Be brief."]
+    resumed: list[int] = []
+    real = scoring.resume_at
+
+    def counting(model, layer, hidden, as_tuple):
+        resumed.append(hidden.shape[0])
+        return real(model, layer, hidden, as_tuple)
+
+    monkeypatch.setattr(scoring, "resume_at", counting)
+    kw = dict(response_probe=tiny_probe, max_new_tokens=5, batch_size=8, systems=systems)
+    fast = scoring.generate_and_score_rows(tiny_model, qs, steerings, rows, **kw)
+    assert sum(resumed) == 6  # every default-prompt answer, not the instructed one
+    whole = scoring.generate_and_score_rows(
+        tiny_model, qs, steerings, rows, share_prefix=False, **kw
+    )
+    assert fast.answer_ids == whole.answer_ids and sum(resumed) == 6
+    torch.testing.assert_close(fast.probs, whole.probs, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(fast.nll, whole.nll, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fast.kl, whole.kl, rtol=1e-4, atol=1e-4)
+    assert len({tuple(a) for a in fast.answer_ids[:3]}) > 1  # the steering changed the answers

@@ -283,3 +283,56 @@ def test_shared_prefill_declines_and_refuses(tiny_model, tiny_probe, tiny_acts):
     pre = shared_prefill(tiny_model, batch, 2)
     with pytest.raises(ConfigError, match="greedy decoding"):
         generate_from_batch(tiny_model, batch, max_new_tokens=2, do_sample=True, prefill=pre)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_recorded_layer_inputs_equal_an_unsteered_pass_over_the_answers(
+    tiny_model, tiny_probe, tiny_acts, shared
+):
+    """record_inputs=L returns, per row, the hidden states that entered decoder layer L at each
+    kept new token, the last one included: with steering only at L, they equal an unsteered pass
+    of prompt + answer up to layer L (an off-by-one token would not)."""
+    from ks_lens.generation import generate_from_batch, shared_prefill
+    from ks_lens.hf_path import layer_input
+    from ks_lens.steering.base import steer_groups
+
+    groups, row_group, batch = _shared_prefill_case(tiny_model, tiny_probe, tiny_acts)
+    pre = shared_prefill(tiny_model, batch, 2) if shared else None
+    n_prompt = batch.input_ids.shape[1]
+    for n in (1, 6):
+        with steer_groups(tiny_model, groups, row_group, positions="all"):
+            res = generate_from_batch(
+                tiny_model, batch, max_new_tokens=n, return_logits=True, prefill=pre,
+                record_inputs=2,
+            )
+        rec = res.layer_inputs
+        assert rec is not None and rec.layer == 2 and len(rec.hidden) == len(res.ids)
+        for b, ids in enumerate(res.ids):
+            h = rec.hidden[b]
+            assert h is not None and h.shape == (len(ids), tiny_model.cfg.d_model)
+            if not ids:
+                continue
+            seq = torch.cat([batch.input_ids[b : b + 1], torch.tensor([ids])], dim=1)
+            mask = torch.cat([batch.attention_mask[b : b + 1], torch.ones(1, len(ids))], dim=1)
+            from ks_lens.generation import generation_positions
+
+            want, _ = layer_input(
+                tiny_model, 2, seq, mask.long(), position_ids=generation_positions(mask.long())
+            )
+            torch.testing.assert_close(h, want[0, n_prompt:], atol=1e-4, rtol=1e-4)
+    assert len({tuple(x) for x in res.ids[:3]}) > 1  # the steering changed the answers
+
+
+def test_record_inputs_is_validated_and_absent_on_the_bridge(tiny_model):
+    from ks_lens.chat import ChatPrompt, encode_chat
+    from ks_lens.errors import ConfigError
+    from ks_lens.generation import generate_from_batch
+
+    ids = torch.tensor([encode_chat(tiny_model.tokenizer, ChatPrompt("hi?"))])
+    batch = ks.chat.TokenBatch(ids, torch.ones_like(ids))
+    with pytest.raises(ConfigError, match="record_inputs must be a decoder layer >= 1"):
+        generate_from_batch(tiny_model, batch, max_new_tokens=2, record_inputs=0)
+    res = generate_from_batch(
+        tiny_model, batch, max_new_tokens=2, record_inputs=2, full_bridge=True
+    )
+    assert res.layer_inputs is None and res.logits is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ from ks_lens.batching import record_activations, scatter, sorted_batches
 from ks_lens.chat import ChatPrompt, TokenBatch, encode_chat
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation.readouts import _shared_start, kl_divergence
-from ks_lens.generation import BatchGeneration, generate_from_batch, shared_prefill
-from ks_lens.hf_path import forward
+from ks_lens.generation import BatchGeneration, LayerInputs, generate_from_batch, shared_prefill
+from ks_lens.hf_path import forward, resume_at
+from ks_lens.hooks import hook_layer
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.probes import Probe
 from ks_lens.spill import SpillList
@@ -141,7 +143,11 @@ def generate_and_score_rows(
     token, the answer's per-token NLL, and the unsteered next-token distributions that the steered
     generation's logits are compared with (KL per generated token). With ``share_prefix`` the
     question's tokens run once per question and every answer to it only runs its own tokens,
-    attending to the cached question (:func:`_score_answers`).
+    attending to the cached question (:func:`_score_answers`); and an answer generated under the
+    default prompt with steering only at layer ``L`` or above (or none) starts that pass at
+    ``L``, from the hidden states its generation computed below ``L`` (unsteered there;
+    :class:`~ks_lens.generation.LayerInputs`). Both equal whole-row passes up to float rounding
+    (tested).
     """
 
     if not questions or not rows:
@@ -193,6 +199,8 @@ def generate_and_score_rows(
             answers[r] = res.ids[j]
             steps = len(res.ids[j]) + (1 if res.finished[j] else 0)  # + the end-of-turn step
             step_logps[r] = torch.log_softmax(res.logits[j, :steps].float(), -1).cpu()
+            if systems is None or systems[r] is None:  # asked as the scoring pass asks
+                scorer.keep_inputs(r, res.layer_inputs, j)
         del res
         if not share_prefix:
             continue
@@ -256,6 +264,7 @@ def _generate_batch(
             seed=seed,
             return_logits=True,
             prefill=prefill,
+            record_inputs=start,
         )
 
 
@@ -289,6 +298,23 @@ class _AnswerScorer:
         self.device = model_device(model)
         self.pad = pad_token_id(model.tokenizer)
         self.unshared: list[int] = []  # rows whose question's cache cannot be shared
+        # rows whose generation kept the hidden states entering a layer at the answer's tokens
+        # (unsteered below it): their scoring pass starts there (keep_inputs)
+        self.inputs: dict[int, tuple[int, torch.Tensor]] = {}
+        self.as_tuple = False
+
+    def keep_inputs(self, r: int, inputs: LayerInputs | None, b: int) -> None:
+        """Keep batch row ``b``'s hidden states entering ``inputs.layer`` for answer row ``r``,
+        when the response probe reads at or above that layer (else the pass must run whole)."""
+        if inputs is None or inputs.hidden[b] is None:
+            return
+        read = hook_layer(self.probe.hook_name) if self.probe is not None else None
+        if self.probe is not None and (read is None or read < inputs.layer):
+            return
+        hidden = inputs.hidden[b]
+        assert hidden is not None
+        self.inputs[r] = (inputs.layer, hidden)
+        self.as_tuple = inputs.as_tuple
 
     def score(self, r: int, pred: torch.Tensor) -> None:
         """``pred`` [t + 1, vocab]: log-probs of answer tokens 0..t-1, then of the token after."""
@@ -327,13 +353,34 @@ class _AnswerScorer:
             self.score(r, first[None])
         if empty and self.probe is not None:
             self.read(empty, last_acts[self.probe.hook_name][None].expand(len(empty), -1))
-        todo = sorted((r for r in rows if self.answers[r]), key=lambda r: (len(self.answers[r]), r))
-        n_chunks = math.ceil(len(todo) / self.batch_size)
-        for c in range(n_chunks):  # near-equal chunks of at most batch_size rows
-            chunk = todo[c * len(todo) // n_chunks : (c + 1) * len(todo) // n_chunks]
-            self._after_prefix(prefix, first, chunk)
+        groups: dict[int, list[int]] = {}  # the layer the pass starts at -> rows
+        for r in rows:
+            if self.answers[r]:
+                groups.setdefault(self.inputs[r][0] if r in self.inputs else 0, []).append(r)
+        for start, group in sorted(groups.items()):
+            todo = sorted(group, key=lambda r: (len(self.answers[r]), r))
+            n_chunks = math.ceil(len(todo) / self.batch_size)
+            for c in range(n_chunks):  # near-equal chunks of at most batch_size rows
+                chunk = todo[c * len(todo) // n_chunks : (c + 1) * len(todo) // n_chunks]
+                self._after_prefix(prefix, first, chunk, start)
+        for r in rows:
+            self.inputs.pop(r, None)
 
-    def _after_prefix(self, prefix: Any, first: torch.Tensor, chunk: Sequence[int]) -> None:
+    def _resumed(self, chunk: Sequence[int], start: int, width: int) -> Any:
+        """Start the pass at decoder layer ``start`` with the chunk's kept hidden states (right
+        padded to ``width``), or run it whole (``start`` 0)."""
+        if start == 0:
+            return contextlib.nullcontext()
+        first = self.inputs[chunk[0]][1]
+        hidden = first.new_zeros(len(chunk), width, first.shape[-1])
+        for j, r in enumerate(chunk):
+            h = self.inputs[r][1]
+            hidden[j, : len(h)] = h
+        return resume_at(self.model, start, hidden.to(self.device), self.as_tuple)
+
+    def _after_prefix(
+        self, prefix: Any, first: torch.Tensor, chunk: Sequence[int], start: int = 0
+    ) -> None:
         answers, device = self.answers, self.device
         lengths = torch.tensor([len(answers[r]) for r in chunk])
         width = int(lengths.max())
@@ -348,7 +395,11 @@ class _AnswerScorer:
         def at_last(act: torch.Tensor, name: str, last: torch.Tensor = last) -> torch.Tensor:
             return act[torch.arange(act.shape[0], device=act.device), last].float()
 
-        with torch.no_grad(), record_activations(self.model, self.names, reduce=at_last) as rec:
+        with (
+            torch.no_grad(),
+            record_activations(self.model, self.names, reduce=at_last) as rec,
+            self._resumed(chunk, start, width),
+        ):
             logits = forward(
                 self.model,
                 ids.to(device),
