@@ -26,14 +26,12 @@ EXCEPTIONS: dict[str, tuple[int, str]] = {
     # modules
     "ks_lens/cli.py": (824, _MOVE),
     "ks_lens/datasets.py": (668, _MOVE),
-    "ks_lens/pipeline.py": (823, _MOVE),
-    "ks_lens/report.py": (864, _MOVE),
     # functions
     "ks_lens/activations/capture.py:capture_features": (90, _MOVE),
     "ks_lens/activations/collect.py:_collect_chunk": (105, _MOVE),
     "ks_lens/activations/store.py:collect_to_store": (137, _MOVE),
     "ks_lens/evaluation/readouts.py:readout_groups": (100, _MOVE),
-    "ks_lens/evaluation/scoring.py:generate_and_score_rows": (98, _MOVE),
+    "ks_lens/evaluation/scoring.py:generate_and_score_rows": (96, _MOVE),
     "ks_lens/probes/logistic.py:_fit_logistic": (103, _MOVE),
     "ks_lens/probes/training.py:fit_probes": (105, _MOVE),
     "ks_lens/probes/training.py:train_probes": (90, _MOVE),
@@ -47,9 +45,6 @@ EXCEPTIONS: dict[str, tuple[int, str]] = {
     "ks_lens/comparison/stages.py:evaluate_text": (91, _MOVE),
     "ks_lens/generation.py:generate": (87, _MOVE),
     "ks_lens/models.py:load_model": (128, _MOVE),
-    "ks_lens/pipeline.py:prepare": (229, _MOVE),
-    "ks_lens/report.py:plot_report": (98, _MOVE),
-    "ks_lens/report.py:render_markdown": (134, _MOVE),
     "ks_lens/text_evaluator/model.py:TextEvaluator.fit": (93, _MOVE),
 }
 

@@ -22,7 +22,8 @@ from ks_lens.memory import (
     record_memory,
     rss_mb,
 )
-from ks_lens.pipeline import PipelineConfig, RunLayers, _layer_tag, prepare
+from ks_lens.pipeline import PipelineConfig, RunLayers, prepare
+from ks_lens.pipeline.layers import _layer_tag
 
 
 def test_run_layers_policy():

@@ -136,9 +136,8 @@ def generate_and_score_rows(
     answer's KL compares the instructed next-token distributions with the unsteered model's
     on the same answer tokens, exactly as a steered answer's does.
 
-    All rows share batches: one generation call carries several
-    methods side by side (:func:`~ks_lens.steering.steer_groups`), which matters because decoding
-    is memory-bound. Each answer is then re-encoded (question + answer, no instruction) in an
+    All rows share batches: one generation call carries several methods side by side
+    (:func:`~ks_lens.steering.steer_groups`). Each answer is then re-encoded (question + answer, no instruction) in an
     unsteered forward pass that gives the response evaluator's probabilities at the answer's last
     token, the answer's per-token NLL, and the unsteered next-token distributions that the steered
     generation's logits are compared with (KL per generated token). With ``share_prefix`` the
@@ -149,14 +148,7 @@ def generate_and_score_rows(
     :class:`~ks_lens.generation.LayerInputs`). Both equal whole-row passes up to float rounding
     (tested).
     """
-
-    if not questions or not rows:
-        raise ConfigError("no questions to generate for")
-    for g, i in rows:
-        if not (0 <= g < len(steerings) and 0 <= i < len(questions)):
-            raise ConfigError(f"row {(g, i)} is out of range")
-    if systems is not None and len(systems) != len(rows):
-        raise ConfigError(f"{len(systems)} system prompts for {len(rows)} rows")
+    _check_rows(questions, steerings, rows, systems)
     tok = model.tokenizer
     device = model_device(model)
     pad = pad_token_id(tok)
@@ -215,6 +207,21 @@ def generate_and_score_rows(
     return GenerationScores(
         texts, answers, probs, nll, kl, kl_steps, [distinct_n(t) for t in texts]
     )
+
+
+def _check_rows(
+    questions: Sequence[str],
+    steerings: Sequence[Steering | None],
+    rows: Sequence[tuple[int, int]],
+    systems: Sequence[str | None] | None,
+) -> None:
+    if not questions or not rows:
+        raise ConfigError("no questions to generate for")
+    for g, i in rows:
+        if not (0 <= g < len(steerings) and 0 <= i < len(questions)):
+            raise ConfigError(f"row {(g, i)} is out of range")
+    if systems is not None and len(systems) != len(rows):
+        raise ConfigError(f"{len(systems)} system prompts for {len(rows)} rows")
 
 
 def _row_prompts(

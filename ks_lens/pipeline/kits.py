@@ -1,0 +1,87 @@
+"""The steering artefacts a run trains (:func:`steering_kit`), and labelled texts as a dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from ks_lens.activations import Activations
+from ks_lens.comparison import (
+    LINEAR_PROBE_METHODS,
+    ComparisonConfig,
+    SteeringKit,
+)
+from ks_lens.datasets import (
+    Behaviour,
+    BehaviourDataset,
+    Question,
+)
+from ks_lens.errors import ConfigError
+from ks_lens.gold_texts import (
+    LabelledText,
+)
+from ks_lens.pipeline.config import PipelineConfig
+from ks_lens.probes import ProbeConfig, train_probe, train_probes
+from ks_lens.steering import SteeringVectors
+
+
+def needs_linear_probe(config: ComparisonConfig) -> bool:
+    """Whether a method of ``config`` steers with a linear probe (``ksteer_linear``)."""
+    return any(m.partition("@")[0] in LINEAR_PROBE_METHODS for m in config.methods)
+
+
+def steering_kit(
+    acts: Activations,
+    layer: int,
+    ml_layers: Sequence[int],
+    cfg: PipelineConfig,
+    *,
+    groups: Mapping[str, str] | None = None,
+) -> SteeringKit:
+    """Steering probe and CAA vectors at ``layer`` (and probes at ``ml_layers``) from ``acts``.
+
+    The probe learns every row (multi-label for combined ones); the CAA vectors are mean
+    differences over the single-label rows only. ``groups`` maps row ids to questions, so that
+    validation holds out whole questions. When a method needs one (:func:`needs_linear_probe`),
+    a linear probe (``ProbeConfig(kind="linear")``, otherwise the MLP probe's settings) learns
+    the same rows at ``layer``.
+    """
+    if len(acts) == 0:
+        raise ConfigError("no activations to train the steering probe and vectors on")
+    pcfg = ProbeConfig(seed=cfg.seed)
+    g = None if groups is None else [groups[i] for i in acts.question_ids]
+    base = acts.base_labels
+    single = [i for i, lab in enumerate(acts.labels.tolist()) if 0 <= lab < len(base)]
+    singles = replace(acts.select(single), label_names=base)
+    vectors = SteeringVectors.fit(singles, layer)
+    probes = train_probes(
+        acts, layers=sorted({layer, *ml_layers}), config=pcfg, groups=g, progress=False
+    )
+    linear = (
+        train_probe(acts, layer, config=replace(pcfg, kind="linear"), groups=g)
+        if needs_linear_probe(cfg.comparison)
+        else None
+    )
+    layer_probes = {L: probes[L] for L in ml_layers}
+    return SteeringKit(probes[layer], vectors, layer_probes, linear_probe=linear)
+
+
+def texts_dataset(texts: Sequence[LabelledText], labels: Sequence[str]) -> BehaviourDataset:
+    """Labelled texts as a dataset for ``response-only`` collection: one row per text, its
+    question with the text as a fixed answer, labelled with its (combined) label set."""
+    sets = sorted(
+        {t.labels for t in texts if len(t.labels) > 1},
+        key=lambda ls: (len(ls), [labels.index(x) for x in ls]),
+    )
+    behaviours = tuple(Behaviour(lab, lab) for lab in labels) + tuple(
+        Behaviour("+".join(s), "+".join(s)) for s in sets
+    )
+    for t in texts:
+        if not t.question:
+            raise ConfigError(
+                f"labelled text {t.id!r} has no question; response encoding needs one"
+            )
+    qs = tuple(
+        Question(t.id, t.question or "", label="+".join(t.labels), answer=t.text) for t in texts
+    )
+    return BehaviourDataset("labelled-texts", behaviours, qs)
