@@ -25,7 +25,6 @@ _MOVE = "split in #21 package move"
 EXCEPTIONS: dict[str, tuple[int, str]] = {
     # modules
     "ks_lens/cli.py": (824, _MOVE),
-    "ks_lens/datasets.py": (668, _MOVE),
     # functions
     "ks_lens/activations/capture.py:capture_features": (90, _MOVE),
     "ks_lens/activations/collect.py:_collect_chunk": (105, _MOVE),
