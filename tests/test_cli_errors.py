@@ -201,7 +201,7 @@ def test_unwritable_out(store, tmp_path, capsys, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cli.tempfile, "TemporaryFile", denied)
+    monkeypatch.setattr(cli.common.tempfile, "TemporaryFile", denied)
     assert main(["train", "--acts", str(store), "--out", str(tmp_path / "ro" / "p")]) == 2
     err = capsys.readouterr().err
     assert (

@@ -276,10 +276,10 @@ def test_bad_demo_values_exit_2_with_a_message(argv, message, tmp_path, capsys):
 def test_demo_refuses_before_any_compute(argv, message, tmp_path, capsys, monkeypatch):
     """Issue #22: values that ran (or were ignored) and gave a wrong or no report are refused
     in one message before the model is loaded or anything is written."""
-    import ks_lens.pipeline
+    import ks_lens.pipeline.steps
 
     monkeypatch.setattr(
-        ks_lens.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded")
+        ks_lens.pipeline.steps, "load_model", lambda *a, **k: pytest.fail("the model was loaded")
     )
     out = tmp_path / "o"
     try:

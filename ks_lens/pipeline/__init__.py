@@ -14,7 +14,7 @@ Where things live:
 * :mod:`~ks_lens.pipeline.kits`: :func:`steering_kit` (steering probe, CAA vectors, linear and
   multi-layer probes) and :func:`texts_dataset`;
 * :mod:`~ks_lens.pipeline.setup`: :class:`Setup`, with :meth:`Setup.compare`;
-* :mod:`~ks_lens.pipeline.prepare`: :func:`prepare`, step by step.
+* :mod:`~ks_lens.pipeline.steps`: :func:`prepare`, step by step.
 """
 
 from ks_lens.pipeline.checks import check_held_out, check_question_lengths, check_texts_cover_labels
@@ -30,7 +30,7 @@ from ks_lens.pipeline.config import (
 )
 from ks_lens.pipeline.kits import needs_linear_probe, steering_kit, texts_dataset
 from ks_lens.pipeline.layers import RunLayers, StudyLayers
-from ks_lens.pipeline.prepare import prepare
+from ks_lens.pipeline.steps import prepare
 from ks_lens.pipeline.setup import Setup
 
 __all__ = [
