@@ -136,9 +136,8 @@ def estimate_run(shape: RunShape) -> Estimate:
       plus one batch's forward buffers (``collect_batch x TOKENS_PER_ROW x 4 d_model``);
     * text level: one generation batch's logits with its KV cache, or the scoring pass's logits,
       with the allocator's slack between them (``2 x gen_batch x (new_tokens + 1) x d_vocab``),
-      and one answer's log-probs (``(new_tokens + 1) x d_vocab``); the steered log-probs of the
-      answers waiting for their question to be scored are on disk
-      (:class:`~ks_lens.spill.SpillList`), not in memory.
+      and one answer's log-probs (``(new_tokens + 1) x d_vocab``); a batch's answers are
+      scored right after it is generated, so no steered logits wait beyond one batch.
 
     The time is ``SECONDS_PER_MPARAM`` x millions of parameters x the work of each stage.
     """

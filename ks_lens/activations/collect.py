@@ -257,26 +257,11 @@ def _collect_chunk(
         min(starts[i], len(seqs[i]) - 1) if spec.position == "mean_response" else len(seqs[i]) - 1
         for i in range(len(rows))
     ]
-    # rows encoded with the same system prompt share their first tokens (the chat header and
-    # the instruction): run those once per system prompt and only each row's remainder. The
-    # prefix depends only on the system prompt, so a row's numbers do not depend on the chunk.
     groups: list[tuple[tuple[int, ...], list[int]]] = []
-    whole: list[int] = []
+    whole: list[int] = list(range(len(rows)))
     if share_prefix:
-        by_prefix: dict[tuple[int, ...], list[int]] = {}
-        prefixes: dict[str | None, tuple[int, ...]] = {}
-        for i, system in enumerate(systems):
-            if system not in prefixes:
-                prefixes[system] = system_prefix(tok, system)
-            common = prefixes[system]
-            n = len(common)
-            if n >= MIN_SHARED_PREFIX and first_read[i] >= n and tuple(seqs[i][:n]) == common:
-                by_prefix.setdefault(common, []).append(i)
-            else:
-                whole.append(i)
-        groups = list(by_prefix.items())
-    else:
-        whole = list(range(len(rows)))
+        heads = [tuple(seqs[i][: starts[i]]) for i in range(len(rows))]
+        groups, whole = _prefix_groups(tok, seqs, heads, systems, first_read)
     if whole:
         groups.append(((), whole))
     pad = pad_token_id(tok)
@@ -302,6 +287,39 @@ def _collect_chunk(
         for k, kind in enumerate(spec.hook_kinds)
     }
     return _Chunk(acts, list(rows), texts, answers)
+
+
+def _prefix_groups(
+    tok: Any,
+    seqs: Sequence[Sequence[int]],
+    heads: Sequence[tuple[int, ...]],
+    systems: Sequence[str | None],
+    first_read: Sequence[int],
+) -> tuple[list[tuple[tuple[int, ...], list[int]]], list[int]]:
+    """Rows that start with the same tokens, run once per group (:func:`prefix_cache`), and the
+    rows run whole. Answers re-encoded after one question (``heads[i]``: the chat-formatted
+    question, several rows) share all of it; other rows share what their system prompt
+    starts with (the chat header and the instruction, :func:`system_prefix`). A prefix depends
+    only on its rows' own tokens, so a row's numbers do not depend on the chunk; a prefix must
+    end before the first position a row reads."""
+    count: dict[tuple[int, ...], int] = {}
+    for h in heads:
+        count[h] = count.get(h, 0) + 1
+    by_prefix: dict[tuple[int, ...], list[int]] = {}
+    prefixes: dict[str | None, tuple[int, ...]] = {}
+    whole: list[int] = []
+    for i, system in enumerate(systems):
+        common = heads[i]
+        if count[common] < 2 or len(seqs[i]) == len(common):  # nothing after it to run
+            if system not in prefixes:
+                prefixes[system] = system_prefix(tok, system)
+            common = prefixes[system]
+        n = len(common)
+        if n >= MIN_SHARED_PREFIX and first_read[i] >= n and tuple(seqs[i][:n]) == common:
+            by_prefix.setdefault(common, []).append(i)
+        else:
+            whole.append(i)
+    return list(by_prefix.items()), whole
 
 
 def _chunks(

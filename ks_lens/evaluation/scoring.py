@@ -20,7 +20,6 @@ from ks_lens.hf_path import forward, resume_at
 from ks_lens.hooks import hook_layer
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.probes import Probe
-from ks_lens.spill import SpillList
 from ks_lens.steering.base import Steering
 from ks_lens.steering.positions import Positions
 from ks_lens.types import Model
@@ -155,18 +154,16 @@ def generate_and_score_rows(
     heads = [encode_chat(tok, ChatPrompt(q)) for q in questions]
     prompts = _row_prompts(tok, questions, heads, rows, systems)
     answers: list[list[int]] = [[] for _ in rows]
-    step_logps = SpillList(len(rows))  # steered log-probs wait on disk until scored (spill.py)
+    step_logits: list[torch.Tensor | None] = [None] * len(rows)
     question_of = [i for _, i in rows]
     scorer = _AnswerScorer(
-        model, heads, answers, question_of, step_logps, response_probe, batch_size=batch_size
+        model, heads, answers, question_of, step_logits, response_probe, batch_size=batch_size
     )
-    # each question is scored as soon as all of its answers exist, and its rows' steered
-    # next-token distributions ([steps, vocab] each) are dropped then, so memory holds only the
-    # questions in flight, not every row (the numbers do not depend on when a question is scored)
-    pending: dict[int, list[int]] = {}
-    for r, q in enumerate(question_of):
-        pending.setdefault(q, []).append(r)
-    left = {q: len(rs) for q, rs in pending.items()}
+    # each batch's answers are scored right after it is generated and their steered next-token
+    # logits ([steps, vocab] each, views of the batch's) dropped with it, so memory holds one
+    # batch, not every row; each question's pass is kept until its last answer is scored (the
+    # numbers do not depend on when an answer is scored)
+    left = {q: question_of.count(q) for q in set(question_of)}
     batches = sorted_batches(
         prompts,
         batch_size,
@@ -190,19 +187,20 @@ def generate_and_score_rows(
         for j, r in enumerate(idx):
             answers[r] = res.ids[j]
             steps = len(res.ids[j]) + (1 if res.finished[j] else 0)  # + the end-of-turn step
-            step_logps[r] = torch.log_softmax(res.logits[j, :steps].float(), -1).cpu()
+            step_logits[r] = res.logits[j, :steps] if share_prefix else res.logits[j, :steps].clone()
             if systems is None or systems[r] is None:  # asked as the scoring pass asks
                 scorer.keep_inputs(r, res.layer_inputs, j)
         del res
         if not share_prefix:
             continue
         for q in dict.fromkeys(question_of[r] for r in idx):
-            left[q] -= sum(1 for r in idx if question_of[r] == q)
+            here = [r for r in idx if question_of[r] == q]
+            scorer.question(q, here)
+            left[q] -= len(here)
             if left[q] == 0:
-                scorer.question(q, pending[q])
+                scorer.forget(q)
     scorer.whole(scorer.unshared if share_prefix else range(len(rows)))
     probs, nll, kl, kl_steps = scorer.result()
-    step_logps.close()
     texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
     return GenerationScores(
         texts, answers, probs, nll, kl, kl_steps, [distinct_n(t) for t in texts]
@@ -277,10 +275,10 @@ def _generate_batch(
 
 class _AnswerScorer:
     """Re-encodes answers after their question's tokens under the unsteered model and scores
-    them (see :func:`_score_answers`), one question at a time so that a caller can score each
-    question as soon as all of its answers exist and drop their steered log-probs
-    (``step_logps[r]`` is set to ``None`` once row ``r`` is scored; a list or a
-    :class:`~ks_lens.spill.SpillList`)."""
+    them (see :func:`_score_answers`), a few answers at a time, so that a caller can score each
+    generation batch's answers as soon as they exist and drop their steered next-token logits
+    (``step_logits[r]``, raw logits or log-probs ``[steps, vocab]``, is set to ``None`` once row
+    ``r`` is scored). Each question's cached pass is kept until :meth:`forget`."""
 
     def __init__(
         self,
@@ -288,14 +286,14 @@ class _AnswerScorer:
         heads: Sequence[Sequence[int]],
         answers: Sequence[Sequence[int]],
         question_of: Sequence[int],
-        step_logps: list[torch.Tensor | None] | SpillList,
+        step_logits: list[torch.Tensor | None],
         probe: Probe | None,
         *,
         batch_size: int,
     ) -> None:
         n = len(answers)
         self.model, self.heads, self.answers = model, heads, answers
-        self.question_of, self.step_logps, self.probe = question_of, step_logps, probe
+        self.question_of, self.step_logits, self.probe = question_of, step_logits, probe
         self.batch_size = batch_size
         self.probs = torch.empty(n, probe.n_labels if probe is not None else 0)
         self.nll = [float("nan")] * n
@@ -305,6 +303,7 @@ class _AnswerScorer:
         self.device = model_device(model)
         self.pad = pad_token_id(model.tokenizer)
         self.unshared: list[int] = []  # rows whose question's cache cannot be shared
+        self.passes: dict[int, tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = {}
         # rows whose generation kept the hidden states entering a layer at the answer's tokens
         # (unsteered below it): their scoring pass starts there (keep_inputs)
         self.inputs: dict[int, tuple[int, torch.Tensor]] = {}
@@ -329,12 +328,13 @@ class _AnswerScorer:
         if t:
             target = torch.tensor(list(self.answers[r]))
             self.nll[r] = float(-pred[:t].gather(-1, target[:, None]).mean())
-        steered = self.step_logps[r]
+        steered = self.step_logits[r]
         assert steered is not None
         if len(steered):
+            steered = torch.log_softmax(steered.float(), -1)  # log-probs stay (within rounding)
             self.kl[r] = float(kl_divergence(steered, pred[: len(steered)]).mean())
             self.kl_steps[r] = len(steered)
-        self.step_logps[r] = None  # scored: free the steered distributions
+        self.step_logits[r] = None  # scored: free the steered distributions
 
     def read(self, rows: Sequence[int], x: torch.Tensor) -> None:
         probe = self.probe
@@ -346,12 +346,18 @@ class _AnswerScorer:
             )
 
     def question(self, q: int, rows: Sequence[int]) -> None:
-        """Score ``rows`` (all the answers to question ``q``) after one cached pass of the
-        question; rows of a question whose cache cannot be shared wait for :meth:`whole`."""
+        """Score ``rows`` (answers to question ``q``) after the question's cached pass (run once
+        per question, kept until :meth:`forget`); rows of a question whose cache cannot be
+        shared keep their steered logits (copied) and wait for :meth:`whole`."""
         from ks_lens.activations import prefix_pass
 
-        prefix, last_logits, last_acts = prefix_pass(self.model, self.heads[q], self.names)
+        if q not in self.passes:
+            self.passes[q] = prefix_pass(self.model, self.heads[q], self.names)
+        prefix, last_logits, last_acts = self.passes[q]
         if prefix is None:
+            for r in rows:  # a copy: not a view that keeps the whole generation batch alive
+                logits = self.step_logits[r]
+                self.step_logits[r] = None if logits is None else logits.clone()
             self.unshared.extend(rows)
             return
         first = torch.log_softmax(last_logits.float(), -1).cpu()
@@ -372,6 +378,10 @@ class _AnswerScorer:
                 self._after_prefix(prefix, first, chunk, start)
         for r in rows:
             self.inputs.pop(r, None)
+
+    def forget(self, q: int) -> None:
+        """Drop question ``q``'s cached pass (all of its answers are scored)."""
+        self.passes.pop(q, None)
 
     def _resumed(self, chunk: Sequence[int], start: int, width: int) -> Any:
         """Start the pass at decoder layer ``start`` with the chunk's kept hidden states (right

@@ -30,8 +30,8 @@ from ks_lens.pipeline.config import (
 )
 from ks_lens.pipeline.kits import needs_linear_probe, steering_kit, texts_dataset
 from ks_lens.pipeline.layers import RunLayers, StudyLayers
-from ks_lens.pipeline.steps import prepare
 from ks_lens.pipeline.setup import Setup
+from ks_lens.pipeline.steps import prepare
 
 __all__ = [
     "EVAL_GAP",
