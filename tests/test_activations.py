@@ -474,34 +474,3 @@ def test_store_records_prefix_sharing_and_resumes_across_it(tiny_model, tiny_dat
     assert mixed.complete and mixed.meta["share_prefix"] == "mixed"
     _close(mixed.load().acts["resid_post"], ref)
 
-
-def test_answers_to_one_question_share_the_whole_question(tiny_model, tiny_dataset, monkeypatch):
-    """Response-only rows re-encode several answers after the same chat-formatted question: the
-    question (header included) runs once per question, each row only its answer's tokens."""
-    ds = tiny_dataset.head(2)
-    prefixes: list[int] = []
-    real = collect_module.prefix_cache
-
-    def spy(model, ids, names):
-        prefixes.append(len(ids))
-        return real(model, ids, names)
-
-    monkeypatch.setattr(collect_module, "prefix_cache", spy)
-    acts = collect_activations(
-        tiny_model, ds, mode="response-only", layers=[2], max_new_tokens=4, progress=False
-    )
-    from ks_lens.chat import encode_chat
-
-    tok = tiny_model.tokenizer
-    heads = sorted(len(encode_chat(tok, ChatPrompt(q.text))) for q in ds.questions)
-    assert sorted(prefixes) == heads  # one prefix per question: its whole chat-formatted turn
-    whole = collect_activations(
-        tiny_model,
-        ds,
-        mode="response-only",
-        layers=[2],
-        max_new_tokens=4,
-        progress=False,
-        share_prefix=False,
-    )
-    _close(acts.at(2), whole.at(2))

@@ -26,7 +26,7 @@ EXCEPTIONS: dict[str, tuple[int, str]] = {
     # modules
     # functions
     "ks_lens/activations/capture.py:capture_features": (90, _MOVE),
-    "ks_lens/activations/collect.py:_collect_chunk": (90, _MOVE),
+    "ks_lens/activations/collect.py:_collect_chunk": (89, _MOVE),
     "ks_lens/activations/store.py:collect_to_store": (137, _MOVE),
     "ks_lens/evaluation/readouts.py:readout_groups": (100, _MOVE),
     "ks_lens/evaluation/scoring.py:generate_and_score_rows": (96, _MOVE),
