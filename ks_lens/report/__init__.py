@@ -19,7 +19,7 @@ What lives where (every public name is re-exported here, ``from ks_lens.report i
   stored ``report.json`` (:func:`rerender`).
 """
 
-from ks_lens.report.files import rerender, write_report
+from ks_lens.report.files import read_report, rerender, write_report
 from ks_lens.report.markdown import INSTRUCTED_DEFINITIONS as INSTRUCTED_DEFINITIONS
 from ks_lens.report.markdown import LENS_TEXT as LENS_TEXT
 from ks_lens.report.markdown import (
@@ -58,6 +58,7 @@ __all__ = [
     "markdown_table",
     "plot_combinations",
     "plot_report",
+    "read_report",
     "render_markdown",
     "render_summary",
     "rerender",

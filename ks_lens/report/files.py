@@ -63,15 +63,13 @@ _RESULT_KEYS = frozenset(
 )
 
 
-def rerender(directory: str | Path, *, command: str | None = None) -> dict[str, Path]:
-    """Re-render ``directory/report.{json,md}`` and the figures from its ``report.json``, with
-    summaries, curves and equal-KL rows recomputed from the stored per-question records by this
-    version's code (no model needed). The original run's info is kept; ``rerendered_by``
-    records the command and commit of the re-rendering."""
+def read_report(path: str | Path) -> tuple[ComparisonResult, dict[str, Any]]:
+    """A stored ``report.json``: the comparison (summaries, curves and equal-KL rows recomputed
+    from its per-question records by this version's code) and the run's info (model, command,
+    commit, versions, setup timings...), as :func:`write_report` took them."""
     from ks_lens.io import read_json
 
-    directory = Path(directory)
-    path = directory / "report.json"
+    path = Path(path)
     doc = read_json(path, what="comparison report")
     try:
         result = ComparisonResult.from_json(doc)
@@ -81,6 +79,16 @@ def rerender(directory: str | Path, *, command: str | None = None) -> dict[str, 
         ) from e
     info = {k: v for k, v in doc.items() if k not in _RESULT_KEYS}
     info["timings"] = {k: v for k, v in doc.get("timings", {}).items() if k not in result.timings}
+    return result, info
+
+
+def rerender(directory: str | Path, *, command: str | None = None) -> dict[str, Path]:
+    """Re-render ``directory/report.{json,md}`` and the figures from its ``report.json``, with
+    summaries, curves and equal-KL rows recomputed from the stored per-question records by this
+    version's code (no model needed). The original run's info is kept; ``rerendered_by``
+    records the command and commit of the re-rendering."""
+    directory = Path(directory)
+    result, info = read_report(directory / "report.json")
     info["rerendered_by"] = {
         "command": command or "ks-lens report",
         "commit": git_commit(),
