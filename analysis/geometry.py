@@ -19,7 +19,7 @@ import torch
 from common import StudyOptions, parse, save_figure, start, write_json
 
 from ks_lens.activations import collect_activations
-from ks_lens.analysis.geometry import (
+from ks_lens.analysis.directions import (
     direction_stats,
     label_gradient_geometry,
     multistep_rotation,

@@ -27,7 +27,7 @@ from typing import Any
 from common import StudyOptions, parse, save_figure, start, write_json
 
 from ks_lens.activations import collect_activations
-from ks_lens.analysis.vanishing import (
+from ks_lens.analysis.diagnosis import (
     Diagnosis,
     RemedyRow,
     best_remedy,

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from ks_lens.analysis.geometry import (
+from ks_lens.analysis.diagnosis import (
+    VanishedCase,
+    best_remedy,
+    diagnose,
+    diagnose_cases,
+    remedy_table,
+    vanished_cases,
+)
+from ks_lens.analysis.directions import (
     cosine,
     direction_stats,
     label_gradient_geometry,
@@ -26,14 +34,6 @@ from ks_lens.analysis.sweep import (
     recommend,
     recommend_layer,
     train_evaluators,
-)
-from ks_lens.analysis.vanishing import (
-    VanishedCase,
-    best_remedy,
-    diagnose,
-    diagnose_cases,
-    remedy_table,
-    vanished_cases,
 )
 from ks_lens.comparison import ActivationEvaluation, ComparisonConfig, SummaryRow
 from ks_lens.evaluation import VanishRule

@@ -34,7 +34,7 @@ EXCEPTIONS: dict[str, tuple[int, str]] = {
     "ks_lens/probes/training.py:fit_probes": (105, _MOVE),
     "ks_lens/probes/training.py:train_probes": (90, _MOVE),
     "ks_lens/analysis/sweep.py:layer_sweep": (113, _MOVE),
-    "ks_lens/analysis/vanishing.py:diagnose": (112, _MOVE),
+    "ks_lens/analysis/diagnosis.py:diagnose": (112, _MOVE),
     "ks_lens/comparison/calibration.py:calibrate": (103, _MOVE),
     "ks_lens/comparison/curves.py:trade_off": (93, _MOVE),
     "ks_lens/comparison/merge.py:merge_results": (105, _MOVE),

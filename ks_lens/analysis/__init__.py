@@ -1,10 +1,27 @@
 """Analysis tools: layer sweeps, gradient geometry, vanishing-tone diagnosis, token views.
 
 Functions return plain data (dataclasses, tensors, dict records) for notebooks; the runnable
-studies in the repository's ``analysis/`` folder call them and write JSON, PNG and HTML.
+studies in the repository's ``analysis/`` folder call them and write JSON, PNG and HTML. The
+modules are named for what they hold, not after those studies: :mod:`~ks_lens.analysis.directions`
+(K-Steering step directions against CAA vectors; ``analysis/geometry.py``),
+:mod:`~ks_lens.analysis.diagnosis` (the vanishing-tone diagnosis; ``analysis/vanishing.py``),
+:mod:`~ks_lens.analysis.sweep` and :mod:`~ks_lens.analysis.viz`.
 """
 
-from ks_lens.analysis.geometry import (
+from ks_lens.analysis.diagnosis import (
+    Diagnosis,
+    RemedyRow,
+    RemedyVerdict,
+    TargetDiagnosis,
+    VanishedCase,
+    best_remedy,
+    classify_cause,
+    diagnose,
+    diagnose_cases,
+    remedy_table,
+    vanished_cases,
+)
+from ks_lens.analysis.directions import (
     DirectionStats,
     LabelGeometry,
     Rotation,
@@ -28,19 +45,6 @@ from ks_lens.analysis.sweep import (
     recommend,
     recommend_layer,
     train_evaluators,
-)
-from ks_lens.analysis.vanishing import (
-    Diagnosis,
-    RemedyRow,
-    RemedyVerdict,
-    TargetDiagnosis,
-    VanishedCase,
-    best_remedy,
-    classify_cause,
-    diagnose,
-    diagnose_cases,
-    remedy_table,
-    vanished_cases,
 )
 
 __all__ = [
