@@ -474,3 +474,13 @@ def test_store_records_prefix_sharing_and_resumes_across_it(tiny_model, tiny_dat
     assert mixed.complete and mixed.meta["share_prefix"] == "mixed"
     _close(mixed.load().acts["resid_post"], ref)
 
+
+
+def test_the_removed_positions_alias_names_its_replacement():
+    import ks_lens.activations as acts
+
+    assert acts.POOLINGS == ("last", "mean_response")
+    with pytest.raises(AttributeError, match="renamed POOLINGS"):
+        acts.POSITIONS  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        acts.nope  # noqa: B018

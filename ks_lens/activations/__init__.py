@@ -52,7 +52,6 @@ from ks_lens.activations.collect import (
 from ks_lens.activations.container import (
     MODES,
     POOLINGS,
-    POSITIONS,
     Activations,
     Mode,
     Pooling,
@@ -64,7 +63,6 @@ __all__ = [
     "MIN_SHARED_PREFIX",
     "MODES",
     "POOLINGS",
-    "POSITIONS",
     "STORE_FORMAT",
     "ActivationStore",
     "Activations",
@@ -84,3 +82,14 @@ __all__ = [
     "prefix_pass",
     "system_prefix",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Names removed in 0.2.0 fail with a message saying what replaced them (PEP 562)."""
+    if name == "POSITIONS":
+        raise AttributeError(
+            "ks_lens.activations.POSITIONS was renamed POOLINGS in 0.2.0 (which tokens a "
+            "collection reads); ks_lens.steering.POSITIONS is another thing: which tokens "
+            "steering writes to"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

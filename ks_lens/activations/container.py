@@ -19,7 +19,6 @@ Pooling = Literal["last", "mean_response"]
 MODES: tuple[Mode, ...] = get_args(Mode)
 #: the collection poolings (``position=``): which tokens' activations are read for each row
 POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
-POSITIONS = POOLINGS  # deprecated name (steering.positions.POSITIONS is another concept)
 
 
 @dataclass
