@@ -335,14 +335,13 @@ def score_option_rows(
                 scatter(logprob, idx, _score_batch(model, batch, opts, pad))
                 continue
             groups = [rows[r][0] for r in idx]
-            here = [st if g in set(groups) else None for g, st in enumerate(steerings)]
             # the layers below the lowest steered one, once per distinct question (no hooks yet)
             # (positions 0..n-1 in every row, as the options' pass continues at the cache length)
             pos = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
             prefill = shared_prefill(
                 model,
                 batch,
-                _shared_start(model, here, None),
+                _shared_start(model, steerings, None, groups),
                 position_ids=pos.expand_as(batch.input_ids),
             )
             with steer_groups(model, steerings, groups, positions=positions) as t:

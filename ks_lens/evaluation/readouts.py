@@ -159,12 +159,19 @@ def readout_groups(
 
 
 def _shared_start(
-    model: Model, steerings: Sequence[Steering | None], probe: Probe | None
+    model: Model,
+    steerings: Sequence[Steering | None],
+    probe: Probe | None,
+    groups: Sequence[int] | None = None,
 ) -> int | None:
-    """The lowest decoder layer any of ``steerings`` writes to, when the layers below it can be
-    run once and shared (see :func:`readout_groups`); ``None`` when they cannot."""
+    """The lowest decoder layer any of ``steerings`` writes to (only those a batch uses, when
+    ``groups`` lists each row's index into them), when the layers below it can be run once and
+    shared (see :func:`readout_groups`); ``None`` when they cannot."""
     from ks_lens.steering.base import group_transforms
 
+    if groups is not None:
+        present = set(groups)
+        steerings = [st if g in present else None for g, st in enumerate(steerings)]
     layers = [hook_layer(name) for name in group_transforms(model, steerings)]
     if any(layer is None for layer in layers):
         return None  # a hook point outside the blocks

@@ -257,9 +257,7 @@ def _generate_batch(
     distinct prompt (``share_prefix``; :func:`~ks_lens.generation.shared_prefill`)."""
     from ks_lens.steering.base import steer_groups
 
-    present = set(row_group)
-    here = [st if g in present else None for g, st in enumerate(steerings)]
-    start = _shared_start(model, here, None) if share_prefix else None
+    start = _shared_start(model, steerings, None, row_group) if share_prefix else None
     prefill = shared_prefill(model, batch, start)  # before any hook is installed
     with steer_groups(model, steerings, row_group, positions=positions):
         return generate_from_batch(
