@@ -475,6 +475,7 @@ behaviours = (Behaviour("a", "Be brief."), Behaviour("b", "Be kind."), Behaviour
 ds = BehaviourDataset("scaling", behaviours, tuple(
     Question(f"q{i}", f"Why is {i} so?", "x") for i in range(n_questions)))
 run = RunLayers.of(PipelineConfig(), n_layers)
+gold_layers = sorted({*run.train_store, *run.judge_store})  # both halves of the gold texts
 peak = [0.0]
 stop = threading.Event()
 def sample():
@@ -486,7 +487,7 @@ t = threading.Thread(target=sample, daemon=True)
 t.start()
 t0 = time.perf_counter()
 with tempfile.TemporaryDirectory() as d:
-    store = collect_to_store(model, ds, d + "/s", layers=run.judge_store, batch_size=16, progress=False)
+    store = collect_to_store(model, ds, d + "/s", layers=gold_layers, batch_size=16, progress=False)
     collected = peak_rss_mb()
     acts = store.load(layers=run.steering_probes)
     probes = train_probes(acts, layers=run.steering_probes, config=ProbeConfig(epochs=5), progress=False)
@@ -497,7 +498,7 @@ with tempfile.TemporaryDirectory() as d:
 stop.set()
 t.join()
 print(json.dumps({"n_layers": n_layers, "d_model": d_model, "dtype": dtype, "rows": len(acts),
-    "kept_layers": len(run.judge_store), "weights_mb": weights, "rss_before_model_mb": base,
+    "kept_layers": len(gold_layers), "weights_mb": weights, "rss_before_model_mb": base,
     "rss_with_model_mb": with_model, "peak_rss_mb": max(peak[0], peak_rss_mb()),
     "peak_after_collection_mb": collected, "seconds": time.perf_counter() - t0}))
 """
