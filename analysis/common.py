@@ -2,7 +2,7 @@
 
 A study's options are a :class:`StudyOptions` dataclass (or a subclass with the study's own
 fields): every :class:`~ks_lens.pipeline.PipelineConfig` setting, spelled as in ``ks-lens demo``
-(:mod:`ks_lens.options`), plus ``--fast``, ``--out`` and ``--work``; ``-q``/``-v`` set the
+(:mod:`ks_lens.cli.options`), plus ``--fast``, ``--out`` and ``--work``; ``-q``/``-v`` set the
 logging level.
 """
 
@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 
 import tyro
 
+from ks_lens.cli.options import PipelineOptions, parse_pipeline_options
 from ks_lens.compat import versions
 from ks_lens.errors import ConfigError
 from ks_lens.io import atomic_write_json
 from ks_lens.logs import NORMAL, add_logging_arguments, configure_logging
-from ks_lens.options import PipelineOptions, parse_pipeline_options
 from ks_lens.pipeline import PROBE_SOURCES, PipelineConfig, Setup, prepare
 from ks_lens.utils import machine_info
 

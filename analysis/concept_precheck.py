@@ -29,9 +29,9 @@ from common import StudyOptions, parse, write_json
 from ks_lens.calibration import calibrate_alphas
 from ks_lens.comparison import ComparisonConfig
 from ks_lens.evaluation import generate_and_score_rows
+from ks_lens.evaluation.stats import paired_difference
 from ks_lens.logs import configure_logging
 from ks_lens.pipeline import PipelineConfig, Setup, prepare
-from ks_lens.stats import paired_difference
 from ks_lens.steering import CAA
 from ks_lens.steering.base import SteeringSpec
 from ks_lens.text_evaluator import TextEvaluator

@@ -42,10 +42,10 @@ from ks_lens.comparison import (
     merge_results,
     method_label,
 )
+from ks_lens.evaluation.stats import bootstrap_mean
 from ks_lens.io import atomic_write_json
 from ks_lens.pipeline import Setup
 from ks_lens.report import plot_tradeoff
-from ks_lens.stats import bootstrap_mean
 
 log = logging.getLogger("analysis.steering_levers")
 

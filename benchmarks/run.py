@@ -47,11 +47,11 @@ import torch
 from scipy.stats import linregress
 
 import ks_lens as ks
+from ks_lens._runtime.batching import record_activations
+from ks_lens._runtime.hf_path import hf_modules
 from ks_lens.activations import capture_batch, collect_activations
-from ks_lens.batching import record_activations
 from ks_lens.compat import bridge_cache_diverges, bridge_cache_message, versions
 from ks_lens.datasets import load_dataset, make_splits
-from ks_lens.hf_path import hf_modules
 from ks_lens.hooks import resid_hook
 from ks_lens.logs import add_logging_arguments, configure_logging
 from ks_lens.models import model_device, pad_token_id
@@ -85,7 +85,7 @@ def plain_hf(device: torch.device) -> Any:
     """A second copy of the default model's weights as a plain HF model (no bridge, no hooks)."""
     from transformers import AutoModelForCausalLM
 
-    from ks_lens.packaged_models import ensure_model
+    from ks_lens.models.packaged import ensure_model
 
     return (
         AutoModelForCausalLM.from_pretrained(str(ensure_model("default")), dtype=torch.float32)
@@ -186,8 +186,8 @@ def bench_answer_scoring(
     """Re-encoding generated answers for KL/NLL/response probe: each question's tokens run once
     and its answers after the cached question (``share_prefix``) vs whole rows; 12 answers of
     32 tokens per question, as in the comparison's text level."""
-    from ks_lens.chat import ChatPrompt, encode_chat
     from ks_lens.evaluation.scoring import _score_answers
+    from ks_lens.models.chat import ChatPrompt, encode_chat
 
     tok = model.tokenizer
     heads = [encode_chat(tok, ChatPrompt(q)) for q in prompts]
@@ -340,7 +340,7 @@ def bench_gradients(model: Any, probe: Any, prompts: list[str], repeats: int) ->
 
 def bench_load(cache_root: Path) -> dict[str, Any]:
     """Cached load vs first conversion, each in a fresh subprocess (imports included)."""
-    from ks_lens.packaged_models import DEFAULT_MODEL
+    from ks_lens.models.packaged import DEFAULT_MODEL
 
     wheel = cache_root / "wheels" / DEFAULT_MODEL.parts[0].filename
     code = "import time,ks_lens;t=time.perf_counter();ks_lens.load_model();print(time.perf_counter()-t)"
@@ -460,7 +460,7 @@ from ks_lens.models import boot_bridge
 from ks_lens.pipeline import PipelineConfig, RunLayers
 from ks_lens.probes import ProbeConfig, train_probe, train_probes
 from ks_lens.steering import CAA, SteeringSpec, SteeringVectors
-from ks_lens.tiny import build_tiny_llama
+from ks_lens.models.tiny import build_tiny_llama
 n_layers, d_model, n_questions, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.manual_seed(0)
 warm = boot_bridge(*build_tiny_llama(), "warm-up", device=torch.device("cpu"), dtype=torch.float32)
@@ -700,7 +700,7 @@ def main() -> int:
     if "probes" not in skip:
         results["probe_training"] = bench_probe_training(acts, reps)
     if "load" not in skip:
-        from ks_lens.packaged_models import cache_root
+        from ks_lens.models.packaged import cache_root
 
         results["load"] = bench_load(cache_root())
     if "memory" not in skip:

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 from ks_lens.activations import Activations, collect_activations
 from ks_lens.calibration import calibrate_alpha
-from ks_lens.chat import ChatPrompt, TokenBatch, format_chat, tokenize_chat, tokenize_texts
 from ks_lens.datasets import BehaviourDataset, load_dataset
 from ks_lens.errors import (
     ConfigError,
@@ -65,6 +64,7 @@ from ks_lens.hooks import (
 )
 from ks_lens.logs import configure_logging
 from ks_lens.models import NAMED_MODELS, load_model, model_signature
+from ks_lens.models.chat import ChatPrompt, TokenBatch, format_chat, tokenize_chat, tokenize_texts
 from ks_lens.probes import Probe, ProbeConfig, load_probes, save_probes, train_probe, train_probes
 from ks_lens.steering import (
     CAA,

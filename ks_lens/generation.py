@@ -6,8 +6,8 @@ bridge's Python generation loop, and any steering context active around the call
 first sees the prompt ``[batch, prompt_len, d]``, then ``[batch, 1, d]`` per new token.
 
 By default generation runs the wrapped HF modules themselves and fires only the hook points that
-have hooks (:func:`ks_lens.hf_path.hf_modules`): the same hook names, tensors and greedy tokens,
-without paying for every bridge component; anything it cannot route falls back to the full
+have hooks (:func:`ks_lens._runtime.hf_path.hf_modules`): the same hook names, tensors and greedy
+tokens, without paying for every bridge component; anything it cannot route falls back to the full
 bridge. ``full_bridge=True`` always runs the bridge components.
 """
 
@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ks_lens.batching import scatter, sorted_batches
-from ks_lens.chat import ChatPrompt, TokenBatch, as_prompt_list, check_context, encode_chat
+from ks_lens._runtime.batching import scatter, sorted_batches
+from ks_lens._runtime.hf_path import can_bypass, decoder_layers, hf_modules, layer_input, resume_at
 from ks_lens.compat import cache_keyword, check_bridge_cache
 from ks_lens.errors import ConfigError
-from ks_lens.hf_path import can_bypass, decoder_layers, hf_modules, layer_input, resume_at
 from ks_lens.models import model_device, pad_token_id
+from ks_lens.models.chat import ChatPrompt, TokenBatch, as_prompt_list, check_context, encode_chat
 from ks_lens.types import Model
 from ks_lens.utils import check_int, check_seed
 
@@ -50,7 +50,8 @@ class LayerInputs:
     generation (:func:`generate_from_batch`'s ``record_inputs``): ``hidden[b]`` is ``[tokens,
     d_model]`` for row ``b``'s kept tokens (``BatchGeneration.ids[b]``, in order), or ``None``
     where those are not the positions that ran (a padding id inside the answer was dropped).
-    ``as_tuple``: whether the layer below returns a tuple (for :func:`~ks_lens.hf_path.resume_at`).
+    ``as_tuple``: whether the layer below returns a tuple (for
+    :func:`~ks_lens._runtime.hf_path.resume_at`).
 
     Steering that writes only at ``layer`` or above leaves these equal to the unsteered model's
     on the same tokens (float rounding aside), so a later unsteered pass over the answers can
@@ -192,8 +193,9 @@ def resume_prefill(
     model: Model, batch: TokenBatch, shared: SharedPrefill
 ) -> tuple[Any, torch.Tensor]:
     """The prompt pass of ``batch`` resumed at ``shared.layer`` (from :func:`shared_prefill` for
-    the same batch; steering hooks live, inside a :func:`~ks_lens.hf_path.hf_modules` block that
-    runs the plain modules): the filled KV cache and the next-token logits ``[batch, vocab]``."""
+    the same batch; steering hooks live, inside a :func:`~ks_lens._runtime.hf_path.hf_modules` block
+    that runs the plain modules): the filled KV cache and the next-token logits ``[batch,
+    vocab]``."""
     from transformers import DynamicCache
 
     hf: Any = model.original_model
@@ -407,7 +409,7 @@ def generate(
 
     Args:
         model: a bridge from :func:`ks_lens.load_model`; any active steering context applies.
-        prompts: strings or :class:`~ks_lens.chat.ChatPrompt` (with a system prompt).
+        prompts: strings or :class:`~ks_lens.models.chat.ChatPrompt` (with a system prompt).
         max_new_tokens: at most this many new tokens per prompt.
         do_sample: sample instead of greedy decoding (off by default).
         temperature: sampling temperature.

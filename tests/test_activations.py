@@ -9,8 +9,8 @@ import ks_lens as ks
 from ks_lens import activations as A
 from ks_lens.activations import ActivationStore, collect_activations, collect_to_store
 from ks_lens.activations import collect as collect_module
-from ks_lens.chat import ChatPrompt
 from ks_lens.errors import MetadataMismatchError, StoreError
+from ks_lens.models.chat import ChatPrompt
 
 
 def _alone(model, prompt: ChatPrompt, layer: int, kind="resid_post"):
@@ -233,7 +233,7 @@ def test_fixed_answers_are_re_encoded_not_generated(tiny_model):
     """Labelled texts (gold answers) flow through response-only collection as given answers:
     the activation equals question + answer encoded by hand, and combined labels give multi-hot
     targets over the base labels."""
-    from ks_lens.gold_texts import LabelledText
+    from ks_lens.datasets.gold_texts import LabelledText
     from ks_lens.pipeline import texts_dataset
 
     texts = (

@@ -37,8 +37,8 @@ from ks_lens.analysis.sweep import (
 )
 from ks_lens.comparison import ActivationEvaluation, ComparisonConfig, SummaryRow
 from ks_lens.evaluation import VanishRule
+from ks_lens.evaluation.stats import Interval
 from ks_lens.probes import Probe, ProbeConfig
-from ks_lens.stats import Interval
 from ks_lens.steering import CAA, KSteering, SteeringSpec, SteeringVectors, combine_gradients
 
 LABELS = ("a", "b", "c")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import ks_lens as ks
-from ks_lens.batching import Recording, record_activations, scatter, sorted_batches
-from ks_lens.chat import encode_chat
+from ks_lens._runtime.batching import Recording, record_activations, scatter, sorted_batches
 from ks_lens.errors import ConfigError, HookPointError
 from ks_lens.models import pad_token_id
+from ks_lens.models.chat import encode_chat
 
 SEQS = [[5, 6, 7], [1], [2, 3, 4, 5, 6], [8, 9], [4], [7, 7, 7]]
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ks_lens.capability import (
+from ks_lens.capability.scoring import (
     CapabilityResult,
     MCQuestion,
     check_mc_questions,
@@ -22,10 +22,10 @@ from ks_lens.capability import (
     score_option_rows,
     score_options,
 )
-from ks_lens.chat import ChatPrompt, encode_chat
 from ks_lens.cli import main
 from ks_lens.errors import ConfigError, DatasetError, WrongTypeError
 from ks_lens.models import model_signature
+from ks_lens.models.chat import ChatPrompt, encode_chat
 from ks_lens.steering import CAA, SteeringVectors
 from ks_lens.steering.base import SteeringSpec
 
@@ -245,7 +245,7 @@ def test_shared_rows_equal_one_run_at_a_time(tiny_model, positions, monkeypatch)
     """Many runs in shared batches (each batch row steered by its own configuration, options
     continuing their question's cached row, the layers below the steering run once per distinct
     question of a batch) equal one score_options call per run."""
-    from ks_lens import capability
+    from ks_lens.capability import scoring as capability
 
     resumed: list[int] = []
     real = capability.resume_prefill

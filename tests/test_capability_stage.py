@@ -11,13 +11,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ks_lens.capability import (
+from ks_lens.capability.scoring import (
     MCQuestion,
     evaluate_capability,
     load_mc_questions,
     paired_accuracy_difference,
 )
-from ks_lens.capability_stage import (
+from ks_lens.capability.stage import (
     INSTRUCTED,
     UNSTEERED,
     CapabilityEvaluation,
@@ -29,10 +29,10 @@ from ks_lens.capability_stage import (
     stratified_subset,
 )
 from ks_lens.comparison import ComparisonConfig, ComparisonResult, run_comparison
-from ks_lens.coverage import label_combinations
+from ks_lens.datasets.coverage import label_combinations
 from ks_lens.errors import ConfigError, KsLensError, StoreError, WrongTypeError
+from ks_lens.evaluation.stats import bootstrap_mean
 from ks_lens.probes import ProbeConfig, train_probe
-from ks_lens.stats import bootstrap_mean
 from ks_lens.steering import CAA, KSteering, SteeringVectors
 
 LABELS = ("alpha", "beta", "gamma")  # the tiny_dataset's labels
@@ -347,7 +347,7 @@ def test_bad_capability_settings_are_refused(kw, error, message):
 
 
 def test_capability_stage_off_and_options(tiny_model, tiny_acts, tiny_probe):
-    from ks_lens.demo import config_from_args, parse_demo_options
+    from ks_lens.cli.demo import config_from_args, parse_demo_options
 
     vec = SteeringVectors.fit(tiny_acts, 2)
     res = run_comparison(
@@ -392,8 +392,8 @@ def test_demo_scores_capability_under_the_datasets_instructions(tmp_path):
     instructions joined as the dataset joins combined behaviours."""
     from dataclasses import replace
 
+    from ks_lens.cli.demo import run_demo
     from ks_lens.datasets import load_dataset
-    from ks_lens.demo import run_demo
     from ks_lens.pipeline import PipelineConfig
 
     cfg = PipelineConfig.fast(model="tiny-random-llama", n_gold=24)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ks_lens.cli import main
+from ks_lens.cli.demo import parse_demo_options, print_summary, run_demo
 from ks_lens.compat import versions
-from ks_lens.demo import parse_demo_options, print_summary, run_demo
 from ks_lens.io import artifact_format
 from ks_lens.pipeline import PipelineConfig
 from ks_lens.report import render_summary
@@ -458,7 +458,7 @@ def test_demo_external_questions_are_checked_before_collection(tmp_path, capsys)
     """Questions the probes, evaluators or calibration learn from are not test questions; a
     15,019-token question grew the activation stage to 15 GB: both refused up front."""
     from ks_lens.datasets import load_dataset, make_splits
-    from ks_lens.gold_texts import load_gold_texts
+    from ks_lens.datasets.gold_texts import load_gold_texts
 
     ds = load_dataset("tones")
     calib = ds.subset(make_splits(ds, seed=0).ids("calibration")).head(4).questions[1].text
@@ -500,7 +500,7 @@ def test_report_describes_the_probe_source_that_ran():
     """Every demo report said 'instruction prompts of the train split', whatever ran."""
     from types import SimpleNamespace
 
-    from ks_lens.demo import _evaluator_lines
+    from ks_lens.cli.demo import _evaluator_lines
 
     def lines(**kw):
         cfg = _fast(**kw)

@@ -489,6 +489,6 @@ def test_ctrl_c_during_demo_says_what_was_saved(tmp_path, monkeypatch, capsys):
     )
     assert not any("nothing was saved" in line for line in err)
     # nothing there yet: then nothing was saved
-    from ks_lens.demo import saved_summary
+    from ks_lens.cli.demo import saved_summary
 
     assert saved_summary(tmp_path / "none") == "nothing was saved"

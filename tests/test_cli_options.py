@@ -1,4 +1,4 @@
-"""Command-line options generated from the config dataclasses (ks_lens.options): every field is
+"""Command-line options generated from the config dataclasses (ks_lens.cli.options): every field is
 reachable with its dataclass default, --fast changes defaults only, bad values exit with code 2.
 
 No model is loaded here: these tests only parse."""
@@ -21,10 +21,10 @@ from ks_lens.cli import (
     TrainOptions,
     main,
 )
-from ks_lens.demo import config_from_args, parse_demo_options
+from ks_lens.cli.demo import config_from_args, parse_demo_options
+from ks_lens.cli.options import parse
 from ks_lens.errors import ConfigError
 from ks_lens.models import ModelOptions
-from ks_lens.options import parse
 from ks_lens.pipeline import PipelineConfig
 from ks_lens.probes import ProbeConfig
 

@@ -30,10 +30,10 @@ from ks_lens.comparison import (
     trade_off,
 )
 from ks_lens.comparison.checks import _check_text_records
-from ks_lens.coverage import coverage_counts
+from ks_lens.datasets.coverage import coverage_counts
 from ks_lens.errors import StoreError
+from ks_lens.evaluation.stats import interpolate_at
 from ks_lens.probes import ProbeConfig, train_probe
-from ks_lens.stats import interpolate_at
 from ks_lens.steering import SteeringVectors
 
 

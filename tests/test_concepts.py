@@ -18,8 +18,13 @@ import pytest
 
 from ks_lens.cli import main
 from ks_lens.datasets import family_file, load_dataset, make_splits
+from ks_lens.datasets.gold_texts import (
+    LabelledText,
+    load_gold_texts,
+    normalise_text,
+    split_by_question,
+)
 from ks_lens.errors import DatasetError
-from ks_lens.gold_texts import LabelledText, load_gold_texts, normalise_text, split_by_question
 from ks_lens.text_evaluator import (
     TextEvaluator,
     TextEvaluatorConfig,

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from ks_lens.coverage import coverage_counts, label_combinations, plan_coverage
+from ks_lens.datasets.coverage import coverage_counts, label_combinations, plan_coverage
 
 SIX = ("casual", "concise", "empathetic", "expert", "cautious", "helpful")
 

@@ -194,7 +194,7 @@ def test_reserved_questions_never_land_in_test(tiny_dataset):
 
 
 def test_shipped_tones_reserve_the_gold_questions():
-    from ks_lens.gold_texts import load_gold_texts
+    from ks_lens.datasets.gold_texts import load_gold_texts
 
     ds = load_dataset("tones")
     gold_q = {t.question_id for t in load_gold_texts()}

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from ks_lens.chat import encode_chat
 from ks_lens.comparison import (
     METHODS,
     REFERENCE_METHODS,
@@ -20,6 +19,7 @@ from ks_lens.comparison import (
 from ks_lens.errors import ConfigError, LabelError, MetadataMismatchError
 from ks_lens.evaluation import map_dct_labels
 from ks_lens.models import model_signature
+from ks_lens.models.chat import encode_chat
 from ks_lens.probes import Probe, ProbeConfig, train_probe
 from ks_lens.steering import CAA, SteeringVectors
 from ks_lens.steering.dct import (

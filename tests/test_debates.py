@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from ks_lens.datasets import load_dataset, make_splits
-from ks_lens.gold_texts import load_gold_texts, normalise_text
+from ks_lens.datasets.gold_texts import load_gold_texts, normalise_text
 from ks_lens.text_evaluator import TextEvaluatorConfig, validate_text_evaluator
 
 STYLES = (

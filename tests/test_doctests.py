@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ks_lens as ks
-from ks_lens import style
+from ks_lens.evaluation import style
 from ks_lens.steering import Steerer
 
 #: objects whose docstrings must carry a runnable example

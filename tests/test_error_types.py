@@ -15,19 +15,18 @@ from ks_lens import (
     cli,
     comparison,
     datasets,
-    demo,
-    gold_texts,
     hooks,
     io,
     models,
     pipeline,
     probes,
-    stats,
     steering,
     text_evaluator,
     utils,
 )
 from ks_lens.analysis import sweep
+from ks_lens.cli import demo
+from ks_lens.datasets import gold_texts
 from ks_lens.errors import (
     ConfigError,
     DatasetError,
@@ -39,6 +38,7 @@ from ks_lens.errors import (
     UnknownModelError,
     WrongTypeError,
 )
+from ks_lens.evaluation import stats
 from ks_lens.steering import base as steering_base
 from ks_lens.steering import positions
 
@@ -217,8 +217,8 @@ def test_bad_input_raises_the_specific_error(call, expected, match, tmp_path):
 
 def test_bad_input_with_a_model(tiny_model, tiny_dataset, tiny_acts, tiny_probe):
     from ks_lens.activations import collect_activations
-    from ks_lens.chat import tokenize_texts
     from ks_lens.generation import generate
+    from ks_lens.models.chat import tokenize_texts
     from ks_lens.probes import ProbeConfig, train_probe, train_probes
     from ks_lens.steering import SteeringVectors
 

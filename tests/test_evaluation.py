@@ -223,7 +223,7 @@ def test_shared_lower_layers_equal_full_passes(tiny_model, tiny_acts, tiny_probe
     resumes each configuration there: same probabilities and next-token log-probs as full
     passes, for CAA, K-Steering, a multi-layer method and an unsteered group, with ragged
     batches (5 prompts, batch 4) that mix configurations in one pass."""
-    import ks_lens.hf_path as hf_path
+    import ks_lens._runtime.hf_path as hf_path
     from ks_lens.evaluation import readout_groups
     from ks_lens.steering import KSteering, MultiLayer
 
@@ -286,8 +286,8 @@ def test_answers_scored_after_a_shared_question_equal_whole_rows(tiny_model, tin
     """_score_answers runs each question once and the answers after its cached tokens: the
     response probe, NLL and KL equal whole-row passes, empty answers included, and a row's
     numbers do not depend on the rows batched with it."""
-    from ks_lens.chat import ChatPrompt, encode_chat
     from ks_lens.evaluation.scoring import _score_answers
+    from ks_lens.models.chat import ChatPrompt, encode_chat
 
     tok = tiny_model.tokenizer
     heads = [encode_chat(tok, ChatPrompt(q)) for q in ["Why is the sky blue?", "Hi?"]]

@@ -24,6 +24,7 @@ from ks_lens.errors import (
     MissingDependencyError,
     StoreError,
 )
+from ks_lens.models.tiny import build_tiny_llama
 from ks_lens.steering import (
     CAA,
     ControlVector,
@@ -34,7 +35,6 @@ from ks_lens.steering import (
     export_gguf,
     to_steering_vector,
 )
-from ks_lens.tiny import build_tiny_llama
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "steering.md"
 PROMPT = "How do I boil an egg?"

@@ -161,7 +161,7 @@ def test_plain_hf_modules_give_the_bridge_tokens(tiny_model, tiny_probe, tiny_ac
 def test_plain_hf_modules_route_every_steerable_hook_point(tiny_model):
     """Each block-level hook point fires once per forward under its canonical name with the
     bridge's tensor, and a hook's return value replaces the activation as in the bridge."""
-    from ks_lens.hf_path import hf_modules
+    from ks_lens._runtime.hf_path import hf_modules
 
     batch = ks.tokenize_chat(tiny_model, ["hi?", "a longer question?"])
     hf = tiny_model.original_model
@@ -198,7 +198,7 @@ def test_plain_hf_modules_route_every_steerable_hook_point(tiny_model):
 
 
 def test_plain_hf_modules_fall_back_and_restore(tiny_model):
-    from ks_lens.hf_path import can_bypass, hf_modules
+    from ks_lens._runtime.hf_path import can_bypass, hf_modules
 
     hf = tiny_model.original_model
     before = [(n, type(m).__name__) for n, m in hf.named_modules()]
@@ -226,9 +226,9 @@ def test_plain_hf_modules_fall_back_and_restore(tiny_model):
 
 def _shared_prefill_case(tiny_model, tiny_probe, tiny_acts):
     """Two questions, each answered unsteered, with CAA and with K-Steering in one batch."""
-    from ks_lens.batching import left_pad
-    from ks_lens.chat import ChatPrompt, encode_chat
+    from ks_lens._runtime.batching import left_pad
     from ks_lens.models import pad_token_id
+    from ks_lens.models.chat import ChatPrompt, encode_chat
     from ks_lens.steering import CAA, KSteering, SteeringSpec, SteeringVectors
 
     caa = CAA(SteeringVectors.fit(tiny_acts, 2))
@@ -292,8 +292,8 @@ def test_recorded_layer_inputs_equal_an_unsteered_pass_over_the_answers(
     """record_inputs=L returns, per row, the hidden states that entered decoder layer L at each
     kept new token, the last one included: with steering only at L, they equal an unsteered pass
     of prompt + answer up to layer L (an off-by-one token would not)."""
+    from ks_lens._runtime.hf_path import layer_input
     from ks_lens.generation import generate_from_batch, shared_prefill
-    from ks_lens.hf_path import layer_input
     from ks_lens.steering.base import steer_groups
 
     groups, row_group, batch = _shared_prefill_case(tiny_model, tiny_probe, tiny_acts)
@@ -324,9 +324,9 @@ def test_recorded_layer_inputs_equal_an_unsteered_pass_over_the_answers(
 
 
 def test_record_inputs_is_validated_and_absent_on_the_bridge(tiny_model):
-    from ks_lens.chat import ChatPrompt, encode_chat
     from ks_lens.errors import ConfigError
     from ks_lens.generation import generate_from_batch
+    from ks_lens.models.chat import ChatPrompt, encode_chat
 
     ids = torch.tensor([encode_chat(tiny_model.tokenizer, ChatPrompt("hi?"))])
     batch = ks.chat.TokenBatch(ids, torch.ones_like(ids))

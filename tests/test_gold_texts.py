@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from ks_lens.datasets import load_dataset, make_splits
-from ks_lens.errors import DatasetError
-from ks_lens.gold_texts import (
+from ks_lens.datasets.gold_texts import (
     LabelledText,
     load_gold_texts,
     load_labelled_texts,
@@ -22,6 +21,7 @@ from ks_lens.gold_texts import (
     texts_hash,
     write_labelled_texts,
 )
+from ks_lens.errors import DatasetError
 
 TONES = ("helpful", "expert", "casual", "cautious", "empathetic", "concise")
 

@@ -32,7 +32,7 @@ def test_committed_report_renders_to_the_committed_markdown():
 
 def regenerate() -> None:
     """Run the tiny-model fast demo and keep its report.json and report.md as the golden pair."""
-    from ks_lens.demo import run_demo
+    from ks_lens.cli.demo import run_demo
     from ks_lens.pipeline import PipelineConfig
 
     cfg = PipelineConfig.fast(model="tiny-random-llama", n_gold=24, n_eval=4, n_gen=2)

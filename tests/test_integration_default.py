@@ -16,7 +16,7 @@ import torch
 
 import ks_lens as ks
 from ks_lens.activations import ActivationStore
-from ks_lens.demo import run_demo
+from ks_lens.cli.demo import run_demo
 from ks_lens.pipeline import PipelineConfig
 
 pytestmark = pytest.mark.integration

@@ -41,7 +41,7 @@ EXCEPTIONS: dict[str, tuple[int, str]] = {
     "ks_lens/comparison/run.py:run_comparison": (146, _MOVE),
     "ks_lens/comparison/stages.py:evaluate_text": (91, _MOVE),
     "ks_lens/generation.py:generate": (87, _MOVE),
-    "ks_lens/models.py:load_model": (128, _MOVE),
+    "ks_lens/models/loading.py:load_model": (128, _MOVE),
     "ks_lens/text_evaluator/model.py:TextEvaluator.fit": (93, _MOVE),
 }
 

@@ -290,7 +290,7 @@ def test_a_run_that_does_not_fit_is_refused_with_the_option_that_lowers_it():
 
 
 def test_the_memory_check_can_be_turned_off_on_the_command_line():
-    from ks_lens.demo import parse_demo_options
+    from ks_lens.cli.demo import parse_demo_options
 
     assert parse_demo_options([]).memory_check is True
     assert parse_demo_options(["--no-memory-check"]).memory_check is False

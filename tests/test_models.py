@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import ks_lens as ks
-from ks_lens import packaged_models as pm
 from ks_lens.errors import HookPointError, ModelLoadError, UnknownModelError
 from ks_lens.hooks import (
     check_hook_name,
@@ -17,6 +16,7 @@ from ks_lens.hooks import (
     parse_resid_hook,
     resid_hook,
 )
+from ks_lens.models import packaged as pm
 
 
 def test_tiny_model_shape_and_hooks(tiny_model):
@@ -32,7 +32,7 @@ def test_load_model_leaves_transformerlens_defaults_alone():
     """Plain TL calls on raw text get what TL gives: BOS prepended, trainable parameters."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    from ks_lens.tiny import build_tiny_llama
+    from ks_lens.models.tiny import build_tiny_llama
 
     m = ks.load_model("tiny-random-llama")
     hf, tok = build_tiny_llama()
@@ -386,7 +386,7 @@ def test_same_size_corruption_of_the_cache_is_detected_by_checksum(fake_conversi
 def test_missing_architectures_are_filled_from_the_model_class():
     """GGUF configs lack `architectures`; an unmapped model_type (gemma3_text) then still boots."""
     from ks_lens.models import boot_bridge
-    from ks_lens.tiny import build_tiny_llama
+    from ks_lens.models.tiny import build_tiny_llama
 
     hf, tok = build_tiny_llama()
     hf.config.architectures = None
@@ -398,7 +398,7 @@ def test_missing_architectures_are_filled_from_the_model_class():
 
 def test_plain_prompt_format_without_chat_template(tiny_model):
     """Tokenizers without a chat template get the documented plain format, with one BOS."""
-    from ks_lens.tiny import build_tiny_tokenizer
+    from ks_lens.models.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     tok.chat_template = None
@@ -417,7 +417,7 @@ def test_plain_prompt_format_without_chat_template(tiny_model):
 def test_device_map_is_passed_to_from_pretrained(tmp_path):
     """A checkpoint loads with a Hugging Face device_map (all on the CPU here: no GPU in CI) and
     gives the same logits as a plain load; device and device_map are exclusive."""
-    from ks_lens.tiny import build_tiny_llama
+    from ks_lens.models.tiny import build_tiny_llama
 
     d = tmp_path / "ckpt"
     hf, tok = build_tiny_llama()

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from ks_lens.cli import main
+from ks_lens.cli.demo import DemoOptions, config_from_args, parse_demo_options
+from ks_lens.cli.paper import check_layers, extra_work, sweep_layers
+from ks_lens.cli.presets import PRESETS, Preset, apply_preset, get_preset, preset_in, spell
 from ks_lens.comparison import ComparisonConfig, method_label
-from ks_lens.demo import DemoOptions, config_from_args, parse_demo_options
 from ks_lens.errors import ConfigError
 from ks_lens.memory import RunShape, add_work, comparison_work, dct_readout_rows
-from ks_lens.paper import check_layers, extra_work, sweep_layers
 from ks_lens.pipeline import PipelineConfig
-from ks_lens.presets import PRESETS, Preset, apply_preset, get_preset, preset_in, spell
 from ks_lens.steering.base import SteeringSpec
 from ks_lens.steering.dct import DCT, DCTConfig, DCTSettings, DCTVectors
 
@@ -332,7 +332,7 @@ def test_the_dct_artefact_is_saved_and_loads_back_identically(paper_run, tmp_pat
 
 
 def test_estimate_only_prints_the_estimate_and_computes_nothing(tmp_path, capsys, tiny_model):
-    from ks_lens.demo import SweepPlan, estimate_demo
+    from ks_lens.cli.demo import SweepPlan, estimate_demo
     from ks_lens.memory import SECONDS_PER_MPARAM
 
     out = tmp_path / "o"

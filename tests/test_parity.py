@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import ks_lens as ks
-from ks_lens.batching import record_activations
+from ks_lens._runtime.batching import record_activations
+from ks_lens._runtime.hf_path import plain_forward
 from ks_lens.compat import bridge_cache_diverges
 from ks_lens.errors import VersionError
-from ks_lens.hf_path import forward
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def hf_twin():
     """The default model's weights loaded a second time by plain transformers, fp32."""
     from transformers import AutoModelForCausalLM
 
-    from ks_lens.packaged_models import ensure_model
+    from ks_lens.models.packaged import ensure_model
 
     directory = ensure_model()
     return AutoModelForCausalLM.from_pretrained(
@@ -78,7 +78,7 @@ def test_fast_path_activations_equal_plain_hf_hidden_states(default_model, hf_tw
     n_layers = default_model.cfg.n_layers
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
     with torch.no_grad(), record_activations(default_model, names) as rec:
-        forward(default_model, batch.input_ids, attention_mask=batch.attention_mask)
+        plain_forward(default_model, batch.input_ids, attention_mask=batch.attention_mask)
     with torch.no_grad():
         ref = hf_twin(
             input_ids=batch.input_ids,

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from ks_lens.datasets.gold_texts import LabelledText, load_gold_texts, split_by_question
 from ks_lens.errors import ConfigError
-from ks_lens.gold_texts import LabelledText, load_gold_texts, split_by_question
 from ks_lens.pipeline import PROBE_SOURCES, PipelineConfig, prepare
 
 

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the pipeline's stages: a module may import from its own stage or an earlier one, never a later
 ORDER = (
     "models",
+    "_runtime",
     "generation",
     "datasets",
     "activations",
@@ -26,11 +27,10 @@ ORDER = (
     "calibration",
     "evaluation",
     "text_evaluator",
+    "capability",
     "comparison",
     "pipeline",
     "report",
-    "options",
-    "demo",
     "cli",
 )
 

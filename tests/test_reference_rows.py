@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from ks_lens.chat import ChatPrompt, encode_chat
 from ks_lens.comparison import (
     METHODS,
     REFERENCE_METHODS,
@@ -29,7 +28,7 @@ from ks_lens.comparison import (
 from ks_lens.datasets import load_dataset
 from ks_lens.errors import ConfigError, KsLensError
 from ks_lens.evaluation import generate_and_score_rows, readout
-from ks_lens.instructed import (
+from ks_lens.evaluation.instructed import (
     INSTRUCTED,
     MIN_INSTRUCTED_GAIN,
     check_instructions,
@@ -37,8 +36,9 @@ from ks_lens.instructed import (
     instructed_readout,
     instructed_system,
 )
+from ks_lens.evaluation.stats import interpolate_at
+from ks_lens.models.chat import ChatPrompt, encode_chat
 from ks_lens.probes import ProbeConfig, train_probe
-from ks_lens.stats import interpolate_at
 from ks_lens.steering import KSteering, SteeringVectors
 
 # ----------------------------------------------------------------------------- the prompt

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from ks_lens.stats import (
+from ks_lens.evaluation.stats import (
     ClusteredTest,
     Interval,
     bootstrap_mean,

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ks_lens.style import STYLE_METER_NAMES, StyleMeters, style_matrix, style_meters
+from ks_lens.evaluation.style import STYLE_METER_NAMES, StyleMeters, style_matrix, style_meters
 
 
 def _check(text: str, **expected: float) -> None:

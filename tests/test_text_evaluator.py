@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from sklearn.preprocessing import StandardScaler
 
 from ks_lens import cli
+from ks_lens.datasets.gold_texts import LabelledText, load_gold_texts
 from ks_lens.errors import (
     ConfigError,
     DatasetError,
@@ -24,9 +25,8 @@ from ks_lens.errors import (
     StoreError,
     WrongTypeError,
 )
-from ks_lens.gold_texts import LabelledText, load_gold_texts
+from ks_lens.evaluation.style import STYLE_METER_NAMES, STYLE_VERSION, style_matrix
 from ks_lens.io import META_FILE, TENSORS_FILE, load_artifact, meta_checksum
-from ks_lens.style import STYLE_METER_NAMES, STYLE_VERSION, style_matrix
 from ks_lens.text_evaluator import (
     HeldOutScores,
     TextEvaluator,
@@ -38,7 +38,7 @@ from ks_lens.text_evaluator import (
     prefix_views,
     validate_text_evaluator,
 )
-from ks_lens.text_evaluator_v1 import V1_VOCAB_FILE, v1_checksum
+from ks_lens.text_evaluator.v1 import V1_VOCAB_FILE, v1_checksum
 
 TONES = ("helpful", "expert", "casual", "cautious", "empathetic", "concise")
 
@@ -551,7 +551,7 @@ def test_failed_save_keeps_the_old_evaluator_and_names_the_path(
 
 
 def test_labels_with_commas_or_other_capitals_are_refused(gold, tmp_path, capsys):
-    from ks_lens.gold_texts import load_labelled_texts
+    from ks_lens.datasets.gold_texts import load_labelled_texts
 
     rows = [t.to_json() for t in _question_subset(gold, 8)]
     first_casual = next(i for i, r in enumerate(rows) if "casual" in r["labels"]) + 1
@@ -639,7 +639,7 @@ def test_texts_far_longer_than_the_training_texts_warn(
 
 
 def test_evaluate_text_refuses_empty_files_and_odd_ids(saved, tmp_path, capsys):
-    from ks_lens.gold_texts import load_texts
+    from ks_lens.datasets.gold_texts import load_texts
 
     for name, content in [("empty.jsonl", ""), ("blank.jsonl", "\n   \n\n")]:
         f = tmp_path / name

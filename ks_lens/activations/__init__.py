@@ -38,6 +38,7 @@ written atomically, a rerun resumes after the last complete shard, and loading c
 checksums and refuses a store made for another model.
 """
 
+from ks_lens._runtime.prefix import PrefixCache, prefix_cache, prefix_pass
 from ks_lens.activations.capture import capture_batch, capture_features
 from ks_lens.activations.collect import (
     MIN_SHARED_PREFIX,
@@ -56,7 +57,6 @@ from ks_lens.activations.container import (
     Mode,
     Pooling,
 )
-from ks_lens.activations.prefix import PrefixCache, prefix_cache, prefix_pass
 from ks_lens.activations.store import STORE_FORMAT, ActivationStore, collect_to_store
 
 __all__ = [

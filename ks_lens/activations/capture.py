@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
+from ks_lens._runtime.batching import record_activations
+from ks_lens._runtime.hf_path import plain_forward
+from ks_lens._runtime.prefix import PrefixCache
 from ks_lens.activations.container import POOLINGS, Pooling
-from ks_lens.activations.prefix import PrefixCache
-from ks_lens.batching import record_activations
-from ks_lens.chat import TokenBatch
 from ks_lens.errors import ConfigError, HookPointError
-from ks_lens.hf_path import forward
+from ks_lens.models.chat import TokenBatch
 from ks_lens.types import Model
 
 
@@ -99,7 +99,7 @@ def capture_features(
         torch.no_grad(),
         record_activations(model, hook_names, reduce=summarise, stop=True) as rec,
     ):
-        forward(model, ids, attention_mask=mask, logits_to_keep=-1, **kwargs)
+        plain_forward(model, ids, attention_mask=mask, logits_to_keep=-1, **kwargs)
     if rec.missing:
         raise HookPointError(
             f"hook point(s) {rec.missing} did not fire in a forward pass: this architecture never "

@@ -9,17 +9,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ks_lens._runtime.batching import scatter, sorted_batches
+from ks_lens._runtime.prefix import prefix_cache
 from ks_lens.activations.capture import capture_features
 from ks_lens.activations.container import MODES, POOLINGS, Activations, Mode, Pooling
-from ks_lens.activations.prefix import prefix_cache
-from ks_lens.batching import scatter, sorted_batches
-from ks_lens.chat import (
-    ChatPrompt,
-    TokenBatch,
-    check_context,
-    context_window,
-    encode_chat,
-)
 from ks_lens.datasets import BehaviourDataset
 from ks_lens.errors import ConfigError, DatasetError, HookPointError
 from ks_lens.generation import generate_from_batch
@@ -37,6 +30,13 @@ from ks_lens.models import (
     model_numerics,
     model_signature,
     pad_token_id,
+)
+from ks_lens.models.chat import (
+    ChatPrompt,
+    TokenBatch,
+    check_context,
+    context_window,
+    encode_chat,
 )
 from ks_lens.types import Model
 from ks_lens.utils import check_int, check_seed

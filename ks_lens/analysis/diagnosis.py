@@ -41,8 +41,7 @@ from jaxtyping import Float
 from ks_lens.comparison import ActivationEvaluation, method_label
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation import VanishRule
-from ks_lens.probes import Probe
-from ks_lens.stats import (
+from ks_lens.evaluation.stats import (
     ClusteredTest,
     Interval,
     McNemar,
@@ -51,6 +50,7 @@ from ks_lens.stats import (
     mcnemar,
     paired_difference,
 )
+from ks_lens.probes import Probe
 from ks_lens.steering import CAA, KSteering, Steerer, SteeringSpec
 from ks_lens.steering.ksteer import probe_gradients
 
@@ -391,7 +391,7 @@ class RemedyRow:
     ``target_prob_diff``: the same for the mean target probability; ``vanish_cluster_test``:
     the vanished cells against the reference's, clustered by question (each question's share
     difference is one unit; sign-flip permutation p-value,
-    :func:`~ks_lens.stats.clustered_paired_test`);
+    :func:`~ks_lens.evaluation.stats.clustered_paired_test`);
     ``vanish_test``: McNemar's test over the cells (kept for old outputs; it treats a question's
     combinations as independent and overstates significance). ``calibrated_kl``: the KL the
     method's alpha was calibrated to.

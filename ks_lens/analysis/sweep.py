@@ -44,9 +44,9 @@ from ks_lens.comparison import (
     uses_dct,
 )
 from ks_lens.errors import ConfigError
+from ks_lens.evaluation.stats import Interval
 from ks_lens.logs import quieted
 from ks_lens.probes import Probe, ProbeConfig, train_probes
-from ks_lens.stats import Interval
 from ks_lens.steering import SteeringVectors
 from ks_lens.types import Model
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 
-from ks_lens.batching import record_activations
-from ks_lens.chat import ChatPrompt, encode_chat
+from ks_lens._runtime.batching import record_activations
 from ks_lens.io import atomic_write_bytes
 from ks_lens.models import model_device
+from ks_lens.models.chat import ChatPrompt, encode_chat
 from ks_lens.probes import Probe
 from ks_lens.types import Model
 

@@ -3,7 +3,7 @@
 
 Each subcommand is a thin shell over the library; run ``ks-lens SUBCOMMAND --help``. Its
 options are the fields of one dataclass (``CollectOptions``, ``TrainOptions``, ...), read by
-:mod:`ks_lens.options`: shared settings come from the library's own dataclasses
+:mod:`ks_lens.cli.options`: shared settings come from the library's own dataclasses
 (:class:`~ks_lens.models.ModelOptions` for ``--model/--device/--dtype``,
 :class:`~ks_lens.probes.ProbeConfig` for the probe options of ``train``,
 :class:`~ks_lens.pipeline.PipelineConfig` for ``demo``), and choices from its ``Literal`` types.
@@ -16,8 +16,8 @@ What lives where (the options dataclasses and ``cmd_*`` functions are re-exporte
 * :mod:`ks_lens.cli.steer`: ``steer``.
 * :mod:`ks_lens.cli.capability`: ``capability``.
 * :mod:`ks_lens.cli.texts`: ``report``, ``evaluate-text`` and ``train-text-evaluator``.
-* :mod:`ks_lens.demo`: ``demo`` (:class:`~ks_lens.demo.DemoOptions`,
-  :func:`~ks_lens.demo.cmd_demo`).
+* :mod:`ks_lens.cli.demo`: ``demo`` (:class:`~ks_lens.cli.demo.DemoOptions`,
+  :func:`~ks_lens.cli.demo.cmd_demo`).
 * :mod:`ks_lens.cli.common`: what the commands share (the model options, the ``--out`` check).
 * here: the top level, :func:`build_parser` and :func:`main` (the ``ks-lens`` entry point;
   ``python -m ks_lens.cli`` runs it too).
@@ -41,7 +41,9 @@ from ks_lens.cli.collect import (
     cmd_vectors,
 )
 from ks_lens.cli.common import Model, _describe_os_error
+from ks_lens.cli.demo import DemoOptions, cmd_demo, parse_demo_options
 from ks_lens.cli.info import InfoOptions, ModelsOptions, cmd_info, cmd_models
+from ks_lens.cli.options import parse
 from ks_lens.cli.steer import SteerOptions, cmd_steer
 from ks_lens.cli.texts import (
     EvaluateTextOptions,
@@ -51,10 +53,8 @@ from ks_lens.cli.texts import (
     cmd_report,
     cmd_train_text_evaluator,
 )
-from ks_lens.demo import DemoOptions, cmd_demo, parse_demo_options
 from ks_lens.errors import Interrupted, KsLensError
 from ks_lens.logs import add_logging_arguments, configure_logging
-from ks_lens.options import parse
 
 __all__ = [
     "CapabilityOptions",

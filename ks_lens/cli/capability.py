@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ks_lens.capability import Rule
+from ks_lens.capability.scoring import Rule
 from ks_lens.cli.common import Model
 from ks_lens.errors import ConfigError, Interrupted
 from ks_lens.models import ModelOptions
@@ -113,8 +113,8 @@ def _capability_label(
 
 
 def cmd_capability(o: CapabilityOptions) -> int:
-    from ks_lens.capability import evaluate_capability, load_mc_questions
-    from ks_lens.capability import paired_accuracy_difference as paired
+    from ks_lens.capability.scoring import evaluate_capability, load_mc_questions
+    from ks_lens.capability.scoring import paired_accuracy_difference as paired
     from ks_lens.compat import versions
     from ks_lens.io import atomic_write_json
     from ks_lens.utils import git_commit

@@ -13,11 +13,11 @@ import tyro
 
 from ks_lens.activations import Mode, Pooling
 from ks_lens.cli.common import Model, _check_out
+from ks_lens.cli.options import Layers, one_of
 from ks_lens.datasets import SPLITS
 from ks_lens.errors import Interrupted, KsLensError
 from ks_lens.hooks import HOOK_KINDS
 from ks_lens.models import ModelOptions
-from ks_lens.options import Layers, one_of
 from ks_lens.probes import ProbeConfig
 from ks_lens.steering.caa import VectorMethod
 

@@ -22,7 +22,7 @@ class InfoOptions:
 
 def cmd_info(o: InfoOptions) -> int:
     from ks_lens.compat import versions
-    from ks_lens.packaged_models import cache_root
+    from ks_lens.models.packaged import cache_root
     from ks_lens.utils import machine_info, package_version
 
     print(f"ks-lens {package_version()}")  # ks_lens.__version__ (only ks_lens.cli imports the root)
@@ -33,9 +33,9 @@ def cmd_info(o: InfoOptions) -> int:
     print(f"  {'cache':17s} {cache_root()}")
     if not o.model.model:
         return 0
-    from ks_lens.chat import ChatPrompt, tokenize_chat
     from ks_lens.generation import generate
     from ks_lens.models import model_signature
+    from ks_lens.models.chat import ChatPrompt, tokenize_chat
 
     t0 = time.perf_counter()
     model = o.model.load()

@@ -70,8 +70,8 @@ def _flag(name: str) -> str:
 def cmd_steer(o: SteerOptions) -> int:
     import textwrap
 
-    from ks_lens.chat import ChatPrompt
     from ks_lens.generation import generate
+    from ks_lens.models.chat import ChatPrompt
     from ks_lens.probes import load_probe_any
     from ks_lens.steering import Steerer, SteeringVectors
 

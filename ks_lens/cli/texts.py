@@ -45,8 +45,8 @@ class EvaluateTextOptions:
 def cmd_evaluate_text(o: EvaluateTextOptions) -> int:
     import json
 
-    from ks_lens.gold_texts import load_texts
-    from ks_lens.style import style_meters
+    from ks_lens.datasets.gold_texts import load_texts
+    from ks_lens.evaluation.style import style_meters
     from ks_lens.text_evaluator import LongTextWarning, TextEvaluator, default_text_evaluator
 
     rows = load_texts(o.texts)
@@ -94,7 +94,11 @@ def cmd_train_text_evaluator(o: TrainTextEvaluatorOptions) -> int:
     import dataclasses
 
     from ks_lens.datasets import load_dataset
-    from ks_lens.gold_texts import check_label_options, load_gold_texts, load_labelled_texts
+    from ks_lens.datasets.gold_texts import (
+        check_label_options,
+        load_gold_texts,
+        load_labelled_texts,
+    )
     from ks_lens.text_evaluator import TextEvaluator, TextEvaluatorConfig, validate_text_evaluator
 
     out = _check_out(

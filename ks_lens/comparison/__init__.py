@@ -6,7 +6,7 @@ Four stages, each a function, each returning typed records:
    activation level, and which (question, combination) *cells* are calibrated on and answered
    in text. Every question gets combinations of every size, rotating so that each combination
    is used about equally often (``text_coverage="all-combinations"``: every combination on at
-   least ``min_questions_per_combination`` questions, :mod:`ks_lens.coverage`).
+   least ``min_questions_per_combination`` questions, :mod:`ks_lens.datasets.coverage`).
 2. :func:`calibrate` -> per method and number of targets, the largest alpha whose greedy answers
    to the **calibration** questions stay within a KL budget (nats per token) with at most
    ``max_degenerate_rate`` degenerate answers.
@@ -21,16 +21,16 @@ Four stages, each a function, each returning typed records:
    at **equal measured KL** (interpolated along the curves).
 
 :func:`run_comparison` chains them into a :class:`ComparisonResult`. Every mean comes with a
-bootstrap interval over questions (:mod:`ks_lens.stats`), every method is compared with the
-baseline (``caa_mean``) by a paired interval, and target probabilities and vanishing by paired
-tests clustered by question (a question's cells are one unit: bootstrap interval and sign-flip
-permutation test over questions).
+bootstrap interval over questions (:mod:`ks_lens.evaluation.stats`), every method is compared
+with the baseline (``caa_mean``) by a paired interval, and target probabilities and vanishing by
+paired tests clustered by question (a question's cells are one unit: bootstrap interval and
+sign-flip permutation test over questions).
 
 Methods are looked up by name in :data:`METHODS`; the reference set is ``caa_mean``,
 ``caa_sum``, ``ksteer``, ``ksteer_precond`` (the step in the probe's input geometry, chosen on
 validation questions over the raw step) and ``ksteer_linear`` (K-Steering with a linear
 probe). Beside them, ``ComparisonConfig.instructed`` adds the ``instructed`` reference row: the
-model asked for the targets by system prompt, no steering (:mod:`ks_lens.instructed`).
+model asked for the targets by system prompt, no steering (:mod:`ks_lens.evaluation.instructed`).
 """
 
 from ks_lens.comparison.calibration import build_methods, calibrate
@@ -61,8 +61,8 @@ from ks_lens.comparison.run import fit_comparison_dct, run_comparison, uses_dct
 from ks_lens.comparison.stages import evaluate_activations, evaluate_text
 from ks_lens.comparison.summary import normalised_gain as normalised_gain  # public, not in __all__
 from ks_lens.comparison.summary import summarise_activations, summarise_combinations, summarise_text
-from ks_lens.coverage import label_combinations
-from ks_lens.instructed import INSTRUCTED
+from ks_lens.datasets.coverage import label_combinations
+from ks_lens.evaluation.instructed import INSTRUCTED
 from ks_lens.steering.registry import (
     LINEAR_PROBE_METHODS,
     METHODS,

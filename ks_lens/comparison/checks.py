@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 
 from ks_lens.calibration import Calibration
-from ks_lens.capability_stage import CapabilityEvaluation, check_capability
+from ks_lens.capability.stage import CapabilityEvaluation, check_capability
 from ks_lens.comparison.config import ComparisonConfig
 from ks_lens.comparison.plan import ComparisonPlan
 from ks_lens.comparison.records import ActivationEvaluation, TextEvaluation
 from ks_lens.errors import StoreError
-from ks_lens.instructed import INSTRUCTED
+from ks_lens.evaluation.instructed import INSTRUCTED
 
 
 def _check_probs(values: Any, k: int, what: str) -> None:

@@ -9,10 +9,10 @@ from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
-from ks_lens.coverage import label_combinations
+from ks_lens.datasets.coverage import label_combinations
 from ks_lens.errors import ConfigError, WrongTypeError
 from ks_lens.evaluation import CALIBRATION_METRICS, CalibrationMetric, DegenerateRule, VanishRule
-from ks_lens.instructed import INSTRUCTED, INSTRUCTED_DESCRIPTION, INSTRUCTED_LABEL
+from ks_lens.evaluation.instructed import INSTRUCTED, INSTRUCTED_DESCRIPTION, INSTRUCTED_LABEL
 from ks_lens.steering.dct import DCTSettings
 from ks_lens.steering.positions import Positions
 from ks_lens.steering.registry import METHODS, REFERENCE_METHODS
@@ -72,7 +72,7 @@ TEXT_COVERAGES: tuple[TextCoverage, ...] = get_args(TextCoverage)
                       are never answered);
 ``all-combinations``  every combination of each size on at least
                       ``min_questions_per_combination`` test questions, balanced over questions
-                      and combinations (:func:`ks_lens.coverage.plan_coverage`), with a
+                      and combinations (:func:`ks_lens.datasets.coverage.plan_coverage`), with a
                       per-combination table and heatmap in the report.
 """
 

@@ -11,8 +11,8 @@ import numpy as np
 from ks_lens.comparison.config import ComparisonConfig
 from ks_lens.comparison.records import CurvePoint, EqualKL, TextEvaluation
 from ks_lens.comparison.summary import _per_question, _text_cells, curve_cells
-from ks_lens.instructed import INSTRUCTED, instructed_fraction
-from ks_lens.stats import bootstrap_mean, bootstrap_statistic, interpolate_at
+from ks_lens.evaluation.instructed import INSTRUCTED, instructed_fraction
+from ks_lens.evaluation.stats import bootstrap_mean, bootstrap_statistic, interpolate_at
 
 
 def _at_level(

@@ -7,12 +7,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from ks_lens.capability_stage import merge_capability
+from ks_lens.capability.stage import merge_capability
 from ks_lens.comparison.config import ComparisonConfig
 from ks_lens.comparison.records import ActivationEvaluation
 from ks_lens.comparison.result import ComparisonResult, derived_rows
 from ks_lens.errors import ConfigError
-from ks_lens.instructed import INSTRUCTED
+from ks_lens.evaluation.instructed import INSTRUCTED
 
 
 def _check_instructed_runs(runs: Mapping[str, ComparisonResult]) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ks_lens.comparison.config import ComparisonConfig, spread
-from ks_lens.coverage import label_combinations, plan_coverage
+from ks_lens.datasets.coverage import label_combinations, plan_coverage
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ks_lens.comparison.plan import Cell
-from ks_lens.stats import ClusteredTest, Interval, McNemar
+from ks_lens.evaluation.stats import ClusteredTest, Interval, McNemar
 
 
 @dataclass
@@ -21,14 +21,14 @@ class SummaryRow:
     cells). ``diff_vs_baseline`` is the paired difference of ``target_prob`` against the
     baseline method; ``diff_test`` and ``vanish_cluster_test`` compare the target probability
     and the vanished cells with the baseline's on the same cells, clustered by question
-    (:func:`~ks_lens.stats.clustered_paired_test`: each question's mean paired difference is
-    one unit; bootstrap interval and sign-flip permutation p-value). ``vanish_test`` is McNemar's
-    test over the cells, kept for old reports: it treats a question's cells as independent and
-    overstates significance; the report uses ``vanish_cluster_test``.
+    (:func:`~ks_lens.evaluation.stats.clustered_paired_test`: each question's mean paired
+    difference is one unit; bootstrap interval and sign-flip permutation p-value). ``vanish_test``
+    is McNemar's test over the cells, kept for old reports: it treats a question's cells as
+    independent and overstates significance; the report uses ``vanish_cluster_test``.
 
     ``instructed_fraction``: the method's gain over unsteered as a share of the ``instructed``
-    row's gain on the same cells (:func:`~ks_lens.instructed.instructed_fraction`); ``None`` with
-    ``instructed_note`` saying why when the instructed gain is not clearly positive.
+    row's gain on the same cells (:func:`~ks_lens.evaluation.instructed.instructed_fraction`);
+    ``None`` with ``instructed_note`` saying why when the instructed gain is not clearly positive.
     """
 
     lens: str

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ks_lens.calibration import Calibration
-from ks_lens.capability_stage import CapabilityEvaluation, CapabilityRow
+from ks_lens.capability.stage import CapabilityEvaluation, CapabilityRow
 from ks_lens.comparison.checks import check_records
 from ks_lens.comparison.config import ComparisonConfig, method_description, method_label
 from ks_lens.comparison.curves import trade_off
@@ -21,7 +21,7 @@ from ks_lens.comparison.records import (
 )
 from ks_lens.comparison.summary import summarise_activations, summarise_text
 from ks_lens.errors import KsLensError, StoreError
-from ks_lens.instructed import INSTRUCTED
+from ks_lens.evaluation.instructed import INSTRUCTED
 
 
 def derived_rows(

@@ -7,16 +7,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from ks_lens.capability_stage import evaluate_capability_stage
+from ks_lens.capability.stage import evaluate_capability_stage
 from ks_lens.comparison.calibration import build_methods, calibrate
 from ks_lens.comparison.config import ComparisonConfig, TextScorer
 from ks_lens.comparison.plan import ComparisonPlan, plan_comparison
 from ks_lens.comparison.result import ComparisonResult, derived_rows
 from ks_lens.comparison.stages import _instructed_systems, evaluate_activations, evaluate_text
-from ks_lens.coverage import label_combinations
+from ks_lens.datasets.coverage import label_combinations
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation import map_dct_labels
-from ks_lens.instructed import instructed_system
+from ks_lens.evaluation.instructed import instructed_system
 from ks_lens.memory import record_memory
 from ks_lens.probes import Probe
 from ks_lens.steering import SteeringVectors
@@ -102,7 +102,7 @@ def run_comparison(
     """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
     ``text_questions``, default the same), measure capability (``capability_questions`` > 0;
     with ``capability_instructed`` and ``instructions`` given, also under the system prompt that
-    asks for each combination, :func:`~ks_lens.instructed.instructed_system`) and
+    asks for each combination, :func:`~ks_lens.evaluation.instructed.instructed_system`) and
     summarise.
 
     With the ``dct`` method and no mapped ``dct`` vectors given, they are learned and mapped by

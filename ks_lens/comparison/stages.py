@@ -11,11 +11,16 @@ from ks_lens.comparison.plan import ComparisonPlan
 from ks_lens.comparison.records import ActivationEvaluation, Answer, TextEvaluation
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation import GenerationScores, generate_and_score_rows, readout, readout_groups
-from ks_lens.instructed import INSTRUCTED, check_instructions, instructed_readout, instructed_system
+from ks_lens.evaluation.instructed import (
+    INSTRUCTED,
+    check_instructions,
+    instructed_readout,
+    instructed_system,
+)
+from ks_lens.evaluation.style import style_meters
 from ks_lens.probes import Probe
 from ks_lens.steering import Steerer, SteeringSpec
 from ks_lens.steering.base import Steering
-from ks_lens.style import style_meters
 from ks_lens.types import Model
 
 
@@ -34,7 +39,7 @@ def evaluate_activations(
     """Steer every test question toward every planned combination (each method at its
     calibrated alpha) and read the held-out evaluator in the same forward pass; with
     ``config.instructed``, also read it on every question asked for every combination by system
-    prompt (``instructions``: label -> instruction, see :mod:`ks_lens.instructed`)."""
+    prompt (``instructions``: label -> instruction, see :mod:`ks_lens.evaluation.instructed`)."""
     systems = _instructed_systems(config, instructions, plan, plan.act_combos)
     base = readout(model, questions, probe=evaluator, batch_size=config.batch_size).probs
     names = list(methods)
@@ -105,7 +110,7 @@ def evaluate_text(
 ) -> TextEvaluation:
     """Answer the questions unsteered, each cell with every method at its alpha (the curve cells,
     :meth:`ComparisonPlan.curve_cells`, times each of ``curve_factors``) and, with ``instructed``,
-    under the system prompt asking for its targets (``instructions``; :mod:`ks_lens.instructed`).
+    under the targets' system prompt (``instructions``; :mod:`ks_lens.evaluation.instructed`).
 
     All rows share generation batches. Each answer (instructed ones too) is re-encoded after its
     question without instruction under the unsteered model (KL per token along the answer,

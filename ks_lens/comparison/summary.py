@@ -17,8 +17,13 @@ from ks_lens.comparison.records import (
     TextEvaluation,
 )
 from ks_lens.errors import ConfigError
-from ks_lens.instructed import INSTRUCTED, instructed_fraction
-from ks_lens.stats import bootstrap_mean, clustered_paired_test, mcnemar, paired_difference
+from ks_lens.evaluation.instructed import INSTRUCTED, instructed_fraction
+from ks_lens.evaluation.stats import (
+    bootstrap_mean,
+    clustered_paired_test,
+    mcnemar,
+    paired_difference,
+)
 
 
 @dataclass

@@ -25,7 +25,7 @@ class Question:
     """A tone-neutral question. ``label`` (optional) pins it to one behaviour only.
 
     ``answer`` (optional) is a fixed answer text: the response collection modes re-encode it
-    instead of generating one (e.g. gold tone texts, see :mod:`ks_lens.gold_texts`).
+    instead of generating one (e.g. gold tone texts, see :mod:`ks_lens.datasets.gold_texts`).
     """
 
     id: str

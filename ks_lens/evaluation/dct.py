@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ks_lens.chat import ChatPrompt
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation.readouts import readout_groups
+from ks_lens.models.chat import ChatPrompt
 from ks_lens.probes import Probe
 from ks_lens.steering.base import SteeringSpec
 from ks_lens.steering.caa import CAA, SteeringVectors

@@ -6,9 +6,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
-from ks_lens.chat import ChatPrompt
 from ks_lens.evaluation.readouts import Readout, kl_divergence, readout, readout_groups
 from ks_lens.evaluation.scoring import generate_and_score_groups
+from ks_lens.models.chat import ChatPrompt
 from ks_lens.steering.base import Steerer, Steering, SteeringSpec
 from ks_lens.steering.positions import Positions
 from ks_lens.types import Model

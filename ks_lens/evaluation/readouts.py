@@ -10,12 +10,18 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from ks_lens.batching import record_activations, scatter, sorted_batches
-from ks_lens.chat import ChatPrompt, TokenBatch, check_context, encode_chat
+from ks_lens._runtime.batching import record_activations, scatter, sorted_batches
+from ks_lens._runtime.hf_path import (
+    can_bypass,
+    decoder_layers,
+    layer_input,
+    plain_forward,
+    resume_at,
+)
 from ks_lens.errors import ConfigError
-from ks_lens.hf_path import can_bypass, decoder_layers, forward, layer_input, resume_at
 from ks_lens.hooks import hook_layer
 from ks_lens.models import model_device, pad_token_id
+from ks_lens.models.chat import ChatPrompt, TokenBatch, check_context, encode_chat
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steering
 from ks_lens.steering.positions import Positions
@@ -74,9 +80,9 @@ def readout_groups(
 
     With ``share_lower_layers`` (default) the layers below the lowest steered layer, which
     every configuration leaves unchanged, run once per batch of prompts; each configuration's
-    pass resumes there (:func:`~ks_lens.hf_path.resume_at`). With 4 methods steering layer 18
-    and an evaluator at layer 22, a steered row then costs 5 decoder layers instead of 23. The
-    numbers equal separate full passes up to float rounding (tested); it falls back to full
+    pass resumes there (:func:`~ks_lens._runtime.hf_path.resume_at`). With 4 methods steering
+    layer 18 and an evaluator at layer 22, a steered row then costs 5 decoder layers instead of 23.
+    The numbers equal separate full passes up to float rounding (tested); it falls back to full
     passes where the plain HF modules cannot run or a hook point is outside the blocks.
     """
     from ks_lens.steering.base import steer_groups
@@ -111,12 +117,12 @@ def readout_groups(
             record_activations(model, names, last_token=True, stop=not next_token) as rec,
         ):
             if resume is None:
-                logits = forward(
+                logits = plain_forward(
                     model, batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1
                 )
             else:
                 with resume_at(model, start or 0, *resume):
-                    logits = forward(
+                    logits = plain_forward(
                         model,
                         batch.input_ids,
                         attention_mask=batch.attention_mask,

@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from ks_lens.batching import record_activations, scatter, sorted_batches
-from ks_lens.chat import ChatPrompt, TokenBatch, encode_chat
+from ks_lens._runtime.batching import record_activations, scatter, sorted_batches
+from ks_lens._runtime.hf_path import plain_forward, resume_at
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation.readouts import _shared_start, kl_divergence
 from ks_lens.generation import BatchGeneration, LayerInputs, generate_from_batch, shared_prefill
-from ks_lens.hf_path import forward, resume_at
 from ks_lens.hooks import hook_layer
 from ks_lens.models import model_device, pad_token_id
+from ks_lens.models.chat import ChatPrompt, TokenBatch, encode_chat
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steering
 from ks_lens.steering.positions import Positions
@@ -415,7 +415,7 @@ class _AnswerScorer:
             record_activations(self.model, self.names, reduce=at_last) as rec,
             self._resumed(chunk, start, width),
         ):
-            logits = forward(
+            logits = plain_forward(
                 self.model,
                 ids.to(device),
                 attention_mask=mask.to(device),
@@ -444,7 +444,7 @@ class _AnswerScorer:
                 torch.no_grad(),
                 record_activations(self.model, self.names, last_token=True) as rec,
             ):
-                logits = forward(
+                logits = plain_forward(
                     self.model,
                     batch.input_ids,
                     attention_mask=batch.attention_mask,

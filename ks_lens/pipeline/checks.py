@@ -6,17 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ks_lens.chat import check_context, encode_chat
 from ks_lens.datasets import (
     BehaviourDataset,
     Question,
     Splits,
 )
-from ks_lens.errors import DatasetError
-from ks_lens.gold_texts import (
+from ks_lens.datasets.gold_texts import (
     LabelledText,
     normalise_text,
 )
+from ks_lens.errors import DatasetError
+from ks_lens.models.chat import check_context, encode_chat
 from ks_lens.pipeline.config import PipelineConfig
 from ks_lens.types import Model
 

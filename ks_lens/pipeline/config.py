@@ -36,7 +36,7 @@ class PipelineConfig(ModelOptions):
     sizes of each stage, and the comparison's settings (``comparison``).
 
     The defaults are the full demo run; :meth:`fast` is a one-minute smoke run. ``ks-lens demo``
-    and the studies in ``analysis/`` take every field as an option (:mod:`ks_lens.options`).
+    and the studies in ``analysis/`` take every field as an option (:mod:`ks_lens.cli.options`).
     """
 
     dataset: str = "tones"  # a shipped family (tones, concepts, debates) or a behaviours JSON

@@ -16,10 +16,10 @@ from ks_lens.datasets import (
     BehaviourDataset,
     Question,
 )
-from ks_lens.errors import ConfigError
-from ks_lens.gold_texts import (
+from ks_lens.datasets.gold_texts import (
     LabelledText,
 )
+from ks_lens.errors import ConfigError
 from ks_lens.pipeline.config import PipelineConfig
 from ks_lens.probes import ProbeConfig, train_probe, train_probes
 from ks_lens.steering import SteeringVectors

@@ -19,10 +19,10 @@ from ks_lens.datasets import (
     BehaviourDataset,
     Splits,
 )
-from ks_lens.errors import ConfigError
-from ks_lens.gold_texts import (
+from ks_lens.datasets.gold_texts import (
     LabelledText,
 )
+from ks_lens.errors import ConfigError
 from ks_lens.pipeline.config import PipelineConfig
 from ks_lens.probes import Probe
 from ks_lens.steering import SteeringVectors
@@ -111,7 +111,7 @@ class Setup:
         ``n_eval`` of them, text on the first ``n_gen``). ``calib_questions`` /
         ``test_questions`` replace those question lists (e.g. validation questions in a study
         that makes choices); ``kit`` and ``evaluator`` replace the kit and activation evaluator
-        (the paper protocol's at a swept layer, :mod:`ks_lens.paper`)."""
+        (the paper protocol's at a swept layer, :mod:`ks_lens.cli.paper`)."""
         cfg = self.config
         source = source or cfg.probe_source
         kit = kit if kit is not None else self.kit_of(source)

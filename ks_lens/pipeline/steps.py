@@ -19,13 +19,13 @@ from ks_lens.datasets import (
     load_questions,
     make_splits,
 )
-from ks_lens.errors import ConfigError
-from ks_lens.gold_texts import (
+from ks_lens.datasets.gold_texts import (
     LabelledText,
     load_gold_texts,
     load_labelled_texts,
     split_by_question,
 )
+from ks_lens.errors import ConfigError
 from ks_lens.memory import (
     Estimate,
     RunShape,
@@ -354,7 +354,7 @@ def prepare(
     Once the model is loaded, the run's peak memory and time are estimated and logged; with
     ``memory_check`` a run whose estimate exceeds the available memory is refused.
     ``extra_work`` adds a study's own work to the run's shape before the estimate (e.g. the
-    paper protocol's layer sweep, :mod:`ks_lens.paper`); ``on_estimate`` receives the estimate
+    paper protocol's layer sweep, :mod:`ks_lens.cli.paper`); ``on_estimate`` receives the estimate
     before any activation is collected (``ks-lens demo --preset paper`` prints it).
     """
     cfg.validate()

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ks_lens.capability_stage import capability_table
+from ks_lens.capability.stage import capability_table
 from ks_lens.comparison import ComparisonResult, method_label
-from ks_lens.instructed import INSTRUCTED, MIN_INSTRUCTED_GAIN
+from ks_lens.evaluation.instructed import INSTRUCTED, MIN_INSTRUCTED_GAIN
+from ks_lens.evaluation.stats import seed_summary
 from ks_lens.report.tables import (
     _ci,
     _f,
@@ -30,7 +31,6 @@ from ks_lens.report.tables import (
     summary_table,
     verdict,
 )
-from ks_lens.stats import seed_summary
 
 LENS_TEXT = {
     "text": "text evaluator (TF-IDF + logistic regression on gold texts; model-independent)",

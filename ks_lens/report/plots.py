@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ks_lens.comparison import ActivationEvaluation, CombinationRow, ComparisonResult, method_label
-from ks_lens.instructed import INSTRUCTED
+from ks_lens.evaluation.instructed import INSTRUCTED
 from ks_lens.report.tables import combination_rows
 
 

@@ -22,8 +22,8 @@ from ks_lens.comparison import (
     method_label,
     summarise_combinations,
 )
-from ks_lens.instructed import INSTRUCTED
-from ks_lens.stats import ClusteredTest, Interval
+from ks_lens.evaluation.instructed import INSTRUCTED
+from ks_lens.evaluation.stats import ClusteredTest, Interval
 
 
 def _f(x: float | None, nd: int = 3) -> str:

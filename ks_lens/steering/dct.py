@@ -34,13 +34,19 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from ks_lens.batching import sorted_batches
-from ks_lens.chat import ChatPrompt, TokenBatch, encode_chat
+from ks_lens._runtime.batching import sorted_batches
+from ks_lens._runtime.hf_path import (
+    can_bypass,
+    decoder_layers,
+    layer_input,
+    plain_forward,
+    resume_at,
+)
 from ks_lens.errors import ConfigError, LabelError, StoreError
-from ks_lens.hf_path import can_bypass, decoder_layers, forward, layer_input, resume_at
 from ks_lens.hooks import check_layer, resid_hook
 from ks_lens.io import load_artifact, save_artifact
 from ks_lens.models import check_signature, model_device, model_signature, pad_token_id
+from ks_lens.models.chat import ChatPrompt, TokenBatch, encode_chat
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
 from ks_lens.types import Model
 
@@ -241,7 +247,7 @@ def _run_to(
     """Forward ``batch`` with ``hooks`` (hook name -> fn(act) returning a replacement or None);
     the pass ends when the last hook (the target) has run. ``resume = (layer, hidden,
     as_tuple)`` skips the layers below ``layer``, feeding it ``hidden``
-    (:func:`~ks_lens.hf_path.resume_at`)."""
+    (:func:`~ks_lens._runtime.hf_path.resume_at`)."""
     last = list(hooks)[-1]
 
     def wrap(name: str) -> Callable[..., Any]:
@@ -258,7 +264,9 @@ def _run_to(
         if resume is not None:
             stack.enter_context(resume_at(model, *resume))
         try:
-            forward(model, batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=-1)
+            plain_forward(
+                model, batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=-1
+            )
         except _Reached:
             pass
 

@@ -6,7 +6,7 @@ that produced them. Pipeline (scikit-learn):
 
 1. word TF-IDF (uni- and bigrams) and ``char_wb`` TF-IDF (2-5 character n-grams inside word
    boundaries), sublinear TF, L2-normalised rows;
-2. optionally the twelve :mod:`ks_lens.style` meters, standardised (``StandardScaler``);
+2. optionally the twelve :mod:`ks_lens.evaluation.style` meters, standardised (``StandardScaler``);
 3. the blocks stacked side by side and one L2-regularised logistic regression per label
    (``OneVsRestClassifier(LogisticRegression)`` on multi-hot targets), so every label gets an
    independent probability: a text can be both casual and concise, or neither.
@@ -17,7 +17,7 @@ vectorizer's terms in column order as UTF-8 JSON bytes) and ``meta.json`` (forma
 training-data hash, versions, validity metrics, the tensor file's SHA-256 and a ``meta_sha256``
 over all of it). Loading rebuilds the vectorizers from the vocabularies and computes
 ``sigmoid(X @ coef.T + intercept)`` itself. Evaluators saved by ks-lens 0.1 (with a
-``vocabulary.json``) still load (:mod:`ks_lens.text_evaluator_v1`).
+``vocabulary.json``) still load (:mod:`ks_lens.text_evaluator.v1`).
 
 :func:`validate_text_evaluator` measures how well the recipe generalises: question-grouped
 K-fold cross-validation (no question's texts on both sides) and leave-one-writer-out (texts by a

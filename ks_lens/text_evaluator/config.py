@@ -45,7 +45,7 @@ class TextEvaluatorConfig:
         max_features: keep at most this many n-grams per vectorizer (most frequent first);
             ``None`` keeps all.
         C: inverse L2-regularisation strength of each per-label logistic regression.
-        use_style: append the standardised :mod:`ks_lens.style` meters to the features.
+        use_style: append the standardised :mod:`ks_lens.evaluation.style` meters to the features.
         style_weight: factor on the standardised style meters (their scale relative to the
             L2-normalised TF-IDF blocks).
         class_weight: ``"balanced"`` (re-weight positives and negatives per label) or ``None``.

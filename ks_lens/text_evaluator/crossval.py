@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ks_lens.datasets.gold_texts import LabelledText, texts_hash
 from ks_lens.errors import DatasetError
-from ks_lens.gold_texts import LabelledText, texts_hash
 from ks_lens.text_evaluator.config import TextEvaluatorConfig
 from ks_lens.text_evaluator.model import TextEvaluator
 from ks_lens.text_evaluator.validity import TextEvaluatorValidity, held_out_scores

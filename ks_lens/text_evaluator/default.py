@@ -9,8 +9,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from ks_lens.datasets.gold_texts import LabelledText, load_gold_texts, texts_hash
 from ks_lens.errors import MetadataMismatchError, StoreError
-from ks_lens.gold_texts import LabelledText, load_gold_texts, texts_hash
 from ks_lens.text_evaluator.config import CACHE_SUBDIR, TextEvaluatorConfig, n_words
 from ks_lens.text_evaluator.crossval import validate_text_evaluator
 from ks_lens.text_evaluator.model import TextEvaluator
@@ -25,14 +25,16 @@ def default_text_evaluator(
     """The evaluator trained on a family's gold texts (with validity), cached on disk.
 
     ``family`` is a shipped family (``"tones"``, ``"concepts"``) or a behaviours JSON file with a
-    ``"gold_texts"`` field (:func:`ks_lens.gold_texts.load_gold_texts`); its labels are the
+    ``"gold_texts"`` field (:func:`ks_lens.datasets.gold_texts.load_gold_texts`); its labels are the
     evaluator's. ``texts`` trains it on a subset of those gold texts instead (e.g. the evaluator
-    half of :func:`ks_lens.gold_texts.split_by_question`); the cache key is the texts' hash.
+    half of :func:`ks_lens.datasets.gold_texts.split_by_question`); the cache key is the texts'
+    hash.
 
     The cache folder is ``{cache_dir}/gold-{hash}-cfg-{hash}-sklearn-{version}`` (default
-    ``cache_dir``: ``$KS_LENS_CACHE/text_evaluators``, see :func:`ks_lens.packaged_models.cache_root`),
-    so new gold texts, another config or another scikit-learn build a new one. A cached
-    evaluator that fails to load (corrupt, modified, incomplete) is rebuilt with a warning.
+    ``cache_dir``: ``$KS_LENS_CACHE/text_evaluators``, see
+    :func:`ks_lens.models.packaged.cache_root`), so new gold texts, another config or another
+    scikit-learn build a new one. A cached evaluator that fails to load (corrupt, modified,
+    incomplete) is rebuilt with a warning.
 
     Args:
         cache_dir: where to cache (default under the ks-lens cache root).
@@ -43,7 +45,7 @@ def default_text_evaluator(
     import sklearn
 
     from ks_lens.datasets import load_dataset
-    from ks_lens.packaged_models import cache_root
+    from ks_lens.models.packaged import cache_root
 
     cfg = config or TextEvaluatorConfig()
     gold = tuple(texts) if texts is not None else load_gold_texts(family)

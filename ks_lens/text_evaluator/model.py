@@ -15,6 +15,7 @@ import torch
 from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
+from ks_lens.datasets.gold_texts import LabelledText, texts_hash
 from ks_lens.errors import (
     ConfigError,
     DatasetError,
@@ -23,14 +24,13 @@ from ks_lens.errors import (
     StoreError,
     WrongTypeError,
 )
-from ks_lens.gold_texts import LabelledText, texts_hash
+from ks_lens.evaluation.style import STYLE_METER_NAMES, STYLE_VERSION, style_matrix
 from ks_lens.io import (
     check_artifact_target,
     load_artifact,
     save_artifact,
     write_directory,
 )
-from ks_lens.style import STYLE_METER_NAMES, STYLE_VERSION, style_matrix
 from ks_lens.text_evaluator.config import (
     FORMAT,
     KIND,
@@ -111,7 +111,7 @@ class TextEvaluator:
     Attributes:
         label_names: the labels, in column order of :meth:`predict_proba`.
         config: the :class:`TextEvaluatorConfig` it was trained with.
-        training_hash: :func:`ks_lens.gold_texts.texts_hash` of its training texts.
+        training_hash: :func:`ks_lens.datasets.gold_texts.texts_hash` of its training texts.
         n_training_texts: how many texts it was trained on.
         training_max_words: words in its longest training text (``None`` for evaluators saved
             before this was recorded); :meth:`predict_proba` warns on texts far longer.
@@ -417,7 +417,7 @@ class TextEvaluator:
     @classmethod
     def load(cls, directory: str | Path, labels: Sequence[str] | None = None) -> TextEvaluator:
         """Load an evaluator saved by :meth:`save` (or by ks-lens 0.1, whose layout
-        :mod:`ks_lens.text_evaluator_v1` reads), verifying its checksums.
+        :mod:`ks_lens.text_evaluator.v1` reads), verifying its checksums.
 
         Args:
             directory: the evaluator directory.
@@ -429,7 +429,7 @@ class TextEvaluator:
             MetadataMismatchError: ``labels`` differ from the evaluator's labels, or its style
                 meters were defined differently from this ks-lens version's.
         """
-        from ks_lens.text_evaluator_v1 import is_v1, read_v1
+        from ks_lens.text_evaluator.v1 import is_v1, read_v1
 
         directory = Path(directory)
         if is_v1(directory):

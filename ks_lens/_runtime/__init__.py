@@ -1,0 +1,1 @@
+"""The execution engine (private): plain-HF fast path, sorted batches, shared prefix caches."""
