@@ -17,7 +17,9 @@ What lives where (the options dataclasses and ``cmd_*`` functions are re-exporte
 * :mod:`ks_lens.cli.capability`: ``capability``.
 * :mod:`ks_lens.cli.texts`: ``report``, ``evaluate-text`` and ``train-text-evaluator``.
 * :mod:`ks_lens.cli.demo`: ``demo`` (:class:`~ks_lens.cli.demo.DemoOptions`,
-  :func:`~ks_lens.cli.demo.cmd_demo`).
+  :func:`~ks_lens.cli.demo.cmd_demo`), with :mod:`ks_lens.cli.presets` (``--preset NAME``)
+  and :mod:`ks_lens.cli.paper` (the paper's protocol, ``--preset paper``).
+* :mod:`ks_lens.cli.options`: the options read from the dataclasses (also by ``analysis/``).
 * :mod:`ks_lens.cli.common`: what the commands share (the model options, the ``--out`` check).
 * here: the top level, :func:`build_parser` and :func:`main` (the ``ks-lens`` entry point;
   ``python -m ks_lens.cli`` runs it too).

@@ -18,7 +18,9 @@ held-out evaluation classifiers, which never see the steering probe's questions.
 
 Where things live: :mod:`~ks_lens.datasets.labels` (behaviours, questions, label sets),
 :mod:`~ks_lens.datasets.dataset` (:class:`BehaviourDataset`), :mod:`~ks_lens.datasets.loading`
-(shipped families and files), :mod:`~ks_lens.datasets.splits` (splits by question).
+(shipped families and files), :mod:`~ks_lens.datasets.splits` (splits by question), and, imported
+from their own modules, :mod:`~ks_lens.datasets.gold_texts` (labelled gold texts) and
+:mod:`~ks_lens.datasets.coverage` (which test questions answer which label combinations).
 """
 
 from ks_lens.datasets.dataset import BehaviourDataset

@@ -20,8 +20,12 @@ Modules: :mod:`~ks_lens.evaluation.readouts` (activation level: :func:`readout`,
 level: :func:`generate_and_score_rows`, :class:`GenerationScores`), :mod:`~ks_lens.evaluation.kl`
 (coherence costs: :func:`first_token_kl`, :func:`generation_kl`, :func:`kl_metric`),
 :mod:`~ks_lens.evaluation.rules` (:class:`VanishRule`, :class:`DegenerateRule`) and
-:mod:`~ks_lens.evaluation.dct` (:func:`map_dct_labels`, :func:`fit_dct`). Every public name is
-importable from ``ks_lens.evaluation``.
+:mod:`~ks_lens.evaluation.dct` (:func:`map_dct_labels`, :func:`fit_dct`). Every public name of
+these is importable from ``ks_lens.evaluation``. Imported from their own modules:
+:mod:`~ks_lens.evaluation.stats` (bootstrap intervals and paired tests),
+:mod:`~ks_lens.evaluation.style` (the style meters of a text) and
+:mod:`~ks_lens.evaluation.instructed` (the ``instructed`` reference row: the targets asked for by
+system prompt).
 """
 
 from ks_lens.evaluation.dct import fit_dct, map_dct_labels
