@@ -16,9 +16,10 @@ evaluation)::
     ks.export_gguf(caa, "casual.gguf", target="casual")      # llama.cpp --control-vector
 
 The main functions and classes carry runnable examples (``>>>``); the test suite runs them on
-``ks.load_model("tiny-random-llama")``. Submodules hold the rest: :mod:`ks_lens.activations`,
-:mod:`ks_lens.probes`, :mod:`ks_lens.steering`, :mod:`ks_lens.evaluation`,
-:mod:`ks_lens.text_evaluator`, :mod:`ks_lens.analysis`.
+``ks.load_model("tiny-random-llama")``. Submodules hold the rest: :mod:`ks_lens.models`,
+:mod:`ks_lens.datasets`, :mod:`ks_lens.activations`, :mod:`ks_lens.probes`,
+:mod:`ks_lens.steering`, :mod:`ks_lens.evaluation`, :mod:`ks_lens.text_evaluator`,
+:mod:`ks_lens.capability`, :mod:`ks_lens.comparison`, :mod:`ks_lens.analysis`.
 
 ``load_model`` changes no TransformerLens default: ``model("text")``, ``run_with_cache`` and
 ``model.generate`` behave as in plain TL. Hook-name aliases (``blocks.L.hook_resid_post``) and
