@@ -278,7 +278,7 @@ def test_shared_prefill_declines_and_refuses(tiny_model, tiny_probe, tiny_acts):
     _, _, batch = _shared_prefill_case(tiny_model, tiny_probe, tiny_acts)
     assert shared_prefill(tiny_model, batch, None) is None
     assert shared_prefill(tiny_model, batch, 0) is None
-    distinct = ks.chat.TokenBatch(batch.input_ids[2:4], batch.attention_mask[2:4])
+    distinct = ks.TokenBatch(batch.input_ids[2:4], batch.attention_mask[2:4])
     assert shared_prefill(tiny_model, distinct, 2) is None  # no prompt repeats
     pre = shared_prefill(tiny_model, batch, 2)
     with pytest.raises(ConfigError, match="greedy decoding"):
@@ -329,7 +329,7 @@ def test_record_inputs_is_validated_and_absent_on_the_bridge(tiny_model):
     from ks_lens.models.chat import ChatPrompt, encode_chat
 
     ids = torch.tensor([encode_chat(tiny_model.tokenizer, ChatPrompt("hi?"))])
-    batch = ks.chat.TokenBatch(ids, torch.ones_like(ids))
+    batch = ks.TokenBatch(ids, torch.ones_like(ids))
     with pytest.raises(ConfigError, match="record_inputs must be a decoder layer >= 1"):
         generate_from_batch(tiny_model, batch, max_new_tokens=2, record_inputs=0)
     res = generate_from_batch(
