@@ -50,7 +50,7 @@ from ks_lens.datasets import COMBINE_SEP, BehaviourDataset
 from ks_lens.errors import ConfigError, StoreError
 from ks_lens.instructed import instructed_system
 from ks_lens.stats import N_RESAMPLES, Interval, bootstrap_mean
-from ks_lens.steering import Steerer
+from ks_lens.steering import SteeringMethod
 from ks_lens.steering.base import Steering, SteeringSpec
 from ks_lens.steering.positions import Positions
 from ks_lens.types import Model
@@ -374,7 +374,7 @@ class _StageRows:
 
 def evaluate_capability_stage(
     model: Model,
-    methods: Mapping[str, Steerer],
+    methods: Mapping[str, SteeringMethod],
     alphas: Mapping[str, Mapping[int, float]],
     *,
     labels: Sequence[str],

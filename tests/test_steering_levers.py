@@ -8,7 +8,16 @@ import torch
 import ks_lens as ks
 from ks_lens.activations import collect_activations
 from ks_lens.probes import ProbeConfig, train_probe
-from ks_lens.steering import CAA, KSteering, MultiLayer, SteeringSpec, SteeringVectors, clip_step
+from ks_lens.steering import (
+    CAA,
+    KSteering,
+    MultiLayer,
+    Steerer,
+    SteeringMethod,
+    SteeringSpec,
+    SteeringVectors,
+    clip_step,
+)
 
 
 def test_clip_step_hand_computed():
@@ -116,8 +125,9 @@ def test_multilayer_errors(tiny_model, layer_probes):
     vecs = SteeringVectors.fit(acts, 1)
     mixed = MultiLayer([CAA(vecs), k2])  # CAA and K-Steering may be mixed
     assert mixed.hook_names == ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
-    with pytest.raises(ks.ConfigError, match="apply"):
-        mixed.apply(acts.at(1)[:2], target=["alpha"], alpha=1.0)
+    # a SteeringMethod, not a Steerer: no single transform, no apply() on one tensor
+    assert isinstance(mixed, SteeringMethod) and not isinstance(mixed, Steerer)
+    assert not hasattr(mixed, "apply") and not hasattr(mixed, "transform")
     with pytest.raises(ks.ConfigError, match="other hook_names"):
         mixed.hooks(tiny_model, target=["alpha"], hook_names=["blocks.0.hook_resid_post"])
     with pytest.raises(ks.LabelError, match="unknown label"):

@@ -13,7 +13,7 @@ from ks_lens.errors import ConfigError
 from ks_lens.evaluation import GenerationScores, generate_and_score_rows, readout, readout_groups
 from ks_lens.instructed import INSTRUCTED, check_instructions, instructed_readout, instructed_system
 from ks_lens.probes import Probe
-from ks_lens.steering import Steerer, SteeringSpec
+from ks_lens.steering import SteeringMethod, SteeringSpec
 from ks_lens.steering.base import Steering
 from ks_lens.style import style_meters
 from ks_lens.types import Model
@@ -21,7 +21,7 @@ from ks_lens.types import Model
 
 def evaluate_activations(
     model: Model,
-    methods: dict[str, Steerer],
+    methods: dict[str, SteeringMethod],
     alphas: dict[str, dict[int, float]],
     plan: ComparisonPlan,
     questions: Sequence[str],
@@ -93,7 +93,7 @@ def _instructed_systems(
 
 def evaluate_text(
     model: Model,
-    methods: dict[str, Steerer],
+    methods: dict[str, SteeringMethod],
     alphas: dict[str, dict[int, float]],
     plan: ComparisonPlan,
     questions: Sequence[str],
