@@ -5,6 +5,8 @@ so each default, choice and help text lives in one place:
 
 * :class:`~ks_lens.models.ModelOptions`: ``--model``, ``--device``, ``--dtype``;
 * :class:`~ks_lens.probes.ProbeConfig`: the probe options of ``ks-lens train``;
+* :class:`~ks_lens.steering.config.KSteeringConfig` and
+  :class:`~ks_lens.steering.config.CAAConfig`: the method options of ``ks-lens steer``;
 * :class:`~ks_lens.pipeline.PipelineConfig` with its
   :class:`~ks_lens.comparison.ComparisonConfig`: ``ks-lens demo`` and the studies
   (:class:`PipelineOptions`).
@@ -17,6 +19,8 @@ spelled as follows:
   except the two that the pipeline also has (``--comparison.seed``,
   ``--comparison.batch-size``);
 * the comparison's rules keep their own prefix (``--vanish.floor``, ``--degenerate.min-words``);
+* the steering configs' fields have no prefix (``--steps``, ``--normalize``), except CAA's
+  fields that K-Steering also has: ``--caa-combine``;
 * a tuple takes one comma-separated argument (``--methods caa_mean,ksteer``; ``--avoid ""``
   for none);
 * a flag is named after its non-default value: ``--fast``, ``--no-normalize``.
