@@ -396,9 +396,13 @@ def test_steer_method_options_come_from_the_steering_configs(capsys):
     o = parse(SteerOptions, [*required, *argv], prog="s")
     assert o.ksteer == KSteeringConfig(3, 0.5, "unit", "softmin", "pcgrad", 2.0, 0.25, "diag")
     assert o.caa == CAAConfig("sum", True, "ablate")
-    # the configs check the values, with their own messages
-    with pytest.raises(ConfigError, match="unknown combine 'x'"):
+    # choices come from the configs' Literal types; the configs check the values that parse
+    with pytest.raises(SystemExit) as e:
         parse(SteerOptions, [*required, "--combine", "x"], prog="s")
+    assert e.value.code == 2
+    assert "'sum', 'balanced', 'pcgrad'" in one_line(capsys.readouterr().err)
+    with pytest.raises(ConfigError, match="temperature must be a positive finite number, got 0.0"):
+        parse(SteerOptions, [*required, "--temperature", "0"], prog="s")
     with pytest.raises(ConfigError, match="max_step must be a positive finite fraction"):
         parse(SteerOptions, [*required, "--max-step", "-1"], prog="s")
 
