@@ -343,6 +343,95 @@ def test_steer_questions_keep_their_commas_and_labels_split():
     assert o.target == ("casual", "concise") and o.avoid == ()
 
 
+#: the options of ks-lens steer generated from the steering configs (issue 21)
+STEER_METHOD_OPTIONS = {
+    "ksteer": {
+        "steps": "--steps",
+        "decay": "--decay",
+        "step_norm": "--step-norm",
+        "objective": "--objective",
+        "combine": "--combine",
+        "temperature": "--temperature",
+        "max_step": "--max-step",
+        "precondition": "--precondition",
+    },
+    "caa": {"combine": "--caa-combine", "normalize": "--normalize", "avoid_mode": "--avoid-mode"},
+}
+
+
+def test_steer_method_options_come_from_the_steering_configs(capsys):
+    import re
+
+    from ks_lens.steering import CAAConfig, KSteeringConfig
+
+    required = ["--alpha", "1", "Hi?"]
+    o = parse(SteerOptions, required, prog="s")
+    assert o.ksteer == KSteeringConfig() and o.caa == CAAConfig()
+    with pytest.raises(SystemExit) as e:
+        parse(SteerOptions, ["--help"], prog="s")
+    assert e.value.code == 0
+    text = one_line(capsys.readouterr().out)
+    configs = {"ksteer": KSteeringConfig, "caa": CAAConfig}
+    for group, options in STEER_METHOD_OPTIONS.items():
+        cls = configs[group]
+        assert set(options) == {f.name for f in dataclasses.fields(cls)}  # every field
+        for name, option in options.items():
+            default = getattr(cls(), name)  # the help shows the dataclass default
+            assert re.search(
+                rf"{re.escape(option)} .*?\(default: {re.escape(str(default))}\)", text
+            )
+    argv = [
+        *["--steps", "3", "--decay", "0.5", "--step-norm", "unit", "--objective", "softmin"],
+        *["--combine", "pcgrad", "--temperature", "2", "--max-step", "0.25"],
+        *[
+            "--precondition",
+            "diag",
+            "--caa-combine",
+            "sum",
+            "--normalize",
+            "--avoid-mode",
+            "ablate",
+        ],
+    ]
+    o = parse(SteerOptions, [*required, *argv], prog="s")
+    assert o.ksteer == KSteeringConfig(3, 0.5, "unit", "softmin", "pcgrad", 2.0, 0.25, "diag")
+    assert o.caa == CAAConfig("sum", True, "ablate")
+    # choices come from the configs' Literal types; the configs check the values that parse
+    with pytest.raises(SystemExit) as e:
+        parse(SteerOptions, [*required, "--combine", "x"], prog="s")
+    assert e.value.code == 2
+    assert "'sum', 'balanced', 'pcgrad'" in one_line(capsys.readouterr().err)
+    with pytest.raises(ConfigError, match="temperature must be a positive finite number, got 0.0"):
+        parse(SteerOptions, [*required, "--temperature", "0"], prog="s")
+    with pytest.raises(ConfigError, match="max_step must be a positive finite fraction"):
+        parse(SteerOptions, [*required, "--max-step", "-1"], prog="s")
+
+
+def test_steer_refuses_the_other_methods_options_before_reading_them():
+    from ks_lens.cli.steer import cmd_steer, parse_steer_options
+    from ks_lens.steering import CAAConfig, KSteeringConfig
+
+    base = ["--alpha", "1", "Hi?"]
+    with pytest.raises(ConfigError, match=r"^--max-step, --step-norm apply to K-Steering"):
+        parse_steer_options([*base, "--vectors", "v", "--max-step", "-1", "--step_norm", "unit"])
+    with pytest.raises(
+        ConfigError, match=r"^--avoid-mode, --caa-combine apply to CAA \(--vectors\)"
+    ):
+        parse_steer_options(
+            [*base, "--classifier", "p", "--caa-combine", "sum", "--avoid-mode=ablate"]
+        )
+    # a method's own options, or an explicit default, are fine
+    o = parse_steer_options([*base, "--classifier", "p", "--steps", "2", "--decay", "0.95"])
+    assert o.ksteer == KSteeringConfig(steps=2)
+    # options built in code: the other method's non-default settings are refused as well
+    for kw, message in [
+        ({"vectors": "v", "ksteer": KSteeringConfig(steps=2)}, "--steps apply to K-Steering"),
+        ({"classifier": "p", "caa": CAAConfig(normalize=True)}, "--normalize apply to CAA"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            cmd_steer(SteerOptions(question=["Hi?"], alpha=1.0, **kw))
+
+
 def test_collect_choices_come_from_the_library(capsys):
     with pytest.raises(SystemExit) as e:
         main(["collect", "--out", "x", "--split", "holdout"])

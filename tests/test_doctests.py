@@ -18,7 +18,7 @@ import torch
 
 import ks_lens as ks
 from ks_lens.evaluation import style
-from ks_lens.steering import Steerer
+from ks_lens.steering import SteeringMethod
 
 #: objects whose docstrings must carry a runnable example
 MUST_HAVE_EXAMPLES = (
@@ -46,7 +46,7 @@ def _public_objects() -> dict[str, Any]:
             "ks_lens"
         ):
             out[name] = obj
-    out["Steerer"] = Steerer  # steer() / hooks() examples live on the base class
+    out["SteeringMethod"] = SteeringMethod  # steer() / hooks() examples live on the base class
     out["style"] = style
     return out
 

@@ -10,8 +10,10 @@ from ks_lens.generation import generate
 from ks_lens.probes import Probe, ProbeConfig
 from ks_lens.steering import (
     CAA,
+    CAAConfig,
     KProjection,
     KSteering,
+    KSteeringConfig,
     SteeringSpec,
     SteeringVectors,
     combine_gradients,
@@ -540,3 +542,121 @@ def test_transforms_return_on_the_activation_dtype_and_device(tiny_probe, tiny_a
             out64 = f64(x)
             assert out64.dtype == torch.float32
             torch.testing.assert_close(out64, f(x), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- configs (issue 21)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "message"),
+    [
+        (KSteeringConfig, {"steps": 0}, "steps must be a positive int, got 0"),
+        (KSteeringConfig, {"steps": 2.0}, "steps must be a positive int, got 2.0"),
+        (KSteeringConfig, {"decay": 0}, r"decay must be in \(0, 1\], got 0"),
+        (KSteeringConfig, {"decay": 1.5}, r"decay must be in \(0, 1\], got 1.5"),
+        (
+            KSteeringConfig,
+            {"step_norm": "l2"},
+            r"unknown step_norm 'l2'; use one of \(None, 'unit', 'relative'\)",
+        ),
+        (
+            KSteeringConfig,
+            {"objective": "mse"},
+            r"unknown objective 'mse'; use one of \('logits', 'logsigmoid', 'softmin'\)",
+        ),
+        (
+            KSteeringConfig,
+            {"combine": "mean"},
+            r"unknown combine 'mean'; use one of \('sum', 'balanced', 'pcgrad'\)",
+        ),
+        (KSteeringConfig, {"temperature": -1.0}, "temperature must be a positive finite number"),
+        (KSteeringConfig, {"max_step": 0.0}, "max_step must be a positive finite fraction"),
+        (KSteeringConfig, {"max_step": float("inf")}, "max_step must be a positive finite"),
+        (
+            KSteeringConfig,
+            {"precondition": "full"},
+            r"unknown precondition 'full'; use one of \(None, 'diag'\)",
+        ),
+        (
+            CAAConfig,
+            {"combine": "pcgrad"},
+            r"unknown combine 'pcgrad'; use one of \('mean', 'sum'\)",
+        ),
+        (CAAConfig, {"normalize": "yes"}, "normalize must be True or False, got 'yes'"),
+        (
+            CAAConfig,
+            {"avoid_mode": "drop"},
+            r"unknown avoid_mode 'drop'; use one of \('subtract', 'ablate'\)",
+        ),
+    ],
+)
+def test_config_rules(cls, kwargs, message):
+    with pytest.raises(ks.ConfigError, match=message):
+        cls(**kwargs)
+    cls()  # the defaults are valid
+
+
+def test_the_objective_check_is_one_message(tiny_probe, tiny_acts):
+    logits = tiny_probe(tiny_acts.at(2)[:2])
+    with pytest.raises(ks.ConfigError) as from_config:
+        KSteeringConfig(objective="mse")
+    for f in (label_coefficients, objective_value):
+        with pytest.raises(ks.ConfigError) as from_function:
+            f(logits, [0], [], objective="mse")
+        assert str(from_function.value) == str(from_config.value)
+
+
+def test_configs_store_numbers_as_floats():
+    c = KSteeringConfig(decay=1, temperature=2, max_step=1)
+    assert (c.decay, c.temperature, c.max_step) == (1.0, 2.0, 1.0)
+    assert all(type(v) is float for v in (c.decay, c.temperature, c.max_step))
+    assert c == KSteeringConfig(decay=1.0, temperature=2.0, max_step=1.0)
+
+
+def test_keyword_options_and_config_build_the_same_method(tiny_probe, tiny_acts):
+    x = tiny_acts.at(2)[:5]
+    options = dict(
+        steps=3,
+        decay=0.9,
+        step_norm="relative",
+        objective="softmin",
+        combine="pcgrad",
+        temperature=0.5,
+        max_step=0.3,
+        precondition="diag",
+    )
+    by_kwargs = KSteering(tiny_probe, **options)
+    by_config = KSteering(tiny_probe, config=KSteeringConfig(**options))
+    positional = KSteering(tiny_probe, KSteeringConfig(**options))
+    assert by_kwargs.config == by_config.config == positional.config
+    assert repr(by_kwargs) == repr(by_config)
+    assert (by_kwargs.steps, by_kwargs.decay, by_kwargs.precondition) == (3, 0.9, "diag")
+    spec = dict(target=["alpha", "gamma"], avoid=["beta"], alpha=0.7)
+    steered = by_kwargs.apply(x, **spec)
+    assert not torch.equal(steered, x)
+    assert torch.equal(steered, by_config.apply(x, **spec))
+    assert torch.equal(steered, positional.apply(x, **spec))
+    assert KSteering(tiny_probe).config == KSteeringConfig()
+    # CAA likewise
+    vecs = SteeringVectors.fit(tiny_acts, 2)
+    caa_kwargs = CAA(vecs, combine="sum", normalize=True, avoid_mode="ablate")
+    caa_config = CAA(vecs, config=CAAConfig("sum", True, "ablate"))
+    assert caa_kwargs.config == caa_config.config and repr(caa_kwargs) == repr(caa_config)
+    assert torch.equal(caa_kwargs.apply(x, **spec), caa_config.apply(x, **spec))
+    assert CAA(vecs).config == CAAConfig()
+
+
+def test_config_and_keyword_options_together_are_refused(tiny_probe, tiny_acts):
+    with pytest.raises(ks.ConfigError, match=r"both config= and the options \['decay', 'steps'\]"):
+        KSteering(tiny_probe, KSteeringConfig(), steps=2, decay=0.5)
+    with pytest.raises(ks.WrongTypeError, match=r"KSteering takes config=KSteeringConfig\(...\)"):
+        KSteering(tiny_probe, config=CAAConfig())
+    with pytest.raises(TypeError, match="stepz"):
+        KSteering(tiny_probe, stepz=2)
+    vecs = SteeringVectors.fit(tiny_acts, 2)
+    with pytest.raises(
+        ks.ConfigError, match=r"CAA got both config= and the options \['normalize'\]"
+    ):
+        CAA(vecs, CAAConfig(), normalize=True)
+    with pytest.raises(ks.WrongTypeError, match="CAA takes config=CAAConfig"):
+        CAA(vecs, KSteeringConfig())

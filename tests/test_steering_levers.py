@@ -8,7 +8,16 @@ import torch
 import ks_lens as ks
 from ks_lens.activations import collect_activations
 from ks_lens.probes import ProbeConfig, train_probe
-from ks_lens.steering import CAA, KSteering, MultiLayer, SteeringSpec, SteeringVectors, clip_step
+from ks_lens.steering import (
+    CAA,
+    KSteering,
+    MultiLayer,
+    Steerer,
+    SteeringMethod,
+    SteeringSpec,
+    SteeringVectors,
+    clip_step,
+)
 
 
 def test_clip_step_hand_computed():
@@ -116,9 +125,87 @@ def test_multilayer_errors(tiny_model, layer_probes):
     vecs = SteeringVectors.fit(acts, 1)
     mixed = MultiLayer([CAA(vecs), k2])  # CAA and K-Steering may be mixed
     assert mixed.hook_names == ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
-    with pytest.raises(ks.ConfigError, match="apply"):
-        mixed.apply(acts.at(1)[:2], target=["alpha"], alpha=1.0)
+    # a SteeringMethod, not a Steerer: no single transform, no apply() on one tensor
+    assert isinstance(mixed, SteeringMethod) and not isinstance(mixed, Steerer)
+    assert not hasattr(mixed, "apply") and not hasattr(mixed, "transform")
     with pytest.raises(ks.ConfigError, match="other hook_names"):
         mixed.hooks(tiny_model, target=["alpha"], hook_names=["blocks.0.hook_resid_post"])
     with pytest.raises(ks.LabelError, match="unknown label"):
         mixed.hooks(tiny_model, target=["nope"])
+
+
+# ----------------------------------------------------------------------------- issue 21
+
+
+def test_multilayer_honours_the_steering_method_contract(tiny_model, layer_probes):
+    probes, acts = layer_probes
+    k1, k2 = KSteering(probes[1]), KSteering(probes[2])
+    ml = MultiLayer([k1, k2], weights=[0.25, 0.75])
+    spec = ml.spec(target=["alpha"], avoid=["beta"], alpha=8.0)
+    pairs = ml.transforms(spec)
+    assert [h for h, _ in pairs] == list(ml.hook_names) == [k1.hook_name, k2.hook_name]
+    # each member's own transform at its own hook point, with its share of alpha
+    for (hook, f), member, w in zip(pairs, ml.members, ml.weights, strict=True):
+        x = acts.at(int(hook.split(".")[1]))[:3]
+        expected = member.apply(x, target=["alpha"], avoid=["beta"], alpha=8.0 * w)
+        assert not torch.equal(expected, x) and torch.equal(f(x), expected)
+    # hooks() serves every member's hook point; its own hook points may be named (either spelling)
+    hooks = ml.hooks(tiny_model, target=["alpha"], alpha=1.0)
+    assert [h for h, _ in hooks] == list(ml.hook_names)
+    named = ml.hooks(
+        tiny_model, target=["alpha"], hook_names=["blocks.1.hook_out", "blocks.2.hook_resid_post"]
+    )
+    assert [h for h, _ in named] == list(ml.hook_names)
+    # a single-hook Steerer is the one-pair case of the same contract
+    for m in (k1, k2):
+        assert isinstance(m, SteeringMethod) and m.hook_names == (m.hook_name,)
+        ((hook, f),) = m.transforms(spec)
+        x = acts.at(int(hook.split(".")[1]))[:3]
+        assert hook == m.hook_name and torch.equal(f(x), m.transform(spec)(x))
+
+
+def test_registry_methods_from_configs_equal_the_hand_built_ones(tiny_model, layer_probes):
+    from ks_lens.steering import CAAConfig, KSteeringConfig
+    from ks_lens.steering.registry import CLIP_FRACTION, METHODS, SteeringKit
+
+    probes, acts = layer_probes
+    probe, linear, vectors = probes[2], probes[1], SteeringVectors.fit(acts, 2)
+    kit = SteeringKit(probe, vectors, layer_probes=probes, linear_probe=linear)
+    # the keyword bundles the registry was written with before its configs
+    old = {
+        "caa_mean": CAA(vectors, combine="mean"),
+        "caa_sum": CAA(vectors, combine="sum", normalize=True),
+        "ksteer": KSteering(probe, steps=1),
+        "ksteer_multistep": KSteering(probe, steps=3, decay=0.95),
+        "ksteer_linear": KSteering(linear, steps=1),
+        "ksteer_balanced": KSteering(probe, combine="balanced"),
+        "ksteer_pcgrad": KSteering(probe, combine="pcgrad"),
+        "ksteer_logsigmoid": KSteering(probe, objective="logsigmoid", steps=3, decay=0.95),
+        "ksteer_softmin": KSteering(probe, objective="softmin", steps=3, decay=0.95),
+        "ksteer_unit": KSteering(probe, step_norm="unit"),
+        "ksteer_relative": KSteering(probe, step_norm="relative"),
+        "ksteer_precond": KSteering(probe, precondition="diag"),
+        "ksteer_clip": KSteering(probe, max_step=CLIP_FRACTION),
+        "ksteer_multilayer": MultiLayer([KSteering(probes[1]), KSteering(probes[2])]),
+    }
+    assert set(old) == set(METHODS) - {"dct"}
+    assert METHODS["ksteer_precond"].config == KSteeringConfig(precondition="diag")
+    assert METHODS["caa_sum"].config == CAAConfig(combine="sum", normalize=True)
+    assert METHODS["dct"].config is None
+    batch = ks.tokenize_chat(tiny_model, ["hello?", "two prompts here?"])
+    spec = SteeringSpec(("alpha", "gamma"), ("beta",), 2.0)
+    for name, before in old.items():
+        method = METHODS[name].build(kit)
+        assert type(method) is type(before) and repr(method) == repr(before), name
+        if isinstance(method, (KSteering, CAA)):
+            assert method.config == METHODS[name].config
+        for (hook, f), (hook0, f0) in zip(
+            method.transforms(spec), before.transforms(spec), strict=True
+        ):
+            x = acts.at(int(hook.split(".")[1]))[:4]
+            assert hook == hook0 and torch.equal(f(x), f0(x)), name
+        outs = []
+        for m in (method, before):
+            with m.steer(tiny_model, target=spec.target, avoid=spec.avoid, alpha=spec.alpha):
+                outs.append(tiny_model(batch.input_ids, attention_mask=batch.attention_mask))
+        assert torch.equal(outs[0], outs[1]), name

@@ -50,7 +50,7 @@ from ks_lens.datasets.coverage import label_combinations
 from ks_lens.errors import ConfigError, StoreError
 from ks_lens.evaluation.instructed import instructed_system
 from ks_lens.evaluation.stats import N_RESAMPLES, Interval, bootstrap_mean
-from ks_lens.steering import Steerer
+from ks_lens.steering import SteeringMethod
 from ks_lens.steering.base import Steering, SteeringSpec
 from ks_lens.steering.positions import Positions
 from ks_lens.types import Model
@@ -375,7 +375,7 @@ class _StageRows:
 
 def evaluate_capability_stage(
     model: Model,
-    methods: Mapping[str, Steerer],
+    methods: Mapping[str, SteeringMethod],
     alphas: Mapping[str, Mapping[int, float]],
     *,
     labels: Sequence[str],

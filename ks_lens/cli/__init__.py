@@ -46,7 +46,7 @@ from ks_lens.cli.common import Model, _describe_os_error
 from ks_lens.cli.demo import DemoOptions, cmd_demo, parse_demo_options
 from ks_lens.cli.info import InfoOptions, ModelsOptions, cmd_info, cmd_models
 from ks_lens.cli.options import parse
-from ks_lens.cli.steer import SteerOptions, cmd_steer
+from ks_lens.cli.steer import SteerOptions, cmd_steer, parse_steer_options
 from ks_lens.cli.texts import (
     EvaluateTextOptions,
     ReportOptions,
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("collect", CollectOptions, cmd_collect, None),
         ("train", TrainOptions, cmd_train, None),
         ("vectors", VectorsOptions, cmd_vectors, None),
-        ("steer", SteerOptions, cmd_steer, None),
+        ("steer", SteerOptions, cmd_steer, lambda argv, prog: parse_steer_options(argv, prog=prog)),
         ("capability", CapabilityOptions, cmd_capability, None),
         ("evaluate-text", EvaluateTextOptions, cmd_evaluate_text, None),
         ("train-text-evaluator", TrainTextEvaluatorOptions, cmd_train_text_evaluator, None),

@@ -5,6 +5,8 @@ so each default, choice and help text lives in one place:
 
 * :class:`~ks_lens.models.ModelOptions`: ``--model``, ``--device``, ``--dtype``;
 * :class:`~ks_lens.probes.ProbeConfig`: the probe options of ``ks-lens train``;
+* :class:`~ks_lens.steering.config.KSteeringConfig` and
+  :class:`~ks_lens.steering.config.CAAConfig`: the method options of ``ks-lens steer``;
 * :class:`~ks_lens.pipeline.PipelineConfig` with its
   :class:`~ks_lens.comparison.ComparisonConfig`: ``ks-lens demo`` and the studies
   (:class:`PipelineOptions`).
@@ -17,6 +19,8 @@ spelled as follows:
   except the two that the pipeline also has (``--comparison.seed``,
   ``--comparison.batch-size``);
 * the comparison's rules keep their own prefix (``--vanish.floor``, ``--degenerate.min-words``);
+* the steering configs' fields have no prefix (``--steps``, ``--normalize``), except CAA's
+  fields that K-Steering also has: ``--caa-combine``;
 * a tuple takes one comma-separated argument (``--methods caa_mean,ksteer``; ``--avoid ""``
   for none);
 * a flag is named after its non-default value: ``--fast``, ``--no-normalize``.
@@ -37,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypeVar, cast, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import tyro
 from tyro.constructors import (
@@ -51,6 +55,7 @@ from tyro.constructors import (
 from ks_lens.comparison import ComparisonConfig
 from ks_lens.errors import ConfigError
 from ks_lens.pipeline import PipelineConfig
+from ks_lens.steering.config import CAAConfig, KSteeringConfig
 
 T = TypeVar("T")
 
@@ -110,14 +115,16 @@ def _comma_tuple(info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec[Any] | Non
     )
 
 
-def _flat_comparison() -> Callable[[StructTypeInfo], StructConstructorSpec | None]:
-    """A struct rule: the comparison's fields drop the ``comparison.`` prefix unless the
-    pipeline has a field of the same name."""
-    pipeline = {f.name for f in dataclasses.fields(PipelineConfig)}
+def _flat(
+    cls: type, arg: Callable[[str], Any | None], note: str = ""
+) -> Callable[[StructTypeInfo], StructConstructorSpec | None]:
+    """A struct rule: each field ``f`` of the dataclass ``cls`` nested in options is spelled as
+    ``arg(f)`` says (a ``tyro.conf.arg``; ``None``: the default spelling, with the prefix), and
+    its help ends with ``note``."""
     inside = [False]  # while this rule asks tyro for the plain dataclass spec
 
     def rule(info: StructTypeInfo) -> StructConstructorSpec | None:
-        if info.type is not ComparisonConfig or inside[0]:
+        if info.type is not cls or inside[0]:
             return None
         inside[0] = True
         try:
@@ -126,23 +133,51 @@ def _flat_comparison() -> Callable[[StructTypeInfo], StructConstructorSpec | Non
             inside[0] = False
         if not isinstance(spec, StructConstructorSpec):
             return None
-        flat = tuple(
-            f
-            if f.name in pipeline
-            else dataclasses.replace(
-                f, type=cast(Any, Annotated[f.type, tyro.conf.arg(prefix_name=False)])
-            )
-            for f in spec.fields
-        )
-        return dataclasses.replace(spec, fields=flat)
+        return dataclasses.replace(spec, fields=tuple(spelled(f) for f in spec.fields))
+
+    def spelled(f: Any) -> Any:
+        conf = arg(f.name)
+        if conf is not None:
+            f = dataclasses.replace(f, type=Annotated[f.type, conf])
+        if note:
+            text = f.helptext() if callable(f.helptext) else f.helptext
+            f = dataclasses.replace(f, helptext=f"{text}; {note}" if text else note)
+        return f
 
     return rule
+
+
+def _flat_comparison() -> Callable[[StructTypeInfo], StructConstructorSpec | None]:
+    """A struct rule: the comparison's fields drop the ``comparison.`` prefix unless the
+    pipeline has a field of the same name."""
+    pipeline = {f.name for f in dataclasses.fields(PipelineConfig)}
+    return _flat(
+        ComparisonConfig,
+        lambda name: None if name in pipeline else tyro.conf.arg(prefix_name=False),
+    )
+
+
+def _flat_steering() -> list[Callable[[StructTypeInfo], StructConstructorSpec | None]]:
+    """Struct rules: the steering methods' settings (``ks-lens steer``) are spelled by their
+    names (``--steps``, ``--normalize``), except CAA's settings that K-Steering also has:
+    ``--caa-NAME`` (``--caa-combine``)."""
+    ksteer = {f.name for f in dataclasses.fields(KSteeringConfig)}
+    return [
+        _flat(KSteeringConfig, lambda name: None, "K-Steering (--classifier) only"),
+        _flat(
+            CAAConfig,
+            lambda name: tyro.conf.arg(name=f"caa_{name}") if name in ksteer else None,
+            "CAA (--vectors) only",
+        ),
+    ]
 
 
 def _registry() -> ConstructorRegistry:
     registry = ConstructorRegistry()
     registry.primitive_rule(_comma_tuple)
     registry.struct_rule(_flat_comparison())
+    for rule in _flat_steering():
+        registry.struct_rule(rule)
     return registry
 
 

@@ -3,25 +3,19 @@ side."""
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import tyro
 
 from ks_lens.cli.common import Model
+from ks_lens.cli.options import given, parse
 from ks_lens.errors import ConfigError, Interrupted
 from ks_lens.models import ModelOptions
-from ks_lens.steering.caa import CAA, CaaCombine
-from ks_lens.steering.ksteer import Combine, KSteering, Objective, StepNorm
+from ks_lens.steering.config import CAAConfig, KSteeringConfig
 from ks_lens.steering.positions import Positions
-
-
-def _method_arg(cls: type, name: str, meaning: str | None = None, param: str = "") -> Any:
-    """Help for an option of one steering method whose None means the method's own default."""
-    default = inspect.signature(cls).parameters[param or name].default
-    which = "K-Steering (--classifier)" if cls is KSteering else "CAA (--vectors)"
-    return tyro.conf.arg(help=f"{meaning or f'None: {default}'}; {which} only")
 
 
 @dataclass(frozen=True)
@@ -41,30 +35,59 @@ class SteerOptions:
     target: tuple[str, ...] = ()  # labels to strengthen
     avoid: tuple[str, ...] = ()  # labels to suppress
     positions: Positions = "all"
-    steps: Annotated[int | None, _method_arg(KSteering, "steps")] = None
-    decay: Annotated[float | None, _method_arg(KSteering, "decay")] = None
-    step_norm: Annotated[
-        StepNorm | None, _method_arg(KSteering, "step_norm", "None: raw steps")
-    ] = None
-    objective: Annotated[Objective | None, _method_arg(KSteering, "objective")] = None
-    combine: Annotated[Combine | None, _method_arg(KSteering, "combine")] = None
-    caa_combine: Annotated[CaaCombine | None, _method_arg(CAA, "caa_combine", param="combine")] = (
-        None
+    # K-Steering's and CAA's settings, spelled --steps, ..., --caa-combine, --normalize, ...
+    # (ks_lens.cli.options); no prefix, so that their checks report as ks-lens errors
+    ksteer: Annotated[KSteeringConfig, tyro.conf.arg(name="")] = field(
+        default_factory=KSteeringConfig
     )
-    normalize: bool = False  # unit-norm combined vector; CAA (--vectors) only
+    caa: Annotated[CAAConfig, tyro.conf.arg(name="")] = field(default_factory=CAAConfig)
     system: str | None = None  # system prompt for the questions
     max_new_tokens: int = 64
     sample: bool = False  # sample instead of greedy decoding
     seed: int = 0
 
 
-# the options of one steering method only
-_KSTEER_ONLY = ("steps", "decay", "step_norm", "objective", "combine")
-_CAA_ONLY = ("caa_combine", "normalize")
-
-
-def _flag(name: str) -> str:
+def _option(config: type, name: str) -> str:
+    """The option of a method setting: ``--NAME``, or ``--caa-NAME`` for CAA's settings that
+    K-Steering also has (``ks_lens.cli.options`` spells them so)."""
+    if config is CAAConfig and name in {f.name for f in dataclasses.fields(KSteeringConfig)}:
+        name = f"caa_{name}"
     return "--" + name.replace("_", "-")
+
+
+#: each method's own option, the method, and its settings (whose options only it takes)
+_METHODS = (("--classifier", "K-Steering", KSteeringConfig), ("--vectors", "CAA", CAAConfig))
+
+
+def _refuse_misplaced(chosen: str, misplaced: Sequence[str]) -> None:
+    """Refuse the options ``misplaced`` of the method not ``chosen`` (its own option)."""
+    if misplaced:
+        own = next(name for flag, name, _ in _METHODS if flag == chosen)
+        other_flag, other, _ = next(m for m in _METHODS if m[0] != chosen)
+        raise ConfigError(
+            f"{', '.join(sorted(misplaced))} apply to {other} ({other_flag}), not to {chosen} "
+            f"({own})"
+        )
+
+
+def check_method_options(argv: Sequence[str]) -> None:
+    """Refuse the options of the method not chosen (K-Steering's with ``--vectors``, CAA's with
+    ``--classifier``): they would be silently ignored. Checked on ``argv``, before the options
+    are read, so that ``--vectors V --steps 0`` names the misplaced option, not its value."""
+    chosen = [flag for flag, _, _ in _METHODS if given(argv, flag)]
+    if len(chosen) != 1:
+        return  # cmd_steer asks for exactly one
+    _, _, other = next(m for m in _METHODS if m[0] != chosen[0])
+    options = [_option(other, f.name) for f in dataclasses.fields(other)]
+    # tyro also reads --step_norm for --step-norm
+    spellings = {o: (o, "--" + o[2:].replace("-", "_")) for o in options}
+    _refuse_misplaced(chosen[0], [o for o in options if any(given(argv, s) for s in spellings[o])])
+
+
+def parse_steer_options(argv: Sequence[str], *, prog: str = "ks-lens steer") -> SteerOptions:
+    """``argv`` read into :class:`SteerOptions`, after :func:`check_method_options`."""
+    check_method_options(argv)
+    return parse(SteerOptions, argv, prog=prog)
 
 
 def cmd_steer(o: SteerOptions) -> int:
@@ -73,7 +96,7 @@ def cmd_steer(o: SteerOptions) -> int:
     from ks_lens.generation import generate
     from ks_lens.models.chat import ChatPrompt
     from ks_lens.probes import load_probe_any
-    from ks_lens.steering import Steerer, SteeringVectors
+    from ks_lens.steering import CAA, KSteering, Steerer, SteeringVectors
 
     if not o.question:
         raise ConfigError("give one or more questions to answer")
@@ -81,23 +104,22 @@ def cmd_steer(o: SteerOptions) -> int:
         raise ConfigError(
             "give exactly one of --classifier DIR (K-Steering) or --vectors DIR (CAA)"
         )
-    # options of the other method would be silently ignored: refuse them instead. "Given" is
-    # anything but the unset default (None, or False for --normalize): a 0 (--steps 0, --decay 0)
-    # is given, and reaches the method's own checks (0 == False, so no `in (None, False)` test)
-    given = {n for n in _KSTEER_ONLY + _CAA_ONLY if getattr(o, n) is not None}
-    given -= {n for n in given if getattr(o, n) is False}
-    if o.vectors and given & set(_KSTEER_ONLY):
-        flags = ", ".join(sorted(_flag(n) for n in given & set(_KSTEER_ONLY)))
-        raise ConfigError(f"{flags} apply to K-Steering (--classifier), not to --vectors (CAA)")
-    if o.classifier and given & set(_CAA_ONLY):
-        flags = ", ".join(sorted(_flag(n) for n in given & set(_CAA_ONLY)))
-        raise ConfigError(f"{flags} apply to CAA (--vectors), not to --classifier (K-Steering)")
+    # settings of the other method would be silently ignored (options built in code; on the
+    # command line, check_method_options refused them already)
+    other = o.caa if o.classifier else o.ksteer
+    _refuse_misplaced(
+        "--classifier" if o.classifier else "--vectors",
+        [
+            _option(type(other), f.name)
+            for f in dataclasses.fields(other)
+            if getattr(other, f.name) != getattr(type(other)(), f.name)
+        ],
+    )
     model = o.model.load()
     method: Steerer
     if o.classifier:
         probe = load_probe_any(o.classifier, model=model, layer=o.layer)
-        # the options not given keep KSteering's defaults
-        method = KSteering(probe, **{n: getattr(o, n) for n in given & set(_KSTEER_ONLY)})
+        method = KSteering(probe, o.ksteer)
     else:
         assert o.vectors is not None
         vectors = SteeringVectors.load(o.vectors, model=model)
@@ -107,10 +129,7 @@ def cmd_steer(o: SteerOptions) -> int:
                 f"{vectors.hook_name} and CAA steers there; drop --layer or use vectors made at "
                 f"layer {o.layer}"
             )
-        if o.caa_combine is None:  # CAA's default
-            method = CAA(vectors, normalize=o.normalize)
-        else:
-            method = CAA(vectors, combine=o.caa_combine, normalize=o.normalize)
+        method = CAA(vectors, o.caa)
 
     prompts = [ChatPrompt(q, system=o.system) for q in o.question]
     gen: dict[str, Any] = dict(max_new_tokens=o.max_new_tokens, do_sample=o.sample, seed=o.seed)

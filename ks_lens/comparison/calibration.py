@@ -16,7 +16,7 @@ from ks_lens.evaluation import (
     generate_and_score_rows,
     readout,
 )
-from ks_lens.steering import Steerer, SteeringSpec
+from ks_lens.steering import SteeringMethod, SteeringSpec
 from ks_lens.steering.registry import METHODS, SteeringKit
 from ks_lens.types import Model
 
@@ -24,14 +24,14 @@ from ks_lens.types import Model
 log = logging.getLogger("ks_lens.comparison")
 
 
-def build_methods(config: ComparisonConfig, kit: SteeringKit) -> dict[str, Steerer]:
+def build_methods(config: ComparisonConfig, kit: SteeringKit) -> dict[str, SteeringMethod]:
     """Every method of ``config.methods``, built from ``kit``."""
     return {m: METHODS[m].build(kit) for m in config.methods}
 
 
 def calibrate(
     model: Model,
-    methods: dict[str, Steerer],
+    methods: dict[str, SteeringMethod],
     plan: ComparisonPlan,
     questions: Sequence[str],
     config: ComparisonConfig,

@@ -19,14 +19,14 @@ from ks_lens.evaluation.instructed import (
 )
 from ks_lens.evaluation.style import style_meters
 from ks_lens.probes import Probe
-from ks_lens.steering import Steerer, SteeringSpec
+from ks_lens.steering import SteeringMethod, SteeringSpec
 from ks_lens.steering.base import Steering
 from ks_lens.types import Model
 
 
 def evaluate_activations(
     model: Model,
-    methods: dict[str, Steerer],
+    methods: dict[str, SteeringMethod],
     alphas: dict[str, dict[int, float]],
     plan: ComparisonPlan,
     questions: Sequence[str],
@@ -98,7 +98,7 @@ def _instructed_systems(
 
 def evaluate_text(
     model: Model,
-    methods: dict[str, Steerer],
+    methods: dict[str, SteeringMethod],
     alphas: dict[str, dict[int, float]],
     plan: ComparisonPlan,
     questions: Sequence[str],

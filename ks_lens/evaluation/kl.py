@@ -9,7 +9,7 @@ from typing import Literal, get_args
 from ks_lens.evaluation.readouts import Readout, kl_divergence, readout, readout_groups
 from ks_lens.evaluation.scoring import generate_and_score_groups
 from ks_lens.models.chat import ChatPrompt
-from ks_lens.steering.base import Steerer, Steering, SteeringSpec
+from ks_lens.steering.base import Steering, SteeringMethod, SteeringSpec
 from ks_lens.steering.positions import Positions
 from ks_lens.types import Model
 
@@ -69,7 +69,7 @@ CALIBRATION_METRICS: tuple[CalibrationMetric, ...] = get_args(CalibrationMetric)
 
 def kl_metric(
     model: Model,
-    method: Steerer,
+    method: SteeringMethod,
     specs: Sequence[SteeringSpec],
     prompts: Sequence[ChatPrompt | str],
     *,

@@ -1,20 +1,24 @@
 """Steering methods under TransformerLens hooks: K-Steering, projection removal and CAA.
 
-Every method is a :class:`Steerer`: ``with method.steer(model, target=..., avoid=..., alpha=...)``
-installs hooks for the block and removes them on exit; ``method.hooks(...)`` gives
-``run_with_hooks``-ready hook functions; ``method.apply(x, ...)`` steers a tensor directly.
-CAA's vectors export to llama.cpp control vectors and ``steering-vectors``
-(:mod:`ks_lens.steering.export`).
+Every method is a :class:`SteeringMethod`: ``with method.steer(model, target=..., avoid=...,
+alpha=...)`` installs hooks for the block and removes them on exit; ``method.hooks(...)`` gives
+``run_with_hooks``-ready hook functions. The single-hook methods (K-Steering, CAA, DCT) are
+:class:`Steerer` instances, and ``method.apply(x, ...)`` steers a tensor directly;
+:class:`MultiLayer` steers several hook points at once. Their settings are :class:`KSteeringConfig` and
+:class:`CAAConfig` (:mod:`ks_lens.steering.config`). CAA's vectors export to llama.cpp control
+vectors and ``steering-vectors`` (:mod:`ks_lens.steering.export`).
 """
 
 from ks_lens.steering.base import (
     Steerer,
+    SteeringMethod,
     SteeringSpec,
     grouped_steering_hook,
     steer_groups,
     steering_hook,
 )
 from ks_lens.steering.caa import CAA, SteeringVectors
+from ks_lens.steering.config import CAAConfig, KSteeringConfig
 from ks_lens.steering.dct import DCT, DCTConfig, DCTVectors
 from ks_lens.steering.export import (
     ControlVector,
@@ -38,14 +42,17 @@ __all__ = [
     "CAA",
     "DCT",
     "POSITIONS",
+    "CAAConfig",
     "ControlVector",
     "DCTConfig",
     "DCTVectors",
     "KProjection",
     "KSteering",
+    "KSteeringConfig",
     "MultiLayer",
     "PositionTracker",
     "Steerer",
+    "SteeringMethod",
     "SteeringSpec",
     "SteeringVectors",
     "clip_step",

@@ -3,14 +3,16 @@ context manager that installs them and always removes them.
 
 A steering method is a function ``x' = f(x)`` on activations ``[n, d_model]`` (one row per
 steered token). :func:`steering_hook` turns such a function into a TransformerLens hook that
-applies it at the chosen positions; :class:`Steerer.steer` installs the hooks (and a
+applies it at the chosen positions; :meth:`SteeringMethod.steer` installs the hooks (and a
 :class:`~ks_lens.steering.positions.PositionTracker`) for the duration of a ``with`` block::
 
     with method.steer(model, target=["casual"], alpha=4.0):
         logits = model(tokens)                  # steered
     logits = model(tokens)                      # bit-identical to never having steered
 
-For ``run_with_hooks`` users, :meth:`Steerer.hooks` returns ``[(hook_name, fn), ...]``.
+For ``run_with_hooks`` users, :meth:`SteeringMethod.hooks` returns ``[(hook_name, fn), ...]``.
+A :class:`SteeringMethod` writes at one or more hook points; a :class:`Steerer` is one that
+writes at a single hook point, and can also steer a tensor directly (:meth:`Steerer.apply`).
 """
 
 from __future__ import annotations
@@ -242,28 +244,28 @@ def installed(
         tracker.remove()
 
 
-class Steerer(ABC):
-    """Base class of steering methods: subclasses define :meth:`transform` for a spec."""
+class SteeringMethod(ABC):
+    """What every steering method is: where it writes (:attr:`hook_names`) and how
+    (:meth:`transforms`), with :meth:`hooks` and :meth:`steer` to install it on a model.
+
+    Single-hook methods are :class:`Steerer` instances (they also steer a tensor directly,
+    :meth:`Steerer.apply`); a :class:`~ks_lens.steering.multilayer.MultiLayer` writes at several
+    hook points. :func:`steer_groups` and the comparison take any steering method.
+    """
 
     #: label names the method knows (target/avoid must come from these)
     label_names: tuple[str, ...] = ()
 
     @property
     @abstractmethod
-    def hook_name(self) -> str:
-        """The hook point the method was made for (its probe's or vectors' hook)."""
+    def hook_names(self) -> tuple[str, ...]:
+        """Every hook point the method writes at, in the order of :meth:`transforms`."""
 
     @abstractmethod
-    def transform(self, spec: SteeringSpec) -> Transform:
-        """The function ``x -> x'`` applied to each steered token's activation."""
-
     def transforms(self, spec: SteeringSpec) -> list[tuple[str, Transform]]:
-        """``[(hook_name, transform)]``: where and how the method steers for ``spec``.
-
-        One pair (the method's own hook point) for single-hook methods; multi-layer methods
-        (:class:`~ks_lens.steering.multilayer.MultiLayer`) return one pair per hook point.
-        """
-        return [(self.hook_name, self.transform(spec))]
+        """``[(hook_name, transform)]``: where and how the method steers for ``spec``; each
+        transform is a function ``x -> x'`` applied to each steered token's activation at its
+        hook point."""
 
     def check_model(self, model: Model) -> None:  # noqa: B027 - optional override
         """Raise if the method's artefacts were made for another model."""
@@ -275,9 +277,8 @@ class Steerer(ABC):
 
     def _check_width(self, got: Any, arg: str) -> None:
         if self.d_model is not None:
-            check_d_model(
-                got, self.d_model, arg, f"{type(self).__name__} (made at {self.hook_name})"
-            )
+            where = ", ".join(self.hook_names)
+            check_d_model(got, self.d_model, arg, f"{type(self).__name__} (made at {where})")
 
     def spec(
         self,
@@ -287,38 +288,23 @@ class Steerer(ABC):
     ) -> SteeringSpec:
         return SteeringSpec.make(target, avoid, alpha, self.label_names)
 
-    def apply(
+    def _at_hooks(
         self,
-        x: Float[torch.Tensor, "... d_model"],
-        target: Sequence[str] | str | None = None,
-        avoid: Sequence[str] | str | None = None,
-        alpha: float = 1.0,
-    ) -> Float[torch.Tensor, "... d_model"]:
-        """Steer a tensor of activations directly (no model): ``x'`` of the same shape."""
-        self._check_width(x, "x")
-        f = self.transform(self.spec(target, avoid, alpha))
-        shape = x.shape
-        return f(x.reshape(-1, shape[-1])).reshape(shape)
-
-    def _hook_names(
-        self, model: Model, hook_names: Sequence[str] | str | None, allow_other_hooks: bool
-    ) -> list[str]:
-        if hook_names is None:
-            names = [self.hook_name]
-        elif isinstance(hook_names, str):
-            names = [hook_names]
-        else:
-            names = list(hook_names)
-        if not names:
-            raise ConfigError("no hook points to steer at")
-        for name in names:
-            check_steerable(model, name)
-            if not same_hook_point(name, self.hook_name, model) and not allow_other_hooks:
-                raise MetadataMismatchError(
-                    f"{type(self).__name__} was made at {self.hook_name!r}; steering at {name!r} uses it "
-                    "outside the hook point it was trained on. Pass allow_other_hooks=True to do so anyway."
-                )
-        return names
+        model: Model,
+        spec: SteeringSpec,
+        hook_names: Sequence[str] | str,
+        allow_other_hooks: bool,
+    ) -> list[tuple[str, Transform]]:
+        """The transforms for ``hooks(..., hook_names=...)``: a method writing at several hook
+        points takes only its own (either spelling); :class:`Steerer` also takes others."""
+        wanted = [hook_names] if isinstance(hook_names, str) else list(hook_names)
+        own = {canonical_hook_name(h, model) for h in self.hook_names}
+        if {canonical_hook_name(h, model) for h in wanted} != own:
+            raise ConfigError(
+                f"a {type(self).__name__} method steers at its members' hook points "
+                f"{list(self.hook_names)}; other hook_names are not supported"
+            )
+        return self.transforms(spec)
 
     def hooks(
         self,
@@ -364,12 +350,10 @@ class Steerer(ABC):
         spec = self.spec(target, avoid, alpha)
         if hook_names is None:
             pairs = self.transforms(spec)
-            for name, _ in pairs:
-                check_steerable(model, name)
         else:
-            names = self._hook_names(model, hook_names, allow_other_hooks)
-            f = self.transform(spec)
-            pairs = [(name, f) for name in names]
+            pairs = self._at_hooks(model, spec, hook_names, allow_other_hooks)
+        for name, _ in pairs:
+            check_steerable(model, name)
         return [(name, steering_hook(f, positions, tracker)) for name, f in pairs]
 
     @contextmanager
@@ -426,6 +410,64 @@ class Steerer(ABC):
             yield tracker
 
 
+class Steerer(SteeringMethod):
+    """Base class of single-hook steering methods: subclasses define :attr:`hook_name` and
+    :meth:`transform` for a spec; :meth:`apply` steers a tensor directly."""
+
+    @property
+    @abstractmethod
+    def hook_name(self) -> str:
+        """The hook point the method was made for (its probe's or vectors' hook)."""
+
+    @abstractmethod
+    def transform(self, spec: SteeringSpec) -> Transform:
+        """The function ``x -> x'`` applied to each steered token's activation."""
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        """``(hook_name,)``."""
+        return (self.hook_name,)
+
+    def transforms(self, spec: SteeringSpec) -> list[tuple[str, Transform]]:
+        """``[(hook_name, transform(spec))]``: one pair, at the method's own hook point."""
+        return [(self.hook_name, self.transform(spec))]
+
+    def apply(
+        self,
+        x: Float[torch.Tensor, "... d_model"],
+        target: Sequence[str] | str | None = None,
+        avoid: Sequence[str] | str | None = None,
+        alpha: float = 1.0,
+    ) -> Float[torch.Tensor, "... d_model"]:
+        """Steer a tensor of activations directly (no model): ``x'`` of the same shape."""
+        self._check_width(x, "x")
+        f = self.transform(self.spec(target, avoid, alpha))
+        shape = x.shape
+        return f(x.reshape(-1, shape[-1])).reshape(shape)
+
+    def _at_hooks(
+        self,
+        model: Model,
+        spec: SteeringSpec,
+        hook_names: Sequence[str] | str,
+        allow_other_hooks: bool,
+    ) -> list[tuple[str, Transform]]:
+        """The transform at each of ``hook_names``: hook points other than the method's own
+        need ``allow_other_hooks``."""
+        names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
+        if not names:
+            raise ConfigError("no hook points to steer at")
+        for name in names:
+            check_steerable(model, name)
+            if not same_hook_point(name, self.hook_name, model) and not allow_other_hooks:
+                raise MetadataMismatchError(
+                    f"{type(self).__name__} was made at {self.hook_name!r}; steering at {name!r} uses it "
+                    "outside the hook point it was trained on. Pass allow_other_hooks=True to do so anyway."
+                )
+        f = self.transform(spec)
+        return [(name, f) for name in names]
+
+
 #: one steering configuration, a plain ``(method, spec)`` tuple (in a sequence of them, ``None``
 #: means "unsteered")
-Steering: TypeAlias = tuple[Steerer, SteeringSpec]
+Steering: TypeAlias = tuple[SteeringMethod, SteeringSpec]

@@ -42,14 +42,18 @@ from ks_lens.hooks import (
 from ks_lens.io import load_artifact, save_artifact
 from ks_lens.models import check_signature
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
+from ks_lens.steering.config import (
+    CAA_COMBINES,
+    AvoidMode,
+    CaaCombine,
+    CAAConfig,
+    check_choice,
+    resolve_config,
+)
 from ks_lens.types import Model
 
 VectorMethod = Literal["mean_diff", "mean_centring"]
-CaaCombine = Literal["mean", "sum"]
-AvoidMode = Literal["subtract", "ablate"]
 VECTOR_METHODS: tuple[VectorMethod, ...] = get_args(VectorMethod)
-CAA_COMBINES: tuple[CaaCombine, ...] = get_args(CaaCombine)
-AVOID_MODES: tuple[AvoidMode, ...] = get_args(AvoidMode)
 
 
 class SteeringVectors:
@@ -118,8 +122,7 @@ class SteeringVectors:
             >>> vecs.hook_name, vecs.vectors.shape == (6, model.cfg.d_model)   # [n_labels, d_model]
             ('blocks.2.hook_resid_post', True)
         """
-        if method not in VECTOR_METHODS:
-            raise ConfigError(f"unknown method {method!r}; use one of {VECTOR_METHODS}")
+        check_choice("method", method, VECTOR_METHODS)
         x = acts.at(layer, kind).float()
         n_model = acts.meta.get("model", {}).get("n_layers")
         if isinstance(layer, int) and layer < 0 and isinstance(n_model, int):
@@ -173,8 +176,7 @@ class SteeringVectors:
         normalize: bool = False,
     ) -> Float[torch.Tensor, " d_model"]:
         """One vector for a target/avoid combination (see the module docstring)."""
-        if how not in CAA_COMBINES:
-            raise ConfigError(f"unknown combine {how!r}; use one of {CAA_COMBINES}")
+        check_choice("combine", how, CAA_COMBINES)
         t = self.indices(target)
         a = self.indices(avoid)
         v = torch.zeros(self.vectors.shape[1])
@@ -250,29 +252,32 @@ class CAA(Steerer):
         True
 
     Args:
+        vectors: the per-label vectors; steering happens at ``vectors.hook_name``.
+        config: the settings, a :class:`~ks_lens.steering.config.CAAConfig`; or give its fields
+            as keyword options (``CAA(vectors, combine="sum")``), not both:
         combine: ``"mean"`` (reference baseline) or ``"sum"`` of the per-label vectors.
         normalize: rescale the combined vector to unit L2 norm (alpha is then the L2 length added).
         avoid_mode: ``"subtract"`` (avoid vectors enter the combination with a minus sign) or
             ``"ablate"`` (project the avoid directions out of ``x``).
     """
 
-    def __init__(
-        self,
-        vectors: SteeringVectors,
-        *,
-        combine: CaaCombine = "mean",
-        normalize: bool = False,
-        avoid_mode: AvoidMode = "subtract",
-    ):
-        if combine not in CAA_COMBINES:
-            raise ConfigError(f"unknown combine {combine!r}; use one of {CAA_COMBINES}")
-        if avoid_mode not in AVOID_MODES:
-            raise ConfigError("avoid_mode must be 'subtract' or 'ablate'")
+    def __init__(self, vectors: SteeringVectors, config: CAAConfig | None = None, **options: Any):
         self.vectors = vectors
-        self.combine = combine
-        self.normalize = normalize
-        self.avoid_mode = avoid_mode
+        #: the method's settings (validated on construction)
+        self.config = resolve_config(CAAConfig, config, options, "CAA")
         self.label_names = vectors.label_names
+
+    @property
+    def combine(self) -> CaaCombine:
+        return self.config.combine
+
+    @property
+    def normalize(self) -> bool:
+        return self.config.normalize
+
+    @property
+    def avoid_mode(self) -> AvoidMode:
+        return self.config.avoid_mode
 
     def __repr__(self) -> str:
         return f"CAA(hook={self.hook_name!r}, combine={self.combine!r}, normalize={self.normalize}, avoid_mode={self.avoid_mode!r})"

@@ -45,9 +45,8 @@ vector-Jacobian product.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float
@@ -56,17 +55,21 @@ from ks_lens.errors import ConfigError, LabelError, WrongTypeError
 from ks_lens.hooks import HOOK_KINDS, check_steerable_kind
 from ks_lens.probes import Probe
 from ks_lens.steering.base import Steerer, SteeringSpec, Transform
+from ks_lens.steering.config import (
+    COMBINES,
+    OBJECTIVES,
+    STEP_NORMS,
+    Combine,
+    KSteeringConfig,
+    Objective,
+    Precondition,
+    StepNorm,
+    resolve_config,
+    unknown_choice,
+)
 from ks_lens.types import Model
 
-Objective = Literal["logits", "logsigmoid", "softmin"]
-Combine = Literal["sum", "balanced", "pcgrad"]
-StepNorm = Literal["unit", "relative"]
-Precondition = Literal["diag"]
 Projection = Literal["reflect", "remove"]
-OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
-COMBINES: tuple[Combine, ...] = get_args(Combine)
-STEP_NORMS: tuple[StepNorm | None, ...] = (None, *get_args(StepNorm))
-PRECONDITIONS: tuple[Precondition | None, ...] = (None, *get_args(Precondition))
 PROJECTIONS: tuple[Projection, ...] = get_args(Projection)
 _EPS = 1e-12
 
@@ -98,7 +101,7 @@ def label_coefficients(
         if a:
             c[:, a] = 1.0 / len(a)
     else:
-        raise ConfigError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+        raise unknown_choice("objective", objective, OBJECTIVES)
     return c
 
 
@@ -125,7 +128,7 @@ def objective_value(
         lt = temperature * torch.logsumexp(-logits[:, t] / temperature, dim=-1) if t else zero
         la = logits[:, a].mean(-1) if a else zero
         return lt + la
-    raise ConfigError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+    raise unknown_choice("objective", objective, OBJECTIVES)
 
 
 def _grad_context():
@@ -187,7 +190,7 @@ def combine_gradients(
                 gi = gi - coef * gj
             out[i] = gi
         return out.sum(0)
-    raise ConfigError(f"unknown combine {how!r}; use one of {COMBINES}")
+    raise unknown_choice("combine", how, COMBINES)
 
 
 def normalise_step(
@@ -200,7 +203,7 @@ def normalise_step(
         return unit
     if how == "relative":
         return unit * x.norm(dim=-1, keepdim=True)
-    raise ConfigError(f"unknown step_norm {how!r}; use one of {STEP_NORMS}")
+    raise unknown_choice("step_norm", how, STEP_NORMS)
 
 
 def clip_step(
@@ -246,6 +249,8 @@ class KSteering(_ProbeSteerer):
 
     Args:
         probe: the probe; steering happens at ``probe.hook_name`` (``d_model`` must match).
+        config: the settings, a :class:`~ks_lens.steering.config.KSteeringConfig`; or give its
+            fields as keyword options (``KSteering(probe, steps=3)``), not both:
         steps: gradient steps per token (>= 1); ``decay``: step ``k`` uses ``alpha * decay**k``.
         step_norm: ``None`` (raw gradient), ``"unit"`` (steps of length alpha) or
             ``"relative"`` (steps of length ``alpha * |x|``).
@@ -269,56 +274,42 @@ class KSteering(_ProbeSteerer):
         True
     """
 
-    def __init__(
-        self,
-        probe: Probe,
-        *,
-        steps: int = 1,
-        decay: float = 0.95,
-        step_norm: StepNorm | None = None,
-        objective: Objective = "logits",
-        combine: Combine = "sum",
-        temperature: float = 1.0,
-        max_step: float | None = None,
-        precondition: Precondition | None = None,
-    ):
+    def __init__(self, probe: Probe, config: KSteeringConfig | None = None, **options: Any):
         super().__init__(probe)
-        if precondition not in PRECONDITIONS:
-            raise ConfigError(f"unknown precondition {precondition!r}; use one of {PRECONDITIONS}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"steps must be a positive int, got {steps!r}")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
-            raise ConfigError(f"decay must be in (0, 1], got {decay!r}")
-        if step_norm not in STEP_NORMS:
-            raise ConfigError(f"unknown step_norm {step_norm!r}; use one of {STEP_NORMS}")
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
-        if combine not in COMBINES:
-            raise ConfigError(f"unknown combine {combine!r}; use one of {COMBINES}")
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ConfigError(f"temperature must be a positive finite number, got {temperature!r}")
-        if max_step is not None and (
-            isinstance(max_step, bool)
-            or not isinstance(max_step, (int, float))
-            or not math.isfinite(max_step)
-            or max_step <= 0
-        ):
-            raise ConfigError(
-                f"max_step must be a positive finite fraction of |x| (or None), got {max_step!r}"
-            )
-        self.steps = steps
-        self.decay = float(decay)
-        self.max_step = None if max_step is None else float(max_step)
-        self.step_norm = step_norm
-        self.objective = objective
-        self.combine = combine
-        self.temperature = float(temperature)
-        self.precondition = precondition
+        #: the method's settings (validated on construction)
+        self.config = resolve_config(KSteeringConfig, config, options, "KSteering")
+
+    @property
+    def steps(self) -> int:
+        return self.config.steps
+
+    @property
+    def decay(self) -> float:
+        return self.config.decay
+
+    @property
+    def step_norm(self) -> StepNorm | None:
+        return self.config.step_norm
+
+    @property
+    def objective(self) -> Objective:
+        return self.config.objective
+
+    @property
+    def combine(self) -> Combine:
+        return self.config.combine
+
+    @property
+    def temperature(self) -> float:
+        return self.config.temperature
+
+    @property
+    def max_step(self) -> float | None:
+        return self.config.max_step
+
+    @property
+    def precondition(self) -> Precondition | None:
+        return self.config.precondition
 
     def __repr__(self) -> str:
         return (

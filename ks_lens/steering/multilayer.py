@@ -12,6 +12,11 @@ alpha and the total push is shared among the layers rather than multiplied by th
 Members steer in the model's order (an earlier layer's change reaches the later member's input,
 and the later member's probe reads it). All members must know the same labels and sit at
 different hook points.
+
+A ``MultiLayer`` is a :class:`~ks_lens.steering.base.SteeringMethod` (``steer()``, ``hooks()``,
+``transforms()``, :func:`~ks_lens.steering.base.steer_groups`, the comparison), not a
+:class:`~ks_lens.steering.base.Steerer`: it has no single hook point, transform or
+``apply()`` on one tensor (steer a member's tensor with ``ml.members[i].apply``).
 """
 
 from __future__ import annotations
@@ -20,17 +25,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-import torch
-from jaxtyping import Float
-
 from ks_lens.errors import ConfigError, LabelError, WrongTypeError
-from ks_lens.hooks import canonical_hook_name
-from ks_lens.steering.base import HookList, Steerer, SteeringSpec, Transform
-from ks_lens.steering.positions import Positions, PositionTracker
+from ks_lens.steering.base import Steerer, SteeringMethod, SteeringSpec, Transform
 from ks_lens.types import Model
 
 
-class MultiLayer(Steerer):
+class MultiLayer(SteeringMethod):
     """Several single-hook steerers applied together, with ``alpha`` split by ``weights``.
 
     Args:
@@ -44,7 +44,7 @@ class MultiLayer(Steerer):
         if not members:
             raise ConfigError("MultiLayer needs at least one member steerer")
         for m in members:
-            if not isinstance(m, Steerer) or isinstance(m, MultiLayer):
+            if not isinstance(m, Steerer):
                 raise WrongTypeError(
                     f"MultiLayer members must be single-hook Steerers, got {type(m).__name__}"
                 )
@@ -76,12 +76,8 @@ class MultiLayer(Steerer):
         return f"MultiLayer([{inner}])"
 
     @property
-    def hook_name(self) -> str:
-        """The first member's hook point (every member's is in :attr:`hook_names`)."""
-        return self.members[0].hook_name
-
-    @property
     def hook_names(self) -> tuple[str, ...]:
+        """Each member's hook point, in the members' order."""
         return tuple(m.hook_name for m in self.members)
 
     @property
@@ -97,43 +93,3 @@ class MultiLayer(Steerer):
             (m.hook_name, m.transform(replace(spec, alpha=spec.alpha * w)))
             for m, w in zip(self.members, self.weights, strict=True)
         ]
-
-    def transform(self, spec: SteeringSpec) -> Transform:
-        raise ConfigError(
-            "a MultiLayer method has one transform per hook point: use transforms(spec), or steer "
-            "with steer()/hooks()"
-        )
-
-    def apply(
-        self,
-        x: Float[torch.Tensor, "... d_model"],
-        target: Sequence[str] | str | None = None,
-        avoid: Sequence[str] | str | None = None,
-        alpha: float = 1.0,
-    ) -> Float[torch.Tensor, "... d_model"]:
-        raise ConfigError(
-            "a MultiLayer method steers several layers of a model; apply() to one tensor is "
-            "undefined. Apply a member (ml.members[i].apply) or steer the model"
-        )
-
-    def hooks(
-        self,
-        model: Model,
-        target: Sequence[str] | str | None = None,
-        avoid: Sequence[str] | str | None = None,
-        alpha: float = 1.0,
-        *,
-        positions: Positions = "all",
-        hook_names: Sequence[str] | str | None = None,
-        allow_other_hooks: bool = False,
-        tracker: PositionTracker | None = None,
-    ) -> HookList:
-        if hook_names is not None:
-            wanted = [hook_names] if isinstance(hook_names, str) else list(hook_names)
-            own = {canonical_hook_name(h, model) for h in self.hook_names}
-            if {canonical_hook_name(h, model) for h in wanted} != own:
-                raise ConfigError(
-                    f"a MultiLayer method steers at its members' hook points {list(self.hook_names)}; "
-                    "other hook_names are not supported"
-                )
-        return super().hooks(model, target, avoid, alpha, positions=positions, tracker=tracker)

@@ -21,7 +21,7 @@ prompt length of the first call, so ``model.generate(..., use_past_kv_cache=Fals
 ``steer()`` selects the same positions as with the cache. For inputs given as embeddings, fix the
 prompt length with :meth:`PositionTracker.expect_prompt`.
 
-Hooks made by :meth:`~ks_lens.steering.base.Steerer.hooks` without a tracker cannot see any of
+Hooks made by :meth:`~ks_lens.steering.base.SteeringMethod.hooks` without a tracker cannot see any of
 this (each decode step looks like a new prompt), so they accept only ``positions="all"``; use
 ``with method.steer(model, ..., positions=...)`` around ``model.generate`` / ``run_with_hooks``.
 """

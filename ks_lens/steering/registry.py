@@ -3,8 +3,10 @@ a comparison can name.
 
 :class:`SteeringKit` holds what a setup trained at the steering layer (probe, CAA vectors,
 probes at other layers, a linear probe, mapped DCT vectors); :data:`METHODS` maps each method's
-name to its :class:`MethodDef` (display label, description, how it is built from a kit, and the
-alpha the calibration search starts from). :data:`REFERENCE_METHODS` is the default set of a
+name to its :class:`MethodDef` (display label, description, how it is built from a kit, the
+alpha the calibration search starts from, and the steerer's settings: a
+:class:`~ks_lens.steering.config.KSteeringConfig` or :class:`~ks_lens.steering.config.CAAConfig`,
+from which :func:`ksteer_method` and :func:`caa_method` build it). :data:`REFERENCE_METHODS` is the default set of a
 comparison (``ks_lens.comparison.ComparisonConfig.methods``).
 """
 
@@ -15,8 +17,9 @@ from dataclasses import dataclass, field
 
 from ks_lens.errors import ConfigError
 from ks_lens.probes import Probe
-from ks_lens.steering.base import Steerer
+from ks_lens.steering.base import SteeringMethod
 from ks_lens.steering.caa import CAA, SteeringVectors
+from ks_lens.steering.config import CAAConfig, KSteeringConfig
 from ks_lens.steering.dct import DCT, DCTVectors
 from ks_lens.steering.ksteer import KSteering
 from ks_lens.steering.multilayer import MultiLayer
@@ -64,93 +67,117 @@ class SteeringKit:
 class MethodDef:
     label: str  # short name for tables and plots
     description: str
-    build: Callable[[SteeringKit], Steerer]
+    build: Callable[[SteeringKit], SteeringMethod]
     alpha0: float  # starting point of the calibration search
+    config: KSteeringConfig | CAAConfig | None = None  # the steerer's settings (DCT has none)
+
+
+def caa_method(label: str, description: str, config: CAAConfig, alpha0: float) -> MethodDef:
+    """A CAA method on the kit's vectors, with ``config``."""
+    return MethodDef(label, description, lambda kit: CAA(kit.vectors, config), alpha0, config)
+
+
+def ksteer_method(
+    label: str,
+    description: str,
+    config: KSteeringConfig,
+    alpha0: float,
+    probe: Callable[[SteeringKit], Probe] = lambda kit: kit.probe,
+) -> MethodDef:
+    """A K-Steering method with ``config`` on the kit's steering probe (or ``probe(kit)``)."""
+    return MethodDef(label, description, lambda kit: KSteering(probe(kit), config), alpha0, config)
+
+
+def _multilayer(kit: SteeringKit, config: KSteeringConfig) -> MultiLayer:
+    return MultiLayer([KSteering(p, config) for p in kit.multilayer_probes()])
 
 
 CLIP_FRACTION = 0.25  # ksteer_clip: per-token trust region, as a fraction of |x|
+_MULTILAYER = KSteeringConfig()
 
 METHODS: dict[str, MethodDef] = {
-    "caa_mean": MethodDef(
+    "caa_mean": caa_method(
         "CAA (mean)",
         "CAA, mean of per-label vectors (reference baseline)",
-        lambda kit: CAA(kit.vectors, combine="mean"),
+        CAAConfig(combine="mean"),
         1.0,
     ),
-    "caa_sum": MethodDef(
+    "caa_sum": caa_method(
         "CAA (sum)",
         "CAA, sum of per-label vectors, unit norm",
-        lambda kit: CAA(kit.vectors, combine="sum", normalize=True),
+        CAAConfig(combine="sum", normalize=True),
         20.0,
     ),
-    "ksteer": MethodDef(
-        "K-Steering", "K-Steering, 1 gradient step", lambda kit: KSteering(kit.probe, steps=1), 30.0
+    "ksteer": ksteer_method(
+        "K-Steering", "K-Steering, 1 gradient step", KSteeringConfig(steps=1), 30.0
     ),
-    "ksteer_multistep": MethodDef(
+    "ksteer_multistep": ksteer_method(
         "K-Steering (3 steps)",
         "K-Steering, 3 steps with decay 0.95",
-        lambda kit: KSteering(kit.probe, steps=3, decay=0.95),
+        KSteeringConfig(steps=3, decay=0.95),
         10.0,
     ),
-    "ksteer_linear": MethodDef(
+    "ksteer_linear": ksteer_method(
         "K-Steer linear probe",
         "K-Steering, 1 gradient step, with a linear probe (same source and layer as the MLP probe)",
-        lambda kit: KSteering(kit.linear(), steps=1),
+        KSteeringConfig(steps=1),
         30.0,
+        probe=SteeringKit.linear,
     ),
-    "ksteer_balanced": MethodDef(
+    "ksteer_balanced": ksteer_method(
         "K-Steer balanced",
         "K-Steering, per-label gradients balanced to equal norm",
-        lambda kit: KSteering(kit.probe, combine="balanced"),
+        KSteeringConfig(combine="balanced"),
         30.0,
     ),
-    "ksteer_pcgrad": MethodDef(
+    "ksteer_pcgrad": ksteer_method(
         "K-Steer PCGrad",
         "K-Steering, conflicting label gradients projected out (PCGrad)",
-        lambda kit: KSteering(kit.probe, combine="pcgrad"),
+        KSteeringConfig(combine="pcgrad"),
         30.0,
     ),
-    "ksteer_logsigmoid": MethodDef(
+    "ksteer_logsigmoid": ksteer_method(
         "K-Steer log-sigmoid",
         "K-Steering, log-sigmoid objective (saturated targets stop pulling)",
-        lambda kit: KSteering(kit.probe, objective="logsigmoid", steps=3, decay=0.95),
+        KSteeringConfig(objective="logsigmoid", steps=3, decay=0.95),
         30.0,
     ),
-    "ksteer_softmin": MethodDef(
+    "ksteer_softmin": ksteer_method(
         "K-Steer soft-min",
         "K-Steering, soft-min objective (weakest target pulls hardest)",
-        lambda kit: KSteering(kit.probe, objective="softmin", steps=3, decay=0.95),
+        KSteeringConfig(objective="softmin", steps=3, decay=0.95),
         30.0,
     ),
-    "ksteer_unit": MethodDef(
+    "ksteer_unit": ksteer_method(
         "K-Steer unit step",
         "K-Steering, each token's step normalised to length alpha",
-        lambda kit: KSteering(kit.probe, step_norm="unit"),
+        KSteeringConfig(step_norm="unit"),
         4.0,
     ),
-    "ksteer_relative": MethodDef(
+    "ksteer_relative": ksteer_method(
         "K-Steer relative step",
         "K-Steering, each token's step normalised to alpha x |x|",
-        lambda kit: KSteering(kit.probe, step_norm="relative"),
+        KSteeringConfig(step_norm="relative"),
         0.1,
     ),
-    "ksteer_precond": MethodDef(
+    "ksteer_precond": ksteer_method(
         "K-Steer preconditioned",
         "K-Steering, 1 step in the probe's input geometry (gradient x the input variances)",
-        lambda kit: KSteering(kit.probe, precondition="diag"),
+        KSteeringConfig(precondition="diag"),
         3.0,
     ),
-    "ksteer_clip": MethodDef(
+    "ksteer_clip": ksteer_method(
         "K-Steer clipped",
         f"K-Steering, each token's step clipped to {CLIP_FRACTION:g} x |x| (trust region)",
-        lambda kit: KSteering(kit.probe, max_step=CLIP_FRACTION),
+        KSteeringConfig(max_step=CLIP_FRACTION),
         30.0,
     ),
     "ksteer_multilayer": MethodDef(
         "K-Steer multi-layer",
         "K-Steering at several layers (probes at each), alpha split equally",
-        lambda kit: MultiLayer([KSteering(p) for p in kit.multilayer_probes()]),
+        lambda kit: _multilayer(kit, _MULTILAYER),
         30.0,
+        _MULTILAYER,
     ),
     "dct": MethodDef(
         "DCT",
@@ -179,4 +206,6 @@ __all__ = [
     "REFERENCE_METHODS",
     "MethodDef",
     "SteeringKit",
+    "caa_method",
+    "ksteer_method",
 ]
