@@ -56,7 +56,7 @@ from ks_lens.activations.container import (
     Mode,
     Pooling,
 )
-from ks_lens.activations.prefix import PrefixCache, prefix_cache, prefix_pass
+from ks_lens.activations.prefix import PrefixCache, prefix_cache, prefix_pass, stacked_cache
 from ks_lens.activations.store import STORE_FORMAT, ActivationStore, collect_to_store
 
 __all__ = [
@@ -80,6 +80,7 @@ __all__ = [
     "plan_rows",
     "prefix_cache",
     "prefix_pass",
+    "stacked_cache",
     "system_prefix",
 ]
 
