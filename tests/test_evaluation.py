@@ -401,3 +401,61 @@ def test_scoring_starts_at_the_steered_layer_and_equals_whole_passes(
     np.testing.assert_allclose(fast.nll, whole.nll, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fast.kl, whole.kl, rtol=1e-4, atol=1e-4)
     assert len({tuple(a) for a in fast.answer_ids[:3]}) > 1  # the steering changed the answers
+
+
+def test_stacked_cache_left_pads_each_rows_question(tiny_model):
+    """Row b of the stacked cache holds its own question's keys and values, right aligned, zero
+    (and masked) on the left; layers below from_layer hold zeros only."""
+    from ks_lens.activations import prefix_pass, stacked_cache
+    from ks_lens.chat import ChatPrompt, encode_chat
+
+    tok = tiny_model.tokenizer
+    ids = [encode_chat(tok, ChatPrompt(q)) for q in ["Hi?", "Why is the sky blue today?"]]
+    short, long_ = (prefix_pass(tiny_model, i)[0] for i in ids)
+    assert short is not None and long_ is not None and len(short) < len(long_)
+    cache, mask = stacked_cache(tiny_model, [short, long_, short], from_layer=1)
+    pad = len(long_) - len(short)
+    assert mask.tolist() == [[0] * pad + [1] * len(short), [1] * len(long_), mask[0].tolist()]
+    keys = cache.layers[1].keys
+    assert keys.shape[0] == 3 and keys.shape[-2] == len(long_)
+    torch.testing.assert_close(keys[0, :, pad:], short.kv[1][0][0], rtol=0, atol=0)
+    torch.testing.assert_close(keys[1], long_.kv[1][0][0], rtol=0, atol=0)
+    assert not keys[0, :, :pad].any() and not cache.layers[0].keys.any()
+    with pytest.raises(ks.ConfigError, match="no prefixes"):
+        stacked_cache(tiny_model, [])
+
+
+def test_answers_to_several_questions_share_a_pass_and_questions_run_once(
+    tiny_model, tiny_probe, monkeypatch
+):
+    """Chunks mix answers to different questions (left-padded question caches); a QuestionPasses
+    kept across calls runs each question once in all; the numbers equal scoring every answer
+    alone, and passes made with one model are refused for another."""
+    import ks_lens.activations as acts
+    from ks_lens.evaluation import QuestionPasses, scoring
+
+    stacked: list[int] = []
+    real_stack, real_pass = acts.stacked_cache, acts.prefix_pass
+    ran: list[int] = []
+    monkeypatch.setattr(
+        acts, "stacked_cache", lambda m, p, **k: stacked.append(len(p)) or real_stack(m, p, **k)
+    )
+    monkeypatch.setattr(acts, "prefix_pass", lambda m, i, n=(): ran.append(1) or real_pass(m, i, n))
+    qs = ["Hi?", "Why is the sky blue today?", "Name a river."]
+    rows = [(0, 0), (0, 1), (0, 2), (0, 1)]
+    kw = dict(response_probe=tiny_probe, max_new_tokens=4, batch_size=4)
+    passes = QuestionPasses()
+    first = scoring.generate_and_score_rows(tiny_model, qs, [None], rows, passes=passes, **kw)
+    assert stacked and max(stacked) > 1 and len(ran) == 3 == len(passes)
+    again = scoring.generate_and_score_rows(tiny_model, qs, [None], rows, passes=passes, **kw)
+    assert len(ran) == 3  # every question's pass came from the store
+    alone = scoring.generate_and_score_rows(
+        tiny_model, qs, [None], rows, **{**kw, "batch_size": 1}
+    )
+    for other in (again, alone):
+        assert other.answer_ids == first.answer_ids
+        torch.testing.assert_close(other.probs, first.probs, atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(other.nll, first.nll, atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(other.kl, first.kl, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ks.ConfigError, match="another model"):
+        passes.get(ks.load_model("tiny-random-llama"), [1, 2, 3], [])

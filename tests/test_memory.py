@@ -175,16 +175,16 @@ def test_answers_are_scored_right_after_their_batch(tiny_model, tiny_probe, monk
     held: list[int] = []
     passes: list[int] = []
     real_gen = scoring.generate_from_batch
-    real_question = scoring._AnswerScorer.question
+    real_batch = scoring._AnswerScorer.batch
     real_pass = prefix.prefix_pass
 
     def gen(*a, **k):
         events.append("generate")
         return real_gen(*a, **k)
 
-    def question(self, q, rows):
-        events.append(f"score {q}")
-        real_question(self, q, rows)
+    def batch(self, rows):
+        events.append(f"score {sorted({self.question_of[r] for r in rows})}")
+        real_batch(self, rows)
         held.append(sum(x is not None for x in self.step_logits))
 
     def counted(model, ids, names=()):
@@ -192,18 +192,18 @@ def test_answers_are_scored_right_after_their_batch(tiny_model, tiny_probe, monk
         return real_pass(model, ids, names)
 
     monkeypatch.setattr(scoring, "generate_from_batch", gen)
-    monkeypatch.setattr(scoring._AnswerScorer, "question", question)
+    monkeypatch.setattr(scoring._AnswerScorer, "batch", batch)
     monkeypatch.setattr(prefix, "prefix_pass", counted)
     questions = ["Hi?", "Why is the sky blue today?", "How do I boil an egg, please?"]
     rows = [(0, i) for i in range(3)] + [(0, 2), (0, 1), (0, 0)] + [(0, 1)]
     kw = dict(response_probe=tiny_probe, max_new_tokens=4, batch_size=2)
     inc = scoring.generate_and_score_rows(tiny_model, questions, [None], rows, **kw)
     # the shortest question's two answers fill the first batch; they are scored before the next
-    assert events[:2] == ["generate", "score 0"] and events.count("generate") == 4
+    assert events[:2] == ["generate", "score [0]"] and events.count("generate") == 4
     # at most the rest of the current batch waits (batches of 2), nothing at the end
     assert held and max(held) <= 1 and held[-1] == 0
     assert len(passes) == 3  # question 1's three answers span two batches: one pass
-    monkeypatch.setattr(scoring._AnswerScorer, "question", real_question)
+    monkeypatch.setattr(scoring._AnswerScorer, "batch", real_batch)
     whole = scoring._score_answers(
         tiny_model,
         [scoring.encode_chat(tiny_model.tokenizer, scoring.ChatPrompt(q)) for q in questions],

@@ -207,6 +207,7 @@ def plain_forward(
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     cache: Any = None,
     logits_to_keep: int = 0,
     full_bridge: bool = False,
@@ -218,10 +219,14 @@ def plain_forward(
     vocab]``, or ``None`` when ``logits_to_keep`` is negative (no unembedding: for passes that
     only record activations). ``cache`` is a Hugging Face KV cache the pass extends (handed to the
     model under the keyword its transformers version takes: :func:`cache_keyword`).
+    ``position_ids`` ``[batch, pos]`` (default: the model's, continuing after the cache) are
+    passed on.
     """
     keep = max(logits_to_keep, 1) if logits_to_keep < 0 else logits_to_keep
     hf: Any = model.original_model
-    cached = {cache_keyword(hf): cache} if cache is not None else {}
+    extra: dict[str, Any] = {cache_keyword(hf): cache} if cache is not None else {}
+    if position_ids is not None:
+        extra["position_ids"] = position_ids
     if cache is not None and full_bridge:
         check_bridge_cache()
     with hf_modules(model, enabled=not full_bridge) as plain:
@@ -231,14 +236,14 @@ def plain_forward(
                 attention_mask=attention_mask,
                 use_cache=cache is not None,
                 logits_to_keep=keep,
-                **cached,
+                **extra,
             )
             return None if logits_to_keep < 0 else out.logits
         if logits_to_keep < 0:
-            model(input_ids, attention_mask=attention_mask, return_type=None, **cached)
+            model(input_ids, attention_mask=attention_mask, return_type=None, **extra)
             return None
         logits: torch.Tensor = model(
-            input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **cached
+            input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **extra
         )
         return logits
 

@@ -44,6 +44,46 @@ class PrefixCache:
         return cache
 
 
+def stacked_cache(
+    model: Model, prefixes: Sequence[PrefixCache], *, from_layer: int = 0
+) -> tuple[Any, torch.Tensor]:
+    """A fresh Hugging Face ``DynamicCache`` whose row ``b`` holds ``prefixes[b]``, left padded
+    to the longest of them (zero keys and values on the padding), and the attention mask of
+    that part ``[batch, longest]`` (0 on the padding). A pass after it gives row ``b``'s tokens
+    the positions ``len(prefixes[b]) + 0, 1, ...`` (the caller passes them as ``position_ids``).
+
+    Layers below ``from_layer`` hold zeros of the right shape (for a pass that resumes at
+    ``from_layer`` and never reads them)."""
+    from transformers import DynamicCache
+
+    if not prefixes:
+        raise ConfigError("no prefixes to stack")
+    width = max(len(p) for p in prefixes)
+    n_kv = min(len(p.kv) for p in prefixes)
+    cache = DynamicCache(config=_hf_config(model))
+    layers: list[Any] = cache.layers
+    for i in range(n_kv):
+        k0, v0 = prefixes[0].kv[i]
+        shape = (len(prefixes), k0.shape[1], width, k0.shape[3])
+        if i < from_layer:
+            keys = k0.new_zeros(1, *shape[1:]).expand(shape)
+            values = v0.new_zeros(1, v0.shape[1], width, v0.shape[3]).expand(
+                len(prefixes), -1, -1, -1
+            )
+        else:
+            keys = k0.new_zeros(shape)
+            values = v0.new_zeros(len(prefixes), v0.shape[1], width, v0.shape[3])
+            for b, p in enumerate(prefixes):
+                k, v = p.kv[i]
+                keys[b, :, width - len(p) :] = k[0]
+                values[b, :, width - len(p) :] = v[0]
+        layers[i].update(keys, values)
+    mask = torch.zeros(len(prefixes), width, dtype=torch.long)
+    for b, p in enumerate(prefixes):
+        mask[b, width - len(p) :] = 1
+    return cache, mask
+
+
 def _hf_config(model: Model) -> Any:
     """The Hugging Face config of the bridge's model (TransformerBridge types ``original_model``
     as a plain ``nn.Module``, so its ``config`` is untyped)."""

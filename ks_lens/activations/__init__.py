@@ -38,7 +38,7 @@ written atomically, a rerun resumes after the last complete shard, and loading c
 checksums and refuses a store made for another model.
 """
 
-from ks_lens._runtime.prefix import PrefixCache, prefix_cache, prefix_pass
+from ks_lens._runtime.prefix import PrefixCache, prefix_cache, prefix_pass, stacked_cache
 from ks_lens.activations.capture import capture_batch, capture_features
 from ks_lens.activations.collect import (
     MIN_SHARED_PREFIX,
@@ -80,6 +80,7 @@ __all__ = [
     "plan_rows",
     "prefix_cache",
     "prefix_pass",
+    "stacked_cache",
     "system_prefix",
 ]
 

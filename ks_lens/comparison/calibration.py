@@ -12,6 +12,7 @@ from ks_lens.calibration import Calibration, calibrate_alphas
 from ks_lens.comparison.config import ComparisonConfig
 from ks_lens.comparison.plan import Cell, ComparisonPlan
 from ks_lens.evaluation import (
+    QuestionPasses,
     first_token_kl,
     generate_and_score_rows,
     readout,
@@ -50,6 +51,7 @@ def calibrate(
         else None
     )
     base_bad: list[bool] = []
+    passes = QuestionPasses()  # each calibration question's scoring pass, run once in all
     if config.calibration_metric == "generation_kl":
         unsteered = generate_and_score_rows(
             model,
@@ -60,6 +62,7 @@ def calibrate(
             max_new_tokens=config.calib_tokens,
             batch_size=config.gen_batch_size,
             seed=config.seed,
+            passes=passes,
         )
         base_bad = [config.degenerate.is_degenerate(t) for t in unsteered.texts]
     for k in config.sizes:
@@ -100,6 +103,7 @@ def calibrate(
                 max_new_tokens=config.calib_tokens,
                 batch_size=config.gen_batch_size,
                 seed=config.seed,
+                passes=passes,
             )
             out = []
             for j in range(len(which)):

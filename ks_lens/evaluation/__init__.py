@@ -40,6 +40,7 @@ from ks_lens.evaluation.readouts import Readout, kl_divergence, readout, readout
 from ks_lens.evaluation.rules import DegenerateRule, VanishRule
 from ks_lens.evaluation.scoring import (
     GenerationScores,
+    QuestionPasses,
     distinct_n,
     generate_and_score_groups,
     generate_and_score_rows,
@@ -50,6 +51,7 @@ __all__ = [
     "CalibrationMetric",
     "DegenerateRule",
     "GenerationScores",
+    "QuestionPasses",
     "Readout",
     "VanishRule",
     "distinct_n",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 from jaxtyping import Float
 
 from ks_lens._runtime.batching import record_activations, scatter, sorted_batches
-from ks_lens._runtime.hf_path import plain_forward, resume_at
+from ks_lens._runtime.hf_path import can_bypass, plain_forward, resume_at
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation.readouts import _shared_start, kl_divergence
 from ks_lens.generation import BatchGeneration, LayerInputs, generate_from_batch, shared_prefill
@@ -123,6 +124,7 @@ def generate_and_score_rows(
     seed: int = 0,
     share_prefix: bool = True,
     systems: Sequence[str | None] | None = None,
+    passes: QuestionPasses | None = None,
 ) -> GenerationScores:
     """Answer each row ``(configuration index, question index)`` greedily (configuration
     ``None`` = unsteered) and score the answers; returns one :class:`GenerationScores` over
@@ -140,8 +142,9 @@ def generate_and_score_rows(
     unsteered forward pass that gives the response evaluator's probabilities at the answer's last
     token, the answer's per-token NLL, and the unsteered next-token distributions that the steered
     generation's logits are compared with (KL per generated token). With ``share_prefix`` the
-    question's tokens run once per question and every answer to it only runs its own tokens,
-    attending to the cached question (:func:`_score_answers`); and an answer generated under the
+    question's tokens run once per question (once in all for the questions ``passes`` already
+    holds: :class:`QuestionPasses`) and every answer only runs its own tokens, attending to
+    its cached question, in chunks that mix questions (:func:`_score_answers`); and an answer generated under the
     default prompt with steering only at layer ``L`` or above (or none) starts that pass at
     ``L``, from the hidden states its generation computed below ``L`` (unsteered there;
     :class:`~ks_lens.generation.LayerInputs`). Both equal whole-row passes up to float rounding
@@ -157,7 +160,14 @@ def generate_and_score_rows(
     step_logits: list[torch.Tensor | None] = [None] * len(rows)
     question_of = [i for _, i in rows]
     scorer = _AnswerScorer(
-        model, heads, answers, question_of, step_logits, response_probe, batch_size=batch_size
+        model,
+        heads,
+        answers,
+        question_of,
+        step_logits,
+        response_probe,
+        batch_size=batch_size,
+        passes=passes,
     )
     # each batch's answers are scored right after it is generated and their steered next-token
     # logits ([steps, vocab] each, views of the batch's) dropped with it, so memory holds one
@@ -193,10 +203,9 @@ def generate_and_score_rows(
         del res
         if not share_prefix:
             continue
+        scorer.batch(idx)
         for q in dict.fromkeys(question_of[r] for r in idx):
-            here = [r for r in idx if question_of[r] == q]
-            scorer.question(q, here)
-            left[q] -= len(here)
+            left[q] -= sum(1 for r in idx if question_of[r] == q)
             if left[q] == 0:
                 scorer.forget(q)
     scorer.whole(scorer.unshared if share_prefix else range(len(rows)))
@@ -271,6 +280,40 @@ def _generate_batch(
         )
 
 
+#: a question's unsteered pass: its KV cache (``None`` where it cannot be shared), the
+#: log-probs of the token after it ``[vocab]``, and the activations read at its last token
+QuestionPass = tuple[Any, torch.Tensor, dict[str, torch.Tensor]]
+
+
+class QuestionPasses:
+    """Questions' unsteered passes (:data:`QuestionPass`), each run once and kept, for scoring
+    answers after them. :func:`generate_and_score_rows` makes its own; a caller that scores
+    answers to the same questions again and again (the alpha search's rounds) passes one
+    (``passes=``) so that each question runs once in all. It holds every question's KV cache
+    until it is dropped."""
+
+    def __init__(self) -> None:
+        self._model: weakref.ref[Any] | None = None
+        self._passes: dict[tuple[tuple[int, ...], tuple[str, ...]], QuestionPass] = {}
+
+    def __len__(self) -> int:
+        return len(self._passes)
+
+    def get(self, model: Model, ids: Sequence[int], names: Sequence[str]) -> QuestionPass:
+        """The pass of the question tokens ``ids`` reading ``names`` (run on first use)."""
+        from ks_lens.activations import prefix_pass
+
+        if self._model is None:
+            self._model = weakref.ref(model)
+        elif self._model() is not model:
+            raise ConfigError("these question passes were run with another model")
+        key = (tuple(ids), tuple(names))
+        if key not in self._passes:
+            prefix, logits, acts = prefix_pass(model, ids, names)
+            self._passes[key] = (prefix, torch.log_softmax(logits.float(), -1).cpu(), acts)
+        return self._passes[key]
+
+
 class _AnswerScorer:
     """Re-encodes answers after their question's tokens under the unsteered model and scores
     them (see :func:`_score_answers`), a few answers at a time, so that a caller can score each
@@ -288,6 +331,7 @@ class _AnswerScorer:
         probe: Probe | None,
         *,
         batch_size: int,
+        passes: QuestionPasses | None = None,
     ) -> None:
         n = len(answers)
         self.model, self.heads, self.answers = model, heads, answers
@@ -301,7 +345,11 @@ class _AnswerScorer:
         self.device = model_device(model)
         self.pad = pad_token_id(model.tokenizer)
         self.unshared: list[int] = []  # rows whose question's cache cannot be shared
-        self.passes: dict[int, tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = {}
+        self.store = passes if passes is not None else QuestionPasses()
+        self.passes: dict[int, QuestionPass] = {}  # the questions being scored
+        # answers to several questions share a pass (left-padded question caches, explicit
+        # positions) on the plain HF modules
+        self.stack = can_bypass(model)
         # rows whose generation kept the hidden states entering a layer at the answer's tokens
         # (unsteered below it): their scoring pass starts there (keep_inputs)
         self.inputs: dict[int, tuple[int, torch.Tensor]] = {}
@@ -343,39 +391,52 @@ class _AnswerScorer:
                 probe.predict_proba(x.to(probe.mean.device, probe.mean.dtype)).cpu(),
             )
 
-    def question(self, q: int, rows: Sequence[int]) -> None:
-        """Score ``rows`` (answers to question ``q``) after the question's cached pass (run once
-        per question, kept until :meth:`forget`); rows of a question whose cache cannot be
-        shared keep their steered logits (copied) and wait for :meth:`whole`."""
-        from ks_lens.activations import prefix_pass
+    def batch(self, rows: Sequence[int]) -> None:
+        """Score ``rows`` (say, one generation batch's answers, to any questions) after their
+        questions' cached passes (each run once, kept until :meth:`forget`): the answers run
+        only their own tokens, in chunks of up to ``batch_size`` rows across questions (each
+        row after its own question's cache, left padded: :func:`~ks_lens.activations.stacked_cache`).
+        Rows of a question whose cache cannot be shared keep their steered logits (copied) and
+        wait for :meth:`whole`."""
+        todo: list[int] = []
+        for q in dict.fromkeys(self.question_of[r] for r in rows):
+            todo += self._open(q, [r for r in rows if self.question_of[r] == q])
+        groups: dict[int, list[int]] = {}  # the layer the pass starts at -> rows
+        for r in todo:
+            groups.setdefault(self.inputs[r][0] if r in self.inputs else 0, []).append(r)
+        for start, group in sorted(groups.items()):
+            group.sort(key=lambda r: (len(self.answers[r]), self.question_of[r], r))
+            if not self.stack:  # one question per chunk
+                by_q: dict[int, list[int]] = {}
+                for r in group:
+                    by_q.setdefault(self.question_of[r], []).append(r)
+                parts = list(by_q.values())
+            else:
+                parts = [group]
+            for part in parts:
+                for chunk in _near_equal_chunks(part, self.batch_size):
+                    self._after_prefix(chunk, start)
+        for r in rows:
+            self.inputs.pop(r, None)
 
+    def _open(self, q: int, rows: Sequence[int]) -> list[int]:
+        """Make sure question ``q``'s cached pass exists; score its empty answers from it and
+        set aside the rows that cannot share it; return the rows still to run."""
         if q not in self.passes:
-            self.passes[q] = prefix_pass(self.model, self.heads[q], self.names)
-        prefix, last_logits, last_acts = self.passes[q]
+            self.passes[q] = self.store.get(self.model, self.heads[q], self.names)
+        prefix, first, last_acts = self.passes[q]
         if prefix is None:
             for r in rows:  # a copy: not a view that keeps the whole generation batch alive
                 logits = self.step_logits[r]
                 self.step_logits[r] = None if logits is None else logits.clone()
             self.unshared.extend(rows)
-            return
-        first = torch.log_softmax(last_logits.float(), -1).cpu()
+            return []
         empty = [r for r in rows if not self.answers[r]]
         for r in empty:
             self.score(r, first[None])
         if empty and self.probe is not None:
             self.read(empty, last_acts[self.probe.hook_name][None].expand(len(empty), -1))
-        groups: dict[int, list[int]] = {}  # the layer the pass starts at -> rows
-        for r in rows:
-            if self.answers[r]:
-                groups.setdefault(self.inputs[r][0] if r in self.inputs else 0, []).append(r)
-        for start, group in sorted(groups.items()):
-            todo = sorted(group, key=lambda r: (len(self.answers[r]), r))
-            n_chunks = math.ceil(len(todo) / self.batch_size)
-            for c in range(n_chunks):  # near-equal chunks of at most batch_size rows
-                chunk = todo[c * len(todo) // n_chunks : (c + 1) * len(todo) // n_chunks]
-                self._after_prefix(prefix, first, chunk, start)
-        for r in rows:
-            self.inputs.pop(r, None)
+        return [r for r in rows if self.answers[r]]
 
     def forget(self, q: int) -> None:
         """Drop question ``q``'s cached pass (all of its answers are scored)."""
@@ -393,18 +454,20 @@ class _AnswerScorer:
             hidden[j, : len(h)] = h
         return resume_at(self.model, start, hidden.to(self.device), self.as_tuple)
 
-    def _after_prefix(
-        self, prefix: Any, first: torch.Tensor, chunk: Sequence[int], start: int = 0
-    ) -> None:
+    def _after_prefix(self, chunk: Sequence[int], start: int = 0) -> None:
+        """One pass of the answers ``chunk`` after their questions' cached tokens (started at
+        decoder layer ``start`` with the kept hidden states, or whole for 0)."""
         answers, device = self.answers, self.device
+        qs = [self.question_of[r] for r in chunk]
         lengths = torch.tensor([len(answers[r]) for r in chunk])
         width = int(lengths.max())
         ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
-        mask = torch.zeros(len(chunk), len(prefix) + width, dtype=torch.long)
-        mask[:, : len(prefix)] = 1
+        answer_mask = torch.zeros(len(chunk), width, dtype=torch.long)
         for j, r in enumerate(chunk):
             ids[j, : len(answers[r])] = torch.tensor(list(answers[r]))
-            mask[j, len(prefix) : len(prefix) + len(answers[r])] = 1
+            answer_mask[j, : len(answers[r])] = 1
+        cache, prefix_mask, positions = self._question_caches(qs, start, width)
+        mask = torch.cat([prefix_mask, answer_mask], 1)
         last = (lengths - 1).to(device)
 
         def at_last(act: torch.Tensor, name: str, last: torch.Tensor = last) -> torch.Tensor:
@@ -419,16 +482,38 @@ class _AnswerScorer:
                 self.model,
                 ids.to(device),
                 attention_mask=mask.to(device),
-                cache=prefix.cache_for(self.model, len(chunk)),
+                position_ids=None if positions is None else positions.to(device),
+                cache=cache,
             )
         assert logits is not None
         if self.probe is not None:
             self.read(chunk, rec[self.probe.hook_name])
-        for j, r in enumerate(chunk):
+        for j, (r, q) in enumerate(zip(chunk, qs, strict=True)):
             t = len(answers[r])
             suffix = torch.log_softmax(logits[j, :t].float(), -1).cpu()
-            self.score(r, torch.cat([first[None], suffix]))
+            self.score(r, torch.cat([self.passes[q][1][None], suffix]))
         del logits
+
+    def _question_caches(
+        self, qs: Sequence[int], start: int, width: int
+    ) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
+        """The KV cache of each row's question (``qs``), its attention mask, and the answer
+        tokens' positions (``None``: one question, whose answers continue right after it)."""
+        prefixes = [self.passes[q][0] for q in qs]
+        if len(set(qs)) == 1:
+            prefix = prefixes[0]
+            assert prefix is not None
+            return (
+                prefix.cache_for(self.model, len(qs)),
+                torch.ones(len(qs), len(prefix), dtype=torch.long),
+                None,
+            )
+        from ks_lens.activations import stacked_cache
+
+        assert all(p is not None for p in prefixes)
+        cache, mask = stacked_cache(self.model, prefixes, from_layer=start)
+        offsets = torch.tensor([len(p) for p in prefixes])
+        return cache, mask, offsets[:, None] + torch.arange(width)
 
     def whole(self, rows: Sequence[int]) -> None:
         """Score ``rows`` as whole rows (question + answer), batched together."""
@@ -479,9 +564,10 @@ def _score_answers(
     KL of the steered steps ``step_logps`` against the unsteered next-token distributions.
 
     With ``share_prefix`` each question's tokens ``heads[q]`` run once (batch 1, KV cache kept)
-    and the answers to it run only their own tokens, right padded after the cached question, so
-    a row's numbers do not depend on its batch; the prediction of an answer's first token is the
-    question pass's last logits. Equal to whole-row passes within float rounding (tested).
+    and the answers run only their own tokens, right padded, each after its own question's
+    cache (left padded where a chunk holds answers to several questions); the prediction of an
+    answer's first token is the question pass's last logits. Equal to whole-row passes, and to
+    answers scored one at a time, within float rounding (tested).
     Questions whose cache cannot be shared (see :func:`~ks_lens.activations.prefix_pass`) run
     whole rows.
     """
@@ -489,12 +575,14 @@ def _score_answers(
         model, heads, answers, question_of, list(step_logps), probe, batch_size=batch_size
     )
     if share_prefix:
-        by_question: dict[int, list[int]] = {}
-        for r, q in enumerate(question_of):
-            by_question.setdefault(q, []).append(r)
-        for q, rows in by_question.items():
-            scorer.question(q, rows)
+        scorer.batch(range(len(answers)))
         scorer.whole(scorer.unshared)
     else:
         scorer.whole(range(len(answers)))
     return scorer.result()
+
+
+def _near_equal_chunks(rows: Sequence[int], size: int) -> list[list[int]]:
+    """``rows`` in order, cut into the fewest chunks of at most ``size`` of near-equal length."""
+    n = math.ceil(len(rows) / size)
+    return [list(rows[c * len(rows) // n : (c + 1) * len(rows) // n]) for c in range(n)]
