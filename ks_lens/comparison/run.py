@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from ks_lens.capability_stage import evaluate_capability_stage
+from ks_lens.capability_stage import CapabilityEvaluation, evaluate_capability_stage
 from ks_lens.comparison.calibration import build_methods, calibrate
 from ks_lens.comparison.config import ComparisonConfig, TextScorer
 from ks_lens.comparison.plan import ComparisonPlan, plan_comparison
+from ks_lens.comparison.records import TextEvaluation
 from ks_lens.comparison.result import ComparisonResult, derived_rows
 from ks_lens.comparison.stages import _instructed_systems, evaluate_activations, evaluate_text
 from ks_lens.coverage import label_combinations
@@ -19,7 +20,7 @@ from ks_lens.evaluation import map_dct_labels
 from ks_lens.instructed import instructed_system
 from ks_lens.memory import record_memory
 from ks_lens.probes import Probe
-from ks_lens.steering import SteeringVectors
+from ks_lens.steering import Steerer, SteeringVectors
 from ks_lens.steering.dct import DCTVectors
 from ks_lens.steering.registry import SteeringKit
 from ks_lens.types import Model
@@ -113,28 +114,9 @@ def run_comparison(
     text_questions = list(test_questions if text_questions is None else text_questions)
     config = (config or ComparisonConfig()).validate(probe.label_names)
     labels = tuple(probe.label_names)
-    others = {"vectors": vectors.label_names, "evaluator": evaluator.label_names}
-    if linear_probe is not None:
-        others["linear probe"] = linear_probe.label_names
-        if linear_probe.hook_name != probe.hook_name:
-            raise ConfigError(
-                f"the linear probe reads {linear_probe.hook_name}, the steering probe "
-                f"{probe.hook_name}: ksteer_linear steers beside ksteer, at the same hook point"
-            )
-    if text_evaluator is not None:
-        others["text evaluator"] = text_evaluator.label_names
-    if response_evaluator is not None:
-        others["response evaluator"] = response_evaluator.label_names
-    for what, names in others.items():
-        if tuple(names) != labels:
-            raise ConfigError(
-                f"the {what} labels {list(names)} differ from the steering probe's {list(labels)} "
-                "(same labels in the same order are required)"
-            )
-    if evaluator.layer < probe.layer:
-        raise ConfigError(
-            f"the evaluator (layer {evaluator.layer}) must read at or after the steering layer ({probe.layer})"
-        )
+    _check_readers(
+        labels, probe, vectors, evaluator, text_evaluator, response_evaluator, linear_probe
+    )
     if not calib_questions or not test_questions:
         raise ConfigError("need calibration and test questions")
     plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
@@ -175,43 +157,14 @@ def run_comparison(
     timings["activation_eval_s"] = time.perf_counter() - t0
     record_memory(timings, "activation_eval")
 
+    stage = _Stage(model, methods, alphas, config, instructions, timings)
     text = None
     if text_evaluator is not None:
-        t0 = time.perf_counter()
-        log.info(_text_plan(plan, config, len(methods), len(text_questions)))
-        text = evaluate_text(
-            model,
-            methods,
-            alphas,
-            plan,
-            text_questions,
-            text_evaluator,
-            config,
-            response_evaluator=response_evaluator,
-            instructions=instructions,
-        )
-        timings["text_eval_s"] = time.perf_counter() - t0
-        record_memory(timings, "text_eval")
+        text = _text_stage(stage, plan, text_questions, text_evaluator, response_evaluator)
     summaries, curves, equal = derived_rows(config, act, text)
     capability = None
     if config.capability_questions > 0:
-        t0 = time.perf_counter()
-        capability = evaluate_capability_stage(
-            model,
-            methods,
-            alphas,
-            labels=labels,
-            avoid=config.avoid,
-            sizes=config.sizes,
-            n_questions=config.capability_questions,
-            seed=config.seed,
-            positions=config.positions,
-            instructed=_capability_systems(config, instructions, labels),
-        )
-        if config.capability_instructed and instructions is None:
-            log.info("  capability: no instructions given; no instructed row")
-        timings["capability_s"] = time.perf_counter() - t0
-        record_memory(timings, "capability")
+        capability = _capability_stage(stage, labels)
     return ComparisonResult(
         config,
         plan,
@@ -227,3 +180,99 @@ def run_comparison(
         timings,
         capability,
     )
+
+
+def _check_readers(
+    labels: tuple[str, ...],
+    probe: Probe,
+    vectors: SteeringVectors,
+    evaluator: Probe,
+    text_evaluator: TextScorer | None,
+    response_evaluator: Probe | None,
+    linear_probe: Probe | None,
+) -> None:
+    """ConfigError unless every vector set, probe and evaluator has the steering probe's labels
+    in its order, the linear probe reads its hook point and the evaluator reads at or after it."""
+    others = {"vectors": vectors.label_names, "evaluator": evaluator.label_names}
+    if linear_probe is not None:
+        others["linear probe"] = linear_probe.label_names
+        if linear_probe.hook_name != probe.hook_name:
+            raise ConfigError(
+                f"the linear probe reads {linear_probe.hook_name}, the steering probe "
+                f"{probe.hook_name}: ksteer_linear steers beside ksteer, at the same hook point"
+            )
+    if text_evaluator is not None:
+        others["text evaluator"] = text_evaluator.label_names
+    if response_evaluator is not None:
+        others["response evaluator"] = response_evaluator.label_names
+    for what, names in others.items():
+        if tuple(names) != labels:
+            raise ConfigError(
+                f"the {what} labels {list(names)} differ from the steering probe's {list(labels)} "
+                "(same labels in the same order are required)"
+            )
+    if evaluator.layer < probe.layer:
+        raise ConfigError(
+            f"the evaluator (layer {evaluator.layer}) must read at or after the steering layer ({probe.layer})"
+        )
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """What every stage after calibration shares; ``timings`` is filled in place."""
+
+    model: Model
+    methods: dict[str, Steerer]
+    alphas: dict[str, dict[int, float]]
+    config: ComparisonConfig
+    instructions: Mapping[str, str] | None
+    timings: dict[str, float]
+
+
+def _text_stage(
+    stage: _Stage,
+    plan: ComparisonPlan,
+    text_questions: Sequence[str],
+    text_evaluator: TextScorer,
+    response_evaluator: Probe | None,
+) -> TextEvaluation:
+    """The text stage, timed (``text_eval_s``) and its memory recorded."""
+    t0 = time.perf_counter()
+    log.info(_text_plan(plan, stage.config, len(stage.methods), len(text_questions)))
+    text = evaluate_text(
+        stage.model,
+        stage.methods,
+        stage.alphas,
+        plan,
+        text_questions,
+        text_evaluator,
+        stage.config,
+        response_evaluator=response_evaluator,
+        instructions=stage.instructions,
+    )
+    stage.timings["text_eval_s"] = time.perf_counter() - t0
+    record_memory(stage.timings, "text_eval")
+    return text
+
+
+def _capability_stage(stage: _Stage, labels: tuple[str, ...]) -> CapabilityEvaluation:
+    """The capability stage, timed (``capability_s``) and its memory recorded."""
+    config, instructions = stage.config, stage.instructions
+    t0 = time.perf_counter()
+    capability = evaluate_capability_stage(
+        stage.model,
+        stage.methods,
+        stage.alphas,
+        labels=labels,
+        avoid=config.avoid,
+        sizes=config.sizes,
+        n_questions=config.capability_questions,
+        seed=config.seed,
+        positions=config.positions,
+        instructed=_capability_systems(config, instructions, labels),
+    )
+    if config.capability_instructed and instructions is None:
+        log.info("  capability: no instructions given; no instructed row")
+    stage.timings["capability_s"] = time.perf_counter() - t0
+    record_memory(stage.timings, "capability")
+    return capability
