@@ -12,7 +12,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ks_lens.activations.collect import Responses, _base_meta, _Chunk, _chunks, _plan
+from ks_lens.activations.collect import (
+    CollectSpec,
+    Responses,
+    _base_meta,
+    _Chunk,
+    _chunks,
+    _plan,
+)
 from ks_lens.activations.container import Activations, Mode, Pooling
 from ks_lens.compat import check_version_match, versions
 from ks_lens.datasets import BehaviourDataset
@@ -288,16 +295,7 @@ def collect_to_store(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out} is an existing file; an activation store is a directory")
-    fresh = {
-        "format": STORE_FORMAT,
-        "format_version": 2,
-        "status": "incomplete",
-        **_base_meta(model, dataset, spec, split, len(rows), share_prefix),
-        "shard_rows": shard_rows,
-        "versions": versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "shards": [],
-    }
+    fresh = _fresh_meta(model, dataset, spec, split, len(rows), share_prefix, shard_rows)
     meta_path = out / "meta.json"
     if meta_path.exists():
         store = ActivationStore(out)
@@ -334,6 +332,28 @@ def collect_to_store(
     meta["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _write_store_meta(meta_path, meta)
     return ActivationStore(out)
+
+
+def _fresh_meta(
+    model: Model,
+    dataset: BehaviourDataset,
+    spec: CollectSpec,
+    split: str | None,
+    n_rows: int,
+    share_prefix: bool,
+    shard_rows: int,
+) -> dict[str, Any]:
+    """The metadata of a new, empty store (also what a resumed store's settings must match)."""
+    return {
+        "format": STORE_FORMAT,
+        "format_version": 2,
+        "status": "incomplete",
+        **_base_meta(model, dataset, spec, split, n_rows, share_prefix),
+        "shard_rows": shard_rows,
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "shards": [],
+    }
 
 
 def _check_resumable(out: Path, old: dict[str, Any], fresh: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from ks_lens.capability_stage import CapabilityEvaluation, evaluate_capability_s
 from ks_lens.comparison.calibration import build_methods, calibrate
 from ks_lens.comparison.config import ComparisonConfig, TextScorer
 from ks_lens.comparison.plan import ComparisonPlan, plan_comparison
-from ks_lens.comparison.records import TextEvaluation
+from ks_lens.comparison.records import ActivationEvaluation, TextEvaluation
 from ks_lens.comparison.result import ComparisonResult, derived_rows
 from ks_lens.comparison.stages import _instructed_systems, evaluate_activations, evaluate_text
 from ks_lens.coverage import label_combinations
@@ -129,11 +129,7 @@ def run_comparison(
         )
     timings: dict[str, float] = {}
     if uses_dct(config):
-        t0 = time.perf_counter()
-        if dct is None:
-            dct = fit_comparison_dct(model, probe.layer, calib_questions, evaluator, config)
-        kit = replace(kit, dct=dct)
-        timings["dct_fit_s"] = time.perf_counter() - t0
+        kit = _with_dct(model, kit, dct, calib_questions, evaluator, config, timings)
     methods = build_methods(config, kit)
 
     t0 = time.perf_counter()
@@ -142,22 +138,8 @@ def run_comparison(
     record_memory(timings, "calibration")
     alphas = {m: {k: c.alpha for k, c in v.items()} for m, v in calib.items()}
 
-    t0 = time.perf_counter()
-    act = evaluate_activations(
-        model,
-        methods,
-        alphas,
-        plan,
-        test_questions,
-        evaluator,
-        config,
-        progress=progress,
-        instructions=instructions,
-    )
-    timings["activation_eval_s"] = time.perf_counter() - t0
-    record_memory(timings, "activation_eval")
-
     stage = _Stage(model, methods, alphas, config, instructions, timings)
+    act = _activation_stage(stage, plan, test_questions, evaluator, progress)
     text = None
     if text_evaluator is not None:
         text = _text_stage(stage, plan, text_questions, text_evaluator, response_evaluator)
@@ -227,6 +209,50 @@ class _Stage:
     config: ComparisonConfig
     instructions: Mapping[str, str] | None
     timings: dict[str, float]
+
+
+def _with_dct(
+    model: Model,
+    kit: SteeringKit,
+    dct: DCTVectors | None,
+    calib_questions: Sequence[str],
+    evaluator: Probe,
+    config: ComparisonConfig,
+    timings: dict[str, float],
+) -> SteeringKit:
+    """``kit`` with the ``dct`` method's vectors (``dct``, else fitted by
+    :func:`fit_comparison_dct`), timed (``dct_fit_s``)."""
+    t0 = time.perf_counter()
+    if dct is None:
+        dct = fit_comparison_dct(model, kit.probe.layer, calib_questions, evaluator, config)
+    kit = replace(kit, dct=dct)
+    timings["dct_fit_s"] = time.perf_counter() - t0
+    return kit
+
+
+def _activation_stage(
+    stage: _Stage,
+    plan: ComparisonPlan,
+    test_questions: Sequence[str],
+    evaluator: Probe,
+    progress: bool,
+) -> ActivationEvaluation:
+    """The activation stage, timed (``activation_eval_s``) and its memory recorded."""
+    t0 = time.perf_counter()
+    act = evaluate_activations(
+        stage.model,
+        stage.methods,
+        stage.alphas,
+        plan,
+        test_questions,
+        evaluator,
+        stage.config,
+        progress=progress,
+        instructions=stage.instructions,
+    )
+    stage.timings["activation_eval_s"] = time.perf_counter() - t0
+    record_memory(stage.timings, "activation_eval")
+    return act
 
 
 def _text_stage(
