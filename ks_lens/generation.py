@@ -452,29 +452,56 @@ def generate(
     longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     what = "the prompt" if len(prompts) == 1 else f"prompt {longest + 1} of {len(prompts)}"
     check_context(model, len(prompt_ids[longest]), max_new_tokens, what=what)
-    out_ids: list[list[int]] = [[] for _ in prompts]
-    finished: list[bool] = [False for _ in prompts]
+    sampling = _Sampling(max_new_tokens, do_sample, temperature, top_p, top_k, full_bridge)
+    out_ids, finished = _generate_sorted(model, prompt_ids, sampling, batch_size, seed, progress)
+    decoded = [tok.decode(ids, skip_special_tokens=True).strip() for ids in out_ids]
+    return Generation(prompts, decoded, prompt_ids, out_ids, finished)
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """:func:`generate`'s decoding settings, as :func:`generate_from_batch` takes them."""
+
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    full_bridge: bool
+
+
+def _generate_sorted(
+    model: Model,
+    prompt_ids: Sequence[list[int]],
+    sampling: _Sampling,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> tuple[list[list[int]], list[bool]]:
+    """Every prompt's answer tokens and whether it finished, in prompt order: the prompts
+    grouped by length into batches, batch ``b`` seeded with ``seed + b``."""
+    out_ids: list[list[int]] = [[] for _ in prompt_ids]
+    finished: list[bool] = [False for _ in prompt_ids]
     bar = tqdm(
-        total=len(prompts), desc="generating", unit="prompt", disable=not progress, leave=False
+        total=len(prompt_ids), desc="generating", unit="prompt", disable=not progress, leave=False
     )
     batches = sorted_batches(
-        prompt_ids, batch_size, pad_id=pad_token_id(tok), device=model_device(model)
+        prompt_ids, batch_size, pad_id=pad_token_id(model.tokenizer), device=model_device(model)
     )
     for b, (idx, batch) in enumerate(batches):
         res = generate_from_batch(
             model,
             batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sampling.do_sample,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
             seed=seed + b,
-            full_bridge=full_bridge,
+            full_bridge=sampling.full_bridge,
         )
         scatter(out_ids, idx, res.ids)
         scatter(finished, idx, res.finished)
         bar.update(len(idx))
     bar.close()
-    decoded = [tok.decode(ids, skip_special_tokens=True).strip() for ids in out_ids]
-    return Generation(prompts, decoded, prompt_ids, out_ids, finished)
+    return out_ids, finished

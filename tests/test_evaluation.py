@@ -406,9 +406,8 @@ def test_scoring_starts_at_the_steered_layer_and_equals_whole_passes(
 def test_stacked_cache_left_pads_each_rows_question(tiny_model):
     """Row b of the stacked cache holds its own question's keys and values, right aligned, zero
     (and masked) on the left; layers below from_layer hold zeros only."""
-    from ks_lens.chat import ChatPrompt, encode_chat
-
     from ks_lens.activations import prefix_pass, stacked_cache
+    from ks_lens.models.chat import ChatPrompt, encode_chat
 
     tok = tiny_model.tokenizer
     ids = [encode_chat(tok, ChatPrompt(q)) for q in ["Hi?", "Why is the sky blue today?"]]

@@ -25,24 +25,8 @@ _MOVE = "split in #21 package move"
 EXCEPTIONS: dict[str, tuple[int, str]] = {
     # modules
     # functions
-    "ks_lens/activations/capture.py:capture_features": (90, _MOVE),
-    "ks_lens/activations/collect.py:_collect_chunk": (89, _MOVE),
-    "ks_lens/activations/store.py:collect_to_store": (137, _MOVE),
-    "ks_lens/evaluation/readouts.py:readout_groups": (100, _MOVE),
     "ks_lens/evaluation/scoring.py:generate_and_score_rows": (96, _MOVE),
-    "ks_lens/probes/logistic.py:_fit_logistic": (103, _MOVE),
-    "ks_lens/probes/training.py:fit_probes": (105, _MOVE),
-    "ks_lens/probes/training.py:train_probes": (90, _MOVE),
-    "ks_lens/analysis/sweep.py:layer_sweep": (113, _MOVE),
-    "ks_lens/analysis/diagnosis.py:diagnose": (112, _MOVE),
     "ks_lens/comparison/calibration.py:calibrate": (103, _MOVE),
-    "ks_lens/comparison/curves.py:trade_off": (93, _MOVE),
-    "ks_lens/comparison/merge.py:merge_results": (105, _MOVE),
-    "ks_lens/comparison/run.py:run_comparison": (146, _MOVE),
-    "ks_lens/comparison/stages.py:evaluate_text": (91, _MOVE),
-    "ks_lens/generation.py:generate": (87, _MOVE),
-    "ks_lens/models/loading.py:load_model": (128, _MOVE),
-    "ks_lens/text_evaluator/model.py:TextEvaluator.fit": (93, _MOVE),
 }
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -41,43 +41,105 @@ def capture_features(
     re-padded on the right internally); ``response_start`` still counts from the start of the
     whole row and must not point into the prefix.
     """
+    _check_request(hook_names, position, response_start)
+    n_rows, width = batch.input_ids.shape
+    layout = _plan_layout(model, batch, response_start, prefix)
+    weights = None
+    if position == "mean_response":
+        assert layout.first is not None
+        weights = _response_weights(layout.first.to(layout.ids.device), layout.end, width)
+    summarise = _summariser(n_rows, width, weights, layout.read_last)
+    with (
+        torch.no_grad(),
+        record_activations(model, hook_names, reduce=summarise, stop=True) as rec,
+    ):
+        plain_forward(
+            model, layout.ids, attention_mask=layout.mask, logits_to_keep=-1, **layout.kwargs
+        )
+    if rec.missing:
+        raise HookPointError(
+            f"hook point(s) {rec.missing} did not fire in a forward pass: this architecture never "
+            "calls them (model.hook_dict lists every name TransformerLens defines); collect at "
+            "another hook point"
+        )
+    return [rec[name].cpu() for name in hook_names]
+
+
+def _check_request(
+    hook_names: Sequence[str], position: Pooling, response_start: torch.Tensor | None
+) -> None:
+    """ConfigError for an unknown ``position``, no hook names, or ``"mean_response"`` without
+    ``response_start``."""
     if position not in POOLINGS:
         raise ConfigError(f"unknown position {position!r}; use one of {POOLINGS}")
     if not hook_names:
         raise ConfigError("hook_names must name at least one hook point")
     if position == "mean_response" and response_start is None:
         raise ConfigError("position='mean_response' needs response_start")
+
+
+class _Layout(NamedTuple):
+    """What one forward pass runs and where each row's summary is read."""
+
+    ids: torch.Tensor  # [batch, width] tokens as run
+    mask: torch.Tensor  # attention mask as run (prefix columns included)
+    read_last: torch.Tensor | None  # per-row last real position; None: the final column
+    first: torch.Tensor | None  # per-row first response position, as run
+    end: torch.Tensor  # per-row end (exclusive) of the real tokens, as run
+    kwargs: dict[str, Any]  # extra forward arguments (the prefix's cache)
+
+
+def _plan_layout(
+    model: Model,
+    batch: TokenBatch,
+    response_start: torch.Tensor | None,
+    prefix: PrefixCache | None,
+) -> _Layout:
+    """The tokens, mask and read positions of the pass: ``batch`` as is (left padded) without a
+    prefix, its suffixes re-padded on the right after the cached prefix with one."""
     ids, mask = batch.input_ids, batch.attention_mask
     n_rows, width = ids.shape
-    pos = torch.arange(width, device=ids.device)
     kwargs: dict[str, Any] = {}
     if prefix is None:
         # left padded: every row ends at the last position
-        read_last: torch.Tensor | None = None
         first = batch.n_pad.to(ids.device) + response_start if response_start is not None else None
         end = torch.full((n_rows,), width, device=ids.device)
-    else:
-        # The suffixes run RIGHT padded after the cached prefix: each row's real tokens then sit
-        # at the same key positions whatever the batch's padding, so a row's numbers do not
-        # depend on the rows it is batched with (a padding gap between prefix and suffix would
-        # shift them and change float rounding).
-        lengths = batch.lengths.to(ids.device)
-        gather = (pos[None, :] + batch.n_pad.to(ids.device)[:, None]) % width
-        ids, mask = ids.gather(1, gather), mask.gather(1, gather)
-        n_prefix = len(prefix)
-        if response_start is not None and bool((response_start < n_prefix).any()):
-            raise ConfigError("response_start points into the shared prefix")
-        read_last = lengths - 1
-        first = response_start - n_prefix if response_start is not None else None
-        end = lengths
-        ones = torch.ones(n_rows, n_prefix, dtype=mask.dtype, device=mask.device)
-        mask = torch.cat([ones, mask], dim=1)
-        kwargs["cache"] = prefix.cache_for(model, n_rows)
-    if position == "mean_response":
-        assert first is not None
-        first = first.to(ids.device)
-        weights = ((pos[None, :] >= first[:, None]) & (pos[None, :] < end[:, None])).float()
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return _Layout(ids, mask, None, first, end, kwargs)
+    # The suffixes run RIGHT padded after the cached prefix: each row's real tokens then sit
+    # at the same key positions whatever the batch's padding, so a row's numbers do not
+    # depend on the rows it is batched with (a padding gap between prefix and suffix would
+    # shift them and change float rounding).
+    pos = torch.arange(width, device=ids.device)
+    lengths = batch.lengths.to(ids.device)
+    gather = (pos[None, :] + batch.n_pad.to(ids.device)[:, None]) % width
+    ids, mask = ids.gather(1, gather), mask.gather(1, gather)
+    n_prefix = len(prefix)
+    if response_start is not None and bool((response_start < n_prefix).any()):
+        raise ConfigError("response_start points into the shared prefix")
+    first = response_start - n_prefix if response_start is not None else None
+    ones = torch.ones(n_rows, n_prefix, dtype=mask.dtype, device=mask.device)
+    mask = torch.cat([ones, mask], dim=1)
+    kwargs["cache"] = prefix.cache_for(model, n_rows)
+    return _Layout(ids, mask, lengths - 1, first, lengths, kwargs)
+
+
+def _response_weights(
+    first: Int[torch.Tensor, " batch"], end: Int[torch.Tensor, " batch"], width: int
+) -> Float[torch.Tensor, "batch pos"]:
+    """Per-row averaging weights over positions ``first`` (inclusive) to ``end`` (exclusive)."""
+    pos = torch.arange(width, device=first.device)
+    weights = ((pos[None, :] >= first[:, None]) & (pos[None, :] < end[:, None])).float()
+    return weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+def _summariser(
+    n_rows: int,
+    width: int,
+    weights: torch.Tensor | None,
+    read_last: torch.Tensor | None,
+) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """The hook reducer: a ``[batch, pos, ...]`` activation to its ``[batch, ...]`` summary (the
+    ``weights`` average when given, else the token at ``read_last``, else the final column)."""
 
     def summarise(act: torch.Tensor, name: str) -> torch.Tensor:
         if act.dim() < 3 or tuple(act.shape[:2]) != (n_rows, width):
@@ -87,7 +149,7 @@ def capture_features(
                 "only (attention patterns and scores are [batch, head, query, key])"
             )
         a = act.float()
-        if position == "mean_response":
+        if weights is not None:
             w = weights.to(a.device)
             return (w.reshape(*w.shape, *([1] * (a.dim() - 2))) * a).sum(1)
         if read_last is None:
@@ -95,18 +157,7 @@ def capture_features(
         rows = torch.arange(n_rows, device=a.device)
         return a[rows, read_last.to(a.device)]
 
-    with (
-        torch.no_grad(),
-        record_activations(model, hook_names, reduce=summarise, stop=True) as rec,
-    ):
-        plain_forward(model, ids, attention_mask=mask, logits_to_keep=-1, **kwargs)
-    if rec.missing:
-        raise HookPointError(
-            f"hook point(s) {rec.missing} did not fire in a forward pass: this architecture never "
-            "calls them (model.hook_dict lists every name TransformerLens defines); collect at "
-            "another hook point"
-        )
-    return [rec[name].cpu() for name in hook_names]
+    return summarise
 
 
 def capture_batch(

@@ -207,64 +207,119 @@ def _collect_chunk(
     share_prefix: bool = False,
 ) -> _Chunk:
     tok = model.tokenizer
-    device = model_device(model)
-    names = spec.hook_names()
     answers: list[list[int] | None] = [None] * len(rows)
     texts: list[str | None] = [None] * len(rows)
     if spec.mode in ("response", "response-only"):
-        need = [
-            i
-            for i, r in enumerate(rows)
-            if r.answer is None and (responses is None or (r.question_id, r.label) not in responses)
-        ]
-        for i, r in enumerate(rows):
-            if r.answer is not None:
-                answers[i] = list(tok(r.answer, add_special_tokens=False)["input_ids"])
-            elif responses is not None and (r.question_id, r.label) in responses:
-                answers[i] = list(responses[(r.question_id, r.label)])
-        to_generate = set(need)
-        gen_prompts = [
-            encode_chat(tok, ChatPrompt(r.question, r.system)) if i in to_generate else []
-            for i, r in enumerate(rows)
-        ]
-        batches = sorted_batches(
-            gen_prompts, spec.batch_size, pad_id=pad_token_id(tok), device=device, rows=need
-        )
-        for b, (idx, batch) in enumerate(batches):
-            res = generate_from_batch(
-                model, batch, max_new_tokens=spec.max_new_tokens, seed=spec.seed + seed_offset + b
-            )
-            scatter(answers, idx, res.ids)
-        for i in range(len(rows)):
-            texts[i] = tok.decode(answers[i] or [], skip_special_tokens=True).strip()
-    seqs: list[list[int]] = []
-    starts: list[int] = []
-    systems: list[str | None] = []  # the system prompt each row is encoded with
-    for i, r in enumerate(rows):
-        if spec.mode in ("prompt", "neutral"):
-            ids = encode_chat(tok, ChatPrompt(r.question, r.system))
-            seqs.append(ids)
-            starts.append(len(ids))
-            systems.append(r.system)
-        else:
-            system = r.system if spec.mode == "response" else None
-            head = encode_chat(tok, ChatPrompt(r.question, system))
-            seqs.append(head + list(answers[i] or []))
-            starts.append(len(head))
-            systems.append(system)
+        answers, texts = _answer_rows(model, rows, spec, responses, seed_offset)
+    enc = _encode_rows(tok, rows, spec, answers)
     # the first token of each row's summary: the last token, or the first answer token
     first_read = [
-        min(starts[i], len(seqs[i]) - 1) if spec.position == "mean_response" else len(seqs[i]) - 1
+        min(enc.starts[i], len(enc.seqs[i]) - 1)
+        if spec.position == "mean_response"
+        else len(enc.seqs[i]) - 1
         for i in range(len(rows))
     ]
     groups: list[tuple[tuple[int, ...], list[int]]] = []
     whole: list[int] = list(range(len(rows)))
     if share_prefix:
-        groups, whole = _prefix_groups(tok, seqs, systems, first_read)
+        groups, whole = _prefix_groups(tok, enc.seqs, enc.systems, first_read)
     if whole:
         groups.append(((), whole))
-    pad = pad_token_id(tok)
-    out: list[torch.Tensor] = []  # one [n_rows, *feature] per hook name
+    out = _capture_groups(model, spec, enc, groups, len(rows))
+    n_layers = len(spec.layers or ())
+    acts = {
+        kind: torch.stack(out[k * n_layers : (k + 1) * n_layers], dim=1)
+        for k, kind in enumerate(spec.hook_kinds)
+    }
+    return _Chunk(acts, list(rows), texts, answers)
+
+
+def _answer_rows(
+    model: Model,
+    rows: Sequence[Row],
+    spec: CollectSpec,
+    responses: Responses | None,
+    seed_offset: int,
+) -> tuple[list[list[int] | None], list[str | None]]:
+    """Every row's answer tokens (its fixed answer, its entry in ``responses``, else generated,
+    batch ``b`` with seed ``spec.seed + seed_offset + b``) and decoded answer text."""
+    tok = model.tokenizer
+    answers: list[list[int] | None] = [None] * len(rows)
+    texts: list[str | None] = [None] * len(rows)
+    need = [
+        i
+        for i, r in enumerate(rows)
+        if r.answer is None and (responses is None or (r.question_id, r.label) not in responses)
+    ]
+    for i, r in enumerate(rows):
+        if r.answer is not None:
+            answers[i] = list(tok(r.answer, add_special_tokens=False)["input_ids"])
+        elif responses is not None and (r.question_id, r.label) in responses:
+            answers[i] = list(responses[(r.question_id, r.label)])
+    to_generate = set(need)
+    gen_prompts = [
+        encode_chat(tok, ChatPrompt(r.question, r.system)) if i in to_generate else []
+        for i, r in enumerate(rows)
+    ]
+    batches = sorted_batches(
+        gen_prompts,
+        spec.batch_size,
+        pad_id=pad_token_id(tok),
+        device=model_device(model),
+        rows=need,
+    )
+    for b, (idx, batch) in enumerate(batches):
+        res = generate_from_batch(
+            model, batch, max_new_tokens=spec.max_new_tokens, seed=spec.seed + seed_offset + b
+        )
+        scatter(answers, idx, res.ids)
+    for i in range(len(rows)):
+        texts[i] = tok.decode(answers[i] or [], skip_special_tokens=True).strip()
+    return answers, texts
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    seqs: list[list[int]]  # each row's whole token sequence
+    starts: list[int]  # where each row's answer starts (its length for prompt-only modes)
+    systems: list[str | None]  # the system prompt each row is encoded with
+
+
+def _encode_rows(
+    tok: Any, rows: Sequence[Row], spec: CollectSpec, answers: Sequence[list[int] | None]
+) -> _Encoded:
+    """Every row's token sequence as ``spec.mode`` reads it: the prompt alone, or the prompt
+    (with its system prompt for ``"response"``, without for ``"response-only"``) and answer."""
+    enc = _Encoded([], [], [])
+    for i, r in enumerate(rows):
+        if spec.mode in ("prompt", "neutral"):
+            ids = encode_chat(tok, ChatPrompt(r.question, r.system))
+            enc.seqs.append(ids)
+            enc.starts.append(len(ids))
+            enc.systems.append(r.system)
+        else:
+            system = r.system if spec.mode == "response" else None
+            head = encode_chat(tok, ChatPrompt(r.question, system))
+            enc.seqs.append(head + list(answers[i] or []))
+            enc.starts.append(len(head))
+            enc.systems.append(system)
+    return enc
+
+
+def _capture_groups(
+    model: Model,
+    spec: CollectSpec,
+    enc: _Encoded,
+    groups: Sequence[tuple[tuple[int, ...], list[int]]],
+    n_rows: int,
+) -> list[torch.Tensor]:
+    """One ``[n_rows, *feature]`` per hook name: each group's rows captured in sorted batches,
+    after its shared prefix (cached once) when it has one."""
+    device = model_device(model)
+    names = spec.hook_names()
+    seqs, starts = enc.seqs, enc.starts
+    pad = pad_token_id(model.tokenizer)
+    out: list[torch.Tensor] = []
     for common, group in groups:
         prefix = prefix_cache(model, common, names) if common else None
         n_prefix = len(prefix) if prefix is not None else 0
@@ -277,15 +332,10 @@ def _collect_chunk(
                 model, batch, names, response_start=rs, position=spec.position, prefix=prefix
             )
             if not out:
-                out = [torch.empty(len(rows), *f.shape[1:]) for f in feats]
+                out = [torch.empty(n_rows, *f.shape[1:]) for f in feats]
             for o, f in zip(out, feats, strict=True):
                 scatter(o, idx, f)
-    n_layers = len(spec.layers or ())
-    acts = {
-        kind: torch.stack(out[k * n_layers : (k + 1) * n_layers], dim=1)
-        for k, kind in enumerate(spec.hook_kinds)
-    }
-    return _Chunk(acts, list(rows), texts, answers)
+    return out
 
 
 def _prefix_groups(

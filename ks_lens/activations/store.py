@@ -12,7 +12,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ks_lens.activations.collect import Responses, _base_meta, _chunks, _plan
+from ks_lens.activations.collect import (
+    CollectSpec,
+    Responses,
+    _base_meta,
+    _Chunk,
+    _chunks,
+    _plan,
+)
 from ks_lens.activations.container import Activations, Mode, Pooling
 from ks_lens.compat import check_version_match, versions
 from ks_lens.datasets import BehaviourDataset
@@ -288,68 +295,22 @@ def collect_to_store(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out} is an existing file; an activation store is a directory")
-    fresh = {
-        "format": STORE_FORMAT,
-        "format_version": 2,
-        "status": "incomplete",
-        **_base_meta(model, dataset, spec, split, len(rows), share_prefix),
-        "shard_rows": shard_rows,
-        "versions": versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "shards": [],
-    }
+    fresh = _fresh_meta(model, dataset, spec, split, len(rows), share_prefix, shard_rows)
     meta_path = out / "meta.json"
     if meta_path.exists():
         store = ActivationStore(out)
-        old = store.meta
-        diffs = [k for k in _RESUME_KEYS if old.get(k) != fresh.get(k)]
-        if diffs:
-            detail = "; ".join(
-                f"{k}: stored {old.get(k)!r} vs requested {fresh.get(k)!r}" for k in diffs
-            )
-            hint = ""
-            if "numerics" in diffs and isinstance(old.get("numerics"), dict):
-                n = old["numerics"]
-                hint = f" To finish or reuse it, load the model with dtype={n.get('dtype')!r} on a {n.get('device')} device."
-            raise StoreError(
-                f"{out} already holds activations collected with other settings ({detail}). "
-                f"Use another --out directory or delete this one.{hint}"
-            )
-        # keep every shard that verifies; re-collect the missing, damaged and unfinished ones
-        good, damaged = [], []
-        for s in old["shards"]:
-            problem = _shard_problem(out, s)
-            if problem:
-                damaged.append(problem)
-            else:
-                good.append(s)
-        if store.complete and not damaged:
+        _check_resumable(out, store.meta, fresh)
+        resumed = _resume_meta(out, store, share_prefix)
+        if resumed is None:
             return store
-        if damaged:
-            warnings.warn(
-                f"activation store {out}: re-collecting {len(damaged)} damaged shard(s) "
-                f"({damaged[0]}{', ...' if len(damaged) > 1 else ''})",
-                stacklevel=2,
-            )
-        # temporary files of writes cut short by a hard kill (SIGKILL, power loss)
-        for tmp in [*out.glob(".*.tmp"), *(out / "shards").glob(".*.tmp")]:
-            tmp.unlink(missing_ok=True)
-        meta = dict(old)
-        meta["shards"] = good
-        if good and old.get("share_prefix") != share_prefix:
-            meta["share_prefix"] = "mixed"  # shards of both kinds (equal within float rounding)
-        else:
-            meta["share_prefix"] = share_prefix
-        meta["status"] = "incomplete"
-        meta.pop("completed", None)
-        _write_store_meta(meta_path, meta)
+        meta = resumed
     else:
         if out.exists() and any(out.iterdir()):
             raise StoreError(
                 f"{out} exists and is not an activation store; choose an empty or new directory"
             )
         meta = fresh
-        _write_store_meta(meta_path, meta)
+    _write_store_meta(meta_path, meta)
     done = {s["rows"][0] for s in meta["shards"]}
     starts = [lo for lo in range(0, len(rows), shard_rows) if lo not in done]
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -364,32 +325,107 @@ def collect_to_store(
         f"collect {spec.mode} -> {out.name}",
         share_prefix,
     ):
-        idx = lo // shard_rows
-        tname = f"shards/shard-{idx:05d}.safetensors"
-        rname = f"shards/shard-{idx:05d}.json"
-        atomic_save_safetensors(out / tname, chunk.acts)
-        rows_json: dict[str, Any] = {
-            "rows": [lo, lo + len(chunk.rows)],
-            "question_ids": [r.question_id for r in chunk.rows],
-            "labels": [r.label for r in chunk.rows],
-        }
-        if spec.mode in ("response", "response-only"):
-            rows_json["texts"] = chunk.texts
-            rows_json["answer_ids"] = chunk.answer_ids
-        atomic_write_json(out / rname, rows_json)
-        meta["shards"].append(
-            {
-                "rows": [lo, lo + len(chunk.rows)],
-                "tensors": _shard_record(out, tname),
-                "rows_file": _shard_record(out, rname),
-            }
-        )
+        meta["shards"].append(_write_shard(out, lo // shard_rows, lo, chunk, spec.mode))
         meta["shards"].sort(key=lambda s: s["rows"][0])
         _write_store_meta(meta_path, meta)
     meta["status"] = "complete"
     meta["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _write_store_meta(meta_path, meta)
     return ActivationStore(out)
+
+
+def _fresh_meta(
+    model: Model,
+    dataset: BehaviourDataset,
+    spec: CollectSpec,
+    split: str | None,
+    n_rows: int,
+    share_prefix: bool,
+    shard_rows: int,
+) -> dict[str, Any]:
+    """The metadata of a new, empty store (also what a resumed store's settings must match)."""
+    return {
+        "format": STORE_FORMAT,
+        "format_version": 2,
+        "status": "incomplete",
+        **_base_meta(model, dataset, spec, split, n_rows, share_prefix),
+        "shard_rows": shard_rows,
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "shards": [],
+    }
+
+
+def _check_resumable(out: Path, old: dict[str, Any], fresh: dict[str, Any]) -> None:
+    """StoreError when the store at ``out`` was collected with other settings than ``fresh``."""
+    diffs = [k for k in _RESUME_KEYS if old.get(k) != fresh.get(k)]
+    if diffs:
+        detail = "; ".join(
+            f"{k}: stored {old.get(k)!r} vs requested {fresh.get(k)!r}" for k in diffs
+        )
+        hint = ""
+        if "numerics" in diffs and isinstance(old.get("numerics"), dict):
+            n = old["numerics"]
+            hint = f" To finish or reuse it, load the model with dtype={n.get('dtype')!r} on a {n.get('device')} device."
+        raise StoreError(
+            f"{out} already holds activations collected with other settings ({detail}). "
+            f"Use another --out directory or delete this one.{hint}"
+        )
+
+
+def _resume_meta(out: Path, store: ActivationStore, share_prefix: bool) -> dict[str, Any] | None:
+    """The metadata to resume the store at ``out`` with (its shards that verify; warns about
+    damaged ones and removes leftover temporary files), or None when it is complete and sound."""
+    old = store.meta
+    # keep every shard that verifies; re-collect the missing, damaged and unfinished ones
+    good, damaged = [], []
+    for s in old["shards"]:
+        problem = _shard_problem(out, s)
+        if problem:
+            damaged.append(problem)
+        else:
+            good.append(s)
+    if store.complete and not damaged:
+        return None
+    if damaged:
+        warnings.warn(
+            f"activation store {out}: re-collecting {len(damaged)} damaged shard(s) "
+            f"({damaged[0]}{', ...' if len(damaged) > 1 else ''})",
+            stacklevel=3,  # collect_to_store's caller
+        )
+    # temporary files of writes cut short by a hard kill (SIGKILL, power loss)
+    for tmp in [*out.glob(".*.tmp"), *(out / "shards").glob(".*.tmp")]:
+        tmp.unlink(missing_ok=True)
+    meta = dict(old)
+    meta["shards"] = good
+    if good and old.get("share_prefix") != share_prefix:
+        meta["share_prefix"] = "mixed"  # shards of both kinds (equal within float rounding)
+    else:
+        meta["share_prefix"] = share_prefix
+    meta["status"] = "incomplete"
+    meta.pop("completed", None)
+    return meta
+
+
+def _write_shard(out: Path, idx: int, lo: int, chunk: _Chunk, mode: Mode) -> dict[str, Any]:
+    """Write shard ``idx`` (rows from ``lo``) of ``chunk``; its record for ``meta["shards"]``."""
+    tname = f"shards/shard-{idx:05d}.safetensors"
+    rname = f"shards/shard-{idx:05d}.json"
+    atomic_save_safetensors(out / tname, chunk.acts)
+    rows_json: dict[str, Any] = {
+        "rows": [lo, lo + len(chunk.rows)],
+        "question_ids": [r.question_id for r in chunk.rows],
+        "labels": [r.label for r in chunk.rows],
+    }
+    if mode in ("response", "response-only"):
+        rows_json["texts"] = chunk.texts
+        rows_json["answer_ids"] = chunk.answer_ids
+    atomic_write_json(out / rname, rows_json)
+    return {
+        "rows": [lo, lo + len(chunk.rows)],
+        "tensors": _shard_record(out, tname),
+        "rows_file": _shard_record(out, rname),
+    }
 
 
 def _write_store_meta(path: Path, meta: dict[str, Any]) -> None:

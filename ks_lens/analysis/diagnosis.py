@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from ks_lens.analysis._move import caa_move, ksteer_move, read_trajectory
 from ks_lens.comparison import ActivationEvaluation, method_label
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation import VanishRule
@@ -52,7 +53,6 @@ from ks_lens.evaluation.stats import (
 )
 from ks_lens.probes import Probe
 from ks_lens.steering import CAA, KSteering, Steerer, SteeringSpec
-from ks_lens.steering.ksteer import probe_gradients
 
 CAUSES = ("weak label", "conflict", "dominated", "overshoot", "not transferred", "other")
 GEOMETRIES = ("probe gradients", "CAA vectors")
@@ -152,10 +152,6 @@ def classify_cause(
     return "other"
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-
-
 def _ratios(values: Sequence[float]) -> list[float]:
     top = max(values) if values else 0.0
     return [v / top if top > 0 else float("nan") for v in values]
@@ -205,53 +201,15 @@ def diagnose(
     settings = steerer_settings(steerer)
     spec = SteeringSpec(targets, (), alpha)
     if isinstance(steerer, KSteering):
-        probe = steerer.probe
-        readout = readout or probe
-        ref = probe.mean
-        x = x.detach().to(device=ref.device, dtype=ref.dtype)
-        traj = steerer.trajectory(x, spec)  # its own steps, decay, objective, combine, step_norm
-        move = traj[-1] - traj[0]  # [n, d]
-        g, _ = probe_gradients(probe, x, probe.label_indices(targets))  # [k, n, d]
-        u = _unit(g)
-        cos_in = torch.einsum("ind,jnd->nij", u, u)  # [n, k, k]
-        cos = cos_in.mean(0)
-        norms = g.norm(dim=-1).mean(1)  # [k]
-        push = (u * move.unsqueeze(0)).sum(-1).mean(1)  # [k]
-        to_step = (u * _unit(move).unsqueeze(0)).sum(-1).mean(1)
-        geometry = GEOMETRIES[0]
-        accs = probe.metrics.get("val_per_label_accuracy", {}) or {}
-        accuracy = [float(accs.get(lab, float("nan"))) for lab in targets]
+        geometry, m = GEOMETRIES[0], ksteer_move(steerer, x, targets, spec, readout)
     elif isinstance(steerer, CAA):
-        vecs = steerer.vectors.vectors[steerer.vectors.indices(targets)].double()  # [k, d]
-        v = steerer.vector(spec).double()  # the combined vector, the method's own combine
-        uv = _unit(vecs)
-        cos = uv @ uv.T
-        norms = vecs.norm(dim=-1)
-        push = alpha * (uv @ v)
-        to_step = uv @ _unit(v)
-        geometry = GEOMETRIES[1]
-        accuracy = [float("nan")] * len(targets)
-        if readout is not None:
-            x = x.detach().to(device=readout.mean.device, dtype=readout.mean.dtype)
-            traj = [x, steerer.transform(spec)(x)]
-            move = traj[-1] - traj[0]
-        else:
-            traj = []
-            move = (alpha * v).unsqueeze(0)
+        geometry, m = GEOMETRIES[1], caa_move(steerer, x, targets, spec, alpha, readout)
     else:  # steerer_settings refused it already
         raise ConfigError(f"cannot diagnose {type(steerer).__name__}")
-    probs: list[torch.Tensor] = []
-    base = torch.full((len(targets),), float("nan"))
-    if readout is not None and traj:
-        idx = readout.label_indices(targets)
-        with torch.no_grad():
-            logits = [
-                readout(t.to(device=readout.mean.device, dtype=readout.mean.dtype)) for t in traj
-            ]
-        base = logits[0][:, idx].mean(0).cpu()
-        probs = [torch.sigmoid(lg[:, idx]).mean(0).cpu() for lg in logits]
-    norm_list = [float(n) for n in norms]
-    push_list = [float(p) for p in push]
+    base, probs = read_trajectory(m.readout, m.traj, targets)
+    cos, to_step, accuracy = m.cos, m.to_step, m.accuracy
+    norm_list = [float(n) for n in m.norms]
+    push_list = [float(p) for p in m.push]
     per: dict[str, TargetDiagnosis] = {}
     for j, lab in enumerate(targets):
         others = [float(cos[j, o]) for o in range(len(targets)) if o != j]
@@ -293,7 +251,7 @@ def diagnose(
         targets,
         per,
         cos.cpu().tolist(),
-        float(move.norm(dim=-1).mean()),
+        float(m.move.norm(dim=-1).mean()),
         notes,
     )
 

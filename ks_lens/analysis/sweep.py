@@ -235,9 +235,41 @@ def layer_sweep(
     n_layers = int(model.cfg.n_layers)
     # per-layer steering effects: no instructed reference row (it does not depend on the layer)
     config = replace(config, instructed=False)
-    shared = set(calib_questions) & set(test_questions)
-    if text_questions is not None:
-        shared |= set(calib_questions) & set(text_questions)
+    questions = _SweepQuestions(calib_questions, test_questions, text_questions)
+    placements = _check_sweep(questions, evaluators, layers, n_layers, eval_gap)
+    kits = dict(kits) if kits is not None else _kits(train_acts, layers, probes)
+    missing = sorted(set(layers) - set(kits))
+    if missing:
+        raise ConfigError(f"no steering kit for swept layer(s) {missing}")
+    out = []
+    for place in tqdm(placements, desc="layer sweep", disable=not progress):
+        evaluator = evaluators[place.eval_layer]
+        kit = kits[place.layer]
+        out.append(_sweep_layer(model, place, evaluator, kit, questions, text_evaluator, config))
+    return out
+
+
+@dataclass(frozen=True)
+class _SweepQuestions:
+    """A sweep's calibration, test and (optional) generated-text questions."""
+
+    calib: Sequence[str]
+    test: Sequence[str]
+    text: Sequence[str] | None
+
+
+def _check_sweep(
+    questions: _SweepQuestions,
+    evaluators: Mapping[int, Probe],
+    layers: Sequence[int],
+    n_layers: int,
+    eval_gap: int,
+) -> list[EvalPlacement]:
+    """Every swept layer's evaluator placement; ConfigError when a calibration question is also
+    a test (or text) question, or an evaluator layer has no (or the wrong) evaluator."""
+    shared = set(questions.calib) & set(questions.test)
+    if questions.text is not None:
+        shared |= set(questions.calib) & set(questions.text)
     if shared:
         raise ConfigError(
             f"{len(shared)} question(s) are both calibration and test questions; "
@@ -252,70 +284,75 @@ def layer_sweep(
             raise ConfigError(
                 f"the evaluator given for layer {p.eval_layer} reads layer {evaluators[p.eval_layer].layer}"
             )
-    kits = dict(kits) if kits is not None else _kits(train_acts, layers, probes)
-    missing = sorted(set(layers) - set(kits))
-    if missing:
-        raise ConfigError(f"no steering kit for swept layer(s) {missing}")
-    out = []
-    for place in tqdm(placements, desc="layer sweep", disable=not progress):
-        layer = place.layer
-        evaluator = evaluators[place.eval_layer]
-        kit = kits[layer]
-        with quieted("ks_lens.comparison"):  # one summary line per layer, below
-            if uses_dct(config):  # mapped by this layer's evaluator (learned here if not given)
-                kit = replace(
-                    kit,
-                    dct=fit_comparison_dct(
-                        model, layer, calib_questions, evaluator, config, learned=kit.dct
-                    ),
-                )
-            res = run_comparison(
-                model,
-                probe=kit.probe,
-                vectors=kit.vectors,
-                layer_probes=kit.layer_probes,
-                dct=kit.dct,
-                evaluator=evaluator,
-                text_evaluator=text_evaluator,
-                calib_questions=calib_questions,
-                test_questions=test_questions,
-                text_questions=text_questions,
-                config=config,
-                progress=False,
+    return placements
+
+
+def _sweep_layer(
+    model: Model,
+    place: EvalPlacement,
+    evaluator: Probe,
+    kit: SteeringKit,
+    questions: _SweepQuestions,
+    text_evaluator: TextScorer | None,
+    config: ComparisonConfig,
+) -> LayerRecord:
+    """One swept layer: the comparison at it, read again on the calibration questions (logs a
+    summary line)."""
+    layer = place.layer
+    with quieted("ks_lens.comparison"):  # one summary line per layer, below
+        if uses_dct(config):  # mapped by this layer's evaluator (learned here if not given)
+            kit = replace(
+                kit,
+                dct=fit_comparison_dct(
+                    model, layer, questions.calib, evaluator, config, learned=kit.dct
+                ),
             )
-        # the same methods, alphas and combinations, read on the calibration questions
-        cal_ev = evaluate_activations(
+        res = run_comparison(
             model,
-            build_methods(res.config, kit),
-            res.alphas,
-            res.plan,
-            calib_questions,
-            evaluator,
-            res.config,
+            probe=kit.probe,
+            vectors=kit.vectors,
+            layer_probes=kit.layer_probes,
+            dct=kit.dct,
+            evaluator=evaluator,
+            text_evaluator=text_evaluator,
+            calib_questions=questions.calib,
+            test_questions=questions.test,
+            text_questions=questions.text,
+            config=config,
             progress=False,
         )
-        rec = LayerRecord(
-            place,
-            float(evaluator.metrics.get("val_accuracy", float("nan"))),
-            res.alphas,
-            summarise_activations(cal_ev, res.config),
-            res.summary("activation"),
-            res.summary("text"),
-            [e for e in res.equal_kl if e.lens == "text"],
-            len(calib_questions),
-            len(test_questions),
-            dict(res.timings),
-        )
-        out.append(rec)
-        best = max(
-            (r for r in rec.calibration if r.method != "unsteered"),
-            key=lambda r: r.target_prob.estimate,
-        )
-        log.info(
-            f"  layer {layer:2d} (evaluator {place.eval_layer}{', capped' if place.capped else ''}): "
-            f"best on calibration questions {best.method} k={best.k} p={best.target_prob.fmt()}"
-        )
-    return out
+    # the same methods, alphas and combinations, read on the calibration questions
+    cal_ev = evaluate_activations(
+        model,
+        build_methods(res.config, kit),
+        res.alphas,
+        res.plan,
+        questions.calib,
+        evaluator,
+        res.config,
+        progress=False,
+    )
+    rec = LayerRecord(
+        place,
+        float(evaluator.metrics.get("val_accuracy", float("nan"))),
+        res.alphas,
+        summarise_activations(cal_ev, res.config),
+        res.summary("activation"),
+        res.summary("text"),
+        [e for e in res.equal_kl if e.lens == "text"],
+        len(questions.calib),
+        len(questions.test),
+        dict(res.timings),
+    )
+    best = max(
+        (r for r in rec.calibration if r.method != "unsteered"),
+        key=lambda r: r.target_prob.estimate,
+    )
+    log.info(
+        f"  layer {layer:2d} (evaluator {place.eval_layer}{', capped' if place.capped else ''}): "
+        f"best on calibration questions {best.method} k={best.k} p={best.target_prob.fmt()}"
+    )
+    return rec
 
 
 def _kits(

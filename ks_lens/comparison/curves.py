@@ -86,75 +86,14 @@ def trade_off(
     level = config.kl_budget
     for lens in te.lenses:
         for k in config.sizes:
-            per_method: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+            per_method: _PerMethod = {}
             for m in te.alphas:
-                kls, ps, degs, only = [], [], [], curve_cells(te, m)
-                for f in te.factors:
-                    cs = _text_cells(te, lens, m, f, k, only)
-                    if cs is None or cs.kl is None or cs.degenerate is None:
-                        break
-                    kq = _per_question(cs.kl, cs.question, n)
-                    pq = _per_question(cs.target.mean(1), cs.question, n)
-                    dq = _per_question(cs.degenerate.astype(float), cs.question, n)
-                    kls.append(kq)
-                    ps.append(pq)
-                    degs.append(dq)
-                    curves.append(
-                        CurvePoint(
-                            lens,
-                            m,
-                            k,
-                            f,
-                            te.alphas[m][k] * f,
-                            bootstrap_mean(kq, seed=config.seed, n_resamples=config.n_resamples),
-                            bootstrap_mean(pq, seed=config.seed, n_resamples=config.n_resamples),
-                            float(cs.degenerate.mean()),
-                            len(cs.kl),
-                        )
-                    )
-                if len(kls) == len(te.factors):
-                    per_method[m] = (np.stack(kls, 1), np.stack(ps, 1), np.stack(degs, 1))
-            keep = [
-                q
-                for q in range(n)
-                if all(
-                    np.all(np.isfinite(v[0][q])) and np.all(np.isfinite(v[1][q]))
-                    for v in per_method.values()
-                )
-            ]
-            keep_idx = np.array(keep, dtype=int)
-
-            ranges = {
-                m: [float(x) for x in v[0][keep_idx].mean(0)]
-                for m, v in per_method.items()
-                if len(keep_idx)
-            }
-            for m in per_method:
-                lvl = _common_level(ranges, [m, config.baseline], level)
-                est = bootstrap_statistic(
-                    len(keep_idx),
-                    partial(_at_level, per_method, keep_idx, m, level=lvl),
-                    seed=config.seed,
-                    n_resamples=config.n_resamples,
-                )
-                diff = None
-                if m != config.baseline and config.baseline in per_method:
-                    diff = bootstrap_statistic(
-                        len(keep_idx),
-                        partial(
-                            _at_level_diff, per_method, keep_idx, m, config.baseline, level=lvl
-                        ),
-                        seed=config.seed,
-                        n_resamples=config.n_resamples,
-                    )
-                deg = (
-                    _at_level(
-                        per_method, keep_idx, m, np.arange(len(keep_idx)), lvl, degenerate=True
-                    )
-                    if len(keep_idx)
-                    else math.nan
-                )
-                equal.append(EqualKL(lens, m, k, lvl, est, deg, diff))
+                points, arrays = _method_curve(te, lens, m, k, config)
+                curves.extend(points)
+                if arrays is not None:
+                    per_method[m] = arrays
+            keep_idx = _complete_questions(per_method, n)
+            equal.extend(_equal_kl_rows(per_method, keep_idx, lens, k, level, config))
             ref = _instructed_point(te, lens, k, config)
             if ref is not None:
                 point, row, pu, pi = ref
@@ -162,6 +101,100 @@ def trade_off(
                 _add_equal_kl_fractions(equal, lens, k, per_method, keep_idx, pu, pi, config)
                 equal.append(row)
     return curves, equal
+
+
+#: method -> its per-question ``[n, n_factors]`` KL, target probability and degenerate share
+_PerMethod = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _method_curve(
+    te: TextEvaluation, lens: str, m: str, k: int, config: ComparisonConfig
+) -> tuple[list[CurvePoint], tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+    """One method's curve points at ``k`` targets (up to the first factor without measured KL)
+    and, when every factor has one, its per-question ``[n, n_factors]`` arrays."""
+    n = len(te.questions)
+    points: list[CurvePoint] = []
+    kls, ps, degs, only = [], [], [], curve_cells(te, m)
+    for f in te.factors:
+        cs = _text_cells(te, lens, m, f, k, only)
+        if cs is None or cs.kl is None or cs.degenerate is None:
+            break
+        kq = _per_question(cs.kl, cs.question, n)
+        pq = _per_question(cs.target.mean(1), cs.question, n)
+        dq = _per_question(cs.degenerate.astype(float), cs.question, n)
+        kls.append(kq)
+        ps.append(pq)
+        degs.append(dq)
+        points.append(
+            CurvePoint(
+                lens,
+                m,
+                k,
+                f,
+                te.alphas[m][k] * f,
+                bootstrap_mean(kq, seed=config.seed, n_resamples=config.n_resamples),
+                bootstrap_mean(pq, seed=config.seed, n_resamples=config.n_resamples),
+                float(cs.degenerate.mean()),
+                len(cs.kl),
+            )
+        )
+    if len(kls) == len(te.factors):
+        return points, (np.stack(kls, 1), np.stack(ps, 1), np.stack(degs, 1))
+    return points, None
+
+
+def _complete_questions(per_method: _PerMethod, n: int) -> np.ndarray:
+    """Indices of the questions with finite KL and target probability for every method."""
+    keep = [
+        q
+        for q in range(n)
+        if all(
+            np.all(np.isfinite(v[0][q])) and np.all(np.isfinite(v[1][q]))
+            for v in per_method.values()
+        )
+    ]
+    return np.array(keep, dtype=int)
+
+
+def _equal_kl_rows(
+    per_method: _PerMethod,
+    keep_idx: np.ndarray,
+    lens: str,
+    k: int,
+    level: float,
+    config: ComparisonConfig,
+) -> list[EqualKL]:
+    """Every method's value at equal KL (``level``, or the highest both it and the baseline
+    reach) on the ``keep_idx`` questions, paired with the baseline's."""
+    rows = []
+    ranges = {
+        m: [float(x) for x in v[0][keep_idx].mean(0)]
+        for m, v in per_method.items()
+        if len(keep_idx)
+    }
+    for m in per_method:
+        lvl = _common_level(ranges, [m, config.baseline], level)
+        est = bootstrap_statistic(
+            len(keep_idx),
+            partial(_at_level, per_method, keep_idx, m, level=lvl),
+            seed=config.seed,
+            n_resamples=config.n_resamples,
+        )
+        diff = None
+        if m != config.baseline and config.baseline in per_method:
+            diff = bootstrap_statistic(
+                len(keep_idx),
+                partial(_at_level_diff, per_method, keep_idx, m, config.baseline, level=lvl),
+                seed=config.seed,
+                n_resamples=config.n_resamples,
+            )
+        deg = (
+            _at_level(per_method, keep_idx, m, np.arange(len(keep_idx)), lvl, degenerate=True)
+            if len(keep_idx)
+            else math.nan
+        )
+        rows.append(EqualKL(lens, m, k, lvl, est, deg, diff))
+    return rows
 
 
 def _instructed_point(

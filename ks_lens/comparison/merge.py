@@ -9,7 +9,7 @@ import numpy as np
 
 from ks_lens.capability.stage import merge_capability
 from ks_lens.comparison.config import ComparisonConfig
-from ks_lens.comparison.records import ActivationEvaluation
+from ks_lens.comparison.records import ActivationEvaluation, TextEvaluation
 from ks_lens.comparison.result import ComparisonResult, derived_rows
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation.instructed import INSTRUCTED
@@ -62,14 +62,7 @@ def merge_results(
         raise ConfigError("nothing to merge")
     names = list(runs)
     first = runs[names[0]]
-    for n in names[1:]:
-        r = runs[n]
-        if r.plan.to_json() != first.plan.to_json():
-            raise ConfigError(f"run {n!r} has another plan than run {names[0]!r}")
-        for what in ("activation", "text"):
-            a, b = getattr(first, what), getattr(r, what)
-            if (a is None) != (b is None):
-                raise ConfigError(f"run {n!r} and run {names[0]!r} differ in their {what} stage")
+    _check_same_plan(runs)
     methods = [f"{m}@{n}" for n in names for m in runs[n].config.methods]
     if baseline not in methods:
         raise ConfigError(f"the baseline {baseline!r} is not among the merged methods {methods}")
@@ -81,50 +74,8 @@ def merge_results(
         instructed=first.config.instructed,
     )
     calibration = {f"{m}@{n}": c for n in names for m, c in runs[n].calibration.items()}
-    act = None
-    if first.activation is not None:
-        base = first.activation.base
-        probs: dict[str, list[np.ndarray]] = {}
-        alphas: dict[str, dict[int, float]] = {}
-        for n in names:
-            a = runs[n].activation
-            assert a is not None
-            if a.combos != first.activation.combos or not np.allclose(a.base, base, atol=1e-6):
-                raise ConfigError(f"run {n!r} evaluated other activations than {names[0]!r}")
-            probs.update({f"{m}@{n}": p for m, p in a.probs.items()})
-            alphas.update({f"{m}@{n}": v for m, v in a.alphas.items()})
-        act = ActivationEvaluation(
-            first.activation.labels,
-            first.activation.combos,
-            alphas,
-            base,
-            probs,
-            first.activation.instructed,
-        )
-    text = None
-    if first.text is not None:
-        unsteered = [a for a in first.text.answers if a.method == "unsteered"]
-        # the reference rows are the same in every run (checked): kept once, not renamed
-        answers = unsteered + [a for a in first.text.answers if a.method == INSTRUCTED]
-        t_alphas: dict[str, dict[int, float]] = {}
-        for n in names:
-            t = runs[n].text
-            assert t is not None
-            if t.questions != first.text.questions or t.factors != first.text.factors:
-                raise ConfigError(f"run {n!r} answered other questions or alphas than {names[0]!r}")
-            own = [a for a in t.answers if a.method == "unsteered"]
-            if [a.text for a in own] != [a.text for a in unsteered]:
-                raise ConfigError(
-                    f"run {n!r} has other unsteered answers than run {names[0]!r}; runs to merge "
-                    "need the same model and generation settings"
-                )
-            answers += [
-                replace(a, method=f"{a.method}@{n}")
-                for a in t.answers
-                if a.method not in ("unsteered", INSTRUCTED)
-            ]
-            t_alphas.update({f"{m}@{n}": v for m, v in t.alphas.items()})
-        text = replace(first.text, alphas=t_alphas, answers=answers)
+    act = _merge_activation(runs)
+    text = _merge_text(runs)
     summaries, curves, equal = derived_rows(cfg, act, text)
     timings: dict[str, float] = {}
     for n in names:
@@ -150,3 +101,74 @@ def merge_results(
         timings,
         capability,
     )
+
+
+def _check_same_plan(runs: Mapping[str, ComparisonResult]) -> None:
+    """Runs to merge share the plan and have the same stages (activation, text)."""
+    names = list(runs)
+    first = runs[names[0]]
+    for n in names[1:]:
+        r = runs[n]
+        if r.plan.to_json() != first.plan.to_json():
+            raise ConfigError(f"run {n!r} has another plan than run {names[0]!r}")
+        for what in ("activation", "text"):
+            a, b = getattr(first, what), getattr(r, what)
+            if (a is None) != (b is None):
+                raise ConfigError(f"run {n!r} and run {names[0]!r} differ in their {what} stage")
+
+
+def _merge_activation(runs: Mapping[str, ComparisonResult]) -> ActivationEvaluation | None:
+    """The runs' activation evaluations as one, methods renamed (None without that stage)."""
+    names = list(runs)
+    first = runs[names[0]]
+    if first.activation is None:
+        return None
+    base = first.activation.base
+    probs: dict[str, list[np.ndarray]] = {}
+    alphas: dict[str, dict[int, float]] = {}
+    for n in names:
+        a = runs[n].activation
+        assert a is not None
+        if a.combos != first.activation.combos or not np.allclose(a.base, base, atol=1e-6):
+            raise ConfigError(f"run {n!r} evaluated other activations than {names[0]!r}")
+        probs.update({f"{m}@{n}": p for m, p in a.probs.items()})
+        alphas.update({f"{m}@{n}": v for m, v in a.alphas.items()})
+    return ActivationEvaluation(
+        first.activation.labels,
+        first.activation.combos,
+        alphas,
+        base,
+        probs,
+        first.activation.instructed,
+    )
+
+
+def _merge_text(runs: Mapping[str, ComparisonResult]) -> TextEvaluation | None:
+    """The runs' text evaluations as one: the shared unsteered and instructed answers once,
+    every steered answer with its method renamed (None without that stage)."""
+    names = list(runs)
+    first = runs[names[0]]
+    if first.text is None:
+        return None
+    unsteered = [a for a in first.text.answers if a.method == "unsteered"]
+    # the reference rows are the same in every run (checked): kept once, not renamed
+    answers = unsteered + [a for a in first.text.answers if a.method == INSTRUCTED]
+    t_alphas: dict[str, dict[int, float]] = {}
+    for n in names:
+        t = runs[n].text
+        assert t is not None
+        if t.questions != first.text.questions or t.factors != first.text.factors:
+            raise ConfigError(f"run {n!r} answered other questions or alphas than {names[0]!r}")
+        own = [a for a in t.answers if a.method == "unsteered"]
+        if [a.text for a in own] != [a.text for a in unsteered]:
+            raise ConfigError(
+                f"run {n!r} has other unsteered answers than run {names[0]!r}; runs to merge "
+                "need the same model and generation settings"
+            )
+        answers += [
+            replace(a, method=f"{a.method}@{n}")
+            for a in t.answers
+            if a.method not in ("unsteered", INSTRUCTED)
+        ]
+        t_alphas.update({f"{m}@{n}": v for m, v in t.alphas.items()})
+    return replace(first.text, alphas=t_alphas, answers=answers)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from ks_lens.capability.stage import evaluate_capability_stage
+from ks_lens.capability.stage import CapabilityEvaluation, evaluate_capability_stage
 from ks_lens.comparison.calibration import build_methods, calibrate
 from ks_lens.comparison.config import ComparisonConfig, TextScorer
 from ks_lens.comparison.plan import ComparisonPlan, plan_comparison
+from ks_lens.comparison.records import ActivationEvaluation, TextEvaluation
 from ks_lens.comparison.result import ComparisonResult, derived_rows
 from ks_lens.comparison.stages import _instructed_systems, evaluate_activations, evaluate_text
 from ks_lens.datasets.coverage import label_combinations
@@ -19,7 +20,7 @@ from ks_lens.evaluation import map_dct_labels
 from ks_lens.evaluation.instructed import instructed_system
 from ks_lens.memory import record_memory
 from ks_lens.probes import Probe
-from ks_lens.steering import SteeringVectors
+from ks_lens.steering import SteeringMethod, SteeringVectors
 from ks_lens.steering.dct import DCTVectors
 from ks_lens.steering.registry import SteeringKit
 from ks_lens.types import Model
@@ -113,6 +114,67 @@ def run_comparison(
     text_questions = list(test_questions if text_questions is None else text_questions)
     config = (config or ComparisonConfig()).validate(probe.label_names)
     labels = tuple(probe.label_names)
+    _check_readers(
+        labels, probe, vectors, evaluator, text_evaluator, response_evaluator, linear_probe
+    )
+    if not calib_questions or not test_questions:
+        raise ConfigError("need calibration and test questions")
+    plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
+    _instructed_systems(config, instructions, plan, [])  # refuse missing instructions early
+    kit = SteeringKit(probe, vectors, dict(layer_probes or {}), linear_probe=linear_probe)
+    if kit.layer_probes and max(kit.layer_probes) > evaluator.layer:
+        raise ConfigError(
+            f"the evaluator (layer {evaluator.layer}) must read at or after every steering layer "
+            f"({sorted(kit.layer_probes)})"
+        )
+    timings: dict[str, float] = {}
+    if uses_dct(config):
+        kit = _with_dct(model, kit, dct, calib_questions, evaluator, config, timings)
+    methods = build_methods(config, kit)
+
+    t0 = time.perf_counter()
+    calib = calibrate(model, methods, plan, calib_questions, config)
+    timings["calibration_s"] = time.perf_counter() - t0
+    record_memory(timings, "calibration")
+    alphas = {m: {k: c.alpha for k, c in v.items()} for m, v in calib.items()}
+
+    stage = _Stage(model, methods, alphas, config, instructions, timings)
+    act = _activation_stage(stage, plan, test_questions, evaluator, progress)
+    text = None
+    if text_evaluator is not None:
+        text = _text_stage(stage, plan, text_questions, text_evaluator, response_evaluator)
+    summaries, curves, equal = derived_rows(config, act, text)
+    capability = None
+    if config.capability_questions > 0:
+        capability = _capability_stage(stage, labels)
+    return ComparisonResult(
+        config,
+        plan,
+        calib,
+        act,
+        text,
+        summaries,
+        curves,
+        equal,
+        len(calib_questions),
+        len(test_questions),
+        len(text_questions) if text is not None else 0,
+        timings,
+        capability,
+    )
+
+
+def _check_readers(
+    labels: tuple[str, ...],
+    probe: Probe,
+    vectors: SteeringVectors,
+    evaluator: Probe,
+    text_evaluator: TextScorer | None,
+    response_evaluator: Probe | None,
+    linear_probe: Probe | None,
+) -> None:
+    """ConfigError unless every vector set, probe and evaluator has the steering probe's labels
+    in its order, the linear probe reads its hook point and the evaluator reads at or after it."""
     others = {"vectors": vectors.label_names, "evaluator": evaluator.label_names}
     if linear_probe is not None:
         others["linear probe"] = linear_probe.label_names
@@ -135,95 +197,108 @@ def run_comparison(
         raise ConfigError(
             f"the evaluator (layer {evaluator.layer}) must read at or after the steering layer ({probe.layer})"
         )
-    if not calib_questions or not test_questions:
-        raise ConfigError("need calibration and test questions")
-    plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
-    _instructed_systems(config, instructions, plan, [])  # refuse missing instructions early
-    kit = SteeringKit(probe, vectors, dict(layer_probes or {}), linear_probe=linear_probe)
-    if kit.layer_probes and max(kit.layer_probes) > evaluator.layer:
-        raise ConfigError(
-            f"the evaluator (layer {evaluator.layer}) must read at or after every steering layer "
-            f"({sorted(kit.layer_probes)})"
-        )
-    timings: dict[str, float] = {}
-    if uses_dct(config):
-        t0 = time.perf_counter()
-        if dct is None:
-            dct = fit_comparison_dct(model, probe.layer, calib_questions, evaluator, config)
-        kit = replace(kit, dct=dct)
-        timings["dct_fit_s"] = time.perf_counter() - t0
-    methods = build_methods(config, kit)
 
+
+@dataclass(frozen=True)
+class _Stage:
+    """What every stage after calibration shares; ``timings`` is filled in place."""
+
+    model: Model
+    methods: dict[str, SteeringMethod]
+    alphas: dict[str, dict[int, float]]
+    config: ComparisonConfig
+    instructions: Mapping[str, str] | None
+    timings: dict[str, float]
+
+
+def _with_dct(
+    model: Model,
+    kit: SteeringKit,
+    dct: DCTVectors | None,
+    calib_questions: Sequence[str],
+    evaluator: Probe,
+    config: ComparisonConfig,
+    timings: dict[str, float],
+) -> SteeringKit:
+    """``kit`` with the ``dct`` method's vectors (``dct``, else fitted by
+    :func:`fit_comparison_dct`), timed (``dct_fit_s``)."""
     t0 = time.perf_counter()
-    calib = calibrate(model, methods, plan, calib_questions, config)
-    timings["calibration_s"] = time.perf_counter() - t0
-    record_memory(timings, "calibration")
-    alphas = {m: {k: c.alpha for k, c in v.items()} for m, v in calib.items()}
+    if dct is None:
+        dct = fit_comparison_dct(model, kit.probe.layer, calib_questions, evaluator, config)
+    kit = replace(kit, dct=dct)
+    timings["dct_fit_s"] = time.perf_counter() - t0
+    return kit
 
+
+def _activation_stage(
+    stage: _Stage,
+    plan: ComparisonPlan,
+    test_questions: Sequence[str],
+    evaluator: Probe,
+    progress: bool,
+) -> ActivationEvaluation:
+    """The activation stage, timed (``activation_eval_s``) and its memory recorded."""
     t0 = time.perf_counter()
     act = evaluate_activations(
-        model,
-        methods,
-        alphas,
+        stage.model,
+        stage.methods,
+        stage.alphas,
         plan,
         test_questions,
         evaluator,
-        config,
+        stage.config,
         progress=progress,
-        instructions=instructions,
+        instructions=stage.instructions,
     )
-    timings["activation_eval_s"] = time.perf_counter() - t0
-    record_memory(timings, "activation_eval")
+    stage.timings["activation_eval_s"] = time.perf_counter() - t0
+    record_memory(stage.timings, "activation_eval")
+    return act
 
-    text = None
-    if text_evaluator is not None:
-        t0 = time.perf_counter()
-        log.info(_text_plan(plan, config, len(methods), len(text_questions)))
-        text = evaluate_text(
-            model,
-            methods,
-            alphas,
-            plan,
-            text_questions,
-            text_evaluator,
-            config,
-            response_evaluator=response_evaluator,
-            instructions=instructions,
-        )
-        timings["text_eval_s"] = time.perf_counter() - t0
-        record_memory(timings, "text_eval")
-    summaries, curves, equal = derived_rows(config, act, text)
-    capability = None
-    if config.capability_questions > 0:
-        t0 = time.perf_counter()
-        capability = evaluate_capability_stage(
-            model,
-            methods,
-            alphas,
-            labels=labels,
-            avoid=config.avoid,
-            sizes=config.sizes,
-            n_questions=config.capability_questions,
-            seed=config.seed,
-            positions=config.positions,
-            instructed=_capability_systems(config, instructions, labels),
-        )
-        if config.capability_instructed and instructions is None:
-            log.info("  capability: no instructions given; no instructed row")
-        timings["capability_s"] = time.perf_counter() - t0
-        record_memory(timings, "capability")
-    return ComparisonResult(
-        config,
+
+def _text_stage(
+    stage: _Stage,
+    plan: ComparisonPlan,
+    text_questions: Sequence[str],
+    text_evaluator: TextScorer,
+    response_evaluator: Probe | None,
+) -> TextEvaluation:
+    """The text stage, timed (``text_eval_s``) and its memory recorded."""
+    t0 = time.perf_counter()
+    log.info(_text_plan(plan, stage.config, len(stage.methods), len(text_questions)))
+    text = evaluate_text(
+        stage.model,
+        stage.methods,
+        stage.alphas,
         plan,
-        calib,
-        act,
-        text,
-        summaries,
-        curves,
-        equal,
-        len(calib_questions),
-        len(test_questions),
-        len(text_questions) if text is not None else 0,
-        timings,
-        capability,
+        text_questions,
+        text_evaluator,
+        stage.config,
+        response_evaluator=response_evaluator,
+        instructions=stage.instructions,
     )
+    stage.timings["text_eval_s"] = time.perf_counter() - t0
+    record_memory(stage.timings, "text_eval")
+    return text
+
+
+def _capability_stage(stage: _Stage, labels: tuple[str, ...]) -> CapabilityEvaluation:
+    """The capability stage, timed (``capability_s``) and its memory recorded."""
+    config, instructions = stage.config, stage.instructions
+    t0 = time.perf_counter()
+    capability = evaluate_capability_stage(
+        stage.model,
+        stage.methods,
+        stage.alphas,
+        labels=labels,
+        avoid=config.avoid,
+        sizes=config.sizes,
+        n_questions=config.capability_questions,
+        seed=config.seed,
+        positions=config.positions,
+        instructed=_capability_systems(config, instructions, labels),
+    )
+    if config.capability_instructed and instructions is None:
+        log.info("  capability: no instructions given; no instructed row")
+    stage.timings["capability_s"] = time.perf_counter() - t0
+    record_memory(stage.timings, "capability")
+    return capability

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -122,9 +123,62 @@ def evaluate_text(
         raise ConfigError(
             f"the text evaluator's labels {list(labels)} differ from the comparison's {list(plan.labels)}"
         )
+    tr = _text_rows(methods, alphas, plan, len(questions), config, instructions)
+    scores: GenerationScores = generate_and_score_rows(
+        model,
+        questions,
+        tr.configs,
+        tr.rows,
+        response_probe=response_evaluator,
+        positions=config.positions,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.gen_batch_size,
+        seed=config.seed,
+        systems=tr.systems,
+    )
+    text_p = np.asarray(text_evaluator.predict_proba(scores.texts), dtype=float)
+    answers = _answers(tr, scores, text_p, config, with_response=response_evaluator is not None)
+    lenses = ("text", "text_activation") if response_evaluator is not None else ("text",)
+    return TextEvaluation(
+        labels,
+        list(questions),
+        list(plan.gen_cells),
+        {m: dict(v) for m, v in alphas.items()},
+        tuple(config.curve_factors),
+        answers,
+        lenses,
+    )
+
+
+#: a generation row's method, alpha factor, alpha and targets
+_RowMeta = tuple[str, float, float, tuple[str, ...]]
+
+
+@dataclass
+class _TextRows:
+    """The text stage's generation rows: ``rows[r]`` is (configuration, question), answered
+    under ``systems[r]``; ``meta[row_meta[r]]`` says what it is."""
+
+    configs: list[Steering | None]
+    meta: list[_RowMeta]
+    rows: list[tuple[int, int]]
+    row_meta: list[int]
+    systems: list[str | None]
+
+
+def _text_rows(
+    methods: dict[str, SteeringMethod],
+    alphas: dict[str, dict[int, float]],
+    plan: ComparisonPlan,
+    n_questions: int,
+    config: ComparisonConfig,
+    instructions: Mapping[str, str] | None,
+) -> _TextRows:
+    """Every answer to generate: each question unsteered, each (curve) cell with every method at
+    each alpha factor, then (with ``instructed``) each cell unsteered under its system prompt."""
     configs: list[Steering | None] = [None]
-    meta: list[tuple[str, float, float, tuple[str, ...]]] = [("unsteered", 0.0, 0.0, ())]
-    rows: list[tuple[int, int]] = [(0, i) for i in range(len(questions))]
+    meta: list[_RowMeta] = [("unsteered", 0.0, 0.0, ())]
+    rows: list[tuple[int, int]] = [(0, i) for i in range(n_questions)]
     curve = plan.curve_cells(config.curve_cells_per_question)
     for m, steerer in methods.items():
         for f in config.curve_factors:
@@ -144,22 +198,22 @@ def evaluate_text(
         meta.append((INSTRUCTED, 0.0, 0.0, c.targets))
         rows.append((0, c.question))
         systems.append(system)
-    scores: GenerationScores = generate_and_score_rows(
-        model,
-        questions,
-        configs,
-        rows,
-        response_probe=response_evaluator,
-        positions=config.positions,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.gen_batch_size,
-        seed=config.seed,
-        systems=systems,
-    )
-    text_p = np.asarray(text_evaluator.predict_proba(scores.texts), dtype=float)
+    return _TextRows(configs, meta, rows, row_meta, systems)
+
+
+def _answers(
+    tr: _TextRows,
+    scores: GenerationScores,
+    text_p: np.ndarray,
+    config: ComparisonConfig,
+    *,
+    with_response: bool,
+) -> list[Answer]:
+    """Every generated row as an :class:`Answer` (the response evaluator's probabilities only
+    ``with_response``)."""
     answers = []
-    for r, (_, q) in enumerate(rows):
-        m, f, a, targets = meta[row_meta[r]]
+    for r, (_, q) in enumerate(tr.rows):
+        m, f, a, targets = tr.meta[tr.row_meta[r]]
         answers.append(
             Answer(
                 m,
@@ -173,17 +227,8 @@ def evaluate_text(
                 scores.nll[r],
                 config.degenerate.reason(scores.texts[r]),
                 text_p[r].tolist(),
-                scores.probs[r].tolist() if response_evaluator is not None else None,
+                scores.probs[r].tolist() if with_response else None,
                 style_meters(scores.texts[r]).to_json(),
             )
         )
-    lenses = ("text", "text_activation") if response_evaluator is not None else ("text",)
-    return TextEvaluation(
-        labels,
-        list(questions),
-        list(plan.gen_cells),
-        {m: dict(v) for m, v in alphas.items()},
-        tuple(config.curve_factors),
-        answers,
-        lenses,
-    )
+    return answers

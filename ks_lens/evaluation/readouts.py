@@ -85,8 +85,6 @@ def readout_groups(
     The numbers equal separate full passes up to float rounding (tested); it falls back to full
     passes where the plain HF modules cannot run or a hook point is outside the blocks.
     """
-    from ks_lens.steering.base import steer_groups
-
     if probe is None and not next_token:
         raise ConfigError("nothing to read: pass a probe and/or next_token=True")
     if not prompts:
@@ -100,43 +98,8 @@ def readout_groups(
     )
     k = probe.n_labels if probe is not None else 0
     probs = torch.empty(n * len(steerings), k)
-    logps: torch.Tensor | None = None
-    names = [probe.hook_name] if probe is not None else []
     start = _shared_start(model, steerings, probe) if share_lower_layers else None
-
-    def only(groups: list[int]) -> list[Steering | None]:
-        present = set(groups)  # hooks only for the configurations in this batch
-        return [st if g in present else None for g, st in enumerate(steerings)]
-
-    def run(batch: TokenBatch, out_rows: list[int], groups: list[int], resume: Any) -> None:
-        nonlocal logps
-        with (
-            torch.no_grad(),
-            steer_groups(model, only(groups), groups, positions=positions),
-            # without next_token the pass ends right after the probe's hook
-            record_activations(model, names, last_token=True, stop=not next_token) as rec,
-        ):
-            if resume is None:
-                logits = plain_forward(
-                    model, batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1
-                )
-            else:
-                with resume_at(model, start or 0, *resume):
-                    logits = plain_forward(
-                        model,
-                        batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                        logits_to_keep=1,
-                    )
-            assert logits is not None
-            lp = torch.log_softmax(logits[:, -1].float(), -1).cpu()
-            if logps is None:
-                logps = torch.empty(n * len(steerings), lp.shape[-1])
-            scatter(logps, out_rows, lp)
-        if probe is not None:
-            x = rec[probe.hook_name].to(probe.mean.device, probe.mean.dtype)
-            scatter(probs, out_rows, probe.predict_proba(x).cpu())
-
+    reader = _Reader(model, steerings, probe, positions, next_token, start, probs)
     pad, device = pad_token_id(tok), model_device(model)
     total = n * len(steerings)
     with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
@@ -145,23 +108,93 @@ def readout_groups(
             for idx, batch in sorted_batches(
                 [ids[i] for _, i in rows], batch_size, pad_id=pad, device=device
             ):
-                run(batch, idx, [rows[r][0] for r in idx], None)
+                reader.run(batch, idx, [rows[r][0] for r in idx], None)
                 bar.update(len(idx))
         else:
             for idx, batch in sorted_batches(ids, batch_size, pad_id=pad, device=device):
-                hidden, as_tuple = layer_input(model, start, batch.input_ids, batch.attention_mask)
-                pairs = [(g, j) for g in range(len(steerings)) for j in range(len(idx))]
-                for c in range(0, len(pairs), batch_size):
-                    chunk = pairs[c : c + batch_size]
-                    js = [j for _, j in chunk]
-                    sub = TokenBatch(batch.input_ids[js], batch.attention_mask[js])
-                    rows_out = [g * n + idx[j] for g, j in chunk]
-                    run(sub, rows_out, [g for g, _ in chunk], (hidden[js], as_tuple))
-                    bar.update(len(chunk))
+                _read_shared(reader, model, start, idx, batch, n, batch_size, bar)
+    logps = reader.logps
     return [
         Readout(probs[g * n : (g + 1) * n], None if logps is None else logps[g * n : (g + 1) * n])
         for g in range(len(steerings))
     ]
+
+
+@dataclass
+class _Reader:
+    """The forward passes of one :func:`readout_groups` call: each batch's probe probabilities
+    (into ``probs``) and next-token log-probabilities (into ``logps``, made at the first batch)
+    scattered to its output rows."""
+
+    model: Model
+    steerings: Sequence[Steering | None]
+    probe: Probe | None
+    positions: Positions
+    next_token: bool
+    start: int | None  # the shared lower layers' end (see _shared_start)
+    probs: torch.Tensor  # [n_rows, n_labels]
+    logps: torch.Tensor | None = None  # [n_rows, vocab]
+
+    def only(self, groups: list[int]) -> list[Steering | None]:
+        present = set(groups)  # hooks only for the configurations in this batch
+        return [st if g in present else None for g, st in enumerate(self.steerings)]
+
+    def run(self, batch: TokenBatch, out_rows: list[int], groups: list[int], resume: Any) -> None:
+        """One pass over ``batch`` (row ``r`` steered by ``groups[r]``; resumed from the shared
+        hidden state ``resume`` at ``start`` when given)."""
+        from ks_lens.steering.base import steer_groups
+
+        model, probe = self.model, self.probe
+        names = [probe.hook_name] if probe is not None else []
+        with (
+            torch.no_grad(),
+            steer_groups(model, self.only(groups), groups, positions=self.positions),
+            # without next_token the pass ends right after the probe's hook
+            record_activations(model, names, last_token=True, stop=not self.next_token) as rec,
+        ):
+            if resume is None:
+                logits = plain_forward(
+                    model, batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1
+                )
+            else:
+                with resume_at(model, self.start or 0, *resume):
+                    logits = plain_forward(
+                        model,
+                        batch.input_ids,
+                        attention_mask=batch.attention_mask,
+                        logits_to_keep=1,
+                    )
+            assert logits is not None
+            lp = torch.log_softmax(logits[:, -1].float(), -1).cpu()
+            if self.logps is None:
+                self.logps = torch.empty(self.probs.shape[0], lp.shape[-1])
+            scatter(self.logps, out_rows, lp)
+        if probe is not None:
+            x = rec[probe.hook_name].to(probe.mean.device, probe.mean.dtype)
+            scatter(self.probs, out_rows, probe.predict_proba(x).cpu())
+
+
+def _read_shared(
+    reader: _Reader,
+    model: Model,
+    start: int,
+    idx: list[int],
+    batch: TokenBatch,
+    n: int,
+    batch_size: int,
+    bar: Any,
+) -> None:
+    """One batch of prompts (``idx`` of ``n``): the layers below ``start`` run once, then every
+    configuration resumes from them, ``batch_size`` rows per pass."""
+    hidden, as_tuple = layer_input(model, start, batch.input_ids, batch.attention_mask)
+    pairs = [(g, j) for g in range(len(reader.steerings)) for j in range(len(idx))]
+    for c in range(0, len(pairs), batch_size):
+        chunk = pairs[c : c + batch_size]
+        js = [j for _, j in chunk]
+        sub = TokenBatch(batch.input_ids[js], batch.attention_mask[js])
+        rows_out = [g * n + idx[j] for g, j in chunk]
+        reader.run(sub, rows_out, [g for g, _ in chunk], (hidden[js], as_tuple))
+        bar.update(len(chunk))
 
 
 def _shared_start(

@@ -30,7 +30,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -220,65 +220,11 @@ def load_model(
     t0 = time.perf_counter()
     canonical = _canonical_name(name)
     if canonical in PACKAGED_MODELS:
-        from ks_lens.models.packaged import ensure_model
-
-        spec = PACKAGED_MODELS[canonical]
-        directory = ensure_model(spec)
-        try:
-            hf, tok = _load_hf_dir(directory, dt, device_map=device_map)
-        except (OSError, ValueError, RuntimeError) as e:
-            if device_map is not None:
-                raise ModelLoadError(f"could not load {spec.key!r} with {device_map=}: {e}") from e
-            log.warning("cached model %r failed to load (%s); rebuilding", spec.key, e)
-            directory = ensure_model(spec, rebuild=True)
-            hf, tok = _load_hf_dir(directory, dt, device_map=device_map)
-        label = spec.model_name
+        hf, tok, label = _load_packaged(canonical, dt, device_map)
     elif canonical == "tiny-random-llama":
-        from ks_lens.models.tiny import TINY_NAME, build_tiny_llama
-
-        if device_map is not None:
-            raise ConfigError(
-                "device_map applies to models loaded from checkpoints; tiny-random-llama is "
-                "built in memory (pass device= instead)"
-            )
-        hf, tok = build_tiny_llama(seed=seed, dtype=dt)
-        label = TINY_NAME if seed == 0 else f"{TINY_NAME}-seed{seed}"
+        hf, tok, label = _build_tiny(seed, dt, device_map)
     else:
-        path = Path(name).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
-            try:
-                hf, tok = _load_hf_dir(path.parent, dt, gguf_file=path.name, device_map=device_map)
-            except Exception as e:  # the GGUF reader raises struct.error, ValueError, ...
-                raise ModelLoadError(
-                    f"{path} could not be read as a GGUF model ({type(e).__name__}: {e}); is it "
-                    "a complete .gguf file of a supported architecture?"
-                ) from e
-            label = path.stem
-        elif path.is_dir():
-            _check_checkpoint_dir(path)
-            try:
-                hf, tok = _load_hf_dir(path, dt, device_map=device_map)
-            except (OSError, ValueError, RuntimeError) as e:
-                raise ModelLoadError(f"could not load the checkpoint in {path}: {e}") from e
-            label = path.name
-        elif path.exists():
-            raise UnknownModelError(f"{path} is neither a HF checkpoint directory nor a .gguf file")
-        elif "/" in name and not name.startswith((".", "/", "~")):
-            try:
-                hf, tok = _load_hf_dir(Path(name), dt, local_only=False, device_map=device_map)
-            except (OSError, ValueError) as e:
-                raise UnknownModelError(
-                    f"could not load {name!r} from the Hugging Face hub or its local cache: {e}\n"
-                    "Without hub access, pass a local checkpoint directory or .gguf file, or use "
-                    "'default' (offline). `ks-lens models` lists the named models."
-                ) from e
-            label = name
-        else:
-            known = ", ".join(sorted(NAMED_MODELS))
-            raise UnknownModelError(
-                f"unknown model {name!r}: not a named model ({known}), not an existing local path, "
-                "and not a Hugging Face id of the form 'org/name'"
-            )
+        hf, tok, label = _load_path_or_hub(name, dt, device_map)
     try:
         bridge = boot_bridge(hf, tok, label, device=dev, dtype=dt)
     except (
@@ -296,6 +242,82 @@ def load_model(
             stacklevel=2,
         )
     return bridge
+
+
+class _Loaded(NamedTuple):
+    """A loaded Hugging Face model, its tokenizer and the label the bridge is booted with."""
+
+    hf: Any
+    tok: Any
+    label: str
+
+
+def _load_packaged(canonical: str, dt: torch.dtype, device_map: Any) -> _Loaded:
+    """A packaged model from its cache (rebuilt once when the cached copy fails to load)."""
+    from ks_lens.models.packaged import ensure_model
+
+    spec = PACKAGED_MODELS[canonical]
+    directory = ensure_model(spec)
+    try:
+        hf, tok = _load_hf_dir(directory, dt, device_map=device_map)
+    except (OSError, ValueError, RuntimeError) as e:
+        if device_map is not None:
+            raise ModelLoadError(f"could not load {spec.key!r} with {device_map=}: {e}") from e
+        log.warning("cached model %r failed to load (%s); rebuilding", spec.key, e)
+        directory = ensure_model(spec, rebuild=True)
+        hf, tok = _load_hf_dir(directory, dt, device_map=device_map)
+    return _Loaded(hf, tok, spec.model_name)
+
+
+def _build_tiny(seed: int, dt: torch.dtype, device_map: Any) -> _Loaded:
+    """``tiny-random-llama`` built in memory with weights seed ``seed``."""
+    from ks_lens.models.tiny import TINY_NAME, build_tiny_llama
+
+    if device_map is not None:
+        raise ConfigError(
+            "device_map applies to models loaded from checkpoints; tiny-random-llama is "
+            "built in memory (pass device= instead)"
+        )
+    hf, tok = build_tiny_llama(seed=seed, dtype=dt)
+    return _Loaded(hf, tok, TINY_NAME if seed == 0 else f"{TINY_NAME}-seed{seed}")
+
+
+def _load_path_or_hub(name: str, dt: torch.dtype, device_map: Any) -> _Loaded:
+    """A local ``.gguf`` file or checkpoint directory, else a Hugging Face id ``org/name``."""
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        try:
+            hf, tok = _load_hf_dir(path.parent, dt, gguf_file=path.name, device_map=device_map)
+        except Exception as e:  # the GGUF reader raises struct.error, ValueError, ...
+            raise ModelLoadError(
+                f"{path} could not be read as a GGUF model ({type(e).__name__}: {e}); is it "
+                "a complete .gguf file of a supported architecture?"
+            ) from e
+        return _Loaded(hf, tok, path.stem)
+    if path.is_dir():
+        _check_checkpoint_dir(path)
+        try:
+            hf, tok = _load_hf_dir(path, dt, device_map=device_map)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"could not load the checkpoint in {path}: {e}") from e
+        return _Loaded(hf, tok, path.name)
+    if path.exists():
+        raise UnknownModelError(f"{path} is neither a HF checkpoint directory nor a .gguf file")
+    if "/" in name and not name.startswith((".", "/", "~")):
+        try:
+            hf, tok = _load_hf_dir(Path(name), dt, local_only=False, device_map=device_map)
+        except (OSError, ValueError) as e:
+            raise UnknownModelError(
+                f"could not load {name!r} from the Hugging Face hub or its local cache: {e}\n"
+                "Without hub access, pass a local checkpoint directory or .gguf file, or use "
+                "'default' (offline). `ks-lens models` lists the named models."
+            ) from e
+        return _Loaded(hf, tok, name)
+    known = ", ".join(sorted(NAMED_MODELS))
+    raise UnknownModelError(
+        f"unknown model {name!r}: not a named model ({known}), not an existing local path, "
+        "and not a Hugging Face id of the form 'org/name'"
+    )
 
 
 @dataclass

@@ -154,17 +154,8 @@ def fit_probes(
     :class:`~ks_lens.errors.DatasetError` when a logistic probe's training rows lack a label's
     positive or negative examples.
     """
-    if x.ndim != 3:
-        raise ConfigError(f"x must be [n, probes, d_model], got shape {tuple(x.shape)}")
-    n, P, d = x.shape
-    if y.shape != (n, len(label_names)):
-        raise ConfigError(f"y must be [n, {len(label_names)}], got {tuple(y.shape)}")
-    if len(groups) != n:
-        raise ConfigError("groups must have one entry per row")
-    if n < 2:
-        raise DatasetError("need at least 2 labelled rows to train a probe")
-    if not bool(torch.isfinite(x).all()):
-        raise DatasetError("the activations contain NaN or infinite values; re-collect them")
+    _check_fit_inputs(x, y, groups, label_names)
+    P = x.shape[1]
     device = x.device
     gen = torch.Generator().manual_seed(config.seed)
     tr, va = validation_split(groups, y, config)
@@ -175,12 +166,7 @@ def fit_probes(
         )
         va = tr
     xs = rearrange(x, "n probe d -> probe n d").float()
-    if config.normalize:
-        mean = xs[:, tr].mean(1)
-        std = xs[:, tr].std(1).clamp(min=1e-6) if len(tr) > 1 else torch.ones(P, d, device=device)
-    else:
-        mean = torch.zeros(P, d, device=device)
-        std = torch.ones(P, d, device=device)
+    mean, std = _standardisation(xs, tr, config)
     xn = (xs - mean[:, None]) / std[:, None]
     yf = y.float().to(device)
     keys = list(range(P)) if init_keys is None else list(init_keys)
@@ -203,36 +189,87 @@ def fit_probes(
         ]
     with torch.no_grad():
         logits = _stack_forward(xn, best)
-    metrics = []
-    for p in range(P):
-        m_val = _accuracy(logits[p, va.to(device)].cpu(), y[va].cpu(), label_names)
-        m_tr = _accuracy(logits[p, tr.to(device)].cpu(), y[tr].cpu(), label_names)
-        cal = calibration_metrics(
-            _probabilities(logits[p, va.to(device)], config.loss), y[va], label_names
+    metrics = [
+        _probe_metrics(
+            logits, p, y, tr, va, float(best_loss[p]), fit_records[p], label_names, config
         )
-        fit = fit_records[p]
-        m: dict[str, Any] = {}
-        if "multi_topk_rate" in m_val:
-            m["val_multi_topk_rate"] = m_val["multi_topk_rate"]
-            m["n_val_multi"] = m_val["n_multi"]
-        m["val_accuracy"] = m_val["accuracy"]
-        m["val_per_label_accuracy"] = m_val["per_label_accuracy"]
-        m["train_accuracy"] = m_tr["accuracy"]
-        m["val_loss"] = float(best_loss[p])
-        m.update({k: fit[k] for k in ("best_epoch", "epochs_run") if k in fit})
-        m["n_train"] = len(tr)
-        m["n_val"] = len(va)
-        # calibration and ranking (sklearn.metrics): new fields, after the ones above
-        m["val_auc"] = cal["auc"]
-        m["val_mean_auc"] = cal["mean_auc"]
-        m["val_brier"] = cal["brier"]
-        m["val_mean_brier"] = cal["mean_brier"]
-        m["val_ece"] = cal["ece"]
-        if "fit" in fit:  # logistic probes: how scikit-learn fitted them
-            m["fit"] = fit["fit"]
-        metrics.append(m)
+        for p in range(P)
+    ]
     per_probe = [[(w[p].detach().cpu(), b[p].detach().cpu()) for w, b in best] for p in range(P)]
     return FitResult(per_probe, mean.cpu(), std.cpu(), metrics)
+
+
+def _check_fit_inputs(
+    x: torch.Tensor, y: torch.Tensor, groups: Sequence[str], label_names: Sequence[str]
+) -> None:
+    """ConfigError for mismatched shapes, DatasetError for too few rows or non-finite values."""
+    if x.ndim != 3:
+        raise ConfigError(f"x must be [n, probes, d_model], got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if y.shape != (n, len(label_names)):
+        raise ConfigError(f"y must be [n, {len(label_names)}], got {tuple(y.shape)}")
+    if len(groups) != n:
+        raise ConfigError("groups must have one entry per row")
+    if n < 2:
+        raise DatasetError("need at least 2 labelled rows to train a probe")
+    if not bool(torch.isfinite(x).all()):
+        raise DatasetError("the activations contain NaN or infinite values; re-collect them")
+
+
+def _standardisation(
+    xs: Float[torch.Tensor, "probe n d"], tr: torch.Tensor, config: ProbeConfig
+) -> tuple[Float[torch.Tensor, "probe d"], Float[torch.Tensor, "probe d"]]:
+    """Each probe's input mean and std over the training rows (0 and 1 without
+    ``config.normalize``; std 1 with a single training row)."""
+    P, _, d = xs.shape
+    device = xs.device
+    if config.normalize:
+        mean = xs[:, tr].mean(1)
+        std = xs[:, tr].std(1).clamp(min=1e-6) if len(tr) > 1 else torch.ones(P, d, device=device)
+    else:
+        mean = torch.zeros(P, d, device=device)
+        std = torch.ones(P, d, device=device)
+    return mean, std
+
+
+def _probe_metrics(
+    logits: torch.Tensor,
+    p: int,
+    y: torch.Tensor,
+    tr: torch.Tensor,
+    va: torch.Tensor,
+    val_loss: float,
+    fit: dict[str, Any],
+    label_names: Sequence[str],
+    config: ProbeConfig,
+) -> dict[str, Any]:
+    """Probe ``p``'s metrics from its ``logits[p]`` on every row (in this key order)."""
+    device = logits.device
+    m_val = _accuracy(logits[p, va.to(device)].cpu(), y[va].cpu(), label_names)
+    m_tr = _accuracy(logits[p, tr.to(device)].cpu(), y[tr].cpu(), label_names)
+    cal = calibration_metrics(
+        _probabilities(logits[p, va.to(device)], config.loss), y[va], label_names
+    )
+    m: dict[str, Any] = {}
+    if "multi_topk_rate" in m_val:
+        m["val_multi_topk_rate"] = m_val["multi_topk_rate"]
+        m["n_val_multi"] = m_val["n_multi"]
+    m["val_accuracy"] = m_val["accuracy"]
+    m["val_per_label_accuracy"] = m_val["per_label_accuracy"]
+    m["train_accuracy"] = m_tr["accuracy"]
+    m["val_loss"] = val_loss
+    m.update({k: fit[k] for k in ("best_epoch", "epochs_run") if k in fit})
+    m["n_train"] = len(tr)
+    m["n_val"] = len(va)
+    # calibration and ranking (sklearn.metrics): new fields, after the ones above
+    m["val_auc"] = cal["auc"]
+    m["val_mean_auc"] = cal["mean_auc"]
+    m["val_brier"] = cal["brier"]
+    m["val_mean_brier"] = cal["mean_brier"]
+    m["val_ece"] = cal["ece"]
+    if "fit" in fit:  # logistic probes: how scikit-learn fitted them
+        m["fit"] = fit["fit"]
+    return m
 
 
 def _fit_torch(
@@ -312,6 +349,41 @@ def _labelled(acts: Activations) -> Activations:
     return acts.select(keep) if len(keep) != len(acts) else acts
 
 
+def _labelled_rows(
+    acts: Activations, groups: Sequence[str] | None
+) -> tuple[Activations, Sequence[str] | None]:
+    """``acts`` and ``groups`` (one per row, checked) without the unlabelled rows."""
+    if groups is not None and len(groups) != len(acts):
+        raise ConfigError(f"groups has {len(groups)} entries for {len(acts)} rows")
+    if groups is not None:
+        keep = (acts.labels >= 0).nonzero().squeeze(1).tolist()
+        groups = [groups[i] for i in keep]
+    return _labelled(acts), groups
+
+
+def _model_layers(acts: Activations, layers: Sequence[int] | None) -> list[int]:
+    """The layers to train on (default every collected one), negative ones counted from the
+    model's last layer; ConfigError when there are none."""
+    layers = list(acts.layers if layers is None else layers)
+    n_model = acts.meta.get("model", {}).get("n_layers")
+    if isinstance(n_model, int):  # negative layers count from the model's last layer
+        layers = [n_model + x if isinstance(x, int) and x < 0 else x for x in layers]
+    if not layers:
+        raise ConfigError("no layers to train on")
+    return layers
+
+
+def _probe_source(acts: Activations) -> dict[str, Any]:
+    """Where the probes' training activations came from (for :attr:`Probe.source`)."""
+    return {
+        "dataset": acts.meta.get("dataset"),
+        "split": acts.meta.get("split"),
+        "mode": acts.meta.get("collect", {}).get("mode"),
+        "position": acts.meta.get("collect", {}).get("position"),
+        "store": acts.meta.get("store"),
+    }
+
+
 def train_probes(
     acts: Activations,
     *,
@@ -353,18 +425,8 @@ def train_probes(
         >>> probes[2].predict_proba(acts[2]).shape == (len(acts), 6)      # [n, n_labels]
         True
     """
-    if groups is not None and len(groups) != len(acts):
-        raise ConfigError(f"groups has {len(groups)} entries for {len(acts)} rows")
-    if groups is not None:
-        keep = (acts.labels >= 0).nonzero().squeeze(1).tolist()
-        groups = [groups[i] for i in keep]
-    acts = _labelled(acts)
-    layers = list(acts.layers if layers is None else layers)
-    n_model = acts.meta.get("model", {}).get("n_layers")
-    if isinstance(n_model, int):  # negative layers count from the model's last layer
-        layers = [n_model + x if isinstance(x, int) and x < 0 else x for x in layers]
-    if not layers:
-        raise ConfigError("no layers to train on")
+    acts, groups = _labelled_rows(acts, groups)
+    layers = _model_layers(acts, layers)
     # any hook kind: [n, *feature] flattened to [n, features] (d_model for the residual stream)
     x = torch.stack([acts.features(layer, kind) for layer in layers], dim=1)
     if device is not None:
@@ -381,13 +443,7 @@ def train_probes(
         desc=f"training {len(layers)} {config.kind} probe(s)",
     )
     model_info = acts.meta.get("model", {})
-    source = {
-        "dataset": acts.meta.get("dataset"),
-        "split": acts.meta.get("split"),
-        "mode": acts.meta.get("collect", {}).get("mode"),
-        "position": acts.meta.get("collect", {}).get("position"),
-        "store": acts.meta.get("store"),
-    }
+    source = _probe_source(acts)
     out = ProbeSet()
     for j, layer in enumerate(layers):
         out[layer] = Probe(

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -100,6 +100,102 @@ def _check_texts_arg(texts: Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the evaluator
+
+
+def _checked_texts(
+    texts: Sequence[LabelledText], names: tuple[str, ...]
+) -> tuple[LabelledText, ...]:
+    """``texts`` as a tuple; LabelError for repeated or empty label names or a text's unknown
+    label, DatasetError for no texts."""
+    if not names or len(set(names)) != len(names) or not all(names):
+        raise LabelError(f"label names must be distinct and non-empty, got {list(names)}")
+    texts = tuple(texts)
+    if not texts:
+        raise DatasetError("no texts to train the text evaluator on")
+    for t in texts:
+        bad = [x for x in t.labels if x not in names]
+        if bad:
+            raise LabelError(
+                f"text {t.id!r} has unknown label {bad[0]!r}; labels are {list(names)}"
+            )
+    return texts
+
+
+def _label_matrix(train: Sequence[LabelledText], names: tuple[str, ...]) -> np.ndarray:
+    """The multi-hot ``[n_texts, K]`` targets; DatasetError for a label no text (or every
+    text) has."""
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    y = MultiLabelBinarizer(classes=list(names)).fit_transform([t.labels for t in train])
+    counts = y.sum(axis=0)
+    for name, c in zip(names, counts, strict=True):
+        if c == 0 or c == len(train):
+            raise DatasetError(
+                f"label {name!r} is on {int(c)} of {len(train)} training texts; every label "
+                "needs positive and negative examples"
+            )
+    return y
+
+
+class _Features(NamedTuple):
+    """The fitted feature extractors and the training texts' features."""
+
+    word: Any  # TfidfVectorizer over words
+    char: Any  # TfidfVectorizer over character n-grams
+    mean: np.ndarray | None  # style meters' mean (None without use_style)
+    scale: np.ndarray | None  # and scale
+    x: sp.csr_matrix  # [n_texts, n_features]
+
+
+def _fit_features(raw: list[str], cfg: TextEvaluatorConfig) -> _Features:
+    """Fit the word and character TF-IDF vocabularies (and the style meters' scaling, with
+    ``use_style``) on ``raw``; DatasetError when no n-gram survives ``min_df``."""
+    from sklearn.preprocessing import StandardScaler
+
+    word = _vectorizer("word", cfg)
+    char = _vectorizer("char_wb", cfg)
+    try:
+        xw = word.fit_transform(raw)
+        xc = char.fit_transform(raw)
+    except ValueError as e:  # e.g. "After pruning, no terms remain"
+        raise DatasetError(f"cannot build the text evaluator's vocabulary: {e}") from e
+    blocks = [xw, xc]
+    mean = scale = None
+    if cfg.use_style:
+        meters = style_matrix(raw)
+        scaler = StandardScaler().fit(meters)
+        mean = np.asarray(scaler.mean_, dtype=np.float64)
+        scale = np.asarray(scaler.scale_, dtype=np.float64)
+        s = scaler.transform(meters)
+        if cfg.style_weight != 1.0:
+            s *= cfg.style_weight
+        blocks.append(sp.csr_matrix(s))
+    x = sp.hstack(blocks, format="csr", dtype=np.float64)
+    return _Features(word, char, mean, scale, x)
+
+
+def _fit_classifier(
+    x: sp.csr_matrix, y: np.ndarray, cfg: TextEvaluatorConfig
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """One-vs-rest logistic regressions (single-threaded): the estimator, its coefficients
+    ``[K, n_features]`` and intercepts ``[K]``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    clf = OneVsRestClassifier(
+        LogisticRegression(
+            C=cfg.C,
+            class_weight=cfg.class_weight,
+            max_iter=cfg.max_iter,
+            random_state=cfg.seed,
+            solver="lbfgs",
+        )
+    )
+    with threadpool_limits(limits=1):  # small problem: threads only contend (and vary)
+        clf.fit(x, y)
+    coef = np.vstack([np.asarray(e.coef_, dtype=np.float64)[0] for e in clf.estimators_])
+    intercept = np.array([float(e.intercept_[0]) for e in clf.estimators_])
+    return clf, coef, intercept
 
 
 class TextEvaluator:
@@ -273,74 +369,23 @@ class TextEvaluator:
             DatasetError: no texts, a label that no text (or every text) has, or no n-gram
                 frequent enough to survive ``min_df``.
         """
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.multiclass import OneVsRestClassifier
-        from sklearn.preprocessing import MultiLabelBinarizer, StandardScaler
-
         cfg = config or TextEvaluatorConfig()
         names = tuple(label_names)
-        if not names or len(set(names)) != len(names) or not all(names):
-            raise LabelError(f"label names must be distinct and non-empty, got {list(names)}")
-        texts = tuple(texts)
-        if not texts:
-            raise DatasetError("no texts to train the text evaluator on")
-        for t in texts:
-            bad = [x for x in t.labels if x not in names]
-            if bad:
-                raise LabelError(
-                    f"text {t.id!r} has unknown label {bad[0]!r}; labels are {list(names)}"
-                )
+        texts = _checked_texts(texts, names)
         train = list(texts)
         if cfg.prefix_words is not None:
             train += prefix_views(texts, cfg.prefix_words)
-        y = MultiLabelBinarizer(classes=list(names)).fit_transform([t.labels for t in train])
-        counts = y.sum(axis=0)
-        for name, c in zip(names, counts, strict=True):
-            if c == 0 or c == len(train):
-                raise DatasetError(
-                    f"label {name!r} is on {int(c)} of {len(train)} training texts; every label "
-                    "needs positive and negative examples"
-                )
+        y = _label_matrix(train, names)
         raw = [t.text for t in train]
-        word = _vectorizer("word", cfg)
-        char = _vectorizer("char_wb", cfg)
-        try:
-            xw = word.fit_transform(raw)
-            xc = char.fit_transform(raw)
-        except ValueError as e:  # e.g. "After pruning, no terms remain"
-            raise DatasetError(f"cannot build the text evaluator's vocabulary: {e}") from e
-        blocks = [xw, xc]
-        mean = scale = None
-        if cfg.use_style:
-            meters = style_matrix(raw)
-            scaler = StandardScaler().fit(meters)
-            mean = np.asarray(scaler.mean_, dtype=np.float64)
-            scale = np.asarray(scaler.scale_, dtype=np.float64)
-            s = scaler.transform(meters)
-            if cfg.style_weight != 1.0:
-                s *= cfg.style_weight
-            blocks.append(sp.csr_matrix(s))
-        x = sp.hstack(blocks, format="csr", dtype=np.float64)
-        clf = OneVsRestClassifier(
-            LogisticRegression(
-                C=cfg.C,
-                class_weight=cfg.class_weight,
-                max_iter=cfg.max_iter,
-                random_state=cfg.seed,
-                solver="lbfgs",
-            )
-        )
-        with threadpool_limits(limits=1):  # small problem: threads only contend (and vary)
-            clf.fit(x, y)
-        coef = np.vstack([np.asarray(e.coef_, dtype=np.float64)[0] for e in clf.estimators_])
-        intercept = np.array([float(e.intercept_[0]) for e in clf.estimators_])
+        f = _fit_features(raw, cfg)
+        clf, coef, intercept = _fit_classifier(f.x, y, cfg)
         return cls(
             names,
             cfg,
-            word,
-            char,
-            mean,
-            scale,
+            f.word,
+            f.char,
+            f.mean,
+            f.scale,
             coef,
             intercept,
             training_hash=texts_hash(texts),
