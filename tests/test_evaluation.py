@@ -286,7 +286,7 @@ def test_answers_scored_after_a_shared_question_equal_whole_rows(tiny_model, tin
     """_score_answers runs each question once and the answers after its cached tokens: the
     response probe, NLL and KL equal whole-row passes, empty answers included, and a row's
     numbers do not depend on the rows batched with it."""
-    from ks_lens.evaluation.scoring import _score_answers
+    from ks_lens.evaluation.answers import _score_answers
     from ks_lens.models.chat import ChatPrompt, encode_chat
 
     tok = tiny_model.tokenizer
@@ -369,7 +369,7 @@ def test_scoring_starts_at_the_steered_layer_and_equals_whole_passes(
     """Answers steered at layer 2 are scored by an unsteered pass that starts at layer 2 with
     the hidden states their generation computed below it (instructed rows, asked under another
     prompt, run whole); every number equals whole-row scoring."""
-    from ks_lens.evaluation import scoring
+    from ks_lens.evaluation import answers, scoring
     from ks_lens.steering import CAA, KSteering, SteeringSpec, SteeringVectors
 
     caa = CAA(SteeringVectors.fit(tiny_acts, 2))
@@ -383,13 +383,13 @@ def test_scoring_starts_at_the_steered_layer_and_equals_whole_passes(
     rows = [(g, q) for q in range(2) for g in range(3)] + [(0, 1)]
     systems = [None] * 6 + ["Be brief."]
     resumed: list[int] = []
-    real = scoring.resume_at
+    real = answers.resume_at
 
     def counting(model, layer, hidden, as_tuple):
         resumed.append(hidden.shape[0])
         return real(model, layer, hidden, as_tuple)
 
-    monkeypatch.setattr(scoring, "resume_at", counting)
+    monkeypatch.setattr(answers, "resume_at", counting)
     kw = dict(response_probe=tiny_probe, max_new_tokens=5, batch_size=8, systems=systems)
     fast = scoring.generate_and_score_rows(tiny_model, qs, steerings, rows, **kw)
     assert sum(resumed) == 6  # every default-prompt answer, not the instructed one

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import ks_lens.activations as activations
 import ks_lens.activations.collect as activations_collect
 import ks_lens.activations.store as activations_store
+import ks_lens.evaluation.answers as answers
 import ks_lens.evaluation.scoring as scoring
 from ks_lens.activations import ActivationStore, collect_to_store
 from ks_lens.errors import ConfigError
@@ -204,7 +205,7 @@ def test_answers_are_scored_right_after_their_batch(tiny_model, tiny_probe, monk
     assert held and max(held) <= 1 and held[-1] == 0
     assert len(passes) == 3  # question 1's three answers span two batches: one pass
     monkeypatch.setattr(scoring._AnswerScorer, "batch", real_batch)
-    whole = scoring._score_answers(
+    whole = answers._score_answers(
         tiny_model,
         [scoring.encode_chat(tiny_model.tokenizer, scoring.ChatPrompt(q)) for q in questions],
         inc.answer_ids,

@@ -17,7 +17,9 @@ Principles (see ``docs/evaluation.md``):
 
 Modules: :mod:`~ks_lens.evaluation.readouts` (activation level: :func:`readout`,
 :func:`readout_groups`, :func:`kl_divergence`), :mod:`~ks_lens.evaluation.scoring` (generation
-level: :func:`generate_and_score_rows`, :class:`GenerationScores`), :mod:`~ks_lens.evaluation.kl`
+level: :func:`generate_and_score_rows`, :class:`GenerationScores`),
+:mod:`~ks_lens.evaluation.answers` (answers scored after their questions' cached passes:
+:class:`QuestionPasses`), :mod:`~ks_lens.evaluation.kl`
 (coherence costs: :func:`first_token_kl`, :func:`generation_kl`, :func:`kl_metric`),
 :mod:`~ks_lens.evaluation.rules` (:class:`VanishRule`, :class:`DegenerateRule`) and
 :mod:`~ks_lens.evaluation.dct` (:func:`map_dct_labels`, :func:`fit_dct`). Every public name of
@@ -28,6 +30,7 @@ these is importable from ``ks_lens.evaluation``. Imported from their own modules
 system prompt).
 """
 
+from ks_lens.evaluation.answers import QuestionPasses
 from ks_lens.evaluation.dct import fit_dct, map_dct_labels
 from ks_lens.evaluation.kl import (
     CALIBRATION_METRICS,
@@ -40,7 +43,6 @@ from ks_lens.evaluation.readouts import Readout, kl_divergence, readout, readout
 from ks_lens.evaluation.rules import DegenerateRule, VanishRule
 from ks_lens.evaluation.scoring import (
     GenerationScores,
-    QuestionPasses,
     distinct_n,
     generate_and_score_groups,
     generate_and_score_rows,
