@@ -14,8 +14,9 @@ default is the dataclass default and the comment next to it is its help. Nested 
 spelled as follows:
 
 * the comparison's fields drop their ``comparison.`` prefix (``--kl-budget``, ``--methods``),
-  except the two that the pipeline also has (``--comparison.seed``,
-  ``--comparison.batch-size``);
+  except the two that the pipeline also has: the comparison takes ``--seed`` and
+  ``--batch-size`` from the pipeline (:class:`~ks_lens.pipeline.PipelineConfig`), so they are
+  options once;
 * the comparison's rules keep their own prefix (``--vanish.floor``, ``--degenerate.min-words``);
 * a tuple takes one comma-separated argument (``--methods caa_mean,ksteer``; ``--avoid ""``
   for none);
@@ -27,7 +28,8 @@ defaults, not the options: an option given explicitly wins (``--fast --n-eval 32
 
 Bad values exit with code 2 and a message naming the option, as ``argparse`` does; values that
 parse but are out of range raise :class:`~ks_lens.errors.ConfigError` when the config is
-validated (``ks-lens`` reports it as bad input, also with code 2).
+validated (``ks-lens`` reports it as bad input, also with code 2). An option renamed in 0.2.0
+(:data:`RENAMED_OPTIONS`) raises :class:`~ks_lens.errors.RenamedError` naming its new spelling.
 
 .. _tyro: https://brentyi.github.io/tyro/
 """
@@ -49,7 +51,7 @@ from tyro.constructors import (
 )
 
 from ks_lens.comparison import ComparisonConfig
-from ks_lens.errors import ConfigError
+from ks_lens.errors import ConfigError, RenamedError
 from ks_lens.pipeline import PipelineConfig
 
 T = TypeVar("T")
@@ -111,8 +113,9 @@ def _comma_tuple(info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec[Any] | Non
 
 
 def _flat_comparison() -> Callable[[StructTypeInfo], StructConstructorSpec | None]:
-    """A struct rule: the comparison's fields drop the ``comparison.`` prefix unless the
-    pipeline has a field of the same name."""
+    """A struct rule: the comparison's fields drop the ``comparison.`` prefix; those the
+    pipeline also has (``seed``, ``batch_size``) are no options of their own (the pipeline sets
+    them)."""
     pipeline = {f.name for f in dataclasses.fields(PipelineConfig)}
     inside = [False]  # while this rule asks tyro for the plain dataclass spec
 
@@ -127,10 +130,14 @@ def _flat_comparison() -> Callable[[StructTypeInfo], StructConstructorSpec | Non
         if not isinstance(spec, StructConstructorSpec):
             return None
         flat = tuple(
-            f
-            if f.name in pipeline
-            else dataclasses.replace(
-                f, type=cast(Any, Annotated[f.type, tyro.conf.arg(prefix_name=False)])
+            dataclasses.replace(
+                f,
+                type=cast(
+                    Any,
+                    Annotated[f.type, tyro.conf.Suppress]
+                    if f.name in pipeline
+                    else Annotated[f.type, tyro.conf.arg(prefix_name=False)],
+                ),
             )
             for f in spec.fields
         )
@@ -202,6 +209,7 @@ def parse(
     prints what is wrong and exits with code 2. Exceptions of the dataclass's own checks (e.g.
     :class:`~ks_lens.errors.ConfigError` from ``ProbeConfig``) propagate.
     """
+    check_renamed(argv)
     return tyro.cli(
         cls,
         args=list(argv),
@@ -236,6 +244,24 @@ def given(argv: Sequence[str], option: str) -> bool:
     return False
 
 
+#: command-line options renamed in 0.2.0 -> their new spelling (the old one is refused)
+RENAMED_OPTIONS: dict[str, str] = {
+    "--position": "--pooling",  # ks-lens collect: which tokens are read
+    "--text-position": "--text-pooling",  # pipeline runs
+    "--kind": "--architecture",  # ks-lens train: the probe's architecture
+    "--comparison.seed": "--seed",  # the comparison takes the pipeline's
+    "--comparison.batch-size": "--batch-size",
+}
+
+
+def check_renamed(argv: Sequence[str]) -> None:
+    """Refuse an option of :data:`RENAMED_OPTIONS` with a
+    :class:`~ks_lens.errors.RenamedError` naming its new spelling."""
+    for old, new in RENAMED_OPTIONS.items():
+        if given(argv, old):
+            raise RenamedError(f"{old} was renamed in ks-lens 0.2.0; use {new}")
+
+
 def check_spellings(argv: Sequence[str]) -> None:
     """Refuse, in one line naming the right spelling, what the generated parser would misread:
     ``--fast=VALUE`` (a flag takes no value) and a comparison option spelled with its
@@ -257,8 +283,7 @@ def check_spellings(argv: Sequence[str]) -> None:
         if rest != name and rest.split(".")[0].replace("-", "_") in flat:
             raise ConfigError(
                 f"{name} is spelled --{rest}: the comparison's options drop their "
-                "'comparison.' prefix (only --comparison.seed and --comparison.batch-size keep "
-                "it, because the pipeline has --seed and --batch-size)"
+                "'comparison.' prefix"
             )
 
 
@@ -299,8 +324,10 @@ def parse_pipeline_options(
 
 
 __all__ = [
+    "RENAMED_OPTIONS",
     "Layers",
     "PipelineOptions",
+    "check_renamed",
     "check_spellings",
     "given",
     "one_of",

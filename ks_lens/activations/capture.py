@@ -15,21 +15,23 @@ from ks_lens.chat import TokenBatch
 from ks_lens.errors import ConfigError, HookPointError
 from ks_lens.hf_path import forward
 from ks_lens.types import Model
+from ks_lens.utils import renamed
 
 
+@renamed(position="pooling")
 def capture_features(
     model: Model,
     batch: TokenBatch,
     hook_names: Sequence[str],
     *,
     response_start: Int[torch.Tensor, " batch"] | None = None,
-    position: Pooling = "last",
+    pooling: Pooling = "last",
     prefix: PrefixCache | None = None,
 ) -> list[Float[torch.Tensor, "batch ..."]]:
     """One forward pass; the activation summary at every hook in ``hook_names`` (in that order),
     each ``[batch, *feature]`` (e.g. ``[batch, d_model]``, ``[batch, n_heads, d_head]``).
 
-    ``position="last"`` takes the final (left-padded, hence real) token; ``"mean_response"``
+    ``pooling="last"`` takes the final (left-padded, hence real) token; ``"mean_response"``
     averages positions ``response_start[b]`` (index within the unpadded row) to the end.
     Hook names are any per-block hook point with a ``[batch, pos, ...]`` activation; the pass
     stops as soon as all of them have fired.
@@ -41,12 +43,12 @@ def capture_features(
     re-padded on the right internally); ``response_start`` still counts from the start of the
     whole row and must not point into the prefix.
     """
-    if position not in POOLINGS:
-        raise ConfigError(f"unknown position {position!r}; use one of {POOLINGS}")
+    if pooling not in POOLINGS:
+        raise ConfigError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
     if not hook_names:
         raise ConfigError("hook_names must name at least one hook point")
-    if position == "mean_response" and response_start is None:
-        raise ConfigError("position='mean_response' needs response_start")
+    if pooling == "mean_response" and response_start is None:
+        raise ConfigError("pooling='mean_response' needs response_start")
     ids, mask = batch.input_ids, batch.attention_mask
     n_rows, width = ids.shape
     pos = torch.arange(width, device=ids.device)
@@ -73,7 +75,7 @@ def capture_features(
         ones = torch.ones(n_rows, n_prefix, dtype=mask.dtype, device=mask.device)
         mask = torch.cat([ones, mask], dim=1)
         kwargs["cache"] = prefix.cache_for(model, n_rows)
-    if position == "mean_response":
+    if pooling == "mean_response":
         assert first is not None
         first = first.to(ids.device)
         weights = ((pos[None, :] >= first[:, None]) & (pos[None, :] < end[:, None])).float()
@@ -87,7 +89,7 @@ def capture_features(
                 "only (attention patterns and scores are [batch, head, query, key])"
             )
         a = act.float()
-        if position == "mean_response":
+        if pooling == "mean_response":
             w = weights.to(a.device)
             return (w.reshape(*w.shape, *([1] * (a.dim() - 2))) * a).sum(1)
         if read_last is None:
@@ -109,19 +111,20 @@ def capture_features(
     return [rec[name].cpu() for name in hook_names]
 
 
+@renamed(position="pooling")
 def capture_batch(
     model: Model,
     batch: TokenBatch,
     hook_names: Sequence[str],
     *,
     response_start: Int[torch.Tensor, " batch"] | None = None,
-    position: Pooling = "last",
+    pooling: Pooling = "last",
     prefix: PrefixCache | None = None,
 ) -> Float[torch.Tensor, "batch hook d_model"]:
     """:func:`capture_features` stacked to ``[batch, hook, d_model]``, for hook points that share one
     feature shape (e.g. the residual-stream kinds); otherwise use :func:`capture_features`."""
     feats = capture_features(
-        model, batch, hook_names, response_start=response_start, position=position, prefix=prefix
+        model, batch, hook_names, response_start=response_start, pooling=pooling, prefix=prefix
     )
     shapes = {tuple(f.shape[1:]) for f in feats}
     if len(shapes) > 1:

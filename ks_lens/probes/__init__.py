@@ -6,7 +6,7 @@ these logits with respect to ``x``; the standardisation (mean and std of the tra
 activations, fixed after training) is part of the function, so gradients are taken in raw
 activation coordinates.
 
-Three kinds (:class:`ProbeConfig` ``kind``): ``"mlp"`` and ``"linear"`` are trained in torch;
+Three architectures (:class:`ProbeConfig` ``architecture``): ``"mlp"`` and ``"linear"`` are trained in torch;
 ``"logistic"`` is a linear probe fitted by scikit-learn's ``LogisticRegression`` (one-vs-rest
 over the labels), stored as the same one-layer :class:`Probe`, so steering, saving and loading
 treat it like any other. Metrics (``probe.metrics``) include validation accuracy and, from
