@@ -151,8 +151,10 @@ def test_demo_help_names_every_option(capsys):
         (["--avoid", ""], ("comparison", "avoid"), ()),
         (["--sizes", "1, 2"], ("comparison", "sizes"), (1, 2)),
         (["--layer", "3", "--eval-layer", "5"], ("eval_layer",), 5),
-        (["--comparison.batch-size", "4"], ("comparison", "batch_size"), 4),
+        # one --batch-size and one --seed: the comparison takes the pipeline's
         (["--batch-size", "4"], ("batch_size",), 4),
+        (["--batch-size", "4"], ("comparison", "batch_size"), 4),
+        (["--seed", "7"], ("comparison", "seed"), 7),
         (["--vanish.floor", "0.2"], ("comparison", "vanish", "floor"), 0.2),
         (["--degenerate.min-words", "5"], ("comparison", "degenerate", "min_words"), 5),
         (["--multilayer-offsets", "-4,-2,0"], ("multilayer_offsets",), (-4, -2, 0)),
@@ -254,11 +256,12 @@ def test_bad_demo_values_exit_2_with_a_message(argv, message, tmp_path, capsys):
         (["--sizes", "1,7"], "combination size 7 is impossible with 6 labels"),
         (["--n-resamples", "0"], "n_resamples must be a positive number of bootstrap resamples"),
         (["--n-resamples", "-5"], "n_resamples must be a positive number of bootstrap resamples"),
+        (["--comparison.seed", "7"], "--comparison.seed was renamed in ks-lens 0.2.0; use --seed"),
         (
-            ["--comparison.seed", "7"],
-            "--comparison.seed 7 does not apply to ks-lens demo: the demo seeds the comparison "
-            "(cell sampling, bootstrap) with --seed",
+            ["--comparison.batch-size", "4"],
+            "--comparison.batch-size was renamed in ks-lens 0.2.0; use --batch-size",
         ),
+        (["--text-position", "last"], "--text-position was renamed in ks-lens 0.2.0; use --text-pooling"),
         (["--fast=False"], "--fast takes no value (got '--fast=False')"),
         (["--fast=True"], "--fast takes no value (got '--fast=True')"),
         (["--fast", "False"], "--fast takes no value (got '--fast False')"),
@@ -399,13 +402,12 @@ def test_studies_fast_and_logging_flags(common, capsys):
         common.parse(common.StudyOptions, "d", "o", ["--comparison.methods", "ksteer"])
     assert e.value.code == 2
     assert "--comparison.methods is spelled --methods" in capsys.readouterr().err
-    # studies run the comparison with --comparison.seed as given (the demo refuses it)
-    assert (
-        common.parse(
-            common.StudyOptions, "d", "o", ["--comparison.seed", "7"]
-        ).config.comparison.seed
-        == 7
-    )
+    # studies, like the demo, seed the comparison with --seed (there is no --comparison.seed)
+    assert common.parse(common.StudyOptions, "d", "o", ["--seed", "7"]).config.comparison.seed == 7
+    with pytest.raises(SystemExit) as e:
+        common.parse(common.StudyOptions, "d", "o", ["--comparison.seed", "7"])
+    assert e.value.code == 2
+    assert "--comparison.seed was renamed in ks-lens 0.2.0; use --seed" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         common.parse(common.StudyOptions, "d", "o", ["--probe-source", "bogus"])
     assert e.value.code == 2
