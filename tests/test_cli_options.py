@@ -30,6 +30,8 @@ from ks_lens.probes import ProbeConfig
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
 PIPELINE_FIELDS = {f.name for f in dataclasses.fields(PipelineConfig)}
+#: the comparison's fields the pipeline sets (its seed and batch size): no options of their own
+SET_BY_PIPELINE = {("comparison", name) for name in PIPELINE_FIELDS}
 
 
 def one_line(text: str) -> str:
@@ -43,6 +45,8 @@ def _leaves(cls: type, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...]
     out = []
     for f in dataclasses.fields(cls):
         t = hints[f.name]
+        if (*path, f.name) in SET_BY_PIPELINE:
+            continue
         if dataclasses.is_dataclass(t):
             out += _leaves(t, (*path, f.name))
         else:
@@ -51,9 +55,9 @@ def _leaves(cls: type, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...]
 
 
 def _option(path: tuple[str, ...]) -> str:
-    """The documented spelling: comparison fields drop 'comparison.' unless the pipeline has the
-    same name; the comparison's rules keep their own prefix."""
-    if path[0] == "comparison" and (len(path) > 2 or path[1] not in PIPELINE_FIELDS):
+    """The documented spelling: comparison fields drop 'comparison.'; the comparison's rules keep
+    their own prefix."""
+    if path[0] == "comparison":
         path = path[1:]
     return "--" + ".".join(p.replace("_", "-") for p in path)
 

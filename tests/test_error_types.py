@@ -138,7 +138,7 @@ CASES_WITHOUT_MODEL: list[tuple[str, Callable[[Any], Any], type[KsLensError], st
         "probes",
         lambda tmp: probes.ProbeConfig(architecture="bogus"),
         ConfigError,
-        "probe kind",
+        "probe architecture",
     ),
     (
         "stats",
