@@ -242,9 +242,10 @@ def write_meta(
     artefact: str,
     tensors: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write the ``meta.json`` of an ``artefact`` (``"probe"``, ...): format tag and version, ``meta``, the
-    versions writing it, the tensor file's record (``tensors``: file, bytes, sha256; ``None`` for
-    an index such as a probe set's, whose members are artefacts of their own) and the checksum.
+    """Write the ``meta.json`` of an ``artefact`` (``"probe"``, ...): format tag and version,
+    ``meta``, the versions writing it, the tensor file's record (``tensors``: file, bytes,
+    sha256; ``None`` for an index such as a probe set's, whose members are artefacts of their
+    own) and the checksum.
     ``directory`` is not checked: :func:`save_artifact` (or the caller) has done that."""
     record: dict[str, Any] = {
         "format": f"ks_lens.{artefact}",
@@ -278,8 +279,8 @@ def artifact_format(directory: str | Path) -> str | None:
 
 @renamed(kind="artefact")
 def check_artifact_target(directory: str | Path, artefact: str) -> None:
-    """Refuse to write an ``artefact`` (``"probe"``, ...) where it would mix with something else: a file, a
-    directory of other files, or another artefact (say a probe set, whose index would
+    """Refuse to write an ``artefact`` (``"probe"``, ...) where it would mix with something else:
+    a file, a directory of other files, or another artefact (say a probe set, whose index would
     keep pointing at its old probes). Replacing an artefact of the same format is allowed."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -295,8 +296,8 @@ def check_artifact_target(directory: str | Path, artefact: str) -> None:
 
 @renamed(kind="artefact")
 def load_meta(directory: str | Path, *, artefact: str) -> dict[str, Any]:
-    """The checked ``meta.json`` of an ``artefact`` (``"probe"``, ...): its format, metadata checksum and the
-    versions that wrote it (a mismatch warns); the tensor file is not read."""
+    """The checked ``meta.json`` of an ``artefact`` (``"probe"``, ...): its format, metadata
+    checksum and the versions that wrote it (a mismatch warns); the tensor file is not read."""
     directory = Path(directory)
     if not directory.exists():
         raise StoreError(f"no {artefact} found at {directory}")
@@ -329,8 +330,8 @@ def load_artifact(
         raise StoreError(f"{artefact} tensor file missing: {tpath}")
     if tpath.stat().st_size != record.get("bytes") or sha256_file(tpath) != record.get("sha256"):
         raise StoreError(
-            f"{artefact} tensor file {tpath} does not match its recorded checksum; it is corrupt or was "
-            "modified after saving. Re-create it."
+            f"{artefact} tensor file {tpath} does not match its recorded checksum; it is corrupt "
+            "or was modified after saving. Re-create it."
         )
     return load_safetensors(tpath, what=f"{artefact} tensors"), meta
 

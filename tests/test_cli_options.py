@@ -265,7 +265,10 @@ def test_bad_demo_values_exit_2_with_a_message(argv, message, tmp_path, capsys):
             ["--comparison.batch-size", "4"],
             "--comparison.batch-size was renamed in ks-lens 0.2.0; use --batch-size",
         ),
-        (["--text-position", "last"], "--text-position was renamed in ks-lens 0.2.0; use --text-pooling"),
+        (
+            ["--text-position", "last"],
+            "--text-position was renamed in ks-lens 0.2.0; use --text-pooling",
+        ),
         (["--fast=False"], "--fast takes no value (got '--fast=False')"),
         (["--fast=True"], "--fast takes no value (got '--fast=True')"),
         (["--fast", "False"], "--fast takes no value (got '--fast False')"),

@@ -43,8 +43,8 @@ def steering_kit(
     The probe learns every row (multi-label for combined ones); the CAA vectors are mean
     differences over the single-label rows only. ``groups`` maps row ids to questions, so that
     validation holds out whole questions. When a method needs one (:func:`needs_linear_probe`),
-    a linear probe (``ProbeConfig(architecture="linear")``, otherwise the MLP probe's settings) learns
-    the same rows at ``layer``.
+    a linear probe (``ProbeConfig(architecture="linear")``, otherwise the MLP probe's settings)
+    learns the same rows at ``layer``.
     """
     if len(acts) == 0:
         raise ConfigError("no activations to train the steering probe and vectors on")

@@ -20,13 +20,14 @@ LOGISTIC_SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky", "sag", "saga")
 class ProbeConfig:
     """How to train a probe.
 
-    ``architecture``: ``"mlp"`` (``depth`` hidden layers of width ``hidden``) and ``"linear"`` are trained
-    with AdamW in torch (``epochs``, ``lr``, ``weight_decay``, ``batch_size``, ``patience``);
-    ``"logistic"`` is a linear probe fitted by scikit-learn's ``LogisticRegression`` (``C``,
-    ``solver``, ``max_iter``; the torch training fields are ignored): one binary L2-penalised
-    logistic regression per label for ``loss="bce"`` (one-vs-rest), one multinomial regression
-    for ``loss="ce"``. Every architecture gives the same :class:`Probe` (logistic: one linear layer, like
-    ``"linear"``).
+    ``architecture``: ``"mlp"`` (``depth`` hidden layers of width ``hidden``) and ``"linear"``
+    are trained with AdamW in torch (``epochs``, ``lr``, ``weight_decay``, ``batch_size``,
+    ``patience``); ``"logistic"`` is a linear probe fitted by scikit-learn's
+    ``LogisticRegression`` (``C``, ``solver``, ``max_iter``; the torch training fields are
+    ignored): one binary L2-penalised logistic regression per label for ``loss="bce"``
+    (one-vs-rest), one multinomial regression for ``loss="ce"``. Every architecture gives the
+    same :class:`Probe` (logistic: one linear layer, like ``"linear"``). Before 0.2.0 the field
+    was ``kind`` (now refused, naming ``architecture``).
 
     ``val_split``: how validation rows are held out, whole groups (questions) at a time:
     ``"group"`` (the default, :func:`split_by_group`: a seeded ``val_fraction`` of the groups) or

@@ -109,8 +109,8 @@ class Probe(nn.Module):
         acc = self.metrics.get("val_accuracy")
         acc_s = f", val_acc={acc:.3f}" if isinstance(acc, float) else ""
         return (
-            f"Probe({self.config.architecture}, hook={self.hook_name!r}, labels={list(self.label_names)}, "
-            f"model={self.model_info.get('model')!r}{acc_s})"
+            f"Probe({self.config.architecture}, hook={self.hook_name!r}, "
+            f"labels={list(self.label_names)}, model={self.model_info.get('model')!r}{acc_s})"
         )
 
     # -- compatibility -----------------------------------------------------------------------
@@ -218,7 +218,8 @@ class ProbeSet(dict[int, Probe]):
             return "ProbeSet({})"
         p = next(iter(self.values()))
         return (
-            f"ProbeSet(layers={sorted(self)}, kind={p.hook_kind!r}, probe={p.config.architecture!r}, "
+            f"ProbeSet(layers={sorted(self)}, kind={p.hook_kind!r}, "
+            f"probe={p.config.architecture!r}, "
             f"labels={list(p.label_names)}, model={p.model_info.get('model')!r})"
         )
 

@@ -146,8 +146,8 @@ def fit_probes(
     ``init_keys`` (default ``0..P-1``; :func:`train_probes` passes the layer indices) seed each
     probe's initial weights, and each probe's early stopping is frozen once its own patience runs
     out, so a probe trained in a batch is the probe trained alone (up to float rounding).
-    ``names`` (e.g. ``"layer 5"``) name the probes in errors. ``config.architecture="logistic"`` fits each
-    probe with scikit-learn instead (no epochs; see :class:`ProbeConfig`).
+    ``names`` (e.g. ``"layer 5"``) name the probes in errors. ``config.architecture="logistic"``
+    fits each probe with scikit-learn instead (no epochs; see :class:`ProbeConfig`).
 
     Raises :class:`~ks_lens.errors.TrainingError` when a loss becomes NaN or infinite (say, with
     a learning rate far too large) instead of returning a broken probe, and
@@ -331,8 +331,8 @@ def train_probes(
             collected layers.
         kind: which collected hook kind to train on (``"resid_post"``, ``"resid_pre"``,
             ``"attn_out"``, ``"mlp_out"``, ``"resid_mid"``).
-        config: :class:`ProbeConfig` (``architecture="mlp"``/``"linear"``/``"logistic"``, ``hidden``,
-            ``epochs``, ``C``, ...).
+        config: :class:`ProbeConfig` (``architecture="mlp"``/``"linear"``/``"logistic"``,
+            ``hidden``, ``epochs``, ``C``, ...).
         device: where to train (default: where ``acts`` are).
         groups: one group id per row (default the question ids); a group is kept wholly in
             train or in validation, so validation questions are unseen.
