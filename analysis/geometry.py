@@ -48,7 +48,7 @@ def main() -> None:
     lins = train_probes(
         train,
         layers=layers,
-        config=ProbeConfig(kind="linear", seed=opts.config.seed),
+        config=ProbeConfig(architecture="linear", seed=opts.config.seed),
         progress=False,
     )
     neutral = collect_activations(

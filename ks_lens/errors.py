@@ -22,6 +22,11 @@ class WrongTypeError(ConfigError, TypeError):
     that is not a ks-lens probe or steerer, ...); also a ``TypeError`` for generic handlers."""
 
 
+class RenamedError(ConfigError, TypeError):
+    """A keyword argument, field or command-line option that ks-lens 0.2.0 renamed was given
+    under its old name (the message names the new one; the old name is refused, not ignored)."""
+
+
 class MissingKeyError(KsLensError, KeyError):
     """A ks-lens mapping has no such key (a probe set without that layer, a batch field that does
     not exist); also a ``KeyError``, so mapping code keeps working."""

@@ -8,7 +8,7 @@ set's, holds ``meta.json`` alone, beside its members' directories). ``meta.json`
 ``format`` tag, the artefact's metadata (model, hook point, layer, label names, dataset hash, ...),
 the versions that produced it, the size and SHA-256 of the tensor file, and (format version 2) a
 SHA-256 of its own contents (``meta_sha256``); loading checks all three. A directory holds one
-artefact: saving over another kind (or over unrelated files) is refused.
+artefact: saving over another artefact (or over unrelated files) is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ks_lens.compat import check_version_match, versions
 from ks_lens.errors import DatasetError, StoreError
+from ks_lens.utils import renamed
 
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
@@ -206,20 +207,21 @@ def load_safetensors(path: str | Path, what: str = "tensor file") -> dict[str, t
         raise StoreError(f"{what} {path} cannot be read ({e}); it is corrupt or truncated") from e
 
 
+@renamed(kind="artefact")
 def save_artifact(
     directory: str | Path,
     tensors: Mapping[str, torch.Tensor],
     meta: Mapping[str, Any],
     *,
-    kind: str,
+    artefact: str,
 ) -> Path:
-    """Save ``tensors`` + ``meta`` as an artefact directory of the given ``kind``.
+    """Save ``tensors`` + ``meta`` as an artefact directory, format ``ks_lens.{artefact}``.
 
     The tensor file is written first and the JSON last, so ``meta.json`` existing means the
     artefact is complete; its recorded checksum catches later damage.
     """
     directory = Path(directory)
-    check_artifact_target(directory, kind)
+    check_artifact_target(directory, artefact)
     directory.mkdir(parents=True, exist_ok=True)
     tpath = directory / TENSORS_FILE
     atomic_save_safetensors(tpath, tensors)
@@ -228,23 +230,25 @@ def save_artifact(
         "bytes": tpath.stat().st_size,
         "sha256": sha256_file(tpath),
     }
-    write_meta(directory, meta, kind=kind, tensors=tensors_record)
+    write_meta(directory, meta, artefact=artefact, tensors=tensors_record)
     return directory
 
 
+@renamed(kind="artefact")
 def write_meta(
     directory: str | Path,
     meta: Mapping[str, Any],
     *,
-    kind: str,
+    artefact: str,
     tensors: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write the ``meta.json`` of a ``kind`` artefact: format tag and version, ``meta``, the
-    versions writing it, the tensor file's record (``tensors``: file, bytes, sha256; ``None`` for
-    an index such as a probe set's, whose members are artefacts of their own) and the checksum.
+    """Write the ``meta.json`` of an ``artefact`` (``"probe"``, ...): format tag and version,
+    ``meta``, the versions writing it, the tensor file's record (``tensors``: file, bytes,
+    sha256; ``None`` for an index such as a probe set's, whose members are artefacts of their
+    own) and the checksum.
     ``directory`` is not checked: :func:`save_artifact` (or the caller) has done that."""
     record: dict[str, Any] = {
-        "format": f"ks_lens.{kind}",
+        "format": f"ks_lens.{artefact}",
         "format_version": FORMAT_VERSION,
         **dict(meta),
         "versions": versions(),
@@ -273,60 +277,63 @@ def artifact_format(directory: str | Path) -> str | None:
     return None
 
 
-def check_artifact_target(directory: str | Path, kind: str) -> None:
-    """Refuse to write a ``kind`` artefact where it would mix with something else: a file, a
-    directory of other files, or another kind of artefact (say a probe set, whose index would
-    keep pointing at its old probes). Replacing an artefact of the same kind is allowed."""
+@renamed(kind="artefact")
+def check_artifact_target(directory: str | Path, artefact: str) -> None:
+    """Refuse to write an ``artefact`` (``"probe"``, ...) where it would mix with something else:
+    a file, a directory of other files, or another artefact (say a probe set, whose index would
+    keep pointing at its old probes). Replacing an artefact of the same format is allowed."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise StoreError(f"{directory} is an existing file; a {kind} is saved as a directory")
+        raise StoreError(f"{directory} is an existing file; a {artefact} is saved as a directory")
     found = artifact_format(directory)
-    if found not in ("", f"ks_lens.{kind}"):
+    if found not in ("", f"ks_lens.{artefact}"):
         what = f"a {found.removeprefix('ks_lens.')}" if found else "other files"
         raise StoreError(
-            f"{directory} already holds {what}; saving a {kind} there would leave a mixed "
+            f"{directory} already holds {what}; saving a {artefact} there would leave a mixed "
             "directory. Choose another directory, or delete that one first."
         )
 
 
-def load_meta(directory: str | Path, *, kind: str) -> dict[str, Any]:
-    """The checked ``meta.json`` of a ``kind`` artefact: its format, metadata checksum and the
-    versions that wrote it (a mismatch warns); the tensor file is not read."""
+@renamed(kind="artefact")
+def load_meta(directory: str | Path, *, artefact: str) -> dict[str, Any]:
+    """The checked ``meta.json`` of an ``artefact`` (``"probe"``, ...): its format, metadata
+    checksum and the versions that wrote it (a mismatch warns); the tensor file is not read."""
     directory = Path(directory)
     if not directory.exists():
-        raise StoreError(f"no {kind} found at {directory}")
+        raise StoreError(f"no {artefact} found at {directory}")
     if directory.is_file():
-        raise StoreError(f"{directory} is a file; a {kind} is a directory with {META_FILE}")
-    meta = read_json(directory / META_FILE, what=f"{kind} metadata")
-    if not isinstance(meta, dict) or meta.get("format") != f"ks_lens.{kind}":
+        raise StoreError(f"{directory} is a file; a {artefact} is a directory with {META_FILE}")
+    meta = read_json(directory / META_FILE, what=f"{artefact} metadata")
+    if not isinstance(meta, dict) or meta.get("format") != f"ks_lens.{artefact}":
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise StoreError(f"{directory} holds {found!r}, not a ks_lens.{kind}")
-    check_meta_checksum(meta, directory / META_FILE, f"{kind} metadata")
-    check_version_match(meta.get("versions"), f"{kind} {directory}")
+        raise StoreError(f"{directory} holds {found!r}, not a ks_lens.{artefact}")
+    check_meta_checksum(meta, directory / META_FILE, f"{artefact} metadata")
+    check_version_match(meta.get("versions"), f"{artefact} {directory}")
     return meta
 
 
+@renamed(kind="artefact")
 def load_artifact(
-    directory: str | Path, *, kind: str
+    directory: str | Path, *, artefact: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load an artefact saved by :func:`save_artifact`, checking its kind, size and checksum."""
+    """Load an artefact saved by :func:`save_artifact`, checking its format, size and checksum."""
     directory = Path(directory)
-    meta = load_meta(directory, kind=kind)
+    meta = load_meta(directory, artefact=artefact)
     record = meta.get("tensors")
     if not isinstance(record, dict):
         raise StoreError(
-            f"{kind} metadata {directory / META_FILE} records no tensor file; it is not a "
-            f"complete {kind}. Re-create it."
+            f"{artefact} metadata {directory / META_FILE} records no tensor file; it is not a "
+            f"complete {artefact}. Re-create it."
         )
     tpath = directory / str(record.get("file"))
     if not tpath.is_file():
-        raise StoreError(f"{kind} tensor file missing: {tpath}")
+        raise StoreError(f"{artefact} tensor file missing: {tpath}")
     if tpath.stat().st_size != record.get("bytes") or sha256_file(tpath) != record.get("sha256"):
         raise StoreError(
-            f"{kind} tensor file {tpath} does not match its recorded checksum; it is corrupt or was "
-            "modified after saving. Re-create it."
+            f"{artefact} tensor file {tpath} does not match its recorded checksum; it is corrupt "
+            "or was modified after saving. Re-create it."
         )
-    return load_safetensors(tpath, what=f"{kind} tensors"), meta
+    return load_safetensors(tpath, what=f"{artefact} tensors"), meta
 
 
 def read_text_file(path: str | Path, what: str) -> str:

@@ -1,19 +1,25 @@
-"""Small helpers shared by the package: devices, dtypes, seeds and version stamps."""
+"""Small helpers shared by the package: devices, dtypes, seeds, version stamps, renamed names."""
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import platform
 import subprocess
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 
-from ks_lens.errors import ConfigError, WrongTypeError
+from ks_lens.errors import ConfigError, RenamedError, WrongTypeError
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_C = TypeVar("_C", bound=type)
 
 #: what :func:`package_version` reports when ks-lens runs from a source tree it was not installed from
 UNKNOWN_VERSION = "0+unknown"
@@ -142,3 +148,46 @@ def check_d_model(got: Any, expected: int, arg: str, what: str) -> None:
             f"{arg} has last dimension {size}{shape}, but {what} expects d_model = {expected}; "
             "pass activations of the model and hook point it was made for"
         )
+
+
+def refuse_renamed(where: str, renames: Mapping[str, str], given: Mapping[str, Any]) -> None:
+    """Raise :class:`~ks_lens.errors.RenamedError` if ``given`` (keyword arguments) uses an old
+    name of ``renames`` (old name -> new name); ``where`` names the function or class."""
+    for old, new in renames.items():
+        if old in given:
+            raise RenamedError(f"{where}: {old}= was renamed in ks-lens 0.2.0; pass {new}= instead")
+
+
+def renamed(**renames: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """A function whose keyword arguments ``renames`` (old name -> new name) were renamed:
+    ``@renamed(position="pooling")`` makes ``f(position=...)`` raise
+    :class:`~ks_lens.errors.RenamedError` naming ``pooling=``."""
+
+    def wrap(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(fn)
+        def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            refuse_renamed(fn.__qualname__, renames, kwargs)
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+def renamed_fields(**renames: str) -> Callable[[_C], _C]:
+    """A dataclass whose fields ``renames`` (old name -> new name) were renamed (put it above
+    ``@dataclass``): constructing it, or ``dataclasses.replace`` on it, with an old name raises
+    :class:`~ks_lens.errors.RenamedError` naming the new one."""
+
+    def wrap(cls: _C) -> _C:
+        init = vars(cls)["__init__"]  # the dataclass's own __init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            refuse_renamed(cls.__name__, renames, kwargs)
+            init(self, *args, **kwargs)
+
+        setattr(cls, "__init__", __init__)  # noqa: B010
+        return cls
+
+    return wrap

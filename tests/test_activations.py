@@ -87,7 +87,7 @@ def test_neutral_and_response_only_modes(tiny_model, tiny_dataset):
     assert not torch.allclose(only.at(2)[row], resp.at(2)[row])
 
 
-def test_mean_response_position(tiny_model, tiny_dataset):
+def test_mean_response_pooling(tiny_model, tiny_dataset):
     ds = tiny_dataset.head(1)
     acts = collect_activations(
         tiny_model,
@@ -95,7 +95,7 @@ def test_mean_response_position(tiny_model, tiny_dataset):
         mode="response-only",
         layers=[1],
         max_new_tokens=4,
-        position="mean_response",
+        pooling="mean_response",
         progress=False,
     )
     tok = tiny_model.tokenizer
@@ -113,7 +113,7 @@ def test_mean_response_position(tiny_model, tiny_dataset):
     )
     torch.testing.assert_close(acts.at(1)[0], ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="mean_response"):
-        collect_activations(tiny_model, ds, mode="prompt", position="mean_response", progress=False)
+        collect_activations(tiny_model, ds, mode="prompt", pooling="mean_response", progress=False)
 
 
 def test_store_round_trip_is_identical(tiny_model, tiny_dataset, tiny_acts, tmp_path):
@@ -366,7 +366,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize(
-    ("mode", "position", "kinds", "layers"),
+    ("mode", "pooling", "kinds", "layers"),
     [
         ("prompt", "last", ("resid_post",), None),
         ("prompt", "last", ("resid_pre", "attn_out", "mlp_out"), [0, 2]),
@@ -380,12 +380,12 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     ],
 )
 def test_shared_prefix_gives_the_unshared_activations(
-    tiny_model, tiny_dataset, mode, position, kinds, layers
+    tiny_model, tiny_dataset, mode, pooling, kinds, layers
 ):
     ds = tiny_dataset.head(5)
     kw = dict(
         mode=mode,
-        position=position,
+        pooling=pooling,
         hook_kinds=kinds,
         layers=layers,
         batch_size=4,

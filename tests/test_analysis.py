@@ -53,7 +53,7 @@ def linear_probe(w: torch.Tensor, b: torch.Tensor | None = None) -> Probe:
         label_names=LABELS[:k],
         hook_name="blocks.1.hook_resid_post",
         model={"model": "x", "d_model": d, "n_layers": 2},
-        config=ProbeConfig(kind="linear"),
+        config=ProbeConfig(architecture="linear"),
         metrics={"val_per_label_accuracy": dict.fromkeys(LABELS[:k], 1.0)},
     )
 

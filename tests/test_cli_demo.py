@@ -527,7 +527,7 @@ def test_report_describes_the_probe_source_that_ran():
         "`blocks.2.hook_resid_post`, gold texts re-encoded without instruction (last answer "
         "token), on the gold questions set aside for steering (50%): validation accuracy 0.500"
     )
-    mean = lines(text_position="mean_response")["steering probe (not an evaluator)"]
+    mean = lines(text_pooling="mean_response")["steering probe (not an evaluator)"]
     assert "(mean over the answer tokens)" in mean
     prompt = lines(probe_source="prompt")["steering probe (not an evaluator)"]
     assert "last prompt token of behaviour instruction + question, train split (16 q" in prompt

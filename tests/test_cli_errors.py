@@ -135,11 +135,11 @@ def test_train_logistic_probe(store, tmp_path, capsys):
     import json
 
     out = tmp_path / "p"
-    argv = ["train", "--acts", str(store), "--layer", "2", "--kind", "logistic", "--C", "0.5"]
+    argv = ["train", "--acts", str(store), "--layer", "2", "--architecture", "logistic", "--C", "0.5"]
     assert main([*argv, "--val-split", "stratified_group", "--out", str(out)]) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert (
-        meta["config"]["kind"] == "logistic" and meta["config"]["val_split"] == "stratified_group"
+        meta["config"]["architecture"] == "logistic" and meta["config"]["val_split"] == "stratified_group"
     )
     assert (
         meta["metrics"]["fit"]["C"] == 0.5 and meta["metrics"]["fit"]["library"] == "scikit-learn"

@@ -30,6 +30,8 @@ from ks_lens.probes import ProbeConfig
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
 PIPELINE_FIELDS = {f.name for f in dataclasses.fields(PipelineConfig)}
+#: the comparison's fields the pipeline sets (its seed and batch size): no options of their own
+SET_BY_PIPELINE = {("comparison", name) for name in PIPELINE_FIELDS}
 
 
 def one_line(text: str) -> str:
@@ -43,6 +45,8 @@ def _leaves(cls: type, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...]
     out = []
     for f in dataclasses.fields(cls):
         t = hints[f.name]
+        if (*path, f.name) in SET_BY_PIPELINE:
+            continue
         if dataclasses.is_dataclass(t):
             out += _leaves(t, (*path, f.name))
         else:
@@ -51,9 +55,9 @@ def _leaves(cls: type, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...]
 
 
 def _option(path: tuple[str, ...]) -> str:
-    """The documented spelling: comparison fields drop 'comparison.' unless the pipeline has the
-    same name; the comparison's rules keep their own prefix."""
-    if path[0] == "comparison" and (len(path) > 2 or path[1] not in PIPELINE_FIELDS):
+    """The documented spelling: comparison fields drop 'comparison.'; the comparison's rules keep
+    their own prefix."""
+    if path[0] == "comparison":
         path = path[1:]
     return "--" + ".".join(p.replace("_", "-") for p in path)
 
@@ -151,8 +155,10 @@ def test_demo_help_names_every_option(capsys):
         (["--avoid", ""], ("comparison", "avoid"), ()),
         (["--sizes", "1, 2"], ("comparison", "sizes"), (1, 2)),
         (["--layer", "3", "--eval-layer", "5"], ("eval_layer",), 5),
-        (["--comparison.batch-size", "4"], ("comparison", "batch_size"), 4),
+        # one --batch-size and one --seed: the comparison takes the pipeline's
         (["--batch-size", "4"], ("batch_size",), 4),
+        (["--batch-size", "4"], ("comparison", "batch_size"), 4),
+        (["--seed", "7"], ("comparison", "seed"), 7),
         (["--vanish.floor", "0.2"], ("comparison", "vanish", "floor"), 0.2),
         (["--degenerate.min-words", "5"], ("comparison", "degenerate", "min_words"), 5),
         (["--multilayer-offsets", "-4,-2,0"], ("multilayer_offsets",), (-4, -2, 0)),
@@ -254,10 +260,14 @@ def test_bad_demo_values_exit_2_with_a_message(argv, message, tmp_path, capsys):
         (["--sizes", "1,7"], "combination size 7 is impossible with 6 labels"),
         (["--n-resamples", "0"], "n_resamples must be a positive number of bootstrap resamples"),
         (["--n-resamples", "-5"], "n_resamples must be a positive number of bootstrap resamples"),
+        (["--comparison.seed", "7"], "--comparison.seed was renamed in ks-lens 0.2.0; use --seed"),
         (
-            ["--comparison.seed", "7"],
-            "--comparison.seed 7 does not apply to ks-lens demo: the demo seeds the comparison "
-            "(cell sampling, bootstrap) with --seed",
+            ["--comparison.batch-size", "4"],
+            "--comparison.batch-size was renamed in ks-lens 0.2.0; use --batch-size",
+        ),
+        (
+            ["--text-position", "last"],
+            "--text-position was renamed in ks-lens 0.2.0; use --text-pooling",
         ),
         (["--fast=False"], "--fast takes no value (got '--fast=False')"),
         (["--fast=True"], "--fast takes no value (got '--fast=True')"),
@@ -488,13 +498,12 @@ def test_studies_fast_and_logging_flags(common, capsys):
         common.parse(common.StudyOptions, "d", "o", ["--comparison.methods", "ksteer"])
     assert e.value.code == 2
     assert "--comparison.methods is spelled --methods" in capsys.readouterr().err
-    # studies run the comparison with --comparison.seed as given (the demo refuses it)
-    assert (
-        common.parse(
-            common.StudyOptions, "d", "o", ["--comparison.seed", "7"]
-        ).config.comparison.seed
-        == 7
-    )
+    # studies, like the demo, seed the comparison with --seed (there is no --comparison.seed)
+    assert common.parse(common.StudyOptions, "d", "o", ["--seed", "7"]).config.comparison.seed == 7
+    with pytest.raises(SystemExit) as e:
+        common.parse(common.StudyOptions, "d", "o", ["--comparison.seed", "7"])
+    assert e.value.code == 2
+    assert "--comparison.seed was renamed in ks-lens 0.2.0; use --seed" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         common.parse(common.StudyOptions, "d", "o", ["--probe-source", "bogus"])
     assert e.value.code == 2

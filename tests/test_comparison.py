@@ -262,7 +262,7 @@ class _FakeTextEvaluator:
 def test_run_comparison_end_to_end_on_tiny(tiny_model, tiny_acts, tiny_probe, tiny_dataset):
     vec = SteeringVectors.fit(tiny_acts, 2)
     evaluator = train_probe(tiny_acts, 3, config=ProbeConfig(hidden=16, epochs=3, seed=1))
-    linear = train_probe(tiny_acts, 2, config=ProbeConfig(kind="linear", epochs=3))
+    linear = train_probe(tiny_acts, 2, config=ProbeConfig(architecture="linear", epochs=3))
     cfg = ComparisonConfig(
         methods=("caa_mean", "ksteer", "ksteer_linear"),
         kl_budget=0.05,

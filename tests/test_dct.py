@@ -186,7 +186,7 @@ def _fake_evaluator(model) -> Probe:
         label_names=("a", "b", "c"),
         hook_name="blocks.1.hook_resid_post",
         model=model_signature(model),
-        config=ProbeConfig(kind="linear"),
+        config=ProbeConfig(architecture="linear"),
     )
 
 

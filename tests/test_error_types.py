@@ -136,9 +136,9 @@ CASES_WITHOUT_MODEL: list[tuple[str, Callable[[Any], Any], type[KsLensError], st
     ),
     (
         "probes",
-        lambda tmp: probes.ProbeConfig(kind="bogus"),
+        lambda tmp: probes.ProbeConfig(architecture="bogus"),
         ConfigError,
-        "probe kind",
+        "probe architecture",
     ),
     (
         "stats",

@@ -33,7 +33,7 @@ def _linear_probe(
         label_names=labels,
         hook_name=hook,
         model={"model": "tiny-random-llama", "d_model": d, "n_layers": 4},
-        config=ProbeConfig(kind="linear"),
+        config=ProbeConfig(architecture="linear"),
     )
 
 

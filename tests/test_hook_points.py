@@ -78,7 +78,7 @@ def test_mean_response_at_a_multi_dim_hook(tiny_model):
     start = torch.tensor([3, 1])
     name = "blocks.2.attn.hook_z"
     (got,) = capture_features(
-        tiny_model, batch, [name], response_start=start, position="mean_response"
+        tiny_model, batch, [name], response_start=start, pooling="mean_response"
     )
     _, cache = tiny_model.run_with_cache(**batch, names_filter=name)
     for b in range(2):

@@ -100,8 +100,8 @@ def test_probe_source_is_validated():
         PipelineConfig(probe_source="both").validate()
     with pytest.raises(ConfigError, match="multilayer_offsets"):
         PipelineConfig(multilayer_offsets=(0,)).validate()
-    with pytest.raises(ConfigError, match="text_position"):
-        PipelineConfig(text_position="first").validate()
+    with pytest.raises(ConfigError, match="text_pooling"):
+        PipelineConfig(text_pooling="first").validate()
 
 
 def test_prepare_builds_only_the_configured_source_by_default(tmp_path):

@@ -111,7 +111,7 @@ def test_validation_split_keeps_questions_whole(tiny_acts):
 
 
 def test_linear_and_ce_probes(tiny_acts):
-    lin = train_probe(tiny_acts, 3, config=ProbeConfig(kind="linear", loss="ce", epochs=5))
+    lin = train_probe(tiny_acts, 3, config=ProbeConfig(architecture="linear", loss="ce", epochs=5))
     assert len(lin.linears) == 1
     p = lin.predict_proba(tiny_acts.at(3)[:4])
     torch.testing.assert_close(p.sum(-1), torch.ones(4))
@@ -189,8 +189,8 @@ def test_probe_sets(tiny_acts, tiny_model, tmp_path):
 def test_probe_input_errors(tiny_probe, tiny_acts):
     with pytest.raises(LabelError, match="unknown label"):
         tiny_probe.label_indices(["delta"])
-    with pytest.raises(ValueError, match="kind"):
-        ProbeConfig(kind="tree")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="architecture"):
+        ProbeConfig(architecture="tree")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="val_fraction"):
         ProbeConfig(val_fraction=1.5)
     with pytest.raises(ValueError, match="no labels"):

@@ -28,7 +28,7 @@ from ks_lens.probes import (
 )
 from ks_lens.steering import KSteering
 
-LOGISTIC = ProbeConfig(kind="logistic", val_fraction=0.25)
+LOGISTIC = ProbeConfig(architecture="logistic", val_fraction=0.25)
 
 
 def _blobs(n=240, d=12, k=3, sep=3.0, seed=0):
@@ -73,7 +73,7 @@ def test_logistic_probe_equals_sklearn_one_vs_rest(logistic_probe, tiny_acts):
 
 
 def test_multinomial_logistic_probe_equals_sklearn(tiny_acts):
-    cfg = ProbeConfig(kind="logistic", loss="ce", C=0.5, solver="newton-cg", val_fraction=0.25)
+    cfg = ProbeConfig(architecture="logistic", loss="ce", C=0.5, solver="newton-cg", val_fraction=0.25)
     probe = train_probe(tiny_acts, 3, config=cfg)
     x = tiny_acts.at(3)
     tr, y = _train_rows(tiny_acts, cfg)
@@ -87,7 +87,7 @@ def test_multinomial_logistic_probe_equals_sklearn(tiny_acts):
 
 def test_two_label_multinomial_probe_keeps_a_gradient_for_both_labels():
     x, y, groups = _blobs(k=2)
-    cfg = ProbeConfig(kind="logistic", loss="ce")
+    cfg = ProbeConfig(architecture="logistic", loss="ce")
     res = fit_probes(x, y, groups, ["a", "b"], cfg)
     ((w, b),) = res.params[0]
     torch.testing.assert_close(w[:, 0], -w[:, 1])  # logits (-z/2, z/2)
@@ -116,7 +116,7 @@ def test_logistic_probe_round_trips_save_load(logistic_probe, tiny_model, tmp_pa
     x = torch.randn(5, 64)
     assert torch.equal(back(x), logistic_probe(x))
     meta = json.loads((tmp_path / "p" / "meta.json").read_text())
-    assert meta["config"]["kind"] == "logistic" and meta["config"]["C"] == 1.0
+    assert meta["config"]["architecture"] == "logistic" and meta["config"]["C"] == 1.0
 
 
 def test_logistic_probe_steers(logistic_probe, tiny_acts, tiny_model):
@@ -155,22 +155,22 @@ def test_logistic_probe_steers(logistic_probe, tiny_acts, tiny_model):
 )
 def test_bad_logistic_configs_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        ProbeConfig(kind="logistic", **kwargs)
+        ProbeConfig(architecture="logistic", **kwargs)
 
 
 def test_logistic_probe_needs_both_classes_of_every_label():
     x, y, groups = _blobs()
     y = torch.cat([y, torch.zeros(len(y), 1)], dim=1)  # a label no row has
     with pytest.raises(DatasetError, match="label 'd' is on 0 of"):
-        fit_probes(x, y, groups, ["a", "b", "c", "d"], ProbeConfig(kind="logistic"))
+        fit_probes(x, y, groups, ["a", "b", "c", "d"], ProbeConfig(architecture="logistic"))
     with pytest.raises(DatasetError, match=r"no training row has \['d'\]"):
-        fit_probes(x, y, groups, ["a", "b", "c", "d"], ProbeConfig(kind="logistic", loss="ce"))
+        fit_probes(x, y, groups, ["a", "b", "c", "d"], ProbeConfig(architecture="logistic", loss="ce"))
 
 
 def test_unconverged_logistic_fit_is_reported():
     x, y, groups = _blobs()
     with pytest.warns(UserWarning, match=r"did not converge in max_iter=1 .*raise max_iter"):
-        res = fit_probes(x, y, groups, ["a", "b", "c"], ProbeConfig(kind="logistic", max_iter=1))
+        res = fit_probes(x, y, groups, ["a", "b", "c"], ProbeConfig(architecture="logistic", max_iter=1))
     assert res.metrics[0]["fit"]["converged"] is False
 
 

@@ -249,7 +249,7 @@ def test_ksteer_linear_builds_from_the_linear_probe_and_steers(tiny_acts, tiny_p
     the same vector, alpha x the gradient of the target logit (a linear probe's gradient does
     not depend on x), and the probe's target logit rises."""
     assert "ksteer_linear" in REFERENCE_METHODS
-    linear = train_probe(tiny_acts, 2, config=ProbeConfig(kind="linear", epochs=5))
+    linear = train_probe(tiny_acts, 2, config=ProbeConfig(architecture="linear", epochs=5))
     assert len(linear.linears) == 1 and linear.hook_name == tiny_probe.hook_name
     vec = SteeringVectors.fit(tiny_acts, 2)
     with pytest.raises(ConfigError, match="needs a linear steering probe"):

@@ -368,7 +368,7 @@ def test_steering_errors(tiny_model, tiny_probe):
         label_names=LABELS,
         hook_name="blocks.2.hook_resid_post",
         model={"model": "tiny-random-llama", "d_model": 32, "n_layers": 4},
-        config=ProbeConfig(kind="linear"),
+        config=ProbeConfig(architecture="linear"),
     )
     with (
         pytest.raises(MetadataMismatchError, match="d_model"),

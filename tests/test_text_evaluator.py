@@ -152,7 +152,7 @@ def test_saved_files_hold_no_pickle(saved):
     assert meta["meta_sha256"] == meta_checksum(meta) and "checksum" not in meta
     assert meta["label_names"] == list(TONES)
     assert set(meta["versions"]) >= {"ks_lens", "scikit_learn", "numpy", "torch"}
-    tensors, _ = load_artifact(saved, kind="text_evaluator")
+    tensors, _ = load_artifact(saved, artefact="text_evaluator")
     for name in ("word", "char"):
         vocab = json.loads(tensors[f"{name}_vocabulary"].numpy().tobytes().decode("utf-8"))
         assert len(vocab) == meta["n_features"][name] == len(tensors[f"{name}_idf"])
@@ -488,7 +488,7 @@ def test_train_text_evaluator_checks_out_first_and_needs_overwrite(gold, tmp_pat
     from ks_lens.io import save_artifact
 
     f = _small_file(gold, tmp_path)
-    probe = save_artifact(tmp_path / "probe", {"w": torch.ones(2)}, {"x": 1}, kind="probe")
+    probe = save_artifact(tmp_path / "probe", {"w": torch.ones(2)}, {"x": 1}, artefact="probe")
     store = tmp_path / "store"
     store.mkdir()
     (store / "meta.json").write_text(json.dumps({"format": "ks_lens.activation_store"}))

@@ -14,10 +14,11 @@ Four collection modes (``mode=``):
 ``neutral``
     the question alone (no instruction): the inputs that get steered in evaluation.
 
-Pooling (``position=``, type :data:`Pooling`): which tokens' activations are *read* for each
+Pooling (``pooling=``, type :data:`Pooling`): which tokens' activations are *read* for each
 row: ``last`` (last real token) or ``mean_response`` (mean over the answer's tokens; response modes
 only). Not to be confused with steering's ``positions=`` (:data:`ks_lens.steering.positions.Positions`:
-which tokens are *written to*); the keyword stays ``position=`` for compatibility.
+which tokens are *written to*). Before 0.2.0 the keyword was ``position=``, now refused with a
+:class:`~ks_lens.errors.RenamedError` naming ``pooling=``.
 
 One forward pass per batch captures every requested hook point (``blocks.{L}.hook_resid_post`` by
 default; any kind of :func:`ks_lens.hooks.block_kind`, e.g. ``hook_kinds=("attn.hook_z",)``); the

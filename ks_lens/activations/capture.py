@@ -15,21 +15,23 @@ from ks_lens.activations.container import POOLINGS, Pooling
 from ks_lens.errors import ConfigError, HookPointError
 from ks_lens.models.chat import TokenBatch
 from ks_lens.types import Model
+from ks_lens.utils import renamed
 
 
+@renamed(position="pooling")
 def capture_features(
     model: Model,
     batch: TokenBatch,
     hook_names: Sequence[str],
     *,
     response_start: Int[torch.Tensor, " batch"] | None = None,
-    position: Pooling = "last",
+    pooling: Pooling = "last",
     prefix: PrefixCache | None = None,
 ) -> list[Float[torch.Tensor, "batch ..."]]:
     """One forward pass; the activation summary at every hook in ``hook_names`` (in that order),
     each ``[batch, *feature]`` (e.g. ``[batch, d_model]``, ``[batch, n_heads, d_head]``).
 
-    ``position="last"`` takes the final (left-padded, hence real) token; ``"mean_response"``
+    ``pooling="last"`` takes the final (left-padded, hence real) token; ``"mean_response"``
     averages positions ``response_start[b]`` (index within the unpadded row) to the end.
     Hook names are any per-block hook point with a ``[batch, pos, ...]`` activation; the pass
     stops as soon as all of them have fired.
@@ -41,11 +43,11 @@ def capture_features(
     re-padded on the right internally); ``response_start`` still counts from the start of the
     whole row and must not point into the prefix.
     """
-    _check_request(hook_names, position, response_start)
+    _check_request(hook_names, pooling, response_start)
     n_rows, width = batch.input_ids.shape
     layout = _plan_layout(model, batch, response_start, prefix)
     weights = None
-    if position == "mean_response":
+    if pooling == "mean_response":
         assert layout.first is not None
         weights = _response_weights(layout.first.to(layout.ids.device), layout.end, width)
     summarise = _summariser(n_rows, width, weights, layout.read_last)
@@ -66,16 +68,16 @@ def capture_features(
 
 
 def _check_request(
-    hook_names: Sequence[str], position: Pooling, response_start: torch.Tensor | None
+    hook_names: Sequence[str], pooling: Pooling, response_start: torch.Tensor | None
 ) -> None:
-    """ConfigError for an unknown ``position``, no hook names, or ``"mean_response"`` without
+    """ConfigError for an unknown ``pooling``, no hook names, or ``"mean_response"`` without
     ``response_start``."""
-    if position not in POOLINGS:
-        raise ConfigError(f"unknown position {position!r}; use one of {POOLINGS}")
+    if pooling not in POOLINGS:
+        raise ConfigError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
     if not hook_names:
         raise ConfigError("hook_names must name at least one hook point")
-    if position == "mean_response" and response_start is None:
-        raise ConfigError("position='mean_response' needs response_start")
+    if pooling == "mean_response" and response_start is None:
+        raise ConfigError("pooling='mean_response' needs response_start")
 
 
 class _Layout(NamedTuple):
@@ -160,19 +162,20 @@ def _summariser(
     return summarise
 
 
+@renamed(position="pooling")
 def capture_batch(
     model: Model,
     batch: TokenBatch,
     hook_names: Sequence[str],
     *,
     response_start: Int[torch.Tensor, " batch"] | None = None,
-    position: Pooling = "last",
+    pooling: Pooling = "last",
     prefix: PrefixCache | None = None,
 ) -> Float[torch.Tensor, "batch hook d_model"]:
     """:func:`capture_features` stacked to ``[batch, hook, d_model]``, for hook points that share one
     feature shape (e.g. the residual-stream kinds); otherwise use :func:`capture_features`."""
     feats = capture_features(
-        model, batch, hook_names, response_start=response_start, position=position, prefix=prefix
+        model, batch, hook_names, response_start=response_start, pooling=pooling, prefix=prefix
     )
     shapes = {tuple(f.shape[1:]) for f in feats}
     if len(shapes) > 1:

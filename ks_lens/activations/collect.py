@@ -39,7 +39,7 @@ from ks_lens.models.chat import (
     encode_chat,
 )
 from ks_lens.types import Model
-from ks_lens.utils import check_int, check_seed
+from ks_lens.utils import check_int, check_seed, renamed, renamed_fields
 
 # ----------------------------------------------------------------------------- planning rows
 
@@ -68,6 +68,7 @@ def plan_rows(dataset: BehaviourDataset, mode: Mode) -> list[Row]:
 # ----------------------------------------------------------------------------- collection core
 
 
+@renamed_fields(position="pooling")
 @dataclass(frozen=True)
 class CollectSpec:
     """Everything that determines a collection's rows and numbers (recorded in metadata)."""
@@ -75,7 +76,7 @@ class CollectSpec:
     mode: Mode = "prompt"
     layers: tuple[int, ...] | None = None  # None = every layer
     hook_kinds: tuple[str, ...] = ("resid_post",)
-    position: Pooling = "last"
+    pooling: Pooling = "last"
     batch_size: int = 16
     max_new_tokens: int = 48
     seed: int = 0
@@ -83,10 +84,10 @@ class CollectSpec:
     def validate(self, model: Model) -> CollectSpec:
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; use one of {MODES}")
-        if self.position not in POOLINGS:
-            raise ConfigError(f"unknown position {self.position!r}; use one of {POOLINGS}")
-        if self.position == "mean_response" and self.mode not in ("response", "response-only"):
-            raise ConfigError("position='mean_response' needs mode 'response' or 'response-only'")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"unknown pooling {self.pooling!r}; use one of {POOLINGS}")
+        if self.pooling == "mean_response" and self.mode not in ("response", "response-only"):
+            raise ConfigError("pooling='mean_response' needs mode 'response' or 'response-only'")
         if not self.hook_kinds:
             raise ConfigError(f"hook_kinds must name at least one of {HOOK_KINDS}")
         kinds: dict[str, str] = {}  # canonical hook name at block 0 -> kind
@@ -117,7 +118,7 @@ class CollectSpec:
             self.mode,
             layers,
             hook_kinds,
-            self.position,
+            self.pooling,
             self.batch_size,
             self.max_new_tokens,
             self.seed,
@@ -132,7 +133,8 @@ class CollectSpec:
             "mode": self.mode,
             "layers": list(self.layers or ()),
             "hook_kinds": list(self.hook_kinds),
-            "position": self.position,
+            # the key of stores saved before the field was renamed (so that they still resume)
+            "position": self.pooling,
             "batch_size": self.batch_size,
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seed,
@@ -215,7 +217,7 @@ def _collect_chunk(
     # the first token of each row's summary: the last token, or the first answer token
     first_read = [
         min(enc.starts[i], len(enc.seqs[i]) - 1)
-        if spec.position == "mean_response"
+        if spec.pooling == "mean_response"
         else len(enc.seqs[i]) - 1
         for i in range(len(rows))
     ]
@@ -329,7 +331,7 @@ def _capture_groups(
         for idx, batch in batches:
             rs = torch.tensor([min(starts[i], len(seqs[i]) - 1) for i in idx], device=device)
             feats = capture_features(
-                model, batch, names, response_start=rs, position=spec.position, prefix=prefix
+                model, batch, names, response_start=rs, pooling=spec.pooling, prefix=prefix
             )
             if not out:
                 out = [torch.empty(n_rows, *f.shape[1:]) for f in feats]
@@ -436,7 +438,7 @@ def _plan(
     mode: Mode,
     layers: Sequence[int] | None,
     hook_kinds: Sequence[str],
-    position: Pooling,
+    pooling: Pooling,
     batch_size: int,
     max_new_tokens: int,
     seed: int,
@@ -446,7 +448,7 @@ def _plan(
         mode,
         None if layers is None else tuple(layers),
         tuple(hook_kinds),
-        position,
+        pooling,
         batch_size,
         max_new_tokens,
         seed,
@@ -468,6 +470,7 @@ def _plan(
     return spec, rows
 
 
+@renamed(position="pooling")
 def collect_activations(
     model: Model,
     dataset: BehaviourDataset,
@@ -475,7 +478,7 @@ def collect_activations(
     mode: Mode = "prompt",
     layers: Sequence[int] | None = None,
     hook_kinds: Sequence[str] = ("resid_post",),
-    position: Pooling = "last",
+    pooling: Pooling = "last",
     batch_size: int = 16,
     max_new_tokens: int = 48,
     seed: int = 0,
@@ -497,7 +500,7 @@ def collect_activations(
             after ``blocks.{L}.``, e.g. ``"attn.hook_z"`` (kept as ``[n_heads, d_head]``) or
             ``"mlp.hook_post"`` (``[d_mlp]``). Probes train on any kind (flattened); steering
             writes only to ``resid_pre``, ``attn_out``, ``mlp_out`` and ``resid_post``.
-        position: the pooling (:data:`Pooling`): ``"last"`` token or ``"mean_response"``
+        pooling: the pooling (:data:`Pooling`): ``"last"`` token or ``"mean_response"``
             (response modes); which tokens are *read*, unlike steering's ``positions=``.
         batch_size: rows per forward pass.
         max_new_tokens: answer length of the response modes' generation.
@@ -525,7 +528,7 @@ def collect_activations(
     generated earlier (e.g. by a ``response`` collection) for ``response-only``.
     """
     spec, rows = _plan(
-        model, dataset, mode, layers, hook_kinds, position, batch_size, max_new_tokens, seed
+        model, dataset, mode, layers, hook_kinds, pooling, batch_size, max_new_tokens, seed
     )
     parts = [
         c

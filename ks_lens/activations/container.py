@@ -17,7 +17,7 @@ from ks_lens.hooks import HOOK_KINDS
 Mode = Literal["prompt", "response", "response-only", "neutral"]
 Pooling = Literal["last", "mean_response"]
 MODES: tuple[Mode, ...] = get_args(Mode)
-#: the collection poolings (``position=``): which tokens' activations are read for each row
+#: the collection poolings (``pooling=``): which tokens' activations are read for each row
 POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
 
 

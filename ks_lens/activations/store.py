@@ -34,6 +34,7 @@ from ks_lens.io import (
 )
 from ks_lens.models import check_signature
 from ks_lens.types import Model
+from ks_lens.utils import renamed
 
 STORE_FORMAT = "ks_lens.activation_store"
 
@@ -260,6 +261,7 @@ def _shard_record(path: Path, rel: str) -> dict[str, Any]:
     return {"file": rel, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
 
+@renamed(position="pooling")
 def collect_to_store(
     model: Model,
     dataset: BehaviourDataset,
@@ -268,7 +270,7 @@ def collect_to_store(
     mode: Mode = "prompt",
     layers: Sequence[int] | None = None,
     hook_kinds: Sequence[str] = ("resid_post",),
-    position: Pooling = "last",
+    pooling: Pooling = "last",
     batch_size: int = 16,
     max_new_tokens: int = 48,
     seed: int = 0,
@@ -290,7 +292,7 @@ def collect_to_store(
     if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
         raise ConfigError(f"shard_rows must be a positive int, got {shard_rows!r}")
     spec, rows = _plan(
-        model, dataset, mode, layers, hook_kinds, position, batch_size, max_new_tokens, seed
+        model, dataset, mode, layers, hook_kinds, pooling, batch_size, max_new_tokens, seed
     )
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -161,7 +161,7 @@ def steerer_settings(steerer: Steerer) -> dict[str, Any]:
     """The settings that define a steerer's move (for the diagnosis record)."""
     if isinstance(steerer, KSteering):
         return {
-            "kind": "ksteer",
+            "method": "ksteer",
             "steps": steerer.steps,
             "decay": steerer.decay,
             "step_norm": steerer.step_norm,
@@ -171,7 +171,7 @@ def steerer_settings(steerer: Steerer) -> dict[str, Any]:
         }
     if isinstance(steerer, CAA):
         return {
-            "kind": "caa",
+            "method": "caa",
             "combine": steerer.combine,
             "normalize": steerer.normalize,
             "avoid_mode": steerer.avoid_mode,
@@ -244,7 +244,7 @@ def diagnose(
                 f"{td.min_cos_to_other_targets:+.2f}, push ratio {td.push_ratio:.2f}{traj_note})"
             )
     return Diagnosis(
-        method or settings["kind"],
+        method or settings["method"],
         geometry,
         float(alpha),
         settings,

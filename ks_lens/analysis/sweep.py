@@ -169,7 +169,7 @@ def probe_accuracy_by_layer(
 ) -> tuple[dict[int, Probe], dict[int, Probe], list[LayerAccuracy]]:
     """MLP and linear probes at every layer of ``acts``, and a record per layer of their accuracy."""
     mlp = mlp or ProbeConfig()
-    linear = linear or replace(mlp, kind="linear")
+    linear = linear or replace(mlp, architecture="linear")
     mlps = train_probes(acts, config=mlp, progress=progress)
     lins = train_probes(acts, config=linear, progress=progress)
     rows = [

@@ -94,11 +94,11 @@ def _capability_label(
     label = "unsteered"
     settings: dict[str, Any] = {}
     if method is not None:
-        kind = "ksteer" if isinstance(method, KSteering) else "caa"
-        label = f"{kind} target={','.join(o.target) or '-'} avoid={','.join(o.avoid) or '-'}"
+        name = "ksteer" if isinstance(method, KSteering) else "caa"
+        label = f"{name} target={','.join(o.target) or '-'} avoid={','.join(o.avoid) or '-'}"
         label += f" alpha={o.alpha}"
         settings = {
-            "method": kind,
+            "method": name,
             "steerer": o.classifier or o.vectors,
             "target": list(o.target),
             "avoid": list(o.avoid),

@@ -40,7 +40,7 @@ class CollectOptions:
     split_seed: int = 0
     layers: Layers = None  # comma-separated layer indices, or all
     hooks: Annotated[tuple[str, ...], tyro.conf.arg(help=_HOOK_HELP)] = ("resid_post",)
-    position: Pooling = "last"
+    pooling: Pooling = "last"  # tokens read per row: last token or mean_response (response modes)
     batch_size: int = 16
     max_new_tokens: int = 48  # answer length (response mode)
     max_questions: int | None = None  # limit the number of questions
@@ -85,7 +85,7 @@ def cmd_collect(o: CollectOptions) -> int:
             mode=o.mode,
             layers=None if o.layers is None else list(o.layers),
             hook_kinds=list(o.hooks),
-            position=o.position,
+            pooling=o.pooling,
             batch_size=o.batch_size,
             max_new_tokens=o.max_new_tokens,
             seed=o.seed,

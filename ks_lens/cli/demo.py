@@ -30,7 +30,7 @@ from typing import Annotated, Any
 from ks_lens.cli import paper
 from ks_lens.cli.options import PipelineOptions, given, parse_pipeline_options
 from ks_lens.cli.presets import PRESET_OPTION, apply_preset, get_preset, preset_in, presets_help
-from ks_lens.comparison import METHODS, ComparisonConfig, ComparisonResult, method_label
+from ks_lens.comparison import METHODS, ComparisonResult, method_label
 from ks_lens.compat import versions
 from ks_lens.datasets import load_dataset
 from ks_lens.errors import ConfigError, Interrupted, KsLensError
@@ -161,7 +161,6 @@ def run_demo(
     """
     if seeds < 1:
         raise ConfigError("seeds must be at least 1")
-    check_comparison_seed(cfg)
     cfg.validate()
     out = Path(out)
     commit = git_commit()  # the code that runs: read before anything else can change it
@@ -169,7 +168,7 @@ def run_demo(
     first: tuple[ComparisonResult, dict[str, Any]] | None = None
     for i in range(seeds):
         s = cfg.seed + i
-        cfg_s = replace(cfg, seed=s, comparison=replace(cfg.comparison, seed=s))
+        cfg_s = replace(cfg, seed=s)  # the comparison takes the seed too (PipelineConfig)
         out_s = out if i == 0 else out / f"seed-{s}"
         t_start = time.perf_counter()
         extra = _sweep_kwargs(cfg_s, sweep)
@@ -275,17 +274,6 @@ def write_paper(protocol: paper.PaperResult, out: Path) -> None:
     atomic_write_bytes(out / "paper.md", paper.render_markdown(protocol).encode())
 
 
-def check_comparison_seed(cfg: PipelineConfig) -> None:
-    """The demo runs each seed's comparison (cell sampling, bootstrap) with that seed (``--seed``,
-    ``--seeds``), so it refuses a separate comparison seed rather than ignore it."""
-    if cfg.comparison.seed != ComparisonConfig().seed:
-        raise ConfigError(
-            f"--comparison.seed {cfg.comparison.seed} does not apply to ks-lens demo: the demo "
-            "seeds the comparison (cell sampling, bootstrap) with --seed, as it does the splits, "
-            "probes and evaluators; use --seed (and --seeds N for several)"
-        )
-
-
 def print_estimate(est: Estimate, *, starting: bool = True) -> None:
     """Print the run's estimated peak memory and time (before anything is collected)."""
     took = f"{est.seconds:.0f} s" if est.seconds < 120 else f"{est.seconds / 60:.0f} min"
@@ -307,8 +295,8 @@ class DemoOptions(PipelineOptions):
     """Run the whole pipeline (collect, train, calibrate, evaluate, report) and print the headline.
 
     Every PipelineConfig setting is an option. The comparison's settings drop their
-    "comparison." prefix (--kl-budget, --methods) except --comparison.seed and
-    --comparison.batch-size; its rules keep theirs (--vanish.floor). A tuple takes one
+    "comparison." prefix (--kl-budget, --methods); its rules keep theirs (--vanish.floor), and it
+    takes --seed and --batch-size from the pipeline. A tuple takes one
     comma-separated argument (--methods caa_mean,ksteer). --fast is a small smoke run (CI): it
     changes the defaults, and options given explicitly still win. ks-lens -q/-v demo: less or
     more progress on stderr.
@@ -372,7 +360,6 @@ def config_from_args(opts: DemoOptions) -> PipelineConfig:
         raise ConfigError(f"--sweep-layers must be layer indices >= 0, got {opts.sweep_layers}")
     if opts.sweep_layers and not opts.sweep:
         raise ConfigError("--sweep-layers needs --sweep (or --preset paper)")
-    check_comparison_seed(cfg)
     return cfg.validate()
 
 

@@ -16,8 +16,9 @@ default is the dataclass default and the comment next to it is its help. Nested 
 spelled as follows:
 
 * the comparison's fields drop their ``comparison.`` prefix (``--kl-budget``, ``--methods``),
-  except the two that the pipeline also has (``--comparison.seed``,
-  ``--comparison.batch-size``);
+  except the two that the pipeline also has: the comparison takes ``--seed`` and
+  ``--batch-size`` from the pipeline (:class:`~ks_lens.pipeline.PipelineConfig`), so they are
+  options once;
 * the comparison's rules keep their own prefix (``--vanish.floor``, ``--degenerate.min-words``);
 * the steering configs' fields have no prefix (``--steps``, ``--normalize``), except CAA's
   fields that K-Steering also has: ``--caa-combine``;
@@ -31,7 +32,8 @@ defaults, not the options: an option given explicitly wins (``--fast --n-eval 32
 
 Bad values exit with code 2 and a message naming the option, as ``argparse`` does; values that
 parse but are out of range raise :class:`~ks_lens.errors.ConfigError` when the config is
-validated (``ks-lens`` reports it as bad input, also with code 2).
+validated (``ks-lens`` reports it as bad input, also with code 2). An option renamed in 0.2.0
+(:data:`RENAMED_OPTIONS`) raises :class:`~ks_lens.errors.RenamedError` naming its new spelling.
 
 .. _tyro: https://brentyi.github.io/tyro/
 """
@@ -53,7 +55,7 @@ from tyro.constructors import (
 )
 
 from ks_lens.comparison import ComparisonConfig
-from ks_lens.errors import ConfigError
+from ks_lens.errors import ConfigError, RenamedError
 from ks_lens.pipeline import PipelineConfig
 from ks_lens.steering.config import CAAConfig, KSteeringConfig
 
@@ -148,12 +150,13 @@ def _flat(
 
 
 def _flat_comparison() -> Callable[[StructTypeInfo], StructConstructorSpec | None]:
-    """A struct rule: the comparison's fields drop the ``comparison.`` prefix unless the
-    pipeline has a field of the same name."""
+    """A struct rule: the comparison's fields drop the ``comparison.`` prefix; those the
+    pipeline also has (``seed``, ``batch_size``) are no options of their own (the pipeline sets
+    them)."""
     pipeline = {f.name for f in dataclasses.fields(PipelineConfig)}
     return _flat(
         ComparisonConfig,
-        lambda name: None if name in pipeline else tyro.conf.arg(prefix_name=False),
+        lambda name: tyro.conf.Suppress if name in pipeline else tyro.conf.arg(prefix_name=False),
     )
 
 
@@ -237,6 +240,7 @@ def parse(
     prints what is wrong and exits with code 2. Exceptions of the dataclass's own checks (e.g.
     :class:`~ks_lens.errors.ConfigError` from ``ProbeConfig``) propagate.
     """
+    check_renamed(argv)
     return tyro.cli(
         cls,
         args=list(argv),
@@ -271,6 +275,24 @@ def given(argv: Sequence[str], option: str) -> bool:
     return False
 
 
+#: command-line options renamed in 0.2.0 -> their new spelling (the old one is refused)
+RENAMED_OPTIONS: dict[str, str] = {
+    "--position": "--pooling",  # ks-lens collect: which tokens are read
+    "--text-position": "--text-pooling",  # pipeline runs
+    "--kind": "--architecture",  # ks-lens train: the probe's architecture
+    "--comparison.seed": "--seed",  # the comparison takes the pipeline's
+    "--comparison.batch-size": "--batch-size",
+}
+
+
+def check_renamed(argv: Sequence[str]) -> None:
+    """Refuse an option of :data:`RENAMED_OPTIONS` with a
+    :class:`~ks_lens.errors.RenamedError` naming its new spelling."""
+    for old, new in RENAMED_OPTIONS.items():
+        if given(argv, old):
+            raise RenamedError(f"{old} was renamed in ks-lens 0.2.0; use {new}")
+
+
 def check_spellings(argv: Sequence[str]) -> None:
     """Refuse, in one line naming the right spelling, what the generated parser would misread:
     ``--fast=VALUE`` (a flag takes no value) and a comparison option spelled with its
@@ -292,8 +314,7 @@ def check_spellings(argv: Sequence[str]) -> None:
         if rest != name and rest.split(".")[0].replace("-", "_") in flat:
             raise ConfigError(
                 f"{name} is spelled --{rest}: the comparison's options drop their "
-                "'comparison.' prefix (only --comparison.seed and --comparison.batch-size keep "
-                "it, because the pipeline has --seed and --batch-size)"
+                "'comparison.' prefix"
             )
 
 
@@ -334,8 +355,10 @@ def parse_pipeline_options(
 
 
 __all__ = [
+    "RENAMED_OPTIONS",
     "Layers",
     "PipelineOptions",
+    "check_renamed",
     "check_spellings",
     "given",
     "one_of",

@@ -100,14 +100,15 @@ class ComparisonConfig:
     # every cell is answered at the calibrated alpha (factor 1.0)
     curve_cells_per_question: int | None = 1
     max_new_tokens: int = 32  # answer length of the text-level evaluation
-    batch_size: int = 16  # rows per forward pass (activation level, calibration)
+    # rows per forward pass (activation level, calibration); in a PipelineConfig: its batch_size
+    batch_size: int = 16
     gen_batch_size: int = 48  # generation rows per batch (several methods share a batch)
     vanish: VanishRule = field(default_factory=VanishRule)
     degenerate: DegenerateRule = field(default_factory=DegenerateRule)
     # how the dct method's vectors are learned (its source layer is the steering layer)
     dct: DCTSettings = field(default_factory=DCTSettings)
     n_resamples: int = 2000  # bootstrap resamples per interval
-    seed: int = 0  # cell sampling and bootstrap (ks-lens demo sets it from --seed)
+    seed: int = 0  # cell sampling and bootstrap; in a PipelineConfig: its seed (--seed)
     # reference row: the model asked for the targets by system prompt, no steering
     instructed: bool = True
     # capability stage: multiple-choice questions per run, stratified over subjects (0: none)

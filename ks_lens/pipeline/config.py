@@ -13,6 +13,7 @@ from ks_lens.comparison import (
 )
 from ks_lens.errors import ConfigError
 from ks_lens.models import ModelOptions
+from ks_lens.utils import renamed_fields
 
 ProbeSource = Literal["prompt", "text"]
 PROBE_SOURCES: tuple[ProbeSource, ...] = get_args(ProbeSource)
@@ -30,10 +31,15 @@ def full_comparison() -> ComparisonConfig:
     return ComparisonConfig(text_coverage="all-combinations")
 
 
+@renamed_fields(text_position="text_pooling")
 @dataclass
 class PipelineConfig(ModelOptions):
     """The model (:class:`~ks_lens.models.ModelOptions`: ``model``, ``device``, ``dtype``), the
     sizes of each stage, and the comparison's settings (``comparison``).
+
+    ``seed`` and ``batch_size`` are set here once for the whole run: a PipelineConfig sets its
+    comparison's ``seed`` and ``batch_size`` to them (``--seed``, ``--batch-size``; there is no
+    separate comparison seed or batch size).
 
     The defaults are the full demo run; :meth:`fast` is a one-minute smoke run. ``ks-lens demo``
     and the studies in ``analysis/`` take every field as an option (:mod:`ks_lens.cli.options`).
@@ -53,13 +59,19 @@ class PipelineConfig(ModelOptions):
     n_gen: int = 16  # test questions, generated text (every combination on >= 2 of them)
     # what the steering probe and vectors learn from: gold texts (text) or instruction prompts
     probe_source: ProbeSource = "text"
-    text_position: Pooling = "last"  # text source: last answer token or "mean_response"
+    text_pooling: Pooling = "last"  # text source: last answer token or "mean_response"
     gold_steer_fraction: float = 0.5  # share of gold questions for text-grounded steering
     multilayer_offsets: tuple[int, ...] = (-6, -3, 0)  # multi-layer method: layers around `layer`
-    batch_size: int = 16  # rows per forward pass when collecting activations
-    # splits, probes, evaluators and tiny-model weights (ks-lens demo: also the comparison)
+    # rows per forward pass: collection, and the comparison's activation level and calibration
+    batch_size: int = 16
+    # splits, probes, evaluators, tiny-model weights and the comparison (cell sampling, bootstrap)
     seed: int = 0
     comparison: ComparisonConfig = field(default_factory=full_comparison)  # fast: per-size
+
+    def __post_init__(self) -> None:
+        # one seed and one batch size per run: the comparison takes the pipeline's
+        if isinstance(self.comparison, ComparisonConfig):
+            self.comparison = replace(self.comparison, seed=self.seed, batch_size=self.batch_size)
 
     @classmethod
     def fast(cls, **kw: Any) -> PipelineConfig:
@@ -96,8 +108,8 @@ class PipelineConfig(ModelOptions):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.probe_source not in PROBE_SOURCES:
             raise ConfigError(f"unknown probe_source {self.probe_source!r}; use {PROBE_SOURCES}")
-        if self.text_position not in POOLINGS:
-            raise ConfigError(f"text_position must be in {POOLINGS}, got {self.text_position!r}")
+        if self.text_pooling not in POOLINGS:
+            raise ConfigError(f"text_pooling must be in {POOLINGS}, got {self.text_pooling!r}")
         if not 0 < self.gold_steer_fraction < 1:
             raise ConfigError("gold_steer_fraction must be strictly between 0 and 1")
         if len(set(self.multilayer_offsets)) < 2 or max(self.multilayer_offsets) > 0:
@@ -175,7 +187,7 @@ def probe_source_text(cfg: PipelineConfig) -> str:
             "last prompt token of behaviour instruction + question, train split "
             f"({cfg.n_train} questions)"
         )
-    where = "last answer token" if cfg.text_position == "last" else "mean over the answer tokens"
+    where = "last answer token" if cfg.text_pooling == "last" else "mean over the answer tokens"
     return (
         f"gold texts re-encoded without instruction ({where}), on the gold questions set "
         f"aside for steering ({cfg.gold_steer_fraction:.0%})"

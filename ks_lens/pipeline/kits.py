@@ -43,8 +43,8 @@ def steering_kit(
     The probe learns every row (multi-label for combined ones); the CAA vectors are mean
     differences over the single-label rows only. ``groups`` maps row ids to questions, so that
     validation holds out whole questions. When a method needs one (:func:`needs_linear_probe`),
-    a linear probe (``ProbeConfig(kind="linear")``, otherwise the MLP probe's settings) learns
-    the same rows at ``layer``.
+    a linear probe (``ProbeConfig(architecture="linear")``, otherwise the MLP probe's settings)
+    learns the same rows at ``layer``.
     """
     if len(acts) == 0:
         raise ConfigError("no activations to train the steering probe and vectors on")
@@ -58,7 +58,7 @@ def steering_kit(
         acts, layers=sorted({layer, *ml_layers}), config=pcfg, groups=g, progress=False
     )
     linear = (
-        train_probe(acts, layer, config=replace(pcfg, kind="linear"), groups=g)
+        train_probe(acts, layer, config=replace(pcfg, architecture="linear"), groups=g)
         if needs_linear_probe(cfg.comparison)
         else None
     )

@@ -240,10 +240,10 @@ def _collect_stores(
             model,
             texts_dataset(steer_enc, ds.labels),
             acts_dir,
-            f"gold-steer-{cfg.text_position}-{len(steer_enc)}t",
+            f"gold-steer-{cfg.text_pooling}-{len(steer_enc)}t",
             run_layers.gold_steer_store,
             mode="response-only",
-            position=cfg.text_position,
+            pooling=cfg.text_pooling,
             split="gold-steer",
             **kw,
         )

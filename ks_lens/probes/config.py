@@ -1,30 +1,33 @@
-"""Probe training options: the kinds, losses, solvers and validation splits."""
+"""Probe training options: the architectures, losses, solvers and validation splits."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ks_lens.errors import ConfigError
-from ks_lens.utils import check_int, check_seed
+from ks_lens.utils import check_int, check_seed, renamed_fields
 
 #: ``ProbeConfig.solver`` values: the scikit-learn ``LogisticRegression`` solvers that fit an
 #: L2-penalised model with a multinomial (softmax) loss as well as a binary one
 LOGISTIC_SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky", "sag", "saga")
 
 
+@renamed_fields(kind="architecture")
 @dataclass(frozen=True)
 class ProbeConfig:
     """How to train a probe.
 
-    ``kind``: ``"mlp"`` (``depth`` hidden layers of width ``hidden``) and ``"linear"`` are trained
-    with AdamW in torch (``epochs``, ``lr``, ``weight_decay``, ``batch_size``, ``patience``);
-    ``"logistic"`` is a linear probe fitted by scikit-learn's ``LogisticRegression`` (``C``,
-    ``solver``, ``max_iter``; the torch training fields are ignored): one binary L2-penalised
-    logistic regression per label for ``loss="bce"`` (one-vs-rest), one multinomial regression
-    for ``loss="ce"``. Every kind gives the same :class:`Probe` (logistic: one linear layer, like
-    ``"linear"``).
+    ``architecture``: ``"mlp"`` (``depth`` hidden layers of width ``hidden``) and ``"linear"``
+    are trained with AdamW in torch (``epochs``, ``lr``, ``weight_decay``, ``batch_size``,
+    ``patience``); ``"logistic"`` is a linear probe fitted by scikit-learn's
+    ``LogisticRegression`` (``C``, ``solver``, ``max_iter``; the torch training fields are
+    ignored): one binary L2-penalised logistic regression per label for ``loss="bce"``
+    (one-vs-rest), one multinomial regression for ``loss="ce"``. Every architecture gives the
+    same :class:`Probe` (logistic: one linear layer, like ``"linear"``). Before 0.2.0 the field
+    was ``kind`` (now refused, naming ``architecture``).
 
     ``val_split``: how validation rows are held out, whole groups (questions) at a time:
     ``"group"`` (the default, :func:`split_by_group`: a seeded ``val_fraction`` of the groups) or
@@ -32,7 +35,7 @@ class ProbeConfig:
     ``StratifiedGroupKFold`` keeps each label set's share similar in train and validation).
     """
 
-    kind: Literal["mlp", "linear", "logistic"] = "mlp"
+    architecture: Literal["mlp", "linear", "logistic"] = "mlp"
     hidden: int = 128  # hidden width (mlp)
     depth: int = 2  # hidden layers (mlp)
     epochs: int = 30
@@ -53,13 +56,14 @@ class ProbeConfig:
     val_split: Literal["group", "stratified_group"] = "group"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("mlp", "linear", "logistic"):
+        if self.architecture not in ("mlp", "linear", "logistic"):
             raise ConfigError(
-                f"probe kind must be 'mlp', 'linear' or 'logistic', got {self.kind!r}"
+                "probe architecture must be 'mlp', 'linear' or 'logistic', got "
+                f"{self.architecture!r}"
             )
         if self.loss not in ("bce", "ce"):
             raise ConfigError(f"probe loss must be 'bce' or 'ce', got {self.loss!r}")
-        if self.kind == "mlp" and (self.hidden < 1 or self.depth < 1):
+        if self.architecture == "mlp" and (self.hidden < 1 or self.depth < 1):
             raise ConfigError("an MLP probe needs hidden >= 1 and depth >= 1")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be positive")
@@ -98,13 +102,22 @@ class ProbeConfig:
             raise ConfigError(
                 f"val_split must be 'group' or 'stratified_group', got {self.val_split!r}"
             )
-        if self.kind == "logistic" and self.weight_decay != 0:
+        if self.architecture == "logistic" and self.weight_decay != 0:
             raise ConfigError(
                 "a logistic probe is regularised by C (the inverse L2 strength, smaller is "
                 f"stronger), not weight_decay; got weight_decay={self.weight_decay!r}"
             )
 
     def dims(self, d_model: int, n_labels: int) -> list[int]:
-        if self.kind in ("linear", "logistic"):
+        if self.architecture in ("linear", "logistic"):
             return [d_model, n_labels]
         return [d_model] + [self.hidden] * self.depth + [n_labels]
+
+
+def probe_config_from_meta(saved: Mapping[str, Any]) -> ProbeConfig:
+    """The :class:`ProbeConfig` a saved probe records (``meta.json``'s ``"config"``); probes saved
+    before 0.2.0 name the architecture ``"kind"``."""
+    d = dict(saved)
+    if "kind" in d and "architecture" not in d:
+        d["architecture"] = d.pop("kind")
+    return ProbeConfig(**d)

@@ -22,7 +22,7 @@ from ks_lens.errors import (
 from ks_lens.hooks import ks_hook_name, parse_hook, same_hook_point
 from ks_lens.io import load_artifact, save_artifact
 from ks_lens.models import check_signature, model_device
-from ks_lens.probes.config import ProbeConfig
+from ks_lens.probes.config import ProbeConfig, probe_config_from_meta
 from ks_lens.types import Model
 
 
@@ -109,8 +109,8 @@ class Probe(nn.Module):
         acc = self.metrics.get("val_accuracy")
         acc_s = f", val_acc={acc:.3f}" if isinstance(acc, float) else ""
         return (
-            f"Probe({self.config.kind}, hook={self.hook_name!r}, labels={list(self.label_names)}, "
-            f"model={self.model_info.get('model')!r}{acc_s})"
+            f"Probe({self.config.architecture}, hook={self.hook_name!r}, "
+            f"labels={list(self.label_names)}, model={self.model_info.get('model')!r}{acc_s})"
         )
 
     # -- compatibility -----------------------------------------------------------------------
@@ -144,7 +144,7 @@ class Probe(nn.Module):
             "source": self.source,
             "n_linears": len(self.linears),
         }
-        return save_artifact(directory, self.state_tensors(), meta, kind="probe")
+        return save_artifact(directory, self.state_tensors(), meta, artefact="probe")
 
     @classmethod
     def load(
@@ -155,7 +155,7 @@ class Probe(nn.Module):
         hook_name: str | None = None,
         device: torch.device | str | None = None,
     ) -> Probe:
-        tensors, meta = load_artifact(directory, kind="probe")
+        tensors, meta = load_artifact(directory, artefact="probe")
         try:
             weights = [
                 (tensors[f"linears.{i}.weight"].T, tensors[f"linears.{i}.bias"])
@@ -168,7 +168,7 @@ class Probe(nn.Module):
                 label_names=meta["label_names"],
                 hook_name=meta["hook_name"],
                 model=meta["model"],
-                config=ProbeConfig(**meta["config"]),
+                config=probe_config_from_meta(meta["config"]),
                 metrics=meta.get("metrics"),
                 source=meta.get("source"),
             )
@@ -218,7 +218,8 @@ class ProbeSet(dict[int, Probe]):
             return "ProbeSet({})"
         p = next(iter(self.values()))
         return (
-            f"ProbeSet(layers={sorted(self)}, kind={p.hook_kind!r}, probe={p.config.kind!r}, "
+            f"ProbeSet(layers={sorted(self)}, kind={p.hook_kind!r}, "
+            f"probe={p.config.architecture!r}, "
             f"labels={list(p.label_names)}, model={p.model_info.get('model')!r})"
         )
 

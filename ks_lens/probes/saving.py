@@ -44,7 +44,7 @@ def save_probes(probes: Mapping[int, Probe], directory: str | Path) -> Path:
                 # the member's own metadata checksum (it covers its tensors' SHA-256 too)
                 META_CHECKSUM: read_json(d / sub / META_FILE, what="probe metadata")[META_CHECKSUM],
             }
-        write_meta(d, {"probes": index}, kind="probe_set")
+        write_meta(d, {"probes": index}, artefact="probe_set")
 
     # a probe set replaces an older one as a whole: no stale layer-XX directories
     return write_directory(directory, write)
@@ -68,7 +68,7 @@ def _read_index(directory: Path) -> dict[str, Any]:
         if not isinstance(index, dict) or index.get("format") != "ks_lens.probe_set":
             raise StoreError(f"{directory} is not a ks-lens probe set")
     else:
-        index = load_meta(directory, kind="probe_set")
+        index = load_meta(directory, artefact="probe_set")
     if not isinstance(index.get("probes"), dict):
         raise StoreError(f"probe set index of {directory} lists no probes. {_RECREATE}")
     return index

@@ -48,9 +48,9 @@ def _init_stack(
     ]
 
 
-def _loss_per_stack(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+def _loss_per_stack(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     """Mean loss per stacked probe: [P]."""
-    if kind == "ce":
+    if loss == "ce":
         P = logits.shape[0]
         per_row = F.cross_entropy(
             rearrange(logits, "probe n k -> (probe n) k"),
@@ -146,8 +146,8 @@ def fit_probes(
     ``init_keys`` (default ``0..P-1``; :func:`train_probes` passes the layer indices) seed each
     probe's initial weights, and each probe's early stopping is frozen once its own patience runs
     out, so a probe trained in a batch is the probe trained alone (up to float rounding).
-    ``names`` (e.g. ``"layer 5"``) name the probes in errors. ``config.kind="logistic"`` fits each
-    probe with scikit-learn instead (no epochs; see :class:`ProbeConfig`).
+    ``names`` (e.g. ``"layer 5"``) name the probes in errors. ``config.architecture="logistic"``
+    fits each probe with scikit-learn instead (no epochs; see :class:`ProbeConfig`).
 
     Raises :class:`~ks_lens.errors.TrainingError` when a loss becomes NaN or infinite (say, with
     a learning rate far too large) instead of returning a broken probe, and
@@ -174,7 +174,7 @@ def fit_probes(
         raise ConfigError("init_keys must have one entry per stacked probe")
 
     fit_records: list[dict[str, Any]]
-    if config.kind == "logistic":
+    if config.architecture == "logistic":
         best, fit_records = _fit_logistic(xn, yf, tr, label_names, config, names)
         with torch.no_grad():
             best_loss = _loss_per_stack(
@@ -403,8 +403,8 @@ def train_probes(
             collected layers.
         kind: which collected hook kind to train on (``"resid_post"``, ``"resid_pre"``,
             ``"attn_out"``, ``"mlp_out"``, ``"resid_mid"``).
-        config: :class:`ProbeConfig` (``kind="mlp"``/``"linear"``/``"logistic"``, ``hidden``,
-            ``epochs``, ``C``, ...).
+        config: :class:`ProbeConfig` (``architecture="mlp"``/``"linear"``/``"logistic"``,
+            ``hidden``, ``epochs``, ``C``, ...).
         device: where to train (default: where ``acts`` are).
         groups: one group id per row (default the question ids); a group is kept wholly in
             train or in validation, so validation questions are unseen.
@@ -440,7 +440,7 @@ def train_probes(
         init_keys=layers,
         names=[f"layer {layer}" for layer in layers],
         progress=progress,
-        desc=f"training {len(layers)} {config.kind} probe(s)",
+        desc=f"training {len(layers)} {config.architecture} probe(s)",
     )
     model_info = acts.meta.get("model", {})
     source = _probe_source(acts)

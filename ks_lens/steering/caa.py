@@ -206,13 +206,15 @@ class SteeringVectors:
             "source": self.source,
             "weights_processed": False,
         }
-        return save_artifact(directory, {"vectors": self.vectors}, meta, kind="steering_vectors")
+        return save_artifact(
+            directory, {"vectors": self.vectors}, meta, artefact="steering_vectors"
+        )
 
     @classmethod
     def load(
         cls, directory: str | Path, *, model: Model | None = None, hook_name: str | None = None
     ) -> SteeringVectors:
-        tensors, meta = load_artifact(directory, kind="steering_vectors")
+        tensors, meta = load_artifact(directory, artefact="steering_vectors")
         try:
             out = cls(
                 tensors["vectors"],

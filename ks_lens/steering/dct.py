@@ -495,11 +495,11 @@ class DCTVectors:
                 "label_names": list(self.mapping.label_names),
                 "table": self.mapping.table(),
             }
-        return save_artifact(directory, tensors, meta, kind="dct_vectors")
+        return save_artifact(directory, tensors, meta, artefact="dct_vectors")
 
     @classmethod
     def load(cls, directory: str | Path, *, model: Model | None = None) -> DCTVectors:
-        tensors, meta = load_artifact(directory, kind="dct_vectors")
+        tensors, meta = load_artifact(directory, artefact="dct_vectors")
         try:
             mapping = None
             if meta["mapping"] is not None:

@@ -33,9 +33,9 @@ Modules: :mod:`~ks_lens.text_evaluator.config` (:class:`TextEvaluatorConfig`, th
 """
 
 from ks_lens.text_evaluator.config import (
+    ARTEFACT,
     CACHE_SUBDIR,
     FORMAT,
-    KIND,
     LONG_TEXT_FACTOR,
     LongTextWarning,
     TextEvaluatorConfig,
@@ -47,9 +47,9 @@ from ks_lens.text_evaluator.model import TextEvaluator, prefix_views
 from ks_lens.text_evaluator.validity import HeldOutScores, TextEvaluatorValidity, held_out_scores
 
 __all__ = [
+    "ARTEFACT",
     "CACHE_SUBDIR",
     "FORMAT",
-    "KIND",
     "LONG_TEXT_FACTOR",
     "HeldOutScores",
     "LongTextWarning",

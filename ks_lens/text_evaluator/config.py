@@ -12,9 +12,9 @@ from typing import Any
 from ks_lens.errors import ConfigError
 from ks_lens.utils import check_seed
 
-#: the artefact kind (:mod:`ks_lens.io`): ``meta.json`` says ``"format": "ks_lens.text_evaluator"``
-KIND = "text_evaluator"
-FORMAT = f"ks_lens.{KIND}"
+#: the artefact name (:mod:`ks_lens.io`): ``meta.json`` says ``"format": "ks_lens.text_evaluator"``
+ARTEFACT = "text_evaluator"
+FORMAT = f"ks_lens.{ARTEFACT}"
 CACHE_SUBDIR = "text_evaluators"
 #: a text with more than this many times the words of the longest training text is "far longer"
 LONG_TEXT_FACTOR = 2

@@ -32,8 +32,8 @@ from ks_lens.io import (
     write_directory,
 )
 from ks_lens.text_evaluator.config import (
+    ARTEFACT,
     FORMAT,
-    KIND,
     LONG_TEXT_FACTOR,
     LongTextWarning,
     TextEvaluatorConfig,
@@ -440,7 +440,7 @@ class TextEvaluator:
         return out
 
     def save(self, directory: str | Path) -> Path:
-        """Save as a :mod:`ks_lens.io` artefact (``tensors.safetensors`` + ``meta.json``, kind
+        """Save as a :mod:`ks_lens.io` artefact (``tensors.safetensors`` + ``meta.json``, artefact
         ``text_evaluator``), as a whole: the files are written to a sibling temporary directory
         that then takes its place (:func:`ks_lens.io.write_directory`), so a failed save (a full
         disk) leaves what was there untouched and never a mix of old and new files.
@@ -455,9 +455,11 @@ class TextEvaluator:
             OSError: the file system refused; the error names ``directory``.
         """
         directory = Path(directory)
-        check_artifact_target(directory, KIND)
+        check_artifact_target(directory, ARTEFACT)
         tensors, meta = self._tensors(), self._meta()
-        return write_directory(directory, lambda d: save_artifact(d, tensors, meta, kind=KIND))
+        return write_directory(
+            directory, lambda d: save_artifact(d, tensors, meta, artefact=ARTEFACT)
+        )
 
     @classmethod
     def load(cls, directory: str | Path, labels: Sequence[str] | None = None) -> TextEvaluator:
@@ -480,7 +482,7 @@ class TextEvaluator:
         if is_v1(directory):
             arrays, meta, vocab = read_v1(directory, FORMAT)
         else:
-            tensors, meta = load_artifact(directory, kind=KIND)
+            tensors, meta = load_artifact(directory, artefact=ARTEFACT)
             try:
                 vocab = {n: _decode_terms(tensors.pop(f"{n}_vocabulary")) for n in ("word", "char")}
             except (KeyError, ValueError) as e:
