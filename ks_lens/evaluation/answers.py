@@ -23,6 +23,9 @@ from ks_lens.models import model_device, pad_token_id
 from ks_lens.probes import Probe
 from ks_lens.types import Model
 
+#: the most logits (numbers) one scoring pass holds: 2**25 float32 values are 128 MiB
+LOGITS_BUDGET = 2**25
+
 #: a question's unsteered pass: its KV cache (``None`` where it cannot be shared), the
 #: log-probs of the token after it ``[vocab]``, and the activations read at its last token
 QuestionPass = tuple[Any, torch.Tensor, dict[str, torch.Tensor]]
@@ -181,10 +184,17 @@ class _AnswerScorer:
             else:
                 parts = [group]
             for part in parts:
-                for chunk in _near_equal_chunks(part, self.batch_size):
+                for chunk in _near_equal_chunks(part, self._chunk_rows(part)):
                     self._after_prefix(chunk, start)
         for r in rows:
             self.inputs.pop(r, None)
+
+    def _chunk_rows(self, rows: Sequence[int]) -> int:
+        """Rows per scoring pass: at most ``batch_size``, and few enough that the pass's logits
+        (rows x longest answer x vocabulary) stay within :data:`LOGITS_BUDGET` numbers."""
+        width = max(len(self.answers[r]) for r in rows)
+        vocab = int(getattr(self.model.cfg, "d_vocab", 0) or 1)
+        return max(1, min(self.batch_size, LOGITS_BUDGET // (width * vocab)))
 
     def _open(self, q: int, rows: Sequence[int]) -> list[int]:
         """Make sure question ``q``'s cached pass exists; score its empty answers from it and
