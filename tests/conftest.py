@@ -20,7 +20,9 @@ import ks_lens as ks
 from ks_lens.activations import collect_activations
 from ks_lens.datasets import Behaviour, BehaviourDataset, Question, load_dataset
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# each pytest-xdist worker gets its share of the cores (scripts/test.sh runs 2 workers)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
