@@ -51,7 +51,7 @@ def test_library_calls_log_and_print_nothing(tiny_model, tiny_acts, tiny_probe, 
     )
     assert capsys.readouterr().out == ""  # nothing on stdout from a library call
     by_logger = {(r.name, r.levelno) for r in caplog.records}
-    assert ("ks_lens.models", logging.DEBUG) in by_logger  # "loaded ... in ... s"
+    assert ("ks_lens.models.loading", logging.DEBUG) in by_logger  # "loaded ... in ... s"
     calibrated = [r for r in caplog.records if "calibrated" in r.getMessage()]
     assert len(calibrated) == 2  # one line per method (one size)
     assert {r.name for r in calibrated} == {"ks_lens.comparison"}

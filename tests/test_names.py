@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from ks_lens.options import RENAMED_OPTIONS
 
 import ks_lens as ks
 from ks_lens.activations import ActivationStore, CollectSpec, collect_activations, collect_to_store
 from ks_lens.activations.capture import capture_batch, capture_features
+from ks_lens.cli.options import RENAMED_OPTIONS
 from ks_lens.errors import ConfigError, RenamedError
 from ks_lens.io import (
     check_artifact_target,

@@ -52,7 +52,7 @@ def logistic_probe(tiny_acts):
 
 def test_logistic_probe_equals_sklearn_one_vs_rest(logistic_probe, tiny_acts):
     probe = logistic_probe
-    assert len(probe.linears) == 1 and probe.config.kind == "logistic"
+    assert len(probe.linears) == 1 and probe.config.architecture == "logistic"
     x = tiny_acts.at(2)
     tr, y = _train_rows(tiny_acts, LOGISTIC)
     # the probe's standardisation is the training rows' mean and std, as for torch probes
