@@ -110,6 +110,12 @@ def test_sign_flip_test_enumerated_by_hand():
     assert sign_flip_test([-1.0, -2.0, -3.0, float("nan")]) == (0.25, True)
     assert sign_flip_test([0.0, 0.0, 0.0]) == (1.0, True)
     assert math.isnan(sign_flip_test([])[0])
+    # a unit that is float noise (1e-8 beside 0.1-0.3) is a tie, whatever its sign: units 1, 2,
+    # 3, 0 give sums 6 on 2 patterns per side of 16, p = 4/16 (with +-1e-8 one side of the
+    # noise unit would fall short of the observed sum and halve the p-value)
+    tie = sign_flip_test([0.1, 0.2, 0.3, 0.0])
+    assert tie == (0.25, True)
+    assert sign_flip_test([0.1, 0.2, 0.3, 1e-8]) == tie == sign_flip_test([0.1, 0.2, 0.3, -1e-8])
     # 2**12 = 4096 patterns > 2000 resamples: random patterns, the observed one counted on each
     # side (p >= 2/2001); the all-plus pattern turns up about 2000/4096 times per side
     p, exact = sign_flip_test(np.ones(12), seed=0, n_resamples=2000)
