@@ -33,6 +33,7 @@ from ks_lens.datasets import load_dataset
 from ks_lens.evaluation import kl_metric
 from ks_lens.hooks import canonical_hook_name, same_hook_point
 from ks_lens.logs import add_logging_arguments, configure_logging
+from ks_lens.pipeline import STEER_DEPTH
 from ks_lens.probes import ProbeConfig, train_probes
 from ks_lens.steering import CAA, KSteering, SteeringVectors
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     step("load, collect, train (README flow)")
     model = ks.load_model(args.model)
     n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
-    layer = args.layer if args.layer is not None else max(0, round(0.6 * n_layers))
+    layer = args.layer if args.layer is not None else max(0, round(STEER_DEPTH * n_layers))
     hook = ks.resid_hook(layer)
     print(f"  {model.cfg.model_name}: {n_layers} layers, d_model {d_model}; steering at {hook}")
     tones = load_dataset("tones")

@@ -21,6 +21,7 @@ from ks_lens.pipeline.checks import check_held_out, check_question_lengths, chec
 from ks_lens.pipeline.config import (
     EVAL_GAP,
     PROBE_SOURCES,
+    STEER_DEPTH,
     PipelineConfig,
     ProbeSource,
     default_layers,
@@ -36,6 +37,7 @@ from ks_lens.pipeline.steps import prepare
 __all__ = [
     "EVAL_GAP",
     "PROBE_SOURCES",
+    "STEER_DEPTH",
     "PipelineConfig",
     "ProbeSource",
     "RunLayers",

@@ -142,14 +142,17 @@ class PipelineConfig(ModelOptions):
 EVAL_GAP = 4
 """Layers between the steering layer and the default evaluator layer (fewer at the top)."""
 
+STEER_DEPTH = 0.6
+"""The default steering layer's depth, as a fraction of the model's layers."""
+
 
 def default_layers(
     n_layers: int, layer: int | None = None, eval_layer: int | None = None
 ) -> tuple[int, int]:
-    """Steering layer (default 60 % depth) and evaluator layer (default :data:`EVAL_GAP` layers
-    later, capped at the last layer). The evaluator must read above the steering layer: at the
+    """Steering layer (default :data:`STEER_DEPTH` of the depth) and evaluator layer (default
+    :data:`EVAL_GAP` layers later, capped at the last layer). The evaluator must read above the steering layer: at the
     steered hook point it would read the push itself."""
-    ls = round(0.6 * n_layers) if layer is None else layer
+    ls = round(STEER_DEPTH * n_layers) if layer is None else layer
     if not 0 <= ls < n_layers:
         raise ConfigError(f"layer {ls} is out of range for a model with {n_layers} layers")
     if ls == n_layers - 1 and eval_layer is None:
