@@ -18,12 +18,19 @@ from ks_lens.steering.positions import Positions
 from ks_lens.steering.registry import METHODS, REFERENCE_METHODS
 
 
+def split_method(name: str) -> tuple[str, str]:
+    """``(method, variant)`` of a method name: ``"ksteer@run2"`` is ``("ksteer", "run2")`` (a
+    variant is a merged run's tag, see :func:`merge_results`), ``"ksteer"`` is ``("ksteer", "")``."""
+    base, _, variant = name.partition("@")
+    return base, variant
+
+
 def method_label(name: str) -> str:
     """The short display name of a method (``"unsteered"`` and unknown names as they are).
 
     A variant name ``"method@variant"`` (see :func:`merge_results`) reads ``"Label [variant]"``.
     """
-    base, _, variant = name.partition("@")
+    base, variant = split_method(name)
     label = (
         METHODS[base].label if base in METHODS else INSTRUCTED_LABEL if base == INSTRUCTED else base
     )
@@ -31,7 +38,7 @@ def method_label(name: str) -> str:
 
 
 def method_description(name: str) -> str:
-    base, _, variant = name.partition("@")
+    base, variant = split_method(name)
     text = (
         METHODS[base].description
         if base in METHODS
@@ -124,7 +131,7 @@ class ComparisonConfig:
         """
         _check_config_types(self)
         for m in self.methods:
-            if m.partition("@")[0] not in METHODS:
+            if split_method(m)[0] not in METHODS:
                 raise ConfigError(f"unknown method {m!r}; known: {sorted(METHODS)}")
         if not self.methods:
             raise ConfigError("no methods to compare")

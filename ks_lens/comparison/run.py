@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 from ks_lens.capability.stage import CapabilityEvaluation, evaluate_capability_stage
 from ks_lens.comparison.calibration import build_methods, calibrate
-from ks_lens.comparison.config import ComparisonConfig, TextScorer
+from ks_lens.comparison.config import ComparisonConfig, TextScorer, split_method
 from ks_lens.comparison.plan import ComparisonPlan, plan_comparison
 from ks_lens.comparison.records import ActivationEvaluation, TextEvaluation
 from ks_lens.comparison.result import ComparisonResult, derived_rows
@@ -41,7 +41,7 @@ def _capability_systems(
 
 def uses_dct(config: ComparisonConfig) -> bool:
     """Whether ``config`` compares the ``dct`` method (or a variant of it)."""
-    return any(m.partition("@")[0] == "dct" for m in config.methods)
+    return any(split_method(m)[0] == "dct" for m in config.methods)
 
 
 def fit_comparison_dct(

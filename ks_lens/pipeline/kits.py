@@ -11,6 +11,7 @@ from ks_lens.comparison import (
     ComparisonConfig,
     SteeringKit,
 )
+from ks_lens.comparison.config import split_method
 from ks_lens.datasets import (
     Behaviour,
     BehaviourDataset,
@@ -27,7 +28,7 @@ from ks_lens.steering import SteeringVectors
 
 def needs_linear_probe(config: ComparisonConfig) -> bool:
     """Whether a method of ``config`` steers with a linear probe (``ksteer_linear``)."""
-    return any(m.partition("@")[0] in LINEAR_PROBE_METHODS for m in config.methods)
+    return any(split_method(m)[0] in LINEAR_PROBE_METHODS for m in config.methods)
 
 
 def steering_kit(
