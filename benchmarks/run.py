@@ -186,7 +186,7 @@ def bench_answer_scoring(
     """Re-encoding generated answers for KL/NLL/response probe: each question's tokens run once
     and its answers after the cached question (``share_prefix``) vs whole rows; 12 answers of
     32 tokens per question, as in the comparison's text level."""
-    from ks_lens.evaluation.scoring import _score_answers
+    from ks_lens.evaluation.answers import _score_answers
     from ks_lens.models.chat import ChatPrompt, encode_chat
 
     tok = model.tokenizer

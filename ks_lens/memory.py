@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import resource
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +62,16 @@ def record_memory(timings: dict[str, float], stage: str) -> None:
     if now is not None:
         timings[f"{stage}_rss_mb"] = now
     timings[f"{stage}_peak_rss_mb"] = peak_rss_mb()
+
+
+@contextmanager
+def timed_stage(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Time the block into ``timings[f"{stage}_s"]`` and then :func:`record_memory` it (only
+    when the block completes)."""
+    t0 = time.perf_counter()
+    yield
+    timings[f"{stage}_s"] = time.perf_counter() - t0
+    record_memory(timings, stage)
 
 
 def available_memory_mb() -> float | None:
@@ -285,4 +297,5 @@ __all__ = [
     "record_memory",
     "rss_mb",
     "run_shape",
+    "timed_stage",
 ]

@@ -459,3 +459,16 @@ def test_answers_to_several_questions_share_a_pass_and_questions_run_once(
         np.testing.assert_allclose(other.kl, first.kl, atol=1e-6, rtol=1e-6)
     with pytest.raises(ks.ConfigError, match="another model"):
         passes.get(ks.load_model("tiny-random-llama"), [1, 2, 3], [])
+    # a call's own store drops each question's pass once its last answer is scored
+    dropped: list[int] = []
+    real_discard = QuestionPasses.discard
+    monkeypatch.setattr(
+        QuestionPasses, "discard", lambda s, i, n: dropped.append(1) or real_discard(s, i, n)
+    )
+    scoring.generate_and_score_rows(tiny_model, qs, [None], rows, **kw)
+    assert len(dropped) == 3
+    head = scoring.encode_chat(tiny_model.tokenizer, scoring.ChatPrompt(qs[0]))
+    passes.discard(head, [])  # not held: the passes read the probe's hook
+    assert len(passes) == 3
+    passes.discard(head, [tiny_probe.hook_name])
+    assert len(passes) == 2

@@ -4,6 +4,8 @@ the demo's memory estimate."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,6 +24,7 @@ from ks_lens.memory import (
     peak_rss_mb,
     record_memory,
     rss_mb,
+    timed_stage,
 )
 from ks_lens.pipeline import PipelineConfig, RunLayers, prepare
 from ks_lens.pipeline.layers import _layer_tag
@@ -248,6 +251,13 @@ def test_memory_is_recorded_per_stage():
     assert t["stage_peak_rss_mb"] >= before > 0
     now = rss_mb()
     assert now is not None and 0 < t["stage_rss_mb"] <= t["stage_peak_rss_mb"] + 1
+    # timed_stage: the block's seconds and its memory, recorded only when the block completes
+    with timed_stage(t, "block"):
+        time.sleep(0.01)
+    assert t["block_s"] >= 0.01 and t["block_peak_rss_mb"] >= before
+    with pytest.raises(ValueError), timed_stage(t, "failed"):
+        raise ValueError
+    assert "failed_s" not in t and "failed_peak_rss_mb" not in t
 
 
 def test_memory_estimate_matches_a_hand_computed_case():

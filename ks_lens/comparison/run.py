@@ -18,7 +18,7 @@ from ks_lens.datasets.coverage import label_combinations
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation import map_dct_labels
 from ks_lens.evaluation.instructed import instructed_system
-from ks_lens.memory import record_memory
+from ks_lens.memory import timed_stage
 from ks_lens.probes import Probe
 from ks_lens.steering import SteeringMethod, SteeringVectors
 from ks_lens.steering.dct import DCTVectors
@@ -132,10 +132,8 @@ def run_comparison(
         kit = _with_dct(model, kit, dct, calib_questions, evaluator, config, timings)
     methods = build_methods(config, kit)
 
-    t0 = time.perf_counter()
-    calib = calibrate(model, methods, plan, calib_questions, config)
-    timings["calibration_s"] = time.perf_counter() - t0
-    record_memory(timings, "calibration")
+    with timed_stage(timings, "calibration"):
+        calib = calibrate(model, methods, plan, calib_questions, config)
     alphas = {m: {k: c.alpha for k, c in v.items()} for m, v in calib.items()}
 
     stage = _Stage(model, methods, alphas, config, instructions, timings)
@@ -238,21 +236,18 @@ def _activation_stage(
     progress: bool,
 ) -> ActivationEvaluation:
     """The activation stage, timed (``activation_eval_s``) and its memory recorded."""
-    t0 = time.perf_counter()
-    act = evaluate_activations(
-        stage.model,
-        stage.methods,
-        stage.alphas,
-        plan,
-        test_questions,
-        evaluator,
-        stage.config,
-        progress=progress,
-        instructions=stage.instructions,
-    )
-    stage.timings["activation_eval_s"] = time.perf_counter() - t0
-    record_memory(stage.timings, "activation_eval")
-    return act
+    with timed_stage(stage.timings, "activation_eval"):
+        return evaluate_activations(
+            stage.model,
+            stage.methods,
+            stage.alphas,
+            plan,
+            test_questions,
+            evaluator,
+            stage.config,
+            progress=progress,
+            instructions=stage.instructions,
+        )
 
 
 def _text_stage(
@@ -263,42 +258,37 @@ def _text_stage(
     response_evaluator: Probe | None,
 ) -> TextEvaluation:
     """The text stage, timed (``text_eval_s``) and its memory recorded."""
-    t0 = time.perf_counter()
-    log.info(_text_plan(plan, stage.config, len(stage.methods), len(text_questions)))
-    text = evaluate_text(
-        stage.model,
-        stage.methods,
-        stage.alphas,
-        plan,
-        text_questions,
-        text_evaluator,
-        stage.config,
-        response_evaluator=response_evaluator,
-        instructions=stage.instructions,
-    )
-    stage.timings["text_eval_s"] = time.perf_counter() - t0
-    record_memory(stage.timings, "text_eval")
-    return text
+    with timed_stage(stage.timings, "text_eval"):
+        log.info(_text_plan(plan, stage.config, len(stage.methods), len(text_questions)))
+        return evaluate_text(
+            stage.model,
+            stage.methods,
+            stage.alphas,
+            plan,
+            text_questions,
+            text_evaluator,
+            stage.config,
+            response_evaluator=response_evaluator,
+            instructions=stage.instructions,
+        )
 
 
 def _capability_stage(stage: _Stage, labels: tuple[str, ...]) -> CapabilityEvaluation:
     """The capability stage, timed (``capability_s``) and its memory recorded."""
     config, instructions = stage.config, stage.instructions
-    t0 = time.perf_counter()
-    capability = evaluate_capability_stage(
-        stage.model,
-        stage.methods,
-        stage.alphas,
-        labels=labels,
-        avoid=config.avoid,
-        sizes=config.sizes,
-        n_questions=config.capability_questions,
-        seed=config.seed,
-        positions=config.positions,
-        instructed=_capability_systems(config, instructions, labels),
-    )
-    if config.capability_instructed and instructions is None:
-        log.info("  capability: no instructions given; no instructed row")
-    stage.timings["capability_s"] = time.perf_counter() - t0
-    record_memory(stage.timings, "capability")
+    with timed_stage(stage.timings, "capability"):
+        capability = evaluate_capability_stage(
+            stage.model,
+            stage.methods,
+            stage.alphas,
+            labels=labels,
+            avoid=config.avoid,
+            sizes=config.sizes,
+            n_questions=config.capability_questions,
+            seed=config.seed,
+            positions=config.positions,
+            instructed=_capability_systems(config, instructions, labels),
+        )
+        if config.capability_instructed and instructions is None:
+            log.info("  capability: no instructions given; no instructed row")
     return capability

@@ -45,6 +45,10 @@ class QuestionPasses:
     def __len__(self) -> int:
         return len(self._passes)
 
+    def discard(self, ids: Sequence[int], names: Sequence[str]) -> None:
+        """Drop the pass of the question tokens ``ids`` reading ``names``, if it is held."""
+        self._passes.pop((tuple(ids), tuple(names)), None)
+
     def get(self, model: Model, ids: Sequence[int], names: Sequence[str]) -> QuestionPass:
         """The pass of the question tokens ``ids`` reading ``names`` (run on first use)."""
         from ks_lens.activations import prefix_pass
@@ -91,6 +95,9 @@ class _AnswerScorer:
         self.device = model_device(model)
         self.pad = pad_token_id(model.tokenizer)
         self.unshared: list[int] = []  # rows whose question's cache cannot be shared
+        # a store of the caller's keeps every pass; one of our own drops each question's pass
+        # once its last answer is scored (forget)
+        self.own_store = passes is None
         self.store = passes if passes is not None else QuestionPasses()
         self.left = collections.Counter(question_of)  # answers not yet scored, per question
         self.passes: dict[int, QuestionPass] = {}  # the questions being scored
@@ -216,8 +223,11 @@ class _AnswerScorer:
         return [r for r in rows if self.answers[r]]
 
     def forget(self, q: int) -> None:
-        """Drop question ``q``'s cached pass (all of its answers are scored)."""
+        """Drop question ``q``'s cached pass (all of its answers are scored), also from the
+        store when the store is the scorer's own."""
         self.passes.pop(q, None)
+        if self.own_store:
+            self.store.discard(self.heads[q], self.names)
 
     def _resumed(self, chunk: Sequence[int], start: int, width: int) -> Any:
         """Start the pass at decoder layer ``start`` with the chunk's kept hidden states (right
