@@ -25,8 +25,10 @@ other hook point (attention patterns, ``hook_z``, q/k/v, ...), a hook placed dir
 component, or components whose hook semantics differ (scaled-residual blocks, parallel blocks).
 HF forward hooks on the HF model itself (e.g. ks-lens's position tracker) are kept.
 
-The bridge switches the HF model to eager attention; the plain modules keep that setting, so
-numbers match the bridge's (greedy tokens identical in the tests).
+The bridge switches the HF model to eager attention. On the plain modules, a model that runs
+Hugging Face's standard eager attention runs it without copying its key/value heads
+(:mod:`ks_lens._runtime.attention`): the same numbers within float rounding (greedy tokens
+identical to plain Hugging Face ``generate`` in the tests).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ks_lens._runtime.attention import grouped_attention_for
 from ks_lens.compat import cache_keyword, check_bridge_cache
 from ks_lens.errors import ConfigError
 from ks_lens.types import Model
@@ -77,10 +80,21 @@ def _hook_ids(module: torch.nn.Module) -> set[int]:
     }
 
 
-def _internal_hook_ids(model: Model) -> set[int]:
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def _internal_hook_ids(modules: list[torch.nn.Module]) -> set[int]:
     """The ids of TransformerLens's own capture hooks on bridge components (they only serve the
     bridge's forward, which the plain HF modules do not run)."""
-    return {int(h.id) for mod in model.modules() for h in getattr(mod, "_capture_hook_handles", ())}
+    return {
+        int(h.id) for mod in modules for h in mod.__dict__.get("_capture_hook_handles", ())
+    }
 
 
 def _plan_routes(model: Model) -> list[tuple[Any, str, Any]] | None:
@@ -91,8 +105,10 @@ def _plan_routes(model: Model) -> list[tuple[Any, str, Any]] | None:
 
     routes: list[tuple[Any, str, Any]] = []
     seen: set[int] = set()
-    internal = _internal_hook_ids(model)
-    for module in model.modules():
+    modules = list(model.modules())
+    hooked = [m for m in modules if _has_hooks(m)]
+    internal = _internal_hook_ids(modules) if hooked else set()
+    for module in hooked:
         if id(module) in seen or not (_hook_ids(module) - internal):
             continue
         seen.add(id(module))
@@ -163,13 +179,13 @@ def _unwrap(module: torch.nn.Module, swaps: list[tuple[torch.nn.Module, str, Any
             _unwrap(child, swaps)
 
 
+def _is_bridge(model: Model) -> bool:
+    return hasattr(model, "original_model") and hasattr(model, "blocks")
+
+
 def can_bypass(model: Model) -> bool:
     """Whether :func:`hf_modules` would run the plain HF modules with the hooks active now."""
-    return (
-        hasattr(model, "original_model")
-        and hasattr(model, "blocks")
-        and (_plan_routes(model) is not None)
-    )
+    return _is_bridge(model) and _plan_routes(model) is not None
 
 
 @contextmanager
@@ -181,7 +197,7 @@ def hf_modules(model: Model, enabled: bool = True) -> Iterator[bool]:
     Hooks must be in place before entering (steering contexts, ``model.hooks(...)``); the module
     tree is restored on exit, also after an exception.
     """
-    routes = _plan_routes(model) if enabled and can_bypass(model) else None
+    routes = _plan_routes(model) if enabled and _is_bridge(model) else None
     if routes is None:
         yield False
         return
@@ -194,7 +210,8 @@ def hf_modules(model: Model, enabled: bool = True) -> Iterator[bool]:
                 handles.append(orig.register_forward_pre_hook(_pre_hook(point), with_kwargs=True))
             else:
                 handles.append(orig.register_forward_hook(_post_hook(point)))
-        yield True
+        with grouped_attention_for(model.original_model):
+            yield True
     finally:
         for h in handles:
             h.remove()
