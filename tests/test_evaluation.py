@@ -472,3 +472,55 @@ def test_answers_to_several_questions_share_a_pass_and_questions_run_once(
     assert len(passes) == 3
     passes.discard(head, [tiny_probe.hook_name])
     assert len(passes) == 2
+
+
+def test_steered_prefix_readout_equals_full_passes(tiny_model, tiny_acts, tiny_probe, monkeypatch):
+    """Prompts that share a system prompt: with positions="all" the shared start runs once per
+    configuration (steered) and each prompt only its own tokens; probabilities and next-token
+    log-probs equal full passes, with ragged batches mixing configurations in one pass."""
+    from ks_lens.evaluation import readout_groups
+    from ks_lens.evaluation.shared_prefix import SteeredPrefix
+    from ks_lens.models.chat import ChatPrompt
+    from ks_lens.steering import KSteering
+
+    evaluator = ks.train_probe(tiny_acts, 3, config=ProbeConfig(epochs=5, hidden=16, seed=1))
+    vec = SteeringVectors.fit(tiny_acts, 2)
+    system = "You are a careful assistant."
+    prompts = [ChatPrompt(q, system) for q in ["hello?", "what is the weather like?", "why?"]]
+    steerings = [
+        (CAA(vec), SteeringSpec(("beta",), (), 3.0)),
+        None,
+        (KSteering(tiny_probe), SteeringSpec(("alpha", "gamma"), (), 2.0)),
+    ]
+    made: list[int] = []
+    real_build = SteeredPrefix.build.__func__
+
+    def counting(cls, reader, ids, batch_size):
+        out = real_build(cls, reader, ids, batch_size)
+        made.append(len(out) if out is not None else 0)
+        return out
+
+    monkeypatch.setattr(SteeredPrefix, "build", classmethod(counting))
+    kw = dict(probe=evaluator, next_token=True, batch_size=2)
+    shared = readout_groups(tiny_model, prompts, steerings, **kw)
+    # the chat header and the system prompt, up to where the user's turn begins
+    assert made and made[0] > len(system)
+    full = readout_groups(tiny_model, prompts, steerings, share_lower_layers=False, **kw)
+    for a, b in zip(shared, full, strict=True):
+        torch.testing.assert_close(a.probs, b.probs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.next_logprobs, b.next_logprobs, atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(shared[0].probs, shared[1].probs, atol=1e-3)  # steering acted
+    # another position set does not share the start (its steering differs by position)
+    made.clear()
+    readout_groups(tiny_model, prompts, steerings, positions="last", **kw)
+    assert made == []
+    assert not any(hp._forward_hooks for hp in tiny_model.hook_dict.values())
+
+
+def test_common_start():
+    from ks_lens.evaluation.shared_prefix import common_start
+
+    assert common_start([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == (1, 2)
+    assert common_start([[7, 8, 9], [7, 8, 9]]) == (7, 8)  # each row keeps a token
+    assert common_start([[1], [1, 2]]) == ()
+    assert common_start([]) == ()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from ks_lens._runtime.hf_path import (
     resume_at,
 )
 from ks_lens.errors import ConfigError
+from ks_lens.evaluation.shared_prefix import SteeredPrefix
 from ks_lens.hooks import hook_layer
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.models.chat import ChatPrompt, TokenBatch, check_context, encode_chat
@@ -82,6 +84,9 @@ def readout_groups(
     every configuration leaves unchanged, run once per batch of prompts; each configuration's
     pass resumes there (:func:`~ks_lens._runtime.hf_path.resume_at`). With 4 methods steering
     layer 18 and an evaluator at layer 22, a steered row then costs 5 decoder layers instead of 23.
+    With ``positions="all"``, the tokens every prompt starts with (the chat header and system
+    prompt) are also run once per configuration, steered, and kept as a KV cache that each
+    prompt's own tokens attend to (:class:`~ks_lens.evaluation.shared_prefix.SteeredPrefix`).
     The numbers equal separate full passes up to float rounding (tested); it falls back to full
     passes where the plain HF modules cannot run or a hook point is outside the blocks.
     """
@@ -111,8 +116,15 @@ def readout_groups(
                 reader.run(batch, idx, [rows[r][0] for r in idx], None)
                 bar.update(len(idx))
         else:
-            for idx, batch in sorted_batches(ids, batch_size, pad_id=pad, device=device):
-                _read_shared(reader, model, start, idx, batch, n, batch_size, bar)
+            shared = SteeredPrefix.build(reader, ids, batch_size) if positions == "all" else None
+            cut = len(shared) if shared is not None else 0
+            for idx, batch in sorted_batches(
+                [r[cut:] for r in ids], batch_size, pad_id=pad, device=device
+            ):
+                if shared is not None:
+                    shared.read(idx, batch, n, batch_size, bar)
+                else:
+                    _read_shared(reader, model, start, idx, batch, n, batch_size, bar)
     logps = reader.logps
     return [
         Readout(probs[g * n : (g + 1) * n], None if logps is None else logps[g * n : (g + 1) * n])
@@ -139,9 +151,17 @@ class _Reader:
         present = set(groups)  # hooks only for the configurations in this batch
         return [st if g in present else None for g, st in enumerate(self.steerings)]
 
-    def run(self, batch: TokenBatch, out_rows: list[int], groups: list[int], resume: Any) -> None:
+    def run(
+        self,
+        batch: TokenBatch,
+        out_rows: list[int],
+        groups: list[int],
+        resume: Any,
+        after: tuple[Any, torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         """One pass over ``batch`` (row ``r`` steered by ``groups[r]``; resumed from the shared
-        hidden state ``resume`` at ``start`` when given)."""
+        hidden state ``resume`` at ``start`` when given; after a cached prefix when ``after`` is
+        ``(KV cache, position ids, attention mask over prefix and rows)``)."""
         from ks_lens.steering.base import steer_groups
 
         model, probe = self.model, self.probe
@@ -152,18 +172,18 @@ class _Reader:
             # without next_token the pass ends right after the probe's hook
             record_activations(model, names, last_token=True, stop=not self.next_token) as rec,
         ):
-            if resume is None:
+            cache, pos, mask = after if after is not None else (None, None, batch.attention_mask)
+            with (
+                resume_at(model, self.start or 0, *resume) if resume is not None else nullcontext()
+            ):
                 logits = plain_forward(
-                    model, batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1
+                    model,
+                    batch.input_ids,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    cache=cache,
+                    logits_to_keep=1,
                 )
-            else:
-                with resume_at(model, self.start or 0, *resume):
-                    logits = plain_forward(
-                        model,
-                        batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                        logits_to_keep=1,
-                    )
             assert logits is not None
             lp = torch.log_softmax(logits[:, -1].float(), -1).cpu()
             if self.logps is None:
