@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from ks_lens._runtime.batching import scatter, sorted_batches
 from ks_lens._runtime.hf_path import can_bypass, decoder_layers, hf_modules, layer_input, resume_at
-from ks_lens._runtime.prefix import common_start
 from ks_lens.compat import cache_keyword, check_bridge_cache
 from ks_lens.errors import ConfigError
 from ks_lens.models import model_device, pad_token_id
@@ -129,11 +128,6 @@ class SharedPrefill:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     rows: torch.Tensor
     positions: torch.Tensor
-    #: the number of tokens every row starts with (laid out first: :func:`front_start`) whose
-    #: keys and values from ``layer`` up are given, per batch row, in ``start_kv`` (steered
-    #: once per configuration by the caller); 0 when the whole prompt runs from ``layer`` up
-    start: int = 0
-    start_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -206,48 +200,20 @@ def resume_prefill(
 
     hf: Any = model.original_model
     cache = DynamicCache(config=hf.config)
-    layers: list[Any] = cache.layers
     inv = shared.rows
-    p = shared.start if shared.start_kv is not None else 0
-    if p:  # the shared start is cached: below `layer` unsteered, from `layer` up per row
-        for i, (keys, values) in enumerate(shared.kv):
-            layers[i].update(keys[inv, :, :p], values[inv, :, :p])
-        for i, (keys, values) in enumerate(shared.start_kv or []):
-            layers[shared.layer + i].update(keys, values)
-    with resume_at(model, shared.layer, shared.hidden[inv, p:], shared.as_tuple):
+    with resume_at(model, shared.layer, shared.hidden[inv], shared.as_tuple):
         out = hf(
-            input_ids=batch.input_ids[:, p:],
+            input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
-            position_ids=shared.positions[:, p:],
+            position_ids=shared.positions,
             use_cache=True,
             logits_to_keep=1,
             **{cache_keyword(hf): cache},
         )
+    layers: list[Any] = cache.layers
     for i, (keys, values) in enumerate(shared.kv):
-        layers[i].update(keys[inv, :, p:], values[inv, :, p:])  # the layer keeps its own copy
+        layers[i].update(keys[inv], values[inv])  # the layer keeps its own copy
     return cache, out.logits[:, -1]
-
-
-def front_start(batch: TokenBatch, *, min_tokens: int = 8) -> tuple[TokenBatch, int]:
-    """``batch`` with the tokens all its rows start with (e.g. the chat header and system
-    prompt) moved before the left padding: a row ``[pad..., start, rest]`` becomes ``[start,
-    pad..., rest]``; and the number of those tokens (0, and ``batch`` unchanged, when the rows
-    share fewer than ``min_tokens``). Positions counted over the real tokens
-    (:func:`generation_positions`, as ``generate`` counts them) are the same in both layouts, so
-    the rows' results are equal within float rounding; a :class:`SharedPrefill` of the new
-    layout can then cache the start once per steering configuration (``start``)."""
-    mask = batch.attention_mask.bool()
-    real = [batch.input_ids[b][mask[b]] for b in range(len(mask))]
-    start = common_start([r.tolist() for r in real])
-    p = len(start)
-    if p < min_tokens:
-        return batch, 0
-    ids, new_mask = batch.input_ids.clone(), batch.attention_mask.clone()
-    for b, row in enumerate(real):
-        pad = len(mask[b]) - len(row)
-        ids[b] = torch.cat([row[:p], batch.input_ids[b, :pad], row[p:]])
-        new_mask[b, :p], new_mask[b, p : p + pad], new_mask[b, p + pad :] = 1, 0, 1
-    return TokenBatch(ids, new_mask), p
 
 
 def generate_from_batch(

@@ -449,7 +449,9 @@ def test_answers_to_several_questions_share_a_pass_and_questions_run_once(
     assert stacked and max(stacked) > 1 and len(ran) == 3 == len(passes)
     again = scoring.generate_and_score_rows(tiny_model, qs, [None], rows, passes=passes, **kw)
     assert len(ran) == 3  # every question's pass came from the store
-    alone = scoring.generate_and_score_rows(tiny_model, qs, [None], rows, **{**kw, "batch_size": 1})
+    alone = scoring.generate_and_score_rows(
+        tiny_model, qs, [None], rows, **{**kw, "batch_size": 1}
+    )
     for other in (again, alone):
         assert other.answer_ids == first.answer_ids
         torch.testing.assert_close(other.probs, first.probs, atol=1e-6, rtol=1e-6)
@@ -522,62 +524,3 @@ def test_common_start():
     assert common_start([[7, 8, 9], [7, 8, 9]]) == (7, 8)  # each row keeps a token
     assert common_start([[1], [1, 2]]) == ()
     assert common_start([]) == ()
-
-
-def test_generation_with_a_shared_start_equals_whole_rows(
-    tiny_model, tiny_acts, tiny_probe, monkeypatch
-):
-    """Questions that start alike: each batch moves the shared start before the padding
-    (front_start), runs it once per configuration, steered (steer_start), and only the rows' own
-    tokens from the steered layer up; answers, KL, NLL and probabilities equal whole rows."""
-    from ks_lens.evaluation import scoring
-    from ks_lens.steering import CAA, KSteering, SteeringSpec, SteeringVectors
-
-    caa = CAA(SteeringVectors.fit(tiny_acts, 2))
-    k = KSteering(tiny_probe, steps=2)
-    steerings = [
-        None,
-        (caa, SteeringSpec(("beta",), (), 3.0)),
-        (k, SteeringSpec(("alpha",), (), 3.0)),
-    ]
-    qs = ["Tell me about the sky?", "Tell me about rivers in spring?"]
-    rows = [(g, q) for q in range(2) for g in range(3)]
-    starts: list[int] = []
-    real = scoring.steer_start
-
-    def counting(model, batch, prefill, steerings_, row_group):
-        out = real(model, batch, prefill, steerings_, row_group)
-        starts.append(prefill.start if out.start_kv is not None else 0)
-        return out
-
-    monkeypatch.setattr(scoring, "steer_start", counting)
-    kw = dict(response_probe=tiny_probe, max_new_tokens=5, batch_size=6)
-    fast = scoring.generate_and_score_rows(tiny_model, qs, steerings, rows, **kw)
-    # "<|im_start|>user\nTell me about " (special token + 19 bytes), shared by both questions
-    assert starts == [20]
-    whole = scoring.generate_and_score_rows(
-        tiny_model, qs, steerings, rows, share_prefix=False, **kw
-    )
-    assert fast.answer_ids == whole.answer_ids
-    torch.testing.assert_close(fast.probs, whole.probs, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(fast.nll, whole.nll, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(fast.kl, whole.kl, rtol=1e-4, atol=1e-4)
-    assert len({tuple(a) for a in fast.answer_ids[:3]}) > 1  # the steering changed the answers
-    assert not any(hp._forward_hooks for hp in tiny_model.hook_dict.values())
-
-
-def test_front_start_moves_the_shared_start_before_the_padding():
-    from ks_lens.generation import front_start, generation_positions
-    from ks_lens.models.chat import TokenBatch
-
-    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 3], [5, 6, 7, 8, 9, 4, 4, 2]])
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
-    moved, p = front_start(TokenBatch(ids, mask), min_tokens=3)
-    assert p == 5
-    assert moved.input_ids.tolist() == [[5, 6, 7, 8, 9, 0, 0, 3], [5, 6, 7, 8, 9, 4, 4, 2]]
-    assert moved.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0, 1], [1] * 8]
-    # the real tokens keep their positions
-    old, new = generation_positions(mask), generation_positions(moved.attention_mask)
-    assert old[0, -1] == new[0, -1] == 5 and old[1].tolist() == new[1].tolist()
-    same, q = front_start(TokenBatch(ids, mask), min_tokens=6)
-    assert q == 0 and same.input_ids is ids

@@ -92,7 +92,9 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 def _internal_hook_ids(modules: list[torch.nn.Module]) -> set[int]:
     """The ids of TransformerLens's own capture hooks on bridge components (they only serve the
     bridge's forward, which the plain HF modules do not run)."""
-    return {int(h.id) for mod in modules for h in mod.__dict__.get("_capture_hook_handles", ())}
+    return {
+        int(h.id) for mod in modules for h in mod.__dict__.get("_capture_hook_handles", ())
+    }
 
 
 def _plan_routes(model: Model) -> list[tuple[Any, str, Any]] | None:

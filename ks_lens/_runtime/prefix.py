@@ -84,23 +84,6 @@ def stacked_cache(
     return cache, mask
 
 
-def common_start(ids: Sequence[Sequence[int]]) -> tuple[int, ...]:
-    """The longest token prefix all of ``ids`` start with, leaving every row at least one token.
-
-    >>> common_start([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]])
-    (1, 2)
-    """
-    if not ids:
-        return ()
-    first, n = ids[0], min(len(r) for r in ids) - 1
-    for row in ids[1:]:
-        m = 0
-        while m < n and row[m] == first[m]:
-            m += 1
-        n = m
-    return tuple(first[: max(n, 0)])
-
-
 def _hf_config(model: Model) -> Any:
     """The Hugging Face config of the bridge's model (TransformerBridge types ``original_model``
     as a plain ``nn.Module``, so its ``config`` is untyped)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,8 +14,7 @@ from ks_lens._runtime.batching import sorted_batches
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation.answers import QuestionPasses, _AnswerScorer
 from ks_lens.evaluation.readouts import _shared_start
-from ks_lens.evaluation.shared_prefix import steer_start
-from ks_lens.generation import BatchGeneration, front_start, generate_from_batch, shared_prefill
+from ks_lens.generation import BatchGeneration, generate_from_batch, shared_prefill
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.models.chat import ChatPrompt, TokenBatch, encode_chat
 from ks_lens.probes import Probe
@@ -237,12 +236,7 @@ def _generate_batch(
     from ks_lens.steering.base import steer_groups
 
     start = _shared_start(model, steerings, None, row_group) if share_prefix else None
-    front = 0
-    if start is not None and positions == "all":  # the rows' shared start: once per configuration
-        batch, front = front_start(batch)
     prefill = shared_prefill(model, batch, start)  # before any hook is installed
-    if prefill is not None and front:
-        prefill = steer_start(model, batch, replace(prefill, start=front), steerings, row_group)
     with steer_groups(model, steerings, row_group, positions=positions):
         return generate_from_batch(
             model,

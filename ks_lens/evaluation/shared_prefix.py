@@ -15,24 +15,37 @@ attending to its configuration's cached start. Used by
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ks_lens._runtime.hf_path import can_bypass, layer_input, plain_forward, resume_at
-from ks_lens._runtime.prefix import PrefixCache, common_start
-from ks_lens.generation import SharedPrefill
+from ks_lens._runtime.hf_path import layer_input, plain_forward, resume_at
+from ks_lens._runtime.prefix import PrefixCache
 from ks_lens.models import model_device
 from ks_lens.models.chat import TokenBatch
-from ks_lens.steering.base import Steering
-from ks_lens.types import Model
 
 if TYPE_CHECKING:
     from ks_lens.evaluation.readouts import _Reader
 
 #: the fewest shared tokens worth a cached start
 MIN_SHARED = 8
+
+
+def common_start(ids: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """The longest token prefix all of ``ids`` start with, leaving every row at least one token.
+
+    >>> common_start([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]])
+    (1, 2)
+    """
+    if not ids:
+        return ()
+    first, n = ids[0], min(len(r) for r in ids) - 1
+    for row in ids[1:]:
+        m = 0
+        while m < n and row[m] == first[m]:
+            m += 1
+        n = m
+    return tuple(first[: max(n, 0)])
 
 
 def _new_cache(model: Any) -> Any:
@@ -141,41 +154,6 @@ class SteeredPrefix:
             bar.update(len(chunk))
 
 
-def steer_start(
-    model: Model,
-    batch: TokenBatch,
-    prefill: SharedPrefill,
-    steerings: Sequence[Steering | None],
-    row_group: Sequence[int],
-) -> SharedPrefill:
-    """``prefill`` (of ``batch``, laid out by :func:`~ks_lens.generation.front_start` with
-    ``prefill.start`` shared tokens first) with those tokens run from ``prefill.layer`` up once
-    per configuration of the batch (row ``b`` steered by ``steerings[row_group[b]]`` at every
-    position) and their keys and values set per row (``start_kv``), so that the batch's steered
-    prompt pass runs only the rows' own tokens (:func:`~ks_lens.generation.resume_prefill`).
-    Returned unchanged when the plain HF modules cannot run."""
-    from ks_lens.steering.base import steer_groups
-
-    p, layer = prefill.start, prefill.layer
-    groups = sorted(set(row_group))
-    tokens = batch.input_ids[:1, :p].repeat(len(groups), 1)
-    # every row's start enters `layer` unsteered and the same (same tokens, causal attention)
-    hidden = prefill.hidden[:1, :p].repeat(len(groups), 1, 1)
-    cache = _new_cache(model)
-    present = [st if g in set(groups) else None for g, st in enumerate(steerings)]
-    with (
-        torch.no_grad(),
-        steer_groups(model, present, groups, positions="all"),
-        resume_at(model, layer, hidden, prefill.as_tuple),
-    ):
-        if not can_bypass(model):
-            return prefill
-        plain_forward(model, tokens, attention_mask=torch.ones_like(tokens), cache=cache)
-    kv = _layer_kv(cache, first=layer)
-    sel = torch.tensor([groups.index(g) for g in row_group], device=tokens.device)
-    return replace(prefill, start_kv=[(k[sel], v[sel]) for k, v in kv])
-
-
 def _layer_kv(cache: Any, first: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The ``(keys, values)`` a Hugging Face ``DynamicCache`` holds, layer by layer from layer
     ``first``, up to the first layer the pass did not reach."""
@@ -189,4 +167,4 @@ def _layer_kv(cache: Any, first: int = 0) -> list[tuple[torch.Tensor, torch.Tens
     return out
 
 
-__all__ = ["MIN_SHARED", "SteeredPrefix", "common_start", "steer_start"]
+__all__ = ["MIN_SHARED", "SteeredPrefix", "common_start"]

@@ -164,7 +164,9 @@ def grouped_steering_hook(
         rows = None if tracker is None else tracker.rows
         row_group_now = row_group if rows is None else row_group[rows]
         if row_group_now.shape[0] != b:
-            raise ConfigError(f"row_group has {row_group_now.shape[0]} rows but the batch has {b}")
+            raise ConfigError(
+                f"row_group has {row_group_now.shape[0]} rows but the batch has {b}"
+            )
         sel = (
             tracker.select(positions, b, s, act.device)
             if tracker is not None
