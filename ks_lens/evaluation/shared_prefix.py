@@ -19,16 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ks_lens._runtime.batching import record_activations
 from ks_lens._runtime.hf_path import layer_input, plain_forward, resume_at
-from ks_lens._runtime.prefix import PrefixCache
+from ks_lens._runtime.prefix import PrefixCache, _new_cache
+from ks_lens.activations import MIN_SHARED_PREFIX
 from ks_lens.models import model_device
 from ks_lens.models.chat import TokenBatch
 
 if TYPE_CHECKING:
     from ks_lens.evaluation.readouts import _Reader
-
-#: the fewest shared tokens worth a cached start
-MIN_SHARED = 8
 
 
 def common_start(ids: Sequence[Sequence[int]]) -> tuple[int, ...]:
@@ -46,12 +45,6 @@ def common_start(ids: Sequence[Sequence[int]]) -> tuple[int, ...]:
             m += 1
         n = m
     return tuple(first[: max(n, 0)])
-
-
-def _new_cache(model: Any) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.original_model.config)
 
 
 class SteeredPrefix:
@@ -79,9 +72,9 @@ class SteeredPrefix:
         cls, reader: _Reader, ids: Sequence[Sequence[int]], batch_size: int
     ) -> SteeredPrefix | None:
         """The shared start of the prompts ``ids`` (``None`` when they share fewer than
-        :data:`MIN_SHARED` tokens)."""
+        :data:`~ks_lens.activations.MIN_SHARED_PREFIX` tokens, as collection's shared prefixes)."""
         shared = common_start(ids)
-        return cls(reader, shared, batch_size) if len(shared) >= MIN_SHARED else None
+        return cls(reader, shared, batch_size) if len(shared) >= MIN_SHARED_PREFIX else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -89,7 +82,6 @@ class SteeredPrefix:
     def _run_groups(self, groups: list[int], hidden: torch.Tensor) -> None:
         """Run the start once per configuration of ``groups`` (one row each), from layer
         ``start`` up, steered, and keep each row's keys and values."""
-        from ks_lens._runtime.batching import record_activations
         from ks_lens.steering.base import steer_groups
 
         reader, model = self.reader, self.reader.model
@@ -167,4 +159,4 @@ def _layer_kv(cache: Any, first: int = 0) -> list[tuple[torch.Tensor, torch.Tens
     return out
 
 
-__all__ = ["MIN_SHARED", "SteeredPrefix", "common_start"]
+__all__ = ["SteeredPrefix", "common_start"]
