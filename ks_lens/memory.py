@@ -174,13 +174,15 @@ def estimate_run(shape: RunShape) -> Estimate:
     return Estimate(peak, parts, shape.n_params / 1e6 * work)
 
 
-def dct_readout_rows(settings: DCTSettings, n_prompts: int) -> int:
+def dct_readout_rows(settings: DCTSettings, n_prompts: int, n_labels: int = 1) -> int:
     """Readout-equivalent rows of learning DCT vectors on ``n_prompts`` prompts and mapping them
-    to labels there: one unsteered pass, ``steps + 1`` objective evaluations of ``n_vectors`` rows
-    per prompt, each a forward and a backward pass (:data:`DCT_ROW_READOUTS` readouts), and the
-    mapping's ``2 n_vectors + 1`` steered readouts per prompt."""
-    fit = (settings.steps + 1) * settings.n_vectors * DCT_ROW_READOUTS + 1
-    return int(n_prompts * (fit + 2 * settings.n_vectors + 1))
+    to labels there: one unsteered pass, ``steps + 1`` objective evaluations of ``K`` rows per
+    prompt, each a forward and a backward pass (:data:`DCT_ROW_READOUTS` readouts), and the
+    mapping's ``2 K + 1`` steered readouts per prompt; ``K`` is ``n_vectors`` raised to
+    ``n_labels``, as a comparison learns them."""
+    k = max(settings.n_vectors, n_labels)
+    fit = (settings.steps + 1) * k * DCT_ROW_READOUTS + 1
+    return int(n_prompts * (fit + 2 * k + 1))
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,7 @@ def comparison_work(
     read = (n_eval + (n_calib if reread_calib else 0)) * len(plan.act_combos) * methods
     read += n_eval * len(plan.act_combos) if c.instructed else 0
     if uses_dct(c):
-        read += dct_readout_rows(c.dct, n_calib)
+        read += dct_readout_rows(c.dct, n_calib, len(labels))
     return ComparisonWork(read, text_rows * c.max_new_tokens + calib_tokens, text_rows)
 
 

@@ -14,6 +14,7 @@ from ks_lens.comparison import (
     ComparisonConfig,
     SteeringKit,
     build_methods,
+    fit_comparison_dct,
     run_comparison,
 )
 from ks_lens.errors import ConfigError, LabelError, MetadataMismatchError
@@ -21,10 +22,11 @@ from ks_lens.evaluation import map_dct_labels
 from ks_lens.models import model_signature
 from ks_lens.models.chat import encode_chat
 from ks_lens.probes import Probe, ProbeConfig, train_probe
-from ks_lens.steering import CAA, SteeringVectors
+from ks_lens.steering import CAA, SteeringSpec, SteeringVectors
 from ks_lens.steering.dct import (
     DCT,
     DCTConfig,
+    DCTSettings,
     DCTVectors,
     LabelMap,
     _model_objective,
@@ -345,3 +347,22 @@ def test_run_comparison_fits_and_compares_dct_on_tiny(tiny_model, tiny_acts, tin
     assert set(res.alphas) == {"caa_mean", "dct"} and set(res.alphas["dct"]) == {1, 2}
     assert "dct_fit_s" in res.timings
     assert {r.method for r in res.summaries} == {"unsteered", "caa_mean", "dct"}
+
+
+def test_a_comparison_gives_every_label_its_own_dct_vector(tiny_model, tiny_acts):
+    """Issue 25's defect: with fewer vectors than labels, two labels could share one vector with
+    opposite signs and a 2-label target had no direction (the debates comparison stopped). A
+    comparison now learns at least one vector per label, so the assignment is one to one and
+    every label set has a unit direction."""
+    evaluator = train_probe(tiny_acts, 3, config=ProbeConfig(hidden=16, epochs=3, seed=1))
+    labels = evaluator.label_names
+    cfg = ComparisonConfig(dct=DCTSettings(n_vectors=1, steps=3), instructed=False)
+    dct = fit_comparison_dct(tiny_model, 1, PROMPTS, evaluator, cfg)
+    assert dct.n_vectors == len(labels) > cfg.dct.n_vectors
+    assert dct.mapping is not None and sorted(dct.mapping.vector) == list(range(len(labels)))
+    steerer = DCT(dct)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            assert steerer.direction(SteeringSpec.make([a, b], None, 1.0, labels)).norm() == (
+                pytest.approx(1.0, abs=1e-5)
+            )

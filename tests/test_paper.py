@@ -84,6 +84,9 @@ def test_dct_settings_give_a_config_at_a_layer(tiny_model):
     assert s.config(tiny_model, 0).target_offset == 3  # room for the full offset
     with pytest.raises(ConfigError, match="needs a target layer after the source layer 3"):
         s.config(tiny_model, 3)
+    # a comparison asks for one vector per label: n_vectors is raised, never lowered
+    assert s.config(tiny_model, 1, min_vectors=5).n_vectors == 5
+    assert s.config(tiny_model, 1, min_vectors=2).n_vectors == 3
 
 
 # ----------------------------------------------------------------------------- presets
@@ -182,6 +185,9 @@ def test_dct_work_in_the_estimate_is_hand_computed():
     s = DCTSettings(steps=2, n_vectors=3)
     # per prompt: (2 + 1) x 3 vectors x 3 readouts + 1 unsteered + (2 x 3 + 1) mapping = 35
     assert dct_readout_rows(s, 4) == 4 * 35
+    # a comparison learns one vector per label: with 6 labels, K = 6 instead of 3
+    # per prompt: (2 + 1) x 6 x 3 + 1 + (2 x 6 + 1) = 68
+    assert dct_readout_rows(s, 4, n_labels=6) == 4 * 68
     base = replace(ComparisonConfig(), methods=("caa_mean",), sizes=(1,), instructed=False)
     with_dct = replace(base, methods=("caa_mean", "dct"), dct=s)
     kw = dict(n_calib=4, n_eval=5, n_gen=2)
@@ -189,7 +195,7 @@ def test_dct_work_in_the_estimate_is_hand_computed():
     b = comparison_work(with_dct, TONES, **kw)
     # 5 test questions x 6 single-label combinations x methods, plus the DCT vectors' learning
     assert a.readout_rows == 5 * 6 * 1
-    assert b.readout_rows == 5 * 6 * 2 + 4 * 35
+    assert b.readout_rows == 5 * 6 * 2 + 4 * 68  # six tones: six DCT vectors
     assert b.gen_tokens == 2 * a.gen_tokens - 2 * base.max_new_tokens  # unsteered answers once
     swept = comparison_work(base, TONES, text=False, reread_calib=True, **kw)
     assert swept.readout_rows == (5 + 4) * 6 and swept.text_rows == 0

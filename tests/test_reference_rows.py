@@ -154,7 +154,10 @@ def test_instructed_fraction_hand_computed_and_withheld():
         (pu, "is not above 0"),
         (pu - 0.1, "is not above 0"),
         (pu + MIN_INSTRUCTED_GAIN / 2, f"is below {MIN_INSTRUCTED_GAIN}"),
-        (pu + np.array([0.3, -0.2, 0.0]), "its interval reaches 0"),
+        (pu + np.array([0.3, -0.2, 0.0]), "its interval reaches below it"),
+        # an interval above 0 but reaching below the threshold: resampled gains near 0 would
+        # make the share's interval explode (seen in a debates report: [-0.08, 100909.59])
+        (pu + np.array([0.05, 0.03, 0.005]), "its interval reaches below it"),
     ):
         frac, note = instructed_fraction(at, pu, inst, seed=0, n_resamples=200)
         assert frac is None and note is not None and why in note, note

@@ -202,8 +202,10 @@ def run_paper(
     kits = sweep_kits(setup, swept)
     if uses_dct(cfg.comparison):  # learned once per layer; each evaluator maps them again
         c = cfg.comparison
+        n_labels = len(setup.dataset.labels)  # one vector per label: no label set cancels
         for L in swept:
-            learned = DCTVectors.fit(model, calib, c.dct.config(model, L, seed=c.seed))
+            dct_cfg = c.dct.config(model, L, seed=c.seed, min_vectors=n_labels)
+            learned = DCTVectors.fit(model, calib, dct_cfg)
             kits[L] = replace(kits[L], dct=learned)
     placements = [evaluator_placement(L, n, EVAL_GAP) for L in swept]
     evaluators = train_evaluators(

@@ -60,7 +60,9 @@ def fit_comparison_dct(
     evaluator can map them again; e.g. a layer sweep's)."""
     if learned is None:
         learned = DCTVectors.fit(
-            model, calib_questions, config.dct.config(model, layer, seed=config.seed)
+            model,
+            calib_questions,
+            config.dct.config(model, layer, seed=config.seed, min_vectors=evaluator.n_labels),
         )
     elif learned.layer != layer:
         raise ConfigError(f"the DCT vectors given sit at layer {learned.layer}, not {layer}")

@@ -131,22 +131,23 @@ def instructed_fraction(
     ``instructed`` hold, one value each, aligned; ``method_at(idx)`` is the method's mean target
     probability on those questions.
 
-    Returns ``(None, note)`` when the instructed gain is not clearly positive (its estimate below
-    :data:`MIN_INSTRUCTED_GAIN` or its 95-percent interval reaching 0): a share of a gain that
-    is not there would be a meaningless number.
+    Returns ``(None, note)`` when the instructed gain is not clearly positive (its estimate or
+    the low end of its 95-percent interval below :data:`MIN_INSTRUCTED_GAIN`): a share of a gain
+    that is not there would be a meaningless number, and resampled gains near 0 would blow the
+    share's interval up (a ratio over a denominator near 0).
     """
     pu, pi = np.asarray(unsteered, dtype=float), np.asarray(instructed, dtype=float)
     if pu.shape != pi.shape or pu.ndim != 1:
         raise ConfigError(f"unsteered and instructed must be aligned 1-D: {pu.shape} vs {pi.shape}")
     gain = paired_difference(pi, pu, seed=seed, n_resamples=n_resamples)
-    if not (gain.estimate >= MIN_INSTRUCTED_GAIN and gain.low > 0):
+    if not (gain.estimate >= MIN_INSTRUCTED_GAIN and gain.low >= MIN_INSTRUCTED_GAIN):
         why = (
             "not above 0"
             if not gain.estimate > 0
             else (
                 f"below {MIN_INSTRUCTED_GAIN}"
                 if gain.estimate < MIN_INSTRUCTED_GAIN
-                else "not clearly above 0 (its interval reaches 0)"
+                else f"not clearly above {MIN_INSTRUCTED_GAIN} (its interval reaches below it)"
             )
         )
         return None, f"instructed gain {gain.fmt()} is {why}: no share of it is shown"

@@ -65,7 +65,7 @@ INSTRUCTED_DEFINITIONS = (
     "instruction + question, the kind of prompt it was trained on: a ceiling by construction.",
     "- share of instructed gain: (p_method - p_unsteered) / (p_instructed - p_unsteered) on the "
     "same cells (questions resampled for the interval); withheld (n/a*) where the instructed "
-    f"gain is below {MIN_INSTRUCTED_GAIN} or its interval reaches 0.",
+    f"gain or the low end of its interval is below {MIN_INSTRUCTED_GAIN}.",
 )
 
 

@@ -39,7 +39,7 @@ def _ci(x: Interval | None, nd: int = 3) -> str:
 def compare_word(diff: Interval | None) -> str:
     """ "beats" / "trails" only when the interval excludes 0, else "no significant difference"."""
     if diff is None or math.isnan(diff.estimate) or math.isnan(diff.low):
-        return "cannot be compared"
+        return "cannot be compared with"
     if diff.low > 0:
         return "beats"
     if diff.high < 0:

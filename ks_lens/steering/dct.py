@@ -68,7 +68,7 @@ class DCTSettings:
     """
 
     target_offset: int = 3  # target layer = source layer + this (capped at the last layer)
-    n_vectors: int = 8  # orthogonal vectors learned (at least one per label for unique labels)
+    n_vectors: int = 8  # orthogonal vectors learned (a comparison raises it to its label count)
     radius: float | None = None  # norm of every vector (None: radius_fraction x median norm)
     radius_fraction: float = 0.5  # radius as a fraction of the median source token norm
     steps: int = 30  # projected gradient ascent steps
@@ -108,9 +108,13 @@ class DCTSettings:
     def _prefix(self) -> str:
         return "dct."  # the option's spelling (--dct.steps)
 
-    def config(self, model: Model, source_layer: int, *, seed: int = 0) -> DCTConfig:
+    def config(
+        self, model: Model, source_layer: int, *, seed: int = 0, min_vectors: int = 1
+    ) -> DCTConfig:
         """The :class:`DCTConfig` of these settings at ``source_layer`` of ``model``: the target
-        offset is capped at the model's last layer (logged)."""
+        offset is capped at the model's last layer, and ``n_vectors`` raised to ``min_vectors``
+        (a comparison passes its number of labels, so that :func:`assign_labels` gives every
+        label its own vector and no label set's directions can cancel); both logged."""
         room = int(model.cfg.n_layers) - 1 - source_layer
         if room < 1:
             raise ConfigError(
@@ -123,7 +127,10 @@ class DCTSettings:
                 f"  DCT target offset {self.target_offset} capped at {offset} (source layer "
                 f"{source_layer}, last layer {int(model.cfg.n_layers) - 1})"
             )
-        kw = {**asdict(self), "target_offset": offset}
+        n_vectors = max(self.n_vectors, min_vectors)
+        if n_vectors > self.n_vectors:
+            log.info(f"  DCT n_vectors {self.n_vectors} raised to {n_vectors} (one per label)")
+        kw = {**asdict(self), "target_offset": offset, "n_vectors": n_vectors}
         return DCTConfig(source_layer=source_layer, seed=seed, **kw)
 
 
@@ -569,7 +576,9 @@ class DCT(Steerer):
         if n < 1e-6:
             raise ConfigError(
                 f"target {list(spec.target)} and avoid {list(spec.avoid)} map to DCT directions "
-                "that cancel out; nothing to steer with"
+                "that cancel out (labels sharing a vector with opposite signs); nothing to steer "
+                f"with. Learn at least one vector per label (n_vectors >= {len(self.label_names)}) "
+                "so that every label gets its own"
             )
         return v / n
 
