@@ -181,3 +181,40 @@ def test_fast_path_routes_the_band(tiny_model, tiny_probe):
     steered = gen(False)
     assert steered == gen(True)
     assert steered != ks.generate(tiny_model, ["hi?"], max_new_tokens=6).output_ids
+
+
+def test_comparison_runs_the_dense_lever(tiny_model, tiny_acts, tiny_probe, tiny_dataset):
+    """The study's dense lever, ("caa_mean", "ksteer_precond", "ksteer_dense"), runs end to end
+    through the comparison (calibration, grouped generation, activation readouts)."""
+    from test_comparison import _FakeTextEvaluator
+
+    from ks_lens.comparison import ComparisonConfig, run_comparison
+    from ks_lens.probes import ProbeConfig, train_probe
+
+    methods = ("caa_mean", "ksteer_precond", "ksteer_dense")
+    res = run_comparison(
+        tiny_model,
+        probe=tiny_probe,
+        vectors=SteeringVectors.fit(tiny_acts, 2),
+        evaluator=train_probe(tiny_acts, 3, config=ProbeConfig(hidden=16, epochs=3, seed=1)),
+        text_evaluator=_FakeTextEvaluator(),
+        calib_questions=["hi?", "yo?"],
+        test_questions=["a?", "b?"],
+        config=ComparisonConfig(
+            methods=methods,
+            kl_budget=0.05,
+            act_combos_per_size=1,
+            sizes=(1,),
+            max_new_tokens=3,
+            calib_tokens=3,
+            calib_bisect_steps=1,
+            n_resamples=50,
+            instructed=False,
+        ),
+        progress=False,
+        instructions=tiny_dataset.instructions,
+    )
+    acts = {r.method: r for r in res.summaries if r.lens == "activation"}
+    assert set(methods) <= set(acts)
+    assert acts["ksteer_dense"].target_prob.estimate != acts["unsteered"].target_prob.estimate
+    assert {e.method for e in res.equal_kl if e.lens == "text"} >= set(methods)

@@ -38,11 +38,11 @@ band takes ``resid_pre`` and ``resid_post`` only (``"resid_mid"`` raises a ``Con
 **The default band** (:func:`dense_band`): the probe's layer ``L`` and the :data:`DENSE_BELOW`
 (6) layers below it, ``resid_post``: ``L-6 .. L`` (clipped at layer 0; 7 hooks). It spans the
 same depth as ``ksteer_multilayer`` (layers ``L-6, L-3, L``, a probe at each), so the two differ
-in density and in using one probe rather than three; and, like it, it writes nowhere above
-``L``: the activation evaluator (4 layers above ``L`` by default) then reads every method the
-same distance downstream, and no write lands next to the hook point it reads. It needs no layer
-count (only the lower end is clipped); a band reaching past the model's last layer is refused
-by :meth:`DenseSteering.check_model`, before any hook is installed.
+in density and in using one probe rather than three. Like it, it writes nowhere above ``L``, so
+no hook sits nearer the activation evaluator (4 layers above ``L`` by default) than the
+single-layer methods' hook does. It needs no layer count (only the lower end is clipped); a band
+reaching past the model's last layer is refused by :meth:`DenseSteering.check_model`, before
+any hook is installed.
 """
 
 from __future__ import annotations
