@@ -11,6 +11,8 @@ differences. The levers are decided in order, each with the winners of the ones 
 2. **step**: raw, unit, relative or clipped (trust-region) steps, and multi-layer steering;
    **precondition**: the raw step against the step in the probe's input geometry
    (``ksteer_precond``: the gradient times the probe's input variances; issue 24);
+   **dense**: ``ksteer_precond`` against ``ksteer_dense`` (the same probe's step at resid_post
+   of the steering layer and the 6 below, alpha split; issue 24);
 3. **positions**: all tokens, generated tokens only, prompt tokens only;
 4. **remedies**: multi-step, log-sigmoid, soft-min, balanced, PCGrad (3-target vanishing);
 5. **avoid**: toward one or two tones and away from ``expert``.
@@ -49,7 +51,7 @@ from ks_lens.report import plot_tradeoff
 
 log = logging.getLogger("analysis.steering_levers")
 
-Lever = Literal["source", "step", "precondition", "positions", "remedies", "avoid"]
+Lever = Literal["source", "step", "precondition", "positions", "remedies", "avoid", "dense"]
 LEVERS: tuple[Lever, ...] = get_args(Lever)
 STEP_VARIANTS = ("ksteer_unit", "ksteer_relative", "ksteer_clip", "ksteer_multilayer")
 REMEDIES = (
@@ -296,6 +298,14 @@ def main() -> None:
         log.info(
             f"[levers] precondition: skipped, the step lever chose {method} (not the raw step)"
         )
+    if "dense" in levers:
+        dense = runner.run(
+            f"dense-{source}", source=source, methods=("caa_mean", "ksteer_precond", "ksteer_dense")
+        )
+        ch = choose("dense", dense, ["ksteer_precond", "ksteer_dense"])
+        if ch.winner == "ksteer_dense":
+            method = ch.winner
+        section("dense", dense, ch, acts=True)
     if "positions" in levers:
         runs = {"all": base_run(source) if method == "ksteer" else None}
         if runs["all"] is None:

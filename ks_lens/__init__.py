@@ -70,6 +70,7 @@ from ks_lens.probes import Probe, ProbeConfig, load_probes, save_probes, train_p
 from ks_lens.steering import (
     CAA,
     ControlVector,
+    DenseSteering,
     KProjection,
     KSteering,
     MultiLayer,
@@ -116,6 +117,7 @@ __all__ = [
     "ContextLengthError",
     "ControlVector",
     "DatasetError",
+    "DenseSteering",
     "Generation",
     "HookPointError",
     "KProjection",

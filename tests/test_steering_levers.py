@@ -10,6 +10,7 @@ from ks_lens.activations import collect_activations
 from ks_lens.probes import ProbeConfig, train_probe
 from ks_lens.steering import (
     CAA,
+    DenseSteering,
     KSteering,
     MultiLayer,
     Steerer,
@@ -187,6 +188,7 @@ def test_registry_methods_from_configs_equal_the_hand_built_ones(tiny_model, lay
         "ksteer_precond": KSteering(probe, precondition="diag"),
         "ksteer_clip": KSteering(probe, max_step=CLIP_FRACTION),
         "ksteer_multilayer": MultiLayer([KSteering(probes[1]), KSteering(probes[2])]),
+        "ksteer_dense": DenseSteering(probe, precondition="diag"),
     }
     assert set(old) == set(METHODS) - {"dct"}
     assert METHODS["ksteer_precond"].config == KSteeringConfig(precondition="diag")
@@ -202,7 +204,7 @@ def test_registry_methods_from_configs_equal_the_hand_built_ones(tiny_model, lay
         for (hook, f), (hook0, f0) in zip(
             method.transforms(spec), before.transforms(spec), strict=True
         ):
-            x = acts.at(int(hook.split(".")[1]))[:4]
+            x = acts.at(max(1, int(hook.split(".")[1])))[:4]  # ksteer_dense hooks layer 0 too
             assert hook == hook0 and torch.equal(f(x), f0(x)), name
         outs = []
         for m in (method, before):

@@ -4,7 +4,8 @@ Every method is a :class:`SteeringMethod`: ``with method.steer(model, target=...
 alpha=...)`` installs hooks for the block and removes them on exit; ``method.hooks(...)`` gives
 ``run_with_hooks``-ready hook functions. The single-hook methods (K-Steering, CAA, DCT) are
 :class:`Steerer` instances, and ``method.apply(x, ...)`` steers a tensor directly;
-:class:`MultiLayer` steers several hook points at once. Their settings are :class:`KSteeringConfig` and
+:class:`MultiLayer` steers several hook points at once, :class:`DenseSteering` one probe's step at a band of
+layers. Their settings are :class:`KSteeringConfig` and
 :class:`CAAConfig` (:mod:`ks_lens.steering.config`). CAA's vectors export to llama.cpp control
 vectors and ``steering-vectors`` (:mod:`ks_lens.steering.export`).
 """
@@ -20,6 +21,7 @@ from ks_lens.steering.base import (
 from ks_lens.steering.caa import CAA, SteeringVectors
 from ks_lens.steering.config import CAAConfig, KSteeringConfig
 from ks_lens.steering.dct import DCT, DCTConfig, DCTVectors
+from ks_lens.steering.dense import DenseSteering, dense_band
 from ks_lens.steering.export import (
     ControlVector,
     control_vector,
@@ -46,6 +48,7 @@ __all__ = [
     "ControlVector",
     "DCTConfig",
     "DCTVectors",
+    "DenseSteering",
     "KProjection",
     "KSteering",
     "KSteeringConfig",
@@ -58,6 +61,7 @@ __all__ = [
     "clip_step",
     "combine_gradients",
     "control_vector",
+    "dense_band",
     "export_gguf",
     "grouped_steering_hook",
     "label_coefficients",

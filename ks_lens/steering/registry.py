@@ -21,6 +21,7 @@ from ks_lens.steering.base import SteeringMethod
 from ks_lens.steering.caa import CAA, SteeringVectors
 from ks_lens.steering.config import CAAConfig, KSteeringConfig
 from ks_lens.steering.dct import DCT, DCTVectors
+from ks_lens.steering.dense import DENSE_BELOW, DenseSteering
 from ks_lens.steering.ksteer import KSteering
 from ks_lens.steering.multilayer import MultiLayer
 
@@ -94,6 +95,8 @@ def _multilayer(kit: SteeringKit, config: KSteeringConfig) -> MultiLayer:
 
 CLIP_FRACTION = 0.25  # ksteer_clip: per-token trust region, as a fraction of |x|
 _MULTILAYER = KSteeringConfig()
+#: ksteer_dense: ksteer_precond's settings at every hook of the band (issue 24, lever 4)
+_DENSE = KSteeringConfig(precondition="diag")
 
 METHODS: dict[str, MethodDef] = {
     "caa_mean": caa_method(
@@ -178,6 +181,18 @@ METHODS: dict[str, MethodDef] = {
         lambda kit: _multilayer(kit, _MULTILAYER),
         30.0,
         _MULTILAYER,
+    ),
+    # one probe (kit.probe, at blocks.L.hook_resid_post) stepped at resid_post of L-6 .. L, alpha
+    # split equally (ks_lens.steering.dense): the hooks share one alpha, so a step's total is on
+    # ksteer_precond's scale and the search starts at its alpha0, as ksteer_multilayer's does at
+    # ksteer's
+    "ksteer_dense": MethodDef(
+        "K-Steer dense",
+        f"K-Steering preconditioned, the steering probe's step at resid_post of its layer and the "
+        f"{DENSE_BELOW} below (one probe, used off its layer), alpha split equally",
+        lambda kit: DenseSteering(kit.probe, config=_DENSE),
+        3.0,
+        _DENSE,
     ),
     "dct": MethodDef(
         "DCT",
