@@ -99,6 +99,7 @@ def run_comparison(
     dct: DCTVectors | None = None,
     linear_probe: Probe | None = None,
     instructions: Mapping[str, str] | None = None,
+    token_probe: Probe | None = None,
 ) -> ComparisonResult:
     """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
     ``text_questions``, default the same), measure capability (``capability_questions`` > 0;
@@ -108,7 +109,9 @@ def run_comparison(
 
     With the ``dct`` method and no mapped ``dct`` vectors given, they are learned and mapped by
     :func:`fit_comparison_dct`.
-    ``linear_probe`` (same labels and hook point as ``probe``) serves ``ksteer_linear``;
+    ``linear_probe`` (same labels and hook point as ``probe``) serves ``ksteer_linear``, and
+    ``token_probe`` (the per-token probe, :func:`~ks_lens.probes.train_token_probe`; same labels
+    and hook point) ``ksteer_token``;
     ``instructions`` (label -> instruction, e.g. ``BehaviourDataset.instructions``) the
     ``instructed`` reference row, which ``config.instructed`` asks for."""
     text_questions = list(test_questions if text_questions is None else text_questions)
@@ -117,11 +120,19 @@ def run_comparison(
     _check_readers(
         labels, probe, vectors, evaluator, text_evaluator, response_evaluator, linear_probe
     )
+    if token_probe is not None:
+        _check_beside(probe, token_probe, "per-token probe", "ksteer_token")
     if not calib_questions or not test_questions:
         raise ConfigError("need calibration and test questions")
     plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
     _instructed_systems(config, instructions, plan, [])  # refuse missing instructions early
-    kit = SteeringKit(probe, vectors, dict(layer_probes or {}), linear_probe=linear_probe)
+    kit = SteeringKit(
+        probe,
+        vectors,
+        dict(layer_probes or {}),
+        linear_probe=linear_probe,
+        token_probe=token_probe,
+    )
     if kit.layer_probes and max(kit.layer_probes) > evaluator.layer:
         raise ConfigError(
             f"the evaluator (layer {evaluator.layer}) must read at or after every steering layer "
@@ -160,6 +171,16 @@ def run_comparison(
         timings,
         capability,
     )
+
+
+def _check_beside(probe: Probe, other: Probe, what: str, method: str) -> None:
+    """ConfigError unless ``other`` reads the steering probe's hook point with its labels."""
+    if other.hook_name != probe.hook_name or tuple(other.label_names) != tuple(probe.label_names):
+        raise ConfigError(
+            f"the {what} reads {other.hook_name} with labels {list(other.label_names)}, the "
+            f"steering probe {probe.hook_name} with {list(probe.label_names)}: {method} steers "
+            "beside ksteer, at the same hook point with the same labels"
+        )
 
 
 def _check_readers(
