@@ -119,7 +119,7 @@ def test_split_is_question_grouped_and_the_final_token_probes(texts, token_acts,
     q_va = {groups[i] for i in va.tolist()}
     assert q_va and q_tr and not q_tr & q_va  # no question on both sides
     # the same questions as the final-token probe's split of the same texts (one row per text)
-    ftr, fva = split_by_group([t.question_id or "" for t in texts], 0.34, seed=0)
+    _, fva = split_by_group([t.question_id or "" for t in texts], 0.34, seed=0)
     assert q_va == {texts[i].question_id for i in fva.tolist()}
     assert token_probe.metrics["n_train"] == len(tr) and token_probe.metrics["n_val"] == len(va)
 
@@ -228,7 +228,7 @@ def test_run_comparison_refuses_a_token_probe_at_another_hook(tiny_model, tiny_d
             text_evaluator=None,
             calib_questions=["q?"],
             test_questions=["q?"],
-            config=ComparisonConfig(methods=("caa_mean", "ksteer_token")),
+            config=ComparisonConfig(methods=("caa_mean", "ksteer_token"), instructed=False),
             token_probe=other,
         )
 
@@ -256,3 +256,18 @@ def test_prepare_trains_and_saves_the_token_probe_only_when_asked(tmp_path):
     assert torch.equal(saved.linears[0].weight, tp.linears[0].weight)
     assert saved.source == tp.source
     assert "token_probe_s" in s.timings
+
+
+def test_the_levers_study_asks_prepare_for_the_token_probe(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "analysis"))
+    import common
+    import steering_levers
+
+    o = common.parse(steering_levers.LeversOptions, "d", "o", ["--levers", "token_probe"])
+    assert o.levers == ("token_probe",) and not needs_token_probe(o.config.comparison)
+    w = steering_levers.with_methods(o, "ksteer_token")
+    assert needs_token_probe(w.config.comparison)
+    assert w.config.comparison.methods == (*o.config.comparison.methods, "ksteer_token")
+    assert steering_levers.with_methods(w, "ksteer_token") is w  # already there: unchanged

@@ -98,7 +98,9 @@ def collect_token_activations(
     """
     k = _check_args(model, layer, kind, max_tokens, batch_size)
     layer = check_layer(model, layer)
-    spec = CollectSpec(mode="response-only", layers=(layer,), hook_kinds=(k,), batch_size=batch_size)
+    spec = CollectSpec(
+        mode="response-only", layers=(layer,), hook_kinds=(k,), batch_size=batch_size
+    )
     rows = plan_rows(dataset, "response-only")
     missing = [r.question_id for r in rows if r.answer is None]
     if missing:

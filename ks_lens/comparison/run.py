@@ -109,9 +109,7 @@ def run_comparison(
 
     With the ``dct`` method and no mapped ``dct`` vectors given, they are learned and mapped by
     :func:`fit_comparison_dct`.
-    ``linear_probe`` (same labels and hook point as ``probe``) serves ``ksteer_linear``, and
-    ``token_probe`` (the per-token probe, :func:`~ks_lens.probes.train_token_probe`; same labels
-    and hook point) ``ksteer_token``;
+    ``linear_probe`` / ``token_probe`` (same hook, labels) serve ksteer_linear / ksteer_token;
     ``instructions`` (label -> instruction, e.g. ``BehaviourDataset.instructions``) the
     ``instructed`` reference row, which ``config.instructed`` asks for."""
     text_questions = list(test_questions if text_questions is None else text_questions)
@@ -120,19 +118,11 @@ def run_comparison(
     _check_readers(
         labels, probe, vectors, evaluator, text_evaluator, response_evaluator, linear_probe
     )
-    if token_probe is not None:
-        _check_beside(probe, token_probe, "per-token probe", "ksteer_token")
     if not calib_questions or not test_questions:
         raise ConfigError("need calibration and test questions")
     plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
     _instructed_systems(config, instructions, plan, [])  # refuse missing instructions early
-    kit = SteeringKit(
-        probe,
-        vectors,
-        dict(layer_probes or {}),
-        linear_probe=linear_probe,
-        token_probe=token_probe,
-    )
+    kit = _kit(probe, vectors, layer_probes, linear_probe, token_probe)
     if kit.layer_probes and max(kit.layer_probes) > evaluator.layer:
         raise ConfigError(
             f"the evaluator (layer {evaluator.layer}) must read at or after every steering layer "
@@ -173,14 +163,32 @@ def run_comparison(
     )
 
 
-def _check_beside(probe: Probe, other: Probe, what: str, method: str) -> None:
-    """ConfigError unless ``other`` reads the steering probe's hook point with its labels."""
-    if other.hook_name != probe.hook_name or tuple(other.label_names) != tuple(probe.label_names):
+def _kit(
+    probe: Probe,
+    vectors: SteeringVectors,
+    layer_probes: Mapping[int, Probe] | None,
+    linear_probe: Probe | None,
+    token_probe: Probe | None,
+) -> SteeringKit:
+    """The comparison's :class:`SteeringKit`; ConfigError unless ``token_probe`` (the per-token
+    probe of ``ksteer_token``) reads the steering probe's hook point with its labels."""
+    if token_probe is not None and (
+        token_probe.hook_name != probe.hook_name
+        or tuple(token_probe.label_names) != tuple(probe.label_names)
+    ):
         raise ConfigError(
-            f"the {what} reads {other.hook_name} with labels {list(other.label_names)}, the "
-            f"steering probe {probe.hook_name} with {list(probe.label_names)}: {method} steers "
-            "beside ksteer, at the same hook point with the same labels"
+            f"the per-token probe reads {token_probe.hook_name} with labels "
+            f"{list(token_probe.label_names)}, the steering probe {probe.hook_name} with "
+            f"{list(probe.label_names)}: ksteer_token steers beside ksteer, at the same hook "
+            "point with the same labels"
         )
+    return SteeringKit(
+        probe,
+        vectors,
+        dict(layer_probes or {}),
+        linear_probe=linear_probe,
+        token_probe=token_probe,
+    )
 
 
 def _check_readers(
