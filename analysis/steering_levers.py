@@ -13,6 +13,8 @@ differences. The levers are decided in order, each with the winners of the ones 
    (``ksteer_precond``: the gradient times the probe's input variances; issue 24);
    **dense**: ``ksteer_precond`` against ``ksteer_dense`` (the same probe's step at resid_post
    of the steering layer and the 6 below, alpha split; issue 24);
+   **token_probe**: the preconditioned step with the final-token probe against the same step
+   with a probe trained on every answer token of the gold texts (``ksteer_token``; issue 24);
 3. **positions**: all tokens, generated tokens only, prompt tokens only;
 4. **remedies**: multi-step, log-sigmoid, soft-min, balanced, PCGrad (3-target vanishing);
 5. **avoid**: toward one or two tones and away from ``expert``.
@@ -51,7 +53,9 @@ from ks_lens.report import plot_tradeoff
 
 log = logging.getLogger("analysis.steering_levers")
 
-Lever = Literal["source", "step", "precondition", "positions", "remedies", "avoid", "dense"]
+Lever = Literal[
+    "source", "step", "precondition", "token_probe", "dense", "positions", "remedies", "avoid"
+]
 LEVERS: tuple[Lever, ...] = get_args(Lever)
 STEP_VARIANTS = ("ksteer_unit", "ksteer_relative", "ksteer_clip", "ksteer_multilayer")
 REMEDIES = (
@@ -222,9 +226,20 @@ class LeversOptions(StudyOptions):
     levers: tuple[Lever, ...] = LEVERS  # levers to decide (always in the order above)
 
 
+def with_methods(opts: LeversOptions, *methods: str) -> LeversOptions:
+    """``opts`` whose configured comparison also names ``methods``: prepare trains the artefacts
+    a method needs (e.g. ``ksteer_token``'s per-token probe) only for the configured methods."""
+    c = opts.config.comparison
+    extra = tuple(m for m in methods if m not in c.methods)
+    cmp = replace(c, methods=(*c.methods, *extra))
+    return replace(opts, config=replace(opts.config, comparison=cmp)) if extra else opts
+
+
 def main() -> None:
     opts = parse(LeversOptions, __doc__ or "", "runs/analysis/steering_levers")
     levers = list(opts.levers)
+    if "token_probe" in levers:
+        opts = with_methods(opts, "ksteer_token")
     out, setup, started = start(opts)
     cfg = setup.config
     n_val = opts.n_val or (4 if opts.fast else 16)
@@ -306,6 +321,13 @@ def main() -> None:
         if ch.winner == "ksteer_dense":
             method = ch.winner
         section("dense", dense, ch, acts=True)
+    if "token_probe" in levers:
+        tok = runner.run(
+            f"token-{source}", source=source, methods=("caa_mean", "ksteer_precond", "ksteer_token")
+        )
+        ch = choose("token_probe", tok, ["ksteer_precond", "ksteer_token"])
+        method = ch.winner
+        section("token_probe", tok, ch, acts=True)
     if "positions" in levers:
         runs = {"all": base_run(source) if method == "ksteer" else None}
         if runs["all"] is None:

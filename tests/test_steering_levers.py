@@ -171,7 +171,8 @@ def test_registry_methods_from_configs_equal_the_hand_built_ones(tiny_model, lay
 
     probes, acts = layer_probes
     probe, linear, vectors = probes[2], probes[1], SteeringVectors.fit(acts, 2)
-    kit = SteeringKit(probe, vectors, layer_probes=probes, linear_probe=linear)
+    token = probes[1]  # stands in for the per-token probe (ksteer_token)
+    kit = SteeringKit(probe, vectors, layer_probes=probes, linear_probe=linear, token_probe=token)
     # the keyword bundles the registry was written with before its configs
     old = {
         "caa_mean": CAA(vectors, combine="mean"),
@@ -186,6 +187,7 @@ def test_registry_methods_from_configs_equal_the_hand_built_ones(tiny_model, lay
         "ksteer_unit": KSteering(probe, step_norm="unit"),
         "ksteer_relative": KSteering(probe, step_norm="relative"),
         "ksteer_precond": KSteering(probe, precondition="diag"),
+        "ksteer_token": KSteering(token, precondition="diag"),
         "ksteer_clip": KSteering(probe, max_step=CLIP_FRACTION),
         "ksteer_multilayer": MultiLayer([KSteering(probes[1]), KSteering(probes[2])]),
         "ksteer_dense": DenseSteering(probe, precondition="diag"),

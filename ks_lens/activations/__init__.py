@@ -33,6 +33,9 @@ through the same bridge forward, so every hook fires under its usual name. The r
 whole-row pass within float rounding (bitwise on the CPU in our tests) and does not depend on how
 rows are batched or chunked.
 
+:func:`collect_token_activations` makes one row per answer token of labelled texts (the first
+``max_tokens``; :mod:`ks_lens.activations.tokens`), for per-token steering probes.
+
 :func:`collect_activations` returns an in-memory :class:`Activations`; :func:`collect_to_store`
 streams shards to disk (:class:`ActivationStore`): memory stays at one shard, every file is
 written atomically, a rerun resumes after the last complete shard, and loading checks sizes and
@@ -40,7 +43,7 @@ checksums and refuses a store made for another model.
 """
 
 from ks_lens._runtime.prefix import PrefixCache, prefix_cache, prefix_pass, stacked_cache
-from ks_lens.activations.capture import capture_batch, capture_features
+from ks_lens.activations.capture import capture_batch, capture_features, capture_tokens
 from ks_lens.activations.collect import (
     MIN_SHARED_PREFIX,
     CollectSpec,
@@ -59,12 +62,20 @@ from ks_lens.activations.container import (
     Pooling,
 )
 from ks_lens.activations.store import STORE_FORMAT, ActivationStore, collect_to_store
+from ks_lens.activations.tokens import (
+    DEFAULT_MAX_TOKENS,
+    TOKEN_POSITION,
+    collect_token_activations,
+    token_positions,
+)
 
 __all__ = [
+    "DEFAULT_MAX_TOKENS",
     "MIN_SHARED_PREFIX",
     "MODES",
     "POOLINGS",
     "STORE_FORMAT",
+    "TOKEN_POSITION",
     "ActivationStore",
     "Activations",
     "CollectSpec",
@@ -75,14 +86,17 @@ __all__ = [
     "Row",
     "capture_batch",
     "capture_features",
+    "capture_tokens",
     "collect_activations",
     "collect_to_store",
+    "collect_token_activations",
     "feature_shapes",
     "plan_rows",
     "prefix_cache",
     "prefix_pass",
     "stacked_cache",
     "system_prefix",
+    "token_positions",
 ]
 
 

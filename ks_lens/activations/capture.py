@@ -134,6 +134,16 @@ def _response_weights(
     return weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
+def _check_per_token(act: torch.Tensor, name: str, n_rows: int, width: int) -> None:
+    """HookPointError unless ``act`` is ``[batch=n_rows, pos=width, ...]``."""
+    if act.dim() < 3 or tuple(act.shape[:2]) != (n_rows, width):
+        raise HookPointError(
+            f"{name} gives activations of shape {tuple(act.shape)}, not "
+            f"[batch={n_rows}, pos={width}, ...]: ks-lens collects per-token activations "
+            "only (attention patterns and scores are [batch, head, query, key])"
+        )
+
+
 def _summariser(
     n_rows: int,
     width: int,
@@ -144,12 +154,7 @@ def _summariser(
     ``weights`` average when given, else the token at ``read_last``, else the final column)."""
 
     def summarise(act: torch.Tensor, name: str) -> torch.Tensor:
-        if act.dim() < 3 or tuple(act.shape[:2]) != (n_rows, width):
-            raise HookPointError(
-                f"{name} gives activations of shape {tuple(act.shape)}, not "
-                f"[batch={n_rows}, pos={width}, ...]: ks-lens collects per-token activations "
-                "only (attention patterns and scores are [batch, head, query, key])"
-            )
+        _check_per_token(act, name, n_rows, width)
         a = act.float()
         if weights is not None:
             w = weights.to(a.device)
@@ -160,6 +165,57 @@ def _summariser(
         return a[rows, read_last.to(a.device)]
 
     return summarise
+
+
+def capture_tokens(
+    model: Model,
+    batch: TokenBatch,
+    hook_names: Sequence[str],
+    positions: Int[torch.Tensor, "batch n"],
+) -> list[Float[torch.Tensor, "batch n ..."]]:
+    """One forward pass; every row's activations at ``positions`` at every hook in
+    ``hook_names`` (in that order), each ``[batch, n, *feature]`` in fp32 on the CPU.
+
+    ``positions[b, j]`` indexes row ``b``'s unpadded tokens (0 = its first real token, as
+    ``response_start`` of :func:`capture_features` counts), so a left-padded batch reads the
+    same tokens as each row run alone. Rows that need fewer than ``n`` positions repeat a valid
+    one and drop the extra columns afterwards. The hooks are those of :func:`capture_features`
+    (:func:`~ks_lens._runtime.batching.record_activations`, the pass stops once all have fired,
+    removed on exit); only the per-row reduction differs: a gather instead of a summary.
+    """
+    if not hook_names:
+        raise ConfigError("hook_names must name at least one hook point")
+    n_rows, width = batch.input_ids.shape
+    if positions.ndim != 2 or positions.shape[0] != n_rows:
+        raise ConfigError(
+            f"positions must be [batch={n_rows}, n], got shape {tuple(positions.shape)}"
+        )
+    lengths = batch.lengths.to(positions.device)
+    if bool(((positions < 0) | (positions >= lengths[:, None])).any()):
+        raise ConfigError(
+            "positions must index each row's real tokens: 0 <= position < row length "
+            f"(row lengths {lengths.tolist()})"
+        )
+    cols = batch.n_pad.to(positions.device)[:, None] + positions  # as run, left padded
+
+    def gather(act: torch.Tensor, name: str) -> torch.Tensor:
+        _check_per_token(act, name, n_rows, width)
+        rows = torch.arange(n_rows, device=act.device)[:, None]
+        return act[rows, cols.to(act.device)].float()
+
+    with (
+        torch.no_grad(),
+        record_activations(model, hook_names, reduce=gather, stop=True) as rec,
+    ):
+        plain_forward(
+            model, batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=-1
+        )
+    if rec.missing:
+        raise HookPointError(
+            f"hook point(s) {rec.missing} did not fire in a forward pass: this architecture never "
+            "calls them (model.hook_dict lists every name TransformerLens defines)"
+        )
+    return [rec[name].cpu() for name in hook_names]
 
 
 @renamed(position="pooling")

@@ -67,6 +67,7 @@ from ks_lens.steering.registry import (
     LINEAR_PROBE_METHODS,
     METHODS,
     REFERENCE_METHODS,
+    TOKEN_PROBE_METHODS,
     MethodDef,
     SteeringKit,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "METHODS",
     "REFERENCE_METHODS",
     "TEXT_COVERAGES",
+    "TOKEN_PROBE_METHODS",
     "ActivationEvaluation",
     "Answer",
     "Cell",

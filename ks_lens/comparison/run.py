@@ -101,6 +101,7 @@ def run_comparison(
     dct: DCTVectors | None = None,
     linear_probe: Probe | None = None,
     instructions: Mapping[str, str] | None = None,
+    token_probe: Probe | None = None,
 ) -> ComparisonResult:
     """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
     ``text_questions``, default the same), measure capability (``capability_questions`` > 0;
@@ -110,7 +111,7 @@ def run_comparison(
 
     With the ``dct`` method and no mapped ``dct`` vectors given, they are learned and mapped by
     :func:`fit_comparison_dct`.
-    ``linear_probe`` (same labels and hook point as ``probe``) serves ``ksteer_linear``;
+    ``linear_probe`` / ``token_probe`` (same hook, labels) serve ksteer_linear / ksteer_token;
     ``instructions`` (label -> instruction, e.g. ``BehaviourDataset.instructions``) the
     ``instructed`` reference row, which ``config.instructed`` asks for."""
     text_questions = list(test_questions if text_questions is None else text_questions)
@@ -123,7 +124,7 @@ def run_comparison(
         raise ConfigError("need calibration and test questions")
     plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
     _instructed_systems(config, instructions, plan, [])  # refuse missing instructions early
-    kit = SteeringKit(probe, vectors, dict(layer_probes or {}), linear_probe=linear_probe)
+    kit = _kit(probe, vectors, layer_probes, linear_probe, token_probe)
     if kit.layer_probes and max(kit.layer_probes) > evaluator.layer:
         raise ConfigError(
             f"the evaluator (layer {evaluator.layer}) must read at or after every steering layer "
@@ -161,6 +162,34 @@ def run_comparison(
         len(text_questions) if text is not None else 0,
         timings,
         capability,
+    )
+
+
+def _kit(
+    probe: Probe,
+    vectors: SteeringVectors,
+    layer_probes: Mapping[int, Probe] | None,
+    linear_probe: Probe | None,
+    token_probe: Probe | None,
+) -> SteeringKit:
+    """The comparison's :class:`SteeringKit`; ConfigError unless ``token_probe`` (the per-token
+    probe of ``ksteer_token``) reads the steering probe's hook point with its labels."""
+    if token_probe is not None and (
+        token_probe.hook_name != probe.hook_name
+        or tuple(token_probe.label_names) != tuple(probe.label_names)
+    ):
+        raise ConfigError(
+            f"the per-token probe reads {token_probe.hook_name} with labels "
+            f"{list(token_probe.label_names)}, the steering probe {probe.hook_name} with "
+            f"{list(probe.label_names)}: ksteer_token steers beside ksteer, at the same hook "
+            "point with the same labels"
+        )
+    return SteeringKit(
+        probe,
+        vectors,
+        dict(layer_probes or {}),
+        linear_probe=linear_probe,
+        token_probe=token_probe,
     )
 
 

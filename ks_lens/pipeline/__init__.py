@@ -29,7 +29,13 @@ from ks_lens.pipeline.config import (
     full_comparison,
     probe_source_text,
 )
-from ks_lens.pipeline.kits import needs_linear_probe, steering_kit, texts_dataset
+from ks_lens.pipeline.kits import (
+    needs_linear_probe,
+    needs_token_probe,
+    steering_kit,
+    texts_dataset,
+    token_steering_probe,
+)
 from ks_lens.pipeline.layers import RunLayers, StudyLayers
 from ks_lens.pipeline.setup import Setup
 from ks_lens.pipeline.steps import prepare
@@ -50,8 +56,10 @@ __all__ = [
     "eval_gap_note",
     "full_comparison",
     "needs_linear_probe",
+    "needs_token_probe",
     "prepare",
     "probe_source_text",
     "steering_kit",
     "texts_dataset",
+    "token_steering_probe",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
-from ks_lens.activations import POOLINGS, Pooling
+from ks_lens.activations import DEFAULT_MAX_TOKENS, POOLINGS, Pooling
 from ks_lens.comparison import (
     ComparisonConfig,
 )
@@ -61,6 +61,8 @@ class PipelineConfig(ModelOptions):
     probe_source: ProbeSource = "text"
     text_pooling: Pooling = "last"  # text source: last answer token or "mean_response"
     gold_steer_fraction: float = 0.5  # share of gold questions for text-grounded steering
+    # per-token probe (ksteer_token): answer tokens per steering-half gold text that become rows
+    token_probe_tokens: int = DEFAULT_MAX_TOKENS
     multilayer_offsets: tuple[int, ...] = (-6, -3, 0)  # multi-layer method: layers around `layer`
     # rows per forward pass: collection, and the comparison's activation level and calibration
     batch_size: int = 16
@@ -112,6 +114,13 @@ class PipelineConfig(ModelOptions):
             raise ConfigError(f"text_pooling must be in {POOLINGS}, got {self.text_pooling!r}")
         if not 0 < self.gold_steer_fraction < 1:
             raise ConfigError("gold_steer_fraction must be strictly between 0 and 1")
+        if isinstance(self.token_probe_tokens, bool) or not (
+            isinstance(self.token_probe_tokens, int) and self.token_probe_tokens >= 1
+        ):
+            raise ConfigError(
+                "token_probe_tokens (answer tokens per gold text of the per-token probe) must be "
+                f"a positive integer, got {self.token_probe_tokens!r}"
+            )
         if len(set(self.multilayer_offsets)) < 2 or max(self.multilayer_offsets) > 0:
             raise ConfigError(
                 "multilayer_offsets must name at least two distinct layers at or before the "

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from ks_lens.activations import Activations
+from ks_lens.activations import Activations, collect_token_activations
 from ks_lens.comparison import (
     LINEAR_PROBE_METHODS,
+    TOKEN_PROBE_METHODS,
     ComparisonConfig,
     SteeringKit,
 )
@@ -22,13 +23,49 @@ from ks_lens.datasets.gold_texts import (
 )
 from ks_lens.errors import ConfigError
 from ks_lens.pipeline.config import PipelineConfig
-from ks_lens.probes import ProbeConfig, train_probe, train_probes
+from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes, train_token_probe
 from ks_lens.steering import SteeringVectors
+from ks_lens.types import Model
 
 
 def needs_linear_probe(config: ComparisonConfig) -> bool:
     """Whether a method of ``config`` steers with a linear probe (``ksteer_linear``)."""
     return any(split_method(m)[0] in LINEAR_PROBE_METHODS for m in config.methods)
+
+
+def needs_token_probe(config: ComparisonConfig) -> bool:
+    """Whether a method of ``config`` steers with the per-token probe (``ksteer_token``)."""
+    return any(split_method(m)[0] in TOKEN_PROBE_METHODS for m in config.methods)
+
+
+def token_steering_probe(
+    model: Model,
+    texts: Sequence[LabelledText],
+    labels: Sequence[str],
+    layer: int,
+    cfg: PipelineConfig,
+    *,
+    groups: Mapping[str, str] | None = None,
+    progress: bool = False,
+) -> Probe:
+    """The per-token steering probe at ``layer``: every answer token (the first
+    ``cfg.token_probe_tokens``) of ``texts`` teacher-forced after its question without
+    instruction (:func:`~ks_lens.activations.collect_token_activations`), each labelled with its
+    text's labels, trained with the steering probe's settings
+    (:func:`~ks_lens.probes.train_token_probe`). ``groups`` maps text ids to questions, so that
+    validation holds out whole questions (the split of the final-token probe on the same texts).
+    """
+    acts = collect_token_activations(
+        model,
+        texts_dataset(texts, labels),
+        layer=layer,
+        max_tokens=cfg.token_probe_tokens,
+        batch_size=cfg.batch_size,
+        split="gold-steer",
+        progress=progress,
+    )
+    g = None if groups is None else [groups[i] for i in acts.question_ids]
+    return train_token_probe(acts, config=ProbeConfig(seed=cfg.seed), groups=g)
 
 
 def steering_kit(

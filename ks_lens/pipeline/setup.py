@@ -131,6 +131,7 @@ class Setup:
             layer_probes=kit.layer_probes,
             evaluator=ev,
             linear_probe=kit.linear_probe,
+            token_probe=kit.token_probe,
             instructions=self.dataset.instructions,
             text_evaluator=self.text_evaluator if text else None,
             response_evaluator=self.response_evaluator if text else None,

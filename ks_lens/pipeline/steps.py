@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,12 @@ from ks_lens.memory import (
 from ks_lens.models import load_model
 from ks_lens.pipeline.checks import check_held_out, check_question_lengths, check_texts_cover_labels
 from ks_lens.pipeline.config import PROBE_SOURCES, PipelineConfig, ProbeSource
-from ks_lens.pipeline.kits import steering_kit, texts_dataset
+from ks_lens.pipeline.kits import (
+    needs_token_probe,
+    steering_kit,
+    texts_dataset,
+    token_steering_probe,
+)
 from ks_lens.pipeline.layers import RunLayers, StudyLayers, _layer_tag
 from ks_lens.pipeline.setup import Setup
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes
@@ -262,9 +267,11 @@ def _train_kits(
     wanted: Sequence[str],
     question_of: Mapping[str, str],
     work: Path,
+    token_probe: Probe | None = None,
 ) -> dict[str, SteeringKit]:
     """The steering probe, CAA vectors (and linear and multi-layer probes) of each source,
-    saved under ``work/probes`` and ``work/vectors``."""
+    saved under ``work/probes`` and ``work/vectors``. ``token_probe`` (the per-token probe,
+    learned from the gold texts whatever the source) joins every kit."""
     kits: dict[str, SteeringKit] = {}
     layers, ml = run_layers.steering_probes, list(run_layers.multilayer)
     for src in wanted:
@@ -276,12 +283,45 @@ def _train_kits(
             assert stores.steer is not None
             acts = stores.steer.load(layers=layers)
             kits[src] = steering_kit(acts, run_layers.steering, ml, cfg, groups=question_of)
+        kits[src] = replace(kits[src], token_probe=token_probe)
     for source, kit in kits.items():
         kit.probe.save(work / "probes" / f"steering-{source}")
         if kit.linear_probe is not None:
             kit.linear_probe.save(work / "probes" / f"steering-{source}-linear")
+        if kit.token_probe is not None:
+            kit.token_probe.save(work / "probes" / f"steering-{source}-token")
         kit.vectors.save(work / "vectors" / source)
     return kits
+
+
+def _token_probe(
+    cfg: PipelineConfig,
+    model: Model,
+    inputs: _Inputs,
+    run_layers: RunLayers,
+    question_of: Mapping[str, str],
+    progress: bool,
+    timings: dict[str, float],
+) -> Probe | None:
+    """The per-token steering probe (:func:`token_steering_probe`) on the steering half of the
+    gold texts that the run encodes, when a method needs it (:func:`needs_token_probe`); timed
+    into ``timings["token_probe_s"]``."""
+    if not needs_token_probe(cfg.comparison):
+        return None
+    t0 = time.perf_counter()
+    steer_ids = {t.id for t in inputs.gold_steer}
+    texts = [t for t in spread(list(inputs.gold), cfg.n_gold) if t.id in steer_ids]
+    probe = token_steering_probe(
+        model,
+        texts,
+        inputs.ds.labels,
+        run_layers.steering,
+        cfg,
+        groups=question_of,
+        progress=progress,
+    )
+    timings["token_probe_s"] = time.perf_counter() - t0
+    return probe
 
 
 def _train_evaluators(
@@ -368,9 +408,10 @@ def prepare(
     stores = _collect_stores(
         cfg, model, inputs, run_layers, wanted, work / "acts", progress=progress, timings=timings
     )
-    t0 = time.perf_counter()
     question_of = {t.id: t.question_id or t.id for t in inputs.gold}
-    kits = _train_kits(cfg, stores, run_layers, wanted, question_of, work)
+    token = _token_probe(cfg, model, inputs, run_layers, question_of, progress, timings)
+    t0 = time.perf_counter()
+    kits = _train_kits(cfg, stores, run_layers, wanted, question_of, work, token)
     evaluator, response, resp_probes = _train_evaluators(cfg, stores, run_layers, question_of, work)
     timings["train_s"] = time.perf_counter() - t0
     record_memory(timings, "train")

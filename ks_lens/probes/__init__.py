@@ -34,6 +34,7 @@ from ks_lens.probes.training import (
     split_stratified_by_group,
     train_probe,
     train_probes,
+    train_token_probe,
     validation_split,
 )
 
@@ -53,5 +54,6 @@ __all__ = [
     "split_stratified_by_group",
     "train_probe",
     "train_probes",
+    "train_token_probe",
     "validation_split",
 ]

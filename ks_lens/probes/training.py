@@ -15,7 +15,7 @@ from einops import rearrange
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from ks_lens.activations import Activations
+from ks_lens.activations import TOKEN_POSITION, Activations
 from ks_lens.errors import ConfigError, DatasetError, TrainingError
 from ks_lens.hooks import resid_hook
 from ks_lens.probes.config import ProbeConfig
@@ -480,3 +480,43 @@ def train_probe(
         groups=groups,
         progress=progress,
     )[layer]
+
+
+def train_token_probe(
+    acts: Activations,
+    *,
+    kind: str = "resid_post",
+    config: ProbeConfig = ProbeConfig(),
+    device: torch.device | str | None = None,
+    groups: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Probe:
+    """Train a per-token steering probe on the rows of
+    :func:`~ks_lens.activations.collect_token_activations` (every answer token of labelled
+    texts, one layer): :func:`train_probe`'s probe, trainer and question-grouped validation
+    split (``groups``: one id per row, e.g. each text's question; default the text ids), so
+    saving and K-Steering treat it like any other probe. Its :attr:`Probe.source` records
+    ``per_token=True`` and ``max_tokens`` (the N answer tokens per text).
+
+    Raises :class:`~ks_lens.errors.ConfigError` for activations that are not per-token rows.
+    """
+    collect = acts.meta.get("collect", {})
+    if collect.get("position") != TOKEN_POSITION or len(acts.layers) != 1:
+        raise ConfigError(
+            "train_token_probe needs the per-token rows of collect_token_activations (one layer, "
+            f"collect position {TOKEN_POSITION!r}); these are {collect.get('position')!r} rows "
+            f"at layers {list(acts.layers)}: use train_probe for pooled activations"
+        )
+    probe = train_probe(
+        acts,
+        acts.layers[0],
+        kind=kind,
+        config=config,
+        device=device,
+        groups=groups,
+        progress=progress,
+    )
+    probe.source["per_token"] = True
+    probe.source["max_tokens"] = int(collect["max_tokens"])
+    probe.source["n_texts"] = acts.meta.get("n_texts")
+    return probe

@@ -32,7 +32,9 @@ class SteeringKit:
 
     ``probe`` and ``vectors`` sit at the steering layer; ``layer_probes`` (probes of the same
     source at several layers, by model layer) serve the multi-layer method; ``linear_probe`` (a
-    linear probe of the same source and layer as ``probe``) serves ``ksteer_linear``.
+    linear probe of the same source and layer as ``probe``) serves ``ksteer_linear``;
+    ``token_probe`` (a probe of the same layer trained on every answer token of the gold texts,
+    :func:`~ks_lens.probes.train_token_probe`) serves ``ksteer_token``.
     """
 
     probe: Probe
@@ -40,6 +42,7 @@ class SteeringKit:
     layer_probes: Mapping[int, Probe] = field(default_factory=dict)
     dct: DCTVectors | None = None  # mapped DCT vectors (run_comparison fits them when needed)
     linear_probe: Probe | None = None
+    token_probe: Probe | None = None
 
     def linear(self) -> Probe:
         if self.linear_probe is None:
@@ -48,6 +51,15 @@ class SteeringKit:
                 "ks_lens.pipeline.prepare trains one when a method needs it)"
             )
         return self.linear_probe
+
+    def token(self) -> Probe:
+        if self.token_probe is None:
+            raise ConfigError(
+                "the ksteer_token method needs a per-token steering probe (SteeringKit.token_probe, "
+                "ks_lens.probes.train_token_probe; ks_lens.pipeline.prepare trains one when a "
+                "method needs it)"
+            )
+        return self.token_probe
 
     def dct_vectors(self) -> DCTVectors:
         if self.dct is None:
@@ -169,6 +181,14 @@ METHODS: dict[str, MethodDef] = {
         KSteeringConfig(precondition="diag"),
         3.0,
     ),
+    "ksteer_token": ksteer_method(
+        "K-Steer per-token probe",
+        "K-Steering as ksteer_precond, with a probe trained on every answer token of the gold "
+        "texts (the first N: per-token probe)",
+        KSteeringConfig(precondition="diag"),
+        3.0,
+        probe=SteeringKit.token,
+    ),
     "ksteer_clip": ksteer_method(
         "K-Steer clipped",
         f"K-Steering, each token's step clipped to {CLIP_FRACTION:g} x |x| (trust region)",
@@ -212,6 +232,8 @@ REFERENCE_METHODS: tuple[str, ...] = (
 )
 #: methods built from ``SteeringKit.linear_probe`` (prepare trains it only when one is requested)
 LINEAR_PROBE_METHODS: frozenset[str] = frozenset({"ksteer_linear"})
+#: methods built from ``SteeringKit.token_probe`` (prepare trains it only when one is requested)
+TOKEN_PROBE_METHODS: frozenset[str] = frozenset({"ksteer_token"})
 
 
 __all__ = [
@@ -219,6 +241,7 @@ __all__ = [
     "LINEAR_PROBE_METHODS",
     "METHODS",
     "REFERENCE_METHODS",
+    "TOKEN_PROBE_METHODS",
     "MethodDef",
     "SteeringKit",
     "caa_method",
