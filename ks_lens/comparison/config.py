@@ -111,7 +111,7 @@ class ComparisonConfig:
     kl_budget: float = 0.5  # nats per token; also the KL level of the equal-KL headline
     max_degenerate_rate: float = 0.02  # calibration: alphas with more degenerate answers fail
     calib_tokens: int = 16  # answer length for the generation_kl calibration metric
-    calib_combos_per_question: int = 1  # calibration cells per question and size
+    calib_combos_per_question: int = 1  # calibration cells per question and size (alpha_per size)
     calib_bisect_steps: int = 3  # final bracket within a factor 4 ** (1/8) = 1.19
     alpha_per: AlphaPer = "size"  # one calibrated alpha per number of targets or per combination
     # alpha_per combination: calibration questions per combination (at least; each question is
