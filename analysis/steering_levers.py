@@ -17,7 +17,10 @@ differences. The levers are decided in order, each with the winners of the ones 
    with a probe trained on every answer token of the gold texts (``ksteer_token``; issue 24);
 3. **positions**: all tokens, generated tokens only, prompt tokens only;
 4. **remedies**: multi-step, log-sigmoid, soft-min, balanced, PCGrad (3-target vanishing);
-5. **avoid**: toward one or two tones and away from ``expert``.
+5. **avoid**: toward one or two tones and away from ``expert``;
+6. **alpha_per**: one calibrated alpha per number of targets (``alpha_per="size"``) against one
+   per target combination (``"combination"``, the reference's choice; issue 24), for
+   ``ksteer_precond`` (CAA is calibrated per combination too in the second run).
 
 The winner of a lever is the K-Steering variant with the highest mean (over 1, 2 and 3
 targets) text target probability at equal KL among those with at most 2 % degenerate answers.
@@ -54,7 +57,15 @@ from ks_lens.report import plot_tradeoff
 log = logging.getLogger("analysis.steering_levers")
 
 Lever = Literal[
-    "source", "step", "precondition", "token_probe", "dense", "positions", "remedies", "avoid"
+    "source",
+    "step",
+    "precondition",
+    "token_probe",
+    "dense",
+    "alpha_per",
+    "positions",
+    "remedies",
+    "avoid",
 ]
 LEVERS: tuple[Lever, ...] = get_args(Lever)
 STEP_VARIANTS = ("ksteer_unit", "ksteer_relative", "ksteer_clip", "ksteer_multilayer")
@@ -369,6 +380,21 @@ def main() -> None:
         )
         section("avoid", av, None)
         md.extend([*avoid_table(av, "expert"), ""])
+    if "alpha_per" in levers:
+        # the precondition lever's run (per size) beside the same methods calibrated per combination
+        pair = ("caa_mean", "ksteer_precond")
+        runs = {
+            "size": runner.run(f"precond-{source}", source=source, methods=pair),
+            "combination": runner.run(
+                f"precond-{source}-per-combination",
+                source=source,
+                methods=pair,
+                alpha_per="combination",
+            ),
+        }
+        merged = merge_results(runs, baseline="caa_mean@size")
+        ch = choose("alpha_per", merged, ["ksteer_precond@size", "ksteer_precond@combination"])
+        section("alpha_per", merged, ch, acts=True)
     md.extend(
         [
             "## Decisions",

@@ -97,7 +97,9 @@ def main() -> None:
     ).at(setup.layer)
     cases = vanished_cases(res.activation, config.vanish)
     steerers = build_methods(config, setup.kit)
-    diagnoses = diagnose_cases(cases, steerers, res.alphas, x, readout=setup.probe)
+    diagnoses = diagnose_cases(
+        cases, steerers, res.alphas, x, readout=setup.probe, combo_alphas=res.combo_alphas
+    )
     causes: dict[str, Counter[str]] = {}
     for d in diagnoses:
         for t in d.per_target.values():

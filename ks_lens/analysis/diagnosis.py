@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Float
 
 from ks_lens.analysis._move import caa_move, ksteer_move, read_trajectory
-from ks_lens.comparison import ActivationEvaluation, method_label
+from ks_lens.comparison import ActivationEvaluation, alpha_of, method_label
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation import VanishRule
 from ks_lens.evaluation.stats import (
@@ -314,9 +314,11 @@ def diagnose_cases(
     x: Float[torch.Tensor, "n d"],
     *,
     readout: Probe | None = None,
+    combo_alphas: Mapping[str, Mapping[tuple[str, ...], float]] | None = None,
 ) -> list[Diagnosis]:
     """Diagnose every case with **its own** method's steerer and calibrated alpha
-    (``alphas[method][number of targets]``); cases of methods not in ``steerers`` are skipped."""
+    (``alphas[method][number of targets]``, or ``combo_alphas[method][targets]`` for a method
+    calibrated per combination); cases of methods not in ``steerers`` are skipped."""
     out = []
     for case in cases:
         if case.method not in steerers:
@@ -326,7 +328,7 @@ def diagnose_cases(
                 steerers[case.method],
                 x,
                 case.targets,
-                alpha=alphas[case.method][len(case.targets)],
+                alpha=alpha_of(alphas, combo_alphas, case.method, case.targets),
                 method=case.method,
                 readout=readout,
                 evaluator_delta=case.delta,

@@ -331,6 +331,7 @@ def _sweep_layer(
         evaluator,
         res.config,
         progress=False,
+        combo_alphas=res.combo_alphas,
     )
     rec = LayerRecord(
         place,

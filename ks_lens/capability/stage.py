@@ -388,10 +388,12 @@ def evaluate_capability_stage(
     questions: Sequence[MCQuestion] | None = None,
     rule: Rule = DEFAULT_RULE,
     batch_size: int = 64,
+    combo_alphas: Mapping[str, Mapping[tuple[str, ...], float]] | None = None,
 ) -> CapabilityEvaluation:
     """Score the :func:`stratified_subset` of ``questions`` (default: the shipped set) unsteered,
     under every method at ``alphas[method][k]`` for every size ``k`` (questions shared out over
-    the combinations by :func:`partition`), and, given ``instructed`` (a system prompt per
+    the combinations by :func:`partition`; a combination in ``combo_alphas[method]`` is steered
+    at its own alpha, the run records the size's), and, given ``instructed`` (a system prompt per
     combination, e.g. :func:`instructed_prompts`), under each combination's system prompt."""
     check_rule(rule)
     qs = stratified_subset(
@@ -417,8 +419,10 @@ def evaluate_capability_stage(
             a = float(alphas[m][k])
             settings = {"method": m, "k": k, "alpha": a, "positions": positions}
             stage.runs.append(_RunRows(m, k, a, f"{m} k={k}", settings))
+            own = (combo_alphas or {}).get(m, {})
             for combo, idx in zip(combos[k], partition(len(qs), combos[k]), strict=True):
-                stage.add(stage.runs[-1], idx, (method, SteeringSpec(combo, tuple(avoid), a)), None)
+                spec = SteeringSpec(combo, tuple(avoid), float(own.get(combo, a)))
+                stage.add(stage.runs[-1], idx, (method, spec), None)
     if instructed is not None:
         for k in sizes:
             settings = {"k": k, "system": "each combination's instructions (instructions)"}

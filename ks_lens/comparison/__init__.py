@@ -9,7 +9,9 @@ Four stages, each a function, each returning typed records:
    least ``min_questions_per_combination`` questions, :mod:`ks_lens.datasets.coverage`).
 2. :func:`calibrate` -> per method and number of targets, the largest alpha whose greedy answers
    to the **calibration** questions stay within a KL budget (nats per token) with at most
-   ``max_degenerate_rate`` degenerate answers.
+   ``max_degenerate_rate`` degenerate answers; with ``alpha_per="combination"``
+   (:func:`calibrate_combinations`), per method and target combination, each combination
+   steered at its own alpha downstream (:func:`alpha_of`).
 3. :func:`evaluate_activations` -> :class:`ActivationEvaluation`: a held-out (multi-label)
    evaluator probe reads the steered forward pass of the **test** questions, at the
    calibrated alpha, for every combination.
@@ -33,10 +35,17 @@ probe). Beside them, ``ComparisonConfig.instructed`` adds the ``instructed`` ref
 model asked for the targets by system prompt, no steering (:mod:`ks_lens.evaluation.instructed`).
 """
 
-from ks_lens.comparison.calibration import build_methods, calibrate
+from ks_lens.comparison.calibration import (
+    alpha_of,
+    build_methods,
+    calibrate,
+    calibrate_combinations,
+)
 from ks_lens.comparison.checks import check_records
 from ks_lens.comparison.config import (
+    ALPHA_PERS,
     TEXT_COVERAGES,
+    AlphaPer,
     ComparisonConfig,
     TextCoverage,
     TextScorer,
@@ -73,6 +82,7 @@ from ks_lens.steering.registry import (
 )
 
 __all__ = [
+    "ALPHA_PERS",
     "INSTRUCTED",
     "LINEAR_PROBE_METHODS",
     "METHODS",
@@ -80,6 +90,7 @@ __all__ = [
     "TEXT_COVERAGES",
     "TOKEN_PROBE_METHODS",
     "ActivationEvaluation",
+    "AlphaPer",
     "Answer",
     "Cell",
     "CombinationRow",
@@ -94,8 +105,10 @@ __all__ = [
     "TextCoverage",
     "TextEvaluation",
     "TextScorer",
+    "alpha_of",
     "build_methods",
     "calibrate",
+    "calibrate_combinations",
     "check_records",
     "evaluate_activations",
     "evaluate_text",

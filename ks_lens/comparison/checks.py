@@ -38,6 +38,33 @@ def _check_alphas(
             raise StoreError(f"{what} of {m!r} has no alpha for k={sorted(missing)}")
 
 
+def _check_combo_calibration(
+    combo: Mapping[str, Mapping[tuple[str, ...], Calibration]],
+    config: ComparisonConfig,
+    plan: ComparisonPlan,
+) -> None:
+    """Per-combination alphas: for every method with ``alpha_per="combination"`` (for some
+    methods of a merged result), an alpha for every combination the stages steer toward."""
+    unknown = set(combo) - set(config.methods)
+    if unknown:
+        raise StoreError(
+            f"combo_calibration has methods {sorted(unknown)} the settings do not name"
+        )
+    if config.alpha_per == "combination" and set(combo) != set(config.methods):
+        raise StoreError(
+            f"combo_calibration has methods {sorted(combo)}; alpha_per 'combination' needs "
+            f"every method of {list(config.methods)}"
+        )
+    needed = set(plan.evaluated_combos())
+    for m, per in combo.items():
+        missing = needed - set(per)
+        if missing:
+            raise StoreError(
+                f"combo_calibration of {m!r} has no alpha for the combination(s) "
+                f"{sorted(list(c) for c in missing)[:3]}"
+            )
+
+
 def _check_steered_cells(
     te: TextEvaluation, config: ComparisonConfig, plan: ComparisonPlan
 ) -> None:
@@ -124,11 +151,12 @@ def check_records(
     act: ActivationEvaluation | None,
     text: TextEvaluation | None,
     capability: CapabilityEvaluation | None = None,
+    combo_calibration: Mapping[str, Mapping[tuple[str, ...], Calibration]] | None = None,
 ) -> None:
     """Refuse stored records that do not agree with each other or with the settings (an edited or
     damaged ``report.json``): the settings (:meth:`ComparisonConfig.validate` on the plan's
     labels), every stage's labels against the plan's (reordered labels would swap results),
-    methods, alphas, question indices, shapes and probabilities."""
+    methods, alphas (per combination too), question indices, shapes and probabilities."""
     labels = list(plan.labels)
     config.validate(labels)
     if tuple(plan.avoid) != tuple(config.avoid):
@@ -139,6 +167,7 @@ def check_records(
         if not c or any(t not in labels for t in c):
             raise StoreError(f"the plan has a combination {list(c)} outside the labels {labels}")
     _check_alphas(calibration, config, "calibration")
+    _check_combo_calibration(combo_calibration or {}, config, plan)
     for what, stage in (("activation_eval", act), ("text_eval", text)):
         if stage is not None and list(stage.labels) != labels:
             raise StoreError(

@@ -70,6 +70,22 @@ class TextScorer(Protocol):
 
 TextCoverage = Literal["per-size", "all-combinations"]
 
+AlphaPer = Literal["size", "combination"]
+
+ALPHA_PERS: tuple[AlphaPer, ...] = get_args(AlphaPer)
+"""What one calibrated alpha serves (:func:`~ks_lens.comparison.calibrate`):
+
+``size``         one alpha per method and number of targets, on all calibration cells of that
+                 size (a hard combination and an easy one share it);
+``combination``  one alpha per method and target combination (the reference implementation's
+                 choice), each on ``calib_questions_per_combination`` or more calibration
+                 questions; only the combinations the activation and text stages use.
+"""
+
+#: settings left out of :meth:`ComparisonConfig.to_json` at these values, so that a result of the
+#: defaults reads as one written before the settings existed (and older code can load it)
+_OMITTED_AT_DEFAULT: dict[str, Any] = {"alpha_per": "size", "calib_questions_per_combination": 1}
+
 
 TEXT_COVERAGES: tuple[TextCoverage, ...] = get_args(TextCoverage)
 """Which (question, combination) cells the text level answers:
@@ -95,8 +111,12 @@ class ComparisonConfig:
     kl_budget: float = 0.5  # nats per token; also the KL level of the equal-KL headline
     max_degenerate_rate: float = 0.02  # calibration: alphas with more degenerate answers fail
     calib_tokens: int = 16  # answer length for the generation_kl calibration metric
-    calib_combos_per_question: int = 1  # calibration cells per question and size
+    calib_combos_per_question: int = 1  # calibration cells per question and size (alpha_per size)
     calib_bisect_steps: int = 3  # final bracket within a factor 4 ** (1/8) = 1.19
+    alpha_per: AlphaPer = "size"  # one calibrated alpha per number of targets or per combination
+    # alpha_per combination: calibration questions per combination (at least; each question is
+    # used for every size)
+    calib_questions_per_combination: int = 1
     positions: Positions = "all"  # token positions steered
     act_combos_per_size: int | None = None  # combinations per size, activation level (None: all)
     gen_combos_per_question: int = 1  # text-level cells per test question and size (per-size)
@@ -174,6 +194,13 @@ class ComparisonConfig:
             raise ConfigError(
                 f"unknown text_coverage {self.text_coverage!r}; use one of {TEXT_COVERAGES}"
             )
+        if self.alpha_per not in ALPHA_PERS:
+            raise ConfigError(f"unknown alpha_per {self.alpha_per!r}; use one of {ALPHA_PERS}")
+        if self.calib_questions_per_combination < 1:
+            raise ConfigError(
+                "calib_questions_per_combination must be at least 1, got "
+                f"{self.calib_questions_per_combination}"
+            )
         if self.min_questions_per_combination < 1:
             raise ConfigError(
                 "min_questions_per_combination must be at least 1, got "
@@ -217,6 +244,9 @@ class ComparisonConfig:
         d["vanish"] = self.vanish.to_json()
         d["degenerate"] = self.degenerate.to_json()
         d["dct"] = asdict(self.dct)
+        for name, default in _OMITTED_AT_DEFAULT.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -271,7 +301,7 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "curve_factors": (lambda v: isinstance(v, tuple) and all(_is_number(x) for x in v), "numbers"),
     **{
         name: (lambda v: isinstance(v, str), "a name")
-        for name in ("baseline", "calibration_metric", "positions")
+        for name in ("baseline", "calibration_metric", "positions", "alpha_per")
     },
     **{name: (_is_number, "a number") for name in ("kl_budget", "max_degenerate_rate")},
     **{
@@ -280,6 +310,7 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "calib_tokens",
             "calib_combos_per_question",
             "calib_bisect_steps",
+            "calib_questions_per_combination",
             "gen_combos_per_question",
             "max_new_tokens",
             "batch_size",

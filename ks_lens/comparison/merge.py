@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -53,8 +54,10 @@ def merge_results(
     other positions), so that every method is compared with ``baseline`` (a renamed method,
     e.g. ``"caa_mean@prompt"``) on paired questions.
 
-    The runs must share the plan, the questions and the unsteered answers (the unsteered model
-    is deterministic, so equal settings give equal answers; checked). Summaries, curves and the
+    The runs must share the plan (its evaluated cells: calibration cells may differ, e.g. a run
+    with ``alpha_per="combination"`` beside one per size), the questions and the unsteered
+    answers (the unsteered model is deterministic, so equal settings give equal answers;
+    checked). Methods calibrated per combination keep their combinations' alphas. Summaries, curves and the
     equal-KL rows are recomputed for the merged result under ``config`` (default: the first
     run's settings with the merged methods and ``baseline``).
     """
@@ -74,6 +77,7 @@ def merge_results(
         instructed=first.config.instructed,
     )
     calibration = {f"{m}@{n}": c for n in names for m, c in runs[n].calibration.items()}
+    combo = {f"{m}@{n}": c for n in names for m, c in runs[n].combo_calibration.items()}
     act = _merge_activation(runs)
     text = _merge_text(runs)
     summaries, curves, equal = derived_rows(cfg, act, text)
@@ -100,7 +104,13 @@ def merge_results(
         first.n_text_questions,
         timings,
         capability,
+        combo,
     )
+
+
+def _evaluated(plan_json: Mapping[str, Any]) -> dict[str, Any]:
+    """A plan's JSON without its calibration cells (what the evaluated records depend on)."""
+    return {k: v for k, v in plan_json.items() if k != "calib_cells"}
 
 
 def _check_same_plan(runs: Mapping[str, ComparisonResult]) -> None:
@@ -109,7 +119,7 @@ def _check_same_plan(runs: Mapping[str, ComparisonResult]) -> None:
     first = runs[names[0]]
     for n in names[1:]:
         r = runs[n]
-        if r.plan.to_json() != first.plan.to_json():
+        if _evaluated(r.plan.to_json()) != _evaluated(first.plan.to_json()):
             raise ConfigError(f"run {n!r} has another plan than run {names[0]!r}")
         for what in ("activation", "text"):
             a, b = getattr(first, what), getattr(r, what)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ks_lens.comparison.config import ComparisonConfig, spread
-from ks_lens.datasets.coverage import label_combinations, plan_coverage
+from ks_lens.datasets.coverage import label_combinations, plan_coverage, plan_size
+from ks_lens.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class ComparisonPlan:
                 out.append(c)
                 taken[key] = taken.get(key, 0) + 1
         return out
+
+    def evaluated_combos(self, k: int | None = None) -> list[tuple[str, ...]]:
+        """The combinations the activation and text stages steer toward (of ``k`` targets, or
+        all), each once, in the order of :attr:`act_combos` then of the text cells."""
+        combos = [*self.act_combos, *(c.targets for c in self.gen_cells)]
+        return [c for c in dict.fromkeys(combos) if k is None or len(c) == k]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,11 +87,6 @@ def plan_comparison(
     pool = [lab for lab in labels if lab not in config.avoid]
     by_k = {k: label_combinations(pool, (k,)) for k in config.sizes}
     act = [c for k in config.sizes for c in spread(by_k[k], config.act_combos_per_size)]
-    calib = [
-        c
-        for k in config.sizes
-        for c in rotate_cells(n_calib, by_k[k], config.calib_combos_per_question, config.seed + k)
-    ]
     if config.text_coverage == "all-combinations":
         gen = [
             Cell(q, t)
@@ -104,4 +106,37 @@ def plan_comparison(
                 n_test, by_k[k], config.gen_combos_per_question, config.seed + 100 + k
             )
         ]
-    return ComparisonPlan(tuple(labels), tuple(config.avoid), act, calib, gen)
+    plan = ComparisonPlan(tuple(labels), tuple(config.avoid), act, [], gen)
+    if config.alpha_per == "combination":
+        plan.calib_cells = combination_calib_cells(plan, config, n_calib)
+    else:
+        plan.calib_cells = [
+            c
+            for k in config.sizes
+            for c in rotate_cells(
+                n_calib, by_k[k], config.calib_combos_per_question, config.seed + k
+            )
+        ]
+    return plan
+
+
+def combination_calib_cells(
+    plan: ComparisonPlan, config: ComparisonConfig, n_calib: int
+) -> list[Cell]:
+    """``alpha_per="combination"``: the calibration cells of every combination the activation
+    and text stages use (:meth:`ComparisonPlan.evaluated_combos`), each on at least
+    ``calib_questions_per_combination`` distinct calibration questions, every calibration
+    question used for every size, balanced (:func:`~ks_lens.datasets.coverage.plan_size`);
+    ordered by size, then question."""
+    q = config.calib_questions_per_combination
+    if n_calib < q:
+        raise ConfigError(
+            f"alpha_per 'combination' calibrates every combination on at least {q} calibration "
+            f"questions, but there are only {n_calib}; give more calibration questions or lower "
+            "calib_questions_per_combination"
+        )
+    return [
+        Cell(i, t)
+        for k in config.sizes
+        for i, t in plan_size(n_calib, plan.evaluated_combos(k), q, config.seed * 1009 + 500 + k)
+    ]

@@ -8,6 +8,7 @@ from typing import Any
 
 from ks_lens.calibration import Calibration
 from ks_lens.capability.stage import CapabilityEvaluation, CapabilityRow
+from ks_lens.comparison.calibration import ComboCalibration, alpha_of, combo_alphas
 from ks_lens.comparison.checks import check_records
 from ks_lens.comparison.config import ComparisonConfig, method_description, method_label
 from ks_lens.comparison.curves import trade_off
@@ -53,6 +54,9 @@ class ComparisonResult:
     n_text_questions: int
     timings: dict[str, float] = field(default_factory=dict)
     capability: CapabilityEvaluation | None = None  # the capability stage (None: not run)
+    # alpha_per "combination": per method, each target combination's calibration; the methods
+    # here steer each combination at its own alpha (``calibration`` holds their sizes' medians)
+    combo_calibration: ComboCalibration = field(default_factory=dict)
 
     def capability_rows(self) -> list[CapabilityRow]:
         """The capability stage's accuracies and paired differences vs unsteered (empty: none)."""
@@ -64,6 +68,16 @@ class ComparisonResult:
     def alphas(self) -> dict[str, dict[int, float]]:
         return {m: {k: c.alpha for k, c in v.items()} for m, v in self.calibration.items()}
 
+    @property
+    def combo_alphas(self) -> dict[str, dict[tuple[str, ...], float]]:
+        """Per method calibrated per combination, each combination's alpha (else empty)."""
+        return combo_alphas(self.combo_calibration)
+
+    def alpha(self, method: str, targets: tuple[str, ...]) -> float:
+        """The calibrated alpha ``method`` steers ``targets`` with (its combination's, where the
+        method was calibrated per combination; else its size's)."""
+        return alpha_of(self.alphas, self.combo_alphas, method, targets)
+
     def summary(self, lens: str) -> list[SummaryRow]:
         return [r for r in self.summaries if r.lens == lens]
 
@@ -73,7 +87,7 @@ class ComparisonResult:
         return ("unsteered", INSTRUCTED) if self.config.instructed else ("unsteered",)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "labels": list(self.plan.labels),
             "methods": {m: method_description(m) for m in self.config.methods},
             "method_labels": {
@@ -97,6 +111,9 @@ class ComparisonResult:
             "capability": [r.to_json() for r in self.capability_rows()],
             "capability_eval": None if self.capability is None else self.capability.to_json(),
         }
+        if self.combo_calibration:  # only with per-combination alphas: per size reads as before
+            d["combo_calibration"] = _combos_to_json(self.combo_calibration)
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ComparisonResult:
@@ -128,6 +145,7 @@ class ComparisonResult:
             timings = {str(k): float(v) for k, v in dict(d.get("timings", {})).items()}
             cap = d.get("capability_eval")
             capability = None if cap is None else CapabilityEvaluation.from_json(cap)
+            combo = _combos_from_json(d.get("combo_calibration") or {})
         except KsLensError:
             raise
         except KeyError as e:
@@ -136,7 +154,7 @@ class ComparisonResult:
             raise StoreError(f"the result has a malformed record ({e})") from None
         if "labels" in d and list(d["labels"]) != list(plan.labels):
             raise StoreError(f"labels {d['labels']} differ from the plan's {list(plan.labels)}")
-        check_records(config, plan, calibration, act, text, capability)
+        check_records(config, plan, calibration, act, text, capability, combo)
         summaries, curves, equal = derived_rows(config, act, text)
         return cls(
             config,
@@ -152,4 +170,20 @@ class ComparisonResult:
             n_text,
             timings,
             capability,
+            combo,
         )
+
+
+def _combos_to_json(combo: ComboCalibration) -> dict[str, list[dict[str, Any]]]:
+    """Per method, one entry per combination: its ``targets`` and its calibration."""
+    return {
+        m: [{"targets": list(t), **c.to_json()} for t, c in v.items()] for m, v in combo.items()
+    }
+
+
+def _combos_from_json(d: Mapping[str, Any]) -> ComboCalibration:
+    """Inverse of :func:`_combos_to_json`."""
+    return {
+        m: {tuple(str(x) for x in e["targets"]): Calibration.from_json(e) for e in v}
+        for m, v in d.items()
+    }

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from ks_lens.capability.stage import CapabilityEvaluation, evaluate_capability_stage
-from ks_lens.comparison.calibration import build_methods, calibrate
+from ks_lens.comparison.calibration import build_methods, calibrate_combinations, combo_alphas
 from ks_lens.comparison.config import ComparisonConfig, TextScorer, split_method
 from ks_lens.comparison.plan import ComparisonPlan, plan_comparison
 from ks_lens.comparison.records import ActivationEvaluation, TextEvaluation
@@ -136,10 +136,10 @@ def run_comparison(
     methods = build_methods(config, kit)
 
     with timed_stage(timings, "calibration"):
-        calib = calibrate(model, methods, plan, calib_questions, config)
+        calib, combo = calibrate_combinations(model, methods, plan, calib_questions, config)
     alphas = {m: {k: c.alpha for k, c in v.items()} for m, v in calib.items()}
 
-    stage = _Stage(model, methods, alphas, config, instructions, timings)
+    stage = _Stage(model, methods, alphas, config, instructions, timings, combo_alphas(combo))
     act = _activation_stage(stage, plan, test_questions, evaluator, progress)
     text = None
     if text_evaluator is not None:
@@ -162,6 +162,7 @@ def run_comparison(
         len(text_questions) if text is not None else 0,
         timings,
         capability,
+        combo,
     )
 
 
@@ -238,6 +239,8 @@ class _Stage:
     config: ComparisonConfig
     instructions: Mapping[str, str] | None
     timings: dict[str, float]
+    # alpha_per combination: per method, each combination's alpha (else empty)
+    combo_alphas: dict[str, dict[tuple[str, ...], float]]
 
 
 def _with_dct(
@@ -278,6 +281,7 @@ def _activation_stage(
             stage.config,
             progress=progress,
             instructions=stage.instructions,
+            combo_alphas=stage.combo_alphas,
         )
 
 
@@ -301,6 +305,7 @@ def _text_stage(
             stage.config,
             response_evaluator=response_evaluator,
             instructions=stage.instructions,
+            combo_alphas=stage.combo_alphas,
         )
 
 
@@ -319,6 +324,7 @@ def _capability_stage(stage: _Stage, labels: tuple[str, ...]) -> CapabilityEvalu
             seed=config.seed,
             positions=config.positions,
             instructed=_capability_systems(config, instructions, labels),
+            combo_alphas=stage.combo_alphas,
         )
         if config.capability_instructed and instructions is None:
             log.info("  capability: no instructions given; no instructed row")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ks_lens.comparison.calibration import alpha_of
 from ks_lens.comparison.config import ComparisonConfig, TextScorer
 from ks_lens.comparison.plan import ComparisonPlan
 from ks_lens.comparison.records import ActivationEvaluation, Answer, TextEvaluation
@@ -36,9 +37,11 @@ def evaluate_activations(
     *,
     progress: bool = True,
     instructions: Mapping[str, str] | None = None,
+    combo_alphas: Mapping[str, Mapping[tuple[str, ...], float]] | None = None,
 ) -> ActivationEvaluation:
     """Steer every test question toward every planned combination (each method at its
-    calibrated alpha) and read the held-out evaluator in the same forward pass; with
+    calibrated alpha: its combination's in ``combo_alphas`` where that has the method, else its
+    size's in ``alphas``) and read the held-out evaluator in the same forward pass; with
     ``config.instructed``, also read it on every question asked for every combination by system
     prompt (``instructions``: label -> instruction, see :mod:`ks_lens.evaluation.instructed`)."""
     systems = _instructed_systems(config, instructions, plan, plan.act_combos)
@@ -46,7 +49,7 @@ def evaluate_activations(
     names = list(methods)
     # every (combination, method) at once: the unsteered layers below the steering run once
     groups: list[Steering | None] = [
-        (methods[m], SteeringSpec(c, plan.avoid, alphas[m][len(c)]))
+        (methods[m], SteeringSpec(c, plan.avoid, alpha_of(alphas, combo_alphas, m, c)))
         for c in plan.act_combos
         for m in names
     ]
@@ -108,8 +111,10 @@ def evaluate_text(
     *,
     response_evaluator: Probe | None = None,
     instructions: Mapping[str, str] | None = None,
+    combo_alphas: Mapping[str, Mapping[tuple[str, ...], float]] | None = None,
 ) -> TextEvaluation:
-    """Answer the questions unsteered, each cell with every method at its alpha (the curve cells,
+    """Answer the questions unsteered, each cell with every method at its alpha (its
+    combination's in ``combo_alphas`` where that has the method, else its size's; the curve cells,
     :meth:`ComparisonPlan.curve_cells`, times each of ``curve_factors``) and, with ``instructed``,
     under the targets' system prompt (``instructions``; :mod:`ks_lens.evaluation.instructed`).
 
@@ -123,7 +128,7 @@ def evaluate_text(
         raise ConfigError(
             f"the text evaluator's labels {list(labels)} differ from the comparison's {list(plan.labels)}"
         )
-    tr = _text_rows(methods, alphas, plan, len(questions), config, instructions)
+    tr = _text_rows(methods, alphas, plan, len(questions), config, instructions, combo_alphas)
     scores: GenerationScores = generate_and_score_rows(
         model,
         questions,
@@ -173,6 +178,7 @@ def _text_rows(
     n_questions: int,
     config: ComparisonConfig,
     instructions: Mapping[str, str] | None,
+    combo_alphas: Mapping[str, Mapping[tuple[str, ...], float]] | None = None,
 ) -> _TextRows:
     """Every answer to generate: each question unsteered, each (curve) cell with every method at
     each alpha factor, then (with ``instructed``) each cell unsteered under its system prompt."""
@@ -183,7 +189,7 @@ def _text_rows(
     for m, steerer in methods.items():
         for f in config.curve_factors:
             for c in plan.gen_cells if f == 1.0 else curve:
-                a = alphas[m][len(c.targets)] * f
+                a = alpha_of(alphas, combo_alphas, m, c.targets) * f
                 configs.append((steerer, SteeringSpec(c.targets, plan.avoid, a)))
                 meta.append((m, f, a, c.targets))
                 rows.append((len(configs) - 1, c.question))

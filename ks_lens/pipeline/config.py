@@ -139,6 +139,12 @@ class PipelineConfig(ModelOptions):
                 "not its effect"
             )
         c = self.comparison.validate()
+        if c.alpha_per == "combination" and self.n_calib < c.calib_questions_per_combination:
+            raise ConfigError(
+                f"alpha_per 'combination' calibrates every combination on at least "
+                f"{c.calib_questions_per_combination} calibration questions, but n_calib is "
+                f"{self.n_calib}; raise n_calib or lower calib_questions_per_combination"
+            )
         if c.text_coverage == "all-combinations" and self.n_gen < c.min_questions_per_combination:
             raise ConfigError(
                 f"text_coverage 'all-combinations' answers every combination on at least "

@@ -99,6 +99,10 @@ def render_markdown(result: ComparisonResult, info: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: how the intro names :attr:`ComparisonConfig.alpha_per`
+_ALPHA_PER = {"size": "number of targets", "combination": "target combination"}
+
+
 def _intro_lines(result: ComparisonResult, info: Mapping[str, Any]) -> list[str]:
     """Title, provenance, setup, the verdict and the evaluators' heading (their list follows)."""
     cfg = result.config
@@ -115,7 +119,8 @@ def _intro_lines(result: ComparisonResult, info: Mapping[str, Any]) -> list[str]
             else "."
         ),
         versions_line(info),
-        f"Alpha calibrated per method and number of targets on {result.n_calib_questions} calibration "
+        f"Alpha calibrated per method and {_ALPHA_PER.get(cfg.alpha_per, cfg.alpha_per)} on "
+        f"{result.n_calib_questions} calibration "
         f"questions to {cfg.kl_budget} nats/token ({_METRIC_TEXT.get(cfg.calibration_metric, cfg.calibration_metric)}) "
         f"with at most {cfg.max_degenerate_rate:.0%} of answers newly degenerate (degenerate where the "
         f"unsteered answer is not). Test questions: "
@@ -222,6 +227,26 @@ def _style_and_example_lines(result: ComparisonResult) -> list[str]:
     return lines
 
 
+def _combo_alpha_lines(result: ComparisonResult) -> list[str]:
+    """The per-combination alphas (``alpha_per="combination"``; none otherwise): one row per
+    combination, one column per method calibrated per combination."""
+    combo = result.combo_alphas
+    if not combo:
+        return []
+    methods = [m for m in result.config.methods if m in combo]
+    rows = [
+        [" + ".join(t)] + [f"{combo[m][t]:.4g}" if t in combo[m] else "-" for m in methods]
+        for t in dict.fromkeys(t for m in methods for t in combo[m])
+    ]
+    return [
+        "",
+        "Per combination (each combination steered at its own alpha; the table above gives the "
+        "median per number of targets):",
+        "",
+        markdown_table(rows, ["targets", *[method_label(m) for m in methods]]),
+    ]
+
+
 def _alpha_and_definition_lines(result: ComparisonResult) -> list[str]:
     """The calibrated alphas per method and k, and the definitions of the reported quantities."""
     cfg = result.config
@@ -236,6 +261,7 @@ def _alpha_and_definition_lines(result: ComparisonResult) -> list[str]:
             ],
             ["method", *[f"k={k}" for k in cfg.sizes]],
         ),
+        *_combo_alpha_lines(result),
         "",
         "## Definitions",
         "",

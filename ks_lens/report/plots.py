@@ -227,18 +227,22 @@ def _activation_panel(
 
 def _plot_calibration(result: ComparisonResult, colors: Mapping[str, Any], out_dir: Path) -> Path:
     """``calibration.png``: every method's calibration evaluations (the calibration metric
-    against alpha, per number of targets) and the KL budget."""
+    against alpha, per number of targets; per combination as points) and the KL budget."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for m, by_k in result.calibration.items():
         for k, cal in by_k.items():
-            ev = sorted((a, v if math.isfinite(v) else float("nan")) for a, v in cal.evaluations)
+            # per combination (alpha_per combination): every combination's evaluations, as points
+            own = [c for t, c in result.combo_calibration.get(m, {}).items() if len(t) == k]
+            evals = [e for c in own for e in c.evaluations] if own else cal.evaluations
+            ev = sorted((a, v if math.isfinite(v) else float("nan")) for a, v in evals)
             ax.plot(
                 [a for a, _ in ev],
                 [v for _, v in ev],
                 marker="o",
                 ms=3,
+                ls="none" if own else "-",
                 color=colors.get(m),
                 alpha=0.4 + 0.2 * int(k),
                 label=f"{method_label(m)} k={k}",
