@@ -170,7 +170,9 @@ def test_registry_methods_from_configs_equal_the_hand_built_ones(tiny_model, lay
 
     probes, acts = layer_probes
     probe, linear, vectors = probes[2], probes[1], SteeringVectors.fit(acts, 2)
-    kit = SteeringKit(probe, vectors, layer_probes=probes, linear_probe=linear)
+    kit = SteeringKit(
+        probe, vectors, layer_probes=probes, linear_probe=linear, likelihood_vectors=vectors
+    )
     # the keyword bundles the registry was written with before its configs
     old = {
         "caa_mean": CAA(vectors, combine="mean"),
@@ -187,6 +189,7 @@ def test_registry_methods_from_configs_equal_the_hand_built_ones(tiny_model, lay
         "ksteer_precond": KSteering(probe, precondition="diag"),
         "ksteer_clip": KSteering(probe, max_step=CLIP_FRACTION),
         "ksteer_multilayer": MultiLayer([KSteering(probes[1]), KSteering(probes[2])]),
+        "likelihood": CAA(vectors, combine="mean"),
     }
     assert set(old) == set(METHODS) - {"dct"}
     assert METHODS["ksteer_precond"].config == KSteeringConfig(precondition="diag")

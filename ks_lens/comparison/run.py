@@ -99,6 +99,7 @@ def run_comparison(
     dct: DCTVectors | None = None,
     linear_probe: Probe | None = None,
     instructions: Mapping[str, str] | None = None,
+    likelihood_vectors: SteeringVectors | None = None,  # the likelihood method's (same labels)
 ) -> ComparisonResult:
     """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
     ``text_questions``, default the same), measure capability (``capability_questions`` > 0;
@@ -122,6 +123,7 @@ def run_comparison(
     plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
     _instructed_systems(config, instructions, plan, [])  # refuse missing instructions early
     kit = SteeringKit(probe, vectors, dict(layer_probes or {}), linear_probe=linear_probe)
+    kit = replace(kit, likelihood_vectors=_checked(labels, "likelihood vectors", likelihood_vectors))
     if kit.layer_probes and max(kit.layer_probes) > evaluator.layer:
         raise ConfigError(
             f"the evaluator (layer {evaluator.layer}) must read at or after every steering layer "
@@ -195,6 +197,18 @@ def _check_readers(
         raise ConfigError(
             f"the evaluator (layer {evaluator.layer}) must read at or after the steering layer ({probe.layer})"
         )
+
+
+def _checked(
+    labels: tuple[str, ...], what: str, vectors: SteeringVectors | None
+) -> SteeringVectors | None:
+    """``vectors``; ConfigError unless they (if given) have ``labels`` in their order."""
+    if vectors is not None and vectors.label_names != labels:
+        raise ConfigError(
+            f"the {what} labels {list(vectors.label_names)} differ from the steering probe's "
+            f"{list(labels)} (same labels in the same order are required)"
+        )
+    return vectors
 
 
 @dataclass(frozen=True)

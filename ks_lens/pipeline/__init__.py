@@ -29,7 +29,13 @@ from ks_lens.pipeline.config import (
     full_comparison,
     probe_source_text,
 )
-from ks_lens.pipeline.kits import needs_linear_probe, steering_kit, texts_dataset
+from ks_lens.pipeline.kits import (
+    likelihood_vectors,
+    needs_likelihood_vectors,
+    needs_linear_probe,
+    steering_kit,
+    texts_dataset,
+)
 from ks_lens.pipeline.layers import RunLayers, StudyLayers
 from ks_lens.pipeline.setup import Setup
 from ks_lens.pipeline.steps import prepare
@@ -49,6 +55,8 @@ __all__ = [
     "default_layers",
     "eval_gap_note",
     "full_comparison",
+    "likelihood_vectors",
+    "needs_likelihood_vectors",
     "needs_linear_probe",
     "prepare",
     "probe_source_text",
