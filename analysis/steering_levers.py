@@ -11,6 +11,9 @@ differences. The levers are decided in order, each with the winners of the ones 
 2. **step**: raw, unit, relative or clipped (trust-region) steps, and multi-layer steering;
    **precondition**: the raw step against the step in the probe's input geometry
    (``ksteer_precond``: the gradient times the probe's input variances; issue 24);
+   **likelihood**: ``ksteer_precond`` against per-label vectors trained on the gold answers'
+   likelihood (``likelihood``, BiPO-style, ``ks_lens.steering.likelihood``; issue 24), CAA
+   (mean) beside them;
 3. **positions**: all tokens, generated tokens only, prompt tokens only;
 4. **remedies**: multi-step, log-sigmoid, soft-min, balanced, PCGrad (3-target vanishing);
 5. **avoid**: toward one or two tones and away from ``expert``.
@@ -49,7 +52,7 @@ from ks_lens.report import plot_tradeoff
 
 log = logging.getLogger("analysis.steering_levers")
 
-Lever = Literal["source", "step", "precondition", "positions", "remedies", "avoid"]
+Lever = Literal["source", "step", "precondition", "likelihood", "positions", "remedies", "avoid"]
 LEVERS: tuple[Lever, ...] = get_args(Lever)
 STEP_VARIANTS = ("ksteer_unit", "ksteer_relative", "ksteer_clip", "ksteer_multilayer")
 REMEDIES = (
@@ -296,6 +299,13 @@ def main() -> None:
         log.info(
             f"[levers] precondition: skipped, the step lever chose {method} (not the raw step)"
         )
+    if "likelihood" in levers:
+        setup.train_likelihood(progress=False)  # trained once, cached in the work dir
+        cands = ["ksteer_precond", "likelihood"]
+        lk = runner.run(f"likelihood-{source}", source=source, methods=("caa_mean", *cands))
+        ch = choose("likelihood", lk, cands)
+        method = ch.winner
+        section("likelihood", lk, ch, acts=True)
     if "positions" in levers:
         runs = {"all": base_run(source) if method == "ksteer" else None}
         if runs["all"] is None:
