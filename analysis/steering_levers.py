@@ -15,6 +15,9 @@ differences. The levers are decided in order, each with the winners of the ones 
    of the steering layer and the 6 below, alpha split; issue 24);
    **token_probe**: the preconditioned step with the final-token probe against the same step
    with a probe trained on every answer token of the gold texts (``ksteer_token``; issue 24);
+   **likelihood**: ``ksteer_precond`` against per-label vectors trained on the gold answers'
+   likelihood (``likelihood``, BiPO-style, ``ks_lens.steering.likelihood``; issue 24), CAA
+   (mean) beside them;
 3. **positions**: all tokens, generated tokens only, prompt tokens only;
 4. **remedies**: multi-step, log-sigmoid, soft-min, balanced, PCGrad (3-target vanishing);
 5. **avoid**: toward one or two tones and away from ``expert``;
@@ -62,6 +65,7 @@ Lever = Literal[
     "precondition",
     "token_probe",
     "dense",
+    "likelihood",
     "alpha_per",
     "positions",
     "remedies",
@@ -339,6 +343,13 @@ def main() -> None:
         ch = choose("token_probe", tok, ["ksteer_precond", "ksteer_token"])
         method = ch.winner
         section("token_probe", tok, ch, acts=True)
+    if "likelihood" in levers:
+        setup.train_likelihood(progress=False)  # trained once, cached in the work dir
+        cands = ["ksteer_precond", "likelihood"]
+        lk = runner.run(f"likelihood-{source}", source=source, methods=("caa_mean", *cands))
+        ch = choose("likelihood", lk, cands)
+        method = ch.winner
+        section("likelihood", lk, ch, acts=True)
     if "positions" in levers:
         runs = {"all": base_run(source) if method == "ksteer" else None}
         if runs["all"] is None:

@@ -124,3 +124,18 @@ def test_prepare_builds_only_the_configured_source_by_default(tmp_path):
         prepare(cfg, tmp_path / "w2", progress=False, sources=("both",))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="must include the configured probe_source"):
         prepare(cfg, tmp_path / "w3", progress=False, sources=("prompt",))
+
+
+def test_likelihood_vectors_join_every_kit_and_are_cached(tiny_setup):
+    """Setup.train_likelihood (what prepare calls when a method needs them): trained on the
+    steering half at the steering layer, put into every kit, reused from the work dir."""
+    from ks_lens.steering.likelihood import LikelihoodConfig
+
+    s = tiny_setup
+    cfg = LikelihoodConfig(steps=2, batch_size=2, max_pairs=4, max_tokens=4)
+    vecs = s.train_likelihood(cfg, progress=False)
+    assert all(kit.likelihood_vectors is vecs for kit in s.kits.values())
+    assert vecs.layer == s.layer and vecs.label_names == s.kit.probe.label_names
+    assert s.work_dir is not None and (s.work_dir / "vectors" / "likelihood" / "meta.json").is_file()
+    again = s.train_likelihood(cfg, progress=False)
+    assert again.source == vecs.source and torch.equal(again.vectors, vecs.vectors)

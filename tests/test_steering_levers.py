@@ -172,7 +172,14 @@ def test_registry_methods_from_configs_equal_the_hand_built_ones(tiny_model, lay
     probes, acts = layer_probes
     probe, linear, vectors = probes[2], probes[1], SteeringVectors.fit(acts, 2)
     token = probes[1]  # stands in for the per-token probe (ksteer_token)
-    kit = SteeringKit(probe, vectors, layer_probes=probes, linear_probe=linear, token_probe=token)
+    kit = SteeringKit(
+        probe,
+        vectors,
+        layer_probes=probes,
+        linear_probe=linear,
+        token_probe=token,
+        likelihood_vectors=vectors,
+    )
     # the keyword bundles the registry was written with before its configs
     old = {
         "caa_mean": CAA(vectors, combine="mean"),
@@ -191,6 +198,7 @@ def test_registry_methods_from_configs_equal_the_hand_built_ones(tiny_model, lay
         "ksteer_clip": KSteering(probe, max_step=CLIP_FRACTION),
         "ksteer_multilayer": MultiLayer([KSteering(probes[1]), KSteering(probes[2])]),
         "ksteer_dense": DenseSteering(probe, precondition="diag"),
+        "likelihood": CAA(vectors, combine="mean"),
     }
     assert set(old) == set(METHODS) - {"dct"}
     assert METHODS["ksteer_precond"].config == KSteeringConfig(precondition="diag")

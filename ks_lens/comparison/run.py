@@ -102,6 +102,7 @@ def run_comparison(
     linear_probe: Probe | None = None,
     instructions: Mapping[str, str] | None = None,
     token_probe: Probe | None = None,
+    likelihood_vectors: SteeringVectors | None = None,
 ) -> ComparisonResult:
     """Plan, calibrate, evaluate (activations on ``test_questions``, then text on
     ``text_questions``, default the same), measure capability (``capability_questions`` > 0;
@@ -109,11 +110,10 @@ def run_comparison(
     asks for each combination, :func:`~ks_lens.evaluation.instructed.instructed_system`) and
     summarise.
 
-    With the ``dct`` method and no mapped ``dct`` vectors given, they are learned and mapped by
-    :func:`fit_comparison_dct`.
-    ``linear_probe`` / ``token_probe`` (same hook, labels) serve ksteer_linear / ksteer_token;
-    ``instructions`` (label -> instruction, e.g. ``BehaviourDataset.instructions``) the
-    ``instructed`` reference row, which ``config.instructed`` asks for."""
+    With the ``dct`` method and no mapped ``dct`` vectors given, :func:`fit_comparison_dct`
+    learns them. ``linear_probe`` / ``token_probe`` / ``likelihood_vectors`` (same labels) serve
+    ksteer_linear / ksteer_token / likelihood; ``instructions`` (label -> instruction, e.g.
+    ``BehaviourDataset.instructions``) the ``instructed`` row, which ``config.instructed`` asks for."""
     text_questions = list(test_questions if text_questions is None else text_questions)
     config = (config or ComparisonConfig()).validate(probe.label_names)
     labels = tuple(probe.label_names)
@@ -124,7 +124,7 @@ def run_comparison(
         raise ConfigError("need calibration and test questions")
     plan = plan_comparison(labels, config, n_calib=len(calib_questions), n_test=len(text_questions))
     _instructed_systems(config, instructions, plan, [])  # refuse missing instructions early
-    kit = _kit(probe, vectors, layer_probes, linear_probe, token_probe)
+    kit = _kit(probe, vectors, layer_probes, linear_probe, token_probe, likelihood_vectors)
     if kit.layer_probes and max(kit.layer_probes) > evaluator.layer:
         raise ConfigError(
             f"the evaluator (layer {evaluator.layer}) must read at or after every steering layer "
@@ -172,9 +172,11 @@ def _kit(
     layer_probes: Mapping[int, Probe] | None,
     linear_probe: Probe | None,
     token_probe: Probe | None,
+    likelihood_vectors: SteeringVectors | None = None,
 ) -> SteeringKit:
     """The comparison's :class:`SteeringKit`; ConfigError unless ``token_probe`` (the per-token
-    probe of ``ksteer_token``) reads the steering probe's hook point with its labels."""
+    probe of ``ksteer_token``) reads the steering probe's hook point with its labels, and
+    ``likelihood_vectors`` have the probe's labels."""
     if token_probe is not None and (
         token_probe.hook_name != probe.hook_name
         or tuple(token_probe.label_names) != tuple(probe.label_names)
@@ -191,6 +193,7 @@ def _kit(
         dict(layer_probes or {}),
         linear_probe=linear_probe,
         token_probe=token_probe,
+        likelihood_vectors=_checked(tuple(probe.label_names), "likelihood vectors", likelihood_vectors),
     )
 
 
@@ -227,6 +230,18 @@ def _check_readers(
         raise ConfigError(
             f"the evaluator (layer {evaluator.layer}) must read at or after the steering layer ({probe.layer})"
         )
+
+
+def _checked(
+    labels: tuple[str, ...], what: str, vectors: SteeringVectors | None
+) -> SteeringVectors | None:
+    """``vectors``; ConfigError unless they (if given) have ``labels`` in their order."""
+    if vectors is not None and vectors.label_names != labels:
+        raise ConfigError(
+            f"the {what} labels {list(vectors.label_names)} differ from the steering probe's "
+            f"{list(labels)} (same labels in the same order are required)"
+        )
+    return vectors
 
 
 @dataclass(frozen=True)

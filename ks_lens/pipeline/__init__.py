@@ -30,6 +30,8 @@ from ks_lens.pipeline.config import (
     probe_source_text,
 )
 from ks_lens.pipeline.kits import (
+    likelihood_vectors,
+    needs_likelihood_vectors,
     needs_linear_probe,
     needs_token_probe,
     steering_kit,
@@ -55,6 +57,8 @@ __all__ = [
     "default_layers",
     "eval_gap_note",
     "full_comparison",
+    "likelihood_vectors",
+    "needs_likelihood_vectors",
     "needs_linear_probe",
     "needs_token_probe",
     "prepare",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from ks_lens.activations import Activations, collect_token_activations
 from ks_lens.comparison import (
@@ -20,12 +22,17 @@ from ks_lens.datasets import (
 )
 from ks_lens.datasets.gold_texts import (
     LabelledText,
+    texts_hash,
 )
-from ks_lens.errors import ConfigError
+from ks_lens.errors import ConfigError, KsLensError
 from ks_lens.pipeline.config import PipelineConfig
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes, train_token_probe
 from ks_lens.steering import SteeringVectors
+from ks_lens.steering.likelihood import LikelihoodConfig, train_likelihood_vectors
+from ks_lens.steering.registry import LIKELIHOOD_METHODS
 from ks_lens.types import Model
+
+log = logging.getLogger("ks_lens.pipeline")
 
 
 def needs_linear_probe(config: ComparisonConfig) -> bool:
@@ -66,6 +73,40 @@ def token_steering_probe(
     )
     g = None if groups is None else [groups[i] for i in acts.question_ids]
     return train_token_probe(acts, config=ProbeConfig(seed=cfg.seed), groups=g)
+
+
+def needs_likelihood_vectors(config: ComparisonConfig) -> bool:
+    """Whether a method of ``config`` steers with likelihood-trained vectors (``likelihood``)."""
+    return any(split_method(m)[0] in LIKELIHOOD_METHODS for m in config.methods)
+
+
+def likelihood_vectors(
+    model: Model,
+    texts: Sequence[LabelledText],
+    layer: int,
+    labels: Sequence[str],
+    config: LikelihoodConfig,
+    directory: str | Path,
+    *,
+    progress: bool = True,
+) -> SteeringVectors:
+    """Likelihood-trained vectors at ``layer`` (:func:`~ks_lens.steering.likelihood.train_likelihood_vectors`
+    on ``texts``), reused from ``directory`` when vectors saved there were trained for this model,
+    hook point, labels, config and texts (else trained afresh and saved there)."""
+    want = {"config": config.to_json(), "dataset_hash": texts_hash(texts)}
+    if (Path(directory) / "meta.json").is_file():
+        try:
+            old = SteeringVectors.load(directory, model=model)
+        except KsLensError as e:
+            log.info(f"[ks-lens] retraining the likelihood vectors: {directory} unusable ({e})")
+        else:
+            same = all(old.source.get(k) == v for k, v in want.items())
+            if same and old.layer == layer and old.label_names == tuple(labels):
+                log.info(f"[ks-lens] reusing the likelihood vectors at {directory}")
+                return old
+    vecs = train_likelihood_vectors(model, texts, layer, labels, config, progress=progress)
+    vecs.save(directory)
+    return vecs
 
 
 def steering_kit(

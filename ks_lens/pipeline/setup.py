@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ks_lens.activations import ActivationStore
@@ -24,9 +25,11 @@ from ks_lens.datasets.gold_texts import (
 )
 from ks_lens.errors import ConfigError
 from ks_lens.pipeline.config import PipelineConfig
+from ks_lens.pipeline.kits import likelihood_vectors
 from ks_lens.probes import Probe
 from ks_lens.steering import SteeringVectors
 from ks_lens.steering.dct import DCTVectors
+from ks_lens.steering.likelihood import LikelihoodConfig, train_likelihood_vectors
 from ks_lens.text_evaluator import TextEvaluator
 from ks_lens.types import Model
 
@@ -81,6 +84,29 @@ class Setup:
     def vectors(self) -> SteeringVectors:
         return self.kit.vectors
 
+    def train_likelihood(
+        self, config: LikelihoodConfig | None = None, *, progress: bool = True
+    ) -> SteeringVectors:
+        """Likelihood-trained vectors at the steering layer (the ``likelihood`` method's), trained
+        on the steering half of the gold texts (``config`` default: ``LikelihoodConfig(seed=
+        config.seed)``), cached in ``work_dir/vectors/likelihood`` (a rerun with the same model,
+        layer, config and texts reuses them) and put into every steering kit."""
+        cfg = config or LikelihoodConfig(seed=self.config.seed)
+        t0 = time.perf_counter()
+        labels = self.dataset.labels
+        if self.work_dir is None:
+            vecs = train_likelihood_vectors(
+                self.model, self.gold_steer, self.layer, labels, cfg, progress=progress
+            )
+        else:
+            where = self.work_dir / "vectors" / "likelihood"
+            vecs = likelihood_vectors(
+                self.model, self.gold_steer, self.layer, labels, cfg, where, progress=progress
+            )
+        self.kits = {s: replace(k, likelihood_vectors=vecs) for s, k in self.kits.items()}
+        self.timings["likelihood_s"] = time.perf_counter() - t0
+        return vecs
+
     def part(self, split: str, n: int | None) -> BehaviourDataset:
         return self.dataset.subset(self.splits.ids(split)).head(n)
 
@@ -132,6 +158,7 @@ class Setup:
             evaluator=ev,
             linear_probe=kit.linear_probe,
             token_probe=kit.token_probe,
+            likelihood_vectors=kit.likelihood_vectors,
             instructions=self.dataset.instructions,
             text_evaluator=self.text_evaluator if text else None,
             response_evaluator=self.response_evaluator if text else None,

@@ -40,6 +40,7 @@ from ks_lens.models import load_model
 from ks_lens.pipeline.checks import check_held_out, check_question_lengths, check_texts_cover_labels
 from ks_lens.pipeline.config import PROBE_SOURCES, PipelineConfig, ProbeSource
 from ks_lens.pipeline.kits import (
+    needs_likelihood_vectors,
     needs_token_probe,
     steering_kit,
     texts_dataset,
@@ -417,7 +418,7 @@ def prepare(
     record_memory(timings, "train")
     text_evaluator = _text_evaluator(cfg, inputs, timings)
     _log_summary(cfg, inputs, kits[cfg.probe_source].probe, evaluator, response)
-    return Setup(
+    setup = Setup(
         cfg,
         model,
         inputs.ds,
@@ -440,3 +441,6 @@ def prepare(
         steer_store=stores.steer,
         work_dir=work,
     )
+    if needs_likelihood_vectors(cfg.comparison):
+        setup.train_likelihood(progress=progress)  # cached under work/vectors/likelihood
+    return setup

@@ -37,6 +37,7 @@ from ks_lens.steering.ksteer import (
     objective_value,
     probe_gradients,
 )
+from ks_lens.steering.likelihood import LikelihoodConfig, train_likelihood_vectors
 from ks_lens.steering.multilayer import MultiLayer
 from ks_lens.steering.positions import POSITIONS, PositionTracker
 
@@ -52,6 +53,7 @@ __all__ = [
     "KProjection",
     "KSteering",
     "KSteeringConfig",
+    "LikelihoodConfig",
     "MultiLayer",
     "PositionTracker",
     "Steerer",
@@ -70,4 +72,5 @@ __all__ = [
     "steer_groups",
     "steering_hook",
     "to_steering_vector",
+    "train_likelihood_vectors",
 ]

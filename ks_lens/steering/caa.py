@@ -54,6 +54,9 @@ from ks_lens.types import Model
 
 VectorMethod = Literal["mean_diff", "mean_centring"]
 VECTOR_METHODS: tuple[VectorMethod, ...] = get_args(VectorMethod)
+#: how a :class:`SteeringVectors` was made: :meth:`SteeringVectors.fit`'s methods, or trained
+#: (``"likelihood"``: :func:`ks_lens.steering.likelihood.train_likelihood_vectors`)
+VectorSource = Literal["mean_diff", "mean_centring", "likelihood"]
 
 
 class SteeringVectors:
@@ -66,7 +69,7 @@ class SteeringVectors:
         label_names: Sequence[str],
         hook_name: str,
         model: dict[str, Any],
-        method: VectorMethod = "mean_diff",
+        method: VectorSource = "mean_diff",
         source: dict[str, Any] | None = None,
     ):
         if parse_hook(hook_name)[1] not in HOOK_KINDS:

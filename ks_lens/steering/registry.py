@@ -43,6 +43,18 @@ class SteeringKit:
     dct: DCTVectors | None = None  # mapped DCT vectors (run_comparison fits them when needed)
     linear_probe: Probe | None = None
     token_probe: Probe | None = None
+    # per-label vectors trained on gold answers' likelihood (ks_lens.steering.likelihood)
+    likelihood_vectors: SteeringVectors | None = None
+
+    def likelihood(self) -> SteeringVectors:
+        if self.likelihood_vectors is None:
+            raise ConfigError(
+                "the likelihood method needs likelihood-trained vectors "
+                "(SteeringKit.likelihood_vectors; ks_lens.pipeline.prepare trains them on the "
+                "steering half of the gold texts when a method needs them, or train them with "
+                "ks_lens.steering.likelihood.train_likelihood_vectors)"
+            )
+        return self.likelihood_vectors
 
     def linear(self) -> Probe:
         if self.linear_probe is None:
@@ -109,6 +121,7 @@ CLIP_FRACTION = 0.25  # ksteer_clip: per-token trust region, as a fraction of |x
 _MULTILAYER = KSteeringConfig()
 #: ksteer_dense: ksteer_precond's settings at every hook of the band (issue 24, lever 4)
 _DENSE = KSteeringConfig(precondition="diag")
+_LIKELIHOOD = CAAConfig(combine="mean")  # the vectors were trained combined by their mean
 
 METHODS: dict[str, MethodDef] = {
     "caa_mean": caa_method(
@@ -214,6 +227,14 @@ METHODS: dict[str, MethodDef] = {
         3.0,
         _DENSE,
     ),
+    "likelihood": MethodDef(
+        "Likelihood-trained",
+        "CAA (mean) with per-label vectors trained to raise the likelihood of gold answers in "
+        "the target labels over the same question's other answers (BiPO-style)",
+        lambda kit: CAA(kit.likelihood(), _LIKELIHOOD),
+        1.0,
+        _LIKELIHOOD,
+    ),
     "dct": MethodDef(
         "DCT",
         "DCT vectors (unsupervised, mapped to labels by the evaluator), unit sum",
@@ -234,10 +255,13 @@ REFERENCE_METHODS: tuple[str, ...] = (
 LINEAR_PROBE_METHODS: frozenset[str] = frozenset({"ksteer_linear"})
 #: methods built from ``SteeringKit.token_probe`` (prepare trains it only when one is requested)
 TOKEN_PROBE_METHODS: frozenset[str] = frozenset({"ksteer_token"})
+#: methods built from ``SteeringKit.likelihood_vectors`` (prepare trains them only when requested)
+LIKELIHOOD_METHODS: frozenset[str] = frozenset({"likelihood"})
 
 
 __all__ = [
     "CLIP_FRACTION",
+    "LIKELIHOOD_METHODS",
     "LINEAR_PROBE_METHODS",
     "METHODS",
     "REFERENCE_METHODS",
