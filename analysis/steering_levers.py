@@ -17,7 +17,11 @@ differences. The levers are decided in order, each with the winners of the ones 
    with a probe trained on every answer token of the gold texts (``ksteer_token``; issue 24);
    **likelihood**: ``ksteer_precond`` against per-label vectors trained on the gold answers'
    likelihood (``likelihood``, BiPO-style, ``ks_lens.steering.likelihood``; issue 24), CAA
-   (mean) beside them;
+   (mean) beside them. These three (:data:`CANDIDATES`) share one run with CAA (mean) and
+   ``ksteer_precond``; each is decided against ``ksteer_precond``, and the run's best
+   K-Steering variant becomes the method of the levers after;
+   **alpha_per**: ``ksteer_precond`` with one alpha per number of targets against one per
+   target combination (``ComparisonConfig.alpha_per``; issue 24);
 3. **positions**: all tokens, generated tokens only, prompt tokens only;
 4. **remedies**: multi-step, log-sigmoid, soft-min, balanced, PCGrad (3-target vanishing);
 5. **avoid**: toward one or two tones and away from ``expert``;
@@ -81,6 +85,12 @@ REMEDIES = (
     "ksteer_pcgrad",
 )
 MAX_DEGENERATE = 0.02
+#: issue 24's levers that are methods: each against ksteer_precond, in one shared run
+CANDIDATES: dict[str, str] = {
+    "dense": "ksteer_dense",
+    "token_probe": "ksteer_token",
+    "likelihood": "likelihood",
+}
 
 
 @dataclass(frozen=True)
@@ -328,28 +338,24 @@ def main() -> None:
         log.info(
             f"[levers] precondition: skipped, the step lever chose {method} (not the raw step)"
         )
-    if "dense" in levers:
-        dense = runner.run(
-            f"dense-{source}", source=source, methods=("caa_mean", "ksteer_precond", "ksteer_dense")
+    # issue 24's candidate methods share one run (CAA (mean) and ksteer_precond calibrated once):
+    # each lever is decided pairwise against ksteer_precond, the run's best becomes the method
+    joint = [m for lever, m in CANDIDATES.items() if lever in levers]
+    cand_run: ComparisonResult | None = None
+    if joint:
+        if "likelihood" in joint:
+            setup.train_likelihood(progress=False)  # trained once, cached in the work dir
+        cand_run = runner.run(
+            "candidates-" + "-".join([source, *joint]),
+            source=source,
+            methods=("caa_mean", "ksteer_precond", *joint),
         )
-        ch = choose("dense", dense, ["ksteer_precond", "ksteer_dense"])
-        if ch.winner == "ksteer_dense":
-            method = ch.winner
-        section("dense", dense, ch, acts=True)
-    if "token_probe" in levers:
-        tok = runner.run(
-            f"token-{source}", source=source, methods=("caa_mean", "ksteer_precond", "ksteer_token")
-        )
-        ch = choose("token_probe", tok, ["ksteer_precond", "ksteer_token"])
+        for lever, m in CANDIDATES.items():
+            if m in joint:
+                choices.append(choose(lever, cand_run, ["ksteer_precond", m]))
+        ch = choose("candidates", cand_run, ["ksteer_precond", *joint])
         method = ch.winner
-        section("token_probe", tok, ch, acts=True)
-    if "likelihood" in levers:
-        setup.train_likelihood(progress=False)  # trained once, cached in the work dir
-        cands = ["ksteer_precond", "likelihood"]
-        lk = runner.run(f"likelihood-{source}", source=source, methods=("caa_mean", *cands))
-        ch = choose("likelihood", lk, cands)
-        method = ch.winner
-        section("likelihood", lk, ch, acts=True)
+        section("candidates", cand_run, ch, acts=True)
     if "positions" in levers:
         runs = {"all": base_run(source) if method == "ksteer" else None}
         if runs["all"] is None:
@@ -392,10 +398,11 @@ def main() -> None:
         section("avoid", av, None)
         md.extend([*avoid_table(av, "expert"), ""])
     if "alpha_per" in levers:
-        # the precondition lever's run (per size) beside the same methods calibrated per combination
+        # a per-size run of CAA (mean) and ksteer_precond (the candidates' run when there is one)
+        # beside the same two methods calibrated per combination
         pair = ("caa_mean", "ksteer_precond")
         runs = {
-            "size": runner.run(f"precond-{source}", source=source, methods=pair),
+            "size": cand_run or runner.run(f"precond-{source}", source=source, methods=pair),
             "combination": runner.run(
                 f"precond-{source}-per-combination",
                 source=source,
