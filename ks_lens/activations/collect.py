@@ -405,14 +405,9 @@ def _chunks(
         bar.close()
 
 
-def _base_meta(
-    model: Model,
-    dataset: BehaviourDataset,
-    spec: CollectSpec,
-    split: str | None,
-    n_rows: int,
-    share_prefix: bool,
-) -> dict[str, Any]:
+def _source_meta(model: Model, dataset: BehaviourDataset, split: str | None) -> dict[str, Any]:
+    """What every collection records of its model and data (``model``, ``numerics``,
+    ``dataset``, ``split``)."""
     return {
         "model": model_signature(model),
         "numerics": model_numerics(model),
@@ -423,6 +418,19 @@ def _base_meta(
             "n_questions": len(dataset.questions),
         },
         "split": split,
+    }
+
+
+def _base_meta(
+    model: Model,
+    dataset: BehaviourDataset,
+    spec: CollectSpec,
+    split: str | None,
+    n_rows: int,
+    share_prefix: bool,
+) -> dict[str, Any]:
+    return {
+        **_source_meta(model, dataset, split),
         "collect": spec.to_json(),
         "hook_names": spec.hook_names(),
         "feature_shapes": feature_shapes(model, spec.hook_kinds),

@@ -29,13 +29,14 @@ from ks_lens.activations.collect import (
     _answer_rows,
     _collect_kind,
     _encode_rows,
+    _source_meta,
     plan_rows,
 )
 from ks_lens.activations.container import Activations
 from ks_lens.datasets import BehaviourDataset
 from ks_lens.errors import ConfigError, DatasetError
 from ks_lens.hooks import check_layer, resid_hook
-from ks_lens.models import model_device, model_numerics, model_signature, pad_token_id
+from ks_lens.models import model_device, pad_token_id
 from ks_lens.models.chat import check_context
 from ks_lens.types import Model
 from ks_lens.utils import check_int
@@ -178,15 +179,7 @@ def _token_meta(
     collect["position"] = TOKEN_POSITION
     collect["max_tokens"] = max_tokens
     return {
-        "model": model_signature(model),
-        "numerics": model_numerics(model),
-        "dataset": {
-            "name": dataset.name,
-            "hash": dataset.content_hash(),
-            "labels": list(dataset.labels),
-            "n_questions": len(dataset.questions),
-        },
-        "split": split,
+        **_source_meta(model, dataset, split),
         "collect": collect,
         "hook_names": [hook],
         "n_rows": int(sum(counts)),
