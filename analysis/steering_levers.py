@@ -263,8 +263,8 @@ def with_methods(opts: LeversOptions, *methods: str) -> LeversOptions:
 def main() -> None:
     opts = parse(LeversOptions, __doc__ or "", "runs/analysis/steering_levers")
     levers = list(opts.levers)
-    if "token_probe" in levers:
-        opts = with_methods(opts, "ksteer_token")
+    # prepare trains the artefacts these methods need (per-token probe, likelihood vectors)
+    opts = with_methods(opts, *[CANDIDATES[v] for v in ("token_probe", "likelihood") if v in levers])
     out, setup, started = start(opts)
     cfg = setup.config
     n_val = opts.n_val or (4 if opts.fast else 16)
@@ -343,8 +343,6 @@ def main() -> None:
     joint = [m for lever, m in CANDIDATES.items() if lever in levers]
     cand_run: ComparisonResult | None = None
     if joint:
-        if "likelihood" in joint:
-            setup.train_likelihood(progress=False)  # trained once, cached in the work dir
         cand_run = runner.run(
             "candidates-" + "-".join([source, *joint]),
             source=source,
