@@ -17,7 +17,11 @@ differences. The levers are decided in order, each with the winners of the ones 
    with a probe trained on every answer token of the gold texts (``ksteer_token``; issue 24);
    **likelihood**: ``ksteer_precond`` against per-label vectors trained on the gold answers'
    likelihood (``likelihood``, BiPO-style, ``ks_lens.steering.likelihood``; issue 24), CAA
-   (mean) beside them. These three (:data:`CANDIDATES`) share one run with CAA (mean) and
+   (mean) beside them;
+   **dac**: ``ksteer_precond`` against Dynamic Activation Composition (``dac``: CAA (mean) with
+   each label's term weighted per generation step by its KL; ``ks_lens.steering.dac``; issue 24),
+   a multi-property baseline whose vanished share at 3 targets says whether it remedies
+   vanishing. These four (:data:`CANDIDATES`) share one run with CAA (mean) and
    ``ksteer_precond``; each is decided against ``ksteer_precond``, and the run's best
    K-Steering variant becomes the method of the levers after;
    **alpha_per**: ``ksteer_precond`` with one alpha per number of targets against one per
@@ -70,6 +74,7 @@ Lever = Literal[
     "token_probe",
     "dense",
     "likelihood",
+    "dac",
     "alpha_per",
     "positions",
     "remedies",
@@ -90,6 +95,7 @@ CANDIDATES: dict[str, str] = {
     "dense": "ksteer_dense",
     "token_probe": "ksteer_token",
     "likelihood": "likelihood",
+    "dac": "dac",
 }
 
 

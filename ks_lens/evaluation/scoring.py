@@ -14,7 +14,7 @@ from ks_lens._runtime.batching import sorted_batches
 from ks_lens.errors import ConfigError
 from ks_lens.evaluation.answers import QuestionPasses, _AnswerScorer
 from ks_lens.evaluation.readouts import _shared_start
-from ks_lens.generation import BatchGeneration, generate_from_batch, shared_prefill
+from ks_lens.generation import BatchGeneration, LayerInputs, generate_from_batch, shared_prefill
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.models.chat import ChatPrompt, TokenBatch, encode_chat
 from ks_lens.probes import Probe
@@ -231,8 +231,90 @@ def _generate_batch(
     share_prefix: bool,
 ) -> BatchGeneration:
     """One batch of :func:`generate_and_score_rows`: row ``b`` steered by
-    ``steerings[row_group[b]]``, with the layers below the lowest steered one run once per
-    distinct prompt (``share_prefix``; :func:`~ks_lens.generation.shared_prefill`)."""
+    ``steerings[row_group[b]]``. Rows of a DAC method (whose weights change per step:
+    :class:`~ks_lens.steering.dac.DynamicComposition`) decode in their own loop
+    (:func:`~ks_lens.steering.dac.generate_composed`); the others in one ``generate`` call."""
+    dynamic = [j for j, g in enumerate(row_group) if _is_dynamic(steerings[g])]
+    if not dynamic:
+        return _generate_static(
+            model, steerings, row_group, batch, positions=positions,
+            max_new_tokens=max_new_tokens, seed=seed, share_prefix=share_prefix,
+        )  # fmt: skip
+    if positions != "all":
+        raise ConfigError(
+            f"DAC (DynamicComposition) steers every position of the prompt and the answer; "
+            f"positions={positions!r} is not supported for it"
+        )
+    from ks_lens.steering.dac import generate_composed
+
+    static = [j for j in range(len(row_group)) if j not in set(dynamic)]
+    dyn_steerings: list[Any] = [steerings[row_group[j]] for j in dynamic]
+    dyn = generate_composed(
+        model, _batch_rows(batch, dynamic), dyn_steerings, max_new_tokens=max_new_tokens
+    ).generation
+    stat = None
+    if static:
+        stat = _generate_static(
+            model, steerings, [row_group[j] for j in static], _batch_rows(batch, static),
+            positions=positions, max_new_tokens=max_new_tokens, seed=seed,
+            share_prefix=share_prefix,
+        )  # fmt: skip
+    return _merge_rows(len(row_group), [(dynamic, dyn), (static, stat)])
+
+
+def _is_dynamic(steering: Steering | None) -> bool:
+    from ks_lens.steering.dac import DynamicComposition
+
+    return steering is not None and isinstance(steering[0], DynamicComposition)
+
+
+def _batch_rows(batch: TokenBatch, rows: Sequence[int]) -> TokenBatch:
+    """Rows ``rows`` of a left-padded batch, without the columns that are padding in all of them."""
+    mask = batch.attention_mask[list(rows)]
+    first = int(mask.any(0).long().argmax())
+    return TokenBatch(batch.input_ids[list(rows), first:], mask[:, first:])
+
+
+def _merge_rows(
+    n: int, parts: Sequence[tuple[Sequence[int], BatchGeneration | None]]
+) -> BatchGeneration:
+    """One :class:`BatchGeneration` of ``n`` rows from parts that each hold some of them (logits
+    zero-padded to the longest part's steps; recorded layer inputs ``None`` for rows without)."""
+    ids: list[list[int]] = [[] for _ in range(n)]
+    finished = [False] * n
+    held = [(rows, g) for rows, g in parts if g is not None and rows]
+    steps = max(int(g.logits.shape[1]) for _, g in held if g.logits is not None)
+    first = next(g.logits for _, g in held if g.logits is not None)
+    logits = first.new_zeros(n, steps, first.shape[-1])
+    hidden: list[torch.Tensor | None] = [None] * n
+    inputs = next((g.layer_inputs for _, g in held if g.layer_inputs is not None), None)
+    for rows, g in held:
+        assert g.logits is not None
+        for j, r in enumerate(rows):
+            ids[r], finished[r] = g.ids[j], g.finished[j]
+            logits[r, : g.logits.shape[1]] = g.logits[j]
+            if g.layer_inputs is not None:
+                hidden[r] = g.layer_inputs.hidden[j]
+    layer_inputs = None
+    if inputs is not None:
+        layer_inputs = LayerInputs(inputs.layer, hidden, inputs.as_tuple)
+    return BatchGeneration(ids, finished, logits, layer_inputs)
+
+
+def _generate_static(
+    model: Model,
+    steerings: Sequence[Steering | None],
+    row_group: list[int],
+    batch: TokenBatch,
+    *,
+    positions: Positions,
+    max_new_tokens: int,
+    seed: int,
+    share_prefix: bool,
+) -> BatchGeneration:
+    """Rows steered by fixed hooks, in one ``generate`` call, with the layers below the lowest
+    steered one run once per distinct prompt (``share_prefix``;
+    :func:`~ks_lens.generation.shared_prefill`)."""
     from ks_lens.steering.base import steer_groups
 
     start = _shared_start(model, steerings, None, row_group) if share_prefix else None

@@ -5,7 +5,7 @@ alpha=...)`` installs hooks for the block and removes them on exit; ``method.hoo
 ``run_with_hooks``-ready hook functions. The single-hook methods (K-Steering, CAA, DCT) are
 :class:`Steerer` instances, and ``method.apply(x, ...)`` steers a tensor directly;
 :class:`MultiLayer` steers several hook points at once, :class:`DenseSteering` one probe's step at a band of
-layers. Their settings are :class:`KSteeringConfig` and
+layers, :class:`DynamicComposition` (DAC) re-weights CAA's labels at each generation step. Their settings are :class:`KSteeringConfig` and
 :class:`CAAConfig` (:mod:`ks_lens.steering.config`). CAA's vectors export to llama.cpp control
 vectors and ``steering-vectors`` (:mod:`ks_lens.steering.export`).
 """
@@ -20,6 +20,7 @@ from ks_lens.steering.base import (
 )
 from ks_lens.steering.caa import CAA, SteeringVectors
 from ks_lens.steering.config import CAAConfig, KSteeringConfig
+from ks_lens.steering.dac import DACConfig, DynamicComposition, generate_composed
 from ks_lens.steering.dct import DCT, DCTConfig, DCTVectors
 from ks_lens.steering.dense import DenseSteering, dense_band
 from ks_lens.steering.export import (
@@ -47,9 +48,11 @@ __all__ = [
     "POSITIONS",
     "CAAConfig",
     "ControlVector",
+    "DACConfig",
     "DCTConfig",
     "DCTVectors",
     "DenseSteering",
+    "DynamicComposition",
     "KProjection",
     "KSteering",
     "KSteeringConfig",
@@ -65,6 +68,7 @@ __all__ = [
     "control_vector",
     "dense_band",
     "export_gguf",
+    "generate_composed",
     "grouped_steering_hook",
     "label_coefficients",
     "objective_value",

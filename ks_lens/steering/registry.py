@@ -20,6 +20,7 @@ from ks_lens.probes import Probe
 from ks_lens.steering.base import SteeringMethod
 from ks_lens.steering.caa import CAA, SteeringVectors
 from ks_lens.steering.config import CAAConfig, KSteeringConfig
+from ks_lens.steering.dac import DynamicComposition
 from ks_lens.steering.dct import DCT, DCTVectors
 from ks_lens.steering.dense import DENSE_BELOW, DenseSteering
 from ks_lens.steering.ksteer import KSteering
@@ -234,6 +235,16 @@ METHODS: dict[str, MethodDef] = {
         lambda kit: CAA(kit.likelihood(), _LIKELIHOOD),
         1.0,
         _LIKELIHOOD,
+    ),
+    "dac": MethodDef(
+        "DAC",
+        "CAA (mean) with each label's term weighted per generation step by min(1, KL of the "
+        "label alone vs unsteered) (Dynamic Activation Composition); full weight outside "
+        "generation",
+        lambda kit: DynamicComposition(kit.vectors),
+        1.0,
+        CAAConfig(combine="mean"),  # its full-weight step
+
     ),
     "dct": MethodDef(
         "DCT",
