@@ -166,7 +166,7 @@ def test_multilayer_honours_the_steering_method_contract(tiny_model, layer_probe
 
 
 def test_registry_methods_from_configs_equal_the_hand_built_ones(tiny_model, layer_probes):
-    from ks_lens.steering import CAAConfig, KSteeringConfig
+    from ks_lens.steering import CAAConfig, DynamicComposition, KSteeringConfig
     from ks_lens.steering.registry import CLIP_FRACTION, METHODS, SteeringKit
 
     probes, acts = layer_probes
@@ -199,6 +199,7 @@ def test_registry_methods_from_configs_equal_the_hand_built_ones(tiny_model, lay
         "ksteer_multilayer": MultiLayer([KSteering(probes[1]), KSteering(probes[2])]),
         "ksteer_dense": DenseSteering(probe, precondition="diag"),
         "likelihood": CAA(vectors, combine="mean"),
+        "dac": DynamicComposition(vectors),  # its static (forward-pass) step is CAA (mean)'s
     }
     assert set(old) == set(METHODS) - {"dct"}
     assert METHODS["ksteer_precond"].config == KSteeringConfig(precondition="diag")
