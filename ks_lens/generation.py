@@ -270,7 +270,7 @@ def generate_from_batch(
                 if watch is not None:
                     watch.remove()
     logits = _stack_freeing(steps) if return_logits else None
-    result = _batch_result(model, out[:, prompt_len:].tolist(), logits)
+    result = batch_result(model, out[:, prompt_len:].tolist(), logits)
     if watch is not None and record_inputs is not None:
         result.layer_inputs = _layer_inputs(model, record_inputs, fed, result, out, batch, cache)
     return result
@@ -376,10 +376,11 @@ def _layer_inputs(
     return LayerInputs(layer, rows, as_tuple)
 
 
-def _batch_result(
+def batch_result(
     model: Model, new: list[list[int]], logits: torch.Tensor | None
 ) -> BatchGeneration:
-    """Each row's new tokens up to its end-of-turn token, padding dropped."""
+    """Each row's new tokens ``new`` (lists of ids, one per decoding step) cut before its
+    end-of-turn token, padding dropped, with whether the row ended its turn."""
     eos = model.tokenizer.eos_token_id
     pad = pad_token_id(model.tokenizer)
     ids: list[list[int]] = []

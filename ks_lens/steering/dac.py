@@ -36,7 +36,7 @@ from jaxtyping import Bool, Float
 
 from ks_lens._runtime.hf_path import plain_forward
 from ks_lens.errors import ConfigError
-from ks_lens.generation import BatchGeneration, generation_positions
+from ks_lens.generation import BatchGeneration, batch_result, generation_positions
 from ks_lens.models import pad_token_id
 from ks_lens.models.chat import TokenBatch, check_context
 from ks_lens.steering.base import SteeringSpec
@@ -277,25 +277,18 @@ def _decode(
         ids = token[:, None]
         mask = torch.cat([mask, torch.ones_like(ids)], 1)
         pos = pos[:, -1:] + 1
-    return _result(new, steps, weights, eos, pad)
+    return _result(model, new, steps, weights)
 
 
 def _result(
+    model: Model,
     new: list[torch.Tensor],
     steps: list[torch.Tensor],
     weights: list[list[torch.Tensor]],
-    eos: int,
-    pad: int,
 ) -> ComposedGeneration:
     tokens = torch.stack(new, 1).tolist()
-    ids: list[list[int]] = []
-    finished: list[bool] = []
-    for row in tokens:
-        cut = row.index(eos) if eos in row else len(row)
-        finished.append(cut < len(row))
-        ids.append([t for t in row[:cut] if t != pad])
     per_row = [torch.stack([w[b] for w in weights]) for b in range(len(tokens))]
-    return ComposedGeneration(BatchGeneration(ids, finished, torch.stack(steps, 1)), per_row)
+    return ComposedGeneration(batch_result(model, tokens, torch.stack(steps, 1)), per_row)
 
 
 __all__ = [
