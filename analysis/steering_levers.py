@@ -62,8 +62,11 @@ from ks_lens.comparison import (
 )
 from ks_lens.evaluation.stats import bootstrap_mean
 from ks_lens.io import atomic_write_json
+from ks_lens.models.chat import tokenize_chat
 from ks_lens.pipeline import Setup
 from ks_lens.report import plot_tradeoff
+from ks_lens.steering.dac import WeightSummary, generate_composed, summarize_weights
+from ks_lens.steering.registry import METHODS
 
 log = logging.getLogger("analysis.steering_levers")
 
@@ -170,15 +173,57 @@ def choose(lever: str, res: ComparisonResult, candidates: list[str]) -> Choice:
     h = headline(res)
     scores = {m: float(sum(e.target_prob.estimate for e in h[m]) / len(h[m])) for m in candidates}
     degenerate = {m: float(max(e.degenerate_rate for e in h[m])) for m in candidates}
-    ok = [
-        m for m in candidates if degenerate[m] <= MAX_DEGENERATE and math.isfinite(scores[m])
-    ] or candidates
-    winner = max(ok, key=lambda m: (scores[m], -candidates.index(m)))
+    ok = [m for m in candidates if degenerate[m] <= MAX_DEGENERATE and math.isfinite(scores[m])]
+    winner = max(ok or candidates, key=lambda m: (scores[m], -candidates.index(m)))
     rule = (
         f"highest mean equal-KL text target probability over sizes among candidates with "
         f"<= {MAX_DEGENERATE:.0%} degenerate answers (validation questions)"
     )
+    if not ok:
+        rule = (
+            f"no candidate kept to {MAX_DEGENERATE:.0%} degenerate answers at every size, so the "
+            "rule does not apply; fallback: the highest mean equal-KL text target probability "
+            "over sizes among all candidates (validation questions). Not a basis for a default"
+        )
     return Choice(lever, winner, scores, degenerate, rule)
+
+
+def dac_weights(setup: Setup, res: ComparisonResult, source: str) -> dict[int, WeightSummary]:
+    """How far DAC's per-step weights sat below 1 in the run's text cells (validation questions,
+    the calibrated alpha of each cell), per number of targets."""
+    assert res.text is not None
+    dac: Any = METHODS["dac"].build(setup.kit_of(source))
+    out: dict[int, WeightSummary] = {}
+    for k in sorted({len(c.targets) for c in res.text.cells}):
+        cells = [c for c in res.text.cells if len(c.targets) == k]
+        weights = []
+        for i in range(0, len(cells), 16):
+            chunk = cells[i : i + 16]
+            batch = tokenize_chat(setup.model, [res.text.questions[c.question] for c in chunk])
+            steer = [
+                (dac, dac.spec(target=c.targets, alpha=res.alpha("dac", c.targets))) for c in chunk
+            ]
+            gen = generate_composed(
+                setup.model, batch, steer, max_new_tokens=res.config.max_new_tokens
+            )
+            weights += gen.answer_weights()
+        out[k] = summarize_weights(weights)
+    return out
+
+
+def weights_table(summaries: dict[int, WeightSummary]) -> list[str]:
+    lines = [
+        "DAC's weights at its calibrated alpha (the text cells above; 1 = CAA (mean)'s full step)",
+        "",
+        "| k | mean weight | first step | later steps | at 1 | below 0.5 | label-steps | answers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, w in summaries.items():
+        lines.append(
+            f"| {k} | {w.mean:.3f} | {w.first_step:.3f} | {w.later_steps:.3f} | {w.at_one:.1%} "
+            f"| {w.below_half:.1%} | {w.n_weights} | {w.n_answers} |"
+        )
+    return lines
 
 
 def table(res: ComparisonResult) -> list[str]:
@@ -270,7 +315,9 @@ def main() -> None:
     opts = parse(LeversOptions, __doc__ or "", "runs/analysis/steering_levers")
     levers = list(opts.levers)
     # prepare trains the artefacts these methods need (per-token probe, likelihood vectors)
-    opts = with_methods(opts, *[CANDIDATES[v] for v in ("token_probe", "likelihood") if v in levers])
+    opts = with_methods(
+        opts, *[CANDIDATES[v] for v in ("token_probe", "likelihood") if v in levers]
+    )
     out, setup, started = start(opts)
     cfg = setup.config
     n_val = opts.n_val or (4 if opts.fast else 16)
@@ -348,6 +395,7 @@ def main() -> None:
     # each lever is decided pairwise against ksteer_precond, the run's best becomes the method
     joint = [m for lever, m in CANDIDATES.items() if lever in levers]
     cand_run: ComparisonResult | None = None
+    dac_summary: dict[str, Any] | None = None
     if joint:
         cand_run = runner.run(
             "candidates-" + "-".join([source, *joint]),
@@ -360,6 +408,10 @@ def main() -> None:
         ch = choose("candidates", cand_run, ["ksteer_precond", *joint])
         method = ch.winner
         section("candidates", cand_run, ch, acts=True)
+        if "dac" in joint:
+            weights = dac_weights(setup, cand_run, source)
+            dac_summary = {str(k): w.__dict__ for k, w in weights.items()}
+            md.extend([*weights_table(weights), ""])
     if "positions" in levers:
         runs = {"all": base_run(source) if method == "ksteer" else None}
         if runs["all"] is None:
@@ -435,6 +487,7 @@ def main() -> None:
             "validation_questions": val,
             "choices": [c.to_json() for c in choices],
             "chosen": {"probe_source": source, "method": method, "positions": positions},
+            "dac_weights": dac_summary,
             "results": {k: v.to_json() for k, v in results.items()},
         },
         started,

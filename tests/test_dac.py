@@ -182,3 +182,25 @@ def test_dac_bad_input(tiny_model, vectors):
             tiny_model, QUESTIONS, [(dac, spec)], [(0, 0)], response_probe=None,
             positions="generated", max_new_tokens=2,
         )  # fmt: skip
+
+
+def test_weight_summary_hand_computed():
+    from ks_lens.generation import BatchGeneration
+    from ks_lens.steering.dac import ComposedGeneration, summarize_weights
+
+    w0 = torch.tensor([[1.0, 0.2], [0.4, 1.0], [0.9, 0.9]])  # 2 tokens, then the end-of-turn step
+    w1 = torch.tensor([[0.6], [0.3], [1.0]])  # 2 tokens, not finished: the third step is padding
+    gen = ComposedGeneration(
+        BatchGeneration([[5, 6], [7, 8]], [True, False], None), [w0, torch.cat([w1, w1])]
+    )
+    kept = gen.answer_weights()
+    assert [tuple(w.shape) for w in kept] == [(3, 2), (2, 1)]
+    s = summarize_weights(kept)
+    flat = [1.0, 0.2, 0.4, 1.0, 0.9, 0.9, 0.6, 0.3]
+    assert s.mean == pytest.approx(sum(flat) / 8)
+    assert s.first_step == pytest.approx((1.0 + 0.2 + 0.6) / 3)
+    assert s.later_steps == pytest.approx((0.4 + 1.0 + 0.9 + 0.9 + 0.3) / 5)
+    assert s.at_one == pytest.approx(2 / 8) and s.below_half == pytest.approx(3 / 8)
+    assert (s.n_weights, s.n_answers) == (8, 2)
+    with pytest.raises(ConfigError, match="no DAC weights"):
+        summarize_weights([torch.zeros(0, 2)])

@@ -148,6 +148,47 @@ class ComposedGeneration:
     generation: BatchGeneration
     weights: list[torch.Tensor]
 
+    def answer_weights(self) -> list[torch.Tensor]:
+        """Each row's weights at the steps that produced its answer: one per kept token, plus
+        the step that ended the turn (the steps after it only fed padding)."""
+        g = self.generation
+        return [
+            w[: len(ids) + int(done)]
+            for w, ids, done in zip(self.weights, g.ids, g.finished, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class WeightSummary:
+    """How far DAC's weights sat below full strength over a set of answers (:func:`summarize_weights`)."""
+
+    mean: float  # over every (answer, step, label)
+    first_step: float  # mean at the first step (the prompt's pass)
+    later_steps: float  # mean over the steps after it (nan if none)
+    at_one: float  # share of (step, label) weights clipped at 1
+    below_half: float  # share below 0.5
+    n_weights: int
+    n_answers: int
+
+
+def summarize_weights(weights: Sequence[torch.Tensor]) -> WeightSummary:
+    """A :class:`WeightSummary` of per-answer weights ``[steps, n_terms]`` (e.g.
+    :meth:`ComposedGeneration.answer_weights`)."""
+    used = [w for w in weights if w.shape[0] > 0]
+    if not used:
+        raise ConfigError("no DAC weights to summarise (no answer ran a step)")
+    flat = torch.cat([w.flatten() for w in used]).float()
+    later = torch.cat([w[1:].flatten() for w in used]).float()
+    return WeightSummary(
+        mean=float(flat.mean()),
+        first_step=float(torch.cat([w[0] for w in used]).float().mean()),
+        later_steps=float(later.mean()) if later.numel() else math.nan,
+        at_one=float((flat >= 1).float().mean()),
+        below_half=float((flat < 0.5).float().mean()),
+        n_weights=int(flat.numel()),
+        n_answers=len(used),
+    )
+
 
 class _Rows:
     """The rows one batch runs: answer row ``b`` and its probe rows (one unsteered, one per term
@@ -295,8 +336,10 @@ __all__ = [
     "ComposedGeneration",
     "DACConfig",
     "DynamicComposition",
+    "WeightSummary",
     "generate_composed",
     "nucleus",
+    "summarize_weights",
     "term_weights",
     "truncated_kl",
 ]
