@@ -204,3 +204,28 @@ def test_weight_summary_hand_computed():
     assert (s.n_weights, s.n_answers) == (8, 2)
     with pytest.raises(ConfigError, match="no DAC weights"):
         summarize_weights([torch.zeros(0, 2)])
+
+
+def test_dac_hooks_are_removed_after_an_error(tiny_model, vectors, monkeypatch):
+    """The one hook generate_composed installs is gone after a pass fails mid-generation."""
+    import ks_lens.steering.dac as dac_module
+
+    def hooked() -> int:
+        return sum(
+            len(h._forward_hooks)
+            for h in {id(h): h for h in tiny_model.hook_dict.values()}.values()
+        )
+
+    _, batch = _batch(tiny_model)
+    dac = DynamicComposition(vectors)
+    spec = dac.spec(target="casual", alpha=1.0)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(hooked())
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(dac_module, "plain_forward", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate_composed(tiny_model, batch, [(dac, spec)] * 2, max_new_tokens=2)
+    assert calls == [1] and hooked() == 0

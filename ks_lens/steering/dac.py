@@ -37,6 +37,7 @@ from jaxtyping import Bool, Float
 from ks_lens._runtime.hf_path import plain_forward
 from ks_lens.errors import ConfigError
 from ks_lens.generation import BatchGeneration, batch_result, generation_positions
+from ks_lens.hooks import check_steerable
 from ks_lens.models import pad_token_id
 from ks_lens.models.chat import TokenBatch, check_context
 from ks_lens.steering.base import SteeringSpec
@@ -264,9 +265,11 @@ def generate_composed(
     for method, spec in steerings:
         method.check_model(model)
         SteeringSpec.make(spec.target, spec.avoid, spec.alpha, method.label_names)
+    hook_name = hooks.pop()
+    check_steerable(model, hook_name)
     rows = _Rows(steerings, int(model.cfg.d_model))
     state: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), _adding(model, hooks.pop(), state):
+    with torch.no_grad(), _adding(model, hook_name, state):
         return _decode(model, batch, rows, state, max_new_tokens)
 
 
