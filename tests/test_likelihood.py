@@ -204,6 +204,11 @@ def test_pipeline_cache_reuses_matching_vectors_and_retrains_otherwise(tiny_mode
         tiny_model, _texts(), 2, LABELS, replace(cfg, seed=9), tmp_path / "lv", progress=False
     )
     assert c.source["config"]["seed"] == 9 and not torch.equal(a.vectors, c.vectors)
+    (tmp_path / "lv" / "meta.json").write_text("{damaged")  # retrained and saved, not trusted
+    d = likelihood_vectors(tiny_model, _texts(), 2, LABELS, cfg, tmp_path / "lv", progress=False)
+    assert torch.equal(d.vectors, a.vectors)  # seeded: the same vectors again
+    e = likelihood_vectors(tiny_model, _texts(), 2, LABELS, cfg, tmp_path / "lv", progress=False)
+    assert e.source["train_s"] == d.source["train_s"]  # the rebuilt cache is used
     assert needs_likelihood_vectors(ComparisonConfig(methods=("caa_mean", "likelihood")))
     assert not needs_likelihood_vectors(ComparisonConfig(methods=("caa_mean", "ksteer")))
 

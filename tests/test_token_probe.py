@@ -271,3 +271,42 @@ def test_the_levers_study_asks_prepare_for_the_token_probe(monkeypatch):
     assert needs_token_probe(w.config.comparison)
     assert w.config.comparison.methods == (*o.config.comparison.methods, "ksteer_token")
     assert steering_levers.with_methods(w, "ksteer_token") is w  # already there: unchanged
+
+
+def test_the_token_probe_is_reused_from_its_directory_only_for_the_same_inputs(
+    tiny_model, texts, tmp_path, monkeypatch
+):
+    """token_steering_probe(directory=...) trains and saves once, reuses the saved probe for the
+    same inputs (no collection), and collects again when an input changes or the file is bad."""
+    import ks_lens.pipeline.kits as kits
+
+    cfg = replace(PipelineConfig.fast(model="tiny-random-llama"), token_probe_tokens=3)
+    groups = {t.id: t.question_id for t in texts}
+    where = tmp_path / "token-cache"
+    collected = []
+    real = kits.collect_token_activations
+
+    def counting(*args, **kwargs):
+        collected.append(kwargs["max_tokens"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kits, "collect_token_activations", counting)
+
+    def probe(cfg=cfg, groups=groups, texts=texts):
+        return kits.token_steering_probe(
+            tiny_model, texts, LABELS, 2, cfg, groups=groups, directory=where
+        )
+
+    first = probe()
+    again = probe()
+    assert collected == [3]
+    assert torch.equal(again.linears[0].weight, first.linears[0].weight)
+    assert again.source == first.source and again.source["cache_key"]["max_tokens"] == 3
+    probe(cfg=replace(cfg, token_probe_tokens=4))  # another token count: collected again
+    probe(groups={t.id: "one" for t in texts})  # another grouping
+    probe(texts=texts[:-1])  # other texts
+    assert collected == [3, 4, 3, 3]
+    (where / "meta.json").write_text("{not json")  # a damaged cache is rebuilt, not trusted
+    probe()
+    assert collected == [3, 4, 3, 3, 3]
+    assert Probe.load(where).source["cache_key"]["max_tokens"] == 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -25,6 +27,7 @@ from ks_lens.datasets.gold_texts import (
     texts_hash,
 )
 from ks_lens.errors import ConfigError, KsLensError
+from ks_lens.io import META_FILE, TENSORS_FILE
 from ks_lens.pipeline.config import PipelineConfig
 from ks_lens.probes import Probe, ProbeConfig, train_probe, train_probes, train_token_probe
 from ks_lens.steering import SteeringVectors
@@ -53,6 +56,7 @@ def token_steering_probe(
     cfg: PipelineConfig,
     *,
     groups: Mapping[str, str] | None = None,
+    directory: str | Path | None = None,
     progress: bool = False,
 ) -> Probe:
     """The per-token steering probe at ``layer``: every answer token (the first
@@ -61,7 +65,28 @@ def token_steering_probe(
     text's labels, trained with the steering probe's settings
     (:func:`~ks_lens.probes.train_token_probe`). ``groups`` maps text ids to questions, so that
     validation holds out whole questions (the split of the final-token probe on the same texts).
+
+    With ``directory`` the probe is reused from there when one saved there was made for this
+    model, layer, labels, token count, probe settings, texts and grouping (else collected,
+    trained and saved there): the per-token rows take minutes to collect.
     """
+    pcfg = ProbeConfig(seed=cfg.seed)
+    key = {
+        "max_tokens": cfg.token_probe_tokens,
+        "texts_hash": texts_hash(texts),
+        "groups_hash": _groups_hash(texts, groups),
+    }
+    if directory is not None and (Path(directory) / "meta.json").is_file():
+        try:
+            old = Probe.load(directory, model=model)
+        except KsLensError as e:
+            log.info(f"[ks-lens] retraining the per-token probe: {directory} unusable ({e})")
+            _drop_artifact(directory)
+        else:
+            same = old.source.get("cache_key") == key and old.config == pcfg
+            if same and old.layer == layer and old.label_names == tuple(labels):
+                log.info(f"[ks-lens] reusing the per-token probe at {directory}")
+                return old
     acts = collect_token_activations(
         model,
         texts_dataset(texts, labels),
@@ -72,7 +97,27 @@ def token_steering_probe(
         progress=progress,
     )
     g = None if groups is None else [groups[i] for i in acts.question_ids]
-    return train_token_probe(acts, config=ProbeConfig(seed=cfg.seed), groups=g)
+    probe = train_token_probe(acts, config=pcfg, groups=g)
+    probe.source["cache_key"] = key
+    if directory is not None:
+        probe.save(directory)
+    return probe
+
+
+def _drop_artifact(directory: str | Path) -> None:
+    """Remove an unusable cached artefact's own two files (metadata and tensors), so that a
+    fresh one can be saved there; anything else in the directory stays (and saving then
+    refuses the mixed directory)."""
+    for name in (META_FILE, TENSORS_FILE):
+        (Path(directory) / name).unlink(missing_ok=True)
+
+
+def _groups_hash(texts: Sequence[LabelledText], groups: Mapping[str, str] | None) -> str | None:
+    """SHA-256 of the question each text is grouped under (``None``: no grouping)."""
+    if groups is None:
+        return None
+    blob = json.dumps([[t.id, groups.get(t.id)] for t in texts], separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def needs_likelihood_vectors(config: ComparisonConfig) -> bool:
@@ -99,6 +144,7 @@ def likelihood_vectors(
             old = SteeringVectors.load(directory, model=model)
         except KsLensError as e:
             log.info(f"[ks-lens] retraining the likelihood vectors: {directory} unusable ({e})")
+            _drop_artifact(directory)
         else:
             same = all(old.source.get(k) == v for k, v in want.items())
             if same and old.layer == layer and old.label_names == tuple(labels):

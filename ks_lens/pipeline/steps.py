@@ -301,12 +301,14 @@ def _token_probe(
     inputs: _Inputs,
     run_layers: RunLayers,
     question_of: Mapping[str, str],
+    work: Path,
     progress: bool,
     timings: dict[str, float],
 ) -> Probe | None:
     """The per-token steering probe (:func:`token_steering_probe`) on the steering half of the
-    gold texts that the run encodes, when a method needs it (:func:`needs_token_probe`); timed
-    into ``timings["token_probe_s"]``."""
+    gold texts that the run encodes, when a method needs it (:func:`needs_token_probe`), reused
+    from ``work/probes/token-cache`` when it was made for the same inputs; timed into
+    ``timings["token_probe_s"]``."""
     if not needs_token_probe(cfg.comparison):
         return None
     t0 = time.perf_counter()
@@ -319,6 +321,7 @@ def _token_probe(
         run_layers.steering,
         cfg,
         groups=question_of,
+        directory=work / "probes" / "token-cache",
         progress=progress,
     )
     timings["token_probe_s"] = time.perf_counter() - t0
@@ -410,7 +413,7 @@ def prepare(
         cfg, model, inputs, run_layers, wanted, work / "acts", progress=progress, timings=timings
     )
     question_of = {t.id: t.question_id or t.id for t in inputs.gold}
-    token = _token_probe(cfg, model, inputs, run_layers, question_of, progress, timings)
+    token = _token_probe(cfg, model, inputs, run_layers, question_of, work, progress, timings)
     t0 = time.perf_counter()
     kits = _train_kits(cfg, stores, run_layers, wanted, question_of, work, token)
     evaluator, response, resp_probes = _train_evaluators(cfg, stores, run_layers, question_of, work)
