@@ -56,7 +56,14 @@ from ks_lens.hooks import resid_hook
 from ks_lens.logs import add_logging_arguments, configure_logging
 from ks_lens.models import model_device, pad_token_id
 from ks_lens.probes import ProbeConfig, train_probe, train_probes
-from ks_lens.steering import CAA, KSteering, SteeringSpec, SteeringVectors
+from ks_lens.steering import (
+    CAA,
+    DynamicComposition,
+    KSteering,
+    SteeringSpec,
+    SteeringVectors,
+    generate_composed,
+)
 from ks_lens.utils import machine_info
 
 HERE = Path(__file__).resolve().parent
@@ -275,8 +282,20 @@ def bench_generation(
             "ksteer_3": fixed(k3),
         "hf_generate_plain": hf_generate,
     }
+    dac = DynamicComposition(vectors)
+    dac_steps: list[int] = []
+
+    def dac_generate() -> None:  # its own loop; it may stop early, so it is timed per step
+        st = [(dac, dac.spec(target=["casual", "concise"], alpha=1e-3))] * len(prompts)
+        out = generate_composed(model, batch, st, max_new_tokens=new_tokens)
+        assert out.generation.logits is not None
+        dac_steps.append(int(out.generation.logits.shape[1]))
+
+    variants["dac"] = dac_generate
     t = interleaved(variants, repeats)
     ratios = {
+        "dac_per_step": (t["dac"] / (sum(dac_steps) / len(dac_steps)))
+        / (t["unsteered"] / new_tokens),
         "caa": t["caa"] / t["unsteered"],
         "ksteer_1": t["ksteer_1"] / t["unsteered"],
         "ksteer_3": t["ksteer_3"] / t["unsteered"],
@@ -773,6 +792,11 @@ def print_table(r: dict[str, Any]) -> None:
             ("generation CAA / unsteered", f"{g['caa']:.3f}x", "<= 1.05x"),
             ("generation K-Steering 1 step / unsteered", f"{g['ksteer_1']:.3f}x", "<= 1.15x"),
             ("generation K-Steering 3 steps / unsteered", f"{g['ksteer_3']:.3f}x", "<= 1.40x"),
+            (
+                "generation DAC (2 labels) / unsteered, per decoding step",
+                f"{g['dac_per_step']:.2f}x" if "dac_per_step" in g else "not run",
+                "- (1 + 3 probe rows per answer row)",
+            ),
             (
                 "ks-lens unsteered / plain HF generate",
                 f"{g['ks_lens_unsteered_vs_hf_plain']:.3f}x",
