@@ -247,7 +247,8 @@ def _generate_batch(
         )
     from ks_lens.steering.dac import generate_composed
 
-    static = [j for j in range(len(row_group)) if j not in set(dynamic)]
+    is_dynamic = set(dynamic)
+    static = [j for j in range(len(row_group)) if j not in is_dynamic]
     dyn_steerings: list[Any] = [steerings[row_group[j]] for j in dynamic]
     dyn = generate_composed(
         model, _batch_rows(batch, dynamic), dyn_steerings, max_new_tokens=max_new_tokens

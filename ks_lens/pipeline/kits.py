@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from ks_lens.activations import Activations, collect_token_activations
 from ks_lens.comparison import (
@@ -36,6 +37,7 @@ from ks_lens.steering.registry import LIKELIHOOD_METHODS
 from ks_lens.types import Model
 
 log = logging.getLogger("ks_lens.pipeline")
+T = TypeVar("T")
 
 
 def needs_linear_probe(config: ComparisonConfig) -> bool:
@@ -76,17 +78,16 @@ def token_steering_probe(
         "texts_hash": texts_hash(texts),
         "groups_hash": _groups_hash(texts, groups),
     }
-    if directory is not None and (Path(directory) / "meta.json").is_file():
-        try:
-            old = Probe.load(directory, model=model)
-        except KsLensError as e:
-            log.info(f"[ks-lens] retraining the per-token probe: {directory} unusable ({e})")
-            _drop_artifact(directory)
-        else:
-            same = old.source.get("cache_key") == key and old.config == pcfg
-            if same and old.layer == layer and old.label_names == tuple(labels):
-                log.info(f"[ks-lens] reusing the per-token probe at {directory}")
-                return old
+    if directory is not None:
+        cached = _cached(
+            directory,
+            lambda: Probe.load(directory, model=model),
+            lambda p: p.source.get("cache_key") == key and p.config == pcfg
+            and p.layer == layer and p.label_names == tuple(labels),
+            "the per-token probe",
+        )  # fmt: skip
+        if cached is not None:
+            return cached
     acts = collect_token_activations(
         model,
         texts_dataset(texts, labels),
@@ -104,12 +105,26 @@ def token_steering_probe(
     return probe
 
 
-def _drop_artifact(directory: str | Path) -> None:
-    """Remove an unusable cached artefact's own two files (metadata and tensors), so that a
-    fresh one can be saved there; anything else in the directory stays (and saving then
-    refuses the mixed directory)."""
-    for name in (META_FILE, TENSORS_FILE):
-        (Path(directory) / name).unlink(missing_ok=True)
+def _cached(
+    directory: str | Path, load: Callable[[], T], fits: Callable[[T], bool], what: str
+) -> T | None:
+    """The artefact saved in ``directory`` when ``fits`` accepts it, else ``None``. An unusable
+    one (``load`` raises) loses its own two files (metadata and tensors), so that a fresh one can
+    be saved there; anything else in the directory stays (and saving then refuses the mixed
+    directory)."""
+    if not (Path(directory) / META_FILE).is_file():
+        return None
+    try:
+        old = load()
+    except KsLensError as e:
+        log.info(f"[ks-lens] retraining {what}: {directory} unusable ({e})")
+        for name in (META_FILE, TENSORS_FILE):
+            (Path(directory) / name).unlink(missing_ok=True)
+        return None
+    if not fits(old):
+        return None
+    log.info(f"[ks-lens] reusing {what} at {directory}")
+    return old
 
 
 def _groups_hash(texts: Sequence[LabelledText], groups: Mapping[str, str] | None) -> str | None:
@@ -139,17 +154,15 @@ def likelihood_vectors(
     on ``texts``), reused from ``directory`` when vectors saved there were trained for this model,
     hook point, labels, config and texts (else trained afresh and saved there)."""
     want = {"config": config.to_json(), "dataset_hash": texts_hash(texts)}
-    if (Path(directory) / "meta.json").is_file():
-        try:
-            old = SteeringVectors.load(directory, model=model)
-        except KsLensError as e:
-            log.info(f"[ks-lens] retraining the likelihood vectors: {directory} unusable ({e})")
-            _drop_artifact(directory)
-        else:
-            same = all(old.source.get(k) == v for k, v in want.items())
-            if same and old.layer == layer and old.label_names == tuple(labels):
-                log.info(f"[ks-lens] reusing the likelihood vectors at {directory}")
-                return old
+    cached = _cached(
+        directory,
+        lambda: SteeringVectors.load(directory, model=model),
+        lambda v: all(v.source.get(k) == x for k, x in want.items())
+        and v.layer == layer and v.label_names == tuple(labels),
+        "the likelihood vectors",
+    )  # fmt: skip
+    if cached is not None:
+        return cached
     vecs = train_likelihood_vectors(model, texts, layer, labels, config, progress=progress)
     vecs.save(directory)
     return vecs

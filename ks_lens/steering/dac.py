@@ -296,9 +296,8 @@ def _decode(
     steps: list[torch.Tensor] = []
     weights: list[list[torch.Tensor]] = []
     for _ in range(max_new_tokens):
-        keep = (
-            mask[:, -ids.shape[1] :].bool() if not steps else torch.ones_like(ids, dtype=torch.bool)
-        )
+        # the prompt's pass steers its real tokens; each later pass feeds one real token per row
+        keep = mask.bool() if not steps else torch.ones_like(ids, dtype=torch.bool)
         state.update(add=rows.probe_add, keep=keep[owner])
         probe = plain_forward(
             model, ids[owner], attention_mask=mask[owner], position_ids=pos[owner],
